@@ -1,0 +1,1 @@
+"""Pure HL7 v2 text handling: header fast path, charsets, ACKs, batches."""
