@@ -1,0 +1,113 @@
+"""One place that wires the application: configuration in, services out."""
+from __future__ import annotations
+
+import time
+
+from sqlalchemy.engine import make_url
+from twisted.application.service import Service
+from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from exchange.acceptance import AcceptancePolicy, FacilityRule
+from exchange.config import Config
+from exchange.intake import AckIds, GroupCommitter, Intake, make_batch_runner
+from exchange.mllp.protocol import MLLPServerFactory
+from exchange.mllp.tls import server_endpoint
+from exchange.pipeline import AckSettings
+from exchange.store.db import make_engine
+from exchange.web.server import build_site
+
+log = Logger()
+
+
+def acceptance_policy(config: Config) -> AcceptancePolicy:
+    return AcceptancePolicy(
+        facilities={
+            f.code: FacilityRule(f.code, tls_subject=f.tls_subject, tls_fingerprint=f.tls_fingerprint)
+            for f in config.facilities
+        },
+        accept=config.server.accept,
+        processing_ids=config.server.processing_ids,
+    )
+
+
+class ExchangeService(Service):
+    """The running exchange: writer thread, MLLP listeners, HTTP endpoint.
+
+    Start: writer thread, then listeners. Stop (SIGTERM/SIGINT): listeners
+    close, connections stop reading, the batches already taken are committed
+    and answered, then the writer thread stops.
+    """
+
+    def __init__(self, config: Config, reactor, *, announce=print) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.announce = announce
+        self.engine = make_engine(config.server.database)
+        self.pool = ThreadPool(minthreads=1, maxthreads=1, name="exchange-db-writer")
+        ack_ids = AckIds()
+        settings = AckSettings(config.server.application, config.server.facility_name)
+        self.committer = GroupCommitter(
+            reactor,
+            self.pool,
+            make_batch_runner(self.engine, new_control_id=ack_ids, settings=settings),
+            batch_max=config.server.batch_max,
+            max_pending=config.server.max_pending,
+        )
+        charsets = {f.code: f.charset for f in config.facilities}
+        self.intake = Intake(
+            self.committer,
+            acceptance_policy(config),
+            lambda facility: charsets.get(facility, "utf-8"),
+            new_control_id=ack_ids,
+        )
+        self.mllp_factory = MLLPServerFactory(
+            self.intake.receive,
+            max_frame_bytes=config.server.max_frame_bytes,
+            idle_timeout=config.server.idle_timeout,
+            committer=self.committer,
+        )
+        self.started_at = time.monotonic()
+        self.ports: list = []
+        self.mllp_addresses: list[str] = []
+        self.http_address: str | None = None
+
+    def status(self) -> dict:
+        return {
+            "database": make_url(self.config.server.database).get_backend_name(),
+            "mllp": self.mllp_addresses,
+            "connections": len(self.mllp_factory.connections),
+            "pending": self.committer.pending,
+            "uptime_seconds": round(time.monotonic() - self.started_at, 1),
+        }
+
+    @inlineCallbacks
+    def startService(self):
+        super().startService()
+        self.pool.start()
+        for description in self.config.server.mllp:
+            port = yield server_endpoint(self.reactor, description).listen(self.mllp_factory)
+            self.ports.append(port)
+            address = _describe(port)
+            self.mllp_addresses.append(address)
+            self.announce(f"exchange: MLLP listening on {address}")
+        port = yield server_endpoint(self.reactor, self.config.server.http).listen(build_site(self.status))
+        self.ports.append(port)
+        self.http_address = _describe(port)
+        self.announce(f"exchange: HTTP on http://{self.http_address} (/healthz, /metrics)")
+
+    @inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        yield DeferredList([d for d in (p.stopListening() for p in self.ports) if d is not None])
+        self.mllp_factory.stop_reading()
+        yield self.committer.wait_idle()
+        self.pool.stop()
+        self.engine.dispose()
+        log.info("exchange stopped cleanly")
+
+
+def _describe(port) -> str:
+    host = port.getHost()
+    return f"{host.host}:{host.port}" if hasattr(host, "port") else str(host)

@@ -1,0 +1,151 @@
+"""The ``exchange`` command.
+
+Exit codes: 0 success, 1 the work failed, 2 bad usage or configuration
+(with a one-line reason on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_CONFIG = "config/exchange.toml"
+
+
+class UsageFailure(Exception):
+    """A one-line reason; the command exits 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exchange", description="Multi-site HL7 v2 medical records exchange")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", default=DEFAULT_CONFIG, help=f"configuration file (default {DEFAULT_CONFIG})")
+        p.add_argument("--database", default=None, help="SQLAlchemy database URL (overrides the config)")
+
+    serve = sub.add_parser("serve", help="run the exchange: MLLP listeners, HTTP endpoint")
+    common(serve)
+
+    send = sub.add_parser("send", help="send HL7 messages over MLLP and print each ACK")
+    send.add_argument("endpoint", help="host:port or a Twisted client endpoint string (tls:host=...:port=...)")
+    send.add_argument("files", nargs="+", metavar="FILE")
+    send.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each ACK")
+
+    db = sub.add_parser("db", help="database administration")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    upgrade = db_sub.add_parser("upgrade", help="apply migrations (Alembic) up to the newest")
+    common(upgrade)
+    return parser
+
+
+def _load(args):
+    from exchange.config import ConfigError, load_config
+
+    try:
+        return load_config(args.config, database=args.database)
+    except ConfigError as exc:
+        raise UsageFailure(str(exc)) from None
+
+
+def _database_url(args) -> str:
+    """For commands that need only the database: --database, then the
+    environment, then the configuration file."""
+    if args.database:
+        return args.database
+    if os.environ.get("EXCHANGE_DATABASE_URL"):
+        return os.environ["EXCHANGE_DATABASE_URL"]
+    return _load(args).server.database
+
+
+def cmd_db_upgrade(args) -> int:
+    from exchange.store.db import upgrade
+
+    url = _database_url(args)
+    upgrade(url)
+    print(f"exchange: database is at the newest revision ({_safe_url(url)})")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    config = _load(args)
+    from exchange.logs import start_logging
+
+    start_logging(config.server.log_level)
+
+    from exchange.store.db import upgrade
+
+    upgrade(config.server.database)  # before the reactor runs: never on the reactor thread
+
+    from twisted.internet import reactor
+
+    from exchange.app import ExchangeService
+
+    service = ExchangeService(config, reactor, announce=lambda line: print(line, flush=True))
+    outcome = {"code": 0}
+
+    def start():
+        d = service.startService()
+
+        def failed(failure):
+            print(f"exchange: cannot start: {failure.getErrorMessage()}", file=sys.stderr, flush=True)
+            outcome["code"] = 1
+            reactor.stop()
+
+        d.addErrback(failed)
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    print(f"exchange: database {_safe_url(config.server.database)}", flush=True)
+    reactor.run()
+    return outcome["code"]
+
+
+def cmd_send(args) -> int:
+    from twisted.internet.task import react
+
+    from exchange.send import SendUsageError, send_command
+
+    result = {}
+
+    def main(reactor):
+        d = send_command(reactor, args.endpoint, args.files, timeout=args.timeout)
+        d.addCallback(result.__setitem__, "code")
+        return d
+
+    try:
+        react(main)
+    except SystemExit as exc:  # react() exits; we want our own code
+        if "code" in result:
+            return result["code"]
+        if isinstance(exc.code, int):
+            return exc.code
+        raise
+    except SendUsageError as exc:
+        raise UsageFailure(str(exc)) from None
+    return result.get("code", 1)
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+COMMANDS = {"serve": cmd_serve, "send": cmd_send}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "db":
+            return cmd_db_upgrade(args)
+        return COMMANDS[args.command](args)
+    except UsageFailure as exc:
+        print(f"exchange: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""The reactor-side half of the intake: group commit and the thread hop.
+
+``Intake.receive`` runs on the reactor thread for every frame: it reads the
+header and applies the acceptance rules (microseconds), then hands the
+message to the ``GroupCommitter``. The committer runs ``process_batch`` in
+its single writer thread for whatever arrived while the previous commit was
+running, so messages arriving within a commit's duration share one
+transaction, and each message's Deferred fires only after that transaction
+has committed. No SQL ever runs on the reactor thread.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import Engine
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from exchange import metrics
+from exchange.acceptance import AcceptancePolicy, PeerIdentity, accept
+from exchange.hl7.batch import build_batch_ack, build_empty_batch_nak, is_batch, split_batch
+from exchange.hl7.header import read_header
+from exchange.outcome import Verdict, rejected
+from exchange.pipeline import AckSettings, Answer, Received, process_batch
+
+log = Logger()
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who sent a frame: the connection's address and TLS identity."""
+
+    address: str
+    identity: PeerIdentity | None = None
+
+    def describe(self) -> str:
+        if self.identity and self.identity.tls_subject:
+            return f"{self.address} ({self.identity.tls_subject})"[:128]
+        return self.address[:128]
+
+
+class AckIds:
+    """Fresh MSH-10 values for our ACKs: unique across restarts, <= 20 chars."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._prefix = "X" + _base36(int(clock() * 1000))
+        self._counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{_base36(next(self._counter)):0>6}"
+
+
+def _base36(n: int) -> str:
+    digits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if n == 0:
+            return out
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class GroupCommitter:
+    """Batches submitted work into transactions run by one writer thread.
+
+    One batch is in flight at a time (SQLite wants one writer; PostgreSQL is
+    bound by round trips, which batching amortises). While a batch commits,
+    new items wait in ``_pending``; when it finishes, everything pending
+    (up to ``batch_max``) becomes the next batch. No timers: a lone message
+    is committed at once, a busy feed gets large batches.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        pool: ThreadPool,
+        run_batch: Callable[[Sequence[Received]], list[Answer]],
+        *,
+        batch_max: int = 500,
+        max_pending: int = 5000,
+    ) -> None:
+        self._reactor = reactor
+        self._pool = pool
+        self._run_batch = run_batch
+        self._batch_max = batch_max
+        self._max_pending = max_pending
+        self._pending: list[tuple[Received, Deferred]] = []
+        self._busy = False
+        self._idle_waiters: list[Deferred] = []
+        self._resume_waiters: list[Callable[[], None]] = []
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    @property
+    def overloaded(self) -> bool:
+        return len(self._pending) >= self._max_pending
+
+    def on_capacity(self, resume: Callable[[], None]) -> None:
+        """Call ``resume`` once the backlog has fallen to half the limit."""
+        self._resume_waiters.append(resume)
+
+    def submit(self, item: Received) -> Deferred:
+        d: Deferred = Deferred()
+        self._pending.append((item, d))
+        metrics.PENDING.set(len(self._pending))
+        if not self._busy:
+            self._start()
+        return d
+
+    def wait_idle(self) -> Deferred:
+        """Fires when nothing is pending or committing (for clean shutdown)."""
+        if not self._busy and not self._pending:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def _start(self) -> None:
+        batch = self._pending[: self._batch_max]
+        del self._pending[: self._batch_max]
+        self._busy = True
+        items = [item for item, _ in batch]
+        started = time.perf_counter()
+        d = deferToThreadPool(self._reactor, self._pool, self._run_batch, items)
+        d.addCallbacks(
+            self._committed,
+            self._failed,
+            callbackArgs=(batch, started),
+            errbackArgs=(batch,),
+        )
+        d.addErrback(lambda f: log.failure("group commit bookkeeping failed", f))
+
+    def _committed(self, answers: list[Answer], batch, started: float) -> None:
+        metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+        metrics.BATCH_SIZE.observe(len(batch))
+        for (_, d), answer in zip(batch, answers, strict=True):
+            d.callback(answer)
+        self._next()
+
+    def _failed(self, failure: Failure, batch) -> None:
+        """The batch's transaction rolled back: nothing of it is stored.
+
+        Retry each message alone so one bad message cannot sink the others;
+        a message that still fails gets no ACK at all (its Deferred fails and
+        the connection is closed), so the sender keeps it and resends.
+        """
+        log.failure(
+            "group commit of {count} messages failed; retrying one by one",
+            failure,
+            count=len(batch),
+        )
+        if len(batch) == 1:
+            metrics.COMMIT_FAILURES.inc()
+            batch[0][1].errback(failure)
+            self._next()
+            return
+        self._run_singles(list(batch))
+
+    def _run_singles(self, singles) -> None:
+        if not singles:
+            self._next()
+            return
+        (item, d), rest = singles[0], singles[1:]
+        started = time.perf_counter()
+        run = deferToThreadPool(self._reactor, self._pool, self._run_batch, [item])
+
+        def done(answers):
+            metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+            d.callback(answers[0])
+
+        def failed(f):
+            metrics.COMMIT_FAILURES.inc()
+            log.failure("message could not be committed; no ACK sent", f)
+            d.errback(f)
+
+        run.addCallbacks(done, failed)
+        run.addBoth(lambda _: self._run_singles(rest))
+
+    def _next(self) -> None:
+        self._busy = False
+        metrics.PENDING.set(len(self._pending))
+        if self._pending:
+            self._start()
+        if len(self._pending) <= self._max_pending // 2 and self._resume_waiters:
+            waiters, self._resume_waiters = self._resume_waiters, []
+            for resume in waiters:
+                resume()
+        if not self._busy and not self._pending:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for w in waiters:
+                w.callback(None)
+
+
+class Intake:
+    """Turns frames into answers: header, acceptance, group commit."""
+
+    def __init__(
+        self,
+        committer: GroupCommitter,
+        policy: AcceptancePolicy,
+        charset_for: Callable[[str], str],
+        *,
+        new_control_id: Callable[[], str],
+        now: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.committer = committer
+        self._policy = policy
+        self._charset_for = charset_for
+        self._new_control_id = new_control_id
+        self._now = now
+
+    def receive(self, payload: bytes, peer: Peer, *, note: str = "", force_reject: str = "") -> Deferred:
+        """Answer one frame: a Deferred firing with the reply payload or None."""
+        if is_batch(payload):
+            return self._receive_batch(payload, peer)
+        return self._receive_one(payload, peer, note=note, force_reject=force_reject).addCallback(
+            lambda answer: answer.ack
+        )
+
+    def _receive_one(self, payload: bytes, peer: Peer, *, note: str = "", force_reject: str = "") -> Deferred:
+        header = read_header(payload, self._charset_for)
+        if force_reject:
+            decision = rejected(207, "", force_reject)
+        else:
+            decision = accept(header, self._policy, peer.identity)
+        facility = header.facility if header.facility in self._policy.facilities else "unknown"
+        metrics.RECEIVED.labels(facility=facility).inc()
+        item = Received(
+            raw=payload,
+            header=header,
+            decision=decision,
+            received_at=self._now(),
+            peer=peer.describe(),
+            note=note,
+        )
+        started = time.perf_counter()
+        d = self.committer.submit(item)
+
+        def answered(answer: Answer) -> Answer:
+            metrics.ACK_LATENCY.observe(time.perf_counter() - started)
+            metrics.ACKS.labels(code=answer.ack_code or "none").inc()
+            if answer.duplicate:
+                metrics.DUPLICATES.inc()
+            if decision.verdict is not Verdict.ACCEPT or answer.ack_code not in ("AA", "CA"):
+                log.info(
+                    "message {facility}/{control_id} answered {code}",
+                    facility=header.facility,
+                    control_id=header.control_id,
+                    code=answer.ack_code or "nothing (inbound ACK)",
+                )
+            return answer
+
+        return d.addCallback(answered)
+
+    def _receive_batch(self, payload: bytes, peer: Peer) -> Deferred:
+        """An FHS/BHS batch in one frame: each message stored and answered,
+        the answers returned together as one batch acknowledgement."""
+        batch = split_batch(payload)
+        if not batch.messages:
+            # Nothing to apply: store the frame as an error and answer one AE.
+            d = self._receive_one(payload, peer, note="batch without MSH")
+            return d.addCallback(
+                lambda answer: build_empty_batch_nak(
+                    batch, control_id=self._new_control_id(), now=self._now()
+                ).encode("utf-8", errors="replace")
+            )
+        ds = [self._receive_one(m, peer, note="part of a batch") for m in batch.messages]
+
+        def assemble(results) -> bytes:
+            acks = []
+            for ok, answer in results:
+                if not ok:
+                    raise answer.value  # a part failed to commit: no ACK for the batch
+                if answer.ack is not None:
+                    acks.append(answer.ack.decode("utf-8", errors="replace"))
+            text = build_batch_ack(batch, acks, control_id=self._new_control_id(), now=self._now())
+            return text.encode("utf-8", errors="replace")
+
+        return DeferredList(ds, consumeErrors=True).addCallback(assemble)
+
+
+def make_batch_runner(
+    engine: Engine,
+    *,
+    new_control_id: Callable[[], str],
+    now: Callable[[], datetime] = utc_now,
+    settings: AckSettings = AckSettings(),
+) -> Callable[[Sequence[Received]], list[Answer]]:
+    """The function the writer thread runs for each batch."""
+
+    def run(items: Sequence[Received]) -> list[Answer]:
+        # TRANSACTION: the batch's raw messages, their states, history and ACKs.
+        with engine.begin() as conn:
+            return process_batch(conn, items, new_control_id=new_control_id, now=now, settings=settings)
+
+    return run

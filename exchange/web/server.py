@@ -1,0 +1,38 @@
+"""The HTTP endpoint: /healthz and /metrics (the workbench and API join here)."""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+from prometheus_client.twisted import MetricsResource
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from exchange import __version__
+
+
+class Health(Resource):
+    isLeaf = True
+
+    def __init__(self, status: Callable[[], dict]) -> None:
+        super().__init__()
+        self._status = status
+
+    def render_GET(self, request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps({"status": "ok", "version": __version__, **self._status()}).encode()
+
+
+def build_site(status: Callable[[], dict]) -> Site:
+    root = Resource()
+    root.putChild(b"healthz", Health(status))
+    root.putChild(b"metrics", MetricsResource())
+    site = Site(root)
+    site.displayTracebacks = False
+    return site
+
+
+def uptime_since(started: float) -> Callable[[], float]:
+    return lambda: round(time.monotonic() - started, 1)

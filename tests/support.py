@@ -1,0 +1,193 @@
+"""Running the real exchange as a process, and talking MLLP to it, for
+end-to-end tests. Real sockets on loopback, port 0, no sleeps beyond
+polling for start-up."""
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+START, END = b"\x0b", b"\x1c\x0d"
+
+DEMO_FACILITIES = """
+[[facility]]
+code = "GENHOSP"
+name = "General Hospital"
+kind = "hospital"
+authority = "GENHOSP"
+
+[[facility]]
+code = "OAKNH"
+name = "Oakwood Nursing Home"
+kind = "nursing_home"
+authority = "OAKNH"
+
+[[facility]]
+code = "HHCARE"
+name = "Sunrise Home Health"
+kind = "home_health"
+authority = "HHCARE"
+"""
+
+
+def write_config(directory: Path, *, mllp='"tcp:0:interface=127.0.0.1"', server_extra="", facilities=DEMO_FACILITIES) -> Path:
+    path = directory / "exchange.toml"
+    path.write_text(
+        f"""[server]
+mllp = {mllp}
+http = "tcp:0:interface=127.0.0.1"
+{server_extra}
+{facilities}"""
+    )
+    return path
+
+
+@dataclass
+class ExchangeProcess:
+    config: Path
+    database: str
+    proc: subprocess.Popen | None = None
+    mllp: list[tuple[str, int]] = field(default_factory=list)
+    http: tuple[str, int] | None = None
+    output: list[str] = field(default_factory=list)
+
+    def start(self, timeout: float = 60) -> "ExchangeProcess":
+        self.mllp, self.http, self.output = [], None, []
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("EXCHANGE_DATABASE_URL", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "exchange.cli", "serve", "--config", str(self.config), "--database", self.database],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        deadline = time.monotonic() + timeout
+        while self.http is None:
+            line = self._readline(deadline)
+            if line is None:
+                raise RuntimeError("exchange did not start:\n" + "".join(self.output))
+            m = re.search(r"MLLP listening on ([\d.]+):(\d+)", line)
+            if m:
+                self.mllp.append((m[1], int(m[2])))
+            m = re.search(r"HTTP on http://([\d.]+):(\d+)", line)
+            if m:
+                self.http = (m[1], int(m[2]))
+        return self
+
+    def _readline(self, deadline: float) -> str | None:
+        assert self.proc and self.proc.stdout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
+            if ready:
+                raw = self.proc.stdout.readline()
+                if not raw:
+                    return None
+                line = raw.decode("utf-8", "replace")
+                self.output.append(line)
+                return line
+            if self.proc.poll() is not None:
+                return None
+        return None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.mllp[0]
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        assert self.proc
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        rest = self.proc.stdout.read() if self.proc.stdout else b""
+        self.output.append(rest.decode("utf-8", "replace"))
+        return code
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            try:
+                self.terminate(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if self.proc and self.proc.stdout:
+            self.proc.stdout.close()
+
+
+class MLLPConnection:
+    """A blocking MLLP peer for tests that need raw control (bytes, timing)."""
+
+    def __init__(self, address: tuple[str, int], timeout: float = 30) -> None:
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.buffer = b""
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send(self, payload: bytes) -> None:
+        self.sock.sendall(START + payload + END)
+
+    def read_frame(self) -> bytes:
+        while END not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("connection closed")
+            self.buffer += chunk
+        frame, self.buffer = self.buffer.split(END, 1)
+        return frame[frame.index(START) + 1 :]
+
+    def request(self, payload: bytes) -> bytes:
+        self.send(payload)
+        return self.read_frame()
+
+    def expect_silence(self, seconds: float = 0.5) -> bool:
+        """True if nothing arrives within ``seconds`` (e.g. no ACK for an ACK)."""
+        self.sock.settimeout(seconds)
+        try:
+            chunk = self.sock.recv(65536)
+        except TimeoutError:
+            return True
+        finally:
+            self.sock.settimeout(30)
+        self.buffer += chunk
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def msa(ack: bytes) -> list[str]:
+    """The MSA fields of an ACK: [MSA-1, MSA-2, MSA-3, ...]."""
+    text = ack.decode("latin-1")
+    sep = text[3]
+    for segment in re.split(r"\r\n|\r|\n", text):
+        if segment.startswith("MSA"):
+            return segment.split(sep)[1:]
+    raise AssertionError(f"no MSA segment in {ack!r}")
+
+
+def adt(control_id: str, *, facility: str = "GENHOSP", event: str = "A01", version: str = "2.5.1",
+        processing: str = "P", mrn: str = "100001", extra: str = "") -> bytes:
+    """A small synthetic ADT message (no real patient)."""
+    return (
+        f"MSH|^~\\&|ADT|{facility}|EXCHANGE|EXCHANGE|20261127120000||ADT^{event}^ADT_A01|{control_id}|{processing}|{version}{extra}\r"
+        f"EVN|{event}|20261127120000\r"
+        f"PID|1||{mrn}^^^{facility}^MR||TESTPATIENT^ALPHA^Q||19700101|F|||1 MAIN ST^^SPRINGFIELD^IL^62701||555-0100\r"
+        f"PV1|1|I|W1^101^A|||||||||||||||V{control_id}\r"
+    ).encode()

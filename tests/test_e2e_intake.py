@@ -1,0 +1,182 @@
+"""End to end over loopback: `exchange serve` as a process, other projects'
+MLLP clients as the facility (python-hl7's blocking and asyncio clients;
+hl7apy builds messages and validates our ACKs), on SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+
+import hl7
+import pytest
+from hl7.client import MLLPClient
+from sqlalchemy import create_engine, text
+
+from tests.support import ExchangeProcess, MLLPConnection, adt, msa, write_config
+
+
+@pytest.fixture
+def exchange(tmp_path, database_url):
+    proc = ExchangeProcess(write_config(tmp_path), database_url).start()
+    yield proc
+    proc.stop()
+
+
+def stored(database_url: str, sql: str, **params):
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text(sql), params).all()
+    finally:
+        engine.dispose()
+
+
+def test_python_hl7_client_gets_aa_and_the_message_is_stored_raw(exchange, database_url):
+    message = adt("E2E-1")
+    with MLLPClient(*exchange.address) as client:
+        reply = client.send_message(message.decode())
+    ack = hl7.parse(reply.decode() if isinstance(reply, bytes) else reply)
+    assert str(ack.segment("MSA")[1]) == "AA"
+    assert str(ack.segment("MSA")[2]) == "E2E-1"
+    assert str(ack.segment("MSH")[9]) == "ACK^A01^ACK"
+    rows = stored(database_url, "select raw, state, ack_code, ack from message where control_id = 'E2E-1'")
+    assert len(rows) == 1
+    raw, state, code, stored_ack = rows[0]
+    assert bytes(raw) == message
+    assert (state, code) == ("accepted", "AA")
+    assert bytes(stored_ack).decode() == (reply.decode() if isinstance(reply, bytes) else reply).strip("\x0b\x1c\r")
+
+
+def test_resent_message_gets_the_same_ack_and_is_stored_once(exchange, database_url):
+    with MLLPConnection(exchange.address) as conn:
+        first = conn.request(adt("E2E-DUP"))
+        second = conn.request(adt("E2E-DUP"))
+    assert first == second  # the stored ACK, byte for byte (same MSH-10 and time)
+    assert msa(first)[:2] == ["AA", "E2E-DUP"]
+    rows = stored(database_url, "select id from message where control_id = 'E2E-DUP'")
+    assert len(rows) == 1
+    history = stored(database_url, "select state from message_event where message_id = :id order by id", id=rows[0][0])
+    assert [h[0] for h in history] == ["accepted", "resent"]
+
+
+def test_same_control_id_from_another_facility_is_a_different_message(exchange, database_url):
+    with MLLPConnection(exchange.address) as conn:
+        assert msa(conn.request(adt("E2E-SAME", facility="GENHOSP")))[0] == "AA"
+        assert msa(conn.request(adt("E2E-SAME", facility="OAKNH")))[0] == "AA"
+    assert len(stored(database_url, "select id from message where control_id = 'E2E-SAME'")) == 2
+
+
+def test_asyncio_client_pipelines_many_messages_on_one_connection(exchange):
+    async def run():
+        reader, writer = await hl7.mllp.open_hl7_connection(*exchange.address)
+        try:
+            ids = [f"ASYNC-{i}" for i in range(50)]
+            for cid in ids:  # all written before any ACK is read
+                writer.writemessage(hl7.parse(adt(cid).decode()))
+            await writer.drain()
+            acks = [await asyncio.wait_for(reader.readmessage(), 30) for _ in ids]
+        finally:
+            writer.close()
+        return ids, acks
+
+    ids, acks = asyncio.run(run())
+    assert [str(a.segment("MSA")[2]) for a in acks] == ids  # in order
+    assert {str(a.segment("MSA")[1]) for a in acks} == {"AA"}
+
+
+def test_hl7apy_built_message_is_accepted_and_our_ack_validates_in_hl7apy(exchange):
+    from hl7apy.core import Message
+    from hl7apy.parser import parse_message
+
+    m = Message("ADT_A01", version="2.5")
+    m.msh.msh_3 = "HL7APY"
+    m.msh.msh_4 = "HHCARE"
+    m.msh.msh_5 = "EXCHANGE"
+    m.msh.msh_6 = "EXCHANGE"
+    m.msh.msh_9 = "ADT^A01^ADT_A01"
+    m.msh.msh_10 = "HL7APY-1"
+    m.msh.msh_11 = "P"
+    m.evn.evn_2 = "20261127120000"
+    m.pid.pid_3 = "HH-3391^^^HHCARE^MR"
+    m.pid.pid_5 = "TESTPATIENT^BETA"
+    m.pv1.pv1_2 = "O"
+    with MLLPConnection(exchange.address) as conn:
+        reply = conn.request(m.to_er7().encode())
+    ack = parse_message(reply.decode(), find_groups=False)
+    assert ack.msa.msa_1.value == "AA"
+    assert ack.msa.msa_2.value == "HL7APY-1"
+    assert ack.msh.msh_12.value == "2.5"
+    assert ack.msh.msh_6.value == "HHCARE"  # the ACK goes back to the sender
+    ack.validate()  # hl7apy's structural validation of our ACK
+
+
+def test_rejections_and_errors_over_the_wire(exchange, database_url):
+    with MLLPConnection(exchange.address) as conn:
+        assert msa(conn.request(adt("R-1", facility="NOBODY")))[0] == "AR"
+        assert msa(conn.request(adt("R-2", version="3.1")))[0] == "AR"
+        assert msa(conn.request(adt("R-3", processing="T")))[0] == "AR"
+        nak = msa(conn.request(adt("R-4").replace(b"ADT^A01^ADT_A01", b"ORU^R01^ORU_R01")))
+        assert nak[:2] == ["AR", "R-4"]
+        assert msa(conn.request(b"this is not HL7"))[:2] == ["AE", ""]
+        assert msa(conn.request(adt("R-5")))[:2] == ["AA", "R-5"]  # still serving
+    states = dict(stored(database_url, "select control_id, state from message where control_id like 'R-%'"))
+    assert states == {"R-1": "rejected", "R-2": "rejected", "R-3": "rejected", "R-4": "rejected", "R-5": "accepted"}
+
+
+def test_a_rejected_message_is_processed_again_when_resent(exchange):
+    with MLLPConnection(exchange.address) as conn:
+        assert msa(conn.request(adt("FIX-1", processing="T")))[0] == "AR"
+        assert msa(conn.request(adt("FIX-1")))[0] == "AA"
+
+
+def test_inbound_ack_is_recorded_and_never_answered(exchange, database_url):
+    ack = b"MSH|^~\\&|ADT|GENHOSP|EX|EX|20261127120000||ACK^A01^ACK|ACK-IN-1|P|2.5\rMSA|AA|X1\r"
+    with MLLPConnection(exchange.address) as conn:
+        conn.send(ack)
+        assert conn.expect_silence(0.5)
+        assert msa(conn.request(adt("AFTER-ACK")))[:2] == ["AA", "AFTER-ACK"]
+    assert stored(database_url, "select state from message where control_id = 'ACK-IN-1'") == [("ignored",)]
+
+
+def test_enhanced_mode_gets_a_commit_ack(exchange):
+    with MLLPConnection(exchange.address) as conn:
+        reply = conn.request(adt("ENH-1", extra="|||AL|NE"))
+        assert msa(reply)[:2] == ["CA", "ENH-1"]
+        assert msa(conn.request(adt("ENH-2", facility="NOBODY", extra="|||AL|AL")))[0] == "CR"
+
+
+def test_healthz_and_metrics(exchange):
+    with MLLPConnection(exchange.address) as conn:
+        conn.request(adt("MET-1"))
+    host, port = exchange.http
+    with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=10) as r:
+        assert r.status == 200
+        body = json.load(r)
+    assert body["status"] == "ok"
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    assert 'exchange_acks_total{code="AA"}' in metrics
+    assert 'exchange_messages_received_total{facility="GENHOSP"}' in metrics
+    assert "exchange_commit_batch_size_bucket" in metrics
+
+
+def test_sigterm_finishes_in_flight_work_and_exits_cleanly(exchange, database_url):
+    conns = [MLLPConnection(exchange.address) for _ in range(4)]
+    for i, c in enumerate(conns):
+        for j in range(20):
+            c.send(adt(f"TERM-{i}-{j}"))
+    acked = set()
+    for c in conns:  # read some answers, then stop the server while others are in flight
+        for _ in range(5):
+            acked.add(msa(c.read_frame())[1])
+    assert exchange.terminate() == 0
+    for c in conns:
+        while True:
+            try:
+                acked.add(msa(c.read_frame())[1])
+            except (ConnectionError, OSError):
+                break
+        c.close()
+    stored_ids = {r[0] for r in stored(database_url, "select control_id from message where control_id like 'TERM-%'")}
+    assert acked <= stored_ids
+    assert "exchange stopped cleanly" in "".join(exchange.output)
