@@ -1,0 +1,573 @@
+"""The configuration file: ``config/exchange.toml`` read into frozen values.
+
+``load_config(path)`` reads and validates the whole file up front, so a bad
+file stops the exchange before anything listens. Every problem is a
+:class:`ConfigError` whose ``str`` is one line naming the file, the key and
+the reason::
+
+    config/exchange.toml: facility[2].kind: must be one of hospital, ... (got 'spaceship')
+
+``facility[N]`` counts the ``[[facility]]`` tables from 1, in file order.
+
+The database URL is taken from, in order: the ``database`` argument (the
+``--database`` flag), the ``EXCHANGE_DATABASE_URL`` environment variable,
+``server.database`` in the file, and finally ``sqlite:///var/exchange.db``.
+A relative SQLite path (``sqlite:///var/exchange.db``, three slashes) is
+relative to the current working directory of the process, not to the
+configuration file; ``sqlite:////abs/path.db`` (four slashes) is absolute.
+
+Endpoint strings are checked here without listening or connecting: the
+type prefix, the port, the keywords the type understands and, for ``ssl:``,
+that the key and certificate files exist and load. ``caCertsDir=DIR`` (or
+``caCerts=FILE``) on an ``ssl:`` server endpoint is our extension, served by
+``exchange.mllp.tls`` (stock Twisted does not accept it): clients must then
+present a certificate signed by one of those CA certificates (mutual TLS).
+
+Plain values only: importing this module does not start or need a reactor.
+"""
+from __future__ import annotations
+
+import codecs
+import fnmatch
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DEFAULT_DATABASE",
+    "FACILITY_KINDS",
+    "FacilityConfig",
+    "ServerConfig",
+    "load_config",
+    "matches_any",
+    "resolve_charset",
+]
+
+DEFAULT_DATABASE = "sqlite:///var/exchange.db"
+DATABASE_ENV = "EXCHANGE_DATABASE_URL"
+DEFAULT_PATTERNS = ("ADT^*", "MDM^*")
+
+FACILITY_KINDS = ("hospital", "nursing_home", "home_health", "clinic", "pharmacy", "lab", "other")
+PROCESSING_IDS = ("P", "T", "D")
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+# HL7 delimiters and whitespace may not appear in codes copied into MSH fields.
+_CODE_RE = re.compile(r"[^\s|^~\\&]+")
+_PATTERN_RE = re.compile(r"[A-Z0-9*]+\^[A-Z0-9*]+")
+_FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
+
+_TOP_KEYS = ("server", "facility")
+_SERVER_KEYS = (
+    "mllp",
+    "http",
+    "database",
+    "processing_id",
+    "accept",
+    "max_frame_bytes",
+    "idle_timeout",
+    "application",
+    "facility_id",
+    "batch_max",
+    "max_pending",
+    "log_level",
+)
+_FACILITY_KEYS = (
+    "code",
+    "name",
+    "kind",
+    "authority",
+    "deliver_to",
+    "subscribe",
+    "charset",
+    "tls_subject",
+    "tls_fingerprint",
+)
+
+# Keywords each server endpoint type understands (Twisted's parsers, plus
+# caCertsDir/caCerts for ssl, see exchange.mllp.tls); the first one may be
+# given without its name (tcp:2575, unix:/run/exchange.sock).
+_ENDPOINT_KEYWORDS = {
+    "tcp": ("port", "interface", "backlog"),
+    "tcp6": ("port", "interface", "backlog"),
+    "unix": ("address", "mode", "backlog", "lockfile"),
+    "ssl": (
+        "port",
+        "interface",
+        "backlog",
+        "privateKey",
+        "certKey",
+        "sslmethod",
+        "extraCertChain",
+        "dhParameters",
+        "caCertsDir",
+        "caCerts",
+    ),
+}
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``str(error)`` is one line: file, key, reason."""
+
+    def __init__(self, path: str | os.PathLike[str], key: str, reason: str) -> None:
+        self.path = str(path)
+        self.key = key
+        self.reason = reason
+        where = f"{self.path}: {key}: " if key else f"{self.path}: "
+        super().__init__(" ".join(f"{where}{reason}".split()))
+
+
+@dataclass(frozen=True, slots=True)
+class FacilityConfig:
+    """One site of the network (a ``[[facility]]`` table)."""
+
+    code: str  # MSH-4.1 (namespace id) it sends as
+    name: str
+    kind: str  # one of FACILITY_KINDS
+    authority: str  # PID-3.4 assigning authority of its MRNs
+    deliver_to: str | None = None  # client endpoint string for routed copies
+    subscribe: tuple[str, ...] = DEFAULT_PATTERNS  # TYPE^EVENT patterns, '*' wildcard
+    charset: str = "utf-8"  # Python codec name used when MSH-18 is empty
+    tls_subject: str | None = None  # expected client certificate subject (CN)
+    tls_fingerprint: str | None = None  # expected SHA-256 of its certificate, 64 lowercase hex
+
+    def wants(self, message_type: str, event: str) -> bool:
+        """Whether a ``message_type^event`` matches one of its subscriptions."""
+        return matches_any(self.subscribe, message_type, event)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The ``[server]`` table."""
+
+    mllp: tuple[str, ...]  # Twisted server endpoint strings
+    http: str  # Twisted server endpoint string of the workbench and API
+    database: str = DEFAULT_DATABASE  # SQLAlchemy URL, after the precedence rules
+    processing_ids: tuple[str, ...] = ("P",)  # accepted MSH-11.1 values (TOML key processing_id)
+    accept: tuple[str, ...] = DEFAULT_PATTERNS  # accepted TYPE^EVENT patterns
+    max_frame_bytes: int = 16 * 1024 * 1024
+    idle_timeout: float = 300.0  # seconds without bytes before a connection is closed; 0 disables
+    application: str = "EXCHANGE"  # MSH-3 of our ACKs when the sender left MSH-5 empty
+    facility_name: str = "EXCHANGE"  # MSH-4 of our ACKs when MSH-6 was empty (TOML key facility_id)
+    batch_max: int = 500  # max messages per group commit
+    max_pending: int = 5000  # messages waiting for the writer before connections are paused
+    log_level: str = "info"
+
+    def accepts(self, message_type: str, event: str) -> bool:
+        return matches_any(self.accept, message_type, event)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    facilities: tuple[FacilityConfig, ...]
+    path: Path
+
+    def facility(self, code: str) -> FacilityConfig | None:
+        """The facility whose code is ``code`` (MSH-4.1), or None."""
+        for facility in self.facilities:
+            if facility.code == code:
+                return facility
+        return None
+
+
+def matches_any(patterns: tuple[str, ...], message_type: str, event: str) -> bool:
+    """Whether ``message_type^event`` matches one of ``patterns`` ('*' is a wildcard)."""
+    subject = f"{message_type}^{event}".upper()
+    return any(fnmatch.fnmatchcase(subject, pattern) for pattern in patterns)
+
+
+def resolve_charset(name: str) -> str:
+    """The canonical Python codec name for an HL7 MSH-18 or a Python charset name.
+
+    HL7 names (table 0211: "8859/1", "UNICODE UTF-8", ...) are looked up with
+    ``exchange.hl7.charset.codec_for``, anything else with ``codecs.lookup``.
+    Raises LookupError when nothing resolves, ValueError when the codec is
+    not ASCII-compatible (UTF-16/32 cannot be a default: MSH is read as bytes).
+    """
+    from exchange.hl7.charset import ascii_compatible, codec_for
+
+    codec = codecs.lookup(codec_for(name) or name.strip()).name
+    if not ascii_compatible(codec):
+        raise ValueError(f"{codec} is not ASCII-compatible")
+    return codec
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    *,
+    database: str | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> Config:
+    """Read and validate the configuration file; raise ConfigError on any problem."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(path, "", "file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "", "is a directory, not a file") from None
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, "", f"not UTF-8 (byte {e.start})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "", f"TOML syntax error: {e}") from None
+    return _Reader(path).config(data, database, environ)
+
+
+class _Reader:
+    """Walks the parsed TOML; every check names its key."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(self.path, key, reason)
+
+    # -- the file ---------------------------------------------------------
+
+    def config(self, data: dict[str, Any], database: str | None, environ: Mapping[str, str]) -> Config:
+        for key in data:
+            if key not in _TOP_KEYS:
+                raise self.fail(key, "unknown key (expected [server] and [[facility]] tables)")
+        if "server" not in data:
+            raise self.fail("server", "missing required table [server]")
+        server = data["server"]
+        if not isinstance(server, dict):
+            raise self.fail("server", f"must be a table [server] (got {_kind(server)})")
+        facilities = data.get("facility")
+        if facilities is None or facilities == []:
+            raise self.fail("facility", "no facilities configured (add at least one [[facility]] table)")
+        if not isinstance(facilities, list) or not all(isinstance(f, dict) for f in facilities):
+            raise self.fail("facility", "must be an array of tables, written [[facility]]")
+        return Config(
+            server=self.server(server, database, environ),
+            facilities=self.facilities(facilities),
+            path=self.path,
+        )
+
+    def server(self, table: dict[str, Any], database: str | None, environ: Mapping[str, str]) -> ServerConfig:
+        self.no_unknown_keys(table, _SERVER_KEYS, "server")
+        defaults = ServerConfig(mllp=(), http="")
+        mllp = self.strings(table, "mllp", "server.mllp", required=True)
+        if not mllp:
+            raise self.fail("server.mllp", "must name at least one endpoint")
+        for i, description in enumerate(mllp):
+            key = "server.mllp" if isinstance(table["mllp"], str) else f"server.mllp[{i + 1}]"
+            self.server_endpoint(key, description)
+        http = self.string(table, "http", "server.http", required=True)
+        self.server_endpoint("server.http", http)
+        processing_ids = self.strings(table, "processing_id", "server.processing_id") or defaults.processing_ids
+        for pid in processing_ids:
+            if pid not in PROCESSING_IDS:
+                raise self.fail(
+                    "server.processing_id", f"must be P, T or D (MSH-11.1) (got {pid!r})"
+                )
+        log_level = self.string(table, "log_level", "server.log_level") or defaults.log_level
+        if log_level.lower() == "warning":
+            log_level = "warn"
+        if log_level.lower() not in LOG_LEVELS:
+            raise self.fail(
+                "server.log_level", f"must be one of {', '.join(LOG_LEVELS)} (got {log_level!r})"
+            )
+        return ServerConfig(
+            mllp=mllp,
+            http=http,
+            database=self.database(table, database, environ),
+            processing_ids=tuple(dict.fromkeys(processing_ids)),
+            accept=self.patterns(table, "accept", "server.accept", defaults.accept),
+            max_frame_bytes=self.integer(table, "max_frame_bytes", "server.max_frame_bytes", defaults.max_frame_bytes, minimum=1024),
+            idle_timeout=self.number(table, "idle_timeout", "server.idle_timeout", defaults.idle_timeout),
+            application=self.code(table, "application", "server.application") or defaults.application,
+            facility_name=self.code(table, "facility_id", "server.facility_id") or defaults.facility_name,
+            batch_max=self.integer(table, "batch_max", "server.batch_max", defaults.batch_max, minimum=1),
+            max_pending=self.integer(table, "max_pending", "server.max_pending", defaults.max_pending, minimum=1),
+            log_level=log_level.lower(),
+        )
+
+    def facilities(self, tables: list[dict[str, Any]]) -> tuple[FacilityConfig, ...]:
+        result: list[FacilityConfig] = []
+        seen: dict[str, int] = {}
+        for number, table in enumerate(tables, start=1):
+            facility = self.facility(table, f"facility[{number}]")
+            if facility.code in seen:
+                raise self.fail(
+                    f"facility[{number}].code",
+                    f"duplicate facility code {facility.code!r} (also facility[{seen[facility.code]}])",
+                )
+            seen[facility.code] = number
+            result.append(facility)
+        return tuple(result)
+
+    def facility(self, table: dict[str, Any], prefix: str) -> FacilityConfig:
+        self.no_unknown_keys(table, _FACILITY_KEYS, prefix)
+        code = self.code(table, "code", f"{prefix}.code", required=True)
+        name = self.string(table, "name", f"{prefix}.name", required=True)
+        if not name.strip():
+            raise self.fail(f"{prefix}.name", "must not be empty")
+        kind = self.string(table, "kind", f"{prefix}.kind", required=True)
+        if kind not in FACILITY_KINDS:
+            raise self.fail(
+                f"{prefix}.kind", f"must be one of {', '.join(FACILITY_KINDS)} (got {kind!r})"
+            )
+        authority = self.code(table, "authority", f"{prefix}.authority", required=True)
+        deliver_to = self.string(table, "deliver_to", f"{prefix}.deliver_to")
+        if deliver_to is not None and not deliver_to.strip():
+            raise self.fail(f"{prefix}.deliver_to", "must not be empty (leave the key out instead)")
+        charset = self.string(table, "charset", f"{prefix}.charset")
+        if charset is not None and not charset.strip():
+            raise self.fail(f"{prefix}.charset", "must not be empty (leave the key out for utf-8)")
+        if charset is not None:
+            try:
+                charset = resolve_charset(charset)
+            except LookupError:
+                raise self.fail(
+                    f"{prefix}.charset",
+                    f"unknown charset {charset!r} (use a Python codec name or an HL7 MSH-18 name such as 8859/1)",
+                ) from None
+            except ValueError as e:
+                raise self.fail(f"{prefix}.charset", f"cannot be a default charset: {e}") from None
+        tls_subject = self.string(table, "tls_subject", f"{prefix}.tls_subject")
+        if tls_subject is not None and not tls_subject.strip():
+            raise self.fail(f"{prefix}.tls_subject", "must not be empty (leave the key out instead)")
+        fingerprint = self.string(table, "tls_fingerprint", f"{prefix}.tls_fingerprint")
+        if fingerprint is not None:
+            normalised = fingerprint.strip().lower()
+            if normalised.startswith("sha256:"):
+                normalised = normalised[len("sha256:"):]
+            normalised = normalised.replace(":", "")
+            if not _FINGERPRINT_RE.fullmatch(normalised):
+                raise self.fail(
+                    f"{prefix}.tls_fingerprint",
+                    "must be a SHA-256 fingerprint: 64 hex digits, colons and a 'sha256:' prefix allowed",
+                )
+            fingerprint = normalised
+        return FacilityConfig(
+            code=code,
+            name=name,
+            kind=kind,
+            authority=authority,
+            deliver_to=deliver_to,
+            subscribe=self.patterns(table, "subscribe", f"{prefix}.subscribe", DEFAULT_PATTERNS),
+            charset=charset or "utf-8",
+            tls_subject=tls_subject,
+            tls_fingerprint=fingerprint,
+        )
+
+    # -- single values ----------------------------------------------------
+
+    def no_unknown_keys(self, table: dict[str, Any], allowed: tuple[str, ...], prefix: str) -> None:
+        for key in table:
+            if key not in allowed:
+                raise self.fail(f"{prefix}.{key}", "unknown key")
+
+    def string(self, table: dict[str, Any], name: str, key: str, *, required: bool = False) -> Any:
+        if name not in table:
+            if required:
+                raise self.fail(key, "missing required key")
+            return None
+        value = table[name]
+        if not isinstance(value, str):
+            raise self.fail(key, f"must be a string (got {_kind(value)})")
+        return value
+
+    def strings(self, table: dict[str, Any], name: str, key: str, *, required: bool = False) -> tuple[str, ...]:
+        """A string or a list of strings, as a tuple (empty when absent)."""
+        if name not in table:
+            if required:
+                raise self.fail(key, "missing required key")
+            return ()
+        value = table[name]
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                if not isinstance(item, str):
+                    raise self.fail(f"{key}[{i + 1}]", f"must be a string (got {_kind(item)})")
+            return tuple(value)
+        raise self.fail(key, f"must be a string or a list of strings (got {_kind(value)})")
+
+    def code(self, table: dict[str, Any], name: str, key: str, *, required: bool = False) -> Any:
+        """A string copied into HL7 fields: no whitespace, no HL7 delimiters."""
+        value = self.string(table, name, key, required=required)
+        if value is not None and not _CODE_RE.fullmatch(value):
+            raise self.fail(
+                key, f"must be a non-empty code without spaces or any of | ^ ~ \\ & (got {value!r})"
+            )
+        return value
+
+    def integer(self, table: dict[str, Any], name: str, key: str, default: int, *, minimum: int) -> int:
+        if name not in table:
+            return default
+        value = table[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"must be an integer (got {_kind(value)})")
+        if value < minimum:
+            raise self.fail(key, f"must be at least {minimum} (got {value})")
+        return value
+
+    def number(self, table: dict[str, Any], name: str, key: str, default: float) -> float:
+        if name not in table:
+            return default
+        value = table[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(key, f"must be a number of seconds (got {_kind(value)})")
+        if not 0 <= value < float("inf"):
+            raise self.fail(key, f"must be 0 (disabled) or a positive number of seconds (got {value})")
+        return float(value)
+
+    def patterns(self, table: dict[str, Any], name: str, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        if name not in table:
+            return default
+        value = table[name]
+        if isinstance(value, str):
+            raise self.fail(key, f'must be a list of TYPE^EVENT patterns, e.g. ["{value}"]')
+        patterns = self.strings(table, name, key)
+        result = []
+        for i, pattern in enumerate(patterns):
+            normalised = pattern.strip().upper()
+            if not _PATTERN_RE.fullmatch(normalised):
+                raise self.fail(
+                    f"{key}[{i + 1}]",
+                    f"must look like TYPE^EVENT with * as a wildcard, e.g. ADT^A01 or MDM^* (got {pattern!r})",
+                )
+            result.append(normalised)
+        return tuple(dict.fromkeys(result))
+
+    def database(self, table: dict[str, Any], argument: str | None, environ: Mapping[str, str]) -> str:
+        if argument is not None:
+            url, key = argument, "--database"
+        elif environ.get(DATABASE_ENV):
+            url, key = environ[DATABASE_ENV], DATABASE_ENV
+        else:
+            url = self.string(table, "database", "server.database")
+            key = "server.database"
+            if url is None:
+                return DEFAULT_DATABASE
+        if not (url.startswith("sqlite://") or url.startswith("postgresql")):
+            raise self.fail(
+                key, "must be an SQLAlchemy URL starting with sqlite:// or postgresql (e.g. sqlite:///var/exchange.db)"
+            )
+        from sqlalchemy.engine import make_url  # imported here: only needed to validate
+
+        try:
+            make_url(url)
+        except Exception as e:  # ArgumentError, ValueError: both mean "not a URL"
+            raise self.fail(key, f"not a valid database URL: {e}") from None
+        return url
+
+    # -- endpoint strings -------------------------------------------------
+
+    def server_endpoint(self, key: str, description: str) -> None:
+        """Check a Twisted server endpoint string without listening."""
+        reason = check_server_endpoint(description)
+        if reason:
+            raise self.fail(key, f"{reason} (got {description!r})")
+
+
+def check_server_endpoint(description: str) -> str | None:
+    """Why ``description`` is not a usable server endpoint string, or None.
+
+    Reads (for ``ssl:``) the key and certificate files; opens no socket.
+    """
+    from twisted.internet.endpoints import _parse  # the strports tokenizer (escapes with '\\')
+
+    if not description.strip():
+        return "empty endpoint string"
+    try:
+        args, kwargs = _parse(description)
+    except Exception as e:  # a malformed string: unbalanced escapes and such
+        return f"cannot parse endpoint string: {e}"
+    kind = args[0] if args else ""
+    if kind not in _ENDPOINT_KEYWORDS:
+        return f"endpoint type must be one of tcp, tcp6, ssl, unix (got {kind!r})"
+    keywords = _ENDPOINT_KEYWORDS[kind]
+    positional = args[1:]
+    if len(positional) > 1:
+        return f"too many positional values for {kind} (only the {keywords[0]} may be given without a name)"
+    for name in kwargs:
+        if name not in keywords:
+            return f"{kind} endpoint does not understand {name!r} (known: {', '.join(keywords)})"
+    if positional:
+        if keywords[0] in kwargs:
+            return f"{keywords[0]} given twice"
+        kwargs[keywords[0]] = positional[0]
+    if kind == "unix":
+        if not kwargs.get("address"):
+            return "unix endpoint needs a socket path, e.g. unix:/run/exchange.sock"
+        return None
+    port = kwargs.get("port")
+    if port is None:
+        return f"{kind} endpoint needs a port, e.g. {kind}:2575"
+    if not port.isdigit() or int(port) > 65535:
+        return f"port must be a number from 0 to 65535 (got {port!r})"
+    backlog = kwargs.get("backlog")
+    if backlog is not None and not backlog.isdigit():
+        return f"backlog must be a number (got {backlog!r})"
+    if kind == "ssl":
+        return _check_tls_files(kwargs)
+    return None
+
+
+def _check_tls_files(kwargs: dict[str, str]) -> str | None:
+    private_key = kwargs.get("privateKey")
+    if not private_key:
+        return "ssl endpoint needs privateKey=FILE (PEM; certKey=FILE too unless the same file holds the certificate)"
+    files = {"privateKey": private_key}
+    for name in ("certKey", "extraCertChain", "dhParameters"):
+        if kwargs.get(name):
+            files[name] = kwargs[name]
+    for name, file in files.items():
+        if not os.path.isfile(file):
+            return f"{name} file {file!r} does not exist"
+        if not os.access(file, os.R_OK):
+            return f"{name} file {file!r} is not readable"
+    ca_dir = kwargs.get("caCertsDir")
+    if ca_dir is not None:
+        if not os.path.isdir(ca_dir):
+            return f"caCertsDir {ca_dir!r} is not a directory"
+        if not any(name.endswith(".pem") for name in os.listdir(ca_dir)):
+            return f"caCertsDir {ca_dir!r} holds no *.pem CA certificate"
+    ca_file = kwargs.get("caCerts")
+    if ca_file is not None:
+        if not os.path.isfile(ca_file):
+            return f"caCerts file {ca_file!r} does not exist"
+        if b"-----BEGIN CERTIFICATE-----" not in Path(ca_file).read_bytes():
+            return f"caCerts file {ca_file!r} holds no PEM certificate"
+    try:
+        from twisted.internet import ssl
+
+        cert_pem = Path(kwargs.get("certKey") or private_key).read_bytes()
+        key_pem = Path(private_key).read_bytes()
+        ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+    except Exception as e:  # OpenSSL errors are lists of tuples; keep one line
+        return f"cannot load the TLS key and certificate: {type(e).__name__}: {e}"
+    sslmethod = kwargs.get("sslmethod")
+    if sslmethod is not None:
+        from OpenSSL import SSL
+
+        if not hasattr(SSL, sslmethod):
+            return f"unknown sslmethod {sslmethod!r}"
+    return None
+
+
+def _kind(value: object) -> str:
+    names = {
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        list: "a list",
+        dict: "a table",
+    }
+    return names.get(type(value), type(value).__name__)
