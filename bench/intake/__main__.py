@@ -1,0 +1,5 @@
+import sys
+
+from bench.intake.runner import main
+
+sys.exit(main())
