@@ -4,12 +4,13 @@ polling for start-up."""
 from __future__ import annotations
 
 import os
+import queue
 import re
-import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,9 @@ class ExchangeProcess:
             stderr=subprocess.STDOUT,
             env=env,
         )
+        self._lines: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
         deadline = time.monotonic() + timeout
         while self.http is None:
             line = self._readline(deadline)
@@ -82,19 +86,24 @@ class ExchangeProcess:
         return self
 
     def _readline(self, deadline: float) -> str | None:
-        assert self.proc and self.proc.stdout
+        """The next line the server printed, or None if it exited or the deadline passed."""
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
-            if ready:
-                raw = self.proc.stdout.readline()
-                if not raw:
+            try:
+                line = self._lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None and self._lines.empty():
                     return None
-                line = raw.decode("utf-8", "replace")
-                self.output.append(line)
-                return line
-            if self.proc.poll() is not None:
+                continue
+            if line is None:
                 return None
+            self.output.append(line)
+            return line
         return None
+
+    def _pump(self) -> None:
+        for raw in iter(self.proc.stdout.readline, b""):
+            self._lines.put(raw.decode("utf-8", "replace"))
+        self._lines.put(None)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -110,8 +119,11 @@ class ExchangeProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout)
-        rest = self.proc.stdout.read() if self.proc.stdout else b""
-        self.output.append(rest.decode("utf-8", "replace"))
+        self._reader.join(10)
+        while not self._lines.empty():
+            line = self._lines.get()
+            if line is not None:
+                self.output.append(line)
         return code
 
     def stop(self) -> None:
@@ -120,8 +132,6 @@ class ExchangeProcess:
                 self.terminate(30)
             except subprocess.TimeoutExpired:
                 self.kill()
-        if self.proc and self.proc.stdout:
-            self.proc.stdout.close()
 
 
 class MLLPConnection:

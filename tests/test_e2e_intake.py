@@ -8,6 +8,7 @@ import json
 import urllib.request
 
 import hl7
+import hl7.mllp
 import pytest
 from hl7.client import MLLPClient
 from sqlalchemy import create_engine, text
@@ -44,7 +45,9 @@ def test_python_hl7_client_gets_aa_and_the_message_is_stored_raw(exchange, datab
     raw, state, code, stored_ack = rows[0]
     assert bytes(raw) == message
     assert (state, code) == ("accepted", "AA")
-    assert bytes(stored_ack).decode() == (reply.decode() if isinstance(reply, bytes) else reply).strip("\x0b\x1c\r")
+    framed = reply.decode() if isinstance(reply, bytes) else reply
+    assert framed.startswith("\x0b") and framed.endswith("\x1c\r")
+    assert bytes(stored_ack).decode() == framed[1:-2]  # the exact ACK sent is the one stored
 
 
 def test_resent_message_gets_the_same_ack_and_is_stored_once(exchange, database_url):

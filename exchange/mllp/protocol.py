@@ -69,7 +69,7 @@ class MLLPServerProtocol(Protocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         if self._slots:  # still owe the sender an answer: not idle
-            self.resetTimeout()
+            self.setTimeout(self._idle_timeout)
             return
         log.info("closing idle MLLP connection from {peer}", peer=self.peer.address)
         self.transport.loseConnection()
@@ -163,6 +163,8 @@ class MLLPServerFactory(Factory):
     ``committer`` (optional) provides backpressure: while too many messages
     wait for the writer, every connection stops reading.
     """
+
+    noisy = False
 
     def __init__(
         self,

@@ -30,7 +30,9 @@ def build_site(status: Callable[[], dict]) -> Site:
     root.putChild(b"healthz", Health(status))
     root.putChild(b"metrics", MetricsResource())
     site = Site(root)
+    site.noisy = False
     site.displayTracebacks = False
+    site.log = lambda request: None  # no access log: request paths can carry patient identifiers
     return site
 
 
