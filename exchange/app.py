@@ -11,7 +11,7 @@ from twisted.python.threadpool import ThreadPool
 
 from exchange.acceptance import AcceptancePolicy, FacilityRule
 from exchange.config import Config
-from exchange.intake import AckIds, GroupCommitter, Intake, make_batch_runner
+from exchange.intake import AckIds, GroupCommitter, Intake, make_batch_runner, writer_thread
 from exchange.mllp.protocol import MLLPServerFactory
 from exchange.mllp.tls import server_endpoint
 from exchange.pipeline import AckSettings
@@ -49,8 +49,7 @@ class ExchangeService(Service):
         ack_ids = AckIds()
         settings = AckSettings(config.server.application, config.server.facility_name)
         self.committer = GroupCommitter(
-            reactor,
-            self.pool,
+            writer_thread(reactor, self.pool),
             make_batch_runner(self.engine, new_control_id=ack_ids, settings=settings),
             batch_max=config.server.batch_max,
             max_pending=config.server.max_pending,

@@ -67,6 +67,11 @@ def _base36(n: int) -> str:
             return out
 
 
+def writer_thread(reactor, pool: ThreadPool) -> Callable[..., Deferred]:
+    """Run a function in the (single-thread) writer pool; results come back on the reactor."""
+    return lambda f, *args: deferToThreadPool(reactor, pool, f, *args)
+
+
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -83,15 +88,15 @@ class GroupCommitter:
 
     def __init__(
         self,
-        reactor,
-        pool: ThreadPool,
+        in_thread: Callable[..., Deferred],
         run_batch: Callable[[Sequence[Received]], list[Answer]],
         *,
         batch_max: int = 500,
         max_pending: int = 5000,
     ) -> None:
-        self._reactor = reactor
-        self._pool = pool
+        """``in_thread(f, *args)`` runs ``f`` in the writer thread and returns a
+        Deferred of its result (``writer_thread(reactor, pool)`` in production)."""
+        self._in_thread = in_thread
         self._run_batch = run_batch
         self._batch_max = batch_max
         self._max_pending = max_pending
@@ -134,7 +139,7 @@ class GroupCommitter:
         self._busy = True
         items = [item for item, _ in batch]
         started = time.perf_counter()
-        d = deferToThreadPool(self._reactor, self._pool, self._run_batch, items)
+        d = self._in_thread(self._run_batch, items)
         d.addCallbacks(
             self._committed,
             self._failed,
@@ -175,7 +180,7 @@ class GroupCommitter:
             return
         (item, d), rest = singles[0], singles[1:]
         started = time.perf_counter()
-        run = deferToThreadPool(self._reactor, self._pool, self._run_batch, [item])
+        run = self._in_thread(self._run_batch, [item])
 
         def done(answers):
             metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)

@@ -24,7 +24,7 @@ from datetime import datetime
 from sqlalchemy import Connection
 
 from exchange.hl7.ack import ack_code, build_ack
-from exchange.hl7.charset import CharsetError, decode_body
+from exchange.hl7.charset import CharsetError, decode_message
 from exchange.hl7.header import Header
 from exchange.outcome import Outcome, Verdict, error
 from exchange.store.messages import (
@@ -70,19 +70,22 @@ class AckSettings:
     facility: str = "EXCHANGE"  # MSH-4 of our ACKs when the sender left MSH-6 empty
 
 
-def apply(item: Received) -> Outcome:
-    """Decide the final outcome of an accepted message.
+def apply(item: Received) -> tuple[Outcome, str]:
+    """Decide the final outcome of an accepted message: (outcome, note).
 
-    Today: the body must decode per MSH-18 (or the facility's charset).
+    Today: the body must decode per MSH-18 (or the facility's charset, with
+    the windows-1252/Latin-1 fallback when MSH-18 is empty, noted).
     The record-model mapping joins here, in the same transaction.
     """
     if item.decision.verdict is not Verdict.ACCEPT:
-        return item.decision
+        return item.decision, ""
     try:
-        decode_body(item.raw, item.header)
+        _, codec = decode_message(item.raw, item.header)
     except CharsetError as exc:
-        return error(102, "MSH-18", str(exc))
-    return item.decision
+        return error(102, "MSH-18", str(exc)), ""
+    fell_back = codec != item.header.codec or item.header.charset_fallback
+    note = f"MSH-18 empty and the bytes do not fit the facility's charset: decoded as {codec}" if fell_back else ""
+    return item.decision, note
 
 
 def encode_ack(header: Header, text: str) -> bytes:
@@ -127,7 +130,7 @@ def process_batch(
         if key is not None:
             first_in_batch[key] = index
 
-        outcome = apply(item)
+        outcome, note = apply(item)
         header = item.header
         if outcome.verdict is Verdict.IGNORE:
             ack = None
@@ -143,7 +146,7 @@ def process_batch(
             )
             ack = encode_ack(header, text)
             code = ack_code(header, outcome)
-        reason = "; ".join(x for x in (outcome.text, item.note) if x) or None
+        reason = "; ".join(x for x in (outcome.text, item.note, note) if x) or None
         row_of_item[index] = len(rows)
         rows.append(
             NewMessage(

@@ -105,16 +105,33 @@ def canonical_codec(codec: str) -> str:
 
 
 def decode_body(payload: bytes, header: Header) -> str:
-    """Decode a whole message strictly with ``header.codec``.
+    """Decode a whole message; see :func:`decode_message`."""
+    return decode_message(payload, header)[0]
+
+
+FALLBACK_CODECS = ("cp1252", "latin-1")
+
+
+def decode_message(payload: bytes, header: Header) -> tuple[str, str]:
+    """Decode a whole message strictly with ``header.codec``: (text, codec used).
 
     A leading UTF-8 byte order mark is dropped (``read_header`` skips it too).
-    Raises :class:`CharsetError` naming the character set when the bytes are
-    not valid in it.
+    When MSH-18 is empty and the sender's default (UTF-8 or ASCII) does not
+    fit the bytes, windows-1252 and then Latin-1 are tried, as for the header:
+    real senders omit MSH-18 and send 8-bit text. A declared MSH-18 that does
+    not fit raises :class:`CharsetError` naming the character set.
     """
     start = 3 if payload.startswith(UTF8_BOM) and ascii_compatible(header.codec) else 0
+    body = payload[start:] if start else payload
     try:
-        return (payload[start:] if start else payload).decode(header.codec)
+        return body.decode(header.codec), header.codec
     except UnicodeDecodeError as exc:
+        if not header.charset_field and canonical_codec(header.codec) in ("utf-8", "ascii"):
+            for codec in FALLBACK_CODECS:
+                try:
+                    return body.decode(codec), codec
+                except UnicodeDecodeError:
+                    continue
         if header.charset_field:
             name = f"{header.charset_field} (MSH-18)"
         else:

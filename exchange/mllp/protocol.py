@@ -92,6 +92,8 @@ class MLLPServerProtocol(Protocol, TimeoutMixin):
         try:
             frames = self._decoder.feed(data)
         except FrameTooLarge as exc:
+            for frame in exc.frames:  # frames completed before the oversize one
+                self._dispatch(self._handler(frame, self.peer), _Slot())
             self._oversize(exc)
             return
         except FramingError as exc:

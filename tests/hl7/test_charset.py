@@ -5,7 +5,7 @@ import codecs
 
 import pytest
 
-from exchange.hl7.charset import CharsetError, ascii_compatible, codec_for, decode_body
+from exchange.hl7.charset import CharsetError, ascii_compatible, codec_for, decode_body, decode_message
 from exchange.hl7.header import Header, read_header
 
 TABLE_0211 = {
@@ -87,14 +87,23 @@ def test_decode_body_drops_bom():
     assert decode_body(payload, read_header(payload)).startswith("MSH|")
 
 
-def test_decode_body_strict_and_phi_free():
+def test_undeclared_8bit_body_falls_back_to_windows_1252():
     payload = b"MSH|^~\\&|A|F|||2024||ADT^A01|1|P|2.5\rPID|1||1||M\xdcLLER\r"
-    header = read_header(payload)  # MSH is ASCII: utf-8 default, no fallback
+    header = read_header(payload)  # MSH is ASCII: utf-8 default, no fallback yet
+    assert header.codec == "utf-8"
+    text, codec = decode_message(payload, header)
+    assert codec == "cp1252"
+    assert "MÜLLER" in text
+
+
+def test_decode_body_strict_when_declared_and_phi_free():
+    payload = b"MSH|^~\\&|A|F|||2024||ADT^A01|1|P|2.5||||||UNICODE UTF-8\rPID|1||1||M\xdcLLER\r"
+    header = read_header(payload)
     assert header.codec == "utf-8"
     with pytest.raises(CharsetError) as info:
         decode_body(payload, header)
     message = str(info.value)
-    assert "utf-8" in message
+    assert "UTF-8" in message
     assert "LLER" not in message and "\\xdc" not in message.lower()
     assert info.value.__cause__ is None and info.value.__suppress_context__
     assert isinstance(info.value, ValueError)

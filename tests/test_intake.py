@@ -1,0 +1,147 @@
+"""Group commit: batching, ACK release only after the commit, failures,
+shutdown drain and backpressure. The thread hop is injected: the test holds
+each "transaction" open until it decides it has committed."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from twisted.internet.defer import Deferred
+
+from exchange.acceptance import AcceptancePolicy, FacilityRule
+from exchange.hl7.header import read_header
+from exchange.intake import AckIds, GroupCommitter, Intake, Peer
+from exchange.outcome import ACCEPTED
+from exchange.pipeline import Answer, Received
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+
+
+def item(n: int) -> Received:
+    raw = f"MSH|^~\\&|A|GENHOSP|B|C|20261127||ADT^A01|C{n}|P|2.5\r".encode()
+    return Received(raw, read_header(raw), ACCEPTED, NOW, "127.0.0.1:1")
+
+
+class Writer:
+    """Stands in for the writer thread: records each batch and lets the test commit it."""
+
+    def __init__(self):
+        self.batches: list[list[Received]] = []
+        self.commits: list[Deferred] = []
+
+    def __call__(self, f, items):
+        self.batches.append(list(items))
+        d = Deferred()
+        self.commits.append(d)
+        return d
+
+    def commit(self, index: int = -1):
+        batch = self.batches[index]
+        self.commits[index].callback(
+            [Answer(f"ACK {i.header.control_id}".encode(), "AA", n) for n, i in enumerate(batch)]
+        )
+
+    def fail(self, index: int = -1, exc=RuntimeError("database down")):
+        self.commits[index].errback(exc)
+
+
+def results_of(ds):
+    out = []
+    for d in ds:
+        d.addBoth(out.append)
+    return out
+
+
+def test_a_lone_message_is_committed_at_once():
+    w = Writer()
+    c = GroupCommitter(w, None)
+    got = results_of([c.submit(item(1))])
+    assert [len(b) for b in w.batches] == [1]
+    assert got == []  # nothing answered before the commit
+    w.commit()
+    assert got[0].ack == b"ACK C1"
+
+
+def test_messages_arriving_during_a_commit_share_the_next_transaction():
+    w = Writer()
+    c = GroupCommitter(w, None)
+    first = results_of([c.submit(item(1))])
+    rest = results_of([c.submit(item(n)) for n in range(2, 6)])
+    assert [len(b) for b in w.batches] == [1]  # waiting for the first commit
+    assert c.pending == 4
+    w.commit(0)
+    assert [len(b) for b in w.batches] == [1, 4]
+    assert len(first) == 1 and rest == []
+    w.commit(1)
+    assert [a.ack for a in rest] == [b"ACK C2", b"ACK C3", b"ACK C4", b"ACK C5"]
+
+
+def test_batches_are_capped():
+    w = Writer()
+    c = GroupCommitter(w, None, batch_max=3)
+    results_of([c.submit(item(n)) for n in range(8)])
+    w.commit(0)
+    w.commit(1)
+    w.commit(2)
+    assert [len(b) for b in w.batches] == [1, 3, 3, 1]
+
+
+def test_a_failed_batch_is_retried_one_message_at_a_time():
+    w = Writer()
+    c = GroupCommitter(w, None)
+    results_of([c.submit(item(0))])
+    got = results_of([c.submit(item(n)) for n in (1, 2, 3)])
+    w.commit(0)
+    w.fail(1)  # the batch of three rolled back
+    assert [len(b) for b in w.batches[2:]] == [1]
+    w.commit(2)
+    w.fail(3)  # message 2 fails alone as well: no ACK for it
+    w.commit(4)
+    assert [g.ack if isinstance(g, Answer) else "failed" for g in got] == [b"ACK C1", "failed", b"ACK C3"]
+    for g in got:
+        if not isinstance(g, Answer):
+            assert g.check(RuntimeError)
+
+
+def test_wait_idle_fires_after_the_last_commit():
+    w = Writer()
+    c = GroupCommitter(w, None)
+    results_of([c.submit(item(1)), c.submit(item(2))])
+    idle = results_of([c.wait_idle()])
+    w.commit(0)
+    assert idle == []
+    w.commit(1)
+    assert idle == [None]
+
+
+def test_backlog_limit_and_resume():
+    w = Writer()
+    c = GroupCommitter(w, None, max_pending=4, batch_max=2)
+    results_of([c.submit(item(n)) for n in range(6)])  # 1 in flight, 5 pending
+    assert c.overloaded
+    resumed = []
+    c.on_capacity(lambda: resumed.append(True))
+    w.commit(0)  # 3 pending: still above half
+    assert resumed == []
+    w.commit(1)  # 1 pending
+    assert resumed == [True]
+
+
+def test_intake_rejects_before_commit_and_stores_every_frame():
+    w = Writer()
+    c = GroupCommitter(w, None)
+    policy = AcceptancePolicy({"GENHOSP": FacilityRule("GENHOSP")})
+    intake = Intake(c, policy, lambda f: "utf-8", new_control_id=AckIds(), now=lambda: NOW)
+    got = results_of([intake.receive(item(1).raw.replace(b"GENHOSP", b"NOBODY"), Peer("127.0.0.1:9"))])
+    (stored,) = w.batches[0]
+    assert stored.decision.verdict.value == "reject"
+    assert stored.peer == "127.0.0.1:9"
+    w.commit()
+    assert got == [b"ACK C1"]
+
+
+def test_ack_ids_are_unique_and_short():
+    ids = AckIds(clock=lambda: 1_800_000_000.0)
+    many = [ids() for _ in range(10_000)]
+    assert len(set(many)) == len(many)
+    assert max(map(len, many)) <= 20
+    assert AckIds(clock=lambda: 1_800_000_001.0)() != AckIds(clock=lambda: 1_800_000_000.0)()

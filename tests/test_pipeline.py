@@ -1,0 +1,108 @@
+"""process_batch against a real database (SQLite and PostgreSQL): what is
+stored, what is answered, and dedup within and across batches."""
+from __future__ import annotations
+
+import itertools
+from datetime import datetime, timezone
+
+from sqlalchemy import text
+
+from exchange.acceptance import AcceptancePolicy, FacilityRule, accept
+from exchange.hl7.header import read_header
+from exchange.pipeline import Received, process_batch
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+POLICY = AcceptancePolicy({"GENHOSP": FacilityRule("GENHOSP"), "OAKNH": FacilityRule("OAKNH")})
+
+
+def received(raw: bytes, peer: str = "127.0.0.1:5000") -> Received:
+    header = read_header(raw)
+    return Received(raw, header, accept(header, POLICY), NOW, peer)
+
+
+def msg(control_id: str, facility: str = "GENHOSP", msh18: str = "", body: bytes = b"PID|1||1^^^GENHOSP^MR\r") -> bytes:
+    charset = f"||||||{msh18}" if msh18 else ""
+    return f"MSH|^~\\&|APP|{facility}|EX|EX|20261127||ADT^A01^ADT_A01|{control_id}|P|2.5{charset}\r".encode() + body
+
+
+def run(engine, items):
+    ids = itertools.count(1)
+    with engine.begin() as conn:
+        return process_batch(conn, items, new_control_id=lambda: f"ACK{next(ids)}", now=lambda: NOW)
+
+
+def rows(engine, sql, **params):
+    with engine.connect() as conn:
+        return conn.execute(text(sql), params).all()
+
+
+def test_accepted_message_is_stored_with_its_ack(engine):
+    (answer,) = run(engine, [received(msg("P-1"))])
+    assert answer.ack_code == "AA" and not answer.duplicate
+    assert b"MSA|AA|P-1" in answer.ack
+    ((raw, state, ack, dedup, message_type, event, version),) = rows(
+        engine, "select raw, state, ack, dedup, message_type, event, version from message"
+    )
+    assert bytes(raw) == msg("P-1")
+    assert bytes(ack) == answer.ack
+    assert (state, bool(dedup), message_type, event, version) == ("accepted", True, "ADT", "A01", "2.5")
+
+
+def test_a_resend_in_the_same_batch_is_applied_once(engine):
+    first, second = run(engine, [received(msg("P-2")), received(msg("P-2"))])
+    assert second.duplicate and second.ack == first.ack and second.message_id == first.message_id
+    assert rows(engine, "select count(*) from message") == [(1,)]
+    assert [s for (s,) in rows(engine, "select state from message_event order by id")] == ["accepted", "resent"]
+
+
+def test_a_resend_in_a_later_batch_gets_the_stored_answer(engine):
+    (first,) = run(engine, [received(msg("P-3"))])
+    (again,) = run(engine, [received(msg("P-3"), peer="127.0.0.1:6000")])
+    assert again.duplicate and again.ack == first.ack
+    assert rows(engine, "select count(*) from message") == [(1,)]
+    assert rows(engine, "select detail from message_event where state = 'resent'") == [("127.0.0.1:6000",)]
+
+
+def test_the_same_control_id_from_two_facilities_is_two_messages(engine):
+    a, b = run(engine, [received(msg("P-4")), received(msg("P-4", facility="OAKNH"))])
+    assert not a.duplicate and not b.duplicate and a.message_id != b.message_id
+
+
+def test_rejected_messages_are_stored_but_not_deduplicated(engine):
+    a, b = run(engine, [received(msg("P-5", facility="NOBODY")), received(msg("P-5", facility="NOBODY"))])
+    assert a.ack_code == b.ack_code == "AR"
+    assert not b.duplicate
+    stored = rows(engine, "select state, dedup, reason from message order by id")
+    assert [(state, bool(dedup)) for state, dedup, _ in stored] == [("rejected", False)] * 2
+    assert all("not a configured facility" in reason for _, _, reason in stored)
+
+
+def test_inbound_ack_is_recorded_without_an_answer(engine):
+    raw = b"MSH|^~\\&|APP|GENHOSP|EX|EX|20261127||ACK^A01^ACK|IN-1|P|2.5\rMSA|AA|X\r"
+    (answer,) = run(engine, [received(raw)])
+    assert answer.ack is None and answer.ack_code is None
+    assert rows(engine, "select state, ack from message") == [("ignored", None)]
+
+
+def test_a_body_not_in_its_declared_charset_gets_ae_and_the_same_ae_when_resent(engine):
+    bad = msg("P-6", msh18="UNICODE UTF-8", body=b"PID|1||1||M\xdcLLER\r")
+    (answer,) = run(engine, [received(bad)])
+    assert answer.ack_code == "AE"
+    assert b"MSH^1^18" in answer.ack  # ERR-2 names MSH-18
+    (again,) = run(engine, [received(bad)])
+    assert again.duplicate and again.ack == answer.ack
+    ((state, reason),) = rows(engine, "select state, reason from message")
+    assert state == "error" and "UTF-8" in reason and "LLER" not in reason
+
+
+def test_undeclared_latin1_body_is_accepted_and_the_fallback_noted(engine):
+    (answer,) = run(engine, [received(msg("P-7", body=b"PID|1||1||M\xdcLLER\r"))])
+    assert answer.ack_code == "AA"
+    ((reason,),) = rows(engine, "select reason from message")
+    assert "cp1252" in reason
+
+
+def test_history_row_per_message_in_one_batch(engine):
+    answers = run(engine, [received(msg(f"B-{i}")) for i in range(50)])
+    assert len({a.message_id for a in answers}) == 50
+    assert rows(engine, "select count(*) from message_event") == [(50,)]
