@@ -110,7 +110,7 @@ def cmd_send(args) -> int:
 
     def main(reactor):
         d = send_command(reactor, args.endpoint, args.files, timeout=args.timeout)
-        d.addCallback(result.__setitem__, "code")
+        d.addCallback(lambda code: result.update(code=code))
         return d
 
     try:

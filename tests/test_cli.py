@@ -1,0 +1,108 @@
+"""The `exchange` command as a user runs it: exit codes, one-line reasons,
+migrations, `exchange send` against a running server, the size limit and
+the idle timeout over real sockets."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+
+from tests.support import ExchangeProcess, MLLPConnection, adt, msa, write_config
+
+
+def exchange(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "exchange.cli", *args], capture_output=True, text=True, timeout=timeout, **kw
+    )
+
+
+def test_missing_config_file_exits_2_with_one_line(tmp_path):
+    done = exchange("serve", "--config", str(tmp_path / "nope.toml"))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nope.toml" in lines[0]
+
+
+def test_unknown_key_exits_2_naming_the_key(tmp_path):
+    config = write_config(tmp_path, server_extra='colour = "blue"')
+    done = exchange("serve", "--config", str(config))
+    assert done.returncode == 2
+    assert "server.colour" in done.stderr and str(config) in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_db_upgrade_creates_the_schema(database_url):
+    done = exchange("db", "upgrade", "--database", database_url)
+    assert done.returncode == 0, done.stderr
+    engine = create_engine(database_url)
+    try:
+        assert {"message", "message_event", "alembic_version"} <= set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    assert exchange("db", "upgrade", "--database", database_url).returncode == 0  # idempotent
+
+
+def test_serve_cannot_listen_on_a_busy_port_exits_1(tmp_path):
+    first = ExchangeProcess(write_config(tmp_path), f"sqlite:///{tmp_path / 'a.db'}").start()
+    try:
+        host, port = first.address
+        busy = tmp_path / "busy"
+        busy.mkdir()
+        config = write_config(busy, mllp=f'"tcp:{port}:interface={host}"')
+        done = exchange("serve", "--config", str(config), "--database", f"sqlite:///{busy / 'b.db'}")
+        assert done.returncode == 1
+        assert "cannot start" in done.stderr
+    finally:
+        first.stop()
+
+
+@pytest.fixture
+def server(tmp_path):
+    config = write_config(tmp_path, server_extra="max_frame_bytes = 4096\nidle_timeout = 1")
+    proc = ExchangeProcess(config, f"sqlite:///{tmp_path / 'cli.db'}").start()
+    proc.db = f"sqlite:///{tmp_path / 'cli.db'}"
+    yield proc
+    proc.stop()
+
+
+def test_send_prints_each_ack_and_exits_1_when_one_is_not_accepted(server, tmp_path):
+    good, bad = tmp_path / "good.hl7", tmp_path / "bad.hl7"
+    good.write_bytes(adt("SEND-1").replace(b"\r", b"\n") + adt("SEND-2"))  # LF and CR segment ends
+    bad.write_bytes(adt("SEND-3", facility="NOBODY"))
+    host, port = server.address
+    ok = exchange("send", f"{host}:{port}", str(good))
+    assert ok.returncode == 0, ok.stderr
+    assert "SEND-1\tAA" in ok.stdout and "SEND-2\tAA" in ok.stdout
+    failed = exchange("send", f"{host}:{port}", str(good), str(bad))
+    assert failed.returncode == 1
+    assert "SEND-3\tAR\t" in failed.stdout
+    assert exchange("send", f"{host}:{port}", str(tmp_path / "missing.hl7")).returncode == 2
+
+
+def test_oversize_frame_gets_a_nak_with_its_control_id_then_the_connection_closes(server):
+    big = adt("BIG-1") + b"OBX|1|TX|||" + b"x" * 10_000 + b"\r"
+    with MLLPConnection(server.address) as conn:
+        reply = conn.request(big)
+        assert msa(reply)[:2] == ["AR", "BIG-1"]
+        assert "4096" in msa(reply)[2]
+        with pytest.raises((ConnectionError, OSError)):
+            conn.request(adt("BIG-2"))
+    with MLLPConnection(server.address) as conn:  # the server itself carries on
+        assert msa(conn.request(adt("BIG-3")))[0] == "AA"
+    engine = create_engine(server.db)
+    with engine.connect() as c:
+        state, size, reason = c.execute(text("select state, size, reason from message where control_id = 'BIG-1'")).one()
+    engine.dispose()
+    assert state == "rejected" and size <= 65536 and "truncated" in reason
+
+
+def test_idle_connection_is_closed(server):
+    with MLLPConnection(server.address) as conn:
+        assert msa(conn.request(adt("IDLE-1")))[0] == "AA"
+        started = time.monotonic()
+        conn.sock.settimeout(10)
+        assert conn.sock.recv(1) == b""  # closed by the server
+        assert 0.5 < time.monotonic() - started < 8
