@@ -1,0 +1,145 @@
+"""Schema set-up (exchange.store.db): the Alembic migrations agree with the models,
+engine settings and write transactions -- on SQLite and on PostgreSQL."""
+from __future__ import annotations
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, func, inspect, select, text
+from sqlalchemy.exc import OperationalError
+
+from exchange.store.db import (
+    current_revision,
+    downgrade,
+    head_revision,
+    make_engine,
+    upgrade,
+    write_transaction,
+)
+from exchange.store.schema import message_table, metadata
+
+TABLES = {"message", "message_event"}
+
+
+def differences(engine: Engine) -> list:
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        return compare_metadata(context, metadata)
+
+
+def user_tables(engine: Engine) -> set[str]:
+    return set(inspect(engine).get_table_names()) - {"alembic_version"}
+
+
+def test_migrations_match_the_models(engine: Engine) -> None:
+    # the `engine` fixture has upgraded to head already
+    assert current_revision(engine) == head_revision() is not None
+    assert user_tables(engine) == TABLES
+    assert differences(engine) == []
+
+
+# How each backend spells the dedup index's predicate. SQLite only uses a
+# partial index for queries repeating its WHERE term, and SQLAlchemy writes a
+# Boolean test as "dedup = 1" there.
+DEDUP_PREDICATE = {"sqlite": "dedup = 1", "postgresql": "dedup"}
+
+
+def test_partial_unique_index_predicate(engine: Engine) -> None:
+    # compare_metadata does not compare index predicates: check them here.
+    dialect = engine.dialect.name
+    [model] = [ix for ix in metadata.tables["message"].indexes if ix.name == "uq_message_facility_control_id"]
+    model_where = model.dialect_options[dialect]["where"].compile(
+        dialect=engine.dialect, compile_kwargs={"literal_binds": True}
+    )
+    assert str(model_where).replace("message.", "") == DEDUP_PREDICATE[dialect]
+
+    indexes = {ix["name"]: ix for ix in inspect(engine).get_indexes("message")}
+    dedup = indexes["uq_message_facility_control_id"]
+    assert dedup["unique"] and dedup["column_names"] == ["facility", "control_id"]
+    reflected = dedup["dialect_options"][f"{dialect}_where"]
+    assert str(reflected).strip("()") == DEDUP_PREDICATE[dialect]
+
+
+def test_downgrade_to_base_and_upgrade_again(database_url: str) -> None:
+    engine = make_engine(database_url)
+    try:
+        assert current_revision(engine) is None
+        upgrade(engine)
+        upgrade(engine)  # idempotent: already at head
+        assert current_revision(engine) == head_revision()
+        assert differences(engine) == []
+
+        downgrade(engine, "base")
+        assert current_revision(engine) is None
+        assert user_tables(engine) == set()
+
+        upgrade(database_url)  # by URL, as `exchange db upgrade` does
+        assert current_revision(engine) == head_revision()
+        assert user_tables(engine) == TABLES
+        assert differences(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_make_engine_settings(database_url: str, tmp_path) -> None:
+    if database_url.startswith("sqlite"):
+        # The parent directory is created; every connection gets the pragmas.
+        url = f"sqlite:///{tmp_path / 'not' / 'yet' / 'there.db'}"
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                pragmas = {
+                    name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+                    for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+                }
+        finally:
+            engine.dispose()
+        assert (tmp_path / "not" / "yet" / "there.db").exists()
+        assert pragmas == {"journal_mode": "wal", "synchronous": 2, "foreign_keys": 1, "busy_timeout": 5000}
+    else:
+        # A driverless postgresql:// URL means psycopg 3.
+        engine = make_engine(database_url.replace("postgresql+psycopg://", "postgresql://"))
+        try:
+            assert engine.dialect.driver == "psycopg" and engine.pool._pre_ping
+            with engine.connect() as conn:
+                # see make_engine: no generic plans for the batch statements
+                assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar() == "force_custom_plan"
+        finally:
+            engine.dispose()
+
+
+def test_write_transaction_commits_or_rolls_back(engine: Engine) -> None:
+    insert = text(
+        "INSERT INTO message (received_at, sending_application, message_type, event, structure,"
+        " version, processing_id, state, peer, raw, size, dedup)"
+        " VALUES ('2026-01-01 00:00:00', 'A', 'ADT', 'A01', '', '2.5', 'P', 'accepted', 'p', :raw, 1, :f)"
+    )
+    count = select(func.count()).select_from(message_table)
+    try:
+        with write_transaction(engine) as conn:
+            conn.execute(insert, {"raw": b"x", "f": False})
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    with write_transaction(engine) as conn:
+        assert conn.execute(count).scalar_one() == 0
+        conn.execute(insert, {"raw": b"x", "f": False})
+    with engine.connect() as conn:
+        assert conn.execute(count).scalar_one() == 1
+
+    if engine.dialect.name == "sqlite":
+        # BEGIN IMMEDIATE: the write lock is held from the start, so a second
+        # writer waits (here: fails at once, with no busy timeout) instead of
+        # both reading and then one failing when it tries to write.
+        with write_transaction(engine) as conn:
+            other = make_engine(str(engine.url))
+            try:
+                with other.connect() as second:
+                    second.connection.dbapi_connection.execute("PRAGMA busy_timeout=0")
+                    second.execution_options(exchange_sqlite_begin="IMMEDIATE")
+                    try:
+                        with second.begin():
+                            raise AssertionError("a second writer got the lock")
+                    except OperationalError as exc:
+                        assert "locked" in str(exc)
+            finally:
+                other.dispose()
