@@ -76,6 +76,7 @@ class ExchangeProcess:
         while self.http is None:
             line = self._readline(deadline)
             if line is None:
+                self.kill()
                 raise RuntimeError("exchange did not start:\n" + "".join(self.output))
             m = re.search(r"MLLP listening on ([\d.]+):(\d+)", line)
             if m:
