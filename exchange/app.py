@@ -44,7 +44,9 @@ class ExchangeService(Service):
         self.config = config
         self.reactor = reactor
         self.announce = announce
-        self.engine = make_engine(config.server.database)
+        # The writer's engine: no pre-ping round trip per batch; a dropped
+        # connection fails its batch, which is retried on a fresh connection.
+        self.engine = make_engine(config.server.database, pool_pre_ping=False)
         self.pool = ThreadPool(minthreads=1, maxthreads=1, name="exchange-db-writer")
         ack_ids = AckIds()
         settings = AckSettings(config.server.application, config.server.facility_name)

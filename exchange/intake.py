@@ -29,6 +29,7 @@ from exchange.hl7.batch import build_batch_ack, build_empty_batch_nak, is_batch,
 from exchange.hl7.header import read_header
 from exchange.outcome import Verdict, rejected
 from exchange.pipeline import AckSettings, Answer, Received, process_batch
+from exchange.store.db import write_transaction
 
 log = Logger()
 
@@ -308,7 +309,7 @@ def make_batch_runner(
 
     def run(items: Sequence[Received]) -> list[Answer]:
         # TRANSACTION: the batch's raw messages, their states, history and ACKs.
-        with engine.begin() as conn:
+        with write_transaction(engine) as conn:
             return process_batch(conn, items, new_control_id=new_control_id, now=now, settings=settings)
 
     return run
