@@ -528,6 +528,18 @@ def check(results: dict[str, dict], ratio: dict[str, float | None]) -> list[str]
     return misses
 
 
+def source_version() -> dict:
+    """The commit measured, and whether exchange/ had uncommitted changes."""
+    def git(*argv: str) -> str:
+        try:
+            return subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "exchange_dirty": bool(git("status", "--porcelain", "--", "exchange"))}
+
+
 # -- main --------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -614,7 +626,7 @@ async def run(args, workdir: Path) -> int:
                                                       "mean": sum(sizes) / len(sizes)},
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                         "platform": platform.platform()},
-            "targets": results, "ratio_to_baseline": ratio,
+            "source": source_version(), "targets": results, "ratio_to_baseline": ratio,
             "goals": {"ratio": TARGET_RATIO, "p99_ms": TARGET_P99_MS}, "misses": misses,
         }
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
