@@ -17,8 +17,10 @@ the batch:
   SELECT FROM unnest(...)``, the history rows in a CTE) with 17 parameters in
   psycopg's binary format whatever the batch size. Measured here at 100
   messages per batch: ~10,000 msg/s, against ~3,000 with insertmanyvalues.
-- SQLite has no round trips: SQLAlchemy Core multi-row INSERTs (messages,
-  then history rows) and a joined VALUES list for the look-up.
+- SQLite has no round trips but SQLAlchemy's per-statement overhead
+  (~70 us) dominates there, so the hot path uses the sqlite3 cursor under the
+  connection: one indexed SELECT per key, one multi-row INSERT ... RETURNING
+  for the messages, one executemany for their history rows.
 
 Text is made storable before it is written, identically on both backends:
 NUL characters (which PostgreSQL refuses in text) become U+FFFD, unencodable
@@ -39,25 +41,16 @@ message per transaction, repeating ``find_prior``).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
-from sqlalchemy import (
-    Connection,
-    LargeBinary,
-    Select,
-    String,
-    and_,
-    column,
-    func,
-    insert,
-    select,
-    text,
-)
+from sqlalchemy import Connection, LargeBinary, column, func, insert, select, text
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import DBAPIError
 
 from exchange.outcome import MessageState
 from exchange.store.schema import (
@@ -75,8 +68,6 @@ from exchange.store.schema import (
 # Keys per find_prior statement (on SQLite 2 bound parameters each, well
 # under its limit of 32766).
 FIND_PRIOR_CHUNK = 500
-_F = [f"f{i}" for i in range(FIND_PRIOR_CHUNK)]  # bound parameter names
-_C = [f"c{i}" for i in range(FIND_PRIOR_CHUNK)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,14 +165,6 @@ def dedup_key(facility: str | None, control_id: str | None) -> tuple[str | None,
 # -- dedup ------------------------------------------------------------------------
 
 
-def _bucket(n: int) -> int:
-    """Pad VALUES lists to a few sizes so compiled statements are reused."""
-    size = 1
-    while size < n:
-        size *= 2
-    return min(size, FIND_PRIOR_CHUNK)
-
-
 # PostgreSQL: the keys as two arrays (one round trip, two parameters); each
 # key is an index look-up (nested loop over the unnest) on a real table.
 _PG_FIND_PRIOR = text(
@@ -202,41 +185,57 @@ _PG_FIND_PRIOR = text(
 )
 
 
-@functools.lru_cache(maxsize=None)  # one entry per _bucket size: at most 10
-def _find_prior_statement(size: int) -> Select[Any]:
-    """SQLite: SELECT the dedup rows for ``size`` keys bound as f0, c0, f1, c1, ...
+# SQLite: driver-level statements on the sqlite3 cursor. SQLAlchemy's
+# statement execution costs ~70 us per statement here (compile-cache lookup,
+# parameter processing, result set-up), more than SQLite's own work; the writer
+# runs three of them per batch while the reactor waits for the GIL.
+# ``dedup = 1`` repeats the partial unique index's WHERE term, which SQLite
+# needs before it will use that index.
+_SQLITE_FIND_PRIOR = (
+    "SELECT id, facility, control_id, ack, ack_code, state FROM message"
+    " WHERE dedup = 1 AND facility = ? AND control_id = ?"
+)
 
-    The keys are a VALUES list joined to ``message``, not a row-value
-    ``(facility, control_id) IN (...)``: SQLite (3.40) uses no index for the
-    IN form and the partial unique index for this join (``message.dedup = 1``
-    repeats the index's WHERE term, which SQLite requires). The VALUES list is
-    text because SQLAlchemy cannot cache a ``values()`` construct with data.
-    """
-    keys = (
-        text(
-            "SELECT column1 AS facility, column2 AS control_id FROM (VALUES "
-            + ", ".join(f"(:{_F[i]}, :{_C[i]})" for i in range(size))
-            + ") AS v"
-        )
-        .columns(column("facility", String), column("control_id", String))
-        .subquery("k")
-    )
-    return (
-        select(
-            message.c.id,
-            message.c.facility,
-            message.c.control_id,
-            message.c.ack,
-            message.c.ack_code,
-            message.c.state,
-        )
-        .select_from(keys)
-        .join(
-            message,
-            and_(message.c.facility == keys.c.facility, message.c.control_id == keys.c.control_id),
-        )
-        .where(message.c.dedup)
-    )
+
+def _driver(conn: Connection) -> Any:
+    """The DBAPI connection under ``conn``, inside ``conn``'s transaction."""
+    return conn.connection.driver_connection
+
+
+@contextlib.contextmanager
+def _cursor(conn: Connection, statement: str) -> Iterator[Any]:
+    """A driver cursor whose errors surface as SQLAlchemy's (IntegrityError, ...)."""
+    cursor = _driver(conn).cursor()
+    try:
+        yield cursor
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise DBAPIError.instance(statement, None, exc, conn.dialect.loaded_dbapi.Error) from exc
+    finally:
+        cursor.close()
+
+
+def _sqlite_find_prior(conn: Connection, keys: Sequence[tuple[str, str]]) -> list[tuple]:
+    with _cursor(conn, _SQLITE_FIND_PRIOR) as cursor:
+        rows = []
+        for key in keys:  # each an index look-up; no round trips on SQLite
+            rows.extend(cursor.execute(_SQLITE_FIND_PRIOR, key).fetchall())
+        return rows
+
+
+def _sqlite_datetime(value: datetime) -> str:
+    """How SQLAlchemy's SQLite DATETIME (under ``UTCDateTime``) stores a value."""
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+@functools.lru_cache(maxsize=64)
+def _sqlite_insert_sql(count: int) -> str:
+    names = ", ".join(_MESSAGE_COLUMNS)
+    row = "(" + ", ".join("?" * len(_MESSAGE_COLUMNS)) + ")"
+    return f"INSERT INTO message ({names}) VALUES " + ", ".join([row] * count) + " RETURNING id"
+
+
+_SQLITE_INSERT_EVENT = "INSERT INTO message_event (message_id, at, state, detail) VALUES (?, ?, ?, ?)"
+_SQLITE_MAX_ROWS = 1000  # 17 parameters a row: under SQLite's 32766-variable limit
 
 
 def find_prior(
@@ -271,16 +270,10 @@ def find_prior(
                 {"facilities": [k[0] for k in chunk], "control_ids": [k[1] for k in chunk]},
             )
         else:
-            size = _bucket(len(chunk))
-            chunk += [chunk[-1]] * (size - len(chunk))
-            params: dict[str, str | None] = {}
-            for i, (facility, control_id) in enumerate(chunk):
-                params[_F[i]] = facility
-                params[_C[i]] = control_id
-            rows = conn.execute(_find_prior_statement(size), params)
-        for row in rows:
-            answer = PriorAnswer(row.id, row.ack, row.ack_code, row.state)
-            for caller_key in callers_by_stored.get((row.facility, row.control_id), ()):
+            rows = _sqlite_find_prior(conn, chunk)
+        for id_, facility, control_id, ack, ack_code, state in rows:
+            answer = PriorAnswer(id_, ack, ack_code, state)
+            for caller_key in callers_by_stored.get((facility, control_id), ()):
                 found[caller_key] = answer
     return found
 
@@ -371,7 +364,6 @@ def _pg_insert_sql() -> str:
 
 
 _PG_INSERT = _pg_insert_sql()
-_INSERT_RETURNING = insert(message).returning(message.c.id)
 _INSERT_EVENT = insert(message_event)
 
 
@@ -391,23 +383,34 @@ def insert_messages(conn: Connection, rows: Sequence[NewMessage]) -> list[int]:
         arrays = {name: [p[name] for p in params] for name in _MESSAGE_COLUMNS}
         ids = list(conn.exec_driver_sql(_PG_INSERT, arrays).scalars())
     else:
-        # SQLite. SQLAlchemy cannot batch an ordered RETURNING here (with
-        # sort_by_parameter_order it sends one INSERT per row), so: multi-row
-        # INSERT ... RETURNING id, sorted. SQLite gives each new row
-        # max(rowid)+1 in VALUES order while this transaction holds the write
-        # lock, so ascending ids are parameter order. (No AUTOINCREMENT
-        # keyword, and ids never near 2**63-1, where SQLite picks at random.)
-        ids = sorted(conn.execute(_INSERT_RETURNING, params).scalars())
-        conn.execute(
-            _INSERT_EVENT,
-            [
-                {"message_id": id_, "at": p["received_at"], "state": p["state"], "detail": p["reason"]}
-                for id_, p in zip(ids, params)
-            ],
-        )
+        ids = _sqlite_insert(conn, params)
     if len(ids) != len(params):  # pragma: no cover - a driver bug, not a data problem
         raise RuntimeError(f"inserted {len(params)} messages, got {len(ids)} ids")
     return ids
+
+
+def _sqlite_insert(conn: Connection, params: list[dict[str, Any]]) -> list[int]:
+    """Multi-row ``INSERT ... RETURNING id``, then the history rows.
+
+    SQLite gives each new row max(rowid)+1 in VALUES order while this
+    transaction holds the write lock, so ascending ids are parameter order.
+    (No AUTOINCREMENT keyword, and ids never near 2**63-1, where SQLite picks
+    at random.)
+    """
+    with _cursor(conn, "INSERT INTO message ...") as cursor:
+        ids: list[int] = []
+        for start in range(0, len(params), _SQLITE_MAX_ROWS):
+            chunk = params[start : start + _SQLITE_MAX_ROWS]
+            flat: list[Any] = []
+            for p in chunk:
+                p = dict(p, received_at=_sqlite_datetime(p["received_at"]), dedup=int(p["dedup"]))
+                flat.extend(p[name] for name in _MESSAGE_COLUMNS)
+            ids.extend(sorted(r[0] for r in cursor.execute(_sqlite_insert_sql(len(chunk)), flat).fetchall()))
+        cursor.executemany(
+            _SQLITE_INSERT_EVENT,
+            [(id_, _sqlite_datetime(p["received_at"]), p["state"], p["reason"]) for id_, p in zip(ids, params)],
+        )
+        return ids
 
 
 def record_resent(conn: Connection, items: Sequence[tuple[int, datetime, str]]) -> None:
