@@ -1,21 +1,20 @@
 """One place that wires the application: configuration in, services out."""
 from __future__ import annotations
 
+import sys
 import time
 
 from sqlalchemy.engine import make_url
 from twisted.application.service import Service
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from exchange.acceptance import AcceptancePolicy, FacilityRule
 from exchange.config import Config
-from exchange.intake import AckIds, GroupCommitter, Intake, make_batch_runner, writer_thread
+from exchange.intake import AckIds, GroupCommitter, Intake
 from exchange.mllp.protocol import MLLPServerFactory
 from exchange.mllp.tls import server_endpoint
-from exchange.pipeline import AckSettings
-from exchange.store.db import make_engine
+from exchange.writer import WriterProcess, in_process
 from exchange.web.server import build_site
 
 log = Logger()
@@ -33,26 +32,24 @@ def acceptance_policy(config: Config) -> AcceptancePolicy:
 
 
 class ExchangeService(Service):
-    """The running exchange: writer thread, MLLP listeners, HTTP endpoint.
+    """The running exchange: writer process, MLLP listeners, HTTP endpoint.
 
-    Start: writer thread, then listeners. Stop (SIGTERM/SIGINT): listeners
+    Start: writer process, then listeners. Stop (SIGTERM/SIGINT): listeners
     close, connections stop reading, the batches already taken are committed
-    and answered, then the writer thread stops.
+    and answered, then the writer process is told to exit.
     """
 
     def __init__(self, config: Config, reactor, *, announce=print) -> None:
         self.config = config
         self.reactor = reactor
         self.announce = announce
-        # The writer's engine: no pre-ping round trip per batch; a dropped
-        # connection fails its batch, which is retried on a fresh connection.
-        self.engine = make_engine(config.server.database, pool_pre_ping=False)
-        self.pool = ThreadPool(minthreads=1, maxthreads=1, name="exchange-db-writer")
-        ack_ids = AckIds()
-        settings = AckSettings(config.server.application, config.server.facility_name)
+        self.writer = WriterProcess(
+            reactor,
+            [sys.executable, "-m", "exchange.writer", "--config", str(config.path), "--database", config.server.database],
+        )
         self.committer = GroupCommitter(
-            writer_thread(reactor, self.pool),
-            make_batch_runner(self.engine, new_control_id=ack_ids, settings=settings),
+            in_process(self.writer),
+            None,
             batch_max=config.server.batch_max,
             max_pending=config.server.max_pending,
         )
@@ -61,7 +58,7 @@ class ExchangeService(Service):
             self.committer,
             acceptance_policy(config),
             lambda facility: charsets.get(facility, "utf-8"),
-            new_control_id=ack_ids,
+            new_control_id=AckIds(),
         )
         self.mllp_factory = MLLPServerFactory(
             self.intake.receive,
@@ -86,7 +83,7 @@ class ExchangeService(Service):
     @inlineCallbacks
     def startService(self):
         super().startService()
-        self.pool.start()
+        self.writer.start()
         for description in self.config.server.mllp:
             port = yield server_endpoint(self.reactor, description).listen(self.mllp_factory)
             self.ports.append(port)
@@ -104,8 +101,7 @@ class ExchangeService(Service):
         yield DeferredList([d for d in (p.stopListening() for p in self.ports) if d is not None])
         self.mllp_factory.stop_reading()
         yield self.committer.wait_idle()
-        self.pool.stop()
-        self.engine.dispose()
+        yield self.writer.stop()
         log.info("exchange stopped cleanly")
 
 

@@ -50,8 +50,8 @@ class Peer:
 class AckIds:
     """Fresh MSH-10 values for our ACKs: unique across restarts, <= 20 chars."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._prefix = "X" + _base36(int(clock() * 1000))
+    def __init__(self, clock: Callable[[], float] = time.time, tag: str = "X") -> None:
+        self._prefix = tag + _base36(int(clock() * 1000))
         self._counter = itertools.count(1)
 
     def __call__(self) -> str:
@@ -243,7 +243,7 @@ class Intake:
         else:
             decision = accept(header, self._policy, peer.identity)
         facility = header.facility if header.facility in self._policy.facilities else "unknown"
-        metrics.RECEIVED.labels(facility=facility).inc()
+        metrics.received(facility).inc()
         item = Received(
             raw=payload,
             header=header,
@@ -257,7 +257,7 @@ class Intake:
 
         def answered(answer: Answer) -> Answer:
             metrics.ACK_LATENCY.observe(time.perf_counter() - started)
-            metrics.ACKS.labels(code=answer.ack_code or "none").inc()
+            metrics.acks(answer.ack_code or "none").inc()
             if answer.duplicate:
                 metrics.DUPLICATES.inc()
             if decision.verdict is not Verdict.ACCEPT or answer.ack_code not in ("AA", "CA"):

@@ -1,6 +1,8 @@
 """Prometheus metrics (served at /metrics). Labels carry no PHI and are bounded:
 facility codes come from the configuration ("unknown" otherwise), ACK codes
 from a fixed set."""
+from functools import cache
+
 from prometheus_client import Counter, Gauge, Histogram
 
 RECEIVED = Counter(
@@ -34,3 +36,14 @@ FRAMING_ERRORS = Counter(
 DISCARDED_BYTES = Counter(
     "exchange_mllp_discarded_bytes_total", "Bytes outside MLLP frames that were skipped"
 )
+
+
+# Labelled children, looked up once: .labels() costs microseconds per call.
+@cache
+def received(facility: str):
+    return RECEIVED.labels(facility=facility)
+
+
+@cache
+def acks(code: str):
+    return ACKS.labels(code=code)

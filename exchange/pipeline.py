@@ -26,7 +26,7 @@ from sqlalchemy import Connection
 from exchange.hl7.ack import ack_code, build_ack
 from exchange.hl7.charset import CharsetError, decode_message
 from exchange.hl7.header import Header
-from exchange.outcome import Outcome, Verdict, error
+from exchange.outcome import Outcome, Value, Verdict, error
 from exchange.store.messages import (
     NewMessage,
     find_prior,
@@ -36,7 +36,7 @@ from exchange.store.messages import (
 
 
 @dataclass(frozen=True, slots=True)
-class Received:
+class Received(Value):
     """One inbound message as the reactor thread saw it."""
 
     raw: bytes  # exactly as received (inside the MLLP frame)
@@ -55,7 +55,7 @@ class Received:
 
 
 @dataclass(frozen=True, slots=True)
-class Answer:
+class Answer(Value):
     """What goes back to the sender, and what was stored."""
 
     ack: bytes | None  # the ACK payload (unframed); None: send nothing (inbound ACK)

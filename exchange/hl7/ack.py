@@ -137,7 +137,7 @@ def _escape_table(d: Delimiters) -> dict[str, str]:
 
 def format_timestamp(now: datetime) -> str:
     """HL7 DTM to the second: YYYYMMDDHHMMSS, plus ±ZZZZ when ``now`` is aware."""
-    text = now.strftime("%Y%m%d%H%M%S")
+    text = f"{now.year:04d}{now.month:02d}{now.day:02d}{now.hour:02d}{now.minute:02d}{now.second:02d}"
     offset = now.utcoffset()
     if offset is None:
         return text

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from exchange.hl7.charset import ascii_compatible, canonical_codec, codec_for
-from exchange.outcome import Problem
+from exchange.outcome import Problem, Value
 
 
 @dataclass(frozen=True, slots=True)
-class Delimiters:
+class Delimiters(Value):
     field: str = "|"
     component: str = "^"
     repetition: str = "~"
@@ -40,7 +40,7 @@ DEFAULT_DELIMITERS = Delimiters()
 
 
 @dataclass(frozen=True, slots=True)
-class Header:
+class Header(Value):
     """What the intake needs from MSH, as text.
 
     Fields named ``*_field`` are whole raw fields (components included) so

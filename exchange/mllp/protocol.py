@@ -144,6 +144,7 @@ class MLLPServerProtocol(Protocol, TimeoutMixin):
             slot = self._slots.popleft()
             if slot.reply is not None and self.transport is not None:
                 self.transport.write(encode(slot.reply))
+                self.resetTimeout()  # idle time counts from the last exchange either way
             if slot.close_after:
                 self._slots.clear()
                 self._closing = True

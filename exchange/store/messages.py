@@ -224,7 +224,7 @@ def _sqlite_find_prior(conn: Connection, keys: Sequence[tuple[str, str]]) -> lis
 
 def _sqlite_datetime(value: datetime) -> str:
     """How SQLAlchemy's SQLite DATETIME (under ``UTCDateTime``) stores a value."""
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 @functools.lru_cache(maxsize=64)
@@ -403,12 +403,13 @@ def _sqlite_insert(conn: Connection, params: list[dict[str, Any]]) -> list[int]:
             chunk = params[start : start + _SQLITE_MAX_ROWS]
             flat: list[Any] = []
             for p in chunk:
-                p = dict(p, received_at=_sqlite_datetime(p["received_at"]), dedup=int(p["dedup"]))
+                p["received_at"] = _sqlite_datetime(p["received_at"])
+                p["dedup"] = int(p["dedup"])
                 flat.extend(p[name] for name in _MESSAGE_COLUMNS)
             ids.extend(sorted(r[0] for r in cursor.execute(_sqlite_insert_sql(len(chunk)), flat).fetchall()))
         cursor.executemany(
             _SQLITE_INSERT_EVENT,
-            [(id_, _sqlite_datetime(p["received_at"]), p["state"], p["reason"]) for id_, p in zip(ids, params)],
+            [(id_, p["received_at"], p["state"], p["reason"]) for id_, p in zip(ids, params)],
         )
         return ids
 

@@ -1,0 +1,207 @@
+"""The writer: the process that commits batches, and the reactor's handle on it.
+
+Why a process and not a thread: the writer's work is Python (building ACKs,
+and later mapping, matching and routing) and database calls; the reactor's
+is Python too. In one process they share one GIL, so every ACK the reactor
+sends waits for the writer to let go of it, and the exchange never uses
+more than one core. As a child process the writer gets its own core and the
+reactor only pickles a batch down a pipe and reads the answers back.
+
+Protocol on the child's stdin/stdout: each message is a 4-byte big-endian
+length and a pickle. The parent sends a list of ``Received``; the child
+answers ``("ok", [Answer, ...])`` after the batch's transaction has
+committed, or ``("error", text)`` after it rolled back. One batch at a time
+(``GroupCommitter`` never has two in flight). The child ignores SIGINT and
+SIGTERM: it exits when its stdin closes, after finishing the batch it has,
+so a shutdown never cuts a commit in half.
+
+If the child dies, the batch in flight fails (no ACK is sent for it; the
+senders keep the messages and resend them) and a new child is started.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import struct
+import sys
+from collections.abc import Callable, Sequence
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ProcessDone
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+
+from exchange.pipeline import Answer, Received
+
+log = Logger()
+_LENGTH = struct.Struct(">I")
+
+
+class WriterFailed(Exception):
+    """The batch was not committed (the writer rolled back, or died)."""
+
+
+class WriterProcess(ProcessProtocol):
+    """The reactor side: ``run(items) -> Deferred[list[Answer]]``."""
+
+    def __init__(self, reactor, argv: Sequence[str], *, restart_delay: float = 1.0) -> None:
+        self._reactor = reactor
+        self._argv = list(argv)
+        self._restart_delay = restart_delay
+        self._buffer = bytearray()
+        self._waiting: Deferred | None = None
+        self._ready: list[Deferred] = []
+        self._running = False
+        self._stopping = False
+        self._stopped: Deferred | None = None
+        self.restarts = 0
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        self._buffer.clear()
+        self._reactor.spawnProcess(
+            self,
+            self._argv[0],
+            self._argv,
+            env=os.environ.copy(),
+            childFDs={0: "w", 1: "r", 2: 2},
+        )
+
+    def connectionMade(self) -> None:
+        self._running = True
+        ready, self._ready = self._ready, []
+        for d in ready:
+            d.callback(None)
+
+    def stop(self) -> Deferred:
+        """Close the child's stdin; fires when it has exited."""
+        self._stopping = True
+        self._stopped = Deferred()
+        if self._running:
+            self.transport.closeStdin()
+        else:
+            self._stopped.callback(None)
+        return self._stopped
+
+    def processEnded(self, reason) -> None:
+        self._running = False
+        if self._waiting is not None:
+            d, self._waiting = self._waiting, None
+            d.errback(WriterFailed(f"the writer process ended: {reason.getErrorMessage()}"))
+        if self._stopping:
+            if self._stopped is not None and not self._stopped.called:
+                self._stopped.callback(None)
+            return
+        if not reason.check(ProcessDone):
+            log.error("writer process died ({why}); starting a new one", why=reason.getErrorMessage())
+        self.restarts += 1
+        self._reactor.callLater(self._restart_delay, self.start)
+
+    # -- batches ------------------------------------------------------------
+
+    def run(self, items: Sequence[Received]) -> Deferred:
+        if self._stopping:
+            return fail(WriterFailed("the exchange is stopping"))
+        if self._waiting is not None:
+            return fail(RuntimeError("one batch at a time"))
+        if not self._running:  # (re)starting: wait for the child, then send
+            ready: Deferred = Deferred()
+            self._ready.append(ready)
+            return ready.addCallback(lambda _: self.run(items))
+        payload = pickle.dumps(list(items), protocol=pickle.HIGHEST_PROTOCOL)
+        self._waiting = Deferred()
+        self.transport.write(_LENGTH.pack(len(payload)) + payload)
+        return self._waiting
+
+    def outReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while len(self._buffer) >= 4:
+            (size,) = _LENGTH.unpack_from(self._buffer)
+            if len(self._buffer) < 4 + size:
+                return
+            kind, value = pickle.loads(bytes(self._buffer[4 : 4 + size]))
+            del self._buffer[: 4 + size]
+            d, self._waiting = self._waiting, None
+            if d is None:
+                log.error("writer answered a batch nobody asked for")
+                continue
+            if kind == "ok":
+                d.callback(value)
+            else:
+                d.errback(WriterFailed(value))
+
+
+def in_process(writer: WriterProcess) -> Callable[..., Deferred]:
+    """The ``in_thread`` hook of ``GroupCommitter``, served by the writer process."""
+    return lambda _run_batch, items: writer.run(items)
+
+
+# -- the child ------------------------------------------------------------------
+
+
+def _read_exactly(stream, n: int) -> bytes | None:
+    chunks = []
+    while n:
+        chunk = stream.read(n)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def serve_batches(run_batch: Callable[[Sequence[Received]], list[Answer]], stdin, stdout) -> None:
+    """Answer batches until stdin closes."""
+    while True:
+        header = _read_exactly(stdin, 4)
+        if header is None:
+            return
+        payload = _read_exactly(stdin, _LENGTH.unpack(header)[0])
+        if payload is None:
+            return
+        items = pickle.loads(payload)
+        try:
+            reply = ("ok", run_batch(items))
+        except Exception as exc:  # rolled back: say so, keep serving
+            print(
+                f"exchange writer: batch of {len(items)} rolled back: {type(exc).__name__}: {exc}"[:2000],
+                file=sys.stderr,
+                flush=True,
+            )
+            reply = ("error", f"{type(exc).__name__}")
+        out = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+        stdout.write(_LENGTH.pack(len(out)) + out)
+        stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from exchange.config import load_config
+    from exchange.intake import AckIds, make_batch_runner
+    from exchange.pipeline import AckSettings
+    from exchange.store.db import make_engine
+
+    parser = argparse.ArgumentParser(prog="exchange-writer")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--database", required=True)
+    args = parser.parse_args(argv)
+    # Shutdown is the parent's to order: we finish the batch we have and
+    # exit when our stdin closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    config = load_config(args.config, database=args.database)
+    engine = make_engine(config.server.database, pool_pre_ping=False)
+    settings = AckSettings(config.server.application, config.server.facility_name)
+    run_batch = make_batch_runner(engine, new_control_id=AckIds(tag="W"), settings=settings)
+    try:
+        serve_batches(run_batch, sys.stdin.buffer, sys.stdout.buffer)
+    finally:
+        engine.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
