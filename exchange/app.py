@@ -14,7 +14,7 @@ from exchange.config import Config
 from exchange.intake import AckIds, GroupCommitter, Intake
 from exchange.mllp.protocol import MLLPServerFactory
 from exchange.mllp.tls import server_endpoint
-from exchange.writer import WriterProcess, in_process
+from exchange.writer import WriterProcess
 from exchange.web.server import build_site
 
 log = Logger()
@@ -48,8 +48,7 @@ class ExchangeService(Service):
             [sys.executable, "-m", "exchange.writer", "--config", str(config.path), "--database", config.server.database],
         )
         self.committer = GroupCommitter(
-            in_process(self.writer),
-            None,
+            self.writer.run,
             batch_max=config.server.batch_max,
             max_pending=config.server.max_pending,
         )

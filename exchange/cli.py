@@ -10,7 +10,6 @@ import os
 import sys
 
 DEFAULT_CONFIG = "config/exchange.toml"
-SWITCH_INTERVAL = float(os.environ.get("EXCHANGE_SWITCH_INTERVAL", "0.0005"))
 
 
 class UsageFailure(Exception):
@@ -81,12 +80,6 @@ def cmd_serve(args) -> int:
     from twisted.internet import reactor
 
     from exchange.app import ExchangeService
-
-    # The reactor thread does short socket I/O; the writer thread runs
-    # SQLAlchemy. With CPython's default 5 ms GIL switch interval, the reactor
-    # waits up to 5 ms to get the GIL back after every send(): a convoy that
-    # halves throughput and adds milliseconds to every ACK.
-    sys.setswitchinterval(SWITCH_INTERVAL)
 
     service = ExchangeService(config, reactor, announce=lambda line: print(line, flush=True))
     outcome = {"code": 0}

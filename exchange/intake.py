@@ -1,12 +1,12 @@
-"""The reactor-side half of the intake: group commit and the thread hop.
+"""The reactor-side half of the intake: group commit.
 
 ``Intake.receive`` runs on the reactor thread for every frame: it reads the
 header and applies the acceptance rules (microseconds), then hands the
-message to the ``GroupCommitter``. The committer runs ``process_batch`` in
-its single writer thread for whatever arrived while the previous commit was
-running, so messages arriving within a commit's duration share one
-transaction, and each message's Deferred fires only after that transaction
-has committed. No SQL ever runs on the reactor thread.
+message to the ``GroupCommitter``. The committer has the writer (a process
+of its own, ``exchange.writer``) run ``process_batch`` for whatever arrived
+while the previous commit was running, so messages arriving within a
+commit's duration share one transaction, and each message's Deferred fires
+only after that transaction has committed. No SQL ever runs on the reactor.
 """
 from __future__ import annotations
 
@@ -18,10 +18,8 @@ from datetime import datetime, timezone
 
 from sqlalchemy import Engine
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from exchange import metrics
 from exchange.acceptance import AcceptancePolicy, PeerIdentity, accept
@@ -68,17 +66,12 @@ def _base36(n: int) -> str:
             return out
 
 
-def writer_thread(reactor, pool: ThreadPool) -> Callable[..., Deferred]:
-    """Run a function in the (single-thread) writer pool; results come back on the reactor."""
-    return lambda f, *args: deferToThreadPool(reactor, pool, f, *args)
-
-
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
 class GroupCommitter:
-    """Batches submitted work into transactions run by one writer thread.
+    """Batches submitted messages into transactions run by the one writer.
 
     One batch is in flight at a time (SQLite wants one writer; PostgreSQL is
     bound by round trips, which batching amortises). While a batch commits,
@@ -89,16 +82,15 @@ class GroupCommitter:
 
     def __init__(
         self,
-        in_thread: Callable[..., Deferred],
-        run_batch: Callable[[Sequence[Received]], list[Answer]],
+        commit_batch: Callable[[Sequence[Received]], Deferred],
         *,
         batch_max: int = 500,
         max_pending: int = 5000,
     ) -> None:
-        """``in_thread(f, *args)`` runs ``f`` in the writer thread and returns a
-        Deferred of its result (``writer_thread(reactor, pool)`` in production)."""
-        self._in_thread = in_thread
-        self._run_batch = run_batch
+        """``commit_batch(items)`` has the writer store a batch in one
+        transaction; its Deferred fires with the answers once committed
+        (``WriterProcess.run`` in production)."""
+        self._commit_batch = commit_batch
         self._batch_max = batch_max
         self._max_pending = max_pending
         self._pending: list[tuple[Received, Deferred]] = []
@@ -140,7 +132,7 @@ class GroupCommitter:
         self._busy = True
         items = [item for item, _ in batch]
         started = time.perf_counter()
-        d = self._in_thread(self._run_batch, items)
+        d = self._commit_batch(items)
         d.addCallbacks(
             self._committed,
             self._failed,
@@ -181,7 +173,7 @@ class GroupCommitter:
             return
         (item, d), rest = singles[0], singles[1:]
         started = time.perf_counter()
-        run = self._in_thread(self._run_batch, [item])
+        run = self._commit_batch([item])
 
         def done(answers):
             metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
@@ -305,7 +297,7 @@ def make_batch_runner(
     now: Callable[[], datetime] = utc_now,
     settings: AckSettings = AckSettings(),
 ) -> Callable[[Sequence[Received]], list[Answer]]:
-    """The function the writer thread runs for each batch."""
+    """The function the writer process runs for each batch."""
 
     def run(items: Sequence[Received]) -> list[Answer]:
         # TRANSACTION: the batch's raw messages, their states, history and ACKs.

@@ -133,11 +133,6 @@ class WriterProcess(ProcessProtocol):
                 d.errback(WriterFailed(value))
 
 
-def in_process(writer: WriterProcess) -> Callable[..., Deferred]:
-    """The ``in_thread`` hook of ``GroupCommitter``, served by the writer process."""
-    return lambda _run_batch, items: writer.run(items)
-
-
 # -- the child ------------------------------------------------------------------
 
 

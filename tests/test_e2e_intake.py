@@ -183,3 +183,26 @@ def test_sigterm_finishes_in_flight_work_and_exits_cleanly(exchange, database_ur
     stored_ids = {r[0] for r in stored(database_url, "select control_id from message where control_id like 'TERM-%'")}
     assert acked <= stored_ids
     assert "exchange stopped cleanly" in "".join(exchange.output)
+
+
+def test_a_dead_writer_costs_no_acknowledged_message_and_is_replaced(exchange, database_url):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    with MLLPConnection(exchange.address) as conn:
+        assert msa(conn.request(adt("W-1")))[0] == "AA"
+    children = subprocess.run(["pgrep", "-P", str(exchange.proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 1, children  # the writer process
+    os.kill(int(children[0]), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while True:  # a new writer takes over; until then frames get no ACK and the connection closes
+        try:
+            with MLLPConnection(exchange.address, timeout=10) as conn:
+                reply = conn.request(adt("W-2"))
+            break
+        except (ConnectionError, OSError):
+            assert time.monotonic() < deadline, "no new writer"
+    assert msa(reply)[:2] == ["AA", "W-2"]
+    assert stored(database_url, "select count(*) from message where control_id in ('W-1', 'W-2')") == [(2,)]

@@ -28,7 +28,7 @@ class Writer:
         self.batches: list[list[Received]] = []
         self.commits: list[Deferred] = []
 
-    def __call__(self, f, items):
+    def __call__(self, items):
         self.batches.append(list(items))
         d = Deferred()
         self.commits.append(d)
@@ -53,7 +53,7 @@ def results_of(ds):
 
 def test_a_lone_message_is_committed_at_once():
     w = Writer()
-    c = GroupCommitter(w, None)
+    c = GroupCommitter(w)
     got = results_of([c.submit(item(1))])
     assert [len(b) for b in w.batches] == [1]
     assert got == []  # nothing answered before the commit
@@ -63,7 +63,7 @@ def test_a_lone_message_is_committed_at_once():
 
 def test_messages_arriving_during_a_commit_share_the_next_transaction():
     w = Writer()
-    c = GroupCommitter(w, None)
+    c = GroupCommitter(w)
     first = results_of([c.submit(item(1))])
     rest = results_of([c.submit(item(n)) for n in range(2, 6)])
     assert [len(b) for b in w.batches] == [1]  # waiting for the first commit
@@ -77,7 +77,7 @@ def test_messages_arriving_during_a_commit_share_the_next_transaction():
 
 def test_batches_are_capped():
     w = Writer()
-    c = GroupCommitter(w, None, batch_max=3)
+    c = GroupCommitter(w, batch_max=3)
     results_of([c.submit(item(n)) for n in range(8)])
     w.commit(0)
     w.commit(1)
@@ -87,7 +87,7 @@ def test_batches_are_capped():
 
 def test_a_failed_batch_is_retried_one_message_at_a_time():
     w = Writer()
-    c = GroupCommitter(w, None)
+    c = GroupCommitter(w)
     results_of([c.submit(item(0))])
     got = results_of([c.submit(item(n)) for n in (1, 2, 3)])
     w.commit(0)
@@ -104,7 +104,7 @@ def test_a_failed_batch_is_retried_one_message_at_a_time():
 
 def test_wait_idle_fires_after_the_last_commit():
     w = Writer()
-    c = GroupCommitter(w, None)
+    c = GroupCommitter(w)
     results_of([c.submit(item(1)), c.submit(item(2))])
     idle = results_of([c.wait_idle()])
     w.commit(0)
@@ -115,7 +115,7 @@ def test_wait_idle_fires_after_the_last_commit():
 
 def test_backlog_limit_and_resume():
     w = Writer()
-    c = GroupCommitter(w, None, max_pending=4, batch_max=2)
+    c = GroupCommitter(w, max_pending=4, batch_max=2)
     results_of([c.submit(item(n)) for n in range(6)])  # 1 in flight, 5 pending
     assert c.overloaded
     resumed = []
@@ -128,7 +128,7 @@ def test_backlog_limit_and_resume():
 
 def test_intake_rejects_before_commit_and_stores_every_frame():
     w = Writer()
-    c = GroupCommitter(w, None)
+    c = GroupCommitter(w)
     policy = AcceptancePolicy({"GENHOSP": FacilityRule("GENHOSP")})
     intake = Intake(c, policy, lambda f: "utf-8", new_control_id=AckIds(), now=lambda: NOW)
     got = results_of([intake.receive(item(1).raw.replace(b"GENHOSP", b"NOBODY"), Peer("127.0.0.1:9"))])

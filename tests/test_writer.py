@@ -1,0 +1,49 @@
+"""The writer child's side of the pipe: length-prefixed pickles in and out."""
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+
+from exchange.pipeline import Answer
+from exchange.writer import serve_batches
+
+
+def frame(obj) -> bytes:
+    data = pickle.dumps(obj)
+    return struct.pack(">I", len(data)) + data
+
+
+def replies(out: bytes) -> list:
+    found, pos = [], 0
+    while pos < len(out):
+        (n,) = struct.unpack_from(">I", out, pos)
+        found.append(pickle.loads(out[pos + 4 : pos + 4 + n]))
+        pos += 4 + n
+    return found
+
+
+def test_each_batch_is_answered_after_run_batch_returns_and_errors_keep_it_serving():
+    calls = []
+
+    def run_batch(items):
+        calls.append(items)
+        if items == ["boom"]:
+            raise RuntimeError("constraint violated")
+        return [Answer(b"ACK", "AA", n) for n, _ in enumerate(items)]
+
+    stdin = io.BytesIO(frame(["a", "b"]) + frame(["boom"]) + frame(["c"]))
+    stdout = io.BytesIO()
+    serve_batches(run_batch, stdin, stdout)
+    assert calls == [["a", "b"], ["boom"], ["c"]]
+    ok1, failed, ok2 = replies(stdout.getvalue())
+    assert ok1 == ("ok", [Answer(b"ACK", "AA", 0), Answer(b"ACK", "AA", 1)])
+    assert failed == ("error", "RuntimeError")
+    assert ok2[0] == "ok"
+
+
+def test_a_truncated_batch_at_eof_is_not_run():
+    calls = []
+    data = frame(["a"])
+    serve_batches(calls.append, io.BytesIO(data[:-3]), io.BytesIO())
+    assert calls == []
