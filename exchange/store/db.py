@@ -64,16 +64,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             # exchange.store.messages uses psycopg 3 features (binary arrays).
             raise ValueError(f"unsupported driver {parsed.drivername!r}: use postgresql+psycopg://")
         kwargs.setdefault("pool_pre_ping", True)
-        # psycopg prepares a statement after 5 runs and PostgreSQL then settles
-        # on a generic plan. For the store's batch statements (keys and rows
-        # bound as arrays) a generic plan made while a table is small -- a
-        # fresh database -- keeps scanning it as it grows: find_prior went
-        # from 0.9 to 9 ms per batch within 20,000 messages. Plan with the
-        # actual values every time (prepared statements still save parsing).
         connect_args = dict(kwargs.pop("connect_args", {}))
-        options = connect_args.get("options", "")
-        if "plan_cache_mode" not in options:
-            connect_args["options"] = f"{options} -c plan_cache_mode=force_custom_plan".strip()
         return create_engine(parsed, connect_args=connect_args, **kwargs)
     raise ValueError(f"unsupported database backend {backend!r}: use sqlite or postgresql")
 

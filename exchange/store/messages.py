@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, LargeBinary, column, func, insert, select, text
+from sqlalchemy import Connection, func, insert, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 
@@ -167,22 +167,14 @@ def dedup_key(facility: str | None, control_id: str | None) -> tuple[str | None,
 
 # PostgreSQL: the keys as two arrays (one round trip, two parameters); each
 # key is an index look-up (nested loop over the unnest) on a real table.
-_PG_FIND_PRIOR = text(
-    """
+# Driver-level SQL on the psycopg cursor, like the SQLite hot path: it
+# spares SQLAlchemy's per-statement overhead.
+_PG_FIND_PRIOR = """
     SELECT m.id, m.facility, m.control_id, m.ack, m.ack_code, m.state
-    FROM unnest(CAST(:facilities AS VARCHAR[]), CAST(:control_ids AS VARCHAR[]))
-        AS k (facility, control_id)
+    FROM unnest(%(facilities)s::varchar[], %(control_ids)s::varchar[]) AS k (facility, control_id)
     JOIN message AS m ON m.facility = k.facility AND m.control_id = k.control_id
     WHERE m.dedup
     """
-).columns(
-    column("id"),
-    column("facility"),
-    column("control_id"),
-    column("ack", LargeBinary),
-    column("ack_code"),
-    column("state"),
-)
 
 
 # SQLite: driver-level statements on the sqlite3 cursor. SQLAlchemy's
@@ -265,10 +257,17 @@ def find_prior(
     for start in range(0, len(wanted), FIND_PRIOR_CHUNK):
         chunk = wanted[start : start + FIND_PRIOR_CHUNK]
         if conn.dialect.name == "postgresql":
-            rows = conn.execute(
-                _PG_FIND_PRIOR,
-                {"facilities": [k[0] for k in chunk], "control_ids": [k[1] for k in chunk]},
-            )
+            with _cursor(conn, _PG_FIND_PRIOR) as cursor:
+                # Never a prepared statement: a generic plan made while the
+                # table was small (a fresh database) keeps scanning it as it
+                # grows (0.9 -> 9 ms per batch within 20,000 messages). The
+                # insert, by contrast, gains ~300 us from its generic plan.
+                cursor.execute(
+                    _PG_FIND_PRIOR,
+                    {"facilities": [k[0] for k in chunk], "control_ids": [k[1] for k in chunk]},
+                    prepare=False,
+                )
+                rows = cursor.fetchall()
         else:
             rows = _sqlite_find_prior(conn, chunk)
         for id_, facility, control_id, ack, ack_code, state in rows:
@@ -381,7 +380,9 @@ def insert_messages(conn: Connection, rows: Sequence[NewMessage]) -> list[int]:
     params = [_message_params(row) for row in rows]
     if conn.dialect.name == "postgresql":
         arrays = {name: [p[name] for p in params] for name in _MESSAGE_COLUMNS}
-        ids = list(conn.exec_driver_sql(_PG_INSERT, arrays).scalars())
+        with _cursor(conn, _PG_INSERT) as cursor:
+            cursor.execute(_PG_INSERT, arrays)
+            ids = [row[0] for row in cursor.fetchall()]
     else:
         ids = _sqlite_insert(conn, params)
     if len(ids) != len(params):  # pragma: no cover - a driver bug, not a data problem

@@ -6,7 +6,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import Engine, delete, event, func, select
+from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.exc import IntegrityError, StatementError
 
 from exchange.outcome import MessageState
@@ -171,17 +171,8 @@ def test_find_prior_is_an_index_look_up(engine: Engine) -> None:
             # the driver-level statement find_prior runs per key
             plan = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + messages._SQLITE_FIND_PRIOR, keys[0]).all()
         else:
-            seen: list[tuple[str, object]] = []
-
-            def capture(conn, cursor, statement, parameters, context, executemany) -> None:
-                seen.append((statement, parameters))
-
-            event.listen(engine, "before_cursor_execute", capture)
-            try:
-                find_prior(conn, keys)
-            finally:
-                event.remove(engine, "before_cursor_execute", capture)
-            [(statement, parameters)] = seen
+            statement = messages._PG_FIND_PRIOR
+            parameters = {"facilities": [k[0] for k in keys], "control_ids": [k[1] for k in keys]}
             # A tiny table: forbid the plans that only pay off there, so the
             # plan shows whether each key *can* be an index look-up (it is on a
             # large table; a type mismatch between key and column would stop it).
@@ -268,28 +259,36 @@ def test_ids_come_back_in_the_order_given(engine: Engine) -> None:
     assert [history[i] for i in ids] == [str(m.state) for m in batch]
 
 
-def test_a_batch_costs_a_handful_of_statements(engine: Engine) -> None:
+def test_a_batch_costs_a_handful_of_statements(engine: Engine, monkeypatch) -> None:
     statements: list[str] = []
+    if engine.dialect.name == "postgresql":
+        # The hot path runs on the psycopg cursor: watch it there.
+        import psycopg
 
-    def count(conn, cursor, statement, parameters, context, executemany) -> None:
-        statements.append(statement.split(None, 1)[0])
+        def watching(method):
+            def watched(self, query, *args, **kwargs):
+                statements.append(str(query).split(None, 1)[0])
+                return method(self, query, *args, **kwargs)
 
+            return watched
+
+        monkeypatch.setattr(psycopg.Cursor, "execute", watching(psycopg.Cursor.execute))
+        monkeypatch.setattr(psycopg.Cursor, "executemany", watching(psycopg.Cursor.executemany))
     with write_transaction(engine) as conn:
         if engine.dialect.name == "sqlite":
             # The hot path runs on the sqlite3 cursor; SQLite's own trace sees it.
             conn.connection.driver_connection.set_trace_callback(lambda sql: statements.append(" ".join(sql.split()[:3])))
-        event.listen(engine, "before_cursor_execute", count)
         try:
             find_prior(conn, [("NORTH", f"S-{i}") for i in range(300)])
             insert_messages(conn, [msg(f"S-{i}") for i in range(300)])
             record_resent(conn, [(1, T0, "peer")] * 50)
         finally:
-            event.remove(engine, "before_cursor_execute", count)
             if engine.dialect.name == "sqlite":
                 conn.connection.driver_connection.set_trace_callback(None)
     if engine.dialect.name == "postgresql":
-        # Round trips: messages and their history rows in one statement (a CTE).
-        assert statements == ["SELECT", "WITH", "INSERT"]
+        # Round trips: one look-up, messages and their history rows in one
+        # statement (a CTE), the resends in one more.
+        assert [s for s in statements if s not in (";", "BEGIN")] == ["SELECT", "WITH", "INSERT"]
     else:
         # No round trips on SQLite: one indexed look-up per key, ONE multi-row
         # INSERT for the 300 messages, their history rows in one executemany.
@@ -370,3 +369,17 @@ def test_count_messages(engine: Engine) -> None:
     store(engine, *(msg(f"N-{i}") for i in range(5)), rejected("N-0"))
     with engine.connect() as conn:
         assert count_messages(conn) == 6
+
+
+def test_find_prior_is_never_a_prepared_statement_on_postgresql(engine: Engine) -> None:
+    """A generic plan made on a small table would keep scanning it as it grows:
+    find_prior is planned with its actual keys every time, the insert is not."""
+    if engine.dialect.name != "postgresql":
+        return
+    with write_transaction(engine) as conn:
+        for i in range(10):  # psycopg prepares after 5 runs
+            find_prior(conn, [("NORTH", f"PP-{i}")])
+            insert_messages(conn, [msg(f"PP-{i}")])
+        prepared = [s for (s,) in conn.exec_driver_sql("SELECT statement FROM pg_prepared_statements")]
+    assert any("INSERT INTO message" in s for s in prepared)
+    assert not any("unnest(" in s and "JOIN message" in s for s in prepared)
