@@ -159,3 +159,55 @@ class MessageEvent(Base):
 
 message_table = Message.__table__
 message_event_table = MessageEvent.__table__
+
+
+# -- HTTP API: bearer tokens and the audit trail ----------------------------------
+
+TOKEN_NAME_LEN = 64  # who a token belongs to (a person or a system); the audit actor
+ROLE_LEN = 16  # exchange.auth.Role values
+TOKEN_HASH_LEN = 64  # sha256, hex
+AUDIT_WORD_LEN = 32  # exchange.audit action / resource / outcome values
+AUDIT_KEY_LEN = 199  # the resource's key: MSH-10, an MRN, a person or review id
+
+
+class ApiToken(Base):
+    """A bearer token of the HTTP API. Only its sha256 is stored, never the token."""
+
+    __tablename__ = "api_token"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(TOKEN_NAME_LEN), unique=True)
+    role: Mapped[str] = mapped_column(String(ROLE_LEN))  # exchange.auth.Role
+    token_hash: Mapped[str] = mapped_column(String(TOKEN_HASH_LEN), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class AuditEvent(Base):
+    """One attempt to read (or change) patient-related data through the API.
+
+    The only place request identifiers (facility, control id, MRN) are
+    written down: the log never gets them.
+    """
+
+    __tablename__ = "audit_event"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    actor: Mapped[str] = mapped_column(String(TOKEN_NAME_LEN))  # api_token.name
+    role: Mapped[str] = mapped_column(String(ROLE_LEN))
+    action: Mapped[str] = mapped_column(String(AUDIT_WORD_LEN))  # exchange.audit.Action
+    resource: Mapped[str] = mapped_column(String(AUDIT_WORD_LEN))  # exchange.audit.Resource
+    facility: Mapped[str | None] = mapped_column(String(FACILITY_LEN))
+    key: Mapped[str | None] = mapped_column(String(AUDIT_KEY_LEN))
+    outcome: Mapped[str] = mapped_column(String(AUDIT_WORD_LEN))  # exchange.audit.Outcome
+    remote: Mapped[str | None] = mapped_column(String(PEER_LEN))  # client address
+
+    __table_args__ = (
+        # "who looked at this record": by resource key.
+        Index("ix_audit_event_facility_key", "facility", "key"),
+    )
+
+
+api_token_table = ApiToken.__table__
+audit_event_table = AuditEvent.__table__

@@ -17,7 +17,7 @@ from exchange.store.db import (
 )
 from exchange.store.schema import message_table, metadata
 
-TABLES = {"message", "message_event"}
+TABLES = {"message", "message_event", "api_token", "audit_event"}
 
 
 def differences(engine: Engine) -> list:
