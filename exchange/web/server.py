@@ -1,4 +1,5 @@
-"""The HTTP endpoint: /healthz and /metrics (the workbench and API join here)."""
+"""The HTTP endpoint: /healthz and /metrics (no authentication), /api (exchange.web.api;
+the workbench joins here)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,7 @@ import time
 from collections.abc import Callable
 
 from prometheus_client.twisted import MetricsResource
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
 from exchange import __version__
@@ -25,10 +26,17 @@ class Health(Resource):
         return json.dumps({"status": "ok", "version": __version__, **self._status()}).encode()
 
 
-def build_site(status: Callable[[], dict]) -> Site:
+def build_root(status: Callable[[], dict], api: IResource | None = None) -> Resource:
     root = Resource()
     root.putChild(b"healthz", Health(status))
     root.putChild(b"metrics", MetricsResource())
+    if api is not None:
+        root.putChild(b"api", api)
+    return root
+
+
+def build_site(status: Callable[[], dict], api: IResource | None = None) -> Site:
+    root = build_root(status, api)
     site = Site(root)
     site.noisy = False
     site.displayTracebacks = False

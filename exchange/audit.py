@@ -1,0 +1,73 @@
+"""The audit trail: one ``audit_event`` row per attempt to read (or change)
+patient-related data through the API, written in the same transaction as the
+read itself.
+
+Audit rows are the only place request identifiers (facility, control id,
+MRN, person) are written: the log never gets them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from sqlalchemy import Connection, insert
+
+from exchange.store.schema import AUDIT_KEY_LEN, FACILITY_LEN, PEER_LEN, audit_event_table as audit_event
+
+
+class Action(StrEnum):
+    READ = "read"
+    DECIDE = "decide"
+
+
+class Resource(StrEnum):
+    MESSAGE = "message"
+    RECORD = "record"
+    PERSON = "person"
+    REVIEW = "review"
+    DELIVERY = "delivery"
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    NOT_FOUND = "not-found"
+    FORBIDDEN = "forbidden"
+    INVALID = "invalid"  # a bad request (400/422) that still named a resource
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    at: datetime  # timezone-aware
+    actor: str  # the token's name
+    role: str
+    action: Action
+    resource: Resource
+    facility: str | None
+    key: str | None  # control id, MRN, person or review id
+    outcome: Outcome
+    remote: str | None  # the client's address
+
+
+def _cut(value: str | None, limit: int) -> str | None:
+    if value is None:
+        return None
+    value = value.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+    return value[:limit]
+
+
+def record(conn: Connection, event: AuditEvent) -> None:
+    """Write one audit row in the caller's transaction."""
+    conn.execute(
+        insert(audit_event).values(
+            at=event.at,
+            actor=event.actor,
+            role=str(event.role),
+            action=Action(event.action).value,
+            resource=Resource(event.resource).value,
+            facility=_cut(event.facility, FACILITY_LEN),
+            key=_cut(event.key, AUDIT_KEY_LEN),
+            outcome=Outcome(event.outcome).value,
+            remote=_cut(event.remote, PEER_LEN),
+        )
+    )

@@ -1,0 +1,186 @@
+"""The HTTP API: ``/api/...``, JSON, bearer tokens, every read audited.
+
+``API`` holds its services (the database, the token cache, a clock) and its
+routes are methods (Klein). Mounted at ``/api`` by ``exchange.web.server``,
+so the routes here are relative to it.
+
+Each request: authenticate (401) -> check the role (403, audited) -> read and
+write the audit row in ONE transaction on the database thread pool (404 or
+200) -> JSON. Nothing here runs SQL on the reactor thread, and nothing logs a
+request's identifiers: the audit table is the only place they go.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timezone
+from typing import Any
+
+from klein import Klein
+from sqlalchemy import Connection
+from twisted.logger import Logger
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from exchange.audit import Action, AuditEvent, Outcome, Resource, record
+from exchange.auth import Permission, Principal, TokenCache, allowed, find_token, hash_token
+from exchange.store.api import MessageSummary, message_summary
+
+log = Logger()
+
+MAX_TOKEN_CHARS = 200  # longer bearer values are refused before hashing
+
+
+def iso_utc(value: datetime | None) -> str | None:
+    """ISO 8601 in UTC with a ``Z``: ``2026-11-27T12:00:00.000123Z``."""
+    if value is None:
+        return None
+    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def message_json(m: MessageSummary) -> dict[str, Any]:
+    return {
+        "facility": m.facility,
+        "control_id": m.control_id,
+        "type": f"{m.message_type}^{m.event}" if m.event else m.message_type,  # MSH-9.1^MSH-9.2
+        "event": m.event,
+        "structure": m.structure,
+        "version": m.version,
+        "state": m.state.value,
+        "ack_code": m.ack_code,
+        "received_at": iso_utc(m.received_at),
+        "reason": m.reason,
+        "history": [{"at": iso_utc(h.at), "state": h.state.value, "detail": h.detail} for h in m.history],
+        "deliveries": [],  # outbound copies arrive with routing
+    }
+
+
+def read_audited(conn: Connection, read: Callable[..., Any], args: tuple, event: AuditEvent) -> Any:
+    """``read(conn, *args)`` and its audit row (ok / not-found), one transaction."""
+    value = read(conn, *args)
+    record(conn, replace(event, outcome=Outcome.OK if value is not None else Outcome.NOT_FOUND))
+    return value
+
+
+class Unauthorized(Exception):
+    """No usable bearer token (401)."""
+
+
+def _bad_part(value: str) -> bool:
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+
+
+class API:
+    app = Klein()
+
+    def __init__(self, db: Any, tokens: TokenCache, now: Callable[[], datetime]) -> None:
+        """``db``: ``read(fn, *args)`` / ``write(fn, *args)`` returning Deferreds
+        (``exchange.web.db.Database``); ``now``: the current aware datetime."""
+        self.db = db
+        self.tokens = tokens
+        self.now = now
+
+    def resource(self):
+        return self.app.resource()
+
+    # -- plumbing -------------------------------------------------------------------
+
+    @staticmethod
+    def _json(request, code: int, body: dict) -> bytes:
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(body).encode()
+
+    def _error(self, request, code: int, reason: str) -> bytes:
+        if code == 401:
+            request.setHeader(b"www-authenticate", b'Bearer realm="exchange"')
+        return self._json(request, code, {"error": reason})
+
+    async def _authenticate(self, request) -> Principal:
+        header = request.getHeader(b"authorization")
+        if not header:
+            raise Unauthorized("a bearer token is required")
+        scheme, _, token = header.decode("latin-1").strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token or len(token) > MAX_TOKEN_CHARS:
+            raise Unauthorized("a bearer token is required")
+        token_hash = hash_token(token)
+        principal = self.tokens.get(token_hash)
+        if principal is None:
+            principal = await self.db.read(find_token, token_hash)
+            if principal is None:
+                raise Unauthorized("unknown or revoked token")
+            self.tokens.put(token_hash, principal)
+        return principal
+
+    @staticmethod
+    def _remote(request) -> str | None:
+        address = request.getClientAddress()
+        return getattr(address, "host", None)
+
+    async def _audited_read(
+        self,
+        request,
+        permission: Permission,
+        resource: Resource,
+        facility: str | None,
+        key: str | None,
+        read: Callable[..., Any],
+        args: tuple,
+    ) -> tuple[int, Any]:
+        """(status, value): 401 / 403 (audited) / 404 or 200 (audited with the read)."""
+        principal = await self._authenticate(request)
+        event = AuditEvent(
+            at=self.now(),
+            actor=principal.name,
+            role=principal.role.value,
+            action=Action.READ,
+            resource=resource,
+            facility=facility,
+            key=key,
+            outcome=Outcome.FORBIDDEN,
+            remote=self._remote(request),
+        )
+        if not allowed(principal.role, permission):
+            await self.db.write(record, event)
+            return 403, None
+        value = await self.db.write(read_audited, read, args, event)
+        return (404, None) if value is None else (200, value)
+
+    # -- routes ---------------------------------------------------------------------
+
+    # twisted.web has percent-decoded each path segment already; MSH-10 may
+    # hold a "/" (sent as %2F), hence the path converter for the last part.
+    @app.route("/messages/<facility>/<path:control_id>", methods=["GET"])
+    async def get_message(self, request, facility: str, control_id: str) -> bytes:
+        try:
+            if _bad_part(facility) or _bad_part(control_id):
+                await self._authenticate(request)
+                return self._error(request, 400, "facility and control id must not contain control characters")
+            code, summary = await self._audited_read(
+                request, Permission.READ_MESSAGE, Resource.MESSAGE, facility, control_id,
+                message_summary, (facility, control_id),
+            )
+        except Unauthorized as exc:
+            return self._error(request, 401, str(exc))
+        except Exception as exc:  # noqa: BLE001 - answered 500; logged without the request's identifiers
+            return self._internal(request, "message", exc)
+        if code == 403:
+            return self._error(request, 403, "this role may not read messages")
+        if code == 404:
+            return self._error(request, 404, "no such message")
+        return self._json(request, 200, message_json(summary))
+
+    def _internal(self, request, what: str, exc: BaseException) -> bytes:
+        # The exception text can quote SQL parameters (identifiers): log its type only.
+        log.error("api: reading a {what} failed: {error}", what=what, error=type(exc).__name__)
+        return self._error(request, 500, "internal error")
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request, failure) -> bytes:
+        return self._error(request, 404, "no such resource")
+
+    @app.handle_errors(MethodNotAllowed)
+    def not_allowed(self, request, failure) -> bytes:
+        return self._error(request, 405, "method not allowed")
