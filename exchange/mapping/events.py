@@ -1,0 +1,949 @@
+"""ADT and MDM events mapped to record-model operations: a pure function.
+
+Two steps, so the database layer can load what a whole batch needs at once:
+
+1. ``needs(msg, ctx)`` says which (facility, MRN) records and which
+   (facility, document number) documents the mapping must see;
+2. ``map_message(msg, header, ctx, state)`` reads the message and the state
+   it needs (through :class:`StateView`) and answers either :class:`Changes`
+   (operations, in order, to apply in the intake transaction) or a
+   :class:`MappingError` (an AE: HL7 table 0357 code, field, PHI-free text).
+
+The rules that depend on what is already stored (encounter status
+transitions, out-of-order events, document versions and parents) are decided
+here, so applying an operation is mechanical; :mod:`exchange.mapping.state`
+is the reference for what "apply" means.
+
+Operations (all frozen dataclasses, facility = the sending facility code):
+
+``UpsertPatient(facility, mrn, demographics)``
+    Create the record (active) if missing, then apply the demographics patch.
+``EncounterEvent(facility, mrn, visit_number, event, status, patch, at)``
+    Create the encounter if missing, set ``status`` unless it is None (None
+    keeps the stored status), then apply the encounter patch. ``event`` is
+    the trigger (A01...) and ``at`` the event time, for the history.
+``MergePatients(facility, survivor_mrn, retired_mrn, event, legacy)``
+    The retired record becomes inactive with ``merged_into`` = survivor (it
+    is created as such a tombstone if unknown); its encounters and documents
+    move to the survivor. ``legacy`` marks A34/A35/A36/A18.
+``ChangeIdentifier(facility, old_mrn, new_mrn)``
+    A47: the record known as ``old_mrn`` is now ``new_mrn`` (encounters and
+    documents follow); no merge. A no-op when ``old_mrn`` is unknown.
+``LinkAssertion(facility, mrn_a, mrn_b, linked)``
+    A24 (linked) / A37 (not linked): the source says these two records are
+    (not) the same person. Stored for the patient index; records unchanged.
+``DocumentEvent(facility, mrn, number, event, action, state, patch)``
+    ``action`` CREATE: create version 1, or fill only what the stored
+    document lacks (an original that arrived late); UPDATE: patch the
+    current version in place (create if missing); NEW_VERSION: append a
+    version (the previous one merged with the patch; create if missing).
+    ``state`` (if not None) becomes the document's state.
+``MarkDocument(facility, number, event, state, availability)``
+    Set another document's state (a replaced parent) and availability.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Protocol
+
+from exchange.hl7.header import Header
+from exchange.mapping.message import Message, Segment, is_delete
+from exchange.mapping.values import (
+    DELETE,
+    SEX_CODES,
+    Content,
+    Demographics,
+    DocumentPatch,
+    EncounterPatch,
+    Identifier,
+    Location,
+    PersonName,
+    Timestamp,
+    address,
+    doctor,
+    identifier,
+    location,
+    person_name,
+    phone,
+    timestamp,
+)
+from exchange.outcome import Problem, Value
+
+# --- vocabulary ------------------------------------------------------------------------
+
+
+class EncounterStatus(StrEnum):
+    PREADMITTED = "preadmitted"
+    ADMITTED = "admitted"
+    REGISTERED = "registered"
+    DISCHARGED = "discharged"
+    CANCELLED = "cancelled"
+
+
+class DocumentState(StrEnum):
+    CURRENT = "current"
+    REPLACED = "replaced"
+    CANCELLED = "cancelled"
+
+
+class DocumentAction(StrEnum):
+    CREATE = "create"
+    UPDATE = "update"
+    NEW_VERSION = "new_version"
+
+
+DEFAULT_MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class FacilityContext(Value):
+    """The sending facility as configured: ``code`` (MSH-4.1) and ``authority`` (its PID-3.4)."""
+
+    code: str
+    authority: str = ""
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES
+
+
+# --- what the mapping reads from the stored state ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EncounterView(Value):
+    visit_number: str
+    status: EncounterStatus
+    patient_class: str | None = None
+    location: Location | None = None
+    prior_location: Location | None = None
+    admitted_at: Timestamp | None = None
+    discharged_at: Timestamp | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordView(Value):
+    facility: str
+    mrn: str
+    active: bool = True
+    merged_into: str | None = None
+    encounters: Mapping[str, EncounterView] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentView(Value):
+    facility: str
+    number: str
+    mrn: str
+    state: DocumentState
+    version: int
+    parent: str | None = None
+
+
+class StateView(Protocol):
+    def record(self, facility: str, mrn: str) -> RecordView | None: ...
+
+    def document(self, facility: str, number: str) -> DocumentView | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Needs(Value):
+    records: frozenset[tuple[str, str]] = frozenset()
+    documents: frozenset[tuple[str, str]] = frozenset()
+
+
+# --- operations --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertPatient(Value):
+    facility: str
+    mrn: str
+    demographics: Demographics
+
+
+@dataclass(frozen=True, slots=True)
+class EncounterEvent(Value):
+    facility: str
+    mrn: str
+    visit_number: str
+    event: str
+    status: EncounterStatus | None
+    patch: EncounterPatch
+    at: Timestamp | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MergePatients(Value):
+    facility: str
+    survivor_mrn: str
+    retired_mrn: str
+    event: str = "A40"
+    legacy: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeIdentifier(Value):
+    facility: str
+    old_mrn: str
+    new_mrn: str
+
+
+@dataclass(frozen=True, slots=True)
+class LinkAssertion(Value):
+    facility: str
+    mrn_a: str
+    mrn_b: str
+    linked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentEvent(Value):
+    facility: str
+    mrn: str
+    number: str
+    event: str
+    action: DocumentAction
+    state: DocumentState | None
+    patch: DocumentPatch
+
+
+@dataclass(frozen=True, slots=True)
+class MarkDocument(Value):
+    facility: str
+    number: str
+    event: str
+    state: DocumentState
+    availability: str | None = None
+
+
+Operation = (
+    UpsertPatient | EncounterEvent | MergePatients | ChangeIdentifier | LinkAssertion | DocumentEvent | MarkDocument
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Changes(Value):
+    """The message can be applied: these operations, in order. ``warnings`` are PHI-free."""
+
+    operations: tuple[Operation, ...]
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MappingError(Value):
+    """The message cannot be applied (AE); nothing changes."""
+
+    problem: Problem
+
+
+Mapped = Changes | MappingError
+
+
+class _Fail(Exception):
+    """Internal: carries a MappingError out of the helpers (never escapes this module)."""
+
+    def __init__(self, code: int, location: str, text: str):
+        super().__init__(text)
+        self.error = MappingError(Problem(code, location, text))
+
+
+# --- event tables --------------------------------------------------------------------------
+
+ENCOUNTER_EVENTS = frozenset(
+    {"A01", "A02", "A03", "A04", "A05", "A06", "A07", "A08", "A11", "A12", "A13", "A38"}
+)
+PERSON_EVENTS = frozenset({"A28", "A31"})
+# Events that carry a PID whose demographics are kept but whose other meaning is not modelled.
+DEMOGRAPHICS_ONLY_EVENTS = frozenset(
+    {"A09", "A10", "A14", "A15", "A16", "A17", "A20", "A21", "A22", "A25", "A26", "A27", "A32", "A33"}
+)
+MERGE_EVENTS = frozenset({"A40"})
+LEGACY_MERGE_EVENTS = frozenset({"A18", "A34", "A35", "A36"})
+MDM_EVENTS = frozenset({f"T{n:02d}" for n in range(1, 12)})
+MDM_WITH_CONTENT = frozenset({"T02", "T04", "T06", "T08", "T10"})
+
+_MAX_MERGE_HOPS = 8
+
+
+# --- step 1: needs ----------------------------------------------------------------------------
+
+
+def needs(msg: Message, ctx: FacilityContext) -> Needs:
+    """The records and documents ``map_message`` will ask the state for. Never raises.
+
+    Retired records point at their survivors: the loader should also load
+    ``merged_into`` targets of the records it finds.
+    """
+    try:
+        records: set[tuple[str, str]] = set()
+        documents: set[tuple[str, str]] = set()
+        for pid in msg.segments("PID"):
+            mrn = _choose_mrn(_identifiers(pid, 3), ctx.authority)
+            if mrn is not None:
+                records.add((ctx.code, mrn.value))
+        for mrg in msg.segments("MRG"):
+            mrn = _choose_mrn(_identifiers(mrg, 1), ctx.authority)
+            if mrn is not None:
+                records.add((ctx.code, mrn.value))
+        txa = msg.first("TXA")
+        if txa is not None:
+            for n in (12, 13):
+                number = txa.value(n)
+                if number:
+                    documents.add((ctx.code, number))
+        return Needs(frozenset(records), frozenset(documents))
+    except Exception:  # pragma: no cover - needs() is a hint; map_message reports problems
+        return Needs()
+
+
+# --- step 2: map -------------------------------------------------------------------------------
+
+
+def map_message(msg: Message, header: Header, ctx: FacilityContext, state: StateView) -> Mapped:
+    """Map one ADT or MDM message to operations, or say why it cannot be applied."""
+    kind = header.message_type
+    event = header.event.upper()
+    warnings: list[str] = []
+    try:
+        if kind == "ADT":
+            ops = _map_adt(msg, header, ctx, state, event, warnings)
+        elif kind == "MDM":
+            ops = _map_mdm(msg, header, ctx, state, event, warnings)
+        else:
+            return MappingError(Problem(200, "MSH-9.1", f"message type {kind[:10]!r} is not mapped"))
+    except _Fail as fail:
+        return fail.error
+    return Changes(tuple(ops), tuple(warnings))
+
+
+# --- PID -------------------------------------------------------------------------------------------
+
+
+def _identifiers(seg: Segment, n: int) -> list[Identifier]:
+    sub = seg.delimiters.subcomponent
+    comp = seg.delimiters.component
+    out = []
+    for rep in seg.repetitions(n):
+        ident = identifier(rep.split(comp), sub, seg.text)
+        if ident is not None:
+            out.append(ident)
+    return out
+
+
+def _choose_mrn(identifiers: list[Identifier], authority: str) -> Identifier | None:
+    """The facility's MRN: CX.4 = the configured authority, else typed MR, else the first."""
+    if not identifiers:
+        return None
+    if authority:
+        for ident in identifiers:
+            if ident.issued_by(authority):
+                return ident
+    for ident in identifiers:
+        if ident.type_code.upper() == "MR":
+            return ident
+    return identifiers[0]
+
+
+def _patient_id(seg: Segment, ctx: FacilityContext, location: str = "PID-3") -> Identifier:
+    ids = _identifiers(seg, 3 if seg.name == "PID" else 1)
+    mrn = _choose_mrn(ids, ctx.authority)
+    if mrn is None:
+        raise _Fail(101, location, f"{location} has no usable patient identifier")
+    return mrn
+
+
+def _repeating(seg: Segment, n: int, reader) -> tuple | None | object:
+    """A repeating field read with ``reader``: None (empty), DELETE ("") or a tuple."""
+    raw = seg.field(n)
+    if not raw:
+        return None
+    if is_delete(raw):
+        return DELETE
+    comp = seg.delimiters.component
+    sub = seg.delimiters.subcomponent
+    out = []
+    for rep in raw.split(seg.delimiters.repetition):
+        if not rep or is_delete(rep):
+            continue
+        value = reader(rep.split(comp), sub, seg.text)
+        if value is not None:
+            out.append(value)
+    return tuple(out)
+
+
+def _scalar(seg: Segment, n: int, c: int = 1) -> str | None | object:
+    raw = seg.field(n)
+    if not raw:
+        return None
+    if is_delete(raw):
+        return DELETE
+    value = seg.value(n, c)
+    return value or None
+
+
+def _ts(seg: Segment, n: int, warnings: list[str]) -> Timestamp | None | object:
+    raw = seg.field(n)
+    if not raw:
+        return None
+    if is_delete(raw):
+        return DELETE
+    text = seg.value(n, 1)
+    if not text:
+        return None
+    ts = timestamp(text)
+    if ts is None:
+        warnings.append(f"{seg.name}-{n}: unparseable timestamp ignored")
+    return ts
+
+
+def demographics(pid: Segment, warnings: list[str]) -> Demographics:
+    """The PID as a demographics patch (empty = no change, "" = delete)."""
+    ids = tuple(_identifiers(pid, 3))
+    removed = []
+    for rep in pid.repetitions(3):
+        comps = rep.split(pid.delimiters.component)
+        if comps and is_delete(comps[0]) and len(comps) > 3:
+            hd = comps[3].split(pid.delimiters.subcomponent)
+            auth = pid.text(hd[0]).strip() or (pid.text(hd[1]).strip() if len(hd) > 1 else "")
+            if auth:
+                removed.append(auth)
+
+    names = _repeating(pid, 5, person_name)
+    name = aliases = None
+    if names is DELETE:
+        name = aliases = DELETE
+    elif names:
+        names = [nm for nm in names if not nm.is_empty]
+        if names:
+            legal = next((i for i, nm in enumerate(names) if nm.use.upper() == "L"), 0)
+            name = names[legal]
+            aliases = tuple(nm for i, nm in enumerate(names) if i != legal)
+
+    mother = _repeating(pid, 6, person_name)
+    if isinstance(mother, tuple):
+        mother = next((nm for nm in mother if not nm.is_empty), None)
+
+    sex = _scalar(pid, 8)
+    if isinstance(sex, str):
+        sex = sex.upper() if sex.upper() in SEX_CODES else sex
+        if sex not in SEX_CODES:
+            warnings.append("PID-8: sex code not in table 0001, kept as sent")
+
+    phones13 = _repeating(pid, 13, phone)
+    phones14 = _repeating(pid, 14, phone)
+    if phones13 is None and phones14 is None:
+        phones = None
+    elif phones13 in (None, DELETE) and phones14 in (None, DELETE):
+        phones = DELETE
+    else:
+        phones = tuple(phones13 if isinstance(phones13, tuple) else ()) + tuple(
+            phones14 if isinstance(phones14, tuple) else ()
+        )
+
+    deceased = _scalar(pid, 30)
+    if isinstance(deceased, str):
+        d = deceased.upper()
+        deceased = True if d == "Y" else False if d == "N" else None
+        if deceased is None:
+            warnings.append("PID-30: death indicator is not Y or N, ignored")
+
+    return Demographics(
+        identifiers=ids or None,
+        removed_authorities=tuple(removed),
+        name=name,
+        aliases=aliases,
+        mother_maiden_name=mother,
+        birth=_ts(pid, 7, warnings),
+        sex=sex,
+        addresses=_repeating(pid, 11, address),
+        phones=phones,
+        account=_scalar(pid, 18),
+        ssn=_scalar(pid, 19),
+        death=_ts(pid, 29, warnings),
+        deceased=deceased,
+    )
+
+
+# --- PV1 ----------------------------------------------------------------------------------------------
+
+
+def _visit_number(pv1: Segment) -> str:
+    return pv1.value(19) or pv1.value(50)
+
+
+def encounter_patch(pv1: Segment, warnings: list[str]) -> EncounterPatch:
+    def loc(n: int):
+        raw = pv1.field(n)
+        if not raw:
+            return None
+        if is_delete(raw):
+            return DELETE
+        return location(pv1.components(n), pv1.delimiters.subcomponent, pv1.text)
+
+    attending = None
+    raw7 = pv1.field(7)
+    if raw7:
+        attending = DELETE if is_delete(raw7) else doctor(
+            pv1.components(7), pv1.delimiters.subcomponent, pv1.text
+        )
+    patient_class = _scalar(pv1, 2)
+    if isinstance(patient_class, str):
+        patient_class = patient_class.upper()
+    return EncounterPatch(
+        patient_class=patient_class,
+        location=loc(3),
+        prior_location=loc(6),
+        attending=attending,
+        admitted_at=_ts(pv1, 44, warnings),
+        discharged_at=_ts(pv1, 45, warnings),
+    )
+
+
+def _event_time(msg: Message, header: Header) -> Timestamp | None:
+    """EVN-6 (event occurred), else EVN-2 (recorded), else MSH-7."""
+    evn = msg.first("EVN")
+    if evn is not None:
+        for n in (6, 2):
+            ts = timestamp(evn.value(n))
+            if ts is not None:
+                return ts
+    return timestamp(header.timestamp)
+
+
+def _survivor(state: StateView, facility: str, mrn: str, warnings: list[str]) -> str:
+    """Follow merged_into from a retired MRN to the record that survives it."""
+    seen = {mrn}
+    for _ in range(_MAX_MERGE_HOPS):
+        rec = state.record(facility, mrn)
+        if rec is None or rec.active or not rec.merged_into or rec.merged_into in seen:
+            break
+        mrn = rec.merged_into
+        seen.add(mrn)
+    if len(seen) > 1:
+        warnings.append("PID-3: identifier was merged; applied to the surviving record")
+    return mrn
+
+
+# --- ADT -------------------------------------------------------------------------------------------------
+
+
+def _map_adt(msg, header, ctx, state, event, warnings) -> list:
+    if event in MERGE_EVENTS or event in LEGACY_MERGE_EVENTS:
+        return _map_merge(msg, ctx, state, event, warnings)
+    if event == "A47":
+        return _map_identifier_change(msg, ctx, state, warnings)
+    if event in ("A24", "A37"):
+        return _map_link(msg, ctx, event, warnings)
+    if not (event in ENCOUNTER_EVENTS or event in PERSON_EVENTS or event in DEMOGRAPHICS_ONLY_EVENTS):
+        raise _Fail(201, "MSH-9.2", f"ADT event {event[:10]!r} is not mapped")
+
+    pid = msg.first("PID")
+    if pid is None:
+        raise _Fail(101, "PID-3", "PID segment with a patient identifier is required")
+    mrn = _survivor(state, ctx.code, _patient_id(pid, ctx).value, warnings)
+    ops: list = [UpsertPatient(ctx.code, mrn, demographics(pid, warnings))]
+    if event in DEMOGRAPHICS_ONLY_EVENTS:
+        warnings.append(f"{event}: only the demographics are applied")
+    if event not in ENCOUNTER_EVENTS:
+        return ops
+
+    pv1 = msg.first("PV1")
+    if pv1 is None:
+        if event != "A08":
+            warnings.append("PV1: no visit segment, encounter not changed")
+        return ops
+    visit = _visit_number(pv1)
+    if not visit:
+        if event == "A08":
+            return ops
+        warnings.append("PV1-19: no visit number, the record's unnumbered encounter is used")
+    patch = encounter_patch(pv1, warnings)
+    rec = state.record(ctx.code, mrn)
+    current = rec.encounters.get(visit) if rec is not None else None
+    at = _event_time(msg, header)
+    status, patch = encounter_transition(event, current, patch, at, warnings)
+    ops.append(EncounterEvent(ctx.code, mrn, visit, event, status, patch, at))
+    return ops
+
+
+S = EncounterStatus
+
+
+def _infer_status(patch: EncounterPatch) -> EncounterStatus:
+    """Status of an encounter first seen in an update (A08, A12...): what its fields say."""
+    if isinstance(patch.discharged_at, Timestamp):
+        return S.DISCHARGED
+    cls = patch.patient_class if isinstance(patch.patient_class, str) else ""
+    if cls == "P":
+        return S.PREADMITTED
+    if cls == "I" or isinstance(patch.admitted_at, Timestamp) and cls not in ("O", "E", "R"):
+        return S.ADMITTED
+    return S.REGISTERED
+
+
+def encounter_transition(
+    event: str,
+    current: EncounterView | None,
+    patch: EncounterPatch,
+    at: Timestamp | None,
+    warnings: list[str],
+) -> tuple[EncounterStatus | None, EncounterPatch]:
+    """The status an ADT event leaves an encounter in, and the patch to apply.
+
+    Out-of-order events keep information: a discharge for an unknown visit
+    creates it discharged with its times; an admit (A01) for a discharged
+    visit keeps it discharged and only fills the admit time.
+    """
+    cur = current.status if current is not None else None
+    closed = cur in (S.DISCHARGED, S.CANCELLED)
+
+    if event == "A01":
+        if patch.admitted_at is None and at is not None:
+            patch = replace(patch, admitted_at=at)
+        if cur == S.DISCHARGED:
+            warnings.append("A01: visit already discharged, kept discharged")
+            return None, replace(patch, location=None, prior_location=None, discharged_at=None)
+        return S.ADMITTED, patch
+    if event == "A02":
+        if closed:
+            warnings.append("A02: visit is closed, location not changed")
+            return None, replace(patch, location=None, prior_location=None)
+        if patch.prior_location is None and current is not None and current.location is not None:
+            patch = replace(patch, prior_location=current.location)
+        return S.ADMITTED, patch
+    if event == "A03":
+        if patch.discharged_at is None and at is not None:
+            patch = replace(patch, discharged_at=at)
+        return S.DISCHARGED, patch
+    if event == "A04":
+        if cur in (None, S.PREADMITTED, S.CANCELLED):
+            return S.REGISTERED, patch
+        return None, patch
+    if event == "A05":
+        if cur in (None, S.CANCELLED):
+            return S.PREADMITTED, patch
+        return None, patch
+    if event in ("A06", "A07"):
+        if patch.patient_class is None:
+            patch = replace(patch, patient_class="I" if event == "A06" else "O")
+        if cur == S.DISCHARGED:
+            return None, patch
+        return (S.ADMITTED if event == "A06" else S.REGISTERED), patch
+    if event == "A08":
+        return (_infer_status(patch) if current is None else None), patch
+    if event == "A11":
+        return S.CANCELLED, patch
+    if event == "A12":
+        back = patch.location
+        if back is None and current is not None:
+            back = current.prior_location
+        if back is None:
+            warnings.append("A12: no prior location known, location not changed")
+        return (_infer_status(patch) if current is None else None), replace(
+            patch, location=back, prior_location=DELETE
+        )
+    if event == "A13":
+        patch = replace(patch, discharged_at=DELETE)
+        if cur in (None, S.DISCHARGED):
+            return S.ADMITTED, patch
+        return None, patch
+    if event == "A38":
+        if cur in (None, S.PREADMITTED):
+            return S.CANCELLED, patch
+        warnings.append("A38: visit is no longer preadmitted, not cancelled")
+        return None, patch
+    raise AssertionError(event)  # pragma: no cover - ENCOUNTER_EVENTS is exhaustive
+
+
+def _pairs(msg: Message, name: str = "MRG") -> list[tuple[Segment, Segment | None]]:
+    """PID segments each with the MRG (or ``name``) that follows it before the next PID."""
+    out: list[tuple[Segment, Segment | None]] = []
+    for seg in msg.all():
+        if seg.name == "PID":
+            out.append((seg, None))
+        elif seg.name == name and out and out[-1][1] is None:
+            out[-1] = (out[-1][0], seg)
+    return out
+
+
+def _same_authority(a: Identifier, b: Identifier, ctx: FacilityContext) -> bool:
+    def norm(i: Identifier) -> Identifier:
+        if i.authority or i.authority_id:
+            return i
+        return replace(i, authority=ctx.authority)
+
+    return norm(a).same_authority(norm(b))
+
+
+def _map_merge(msg, ctx, state, event, warnings) -> list:
+    legacy = event in LEGACY_MERGE_EVENTS
+    pairs = _pairs(msg)
+    if not pairs:
+        raise _Fail(101, "PID-3", "PID segment with the surviving identifier is required")
+    ops: list = []
+    for pid, mrg in pairs:
+        survivor = _patient_id(pid, ctx)
+        if mrg is None:
+            raise _Fail(101, "MRG-1", "MRG segment with the prior identifier is required")
+        retired = _patient_id(mrg, ctx, "MRG-1")
+        if not _same_authority(survivor, retired, ctx):
+            raise _Fail(
+                102, "MRG-1", "MRG-1 assigning authority differs from PID-3: merges are within one facility"
+            )
+        ops.append(UpsertPatient(ctx.code, survivor.value, demographics(pid, warnings)))
+        if survivor.value == retired.value:
+            warnings.append("MRG-1: prior identifier equals PID-3, nothing merged")
+            continue
+        ops.append(MergePatients(ctx.code, survivor.value, retired.value, event, legacy))
+    if legacy:
+        warnings.append(f"{event}: legacy merge event treated as A40")
+    return ops
+
+
+def _map_identifier_change(msg, ctx, state, warnings) -> list:
+    pairs = _pairs(msg)
+    if not pairs:
+        raise _Fail(101, "PID-3", "PID segment with the corrected identifier is required")
+    ops: list = []
+    for pid, mrg in pairs:
+        new = _patient_id(pid, ctx)
+        if mrg is None:
+            raise _Fail(101, "MRG-1", "MRG segment with the incorrect identifier is required")
+        old = _patient_id(mrg, ctx, "MRG-1")
+        if not _same_authority(new, old, ctx):
+            raise _Fail(102, "MRG-1", "MRG-1 assigning authority differs from PID-3")
+        if new.value != old.value:
+            existing = state.record(ctx.code, new.value)
+            if existing is not None and state.record(ctx.code, old.value) is not None:
+                raise _Fail(205, "PID-3", "corrected identifier already names another record (use A40 to merge)")
+            ops.append(ChangeIdentifier(ctx.code, old.value, new.value))
+        else:
+            warnings.append("MRG-1: incorrect identifier equals PID-3, nothing renamed")
+        ops.append(UpsertPatient(ctx.code, new.value, demographics(pid, warnings)))
+    return ops
+
+
+def _map_link(msg, ctx, event, warnings) -> list:
+    pids = msg.segments("PID")
+    if len(pids) < 2:
+        raise _Fail(101, "PID-3", f"{event} needs two PID segments")
+    a = _patient_id(pids[0], ctx)
+    b = _patient_id(pids[1], ctx)
+    ops: list = [
+        UpsertPatient(ctx.code, a.value, demographics(pids[0], warnings)),
+        UpsertPatient(ctx.code, b.value, demographics(pids[1], warnings)),
+    ]
+    if a.value == b.value:
+        warnings.append(f"{event}: both PID segments name the same record")
+    else:
+        ops.append(LinkAssertion(ctx.code, a.value, b.value, event == "A24"))
+    return ops
+
+
+# --- MDM ---------------------------------------------------------------------------------------------------
+
+
+def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
+    if event not in MDM_EVENTS:
+        raise _Fail(201, "MSH-9.2", f"MDM event {event[:10]!r} is not mapped")
+    txa = msg.first("TXA")
+    if txa is None:
+        raise _Fail(101, "TXA-12", "TXA segment with the unique document number is required")
+    patch = document_patch(txa, warnings)
+    if not patch.number:
+        raise _Fail(101, "TXA-12", "TXA-12 unique document number is required")
+    pid = msg.first("PID")
+    if pid is None:
+        raise _Fail(101, "PID-3", "PID segment with a patient identifier is required")
+    mrn = _survivor(state, ctx.code, _patient_id(pid, ctx).value, warnings)
+
+    obx = msg.after(txa, "OBX") or msg.segments("OBX")
+    if obx:
+        patch = replace(patch, content=document_content(obx, ctx.max_document_bytes))
+    elif event in MDM_WITH_CONTENT:
+        warnings.append(f"{event}: no OBX content")
+
+    ops: list = [UpsertPatient(ctx.code, mrn, demographics(pid, warnings))]
+    current = state.document(ctx.code, patch.number)
+    number = patch.number
+
+    if event in ("T01", "T02"):
+        ops.append(DocumentEvent(ctx.code, mrn, number, event, DocumentAction.CREATE,
+                                 DocumentState.CURRENT if current is None else None, patch))
+    elif event in ("T03", "T04"):
+        ops.append(DocumentEvent(ctx.code, mrn, number, event, DocumentAction.UPDATE,
+                                 DocumentState.CURRENT if current is None else None, patch))
+    elif event in ("T07", "T08"):
+        ops.append(DocumentEvent(ctx.code, mrn, number, event, DocumentAction.NEW_VERSION,
+                                 DocumentState.CURRENT if current is None else None, patch))
+    elif event in ("T05", "T06", "T09", "T10"):
+        parent = patch.parent
+        if not parent:
+            raise _Fail(101, "TXA-13", "TXA-13 parent document number is required")
+        if parent == number:
+            raise _Fail(102, "TXA-13", "TXA-13 parent document is the document itself")
+        if state.document(ctx.code, parent) is None:
+            raise _Fail(204, "TXA-13", "TXA-13 parent document is unknown")
+        ops.append(DocumentEvent(ctx.code, mrn, number, event, DocumentAction.CREATE,
+                                 DocumentState.CURRENT if current is None else None, patch))
+        if event in ("T09", "T10"):
+            ops.append(MarkDocument(ctx.code, parent, event, DocumentState.REPLACED, "OB"))
+    elif event == "T11":
+        if patch.availability is None:
+            patch = replace(patch, availability="CA")
+        ops.append(DocumentEvent(ctx.code, mrn, number, event, DocumentAction.UPDATE,
+                                 DocumentState.CANCELLED, patch))
+    return ops
+
+
+def document_patch(txa: Segment, warnings: list[str]) -> DocumentPatch:
+    sub = txa.delimiters.subcomponent
+
+    def opt(value: str) -> str | None:
+        return value or None
+
+    def first_doctor(n: int):
+        comps = txa.components(n)
+        return doctor(comps, sub, txa.text) if comps else None
+
+    def ts(n: int):
+        v = _ts(txa, n, warnings)
+        return v if isinstance(v, Timestamp) else None
+
+    return DocumentPatch(
+        number=txa.value(12),
+        number_field=txa.text(txa.repetitions(12)[0]).strip() if txa.field(12) else "",
+        type=opt(txa.value(2)),
+        type_text=opt(txa.value(2, 2)),
+        parent=opt(txa.value(13)),
+        completion_status=opt(txa.value(17).upper()),
+        availability=opt(txa.value(19).upper()),
+        author=first_doctor(9),
+        authenticator=first_doctor(22),
+        activity_at=ts(4),
+        originated_at=ts(6),
+    )
+
+
+TEXT_TYPES = frozenset({"TX", "FT", "ST", "CE", "CWE", "TN"})
+_ED_MAJOR = {
+    "AP": "application",
+    "APPLICATION": "application",
+    "IM": "image",
+    "IMAGE": "image",
+    "TEXT": "text",
+    "TX": "text",
+    "AU": "audio",
+    "AUDIO": "audio",
+    "VIDEO": "video",
+    "MULTIPART": "multipart",
+    "NS": "application",
+    "SI": "application",
+    "SD": "application",
+}
+
+
+def _mime(type_: str, subtype: str) -> str:
+    if "/" in subtype:
+        return subtype.strip()
+    if "/" in type_:
+        return type_.strip()
+    major = _ED_MAJOR.get(type_.upper(), type_.lower() or "application")
+    minor = subtype.lower() or ("plain" if major == "text" else "octet-stream")
+    return f"{major}/{minor}"
+
+
+def document_content(obxs: list[Segment], max_bytes: int) -> Content | None:
+    """The document body: the first ED/RP OBX as bytes, else the text OBX lines joined with "\\n"."""
+    lines: list[str] = []
+    size = 0
+    for obx in obxs:
+        vt = obx.value(2).upper()
+        if vt == "ED":
+            return _ed_content(obx, max_bytes)
+        if vt == "RP":
+            comps = obx.components(5)
+            return Content(
+                reference=obx.text(comps[0]) if comps else "",
+                content_type=_mime(obx.text(comps[2]) if len(comps) > 2 else "",
+                                   obx.text(comps[3]) if len(comps) > 3 else ""),
+            )
+        if vt in TEXT_TYPES:
+            reps = obx.field(5).split(obx.delimiters.repetition) if obx.field(5) else [""]
+            for rep in reps:
+                if vt in ("CE", "CWE"):
+                    comps = rep.split(obx.delimiters.component)
+                    line = obx.text(comps[1] if len(comps) > 1 and comps[1] else comps[0])
+                else:
+                    line = obx.text(rep)
+                size += len(line) + 1
+                if size > max_bytes:
+                    raise _Fail(104, "OBX-5", f"document content exceeds the limit of {max_bytes} bytes")
+                lines.append(line)
+    if not lines:
+        return None
+    text = "\n".join(lines)
+    if len(text.encode("utf-8")) > max_bytes:
+        raise _Fail(104, "OBX-5", f"document content exceeds the limit of {max_bytes} bytes")
+    return Content(text=text, content_type="text/plain")
+
+
+def _ed_content(obx: Segment, max_bytes: int) -> Content:
+    comps = obx.components(5)
+    comps += [""] * (5 - len(comps))
+    content_type = _mime(obx.text(comps[1]).strip(), obx.text(comps[2]).strip())
+    encoding = obx.text(comps[3]).strip().upper()
+    raw = comps[4]
+    if encoding in ("BASE64", "B64"):
+        if len(raw) * 3 // 4 > max_bytes + 3:
+            raise _Fail(104, "OBX-5", f"document content exceeds the limit of {max_bytes} bytes")
+        cleaned = "".join(raw.split())
+        cleaned += "=" * (-len(cleaned) % 4)
+        try:
+            data = base64.b64decode(cleaned, validate=False)
+        except (binascii.Error, ValueError):
+            raise _Fail(102, "OBX-5", "OBX-5 ED data is not valid Base64") from None
+    elif encoding == "HEX":
+        try:
+            data = bytes.fromhex(raw)
+        except ValueError:
+            raise _Fail(102, "OBX-5", "OBX-5 ED data is not valid hex") from None
+    else:  # "A" (ASCII) or unspecified: the escaped text itself
+        data = obx.text(raw).encode("utf-8")
+    if len(data) > max_bytes:
+        raise _Fail(104, "OBX-5", f"document content exceeds the limit of {max_bytes} bytes")
+    return Content(data=data, content_type=content_type)
+
+
+__all__ = [
+    "ChangeIdentifier",
+    "Changes",
+    "DocumentAction",
+    "DocumentEvent",
+    "DocumentState",
+    "DocumentView",
+    "EncounterEvent",
+    "EncounterStatus",
+    "EncounterView",
+    "FacilityContext",
+    "LinkAssertion",
+    "MappingError",
+    "MarkDocument",
+    "MergePatients",
+    "Needs",
+    "Operation",
+    "RecordView",
+    "StateView",
+    "UpsertPatient",
+    "demographics",
+    "document_content",
+    "document_patch",
+    "encounter_patch",
+    "encounter_transition",
+    "map_message",
+    "needs",
+]
+
+_unused = (PersonName,)
