@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
+from datetime import datetime, timezone
 
 from sqlalchemy.engine import make_url
 from twisted.application.service import Service
@@ -10,11 +11,14 @@ from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.logger import Logger
 
 from exchange.acceptance import AcceptancePolicy, FacilityRule
+from exchange.auth import TokenCache
 from exchange.config import Config
 from exchange.intake import AckIds, GroupCommitter, Intake
 from exchange.mllp.protocol import MLLPServerFactory
 from exchange.mllp.tls import server_endpoint
 from exchange.writer import WriterProcess
+from exchange.web.api import API
+from exchange.web.db import Database
 from exchange.web.server import build_site
 
 log = Logger()
@@ -34,9 +38,11 @@ def acceptance_policy(config: Config) -> AcceptancePolicy:
 class ExchangeService(Service):
     """The running exchange: writer process, MLLP listeners, HTTP endpoint.
 
-    Start: writer process, then listeners. Stop (SIGTERM/SIGINT): listeners
-    close, connections stop reading, the batches already taken are committed
-    and answered, then the writer process is told to exit.
+    Start: writer process, then listeners, then the API's database thread
+    pool and the HTTP endpoint. Stop (SIGTERM/SIGINT): listeners close,
+    connections stop reading, the batches already taken are committed and
+    answered, then the writer process is told to exit, and last the API's
+    thread pool finishes its calls in flight and its engine is disposed.
     """
 
     def __init__(self, config: Config, reactor, *, announce=print) -> None:
@@ -65,6 +71,13 @@ class ExchangeService(Service):
             idle_timeout=config.server.idle_timeout,
             committer=self.committer,
         )
+        # The API reads on its own engine, in a few threads: never on the reactor.
+        self.api_db = Database(reactor, config.server.database)
+        self.api = API(
+            self.api_db,
+            TokenCache(reactor.seconds, ttl=30.0, max_entries=1000),
+            lambda: datetime.now(timezone.utc),
+        )
         self.started_at = time.monotonic()
         self.ports: list = []
         self.mllp_addresses: list[str] = []
@@ -89,10 +102,13 @@ class ExchangeService(Service):
             address = _describe(port)
             self.mllp_addresses.append(address)
             self.announce(f"exchange: MLLP listening on {address}")
-        port = yield server_endpoint(self.reactor, self.config.server.http).listen(build_site(self.status))
+        self.api_db.start()
+        port = yield server_endpoint(self.reactor, self.config.server.http).listen(
+            build_site(self.status, self.api.resource())
+        )
         self.ports.append(port)
         self.http_address = _describe(port)
-        self.announce(f"exchange: HTTP on http://{self.http_address} (/healthz, /metrics)")
+        self.announce(f"exchange: HTTP on http://{self.http_address} (/healthz, /metrics, /api)")
 
     @inlineCallbacks
     def stopService(self):
@@ -101,6 +117,7 @@ class ExchangeService(Service):
         self.mllp_factory.stop_reading()
         yield self.committer.wait_idle()
         yield self.writer.stop()
+        self.api_db.stop()  # joins its threads: the calls in flight finish first
         log.info("exchange stopped cleanly")
 
 

@@ -36,6 +36,16 @@ def _parser() -> argparse.ArgumentParser:
     db_sub = db.add_subparsers(dest="db_command", required=True)
     upgrade = db_sub.add_parser("upgrade", help="apply migrations (Alembic) up to the newest")
     common(upgrade)
+
+    token = sub.add_parser("token", help="bearer tokens for the HTTP API")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    create = token_sub.add_parser("create", help="create a token and print it (once) on stdout")
+    create.add_argument("name", help="who the token is for (the actor in the audit trail)")
+    create.add_argument("--role", required=True, help="technician or admin")
+    common(create)
+    revoke = token_sub.add_parser("revoke", help="revoke a token by its name")
+    revoke.add_argument("name")
+    common(revoke)
     return parser
 
 
@@ -126,13 +136,45 @@ def cmd_send(args) -> int:
     return result.get("code", 1)
 
 
+def cmd_token(args) -> int:
+    from datetime import datetime, timezone
+
+    from exchange.auth import Role, TokenError, create_token, revoke_token
+    from exchange.store.db import make_engine, upgrade, write_transaction
+
+    if args.token_command == "create" and args.role not in {r.value for r in Role}:
+        raise UsageFailure(f"unknown role {args.role!r}: use one of {', '.join(r.value for r in Role)}")
+    url = _database_url(args)
+    engine = make_engine(url)
+    try:
+        upgrade(engine)  # a fresh database gets its tables, as `serve` would
+        now = datetime.now(timezone.utc)
+        # /* TRANSACTION: one api_token row (created or revoked). */
+        with write_transaction(engine) as conn:
+            if args.token_command == "create":
+                try:
+                    token = create_token(conn, args.name, args.role, now)
+                except TokenError as exc:
+                    raise UsageFailure(str(exc)) from None
+            elif not revoke_token(conn, args.name, now):
+                print(f"exchange: no live token named {args.name!r}", file=sys.stderr)
+                return 1
+    finally:
+        engine.dispose()
+    if args.token_command == "create":
+        print(token, flush=True)  # the only time the token is shown: only its sha256 is stored
+    else:
+        print(f"exchange: token {args.name!r} revoked", flush=True)
+    return 0
+
+
 def _safe_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
 
 
-COMMANDS = {"serve": cmd_serve, "send": cmd_send}
+COMMANDS = {"serve": cmd_serve, "send": cmd_send, "token": cmd_token}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,8 @@ class Database:
 
     def stop(self) -> None:
         """Wait for calls in flight (joins the threads), then close the connections."""
-        self.pool.stop()
+        if self.pool.started:
+            self.pool.stop()
         if self.engine is not None:
             self.engine.dispose()
             self.engine = None
@@ -62,5 +63,3 @@ class Database:
         # /* TRANSACTION: whatever fn writes, e.g. a read and its audit row. */
         with write_transaction(self.engine) as conn:
             return fn(conn, *args)
-
-
