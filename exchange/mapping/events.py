@@ -677,6 +677,18 @@ def _same_authority(a: Identifier, b: Identifier, ctx: FacilityContext) -> bool:
     return norm(a).same_authority(norm(b))
 
 
+def _prior_id(mrg: Segment, current: Identifier, ctx: FacilityContext) -> Identifier:
+    """MRG-1: the repetition with PID-3's authority, else the facility's MRN rule."""
+    ids = _identifiers(mrg, 1)
+    for ident in ids:
+        if _same_authority(ident, current, ctx):
+            return ident
+    chosen = _choose_mrn(ids, ctx.authority)
+    if chosen is None:
+        raise _Fail(101, "MRG-1", "MRG-1 has no usable prior identifier")
+    return chosen
+
+
 def _map_merge(msg, ctx, state, event, warnings) -> list:
     legacy = event in LEGACY_MERGE_EVENTS
     pairs = _pairs(msg)
@@ -687,7 +699,7 @@ def _map_merge(msg, ctx, state, event, warnings) -> list:
         survivor = _patient_id(pid, ctx)
         if mrg is None:
             raise _Fail(101, "MRG-1", "MRG segment with the prior identifier is required")
-        retired = _patient_id(mrg, ctx, "MRG-1")
+        retired = _prior_id(mrg, survivor, ctx)
         if not _same_authority(survivor, retired, ctx):
             raise _Fail(
                 102, "MRG-1", "MRG-1 assigning authority differs from PID-3: merges are within one facility"
@@ -711,7 +723,7 @@ def _map_identifier_change(msg, ctx, state, warnings) -> list:
         new = _patient_id(pid, ctx)
         if mrg is None:
             raise _Fail(101, "MRG-1", "MRG segment with the incorrect identifier is required")
-        old = _patient_id(mrg, ctx, "MRG-1")
+        old = _prior_id(mrg, new, ctx)
         if not _same_authority(new, old, ctx):
             raise _Fail(102, "MRG-1", "MRG-1 assigning authority differs from PID-3")
         if new.value != old.value:
