@@ -1,0 +1,129 @@
+"""In-memory API harness: the real routes and store functions over a real
+database (SQLite or PostgreSQL), with the thread pool replaced by a call on
+the test's own thread, so StubTreq answers synchronously (no reactor run)."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import Engine, select
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, fail, succeed
+
+from exchange.auth import TokenCache, create_token, revoke_token
+from exchange.outcome import MessageState
+from exchange.store.db import write_transaction
+from exchange.store.messages import NewMessage, insert_messages
+from exchange.store.schema import audit_event_table
+from exchange.web.api import API
+from exchange.web.server import build_root
+
+T0 = datetime(2026, 11, 27, 12, 0, 0, 123456, tzinfo=timezone.utc)
+
+
+class InlineDatabase:
+    """exchange.web.db.Database's interface, run on the calling thread."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.calls = 0
+
+    def _run(self, fn, args, conn_factory) -> Deferred:
+        self.calls += 1
+        try:
+            with conn_factory() as conn:
+                return succeed(fn(conn, *args))
+        except Exception:
+            return fail()
+
+    def read(self, fn, *args) -> Deferred:
+        return self._run(fn, args, self.engine.begin)
+
+    def write(self, fn, *args) -> Deferred:
+        return self._run(fn, args, lambda: write_transaction(self.engine))
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Harness:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.db = InlineDatabase(engine)
+        self.clock = FakeClock()
+        self.tokens = TokenCache(self.clock, ttl=30, max_entries=10)
+        self.now = T0 + timedelta(hours=1)
+        self.api = API(self.db, self.tokens, lambda: self.now)
+        self.stub = StubTreq(build_root(lambda: {}, self.api.resource()))
+
+    def token(self, name: str, role: str) -> str:
+        with write_transaction(self.engine) as conn:
+            return create_token(conn, name, role, T0)
+
+    def revoke(self, name: str) -> bool:
+        with write_transaction(self.engine) as conn:
+            return revoke_token(conn, name, T0)
+
+    def store(self, *messages: NewMessage) -> list[int]:
+        with write_transaction(self.engine) as conn:
+            return insert_messages(conn, messages)
+
+    def get(self, path: str, token: str | None = None, headers: dict | None = None) -> tuple[int, Any, Any]:
+        """(status, JSON body or None, response headers) for GET ``path``."""
+        headers = dict(headers or {})
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        response = self._result(self.stub.get("http://exchange.test" + path, headers=headers))
+        body = self._result(response.content())
+        try:
+            data = json.loads(body) if body else None
+        except ValueError:
+            data = body
+        return response.code, data, response.headers
+
+    def _result(self, d: Deferred):
+        self.stub.flush()
+        results: list = []
+        d.addBoth(results.append)
+        assert results, "the request did not finish"
+        if hasattr(results[0], "raiseException"):
+            results[0].raiseException()
+        return results[0]
+
+    def audit(self) -> list[dict]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(audit_event_table).order_by(audit_event_table.c.id)).mappings()
+            return [dict(r) for r in rows]
+
+
+def message(control_id: str = "MSG-1", **overrides) -> NewMessage:
+    fields = dict(
+        raw=b"MSH|^~\\&|ADT|GENHOSP|EXCHANGE|EXCHANGE|20261127120000||ADT^A01^ADT_A01|"
+        + control_id.encode()
+        + b"|P|2.5.1\rPID|1||100001^^^GENHOSP^MR||TESTPATIENT^ALPHA\r",
+        received_at=T0,
+        facility="GENHOSP",
+        control_id=control_id,
+        sending_application="ADT",
+        message_type="ADT",
+        event="A01",
+        structure="ADT_A01",
+        version="2.5.1",
+        processing_id="P",
+        state=MessageState.ACCEPTED,
+        ack_code="AA",
+        ack=b"MSH|^~\\&|EXCHANGE|EXCHANGE|ADT|GENHOSP|20261127120000||ACK^A01^ACK|X1|P|2.5.1\rMSA|AA|"
+        + control_id.encode()
+        + b"\r",
+        reason=None,
+        peer="127.0.0.1:50123",
+        dedup=True,
+    )
+    fields.update(overrides)
+    return NewMessage(**fields)
