@@ -1,0 +1,288 @@
+from datetime import date, datetime
+
+from exchange.mapping.events import (
+    Changes,
+    EncounterEvent,
+    EncounterStatus as S,
+    FacilityContext,
+    MappingError,
+    MergePatients,
+    UpsertPatient,
+    ChangeIdentifier,
+    LinkAssertion,
+    map_message,
+    needs,
+)
+from exchange.mapping.state import MemoryState
+from exchange.mapping.values import DELETE, Location, Precision
+
+from .helpers import corpus, msh, run, synthetic
+
+CTX = FacilityContext("HOSP", "HOSP")
+
+
+def mapped(name, ctx=CTX, state=None):
+    msg, header = corpus(name)
+    return map_message(msg, header, ctx, state or MemoryState())
+
+
+def ops_of(result, kind):
+    assert isinstance(result, Changes), result
+    return [op for op in result.operations if isinstance(op, kind)]
+
+
+# --- corpus, per event and version -----------------------------------------------------------
+
+
+def test_a01_v28_with_oids():
+    result = mapped("msfc/ADT-A01-01.hl7", FacilityContext("GHHSFacility", "GOOD HEALTH HOSPITAL"))
+    (up,) = ops_of(result, UpsertPatient)
+    assert up.mrn == "PATID1234"
+    d = up.demographics
+    assert [i.value for i in d.identifiers] == ["PATID1234", "123456789"]
+    assert d.identifiers[0].authority == "test1" and d.identifiers[0].authority_id == "2.16.1"
+    assert d.identifiers[0].type_code == "MR"
+    assert d.aliases[0].family == "EVERYMAN" and d.aliases[0].given == "ADAM" and d.aliases[0].suffix == "III"
+    assert d.birth.value.tzinfo is not None and d.birth.precision is Precision.MINUTE
+    assert d.sex == "M"
+    (enc,) = ops_of(result, EncounterEvent)
+    assert enc.status is S.ADMITTED and enc.patch.patient_class == "P"
+    assert enc.patch.location.point_of_care == "HUH AE OMU"
+    assert enc.patch.location.text == "HUH AE OMU^OMU B^Bed 03^HOMERTON UNIVER"
+    assert enc.patch.attending.id == "1122334" and enc.patch.attending.name.family == "Alaz"
+
+
+def test_legal_name_is_the_l_typed_repetition():
+    result = mapped("msfc/ADT-A01-01.hl7")
+    d = ops_of(result, UpsertPatient)[0].demographics
+    # PID-5: EVERYMAN (type D) ~ Josh (type L)
+    assert d.name.family == "Josh" and d.name.use == "L"
+    assert [a.family for a in d.aliases] == ["EVERYMAN"]
+
+
+def test_mrn_rule_authority_then_mr_then_first():
+    assert ops_of(mapped("ipf/pixsource_A04.hl7", FacilityContext("ICW", "HZLN")), UpsertPatient)[0].mrn == "13278"
+    assert ops_of(mapped("ipf/pixsource_A04.hl7", FacilityContext("ICW", "1.3.6.1.4.1.21367.2005.1.2")),
+                  UpsertPatient)[0].mrn == "02777"  # universal id CX.4.2
+    assert ops_of(mapped("ipf/pixsource_A04.hl7", FacilityContext("ICW", "OTHER")), UpsertPatient)[0].mrn == "305090"
+    up = ops_of(mapped("ipf/pixsource_A04.hl7", FacilityContext("ICW", "HZLN")), UpsertPatient)[0]
+    assert len(up.demographics.identifiers) == 3  # all kept
+    assert ops_of(mapped("msfc/ADT-A01-01.hl7", FacilityContext("X", "nope")), UpsertPatient)[0].mrn == "PATID1234"
+
+
+def test_a08_delete_and_no_change():
+    result = mapped("ipf/pixsource_A08.hl7", FacilityContext("ICW", "MPI"))
+    d = ops_of(result, UpsertPatient)[0].demographics
+    assert ops_of(result, UpsertPatient)[0].mrn == "306567"
+    assert d.removed_authorities == ("2.71",)
+    assert d.ssn is None and d.account is None  # empty: no change
+    msg = synthetic(msh("ADT", "A08"), "EVN|A08", 'PID|1||7^^^HOSP^MR||""||""|F|||""||""', "PV1|1|I")
+    state = MemoryState()
+    d = ops_of(map_message(*msg, CTX, state), UpsertPatient)[0].demographics
+    assert d.name is DELETE and d.aliases is DELETE and d.birth is DELETE
+    assert d.addresses is DELETE and d.phones is DELETE and d.sex == "F"
+
+
+def test_a08_applies_patch_semantics():
+    state = MemoryState()
+    run(state, CTX, synthetic(msh("ADT", "A28"), "EVN|A28", "PID|1||7^^^HOSP^MR||Doe^Jane||19800102|F|||1 Main^^Town||555^PRN^PH^jane@example.org||||||123-45-6789"))
+    rec = state.records[("HOSP", "7")]
+    assert rec["phones"][0].email == "jane@example.org" and rec["ssn"] == "123-45-6789"
+    run(state, CTX, synthetic(msh("ADT", "A31"), "EVN|A31", 'PID|1||7^^^HOSP^MR||Roe^Jane||||||||""'))
+    assert rec["name"].family == "Roe" and rec["birth"].value == date(1980, 1, 2)
+    assert rec["phones"] is None and rec["addresses"][0].city == "Town" and rec["ssn"] == "123-45-6789"
+
+
+def test_missing_pid3_is_an_error():
+    result = mapped("nhapi/adt_a04_v27_minimal.hl7")
+    assert isinstance(result, MappingError) and result.problem.location == "PID-3" and result.problem.code == 101
+    result = mapped("ipf/iti8-a01-incomplete.hl7")
+    assert isinstance(result, MappingError) and result.problem.location == "PID-3"
+
+
+def test_a40_two_pairs():
+    result = mapped("msfc/ADT-A40-02.hl7", FacilityContext("Ntierprise Clinic", "BCBS"))
+    merges = ops_of(result, MergePatients)
+    assert [(m.survivor_mrn, m.retired_mrn) for m in merges] == [("12345", "56789"), ("145", "569")]
+    assert not any(m.legacy for m in merges)
+
+
+def test_a40_authority_mismatch_names_mrg1():
+    msg = synthetic(msh("ADT", "A40"), "EVN|A40", "PID|1||1^^^HOSP^MR", "MRG|2^^^OTHER^MR")
+    result = map_message(*msg, CTX, MemoryState())
+    assert isinstance(result, MappingError) and result.problem.location == "MRG-1"
+    # ISO-8859-1 A40 with namespace&OID&ISO: the MRG-1 repetition of PID-3's authority is used
+    result = mapped("ipf/iti8-a40-iso-8859-1.hl7", FacilityContext("X", "MPI-NS-P"))
+    (merge,) = ops_of(result, MergePatients)
+    assert (merge.survivor_mrn, merge.retired_mrn) == ("305014", "305010")
+
+
+def test_a34_legacy_merge():
+    result = mapped("lfh/adt_a34_v23.hl7", FacilityContext("SENDING_FACILITY", ""))
+    (merge,) = ops_of(result, MergePatients)
+    assert (merge.survivor_mrn, merge.retired_mrn, merge.legacy, merge.event) == ("123", "456", True, "A34")
+    assert any("legacy" in w for w in result.warnings)
+
+
+def test_a47_identifier_change():
+    result = mapped("msfc/ADT-A47-01.hl7", FacilityContext("GHHSFacility", "GOOD HEALTH HOSPITAL"))
+    assert isinstance(result, MappingError) and result.problem.location == "MRG-1"  # BCBS id is not ours
+    state = MemoryState()
+    run(state, CTX, synthetic(msh("ADT", "A01"), "EVN|A01", "PID|1||M1^^^HOSP^MR||Doe^J", pv1()))
+    result = run(state, CTX, synthetic(msh("ADT", "A47"), "EVN|A47", "PID|1||M2^^^HOSP^MR||Doe^J", "MRG|M1^^^HOSP^MR"))
+    assert ops_of(result, ChangeIdentifier) == [ChangeIdentifier("HOSP", "M1", "M2")]
+    assert ("HOSP", "M1") not in state.records
+    assert state.record("HOSP", "M2").encounters["V1"].status is S.ADMITTED
+    assert state.records[("HOSP", "M2")]["previous_mrns"] == ("M1",)
+
+
+def test_a24_a37_link_assertions():
+    state = MemoryState()
+    result = run(state, CTX, synthetic(msh("ADT", "A24"), "EVN|A24", "PID|1||A^^^HOSP^MR", "PID|1||B^^^HOSP^MR"))
+    assert ops_of(result, LinkAssertion) == [LinkAssertion("HOSP", "A", "B", True)]
+    run(state, CTX, synthetic(msh("ADT", "A37"), "EVN|A37", "PID|1||B^^^HOSP^MR", "PID|1||A^^^HOSP^MR"))
+    assert state.links == {("HOSP", "A", "B"): False}
+    result = map_message(*synthetic(msh("ADT", "A24"), "EVN|A24", "PID|1||A^^^HOSP^MR"), CTX, state)
+    assert isinstance(result, MappingError)
+
+
+def test_versions_v21_to_v28_map():
+    for name in ("nhapi/adt_a01_v21_z01.hl7", "ipf/msg-01-utf8_a01_v22.hl7", "mirth/adt_a01_v23.hl7",
+                 "ipf/pixsource_A04.hl7", "renalware/adt_a05_v24_medway_zu.hl7", "hapi/adt_a03_it.hl7",
+                 "lfh/adt_a40_adt_a39_v26.hl7", "msfc/ADT-A04-02.hl7"):
+        assert isinstance(mapped(name), Changes), name
+
+
+def test_utf8_umlauts_decoded():
+    d = ops_of(mapped("ipf/msg-01-utf8_a01_v22.hl7"), UpsertPatient)[0].demographics
+    assert "ä" in d.name.family or "ö" in d.name.given
+
+
+def test_route_on_msh9_not_msh93():
+    # MSH-9.3 says ADT_A04 (non-standard); event comes from MSH-9.2
+    assert ops_of(mapped("msfc/ADT-A04-02.hl7"), EncounterEvent)[0].status is S.REGISTERED
+
+
+def test_needs():
+    msg, _ = corpus("msfc/ADT-A40-02.hl7")
+    n = needs(msg, FacilityContext("F", "BCBS"))
+    assert n.records == {("F", "12345"), ("F", "56789"), ("F", "145"), ("F", "569")}
+    msg, _ = corpus("pacsbridge/mdm_t06_v251.hl7")
+    n = needs(msg, FacilityContext("F", "HOSPITAL"))
+    assert n.documents == {("F", "DOC12346"), ("F", "DOC12345")} and n.records == {("F", "12345")}
+
+
+# --- synthetic sequences ---------------------------------------------------------------------
+
+
+def pv1(visit="V1", cls="I", loc="W1^101^A", prior="", admit="", discharge=""):
+    fields = ["PV1", "1", cls, loc, "", "", prior] + [""] * 12 + [visit] + [""] * 24 + [admit, discharge]
+    return "|".join(fields)
+
+
+def adt(state, event, mrn="100", ctx=CTX, **kw):
+    return run(state, ctx, synthetic(msh("ADT", event), f"EVN|{event}|20240101120000", f"PID|1||{mrn}^^^HOSP^MR||Doe^Jane||19800102|F", pv1(**kw)))
+
+
+def enc(state, mrn="100", visit="V1"):
+    return state.record("HOSP", mrn).encounters[visit]
+
+
+def test_register_admit_transfer_update_discharge():
+    s = MemoryState()
+    adt(s, "A04", cls="O", loc="CLINIC^^")
+    assert enc(s).status is S.REGISTERED
+    adt(s, "A01", loc="W1^101^A", admit="20240102080000")
+    e = enc(s)
+    assert e.status is S.ADMITTED and e.location == Location("W1", "101", "A")
+    assert e.admitted_at.value == datetime(2024, 1, 2, 8)
+    adt(s, "A02", loc="W2^202^B")
+    e = enc(s)
+    assert e.location == Location("W2", "202", "B") and e.prior_location == Location("W1", "101", "A")
+    adt(s, "A08", loc="W2^202^C")
+    assert enc(s).status is S.ADMITTED and enc(s).location.bed == "C"
+    adt(s, "A03", loc="", discharge="20240105100000")
+    e = enc(s)
+    assert e.status is S.DISCHARGED and e.discharged_at.value == datetime(2024, 1, 5, 10)
+    assert e.admitted_at.value == datetime(2024, 1, 2, 8)
+    adt(s, "A13", loc="")
+    e = enc(s)
+    assert e.status is S.ADMITTED and e.discharged_at is None
+    history = [h for h in s.history if h[1] == "EncounterEvent"]
+    assert [h[3][2] for h in history] == ["A04", "A01", "A02", "A08", "A03", "A13"]
+
+
+def test_admit_then_cancel_admit():
+    s = MemoryState()
+    adt(s, "A01")
+    adt(s, "A11")
+    assert enc(s).status is S.CANCELLED
+
+
+def test_preadmit_then_cancel_preadmit():
+    s = MemoryState()
+    adt(s, "A05", cls="P")
+    assert enc(s).status is S.PREADMITTED
+    adt(s, "A38", cls="P")
+    assert enc(s).status is S.CANCELLED
+
+
+def test_transfer_then_cancel_transfer():
+    s = MemoryState()
+    adt(s, "A01", loc="W1^1^A")
+    adt(s, "A02", loc="W2^2^B")
+    adt(s, "A12", loc="")
+    e = enc(s)
+    assert e.location == Location("W1", "1", "A") and e.prior_location is None
+
+
+def test_outpatient_inpatient_switch():
+    s = MemoryState()
+    adt(s, "A04", cls="O")
+    adt(s, "A06", cls="")
+    assert enc(s).status is S.ADMITTED and enc(s).patient_class == "I"
+    adt(s, "A07", cls="")
+    assert enc(s).status is S.REGISTERED and enc(s).patient_class == "O"
+
+
+def test_discharge_before_admit_keeps_both():
+    s = MemoryState()
+    adt(s, "A03", discharge="20240105100000", loc="W2^2^B")
+    e = enc(s)
+    assert e.status is S.DISCHARGED and e.discharged_at.value == datetime(2024, 1, 5, 10)
+    adt(s, "A01", admit="20240102080000", loc="W1^1^A")
+    e = enc(s)
+    assert e.status is S.DISCHARGED
+    assert e.admitted_at.value == datetime(2024, 1, 2, 8)
+    assert e.discharged_at.value == datetime(2024, 1, 5, 10)
+    assert e.location == Location("W2", "2", "B")
+
+
+def test_discharge_without_time_uses_event_time():
+    s = MemoryState()
+    adt(s, "A03")
+    assert enc(s).discharged_at.value == datetime(2024, 1, 1, 12)
+
+
+def test_merge_moves_visits_and_keeps_retired_answerable():
+    s = MemoryState()
+    adt(s, "A01", mrn="OLD", visit="V-OLD")
+    adt(s, "A01", mrn="NEW", visit="V-NEW")
+    result = run(s, CTX, synthetic(msh("ADT", "A40"), "EVN|A40", "PID|1||NEW^^^HOSP^MR||Doe^Jane", "MRG|OLD^^^HOSP^MR"))
+    assert isinstance(result, Changes)
+    retired = s.record("HOSP", "OLD")
+    assert retired.active is False and retired.merged_into == "NEW" and retired.encounters == {}
+    survivor = s.record("HOSP", "NEW")
+    assert survivor.active and set(survivor.encounters) == {"V-OLD", "V-NEW"}
+    # later messages for the retired MRN land on the survivor
+    result = adt(s, "A08", mrn="OLD", visit="V-OLD", loc="X^1^1")
+    assert any("merged" in w for w in result.warnings)
+    assert s.record("HOSP", "NEW").encounters["V-OLD"].location.point_of_care == "X"
+    assert s.record("HOSP", "OLD").encounters == {}
+
+
+def test_unsupported_event_and_type():
+    r = map_message(*synthetic(msh("ADT", "A99"), "PID|1||1^^^HOSP^MR"), CTX, MemoryState())
+    assert isinstance(r, MappingError) and r.problem.code == 201
+    r = map_message(*synthetic(msh("ORU", "R01"), "PID|1||1^^^HOSP^MR"), CTX, MemoryState())
+    assert isinstance(r, MappingError) and r.problem.code == 200
