@@ -1,0 +1,163 @@
+import base64
+
+from exchange.mapping.events import (
+    Changes,
+    DocumentAction,
+    DocumentEvent,
+    DocumentState as D,
+    FacilityContext,
+    MappingError,
+    MarkDocument,
+    map_message,
+)
+from exchange.mapping.state import MemoryState
+
+from .helpers import corpus, msh, run, synthetic
+
+CTX = FacilityContext("HOSP", "HOSP")
+
+
+def doc_op(result):
+    assert isinstance(result, Changes), result
+    (op,) = [o for o in result.operations if isinstance(o, DocumentEvent)]
+    return op
+
+
+def test_base64_html_70kb():
+    msg, header = corpus("ipf/msg-02_mdm_t02_base64.hl7")
+    op = doc_op(map_message(msg, header, CTX, MemoryState()))
+    content = op.patch.content
+    assert content.content_type == "text/html"
+    assert content.data and content.size == len(content.data) > 50_000
+    assert content.data.lstrip()[:1] == b"<"
+    assert op.patch.completion_status == "PA"
+    assert op.action is DocumentAction.CREATE and op.state is D.CURRENT
+
+
+def test_pdf_with_empty_data():
+    msg, header = corpus("msfc/MDM-T02-01.hl7")
+    content = doc_op(map_message(msg, header, CTX, MemoryState())).patch.content
+    assert content.content_type == "application/pdf" and content.data == b""
+
+
+def test_29_text_lines_joined_in_order():
+    msg, header = corpus("msfc/MDM-T02-03.hl7")
+    op = doc_op(map_message(msg, header, FacilityContext("SFAC", "SIMULATOR MRN"), MemoryState()))
+    assert op.number == "2RWRVAJ627408" and op.patch.type == "DS" and op.patch.completion_status == "IP"
+    lines = op.patch.content.text.split("\n")
+    assert len(lines) == 29
+    assert lines[0].startswith("Toilet cylinder") and lines[3] == "Naming grandmother ruth"
+    assert op.patch.content.content_type == "text/plain"
+    assert op.patch.author is None  # TXA-9 empty (C006 is TXA-5, the activity provider)
+    assert op.patch.activity_at.text == "20210801090642+0215"
+
+
+def test_escapes_and_errors_without_txa():
+    for name in ("nhapi/mdm_t02_escapes_v231.hl7", "ipf/tpl_mdm_t11_no_txa.hl7"):
+        msg, header = corpus(name)
+        result = map_message(msg, header, CTX, MemoryState())
+        assert isinstance(result, MappingError) and result.problem.code == 101
+        assert result.problem.location == "TXA-12"
+
+
+def test_text_escapes_decoded():
+    m = synthetic(msh("MDM", "T02"), "EVN|T02", "PID|1||1^^^HOSP^MR", "TXA|1|NOTE|TX|||||||||D1||||AU",
+                  r"OBX|1|FT|||a\T\b\.br\c\S\d", "OBX|2|TX|||second~third", "OBX|3|CE|||C^Coded text")
+    text = doc_op(map_message(*m, CTX, MemoryState())).patch.content.text
+    assert text == "a&b\nc^d\nsecond\nthird\nCoded text"
+
+
+def test_content_size_limit():
+    small = FacilityContext("HOSP", "HOSP", max_document_bytes=1000)
+    data = base64.b64encode(b"x" * 2000).decode()
+    m = synthetic(msh("MDM", "T02"), "EVN|T02", "PID|1||1^^^HOSP^MR", "TXA|1|NOTE|TX|||||||||D1||||AU",
+                  f"OBX|1|ED|||^application^pdf^Base64^{data}")
+    r = map_message(*m, small, MemoryState())
+    assert isinstance(r, MappingError) and r.problem.location == "OBX-5"
+    m = synthetic(msh("MDM", "T02"), "EVN|T02", "PID|1||1^^^HOSP^MR", "TXA|1|NOTE|TX|||||||||D1||||AU",
+                  *[f"OBX|{i}|TX|||{'y' * 100}" for i in range(20)])
+    r = map_message(*m, small, MemoryState())
+    assert isinstance(r, MappingError) and r.problem.location == "OBX-5"
+    assert isinstance(map_message(*m, CTX, MemoryState()), Changes)
+
+
+def test_bad_base64_is_an_error():
+    m = synthetic(msh("MDM", "T02"), "EVN|T02", "PID|1||1^^^HOSP^MR", "TXA|1|NOTE|TX|||||||||D1||||AU",
+                  "OBX|1|ED|||^AP^PDF^Base64^abcde")
+    r = map_message(*m, CTX, MemoryState())
+    assert isinstance(r, MappingError) and r.problem.location == "OBX-5"
+
+
+def test_pacsbridge_chain():
+    s = MemoryState()
+    ctx = FacilityContext("HOSPITAL", "HOSPITAL")
+    for name in ("mdm_t02_radiology_v251", "mdm_t04_v251", "mdm_t06_v251", "mdm_t08_v251", "mdm_t10_v251"):
+        result = run(s, ctx, corpus(f"pacsbridge/{name}.hl7"), name)
+        assert isinstance(result, Changes), (name, result)
+    assert s.document("HOSPITAL", "RAD001").state is D.CURRENT
+    parent = s.document("HOSPITAL", "DOC12345")
+    assert parent.state is D.REPLACED and parent.version == 2  # T04 created it, T08 a new version
+    assert s.document("HOSPITAL", "DOC12346").parent == "DOC12345"  # addendum
+    assert s.document("HOSPITAL", "DOC12347").state is D.CURRENT
+    versions = s.documents[("HOSPITAL", "DOC12345")]["versions"]
+    assert versions[1]["content"].text.startswith("History and physical examination completed")
+    assert versions[1]["availability"] == "OB" and versions[1]["event"] == "T08"
+    assert versions[0]["message"] == "mdm_t04_v251"
+
+
+def test_unknown_parent_is_an_error():
+    msg, header = corpus("pacsbridge/mdm_t06_v251.hl7")
+    r = map_message(msg, header, CTX, MemoryState())
+    assert isinstance(r, MappingError) and r.problem.location == "TXA-13" and r.problem.code == 204
+
+
+def mdm(s, event, number, parent="", text="body", status="AU", availability=""):
+    txa = f"TXA|1|NOTE|TX|20240101||||||||{number}|{parent}||||{status}||{availability}"
+    segs = [msh("MDM", event), f"EVN|{event}", "PID|1||100^^^HOSP^MR||Doe^Jane", txa]
+    if text:
+        segs.append(f"OBX|1|TX|||{text}")
+    return run(s, CTX, synthetic(*segs))
+
+
+def test_t02_t08_t06_t10_t11_lifecycle():
+    s = MemoryState()
+    mdm(s, "T02", "D1", text="first", status="IP")
+    d1 = s.document("HOSP", "D1")
+    assert (d1.state, d1.version) == (D.CURRENT, 1)
+    mdm(s, "T08", "D1", text="edited", status="AU")
+    d1 = s.document("HOSP", "D1")
+    assert (d1.state, d1.version) == (D.CURRENT, 2)
+    versions = s.documents[("HOSP", "D1")]["versions"]
+    assert [v["content"].text for v in versions] == ["first", "edited"]
+    assert [v["completion_status"] for v in versions] == ["IP", "AU"]
+    r = mdm(s, "T06", "D1-A", parent="D1", text="addendum")
+    assert isinstance(r, Changes)
+    assert s.document("HOSP", "D1-A").parent == "D1" and s.document("HOSP", "D1").state is D.CURRENT
+    r = mdm(s, "T10", "D2", parent="D1", text="replacement")
+    assert [type(o) for o in r.operations][-1] is MarkDocument
+    assert s.document("HOSP", "D1").state is D.REPLACED
+    assert s.document("HOSP", "D2").state is D.CURRENT
+    mdm(s, "T11", "D2", text="")
+    assert s.document("HOSP", "D2").state is D.CANCELLED
+    assert s.documents[("HOSP", "D2")]["versions"][-1]["availability"] == "CA"
+    assert s.document("HOSP", "D1-A").state is D.CURRENT
+
+
+def test_status_change_keeps_content_and_late_original_fills_only():
+    s = MemoryState()
+    mdm(s, "T02", "D1", text="body", status="IP")
+    mdm(s, "T03", "D1", text="", status="LA")
+    v = s.documents[("HOSP", "D1")]["versions"]
+    assert len(v) == 1 and v[0]["completion_status"] == "LA" and v[0]["content"].text == "body"
+    s = MemoryState()
+    mdm(s, "T08", "D9", text="edited", status="AU")  # the edit arrives before the original
+    mdm(s, "T02", "D9", text="original", status="IP")
+    v = s.documents[("HOSP", "D9")]["versions"][-1]
+    assert v["content"].text == "edited" and v["completion_status"] == "AU"
+
+
+def test_documents_move_on_merge():
+    s = MemoryState()
+    mdm(s, "T02", "D1")
+    run(s, CTX, synthetic(msh("ADT", "A40"), "EVN|A40", "PID|1||200^^^HOSP^MR", "MRG|100^^^HOSP^MR"))
+    assert s.document("HOSP", "D1").mrn == "200"
