@@ -346,8 +346,10 @@ def _choose_mrn(identifiers: list[Identifier], authority: str) -> Identifier | N
     return identifiers[0]
 
 
-def _patient_id(seg: Segment, ctx: FacilityContext, location: str = "PID-3") -> Identifier:
-    ids = _identifiers(seg, 3 if seg.name == "PID" else 1)
+def _patient_id(seg: Segment, ctx: FacilityContext, location: str = "PID-3",
+                ids: list[Identifier] | None = None) -> Identifier:
+    if ids is None:
+        ids = _identifiers(seg, 3 if seg.name == "PID" else 1)
     mrn = _choose_mrn(ids, ctx.authority)
     if mrn is None:
         raise _Fail(101, location, f"{location} has no usable patient identifier")
@@ -398,11 +400,14 @@ def _ts(seg: Segment, n: int, warnings: list[str]) -> Timestamp | None | object:
     return ts
 
 
-def demographics(pid: Segment, warnings: list[str]) -> Demographics:
-    """The PID as a demographics patch (empty = no change, "" = delete)."""
-    ids = tuple(_identifiers(pid, 3))
+def demographics(pid: Segment, warnings: list[str], ids: list[Identifier] | None = None) -> Demographics:
+    """The PID as a demographics patch (empty = no change, "" = delete).
+
+    ``ids`` are PID-3's identifiers when the caller has read them already.
+    """
+    ids = tuple(_identifiers(pid, 3) if ids is None else ids)
     removed = []
-    for rep in pid.repetitions(3):
+    for rep in (pid.repetitions(3) if '""' in pid.field(3) else ()):
         comps = rep.split(pid.delimiters.component)
         if comps and is_delete(comps[0]) and len(comps) > 3:
             hd = comps[3].split(pid.delimiters.subcomponent)
@@ -542,8 +547,9 @@ def _map_adt(msg, header, ctx, state, event, warnings) -> list:
     pid = msg.first("PID")
     if pid is None:
         raise _Fail(101, "PID-3", "PID segment with a patient identifier is required")
-    mrn = _survivor(state, ctx.code, _patient_id(pid, ctx).value, warnings)
-    ops: list = [UpsertPatient(ctx.code, mrn, demographics(pid, warnings))]
+    ids = _identifiers(pid, 3)
+    mrn = _survivor(state, ctx.code, _patient_id(pid, ctx, ids=ids).value, warnings)
+    ops: list = [UpsertPatient(ctx.code, mrn, demographics(pid, warnings, ids))]
     if event in DEMOGRAPHICS_ONLY_EVENTS:
         warnings.append(f"{event}: only the demographics are applied")
     if event not in ENCOUNTER_EVENTS:
@@ -769,7 +775,8 @@ def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
     pid = msg.first("PID")
     if pid is None:
         raise _Fail(101, "PID-3", "PID segment with a patient identifier is required")
-    mrn = _survivor(state, ctx.code, _patient_id(pid, ctx).value, warnings)
+    ids = _identifiers(pid, 3)
+    mrn = _survivor(state, ctx.code, _patient_id(pid, ctx, ids=ids).value, warnings)
 
     obx = msg.after(txa, "OBX") or msg.segments("OBX")
     if obx:
@@ -777,7 +784,7 @@ def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
     elif event in MDM_WITH_CONTENT:
         warnings.append(f"{event}: no OBX content")
 
-    ops: list = [UpsertPatient(ctx.code, mrn, demographics(pid, warnings))]
+    ops: list = [UpsertPatient(ctx.code, mrn, demographics(pid, warnings, ids))]
     current = state.document(ctx.code, patch.number)
     number = patch.number
 

@@ -188,6 +188,8 @@ class Segment:
 
     def text(self, raw: str) -> str:
         """Unescape a piece of this segment (any level)."""
+        if self.delimiters.escape not in raw:
+            return raw
         return unescape(raw, self.delimiters, self.codec)
 
 
