@@ -114,10 +114,31 @@ def timestamp(text: str) -> Timestamp | None:
     return Timestamp(value, precision, text.strip())
 
 
+_TZ_CACHE: dict[str, timezone | None] = {}
+
+
+def _offset(text: str) -> timezone | None:
+    """'+hhmm' / '-hh' as a timezone (cached: there are few distinct offsets), None when invalid."""
+    tz = _TZ_CACHE.get(text)
+    if tz is None and text not in _TZ_CACHE:
+        m = _OFFSET.match(text)
+        if m is not None:
+            hours, minutes = int(m.group(2)), int(m.group(3) or 0)
+            if hours <= 23 and minutes <= 59:
+                delta = timedelta(hours=hours, minutes=minutes)
+                tz = timezone(-delta if m.group(1) == "-" else delta)
+        if len(_TZ_CACHE) < 256:
+            _TZ_CACHE[text] = tz
+    return tz
+
+
 def _parse_ts(text: str) -> tuple[date | datetime | None, Precision | None]:
     s = text.strip()
     if not s:
         return None, None
+    n = len(s)
+    if n == 8 and s.isdigit() and s.isascii():  # fast path: a date
+        return date(int(s[:4]), int(s[4:6]), int(s[6:8])), Precision.DAY
     if "^" in s:  # TS.1^TS.2 (degree of precision) in old versions
         s = s.split("^", 1)[0].strip()
     tz: timezone | None = None
@@ -138,11 +159,9 @@ def _parse_ts(text: str) -> tuple[date | datetime | None, Precision | None]:
         m = _OFFSET.match(s[sign_at:])
         if not m:
             return None, None
-        hours, minutes = int(m.group(2)), int(m.group(3) or 0)
-        if hours > 23 or minutes > 59:
+        tz = _offset(s[sign_at:])
+        if tz is None:
             return None, None
-        delta = timedelta(hours=hours, minutes=minutes)
-        tz = timezone(-delta if m.group(1) == "-" else delta)
         s = s[:sign_at]
     fraction = ""
     if "." in s:
