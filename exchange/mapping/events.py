@@ -61,7 +61,6 @@ from exchange.mapping.values import (
     EncounterPatch,
     Identifier,
     Location,
-    PersonName,
     Timestamp,
     address,
     doctor,
@@ -965,4 +964,3 @@ __all__ = [
     "needs",
 ]
 
-_unused = (PersonName,)

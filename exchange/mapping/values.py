@@ -12,7 +12,7 @@ Timestamps keep their precision: ``parse_ts("1962")`` is the year 1962, not
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from enum import Enum, StrEnum
 
@@ -507,4 +507,3 @@ __all__ = [
     "timestamp",
 ]
 
-_ = field  # (kept for subclasses that need default factories)
