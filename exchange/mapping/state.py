@@ -31,6 +31,14 @@ Semantics in one place:
   every version is kept, with the event and the message that made it;
 * every operation appends one history entry: (message_ref, operation kind,
   facility, key).
+
+Unit of work (for the database layer, :mod:`exchange.store.records`): a
+state can be *seeded* with rows loaded from a store (``seed``), and answers
+what changed since then (``dirty``): records by object identity (so an A47
+rename is a moved row, not a delete and an insert), encounters per record,
+documents and their versions, links and the history entries appended.
+``mark_clean`` makes the current contents the new baseline. Seeding and
+dirty tracking never change what ``apply`` does.
 """
 from __future__ import annotations
 
@@ -102,6 +110,7 @@ class MemoryState:
         self.documents: dict[tuple[str, str], dict[str, Any]] = {}
         self.links: dict[tuple[str, str, str], bool] = {}
         self.history: list[tuple[Hashable, str, str, tuple]] = []
+        self.mark_clean()
 
     # --- StateView -------------------------------------------------------------
 
@@ -271,6 +280,81 @@ class MemoryState:
             doc["versions"][-1] = {**doc["versions"][-1], "availability": op.availability}
         return (op.number, op.event, op.state.value)
 
+    # --- unit of work ------------------------------------------------------------
+
+    def seed(
+        self,
+        records: dict[tuple[str, str], dict[str, Any]] | None = None,
+        documents: dict[tuple[str, str], dict[str, Any]] | None = None,
+        links: dict[tuple[str, str, str], bool] | None = None,
+    ) -> None:
+        """Add entries as they are stored (shapes as ``records``/``documents``/``links``), then mark clean.
+
+        A record dict needs every key ``_record`` creates; a document dict
+        ``facility``, ``mrn``, ``state`` and ``versions`` (dicts as ``_version`` makes).
+        """
+        self.records.update(records or {})
+        self.documents.update(documents or {})
+        self.links.update(links or {})
+        self.mark_clean()
+
+    def mark_clean(self) -> None:
+        """The current contents become the baseline ``dirty`` compares with."""
+        self._base_records = {
+            key: (rec, _record_plain(rec), {v: _plain(e) for v, e in rec["encounters"].items()})
+            for key, rec in self.records.items()
+        }
+        self._base_documents = {
+            key: (_document_plain(doc), tuple(_plain(v) for v in doc["versions"]))
+            for key, doc in self.documents.items()
+        }
+        self._base_links = dict(self.links)
+        self._clean_history = len(self.history)
+
+    def dirty(self) -> Dirty:
+        """What changed since the last ``seed``/``mark_clean``/construction."""
+        by_identity = {id(rec): key for key, (rec, _, _) in self._base_records.items()}
+        present: set[tuple[str, str]] = set()
+        out = Dirty()
+        for key, rec in self.records.items():
+            old_key = by_identity.get(id(rec))
+            if old_key is None or self._base_records[old_key][0] is not rec:
+                out.new_records.append(key)
+                old_encounters: dict = {}
+            else:
+                present.add(old_key)
+                _, old_plain, old_encounters = self._base_records[old_key]
+                if old_key != key or _record_plain(rec) != old_plain:
+                    out.changed_records.append((key, old_key))
+            new_encounters = {v: _plain(e) for v, e in rec["encounters"].items()}
+            for visit in old_encounters.keys() - new_encounters.keys():
+                out.removed_encounters.append((key, visit))
+            for visit, plain in new_encounters.items():
+                old = old_encounters.get(visit)
+                if old is None:
+                    out.new_encounters.append((key, visit))
+                elif old != plain:
+                    out.changed_encounters.append((key, visit))
+        out.removed_records = [k for k in self._base_records if k not in present]
+        for key, doc in self.documents.items():
+            base = self._base_documents.get(key)
+            versions = doc["versions"]
+            if base is None:
+                out.new_documents.append(key)
+                out.new_versions.extend((key, i) for i in range(len(versions)))
+                continue
+            old_doc, old_versions = base
+            if _document_plain(doc) != old_doc:
+                out.changed_documents.append(key)
+            for i, version in enumerate(versions):
+                if i >= len(old_versions):
+                    out.new_versions.append((key, i))
+                elif _plain(version) != old_versions[i]:
+                    out.changed_versions.append((key, i))
+        out.links = [k for k, v in self.links.items() if self._base_links.get(k) is not v]
+        out.history = self.history[self._clean_history:]
+        return out
+
     # --- comparison ------------------------------------------------------------
 
     def snapshot(self, history: bool = False) -> dict[str, Any]:
@@ -283,6 +367,39 @@ class MemoryState:
         if history:
             out["history"] = tuple(_plain(h) for h in self.history)
         return out
+
+
+@dataclasses.dataclass
+class Dirty:
+    """What changed since the baseline, as keys into a :class:`MemoryState`.
+
+    ``changed_records`` pairs (current key, key at baseline): they differ for
+    a renamed record (A47). ``removed_records`` are baseline keys whose record
+    is gone (folded into another by a rename). Encounters are (record key,
+    visit number) under the record's current key; versions are (document
+    key, index into ``versions``).
+    """
+
+    new_records: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    changed_records: list[tuple[tuple[str, str], tuple[str, str]]] = dataclasses.field(default_factory=list)
+    removed_records: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    new_encounters: list[tuple[tuple[str, str], str]] = dataclasses.field(default_factory=list)
+    changed_encounters: list[tuple[tuple[str, str], str]] = dataclasses.field(default_factory=list)
+    removed_encounters: list[tuple[tuple[str, str], str]] = dataclasses.field(default_factory=list)
+    new_documents: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    changed_documents: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    new_versions: list[tuple[tuple[str, str], int]] = dataclasses.field(default_factory=list)
+    changed_versions: list[tuple[tuple[str, str], int]] = dataclasses.field(default_factory=list)
+    links: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    history: list[tuple[Hashable, str, str, tuple]] = dataclasses.field(default_factory=list)
+
+
+def _record_plain(rec: dict) -> Any:
+    return _plain({k: v for k, v in rec.items() if k != "encounters"})
+
+
+def _document_plain(doc: dict) -> Any:
+    return _plain({k: v for k, v in doc.items() if k != "versions"})
 
 
 def _version(base: dict, patch: DocumentPatch, number: int, event: str, ref, fill_only: bool) -> dict:
@@ -322,4 +439,4 @@ _HANDLERS = {
     MarkDocument: MemoryState._mark,
 }
 
-__all__ = ["MemoryState"]
+__all__ = ["Dirty", "MemoryState"]
