@@ -18,11 +18,13 @@ convenience code and for Alembic autogenerate. Change a model here, then write
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     Dialect,
     ForeignKey,
@@ -33,6 +35,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -211,3 +214,180 @@ class AuditEvent(Base):
 
 api_token_table = ApiToken.__table__
 audit_event_table = AuditEvent.__table__
+
+
+# -- The record model: facility patient records, encounters, documents ----------------
+#
+# Written by exchange.store.records (load -> MemoryState -> save). Each row keeps
+# its exact value objects in a portable JSON column (``data``/``fields``,
+# serialised by exchange.store.records.to_json); the plain columns next to it
+# are derived from them for searching and for the API views.
+
+MRN_LEN = 199  # CX.1
+AUTHORITY_LEN = 227  # CX.4 (HD)
+ID_TYPE_LEN = 16  # CX.5
+NAME_LEN = 194  # XPN.1 / XPN.2
+SEX_LEN = 16  # PID-8
+POSTCODE_LEN = 32  # XAD.5
+PHONE_LEN = 64  # XTN.1
+SSN_LEN = 32  # PID-19
+VISIT_LEN = 250  # PV1-19 (CX)
+PATIENT_CLASS_LEN = 16  # PV1-2
+LOCATION_LEN = 400  # PL as "point of care^room^bed^facility"
+TS_LEN = 40  # an HL7 timestamp as ISO text with its precision
+DOCUMENT_NUMBER_LEN = 427  # TXA-12.1 (EI)
+DOCUMENT_CODE_LEN = 250  # TXA-2, TXA-17, TXA-19
+CONTENT_TYPE_LEN = 255
+EVENT_LEN = 16  # trigger event or operation kind
+RECORD_EVENT_KIND_LEN = 32
+
+
+class Person(Base):
+    """An enterprise person. One per facility record until the patient index links them."""
+
+    __tablename__ = "person"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class PatientRecord(Base):
+    """A facility's patient record, keyed (facility, MRN). Merged-away MRNs stay, inactive."""
+
+    __tablename__ = "patient_record"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    facility: Mapped[str] = mapped_column(String(FACILITY_LEN))  # MSH-4.1
+    mrn: Mapped[str] = mapped_column(String(MRN_LEN))  # PID-3.1 chosen as the MRN
+    authority: Mapped[str] = mapped_column(String(AUTHORITY_LEN))  # the MRN's CX.4 ("" if none)
+    person_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("person.id"), index=True)
+    active: Mapped[bool] = mapped_column(Boolean)
+    merged_into_mrn: Mapped[str | None] = mapped_column(String(MRN_LEN))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    data: Mapped[dict] = mapped_column(JSON)  # the record's value objects, exactly
+    family_name: Mapped[str | None] = mapped_column(String(NAME_LEN), index=True)  # PID-5.1 (legal)
+    given_name: Mapped[str | None] = mapped_column(String(NAME_LEN))  # PID-5.2
+    birth_date: Mapped[date | None] = mapped_column(Date, index=True)  # PID-7, day precision or finer
+    sex: Mapped[str | None] = mapped_column(String(SEX_LEN))  # PID-8
+    postcode: Mapped[str | None] = mapped_column(String(POSTCODE_LEN), index=True)  # PID-11.5 (first)
+    phone: Mapped[str | None] = mapped_column(String(PHONE_LEN), index=True)  # PID-13.1 (first)
+    ssn: Mapped[str | None] = mapped_column(String(SSN_LEN), index=True)  # PID-19
+
+    __table_args__ = (
+        UniqueConstraint("facility", "mrn"),
+        # "records merged into this one" (load follows merged_into both ways)
+        Index("ix_patient_record_facility_merged_into_mrn", "facility", "merged_into_mrn"),
+    )
+
+
+class RecordIdentifier(Base):
+    """Every PID-3 identifier of a record (with its authority and type), for look-ups."""
+
+    __tablename__ = "record_identifier"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    record_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("patient_record.id", ondelete="CASCADE"), index=True
+    )
+    authority: Mapped[str] = mapped_column(String(AUTHORITY_LEN))  # CX.4.1, else CX.4.2
+    value: Mapped[str] = mapped_column(String(MRN_LEN))  # CX.1
+    type: Mapped[str] = mapped_column(String(ID_TYPE_LEN))  # CX.5
+
+    __table_args__ = (Index("ix_record_identifier_authority_value", "authority", "value"),)
+
+
+class Encounter(Base):
+    """One visit (PV1-19) of a record."""
+
+    __tablename__ = "encounter"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    record_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("patient_record.id", ondelete="CASCADE"))
+    visit_number: Mapped[str] = mapped_column(String(VISIT_LEN))  # PV1-19
+    patient_class: Mapped[str | None] = mapped_column(String(PATIENT_CLASS_LEN))  # PV1-2
+    status: Mapped[str] = mapped_column(String(STATE_LEN))  # exchange.mapping.events.EncounterStatus
+    location: Mapped[str | None] = mapped_column(String(LOCATION_LEN))  # PV1-3
+    prior_location: Mapped[str | None] = mapped_column(String(LOCATION_LEN))  # PV1-6
+    attending: Mapped[dict | None] = mapped_column(JSON)  # PV1-7
+    admitted_at: Mapped[str | None] = mapped_column(String(TS_LEN))  # PV1-44, ISO with its precision
+    discharged_at: Mapped[str | None] = mapped_column(String(TS_LEN))  # PV1-45
+    data: Mapped[dict] = mapped_column(JSON)  # the encounter's value objects, exactly
+
+    __table_args__ = (UniqueConstraint("record_id", "visit_number"),)
+
+
+class Document(Base):
+    """A document (TXA-12) of a facility; its columns describe the current version."""
+
+    __tablename__ = "document"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    facility: Mapped[str] = mapped_column(String(FACILITY_LEN))
+    number: Mapped[str] = mapped_column(String(DOCUMENT_NUMBER_LEN))  # TXA-12.1
+    record_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("patient_record.id"), index=True)
+    type: Mapped[str | None] = mapped_column(String(DOCUMENT_CODE_LEN))  # TXA-2
+    parent: Mapped[str | None] = mapped_column(String(DOCUMENT_NUMBER_LEN))  # TXA-13
+    completion_status: Mapped[str | None] = mapped_column(String(DOCUMENT_CODE_LEN))  # TXA-17
+    availability: Mapped[str | None] = mapped_column(String(DOCUMENT_CODE_LEN))  # TXA-19
+    state: Mapped[str] = mapped_column(String(STATE_LEN))  # exchange.mapping.events.DocumentState
+    version: Mapped[int] = mapped_column(Integer)  # number of versions
+
+    __table_args__ = (UniqueConstraint("facility", "number"),)
+
+
+class DocumentVersion(Base):
+    """Every version of a document, with the event and the message that made it."""
+
+    __tablename__ = "document_version"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    document_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("document.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    event: Mapped[str] = mapped_column(String(EVENT_LEN))  # T02, T08, ...
+    message_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("message.id"), index=True)
+    content_type: Mapped[str | None] = mapped_column(String(CONTENT_TYPE_LEN))
+    text: Mapped[str | None] = mapped_column(Text)  # OBX TX/FT/ST content
+    data: Mapped[bytes | None] = mapped_column(LargeBinary)  # OBX ED/RP content, decoded
+    size: Mapped[int] = mapped_column(Integer)
+    fields: Mapped[dict] = mapped_column(JSON)  # every other field's value objects, exactly
+
+    __table_args__ = (UniqueConstraint("document_id", "version"),)
+
+
+class LinkAssertionRow(Base):
+    """A source-asserted link (A24) or unlink (A37) of two records of a facility: the latest one."""
+
+    __tablename__ = "link_assertion"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    facility: Mapped[str] = mapped_column(String(FACILITY_LEN))
+    mrn_a: Mapped[str] = mapped_column(String(MRN_LEN))  # the smaller MRN
+    mrn_b: Mapped[str] = mapped_column(String(MRN_LEN))
+    linked: Mapped[bool] = mapped_column(Boolean)
+    message_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("message.id"))
+
+    __table_args__ = (UniqueConstraint("facility", "mrn_a", "mrn_b"),)
+
+
+class RecordEvent(Base):
+    """History of the record model: which message changed what (one row per operation)."""
+
+    __tablename__ = "record_event"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    message_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("message.id"), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    kind: Mapped[str] = mapped_column(String(RECORD_EVENT_KIND_LEN))  # operation class name
+    facility: Mapped[str] = mapped_column(String(FACILITY_LEN))
+    key: Mapped[list] = mapped_column(JSON)  # the operation's key (MRNs, visit, document number...)
+
+
+person_table = Person.__table__
+patient_record_table = PatientRecord.__table__
+record_identifier_table = RecordIdentifier.__table__
+encounter_table = Encounter.__table__
+document_table = Document.__table__
+document_version_table = DocumentVersion.__table__
+link_assertion_table = LinkAssertionRow.__table__
+record_event_table = RecordEvent.__table__

@@ -17,7 +17,12 @@ from exchange.store.db import (
 )
 from exchange.store.schema import message_table, metadata
 
-TABLES = {"message", "message_event", "api_token", "audit_event"}
+TABLES = {
+    "message", "message_event", "api_token", "audit_event",
+    # the record model (0003)
+    "person", "patient_record", "record_identifier", "encounter", "document", "document_version",
+    "link_assertion", "record_event",
+}
 
 
 def differences(engine: Engine) -> list:
