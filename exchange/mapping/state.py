@@ -110,6 +110,8 @@ class MemoryState:
         self.documents: dict[tuple[str, str], dict[str, Any]] = {}
         self.links: dict[tuple[str, str, str], bool] = {}
         self.history: list[tuple[Hashable, str, str, tuple]] = []
+        # Opaque to this module: the store layer's row ids of seeded entries.
+        self.store_ids: dict[str, dict] = {}
         self.mark_clean()
 
     # --- StateView -------------------------------------------------------------

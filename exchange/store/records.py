@@ -1,0 +1,628 @@
+"""The record model in the database: a unit of work over :class:`MemoryState`.
+
+The writer handles a batch of messages in one transaction (the caller owns
+it; nothing here commits):
+
+1. ``needs(msg, ctx)`` of every message of the batch;
+2. ``load(conn, needs_list)``: a :class:`MemoryState` seeded with exactly
+   those records and documents, plus what the semantics touch beyond them:
+   the ``merged_into`` survivor of a loaded record, the records merged into a
+   loaded one, the record owning a loaded document and the documents of a
+   loaded record (a merge or a rename moves them);
+3. per message, ``map_message(..., state)`` then ``state.apply(changes, message_id)``:
+   the reference semantics, so the database cannot disagree with the oracle;
+4. ``save(conn, state)``: writes back only what ``state.dirty()`` reports,
+   in a handful of executemany statements per batch, plus the history.
+
+Message references given to ``apply`` must be ``message.id`` values (ints):
+they become ``record_event.message_id`` and ``document_version.message_id``.
+
+Each row keeps its exact value objects as JSON (``to_json``/``from_json``,
+a tagged encoding that round-trips exactly); the plain columns are derived
+from them for searching and for the API views (``record_view``,
+``person_view``), which return plain dicts in CONTRACT.md's shapes.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+from collections.abc import Iterable
+from datetime import date, datetime, timezone
+from enum import Enum
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, delete, insert, select, tuple_, update
+
+from exchange.mapping.events import DocumentState, EncounterStatus, Needs
+from exchange.mapping.state import MemoryState
+from exchange.mapping.values import (
+    Address,
+    Content,
+    Doctor,
+    Identifier,
+    Location,
+    PersonName,
+    Phone,
+    Precision,
+    Timestamp,
+)
+from exchange.store.schema import (
+    AUTHORITY_LEN,
+    CONTENT_TYPE_LEN,
+    DOCUMENT_CODE_LEN,
+    DOCUMENT_NUMBER_LEN,
+    ID_TYPE_LEN,
+    LOCATION_LEN,
+    MRN_LEN,
+    NAME_LEN,
+    PATIENT_CLASS_LEN,
+    PHONE_LEN,
+    POSTCODE_LEN,
+    SEX_LEN,
+    SSN_LEN,
+    TS_LEN,
+    document_table as document,
+    document_version_table as document_version,
+    encounter_table as encounter,
+    link_assertion_table as link_assertion,
+    patient_record_table as patient_record,
+    person_table as person,
+    record_event_table as record_event,
+    record_identifier_table as record_identifier,
+)
+
+# --- JSON codec: value objects <-> portable JSON, exactly --------------------------------
+
+_TYPES = {cls.__name__: cls for cls in (Identifier, PersonName, Address, Phone, Doctor, Location, Timestamp, Content)}
+_ENUMS = {cls.__name__: cls for cls in (Precision, EncounterStatus, DocumentState)}
+
+
+def to_json(value: Any) -> Any:
+    """A value object tree as JSON-able data: tuples become lists, the rest one-key ``{"@tag": ...}`` dicts."""
+    if value is None:
+        return None
+    if isinstance(value, Enum):
+        name = type(value).__name__
+        if name not in _ENUMS:
+            raise TypeError(f"cannot store enum {name}")
+        return {"@" + name: value.value}
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, datetime):
+        return {"@datetime": value.isoformat()}
+    if isinstance(value, date):
+        return {"@date": value.isoformat()}
+    if isinstance(value, (bytes, bytearray)):
+        return {"@bytes": base64.b64encode(value).decode("ascii")}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        name = type(value).__name__
+        if name not in _TYPES:
+            raise TypeError(f"cannot store {name}")
+        return {"@" + name: [to_json(getattr(value, f)) for f in value.__match_args__]}
+    if isinstance(value, (tuple, list)):
+        return [to_json(v) for v in value]
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str) or k.startswith("@"):
+                raise TypeError(f"cannot store dict key {k!r}")
+            out[k] = to_json(v)
+        return out
+    raise TypeError(f"cannot store {type(value).__name__}")
+
+
+def from_json(data: Any) -> Any:
+    """The inverse of :func:`to_json` (lists come back as tuples)."""
+    if isinstance(data, list):
+        return tuple(from_json(v) for v in data)
+    if isinstance(data, dict):
+        if len(data) == 1:
+            ((tag, v),) = data.items()
+            if tag.startswith("@"):
+                tag = tag[1:]
+                if tag == "datetime":
+                    return datetime.fromisoformat(v)
+                if tag == "date":
+                    return date.fromisoformat(v)
+                if tag == "bytes":
+                    return base64.b64decode(v)
+                if tag in _ENUMS:
+                    return _ENUMS[tag](v)
+                return _TYPES[tag](*(from_json(x) for x in v))
+        return {k: from_json(v) for k, v in data.items()}
+    return data
+
+
+# --- rows <-> MemoryState entries -----------------------------------------------------------
+
+
+def _cut(value: Any, limit: int) -> str | None:
+    """Text made storable in a plain column: no NUL, at most ``limit`` characters."""
+    if value is None:
+        return None
+    text = str(value).replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+    return text[:limit]
+
+
+def _id_key(ident: Identifier) -> tuple[str, str]:
+    return (ident.authority or ident.authority_id, ident.type_code)
+
+
+def _record_row(facility: str, mrn: str, rec: dict) -> dict[str, Any]:
+    data = {k: v for k, v in rec.items() if k != "encounters"}
+    data["identifiers"] = tuple(rec["identifiers"].values())
+    authority = ""
+    for ident in rec["identifiers"].values():
+        if ident.value == mrn:
+            authority = ident.authority or ident.authority_id
+            break
+    name: PersonName | None = rec["name"]
+    birth: Timestamp | None = rec["birth"]
+    birth_date = None
+    if birth is not None and birth.precision not in (Precision.YEAR, Precision.MONTH):
+        birth_date = birth.value.date() if isinstance(birth.value, datetime) else birth.value
+    addresses = rec["addresses"] or ()
+    phones = rec["phones"] or ()
+    return {
+        "facility": facility,
+        "mrn": mrn,
+        "authority": _cut(authority, AUTHORITY_LEN),
+        "active": rec["active"],
+        "merged_into_mrn": rec["merged_into"],
+        "data": to_json(data),
+        "family_name": _cut(name.family, NAME_LEN) if name else None,
+        "given_name": _cut(name.given, NAME_LEN) if name else None,
+        "birth_date": birth_date,
+        "sex": _cut(rec["sex"], SEX_LEN),
+        "postcode": _cut(addresses[0].postal_code, POSTCODE_LEN) if addresses else None,
+        "phone": _cut(phones[0].number, PHONE_LEN) if phones else None,
+        "ssn": _cut(rec["ssn"], SSN_LEN),
+    }
+
+
+def _record_from_row(data: Any) -> dict[str, Any]:
+    rec = from_json(data)
+    rec["identifiers"] = {_id_key(i): i for i in rec["identifiers"]}
+    rec["encounters"] = {}
+    return rec
+
+
+def _ts_text(ts: Timestamp | None) -> str | None:
+    return None if ts is None else _cut(ts.isoformat(), TS_LEN)
+
+
+def _encounter_row(visit: str, enc: dict) -> dict[str, Any]:
+    loc: Location | None = enc["location"]
+    prior: Location | None = enc["prior_location"]
+    return {
+        "visit_number": visit,
+        "patient_class": _cut(enc["patient_class"], PATIENT_CLASS_LEN),
+        "status": enc["status"].value,
+        "location": _cut(loc.text, LOCATION_LEN) if loc else None,
+        "prior_location": _cut(prior.text, LOCATION_LEN) if prior else None,
+        "attending": to_json(enc["attending"]),
+        "admitted_at": _ts_text(enc["admitted_at"]),
+        "discharged_at": _ts_text(enc["discharged_at"]),
+        "data": to_json(enc),
+    }
+
+
+def _document_row(doc: dict, record_id: int) -> dict[str, Any]:
+    current = doc["versions"][-1]
+    return {
+        "record_id": record_id,
+        "type": _cut(current["type"], DOCUMENT_CODE_LEN),
+        "parent": _cut(current["parent"], DOCUMENT_NUMBER_LEN),
+        "completion_status": _cut(current["completion_status"], DOCUMENT_CODE_LEN),
+        "availability": _cut(current["availability"], DOCUMENT_CODE_LEN),
+        "state": doc["state"].value,
+        "version": len(doc["versions"]),
+    }
+
+
+def _version_row(version: dict) -> dict[str, Any]:
+    ref = version["message"]
+    if ref is not None and not isinstance(ref, int):
+        raise TypeError("message references applied to a stored state must be message ids (int)")
+    fields = {k: v for k, v in version.items() if k not in ("content", "version", "event", "message")}
+    content: Content | None = version["content"]
+    row = {"version": version["version"], "event": version["event"], "message_id": ref,
+           "content_type": None, "text": None, "data": None, "size": 0}
+    stored = to_json(fields)
+    if content is None:
+        stored["content"] = None
+    else:
+        meta: dict[str, Any] = {"content_type": content.content_type, "reference": content.reference}
+        if content.text is not None and "\x00" in content.text:
+            meta["text"] = content.text  # PostgreSQL text refuses NUL; JSON escapes it
+        else:
+            row["text"] = content.text
+        row.update(content_type=_cut(content.content_type, CONTENT_TYPE_LEN), data=content.data,
+                   size=content.size)
+        stored["content"] = meta
+    row["fields"] = stored
+    return row
+
+
+def _version_from_row(row: Any) -> dict[str, Any]:
+    stored = dict(row.fields)
+    meta = stored.pop("content")
+    version = from_json(stored)
+    if meta is None:
+        version["content"] = None
+    else:
+        text = meta.get("text", row.text)
+        version["content"] = Content(text=text, data=row.data, content_type=meta["content_type"],
+                                     reference=meta["reference"])
+    version["version"] = row.version
+    version["event"] = row.event
+    version["message"] = row.message_id
+    return version
+
+
+# --- load ---------------------------------------------------------------------------------------
+
+
+def load(conn: Connection, needs_list: Iterable[Needs]) -> MemoryState:
+    """A MemoryState seeded with what the batch needs (and what its semantics touch)."""
+    want_records: set[tuple[str, str]] = set()
+    want_documents: set[tuple[str, str]] = set()
+    for n in needs_list:
+        want_records |= n.records
+        want_documents |= n.documents
+    return _load(conn, want_records, want_documents)
+
+
+def load_all(conn: Connection) -> MemoryState:
+    """Everything stored, links and history included (replay checks and tests; not the hot path)."""
+    keys = {(r.facility, r.mrn) for r in conn.execute(select(patient_record.c.facility, patient_record.c.mrn))}
+    state = _load(conn, keys, set())
+    links = {
+        (r.facility, r.mrn_a, r.mrn_b): r.linked
+        for r in conn.execute(select(link_assertion).order_by(link_assertion.c.id))
+    }
+    state.history.extend(
+        (r.message_id, r.kind, r.facility, tuple(r.key))
+        for r in conn.execute(select(record_event).order_by(record_event.c.id))
+    )
+    state.seed(links=links)
+    return state
+
+
+def _load(conn: Connection, want_records: set, want_documents: set) -> MemoryState:
+    rows: dict[tuple[str, str], Any] = {}  # record key -> row
+    docs: dict[tuple[str, str], Any] = {}  # document key -> row (+ owner mrn)
+    queried_records: set[tuple[str, str]] = set()
+    queried_documents: set[tuple[str, str]] = set()
+    pending_records = set(want_records)
+    pending_documents = set(want_documents)
+    new_keys: list[tuple[str, str]] = []
+    while pending_records or pending_documents or new_keys:
+        found = []
+        keys = pending_records - queried_records
+        queried_records |= keys
+        pending_records = set()
+        if keys:
+            found += conn.execute(
+                select(patient_record).where(tuple_(patient_record.c.facility, patient_record.c.mrn).in_(sorted(keys)))
+            ).all()
+        new_ids = [rows[k].id for k in new_keys]
+        if new_keys:  # records merged into the ones loaded last round
+            found += conn.execute(
+                select(patient_record).where(
+                    tuple_(patient_record.c.facility, patient_record.c.merged_into_mrn).in_(sorted(new_keys))
+                )
+            ).all()
+        new_keys = []
+        for row in found:
+            key = (row.facility, row.mrn)
+            if key in rows:
+                continue
+            rows[key] = row
+            new_keys.append(key)
+            if row.merged_into_mrn is not None:
+                pending_records.add((row.facility, row.merged_into_mrn))
+        doc_keys = pending_documents - queried_documents
+        queried_documents |= doc_keys
+        pending_documents = set()
+        conditions = []
+        if doc_keys:
+            conditions.append(tuple_(document.c.facility, document.c.number).in_(sorted(doc_keys)))
+        if new_ids:
+            conditions.append(document.c.record_id.in_(new_ids))
+        for cond in conditions:
+            for row in conn.execute(
+                select(document, patient_record.c.mrn).join(patient_record, document.c.record_id == patient_record.c.id)
+                .where(cond)
+            ):
+                key = (row.facility, row.number)
+                if key not in docs:
+                    docs[key] = row
+                    queried_documents.add(key)
+                    owner = (row.facility, row.mrn)
+                    if owner not in rows:
+                        pending_records.add(owner)
+        pending_records -= queried_records
+
+    records = {key: _record_from_row(row.data) for key, row in rows.items()}
+    by_id = {row.id: key for key, row in rows.items()}
+    if by_id:
+        for row in conn.execute(
+            select(encounter.c.record_id, encounter.c.visit_number, encounter.c.data)
+            .where(encounter.c.record_id.in_(list(by_id))).order_by(encounter.c.id)
+        ):
+            records[by_id[row.record_id]]["encounters"][row.visit_number] = from_json(row.data)
+    documents = {
+        key: {"facility": row.facility, "mrn": row.mrn, "state": DocumentState(row.state), "versions": []}
+        for key, row in docs.items()
+    }
+    doc_by_id = {row.id: key for key, row in docs.items()}
+    if doc_by_id:
+        for row in conn.execute(
+            select(document_version).where(document_version.c.document_id.in_(list(doc_by_id)))
+            .order_by(document_version.c.document_id, document_version.c.version)
+        ):
+            documents[doc_by_id[row.document_id]]["versions"].append(_version_from_row(row))
+
+    state = MemoryState()
+    state.seed(records=records, documents=documents)
+    state.store_ids = {
+        "records": {key: (row.id, row.person_id) for key, row in rows.items()},
+        "documents": {key: row.id for key, row in docs.items()},
+    }
+    return state
+
+
+# --- save ---------------------------------------------------------------------------------------
+
+
+def save(conn: Connection, state: MemoryState, now: datetime | None = None) -> None:
+    """Write what changed in ``state`` since it was loaded (or last saved), and its new history.
+
+    ``now`` (timezone-aware; default the clock) stamps created_at/updated_at
+    and the history entries. Afterwards ``state`` is clean again.
+    """
+    now = now or datetime.now(timezone.utc)
+    d = state.dirty()
+    rec_ids: dict = state.store_ids.setdefault("records", {})
+    doc_ids: dict = state.store_ids.setdefault("documents", {})
+    moved = [(key, old) for key, old in d.changed_records if key != old]
+
+    # 1. Free the keys of moved (A47) and removed records, so no unique key clashes below.
+    freeing = [rec_ids[old] for _, old in moved] + [rec_ids[old] for old in d.removed_records]
+    if freeing:
+        conn.execute(
+            update(patient_record).where(patient_record.c.id == bindparam("b_id")),
+            [{"b_id": rid, "mrn": f"~moving~{rid}"} for rid, _ in freeing],
+        )
+
+    # 2. New records, each with a new person.
+    current: dict[tuple[str, str], tuple[int, int]] = {}
+    for key, old in d.changed_records:
+        current[key] = rec_ids[old]
+    for key in state.records:
+        if key not in current and key in rec_ids and key not in d.new_records:
+            current[key] = rec_ids[key]
+    if d.new_records:
+        person_ids = conn.execute(
+            insert(person).returning(person.c.id, sort_by_parameter_order=True),
+            [{"created_at": now} for _ in d.new_records],
+        ).scalars().all()
+        params = []
+        for key, pid in zip(d.new_records, person_ids):
+            row = _record_row(*key, state.records[key])
+            row.update(person_id=pid, created_at=now, updated_at=now)
+            params.append(row)
+        new_ids = conn.execute(
+            insert(patient_record).returning(patient_record.c.id, sort_by_parameter_order=True), params
+        ).scalars().all()
+        for key, rid, pid in zip(d.new_records, new_ids, person_ids):
+            current[key] = (rid, pid)
+
+    # 3. Changed records (moved ones get their new MRN here).
+    if d.changed_records:
+        params = []
+        for key, _ in d.changed_records:
+            row = _record_row(*key, state.records[key])
+            row.update(b_id=current[key][0], updated_at=now)
+            params.append(row)
+        conn.execute(update(patient_record).where(patient_record.c.id == bindparam("b_id")), params)
+
+    # 4. Identifiers of new and changed records: replaced as a whole.
+    touched = [key for key, _ in d.changed_records] + list(d.new_records)
+    if d.changed_records:
+        conn.execute(delete(record_identifier).where(
+            record_identifier.c.record_id.in_([current[key][0] for key, _ in d.changed_records])))
+    id_rows = [
+        {"record_id": current[key][0], "authority": _cut(auth, AUTHORITY_LEN), "value": _cut(i.value, MRN_LEN),
+         "type": _cut(i.type_code, ID_TYPE_LEN)}
+        for key in touched
+        for (auth, _), i in state.records[key]["identifiers"].items()
+    ]
+    if id_rows:
+        conn.execute(insert(record_identifier), id_rows)
+
+    # 5. Encounters: removed (moved away by a merge, or of removed records), changed, new.
+    removed_ids = [rec_ids[old][0] for old in d.removed_records]
+    if removed_ids:
+        conn.execute(delete(encounter).where(encounter.c.record_id.in_(removed_ids)))
+    if d.removed_encounters:
+        conn.execute(
+            delete(encounter).where(encounter.c.record_id == bindparam("b_record"),
+                                    encounter.c.visit_number == bindparam("b_visit")),
+            [{"b_record": current[key][0], "b_visit": visit} for key, visit in d.removed_encounters],
+        )
+    if d.changed_encounters:
+        params = []
+        for key, visit in d.changed_encounters:
+            row = _encounter_row(visit, state.records[key]["encounters"][visit])
+            del row["visit_number"]
+            row.update(b_record=current[key][0], b_visit=visit)
+            params.append(row)
+        conn.execute(
+            update(encounter).where(encounter.c.record_id == bindparam("b_record"),
+                                    encounter.c.visit_number == bindparam("b_visit")),
+            params,
+        )
+    if d.new_encounters:
+        conn.execute(insert(encounter), [
+            {"record_id": current[key][0], **_encounter_row(visit, state.records[key]["encounters"][visit])}
+            for key, visit in d.new_encounters
+        ])
+
+    # 6. Documents: new ones, then the ones whose row (owner, state, current version) changed.
+    def owner_id(doc: dict) -> int:
+        return current[(doc["facility"], doc["mrn"])][0]
+
+    if d.new_documents:
+        params = [
+            {"facility": key[0], "number": key[1], **_document_row(state.documents[key], owner_id(state.documents[key]))}
+            for key in d.new_documents
+        ]
+        new_doc_ids = conn.execute(
+            insert(document).returning(document.c.id, sort_by_parameter_order=True), params
+        ).scalars().all()
+        doc_ids.update(zip(d.new_documents, new_doc_ids))
+    new_docs = set(d.new_documents)
+    changed_docs = (set(d.changed_documents) | {k for k, _ in d.new_versions} | {k for k, _ in d.changed_versions})
+    changed_docs -= new_docs
+    if changed_docs:
+        conn.execute(update(document).where(document.c.id == bindparam("b_id")), [
+            {"b_id": doc_ids[key], **_document_row(state.documents[key], owner_id(state.documents[key]))}
+            for key in sorted(changed_docs)
+        ])
+
+    # 7. Versions: the current one patched in place, appended ones.
+    if d.changed_versions:
+        params = []
+        for key, i in d.changed_versions:
+            row = _version_row(state.documents[key]["versions"][i])
+            row.update(b_doc=doc_ids[key], b_version=row.pop("version"))
+            params.append(row)
+        conn.execute(
+            update(document_version).where(document_version.c.document_id == bindparam("b_doc"),
+                                           document_version.c.version == bindparam("b_version")),
+            params,
+        )
+    if d.new_versions:
+        conn.execute(insert(document_version), [
+            {"document_id": doc_ids[key], **_version_row(state.documents[key]["versions"][i])}
+            for key, i in d.new_versions
+        ])
+
+    # 8. Records folded into another by a rename: nothing refers to them any more.
+    if removed_ids:
+        conn.execute(delete(record_identifier).where(record_identifier.c.record_id.in_(removed_ids)))
+        conn.execute(delete(patient_record).where(patient_record.c.id.in_(removed_ids)))
+
+    # 9. Links: the latest assertion per pair, with the message that made it.
+    if d.links:
+        link_message: dict[tuple, Any] = {}
+        for ref, kind, facility, key in state.history:
+            if kind == "LinkAssertion":
+                link_message[(facility, key[0], key[1])] = ref
+        conn.execute(delete(link_assertion).where(
+            tuple_(link_assertion.c.facility, link_assertion.c.mrn_a, link_assertion.c.mrn_b).in_(sorted(d.links))))
+        conn.execute(insert(link_assertion), [
+            {"facility": f, "mrn_a": a, "mrn_b": b, "linked": state.links[(f, a, b)],
+             "message_id": link_message.get((f, a, b))}
+            for f, a, b in d.links
+        ])
+
+    # 10. History.
+    if d.history:
+        conn.execute(insert(record_event), [
+            {"message_id": ref, "at": now, "kind": kind, "facility": facility, "key": list(key)}
+            for ref, kind, facility, key in d.history
+        ])
+
+    state.store_ids["records"] = {key: current[key] for key in state.records}
+    state.mark_clean()
+
+
+# --- API views ------------------------------------------------------------------------------------
+
+
+def _name(name: PersonName | None) -> dict[str, str] | None:
+    if name is None:
+        return None
+    return {"family": name.family, "given": name.given, "middle": name.middle, "suffix": name.suffix,
+            "prefix": name.prefix, "use": name.use}
+
+
+def _address(a: Address) -> dict[str, str]:
+    return {"street": a.street, "other": a.other, "city": a.city, "state": a.state,
+            "postal_code": a.postal_code, "country": a.country, "use": a.use, "county": a.county}
+
+
+def record_view(conn: Connection, facility: str, mrn: str) -> dict[str, Any] | None:
+    """``GET /api/records/{facility}/{mrn}`` as a plain dict; None when unknown."""
+    row = conn.execute(
+        select(patient_record).where(patient_record.c.facility == facility, patient_record.c.mrn == mrn)
+    ).first()
+    if row is None:
+        return None
+    rec = _record_from_row(row.data)
+    birth: Timestamp | None = rec["birth"]
+    death: Timestamp | None = rec["death"]
+    encounters = [
+        {"visit_number": e.visit_number, "class": e.patient_class, "status": e.status, "location": e.location,
+         "prior_location": e.prior_location, "admitted_at": e.admitted_at, "discharged_at": e.discharged_at}
+        for e in conn.execute(select(encounter).where(encounter.c.record_id == row.id).order_by(encounter.c.id))
+    ]
+    documents = [
+        {"number": r.number, "type": r.type, "parent": r.parent, "completion_status": r.completion_status,
+         "availability": r.availability, "state": r.state, "version": r.version,
+         "content_type": r.content_type, "text": r.text, "size": r.size}
+        for r in conn.execute(
+            select(document, document_version.c.content_type, document_version.c.text, document_version.c.size)
+            .join(document_version, (document_version.c.document_id == document.c.id)
+                  & (document_version.c.version == document.c.version))
+            .where(document.c.record_id == row.id).order_by(document.c.id)
+        )
+    ]
+    addresses = rec["addresses"] or ()
+    return {
+        "facility": row.facility,
+        "authority": row.authority,
+        "mrn": row.mrn,
+        "person": row.person_id,
+        "active": row.active,
+        "merged_into": row.merged_into_mrn,
+        "name": _name(rec["name"]),
+        "aliases": [_name(a) for a in rec["aliases"] or ()],
+        "birth_date": birth.isoformat() if birth else None,
+        "sex": rec["sex"],
+        "address": _address(addresses[0]) if addresses else None,
+        "addresses": [_address(a) for a in addresses],
+        "phones": [{"number": p.number, "use": p.use, "equipment": p.equipment, "email": p.email}
+                   for p in rec["phones"] or ()],
+        "death": death.isoformat() if death else None,
+        "deceased": rec["deceased"],
+        "identifiers": [{"value": i.value, "authority": i.authority or i.authority_id, "type": i.type_code}
+                        for i in rec["identifiers"].values()],
+        "encounters": encounters,
+        "documents": documents,
+    }
+
+
+def person_view(conn: Connection, person_id: int) -> dict[str, Any] | None:
+    """``GET /api/persons/{person}`` as a plain dict; None when unknown.
+
+    Until the patient index links records, each record has the person created
+    with it: link ``auto``, no score.
+    """
+    exists = conn.execute(select(person.c.id).where(person.c.id == person_id)).first()
+    if exists is None:
+        return None
+    records = [
+        {"facility": r.facility, "mrn": r.mrn, "active": r.active, "link": "auto", "score": None}
+        for r in conn.execute(
+            select(patient_record.c.facility, patient_record.c.mrn, patient_record.c.active)
+            .where(patient_record.c.person_id == person_id).order_by(patient_record.c.id)
+        )
+    ]
+    return {"person": person_id, "records": records}
+
+
+__all__ = ["from_json", "load", "load_all", "person_view", "record_view", "save", "to_json"]

@@ -1,0 +1,240 @@
+"""The record model in the database (exchange.store.records): load -> map -> apply -> save
+gives exactly what the reference MemoryState gives, on SQLite and PostgreSQL."""
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta, timezone
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+from sqlalchemy import Engine, delete, func, insert, select
+
+from exchange.mapping.events import Changes, EncounterStatus, FacilityContext, map_message, needs
+from exchange.mapping.state import MemoryState
+from exchange.mapping.values import (
+    Address,
+    Content,
+    Doctor,
+    Identifier,
+    Location,
+    PersonName,
+    Phone,
+    Precision,
+    Timestamp,
+)
+from exchange.store.records import from_json, load, load_all, person_view, record_view, save, to_json
+from exchange.store.schema import (
+    document_table,
+    document_version_table,
+    encounter_table,
+    link_assertion_table,
+    message_table,
+    metadata,
+    patient_record_table,
+    person_table,
+    record_event_table,
+    record_identifier_table,
+)
+from tests.mapping.helpers import msh, synthetic
+from tests.mapping.test_sequences import build, event
+
+CTX = FacilityContext("HOSP", "HOSP")
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+RECORD_TABLES = [record_event_table, link_assertion_table, document_version_table, document_table,
+                 encounter_table, record_identifier_table, patient_record_table, person_table]
+
+
+def add_messages(conn, count: int) -> list[int]:
+    ids = []
+    for _ in range(count):
+        ids.append(conn.execute(insert(message_table).returning(message_table.c.id), {
+            "received_at": NOW, "sending_application": "APP", "message_type": "ADT", "event": "A01",
+            "structure": "", "version": "2.5", "processing_id": "P", "state": "accepted", "peer": "test",
+            "raw": b"MSH", "size": 3, "dedup": False,
+        }).scalar_one())
+    return ids
+
+
+def run_batches(engine: Engine, messages, boundaries) -> MemoryState:
+    """Apply ``messages`` through the database in batches; return the reference state."""
+    with engine.begin() as conn:
+        refs = add_messages(conn, len(messages))
+    oracle = MemoryState()
+    for (msg, header), ref in zip(messages, refs):
+        result = map_message(msg, header, CTX, oracle)
+        if isinstance(result, Changes):
+            oracle.apply(result, ref)
+    start = 0
+    for end in sorted(set(boundaries) | {len(messages)}):
+        batch = list(zip(messages, refs))[start:end]
+        start = end
+        if not batch:
+            continue
+        with engine.begin() as conn:
+            state = load(conn, [needs(msg, CTX) for (msg, _), _ in batch])
+            for (msg, header), ref in batch:
+                result = map_message(msg, header, CTX, state)
+                if isinstance(result, Changes):
+                    state.apply(result, ref)
+            save(conn, state, now=NOW)
+    return oracle
+
+
+def stored(engine: Engine) -> dict:
+    with engine.connect() as conn:
+        return load_all(conn).snapshot(history=True)
+
+
+# --- JSON codec ------------------------------------------------------------------------------
+
+
+def test_json_codec_round_trips_value_objects_exactly():
+    value = {
+        "identifiers": (Identifier("1", "HOSP", "1.2.3", "ISO", "MR", "7", "F"),),
+        "name": PersonName("Doe", "Jane", use="L"),
+        "aliases": (PersonName("Roe"),),
+        "birth": Timestamp(date(1962, 1, 1), Precision.YEAR, "1962"),
+        "death": Timestamp(datetime(2020, 5, 6, 7, 8, 9, 123456, tzinfo=timezone(timedelta(hours=2, minutes=15))),
+                           Precision.FRACTION, "20200506070809.123456+0215"),
+        "naive": Timestamp(datetime(2020, 5, 6, 7, 8), Precision.MINUTE, "202005060708"),
+        "addresses": (Address("1 Main", city="X", postal_code="12345"),),
+        "phones": (Phone("555", "PRN"),),
+        "attending": Doctor("D1", PersonName("Who"), "A"),
+        "location": Location("W1", "1", "A", ""),
+        "content": Content(data=b"\x00\xffPDF", content_type="application/pdf"),
+        "status": EncounterStatus.ADMITTED,
+        "deceased": False,
+        "nothing": None,
+        "nul": "a\x00b",
+    }
+    import json
+
+    back = from_json(json.loads(json.dumps(to_json(value))))
+    assert back == value
+    assert back["death"].value.utcoffset() == timedelta(hours=2, minutes=15)
+    assert type(back["status"]) is EncounterStatus and type(back["aliases"]) is tuple
+
+
+# --- the key property ---------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(event, max_size=12), st.lists(st.integers(0, 12), max_size=4))
+def test_batches_through_the_database_equal_the_reference(engine: Engine, events, boundaries):
+    with engine.begin() as conn:
+        for table in RECORD_TABLES:
+            conn.execute(delete(table))
+    messages = [build(*e) for e in events]
+    oracle = run_batches(engine, messages, boundaries)
+    assert stored(engine) == oracle.snapshot(history=True)
+
+
+def test_load_save_round_trip_and_only_changes_are_written(engine: Engine):
+    messages = [build(*e) for e in [("A01", "1", "1", "W1^1^A"), ("T02", "1", "1", ""), ("A24", "1", "2", ""),
+                                    ("A08", "2", "1", "W2^2^B")]]
+    oracle = run_batches(engine, messages, [])
+    assert stored(engine) == oracle.snapshot(history=True)
+    with engine.begin() as conn:
+        state = load(conn, [needs(m, CTX) for m, _ in messages])
+        assert state.snapshot()["records"] == oracle.snapshot()["records"]
+        assert state.snapshot()["documents"] == oracle.snapshot()["documents"]
+        before = conn.execute(select(func.count()).select_from(record_event_table)).scalar_one()
+        save(conn, state, now=NOW)  # nothing changed: nothing written
+        assert conn.execute(select(func.count()).select_from(record_event_table)).scalar_one() == before
+    assert stored(engine) == oracle.snapshot(history=True)
+
+
+# --- merges and documents through the views -------------------------------------------------------
+
+
+def adt(event_, mrn, *more):
+    return synthetic(msh("ADT", event_), f"EVN|{event_}|20240101", f"PID|1||{mrn}^^^HOSP^MR||Doe^Jane||19620304|F",
+                     *more)
+
+
+def pv1(visit, loc="W1^1^A"):
+    return "|".join(["PV1", "1", "I", loc] + [""] * 15 + [visit])
+
+
+def test_a40_moves_encounters_and_documents_and_the_retired_mrn_answers_inactive(engine: Engine):
+    doc = synthetic(msh("MDM", "T02"), "EVN|T02", "PID|1||2^^^HOSP^MR", "TXA|1|NOTE|TX|||||||||D9||||AU",
+                    "OBX|1|TX|||hello")
+    messages = [adt("A01", "1", pv1("V1")), adt("A01", "2", pv1("V2")), doc,
+                adt("A40", "1", "MRG|2^^^HOSP^MR")]
+    oracle = run_batches(engine, messages, [3])  # the merge in a batch of its own
+    assert stored(engine) == oracle.snapshot(history=True)
+    with engine.connect() as conn:
+        retired = record_view(conn, "HOSP", "2")
+        survivor = record_view(conn, "HOSP", "1")
+        assert retired["active"] is False and retired["merged_into"] == "1"
+        assert retired["encounters"] == [] and retired["documents"] == []
+        assert survivor["active"] is True and survivor["merged_into"] is None
+        assert sorted(e["visit_number"] for e in survivor["encounters"]) == ["V1", "V2"]
+        assert [d["number"] for d in survivor["documents"]] == ["D9"]
+        assert record_view(conn, "HOSP", "3") is None
+
+
+def test_mdm_lifecycle_states_via_record_view(engine: Engine):
+    def mdm(ev, number, parent="", text="line", status="AU"):
+        return synthetic(msh("MDM", ev), f"EVN|{ev}", "PID|1||1^^^HOSP^MR",
+                         f"TXA|1|NOTE|TX|||||||||{number}|{parent}||||{status}", f"OBX|1|TX|||{text}")
+
+    steps = [
+        (mdm("T02", "D1", text="first"), {"D1": ("current", 1, "first")}),
+        (mdm("T08", "D1", text="edited"), {"D1": ("current", 2, "edited")}),
+        (mdm("T06", "D2", parent="D1", text="addendum"), {"D1": ("current", 2, "edited"),
+                                                           "D2": ("current", 1, "addendum")}),
+        (mdm("T10", "D3", parent="D1", text="replacement"), {"D1": ("replaced", 2, "edited"),
+                                                              "D2": ("current", 1, "addendum"),
+                                                              "D3": ("current", 1, "replacement")}),
+        (mdm("T11", "D3", parent="D1", text=""), None),
+    ]
+    messages = []
+    for message, expected in steps:
+        messages.append(message)
+        with engine.begin() as conn:
+            for table in RECORD_TABLES:
+                conn.execute(delete(table))
+        oracle = run_batches(engine, messages, [])
+        assert stored(engine) == oracle.snapshot(history=True)
+        with engine.connect() as conn:
+            view = record_view(conn, "HOSP", "1")
+        got = {d["number"]: (d["state"], d["version"], d["text"]) for d in view["documents"]}
+        if expected is not None:
+            assert got == expected
+        else:
+            assert got["D3"][0] == "cancelled" and got["D1"][0] == "replaced"
+    parents = {d["number"]: d["parent"] for d in view["documents"]}
+    assert parents["D2"] == "D1" and parents["D3"] == "D1"
+
+
+def test_view_shapes(engine: Engine):
+    messages = [synthetic(msh("ADT", "A01"), "EVN|A01|20240101",
+                          "PID|1||1^^^HOSP^MR~999^^^SSA^SS||Doe^Jane^Q^Jr||19620304|F|||1 Main^^Town^ST^12345||555-1234",
+                          "|".join(["PV1", "1", "I", "W1^1^A"] + [""] * 15 + ["V1"] + [""] * 24 + ["20240101120000"]))]
+    run_batches(engine, messages, [])
+    with engine.connect() as conn:
+        view = record_view(conn, "HOSP", "1")
+        assert set(view) >= {"facility", "authority", "mrn", "person", "active", "merged_into", "name",
+                             "birth_date", "sex", "address", "phones", "encounters", "documents"}
+        assert view["authority"] == "HOSP" and view["active"] is True and view["merged_into"] is None
+        assert {k: view["name"][k] for k in ("family", "given", "middle", "suffix")} == {
+            "family": "Doe", "given": "Jane", "middle": "Q", "suffix": "Jr"}
+        assert view["birth_date"] == "1962-03-04" and view["sex"] == "F"
+        assert view["address"]["postal_code"] == "12345"
+        assert view["phones"][0]["number"] == "555-1234"
+        (enc,) = view["encounters"]
+        assert set(enc) >= {"visit_number", "class", "status", "location", "admitted_at", "discharged_at"}
+        assert enc["visit_number"] == "V1" and enc["class"] == "I" and enc["status"] == "admitted"
+        assert enc["admitted_at"].startswith("2024-01-01T12:00")
+        person = person_view(conn, view["person"])
+        assert person == {"person": view["person"],
+                          "records": [{"facility": "HOSP", "mrn": "1", "active": True, "link": "auto", "score": None}]}
+        assert person_view(conn, 10**9) is None
+        row = conn.execute(select(patient_record_table)).one()
+        assert (row.family_name, row.given_name, row.birth_date, row.sex, row.postcode, row.ssn) == (
+            "Doe", "Jane", date(1962, 3, 4), "F", "12345", None)
+        idents = {(r.authority, r.value, r.type) for r in conn.execute(select(record_identifier_table))}
+        assert idents == {("HOSP", "1", "MR"), ("SSA", "999", "SS")}
+
+
+def test_every_record_table_is_known():
+    assert {t.name for t in RECORD_TABLES} <= set(metadata.tables)
