@@ -183,4 +183,7 @@ class API:
 
     @app.handle_errors(MethodNotAllowed)
     def not_allowed(self, request, failure) -> bytes:
+        methods = sorted(getattr(failure.value, "valid_methods", None) or ())
+        if methods:
+            request.setHeader(b"allow", ", ".join(methods).encode())
         return self._error(request, 405, "method not allowed")
