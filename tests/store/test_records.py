@@ -238,3 +238,14 @@ def test_view_shapes(engine: Engine):
 
 def test_every_record_table_is_known():
     assert {t.name for t in RECORD_TABLES} <= set(metadata.tables)
+
+
+def test_a47_rename_moves_the_row_and_keeps_its_person(engine: Engine):
+    oracle = run_batches(engine, [adt("A01", "1", pv1("V1")), adt("A47", "5", "MRG|1^^^HOSP^MR")], [1])
+    assert stored(engine) == oracle.snapshot(history=True)
+    with engine.connect() as conn:
+        assert record_view(conn, "HOSP", "1") is None
+        view = record_view(conn, "HOSP", "5")
+        assert [e["visit_number"] for e in view["encounters"]] == ["V1"]
+        assert conn.execute(select(func.count()).select_from(person_table)).scalar_one() == 1
+        assert person_view(conn, view["person"])["records"][0]["mrn"] == "5"
