@@ -200,5 +200,5 @@ def adt(control_id: str, *, facility: str = "GENHOSP", event: str = "A01", versi
         f"MSH|^~\\&|ADT|{facility}|EXCHANGE|EXCHANGE|20261127120000||ADT^{event}^ADT_A01|{control_id}|{processing}|{version}{extra}\r"
         f"EVN|{event}|20261127120000\r"
         f"PID|1||{mrn}^^^{facility}^MR||TESTPATIENT^ALPHA^Q||19700101|F|||1 MAIN ST^^SPRINGFIELD^IL^62701||555-0100\r"
-        f"PV1|1|I|W1^101^A|||||||||||||||V{control_id}\r"
+        f"PV1|1|I|W1^101^A||||||||||||||||V{control_id}\r"
     ).encode()

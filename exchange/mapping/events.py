@@ -541,6 +541,8 @@ def _map_adt(msg, header, ctx, state, event, warnings) -> list:
     if event in ("A24", "A37"):
         return _map_link(msg, ctx, event, warnings)
     if not (event in ENCOUNTER_EVENTS or event in PERSON_EVENTS or event in DEMOGRAPHICS_ONLY_EVENTS):
+        if not event:
+            raise _Fail(101, "MSH-9.2", "no trigger event: MSH-9.2 and EVN-1 are empty")
         raise _Fail(201, "MSH-9.2", f"ADT event {event[:10]!r} is not mapped")
 
     pid = msg.first("PID")
@@ -674,12 +676,11 @@ def _pairs(msg: Message, name: str = "MRG") -> list[tuple[Segment, Segment | Non
 
 
 def _same_authority(a: Identifier, b: Identifier, ctx: FacilityContext) -> bool:
-    def norm(i: Identifier) -> Identifier:
-        if i.authority or i.authority_id:
-            return i
-        return replace(i, authority=ctx.authority)
-
-    return norm(a).same_authority(norm(b))
+    """An identifier without CX.4 is read within the other one's authority
+    (a bare MRG-1 names a prior id of the same assigning authority as PID-3)."""
+    if not (a.authority or a.authority_id) or not (b.authority or b.authority_id):
+        return True
+    return a.same_authority(b)
 
 
 def _prior_id(mrg: Segment, current: Identifier, ctx: FacilityContext) -> Identifier:
@@ -764,6 +765,8 @@ def _map_link(msg, ctx, event, warnings) -> list:
 
 def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
     if event not in MDM_EVENTS:
+        if not event:
+            raise _Fail(101, "MSH-9.2", "no trigger event: MSH-9.2 and EVN-1 are empty")
         raise _Fail(201, "MSH-9.2", f"MDM event {event[:10]!r} is not mapped")
     txa = msg.first("TXA")
     if txa is None:
