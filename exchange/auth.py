@@ -28,7 +28,7 @@ TOKEN_PREFIX = "exk_"
 
 
 class Role(StrEnum):
-    TECHNICIAN = "technician"  # records technician: reads records, persons, match reviews
+    TECHNICIAN = "technician"  # records technician: reads records and persons, resolves match reviews
     ADMIN = "admin"  # operator: everything
 
 
@@ -43,7 +43,9 @@ class Permission(StrEnum):
 
 # The permission table: what each role may do. Nothing else is allowed.
 PERMISSIONS: dict[Role, frozenset[Permission]] = {
-    Role.TECHNICIAN: frozenset({Permission.READ_RECORD, Permission.READ_PERSON, Permission.READ_REVIEW}),
+    Role.TECHNICIAN: frozenset(
+        {Permission.READ_RECORD, Permission.READ_PERSON, Permission.READ_REVIEW, Permission.DECIDE_REVIEW}
+    ),
     Role.ADMIN: frozenset(Permission),
 }
 

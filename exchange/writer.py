@@ -25,18 +25,14 @@ import pickle
 import signal
 import struct
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from collections.abc import Callable, Sequence
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
-from exchange.intake import utc_now
-from exchange.mapping.events import FacilityContext
-from exchange.pipeline import AckSettings, Answer, Received, process_batch
-from exchange.store.db import write_transaction
+from exchange.pipeline import Answer, Received
 
 log = Logger()
 _LENGTH = struct.Struct(">I")
@@ -175,37 +171,12 @@ def serve_batches(run_batch: Callable[[Sequence[Received]], list[Answer]], stdin
         stdout.flush()
 
 
-def make_batch_runner(
-    engine,
-    *,
-    new_control_id: Callable[[], str],
-    facilities: Mapping[str, FacilityContext],
-    settings: AckSettings = AckSettings(),
-    now: Callable[[], datetime] = utc_now,
-) -> Callable[[Sequence[Received]], list[Answer]]:
-    """The function the writer runs for each batch."""
-
-    def run(items: Sequence[Received]) -> list[Answer]:
-        # TRANSACTION: the batch's raw messages, their states, history and ACKs,
-        # and the record-model rows they change.
-        with write_transaction(engine) as conn:
-            return process_batch(
-                conn, items, new_control_id=new_control_id, now=now, facilities=facilities, settings=settings
-            )
-
-    return run
-
-
-def facility_contexts(config) -> dict[str, FacilityContext]:
-    return {f.code: FacilityContext(f.code, f.authority) for f in config.facilities}
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from exchange.config import load_config
-    from exchange.intake import AckIds
-    from exchange.logs import start_logging
+    from exchange.intake import AckIds, make_batch_runner
+    from exchange.pipeline import AckSettings
     from exchange.store.db import make_engine
 
     parser = argparse.ArgumentParser(prog="exchange-writer")
@@ -217,12 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config = load_config(args.config, database=args.database)
-    start_logging(config.server.log_level)  # to stderr: stdout is the pipe to the parent
     engine = make_engine(config.server.database, pool_pre_ping=False)
     settings = AckSettings(config.server.application, config.server.facility_name)
-    run_batch = make_batch_runner(
-        engine, new_control_id=AckIds(tag="W"), facilities=facility_contexts(config), settings=settings
-    )
+    run_batch = make_batch_runner(engine, new_control_id=AckIds(tag="W"), settings=settings)
     try:
         serve_batches(run_batch, sys.stdin.buffer, sys.stdout.buffer)
     finally:

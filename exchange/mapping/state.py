@@ -43,7 +43,7 @@ dirty tracking never change what ``apply`` does.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable
 from enum import Enum
 from typing import Any
 
@@ -299,21 +299,6 @@ class MemoryState:
         self.documents.update(documents or {})
         self.links.update(links or {})
         self.mark_clean()
-
-    def rebase_refs(self, refs: Mapping[Hashable, Hashable]) -> None:
-        """Swap message references applied since the last ``mark_clean``.
-
-        The writer maps and applies a batch before its messages have row
-        ids; once they are stored it swaps each placeholder for the id.
-        """
-        for i in range(self._clean_history, len(self.history)):
-            ref, kind, facility, key = self.history[i]
-            if ref in refs:
-                self.history[i] = (refs[ref], kind, facility, key)
-        for doc in self.documents.values():
-            for version in doc["versions"]:
-                if version["message"] in refs:
-                    version["message"] = refs[version["message"]]
 
     def mark_clean(self) -> None:
         """The current contents become the baseline ``dirty`` compares with."""

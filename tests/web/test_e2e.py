@@ -9,7 +9,6 @@ import threading
 import urllib.error
 import urllib.request
 
-import pytest
 from sqlalchemy import select
 
 from exchange.store.db import make_engine
