@@ -109,6 +109,9 @@ class ExchangeService(Service):
         self.ports.append(port)
         self.http_address = _describe(port)
         self.announce(f"exchange: HTTP on http://{self.http_address} (/healthz, /metrics, /api)")
+        self.announce(
+            "exchange: the API takes a bearer token: exchange token create NAME --role technician|admin"
+        )
 
     @inlineCallbacks
     def stopService(self):
