@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 DEFAULT_CONFIG = "config/exchange.toml"
@@ -100,10 +101,23 @@ def cmd_serve(args) -> int:
         def failed(failure):
             print(f"exchange: cannot start: {failure.getErrorMessage()}", file=sys.stderr, flush=True)
             outcome["code"] = 1
+            outcome["stopping"] = True
             reactor.stop()
 
         d.addErrback(failed)
 
+    def stop_once(signum, _frame):
+        """SIGINT/SIGTERM: stop cleanly once; a second signal (make, a terminal
+        and a supervisor often all send one) must not stop it twice."""
+        if not outcome.get("stopping"):
+            outcome["stopping"] = True
+            reactor.callFromThread(reactor.stop)
+
+    def install_signal_handlers():
+        signal.signal(signal.SIGINT, stop_once)
+        signal.signal(signal.SIGTERM, stop_once)
+
+    reactor.callWhenRunning(install_signal_handlers)  # after Twisted's own
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     print(f"exchange: database {_safe_url(config.server.database)}", flush=True)

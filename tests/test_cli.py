@@ -106,3 +106,20 @@ def test_idle_connection_is_closed(server):
         conn.sock.settimeout(10)
         assert conn.sock.recv(1) == b""  # closed by the server
         assert 0.5 < time.monotonic() - started < 8
+
+
+def test_repeated_stop_signals_stop_it_once_and_cleanly(tmp_path):
+    import signal
+
+    proc = ExchangeProcess(write_config(tmp_path), f"sqlite:///{tmp_path / 'sig.db'}").start()
+    try:
+        with MLLPConnection(proc.address) as conn:
+            assert msa(conn.request(adt("SIG-1")))[0] == "AA"
+        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):  # make, a terminal, a supervisor
+            proc.proc.send_signal(sig)
+        assert proc.terminate() == 0
+    finally:
+        proc.stop()
+    output = "".join(proc.output)
+    assert "Traceback" not in output
+    assert "exchange stopped cleanly" in output
