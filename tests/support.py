@@ -202,3 +202,46 @@ def adt(control_id: str, *, facility: str = "GENHOSP", event: str = "A01", versi
         f"PID|1||{mrn}^^^{facility}^MR||TESTPATIENT^ALPHA^Q||19700101|F|||1 MAIN ST^^SPRINGFIELD^IL^62701||555-0100\r"
         f"PV1|1|I|W1^101^A||||||||||||||||V{control_id}\r"
     ).encode()
+
+
+def new_message(
+    control_id: str | None = "MSG-1",
+    *,
+    facility: str | None = "GENHOSP",
+    application: str = "ADT",
+    version: str = "2.5.1",
+    received_at=None,
+    peer: str = "127.0.0.1:50123",
+    **overrides,
+):
+    """A stored-message row (exchange.store.messages.NewMessage) for store and
+    API tests: an accepted synthetic ADT^A01 with its AA."""
+    from datetime import datetime, timezone
+
+    from exchange.outcome import MessageState
+    from exchange.store.messages import NewMessage
+
+    cid = (control_id or "").encode()
+    f, a, v = (facility or "").encode(), application.encode(), version.encode()
+    fields = dict(
+        raw=b"MSH|^~\\&|" + a + b"|" + f + b"|EXCHANGE|EXCHANGE|20261127120000||ADT^A01^ADT_A01|" + cid
+        + b"|P|" + v + b"\rPID|1||100001^^^" + f + b"^MR||TESTPATIENT^ALPHA\r",
+        received_at=received_at or datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc),
+        facility=facility,
+        control_id=control_id,
+        sending_application=application,
+        message_type="ADT",
+        event="A01",
+        structure="ADT_A01",
+        version=version,
+        processing_id="P",
+        state=MessageState.ACCEPTED,
+        ack_code="AA",
+        ack=b"MSH|^~\\&|EXCHANGE|EXCHANGE|" + a + b"|" + f + b"|20261127120000||ACK^A01^ACK|X1|P|" + v
+        + b"\rMSA|AA|" + cid + b"\r",
+        reason=None,
+        peer=peer,
+        dedup=True,
+    )
+    fields.update(overrides)
+    return NewMessage(**fields)

@@ -25,35 +25,16 @@ from exchange.store.messages import (
     record_resent,
 )
 from exchange.store.schema import message_event_table, message_table
+from tests.support import new_message
 
 T0 = datetime(2026, 3, 1, 8, 30, 15, 123456, tzinfo=timezone.utc)
 
 
 def msg(control_id: str | None = "MSG-1", **overrides) -> NewMessage:
-    fields = dict(
-        raw=b"MSH|^~\\&|LAB|NORTH|EXCHANGE|HUB|20260301083015||ADT^A01^ADT_A01|"
-        + (control_id or "").encode()
-        + b"|P|2.5\rPID|1||123^^^NORTH^MR\r",
-        received_at=T0,
-        facility="NORTH",
-        control_id=control_id,
-        sending_application="LAB",
-        message_type="ADT",
-        event="A01",
-        structure="ADT_A01",
-        version="2.5",
-        processing_id="P",
-        state=MessageState.ACCEPTED,
-        ack_code="AA",
-        ack=b"MSH|^~\\&|EXCHANGE|HUB|LAB|NORTH|20260301083015||ACK^A01^ACK|X1|P|2.5\rMSA|AA|"
-        + (control_id or "").encode()
-        + b"\r",
-        reason=None,
-        peer="127.0.0.1:50123",
-        dedup=True,
-    )
-    fields.update(overrides)
-    return NewMessage(**fields)
+    overrides.setdefault("received_at", T0)
+    overrides.setdefault("facility", "NORTH")
+    overrides.setdefault("version", "2.5")
+    return new_message(control_id, application="LAB", **overrides)
 
 
 def rejected(control_id: str = "MSG-1", **overrides) -> NewMessage:

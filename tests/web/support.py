@@ -8,11 +8,12 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import Engine, select
+
+from tests.support import new_message
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
 
 from exchange.auth import TokenCache, create_token, revoke_token
-from exchange.outcome import MessageState
 from exchange.store.db import write_transaction
 from exchange.store.messages import NewMessage, insert_messages
 from exchange.store.schema import audit_event_table
@@ -103,27 +104,5 @@ class Harness:
 
 
 def message(control_id: str = "MSG-1", **overrides) -> NewMessage:
-    fields = dict(
-        raw=b"MSH|^~\\&|ADT|GENHOSP|EXCHANGE|EXCHANGE|20261127120000||ADT^A01^ADT_A01|"
-        + control_id.encode()
-        + b"|P|2.5.1\rPID|1||100001^^^GENHOSP^MR||TESTPATIENT^ALPHA\r",
-        received_at=T0,
-        facility="GENHOSP",
-        control_id=control_id,
-        sending_application="ADT",
-        message_type="ADT",
-        event="A01",
-        structure="ADT_A01",
-        version="2.5.1",
-        processing_id="P",
-        state=MessageState.ACCEPTED,
-        ack_code="AA",
-        ack=b"MSH|^~\\&|EXCHANGE|EXCHANGE|ADT|GENHOSP|20261127120000||ACK^A01^ACK|X1|P|2.5.1\rMSA|AA|"
-        + control_id.encode()
-        + b"\r",
-        reason=None,
-        peer="127.0.0.1:50123",
-        dedup=True,
-    )
-    fields.update(overrides)
-    return NewMessage(**fields)
+    overrides.setdefault("received_at", T0)
+    return new_message(control_id, **overrides)
