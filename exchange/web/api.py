@@ -25,6 +25,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from exchange.audit import Action, AuditEvent, Outcome, Resource, record
 from exchange.auth import Permission, Principal, TokenCache, allowed, find_token, hash_token
 from exchange.store.api import MessageSummary, message_summary
+from exchange.store.records import person_view, record_view
 
 log = Logger()
 
@@ -150,27 +151,60 @@ class API:
 
     # -- routes ---------------------------------------------------------------------
 
-    # twisted.web has percent-decoded each path segment already; MSH-10 may
-    # hold a "/" (sent as %2F), hence the path converter for the last part.
-    @app.route("/messages/<facility>/<path:control_id>", methods=["GET"])
-    async def get_message(self, request, facility: str, control_id: str) -> bytes:
+    async def _get(
+        self,
+        request,
+        permission: Permission,
+        resource: Resource,
+        facility: str | None,
+        key: str,
+        read: Callable[..., Any],
+        args: tuple,
+        render: Callable[[Any], dict],
+    ) -> bytes:
+        """One audited GET: 400 / 401 / 403 / 404 / 200 with ``render(value)``."""
+        what = resource.value
         try:
-            if _bad_part(facility) or _bad_part(control_id):
+            if _bad_part(facility or "") or _bad_part(key):
                 await self._authenticate(request)
-                return self._error(request, 400, "facility and control id must not contain control characters")
-            code, summary = await self._audited_read(
-                request, Permission.READ_MESSAGE, Resource.MESSAGE, facility, control_id,
-                message_summary, (facility, control_id),
-            )
+                return self._error(request, 400, "the path must not contain control characters")
+            code, value = await self._audited_read(request, permission, resource, facility, key, read, args)
         except Unauthorized as exc:
             return self._error(request, 401, str(exc))
         except Exception as exc:  # noqa: BLE001 - answered 500; logged without the request's identifiers
-            return self._internal(request, "message", exc)
+            return self._internal(request, what, exc)
         if code == 403:
-            return self._error(request, 403, "this role may not read messages")
+            return self._error(request, 403, f"this role may not read {what}s")
         if code == 404:
-            return self._error(request, 404, "no such message")
-        return self._json(request, 200, message_json(summary))
+            return self._error(request, 404, f"no such {what}")
+        return self._json(request, 200, render(value))
+
+    # twisted.web has percent-decoded each path segment already; MSH-10 and
+    # MRNs may hold a "/" (sent as %2F), hence the path converter for the last part.
+    @app.route("/messages/<facility>/<path:control_id>", methods=["GET"])
+    async def get_message(self, request, facility: str, control_id: str) -> bytes:
+        return await self._get(
+            request, Permission.READ_MESSAGE, Resource.MESSAGE, facility, control_id,
+            message_summary, (facility, control_id), message_json,
+        )
+
+    @app.route("/records/<facility>/<path:mrn>", methods=["GET"])
+    async def get_record(self, request, facility: str, mrn: str) -> bytes:
+        return await self._get(
+            request, Permission.READ_RECORD, Resource.RECORD, facility, mrn, record_view, (facility, mrn), dict
+        )
+
+    @app.route("/persons/<person>", methods=["GET"])
+    async def get_person(self, request, person: str) -> bytes:
+        if not person.isdigit() or len(person) > 18:
+            try:
+                await self._authenticate(request)
+            except Unauthorized as exc:
+                return self._error(request, 401, str(exc))
+            return self._error(request, 400, "a person id is a number")
+        return await self._get(
+            request, Permission.READ_PERSON, Resource.PERSON, None, person, person_view, (int(person),), dict
+        )
 
     def _internal(self, request, what: str, exc: BaseException) -> bytes:
         # The exception text can quote SQL parameters (identifiers): log its type only.

@@ -1,0 +1,82 @@
+"""GET /api/records/{facility}/{mrn} and /api/persons/{person} over the real
+routes and a real database (SQLite and PostgreSQL): contract fields, roles,
+404s and the audit trail. The records are put there the way the intake will:
+mapped from HL7 with the pure mapping, applied, saved by the record store."""
+from __future__ import annotations
+
+from exchange.hl7.charset import decode_message
+from exchange.hl7.header import read_header
+from exchange.mapping.events import Changes, FacilityContext, map_message, needs
+from exchange.mapping.message import Message
+from exchange.store import records
+from exchange.store.db import write_transaction
+from tests.web.support import Harness, message
+
+PID = "PID|1||GH-44107^^^GENHOSP^MR~123-45-6789^^^SSA^SS||HANSON^ELIZABETH^A^^^^L||19470312|F|||12 ELM ST^^SPRINGFIELD^IL^62701||555-0100"
+ADMIT = (
+    "MSH|^~\\&|ADT|GENHOSP|EXCHANGE|EXCHANGE|20261127100000||ADT^A01^ADT_A01|REC-1|P|2.5.1\r"
+    "EVN|A01|20261127100000\r" + PID + "\r"
+    "PV1|1|I|W1^101^A||||1234^WELBY^MARCUS||||||||||||V1001|||||||||||||||||||||||||20261127100000\r"
+)
+
+
+def store_record(api: Harness, hl7: str) -> int:
+    """Map and apply one message, save it (with its stored message as the reference)."""
+    api.store(message("REC-1"))
+    raw = hl7.encode()
+    header = read_header(raw)
+    text, codec = decode_message(raw, header)
+    msg = Message(text, header.delimiters, codec)
+    ctx = FacilityContext("GENHOSP", "GENHOSP")
+    with write_transaction(api.engine) as conn:
+        state = records.load(conn, [needs(msg, ctx)])
+        changes = map_message(msg, header, ctx, state)
+        assert isinstance(changes, Changes)
+        message_id = conn.exec_driver_sql("SELECT id FROM message WHERE control_id = 'REC-1'").scalar_one()
+        state.apply(changes, message_id)
+        records.save(conn, state)
+        return conn.exec_driver_sql("SELECT person_id FROM patient_record WHERE mrn = 'GH-44107'").scalar_one()
+
+
+def test_a_technician_reads_a_record_with_the_contract_fields(api: Harness):
+    store_record(api, ADMIT)
+    token = api.token("tess", "technician")
+    code, body, _ = api.get("/api/records/GENHOSP/GH-44107", token)
+    assert code == 200
+    assert {"facility", "authority", "mrn", "person", "active", "merged_into", "name", "birth_date", "sex",
+            "address", "phones", "encounters", "documents"} <= body.keys()
+    assert (body["facility"], body["mrn"], body["active"], body["merged_into"]) == ("GENHOSP", "GH-44107", True, None)
+    assert body["name"]["family"] == "HANSON" and body["name"]["given"] == "ELIZABETH"
+    assert (body["birth_date"], body["sex"]) == ("1947-03-12", "F")
+    [encounter] = body["encounters"]
+    assert {"visit_number", "class", "status", "location", "admitted_at", "discharged_at"} <= encounter.keys()
+    assert (encounter["visit_number"], encounter["status"]) == ("V1001", "admitted")
+    [row] = api.audit()
+    assert (row["actor"], row["resource"], row["facility"], row["key"], row["outcome"]) == (
+        "tess", "record", "GENHOSP", "GH-44107", "ok"
+    )
+
+
+def test_the_person_lists_the_record(api: Harness):
+    person = store_record(api, ADMIT)
+    token = api.token("tess", "technician")
+    code, body, _ = api.get(f"/api/persons/{person}", token)
+    assert code == 200
+    assert body["person"] == person
+    [record] = body["records"]
+    assert {"facility", "mrn", "link", "score"} <= record.keys()
+    assert (record["facility"], record["mrn"]) == ("GENHOSP", "GH-44107")
+
+
+def test_unknown_record_and_person_404_audited(api: Harness):
+    token = api.token("tess", "technician")
+    assert api.get("/api/records/GENHOSP/NOPE", token)[0] == 404
+    assert api.get("/api/persons/999999", token)[0] == 404
+    assert [r["outcome"] for r in api.audit()] == ["not-found", "not-found"]
+
+
+def test_bad_person_id_400_and_no_token_401(api: Harness):
+    token = api.token("tess", "technician")
+    assert api.get("/api/persons/abc", token)[0] == 400
+    assert api.get("/api/records/GENHOSP/GH-44107")[0] == 401
+    assert api.get("/api/persons/1")[0] == 401
