@@ -4,35 +4,46 @@
       frame ............ exchange.mllp.framing.MLLPDecoder
       read header ...... exchange.hl7.header.read_header      (MSH only)
       accept ........... exchange.acceptance.accept            (AR / AE rules)
-    commit (the one writer thread, a batch of messages per transaction)
+    commit (the writer process, a batch of messages per transaction)
       dedup ............ store.messages.find_prior             (facility, MSH-10)
-      decode/apply ..... per MSH-18 (mapping joins here)
+      decode ........... per MSH-18                            (AE if it does not)
+      load records ..... store.records.load                    (the batch's patients)
+      map, apply ....... mapping.events.map_message, MemoryState.apply  (pure; AE if it cannot)
       build ACK ........ exchange.hl7.ack.build_ack            (pure)
       store ............ store.messages.insert_messages        (raw, state, ACK)
+      save records ..... store.records.save                    (what the batch changed)
       COMMIT
     answer (reactor thread): each ACK written once its batch has committed.
 
-This module holds the writer-thread half: ``process_batch`` takes a
-connection whose transaction the caller owns, and returns plain values.
+This module holds the writer's half: ``process_batch`` takes a connection
+whose transaction the caller owns, and returns plain values.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Connection
+from twisted.logger import Logger
 
 from exchange.hl7.ack import ack_code, build_ack
 from exchange.hl7.charset import CharsetError, decode_message
 from exchange.hl7.header import Header
+from exchange.mapping.events import FacilityContext, MappingError, map_message, needs
+from exchange.mapping.message import Message
+from exchange.mapping.state import MemoryState
 from exchange.outcome import Outcome, Value, Verdict, error
+from exchange.store.records import load as load_records
+from exchange.store.records import save as save_records
 from exchange.store.messages import (
     NewMessage,
     find_prior,
     insert_messages,
     record_resent,
 )
+
+log = Logger()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,22 +81,58 @@ class AckSettings:
     facility: str = "EXCHANGE"  # MSH-4 of our ACKs when the sender left MSH-6 empty
 
 
-def apply(item: Received) -> tuple[Outcome, str]:
-    """Decide the final outcome of an accepted message: (outcome, note).
+MAPPED_TYPES = frozenset({"ADT", "MDM"})  # MSH-9.1 values the record model applies
 
-    Today: the body must decode per MSH-18 (or the facility's charset, with
-    the windows-1252/Latin-1 fallback when MSH-18 is empty, noted).
-    The record-model mapping joins here, in the same transaction.
-    """
+
+@dataclass(slots=True)
+class _Decoded:
+    """An accepted message on its way through the record model (one batch)."""
+
+    index: int  # in the batch
+    outcome: Outcome
+    notes: list[str]
+    message: Message | None = None  # parsed, for ADT/MDM
+
+
+def decode(index: int, item: Received, parse: bool = True) -> _Decoded:
+    """The body must decode per MSH-18 (or the facility's charset, with the
+    windows-1252/Latin-1 fallback when MSH-18 is empty, noted)."""
     if item.decision.verdict is not Verdict.ACCEPT:
-        return item.decision, ""
+        return _Decoded(index, item.decision, [])
     try:
-        _, codec = decode_message(item.raw, item.header)
+        text, codec = decode_message(item.raw, item.header)
     except CharsetError as exc:
-        return error(102, "MSH-18", str(exc)), ""
-    fell_back = codec != item.header.codec or item.header.charset_fallback
-    note = f"MSH-18 empty and the bytes do not fit the facility's charset: decoded as {codec}" if fell_back else ""
-    return item.decision, note
+        return _Decoded(index, error(102, "MSH-18", str(exc)), [])
+    notes = []
+    if codec != item.header.codec or item.header.charset_fallback:
+        notes.append(f"MSH-18 empty and the bytes do not fit the facility's charset: decoded as {codec}")
+    message = None
+    if parse and item.header.message_type in MAPPED_TYPES:
+        message = Message(text, item.header.delimiters, codec)
+    return _Decoded(index, item.decision, notes, message)
+
+
+def map_and_apply(d: _Decoded, item: Received, ctx: FacilityContext, state: MemoryState) -> None:
+    """Map one message against the batch's state and apply it there (pure).
+
+    A message that cannot be applied gets AE and changes nothing. The
+    reference is a placeholder until the message has its row id.
+    """
+    try:
+        mapped = map_message(d.message, item.header, ctx, state)
+    except Exception:  # a bug in the mapping, not in the message: AE, and the batch goes on
+        log.failure("mapping {facility}/{control_id} failed", facility=ctx.code, control_id=item.header.control_id)
+        d.outcome = error(207, "", "the exchange could not map this message (internal error; reported)")
+        return
+    if isinstance(mapped, MappingError):
+        d.outcome = Outcome(Verdict.ERROR, mapped.problem)
+        return
+    state.apply(mapped, _pending(d.index))
+    d.notes.extend(mapped.warnings)
+
+
+def _pending(index: int) -> tuple[str, int]:
+    return ("pending message", index)
 
 
 def encode_ack(header: Header, text: str) -> bytes:
@@ -98,43 +145,60 @@ def process_batch(
     *,
     new_control_id: Callable[[], str],
     now: Callable[[], datetime],
+    facilities: Mapping[str, FacilityContext] | None = None,
     settings: AckSettings = AckSettings(),
 ) -> list[Answer]:
-    """Store a batch of messages and decide each one's answer.
+    """Store a batch of messages, apply them to the record model, decide each answer.
 
     TRANSACTION (owned by the caller): one row per new message with its raw
     bytes, its state and the exact ACK to be sent; one history row each;
-    one "resent" history row per duplicate. Nothing is sent before the
-    caller commits.
+    one "resent" history row per duplicate; the record-model rows the
+    accepted ADT/MDM messages change, with their event history. Nothing is
+    sent before the caller commits.
+
+    ``facilities`` (MSH-4 -> its context) switches the record model on;
+    without it the messages are stored and answered, nothing is mapped.
     """
     prior = find_prior(conn, [k for k in (i.dedup_key for i in items) if k is not None])
 
+    # 1. Resends: of a stored message (its stored answer) or of one earlier in this batch.
     answers: list[Answer | None] = [None] * len(items)
-    rows: list[NewMessage] = []
-    row_of_item: dict[int, int] = {}  # item index -> index in rows
-    first_in_batch: dict[tuple[str, str], int] = {}  # dedup key -> item index
-    resent: list[tuple[int, int]] = []  # (item index, index of the item it repeats or -1)
+    new: list[int] = []  # indexes of the messages stored by this batch
+    first_in_batch: dict[tuple[str, str], int] = {}
+    resent: list[tuple[int, int]] = []  # (item index, index of the item it repeats)
     resent_prior: list[tuple[int, datetime, str]] = []
-
     for index, item in enumerate(items):
         key = item.dedup_key
         if key is not None and key in prior:
-            # A resend of a message already stored: the stored answer, applied once.
             p = prior[key]
             answers[index] = Answer(p.ack, p.ack_code, p.message_id, duplicate=True)
             resent_prior.append((p.message_id, item.received_at, item.peer))
-            continue
-        if key is not None and key in first_in_batch:
+        elif key is not None and key in first_in_batch:
             resent.append((index, first_in_batch[key]))
-            continue
-        if key is not None:
-            first_in_batch[key] = index
+        else:
+            if key is not None:
+                first_in_batch[key] = index
+            new.append(index)
 
-        outcome, note = apply(item)
+    # 2. Decode, then map and apply in arrival order against the batch's records.
+    decoded = [decode(index, items[index], facilities is not None) for index in new]
+    to_map = [] if facilities is None else [
+        d for d in decoded if d.message is not None and d.outcome.verdict is Verdict.ACCEPT
+    ]
+    state = None
+    if to_map:
+        contexts = [facilities[items[d.index].header.facility] for d in to_map]
+        state = load_records(conn, [needs(d.message, ctx) for d, ctx in zip(to_map, contexts)])
+        for d, ctx in zip(to_map, contexts):
+            map_and_apply(d, items[d.index], ctx, state)
+
+    # 3. The answers, stored with the raw messages.
+    rows: list[NewMessage] = []
+    for d in decoded:
+        item, outcome = items[d.index], d.outcome
         header = item.header
         if outcome.verdict is Verdict.IGNORE:
-            ack = None
-            code = None
+            ack, code = None, None
         else:
             text = build_ack(
                 header,
@@ -144,10 +208,8 @@ def process_batch(
                 application=settings.application,
                 facility=settings.facility,
             )
-            ack = encode_ack(header, text)
-            code = ack_code(header, outcome)
-        reason = "; ".join(x for x in (outcome.text, item.note, note) if x) or None
-        row_of_item[index] = len(rows)
+            ack, code = encode_ack(header, text), ack_code(header, outcome)
+        reason = "; ".join(x for x in (outcome.text, item.note, *d.notes) if x) or None
         rows.append(
             NewMessage(
                 raw=item.raw,
@@ -165,14 +227,18 @@ def process_batch(
                 ack=ack,
                 reason=reason,
                 peer=item.peer,
-                dedup=key is not None,
+                dedup=item.dedup_key is not None,
             )
         )
-
     ids = insert_messages(conn, rows) if rows else []
-    for index, row_index in row_of_item.items():
-        row = rows[row_index]
-        answers[index] = Answer(row.ack, row.ack_code, ids[row_index])
+    for d, row, id_ in zip(decoded, rows, ids):
+        answers[d.index] = Answer(row.ack, row.ack_code, id_)
+
+    # 4. The record model's changes, each tied to the message that made it.
+    if state is not None:
+        state.rebase_refs({_pending(d.index): id_ for d, id_ in zip(decoded, ids)})
+        save_records(conn, state)
+
     for index, original in resent:
         first = answers[original]
         assert first is not None

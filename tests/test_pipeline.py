@@ -9,10 +9,12 @@ from sqlalchemy import text
 
 from exchange.acceptance import AcceptancePolicy, FacilityRule, accept
 from exchange.hl7.header import read_header
+from exchange.mapping.events import FacilityContext
 from exchange.pipeline import Received, process_batch
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
 POLICY = AcceptancePolicy({"GENHOSP": FacilityRule("GENHOSP"), "OAKNH": FacilityRule("OAKNH")})
+FACILITIES = {code: FacilityContext(code, code) for code in ("GENHOSP", "OAKNH")}
 
 
 def received(raw: bytes, peer: str = "127.0.0.1:5000") -> Received:
@@ -25,10 +27,12 @@ def msg(control_id: str, facility: str = "GENHOSP", msh18: str = "", body: bytes
     return f"MSH|^~\\&|APP|{facility}|EX|EX|20261127||ADT^A01^ADT_A01|{control_id}|P|2.5{charset}\r".encode() + body
 
 
-def run(engine, items):
+def run(engine, items, facilities=FACILITIES):
     ids = itertools.count(1)
     with engine.begin() as conn:
-        return process_batch(conn, items, new_control_id=lambda: f"ACK{next(ids)}", now=lambda: NOW)
+        return process_batch(
+            conn, items, new_control_id=lambda: f"ACK{next(ids)}", now=lambda: NOW, facilities=facilities
+        )
 
 
 def rows(engine, sql, **params):
@@ -106,3 +110,46 @@ def test_history_row_per_message_in_one_batch(engine):
     answers = run(engine, [received(msg(f"B-{i}")) for i in range(50)])
     assert len({a.message_id for a in answers}) == 50
     assert rows(engine, "select count(*) from message_event") == [(50,)]
+
+
+def test_accepted_adt_is_applied_to_the_record_model_in_the_same_transaction(engine):
+    from exchange.store.records import record_view
+
+    (answer,) = run(engine, [received(msg("REC-1", body=b"PID|1||MRN77^^^GENHOSP^MR||DOE^JANE||19800101|F\rPV1|1|I|W1^1^A||||||||||||||||V77\r"))])
+    assert answer.ack_code == "AA"
+    with engine.connect() as conn:
+        view = record_view(conn, "GENHOSP", "MRN77")
+        events = conn.execute(text("select message_id from record_event")).all()
+    assert view["active"] is True and view["sex"] == "F"
+    assert view["birth_date"] == "1980-01-01"
+    assert [e["visit_number"] for e in view["encounters"]] == ["V77"]
+    assert view["encounters"][0]["status"] == "admitted"
+    assert {m for (m,) in events} == {answer.message_id}  # which message changed what
+
+
+def test_a_message_that_cannot_be_applied_gets_ae_is_stored_and_changes_nothing(engine):
+    (answer,) = run(engine, [received(msg("REC-2", body=b"PID|1\r"))])
+    assert answer.ack_code == "AE"
+    assert b"PID^1^3" in answer.ack  # ERR-2 names PID-3
+    assert rows(engine, "select state from message") == [("error",)]
+    assert rows(engine, "select count(*) from patient_record") == [(0,)]
+
+
+def test_messages_in_one_batch_see_each_other_in_arrival_order(engine):
+    from exchange.store.records import record_view
+
+    pid = b"PID|1||MRN88^^^GENHOSP^MR||DOE^JOHN||19700101|M\r"
+    admit = msg("REC-3", body=pid + b"PV1|1|I|W2^1^A||||||||||||||||V88|||||||||||||||||||||||||20261127100000\r")
+    discharge = msg("REC-4", body=pid + b"PV1|1|I|W2^1^A||||||||||||||||V88|||||||||||||||||||||||||20261127100000|20261127180000\r").replace(b"ADT^A01^ADT_A01", b"ADT^A03^ADT_A03")
+    a, b = run(engine, [received(admit), received(discharge)])
+    assert a.ack_code == b.ack_code == "AA"
+    with engine.connect() as conn:
+        (encounter,) = record_view(conn, "GENHOSP", "MRN88")["encounters"]
+    assert encounter["status"] == "discharged"
+    assert encounter["admitted_at"].startswith("2026-11-27T10:00")
+
+
+def test_without_facilities_nothing_is_mapped(engine):
+    (answer,) = run(engine, [received(msg("REC-5", body=b"PID|1\r"))], facilities=None)
+    assert answer.ack_code == "AA"
+    assert rows(engine, "select count(*) from record_event") == [(0,)]

@@ -43,7 +43,7 @@ dirty tracking never change what ``apply`` does.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from enum import Enum
 from typing import Any
 
@@ -163,7 +163,9 @@ class MemoryState:
 
     def _record(self, facility: str, mrn: str) -> dict[str, Any]:
         rec = self.records.get((facility, mrn))
-        if rec is None:
+        if rec is not None:
+            self._touch(rec)
+        else:
             rec = {
                 "active": True,
                 "merged_into": None,
@@ -216,9 +218,11 @@ class MemoryState:
         retired["merged_into"] = op.survivor_mrn
         for doc in self.documents.values():
             if doc["facility"] == f and doc["mrn"] == op.retired_mrn:
+                self._touch_document(doc)
                 doc["mrn"] = op.survivor_mrn
         for (fac, _), rec in self.records.items():
             if fac == f and rec["merged_into"] == op.retired_mrn:
+                self._touch(rec)
                 rec["merged_into"] = op.survivor_mrn
         return (op.survivor_mrn, op.retired_mrn, op.event)
 
@@ -227,7 +231,10 @@ class MemoryState:
         old = self.records.pop((f, op.old_mrn), None)
         if old is None:
             return (op.old_mrn, op.new_mrn, "unknown")
+        self._touch(old)
         new = self.records.get((f, op.new_mrn))
+        if new is not None:
+            self._touch(new)
         if new is None:
             old["previous_mrns"] = old["previous_mrns"] + (op.old_mrn,)
             self.records[(f, op.new_mrn)] = old
@@ -237,9 +244,11 @@ class MemoryState:
             new["previous_mrns"] = new["previous_mrns"] + (op.old_mrn,)
         for doc in self.documents.values():
             if doc["facility"] == f and doc["mrn"] == op.old_mrn:
+                self._touch_document(doc)
                 doc["mrn"] = op.new_mrn
         for (fac, _), rec in self.records.items():
             if fac == f and rec["merged_into"] == op.old_mrn:
+                self._touch(rec)
                 rec["merged_into"] = op.new_mrn
         return (op.old_mrn, op.new_mrn)
 
@@ -253,6 +262,8 @@ class MemoryState:
         self._record(op.facility, op.mrn)
         doc = self.documents.get(key)
         patch: DocumentPatch = op.patch
+        if doc is not None:
+            self._touch_document(doc)
         if doc is None:
             doc = {"facility": op.facility, "mrn": op.mrn, "state": DocumentState.CURRENT, "versions": []}
             self.documents[key] = doc
@@ -277,6 +288,7 @@ class MemoryState:
         doc = self.documents.get((op.facility, op.number))
         if doc is None:
             return (op.number, op.event, "unknown")
+        self._touch_document(doc)
         doc["state"] = op.state
         if op.availability is not None:
             doc["versions"][-1] = {**doc["versions"][-1], "availability": op.availability}
@@ -300,58 +312,93 @@ class MemoryState:
         self.links.update(links or {})
         self.mark_clean()
 
+    def rebase_refs(self, refs: Mapping[Hashable, Hashable]) -> None:
+        """Swap message references applied since the last ``mark_clean``.
+
+        The writer maps and applies a batch before its messages have row
+        ids; once they are stored it swaps each placeholder for the id.
+        """
+        for i in range(self._clean_history, len(self.history)):
+            ref, kind, facility, key = self.history[i]
+            if ref in refs:
+                self.history[i] = (refs[ref], kind, facility, key)
+        for doc in self.documents.values():
+            for version in doc["versions"]:
+                if version["message"] in refs:
+                    version["message"] = refs[version["message"]]
+
     def mark_clean(self) -> None:
-        """The current contents become the baseline ``dirty`` compares with."""
-        self._base_records = {
-            key: (rec, _record_plain(rec), {v: _plain(e) for v, e in rec["encounters"].items()})
-            for key, rec in self.records.items()
-        }
-        self._base_documents = {
-            key: (_document_plain(doc), tuple(_plain(v) for v in doc["versions"]))
-            for key, doc in self.documents.items()
-        }
+        """The current contents become the baseline ``dirty`` compares with.
+
+        Cheap: the baseline holds the entries themselves; an entry is copied
+        (shallowly: value objects are immutable) only when ``apply`` first
+        touches it, and ``dirty`` compares only touched entries.
+        """
+        self._base_records = dict(self.records)
+        self._base_documents = dict(self.documents)
         self._base_links = dict(self.links)
         self._clean_history = len(self.history)
+        self._touched_records: dict[int, tuple[dict, dict, dict]] = {}  # id(rec) -> (rec, fields, encounters)
+        self._touched_documents: dict[int, tuple[dict, dict, list]] = {}  # id(doc) -> (doc, fields, versions)
+
+    def _touch(self, rec: dict[str, Any]) -> None:
+        """Keep a copy of ``rec`` as it was before this batch first changes it."""
+        if id(rec) not in self._touched_records:
+            fields = {k: v for k, v in rec.items() if k != "encounters"}
+            fields["identifiers"] = dict(rec["identifiers"])
+            self._touched_records[id(rec)] = (rec, fields, {v: dict(e) for v, e in rec["encounters"].items()})
+
+    def _touch_document(self, doc: dict[str, Any]) -> None:
+        if id(doc) not in self._touched_documents:
+            fields = {k: v for k, v in doc.items() if k != "versions"}
+            self._touched_documents[id(doc)] = (doc, fields, list(doc["versions"]))
 
     def dirty(self) -> Dirty:
         """What changed since the last ``seed``/``mark_clean``/construction."""
-        by_identity = {id(rec): key for key, (rec, _, _) in self._base_records.items()}
+        by_identity = {id(rec): key for key, rec in self._base_records.items()}
         present: set[tuple[str, str]] = set()
         out = Dirty()
         for key, rec in self.records.items():
             old_key = by_identity.get(id(rec))
-            if old_key is None or self._base_records[old_key][0] is not rec:
+            if old_key is None:
                 out.new_records.append(key)
-                old_encounters: dict = {}
-            else:
-                present.add(old_key)
-                _, old_plain, old_encounters = self._base_records[old_key]
-                if old_key != key or _record_plain(rec) != old_plain:
+                out.new_encounters.extend((key, visit) for visit in rec["encounters"])
+                continue
+            present.add(old_key)
+            touched = self._touched_records.get(id(rec))
+            if touched is None:
+                if old_key != key:
                     out.changed_records.append((key, old_key))
-            new_encounters = {v: _plain(e) for v, e in rec["encounters"].items()}
-            for visit in old_encounters.keys() - new_encounters.keys():
+                continue
+            _, old_fields, old_encounters = touched
+            if old_key != key or any(rec[k] != v for k, v in old_fields.items()):
+                out.changed_records.append((key, old_key))
+            encounters = rec["encounters"]
+            for visit in old_encounters.keys() - encounters.keys():
                 out.removed_encounters.append((key, visit))
-            for visit, plain in new_encounters.items():
+            for visit, enc in encounters.items():
                 old = old_encounters.get(visit)
                 if old is None:
                     out.new_encounters.append((key, visit))
-                elif old != plain:
+                elif old != enc:
                     out.changed_encounters.append((key, visit))
         out.removed_records = [k for k in self._base_records if k not in present]
         for key, doc in self.documents.items():
-            base = self._base_documents.get(key)
             versions = doc["versions"]
-            if base is None:
+            if key not in self._base_documents:
                 out.new_documents.append(key)
                 out.new_versions.extend((key, i) for i in range(len(versions)))
                 continue
-            old_doc, old_versions = base
-            if _document_plain(doc) != old_doc:
+            touched = self._touched_documents.get(id(doc))
+            if touched is None:
+                continue
+            _, old_fields, old_versions = touched
+            if any(doc[k] != v for k, v in old_fields.items()):
                 out.changed_documents.append(key)
             for i, version in enumerate(versions):
                 if i >= len(old_versions):
                     out.new_versions.append((key, i))
-                elif _plain(version) != old_versions[i]:
+                elif version is not old_versions[i] and version != old_versions[i]:
                     out.changed_versions.append((key, i))
         out.links = [k for k, v in self.links.items() if self._base_links.get(k) is not v]
         out.history = self.history[self._clean_history:]
@@ -394,14 +441,6 @@ class Dirty:
     changed_versions: list[tuple[tuple[str, str], int]] = dataclasses.field(default_factory=list)
     links: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     history: list[tuple[Hashable, str, str, tuple]] = dataclasses.field(default_factory=list)
-
-
-def _record_plain(rec: dict) -> Any:
-    return _plain({k: v for k, v in rec.items() if k != "encounters"})
-
-
-def _document_plain(doc: dict) -> Any:
-    return _plain({k: v for k, v in doc.items() if k != "versions"})
 
 
 def _version(base: dict, patch: DocumentPatch, number: int, event: str, ref, fill_only: bool) -> dict:
