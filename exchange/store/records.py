@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 from collections.abc import Iterable
 from datetime import date, datetime, timezone
 from enum import Enum
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, insert, select, tuple_, update
+from sqlalchemy.exc import DBAPIError
 
 from exchange.mapping.events import DocumentState, EncounterStatus, Needs
 from exchange.mapping.state import MemoryState
@@ -289,52 +291,105 @@ def load_all(conn: Connection) -> MemoryState:
     return state
 
 
+class _Row:
+    """A fetched row with attribute access (the driver-level selects below)."""
+
+    __slots__ = ("__dict__",)
+
+    def __init__(self, names: tuple[str, ...], values: tuple) -> None:
+        self.__dict__.update(zip(names, values))
+
+
+_RECORD_COLUMNS = ("id", "person_id", "facility", "mrn", "merged_into_mrn", "data")
+_DOCUMENT_COLUMNS = ("id", "facility", "number", "state", "mrn")
+
+
+def _select(conn: Connection, columns: tuple[str, ...] | None, sql: str, params: list) -> list:
+    """Rows of a driver-level SELECT (the load path: no SQLAlchemy statement per call)."""
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        cursor.execute(sql, params)
+        fetched = cursor.fetchall()
+        return fetched if columns is None else [_Row(columns, r) for r in fetched]
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise DBAPIError.instance(sql, params, exc, conn.dialect.loaded_dbapi.Error) from exc
+    finally:
+        cursor.close()
+
+
+def _in_pairs(sqlite: bool, columns: str, pairs: list[tuple[str, str]], params: list) -> str:
+    """``(a, b) IN (pairs)``; appends the parameters."""
+    if sqlite:
+        params.extend(x for pair in pairs for x in pair)
+        return f"({columns}) IN (VALUES {', '.join(['(?, ?)'] * len(pairs))})"
+    params.extend(([a for a, _ in pairs], [b for _, b in pairs]))
+    return f"({columns}) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
+
+
+def _in_ids(sqlite: bool, column: str, ids: list[int], params: list) -> str:
+    if sqlite:
+        params.extend(ids)
+        return f"{column} IN ({', '.join(['?'] * len(ids))})"
+    params.append(ids)
+    return f"{column} = ANY(%s::bigint[])"
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, (str, bytes)) else value
+
+
 def _load(conn: Connection, want_records: set, want_documents: set) -> MemoryState:
+    """Records and documents in rounds of one records SELECT and one documents SELECT.
+
+    A round selects the wanted records and the records merged into them, and
+    the wanted documents and the documents of the records found; the next
+    round (rarely needed) follows ``merged_into`` targets, owners of found
+    documents and records merged into retired ones found. Loading a record
+    more than strictly needed is harmless: it is stored truth.
+    """
+    sqlite = conn.dialect.name == "sqlite"
     rows: dict[tuple[str, str], Any] = {}  # record key -> row
     docs: dict[tuple[str, str], Any] = {}  # document key -> row (+ owner mrn)
     queried_records: set[tuple[str, str]] = set()
     queried_documents: set[tuple[str, str]] = set()
     pending_records = set(want_records)
     pending_documents = set(want_documents)
-    new_keys: list[tuple[str, str]] = []
-    while pending_records or pending_documents or new_keys:
-        found = []
-        keys = pending_records - queried_records
-        queried_records |= keys
+    while pending_records or pending_documents:
+        keys = sorted(pending_records - queried_records)
+        queried_records.update(keys)
         pending_records = set()
+        new_ids = []
         if keys:
-            found += conn.execute(
-                select(patient_record).where(tuple_(patient_record.c.facility, patient_record.c.mrn).in_(sorted(keys)))
-            ).all()
-        new_ids = [rows[k].id for k in new_keys]
-        if new_keys:  # records merged into the ones loaded last round
-            found += conn.execute(
-                select(patient_record).where(
-                    tuple_(patient_record.c.facility, patient_record.c.merged_into_mrn).in_(sorted(new_keys))
-                )
-            ).all()
-        new_keys = []
-        for row in found:
-            key = (row.facility, row.mrn)
-            if key in rows:
-                continue
-            rows[key] = row
-            new_keys.append(key)
-            if row.merged_into_mrn is not None:
-                pending_records.add((row.facility, row.merged_into_mrn))
-        doc_keys = pending_documents - queried_documents
-        queried_documents |= doc_keys
+            params: list = []
+            by_key = _in_pairs(sqlite, "facility, mrn", keys, params)
+            by_survivor = _in_pairs(sqlite, "facility, merged_into_mrn", keys, params)
+            found = _select(conn, _RECORD_COLUMNS,
+                            f"SELECT {', '.join(_RECORD_COLUMNS)} FROM patient_record WHERE {by_key} OR {by_survivor}",
+                            params)
+            for row in found:
+                key = (row.facility, row.mrn)
+                if key in rows:
+                    continue
+                rows[key] = row
+                new_ids.append(row.id)
+                if key not in queried_records:  # merged into a wanted one: records merged into it too
+                    pending_records.add(key)
+                if row.merged_into_mrn is not None:
+                    pending_records.add((row.facility, row.merged_into_mrn))
+        doc_keys = sorted(pending_documents - queried_documents)
+        queried_documents.update(doc_keys)
         pending_documents = set()
-        conditions = []
-        if doc_keys:
-            conditions.append(tuple_(document.c.facility, document.c.number).in_(sorted(doc_keys)))
-        if new_ids:
-            conditions.append(document.c.record_id.in_(new_ids))
-        for cond in conditions:
-            for row in conn.execute(
-                select(document, patient_record.c.mrn).join(patient_record, document.c.record_id == patient_record.c.id)
-                .where(cond)
-            ):
+        if doc_keys or new_ids:
+            params = []
+            conditions = []
+            if doc_keys:
+                conditions.append(_in_pairs(sqlite, "d.facility, d.number", doc_keys, params))
+            if new_ids:
+                conditions.append(_in_ids(sqlite, "d.record_id", new_ids, params))
+            for row in _select(conn, _DOCUMENT_COLUMNS,
+                               "SELECT d.id, d.facility, d.number, d.state, p.mrn FROM document d"
+                               f" JOIN patient_record p ON d.record_id = p.id WHERE {' OR '.join(conditions)}",
+                               params):
                 key = (row.facility, row.number)
                 if key not in docs:
                     docs[key] = row
@@ -344,14 +399,15 @@ def _load(conn: Connection, want_records: set, want_documents: set) -> MemorySta
                         pending_records.add(owner)
         pending_records -= queried_records
 
-    records = {key: _record_from_row(row.data) for key, row in rows.items()}
+    records = {key: _record_from_row(_json(row.data)) for key, row in rows.items()}
     by_id = {row.id: key for key, row in rows.items()}
     if by_id:
-        for row in conn.execute(
-            select(encounter.c.record_id, encounter.c.visit_number, encounter.c.data)
-            .where(encounter.c.record_id.in_(list(by_id))).order_by(encounter.c.id)
+        params = []
+        where = _in_ids(sqlite, "record_id", list(by_id), params)
+        for record_id, visit, data in _select(
+            conn, None, f"SELECT record_id, visit_number, data FROM encounter WHERE {where} ORDER BY id", params
         ):
-            records[by_id[row.record_id]]["encounters"][row.visit_number] = from_json(row.data)
+            records[by_id[record_id]]["encounters"][visit] = from_json(_json(data))
     documents = {
         key: {"facility": row.facility, "mrn": row.mrn, "state": DocumentState(row.state), "versions": []}
         for key, row in docs.items()
