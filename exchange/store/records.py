@@ -79,8 +79,24 @@ _TYPES = {cls.__name__: cls for cls in (Identifier, PersonName, Address, Phone, 
 _ENUMS = {cls.__name__: cls for cls in (Precision, EncounterStatus, DocumentState)}
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+_TYPE_TAGS = {cls: "@" + name for name, cls in _TYPES.items()}
+
+
 def to_json(value: Any) -> Any:
     """A value object tree as JSON-able data: tuples become lists, the rest one-key ``{"@tag": ...}`` dicts."""
+    t = type(value)  # fast paths by exact type; the general rules below decide everything else
+    if t in _PLAIN:
+        return value
+    if t is tuple or t is list:
+        return [to_json(v) for v in value]
+    tag = _TYPE_TAGS.get(t)
+    if tag is not None:
+        return {tag: [to_json(getattr(value, f)) for f in value.__match_args__]}
+    return _to_json(value)
+
+
+def _to_json(value: Any) -> Any:
     if value is None:
         return None
     if isinstance(value, Enum):
@@ -115,6 +131,9 @@ def to_json(value: Any) -> Any:
 
 def from_json(data: Any) -> Any:
     """The inverse of :func:`to_json` (lists come back as tuples)."""
+    t = type(data)
+    if t in _PLAIN:
+        return data
     if isinstance(data, list):
         return tuple(from_json(v) for v in data)
     if isinstance(data, dict):
