@@ -320,14 +320,27 @@ def map_message(msg: Message, header: Header, ctx: FacilityContext, state: State
 # --- PID -------------------------------------------------------------------------------------------
 
 
+def _text(seg: Segment):
+    """The unescaper for pieces of ``seg``: ``str`` (the identity) when it has no escapes."""
+    return str if seg.plain else seg.text
+
+
 def _identifiers(seg: Segment, n: int) -> list[Identifier]:
+    """The identifiers in field ``n`` (memoised on the segment: the caller must not mutate the list)."""
+    key = ("ids", n)
+    memo = seg.memo
+    out = memo.get(key)
+    if out is not None:
+        return out
     sub = seg.delimiters.subcomponent
     comp = seg.delimiters.component
+    text = _text(seg)
     out = []
     for rep in seg.repetitions(n):
-        ident = identifier(rep.split(comp), sub, seg.text)
+        ident = identifier(rep.split(comp), sub, text)
         if ident is not None:
             out.append(ident)
+    memo[key] = out
     return out
 
 
@@ -364,11 +377,12 @@ def _repeating(seg: Segment, n: int, reader) -> tuple | None | object:
         return DELETE
     comp = seg.delimiters.component
     sub = seg.delimiters.subcomponent
+    text = _text(seg)
     out = []
     for rep in raw.split(seg.delimiters.repetition):
         if not rep or is_delete(rep):
             continue
-        value = reader(rep.split(comp), sub, seg.text)
+        value = reader(rep.split(comp), sub, text)
         if value is not None:
             out.append(value)
     return tuple(out)
@@ -484,13 +498,13 @@ def encounter_patch(pv1: Segment, warnings: list[str]) -> EncounterPatch:
             return None
         if is_delete(raw):
             return DELETE
-        return location(pv1.components(n), pv1.delimiters.subcomponent, pv1.text)
+        return location(pv1.components(n), pv1.delimiters.subcomponent, _text(pv1))
 
     attending = None
     raw7 = pv1.field(7)
     if raw7:
         attending = DELETE if is_delete(raw7) else doctor(
-            pv1.components(7), pv1.delimiters.subcomponent, pv1.text
+            pv1.components(7), pv1.delimiters.subcomponent, _text(pv1)
         )
     patient_class = _scalar(pv1, 2)
     if isinstance(patient_class, str):

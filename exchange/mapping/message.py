@@ -15,7 +15,7 @@ Pure: no Twisted, no SQLAlchemy.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field as _dc_field
 
 from exchange.hl7.header import DEFAULT_DELIMITERS, Delimiters
 
@@ -37,6 +37,7 @@ def is_delete(value: str) -> bool:
 
 
 _LINE_SPLIT = re.compile(r"\r\n|\r|\n")
+_NONE: list[int] = []  # shared "no such segment" (never mutated)
 
 
 class Message:
@@ -46,7 +47,7 @@ class Message:
     escapes are decoded with it.
     """
 
-    __slots__ = ("text", "delimiters", "codec", "_lines", "_cache")
+    __slots__ = ("text", "delimiters", "codec", "_lines", "_cache", "_index")
 
     def __init__(self, text: str, delimiters: Delimiters = DEFAULT_DELIMITERS, codec: str = "utf-8"):
         self.text = text
@@ -61,6 +62,28 @@ class Message:
         # Keep non-blank lines; leading whitespace before a segment name is junk.
         self._lines: list[str] = [ln if ln[:1] > " " else ln.lstrip() for ln in lines if ln.strip()]
         self._cache: dict[int, Segment] = {}
+        self._index: dict[str, list[int]] | None = None
+
+    def _indices(self, name: str) -> list[int] | None:
+        """Indices of the lines whose name (text before the first field separator) is ``name``.
+
+        None when ``name`` contains the separator (the caller scans instead).
+        """
+        sep = self.delimiters.field
+        if sep in name:
+            return None
+        index = self._index
+        if index is None:
+            index = {}
+            for i, ln in enumerate(self._lines):
+                key = ln.partition(sep)[0]
+                found = index.get(key)
+                if found is None:
+                    index[key] = [i]
+                else:
+                    found.append(i)
+            self._index = index
+        return index.get(name, _NONE)
 
     def __len__(self) -> int:
         return len(self._lines)
@@ -81,6 +104,9 @@ class Message:
 
     def segments(self, name: str) -> list[Segment]:
         """Every segment called ``name``, in order."""
+        found = self._indices(name)
+        if found is not None:
+            return [self._segment(i) for i in found]
         sep = self.delimiters.field
         return [
             self._segment(i)
@@ -89,6 +115,9 @@ class Message:
         ]
 
     def first(self, name: str) -> Segment | None:
+        found = self._indices(name)
+        if found is not None:
+            return self._segment(found[0]) if found else None
         sep = self.delimiters.field
         for i, ln in enumerate(self._lines):
             if ln.startswith(name) and (len(ln) == len(name) or ln[len(name)] == sep):
@@ -122,6 +151,11 @@ class Segment:
     fields: tuple[str, ...]
     delimiters: Delimiters = DEFAULT_DELIMITERS
     codec: str = "utf-8"
+    # True when the segment has no escape character at all (``text`` is then the identity);
+    # False means "not known", never "has escapes".
+    plain: bool = _dc_field(default=False, compare=False, repr=False)
+    # Per-segment memo of values read from it (readers share them: needs() and map_message()).
+    memo: dict = _dc_field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def parse(cls, line: str, delimiters: Delimiters = DEFAULT_DELIMITERS, codec: str = "utf-8") -> Segment:
@@ -130,7 +164,7 @@ class Segment:
         name = parts[0].strip()
         if name == "MSH" or name == "BHS" or name == "FHS":
             parts.insert(1, sep)  # MSH-1 is the separator itself
-        return cls(name, tuple(parts), delimiters, codec)
+        return cls(name, tuple(parts), delimiters, codec, delimiters.escape not in line)
 
     def __len__(self) -> int:
         """Number of the last field present."""
@@ -188,7 +222,7 @@ class Segment:
 
     def text(self, raw: str) -> str:
         """Unescape a piece of this segment (any level)."""
-        if self.delimiters.escape not in raw:
+        if self.plain or self.delimiters.escape not in raw:
             return raw
         return unescape(raw, self.delimiters, self.codec)
 

@@ -397,6 +397,15 @@ class DocumentPatch(Value):
 # --- readers: raw HL7 pieces -> values ------------------------------------------------
 
 
+_PAD = tuple([""] * k for k in range(10))  # _PAD[k]: k empty components (never mutated)
+
+
+def _padded(components: list[str], n: int) -> list[str]:
+    """``components`` with at least ``n`` items (missing ones are "")."""
+    k = n - len(components)
+    return components + _PAD[k] if k > 0 else components
+
+
 def identifier(components: list[str], sub: str, text) -> Identifier | None:
     """CX from its raw components; ``text`` unescapes. None when CX.1 is empty or ""."""
     if not components:
@@ -404,15 +413,17 @@ def identifier(components: list[str], sub: str, text) -> Identifier | None:
     value = text(components[0]).strip()
     if not value or value == '""':
         return None
-    hd = components[3].split(sub) if len(components) > 3 else []
+    c = _padded(components, 6)
+    hd = c[3].split(sub) if len(components) > 3 else ()
+    nhd = len(hd)
     return Identifier(
-        value=value,
-        authority=text(hd[0]).strip() if hd else "",
-        authority_id=text(hd[1]).strip() if len(hd) > 1 else "",
-        authority_id_type=text(hd[2]).strip() if len(hd) > 2 else "",
-        type_code=text(components[4]).strip() if len(components) > 4 else "",
-        check_digit=text(components[1]).strip() if len(components) > 1 else "",
-        facility=text(components[5].split(sub)[0]).strip() if len(components) > 5 else "",
+        value,
+        text(hd[0]).strip() if nhd else "",
+        text(hd[1]).strip() if nhd > 1 else "",
+        text(hd[2]).strip() if nhd > 2 else "",
+        text(c[4]).strip(),
+        text(c[1]).strip(),
+        text(c[5].split(sub)[0]).strip(),
     )
 
 
@@ -422,15 +433,18 @@ def _part(components: list[str], i: int, text) -> str:
 
 def person_name(components: list[str], sub: str, text) -> PersonName:
     """XPN from raw components. XPN.1 is FN: its first subcomponent is the surname."""
-    family = components[0].split(sub, 1)[0] if components else ""
+    c = _padded(components, 7)
+    family = c[0]
+    if sub in family:
+        family = family.split(sub, 1)[0]
     return PersonName(
-        family=text(family).strip(),
-        given=_part(components, 1, text),
-        middle=_part(components, 2, text),
-        suffix=_part(components, 3, text),
-        prefix=_part(components, 4, text),
-        degree=_part(components, 5, text),
-        use=_part(components, 6, text),
+        text(family).strip(),
+        text(c[1]).strip(),
+        text(c[2]).strip(),
+        text(c[3]).strip(),
+        text(c[4]).strip(),
+        text(c[5]).strip(),
+        text(c[6]).strip(),
     )
 
 
@@ -440,51 +454,51 @@ def doctor(components: list[str], sub: str, text) -> Doctor | None:
         return None
     name = person_name(components[1:], sub, text)
     auth = components[8].split(sub, 1)[0] if len(components) > 8 else ""
-    return Doctor(id=_part(components, 0, text), name=name, authority=text(auth).strip())
+    return Doctor(text(components[0]).strip(), name, text(auth).strip())
 
 
 def address(components: list[str], sub: str, text) -> Address:
-    street = components[0].split(sub, 1)[0] if components else ""  # SAD.1
+    c = _padded(components, 9)
+    street = c[0]
+    if sub in street:
+        street = street.split(sub, 1)[0]  # SAD.1
     return Address(
-        street=text(street).strip(),
-        other=_part(components, 1, text),
-        city=_part(components, 2, text),
-        state=_part(components, 3, text),
-        postal_code=_part(components, 4, text),
-        country=_part(components, 5, text),
-        use=_part(components, 6, text),
-        county=_part(components, 8, text),
+        text(street).strip(),
+        text(c[1]).strip(),
+        text(c[2]).strip(),
+        text(c[3]).strip(),
+        text(c[4]).strip(),
+        text(c[5]).strip(),
+        text(c[6]).strip(),
+        text(c[8]).strip(),
     )
 
 
 def phone(components: list[str], sub: str, text) -> Phone | None:
-    number = _part(components, 0, text)
+    c = _padded(components, 8)
+    number = text(c[0]).strip()
     if not number:  # v2.5+: country^area^local^extension in XTN.5-8
-        country, area, local, ext = (_part(components, i, text) for i in (4, 5, 6, 7))
+        local = text(c[6]).strip()
         if local:
+            country = text(c[4]).strip()
+            area = text(c[5]).strip()
+            ext = text(c[7]).strip()
             number = " ".join(p for p in (f"+{country}" if country else "", area, local) if p)
             if ext:
                 number += f" x{ext}"
-    p = Phone(
-        number=number,
-        use=_part(components, 1, text),
-        equipment=_part(components, 2, text),
-        email=_part(components, 3, text),
-    )
-    if not (p.number or p.email):
+    email = text(c[3]).strip()
+    if not (number or email):
         return None
-    return p
+    return Phone(number, text(c[1]).strip(), text(c[2]).strip(), email)
 
 
 def location(components: list[str], sub: str, text) -> Location | None:
     """PL from raw components (the first subcomponent of each); None when empty."""
-    def first(i: int) -> str:
-        if len(components) <= i:
-            return ""
-        return text(components[i].split(sub, 1)[0]).strip()
-
-    loc = Location(first(0), first(1), first(2), first(3))
-    return None if loc.is_empty else loc
+    c = _padded(components, 4)
+    first = [text(v.split(sub, 1)[0] if sub in v else v).strip() for v in c[:4]]
+    if not (first[0] or first[1] or first[2] or first[3]):
+        return None
+    return Location(first[0], first[1], first[2], first[3])
 
 
 __all__ = [
