@@ -46,7 +46,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
@@ -264,6 +264,13 @@ MDM_EVENTS = frozenset({f"T{n:02d}" for n in range(1, 12)})
 MDM_WITH_CONTENT = frozenset({"T02", "T04", "T06", "T08", "T10"})
 
 _MAX_MERGE_HOPS = 8
+
+
+def _replace(obj, **changes):
+    """``dataclasses.replace`` for the frozen value classes here (all fields positional, init=True):
+    without its per-call field introspection."""
+    get = changes.get
+    return type(obj)(*[get(name, getattr(obj, name)) for name in obj.__match_args__])
 
 
 # --- step 1: needs ----------------------------------------------------------------------------
@@ -622,21 +629,21 @@ def encounter_transition(
 
     if event == "A01":
         if patch.admitted_at is None and at is not None:
-            patch = replace(patch, admitted_at=at)
+            patch = _replace(patch, admitted_at=at)
         if cur == S.DISCHARGED:
             warnings.append("A01: visit already discharged, kept discharged")
-            return None, replace(patch, location=None, prior_location=None, discharged_at=None)
+            return None, _replace(patch, location=None, prior_location=None, discharged_at=None)
         return S.ADMITTED, patch
     if event == "A02":
         if closed:
             warnings.append("A02: visit is closed, location not changed")
-            return None, replace(patch, location=None, prior_location=None)
+            return None, _replace(patch, location=None, prior_location=None)
         if patch.prior_location is None and current is not None and current.location is not None:
-            patch = replace(patch, prior_location=current.location)
+            patch = _replace(patch, prior_location=current.location)
         return S.ADMITTED, patch
     if event == "A03":
         if patch.discharged_at is None and at is not None:
-            patch = replace(patch, discharged_at=at)
+            patch = _replace(patch, discharged_at=at)
         return S.DISCHARGED, patch
     if event == "A04":
         if cur in (None, S.PREADMITTED, S.CANCELLED):
@@ -648,7 +655,7 @@ def encounter_transition(
         return None, patch
     if event in ("A06", "A07"):
         if patch.patient_class is None:
-            patch = replace(patch, patient_class="I" if event == "A06" else "O")
+            patch = _replace(patch, patient_class="I" if event == "A06" else "O")
         if cur == S.DISCHARGED:
             return None, patch
         return (S.ADMITTED if event == "A06" else S.REGISTERED), patch
@@ -662,11 +669,11 @@ def encounter_transition(
             back = current.prior_location
         if back is None:
             warnings.append("A12: no prior location known, location not changed")
-        return (_infer_status(patch) if current is None else None), replace(
+        return (_infer_status(patch) if current is None else None), _replace(
             patch, location=back, prior_location=DELETE
         )
     if event == "A13":
-        patch = replace(patch, discharged_at=DELETE)
+        patch = _replace(patch, discharged_at=DELETE)
         if cur in (None, S.DISCHARGED):
             return S.ADMITTED, patch
         return None, patch
@@ -796,7 +803,7 @@ def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
 
     obx = msg.after(txa, "OBX") or msg.segments("OBX")
     if obx:
-        patch = replace(patch, content=document_content(obx, ctx.max_document_bytes))
+        patch = _replace(patch, content=document_content(obx, ctx.max_document_bytes))
     elif event in MDM_WITH_CONTENT:
         warnings.append(f"{event}: no OBX content")
 
@@ -827,7 +834,7 @@ def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
             ops.append(MarkDocument(ctx.code, parent, event, DocumentState.REPLACED, "OB"))
     elif event == "T11":
         if patch.availability is None:
-            patch = replace(patch, availability="CA")
+            patch = _replace(patch, availability="CA")
         ops.append(DocumentEvent(ctx.code, mrn, number, event, DocumentAction.UPDATE,
                                  DocumentState.CANCELLED, patch))
     return ops

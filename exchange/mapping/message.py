@@ -212,6 +212,19 @@ class Segment:
 
     def value(self, n: int, c: int = 1, s: int = 1, repetition: int = 1) -> str:
         """Field n, component c, subcomponent s, unescaped and stripped."""
+        if c == 1 and s == 1 and repetition == 1 and (n > 2 or self.name != "MSH"):
+            # Fast path (the common call): the first component of the first repetition.
+            f = self.fields
+            value = f[n] if 0 < n < len(f) else ""
+            if not value:
+                return ""
+            d = self.delimiters
+            value = value.partition(d.repetition)[0].partition(d.component)[0].partition(d.subcomponent)[0]
+            if not value:
+                return ""
+            if self.plain:
+                return value.strip()
+            return unescape(value, d, self.codec).strip()
         value = self.component(n, c, repetition)
         if value and self.delimiters.subcomponent in value:
             parts = value.split(self.delimiters.subcomponent)

@@ -137,8 +137,22 @@ def _parse_ts(text: str) -> tuple[date | datetime | None, Precision | None]:
     if not s:
         return None, None
     n = len(s)
-    if n == 8 and s.isdigit() and s.isascii():  # fast path: a date
-        return date(int(s[:4]), int(s[4:6]), int(s[6:8])), Precision.DAY
+    if s.isdigit() and s.isascii():  # fast path: plain digits, no offset or fraction
+        if n == 8:
+            return date(int(s[:4]), int(s[4:6]), int(s[6:8])), Precision.DAY
+        if n == 12 or n == 14:
+            year = int(s[:4])
+            if year < 1:
+                return None, None
+            if n == 12:
+                return datetime(year, int(s[4:6]), int(s[6:8]), int(s[8:10]), int(s[10:12])), Precision.MINUTE
+            second = int(s[12:14])
+            if second == 60:  # leap second: keep the instant a second early
+                second = 59
+            return (
+                datetime(year, int(s[4:6]), int(s[6:8]), int(s[8:10]), int(s[10:12]), second),
+                Precision.SECOND,
+            )
     if "^" in s:  # TS.1^TS.2 (degree of precision) in old versions
         s = s.split("^", 1)[0].strip()
     tz: timezone | None = None
