@@ -387,7 +387,7 @@ def _repeating(seg: Segment, n: int, reader) -> tuple | None | object:
     text = _text(seg)
     out = []
     for rep in raw.split(seg.delimiters.repetition):
-        if not rep or is_delete(rep):
+        if not rep or (rep == '""' or '""' in rep and is_delete(rep)):
             continue
         value = reader(rep.split(comp), sub, text)
         if value is not None:
@@ -441,7 +441,10 @@ def demographics(pid: Segment, warnings: list[str], ids: list[Identifier] | None
         name = aliases = DELETE
     elif names:
         names = [nm for nm in names if not nm.is_empty]
-        if names:
+        if len(names) == 1:  # the common case: one name, legal or not
+            name = names[0]
+            aliases = ()
+        elif names:
             legal = next((i for i, nm in enumerate(names) if nm.use.upper() == "L"), 0)
             name = names[legal]
             aliases = tuple(nm for i, nm in enumerate(names) if i != legal)

@@ -60,7 +60,9 @@ class Message:
         else:
             lines = text.split("\r")
         # Keep non-blank lines; leading whitespace before a segment name is junk.
-        self._lines: list[str] = [ln if ln[:1] > " " else ln.lstrip() for ln in lines if ln.strip()]
+        self._lines: list[str] = [
+            ln if ln[:1] > " " else ln.lstrip() for ln in lines if ln and not ln.isspace()
+        ]
         self._cache: dict[int, Segment] = {}
         self._index: dict[str, list[int]] | None = None
 
