@@ -542,16 +542,28 @@ def _event_time(msg: Message, header: Header) -> Timestamp | None:
 
 def _survivor(state: StateView, facility: str, mrn: str, warnings: list[str]) -> str:
     """Follow merged_into from a retired MRN to the record that survives it."""
+    return _survivor_record(state, facility, mrn, warnings)[0]
+
+
+def _survivor_record(
+    state: StateView, facility: str, mrn: str, warnings: list[str]
+) -> tuple[str, RecordView | None]:
+    """``_survivor``, and the stored record of the survivor (read once, not again by the caller)."""
     seen = {mrn}
+    rec = None
+    rec_mrn = None
     for _ in range(_MAX_MERGE_HOPS):
         rec = state.record(facility, mrn)
+        rec_mrn = mrn
         if rec is None or rec.active or not rec.merged_into or rec.merged_into in seen:
             break
         mrn = rec.merged_into
         seen.add(mrn)
     if len(seen) > 1:
         warnings.append("PID-3: identifier was merged; applied to the surviving record")
-    return mrn
+    if rec_mrn != mrn:  # stopped after _MAX_MERGE_HOPS hops: the survivor was not read yet
+        rec = state.record(facility, mrn)
+    return mrn, rec
 
 
 # --- ADT -------------------------------------------------------------------------------------------------
@@ -573,7 +585,7 @@ def _map_adt(msg, header, ctx, state, event, warnings) -> list:
     if pid is None:
         raise _Fail(101, "PID-3", "PID segment with a patient identifier is required")
     ids = _identifiers(pid, 3)
-    mrn = _survivor(state, ctx.code, _patient_id(pid, ctx, ids=ids).value, warnings)
+    mrn, rec = _survivor_record(state, ctx.code, _patient_id(pid, ctx, ids=ids).value, warnings)
     ops: list = [UpsertPatient(ctx.code, mrn, demographics(pid, warnings, ids))]
     if event in DEMOGRAPHICS_ONLY_EVENTS:
         warnings.append(f"{event}: only the demographics are applied")
@@ -591,7 +603,6 @@ def _map_adt(msg, header, ctx, state, event, warnings) -> list:
             return ops
         warnings.append("PV1-19: no visit number, the record's unnumbered encounter is used")
     patch = encounter_patch(pv1, warnings)
-    rec = state.record(ctx.code, mrn)
     current = rec.encounters.get(visit) if rec is not None else None
     at = _event_time(msg, header)
     status, patch = encounter_transition(event, current, patch, at, warnings)

@@ -430,6 +430,16 @@ def identifier(components: list[str], sub: str, text) -> Identifier | None:
     c = _padded(components, 6)
     hd = c[3].split(sub) if len(components) > 3 else ()
     nhd = len(hd)
+    if text is str:  # nothing to unescape
+        return Identifier(
+            value,
+            hd[0].strip() if nhd else "",
+            hd[1].strip() if nhd > 1 else "",
+            hd[2].strip() if nhd > 2 else "",
+            c[4].strip(),
+            c[1].strip(),
+            c[5].split(sub)[0].strip(),
+        )
     return Identifier(
         value,
         text(hd[0]).strip() if nhd else "",
