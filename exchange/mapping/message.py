@@ -136,6 +136,9 @@ class Message:
     def after(self, segment: Segment, name: str) -> list[Segment]:
         """Segments called ``name`` that come after ``segment``."""
         start = self.index_of(segment)
+        found = self._indices(name)
+        if found is not None:
+            return [self._segment(i) for i in found if i > start]
         sep = self.delimiters.field
         return [
             self._segment(i)
