@@ -461,6 +461,10 @@ def person_name(components: list[str], sub: str, text) -> PersonName:
     family = c[0]
     if sub in family:
         family = family.split(sub, 1)[0]
+    if text is str:  # nothing to unescape
+        return PersonName(
+            family.strip(), c[1].strip(), c[2].strip(), c[3].strip(), c[4].strip(), c[5].strip(), c[6].strip()
+        )
     return PersonName(
         text(family).strip(),
         text(c[1]).strip(),
@@ -486,6 +490,11 @@ def address(components: list[str], sub: str, text) -> Address:
     street = c[0]
     if sub in street:
         street = street.split(sub, 1)[0]  # SAD.1
+    if text is str:  # nothing to unescape
+        return Address(
+            street.strip(), c[1].strip(), c[2].strip(), c[3].strip(), c[4].strip(), c[5].strip(), c[6].strip(),
+            c[8].strip(),
+        )
     return Address(
         text(street).strip(),
         text(c[1]).strip(),
