@@ -490,29 +490,35 @@ def _column_kinds(table: Any) -> dict[str, str]:
 class _Statement:
     """A driver-level INSERT/UPDATE/DELETE of one table for one dialect, with its value converters."""
 
-    __slots__ = ("sql", "names", "convert")
+    __slots__ = ("sql", "names", "convert", "prepare")
 
     def __init__(self, sqlite: bool, table: Any, kind: str, columns: tuple[str, ...],
                  where: tuple[str, ...] = (), returning: bool = False) -> None:
         kinds = _column_kinds(table)
 
-        def mark(name: str) -> str:
-            if sqlite:
-                return "?"
-            if kinds[name] == "json":
-                return f"CAST(%s AS {table.c[name].type.compile(dialect=_PG_DIALECT)})"
-            return "%s"
-
-        cond = " AND ".join(f"{name} = {mark(name)}" for name in where)
-        if kind == "insert":
-            sql = (f"INSERT INTO {table.name} ({', '.join(columns)})"
-                   f" VALUES ({', '.join(mark(name) for name in columns)})")
-        elif kind == "update":
-            sql = f"UPDATE {table.name} SET {', '.join(f'{name} = {mark(name)}' for name in columns)} WHERE {cond}"
+        if sqlite:
+            cond = " AND ".join(f"{name} = ?" for name in where)
+            if kind == "insert":
+                sql = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            elif kind == "update":
+                sql = f"UPDATE {table.name} SET {', '.join(f'{name} = ?' for name in columns)} WHERE {cond}"
+            else:
+                sql = f"DELETE FROM {table.name} WHERE {cond}"
         else:
-            sql = f"DELETE FROM {table.name} WHERE {cond}"
-        if returning and not sqlite:
-            sql += " RETURNING id"
+            # One statement per call: each column one array, cast to the column's type.
+            names = columns + where
+            arrays = ", ".join(f"CAST(%s AS {table.c[name].type.compile(dialect=_PG_DIALECT)}[])" for name in names)
+            cond = " AND ".join(f"t.{name} = u.{name}" for name in where)
+            if kind == "insert":
+                sql = (f"INSERT INTO {table.name} ({', '.join(columns)}) SELECT {', '.join(columns)}"
+                       f" FROM unnest({arrays}) WITH ORDINALITY AS u ({', '.join(columns)}, ord) ORDER BY ord")
+                if returning:  # ids ascend in array order (see exchange.store.messages._pg_insert_sql)
+                    sql = f"WITH new AS ({sql} RETURNING id) SELECT id FROM new ORDER BY id"
+            elif kind == "update":
+                sql = (f"UPDATE {table.name} AS t SET {', '.join(f'{name} = u.{name}' for name in columns)}"
+                       f" FROM unnest({arrays}) AS u ({', '.join(names)}) WHERE {cond}")
+            else:
+                sql = f"DELETE FROM {table.name} AS t USING unnest({arrays}) AS u ({', '.join(names)}) WHERE {cond}"
         self.sql = sql
         self.names = columns + where
         converters = []
@@ -529,6 +535,14 @@ class _Statement:
             else:
                 converters.append(None)
         self.convert = tuple(converters)
+        # PostgreSQL: a join with the table is never a prepared statement (a
+        # generic plan made on a small table keeps scanning it as it grows;
+        # see exchange.store.messages.find_prior); an INSERT gains from one.
+        self.prepare = None if kind == "insert" else False
+
+    def arrays(self, rows: list[dict[str, Any]]) -> list[list]:
+        """PostgreSQL: the rows as one list per column."""
+        return [list(column) for column in zip(*(self.params(row) for row in rows))]
 
     def params(self, row: dict[str, Any]) -> tuple:
         return tuple(
@@ -582,7 +596,10 @@ class _Writer:
     def many(self, name: str, rows: list[dict[str, Any]]) -> None:
         if rows:
             st = self.statements[name]
-            self.cursor.executemany(st.sql, [st.params(row) for row in rows])
+            if self.sqlite:
+                self.cursor.executemany(st.sql, [st.params(row) for row in rows])
+            else:
+                self.cursor.execute(st.sql, st.arrays(rows), prepare=st.prepare)
 
     def insert_ids(self, name: str, rows: list[dict[str, Any]]) -> list[int]:
         """Insert ``rows``; their new ids, in order."""
@@ -599,12 +616,10 @@ class _Writer:
         # A cursor of its own: inside the pipeline, the shared one may still
         # be owed the results of statements queued before.
         with cursor.connection.cursor() as returning:
-            returning.executemany(st.sql, [st.params(row) for row in rows], returning=True)
-            ids = []
-            while True:
-                ids.append(returning.fetchone()[0])
-                if not returning.nextset():
-                    break
+            returning.execute(st.sql, st.arrays(rows), prepare=st.prepare)
+            ids = [r[0] for r in returning.fetchall()]
+        if len(ids) != len(rows):  # pragma: no cover - a driver bug, not a data problem
+            raise RuntimeError(f"inserted {len(rows)} rows, got {len(ids)} ids")
         return ids
 
     def delete_ids(self, table: Any, column: str, ids: list[int]) -> None:

@@ -249,3 +249,31 @@ def test_a47_rename_moves_the_row_and_keeps_its_person(engine: Engine):
         assert [e["visit_number"] for e in view["encounters"]] == ["V1"]
         assert conn.execute(select(func.count()).select_from(person_table)).scalar_one() == 1
         assert person_view(conn, view["person"])["records"][0]["mrn"] == "5"
+
+
+def test_save_stores_what_sqlalchemys_column_types_store(engine: Engine):
+    """save binds on the driver cursor: the raw forms must stay SQLAlchemy's (dates, booleans, JSON)."""
+    import json
+
+    run_batches(engine, [adt("A01", "1", pv1("V1")), build("A01", "2", "2", ""), build("A24", "1", "2", "")], [])
+    with engine.connect() as conn:
+        row = conn.execute(select(patient_record_table).where(patient_record_table.c.mrn == "1")).one()
+        assert (row.created_at, row.updated_at, row.active, row.birth_date) == (NOW, NOW, True, date(1962, 3, 4))
+        ats = conn.execute(select(record_event_table.c.at)).scalars().all()
+        assert ats and set(ats) == {NOW}
+        if conn.dialect.name == "sqlite":
+            raw = conn.exec_driver_sql(
+                "SELECT created_at, updated_at, active, typeof(active), birth_date, typeof(data) FROM patient_record"
+                " WHERE mrn = '1'").one()
+            assert tuple(raw) == ("2026-01-02 03:04:05.000000", "2026-01-02 03:04:05.000000", 1, "integer",
+                                  "1962-03-04", "text")
+            at, key = conn.exec_driver_sql("SELECT at, key FROM record_event ORDER BY id").first()
+            assert at == "2026-01-02 03:04:05.000000" and isinstance(json.loads(key), list)
+            assert conn.exec_driver_sql("SELECT attending FROM encounter WHERE visit_number = 'V1'").scalar_one() == "null"
+            assert conn.exec_driver_sql("SELECT linked, typeof(linked) FROM link_assertion").one() == (1, "integer")
+        else:
+            types = conn.exec_driver_sql(
+                "SELECT pg_typeof(data)::text, pg_typeof(created_at)::text FROM patient_record WHERE mrn = '1'").one()
+            assert tuple(types) == ("json", "timestamp with time zone")
+            assert conn.exec_driver_sql("SELECT attending::text FROM encounter WHERE visit_number = 'V1'").scalar_one() == "null"
+            assert conn.exec_driver_sql("SELECT linked FROM link_assertion").scalar_one() is True
