@@ -332,7 +332,10 @@ def _select(conn: Connection, columns: tuple[str, ...] | None, sql: str, params:
     """Rows of a driver-level SELECT (the load path: no SQLAlchemy statement per call)."""
     cursor = conn.connection.driver_connection.cursor()
     try:
-        cursor.execute(sql, params)
+        if conn.dialect.name == "sqlite":
+            cursor.execute(sql, params)
+        else:  # never a generic plan made on a small table (see exchange.store.messages.find_prior)
+            cursor.execute(sql, params, prepare=False)
         fetched = cursor.fetchall()
         return fetched if columns is None else [_Row(columns, r) for r in fetched]
     except conn.dialect.loaded_dbapi.Error as exc:
@@ -387,9 +390,13 @@ def _load(conn: Connection, want_records: set, want_documents: set) -> MemorySta
             params: list = []
             by_key = _in_pairs(sqlite, "facility, mrn", keys, params)
             by_survivor = _in_pairs(sqlite, "facility, merged_into_mrn", keys, params)
-            found = _select(conn, _RECORD_COLUMNS,
-                            f"SELECT {', '.join(_RECORD_COLUMNS)} FROM patient_record WHERE {by_key} OR {by_survivor}",
-                            params)
+            columns = ", ".join(_RECORD_COLUMNS)
+            if sqlite:
+                sql = f"SELECT {columns} FROM patient_record WHERE {by_key} OR {by_survivor}"
+            else:  # OR over two IN-subqueries is a seq scan on PostgreSQL: two index look-ups instead
+                sql = (f"SELECT {columns} FROM patient_record WHERE {by_key}"
+                       f" UNION ALL SELECT {columns} FROM patient_record WHERE {by_survivor}")
+            found = _select(conn, _RECORD_COLUMNS, sql, params)
             for row in found:
                 key = (row.facility, row.mrn)
                 if key in rows:
@@ -410,10 +417,10 @@ def _load(conn: Connection, want_records: set, want_documents: set) -> MemorySta
                 conditions.append(_in_pairs(sqlite, "d.facility, d.number", doc_keys, params))
             if new_ids:
                 conditions.append(_in_ids(sqlite, "d.record_id", new_ids, params))
-            for row in _select(conn, _DOCUMENT_COLUMNS,
-                               "SELECT d.id, d.facility, d.number, d.state, p.mrn FROM document d"
-                               f" JOIN patient_record p ON d.record_id = p.id WHERE {' OR '.join(conditions)}",
-                               params):
+            select_ = "SELECT d.id, d.facility, d.number, d.state, p.mrn FROM document d JOIN patient_record p ON d.record_id = p.id WHERE "
+            # PostgreSQL: UNION ALL, not OR (a seq scan there); duplicates are skipped below
+            sql = select_ + (" OR " if sqlite else " UNION ALL " + select_).join(conditions)
+            for row in _select(conn, _DOCUMENT_COLUMNS, sql, params):
                 key = (row.facility, row.number)
                 if key not in docs:
                     docs[key] = row
