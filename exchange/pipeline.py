@@ -14,7 +14,7 @@
       save records ..... store.records.save                    (what the batch changed)   *
       COMMIT
     (* only with ``facilities=``: the writer does not switch the record model
-       on yet, because it still costs ~7 ms per batch of four; see README "Status".)
+       on yet, because it still costs 5-13 ms per batch of four; see README "Status".)
     answer (reactor thread): each ACK written once its batch has committed.
 
 This module holds the writer's half: ``process_batch`` takes a connection
