@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -24,6 +25,12 @@ from sqlalchemy.pool import NullPool
 from exchange.store.db import make_engine, upgrade
 
 DEFAULT_TEST_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+# Property tests judge correctness, not speed: no per-example deadline, so a
+# busy 2-core CI machine cannot fail them on a slow example.
+hypothesis_settings.register_profile("exchange", deadline=None)
+hypothesis_settings.load_profile("exchange")
 
 
 def pytest_configure(config: pytest.Config) -> None:
