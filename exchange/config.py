@@ -28,7 +28,6 @@ Plain values only: importing this module does not start or need a reactor.
 from __future__ import annotations
 
 import codecs
-import fnmatch
 import os
 import re
 import tomllib
@@ -36,6 +35,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from exchange.acceptance import matches
 
 __all__ = [
     "Config",
@@ -177,9 +178,10 @@ class Config:
 
 
 def matches_any(patterns: tuple[str, ...], message_type: str, event: str) -> bool:
-    """Whether ``message_type^event`` matches one of ``patterns`` ('*' is a wildcard)."""
-    subject = f"{message_type}^{event}".upper()
-    return any(fnmatch.fnmatchcase(subject, pattern) for pattern in patterns)
+    """Whether ``message_type^event`` matches one of ``patterns`` ('*' is a wildcard),
+    by the acceptance rules' own matcher (patterns are upper case once loaded)."""
+    message_type, event = message_type.upper(), event.upper()
+    return any(matches(pattern, message_type, event) for pattern in patterns)
 
 
 def resolve_charset(name: str) -> str:
