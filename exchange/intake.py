@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import Engine
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -26,8 +25,7 @@ from exchange.acceptance import AcceptancePolicy, PeerIdentity, accept
 from exchange.hl7.batch import build_batch_ack, build_empty_batch_nak, is_batch, split_batch
 from exchange.hl7.header import read_header
 from exchange.outcome import Verdict, rejected
-from exchange.pipeline import AckSettings, Answer, Received, process_batch
-from exchange.store.db import write_transaction
+from exchange.pipeline import Answer, Received
 
 log = Logger()
 
@@ -288,20 +286,3 @@ class Intake:
             return text.encode("utf-8", errors="replace")
 
         return DeferredList(ds, consumeErrors=True).addCallback(assemble)
-
-
-def make_batch_runner(
-    engine: Engine,
-    *,
-    new_control_id: Callable[[], str],
-    now: Callable[[], datetime] = utc_now,
-    settings: AckSettings = AckSettings(),
-) -> Callable[[Sequence[Received]], list[Answer]]:
-    """The function the writer process runs for each batch."""
-
-    def run(items: Sequence[Received]) -> list[Answer]:
-        # TRANSACTION: the batch's raw messages, their states, history and ACKs.
-        with write_transaction(engine) as conn:
-            return process_batch(conn, items, new_control_id=new_control_id, now=now, settings=settings)
-
-    return run

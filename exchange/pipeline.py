@@ -218,7 +218,7 @@ def process_batch(
                 received_at=item.received_at,
                 facility=header.facility or None,
                 control_id=header.control_id or None,
-                sending_application=_first_component(header.sending_application_field, header),
+                sending_application=header.sending_application,
                 message_type=header.message_type,
                 event=header.event,
                 structure=header.structure,
@@ -249,8 +249,4 @@ def process_batch(
     if resent_prior:
         record_resent(conn, resent_prior)
     return answers  # type: ignore[return-value]
-
-
-def _first_component(field: str, header: Header) -> str:
-    return field.split(header.delimiters.component, 1)[0].strip()
 

@@ -26,13 +26,16 @@ import signal
 import struct
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
-from exchange.pipeline import Answer, Received
+from exchange.intake import utc_now
+from exchange.pipeline import AckSettings, Answer, Received, process_batch
+from exchange.store.db import write_transaction
 
 log = Logger()
 _LENGTH = struct.Struct(">I")
@@ -171,12 +174,29 @@ def serve_batches(run_batch: Callable[[Sequence[Received]], list[Answer]], stdin
         stdout.flush()
 
 
+def make_batch_runner(
+    engine,
+    *,
+    new_control_id: Callable[[], str],
+    now: Callable[[], datetime] = utc_now,
+    settings: AckSettings = AckSettings(),
+) -> Callable[[Sequence[Received]], list[Answer]]:
+    """The function the writer runs for each batch."""
+
+    def run(items: Sequence[Received]) -> list[Answer]:
+        # TRANSACTION: the batch's raw messages, their states, history and ACKs.
+        with write_transaction(engine) as conn:
+            return process_batch(conn, items, new_control_id=new_control_id, now=now, settings=settings)
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from exchange.config import load_config
-    from exchange.intake import AckIds, make_batch_runner
-    from exchange.pipeline import AckSettings
+    from exchange.intake import AckIds
+    from exchange.logs import start_logging
     from exchange.store.db import make_engine
 
     parser = argparse.ArgumentParser(prog="exchange-writer")
@@ -188,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config = load_config(args.config, database=args.database)
+    start_logging(config.server.log_level)  # to stderr: stdout is the pipe to the parent
     engine = make_engine(config.server.database, pool_pre_ping=False)
     settings = AckSettings(config.server.application, config.server.facility_name)
     run_batch = make_batch_runner(engine, new_control_id=AckIds(tag="W"), settings=settings)

@@ -76,6 +76,11 @@ class Header(Value):
         return self.sending_facility_field.split(self.delimiters.component, 1)[0].strip()
 
     @property
+    def sending_application(self) -> str:
+        """MSH-3.1, the sending application's namespace id."""
+        return self.sending_application_field.split(self.delimiters.component, 1)[0].strip()
+
+    @property
     def enhanced_mode(self) -> bool:
         """Enhanced acknowledgment mode: MSH-15 or MSH-16 is filled in."""
         return bool(self.accept_ack_type or self.application_ack_type)
