@@ -2,7 +2,7 @@
 
 ``codec_for("8859/1") == "iso8859-1"``; unknown names give ``None`` so the
 caller can answer "unsupported character set" instead of guessing.
-``decode_body(payload, header)`` decodes a whole message strictly with the
+``decode_message(payload, header)`` decodes a whole message strictly with the
 codec ``read_header`` chose. Pure functions: no Twisted, no SQLAlchemy.
 """
 from __future__ import annotations
@@ -102,11 +102,6 @@ def ascii_compatible(codec: str) -> bool:
 def canonical_codec(codec: str) -> str:
     """Python's own name for a codec ("UTF8" -> "utf-8", "latin-1" -> "iso8859-1")."""
     return codecs.lookup(codec).name
-
-
-def decode_body(payload: bytes, header: Header) -> str:
-    """Decode a whole message; see :func:`decode_message`."""
-    return decode_message(payload, header)[0]
 
 
 FALLBACK_CODECS = ("cp1252", "latin-1")

@@ -3,7 +3,6 @@ the workbench joins here)."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 
 from prometheus_client.twisted import MetricsResource
@@ -43,6 +42,3 @@ def build_site(status: Callable[[], dict], api: IResource | None = None) -> Site
     site.log = lambda request: None  # no access log: request paths can carry patient identifiers
     return site
 
-
-def uptime_since(started: float) -> Callable[[], float]:
-    return lambda: round(time.monotonic() - started, 1)

@@ -5,7 +5,7 @@ import codecs
 
 import pytest
 
-from exchange.hl7.charset import CharsetError, ascii_compatible, codec_for, decode_body, decode_message
+from exchange.hl7.charset import CharsetError, ascii_compatible, codec_for, decode_message
 from exchange.hl7.header import Header, read_header
 
 TABLE_0211 = {
@@ -62,6 +62,10 @@ def test_common_non_standard_spellings(name, codec):
 @pytest.mark.parametrize("name", ["CNS 11643-1992", "EBCDIC", "8859/10", "ISO-8859-99", "UTF8X", "x" * 1000])
 def test_unknown(name):
     assert codec_for(name) is None
+
+
+def decode_body(payload: bytes, header: Header) -> str:
+    return decode_message(payload, header)[0]
 
 
 def test_ascii_compatible():
