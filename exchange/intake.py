@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from exchange import metrics
 from exchange.acceptance import AcceptancePolicy, PeerIdentity, accept
 from exchange.hl7.batch import build_batch_ack, build_empty_batch_nak, is_batch, split_batch
-from exchange.hl7.header import read_header
+from exchange.hl7.header import Header, read_header
 from exchange.outcome import Verdict, rejected
 from exchange.pipeline import Answer, Received
 
@@ -226,8 +226,10 @@ class Intake:
             lambda answer: answer.ack
         )
 
-    def _receive_one(self, payload: bytes, peer: Peer, *, note: str = "", force_reject: str = "") -> Deferred:
-        header = read_header(payload, self._charset_for)
+    def _receive_one(
+        self, payload: bytes, peer: Peer, *, note: str = "", force_reject: str = "", header: Header | None = None
+    ) -> Deferred:
+        header = header or read_header(payload, self._charset_for)
         if force_reject:
             decision = rejected(207, "", force_reject)
         else:
@@ -273,16 +275,18 @@ class Intake:
                     batch, control_id=self._new_control_id(), now=self._now()
                 ).encode("utf-8", errors="replace")
             )
-        ds = [self._receive_one(m, peer, note="part of a batch") for m in batch.messages]
+        headers = [read_header(m, self._charset_for) for m in batch.messages]
+        ds = [self._receive_one(m, peer, note="part of a batch", header=h) for m, h in zip(batch.messages, headers)]
+        codec = headers[0].codec  # one sender: the batch acknowledgement in its charset
 
         def assemble(results) -> bytes:
             acks = []
-            for ok, answer in results:
+            for (ok, answer), header in zip(results, headers):
                 if not ok:
                     raise answer.value  # a part failed to commit: no ACK for the batch
                 if answer.ack is not None:
-                    acks.append(answer.ack.decode("utf-8", errors="replace"))
+                    acks.append(answer.ack.decode(header.codec, errors="replace"))
             text = build_batch_ack(batch, acks, control_id=self._new_control_id(), now=self._now())
-            return text.encode("utf-8", errors="replace")
+            return text.encode(codec, errors="replace")
 
         return DeferredList(ds, consumeErrors=True).addCallback(assemble)

@@ -145,3 +145,18 @@ def test_ack_ids_are_unique_and_short():
     assert len(set(many)) == len(many)
     assert max(map(len, many)) <= 20
     assert AckIds(clock=lambda: 1_800_000_001.0)() != AckIds(clock=lambda: 1_800_000_000.0)()
+
+
+def test_a_batch_acknowledgement_keeps_the_senders_charset():
+    w = Writer()
+    policy = AcceptancePolicy({"GENHOSP": FacilityRule("GENHOSP")})
+    intake = Intake(GroupCommitter(w), policy, lambda f: "utf-8", new_control_id=AckIds(), now=lambda: NOW)
+    msh = "MSH|^~\\&|A|GENHOSP|BLÄH|C|20261127||ADT^A01|C1|P|2.5||||||8859/1"
+    payload = f"BHS|^~\\&|A|GENHOSP|BLÄH|C|20261127||||B1\r{msh}\rBTS|1\r".encode("latin-1")
+    got = results_of([intake.receive(payload, Peer("127.0.0.1:9"))])
+    (item,) = w.batches[0]
+    assert item.header.codec == "iso8859-1"
+    ack = "MSH|^~\\&|BLÄH|C|A|GENHOSP|20261127||ACK^A01^ACK|X1|P|2.5||||||8859/1\rMSA|AA|C1\r"
+    w.commits[0].callback([Answer(ack.encode("latin-1"), "AA", 1)])
+    (reply,) = got
+    assert b"BL\xc4H" in reply and "Ä".encode() not in reply
