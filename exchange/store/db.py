@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -102,6 +104,31 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
         with conn.begin():
             yield conn
 
+
+
+# -- driver-level statements (the hot paths) --------------------------------------
+
+
+@contextmanager
+def driver_cursor(conn: Connection, statement: str) -> Iterator[Any]:
+    """A cursor of the DBAPI connection under ``conn``, inside ``conn``'s
+    transaction, whose errors surface as SQLAlchemy's (IntegrityError, ...).
+
+    The hot paths (message store, record store) run their statements here:
+    SQLAlchemy's per-statement work costs more than SQLite's own.
+    """
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        yield cursor
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise DBAPIError.instance(statement, None, exc, conn.dialect.loaded_dbapi.Error) from exc
+    finally:
+        cursor.close()
+
+
+def sqlite_datetime(value: datetime) -> str:
+    """How SQLAlchemy's SQLite DATETIME (under ``UTCDateTime``) stores a value."""
+    return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 # -- migrations ---------------------------------------------------------------
 

@@ -41,18 +41,17 @@ message per transaction, repeating ``find_prior``).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, func, insert, select
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.exc import DBAPIError
 
 from exchange.outcome import MessageState
+from exchange.store.db import driver_cursor, sqlite_datetime
 from exchange.store.schema import (
     ACK_CODE_LEN,
     CODE_LEN,
@@ -189,34 +188,12 @@ _SQLITE_FIND_PRIOR = (
 )
 
 
-def _driver(conn: Connection) -> Any:
-    """The DBAPI connection under ``conn``, inside ``conn``'s transaction."""
-    return conn.connection.driver_connection
-
-
-@contextlib.contextmanager
-def _cursor(conn: Connection, statement: str) -> Iterator[Any]:
-    """A driver cursor whose errors surface as SQLAlchemy's (IntegrityError, ...)."""
-    cursor = _driver(conn).cursor()
-    try:
-        yield cursor
-    except conn.dialect.loaded_dbapi.Error as exc:
-        raise DBAPIError.instance(statement, None, exc, conn.dialect.loaded_dbapi.Error) from exc
-    finally:
-        cursor.close()
-
-
 def _sqlite_find_prior(conn: Connection, keys: Sequence[tuple[str, str]]) -> list[tuple]:
-    with _cursor(conn, _SQLITE_FIND_PRIOR) as cursor:
+    with driver_cursor(conn, _SQLITE_FIND_PRIOR) as cursor:
         rows = []
         for key in keys:  # each an index look-up; no round trips on SQLite
             rows.extend(cursor.execute(_SQLITE_FIND_PRIOR, key).fetchall())
         return rows
-
-
-def _sqlite_datetime(value: datetime) -> str:
-    """How SQLAlchemy's SQLite DATETIME (under ``UTCDateTime``) stores a value."""
-    return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 @functools.lru_cache(maxsize=64)
@@ -257,7 +234,7 @@ def find_prior(
     for start in range(0, len(wanted), FIND_PRIOR_CHUNK):
         chunk = wanted[start : start + FIND_PRIOR_CHUNK]
         if conn.dialect.name == "postgresql":
-            with _cursor(conn, _PG_FIND_PRIOR) as cursor:
+            with driver_cursor(conn, _PG_FIND_PRIOR) as cursor:
                 # Never a prepared statement: a generic plan made while the
                 # table was small (a fresh database) keeps scanning it as it
                 # grows (0.9 -> 9 ms per batch within 20,000 messages). The
@@ -380,7 +357,7 @@ def insert_messages(conn: Connection, rows: Sequence[NewMessage]) -> list[int]:
     params = [_message_params(row) for row in rows]
     if conn.dialect.name == "postgresql":
         arrays = {name: [p[name] for p in params] for name in _MESSAGE_COLUMNS}
-        with _cursor(conn, _PG_INSERT) as cursor:
+        with driver_cursor(conn, _PG_INSERT) as cursor:
             cursor.execute(_PG_INSERT, arrays)
             ids = [row[0] for row in cursor.fetchall()]
     else:
@@ -398,13 +375,13 @@ def _sqlite_insert(conn: Connection, params: list[dict[str, Any]]) -> list[int]:
     (No AUTOINCREMENT keyword, and ids never near 2**63-1, where SQLite picks
     at random.)
     """
-    with _cursor(conn, "INSERT INTO message ...") as cursor:
+    with driver_cursor(conn, "INSERT INTO message ...") as cursor:
         ids: list[int] = []
         for start in range(0, len(params), _SQLITE_MAX_ROWS):
             chunk = params[start : start + _SQLITE_MAX_ROWS]
             flat: list[Any] = []
             for p in chunk:
-                p["received_at"] = _sqlite_datetime(p["received_at"])
+                p["received_at"] = sqlite_datetime(p["received_at"])
                 p["dedup"] = int(p["dedup"])
                 flat.extend(p[name] for name in _MESSAGE_COLUMNS)
             ids.extend(sorted(r[0] for r in cursor.execute(_sqlite_insert_sql(len(chunk)), flat).fetchall()))

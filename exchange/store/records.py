@@ -36,7 +36,6 @@ from typing import Any
 
 from sqlalchemy import JSON, Boolean, Connection, Date, DateTime, select
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.exc import DBAPIError
 
 from exchange.mapping.events import DocumentState, EncounterStatus, Needs
 from exchange.mapping.state import MemoryState
@@ -51,7 +50,7 @@ from exchange.mapping.values import (
     Precision,
     Timestamp,
 )
-from exchange.store.messages import _cursor, _sqlite_datetime
+from exchange.store.db import driver_cursor, sqlite_datetime
 from exchange.store.schema import (
     UTCDateTime,
     AUTHORITY_LEN,
@@ -330,18 +329,13 @@ _DOCUMENT_COLUMNS = ("id", "facility", "number", "state", "mrn")
 
 def _select(conn: Connection, columns: tuple[str, ...] | None, sql: str, params: list) -> list:
     """Rows of a driver-level SELECT (the load path: no SQLAlchemy statement per call)."""
-    cursor = conn.connection.driver_connection.cursor()
-    try:
+    with driver_cursor(conn, sql) as cursor:
         if conn.dialect.name == "sqlite":
             cursor.execute(sql, params)
         else:  # never a generic plan made on a small table (see exchange.store.messages.find_prior)
             cursor.execute(sql, params, prepare=False)
         fetched = cursor.fetchall()
-        return fetched if columns is None else [_Row(columns, r) for r in fetched]
-    except conn.dialect.loaded_dbapi.Error as exc:
-        raise DBAPIError.instance(sql, params, exc, conn.dialect.loaded_dbapi.Error) from exc
-    finally:
-        cursor.close()
+    return fetched if columns is None else [_Row(columns, r) for r in fetched]
 
 
 def _in_pairs(sqlite: bool, columns: str, pairs: list[tuple[str, str]], params: list) -> str:
@@ -539,7 +533,7 @@ class _Statement:
             if k == "json":
                 converters.append(json.dumps)
             elif sqlite and k == "datetime":
-                converters.append(_sqlite_datetime)
+                converters.append(sqlite_datetime)
             elif sqlite and k == "bool":
                 converters.append(int)
             elif sqlite and k == "date":
@@ -652,7 +646,7 @@ def save(conn: Connection, state: MemoryState, now: datetime | None = None) -> N
         raise ValueError("naive datetime: the store only takes timezone-aware datetimes")
     d = state.dirty()
     sqlite = conn.dialect.name == "sqlite"
-    with _cursor(conn, "save (exchange.store.records)") as cursor:
+    with driver_cursor(conn, "save (exchange.store.records)") as cursor:
         if sqlite:
             _save(_Writer(cursor, True), state, d, now)
         else:
