@@ -158,6 +158,37 @@ def from_json(data: Any) -> Any:
     return data
 
 
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if type(value) is list else value
+
+
+def _decode_object(data: dict) -> Any:
+    """``json.loads`` object hook: :func:`from_json` done bottom-up by the C parser."""
+    if len(data) == 1:
+        ((tag, v),) = data.items()
+        if tag[:1] == "@":
+            tag = tag[1:]
+            cls = _TYPES.get(tag)
+            if cls is not None:  # the stored types' fields are scalars or tagged objects
+                return cls(*v)
+            if tag == "datetime":
+                return datetime.fromisoformat(v)
+            if tag == "date":
+                return date.fromisoformat(v)
+            if tag == "bytes":
+                return base64.b64decode(v)
+            return _ENUMS[tag](v)
+    for k, v in data.items():
+        if type(v) is list:
+            data[k] = _tuples(v)
+    return data
+
+
+def loads(text: str | bytes) -> Any:
+    """``from_json(json.loads(text))``, several times faster (the record load path)."""
+    return _tuples(json.loads(text, object_hook=_decode_object))
+
+
 # --- rows <-> MemoryState entries -----------------------------------------------------------
 
 
@@ -205,8 +236,8 @@ def _record_row(facility: str, mrn: str, rec: dict) -> dict[str, Any]:
     }
 
 
-def _record_from_row(data: Any) -> dict[str, Any]:
-    rec = from_json(data)
+def _record_from_row(rec: dict[str, Any]) -> dict[str, Any]:
+    """A decoded ``patient_record.data`` as a MemoryState record (changed in place)."""
     rec["identifiers"] = {_id_key(i): i for i in rec["identifiers"]}
     rec["encounters"] = {}
     return rec
@@ -324,6 +355,8 @@ class _Row:
 
 
 _RECORD_COLUMNS = ("id", "person_id", "facility", "mrn", "merged_into_mrn", "data")
+# PostgreSQL: JSON as text, decoded by ``loads`` (psycopg's own json.loads + from_json is slower)
+_PG_RECORD_SELECT = ", ".join(_RECORD_COLUMNS[:-1]) + ", data::text"
 _DOCUMENT_COLUMNS = ("id", "facility", "number", "state", "mrn")
 
 
@@ -339,10 +372,15 @@ def _select(conn: Connection, columns: tuple[str, ...] | None, sql: str, params:
 
 
 def _in_pairs(sqlite: bool, columns: str, pairs: list[tuple[str, str]], params: list) -> str:
-    """``(a, b) IN (pairs)``; appends the parameters."""
+    """``(a, b) IN (pairs)``; appends the parameters.
+
+    SQLite scans the whole table for a row-value ``IN (VALUES ...)`` (2.6 ms
+    at 20,000 records, growing); an OR of equalities is one index search per
+    pair (7 µs)."""
     if sqlite:
         params.extend(x for pair in pairs for x in pair)
-        return f"({columns}) IN (VALUES {', '.join(['(?, ?)'] * len(pairs))})"
+        a, b = columns.split(", ")
+        return "(" + " OR ".join([f"({a} = ? AND {b} = ?)"] * len(pairs)) + ")"
     params.extend(([a for a, _ in pairs], [b for _, b in pairs]))
     return f"({columns}) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
 
@@ -356,7 +394,8 @@ def _in_ids(sqlite: bool, column: str, ids: list[int], params: list) -> str:
 
 
 def _json(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, (str, bytes)) else value
+    """A JSON column's value decoded: SQLite hands over text, psycopg parsed data."""
+    return loads(value) if isinstance(value, (str, bytes)) else from_json(value)
 
 
 def _load(conn: Connection, want_records: set, want_documents: set) -> MemoryState:
@@ -384,8 +423,8 @@ def _load(conn: Connection, want_records: set, want_documents: set) -> MemorySta
             params: list = []
             by_key = _in_pairs(sqlite, "facility, mrn", keys, params)
             by_survivor = _in_pairs(sqlite, "facility, merged_into_mrn", keys, params)
-            columns = ", ".join(_RECORD_COLUMNS)
-            if sqlite:
+            columns = ", ".join(_RECORD_COLUMNS) if sqlite else _PG_RECORD_SELECT
+            if sqlite:  # a MULTI-INDEX OR: one index search per pair
                 sql = f"SELECT {columns} FROM patient_record WHERE {by_key} OR {by_survivor}"
             else:  # OR over two IN-subqueries is a seq scan on PostgreSQL: two index look-ups instead
                 sql = (f"SELECT {columns} FROM patient_record WHERE {by_key}"
@@ -430,9 +469,9 @@ def _load(conn: Connection, want_records: set, want_documents: set) -> MemorySta
         params = []
         where = _in_ids(sqlite, "record_id", list(by_id), params)
         for record_id, visit, data in _select(
-            conn, None, f"SELECT record_id, visit_number, data FROM encounter WHERE {where} ORDER BY id", params
+            conn, None, f"SELECT record_id, visit_number, data{'' if sqlite else '::text'} FROM encounter WHERE {where} ORDER BY id", params
         ):
-            records[by_id[record_id]]["encounters"][visit] = from_json(_json(data))
+            records[by_id[record_id]]["encounters"][visit] = _json(data)
     documents = {
         key: {"facility": row.facility, "mrn": row.mrn, "state": DocumentState(row.state), "versions": []}
         for key, row in docs.items()
@@ -791,7 +830,7 @@ def record_view(conn: Connection, facility: str, mrn: str) -> dict[str, Any] | N
     ).first()
     if row is None:
         return None
-    rec = _record_from_row(row.data)
+    rec = _record_from_row(from_json(row.data))
     birth: Timestamp | None = rec["birth"]
     death: Timestamp | None = rec["death"]
     encounters = [
@@ -854,4 +893,4 @@ def person_view(conn: Connection, person_id: int) -> dict[str, Any] | None:
     return {"person": person_id, "records": records}
 
 
-__all__ = ["from_json", "load", "load_all", "person_view", "record_view", "save", "to_json"]
+__all__ = ["from_json", "load", "load_all", "loads", "person_view", "record_view", "save", "to_json"]

@@ -20,7 +20,7 @@ from exchange.mapping.values import (
     Precision,
     Timestamp,
 )
-from exchange.store.records import from_json, load, load_all, person_view, record_view, save, to_json
+from exchange.store.records import from_json, load, load_all, loads, person_view, record_view, save, to_json
 from exchange.store.schema import (
     document_table,
     document_version_table,
@@ -107,10 +107,15 @@ def test_json_codec_round_trips_value_objects_exactly():
     }
     import json
 
-    back = from_json(json.loads(json.dumps(to_json(value))))
-    assert back == value
-    assert back["death"].value.utcoffset() == timedelta(hours=2, minutes=15)
-    assert type(back["status"]) is EncounterStatus and type(back["aliases"]) is tuple
+    text = json.dumps(to_json(value))
+    for back in (from_json(json.loads(text)), loads(text)):  # the generic decoder and the load path's
+        assert back == value
+        assert back["death"].value.utcoffset() == timedelta(hours=2, minutes=15)
+        assert type(back["status"]) is EncounterStatus and type(back["aliases"]) is tuple
+        assert type(back["birth"].precision) is Precision and type(back["content"].data) is bytes
+    nested = {"pairs": ((1, (2, 3)), ()), "empty": {}, "list": [PersonName("A")]}
+    assert loads(json.dumps(to_json(nested))) == from_json(json.loads(json.dumps(to_json(nested)))) == {
+        "pairs": ((1, (2, 3)), ()), "empty": {}, "list": (PersonName("A"),)}
 
 
 # --- the key property ---------------------------------------------------------------------------
@@ -277,3 +282,29 @@ def test_save_stores_what_sqlalchemys_column_types_store(engine: Engine):
             assert tuple(types) == ("json", "timestamp with time zone")
             assert conn.exec_driver_sql("SELECT attending::text FROM encounter WHERE visit_number = 'V1'").scalar_one() == "null"
             assert conn.exec_driver_sql("SELECT linked FROM link_assertion").scalar_one() is True
+
+
+def test_load_searches_indexes_whatever_the_number_of_records(tmp_path):
+    """The load path's SELECTs use an index on SQLite (a row-value ``IN (VALUES ...)``
+    scanned the whole patient_record table: milliseconds per batch, growing)."""
+    from exchange.store.db import make_engine, upgrade
+
+    eng = make_engine(f"sqlite:///{tmp_path / 'plan.db'}")
+    upgrade(eng)
+    messages = [build("A01", str(n), "1", "W1^1^A") for n in range(30)] + [build("T02", "1", "1", "")]
+    run_batches(eng, messages, [])
+    with eng.begin() as conn:
+        raw = conn.connection.driver_connection
+        seen: list[str] = []
+        raw.set_trace_callback(seen.append)
+        try:
+            load(conn, [needs(m, CTX) for m, _ in messages[:3] + messages[-1:]])
+        finally:
+            raw.set_trace_callback(None)
+        selects = [sql for sql in seen if sql.lstrip().upper().startswith("SELECT")]
+        assert len(selects) >= 3  # records, documents, encounters
+        for sql in selects:
+            plan = " / ".join(row[-1] for row in raw.execute("EXPLAIN QUERY PLAN " + sql))
+            for table in ("patient_record", "document", "encounter"):
+                assert f"SCAN {table}" not in plan and "SCAN d" not in plan.split(" USING")[0], (sql, plan)
+    eng.dispose()
