@@ -100,7 +100,8 @@ DEFAULT_MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class FacilityContext(Value):
-    """The sending facility as configured: ``code`` (MSH-4.1) and ``authority`` (its PID-3.4)."""
+    """The sending facility as configured: ``code`` (MSH-4.1), ``authority`` (its PID-3.4)
+    and ``max_document_bytes``, the largest MDM document content applied (else AE on OBX-5)."""
 
     code: str
     authority: str = ""
@@ -912,9 +913,12 @@ def _mime(type_: str, subtype: str) -> str:
 
 
 def document_content(obxs: list[Segment], max_bytes: int) -> Content | None:
-    """The document body: the first ED/RP OBX as bytes, else the text OBX lines joined with "\\n"."""
+    """The document body: the first ED/RP OBX as bytes, else the text OBX lines joined with "\\n".
+
+    Content larger than ``max_bytes`` (text as UTF-8, ED data decoded) cannot
+    be applied: AE naming OBX-5 (``FacilityContext.max_document_bytes``).
+    """
     lines: list[str] = []
-    size = 0
     for obx in obxs:
         vt = obx.value(2).upper()
         if vt == "ED":
@@ -934,16 +938,18 @@ def document_content(obxs: list[Segment], max_bytes: int) -> Content | None:
                     line = obx.text(comps[1] if len(comps) > 1 and comps[1] else comps[0])
                 else:
                     line = obx.text(rep)
-                size += len(line) + 1
-                if size > max_bytes:
-                    raise _Fail(104, "OBX-5", f"document content exceeds the limit of {max_bytes} bytes")
                 lines.append(line)
     if not lines:
         return None
     text = "\n".join(lines)
-    if len(text.encode("utf-8")) > max_bytes:
-        raise _Fail(104, "OBX-5", f"document content exceeds the limit of {max_bytes} bytes")
+    if len(text) > max_bytes // 4:  # a UTF-8 character is at most 4 bytes: only then count them
+        _check_size(len(text.encode("utf-8")), max_bytes)
     return Content(text=text, content_type="text/plain")
+
+
+def _check_size(size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise _Fail(104, "OBX-5", f"document content of {size} bytes exceeds the limit of {max_bytes} bytes")
 
 
 def _ed_content(obx: Segment, max_bytes: int) -> Content:
@@ -953,8 +959,6 @@ def _ed_content(obx: Segment, max_bytes: int) -> Content:
     encoding = obx.text(comps[3]).strip().upper()
     raw = comps[4]
     if encoding in ("BASE64", "B64"):
-        if len(raw) * 3 // 4 > max_bytes + 3:
-            raise _Fail(104, "OBX-5", f"document content exceeds the limit of {max_bytes} bytes")
         cleaned = "".join(raw.split())
         cleaned += "=" * (-len(cleaned) % 4)
         try:
@@ -968,8 +972,7 @@ def _ed_content(obx: Segment, max_bytes: int) -> Content:
             raise _Fail(102, "OBX-5", "OBX-5 ED data is not valid hex") from None
     else:  # "A" (ASCII) or unspecified: the escaped text itself
         data = obx.text(raw).encode("utf-8")
-    if len(data) > max_bytes:
-        raise _Fail(104, "OBX-5", f"document content exceeds the limit of {max_bytes} bytes")
+    _check_size(len(data), max_bytes)
     return Content(data=data, content_type=content_type)
 
 

@@ -81,6 +81,38 @@ def test_content_size_limit():
     assert isinstance(map_message(*m, CTX, MemoryState()), Changes)
 
 
+def _t02(*obx: str):
+    return synthetic(msh("MDM", "T02"), "EVN|T02", "PID|1||1^^^HOSP^MR", "TXA|1|NOTE|TX|||||||||D1||||AU", *obx)
+
+
+def test_content_over_the_limit_is_an_error_naming_its_size():
+    small = FacilityContext("HOSP", "HOSP", max_document_bytes=1000)
+    state = MemoryState()
+    pdf = base64.b64encode(b"%PDF" + b"x" * 997).decode()  # 1001 bytes decoded
+    for m, size in ((_t02(f"OBX|1|ED|||^application^pdf^Base64^{pdf}"), 1001),
+                    (_t02("OBX|1|TX|||" + "é" * 500, "OBX|2|TX|||"), 1001),  # 1000 bytes of UTF-8 + a newline
+                    (_t02("OBX|1|ED|||^AP^PDF^Hex^" + "00" * 1001), 1001)):
+        r = map_message(*m, small, state)
+        assert isinstance(r, MappingError), r
+        assert (r.problem.code, r.problem.location) == (104, "OBX-5")
+        assert r.problem.text == f"document content of {size} bytes exceeds the limit of 1000 bytes"
+    assert state.snapshot(history=True) == MemoryState().snapshot(history=True)  # nothing applied
+
+
+def test_content_at_the_limit_is_applied():
+    small = FacilityContext("HOSP", "HOSP", max_document_bytes=1000)
+    pdf = base64.b64encode(b"%PDF" + b"x" * 996).decode()  # exactly 1000 bytes
+    s = MemoryState()
+    assert isinstance(run(s, small, _t02(f"OBX|1|ED|||^application^pdf^Base64^{pdf}")), Changes)
+    assert len(s.documents[("HOSP", "D1")]["versions"][0]["content"].data) == 1000
+    lines = [f"OBX|{i}|TX|||{'y' * 99}" for i in range(1, 11)]  # 10 x 99 + 9 newlines = 999
+    lines.append("OBX|11|TX|||é")  # + newline + 2 bytes = 1002: one too many
+    assert isinstance(map_message(*_t02(*lines), small, MemoryState()), MappingError)
+    lines[-1] = "OBX|11|TX|||"  # + newline = 1000
+    op = doc_op(map_message(*_t02(*lines), small, MemoryState()))
+    assert len(op.patch.content.text.encode("utf-8")) == 1000
+
+
 def test_bad_base64_is_an_error():
     m = synthetic(msh("MDM", "T02"), "EVN|T02", "PID|1||1^^^HOSP^MR", "TXA|1|NOTE|TX|||||||||D1||||AU",
                   "OBX|1|ED|||^AP^PDF^Base64^abcde")
