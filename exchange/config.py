@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from exchange.acceptance import matches
+from exchange.mapping.events import DEFAULT_MAX_DOCUMENT_BYTES, FacilityContext
 
 __all__ = [
     "Config",
@@ -45,6 +46,7 @@ __all__ = [
     "FACILITY_KINDS",
     "FacilityConfig",
     "ServerConfig",
+    "facility_contexts",
     "load_config",
     "matches_any",
     "resolve_charset",
@@ -71,6 +73,7 @@ _SERVER_KEYS = (
     "processing_id",
     "accept",
     "max_frame_bytes",
+    "max_document_bytes",
     "idle_timeout",
     "application",
     "facility_id",
@@ -152,6 +155,7 @@ class ServerConfig:
     processing_ids: tuple[str, ...] = ("P",)  # accepted MSH-11.1 values (TOML key processing_id)
     accept: tuple[str, ...] = DEFAULT_PATTERNS  # accepted TYPE^EVENT patterns
     max_frame_bytes: int = 16 * 1024 * 1024
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES  # 16 MiB: largest MDM document content applied (else AE, OBX-5)
     idle_timeout: float = 300.0  # seconds without bytes before a connection is closed; 0 disables
     application: str = "EXCHANGE"  # MSH-3 of our ACKs when the sender left MSH-5 empty
     facility_name: str = "EXCHANGE"  # MSH-4 of our ACKs when MSH-6 was empty (TOML key facility_id)
@@ -175,6 +179,14 @@ class Config:
             if facility.code == code:
                 return facility
         return None
+
+
+def facility_contexts(config: Config) -> dict[str, FacilityContext]:
+    """What the record-model mapping needs of each facility, by its code (MSH-4.1)."""
+    return {
+        f.code: FacilityContext(f.code, f.authority, max_document_bytes=config.server.max_document_bytes)
+        for f in config.facilities
+    }
 
 
 def matches_any(patterns: tuple[str, ...], message_type: str, event: str) -> bool:
@@ -289,6 +301,9 @@ class _Reader:
             processing_ids=tuple(dict.fromkeys(processing_ids)),
             accept=self.patterns(table, "accept", "server.accept", defaults.accept),
             max_frame_bytes=self.integer(table, "max_frame_bytes", "server.max_frame_bytes", defaults.max_frame_bytes, minimum=1024),
+            max_document_bytes=self.integer(
+                table, "max_document_bytes", "server.max_document_bytes", defaults.max_document_bytes, minimum=1
+            ),
             idle_timeout=self.number(table, "idle_timeout", "server.idle_timeout", defaults.idle_timeout),
             application=self.code(table, "application", "server.application") or defaults.application,
             facility_name=self.code(table, "facility_id", "server.facility_id") or defaults.facility_name,

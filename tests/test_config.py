@@ -12,9 +12,12 @@ from exchange.config import (
     FacilityConfig,
     ServerConfig,
     check_server_endpoint,
+    facility_contexts,
     load_config,
     matches_any,
 )
+
+from exchange.mapping.events import FacilityContext
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -133,6 +136,7 @@ def test_minimal_file_gets_the_defaults(tmp_path):
         processing_ids=("P",),
         accept=("ADT^*", "MDM^*"),
         max_frame_bytes=16 * 1024 * 1024,
+        max_document_bytes=16 * 1024 * 1024,
         idle_timeout=300.0,
         application="EXCHANGE",
         facility_name="EXCHANGE",
@@ -161,6 +165,7 @@ database = "postgresql+psycopg://exchange@localhost/exchange"
 processing_id = ["P", "T"]
 accept = ["adt^a0*", "MDM^T02"]
 max_frame_bytes = 1024
+max_document_bytes = 1
 idle_timeout = 0
 application = "HUB"
 facility_id = "HUBFAC"
@@ -188,6 +193,7 @@ tls_fingerprint = "SHA256:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:
     assert server.accept == ("ADT^A0*", "MDM^T02")
     assert (server.max_frame_bytes, server.idle_timeout, server.batch_max, server.max_pending) == (1024, 0.0, 10, 20)
     assert (server.application, server.facility_name, server.log_level) == ("HUB", "HUBFAC", "debug")
+    assert server.max_document_bytes == 1
     facility = config.facility("GENHOSP")
     assert facility.deliver_to == "tls:host=adt.genhosp.example:port=2575"
     assert facility.subscribe == ("ADT^A01", "MDM^*")
@@ -210,6 +216,16 @@ def test_facility_lookup(tmp_path):
     assert config.facility("OAKNH").kind == "nursing_home"
     assert config.facility("NOPE") is None
     assert config.facility("genhosp") is None  # MSH-4.1 comparison is exact
+
+
+def test_facility_contexts_carry_the_authority_and_the_document_limit(tmp_path):
+    contexts = facility_contexts(load(tmp_path, with_server("max_document_bytes = 2048") + FACILITY_2))
+    assert contexts == {
+        "GENHOSP": FacilityContext("GENHOSP", "GENHOSP", max_document_bytes=2048),
+        "OAKNH": FacilityContext("OAKNH", "OAKNH", max_document_bytes=2048),
+    }
+    default = facility_contexts(load(tmp_path, MINIMAL))["GENHOSP"]
+    assert default.max_document_bytes == 16 * 1024 * 1024
 
 
 def test_processing_id_as_a_string(tmp_path):
@@ -336,6 +352,10 @@ def test_not_utf8(tmp_path):
         (with_server('max_frame_bytes = "16M"'), "server.max_frame_bytes: must be an integer (got a string)"),
         (with_server("max_frame_bytes = true"), "server.max_frame_bytes: must be an integer (got a boolean)"),
         (with_server("max_frame_bytes = 100"), "server.max_frame_bytes: must be at least 1024 (got 100)"),
+        (with_server('max_document_bytes = "16M"'), "server.max_document_bytes: must be an integer (got a string)"),
+        (with_server("max_document_bytes = 1.5"), "server.max_document_bytes: must be an integer (got a number)"),
+        (with_server("max_document_bytes = 0"), "server.max_document_bytes: must be at least 1 (got 0)"),
+        (with_server("max_document_bytes = -1"), "server.max_document_bytes: must be at least 1 (got -1)"),
         (with_server("batch_max = 0"), "server.batch_max: must be at least 1 (got 0)"),
         (with_server("max_pending = -1"), "server.max_pending: must be at least 1 (got -1)"),
         (with_server("idle_timeout = -5"), "server.idle_timeout: must be 0 (disabled) or a positive number"),
