@@ -382,7 +382,7 @@ def _in_pairs(sqlite: bool, columns: str, pairs: list[tuple[str, str]], params: 
         a, b = columns.split(", ")
         return "(" + " OR ".join([f"({a} = ? AND {b} = ?)"] * len(pairs)) + ")"
     params.extend(([a for a, _ in pairs], [b for _, b in pairs]))
-    return f"({columns}) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
+    return f"({columns}) IN (SELECT * FROM unnest(%b::text[], %b::text[]))"
 
 
 def _in_ids(sqlite: bool, column: str, ids: list[int], params: list) -> str:
@@ -390,7 +390,7 @@ def _in_ids(sqlite: bool, column: str, ids: list[int], params: list) -> str:
         params.extend(ids)
         return f"{column} IN ({', '.join(['?'] * len(ids))})"
     params.append(ids)
-    return f"{column} = ANY(%s::bigint[])"
+    return f"{column} = ANY(%b::bigint[])"
 
 
 def _json(value: Any) -> Any:
@@ -552,7 +552,7 @@ class _Statement:
         else:
             # One statement per call: each column one array, cast to the column's type.
             names = columns + where
-            arrays = ", ".join(f"CAST(%s AS {table.c[name].type.compile(dialect=_PG_DIALECT)}[])" for name in names)
+            arrays = ", ".join(f"CAST(%b AS {table.c[name].type.compile(dialect=_PG_DIALECT)}[])" for name in names)
             cond = " AND ".join(f"t.{name} = u.{name}" for name in where)
             if kind == "insert":
                 sql = (f"INSERT INTO {table.name} ({', '.join(columns)}) SELECT {', '.join(columns)}"
