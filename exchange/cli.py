@@ -38,6 +38,16 @@ def _parser() -> argparse.ArgumentParser:
     upgrade = db_sub.add_parser("upgrade", help="apply migrations (Alembic) up to the newest")
     common(upgrade)
 
+    replay = sub.add_parser(
+        "replay",
+        help="rebuild the record model from the stored messages (stop the exchange first)",
+        description="Rebuild the record model from the stored raw messages, in arrival order, in one "
+        "transaction. The exchange must be stopped. Exit 1 if some messages no longer apply.",
+    )
+    common(replay)
+    replay.add_argument("--dry-run", action="store_true", help="report what a rebuild gives, then roll it back")
+    replay.add_argument("--batch", type=int, default=500, help="messages per batch (default 500)")
+
     token = sub.add_parser("token", help="bearer tokens for the HTTP API")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     create = token_sub.add_parser("create", help="create a token and print it (once) on stdout")
@@ -182,13 +192,61 @@ def cmd_token(args) -> int:
     return 0
 
 
+def cmd_replay(args) -> int:
+    from exchange.config import facility_contexts
+    from exchange.replay import DatabaseBusy, replay
+    from exchange.store.db import current_revision, head_revision, make_engine
+
+    if args.batch < 1:
+        raise UsageFailure(f"--batch must be at least 1 (got {args.batch})")
+    config = _load(args)
+    url = config.server.database
+    engine = make_engine(url)
+    try:
+        revision, head = current_revision(engine), head_revision()
+        if revision != head:
+            raise UsageFailure(
+                f"database {_safe_url(url)} is at revision {revision or 'none'}, not {head}: run `exchange db upgrade` first"
+            )
+        charsets = {f.code: f.charset for f in config.facilities}
+        try:
+            report = replay(
+                engine,
+                facility_contexts(config),
+                charset_for=lambda facility: charsets.get(facility, "utf-8"),
+                batch=args.batch,
+                dry_run=args.dry_run,
+            )
+        except DatabaseBusy as exc:
+            raise UsageFailure(str(exc)) from None
+        except Exception as exc:  # the transaction rolled back; the text of a database error may quote data
+            print(f"exchange: replay failed ({type(exc).__name__}); nothing was changed", file=sys.stderr)
+            return 1
+    finally:
+        engine.dispose()
+    # PHI-free: ids, facility, control id, HL7 error code and field only.
+    for n in report.not_applied:
+        print(
+            f"exchange: message {n.message_id} {n.facility or '-'}/{n.control_id or '-'} no longer applies: "
+            f"error {n.code}{' ' + n.location if n.location else ''}",
+            flush=True,
+        )
+    verb = "replayed" if report.committed else "dry run (rolled back): would replay"
+    print(
+        f"exchange: {verb} {report.messages} messages: {report.records} records, {report.documents} documents; "
+        f"{len(report.not_applied)} no longer apply ({_safe_url(url)})",
+        flush=True,
+    )
+    return 1 if report.not_applied else 0
+
+
 def _safe_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
 
 
-COMMANDS = {"serve": cmd_serve, "send": cmd_send, "token": cmd_token}
+COMMANDS = {"serve": cmd_serve, "send": cmd_send, "token": cmd_token, "replay": cmd_replay}
 
 
 def main(argv: list[str] | None = None) -> int:
