@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 
 from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.exc import OperationalError
@@ -68,6 +68,7 @@ RECORD_MODEL_TABLES = (
 )
 
 DEFAULT_BATCH = 500
+BATCH_BYTES = 64 * 1024 * 1024  # raw bytes read per batch at most (one message always)
 DEFAULT_LOCK_TIMEOUT = 10.0  # seconds (PostgreSQL)
 
 
@@ -114,13 +115,15 @@ def replay(
 
     ``facilities``: MSH-4.1 -> its context (``exchange.config.facility_contexts``);
     ``charset_for``: MSH-4.1 -> the codec used when MSH-18 is empty, as the
-    intake reads headers (default UTF-8). ``dry_run`` rolls the rebuild back
-    and only reports.
+    intake reads headers (default UTF-8). ``batch``: messages per batch (and
+    at most BATCH_BYTES of them). ``now`` stamps the rebuilt rows and their
+    history; by default each batch is stamped with the arrival time of its
+    last message, close to when the live path made the same changes.
+    ``dry_run`` rolls the rebuild back and only reports.
     """
     if batch < 1:
         raise ValueError("batch must be at least 1")
     charset_for = charset_for or (lambda facility: "utf-8")
-    now = now or (lambda: datetime.now(timezone.utc))
     try:
         # /* TRANSACTION: the whole rebuilt record model (or nothing). */
         with write_transaction(engine) as conn:
@@ -130,19 +133,18 @@ def replay(
             not_applied: list[NotApplied] = []
             after = 0
             while True:
+                last = _batch_end(conn, after, batch)
+                if last is None:
+                    break
                 rows = conn.execute(
                     select(message.c.id, message.c.raw, message.c.received_at, message.c.peer,
                            message.c.facility, message.c.control_id)
-                    .where(message.c.id > after)
-                    .where(message.c.state == MessageState.ACCEPTED.value)
-                    .where(message.c.message_type.in_(sorted(MAPPED_TYPES)))
+                    .where(message.c.id > after, message.c.id <= last, *_REPLAYED)
                     .order_by(message.c.id)
-                    .limit(batch)
                 ).all()
-                if not rows:
-                    break
-                after = rows[-1].id
-                done, left_out = _replay_batch(conn, rows, facilities, charset_for, now())
+                after = last
+                at = now() if now is not None else rows[-1].received_at
+                done, left_out = _replay_batch(conn, rows, facilities, charset_for, at)
                 applied += done
                 not_applied.extend(left_out)
             report = ReplayReport(
@@ -163,6 +165,29 @@ def replay(
             ) from None
         raise
     return report
+
+
+_REPLAYED = (  # the messages the live path applied: accepted ADT/MDM
+    message.c.state == MessageState.ACCEPTED.value,
+    message.c.message_type.in_(sorted(MAPPED_TYPES)),
+)
+
+
+def _batch_end(conn: Connection, after: int, batch: int) -> int | None:
+    """The id of the last message of the next batch: ``batch`` messages, at most BATCH_BYTES of raw."""
+    heads = conn.execute(
+        select(message.c.id, message.c.size).where(message.c.id > after, *_REPLAYED)
+        .order_by(message.c.id).limit(batch)
+    ).all()
+    if not heads:
+        return None
+    last, total = heads[0].id, 0
+    for head in heads:
+        total += head.size
+        if total > BATCH_BYTES and head.id != heads[0].id:
+            break
+        last = head.id
+    return last
 
 
 def _replay_batch(conn: Connection, rows, facilities, charset_for, at: datetime) -> tuple[int, list[NotApplied]]:

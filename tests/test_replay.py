@@ -184,6 +184,24 @@ def test_a_failure_leaves_the_old_record_model(engine, monkeypatch):
     assert snapshot(engine) == live
 
 
+def test_batches_hold_at_most_batch_bytes_of_raw_messages(engine, monkeypatch):
+    import exchange.replay as module
+
+    _stored(engine)
+    live = snapshot(engine)
+    batches = []
+    replay_batch = module._replay_batch
+    monkeypatch.setattr(module, "_replay_batch", lambda conn, rows, *a: batches.append(len(rows)) or replay_batch(conn, rows, *a))
+    monkeypatch.setattr(module, "BATCH_BYTES", 1)  # one message per batch
+    assert replay(engine, FACILITIES).messages == 6
+    assert batches == [1] * 6
+    assert snapshot(engine) == live
+    batches.clear()
+    monkeypatch.setattr(module, "BATCH_BYTES", 64 * 1024 * 1024)
+    replay(engine, FACILITIES, batch=4)
+    assert batches == [4, 2]
+
+
 def test_a_busy_database_is_refused(database_url):
     eng = make_engine(database_url, poolclass=StaticPool)
     blocker = make_engine(database_url)
