@@ -7,14 +7,12 @@
     commit (the writer process, a batch of messages per transaction)
       dedup ............ store.messages.find_prior             (facility, MSH-10)
       decode ........... per MSH-18                            (AE if it does not)
-      load records ..... store.records.load                    (the batch's patients)     *
-      map, apply ....... mapping.events.map_message, MemoryState.apply  (pure; AE if it cannot) *
+      load records ..... store.records.load                    (the batch's patients)
+      map, apply ....... mapping.events.map_message, MemoryState.apply  (pure; AE if it cannot)
       build ACK ........ exchange.hl7.ack.build_ack            (pure)
       store ............ store.messages.insert_messages        (raw, state, ACK)
-      save records ..... store.records.save                    (what the batch changed)   *
+      save records ..... store.records.save                    (what the batch changed)
       COMMIT
-    (* only with ``facilities=``: the writer does not switch the record model
-       on yet, because it still costs 5-13 ms per batch of four; see README "Status".)
     answer (reactor thread): each ACK written once its batch has committed.
 
 This module holds the writer's half: ``process_batch`` takes a connection

@@ -25,7 +25,7 @@ import pickle
 import signal
 import struct
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
 from twisted.internet.defer import Deferred, fail
@@ -34,6 +34,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
 from exchange.intake import utc_now
+from exchange.mapping.events import FacilityContext
 from exchange.pipeline import AckSettings, Answer, Received, process_batch
 from exchange.store.db import write_transaction
 
@@ -177,6 +178,7 @@ def serve_batches(run_batch: Callable[[Sequence[Received]], list[Answer]], stdin
 def make_batch_runner(
     engine,
     *,
+    facilities: Mapping[str, FacilityContext],
     new_control_id: Callable[[], str],
     now: Callable[[], datetime] = utc_now,
     settings: AckSettings = AckSettings(),
@@ -184,9 +186,11 @@ def make_batch_runner(
     """The function the writer runs for each batch."""
 
     def run(items: Sequence[Received]) -> list[Answer]:
-        # TRANSACTION: the batch's raw messages, their states, history and ACKs.
+        # TRANSACTION: the batch's raw messages, their states, history and ACKs,
+        # and what they change in the record model: an AA means stored AND applied.
         with write_transaction(engine) as conn:
-            return process_batch(conn, items, new_control_id=new_control_id, now=now, settings=settings)
+            return process_batch(conn, items, new_control_id=new_control_id, now=now, facilities=facilities,
+                                 settings=settings)
 
     return run
 
@@ -194,7 +198,7 @@ def make_batch_runner(
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from exchange.config import load_config
+    from exchange.config import facility_contexts, load_config
     from exchange.intake import AckIds
     from exchange.logs import start_logging
     from exchange.store.db import make_engine
@@ -211,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     start_logging(config.server.log_level)  # to stderr: stdout is the pipe to the parent
     engine = make_engine(config.server.database, pool_pre_ping=False)
     settings = AckSettings(config.server.application, config.server.facility_name)
-    run_batch = make_batch_runner(engine, new_control_id=AckIds(tag="W"), settings=settings)
+    run_batch = make_batch_runner(engine, facilities=facility_contexts(config), new_control_id=AckIds(tag="W"),
+                                  settings=settings)
     try:
         serve_batches(run_batch, sys.stdin.buffer, sys.stdout.buffer)
     finally:

@@ -34,7 +34,7 @@ EXPECTED = {
     "ipf/hl7v2message_a01.hl7": "A",
     "ipf/iti-10_a31.hl7": "A",
     "ipf/iti-8_a40_adt_a39.hl7": "A",
-    "ipf/iti8-a01-incomplete.hl7": "A",  # record model (not yet in the intake) will answer AE: no PID segment: nothing to apply it to
+    "ipf/iti8-a01-incomplete.hl7": "E",  # record model: no PID segment: nothing to apply it to
     "ipf/iti8-a40-iso-8859-1.hl7": "A",  # no MSH-18, Latin-1 bytes: decoded by the fallback
     "ipf/msg-01-utf8_a01_v22.hl7": "A",
     "ipf/msg-02_mdm_t02_base64.hl7": "A",
@@ -46,7 +46,7 @@ EXPECTED = {
     "ipf/pixsource_A08.hl7": "A",
     "ipf/pixsource_A40.hl7": "A",
     "ipf/tpl_mdm_t01_bad_version.hl7": "R",  # MSH-12 3.1415926
-    "ipf/tpl_mdm_t11_no_txa.hl7": "A",  # record model (not yet in the intake) will answer AE: MDM without TXA: no document number
+    "ipf/tpl_mdm_t11_no_txa.hl7": "E",  # record model: MDM without TXA: no document number
     "lfh/adt_a34_v23.hl7": "E",  # MSH-10 empty
     "lfh/adt_a40_adt_a39_v26.hl7": "A",
     "lfh/adt_a40_two_mrg_v26.hl7": "A",
@@ -54,7 +54,7 @@ EXPECTED = {
     "lfh/oru_multiline_short.hl7": "R",
     "lfh/sample_win_malformed.hl7": "E",  # MSH-2 "^~\\&" repeats a delimiter
     "medplum/ack_underscore_separator.hl7": "N",
-    "medplum/adt_v21_no_trigger.hl7": "A",  # record model (not yet in the intake) will answer AE: v2.1 "ADT" with no EVN: no trigger event
+    "medplum/adt_v21_no_trigger.hl7": "E",  # record model: v2.1 "ADT" with no EVN: no trigger event
     "medplum/epic_adt_a04_v25.hl7": "A",
     "medplum/qbp_q11_utf8_registered.hl7": "R",
     "mirth/adt_a01_v23.hl7": "A",
@@ -78,31 +78,31 @@ EXPECTED = {
     "msfc/ADT-A31-01.hl7": "A",
     "msfc/ADT-A40-01.hl7": "A",
     "msfc/ADT-A40-02.hl7": "A",
-    "msfc/ADT-A47-01.hl7": "A",  # record model (not yet in the intake) will answer AE: MRG-1 is another authority's (BCBS) id, not an MRN
+    "msfc/ADT-A47-01.hl7": "E",  # record model: MRG-1 is another authority's (BCBS) id, not an MRN
     "msfc/ADT01-23.hl7": "A",
     "msfc/ADT04-251.hl7": "A",
     "msfc/ADT04-28.hl7": "A",
     "msfc/MDM-T01-01.hl7": "A",
     "msfc/MDM-T02-01.hl7": "A",
     "msfc/MDM-T02-03.hl7": "A",
-    "msfc/MDM-T05-01.hl7": "A",  # record model (not yet in the intake) will answer AE: addendum to a parent (TXA-13) never received
-    "msfc/MDM-T06-02.hl7": "A",  # record model (not yet in the intake) will answer AE: addendum to a parent never received
-    "msfc/MDM-T09-01.hl7": "A",  # record model (not yet in the intake) will answer AE: replaces a parent never received
-    "msfc/MDM-T10-01.hl7": "A",  # record model (not yet in the intake) will answer AE: replaces a parent never received
+    "msfc/MDM-T05-01.hl7": "E",  # record model: addendum to a parent (TXA-13) never received
+    "msfc/MDM-T06-02.hl7": "E",  # record model: addendum to a parent never received
+    "msfc/MDM-T09-01.hl7": "E",  # record model: replaces a parent never received
+    "msfc/MDM-T10-01.hl7": "E",  # record model: replaces a parent never received
     "msfc/MDM_01.hl7": "A",
     "msfc/ORM-O01-01.hl7": "R",
     "msfc/ORU-R01-01.hl7": "R",
     "msfc/SIU-S12-01.hl7": "R",
     "msfc/VXU.hl7": "R",
     "nhapi/adt_a01_v21_z01.hl7": "A",
-    "nhapi/adt_a04_v27_minimal.hl7": "A",  # record model (not yet in the intake) will answer AE: PID-3 empty: no patient identifier
+    "nhapi/adt_a04_v27_minimal.hl7": "E",  # record model: PID-3 empty: no patient identifier
     "nhapi/adt_a08_v22_zin.hl7": "A",
     "nhapi/adt_a08_v23_cerner_8859.hl7": "A",
     "nhapi/adt_a08_v23_orbis_de.hl7": "A",
     "nhapi/fuzz_hang1.hl7": "E",  # MSH-2 is a lone "^"
     "nhapi/fuzz_id000123_binary.hl7": "E",  # MSH-2 "^ \\E": a space and a letter
     "nhapi/fuzz_stackoverflow1.hl7": "E",  # MSH-2 is a lone "^"
-    "nhapi/mdm_t02_escapes_v231.hl7": "A",  # record model (not yet in the intake) will answer AE: MSH and OBX only: no TXA
+    "nhapi/mdm_t02_escapes_v231.hl7": "E",  # record model: MSH and OBX only: no TXA
     "nhapi/oru_dollar_subcomp_v231.hl7": "R",
     "nhapi/oru_olis_escapes_v23.hl7": "R",
     "pacsbridge/mdm_t02_radiology_v251.hl7": "A",

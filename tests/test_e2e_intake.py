@@ -206,3 +206,44 @@ def test_a_dead_writer_costs_no_acknowledged_message_and_is_replaced(exchange, d
             assert time.monotonic() < deadline, "no new writer"
     assert msa(reply)[:2] == ["AA", "W-2"]
     assert stored(database_url, "select count(*) from message where control_id in ('W-1', 'W-2')") == [(2,)]
+
+
+def api_get(exchange, database_url, path: str) -> dict:
+    import uuid
+    from datetime import datetime, timezone
+
+    from exchange.auth import create_token
+
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            token = create_token(conn, f"e2e-{uuid.uuid4().hex[:8]}", "technician", datetime.now(timezone.utc))
+    finally:
+        engine.dispose()
+    host, port = exchange.http
+    request = urllib.request.Request(f"http://{host}:{port}{path}", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return json.load(r)
+
+
+def test_an_aa_means_applied_the_record_answers_as_soon_as_the_ack_arrives(exchange, database_url):
+    with MLLPConnection(exchange.address) as conn:
+        assert msa(conn.request(adt("REC-1", mrn="GH-1")))[0] == "AA"
+        renamed = adt("REC-2", event="A08", mrn="GH-1").replace(b"TESTPATIENT^ALPHA^Q", b"RENAMED^BETA")
+        assert msa(conn.request(renamed))[0] == "AA"
+        record = api_get(exchange, database_url, "/api/records/GENHOSP/GH-1")
+        assert record["name"]["family"] == "RENAMED" and record["name"]["given"] == "BETA"
+        assert [(e["visit_number"], e["status"]) for e in record["encounters"]] == [("VREC-1", "admitted"),
+                                                                                    ("VREC-2", "admitted")]
+        assert msa(conn.request(adt("REC-3", event="A03", mrn="GH-1").replace(b"VREC-3", b"VREC-1")))[0] == "AA"
+        no_patient = adt("REC-4", mrn="")
+        answer = msa(conn.request(no_patient))
+    assert answer[:2] == ["AE", "REC-4"] and "PID-3" in conn_text(answer)
+    record = api_get(exchange, database_url, "/api/records/GENHOSP/GH-1")
+    assert dict((e["visit_number"], e["status"]) for e in record["encounters"])["VREC-1"] == "discharged"
+    state = stored(database_url, "select state, reason from message where control_id = 'REC-4'")
+    assert state[0][0] == "error" and "PID-3" in state[0][1]
+
+
+def conn_text(fields: list[str]) -> str:
+    return "|".join(fields)
