@@ -1,0 +1,1 @@
+"""Patient matching core (placeholder docstring, completed below)."""

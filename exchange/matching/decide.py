@@ -1,0 +1,199 @@
+"""What to do with one arriving record: link it to a person, open a review, or start a new person.
+
+Pure: the wiring finds the candidates (records sharing a blocking key, plus
+the other records of their persons and of the record's own person) and the
+sticky facts, calls :func:`decide`, and applies the :class:`Decision`.
+
+The rules, in order:
+
+1. A record whose link a technician made or confirmed (``manual``), or that
+   a facility asserted (A24), stays where it is; if it no longer scores
+   even ``lower`` against its person's other records, a review opens (the
+   link is kept until a technician decides).
+2. A record already linked automatically to a person with other records is
+   re-examined on update (A08/A31): it stays unless it now scores below
+   ``lower`` against its person, or another person also scores ``upper`` —
+   then a review opens. Links are never broken automatically.
+3. Persons holding a record the technician (or an A37) said is "not a
+   match" for this one are never candidates for an automatic link.
+4. A candidate of the same facility at or above ``lower`` means a duplicate
+   registration: a review, never a link (the facility fixes it with A40).
+   So does a link that would put two records of one facility in a person.
+5. Two different persons at or above ``upper``: a review.
+6. One person at or above ``upper``: link. Best at or above ``lower``:
+   review. Otherwise: a new person.
+
+A person's score is the best score of any of its records.
+"""
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from exchange.matching.features import Features
+from exchange.matching.model import Model, Score, score
+from exchange.outcome import Value
+
+
+class Action(StrEnum):
+    LINK = "link"  # link the record to ``person`` (automatically)
+    KEEP = "keep"  # leave the record with its current person
+    REVIEW = "review"  # open a review with ``matches``; ``person`` is the best suggestion
+    NEW = "new"  # start a new person for the record
+
+
+class Reason(StrEnum):
+    ABOVE_UPPER = "above_upper"
+    BETWEEN = "between_thresholds"
+    BELOW_LOWER = "below_lower"
+    NO_CANDIDATES = "no_candidates"
+    SAME_FACILITY = "same_facility"  # duplicate registration within one facility
+    TWO_PERSONS = "two_persons_above_upper"
+    NOT_A_MATCH = "not_a_match_excluded"  # a sticky "not a match" kept a person out
+    MANUAL_KEPT = "manual_link_kept"
+    LINK_KEPT = "link_kept"
+    LINK_LOOKS_WRONG = "link_looks_wrong"  # the record no longer scores against its own person
+
+
+@dataclass(frozen=True, slots=True)
+class Record(Value):
+    """A facility record as matching sees it: its key, its person (None before it has one) and features."""
+
+    facility: str
+    mrn: str
+    person: str | None  # candidates should have one; a candidate without counts as a person of its own
+    features: Features
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.facility, self.mrn)
+
+
+Candidate = Record
+
+
+@dataclass(frozen=True, slots=True)
+class Match(Value):
+    """A scored candidate: which record, its person, and the score with its explanation."""
+
+    facility: str
+    mrn: str
+    person: str | None
+    score: Score
+
+    @property
+    def total(self) -> float:
+        return self.score.total
+
+
+@dataclass(frozen=True, slots=True)
+class Decision(Value):
+    """The outcome for one record.
+
+    ``person``: the person to link to (LINK), kept (KEEP), or the best
+    suggestion (REVIEW); None for NEW. ``matches``: the scored candidates
+    that matter, best first (for a review: every candidate at or above
+    ``lower``, plus the record's own person's records), so a technician sees
+    them side by side with every field's level and weight. ``score``: the
+    best person's score (None without candidates).
+    """
+
+    action: Action
+    person: str | None
+    score: float | None
+    matches: tuple[Match, ...]
+    reasons: tuple[Reason, ...]
+
+
+def decide(
+    record: Record,
+    candidates: Iterable[Record],
+    model: Model,
+    *,
+    not_a_match: Collection[tuple[str, str]] = (),
+    manual: bool = False,
+) -> Decision:
+    """Decide one record against its candidates (see the module doc for the rules).
+
+    ``not_a_match``: keys (facility, mrn) of records a technician or an A37
+    said are not this record. ``manual``: the record's current link was made
+    or confirmed by a technician, or asserted by its facility (A24).
+    Candidates equal to the record itself are ignored.
+    """
+    matches = [
+        Match(c.facility, c.mrn, c.person, score(record.features, c.features, model))
+        for c in candidates
+        if c.key != record.key
+    ]
+    matches.sort(key=lambda m: (-m.total, m.facility, m.mrn))
+    by_person: dict[object, list[Match]] = {}
+    for m in matches:
+        by_person.setdefault(_group(m), []).append(m)
+    blocked = {_group(m) for m in matches if (m.facility, m.mrn) in not_a_match}
+    best = {p: ms[0].total for p, ms in by_person.items()}
+    upper, lower = model.upper, model.lower
+    reasons: list[Reason] = []
+    if blocked:
+        reasons.append(Reason.NOT_A_MATCH)
+
+    current = record.person
+    own = by_person.get(current, []) if current is not None else []
+    if current is not None and (own or manual):
+        return _linked(record, current, own, matches, best, blocked, manual, model, reasons)
+
+    eligible = [p for p in best if p not in blocked]
+    eligible.sort(key=lambda p: -best[p])
+    above = [p for p in eligible if best[p] >= upper]
+    same_facility = [
+        m for m in matches if m.facility == record.facility and m.total >= lower and _group(m) not in blocked
+    ]
+    if not eligible:
+        return _new(current, matches, reasons + [Reason.NO_CANDIDATES if not matches else Reason.BELOW_LOWER])
+    top = eligible[0]
+    top_score = best[top]
+    person = by_person[top][0].person
+    if same_facility or (top_score >= upper and any(m.facility == record.facility for m in by_person[top])):
+        return _review(person, top_score, matches, lower, reasons + [Reason.SAME_FACILITY])
+    if len(above) >= 2:
+        return _review(person, top_score, matches, lower, reasons + [Reason.TWO_PERSONS])
+    if top_score >= upper:
+        return Decision(Action.LINK, person, top_score, tuple(by_person[top]), tuple(reasons + [Reason.ABOVE_UPPER]))
+    if top_score >= lower:
+        return _review(person, top_score, matches, lower, reasons + [Reason.BETWEEN])
+    return _new(current, matches, reasons + [Reason.BELOW_LOWER])
+
+
+def _group(m: Match) -> object:
+    """The person a match belongs to; a candidate without a person is a person of its own."""
+    return m.person if m.person is not None else (m.facility, m.mrn)
+
+
+def _linked(record, current, own, matches, best, blocked, manual, model, reasons) -> Decision:
+    """Rules 1 and 2: a record that already belongs to a person with other records."""
+    own_score = own[0].total if own else None
+    others_above = [p for p, s in best.items() if p != current and p not in blocked and s >= model.upper]
+    looks_wrong = own_score is not None and own_score < model.lower
+    if manual:
+        if looks_wrong:
+            return _review(current, own_score, matches, model.lower, reasons + [Reason.LINK_LOOKS_WRONG], own)
+        return Decision(Action.KEEP, current, own_score, tuple(own), tuple(reasons + [Reason.MANUAL_KEPT]))
+    if looks_wrong:
+        return _review(current, own_score, matches, model.lower, reasons + [Reason.LINK_LOOKS_WRONG], own)
+    if others_above:
+        return _review(current, own_score, matches, model.lower, reasons + [Reason.TWO_PERSONS], own)
+    return Decision(Action.KEEP, current, own_score, tuple(own), tuple(reasons + [Reason.LINK_KEPT]))
+
+
+def _review(person, top_score, matches, lower, reasons, always=()) -> Decision:
+    shown = [m for m in matches if m.total >= lower]
+    shown += [m for m in always if m not in shown]
+    shown.sort(key=lambda m: (-m.total, m.facility, m.mrn))
+    return Decision(Action.REVIEW, person, top_score, tuple(shown), tuple(reasons))
+
+
+def _new(current, matches, reasons) -> Decision:
+    """No person fits: a new one (or, for a record that has a person of its own, keep it)."""
+    top = matches[0].total if matches else None
+    action = Action.KEEP if current is not None else Action.NEW
+    return Decision(action, current, top, tuple(matches[:3]), tuple(reasons))
