@@ -373,6 +373,8 @@ class MemoryState:
             _, old_fields, old_encounters = touched
             if old_key != key or any(rec[k] != v for k, v in old_fields.items()):
                 out.changed_records.append((key, old_key))
+                if rec["identifiers"] != old_fields["identifiers"]:
+                    out.changed_identifiers.append(key)
             encounters = rec["encounters"]
             for visit in old_encounters.keys() - encounters.keys():
                 out.removed_encounters.append((key, visit))
@@ -431,6 +433,7 @@ class Dirty:
 
     new_records: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     changed_records: list[tuple[tuple[str, str], tuple[str, str]]] = dataclasses.field(default_factory=list)
+    changed_identifiers: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # current keys
     removed_records: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     new_encounters: list[tuple[tuple[str, str], str]] = dataclasses.field(default_factory=list)
     changed_encounters: list[tuple[tuple[str, str], str]] = dataclasses.field(default_factory=list)

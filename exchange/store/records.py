@@ -730,9 +730,9 @@ def _save(w: _Writer, state: MemoryState, d: Any, now: datetime) -> None:
             params.append(row)
         w.many("update_record", params)
 
-    # 4. Identifiers of new and changed records: replaced as a whole.
-    touched = [key for key, _ in d.changed_records] + list(d.new_records)
-    w.delete_ids(record_identifier, "record_id", [current[key][0] for key, _ in d.changed_records])
+    # 4. Identifiers of new records, and of changed records whose identifiers changed: replaced as a whole.
+    touched = d.changed_identifiers + list(d.new_records)
+    w.delete_ids(record_identifier, "record_id", [current[key][0] for key in d.changed_identifiers])
     w.many("insert_identifier", [
         {"record_id": current[key][0], "authority": _cut(auth, AUTHORITY_LEN), "value": _cut(i.value, MRN_LEN),
          "type": _cut(i.type_code, ID_TYPE_LEN)}

@@ -79,8 +79,18 @@ def run_batches(engine: Engine, messages, boundaries) -> MemoryState:
 
 
 def stored(engine: Engine) -> dict:
+    """The stored record model as plain data; checks on the way that the
+    identifier look-up rows match every record's identifiers."""
     with engine.connect() as conn:
-        return load_all(conn).snapshot(history=True)
+        state = load_all(conn)
+        rows = {(r.facility, r.mrn, r.authority, r.value, r.type) for r in conn.execute(
+            select(patient_record_table.c.facility, patient_record_table.c.mrn, record_identifier_table.c.authority,
+                   record_identifier_table.c.value, record_identifier_table.c.type)
+            .join(record_identifier_table, record_identifier_table.c.record_id == patient_record_table.c.id))}
+        expected = {(f, m, i.authority or i.authority_id, i.value, i.type_code)
+                    for (f, m), rec in state.records.items() for i in rec["identifiers"].values()}
+        assert rows == expected
+        return state.snapshot(history=True)
 
 
 # --- JSON codec ------------------------------------------------------------------------------
