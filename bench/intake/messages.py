@@ -1,4 +1,8 @@
-"""Synthetic ADT^A01/A04/A08 v2.5.1 messages for the intake benchmark.
+"""Synthetic v2.5.1 messages for the intake benchmark, one generator per workload:
+
+- ``adt``: ADT^A01/A04/A08 (``generate``);
+- ``mdm-text``: MDM^T02 with a 30-line text document in OBX TX lines (``generate_mdm_text``);
+- ``mdm-pdf``: MDM^T02 with a 200 KB PDF as Base64 in one OBX ED (``generate_mdm_pdf``).
 
 Everything here is made up: names come from short lists, identifiers from a
 seeded random generator, and every MSH-10 carries the run id so that repeated
@@ -6,6 +10,7 @@ runs against the same database are not taken for resends.
 """
 from __future__ import annotations
 
+import base64
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -115,18 +120,106 @@ def _message(rng: random.Random, p: Patient, control_id: str, event: str,
 
 def generate(count: int, run_id: str, *, prefix: str = "", seed: int = 2575,
              patients: int | None = None) -> list[tuple[bytes, bytes]]:
-    """``count`` messages as ``(mllp_frame, control_id)`` pairs.
+    """``count`` ADT messages as ``(mllp_frame, control_id)`` pairs.
 
     About a third as many patients as messages, so A08 updates and repeat
     visits hit patients the run has already registered.
     """
+    return _generate(count, run_id, prefix, seed, patients,
+                     lambda rng, p, control_id, when, i: _message(rng, p, control_id, rng.choice(EVENTS),
+                                                                  when, 100000 + i))
+
+
+# -- MDM^T02: a new document with its content ---------------------------------------
+
+DOCUMENT_LINES = 30  # OBX TX lines of the text workload
+PDF_BYTES = 200 * 1024  # the PDF workload's document, before Base64 (~273 KB in OBX-5)
+DOCUMENT_TYPES = (("DS", "Discharge summary"), ("HP", "History and physical"),
+                  ("CN", "Consultation note"), ("PN", "Progress note"))
+SECTIONS = ("History", "Examination", "Assessment", "Plan", "Medications", "Follow-up")
+PHRASES = (
+    "patient reports improved appetite and sleep", "no acute distress noted on examination",
+    "vital signs stable throughout the stay", "wound clean and dry with no erythema",
+    "continue current regimen and monitor closely", "labs reviewed and within expected range",
+    "ambulating independently with a walker", "pain controlled on oral analgesics",
+    "tolerating a regular diet without nausea", "follow up in the clinic in two weeks",
+    "education provided to the patient and family", "imaging shows no interval change",
+)
+
+
+def generate_mdm_text(count: int, run_id: str, *, prefix: str = "T", seed: int = 2575,
+                      patients: int | None = None) -> list[tuple[bytes, bytes]]:
+    """``count`` MDM^T02 messages, each a new document of DOCUMENT_LINES OBX TX lines (~2.5 KB of text)."""
+    def build(rng, p, control_id, when, i):
+        lines = []
+        for n in range(DOCUMENT_LINES):
+            if n % 6 == 0:
+                lines.append(f"{SECTIONS[(n // 6) % len(SECTIONS)]}:")
+            else:  # \T\ is an escaped "&": the mapping decodes escapes on some lines
+                lines.append(f"{rng.choice(PHRASES).capitalize()}; {rng.choice(PHRASES)} \\T\\ "
+                             f"{rng.choice(PHRASES)}.")
+        obx = [f"OBX|{n}|TX|{'11490-0^Discharge summary^LN'}||{line}||||||F"
+               for n, line in enumerate(lines, start=1)]
+        return _mdm(rng, p, control_id, when, "TX", obx)
+
+    return _generate(count, run_id, prefix, seed, patients, build)
+
+
+def generate_mdm_pdf(count: int, run_id: str, *, prefix: str = "P", seed: int = 2575,
+                     patients: int | None = None) -> list[tuple[bytes, bytes]]:
+    """``count`` MDM^T02 messages, each a new document: a PDF_BYTES PDF, Base64, in one OBX ED."""
+    rng = random.Random(f"{seed}-{prefix}-pdf")
+    # A few made-up PDFs (a header, then incompressible bytes), shared by the messages.
+    pdfs = []
+    for _ in range(4):
+        head = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Type /Catalog >>\nendobj\nstream\n"
+        tail = b"\nendstream\n%%EOF\n"
+        body = rng.randbytes(PDF_BYTES - len(head) - len(tail))
+        pdfs.append(base64.b64encode(head + body + tail).decode("ascii"))
+
+    def build(rng, p, control_id, when, i):
+        obx = [f"OBX|1|ED|18842-5^Discharge summary^LN||^application^pdf^Base64^{pdfs[i % len(pdfs)]}||||||F"]
+        return _mdm(rng, p, control_id, when, "AP", obx)
+
+    return _generate(count, run_id, prefix, seed, patients, build)
+
+
+def _mdm(rng: random.Random, p: Patient, control_id: str, when: datetime, presentation: str,
+         obx: list[str]) -> bytes:
+    ts = when.strftime("%Y%m%d%H%M%S")
+    city, state, zip_code = p.city
+    doctor = rng.choice(DOCTORS)
+    doc_code, doc_text = rng.choice(DOCUMENT_TYPES)
+    txa = [""] * 20
+    txa[0], txa[1], txa[2], txa[3] = "TXA", "1", f"{doc_code}^{doc_text}^HL70270", presentation
+    txa[4] = txa[6] = ts  # TXA-4 activity, TXA-6 origination
+    txa[5] = txa[9] = doctor  # TXA-5 primary activity provider, TXA-9 originator
+    txa[12] = f"DOC{control_id}^{FACILITY}"  # TXA-12 unique document number
+    txa[17], txa[19] = "AU", "AV"  # TXA-17 authenticated, TXA-19 available
+    segments = (
+        f"MSH|^~\\&|DOCSYS|{FACILITY}|EXCHANGE|EXCHANGE|{ts}||MDM^T02^MDM_T02|"
+        f"{control_id}|P|2.5.1|||||USA||EN",
+        f"EVN|T02|{ts}",
+        f"PID|1||{p.mrn}^^^{FACILITY}^MR~{p.enterprise_id}^^^GENHOSP_EMPI^PI||"
+        f"{p.family}^{p.given}^{p.middle}^^^^L||{p.birth_date}|{p.sex}|||"
+        f"{p.street}^^{city}^{state}^{zip_code}^USA^H||^PRN^PH^^1^{p.phone[:3]}^{p.phone[3:]}",
+        f"PV1|1|{rng.choice('IO')}|{rng.choice(UNITS)}^{FACILITY}||||{doctor}",
+        "|".join(txa),
+        *obx,
+    )
+    return ("\r".join(segments) + "\r").encode("ascii")
+
+
+def _generate(count, run_id, prefix, seed, patients, build) -> list[tuple[bytes, bytes]]:
     rng = random.Random(f"{seed}-{prefix}")
     pool = [_patient(rng, n) for n in range(max(1, patients or count // 3))]
     start = datetime(2024, 3, 1, 8, 0, 0)
     out = []
     for i in range(count):
         control_id = f"{run_id}{prefix}{i:07d}"  # MSH-10: at most 20 characters in v2.5.1
-        payload = _message(rng, rng.choice(pool), control_id, rng.choice(EVENTS),
-                           start + timedelta(seconds=3 * i), 100000 + i)
+        payload = build(rng, rng.choice(pool), control_id, start + timedelta(seconds=3 * i), i)
         out.append((b"\x0b" + payload + b"\x1c\x0d", control_id.encode("ascii")))
     return out
+
+
+WORKLOADS = {"adt": generate, "mdm-text": generate_mdm_text, "mdm-pdf": generate_mdm_pdf}

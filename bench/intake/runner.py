@@ -4,6 +4,11 @@ For each target the runner starts the server in its own process, waits until
 it is ready, starts the load client (``bench.intake.client``, another process),
 samples the server's RSS every 0.5 s, and stops the server. All targets get
 the same pre-generated messages. See ``python -m bench.intake --help``.
+
+Workloads (``--workload``, default all): ``adt`` (ADT^A01/A04/A08, against
+the baseline too: the ratios and ``--check`` are about it), ``mdm-text``
+(MDM^T02, a 30-line text document) and ``mdm-pdf`` (MDM^T02, a 200 KB PDF
+in Base64), the MDM ones on the exchange targets only.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.intake.messages import FACILITY, generate
+from bench.intake.messages import DOCUMENT_LINES, FACILITY, PDF_BYTES, WORKLOADS
 
 REPO = Path(__file__).resolve().parents[2]
 ALL_TARGETS = ("baseline", "sqlite", "postgresql")
@@ -35,6 +40,15 @@ LABELS = {
     "sqlite": "exchange sqlite",
     "postgresql": "exchange postgresql",
 }
+WORKLOAD_TITLES = {
+    "adt": "ADT^A01/A04/A08",
+    "mdm-text": f"MDM^T02, {DOCUMENT_LINES}-line text document (OBX TX)",
+    "mdm-pdf": f"MDM^T02, {PDF_BYTES // 1024} KB PDF as Base64 (OBX ED)",
+}
+WARMUP_PREFIX = {"adt": "W", "mdm-text": "X", "mdm-pdf": "Y"}  # MSH-10 prefixes (timed: M, T, P)
+TIMED_PREFIX = {"adt": "M", "mdm-text": "T", "mdm-pdf": "P"}
+PDF_SHARE = 20  # mdm-pdf sends 1/20 of -n by default (200 KB each), at least PDF_MIN
+PDF_MIN = 100
 TARGET_RATIO = {"sqlite": 5.0, "postgresql": 3.0}  # msgs/s over the baseline's
 TARGET_P99_MS = 50.0  # for the exchange targets
 PG_ADMIN = dict(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
@@ -440,12 +454,15 @@ async def drive(server: Server, args, messages_path: Path) -> dict:
     return result
 
 
-async def measure(key: str, args, workdir: Path, messages_path: Path) -> dict:
-    print(f"{LABELS[key]}: starting", flush=True)
+async def measure(key: str, args, workdir: Path, messages_path: Path, workload: str = "adt",
+                  counts: tuple[int, int] | None = None) -> dict:
+    label = LABELS[key] if workload == "adt" else f"{LABELS[key]} [{workload}]"
+    warmup, messages = counts or (args.warmup, args.messages)
+    print(f"{label}: starting", flush=True)
     server = await start_target(key, workdir)
     try:
-        print(f"{LABELS[key]}: ready (pid {server.proc.pid}), sending "
-              f"{args.warmup} warm-up + {args.messages} messages over "
+        print(f"{label}: ready (pid {server.proc.pid}), sending "
+              f"{warmup} warm-up + {messages} messages over "
               f"{args.connections} connections", flush=True)
         result = await drive(server, args, messages_path)
     finally:
@@ -458,7 +475,7 @@ async def measure(key: str, args, workdir: Path, messages_path: Path) -> dict:
         print(f"  note: the server exited with status {status} after SIGTERM; its output "
               f"ends with:\n{tail(server.log)}", flush=True)
     result["status"] = "ok"
-    print(f"{LABELS[key]}: {result['msgs_per_s']:.0f} msgs/s, p99 {result['p99_ms']:.1f} ms, "
+    print(f"{label}: {result['msgs_per_s']:.0f} msgs/s, p99 {result['p99_ms']:.1f} ms, "
           f"client CPU {result['client_cpu_pct']:.0f}%", flush=True)
     if result.get("rejected") or result.get("warmup_rejected"):
         print(f"  {result.get('rejected', 0)} timed and {result.get('warmup_rejected', 0)} warm-up "
@@ -563,6 +580,12 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=3,
                         help="measure every target this many times, interleaved; report each "
                              "target's median round (default 3)")
+    parser.add_argument("--workload", default="all",
+                        help="adt, mdm-text, mdm-pdf or all (default), or a comma-separated list; "
+                             "the MDM workloads run on the exchange targets only")
+    parser.add_argument("--pdf-messages", type=int, default=None, metavar="N",
+                        help=f"timed messages of the mdm-pdf workload (default 1/{PDF_SHARE} of -n, "
+                             f"at least {PDF_MIN}: each is ~{PDF_BYTES * 4 // 3 // 1024} KB)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--check", action="store_true",
                         help=f"exit 1 unless sqlite >= {TARGET_RATIO['sqlite']:g}x and postgresql >= "
@@ -577,58 +600,98 @@ def parse_args(argv=None):
         parser.error(f"--targets: unknown {', '.join(unknown) or '(none given)'}; "
                      f"choose from {', '.join(ALL_TARGETS)}")
     args.targets = [t for t in ALL_TARGETS if t in targets]
+    workloads = [w.strip() for w in args.workload.split(",") if w.strip()]
+    if "all" in workloads:
+        workloads = list(WORKLOADS)
+    unknown = sorted(set(workloads) - set(WORKLOADS))
+    if unknown or not workloads:
+        parser.error(f"--workload: unknown {', '.join(unknown) or '(none given)'}; "
+                     f"choose from {', '.join(WORKLOADS)} or all")
+    args.workloads = [w for w in WORKLOADS if w in workloads]
     if args.messages < 1 or args.connections < 1 or args.warmup < 0 or args.rounds < 1:
         parser.error("--messages and --connections must be >= 1, --warmup >= 0")
+    if args.pdf_messages is not None and args.pdf_messages < 1:
+        parser.error("--pdf-messages must be >= 1")
     return args
+
+
+def workload_counts(args, workload: str) -> tuple[int, int]:
+    """(warm-up, timed) messages of a workload: mdm-pdf sends fewer, 200 KB each."""
+    if workload != "mdm-pdf":
+        return args.warmup, args.messages
+    timed = args.pdf_messages or max(PDF_MIN, args.messages // PDF_SHARE)
+    return min(args.warmup, max(1, timed // 10)), timed
+
+
+def workload_targets(args, workload: str) -> list[str]:
+    return list(args.targets) if workload == "adt" else [t for t in args.targets if t != "baseline"]
 
 
 async def run(args, workdir: Path) -> int:
     run_id = secrets.token_hex(4)  # in every MSH-10: reruns against one database never dedup
-    t0 = time.perf_counter()
-    warmup = generate(args.warmup, run_id, prefix="W")
-    timed = generate(args.messages, run_id, prefix="M")
-    sizes = [len(frame) - 3 for frame, _ in timed]
-    messages_path = workdir / "messages.pickle"
-    with open(messages_path, "wb") as f:
-        pickle.dump({"warmup": warmup, "timed": timed}, f, protocol=pickle.HIGHEST_PROTOCOL)
-    print(f"run {run_id}: {len(timed)} ADT^A01/A04/A08 messages, {min(sizes)}-{max(sizes)} bytes "
-          f"(mean {sum(sizes) / len(sizes):.0f}), generated in {time.perf_counter() - t0:.1f} s; "
-          f"{os.cpu_count()} CPUs", flush=True)
-    del warmup, timed
+    paths: dict[str, Path] = {}
+    all_sizes: dict[str, list[int]] = {}
+    for workload in args.workloads:
+        if not workload_targets(args, workload):
+            continue
+        t0 = time.perf_counter()
+        generate = WORKLOADS[workload]
+        n_warmup, n_timed = workload_counts(args, workload)
+        warmup = generate(n_warmup, run_id, prefix=WARMUP_PREFIX[workload])
+        timed = generate(n_timed, run_id, prefix=TIMED_PREFIX[workload])
+        sizes = all_sizes[workload] = [len(frame) - 3 for frame, _ in timed]
+        paths[workload] = workdir / f"messages-{workload}.pickle"
+        with open(paths[workload], "wb") as f:
+            pickle.dump({"warmup": warmup, "timed": timed}, f, protocol=pickle.HIGHEST_PROTOCOL)
+        print(f"run {run_id}: {len(timed)} {WORKLOAD_TITLES[workload]} messages, {min(sizes)}-{max(sizes)} bytes "
+              f"(mean {sum(sizes) / len(sizes):.0f}), generated in {time.perf_counter() - t0:.1f} s; "
+              f"{os.cpu_count()} CPUs", flush=True)
+        del warmup, timed
 
     # Rounds interleave the targets (baseline, sqlite, postgresql, baseline, ...)
     # so that a noisy neighbour on a shared machine hits them alike; each
     # target reports its median round by throughput.
-    rounds: dict[str, list[dict]] = {key: [] for key in args.targets}
+    rounds: dict[str, dict[str, list[dict]]] = {
+        w: {key: [] for key in workload_targets(args, w)} for w in paths
+    }
     for round_no in range(1, args.rounds + 1):
         if args.rounds > 1:
             print(f"-- round {round_no} of {args.rounds}", flush=True)
-        for key in args.targets:
-            if rounds[key] and rounds[key][-1]["status"] != "ok":
-                continue  # skipped or failed once: not again
-            try:
-                rounds[key].append(await measure(key, args, workdir, messages_path))
-            except TargetSkipped as why:
-                print(f"{LABELS[key]}: skipped: {why}", flush=True)
-                rounds[key].append({"status": "skipped", "reason": str(why)})
-            except TargetFailed as why:
-                print(f"{LABELS[key]}: FAILED: {why}", flush=True)
-                rounds[key].append({"status": "failed", "reason": str(why)})
-    results = {key: median_round(runs) for key, runs in rounds.items()}
+        for workload, by_target in rounds.items():
+            for key, runs in by_target.items():
+                if runs and runs[-1]["status"] != "ok":
+                    continue  # skipped or failed once: not again
+                try:
+                    runs.append(await measure(key, args, workdir, paths[workload], workload,
+                                              workload_counts(args, workload)))
+                except TargetSkipped as why:
+                    print(f"{LABELS[key]}: skipped: {why}", flush=True)
+                    runs.append({"status": "skipped", "reason": str(why)})
+                except TargetFailed as why:
+                    print(f"{LABELS[key]}: FAILED: {why}", flush=True)
+                    runs.append({"status": "failed", "reason": str(why)})
+    by_workload = {w: {key: median_round(runs) for key, runs in by_target.items()}
+                   for w, by_target in rounds.items()}
+    results = by_workload.get("adt", {})
+    sizes = all_sizes.get("adt", [0])
 
     ratio = ratios(results)
-    print()
-    print(table(results))
-    if ratio:
-        print("   ".join(
-            f"{LABELS[k]} / baseline: " + (f"{v:.1f}x" if v is not None else "n/a")
-            + f" (target {TARGET_RATIO[k]:g}x)" for k, v in ratio.items()))
-    measured = {k: r for k, r in results.items() if r["status"] == "ok"}
-    busy = [LABELS[k] for k, r in measured.items() if r["client_cpu_pct"] > 85]
+    for workload, workload_results in by_workload.items():
+        print()
+        print(f"{WORKLOAD_TITLES[workload]}:")
+        print(table(workload_results))
+        if workload == "adt" and ratio:
+            print("   ".join(
+                f"{LABELS[k]} / baseline: " + (f"{v:.1f}x" if v is not None else "n/a")
+                + f" (target {TARGET_RATIO[k]:g}x)" for k, v in ratio.items()))
+    measured = {f"{k} [{w}]" if w != "adt" else k: r
+                for w, workload_results in by_workload.items() for k, r in workload_results.items()
+                if r["status"] == "ok"}
+    busy = [_label(k) for k, r in measured.items() if r["client_cpu_pct"] > 85]
     if busy:
         print(f"warning: the load client was above 85% CPU for {', '.join(busy)}: "
               "it may be the bottleneck there")
-    noisy = [f"{LABELS[k]} {r['cpu_pct']['rest']:.0f}%" for k, r in measured.items()
+    noisy = [f"{_label(k)} {r['cpu_pct']['rest']:.0f}%" for k, r in measured.items()
              if r.get("cpu_pct", {}).get("rest", 0) > NOISE_CPU_PCT]
     if noisy:
         print(f"warning: other processes used CPU during the run ({', '.join(noisy)} of a "
@@ -642,6 +705,13 @@ async def run(args, workdir: Path) -> int:
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                         "platform": platform.platform()},
             "source": source_version(), "targets": results, "ratio_to_baseline": ratio,
+            "workloads": {
+                w: {"title": WORKLOAD_TITLES[w], "messages": workload_counts(args, w)[1],
+                    "message_bytes": {"min": min(all_sizes[w]), "max": max(all_sizes[w]),
+                                      "mean": sum(all_sizes[w]) / len(all_sizes[w])},
+                    "targets": r}
+                for w, r in by_workload.items() if w != "adt"
+            },
             "goals": {"ratio": TARGET_RATIO, "p99_ms": TARGET_P99_MS}, "misses": misses,
         }
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
@@ -652,6 +722,12 @@ async def run(args, workdir: Path) -> int:
             return 1
         print("check passed")
     return 0
+
+
+def _label(key: str) -> str:
+    """LABELS of a target, keeping a " [workload]" suffix."""
+    target, _, rest = key.partition(" ")
+    return f"{LABELS[target]} {rest}".strip()
 
 
 def median_round(runs: list[dict]) -> dict:
