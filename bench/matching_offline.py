@@ -134,6 +134,8 @@ def simulate(stream, model: Model) -> Run:
             person = decision.person
             for i in members[person]:
                 run.linked.add(frozenset({subject.key, records[i].key}))
+            for m in decision.duplicates:
+                run.reviewed.add(frozenset({subject.key, (m.facility, m.mrn)}))
         else:
             person = f"P{len(records)}"
             if decision.action is Action.REVIEW:

@@ -30,7 +30,7 @@ class Level(StrEnum):
     PART = "part"  # one surname is part of the other or an alias (married, hyphenated)
     NICKNAME = "nickname"  # liz / elizabeth
     CLOSE = "close"  # Jaro-Winkler >= 0.92: a typo
-    SIMILAR = "similar"  # Jaro-Winkler >= 0.85 or same phonetic code
+    SIMILAR = "similar"  # Jaro-Winkler >= 0.85, or same phonetic code and >= 0.75
     INITIAL = "initial"  # one side is an initial of the other
     SWAPPED = "swapped"  # birth date with day and month swapped
     TRANSPOSED = "transposed"  # two adjacent digits swapped
@@ -63,6 +63,7 @@ FIELD_NAMES: tuple[str, ...] = tuple(FIELDS)
 
 CLOSE_JW = 0.92
 SIMILAR_JW = 0.85
+PHONETIC_FLOOR_JW = 0.75  # phonetic codes alone are too coarse: NYSIIS codes John and James alike
 
 # --- strings --------------------------------------------------------------------
 
@@ -74,7 +75,7 @@ def _string_level(a: str, b: str, code_a: str = "", code_b: str = "") -> Level:
     sim = _jw(a, b)
     if sim >= CLOSE_JW:
         return L.CLOSE
-    if sim >= SIMILAR_JW or (code_a and code_a == code_b):
+    if sim >= SIMILAR_JW or (code_a and code_a == code_b and sim >= PHONETIC_FLOOR_JW):
         return L.SIMILAR
     return L.DISAGREE
 

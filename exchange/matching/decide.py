@@ -16,12 +16,16 @@ The rules, in order:
    then a review opens. Links are never broken automatically.
 3. Persons holding a record the technician (or an A37) said is "not a
    match" for this one are never candidates for an automatic link.
-4. A candidate of the same facility at or above ``lower`` means a duplicate
-   registration: a review, never a link (the facility fixes it with A40).
-   So does a link that would put two records of one facility in a person.
+4. Two records of one facility are never linked automatically: that is a
+   duplicate registration (the facility fixes it with A40). A person at or
+   above ``upper`` that already holds a record of this facility: a review.
 5. Two different persons at or above ``upper``: a review.
-6. One person at or above ``upper``: link. Best at or above ``lower``:
-   review. Otherwise: a new person.
+6. One person at or above ``upper``: link. Same-facility records of other
+   persons that score at or above ``lower`` come back with the link as
+   ``duplicates`` (possible duplicate registrations, to review apart).
+7. Otherwise, any same-facility candidate at or above ``lower``: a review
+   (duplicate registration). Best at or above ``lower``: a review.
+   Otherwise: a new person.
 
 A person's score is the best score of any of its records.
 """
@@ -96,7 +100,11 @@ class Decision(Value):
     that matter, best first (for a review: every candidate at or above
     ``lower``, plus the record's own person's records), so a technician sees
     them side by side with every field's level and weight. ``score``: the
-    best person's score (None without candidates).
+    best person's score (None without candidates). ``duplicates``: with a
+    LINK, records of the same facility (in other persons) that scored at or
+    above ``lower``: possible duplicate registrations, for a review of their
+    own (the link itself is sound: the person it joins holds no record of
+    this facility).
     """
 
     action: Action
@@ -104,6 +112,7 @@ class Decision(Value):
     score: float | None
     matches: tuple[Match, ...]
     reasons: tuple[Reason, ...]
+    duplicates: tuple[Match, ...] = ()  # LINK only: same-facility records at or above lower, to review
 
 
 def decide(
@@ -153,12 +162,19 @@ def decide(
     top = eligible[0]
     top_score = best[top]
     person = by_person[top][0].person
-    if same_facility or (top_score >= upper and any(m.facility == record.facility for m in by_person[top])):
-        return _review(person, top_score, matches, lower, reasons + [Reason.SAME_FACILITY])
-    if len(above) >= 2:
-        return _review(person, top_score, matches, lower, reasons + [Reason.TWO_PERSONS])
     if top_score >= upper:
-        return Decision(Action.LINK, person, top_score, tuple(by_person[top]), tuple(reasons + [Reason.ABOVE_UPPER]))
+        if any(m.facility == record.facility for m in by_person[top]):
+            return _review(person, top_score, matches, lower, reasons + [Reason.SAME_FACILITY])
+        if len(above) >= 2:
+            return _review(person, top_score, matches, lower, reasons + [Reason.TWO_PERSONS])
+        # Weaker same-facility look-alikes (other persons, below upper) do not stop the
+        # link; they are handed back as possible duplicate registrations to review.
+        reasons.append(Reason.ABOVE_UPPER)
+        if same_facility:
+            reasons.append(Reason.SAME_FACILITY)
+        return Decision(Action.LINK, person, top_score, tuple(by_person[top]), tuple(reasons), tuple(same_facility))
+    if same_facility:
+        return _review(person, top_score, matches, lower, reasons + [Reason.SAME_FACILITY])
     if top_score >= lower:
         return _review(person, top_score, matches, lower, reasons + [Reason.BETWEEN])
     return _new(current, matches, reasons + [Reason.BELOW_LOWER])

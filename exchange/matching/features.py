@@ -93,6 +93,10 @@ _STREET_WORDS = {
     "square": "sq", "close": "cl", "way": "wy", "circle": "cir", "parkway": "pkwy",
     "north": "n", "south": "s", "east": "e", "west": "w", "apartment": "apt", "unit": "unit",
 }  # fmt: skip
+_STREET_ABBREVIATIONS = frozenset(_STREET_WORDS.values())
+_SQUASHED_STREET_WORDS = tuple(
+    (long, short) for long, short in _STREET_WORDS.items() if len(long) >= 5 and long not in ("north", "south")
+)
 _HOUSE_NUMBER = re.compile(r"^\s*(\d+[a-z]?)(?:\s*[-/]\s*\d+[a-z]?)?\b\s*")
 
 
@@ -109,6 +113,12 @@ def split_street(text: str | None) -> tuple[str, str]:
         number = m.group(1)
         s = s[m.end():]
     words = [_STREET_WORDS.get(w, w) for w in s.split()]
+    if words and words[-1] not in _STREET_ABBREVIATIONS:  # "westonstreet": a word typed onto the name
+        last = words[-1]
+        for long, short in _SQUASHED_STREET_WORDS:
+            if last.endswith(long) and len(last) > len(long) + 2:
+                words[-1] = last[: -len(long)] + short
+                break
     return number, "".join(words)
 
 

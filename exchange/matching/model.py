@@ -16,14 +16,15 @@ Two corrections to independence make the total safe in a live feed:
 * **Household rule**: twins, spouses, and father and son share surname,
   address and phone, and these fields are not independent of one another.
   When a field that tells individuals apart (given name, birth date, name
-  suffix, sex) *disagrees*, agreements on the household fields (family
-  name, address, place, phone) count 0; their disagreements still count.
+  suffix, sex) *disagrees* (for the given name: is only similar, or an
+  initial), agreements on the household fields (family name, address,
+  place, phone) count 0; their disagreements still count.
   So a household member never reaches the link threshold on shared
   household facts, and the explanation says so. An SSN that agrees exactly
   (or with two adjacent digits swapped) suspends the rule: household
   members do not share one, and the disagreeing field is then a typo or a
-  replaced value (one digit off does not suspend it: twins are often
-  numbered in sequence).
+  replaced value. An SSN one digit off does not suspend it and is itself
+  not counted: twins' SSNs are often issued in sequence.
 
 A :class:`Model` is a plain value, serialisable to JSON (it is stored in the
 database next to the index and versioned there). :func:`default_model` is
@@ -51,12 +52,19 @@ TF_CLAMP = 5.0
 """Largest term-frequency adjustment, in bits, either way."""
 
 HOUSEHOLD_FIELDS = frozenset({"family", "address", "place", "phone"})
-INDIVIDUAL_FIELDS = ("given", "birth", "suffix", "sex")
-"""A DISAGREE on one of these drops the positive weights of HOUSEHOLD_FIELDS."""
-_INDIVIDUAL_INDEX = tuple(FIELD_NAMES.index(name) for name in INDIVIDUAL_FIELDS)
+INDIVIDUAL_FIELDS: dict[str, frozenset[Level]] = {
+    "given": frozenset({L.DISAGREE, L.SIMILAR, L.INITIAL}),
+    "birth": frozenset({L.DISAGREE}),
+    "suffix": frozenset({L.DISAGREE}),
+    "sex": frozenset({L.DISAGREE}),
+}
+"""Fields that tell household members apart, and the levels at which they do: any of
+these drops the positive weights of HOUSEHOLD_FIELDS. A given name merely similar
+(Aiden / Aidan, Jack / Jake) or reduced to an initial counts: twins' names often are."""
+_INDIVIDUAL_INDEX = tuple((name, FIELD_NAMES.index(name), levels) for name, levels in INDIVIDUAL_FIELDS.items())
 _SSN_INDEX = FIELD_NAMES.index("ssn")
 _HOUSEHOLD_INDEX = tuple((name, i) for i, name in enumerate(FIELD_NAMES) if name in HOUSEHOLD_FIELDS)
-HOUSEHOLD_RULE = "household rule: {fields} disagree(s), so shared surname, address and phone are not counted"
+HOUSEHOLD_RULE = "household rule: {fields} tell(s) them apart, so shared surname, address and phone are not counted"
 
 M_RANGE = (1e-4, 1 - 1e-6)
 U_RANGE = (1e-7, 1 - 1e-6)
@@ -277,11 +285,14 @@ def score_levels(levels: Sequence[Level], model: Model, a: Features | None = Non
     rules: tuple[str, ...] = ()
     discounted: tuple[str, ...] = ()
     if levels[_SSN_INDEX] is not L.EXACT and levels[_SSN_INDEX] is not L.TRANSPOSED:
-        why = [name for name, i in zip(INDIVIDUAL_FIELDS, _INDIVIDUAL_INDEX) if levels[i] is L.DISAGREE]
+        why = [name for name, i, telling in _INDIVIDUAL_INDEX if levels[i] in telling]
         if why:
             rules = (HOUSEHOLD_RULE.format(fields=", ".join(why)),)
-            discounted = tuple(n for n, i in _HOUSEHOLD_INDEX if weights[i] > 0)
-            for name, i in _HOUSEHOLD_INDEX:
+            shared = _HOUSEHOLD_INDEX
+            if levels[_SSN_INDEX] is L.ONE_DIGIT:  # siblings' SSNs are often issued in sequence
+                shared = shared + (("ssn", _SSN_INDEX),)
+            discounted = tuple(n for n, i in shared if weights[i] > 0)
+            for _, i in shared:
                 if weights[i] > 0:
                     weights[i] = 0.0
     return Score(sum(weights), levels, tuple(weights), adjustments, discounted, rules)

@@ -1,0 +1,196 @@
+"""exchange.matching.decide: link / review / new, and the rules that keep it safe. Synthetic people only."""
+from __future__ import annotations
+
+from exchange.matching.decide import Action, Decision, Reason, Record, decide
+from exchange.matching.model import default_model
+
+from tests.test_matching_features import person
+
+MODEL = default_model()
+HOUSE = dict(street="12 Main Street", city="Springfield", postcode="62704", phone="217-555-0101")
+
+
+def rec(facility, mrn, features, person_id=None):
+    return Record(facility, mrn, person_id, features)
+
+
+def test_the_same_woman_at_three_facilities_is_one_person():
+    """Issue 4's example: "Elizabeth Hanson", "Liz Hansen" and "Elizabeth Hanson-Moore"."""
+    nursing = rec("OAKNH", "OA917082", person("Hanson", "Elizabeth", birth="19500304", sex="F", **HOUSE), "P1")
+    hospital = rec("GENHOSP", "GH-44107", person("Hansen", "Liz", birth="19500304", sex="F", **HOUSE))
+    d = decide(hospital, [nursing], MODEL)
+    assert (d.action, d.person) == (Action.LINK, "P1")
+    assert d.reasons == (Reason.ABOVE_UPPER,)
+    assert d.matches[0].score.level("given") == "nickname"
+    moved = person("Hanson-Moore", "Elizabeth", birth="19500304", sex="F", street="40 Oak Ave", postcode="62711")
+    home = rec("HHCARE", "HH-3391", moved)
+    d = decide(home, [nursing, rec("GENHOSP", "GH-44107", hospital.features, "P1")], MODEL)
+    assert (d.action, d.person) == (Action.LINK, "P1")
+    assert {m.mrn for m in d.matches} == {"OA917082", "GH-44107"}
+
+
+def test_twins_are_not_linked():
+    john = rec("A", "1", person("Smith", "John", birth="19800512", sex="M", **HOUSE), "P1")
+    james = rec("B", "2", person("Smith", "James", birth="19800512", sex="M", **HOUSE))
+    d = decide(james, [john], MODEL)
+    assert d.action is not Action.LINK
+    assert d.score < MODEL.upper
+    assert "household" in d.matches[0].score.rules[0]
+    # fraternal twins of different sex, similar names
+    daniel = rec("A", "3", person("Smith", "Daniel", birth="19800512", sex="M", **HOUSE), "P3")
+    danielle = rec("B", "4", person("Smith", "Danielle", birth="19800512", sex="F", **HOUSE))
+    assert decide(danielle, [daniel], MODEL).action is not Action.LINK
+    # twins whose SSNs were issued in sequence
+    a = rec("A", "5", person("Smith", "Emma", birth="19800512", sex="F", ssn="123456780", **HOUSE), "P5")
+    b = rec("B", "6", person("Smith", "Olivia", birth="19800512", sex="F", ssn="123456781", **HOUSE))
+    assert decide(b, [a], MODEL).action is not Action.LINK
+
+
+def test_father_and_son_are_not_linked():
+    father = rec("A", "1", person("Smith", "John", suffix="Sr", birth="19500304", sex="M", **HOUSE), "P1")
+    son = rec("B", "2", person("Smith", "John", suffix="Jr", birth="19750611", sex="M", **HOUSE))
+    d = decide(son, [father], MODEL)
+    assert d.action is Action.NEW
+    # without suffixes: the birth date tells them apart
+    son = rec("B", "2", person("Smith", "John", birth="19750611", sex="M", **HOUSE))
+    assert decide(son, [father], MODEL).action is Action.NEW
+
+
+def test_jr_and_sr_disagreeing_is_never_an_automatic_link():
+    """Even with the birth date copied from the father's chart."""
+    father = rec("A", "1", person("Smith", "John", suffix="Sr", birth="19500304", sex="M", **HOUSE), "P1")
+    son = rec("B", "2", person("Smith", "John", suffix="Jr", birth="19500304", sex="M", **HOUSE))
+    d = decide(son, [father], MODEL)
+    assert d.action is not Action.LINK
+    assert d.matches[0].score.level("suffix") == "disagree"
+    same = rec("B", "2", person("Smith", "John", suffix="Sr", birth="19500304", sex="M", **HOUSE))
+    assert decide(same, [father], MODEL).action is Action.LINK
+
+
+def test_spouses_are_not_linked():
+    husband = rec("A", "1", person("Smith", "John", birth="19500304", sex="M", **HOUSE), "P1")
+    wife = rec("B", "2", person("Smith", "Mary", birth="19520911", sex="F", **HOUSE))
+    d = decide(wife, [husband], MODEL)
+    assert d.action is Action.NEW
+    assert d.score < MODEL.lower
+
+
+def test_same_facility_duplicate_goes_to_review():
+    first = rec("A", "1", person("Hanson", "Elizabeth", birth="19500304", sex="F", **HOUSE), "P1")
+    duplicate = rec("A", "2", person("Hanson", "Elizabeth", birth="19500304", sex="F", **HOUSE))
+    d = decide(duplicate, [first], MODEL)
+    assert d.action is Action.REVIEW
+    assert Reason.SAME_FACILITY in d.reasons
+    assert d.person == "P1" and [m.mrn for m in d.matches] == ["1"]
+
+
+def test_a_link_that_would_put_two_records_of_one_facility_in_a_person_goes_to_review():
+    """Facility A's record 2 matches B's record, whose person already holds A's record 1."""
+    strong = person("Hanson", "Elizabeth", birth="19500304", sex="F", **HOUSE)
+    held_a = rec("A", "1", person("Hanson", "Beth", birth="19500304", sex="F"), "P1")
+    held_b = rec("B", "7", strong, "P1")
+    d = decide(rec("A", "2", strong), [held_a, held_b], MODEL)
+    assert d.action is Action.REVIEW and Reason.SAME_FACILITY in d.reasons
+
+
+def test_not_a_match_is_sticky():
+    features = person("Hanson", "Elizabeth", birth="19500304", sex="F", **HOUSE)
+    other = rec("A", "1", features, "P1")
+    subject = rec("B", "2", features)
+    assert decide(subject, [other], MODEL).action is Action.LINK
+    d = decide(subject, [other], MODEL, not_a_match={("A", "1")})
+    assert d.action is Action.NEW
+    assert Reason.NOT_A_MATCH in d.reasons
+    # the whole person is out, not just the record named
+    sibling_record = rec("C", "9", features, "P1")
+    assert decide(subject, [other, sibling_record], MODEL, not_a_match={("A", "1")}).action is Action.NEW
+    # another person is still a candidate
+    elsewhere = rec("C", "5", features, "P2")
+    d = decide(subject, [other, elsewhere], MODEL, not_a_match={("A", "1")})
+    assert (d.action, d.person) == (Action.LINK, "P2")
+
+
+def test_manual_links_are_never_broken_automatically():
+    mine = person("Hanson", "Elizabeth", birth="19500304", sex="F", **HOUSE)
+    stranger = person("Kowalczyk", "Jan", birth="19801111", sex="M", street="1 Elm Rd", postcode="10001")
+    linked = rec("B", "2", mine, "P1")
+    d = decide(linked, [rec("A", "1", mine, "P1")], MODEL, manual=True)
+    assert (d.action, d.person, d.reasons) == (Action.KEEP, "P1", (Reason.MANUAL_KEPT,))
+    # the technician linked it to a record that no longer looks like it: review, link kept
+    d = decide(linked, [rec("A", "1", stranger, "P1")], MODEL, manual=True)
+    assert (d.action, d.person) == (Action.REVIEW, "P1")
+    assert Reason.LINK_LOOKS_WRONG in d.reasons and d.matches
+    # a better person elsewhere does not move it either
+    d = decide(linked, [rec("A", "1", mine, "P1"), rec("C", "3", mine, "P2")], MODEL, manual=True)
+    assert (d.action, d.person) == (Action.KEEP, "P1")
+    # split off by a technician (manual, alone in its person): stays alone
+    d = decide(rec("B", "2", mine, "P9"), [rec("A", "1", mine, "P1")], MODEL, manual=True)
+    assert (d.action, d.person) == (Action.KEEP, "P9")
+
+
+def test_an_update_that_makes_an_automatic_link_look_wrong_opens_a_review():
+    """A08/A31 re-score a record: the link stays until a technician decides."""
+    mine = person("Hanson", "Elizabeth", birth="19500304", sex="F", **HOUSE)
+    changed = person("Kowalczyk", "Jan", birth="19801111", sex="M", street="1 Elm Rd", postcode="10001")
+    others = [rec("A", "1", mine, "P1")]
+    d = decide(rec("B", "2", mine, "P1"), others, MODEL)
+    assert (d.action, d.person, d.reasons) == (Action.KEEP, "P1", (Reason.LINK_KEPT,))
+    d = decide(rec("B", "2", changed, "P1"), others, MODEL)
+    assert (d.action, d.person) == (Action.REVIEW, "P1") and Reason.LINK_LOOKS_WRONG in d.reasons
+
+
+def test_a_record_alone_in_its_person_can_still_be_linked_on_update():
+    features = person("Hanson", "Elizabeth", birth="19500304", sex="F", **HOUSE)
+    d = decide(rec("B", "2", features, "P9"), [rec("A", "1", features, "P1")], MODEL)
+    assert (d.action, d.person) == (Action.LINK, "P1")
+    d = decide(rec("B", "2", features, "P9"), [], MODEL)
+    assert (d.action, d.person) == (Action.KEEP, "P9")
+
+
+def test_two_persons_above_the_upper_threshold_go_to_review():
+    features = person("Hanson", "Elizabeth", birth="19500304", sex="F", **HOUSE)
+    d = decide(rec("C", "3", features), [rec("A", "1", features, "P1"), rec("B", "2", features, "P2")], MODEL)
+    assert d.action is Action.REVIEW and Reason.TWO_PERSONS in d.reasons
+    assert {m.person for m in d.matches} == {"P1", "P2"}
+
+
+def test_the_best_person_wins_and_thresholds_decide():
+    target = person("Hanson", "Elizabeth", birth="19500304", sex="F", **HOUSE)
+    near = person("Hanson", "Elizabeth", birth="19500304", sex="F")
+    weak = person("Hanson", "Elizabeth", birth="1950")
+    far = person("Jones", "Mary", birth="19701212", sex="F")
+    d = decide(rec("B", "9", target), [rec("A", "1", far, "P1"), rec("A", "2", target, "P2")], MODEL)
+    assert (d.action, d.person) == (Action.LINK, "P2")
+    d = decide(rec("B", "9", weak), [rec("A", "2", near, "P2")], MODEL)
+    assert d.action is Action.REVIEW and d.reasons == (Reason.BETWEEN,)
+    assert MODEL.lower <= d.score < MODEL.upper
+    d = decide(rec("B", "9", target), [rec("A", "1", far, "P1")], MODEL)
+    assert (d.action, d.person, d.reasons) == (Action.NEW, None, (Reason.BELOW_LOWER,))
+    d = decide(rec("B", "9", target), [], MODEL)
+    assert (d.action, d.score, d.reasons) == (Action.NEW, None, (Reason.NO_CANDIDATES,))
+
+
+def test_the_record_itself_is_never_its_own_candidate():
+    features = person("Hanson", "Elizabeth", birth="19500304")
+    d = decide(rec("A", "1", features), [rec("A", "1", features, "P1")], MODEL)
+    assert d.action is Action.NEW and d.matches == ()
+
+
+def test_decisions_pickle():
+    import pickle
+
+    features = person("Hanson", "Elizabeth", birth="19500304", sex="F", **HOUSE)
+    d = decide(rec("B", "2", features), [rec("A", "1", features, "P1")], MODEL)
+    again = pickle.loads(pickle.dumps(d))
+    assert again == d and isinstance(again, Decision)
+
+
+def test_a_weaker_same_facility_look_alike_comes_back_as_a_duplicate_to_review():
+    """B's John Smith links to A's; another, weaker, John Smith of B is reported, not linked, and does not block."""
+    features = person("Smith", "John", birth="19500304", sex="M", ssn="123456780", **HOUSE)
+    namesake = person("Smith", "John", birth="1950", sex="M")
+    d = decide(rec("B", "2", features), [rec("A", "1", features, "P1"), rec("B", "7", namesake, "P7")], MODEL)
+    assert (d.action, d.person) == (Action.LINK, "P1")
+    assert Reason.SAME_FACILITY in d.reasons
+    assert [m.mrn for m in d.duplicates] == ["7"]
+    assert [m.mrn for m in d.matches] == ["1"]
