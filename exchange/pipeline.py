@@ -127,11 +127,12 @@ def map_and_apply(d: _Decoded, item: Received, ctx: FacilityContext, state: Memo
     if isinstance(mapped, MappingError):
         d.outcome = Outcome(Verdict.ERROR, mapped.problem)
         return
-    state.apply(mapped, _pending(d.index))
+    state.apply(mapped, pending_ref(d.index))
     d.notes.extend(mapped.warnings)
 
 
-def _pending(index: int) -> tuple[str, int]:
+def pending_ref(index: int) -> tuple[str, int]:
+    """The reference ``map_and_apply`` applies with until the message has its row id."""
     return ("pending message", index)
 
 
@@ -236,7 +237,7 @@ def process_batch(
 
     # 4. The record model's changes, each tied to the message that made it.
     if state is not None:
-        state.rebase_refs({_pending(d.index): id_ for d, id_ in zip(decoded, ids)})
+        state.rebase_refs({pending_ref(d.index): id_ for d, id_ in zip(decoded, ids)})
         save_records(conn, state)
 
     for index, original in resent:

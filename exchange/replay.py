@@ -44,8 +44,7 @@ from sqlalchemy.exc import OperationalError
 from exchange.hl7.header import read_header
 from exchange.mapping.events import FacilityContext, needs
 from exchange.outcome import ACCEPTED, MessageState, Value, Verdict
-from exchange.pipeline import MAPPED_TYPES, Received, decode, map_and_apply
-from exchange.pipeline import _pending as pending_ref  # the placeholder map_and_apply applies with
+from exchange.pipeline import MAPPED_TYPES, Received, decode, map_and_apply, pending_ref
 from exchange.store.db import write_transaction
 from exchange.store.records import load as load_records
 from exchange.store.records import save as save_records
