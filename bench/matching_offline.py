@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from exchange.mapping.values import Address, PersonName, timestamp  # noqa: E402
 from exchange.matching.decide import Action, Record, decide  # noqa: E402
-from exchange.matching.features import Features, blocking_keys, features_of  # noqa: E402
+from exchange.matching.features import KEY_FIELDS, Features, blocking_keys, features_of  # noqa: E402
 from exchange.matching.model import (  # noqa: E402
     Model,
     default_model,
@@ -183,8 +183,8 @@ def candidate_pairs(stream, prefix: str = "") -> list[tuple[Features, Features]]
     return [(stream[i][2], stream[j][2]) for i, j in sorted(pairs)]
 
 
-SESSIONS = (("dob:", ("birth",)), ("fg:", ("family", "given")), ("ssn:", ("ssn",)))
-"""EM sessions: pairs sharing a key of this kind, and the fields that key fixes."""
+SESSIONS = ("dob", "fg", "ssn")
+"""EM sessions: pairs sharing a key of each of these kinds (KEY_FIELDS says which fields it fixes)."""
 
 
 def em_model(stream, base: Model) -> Model:
@@ -193,7 +193,7 @@ def em_model(stream, base: Model) -> Model:
     tf, floor = term_frequencies(feats)
     start = base.replace(tf=tf, tf_floor=floor)
     u = estimate_u(sample_random_pairs(feats, 200_000, seed=1), start)
-    sessions = [(fields, level_counts(candidate_pairs(stream, prefix))) for prefix, fields in SESSIONS]
+    sessions = [(KEY_FIELDS[kind], level_counts(candidate_pairs(stream, kind + ":"))) for kind in SESSIONS]
     return estimate_by_sessions(sessions, start, u=u)
 
 

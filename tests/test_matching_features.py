@@ -4,6 +4,7 @@ from __future__ import annotations
 import pickle
 from datetime import date
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -131,3 +132,17 @@ def test_features_of_never_raises_on_arbitrary_text(family, given_, suffix, sex,
     f = features_of(record)
     blocking_keys(f)
     assert f.family == f.family.lower()
+
+
+def test_features_encode_compactly_and_decode_to_the_same_value():
+    from exchange.matching.features import KEY_FIELDS, decode_features, encode_features
+
+    f = person("Hanson-Moore", "Liz", "A", "Jr", birth="19500304", sex="F", phone="2175550101", ssn="123456780",
+               street="12 Main St", city="Springfield", postcode="62704")  # fmt: skip
+    text = encode_features(f)
+    assert decode_features(text) == f
+    assert len(text) < 400
+    assert decode_features(encode_features(Features())) == Features()
+    with pytest.raises(ValueError):
+        decode_features("[0]")
+    assert {k.split(":")[0] for k in blocking_keys(f)} <= set(KEY_FIELDS)

@@ -12,6 +12,7 @@ indexed; two records become a candidate pair when they share one key.
 """
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping
@@ -258,6 +259,26 @@ def features_of(record: Mapping[str, Any]) -> Features:
     )
 
 
+_FEATURES_VERSION = 1
+
+
+def encode_features(f: Features) -> str:
+    """Compact JSON (a versioned list of the field values) to store next to a record.
+
+    Candidates are loaded by the dozen per message; reading this back is
+    cheaper than rebuilding features from the full record.
+    """
+    return json.dumps([_FEATURES_VERSION, *(getattr(f, n) for n in Features.__match_args__)], separators=(",", ":"))
+
+
+def decode_features(text: str) -> Features:
+    """The inverse of :func:`encode_features`; raises ValueError for another version (recompute then)."""
+    values = json.loads(text)
+    if not values or values[0] != _FEATURES_VERSION or len(values) != len(Features.__match_args__) + 1:
+        raise ValueError("stored features are of another version")
+    return Features(*(tuple(v) if isinstance(v, list) else v for v in values[1:]))
+
+
 def _phone_text(phone: Any) -> str:
     if isinstance(phone, Phone):
         return phone.number
@@ -276,6 +297,20 @@ def _birth(birth: Any) -> tuple[int | None, int | None, int | None]:
 
 
 # --- blocking ---------------------------------------------------------------------------
+
+
+KEY_FIELDS: dict[str, tuple[str, ...]] = {
+    "ssn": ("ssn",),
+    "ph": ("phone",),
+    "dob": ("birth",),
+    "pb": ("family", "birth"),
+    "fg": ("family", "given"),
+    "gp": ("given", "place"),
+    "fp": ("family", "place"),
+}
+"""Kind of blocking key (the text before the first ':') -> the compared fields it
+fixes. Pairs found through one kind say nothing about how often matches agree on
+those fields: EM leaves them out (``model.estimate_by_sessions``)."""
 
 
 def blocking_keys(f: Features) -> frozenset[str]:
