@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import random
 from collections import Counter
 
@@ -107,6 +108,7 @@ def test_model_json_round_trip():
     assert score(a, b, again) == score(a, b, model)
     with pytest.raises(ValueError):
         Model.from_json('{"version": 99}')
+    assert pickle.loads(pickle.dumps(model)) == model  # it crosses to the writer process
 
 
 # --- EM ---------------------------------------------------------------------------
