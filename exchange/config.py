@@ -7,7 +7,10 @@ the reason::
 
     config/exchange.toml: facility[2].kind: must be one of hospital, ... (got 'spaceship')
 
-``facility[N]`` counts the ``[[facility]]`` tables from 1, in file order.
+``facility[N]`` counts the ``[[facility]]`` tables from 1, in file order,
+``route[N]`` the ``[[route]]`` tables (explicit routing rules, read into
+:class:`RouteConfig`; the facility keys for routed copies are documented in
+``config/exchange.toml`` and used by :mod:`exchange.routing`).
 
 The database URL is taken from, in order: the ``database`` argument (the
 ``--database`` flag), the ``EXCHANGE_DATABASE_URL`` environment variable,
@@ -45,6 +48,8 @@ __all__ = [
     "DEFAULT_DATABASE",
     "FACILITY_KINDS",
     "FacilityConfig",
+    "ROUTING_VERSIONS",
+    "RouteConfig",
     "ServerConfig",
     "facility_contexts",
     "load_config",
@@ -63,9 +68,11 @@ LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 # HL7 delimiters and whitespace may not appear in codes copied into MSH fields.
 _CODE_RE = re.compile(r"[^\s|^~\\&]+")
 _PATTERN_RE = re.compile(r"[A-Z0-9*]+\^[A-Z0-9*]+")
+# A subscription may name a TXA-2 document type as a third part: MDM^T02^DS.
+_SUBSCRIPTION_RE = re.compile(r"[A-Z0-9*]+\^[A-Z0-9*]+(?:\^[A-Z0-9*]+)?")
 _FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
 
-_TOP_KEYS = ("server", "facility")
+_TOP_KEYS = ("server", "facility", "route")
 _SERVER_KEYS = (
     "mllp",
     "http",
@@ -80,6 +87,7 @@ _SERVER_KEYS = (
     "batch_max",
     "max_pending",
     "log_level",
+    "person_authority",
 )
 _FACILITY_KEYS = (
     "code",
@@ -91,7 +99,26 @@ _FACILITY_KEYS = (
     "charset",
     "tls_subject",
     "tls_fingerprint",
+    "application",
+    "exclude_documents",
+    "keep_source_identifiers",
+    "keep_z_segments",
+    "version",
 )
+_ROUTE_KEYS = (
+    "name",
+    "messages",
+    "from",
+    "from_kind",
+    "patient_class",
+    "document_type",
+    "to",
+    "to_kind",
+    "allow_without_record",
+)
+# HL7 versions a destination may ask its copies in (``version``): those whose
+# PID-3 is a CX with an identifier type code (2.3 on) and that hl7apy knows.
+ROUTING_VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.8", "2.8.1", "2.8.2")
 
 # Keywords each server endpoint type understands (Twisted's parsers, plus
 # caCertsDir/caCerts for ssl, see exchange.mllp.tls); the first one may be
@@ -139,9 +166,16 @@ class FacilityConfig:
     charset: str = "utf-8"  # Python codec name used when MSH-18 is empty
     tls_subject: str | None = None  # expected client certificate subject (CN)
     tls_fingerprint: str | None = None  # expected SHA-256 of its certificate, 64 lowercase hex
+    # -- routed copies (exchange.routing) --
+    application: str | None = None  # MSH-5 of its copies (MSH-6 is its code); None: MSH-5 empty
+    exclude_documents: tuple[str, ...] = ()  # TXA-2 document types it never receives (upper case)
+    keep_source_identifiers: bool = False  # keep the sender's PID-2/3/4/18 and MRG-2/3/4 in its copies
+    keep_z_segments: bool = False  # keep Z-segments in its copies
+    version: str | None = None  # HL7 version its copies are rewritten to (one of ROUTING_VERSIONS)
 
     def wants(self, message_type: str, event: str) -> bool:
-        """Whether a ``message_type^event`` matches one of its subscriptions."""
+        """Whether a ``message_type^event`` matches one of its subscriptions
+        (a document-type part ``MDM^T02^DS`` is ignored here; exchange.routing matches it)."""
         return matches_any(self.subscribe, message_type, event)
 
 
@@ -162,9 +196,29 @@ class ServerConfig:
     batch_max: int = 500  # max messages per group commit
     max_pending: int = 5000  # messages waiting for the writer before connections are paused
     log_level: str = "info"
+    person_authority: str = "EXCHANGE"  # CX.4 of the enterprise person id in routed copies' PID-3 (type PI)
 
     def accepts(self, message_type: str, event: str) -> bool:
         return matches_any(self.accept, message_type, event)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """One explicit routing rule (a ``[[route]]`` table); see exchange.routing.rules.
+
+    Every condition given must match (an empty tuple matches anything); the
+    destinations are the facilities in ``to`` and/or of a kind in ``to_kind``.
+    """
+
+    name: str  # unique; recorded as the reason ("why") of each copy it adds
+    messages: tuple[str, ...] = ()  # TYPE^EVENT patterns of the event
+    from_codes: tuple[str, ...] = ()  # sending facility codes (TOML key from)
+    from_kinds: tuple[str, ...] = ()  # sending facility kinds (TOML key from_kind)
+    patient_classes: tuple[str, ...] = ()  # PV1-2 values (TOML key patient_class)
+    document_types: tuple[str, ...] = ()  # TXA-2 values (TOML key document_type)
+    to_codes: tuple[str, ...] = ()  # destination facility codes (TOML key to)
+    to_kinds: tuple[str, ...] = ()  # destination facility kinds (TOML key to_kind)
+    allow_without_record: bool = False  # may a destination with no record of the person receive?
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +226,7 @@ class Config:
     server: ServerConfig
     facilities: tuple[FacilityConfig, ...]
     path: Path
+    routes: tuple[RouteConfig, ...] = ()  # the [[route]] tables, in file order
 
     def facility(self, code: str) -> FacilityConfig | None:
         """The facility whose code is ``code`` (MSH-4.1), or None."""
@@ -253,7 +308,7 @@ class _Reader:
     def config(self, data: dict[str, Any], database: str | None, environ: Mapping[str, str]) -> Config:
         for key in data:
             if key not in _TOP_KEYS:
-                raise self.fail(key, "unknown key (expected [server] and [[facility]] tables)")
+                raise self.fail(key, "unknown key (expected [server], [[facility]] and [[route]] tables)")
         if "server" not in data:
             raise self.fail("server", "missing required table [server]")
         server = data["server"]
@@ -264,10 +319,15 @@ class _Reader:
             raise self.fail("facility", "no facilities configured (add at least one [[facility]] table)")
         if not isinstance(facilities, list) or not all(isinstance(f, dict) for f in facilities):
             raise self.fail("facility", "must be an array of tables, written [[facility]]")
+        routes = data.get("route", [])
+        if not isinstance(routes, list) or not all(isinstance(r, dict) for r in routes):
+            raise self.fail("route", "must be an array of tables, written [[route]]")
+        parsed = self.facilities(facilities)
         return Config(
             server=self.server(server, database, environ),
-            facilities=self.facilities(facilities),
+            facilities=parsed,
             path=self.path,
+            routes=self.routes(routes, parsed),
         )
 
     def server(self, table: dict[str, Any], database: str | None, environ: Mapping[str, str]) -> ServerConfig:
@@ -310,6 +370,8 @@ class _Reader:
             batch_max=self.integer(table, "batch_max", "server.batch_max", defaults.batch_max, minimum=1),
             max_pending=self.integer(table, "max_pending", "server.max_pending", defaults.max_pending, minimum=1),
             log_level=log_level.lower(),
+            person_authority=self.code(table, "person_authority", "server.person_authority")
+            or defaults.person_authority,
         )
 
     def facilities(self, tables: list[dict[str, Any]]) -> tuple[FacilityConfig, ...]:
@@ -369,17 +431,88 @@ class _Reader:
                     "must be a SHA-256 fingerprint: 64 hex digits, colons and a 'sha256:' prefix allowed",
                 )
             fingerprint = normalised
+        version = self.string(table, "version", f"{prefix}.version")
+        if version is not None and version not in ROUTING_VERSIONS:
+            raise self.fail(
+                f"{prefix}.version", f"must be one of {', '.join(ROUTING_VERSIONS)} (got {version!r})"
+            )
         return FacilityConfig(
             code=code,
             name=name,
             kind=kind,
             authority=authority,
             deliver_to=deliver_to,
-            subscribe=self.patterns(table, "subscribe", f"{prefix}.subscribe", DEFAULT_PATTERNS),
+            subscribe=self.patterns(
+                table, "subscribe", f"{prefix}.subscribe", DEFAULT_PATTERNS, documents=True
+            ),
             charset=charset or "utf-8",
             tls_subject=tls_subject,
             tls_fingerprint=fingerprint,
+            application=self.code(table, "application", f"{prefix}.application"),
+            exclude_documents=self.codes(table, "exclude_documents", f"{prefix}.exclude_documents"),
+            keep_source_identifiers=self.boolean(
+                table, "keep_source_identifiers", f"{prefix}.keep_source_identifiers"
+            ),
+            keep_z_segments=self.boolean(table, "keep_z_segments", f"{prefix}.keep_z_segments"),
+            version=version,
         )
+
+    def routes(
+        self, tables: list[dict[str, Any]], facilities: tuple[FacilityConfig, ...]
+    ) -> tuple[RouteConfig, ...]:
+        result: list[RouteConfig] = []
+        seen: dict[str, int] = {}
+        codes = {f.code for f in facilities}
+        for number, table in enumerate(tables, start=1):
+            prefix = f"route[{number}]"
+            route = self.route(table, prefix, codes)
+            if route.name in seen:
+                raise self.fail(
+                    f"{prefix}.name", f"duplicate route name {route.name!r} (also route[{seen[route.name]}])"
+                )
+            seen[route.name] = number
+            result.append(route)
+        return tuple(result)
+
+    def route(self, table: dict[str, Any], prefix: str, codes: set[str]) -> RouteConfig:
+        self.no_unknown_keys(table, _ROUTE_KEYS, prefix)
+        name = self.string(table, "name", f"{prefix}.name", required=True).strip()
+        if not name:
+            raise self.fail(f"{prefix}.name", "must not be empty")
+        if name == "default":
+            raise self.fail(f"{prefix}.name", "'default' is reserved for copies by subscription")
+
+        def facilities(key: str) -> tuple[str, ...]:
+            found = self.codes(table, key, f"{prefix}.{key}", upper=False)
+            for i, code in enumerate(found):
+                if code not in codes:
+                    raise self.fail(f"{prefix}.{key}[{i + 1}]", f"unknown facility code {code!r}")
+            return found
+
+        def kinds(key: str) -> tuple[str, ...]:
+            found = self.codes(table, key, f"{prefix}.{key}", upper=False)
+            for i, kind in enumerate(found):
+                if kind not in FACILITY_KINDS:
+                    raise self.fail(
+                        f"{prefix}.{key}[{i + 1}]",
+                        f"must be one of {', '.join(FACILITY_KINDS)} (got {kind!r})",
+                    )
+            return found
+
+        route = RouteConfig(
+            name=name,
+            messages=self.patterns(table, "messages", f"{prefix}.messages", ()),
+            from_codes=facilities("from"),
+            from_kinds=kinds("from_kind"),
+            patient_classes=self.codes(table, "patient_class", f"{prefix}.patient_class"),
+            document_types=self.codes(table, "document_type", f"{prefix}.document_type"),
+            to_codes=facilities("to"),
+            to_kinds=kinds("to_kind"),
+            allow_without_record=self.boolean(table, "allow_without_record", f"{prefix}.allow_without_record"),
+        )
+        if not route.to_codes and not route.to_kinds:
+            raise self.fail(f"{prefix}.to", "missing: name the destinations with to and/or to_kind")
+        return route
 
     # -- single values ----------------------------------------------------
 
@@ -423,6 +556,29 @@ class _Reader:
             )
         return value
 
+    def codes(self, table: dict[str, Any], name: str, key: str, *, upper: bool = True) -> tuple[str, ...]:
+        """A list of codes (no spaces, no HL7 delimiters), upper-cased unless ``upper`` is false."""
+        if name not in table:
+            return ()
+        if not isinstance(table[name], list):
+            raise self.fail(key, f"must be a list of codes (got {_kind(table[name])})")
+        values = self.strings(table, name, key)
+        for i, value in enumerate(values):
+            if not _CODE_RE.fullmatch(value):
+                raise self.fail(
+                    f"{key}[{i + 1}]",
+                    f"must be a non-empty code without spaces or any of | ^ ~ \\ & (got {value!r})",
+                )
+        return tuple(dict.fromkeys(v.upper() if upper else v for v in values))
+
+    def boolean(self, table: dict[str, Any], name: str, key: str) -> bool:
+        if name not in table:
+            return False
+        value = table[name]
+        if not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false (got {_kind(value)})")
+        return value
+
     def integer(self, table: dict[str, Any], name: str, key: str, default: int, *, minimum: int) -> int:
         if name not in table:
             return default
@@ -443,7 +599,10 @@ class _Reader:
             raise self.fail(key, f"must be 0 (disabled) or a positive number of seconds (got {value})")
         return float(value)
 
-    def patterns(self, table: dict[str, Any], name: str, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    def patterns(
+        self, table: dict[str, Any], name: str, key: str, default: tuple[str, ...], *, documents: bool = False
+    ) -> tuple[str, ...]:
+        """TYPE^EVENT patterns; with ``documents``, MDM^EVENT^DOCTYPE (TXA-2) too."""
         if name not in table:
             return default
         value = table[name]
@@ -453,10 +612,17 @@ class _Reader:
         result = []
         for i, pattern in enumerate(patterns):
             normalised = pattern.strip().upper()
-            if not _PATTERN_RE.fullmatch(normalised):
+            if documents and _SUBSCRIPTION_RE.fullmatch(normalised) and normalised.count("^") == 2:
+                if not normalised.startswith("MDM^"):
+                    raise self.fail(
+                        f"{key}[{i + 1}]",
+                        f"a document type (third part, TXA-2) only applies to MDM, e.g. MDM^T02^DS (got {pattern!r})",
+                    )
+            elif not _PATTERN_RE.fullmatch(normalised):
+                example = " or MDM^T02^DS (TXA-2 document type)" if documents else ""
                 raise self.fail(
                     f"{key}[{i + 1}]",
-                    f"must look like TYPE^EVENT with * as a wildcard, e.g. ADT^A01 or MDM^* (got {pattern!r})",
+                    f"must look like TYPE^EVENT with * as a wildcard, e.g. ADT^A01 or MDM^*{example} (got {pattern!r})",
                 )
             result.append(normalised)
         return tuple(dict.fromkeys(result))

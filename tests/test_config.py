@@ -494,3 +494,125 @@ def test_config_error_attributes(tmp_path):
     assert info.value.path == str(tmp_path / "exchange.toml")
     assert info.value.key == "facility[1].colour"
     assert info.value.reason == "unknown key"
+
+
+# -- routing: facility keys for copies, [[route]] tables ----------------------
+
+
+ROUTE = """
+[[route]]
+name = "discharge summaries to home health"
+messages = ["MDM^T02"]
+to = ["GENHOSP"]
+"""
+
+
+def test_shipped_config_routes_the_issue_scenarios():
+    config = load_config(REPO / "config" / "exchange.toml", environ={})
+    oaknh, hhcare = config.facility("OAKNH"), config.facility("HHCARE")
+    assert all(f.deliver_to for f in config.facilities)
+    assert oaknh.wants("ADT", "A01") and oaknh.wants("ADT", "A03")
+    assert "MDM^T02^DS" in hhcare.subscribe
+    assert oaknh.exclude_documents == ("BH",) and hhcare.exclude_documents == ("BH",)
+    assert [r.name for r in config.routes] == ["emergency visits of residents"]
+    assert config.server.person_authority == "EXCHANGE"
+
+
+def test_routing_keys_default(tmp_path):
+    config = load(tmp_path, MINIMAL)
+    facility = config.facilities[0]
+    assert facility.application is None and facility.version is None
+    assert facility.exclude_documents == ()
+    assert facility.keep_source_identifiers is False and facility.keep_z_segments is False
+    assert config.routes == ()
+    assert config.server.person_authority == "EXCHANGE"
+
+
+def test_routing_facility_keys(tmp_path):
+    config = load(
+        tmp_path,
+        with_server('person_authority = "EMPI"')
+        + """application = "ADT_IN"
+exclude_documents = ["bh", "SUD", "BH"]
+keep_source_identifiers = true
+keep_z_segments = true
+version = "2.3"
+subscribe = ["ADT^A01", "mdm^t02^ds", "MDM^*^HP"]
+""",
+    )
+    facility = config.facilities[0]
+    assert facility.application == "ADT_IN"
+    assert facility.exclude_documents == ("BH", "SUD")
+    assert facility.keep_source_identifiers and facility.keep_z_segments
+    assert facility.version == "2.3"
+    assert facility.subscribe == ("ADT^A01", "MDM^T02^DS", "MDM^*^HP")
+    assert facility.wants("MDM", "T02")  # the document part is routing's business
+    assert config.server.person_authority == "EMPI"
+
+
+def test_route_tables(tmp_path):
+    config = load(
+        tmp_path,
+        MINIMAL
+        + FACILITY_2
+        + """
+[[route]]
+name = "ER visits"
+messages = ["ADT^A04", "adt^a01"]
+from = ["GENHOSP"]
+from_kind = ["hospital"]
+patient_class = ["e"]
+document_type = ["ds"]
+to = ["OAKNH"]
+to_kind = ["nursing_home", "home_health"]
+allow_without_record = true
+
+[[route]]
+name = "all to nursing homes"
+to_kind = ["nursing_home"]
+""",
+    )
+    first, second = config.routes
+    assert first.name == "ER visits"
+    assert first.messages == ("ADT^A04", "ADT^A01")
+    assert first.from_codes == ("GENHOSP",) and first.from_kinds == ("hospital",)
+    assert first.patient_classes == ("E",) and first.document_types == ("DS",)
+    assert first.to_codes == ("OAKNH",) and first.to_kinds == ("nursing_home", "home_health")
+    assert first.allow_without_record is True
+    assert second.messages == () and second.from_codes == () and second.allow_without_record is False
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (with_server('person_authority = "EX CHANGE"'), "server.person_authority: must be a non-empty code"),
+        (with_facility('application = "A^B"'), "facility[1].application: must be a non-empty code"),
+        (with_facility('exclude_documents = "BH"'), "facility[1].exclude_documents: must be a list of codes (got a string)"),
+        (with_facility('exclude_documents = ["B H"]'), "facility[1].exclude_documents[1]: must be a non-empty code"),
+        (with_facility('exclude_documents = [1]'), "facility[1].exclude_documents[1]: must be a string (got an integer)"),
+        (with_facility('keep_source_identifiers = "yes"'), "facility[1].keep_source_identifiers: must be true or false (got a string)"),
+        (with_facility("keep_z_segments = 1"), "facility[1].keep_z_segments: must be true or false (got an integer)"),
+        (with_facility('version = "2.2"'), "facility[1].version: must be one of 2.3, 2.3.1, 2.4"),
+        (with_facility("version = 2.5"), "facility[1].version: must be a string (got a number)"),
+        (with_facility('subscribe = ["ADT^A01^DS"]'), "facility[1].subscribe[1]: a document type (third part, TXA-2) only applies to MDM"),
+        (with_facility('subscribe = ["MDM^T02^MDM_T02"]'), "facility[1].subscribe[1]: must look like TYPE^EVENT"),
+        (with_facility('subscribe = ["MDM^T02^DS^X"]'), "facility[1].subscribe[1]: must look like TYPE^EVENT"),
+        # [[route]]
+        (MINIMAL + '[route]\nname = "x"\n', "route: must be an array of tables, written [[route]]"),
+        (MINIMAL + ROUTE + 'colour = "blue"\n', "route[1].colour: unknown key"),
+        (MINIMAL + ROUTE.replace('name = "discharge summaries to home health"\n', ""), "route[1].name: missing required key"),
+        (MINIMAL + ROUTE.replace('"discharge summaries to home health"', '" "'), "route[1].name: must not be empty"),
+        (MINIMAL + ROUTE.replace('"discharge summaries to home health"', '"default"'), "route[1].name: 'default' is reserved"),
+        (MINIMAL + ROUTE + ROUTE, "route[2].name: duplicate route name 'discharge summaries to home health' (also route[1])"),
+        (MINIMAL + ROUTE.replace('to = ["GENHOSP"]', ""), "route[1].to: missing: name the destinations with to and/or to_kind"),
+        (MINIMAL + ROUTE.replace('to = ["GENHOSP"]', 'to = ["NOWHERE"]'), "route[1].to[1]: unknown facility code 'NOWHERE'"),
+        (MINIMAL + ROUTE + 'from = ["GENHOSP", "X"]\n', "route[1].from[2]: unknown facility code 'X'"),
+        (MINIMAL + ROUTE + 'from_kind = ["spaceship"]\n', "route[1].from_kind[1]: must be one of hospital"),
+        (MINIMAL + ROUTE + 'to_kind = "nursing_home"\n', "route[1].to_kind: must be a list of codes (got a string)"),
+        (MINIMAL + ROUTE.replace('["MDM^T02"]', '["MDM^T02^DS"]'), "route[1].messages[1]: must look like TYPE^EVENT"),
+        (MINIMAL + ROUTE + 'patient_class = ["I E"]\n', "route[1].patient_class[1]: must be a non-empty code"),
+        (MINIMAL + ROUTE + "allow_without_record = 1\n", "route[1].allow_without_record: must be true or false (got an integer)"),
+    ],
+)
+def test_routing_errors_name_the_key_and_the_reason(tmp_path, text, expected):
+    assert error_of(tmp_path, text).startswith(expected)
