@@ -27,6 +27,7 @@ from sqlalchemy import (
     Date,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -240,6 +241,9 @@ DOCUMENT_CODE_LEN = 250  # TXA-2, TXA-17, TXA-19
 CONTENT_TYPE_LEN = 255
 EVENT_LEN = 16  # trigger event or operation kind
 RECORD_EVENT_KIND_LEN = 32
+LINK_LEN = 16  # how a record is linked to its person: auto / manual / source
+MATCH_KEY_LEN = 64  # a blocking key (exchange.matching.features.blocking_keys)
+ACTOR_LEN = 128  # who decided: a token name, or "exchange" for automatic decisions
 
 
 class Person(Base):
@@ -266,13 +270,19 @@ class PatientRecord(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     data: Mapped[dict] = mapped_column(JSON)  # the record's value objects, exactly
-    family_name: Mapped[str | None] = mapped_column(String(NAME_LEN), index=True)  # PID-5.1 (legal)
+    # Plain copies for reading and reporting; the patient index searches record_key, not these
+    # (an index on each cost five random B-tree pages per record written).
+    family_name: Mapped[str | None] = mapped_column(String(NAME_LEN))  # PID-5.1 (legal)
     given_name: Mapped[str | None] = mapped_column(String(NAME_LEN))  # PID-5.2
-    birth_date: Mapped[date | None] = mapped_column(Date, index=True)  # PID-7, day precision or finer
+    birth_date: Mapped[date | None] = mapped_column(Date)  # PID-7, day precision or finer
     sex: Mapped[str | None] = mapped_column(String(SEX_LEN))  # PID-8
-    postcode: Mapped[str | None] = mapped_column(String(POSTCODE_LEN), index=True)  # PID-11.5 (first)
-    phone: Mapped[str | None] = mapped_column(String(PHONE_LEN), index=True)  # PID-13.1 (first)
-    ssn: Mapped[str | None] = mapped_column(String(SSN_LEN), index=True)  # PID-19
+    postcode: Mapped[str | None] = mapped_column(String(POSTCODE_LEN))  # PID-11.5 (first)
+    phone: Mapped[str | None] = mapped_column(String(PHONE_LEN))  # PID-13.1 (first)
+    ssn: Mapped[str | None] = mapped_column(String(SSN_LEN))  # PID-19
+    # The patient index: how the record came to its person, and what it is matched on.
+    link: Mapped[str] = mapped_column(String(LINK_LEN), server_default="auto")  # auto / manual / source
+    link_score: Mapped[float | None] = mapped_column(Float)  # the automatic link's score (bits)
+    features: Mapped[str | None] = mapped_column(Text)  # exchange.matching.features.encode_features
 
     __table_args__ = (
         UniqueConstraint("facility", "mrn"),
@@ -383,6 +393,93 @@ class RecordEvent(Base):
     key: Mapped[list] = mapped_column(JSON)  # the operation's key (MRNs, visit, document number...)
 
 
+class RecordKey(Base):
+    """The patient index's blocking keys: candidates are the active records sharing a key."""
+
+    __tablename__ = "record_key"
+
+    key: Mapped[str] = mapped_column(String(MATCH_KEY_LEN), primary_key=True)
+    record_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("patient_record.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+
+
+class MatchReview(Base):
+    """A match a technician must decide: a record and the records it may (or must not) be linked to."""
+
+    __tablename__ = "match_review"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    state: Mapped[str] = mapped_column(String(STATE_LEN), index=True)  # open / resolved / superseded
+    kind: Mapped[str] = mapped_column(String(32))  # candidate / duplicate / link_looks_wrong
+    facility: Mapped[str] = mapped_column(String(FACILITY_LEN))  # the record the review is about
+    mrn: Mapped[str] = mapped_column(String(MRN_LEN))
+    person_id: Mapped[int | None] = mapped_column(BigInteger)  # the suggested person
+    score: Mapped[float | None] = mapped_column(Float)  # best total (bits)
+    detail: Mapped[dict] = mapped_column(JSON)  # candidates with every field's level and weight, thresholds, reasons
+    message_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("message.id"))  # what opened it
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    decided_by: Mapped[str | None] = mapped_column(String(ACTOR_LEN))
+    decision: Mapped[str | None] = mapped_column(String(32))  # link / not-a-match
+    note: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_match_review_facility_mrn", "facility", "mrn"),)
+
+
+class MatchPair(Base):
+    """A sticky fact about two records: never link them automatically (a technician's
+    "not a match", or a facility's A37). Stored both ways round for index look-ups."""
+
+    __tablename__ = "match_pair"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    facility: Mapped[str] = mapped_column(String(FACILITY_LEN))
+    mrn: Mapped[str] = mapped_column(String(MRN_LEN))
+    other_facility: Mapped[str] = mapped_column(String(FACILITY_LEN))
+    other_mrn: Mapped[str] = mapped_column(String(MRN_LEN))
+    active: Mapped[bool] = mapped_column(Boolean)  # false once undone
+    decision_id: Mapped[int | None] = mapped_column(BigInteger)  # link_event.decision of who said so
+
+    __table_args__ = (Index("ix_match_pair_facility_mrn", "facility", "mrn"),)
+
+
+class LinkEvent(Base):
+    """Every change of a record's person, automatic or by a technician: who, when, why; undoable."""
+
+    __tablename__ = "link_event"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    decision: Mapped[int] = mapped_column(BigInteger, index=True)  # events made by one decision share it
+    kind: Mapped[str] = mapped_column(String(32))  # auto / link / not-a-match / split / merge / source / undo
+    facility: Mapped[str] = mapped_column(String(FACILITY_LEN))
+    mrn: Mapped[str] = mapped_column(String(MRN_LEN))
+    from_person: Mapped[int | None] = mapped_column(BigInteger)
+    to_person: Mapped[int | None] = mapped_column(BigInteger)
+    from_link: Mapped[str | None] = mapped_column(String(LINK_LEN))
+    to_link: Mapped[str | None] = mapped_column(String(LINK_LEN))
+    score: Mapped[float | None] = mapped_column(Float)
+    actor: Mapped[str] = mapped_column(String(ACTOR_LEN))
+    reason: Mapped[str | None] = mapped_column(Text)
+    review_id: Mapped[int | None] = mapped_column(BigInteger)
+    message_id: Mapped[int | None] = mapped_column(BigInteger)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    undone_by: Mapped[int | None] = mapped_column(BigInteger)  # the decision that undid this one
+
+    __table_args__ = (Index("ix_link_event_facility_mrn", "facility", "mrn"),)
+
+
+class MatchModel(Base):
+    """Fellegi-Sunter parameters (exchange.matching.model.Model.to_json); the newest row is used."""
+
+    __tablename__ = "match_model"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    model: Mapped[str] = mapped_column(Text)
+    note: Mapped[str | None] = mapped_column(Text)
+
+
 person_table = Person.__table__
 patient_record_table = PatientRecord.__table__
 record_identifier_table = RecordIdentifier.__table__
@@ -391,3 +488,8 @@ document_table = Document.__table__
 document_version_table = DocumentVersion.__table__
 link_assertion_table = LinkAssertionRow.__table__
 record_event_table = RecordEvent.__table__
+record_key_table = RecordKey.__table__
+match_review_table = MatchReview.__table__
+match_pair_table = MatchPair.__table__
+link_event_table = LinkEvent.__table__
+match_model_table = MatchModel.__table__

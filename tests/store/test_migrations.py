@@ -22,6 +22,8 @@ TABLES = {
     # the record model (0003)
     "person", "patient_record", "record_identifier", "encounter", "document", "document_version",
     "link_assertion", "record_event",
+    # the patient index (0004)
+    "record_key", "match_review", "match_pair", "link_event", "match_model",
 }
 
 
