@@ -253,6 +253,7 @@ class Person(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    merged_into: Mapped[int | None] = mapped_column(BigInteger)  # a technician merged it into that person
 
 
 class PatientRecord(Base):
@@ -450,7 +451,8 @@ class LinkEvent(Base):
     __tablename__ = "link_event"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    decision: Mapped[int] = mapped_column(BigInteger, index=True)  # events made by one decision share it
+    # Events of one decision share it: the id of the decision's first event (NULL: the event is its own decision).
+    decision: Mapped[int | None] = mapped_column(BigInteger, index=True)
     kind: Mapped[str] = mapped_column(String(32))  # auto / link / not-a-match / split / merge / source / undo
     facility: Mapped[str] = mapped_column(String(FACILITY_LEN))
     mrn: Mapped[str] = mapped_column(String(MRN_LEN))

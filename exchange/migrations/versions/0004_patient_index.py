@@ -27,6 +27,7 @@ DEMOGRAPHIC_INDEXES = ("birth_date", "family_name", "phone", "postcode", "ssn")
 def upgrade() -> None:
     for column in DEMOGRAPHIC_INDEXES:
         op.drop_index(f"ix_patient_record_{column}", table_name="patient_record")
+    op.add_column("person", sa.Column("merged_into", sa.BigInteger(), nullable=True))
     op.add_column("patient_record", sa.Column("link", sa.String(length=16), server_default="auto", nullable=False))
     op.add_column("patient_record", sa.Column("link_score", sa.Float(), nullable=True))
     op.add_column("patient_record", sa.Column("features", sa.Text(), nullable=True))
@@ -79,7 +80,7 @@ def upgrade() -> None:
     op.create_table(
         "link_event",
         sa.Column("id", BIG_ID, nullable=False),
-        sa.Column("decision", sa.BigInteger(), nullable=False),
+        sa.Column("decision", sa.BigInteger(), nullable=True),
         sa.Column("kind", sa.String(length=32), nullable=False),
         sa.Column("facility", sa.String(length=64), nullable=False),
         sa.Column("mrn", sa.String(length=199), nullable=False),
@@ -125,5 +126,7 @@ def downgrade() -> None:
         batch.drop_column("features")
         batch.drop_column("link_score")
         batch.drop_column("link")
+    with op.batch_alter_table("person") as batch:
+        batch.drop_column("merged_into")
     for column in DEMOGRAPHIC_INDEXES:
         op.create_index(f"ix_patient_record_{column}", "patient_record", [column], unique=False)
