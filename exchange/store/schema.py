@@ -495,3 +495,52 @@ match_review_table = MatchReview.__table__
 match_pair_table = MatchPair.__table__
 link_event_table = LinkEvent.__table__
 match_model_table = MatchModel.__table__
+
+
+# -- Delivery: the outbox of routed copies, and the accounting of disclosures ----------
+#
+# Written by exchange.store.outbox: ``enqueue`` in the intake's transaction (the
+# copies are durable before the inbound ACK), then the delivery worker
+# (exchange.delivery) moves each row queued -> delivered | failed. Rows are never
+# deleted: the delivered ones are the accounting of disclosures (who received
+# what about whom, when).
+
+DELIVERY_REASON_LEN = 128  # "default" (by subscription) or the [[route]] name that added the copy
+ACTOR_NAME_LEN = 64  # an api_token.name
+
+
+class Delivery(Base):
+    """One copy of an inbound message for one destination facility: exactly the bytes sent."""
+
+    __tablename__ = "delivery"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)  # FIFO order within a destination
+    destination: Mapped[str] = mapped_column(String(FACILITY_LEN))  # the receiving facility's code
+    message_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("message.id"), index=True)  # the inbound message
+    person_id: Mapped[int | None] = mapped_column(BigInteger, index=True)  # whom it is about (no FK: replay renumbers persons)
+    facility: Mapped[str | None] = mapped_column(String(FACILITY_LEN))  # the patient record it is about:
+    mrn: Mapped[str | None] = mapped_column(String(MRN_LEN))  # the sending facility's record (MSH-4, PID-3.1)
+    reason: Mapped[str | None] = mapped_column(String(DELIVERY_REASON_LEN))  # why it was routed
+    control_id: Mapped[str] = mapped_column(String(CONTROL_ID_LEN))  # the copy's MSH-10 (its ACK's MSA-2)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)  # the copy exactly as sent (unframed)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    state: Mapped[str] = mapped_column(String(STATE_LEN))  # exchange.store.outbox.DeliveryState
+    attempts: Mapped[int] = mapped_column(Integer)  # sends that got an answer or failed
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # queued: not before then
+    last_error: Mapped[str | None] = mapped_column(Text)  # why the last attempt did not deliver
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # when the destination's AA/CA came
+    ack_code: Mapped[str | None] = mapped_column(String(ACK_CODE_LEN))  # MSA-1 received
+    ack: Mapped[bytes | None] = mapped_column(LargeBinary)  # the destination's ACK payload, exactly
+    retried_by: Mapped[str | None] = mapped_column(String(ACTOR_NAME_LEN))  # the operator who last requeued it
+    retried_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        # The worker's "oldest queued copy of this destination", queue depths, and
+        # the API's listing by destination.
+        Index("ix_delivery_destination_state_id", "destination", "state", "id"),
+        # The API's listing by state.
+        Index("ix_delivery_state_id", "state", "id"),
+    )
+
+
+delivery_table = Delivery.__table__

@@ -24,6 +24,8 @@ TABLES = {
     "link_assertion", "record_event",
     # the patient index (0004)
     "record_key", "match_review", "match_pair", "link_event", "match_model",
+    # the delivery outbox (0005)
+    "delivery",
 }
 
 
