@@ -1,0 +1,615 @@
+"""The delivery outbox: routed copies waiting for, or done with, delivery.
+
+One ``delivery`` row per copy and destination. The intake writes the copies
+of a batch in its own transaction (``enqueue``: the copies are durable before
+the inbound ACK goes out); the delivery worker (``exchange.delivery``) sends
+each destination's copies one at a time, oldest first, and records what the
+destination answered::
+
+    queued --AA/CA--> delivered
+    queued --AE/AR/CE/CR--> failed --retry (operator)--> queued
+    queued --no answer, broken connection, wrong MSA-2--> queued (attempts+1, next_attempt_at later)
+
+Rows are never deleted: the delivered ones are the accounting of disclosures
+(who received what about whom, when), listed by ``list_deliveries``.
+
+Every function takes a ``Connection`` whose transaction the caller owns (and
+commits: nothing here commits) and returns plain values, never ORM rows.
+
+Order: ``id`` is the FIFO order within a destination. ``claim_batch`` always
+starts at the destination's oldest queued copy and stops at the first one
+that is not due, so a copy waiting for its retry holds back the copies after
+it, and a failed copy the operator requeues goes out before younger ones.
+
+More than one node (PostgreSQL): a node serves a destination only while it
+holds the destination's session-level advisory lock (``try_lock_destination``)
+on the connection it runs that destination's statements on. That lock, not a
+row lock, keeps one sender per destination: FIFO means the head of the queue
+is the only copy a destination may be sent, so ``FOR UPDATE SKIP LOCKED``
+(which lets consumers pass each other) would break the order it must keep.
+PostgreSQL releases the lock when the node's connection ends, so a node that
+dies is taken over by the next one that tries.
+"""
+from __future__ import annotations
+
+import functools
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, func, select, update
+from sqlalchemy.dialects import postgresql
+
+from exchange.store.db import driver_cursor, sqlite_datetime
+from exchange.store.schema import (
+    ACK_CODE_LEN,
+    ACTOR_NAME_LEN,
+    CONTROL_ID_LEN,
+    DELIVERY_REASON_LEN,
+    FACILITY_LEN,
+    MRN_LEN,
+    delivery_table as delivery,
+    message_table as message,
+)
+
+__all__ = [
+    "Claim",
+    "DeliveryState",
+    "DeliveryView",
+    "Delivered",
+    "Failed",
+    "NewCopy",
+    "Pending",
+    "RetryLater",
+    "RetryResult",
+    "claim_batch",
+    "claim_next",
+    "destinations",
+    "enqueue",
+    "get_delivery",
+    "list_deliveries",
+    "mark_delivered",
+    "mark_failed",
+    "message_deliveries",
+    "queue_depths",
+    "record_outcomes",
+    "retry",
+    "schedule_retry",
+    "try_lock_destination",
+    "unlock_destination",
+]
+
+MAX_ERROR_CHARS = 1000  # last_error is cut to this
+LIST_LIMIT_MAX = 1000
+
+
+class DeliveryState(StrEnum):
+    QUEUED = "queued"  # waiting to be sent (or to be sent again at next_attempt_at)
+    DELIVERED = "delivered"  # the destination answered AA or CA
+    FAILED = "failed"  # the destination answered AE, AR, CE or CR; an operator may requeue it
+
+
+# -- values -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NewCopy:
+    """One copy to enqueue, as the writer built it."""
+
+    destination: str  # the receiving facility's code
+    message_id: int  # the inbound message (message.id) it is a copy of
+    control_id: str  # the copy's MSH-10: its ACK's MSA-2 must repeat it
+    payload: bytes  # the copy exactly as it will be sent (unframed, segments ending in CR)
+    created_at: datetime  # timezone-aware; also its first due time
+    person_id: int | None = None  # the enterprise person it is about
+    facility: str | None = None  # the patient record it is about: the sender's code (MSH-4.1) ...
+    mrn: str | None = None  # ... and its MRN there
+    reason: str | None = None  # why it was routed: "default" or the [[route]] name
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A queued copy handed to the worker for sending."""
+
+    id: int
+    destination: str
+    control_id: str
+    payload: bytes
+    attempts: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The copies a destination may be sent now, oldest first, and when to look again.
+
+    ``due_at``: when the first copy that is not due yet becomes due (None when
+    the queue holds nothing more than ``copies``)."""
+
+    copies: tuple[Pending, ...]
+    due_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryView:
+    """A delivery as the API and the accounting of disclosures show it (never the payload)."""
+
+    id: int
+    destination: str
+    state: DeliveryState
+    attempts: int
+    last_error: str | None
+    control_id: str  # the copy's MSH-10
+    created_at: datetime
+    next_attempt_at: datetime | None
+    delivered_at: datetime | None
+    ack_code: str | None
+    message_id: int
+    message_facility: str | None  # the inbound message's MSH-4.1 ...
+    message_control_id: str | None  # ... MSH-10 ...
+    message_type: str  # ... MSH-9.1 ...
+    event: str  # ... and MSH-9.2
+    person_id: int | None
+    facility: str | None  # the record it is about
+    mrn: str | None
+    reason: str | None
+    retried_by: str | None
+    retried_at: datetime | None
+
+
+# Outcomes of one attempt, recorded by ``record_outcomes``.
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    id: int
+    at: datetime  # when the ACK arrived
+    ack_code: str  # AA or CA
+    ack: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    id: int
+    at: datetime
+    ack_code: str  # AE, AR, CE or CR
+    ack: bytes
+    error: str  # MSA-3 / ERR text, or the code alone
+
+
+@dataclass(frozen=True, slots=True)
+class RetryLater:
+    id: int
+    next_attempt_at: datetime
+    error: str  # timeout, connection refused, wrong MSA-2, ...
+    ack_code: str | None = None  # a reply that could not be taken (wrong MSA-2), if any
+    ack: bytes | None = None
+
+
+Outcome = Delivered | Failed | RetryLater
+
+
+class RetryResult(StrEnum):
+    REQUEUED = "requeued"
+    NOT_FOUND = "not-found"
+    NOT_FAILED = "not-failed"  # only failed copies can be requeued
+
+
+# -- text -------------------------------------------------------------------------
+
+
+def _text(value: str | None, limit: int | None = None) -> str | None:
+    """As both backends store it: no NUL, no lone surrogates, at most ``limit`` characters."""
+    if value is None:
+        return None
+    if not value.isascii():
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    return value[:limit] if limit is not None else value
+
+
+# -- enqueue (the intake's hot path) ------------------------------------------------
+
+_COLUMNS = (
+    "destination",
+    "message_id",
+    "person_id",
+    "facility",
+    "mrn",
+    "reason",
+    "control_id",
+    "payload",
+    "created_at",
+    "state",
+    "attempts",
+    "next_attempt_at",
+)
+
+
+def _params(copy: NewCopy) -> tuple:
+    created_at = copy.created_at
+    if created_at.tzinfo is None or created_at.utcoffset() is None:
+        raise ValueError("naive datetime: the store only takes timezone-aware datetimes")
+    return (
+        _text(copy.destination, FACILITY_LEN),
+        copy.message_id,
+        copy.person_id,
+        _text(copy.facility, FACILITY_LEN),
+        _text(copy.mrn, MRN_LEN),
+        _text(copy.reason, DELIVERY_REASON_LEN),
+        _text(copy.control_id, CONTROL_ID_LEN),
+        copy.payload,
+        created_at,
+        DeliveryState.QUEUED.value,
+        0,
+        created_at,
+    )
+
+
+def _pg_enqueue_sql() -> str:
+    """ONE statement per batch whatever its size: each column bound as one array in
+    psycopg's binary format, rows inserted in array order (ascending ids: the
+    FIFO order is the order given), like exchange.store.messages.insert_messages."""
+    pg = postgresql.dialect()
+    names = ", ".join(_COLUMNS)
+    arrays = ", ".join(
+        f"CAST(%({name})b AS {delivery.c[name].type.compile(dialect=pg)}[])" for name in _COLUMNS
+    )
+    return f"""
+        WITH new AS (
+            INSERT INTO delivery ({names})
+            SELECT {names}
+            FROM unnest({arrays}) WITH ORDINALITY AS u ({names}, ord)
+            ORDER BY ord
+            RETURNING id
+        )
+        SELECT id FROM new ORDER BY id
+        """
+
+
+_PG_ENQUEUE = _pg_enqueue_sql()
+_SQLITE_MAX_ROWS = 2000  # 12 parameters a row: under SQLite's 32766-variable limit
+
+
+@functools.lru_cache(maxsize=64)
+def _sqlite_enqueue_sql(count: int) -> str:
+    row = "(" + ", ".join("?" * len(_COLUMNS)) + ")"
+    return f"INSERT INTO delivery ({', '.join(_COLUMNS)}) VALUES " + ", ".join([row] * count) + " RETURNING id"
+
+
+def enqueue(conn: Connection, copies: Sequence[NewCopy]) -> list[int]:
+    """Queue copies for delivery, in the order given; their ids (ascending).
+
+    Runs inside the caller's transaction (the intake's) and never commits.
+    One statement on PostgreSQL; one per 2000 copies on SQLite.
+    """
+    if not copies:
+        return []
+    rows = [_params(c) for c in copies]
+    if conn.dialect.name == "postgresql":
+        arrays = {name: [row[i] for row in rows] for i, name in enumerate(_COLUMNS)}
+        with driver_cursor(conn, _PG_ENQUEUE) as cursor:
+            cursor.execute(_PG_ENQUEUE, arrays)
+            ids = [r[0] for r in cursor.fetchall()]
+    else:
+        ids = []
+        with driver_cursor(conn, "INSERT INTO delivery ...") as cursor:
+            for start in range(0, len(rows), _SQLITE_MAX_ROWS):
+                chunk = rows[start : start + _SQLITE_MAX_ROWS]
+                flat: list[Any] = []
+                for row in chunk:
+                    at = sqlite_datetime(row[8])
+                    flat.extend(row[:8] + (at, row[9], row[10], at))
+                # max(rowid)+1 in VALUES order under the write lock: sorted ids are the order given
+                ids.extend(sorted(r[0] for r in cursor.execute(_sqlite_enqueue_sql(len(chunk)), flat).fetchall()))
+    if len(ids) != len(rows):  # pragma: no cover - a driver bug
+        raise RuntimeError(f"queued {len(rows)} copies, got {len(ids)} ids")
+    return ids
+
+
+def destinations(copies: Iterable[NewCopy]) -> frozenset[str]:
+    """The destinations among ``copies``: what the delivery worker is woken for after the commit."""
+    return frozenset(c.destination for c in copies)
+
+
+# -- the worker ----------------------------------------------------------------------
+
+CLAIM_MAX_BYTES = 4 * 1024 * 1024  # payload bytes per claim (at least one copy)
+
+_HEAD = (
+    select(delivery.c.id, delivery.c.next_attempt_at, func.length(delivery.c.payload).label("size"))
+    .where(delivery.c.destination == bindparam("destination"), delivery.c.state == DeliveryState.QUEUED.value)
+    .order_by(delivery.c.id)
+    .limit(bindparam("limit"))
+)
+_COPIES = select(
+    delivery.c.id,
+    delivery.c.destination,
+    delivery.c.control_id,
+    delivery.c.payload,
+    delivery.c.attempts,
+    delivery.c.created_at,
+).where(delivery.c.id.in_(bindparam("ids", expanding=True)))
+
+
+def claim_batch(
+    conn: Connection, destination: str, now: datetime, limit: int = 100, max_bytes: int = CLAIM_MAX_BYTES
+) -> Claim:
+    """The destination's oldest queued copies that are due at ``now``, in order.
+
+    Stops at the first copy that is not due (FIFO: nothing overtakes it), after
+    ``limit`` copies, and once ``max_bytes`` of payload are taken (always at
+    least one copy). Reads only; the caller must be the destination's only
+    sender (see the module doc).
+    """
+    rows = conn.execute(_HEAD, {"destination": destination, "limit": limit + 1}).all()
+    chosen: list[int] = []
+    due_at: datetime | None = None
+    taken = 0
+    for row in rows:
+        if row.next_attempt_at is not None and row.next_attempt_at > now:
+            due_at = row.next_attempt_at
+            break
+        if len(chosen) >= limit or (chosen and taken + row.size > max_bytes):
+            due_at = now  # more is due at once
+            break
+        chosen.append(row.id)
+        taken += row.size
+    if not chosen:
+        return Claim((), due_at)
+    found = {r.id: r for r in conn.execute(_COPIES, {"ids": chosen})}
+    copies = tuple(
+        Pending(r.id, r.destination, r.control_id, bytes(r.payload), r.attempts, r.created_at)
+        for r in (found[i] for i in chosen)
+    )
+    return Claim(copies, due_at)
+
+
+def claim_next(conn: Connection, destination: str, now: datetime) -> Pending | None:
+    """The destination's oldest queued copy, if it is due at ``now``."""
+    claim = claim_batch(conn, destination, now, limit=1)
+    return claim.copies[0] if claim.copies else None
+
+
+def _update(**values: Any):
+    return (
+        update(delivery)
+        .where(delivery.c.id == bindparam("_id"), delivery.c.state == DeliveryState.QUEUED.value)
+        .values(**values)
+    )
+
+
+_ATTEMPTS = delivery.c.attempts + 1
+_DELIVERED = _update(
+    state=DeliveryState.DELIVERED.value,
+    attempts=_ATTEMPTS,
+    delivered_at=bindparam("_at"),
+    ack_code=bindparam("_code"),
+    ack=bindparam("_ack"),
+    next_attempt_at=None,
+    last_error=None,
+)
+_FAILED = _update(
+    state=DeliveryState.FAILED.value,
+    attempts=_ATTEMPTS,
+    ack_code=bindparam("_code"),
+    ack=bindparam("_ack"),
+    last_error=bindparam("_error"),
+    next_attempt_at=None,
+)
+_RETRY = _update(
+    attempts=_ATTEMPTS,
+    next_attempt_at=bindparam("_next"),
+    last_error=bindparam("_error"),
+    ack_code=bindparam("_code"),
+    ack=bindparam("_ack"),
+)
+
+
+def record_outcomes(conn: Connection, outcomes: Sequence[Outcome]) -> int:
+    """Record attempts' outcomes (at most one statement per kind); the rows changed.
+
+    Only queued rows change: an outcome for a copy that is no longer queued
+    (recorded already) changes nothing.
+    """
+    delivered, failed, retries = [], [], []
+    for o in outcomes:
+        if isinstance(o, Delivered):
+            delivered.append({"_id": o.id, "_at": o.at, "_code": _text(o.ack_code, ACK_CODE_LEN), "_ack": o.ack})
+        elif isinstance(o, Failed):
+            failed.append(
+                {
+                    "_id": o.id,
+                    "_code": _text(o.ack_code, ACK_CODE_LEN),
+                    "_ack": o.ack,
+                    "_error": _text(o.error, MAX_ERROR_CHARS),
+                }
+            )
+        else:
+            retries.append(
+                {
+                    "_id": o.id,
+                    "_next": o.next_attempt_at,
+                    "_error": _text(o.error, MAX_ERROR_CHARS),
+                    "_code": _text(o.ack_code, ACK_CODE_LEN),
+                    "_ack": o.ack,
+                }
+            )
+    changed = 0
+    for statement, params in ((_DELIVERED, delivered), (_FAILED, failed), (_RETRY, retries)):
+        if params:
+            changed += conn.execute(statement, params).rowcount
+    return changed
+
+
+def mark_delivered(conn: Connection, delivery_id: int, *, at: datetime, ack_code: str, ack: bytes) -> bool:
+    """queued -> delivered (the destination answered AA/CA); False if it was not queued."""
+    return record_outcomes(conn, [Delivered(delivery_id, at, ack_code, ack)]) == 1
+
+
+def mark_failed(
+    conn: Connection, delivery_id: int, *, at: datetime, ack_code: str, ack: bytes, error: str
+) -> bool:
+    """queued -> failed (AE/AR/CE/CR, with the reason); False if it was not queued."""
+    return record_outcomes(conn, [Failed(delivery_id, at, ack_code, ack, error)]) == 1
+
+
+def schedule_retry(
+    conn: Connection,
+    delivery_id: int,
+    *,
+    next_attempt_at: datetime,
+    error: str,
+    ack_code: str | None = None,
+    ack: bytes | None = None,
+) -> bool:
+    """Stays queued, not before ``next_attempt_at``; counts the attempt and says why."""
+    return record_outcomes(conn, [RetryLater(delivery_id, next_attempt_at, error, ack_code, ack)]) == 1
+
+
+def queue_depths(conn: Connection) -> dict[str, int]:
+    """Queued copies per destination."""
+    rows = conn.execute(
+        select(delivery.c.destination, func.count())
+        .where(delivery.c.state == DeliveryState.QUEUED.value)
+        .group_by(delivery.c.destination)
+    )
+    return {destination: count for destination, count in rows}
+
+
+# -- more than one node (PostgreSQL) ---------------------------------------------------
+
+_LOCK_NAMESPACE = 0x45584348  # "EXCH": the first key of pg_try_advisory_lock(int, int)
+
+
+def lock_key(destination: str) -> int:
+    """The second advisory-lock key of a destination: the same on every node."""
+    value = zlib.crc32(destination.encode("utf-8"))
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def try_lock_destination(conn: Connection, destination: str) -> bool:
+    """Take the destination's session-level advisory lock on ``conn`` (PostgreSQL).
+
+    True if this connection holds it now (again: it is re-entrant). It stays
+    held after the transaction ends, until ``unlock_destination`` or the
+    session ends. Closing a pooled ``Connection`` does NOT end the session
+    (the pool keeps it, lock and all): unlock first, or ``invalidate()`` it.
+    SQLite (one node) always answers True.
+    """
+    if conn.dialect.name != "postgresql":
+        return True
+    return bool(
+        conn.exec_driver_sql(
+            "SELECT pg_try_advisory_lock(%(ns)s, %(key)s)", {"ns": _LOCK_NAMESPACE, "key": lock_key(destination)}
+        ).scalar()
+    )
+
+
+def unlock_destination(conn: Connection, destination: str) -> None:
+    """Release every hold of the destination's advisory lock taken on ``conn``."""
+    if conn.dialect.name != "postgresql":
+        return
+    while conn.exec_driver_sql(
+        "SELECT pg_advisory_unlock(%(ns)s, %(key)s)", {"ns": _LOCK_NAMESPACE, "key": lock_key(destination)}
+    ).scalar():
+        pass
+
+
+# -- the operator and the API ------------------------------------------------------------
+
+_VIEW_COLUMNS = (
+    delivery.c.id,
+    delivery.c.destination,
+    delivery.c.state,
+    delivery.c.attempts,
+    delivery.c.last_error,
+    delivery.c.control_id,
+    delivery.c.created_at,
+    delivery.c.next_attempt_at,
+    delivery.c.delivered_at,
+    delivery.c.ack_code,
+    delivery.c.message_id,
+    message.c.facility.label("message_facility"),
+    message.c.control_id.label("message_control_id"),
+    message.c.message_type,
+    message.c.event,
+    delivery.c.person_id,
+    delivery.c.facility,
+    delivery.c.mrn,
+    delivery.c.reason,
+    delivery.c.retried_by,
+    delivery.c.retried_at,
+)
+_VIEW = select(*_VIEW_COLUMNS).select_from(delivery.join(message, delivery.c.message_id == message.c.id))
+
+
+def _view(row: Any) -> DeliveryView:
+    values = row._asdict()
+    values["state"] = DeliveryState(values["state"])
+    return DeliveryView(**values)
+
+
+def get_delivery(conn: Connection, delivery_id: int) -> DeliveryView | None:
+    row = conn.execute(_VIEW.where(delivery.c.id == delivery_id)).first()
+    return None if row is None else _view(row)
+
+
+def list_deliveries(
+    conn: Connection,
+    state: DeliveryState | str | None = None,
+    destination: str | None = None,
+    limit: int = 100,
+    *,
+    person_id: int | None = None,
+) -> list[DeliveryView]:
+    """Deliveries by state / destination / person, at most ``limit`` (1 to 1000).
+
+    Queued ones oldest first (the order they go out); otherwise newest first
+    (``state=delivered`` is the accounting of disclosures, latest first).
+    """
+    limit = max(1, min(limit, LIST_LIMIT_MAX))
+    stmt = _VIEW
+    if state is not None:
+        state = DeliveryState(state)
+        stmt = stmt.where(delivery.c.state == state.value)
+    if destination is not None:
+        stmt = stmt.where(delivery.c.destination == destination)
+    if person_id is not None:
+        stmt = stmt.where(delivery.c.person_id == person_id)
+    stmt = stmt.order_by(delivery.c.id if state is DeliveryState.QUEUED else delivery.c.id.desc())
+    return [_view(row) for row in conn.execute(stmt.limit(limit))]
+
+
+def message_deliveries(conn: Connection, message_id: int) -> list[DeliveryView]:
+    """The copies of one inbound message, in the order they were queued."""
+    return [_view(row) for row in conn.execute(_VIEW.where(delivery.c.message_id == message_id).order_by(delivery.c.id))]
+
+
+def retry(
+    conn: Connection, delivery_id: int, actor: str, now: datetime
+) -> tuple[RetryResult, DeliveryView | None]:
+    """An operator requeues a failed copy (failed -> queued, due at ``now``).
+
+    Its attempts and last error stay until the next attempt; ``retried_by`` /
+    ``retried_at`` say who and when. Being older than the copies queued
+    since, it goes out next. NOT_FOUND / NOT_FAILED change nothing.
+    """
+    changed = conn.execute(
+        update(delivery)
+        .where(delivery.c.id == delivery_id, delivery.c.state == DeliveryState.FAILED.value)
+        .values(
+            state=DeliveryState.QUEUED.value,
+            next_attempt_at=now,
+            retried_by=_text(actor, ACTOR_NAME_LEN),
+            retried_at=now,
+        )
+    ).rowcount
+    view = get_delivery(conn, delivery_id)
+    if view is None:
+        return RetryResult.NOT_FOUND, None
+    return (RetryResult.REQUEUED if changed else RetryResult.NOT_FAILED), view

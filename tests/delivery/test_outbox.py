@@ -1,0 +1,243 @@
+"""The delivery outbox (exchange.store.outbox) on SQLite and PostgreSQL."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import Engine, select, text
+
+from exchange.store.db import make_engine, write_transaction
+from exchange.store.messages import insert_messages
+from exchange.store.outbox import (
+    Delivered,
+    DeliveryState,
+    Failed,
+    NewCopy,
+    RetryLater,
+    RetryResult,
+    claim_batch,
+    claim_next,
+    destinations,
+    enqueue,
+    get_delivery,
+    list_deliveries,
+    lock_key,
+    mark_delivered,
+    mark_failed,
+    message_deliveries,
+    queue_depths,
+    record_outcomes,
+    retry,
+    schedule_retry,
+    try_lock_destination,
+    unlock_destination,
+)
+from exchange.store.schema import delivery_table
+from tests.support import new_message
+
+T0 = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+
+
+def copy_of(message_id: int, n: int, destination: str = "OAKNH", **kw) -> NewCopy:
+    fields = dict(
+        destination=destination,
+        message_id=message_id,
+        control_id=f"D{n:06d}",
+        payload=b"MSH|^~\\&|EXCHANGE|EXCHANGE||" + destination.encode() + b"|||ADT^A01|D%06d|P|2.5\r" % n,
+        created_at=T0 + timedelta(milliseconds=n),
+        person_id=7,
+        facility="GENHOSP",
+        mrn="100001",
+        reason="default",
+    )
+    fields.update(kw)
+    return NewCopy(**fields)
+
+
+@pytest.fixture
+def message_id(engine: Engine) -> int:
+    with write_transaction(engine) as conn:
+        return insert_messages(conn, [new_message("SRC-1")])[0]
+
+
+def queue(engine: Engine, copies) -> list[int]:
+    with write_transaction(engine) as conn:
+        return enqueue(conn, copies)
+
+
+def run(engine: Engine, fn, *args, **kw):
+    with write_transaction(engine) as conn:
+        return fn(conn, *args, **kw)
+
+
+def test_enqueue_keeps_the_order_and_every_byte(engine: Engine, message_id: int) -> None:
+    payload = bytes(range(256)) * 10  # any bytes, NUL included
+    copies = [copy_of(message_id, n) for n in range(5)] + [copy_of(message_id, 5, payload=payload, person_id=None, mrn=None)]
+    ids = queue(engine, copies)
+    assert ids == sorted(ids) and len(set(ids)) == 6
+    with engine.connect() as conn:
+        rows = conn.execute(select(delivery_table).order_by(delivery_table.c.id)).mappings().all()
+    assert [r["control_id"] for r in rows] == [c.control_id for c in copies]
+    assert bytes(rows[-1]["payload"]) == payload
+    assert rows[-1]["person_id"] is None and rows[0]["person_id"] == 7
+    assert all(r["state"] == "queued" and r["attempts"] == 0 for r in rows)
+    assert rows[0]["next_attempt_at"] == rows[0]["created_at"] == T0
+    assert queue(engine, []) == []
+    assert destinations(copies) == {"OAKNH"}
+
+
+def test_enqueue_does_not_commit(engine: Engine, message_id: int) -> None:
+    with pytest.raises(RuntimeError):
+        with write_transaction(engine) as conn:
+            enqueue(conn, [copy_of(message_id, 1)])
+            raise RuntimeError("the intake's batch fails")
+    with engine.connect() as conn:
+        assert queue_depths(conn) == {}
+
+
+def test_enqueue_refuses_naive_datetimes(engine: Engine, message_id: int) -> None:
+    with pytest.raises(ValueError):
+        queue(engine, [copy_of(message_id, 1, created_at=datetime(2026, 1, 1))])
+
+
+def test_enqueue_a_large_batch_in_order(engine: Engine, message_id: int) -> None:
+    copies = [copy_of(message_id, n, destination="OAKNH" if n % 3 else "HHCARE") for n in range(2500)]
+    ids = queue(engine, copies)
+    assert len(ids) == 2500 and ids == sorted(ids)
+    with engine.connect() as conn:
+        assert queue_depths(conn) == {"OAKNH": 1666, "HHCARE": 834}
+        got = conn.execute(select(delivery_table.c.control_id).order_by(delivery_table.c.id)).scalars().all()
+    assert got == [c.control_id for c in copies]
+
+
+def test_claim_is_fifo_per_destination_and_stops_at_a_copy_not_due(engine: Engine, message_id: int) -> None:
+    queue(engine, [copy_of(message_id, n, destination=("OAKNH", "HHCARE")[n % 2]) for n in range(6)])
+    now = T0 + timedelta(seconds=1)
+    claim = run(engine, claim_batch, "OAKNH", now)
+    assert [c.control_id for c in claim.copies] == ["D000000", "D000002", "D000004"]
+    assert claim.due_at is None
+    assert run(engine, claim_next, "HHCARE", now).control_id == "D000001"
+
+    head = claim.copies[0]
+    assert run(engine, schedule_retry, head.id, next_attempt_at=now + timedelta(seconds=30), error="timeout")
+    # the head waits for its retry and holds back the copies behind it
+    later = run(engine, claim_batch, "OAKNH", now)
+    assert later.copies == () and later.due_at == now + timedelta(seconds=30)
+    assert run(engine, claim_next, "OAKNH", now) is None
+    again = run(engine, claim_batch, "OAKNH", now + timedelta(seconds=30))
+    assert [c.control_id for c in again.copies] == ["D000000", "D000002", "D000004"]
+    assert again.copies[0].attempts == 1
+    assert run(engine, claim_next, "NOBODY", now) is None
+
+
+def test_claim_limits(engine: Engine, message_id: int) -> None:
+    queue(engine, [copy_of(message_id, n, payload=b"x" * 1000) for n in range(10)])
+    now = T0 + timedelta(seconds=1)
+    claim = run(engine, claim_batch, "OAKNH", now, limit=4)
+    assert len(claim.copies) == 4 and claim.due_at == now  # more is due at once
+    claim = run(engine, claim_batch, "OAKNH", now, max_bytes=2500)
+    assert len(claim.copies) == 2 and claim.due_at == now
+    claim = run(engine, claim_batch, "OAKNH", now, max_bytes=10)
+    assert len(claim.copies) == 1  # always at least one
+    empty = run(engine, claim_batch, "HHCARE", now)
+    assert empty.copies == () and empty.due_at is None
+
+
+def test_outcomes(engine: Engine, message_id: int) -> None:
+    ids = queue(engine, [copy_of(message_id, n) for n in range(4)])
+    at = T0 + timedelta(seconds=2)
+    assert run(engine, mark_delivered, ids[0], at=at, ack_code="AA", ack=b"MSH|...\rMSA|AA|D000000\r")
+    assert not run(engine, mark_delivered, ids[0], at=at, ack_code="AA", ack=b"again")  # recorded already
+    assert run(engine, mark_failed, ids[1], at=at, ack_code="AE", ack=b"MSH\rMSA|AE|D000001\r", error="AE: unknown patient")
+    changed = run(
+        engine,
+        record_outcomes,
+        [
+            RetryLater(ids[2], at + timedelta(seconds=5), "no answer within 30 s"),
+            RetryLater(ids[3], at + timedelta(seconds=5), "MSA-2 'X' is not the copy's MSH-10", "AA", b"MSA|AA|X"),
+        ],
+    )
+    assert changed == 2
+    with engine.connect() as conn:
+        d0, d1, d2, d3 = (get_delivery(conn, i) for i in ids)
+        assert queue_depths(conn) == {"OAKNH": 2}
+    assert (d0.state, d0.attempts, d0.delivered_at, d0.ack_code, d0.last_error) == (DeliveryState.DELIVERED, 1, at, "AA", None)
+    assert (d1.state, d1.attempts, d1.ack_code, d1.last_error) == (DeliveryState.FAILED, 1, "AE", "AE: unknown patient")
+    assert (d2.state, d2.attempts, d2.next_attempt_at, d2.last_error) == (
+        DeliveryState.QUEUED, 1, at + timedelta(seconds=5), "no answer within 30 s"
+    )
+    assert d3.ack_code == "AA" and d3.state is DeliveryState.QUEUED
+    assert d0.message_facility == "GENHOSP" and d0.message_control_id == "SRC-1" and d0.message_type == "ADT"
+    assert (d0.person_id, d0.facility, d0.mrn, d0.reason) == (7, "GENHOSP", "100001", "default")
+    with engine.connect() as conn:
+        ack = conn.execute(select(delivery_table.c.ack).where(delivery_table.c.id == ids[0])).scalar_one()
+    assert bytes(ack) == b"MSH|...\rMSA|AA|D000000\r"
+
+
+def test_retry_by_an_operator(engine: Engine, message_id: int) -> None:
+    ids = queue(engine, [copy_of(message_id, n) for n in range(3)])
+    at = T0 + timedelta(seconds=2)
+    run(engine, mark_failed, ids[0], at=at, ack_code="AR", ack=b"", error="AR")
+    run(engine, mark_delivered, ids[1], at=at, ack_code="AA", ack=b"")
+    result, view = run(engine, retry, ids[0], "ops-alice", at + timedelta(minutes=1))
+    assert result is RetryResult.REQUEUED
+    assert (view.state, view.retried_by, view.retried_at, view.attempts, view.last_error) == (
+        DeliveryState.QUEUED, "ops-alice", at + timedelta(minutes=1), 1, "AR"
+    )
+    assert run(engine, retry, ids[0], "ops-alice", at)[0] is RetryResult.NOT_FAILED
+    assert run(engine, retry, ids[1], "ops-alice", at)[0] is RetryResult.NOT_FAILED
+    assert run(engine, retry, 10**9, "ops-alice", at) == (RetryResult.NOT_FOUND, None)
+    # the requeued copy is the oldest: it goes out next, before ids[2]
+    claim = run(engine, claim_batch, "OAKNH", at + timedelta(minutes=1))
+    assert [c.id for c in claim.copies] == [ids[0], ids[2]]
+
+
+def test_listing(engine: Engine, message_id: int) -> None:
+    with write_transaction(engine) as conn:
+        other = insert_messages(conn, [new_message("SRC-2")])[0]
+    ids = queue(
+        engine,
+        [copy_of(message_id, 0), copy_of(message_id, 1, destination="HHCARE"), copy_of(other, 2, person_id=8), copy_of(other, 3)],
+    )
+    run(engine, mark_delivered, ids[0], at=T0, ack_code="AA", ack=b"")
+    run(engine, mark_delivered, ids[1], at=T0, ack_code="CA", ack=b"")
+    with engine.connect() as conn:
+        assert [d.id for d in list_deliveries(conn, "queued")] == [ids[2], ids[3]]  # oldest first
+        assert [d.id for d in list_deliveries(conn, DeliveryState.DELIVERED)] == [ids[1], ids[0]]  # newest first
+        assert [d.id for d in list_deliveries(conn, "delivered", "OAKNH")] == [ids[0]]
+        assert [d.id for d in list_deliveries(conn)] == ids[::-1]
+        assert [d.id for d in list_deliveries(conn, limit=1)] == [ids[3]]
+        assert [d.id for d in list_deliveries(conn, person_id=8)] == [ids[2]]
+        assert list_deliveries(conn, "failed") == []
+        assert [(d.destination, d.state) for d in message_deliveries(conn, message_id)] == [
+            ("OAKNH", DeliveryState.DELIVERED),
+            ("HHCARE", DeliveryState.DELIVERED),
+        ]
+        with pytest.raises(ValueError):
+            list_deliveries(conn, "sent")
+
+
+def test_advisory_lock_is_per_destination_and_per_session(database_url: str) -> None:
+    one, two = make_engine(database_url), make_engine(database_url)
+    try:
+        with one.connect() as a, two.connect() as b:
+            with a.begin():
+                assert try_lock_destination(a, "OAKNH")
+            if database_url.startswith("sqlite"):
+                assert try_lock_destination(b, "OAKNH")  # one node: always yours
+                return
+            with b.begin():
+                assert not try_lock_destination(b, "OAKNH")  # held by the other session past its commit
+                assert try_lock_destination(b, "HHCARE")
+            with a.begin():
+                assert try_lock_destination(a, "OAKNH")  # re-entrant
+                unlock_destination(a, "OAKNH")  # releases both holds
+            with b.begin():
+                assert try_lock_destination(b, "OAKNH")
+            b.invalidate()  # the session ends (closed, not back to the pool): its locks go
+            with a.begin():
+                assert try_lock_destination(a, "OAKNH") and try_lock_destination(a, "HHCARE")
+    finally:
+        one.dispose()
+        two.dispose()
+    assert lock_key("OAKNH") == lock_key("OAKNH") and -(2**31) <= lock_key("x" * 50) < 2**31
