@@ -46,6 +46,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DEFAULT_DATABASE",
+    "DEFAULT_TRUST",
     "FACILITY_KINDS",
     "FacilityConfig",
     "ROUTING_VERSIONS",
@@ -62,6 +63,9 @@ DATABASE_ENV = "EXCHANGE_DATABASE_URL"
 DEFAULT_PATTERNS = ("ADT^*", "MDM^*")
 
 FACILITY_KINDS = ("hospital", "nursing_home", "home_health", "clinic", "pharmacy", "lab", "other")
+# The person's best view (exchange.store.reviews): each field's value comes from the
+# record of the most trusted facility kind (most trusted first), the most recent among them.
+DEFAULT_TRUST = ("hospital", "nursing_home", "home_health")
 PROCESSING_IDS = ("P", "T", "D")
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 
@@ -88,6 +92,7 @@ _SERVER_KEYS = (
     "max_pending",
     "log_level",
     "person_authority",
+    "trust",
 )
 _FACILITY_KEYS = (
     "code",
@@ -197,6 +202,7 @@ class ServerConfig:
     max_pending: int = 5000  # messages waiting for the writer before connections are paused
     log_level: str = "info"
     person_authority: str = "EXCHANGE"  # CX.4 of the enterprise person id in routed copies' PID-3 (type PI)
+    trust: tuple[str, ...] = DEFAULT_TRUST  # facility kinds, most trusted first (the person's best view)
 
     def accepts(self, message_type: str, event: str) -> bool:
         return matches_any(self.accept, message_type, event)
@@ -372,7 +378,24 @@ class _Reader:
             log_level=log_level.lower(),
             person_authority=self.code(table, "person_authority", "server.person_authority")
             or defaults.person_authority,
+            trust=self.trust(table, defaults.trust),
         )
+
+    def trust(self, table: dict[str, Any], default: tuple[str, ...]) -> tuple[str, ...]:
+        """``server.trust``: facility kinds, most trusted first; each once."""
+        if "trust" not in table:
+            return default
+        if not isinstance(table["trust"], list):
+            raise self.fail("server.trust", f"must be a list of facility kinds (got {_kind(table['trust'])})")
+        kinds = self.strings(table, "trust", "server.trust")
+        if not kinds:
+            raise self.fail("server.trust", "must name at least one facility kind")
+        for i, kind in enumerate(kinds):
+            if kind not in FACILITY_KINDS:
+                raise self.fail(f"server.trust[{i + 1}]", f"must be one of {', '.join(FACILITY_KINDS)} (got {kind!r})")
+            if kind in kinds[:i]:
+                raise self.fail(f"server.trust[{i + 1}]", f"{kind!r} is listed twice")
+        return kinds
 
     def facilities(self, tables: list[dict[str, Any]]) -> tuple[FacilityConfig, ...]:
         result: list[FacilityConfig] = []

@@ -616,3 +616,26 @@ to_kind = ["nursing_home"]
 )
 def test_routing_errors_name_the_key_and_the_reason(tmp_path, text, expected):
     assert error_of(tmp_path, text).startswith(expected)
+
+
+# -- server.trust (the person's best view) ----------------------------------------
+
+
+def test_trust_defaults_and_order(tmp_path):
+    assert load(tmp_path, MINIMAL).server.trust == ("hospital", "nursing_home", "home_health")
+    config = load(tmp_path, with_server('trust = ["home_health", "hospital"]'))
+    assert config.server.trust == ("home_health", "hospital")
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ('"hospital"', "server.trust: must be a list of facility kinds (got a string)"),
+        ("[]", "server.trust: must name at least one facility kind"),
+        ('["hospital", "spaceship"]', "server.trust[2]: must be one of hospital, nursing_home"),
+        ('["hospital", "hospital"]', "server.trust[2]: 'hospital' is listed twice"),
+        ('["hospital", 3]', "server.trust[2]: must be a string (got an integer)"),
+    ],
+)
+def test_trust_errors_name_the_key_and_the_reason(tmp_path, value, expected):
+    assert error_of(tmp_path, with_server(f"trust = {value}")).startswith(expected)
