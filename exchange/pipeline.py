@@ -11,6 +11,7 @@
       map, apply ....... mapping.events.map_message, MemoryState.apply  (pure; AE if it cannot)
       build ACK ........ exchange.hl7.ack.build_ack            (pure)
       store ............ store.messages.insert_messages        (raw, state, ACK)
+      match ............ store.index.plan / write              (new and changed records)
       save records ..... store.records.save                    (what the batch changed)
       COMMIT
     answer (reactor thread): each ACK written once its batch has committed.
@@ -34,6 +35,7 @@ from exchange.mapping.events import FacilityContext, MappingError, map_message, 
 from exchange.mapping.message import Message
 from exchange.mapping.state import MemoryState
 from exchange.outcome import Outcome, Value, Verdict, error
+from exchange.store import index as patient_index
 from exchange.store.records import load as load_records
 from exchange.store.records import save as save_records
 from exchange.store.messages import (
@@ -147,6 +149,7 @@ def process_batch(
     new_control_id: Callable[[], str],
     now: Callable[[], datetime],
     facilities: Mapping[str, FacilityContext] | None = None,
+    models: patient_index.ModelCache | None = None,
     settings: AckSettings = AckSettings(),
 ) -> list[Answer]:
     """Store a batch of messages, apply them to the record model, decide each answer.
@@ -159,6 +162,8 @@ def process_batch(
 
     ``facilities`` (MSH-4 -> its context) switches the record model on;
     without it the messages are stored and answered, nothing is mapped.
+    ``models`` (the matching model) switches the patient index on: every
+    new or changed record is matched before the commit.
     """
     prior = find_prior(conn, [k for k in (i.dedup_key for i in items) if k is not None])
 
@@ -235,10 +240,18 @@ def process_batch(
     for d, row, id_ in zip(decoded, rows, ids):
         answers[d.index] = Answer(row.ack, row.ack_code, id_)
 
-    # 4. The record model's changes, each tied to the message that made it.
+    # 4. The record model's changes, each tied to the message that made it, and the
+    #    patient index's decisions about the records they created or changed.
     if state is not None:
         state.rebase_refs({pending_ref(d.index): id_ for d, id_ in zip(decoded, ids)})
-        save_records(conn, state)
+        at = now()
+        if models is None:
+            save_records(conn, state, at)
+        else:
+            model = models.get(conn)
+            plan = patient_index.plan(conn, state, model)
+            save_records(conn, state, at, links=plan.links)
+            patient_index.write(conn, plan, state, model, at)
 
     for index, original in resent:
         first = answers[original]

@@ -10,8 +10,9 @@ were answered AE/AR, inbound ACKs and resends are not applied, as they were
 not the first time.
 
     TRANSACTION (one, for the whole rebuild): lock the message store against
-    writers, delete every row of the record model (history, links, document
-    versions, documents, encounters, identifiers, records, persons), re-apply
+    writers, note every record's person, delete every row of the record model
+    (history, links, document versions, documents, encounters, identifiers,
+    blocking keys, records), re-apply
     the messages batch by batch, commit. Any failure rolls it all back: the
     old record model stays as it was.
 
@@ -30,7 +31,10 @@ most the busy timeout). Either way a writer cannot interleave: a batch
 committed before the lock is replayed, one after the commit is applied to
 the rebuilt model. If the lock cannot be had, :class:`DatabaseBusy`.
 
-Persons are recreated, one per record, so person ids change.
+Persons are kept: every record keeps the person, link and score it had, so
+the patient index's decisions (a technician's links and "not a match", the
+reviews, the link history) survive the rebuild; a record that did not exist
+before gets a person of its own. Blocking keys and features are recomputed.
 """
 from __future__ import annotations
 
@@ -45,6 +49,8 @@ from exchange.hl7.header import read_header
 from exchange.mapping.events import FacilityContext, needs
 from exchange.outcome import ACCEPTED, MessageState, Value, Verdict
 from exchange.pipeline import MAPPED_TYPES, Received, decode, map_and_apply, pending_ref
+from exchange.matching.model import default_model
+from exchange.store import index as patient_index
 from exchange.store.db import write_transaction
 from exchange.store.records import load as load_records
 from exchange.store.records import save as save_records
@@ -55,6 +61,8 @@ from exchange.store.schema import (
 )
 
 # The record model's tables, referring tables first (the order rows are deleted in).
+# Persons and the patient index's decisions (reviews, sticky pairs, link history) are
+# not rebuilt: they refer to records by (facility, MRN), and every record keeps its person.
 RECORD_MODEL_TABLES = (
     "record_event",
     "link_assertion",
@@ -62,10 +70,11 @@ RECORD_MODEL_TABLES = (
     "document",
     "encounter",
     "record_identifier",
+    "record_key",
     "patient_record",
-    "person",
 )
 
+MODEL = default_model()  # only its thresholds are written, with reviews, and a replay opens none
 DEFAULT_BATCH = 500
 BATCH_BYTES = 64 * 1024 * 1024  # raw bytes read per batch at most (one message always)
 DEFAULT_LOCK_TIMEOUT = 10.0  # seconds (PostgreSQL)
@@ -127,6 +136,7 @@ def replay(
         # /* TRANSACTION: the whole rebuilt record model (or nothing). */
         with write_transaction(engine) as conn:
             _lock(conn, lock_timeout)
+            saved = patient_index.saved_links(conn)
             _clear(conn)
             applied = 0
             not_applied: list[NotApplied] = []
@@ -143,7 +153,7 @@ def replay(
                 ).all()
                 after = last
                 at = now() if now is not None else rows[-1].received_at
-                done, left_out = _replay_batch(conn, rows, facilities, charset_for, at)
+                done, left_out = _replay_batch(conn, rows, facilities, charset_for, at, saved)
                 applied += done
                 not_applied.extend(left_out)
             report = ReplayReport(
@@ -189,7 +199,8 @@ def _batch_end(conn: Connection, after: int, batch: int) -> int | None:
     return last
 
 
-def _replay_batch(conn: Connection, rows, facilities, charset_for, at: datetime) -> tuple[int, list[NotApplied]]:
+def _replay_batch(conn: Connection, rows, facilities, charset_for, at: datetime,
+                  saved: dict) -> tuple[int, list[NotApplied]]:
     """One batch: decode, load its records, map and apply in order, save; as the writer does."""
     items = [
         Received(raw=bytes(r.raw), header=read_header(bytes(r.raw), charset_for), decision=ACCEPTED,
@@ -223,7 +234,9 @@ def _replay_batch(conn: Connection, rows, facilities, charset_for, at: datetime)
             left_out.append(NotApplied(row.id, row.facility, row.control_id,
                                        problem.code if problem else 207, problem.location if problem else ""))
     state.rebase_refs({pending_ref(d.index): rows[d.index].id for d in to_map})
-    save_records(conn, state, at)
+    plan = patient_index.restore(state, saved)
+    save_records(conn, state, at, links=plan.links)
+    patient_index.write(conn, plan, state, MODEL, at)
     left_out.sort(key=lambda n: n.message_id)
     return applied, left_out
 

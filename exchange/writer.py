@@ -37,6 +37,7 @@ from exchange.intake import utc_now
 from exchange.mapping.events import FacilityContext
 from exchange.pipeline import AckSettings, Answer, Received, process_batch
 from exchange.store.db import write_transaction
+from exchange.store.index import ModelCache
 
 log = Logger()
 _LENGTH = struct.Struct(">I")
@@ -184,13 +185,14 @@ def make_batch_runner(
     settings: AckSettings = AckSettings(),
 ) -> Callable[[Sequence[Received]], list[Answer]]:
     """The function the writer runs for each batch."""
+    models = ModelCache()
 
     def run(items: Sequence[Received]) -> list[Answer]:
         # TRANSACTION: the batch's raw messages, their states, history and ACKs,
         # and what they change in the record model: an AA means stored AND applied.
         with write_transaction(engine) as conn:
             return process_batch(conn, items, new_control_id=new_control_id, now=now, facilities=facilities,
-                                 settings=settings)
+                                 models=models, settings=settings)
 
     return run
 

@@ -172,10 +172,10 @@ def test_a_failure_leaves_the_old_record_model(engine, monkeypatch):
 
     calls = itertools.count()
 
-    def failing_save(conn, state, now=None):
+    def failing_save(conn, state, now=None, links=None):
         if next(calls) == 1:
             raise RuntimeError("disk full")
-        return save(conn, state, now)
+        return save(conn, state, now, links=links)
 
     save = module.save_records
     monkeypatch.setattr(module, "save_records", failing_save)

@@ -354,7 +354,7 @@ class _Row:
         self.__dict__.update(zip(names, values))
 
 
-_RECORD_COLUMNS = ("id", "person_id", "facility", "mrn", "merged_into_mrn", "data")
+_RECORD_COLUMNS = ("id", "person_id", "facility", "mrn", "merged_into_mrn", "link", "features", "data")
 # PostgreSQL: JSON as text, decoded by ``loads`` (psycopg's own json.loads + from_json is slower)
 _PG_RECORD_SELECT = ", ".join(_RECORD_COLUMNS[:-1]) + ", data::text"
 _DOCUMENT_COLUMNS = ("id", "facility", "number", "state", "mrn")
@@ -488,6 +488,8 @@ def _load(conn: Connection, want_records: set, want_documents: set) -> MemorySta
     state.seed(records=records, documents=documents)
     state.store_ids = {
         "records": {key: (row.id, row.person_id) for key, row in rows.items()},
+        # the patient index's view of each loaded record: how it is linked, its stored features
+        "match": {key: (row.link, row.features) for key, row in rows.items()},
         "documents": {key: row.id for key, row in docs.items()},
     }
     return state
@@ -610,7 +612,9 @@ def _statements(sqlite: bool) -> dict[str, _Statement]:
         "free_record": s(patient_record, "update", ("mrn",), ("id",)),
         "insert_person": s(person, "insert", ("created_at",), returning=True),
         "insert_record": s(patient_record, "insert",
-                           _RECORD_ROW_COLUMNS + ("person_id", "created_at", "updated_at"), returning=True),
+                           _RECORD_ROW_COLUMNS + ("person_id", "created_at", "updated_at", "link", "link_score",
+                                                  "features"), returning=True),
+        "set_link": s(patient_record, "update", ("person_id", "link", "link_score", "features"), ("id",)),
         "update_record": s(patient_record, "update", _RECORD_ROW_COLUMNS + ("updated_at",), ("id",)),
         "insert_identifier": s(record_identifier, "insert", ("record_id", "authority", "value", "type")),
         "delete_encounter": s(encounter, "delete", (), ("record_id", "visit_number")),
@@ -674,11 +678,33 @@ class _Writer:
             self.cursor.execute(f"DELETE FROM {table.name} WHERE {where}", params)
 
 
-def save(conn: Connection, state: MemoryState, now: datetime | None = None) -> None:
+@dataclasses.dataclass(frozen=True, slots=True)
+class RecordLink:
+    """The patient index's decision for one record, written with it by :func:`save`.
+
+    ``person``: a person id, or a placeholder string standing for a person
+    created by this save (records given the same placeholder share it).
+    """
+
+    person: int | str
+    link: str = "auto"  # auto / manual / source
+    score: float | None = None
+    features: str | None = None  # exchange.matching.features.encode_features
+
+
+_UNDECIDED = RecordLink(person=0)  # a new record the patient index did not decide: defaults
+
+
+def save(conn: Connection, state: MemoryState, now: datetime | None = None,
+         links: dict[tuple[str, str], RecordLink] | None = None) -> None:
     """Write what changed in ``state`` since it was loaded (or last saved), and its new history.
 
     ``now`` (timezone-aware; default the clock) stamps created_at/updated_at
-    and the history entries. Afterwards ``state`` is clean again.
+    and the history entries. ``links`` (record key -> RecordLink): the
+    person, link kind, score and features of records the patient index
+    decided; a new record without one gets a person of its own. Afterwards
+    ``state`` is clean again and ``state.store_ids["records"]`` holds each
+    record's (id, person id).
     """
     now = now or datetime.now(timezone.utc)
     if now.tzinfo is None or now.utcoffset() is None:
@@ -687,14 +713,14 @@ def save(conn: Connection, state: MemoryState, now: datetime | None = None) -> N
     sqlite = conn.dialect.name == "sqlite"
     with driver_cursor(conn, "save (exchange.store.records)") as cursor:
         if sqlite:
-            _save(_Writer(cursor, True), state, d, now)
+            _save(_Writer(cursor, True), state, d, now, links or {})
         else:
             with cursor.connection.pipeline():
-                _save(_Writer(cursor, False), state, d, now)
+                _save(_Writer(cursor, False), state, d, now, links or {})
     state.mark_clean()
 
 
-def _save(w: _Writer, state: MemoryState, d: Any, now: datetime) -> None:
+def _save(w: _Writer, state: MemoryState, d: Any, now: datetime, links: dict) -> None:
     rec_ids: dict = state.store_ids.setdefault("records", {})
     doc_ids: dict = state.store_ids.setdefault("documents", {})
     moved = [(key, old) for key, old in d.changed_records if key != old]
@@ -703,23 +729,41 @@ def _save(w: _Writer, state: MemoryState, d: Any, now: datetime) -> None:
     freeing = [rec_ids[old] for _, old in moved] + [rec_ids[old] for old in d.removed_records]
     w.many("free_record", [{"id": rid, "mrn": f"~moving~{rid}"} for rid, _ in freeing])
 
-    # 2. New records, each with a new person.
+    # 2. New persons (one per placeholder the patient index used, one per new record it did
+    #    not decide), then the new records with theirs.
     current: dict[tuple[str, str], tuple[int, int]] = {}
     for key, old in d.changed_records:
         current[key] = rec_ids[old]
     for key in state.records:
         if key not in current and key in rec_ids and key not in d.new_records:
             current[key] = rec_ids[key]
+    placeholders = sorted({link.person for link in links.values() if isinstance(link.person, str)})
+    undecided = [key for key in d.new_records if key not in links]
+    person_ids = w.insert_ids("insert_person", [{"created_at": now}] * (len(placeholders) + len(undecided)))
+    resolved = dict(zip(placeholders, person_ids))
+    person_of = dict(zip(undecided, person_ids[len(placeholders):]))
+    for key, link in links.items():
+        person_of[key] = resolved[link.person] if isinstance(link.person, str) else link.person
     if d.new_records:
-        person_ids = w.insert_ids("insert_person", [{"created_at": now} for _ in d.new_records])
         params = []
-        for key, pid in zip(d.new_records, person_ids):
+        for key in d.new_records:
             row = _record_row(*key, state.records[key])
-            row.update(person_id=pid, created_at=now, updated_at=now)
+            link = links.get(key) or _UNDECIDED
+            row.update(person_id=person_of[key], created_at=now, updated_at=now, link=link.link,
+                       link_score=link.score, features=link.features)
             params.append(row)
         new_ids = w.insert_ids("insert_record", params)
-        for key, rid, pid in zip(d.new_records, new_ids, person_ids):
-            current[key] = (rid, pid)
+        for key, rid in zip(d.new_records, new_ids):
+            current[key] = (rid, person_of[key])
+    new_keys = set(d.new_records)
+    relinked = [key for key in links if key not in new_keys]
+    for key in relinked:
+        current[key] = (current[key][0], person_of[key])
+    w.many("set_link", [
+        {"id": current[key][0], "person_id": person_of[key], "link": links[key].link, "link_score": links[key].score,
+         "features": links[key].features}
+        for key in relinked
+    ])
 
     # 3. Changed records (moved ones get their new MRN here).
     if d.changed_records:
@@ -893,4 +937,4 @@ def person_view(conn: Connection, person_id: int) -> dict[str, Any] | None:
     return {"person": person_id, "records": records}
 
 
-__all__ = ["from_json", "load", "load_all", "loads", "person_view", "record_view", "save", "to_json"]
+__all__ = ["RecordLink", "from_json", "load", "load_all", "loads", "person_view", "record_view", "save", "to_json"]

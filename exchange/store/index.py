@@ -1,0 +1,462 @@
+"""The patient index in the writer's transaction: every new or changed
+facility record is matched before the ACK (issue 4).
+
+    process_batch: ... map and apply every message of the batch (MemoryState)
+      plan(conn, state, model) ..... which records to (re)match, their candidates
+                                     from record_key (3 SELECTs per batch), and
+                                     exchange.matching.decide per record, in order
+      records.save(..., links=) .... records written with their person, link,
+                                     score and features
+      write(conn, plan, state) ..... record_key rows, link history, reviews
+      COMMIT
+
+A record is (re)matched when it is new, or when what matching reads of it
+(``exchange.matching.features``) changed; an admit or a discharge that does
+not touch the demographics costs nothing here. Candidates are the active
+records sharing a blocking key, plus every record of their persons and of
+the record's own person, as the database holds them overlaid with what this
+batch decided before (a batch may hold both records of a new link). The
+sticky facts come from ``match_pair`` (a technician's "not a match", an
+A37) and ``patient_record.link`` ("manual": a technician linked it;
+"source": its facility asserted it with A24): ``decide`` never overrides
+them.
+
+A facility's own assertions are applied as such: A24 puts the second record
+in the first one's person (link "source"); A37 records a sticky
+not-a-match pair both ways round and, if they share a person, gives the
+second record a person of its own.
+
+Automatic changes of a record's person are written to ``link_event`` with
+actor ``exchange`` and the message that caused them; reviews to
+``match_review`` with every candidate's per-field explanation.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, select, text
+
+from exchange.mapping.state import MemoryState
+from exchange.matching.decide import Action, Decision, Reason, Record, decide
+from exchange.matching.features import Features, blocking_keys, decode_features, encode_features, features_of
+from exchange.matching.model import Model, default_model
+from exchange.store.db import driver_cursor
+from exchange.store.records import RecordLink, _in_ids, _select, _Statement, _Writer
+from exchange.store.schema import (
+    link_event_table,
+    match_model_table,
+    match_pair_table,
+    match_review_table,
+    record_key_table,
+)
+
+Key = tuple[str, str]  # (facility, mrn)
+ACTOR = "exchange"  # link_event.actor of automatic decisions
+MANUAL_LINKS = frozenset({"manual", "source"})  # links decide() must not break
+
+
+class ModelCache:
+    """The newest stored model (``match_model``), re-read at most every ``ttl`` seconds;
+    ``default_model()`` until one is stored."""
+
+    def __init__(self, ttl: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = ttl
+        self._clock = clock
+        self._model = default_model()
+        self._id: int | None = None
+        self._checked = float("-inf")
+
+    def get(self, conn: Connection) -> Model:
+        now = self._clock()
+        if now - self._checked >= self._ttl:
+            self._checked = now
+            row = conn.execute(
+                select(match_model_table.c.id, match_model_table.c.model).order_by(match_model_table.c.id.desc())
+                .limit(1)
+            ).first()
+            if row is not None and row.id != self._id:
+                self._model, self._id = Model.from_json(row.model), row.id
+        return self._model
+
+
+@dataclass(slots=True)
+class _Known:
+    """A record as the index sees it during a batch."""
+
+    person: int | str  # a person id, or the placeholder of a person this batch creates
+    features: Features | None
+    link: str
+
+
+@dataclass
+class Plan:
+    """What the batch decided, for ``records.save(links=)`` and :func:`write`."""
+
+    links: dict[Key, RecordLink] = field(default_factory=dict)
+    keys: dict[Key, frozenset[str]] = field(default_factory=dict)  # records whose key rows are replaced
+    new_records: set[Key] = field(default_factory=set)  # nothing to delete for these
+    events: list[dict[str, Any]] = field(default_factory=list)  # link_event rows (to_person resolved in write)
+    reviews: list[dict[str, Any]] = field(default_factory=list)
+    superseded: list[Key] = field(default_factory=list)  # open reviews of these records are superseded
+    pairs: list[tuple[Key, Key]] = field(default_factory=list)  # new sticky not-a-match pairs (A37)
+
+
+def plan(conn: Connection, state: MemoryState, model: Model, refs: dict[Key, Hashable] | None = None) -> Plan:
+    """Match the batch's new and changed records (before ``records.save``).
+
+    ``refs``: the message (reference) that last changed each record, for the
+    link history and the reviews; by default taken from ``state.history``.
+    """
+    d = state.dirty()
+    refs = refs if refs is not None else _last_refs(state)
+    ids: dict[Key, tuple[int, int]] = state.store_ids.get("records", {})
+    stored: dict[Key, tuple[str, str | None]] = state.store_ids.get("match", {})
+    out = Plan()
+    old_key = {key: old for key, old in d.changed_records}
+    todo: list[tuple[Key, Features, str]] = []
+    known: dict[Key, _Known] = {}  # the batch's records, as decided so far
+    for key in itertools.chain(d.new_records, old_key):
+        rec = state.records[key]
+        before = old_key.get(key)
+        link, stored_features = stored.get(before, ("auto", None)) if before else ("auto", None)
+        if before is None:
+            out.new_records.add(key)
+        if not rec["active"]:  # merged away: not a candidate any more, keeps its person
+            out.keys[key] = frozenset()
+            continue
+        f = features_of(rec)
+        encoded = encode_features(f)
+        if before is not None and encoded == stored_features and before == key:
+            continue  # nothing matching reads has changed
+        todo.append((key, f, encoded))
+        if before is not None:
+            known[key] = _Known(ids[before][1], f, link)
+    source = _source_assertions(state, d)
+    if not todo and not source:
+        return out
+
+    wanted = {k: blocking_keys(f) for k, f, _ in todo}
+    postings, members, db_known = _candidates(conn, set().union(*wanted.values()) if wanted else set(),
+                                              {p.person for p in known.values() if isinstance(p.person, int)})
+    not_a_match = _pairs(conn, [k for k, _, _ in todo])
+    for key, k in db_known.items():  # the database's view, unless this batch holds the record
+        known.setdefault(key, k)
+    for person, keys in list(members.items()):
+        members[person] = {k for k in keys if k not in old_key or known[k].person == person}
+    for key, kn in known.items():
+        members.setdefault(kn.person, set()).add(key)
+    batch_postings: dict[str, set[Key]] = {}
+    placeholders = itertools.count()
+
+    for key, f, encoded in todo:
+        current = known.get(key)
+        cand_keys: set[Key] = set()
+        for bk in wanted[key]:
+            cand_keys |= postings.get(bk, set())
+            cand_keys |= batch_postings.get(bk, set())
+        cand_keys.discard(key)
+        persons = {known[c].person for c in cand_keys if c in known}
+        if current is not None:
+            persons.add(current.person)
+        for person in persons:
+            cand_keys |= members.get(person, set())
+        cand_keys.discard(key)
+        candidates = [Record(c[0], c[1], _str(known[c].person), known[c].features)
+                      for c in sorted(cand_keys) if c in known and known[c].features is not None]
+        decision = decide(Record(key[0], key[1], _str(current.person) if current else None, f), candidates, model,
+                          not_a_match=not_a_match.get(key, ()), manual=current is not None and current.link in MANUAL_LINKS)
+        person = _apply(out, key, current, decision, encoded, refs.get(key), placeholders)
+        if current is not None and current.person != person:
+            members.get(current.person, set()).discard(key)
+        members.setdefault(person, set()).add(key)
+        known[key] = _Known(person, f, current.link if current and decision.action is not Action.LINK else "auto")
+        out.keys[key] = wanted[key]
+        for bk in wanted[key]:
+            batch_postings.setdefault(bk, set()).add(key)
+        if current is not None:
+            out.superseded.append(key)
+
+    for facility, a, b, linked in source:
+        _assert_link(out, state, ids, known, members, (facility, a), (facility, b), linked, refs, placeholders)
+    return out
+
+
+def saved_links(conn: Connection) -> dict[Key, RecordLink]:
+    """Every record's person, link and score (``exchange replay`` keeps them across the rebuild)."""
+    return {
+        (r.facility, r.mrn): RecordLink(r.person_id, r.link, r.link_score)
+        for r in conn.execute(text("SELECT facility, mrn, person_id, link, link_score FROM patient_record"))
+    }
+
+
+def restore(state: MemoryState, saved: dict[Key, RecordLink]) -> Plan:
+    """A replayed batch: records keep the person, link and score they had (``saved``),
+    a record unknown before gets a person of its own; features and keys are recomputed.
+    Nothing is matched, no history or review is written."""
+    d = state.dirty()
+    ids: dict[Key, tuple[int, int]] = state.store_ids.get("records", {})
+    stored: dict[Key, tuple[str, str | None]] = state.store_ids.get("match", {})
+    out = Plan(new_records=set(d.new_records))
+    placeholders = itertools.count()
+    for key, before in itertools.chain(((k, None) for k in d.new_records), d.changed_records):
+        rec = state.records[key]
+        f = features_of(rec)
+        out.keys[key] = blocking_keys(f) if rec["active"] else frozenset()
+        link = saved.get(key)
+        if link is None and before is not None:
+            link = RecordLink(ids[before][1], stored.get(before, ("auto", None))[0])
+        if link is None:
+            link = RecordLink(f"new:{next(placeholders)}")
+        out.links[key] = RecordLink(link.person, link.link, link.score, encode_features(f))
+    return out
+
+
+def _apply(out: Plan, key: Key, current: _Known | None, d: Decision, encoded: str, ref, placeholders) -> int | str:
+    """Record the decision for ``key``: its link, its history, its reviews. Returns its person."""
+    if d.action is Action.LINK:
+        person = _person(d.person)
+        link, score = "auto", d.score
+    elif d.action is Action.KEEP:
+        assert current is not None
+        person, link, score = current.person, current.link, d.score
+    else:  # NEW, or REVIEW of a record that has no person yet: one of its own until it is decided
+        person = current.person if current is not None else f"new:{next(placeholders)}"
+        link, score = (current.link if current is not None else "auto"), d.score if d.action is Action.REVIEW else None
+    out.links[key] = RecordLink(person, link, score, encoded)
+    if current is None or current.person != person:
+        out.events.append(_event(key, current, person, "auto", link, score, ", ".join(d.reasons), ref))
+    if d.action is Action.REVIEW:
+        kind = ("link_looks_wrong" if Reason.LINK_LOOKS_WRONG in d.reasons
+                else "duplicate" if Reason.SAME_FACILITY in d.reasons else "candidate")
+        out.reviews.append(_review(key, kind, d, d.matches, person if d.person is None else _person(d.person), ref))
+    elif d.duplicates:
+        out.reviews.append(_review(key, "duplicate", d, d.duplicates, person, ref))
+    return person
+
+
+def _assert_link(out, state, ids, known, members, a: Key, b: Key, linked: bool, refs, placeholders) -> None:
+    """A24 (linked): ``b`` joins ``a``'s person, link "source". A37: a sticky pair, and ``b``
+    gets a person of its own if they shared one."""
+    if a not in state.records or b not in state.records:
+        return  # the mapping applies it to records it knows; nothing to link otherwise
+
+    def person_of(key: Key) -> int | str:
+        if key in known:
+            return known[key].person
+        if key in out.links:
+            return out.links[key].person
+        return ids[key][1]
+
+    pa, pb = person_of(a), person_of(b)
+    current = _Known(pb, None, known[b].link if b in known else "auto")
+    if linked:
+        target = pa
+    else:
+        out.pairs.append((a, b))
+        target = f"new:{next(placeholders)}" if pa == pb else pb
+    if target == pb and (linked is False or current.link == "source"):
+        return
+    previous = out.links.get(b)
+    features = previous.features if previous else None
+    if features is None and b in known and known[b].features is not None:
+        features = encode_features(known[b].features)
+    out.links[b] = RecordLink(target, "source", None, features)
+    out.events.append(_event(b, current, target, "source", "source", None,
+                             "A24 link asserted by the facility" if linked else "A37 unlink asserted by the facility",
+                             refs.get(b)))
+    members.get(pb, set()).discard(b)
+    members.setdefault(target, set()).add(b)
+    known[b] = _Known(target, known[b].features if b in known else None, "source")
+
+
+def _event(key: Key, current: _Known | None, person, kind: str, link: str, score, reason: str, ref) -> dict:
+    return {"facility": key[0], "mrn": key[1], "from_person": current.person if current else None,
+            "to_person": person, "from_link": current.link if current else None, "to_link": link,
+            "kind": kind, "score": score, "reason": reason, "message": ref}
+
+
+def _review(key: Key, kind: str, d: Decision, matches, person, ref) -> dict:
+    return {
+        "facility": key[0], "mrn": key[1], "kind": kind, "person": person, "score": d.score, "message": ref,
+        "detail": {
+            "record": {"facility": key[0], "mrn": key[1]},
+            "candidates": [{"facility": m.facility, "mrn": m.mrn, "person": _int_or_none(m.person), "score": m.total,
+                            "explain": m.score.explain()} for m in matches],
+            "reasons": [str(r) for r in d.reasons],
+            "action": str(d.action),
+        },
+    }
+
+
+def write(conn: Connection, plan_: Plan, state: MemoryState, model: Model, now: datetime,
+          refs: dict[Hashable, int] | None = None) -> None:
+    """After ``records.save(links=plan_.links)``: key rows, link history, reviews, sticky pairs.
+
+    ``refs`` maps the message references used while planning to message ids
+    (``process_batch`` applies with placeholders until the messages are stored).
+    """
+    ids: dict[Key, tuple[int, int]] = state.store_ids["records"]
+    refs = refs or {}
+    sqlite = conn.dialect.name == "sqlite"
+    placeholder_person = {link.person: ids[key][1] for key, link in plan_.links.items()
+                          if isinstance(link.person, str) and key in ids}
+
+    def person(p):
+        return placeholder_person.get(p, p) if isinstance(p, str) else p
+
+    def message(ref):
+        return refs.get(ref, ref) if ref is not None else None
+
+    with driver_cursor(conn, "patient index (exchange.store.index)") as cursor:
+        w = _Writer(cursor, sqlite)
+        w.statements = _SQLITE_STATEMENTS if sqlite else _PG_STATEMENTS
+        replaced = [ids[k][0] for k in plan_.keys if k not in plan_.new_records and k in ids]
+        w.delete_ids(record_key_table, "record_id", replaced)
+        w.many("insert_key", [{"key": bk, "record_id": ids[k][0]} for k, keys in plan_.keys.items() if k in ids
+                              for bk in sorted(keys)])
+        if plan_.superseded:
+            params: list = []
+            where = " OR ".join(["(facility = ? AND mrn = ?)" if sqlite else "(facility = %s AND mrn = %s)"]
+                                * len(plan_.superseded))
+            for key in plan_.superseded:
+                params.extend(key)
+            cursor.execute(f"UPDATE match_review SET state = 'superseded' WHERE state = 'open' AND ({where})", params)
+        w.many("insert_event", [
+            {**{k: e[k] for k in ("facility", "mrn", "from_link", "to_link", "kind", "score", "reason")},
+             "from_person": person(e["from_person"]), "to_person": person(e["to_person"]),
+             "message_id": message(e["message"]), "actor": ACTOR, "at": now}
+            for e in plan_.events
+        ])
+        thresholds = {"upper": model.upper, "lower": model.lower}
+        w.many("insert_review", [
+            {"state": "open", "kind": r["kind"], "facility": r["facility"], "mrn": r["mrn"],
+             "person_id": person(r["person"]), "score": r["score"], "message_id": message(r["message"]),
+             "created_at": now,
+             "detail": {**r["detail"], "thresholds": thresholds,
+                        "record": {**r["detail"]["record"], "person": person(r["person"])}}}
+            for r in plan_.reviews
+        ])
+        w.many("insert_pair", [
+            {"facility": x[0], "mrn": x[1], "other_facility": y[0], "other_mrn": y[1], "active": True}
+            for a, b in plan_.pairs for x, y in ((a, b), (b, a))
+        ])
+
+
+def _statements(sqlite: bool) -> dict[str, _Statement]:
+    s = functools.partial(_Statement, sqlite)
+    return {
+        "insert_key": s(record_key_table, "insert", ("key", "record_id")),
+        "insert_event": s(link_event_table, "insert", ("facility", "mrn", "from_person", "to_person", "from_link",
+                                                        "to_link", "kind", "score", "reason", "message_id", "actor",
+                                                        "at")),
+        "insert_review": s(match_review_table, "insert", ("state", "kind", "facility", "mrn", "person_id", "score",
+                                                           "message_id", "created_at", "detail")),
+        "insert_pair": s(match_pair_table, "insert", ("facility", "mrn", "other_facility", "other_mrn", "active")),
+    }
+
+
+_SQLITE_STATEMENTS = _statements(True)
+_PG_STATEMENTS = _statements(False)
+
+
+# --- reading candidates ---------------------------------------------------------------------------
+
+
+def _candidates(conn: Connection, keys: set[str], own_persons: set[int]):
+    """Postings (blocking key -> record keys), persons' members and the records found."""
+    sqlite = conn.dialect.name == "sqlite"
+    postings: dict[str, set[Key]] = {}
+    known: dict[Key, _Known] = {}
+    persons: set[int] = set(own_persons)
+    if keys:
+        params: list = []
+        where = _in_text(sqlite, "k.key", sorted(keys), params)
+        for bk, facility, mrn, person, link, features in _select(conn, None, (
+            "SELECT k.key, r.facility, r.mrn, r.person_id, r.link, r.features FROM record_key k"
+            f" JOIN patient_record r ON r.id = k.record_id WHERE {where} AND r.active"
+        ), params):
+            key = (facility, mrn)
+            postings.setdefault(bk, set()).add(key)
+            if key not in known:
+                known[key] = _Known(person, _features(features), link)
+                persons.add(person)
+    members: dict[int | str, set[Key]] = {}
+    if persons:
+        params = []
+        where = _in_ids(sqlite, "person_id", sorted(persons), params)
+        for facility, mrn, person, link, features in _select(conn, None, (
+            f"SELECT facility, mrn, person_id, link, features FROM patient_record WHERE {where} AND active"
+        ), params):
+            key = (facility, mrn)
+            members.setdefault(person, set()).add(key)
+            known.setdefault(key, _Known(person, _features(features), link))
+    return postings, members, known
+
+
+def _pairs(conn: Connection, keys: list[Key]) -> dict[Key, set[Key]]:
+    """Active sticky not-a-match pairs of ``keys``."""
+    if not keys:
+        return {}
+    sqlite = conn.dialect.name == "sqlite"
+    params: list = []
+    where = " OR ".join(["(facility = ? AND mrn = ?)" if sqlite else "(facility = %s AND mrn = %s)"] * len(keys))
+    for key in keys:
+        params.extend(key)
+    out: dict[Key, set[Key]] = {}
+    for facility, mrn, other_facility, other_mrn in _select(conn, None, (
+        f"SELECT facility, mrn, other_facility, other_mrn FROM match_pair WHERE active AND ({where})"
+    ), params):
+        out.setdefault((facility, mrn), set()).add((other_facility, other_mrn))
+    return out
+
+
+def _source_assertions(state: MemoryState, d) -> list[tuple[str, str, str, bool]]:
+    return [(f, a, b, state.links[(f, a, b)]) for f, a, b in d.links]
+
+
+def _last_refs(state: MemoryState) -> dict[Key, Hashable]:
+    """The message that last changed each record, from the batch's history."""
+    out: dict[Key, Hashable] = {}
+    start = len(state.history) - len(state.dirty().history)
+    for ref, _kind, facility, key in state.history[start:]:
+        for part in key:
+            if isinstance(part, str):
+                out[(facility, part)] = ref
+    return out
+
+
+def _in_text(sqlite: bool, column: str, values: list[str], params: list) -> str:
+    if sqlite:
+        params.extend(values)
+        return f"{column} IN ({', '.join(['?'] * len(values))})"
+    params.append(values)
+    return f"{column} = ANY(%b::text[])"
+
+
+def _features(text: str | None) -> Features | None:
+    if text is None:
+        return None
+    try:
+        return decode_features(text)
+    except ValueError:
+        return None  # stored by another version: not a candidate until re-matched
+
+
+def _str(person: int | str) -> str:
+    return person if isinstance(person, str) else str(person)
+
+
+def _person(person: str | None) -> int | str:
+    assert person is not None
+    return int(person) if person.isdigit() else person
+
+
+def _int_or_none(person: str | None) -> int | str | None:
+    return None if person is None else _person(person)
+

@@ -1,0 +1,191 @@
+"""The patient index in the writer's transaction (exchange.store.index through
+process_batch), on SQLite and PostgreSQL: who ends up in which person, what the
+history and the reviews say, and that sticky facts hold."""
+from __future__ import annotations
+
+import itertools
+from datetime import datetime, timezone
+
+from sqlalchemy import text
+
+from exchange.acceptance import AcceptancePolicy, FacilityRule, accept
+from exchange.hl7.header import read_header
+from exchange.mapping.events import FacilityContext
+from exchange.pipeline import Received, process_batch
+from exchange.store.index import ModelCache
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+CODES = ("GENHOSP", "OAKNH", "HHCARE")
+POLICY = AcceptancePolicy({code: FacilityRule(code) for code in CODES})
+FACILITIES = {code: FacilityContext(code, code) for code in CODES}
+_ids = itertools.count(1)
+
+
+def pid(mrn: str, facility: str, name: str, birth: str, sex: str = "F", address: str = "12 OAK ST^^SPRINGFIELD^IL^62701",
+        phone: str = "555-0100", ssn: str = "") -> str:
+    return f"PID|1||{mrn}^^^{facility}^MR||{name}||{birth}|{sex}|||{address}||{phone}|||||{ssn}"
+
+
+def adt(facility: str, event: str, *segments: str) -> bytes:
+    control = f"IX{next(_ids)}"
+    return ("\r".join([f"MSH|^~\\&|APP|{facility}|EX|EX|20261127120000||ADT^{event}^ADT_A01|{control}|P|2.5",
+                       f"EVN|{event}|20261127120000", *segments]) + "\r").encode()
+
+
+def register(facility, mrn, name, birth, **kw) -> bytes:
+    return adt(facility, "A28", pid(mrn, facility, name, birth, **kw))
+
+
+def run(engine, *raws: bytes, models: ModelCache | None = None) -> list[str]:
+    items = []
+    for raw in raws:
+        header = read_header(raw)
+        items.append(Received(raw, header, accept(header, POLICY), NOW, "127.0.0.1:5000"))
+    with engine.begin() as conn:
+        answers = process_batch(conn, items, new_control_id=lambda: f"ACK{next(_ids)}", now=lambda: NOW,
+                                facilities=FACILITIES, models=models or ModelCache())
+    return [a.ack_code for a in answers]
+
+
+def person(engine, facility: str, mrn: str) -> int:
+    with engine.connect() as conn:
+        return conn.execute(text("select person_id from patient_record where facility = :f and mrn = :m"),
+                            {"f": facility, "m": mrn}).scalar_one()
+
+
+def rows(engine, sql: str, **params):
+    with engine.connect() as conn:
+        return conn.execute(text(sql), params).all()
+
+
+ELIZABETH = dict(name="HANSON^ELIZABETH^M", birth="19400304", ssn="123-45-6789")
+
+
+def test_the_same_woman_at_three_facilities_is_one_person(engine):
+    assert run(engine, register("OAKNH", "OA917082", **ELIZABETH)) == ["AA"]
+    assert run(engine, register("GENHOSP", "GH-44107", name="HANSEN^LIZ", birth="19400304", ssn="123456789")) == ["AA"]
+    assert run(engine, register("HHCARE", "HH-3391", name="HANSON-MOORE^ELIZABETH", birth="19400304",
+                                ssn="123-45-6789")) == ["AA"]
+    p = person(engine, "OAKNH", "OA917082")
+    assert person(engine, "GENHOSP", "GH-44107") == p and person(engine, "HHCARE", "HH-3391") == p
+    links = rows(engine, "select facility, link, link_score from patient_record order by id")
+    assert [(f, link) for f, link, _ in links] == [("OAKNH", "auto"), ("GENHOSP", "auto"), ("HHCARE", "auto")]
+    assert links[0][2] is None and links[1][2] > 20 and links[2][2] > 20  # scores (bits) above the upper threshold
+    history = rows(engine, "select facility, to_person, actor, message_id from link_event order by id")
+    assert [(f, to, actor) for f, to, actor, _ in history] == [("OAKNH", p, "exchange"), ("GENHOSP", p, "exchange"),
+                                                              ("HHCARE", p, "exchange")]
+    assert all(message_id is not None for *_, message_id in history)
+    assert rows(engine, "select count(*) from match_review") == [(0,)]
+    assert rows(engine, "select count(distinct record_id) from record_key") == [(3,)]
+
+
+def test_records_in_one_batch_are_matched_against_each_other(engine):
+    run(engine, register("OAKNH", "OA-1", **ELIZABETH), register("GENHOSP", "GH-1", **ELIZABETH))
+    assert person(engine, "OAKNH", "OA-1") == person(engine, "GENHOSP", "GH-1")
+    assert rows(engine, "select count(*) from person p where exists "
+                        "(select 1 from patient_record r where r.person_id = p.id)") == [(1,)]
+
+
+def test_different_people_and_twins_stay_apart(engine):
+    run(engine, register("OAKNH", "OA-2", name="HANSON^ELIZABETH", birth="19400304"))
+    run(engine, register("GENHOSP", "GH-2", name="KOWALCZYK^PIOTR", birth="19551111", sex="M",
+                         address="9 ELM ST^^DENVER^CO^80201", phone="555-0199"))
+    run(engine, register("GENHOSP", "GH-3", name="HANSON^MARGARET", birth="19400304"))  # her twin
+    persons = {person(engine, "OAKNH", "OA-2"), person(engine, "GENHOSP", "GH-2"), person(engine, "GENHOSP", "GH-3")}
+    assert len(persons) == 3
+
+
+def test_a_second_registration_at_the_same_facility_is_a_review_never_a_link(engine):
+    run(engine, register("GENHOSP", "GH-10", **ELIZABETH))
+    run(engine, register("GENHOSP", "GH-11", **ELIZABETH))
+    assert person(engine, "GENHOSP", "GH-10") != person(engine, "GENHOSP", "GH-11")
+    ((kind, facility, mrn, suggested, state, detail),) = rows(
+        engine, "select kind, facility, mrn, person_id, state, detail from match_review")
+    assert (kind, facility, mrn, state) == ("duplicate", "GENHOSP", "GH-11", "open")
+    assert suggested == person(engine, "GENHOSP", "GH-10")
+    import json
+
+    detail = json.loads(detail) if isinstance(detail, str) else detail
+    assert detail["candidates"][0]["mrn"] == "GH-10" and detail["thresholds"]["upper"] > detail["thresholds"]["lower"]
+    assert any(f["field"] == "birth" for f in detail["candidates"][0]["explain"]["fields"])
+
+
+def test_a_technicians_not_a_match_is_never_relinked_automatically(engine):
+    run(engine, register("OAKNH", "OA-20", **ELIZABETH))
+    with engine.begin() as conn:
+        for a, b in ((("GENHOSP", "GH-20"), ("OAKNH", "OA-20")), (("OAKNH", "OA-20"), ("GENHOSP", "GH-20"))):
+            conn.execute(text("insert into match_pair (facility, mrn, other_facility, other_mrn, active) "
+                              "values (:f, :m, :of, :om, :a)"), {"f": a[0], "m": a[1], "of": b[0], "om": b[1], "a": True})
+    run(engine, register("GENHOSP", "GH-20", **ELIZABETH))
+    assert person(engine, "GENHOSP", "GH-20") != person(engine, "OAKNH", "OA-20")
+
+
+def test_an_update_that_changes_nothing_matching_reads_is_not_rematched(engine):
+    run(engine, register("OAKNH", "OA-30", **ELIZABETH))
+    before = rows(engine, "select count(*) from link_event")
+    admit = adt("OAKNH", "A01", pid("OA-30", "OAKNH", **ELIZABETH), "PV1|1|I|W1^1^A" + "|" * 16 + "|V1")
+    assert run(engine, admit) == ["AA"]
+    assert rows(engine, "select count(*) from link_event") == before
+    assert rows(engine, "select count(*) from match_review") == [(0,)]
+
+
+def test_a_manual_link_is_not_broken_and_a_changed_record_is_rematched(engine):
+    run(engine, register("OAKNH", "OA-40", **ELIZABETH))
+    run(engine, register("GENHOSP", "GH-40", **ELIZABETH))
+    p = person(engine, "OAKNH", "OA-40")
+    with engine.begin() as conn:
+        conn.execute(text("update patient_record set link = 'manual' where mrn = 'GH-40'"))
+    # the hospital corrects the birth date to something quite different: the manual link holds, a review opens
+    run(engine, adt("GENHOSP", "A08", pid("GH-40", "GENHOSP", name="HANSON^ELIZABETH^M", birth="19621225",
+                                          ssn="987-65-4321", address="1 PINE RD^^AUSTIN^TX^73301", phone="555-0777")))
+    assert person(engine, "GENHOSP", "GH-40") == p
+    assert rows(engine, "select kind, mrn, state from match_review") == [("link_looks_wrong", "GH-40", "open")]
+
+
+def test_a24_links_two_records_of_a_facility_and_a37_unlinks_them(engine):
+    run(engine, register("GENHOSP", "GH-50", name="DOE^JANE", birth="19700101"))
+    run(engine, register("GENHOSP", "GH-51", name="ROE^ANN", birth="19800202", sex="F",
+                         address="5 BIRCH LN^^RENO^NV^89501", phone="555-0333"))
+    assert person(engine, "GENHOSP", "GH-50") != person(engine, "GENHOSP", "GH-51")
+    link = adt("GENHOSP", "A24", pid("GH-50", "GENHOSP", name="DOE^JANE", birth="19700101"),
+               pid("GH-51", "GENHOSP", name="ROE^ANN", birth="19800202", address="5 BIRCH LN^^RENO^NV^89501",
+                   phone="555-0333"))
+    assert run(engine, link) == ["AA"]
+    assert person(engine, "GENHOSP", "GH-50") == person(engine, "GENHOSP", "GH-51")
+    assert rows(engine, "select link from patient_record where mrn = 'GH-51'") == [("source",)]
+    unlink = link.replace(b"ADT^A24", b"ADT^A37").replace(b"EVN|A24", b"EVN|A37").replace(b"|IX", b"|IXU")
+    assert run(engine, unlink) == ["AA"]
+    assert person(engine, "GENHOSP", "GH-50") != person(engine, "GENHOSP", "GH-51")
+    assert len(rows(engine, "select * from match_pair where active")) == 2
+
+
+def test_a_stored_model_is_used(engine):
+    from exchange.matching.model import default_model
+
+    strict = default_model().replace(upper=1000.0, lower=999.0)  # nothing can reach it: every record alone
+    with engine.begin() as conn:
+        conn.execute(text("insert into match_model (created_at, model) values (:at, :m)"),
+                     {"at": NOW, "m": strict.to_json()})
+    models = ModelCache()
+    run(engine, register("OAKNH", "OA-60", **ELIZABETH), models=models)
+    run(engine, register("GENHOSP", "GH-60", **ELIZABETH), models=models)
+    assert person(engine, "OAKNH", "OA-60") != person(engine, "GENHOSP", "GH-60")
+
+
+def test_replay_keeps_every_records_person_and_rebuilds_the_keys(engine):
+    from exchange.replay import replay
+
+    run(engine, register("OAKNH", "OA-70", **ELIZABETH))
+    run(engine, register("GENHOSP", "GH-70", **ELIZABETH))
+    run(engine, register("GENHOSP", "GH-71", name="KOWALCZYK^PIOTR", birth="19551111", sex="M"))
+    with engine.begin() as conn:  # a technician's decision, to be kept
+        conn.execute(text("update patient_record set link = 'manual' where mrn = 'GH-71'"))
+    before = rows(engine, "select facility, mrn, person_id, link, link_score, features from patient_record order by mrn")
+    keys = rows(engine, "select r.mrn, k.key from record_key k join patient_record r on r.id = k.record_id "
+                        "order by r.mrn, k.key")
+    report = replay(engine, FACILITIES)
+    assert report.messages == 3 and not report.not_applied
+    assert rows(engine, "select facility, mrn, person_id, link, link_score, features from patient_record "
+                        "order by mrn") == before
+    assert rows(engine, "select r.mrn, k.key from record_key k join patient_record r on r.id = k.record_id "
+                        "order by r.mrn, k.key") == keys
