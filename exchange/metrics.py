@@ -47,3 +47,31 @@ def received(facility: str):
 @cache
 def acks(code: str):
     return ACKS.labels(code=code)
+
+
+# -- delivery of routed copies (exchange.delivery); destination codes come from the configuration
+DELIVERY_ATTEMPTS = Counter(
+    "exchange_delivery_attempts_total",
+    "Copies sent to a destination, by outcome: delivered (AA/CA), failed (AE/AR/CE/CR),"
+    " timeout, connection (refused, lost, broken), protocol (no MSA, wrong MSA-2)",
+    ["destination", "outcome"],
+)
+DELIVERY_QUEUE = Gauge(
+    "exchange_delivery_queue_depth", "Copies queued for a destination (the outbox, all nodes)", ["destination"]
+)
+DELIVERY_LATENCY = Histogram(
+    "exchange_delivery_latency_seconds",
+    "From a copy's commit in the outbox (just before the inbound ACK) to the destination's AA/CA",
+    ["destination"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0),
+)
+DELIVERY_SERVING = Gauge(
+    "exchange_delivery_serving",
+    "1 while this node delivers a destination's copies (holds its lock), else 0",
+    ["destination"],
+)
+
+
+@cache
+def delivery_attempts(destination: str, outcome: str):
+    return DELIVERY_ATTEMPTS.labels(destination=destination, outcome=outcome)

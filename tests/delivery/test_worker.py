@@ -1,0 +1,345 @@
+"""DestinationWorker driven without sockets or sleeping: StringTransport peers,
+task.Clock for time, the store on a real SQLite database with its calls run
+inline (the thread pool's place)."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import select
+from twisted.internet.defer import fail, maybeDeferred, succeed
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from exchange.delivery.policy import Settings
+from exchange.delivery.worker import DeliveryProtocol, DestinationStore, DestinationWorker
+from exchange.mllp.framing import MLLPDecoder, encode
+from exchange.store.db import make_engine, upgrade, write_transaction
+from exchange.store.messages import insert_messages
+from exchange.store.outbox import DeliveryState, NewCopy, enqueue, get_delivery, retry
+from exchange.store.schema import delivery_table
+from tests.support import new_message
+
+T0 = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+SETTINGS = Settings(timeout=10.0, retry_initial=1.0, retry_max=8.0, poll=2.0, batch=100)
+
+
+def copy_payload(control_id: str) -> bytes:
+    return f"MSH|^~\\&|EXCHANGE|EXCHANGE|NH|OAKNH|20261127120000||ADT^A01^ADT_A01|{control_id}|P|2.5\rPID|1||N1^^^OAKNH^MR\r".encode()
+
+
+def ack(control_id: str, code: str = "AA", text: str = "") -> bytes:
+    return f"MSH|^~\\&|NH|OAKNH|EXCHANGE|EXCHANGE|20261127120001||ACK^A01^ACK|R{control_id}|P|2.5\rMSA|{code}|{control_id}|{text}\r".encode()
+
+
+class Peers:
+    """The destination: each connect() makes a StringTransport connection the test plays."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.connections: list[tuple[DeliveryProtocol, StringTransport]] = []
+        self.refuse = False
+
+    def connect(self):
+        if self.refuse:
+            return fail(ConnectionRefusedError("refused"))
+        protocol = DeliveryProtocol(self.clock, timeout=SETTINGS.timeout)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.connections.append((protocol, transport))
+        return succeed(protocol)
+
+    @property
+    def current(self) -> tuple[DeliveryProtocol, StringTransport]:
+        return self.connections[-1]
+
+    def sent(self, index: int = -1) -> list[bytes]:
+        """Payloads written on connection ``index``."""
+        return MLLPDecoder().feed(self.connections[index][1].value())
+
+    def all_sent(self) -> list[str]:
+        """MSH-10 of everything written, on every connection, in order."""
+        return [p.split(b"\r")[0].split(b"|")[9].decode() for i in range(len(self.connections)) for p in self.sent(i)]
+
+    def reply(self, payload: bytes) -> None:
+        self.current[0].dataReceived(encode(payload))
+
+    def settle(self) -> None:
+        """What the reactor does after the worker dropped or closed a connection."""
+        for protocol, transport in self.connections:
+            if transport.disconnecting and not protocol.closed:
+                protocol.connectionLost(Failure(ConnectionDone("closed")))
+
+    def hang_up(self) -> None:
+        protocol, transport = self.current
+        transport.disconnecting = True
+        protocol.connectionLost(Failure(ConnectionDone("closed by peer")))
+
+
+class Harness:
+    def __init__(self, tmp_path) -> None:
+        self.engine = make_engine(f"sqlite:///{tmp_path / 'exchange.db'}")
+        upgrade(self.engine)
+        with write_transaction(self.engine) as conn:
+            self.message_id = insert_messages(conn, [new_message("SRC-1")])[0]
+        self.clock = Clock()
+        self.clock.advance(1)
+        self.peers = Peers(self.clock)
+        self.store = DestinationStore(self.engine, "OAKNH")
+        self.worker = DestinationWorker(
+            "OAKNH",
+            None,
+            reactor=self.clock,
+            call=lambda fn, *args: maybeDeferred(fn, *args),
+            store=self.store,
+            settings=SETTINGS,
+            now=self.now,
+            rand=lambda: 1.0,  # the full ceiling: 1, 2, 4, 8, 8 ... seconds
+            connect=self.peers.connect,
+        )
+        self.ids: dict[str, int] = {}
+
+    def now(self) -> datetime:
+        return T0 + timedelta(seconds=self.clock.seconds())
+
+    def enqueue(self, *control_ids: str, wake: bool = True) -> None:
+        with write_transaction(self.engine) as conn:
+            ids = enqueue(
+                conn,
+                [NewCopy("OAKNH", self.message_id, c, copy_payload(c), self.now()) for c in control_ids],
+            )
+        self.ids.update(zip(control_ids, ids))
+        if wake:
+            self.worker.wake()
+
+    def state(self, control_id: str):
+        with self.engine.connect() as conn:
+            return get_delivery(conn, self.ids[control_id])
+
+    def states(self) -> dict[str, str]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(delivery_table.c.control_id, delivery_table.c.state)).all()
+        return dict(rows)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+@pytest.fixture
+def h(tmp_path):
+    harness = Harness(tmp_path)
+    yield harness
+    harness.close()
+
+
+def test_copies_go_one_at_a_time_in_order(h: Harness) -> None:
+    h.enqueue("D1", "D2", "D3", wake=False)
+    done = h.worker.start()
+    assert h.peers.sent() == [copy_payload("D1")]  # only the first: one in flight
+    h.peers.reply(ack("D1"))
+    assert h.peers.all_sent() == ["D1", "D2"]
+    h.peers.reply(ack("D2", "CA"))
+    h.peers.reply(ack("D3"))
+    assert h.peers.all_sent() == ["D1", "D2", "D3"]
+    assert h.states() == {"D1": "delivered", "D2": "delivered", "D3": "delivered"}
+    d2 = h.state("D2")
+    assert (d2.attempts, d2.ack_code, d2.delivered_at) == (1, "CA", h.now())
+    assert len(h.peers.connections) == 1  # the connection is kept
+    assert h.worker.serving
+
+    # idle: a wake-up sends new copies at once, without waiting for the poll
+    h.enqueue("D4")
+    assert h.peers.all_sent()[-1] == "D4"
+    h.peers.reply(ack("D4"))
+    # without a wake-up, the poll finds them
+    h.enqueue("D5", wake=False)
+    assert h.peers.all_sent()[-1] == "D4"
+    h.clock.advance(SETTINGS.poll)
+    assert h.peers.all_sent()[-1] == "D5"
+    h.peers.reply(ack("D5"))
+
+    stopped = h.worker.stop()
+    h.peers.settle()
+    assert stopped is done and done.called
+    assert h.peers.current[1].disconnecting  # closed at stop
+
+
+def test_a_refusal_fails_the_copy_and_the_queue_moves_on(h: Harness) -> None:
+    h.enqueue("D1", "D2", wake=False)
+    h.worker.start()
+    h.peers.reply(ack("D1", "AE", "Unknown patient"))
+    assert h.peers.all_sent() == ["D1", "D2"]
+    h.peers.reply(ack("D2"))
+    d1 = h.state("D1")
+    assert (d1.state, d1.last_error, d1.ack_code, d1.attempts) == (DeliveryState.FAILED, "AE: Unknown patient", "AE", 1)
+
+    # the operator requeues it: it goes out at once (an urgent wake-up) and is delivered
+    with write_transaction(h.engine) as conn:
+        retry(conn, h.ids["D1"], "ops", h.now())
+    h.worker.wake(urgent=True)
+    assert h.peers.all_sent() == ["D1", "D2", "D1"]
+    h.peers.reply(ack("D1"))
+    d1 = h.state("D1")
+    assert (d1.state, d1.attempts, d1.last_error) == (DeliveryState.DELIVERED, 2, None)
+    h.worker.stop()
+
+
+def test_a_wrong_msa2_drops_the_connection_and_the_copy_goes_again(h: Harness) -> None:
+    h.enqueue("D1", "D2", wake=False)
+    h.worker.start()
+    first_protocol, first_transport = h.peers.current
+    h.peers.reply(ack("D0"))  # an answer to something else
+    assert first_transport.disconnected  # aborted: a late answer is never read
+    h.peers.settle()
+    d1 = h.state("D1")
+    assert (d1.state, d1.attempts) == (DeliveryState.QUEUED, 1)
+    assert "MSA-2 'D0'" in d1.last_error and d1.ack_code == "AA"
+    assert h.peers.all_sent() == ["D1"]  # D2 does not overtake it
+    # a new copy committed meanwhile does not cut the wait short either
+    h.enqueue("D3")
+    assert h.peers.all_sent() == ["D1"]
+    h.clock.advance(1.0)  # the first retry: after retry_initial
+    assert len(h.peers.connections) == 2 and h.peers.all_sent() == ["D1", "D1"]
+    h.peers.reply(ack("D1"))
+    h.peers.reply(ack("D2"))
+    h.peers.reply(ack("D3"))
+    assert h.peers.all_sent() == ["D1", "D1", "D2", "D3"]
+    assert h.states() == {"D1": "delivered", "D2": "delivered", "D3": "delivered"}
+    assert h.state("D1").attempts == 2
+    h.worker.stop()
+
+
+def test_no_answer_times_out_drops_the_connection_and_backs_off(h: Harness) -> None:
+    h.enqueue("D1", "D2", wake=False)
+    h.worker.start()
+    protocol, transport = h.peers.current
+    h.clock.advance(SETTINGS.timeout)
+    assert transport.disconnected
+    h.peers.settle()
+    d1 = h.state("D1")
+    assert (d1.state, d1.attempts, d1.last_error) == (DeliveryState.QUEUED, 1, "no answer within 10 s")
+    assert d1.next_attempt_at == h.now() + timedelta(seconds=1)
+    # the late answer on the dropped connection is never taken for anything
+    protocol.dataReceived(encode(ack("D1")))
+    assert h.state("D1").state is DeliveryState.QUEUED
+    # again and again: the waits double up to retry_max (1, 2, 4, 8, 8 s with this jitter)
+    waits = []
+    for _ in range(4):
+        before = h.now()
+        h.clock.advance((h.state("D1").next_attempt_at - before).total_seconds())
+        assert h.peers.all_sent()[-1] == "D1"
+        h.clock.advance(SETTINGS.timeout)
+        h.peers.settle()
+        waits.append((h.state("D1").next_attempt_at - h.now()).total_seconds())
+    assert waits == pytest.approx([2.0, 4.0, 8.0, 8.0], rel=1e-4)
+    assert h.state("D1").attempts == 5
+    h.clock.advance(8.0)
+    h.peers.reply(ack("D1"))
+    h.peers.reply(ack("D2"))
+    assert h.states() == {"D1": "delivered", "D2": "delivered"}
+    assert h.peers.all_sent() == ["D1"] * 6 + ["D2"]
+    h.worker.stop()
+
+
+def test_a_destination_that_is_down_gets_everything_in_order_once_back(h: Harness) -> None:
+    h.peers.refuse = True
+    h.enqueue("D1", "D2", "D3", wake=False)
+    h.worker.start()
+    for i in range(5):
+        h.clock.advance(8.0)
+        h.enqueue(f"N{i}")
+    d1 = h.state("D1")
+    assert d1.state is DeliveryState.QUEUED and d1.attempts >= 3 and d1.last_error.startswith("cannot connect")
+    assert h.state("D2").attempts == 0  # never tried: the head holds them back
+    h.peers.refuse = False
+    h.clock.advance(8.0)
+    for control_id in ["D1", "D2", "D3", "N0", "N1", "N2", "N3", "N4"]:
+        assert h.peers.all_sent()[-1] == control_id
+        h.peers.reply(ack(control_id))
+    assert set(h.states().values()) == {"delivered"}
+    h.worker.stop()
+
+
+def test_a_kept_connection_closed_by_the_peer_is_replaced_without_an_attempt(h: Harness) -> None:
+    h.enqueue("D1", wake=False)
+    h.worker.start()
+    h.peers.reply(ack("D1"))
+    h.peers.hang_up()  # one message per connection, like hl7apy's MLLPServer
+    h.enqueue("D2")
+    assert len(h.peers.connections) == 2 and h.peers.sent() == [copy_payload("D2")]
+    h.peers.reply(ack("D2"))
+    assert h.state("D2").attempts == 1
+
+    # closed just as the next copy goes out: sent again on a new connection at once
+    protocol, transport = h.peers.current
+    h.enqueue("D3")
+    assert h.peers.sent() == [copy_payload("D2"), copy_payload("D3")]
+    h.peers.hang_up()
+    assert len(h.peers.connections) == 3 and h.peers.sent() == [copy_payload("D3")]
+    h.peers.reply(ack("D3"))
+    assert (h.state("D3").state, h.state("D3").attempts) == (DeliveryState.DELIVERED, 1)
+    # but a new connection lost before the answer is an attempt, and waits
+    h.enqueue("D4")
+    h.peers.hang_up()  # a kept connection again: replaced at once
+    assert len(h.peers.connections) == 4 and h.state("D4").attempts == 0
+    h.peers.hang_up()
+    d4 = h.state("D4")
+    assert (d4.state, d4.attempts) == (DeliveryState.QUEUED, 1) and d4.last_error.startswith("connection lost")
+    h.worker.stop()
+
+
+def test_stop_abandons_the_copy_in_flight_without_losing_it(h: Harness) -> None:
+    h.enqueue("D1", "D2", wake=False)
+    done = h.worker.start()
+    h.peers.reply(ack("D1"))
+    assert h.peers.all_sent() == ["D1", "D2"]
+    h.worker.stop()
+    assert not done.called  # D2 gets a grace period to be answered
+    h.clock.advance(5.0)
+    assert h.peers.current[1].disconnected
+    h.peers.settle()
+    assert done.called
+    d2 = h.state("D2")
+    assert (d2.state, d2.attempts, d2.last_error) == (DeliveryState.QUEUED, 0, None)  # as it was
+    assert h.state("D1").state is DeliveryState.DELIVERED
+
+
+def test_stop_waits_for_an_answer_in_the_grace_period(h: Harness) -> None:
+    h.enqueue("D1", "D2", wake=False)
+    done = h.worker.start()
+    h.worker.stop()
+    h.peers.reply(ack("D1"))
+    assert done.called and h.peers.all_sent() == ["D1"]  # nothing new goes out
+    assert h.states() == {"D1": "delivered", "D2": "queued"}
+
+
+def test_stop_while_idle_or_backing_off(h: Harness) -> None:
+    done = h.worker.start()
+    h.worker.stop()
+    assert done.called
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_outcomes_not_recorded_are_sent_again(h: Harness) -> None:
+    h.enqueue("D1", "D2", wake=False)
+    real_record = h.store.record
+    calls = []
+
+    def broken(outcomes):
+        calls.append(outcomes)
+        raise RuntimeError("database went away")
+
+    h.store.record = broken
+    h.worker.start()
+    h.peers.reply(ack("D1"))  # recorded: fails; D2 is not sent
+    assert h.peers.all_sent() == ["D1"] and len(calls) == 1
+    assert not h.worker.serving
+    h.store.record = real_record
+    h.clock.advance(SETTINGS.poll)
+    assert h.peers.all_sent() == ["D1", "D1"]  # at least once: same MSH-10 again
+    h.peers.reply(ack("D1"))
+    h.peers.reply(ack("D2"))
+    assert h.states() == {"D1": "delivered", "D2": "delivered"}
+    h.worker.stop()
