@@ -91,6 +91,10 @@ _SERVER_KEYS = (
     "batch_max",
     "max_pending",
     "log_level",
+    "delivery_timeout",
+    "retry_initial",
+    "retry_max",
+    "delivery_poll",
     "person_authority",
     "trust",
 )
@@ -201,6 +205,11 @@ class ServerConfig:
     batch_max: int = 500  # max messages per group commit
     max_pending: int = 5000  # messages waiting for the writer before connections are paused
     log_level: str = "info"
+    # -- delivery of routed copies (exchange.delivery) --
+    delivery_timeout: float = 30.0  # seconds to connect to a destination, and to wait for each ACK
+    retry_initial: float = 1.0  # seconds before the first retry of a copy not delivered
+    retry_max: float = 300.0  # longest wait between retries (the wait doubles up to it, with jitter)
+    delivery_poll: float = 2.0  # seconds between looks at the outbox without a wake-up (other nodes' copies, lock take-over)
     person_authority: str = "EXCHANGE"  # CX.4 of the enterprise person id in routed copies' PID-3 (type PI)
     trust: tuple[str, ...] = DEFAULT_TRUST  # facility kinds, most trusted first (the person's best view)
 
@@ -376,6 +385,7 @@ class _Reader:
             batch_max=self.integer(table, "batch_max", "server.batch_max", defaults.batch_max, minimum=1),
             max_pending=self.integer(table, "max_pending", "server.max_pending", defaults.max_pending, minimum=1),
             log_level=log_level.lower(),
+            **self.delivery(table, defaults),
             person_authority=self.code(table, "person_authority", "server.person_authority")
             or defaults.person_authority,
             trust=self.trust(table, defaults.trust),
@@ -426,6 +436,10 @@ class _Reader:
         deliver_to = self.string(table, "deliver_to", f"{prefix}.deliver_to")
         if deliver_to is not None and not deliver_to.strip():
             raise self.fail(f"{prefix}.deliver_to", "must not be empty (leave the key out instead)")
+        if deliver_to is not None:
+            reason = check_client_endpoint(deliver_to)
+            if reason:
+                raise self.fail(f"{prefix}.deliver_to", reason)
         charset = self.string(table, "charset", f"{prefix}.charset")
         if charset is not None and not charset.strip():
             raise self.fail(f"{prefix}.charset", "must not be empty (leave the key out for utf-8)")
@@ -622,6 +636,30 @@ class _Reader:
             raise self.fail(key, f"must be 0 (disabled) or a positive number of seconds (got {value})")
         return float(value)
 
+    def seconds(self, table: dict[str, Any], name: str, key: str, default: float) -> float:
+        """A positive number of seconds (0 is not allowed: nothing to disable)."""
+        if name not in table:
+            return default
+        value = table[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(key, f"must be a number of seconds (got {_kind(value)})")
+        if not 0 < value < float("inf"):
+            raise self.fail(key, f"must be a positive number of seconds (got {value})")
+        return float(value)
+
+    def delivery(self, table: dict[str, Any], defaults: ServerConfig) -> dict[str, float]:
+        """The delivery worker's keys (exchange.delivery.policy.Settings)."""
+        values = {
+            name: self.seconds(table, name, f"server.{name}", getattr(defaults, name))
+            for name in ("delivery_timeout", "retry_initial", "retry_max", "delivery_poll")
+        }
+        if values["retry_max"] < values["retry_initial"]:
+            raise self.fail(
+                "server.retry_max",
+                f"must be at least server.retry_initial ({values['retry_initial']:g}) (got {values['retry_max']:g})",
+            )
+        return values
+
     def patterns(
         self, table: dict[str, Any], name: str, key: str, default: tuple[str, ...], *, documents: bool = False
     ) -> tuple[str, ...]:
@@ -722,6 +760,19 @@ def check_server_endpoint(description: str) -> str | None:
         return f"backlog must be a number (got {backlog!r})"
     if kind == "ssl":
         return _check_tls_files(kwargs)
+    return None
+
+
+def check_client_endpoint(description: str) -> str | None:
+    """Why ``description`` is not a usable ``deliver_to`` (``host:port`` or a Twisted
+    client endpoint string), or None. Reads TLS files; opens no connection."""
+    from exchange.mllp.client import client_endpoint  # Twisted, only to validate
+
+    try:
+        client_endpoint(object(), description)  # the endpoint is only built, never used
+    except ValueError as e:
+        text = str(e).rstrip(": ")
+        return f"{text} (use host:port, or a client endpoint string such as tls:host=H:port=P:trustRoots=DIR)"
     return None
 
 

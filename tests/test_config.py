@@ -639,3 +639,42 @@ def test_trust_defaults_and_order(tmp_path):
 )
 def test_trust_errors_name_the_key_and_the_reason(tmp_path, value, expected):
     assert error_of(tmp_path, with_server(f"trust = {value}")).startswith(expected)
+
+
+# -- delivery of routed copies --------------------------------------------------------
+
+
+def test_delivery_defaults_and_values(tmp_path):
+    server = load(tmp_path, MINIMAL).server
+    assert (server.delivery_timeout, server.retry_initial, server.retry_max, server.delivery_poll) == (30.0, 1.0, 300.0, 2.0)
+    text = with_server("delivery_timeout = 5\nretry_initial = 0.5\nretry_max = 60\ndelivery_poll = 1.5")
+    server = load(tmp_path, text).server
+    assert (server.delivery_timeout, server.retry_initial, server.retry_max, server.delivery_poll) == (5.0, 0.5, 60.0, 1.5)
+    assert load(tmp_path, with_server("retry_initial = 7\nretry_max = 7")).server.retry_max == 7.0
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (with_server("delivery_timeout = 0"), "server.delivery_timeout: must be a positive number of seconds (got 0)"),
+        (with_server("retry_initial = -1"), "server.retry_initial: must be a positive number of seconds (got -1)"),
+        (with_server('retry_max = "5m"'), "server.retry_max: must be a number of seconds (got a string)"),
+        (with_server("delivery_poll = true"), "server.delivery_poll: must be a number of seconds (got a boolean)"),
+        (with_server("delivery_poll = inf"), "server.delivery_poll: must be a positive number of seconds (got inf)"),
+        (with_server("retry_initial = 10\nretry_max = 5"), "server.retry_max: must be at least server.retry_initial (10) (got 5)"),
+        (with_server("retry_max = 0.5"), "server.retry_max: must be at least server.retry_initial (1) (got 0.5)"),
+        (with_facility('deliver_to = "bogus:x"'), "facility[1].deliver_to: bad endpoint 'bogus:x': Unknown endpoint type"),
+        (with_facility('deliver_to = "tcp:host=nh.example"'), "facility[1].deliver_to: bad endpoint 'tcp:host=nh.example'"),
+        (with_facility('deliver_to = "3575"'), "facility[1].deliver_to: bad endpoint '3575'"),
+    ],
+)
+def test_delivery_errors_name_the_key_and_the_reason(tmp_path, text, expected):
+    assert error_of(tmp_path, text).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    "deliver_to",
+    ["127.0.0.1:3575", "[::1]:3575", "nh.example:3575", "tcp:host=127.0.0.1:port=3575", "tls:host=nh.example:port=3575"],
+)
+def test_deliver_to_accepts_host_port_and_client_endpoint_strings(tmp_path, deliver_to):
+    assert load(tmp_path, with_facility(f'deliver_to = "{deliver_to}"')).facilities[0].deliver_to == deliver_to
