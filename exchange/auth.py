@@ -38,7 +38,8 @@ class Permission(StrEnum):
     READ_REVIEW = "review.read"
     DECIDE_REVIEW = "review.decide"
     READ_MESSAGE = "message.read"
-    READ_DELIVERY = "delivery.read"
+    READ_DELIVERY = "delivery.read"  # the outbox and the accounting of disclosures
+    RETRY_DELIVERY = "delivery.retry"  # requeue a failed copy
 
 
 # The permission table: what each role may do. Nothing else is allowed.

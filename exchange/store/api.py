@@ -14,6 +14,7 @@ from sqlalchemy import Connection, select
 
 from exchange.outcome import MessageState
 from exchange.store.messages import HistoryEntry, dedup_key, message_history
+from exchange.store.outbox import DeliveryView, message_deliveries
 from exchange.store.schema import message_table as message
 
 
@@ -33,6 +34,7 @@ class MessageSummary:
     received_at: datetime
     reason: str | None
     history: tuple[HistoryEntry, ...]
+    deliveries: tuple[DeliveryView, ...] = ()  # its routed copies, in the order queued
 
 
 _SUMMARY_COLUMNS = (
@@ -75,4 +77,5 @@ def message_summary(conn: Connection, facility: str, control_id: str) -> Message
         received_at=row.received_at,
         reason=row.reason,
         history=tuple(message_history(conn, row.id)),
+        deliveries=tuple(message_deliveries(conn, row.id)),
     )

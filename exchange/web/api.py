@@ -25,6 +25,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from exchange.audit import Action, AuditEvent, Outcome, Resource, record
 from exchange.auth import Permission, Principal, TokenCache, allowed, find_token, hash_token
 from exchange.store.api import MessageSummary, message_summary
+from exchange.store.outbox import DeliveryState, DeliveryView, RetryResult, list_deliveries, retry
 from exchange.store.records import person_view, record_view
 
 log = Logger()
@@ -52,8 +53,84 @@ def message_json(m: MessageSummary) -> dict[str, Any]:
         "received_at": iso_utc(m.received_at),
         "reason": m.reason,
         "history": [{"at": iso_utc(h.at), "state": h.state.value, "detail": h.detail} for h in m.history],
-        "deliveries": [],  # outbound copies arrive with routing
+        "deliveries": [
+            {
+                "id": d.id,
+                "facility": d.destination,
+                "state": d.state.value,
+                "attempts": d.attempts,
+                "last_error": d.last_error,
+                "control_id": d.control_id,
+                "delivered_at": iso_utc(d.delivered_at),
+            }
+            for d in m.deliveries
+        ],
     }
+
+
+def delivery_json(d: DeliveryView) -> dict[str, Any]:
+    """A copy for one destination: who received (``facility``) what (``message``) about
+    whom (``person``, ``record``), when, and why; never the copy's text."""
+    return {
+        "id": d.id,
+        "facility": d.destination,  # the destination
+        "state": d.state.value,
+        "attempts": d.attempts,
+        "last_error": d.last_error,
+        "control_id": d.control_id,  # the copy's MSH-10
+        "created_at": iso_utc(d.created_at),
+        "next_attempt_at": iso_utc(d.next_attempt_at) if d.state is DeliveryState.QUEUED else None,
+        "delivered_at": iso_utc(d.delivered_at),
+        "ack_code": d.ack_code,
+        "message": {
+            "facility": d.message_facility,
+            "control_id": d.message_control_id,
+            "type": f"{d.message_type}^{d.event}" if d.event else d.message_type,
+        },
+        "person": d.person_id,
+        "record": {"facility": d.facility, "mrn": d.mrn},
+        "reason": d.reason,
+        "retried_by": d.retried_by,
+        "retried_at": iso_utc(d.retried_at),
+    }
+
+
+DELIVERY_LIST_DEFAULT = 100
+DELIVERY_LIST_MAX = 1000
+
+
+def _deliveries(conn: Connection, state: str | None, facility: str | None, person: int | None, limit: int) -> list:
+    return list_deliveries(conn, state, facility, limit, person_id=person)
+
+
+def _retry_audited(
+    conn: Connection, delivery_id: int, actor: str, now: datetime, event: AuditEvent
+) -> tuple[RetryResult, DeliveryView | None]:
+    """Requeue a failed copy and write its audit row, one transaction."""
+    result, view = retry(conn, delivery_id, actor, now)
+    outcome = {RetryResult.REQUEUED: Outcome.OK, RetryResult.NOT_FOUND: Outcome.NOT_FOUND}.get(result, Outcome.INVALID)
+    record(conn, replace(event, facility=view.destination if view else None, outcome=outcome))
+    return result, view
+
+
+def _delivery_query(args: dict) -> tuple[tuple | None, str | None]:
+    """(state, facility, person, limit) from ``?state=&facility=&person=&limit=``, or a reason for 400."""
+
+    def one(name: str) -> str | None:
+        values = args.get(name.encode())
+        return values[-1].decode("utf-8", "replace") if values else None
+
+    state, facility, person, limit = one("state"), one("facility"), one("person"), one("limit")
+    states = ", ".join(s.value for s in DeliveryState)
+    if state is not None and state not in {s.value for s in DeliveryState}:
+        return None, f"state must be one of {states}"
+    if facility is not None and (not facility or _bad_part(facility) or len(facility) > 64):
+        return None, "facility must be a facility code"
+    if person is not None and (not person.isdigit() or len(person) > 18):
+        return None, "a person id is a number"
+    if limit is not None and (not limit.isdigit() or not 1 <= int(limit) <= DELIVERY_LIST_MAX):
+        return None, f"limit must be a number from 1 to {DELIVERY_LIST_MAX}"
+    return (state, facility, int(person) if person else None, int(limit) if limit else DELIVERY_LIST_DEFAULT), None
 
 
 def read_audited(conn: Connection, read: Callable[..., Any], args: tuple, event: AuditEvent) -> Any:
@@ -74,12 +151,22 @@ def _bad_part(value: str) -> bool:
 class API:
     app = Klein()
 
-    def __init__(self, db: Any, tokens: TokenCache, now: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        db: Any,
+        tokens: TokenCache,
+        now: Callable[[], datetime],
+        *,
+        requeued: Callable[[str], None] | None = None,
+    ) -> None:
         """``db``: ``read(fn, *args)`` / ``write(fn, *args)`` returning Deferreds
-        (``exchange.web.db.Database``); ``now``: the current aware datetime."""
+        (``exchange.web.db.Database``); ``now``: the current aware datetime;
+        ``requeued(facility)``: told after an operator requeued a copy for
+        that destination (wakes its delivery worker)."""
         self.db = db
         self.tokens = tokens
         self.now = now
+        self.requeued = requeued
 
     def resource(self):
         return self.app.resource()
@@ -205,6 +292,71 @@ class API:
         return await self._get(
             request, Permission.READ_PERSON, Resource.PERSON, None, person, person_view, (int(person),), dict
         )
+
+    # -- deliveries: the outbox, and the accounting of disclosures ---------------------
+
+    @app.route("/deliveries", methods=["GET"])
+    async def get_deliveries(self, request) -> bytes:
+        """``?state=queued|failed|delivered&facility=DEST&person=ID&limit=N`` (all optional):
+        queued ones oldest first, otherwise newest first. Audited like every read."""
+        try:
+            await self._authenticate(request)
+            query, problem = _delivery_query(request.args)
+            if problem is not None:
+                return self._error(request, 400, problem)
+            state, facility, person, limit = query
+            key = "&".join(
+                f"{name}={value}" for name, value in (("state", state), ("person", person)) if value is not None
+            ) or None
+            code, value = await self._audited_read(
+                request, Permission.READ_DELIVERY, Resource.DELIVERY, facility, key, _deliveries, query
+            )
+        except Unauthorized as exc:
+            return self._error(request, 401, str(exc))
+        except Exception as exc:  # noqa: BLE001 - answered 500; logged without the request's identifiers
+            return self._internal(request, "delivery", exc)
+        if code == 403:
+            return self._error(request, 403, "this role may not read deliveries")
+        return self._json(request, 200, {"deliveries": [delivery_json(d) for d in value]})
+
+    @app.route("/deliveries/<delivery_id>/retry", methods=["POST"])
+    async def retry_delivery(self, request, delivery_id: str) -> bytes:
+        """An operator sends a failed copy again: 200 with the delivery (queued), 404,
+        409 when it is not failed. Audited (an operator's decision)."""
+        try:
+            principal = await self._authenticate(request)
+            if not delivery_id.isdigit() or len(delivery_id) > 18:
+                return self._error(request, 400, "a delivery id is a number")
+            event = AuditEvent(
+                at=self.now(),
+                actor=principal.name,
+                role=principal.role.value,
+                action=Action.DECIDE,  # to send it again
+                resource=Resource.DELIVERY,
+                facility=None,
+                key=delivery_id,
+                outcome=Outcome.FORBIDDEN,
+                remote=self._remote(request),
+            )
+            if not allowed(principal.role, Permission.RETRY_DELIVERY):
+                await self.db.write(record, event)
+                return self._error(request, 403, "this role may not retry deliveries")
+            result, view = await self.db.write(_retry_audited, int(delivery_id), principal.name, self.now(), event)
+        except Unauthorized as exc:
+            return self._error(request, 401, str(exc))
+        except Exception as exc:  # noqa: BLE001
+            return self._internal(request, "delivery", exc)
+        if result is RetryResult.NOT_FOUND:
+            return self._error(request, 404, "no such delivery")
+        if result is RetryResult.NOT_FAILED:
+            return self._json(
+                request,
+                409,
+                {"error": f"only a failed delivery can be retried (this one is {view.state.value})", "delivery": delivery_json(view)},
+            )
+        if self.requeued is not None:
+            self.requeued(view.destination)
+        return self._json(request, 200, delivery_json(view))
 
     def _internal(self, request, what: str, exc: BaseException) -> bytes:
         # The exception text can quote SQL parameters (identifiers): log its type only.

@@ -1,0 +1,163 @@
+"""GET /api/deliveries, POST /api/deliveries/{id}/retry and the message's
+"deliveries", in memory over SQLite and PostgreSQL (tests/web's harness)."""
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+
+from exchange.store.db import write_transaction
+from exchange.store.outbox import NewCopy, enqueue, mark_delivered, mark_failed
+from tests.web.support import T0, Harness, message
+
+
+@pytest.fixture
+def api(engine) -> Harness:
+    return Harness(engine)
+
+
+def copy(message_id: int, n: int, destination: str, person: int | None = 7) -> NewCopy:
+    return NewCopy(
+        destination=destination,
+        message_id=message_id,
+        control_id=f"D{n}",
+        payload=b"MSH|^~\\&|EXCHANGE|EXCHANGE||" + destination.encode() + b"|||ADT^A01|D%d|P|2.5\r" % n,
+        created_at=T0 + timedelta(seconds=n),
+        person_id=person,
+        facility="GENHOSP",
+        mrn="100001",
+        reason="default",
+    )
+
+
+@pytest.fixture
+def queued(api: Harness) -> list[int]:
+    """Four copies of MSG-1: D1 delivered to OAKNH, D2 failed at HHCARE, D3 and D4 queued."""
+    [message_id] = api.store(message("MSG-1"))
+    with write_transaction(api.engine) as conn:
+        ids = enqueue(
+            conn,
+            [copy(message_id, 1, "OAKNH"), copy(message_id, 2, "HHCARE"), copy(message_id, 3, "OAKNH", None), copy(message_id, 4, "HHCARE", 8)],
+        )
+        mark_delivered(conn, ids[0], at=T0 + timedelta(seconds=5), ack_code="AA", ack=b"MSA|AA|D1")
+        mark_failed(conn, ids[1], at=T0 + timedelta(seconds=6), ack_code="AE", ack=b"MSA|AE|D2", error="AE: unknown MRN")
+    return ids
+
+
+def post(api: Harness, path: str, token: str | None) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    response = api._result(api.stub.post("http://exchange.test" + path, headers=headers))
+    return response.code, json.loads(api._result(response.content()) or b"null")
+
+
+def test_list_by_state_facility_and_person(api: Harness, queued: list[int]) -> None:
+    token = api.token("olga", "admin")
+    code, body, _ = api.get("/api/deliveries?state=queued", token)
+    assert code == 200 and [d["control_id"] for d in body["deliveries"]] == ["D3", "D4"]  # oldest first
+    code, body, _ = api.get("/api/deliveries?state=delivered", token)
+    [d1] = body["deliveries"]
+    assert d1 == {
+        "id": queued[0],
+        "facility": "OAKNH",
+        "state": "delivered",
+        "attempts": 1,
+        "last_error": None,
+        "control_id": "D1",
+        "created_at": "2026-11-27T12:00:01.123456Z",
+        "next_attempt_at": None,
+        "delivered_at": "2026-11-27T12:00:05.123456Z",
+        "ack_code": "AA",
+        "message": {"facility": "GENHOSP", "control_id": "MSG-1", "type": "ADT^A01"},
+        "person": 7,
+        "record": {"facility": "GENHOSP", "mrn": "100001"},
+        "reason": "default",
+        "retried_by": None,
+        "retried_at": None,
+    }
+    code, body, _ = api.get("/api/deliveries?state=failed&facility=HHCARE", token)
+    assert [(d["control_id"], d["last_error"]) for d in body["deliveries"]] == [("D2", "AE: unknown MRN")]
+    assert api.get("/api/deliveries?state=failed&facility=OAKNH", token)[1] == {"deliveries": []}
+    assert [d["control_id"] for d in api.get("/api/deliveries?person=8", token)[1]["deliveries"]] == ["D4"]
+    assert [d["control_id"] for d in api.get("/api/deliveries", token)[1]["deliveries"]] == ["D4", "D3", "D2", "D1"]
+    assert [d["control_id"] for d in api.get("/api/deliveries?limit=1", token)[1]["deliveries"]] == ["D4"]
+    # every read is audited, with what was asked for
+    rows = api.audit()
+    assert [(r["actor"], r["action"], r["resource"], r["outcome"]) for r in rows] == [("olga", "read", "delivery", "ok")] * 7
+    assert [(r["facility"], r["key"]) for r in rows[:5]] == [
+        (None, "state=queued"), (None, "state=delivered"), ("HHCARE", "state=failed"), ("OAKNH", "state=failed"), (None, "person=8")
+    ]
+
+
+@pytest.mark.parametrize(
+    "query, reason",
+    [
+        ("state=sent", "state must be one of queued, delivered, failed"),
+        ("person=abc", "a person id is a number"),
+        ("limit=0", "limit must be a number from 1 to 1000"),
+        ("limit=5000", "limit must be a number from 1 to 1000"),
+        ("facility=", "facility must be a facility code"),
+        ("facility=A%01B", "facility must be a facility code"),
+    ],
+)
+def test_bad_queries_400(api: Harness, query: str, reason: str) -> None:
+    token = api.token("olga", "admin")
+    assert api.get(f"/api/deliveries?{query}", token)[:2] == (400, {"error": reason})
+
+
+def test_who_may_read_and_retry(api: Harness, queued: list[int]) -> None:
+    assert api.get("/api/deliveries")[0] == 401
+    assert post(api, f"/api/deliveries/{queued[1]}/retry", None)[0] == 401
+    tess = api.token("tess", "technician")
+    assert api.get("/api/deliveries?state=failed", tess)[:2] == (403, {"error": "this role may not read deliveries"})
+    assert post(api, f"/api/deliveries/{queued[1]}/retry", tess) == (403, {"error": "this role may not retry deliveries"})
+    assert [(r["actor"], r["action"], r["outcome"], r["key"]) for r in api.audit()] == [
+        ("tess", "read", "forbidden", "state=failed"),
+        ("tess", "decide", "forbidden", str(queued[1])),
+    ]
+
+
+def test_retry_a_failed_copy(engine) -> None:
+    api = Harness(engine)
+    [message_id] = api.store(message("MSG-1"))
+    with write_transaction(engine) as conn:
+        [failed, delivered] = enqueue(conn, [copy(message_id, 1, "HHCARE"), copy(message_id, 2, "OAKNH")])
+        mark_failed(conn, failed, at=T0, ack_code="AR", ack=b"", error="AR: not accepted")
+        mark_delivered(conn, delivered, at=T0, ack_code="AA", ack=b"")
+    woken = []
+    api.api.requeued = woken.append
+    token = api.token("olga", "admin")
+
+    code, body = post(api, f"/api/deliveries/{failed}/retry", token)
+    assert code == 200
+    assert (body["state"], body["retried_by"], body["attempts"], body["last_error"]) == ("queued", "olga", 1, "AR: not accepted")
+    assert body["next_attempt_at"] == body["retried_at"] == "2026-11-27T13:00:00.123456Z"
+    assert woken == ["HHCARE"]  # its worker is told at once
+
+    code, body = post(api, f"/api/deliveries/{failed}/retry", token)
+    assert code == 409 and body["error"] == "only a failed delivery can be retried (this one is queued)"
+    assert body["delivery"]["id"] == failed
+    assert post(api, f"/api/deliveries/{delivered}/retry", token)[0] == 409
+    assert post(api, "/api/deliveries/999999/retry", token) == (404, {"error": "no such delivery"})
+    assert post(api, "/api/deliveries/abc/retry", token) == (400, {"error": "a delivery id is a number"})
+    assert api.get(f"/api/deliveries/{failed}/retry", token)[0] == 405
+    assert woken == ["HHCARE"]
+    assert [(r["action"], r["facility"], r["key"], r["outcome"]) for r in api.audit()] == [
+        ("decide", "HHCARE", str(failed), "ok"),
+        ("decide", "HHCARE", str(failed), "invalid"),
+        ("decide", "OAKNH", str(delivered), "invalid"),
+        ("decide", None, "999999", "not-found"),
+    ]
+
+
+def test_the_message_lists_its_deliveries(api: Harness, queued: list[int]) -> None:
+    token = api.token("olga", "admin")
+    code, body, _ = api.get("/api/messages/GENHOSP/MSG-1", token)
+    assert code == 200
+    assert [{k: d[k] for k in ("facility", "state", "attempts", "last_error", "control_id")} for d in body["deliveries"]] == [
+        {"facility": "OAKNH", "state": "delivered", "attempts": 1, "last_error": None, "control_id": "D1"},
+        {"facility": "HHCARE", "state": "failed", "attempts": 1, "last_error": "AE: unknown MRN", "control_id": "D2"},
+        {"facility": "OAKNH", "state": "queued", "attempts": 0, "last_error": None, "control_id": "D3"},
+        {"facility": "HHCARE", "state": "queued", "attempts": 0, "last_error": None, "control_id": "D4"},
+    ]
+    assert body["deliveries"][0]["delivered_at"] == "2026-11-27T12:00:05.123456Z"
