@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from exchange.acceptance import AcceptancePolicy, FacilityRule
 from exchange.auth import TokenCache
 from exchange.config import Config
+from exchange.delivery import DeliveryService, Settings as DeliverySettings
 from exchange.intake import AckIds, GroupCommitter, Intake
 from exchange.mllp.protocol import MLLPServerFactory
 from exchange.mllp.tls import server_endpoint
@@ -35,6 +36,13 @@ def acceptance_policy(config: Config) -> AcceptancePolicy:
     )
 
 
+def delivery_settings(config: Config) -> DeliverySettings:
+    s = config.server
+    return DeliverySettings(
+        timeout=s.delivery_timeout, retry_initial=s.retry_initial, retry_max=s.retry_max, poll=s.delivery_poll
+    )
+
+
 class ExchangeService(Service):
     """The running exchange: writer process, MLLP listeners, HTTP endpoint.
 
@@ -43,6 +51,9 @@ class ExchangeService(Service):
     connections stop reading, the batches already taken are committed and
     answered, then the writer process is told to exit, and last the API's
     thread pool finishes its calls in flight and its engine is disposed.
+    Delivery (one worker per facility with ``deliver_to``) starts after the
+    listeners and stops alongside the intake: a copy in flight gets a few
+    seconds for its ACK, else it stays queued for the next start.
     """
 
     def __init__(self, config: Config, reactor, *, announce=print) -> None:
@@ -71,17 +82,30 @@ class ExchangeService(Service):
             idle_timeout=config.server.idle_timeout,
             committer=self.committer,
         )
+        # Routed copies go out from the outbox, in threads and on an engine of their own.
+        self.delivery = DeliveryService(
+            reactor,
+            config.server.database,
+            {f.code: f.deliver_to for f in config.facilities if f.deliver_to},
+            delivery_settings(config),
+        )
         # The API reads on its own engine, in a few threads: never on the reactor.
         self.api_db = Database(reactor, config.server.database)
         self.api = API(
             self.api_db,
             TokenCache(reactor.seconds, ttl=30.0, max_entries=1000),
             lambda: datetime.now(timezone.utc),
+            requeued=self.delivery.requeued,
         )
         self.started_at = time.monotonic()
         self.ports: list = []
         self.mllp_addresses: list[str] = []
         self.http_address: str | None = None
+
+    def copies_committed(self, destinations) -> None:
+        """Call after each committed batch that queued copies, with their destination
+        codes: their delivery workers look at the outbox at once."""
+        self.delivery.wake(destinations)
 
     def status(self) -> dict:
         return {
@@ -102,6 +126,7 @@ class ExchangeService(Service):
             address = _describe(port)
             self.mllp_addresses.append(address)
             self.announce(f"exchange: MLLP listening on {address}")
+        self.delivery.startService()
         self.api_db.start()
         port = yield server_endpoint(self.reactor, self.config.server.http).listen(
             build_site(self.status, self.api.resource())
@@ -116,10 +141,12 @@ class ExchangeService(Service):
     @inlineCallbacks
     def stopService(self):
         super().stopService()
+        delivery_stopped = self.delivery.stopService()
         yield DeferredList([d for d in (p.stopListening() for p in self.ports) if d is not None])
         self.mllp_factory.stop_reading()
         yield self.committer.wait_idle()
         yield self.writer.stop()
+        yield delivery_stopped
         self.api_db.stop()  # joins its threads: the calls in flight finish first
         log.info("exchange stopped cleanly")
 

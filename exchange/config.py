@@ -222,7 +222,7 @@ class RouteConfig:
     """One explicit routing rule (a ``[[route]]`` table); see exchange.routing.rules.
 
     Every condition given must match (an empty tuple matches anything); the
-    destinations are the facilities in ``to`` and/or of a kind in ``to_kind``.
+    destinations are the facilities in ``to`` plus those of a kind in ``to_kind``.
     """
 
     name: str  # unique; recorded as the reason ("why") of each copy it adds

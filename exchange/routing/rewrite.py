@@ -1,0 +1,408 @@
+"""The copy one destination receives: a pure function of the original message.
+
+``rewrite(message, event=, destination=, facility=, server=, control_id=, now=)``
+takes the decoded original (an :class:`exchange.mapping.message.Message`, the
+lazy reader the mapping already built) and answers a :class:`Copy`: the text
+(segments ending in CR) and the codec to encode it with. What changes:
+
+- MSH-3/4 = ``server.application`` / ``server.facility_id``; MSH-5 = the
+  destination's ``application`` (empty when not configured), MSH-6 = its
+  code; MSH-7 = ``now``; MSH-10 = ``control_id``. MSH-13/14 (the sender's
+  sequence numbers) and MSH-22..25 (its organisations and addresses) are
+  cleared, and so are MSH-15/16: copies use original acknowledgement mode,
+  one AA/AE/AR per copy.
+- PID-3 = the destination's MRN (CX.4 = its authority, CX.5 = ``MR``), then
+  the enterprise person id (CX.4 = ``server.person_authority``, CX.5 =
+  ``PI``). The sender's other identifiers (its PID-3 repetitions, PID-2,
+  PID-4, PID-18 account number; MRG-2/3/4) are dropped unless the
+  destination has ``keep_source_identifiers`` (then they follow ours,
+  except any of the destination's or the exchange's own authority). A copy
+  with neither an MRN nor a person id keeps the sender's PID-3 (PID-3 is
+  required). Visit numbers (PV1-19) and document numbers (TXA-12) stay:
+  they are the keys the destination needs to follow the encounter and the
+  document.
+- One patient per copy: when the message has several PID segments (an A40
+  with several PID/MRG pairs), the copy keeps the segments before the first
+  PID and the group (PID up to the next PID) whose PID-3 holds
+  ``event.source_mrn``, else the first group.
+- Merges (A40, A18, A34, A35, A36): MRG-1 = ``destination.prior_mrn`` with
+  the destination's authority; routing sends a merge only where both sides
+  are the destination's own records (see rules.py).
+- Z-segments are dropped unless the destination has ``keep_z_segments``.
+- ``version``: MSH-12 becomes that version; with hl7apy's tables for it,
+  segments the message structure does not have are dropped (or, when the
+  structure is unknown, segments the version does not have), and fields,
+  components and subcomponents beyond what the version defines are cut.
+  Withdrawn fields (2.7 on: EVN-1, PID-2, PID-4, ...) are emptied; EVN-1 is
+  filled from MSH-9.2 for versions that require it. MSH-9.3 is filled in
+  (2.3.1 on) or removed (2.3). Below 2.7 the truncation character leaves
+  MSH-2 (``\\P\\`` becomes it literally).
+
+The sender's delimiters and escape sequences are kept as they are; the
+values we insert are escaped with them. ``Copy.codec`` is MSH-18's codec, or
+the destination's ``charset`` when MSH-18 is empty; when the text cannot be
+encoded with that default, MSH-18 becomes ``UNICODE UTF-8``.
+
+Pure: no SQL, no Twisted, no I/O. hl7apy's tables are loaded (once per
+version) only for a destination that asks for a version.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from exchange.config import FacilityConfig, ServerConfig
+from exchange.hl7.ack import format_timestamp, version_tuple
+from exchange.hl7.charset import codec_for
+from exchange.hl7.header import Delimiters
+from exchange.mapping.message import Message, Segment, escape
+from exchange.outcome import Value
+from exchange.routing.rules import MERGES, Destination, Event
+
+__all__ = ["MRN_TYPE", "PERSON_TYPE", "Copy", "rewrite"]
+
+MRN_TYPE = "MR"  # CX.5 of the destination's MRN
+PERSON_TYPE = "PI"  # CX.5 of the enterprise person id (table 0203: patient internal identifier)
+UTF8_CHARSET = "UNICODE UTF-8"  # MSH-18 when the destination's default charset cannot carry the text
+
+# Fields naming the sender's own patient identifiers, dropped unless kept.
+_SOURCE_IDENTIFIERS = {"PID": (2, 4, 18), "MRG": (2, 3, 4)}
+# MSH fields about the sender's link, cleared in every copy.
+_MSH_CLEARED = (13, 14, 15, 16, 22, 23, 24, 25)
+
+
+@dataclass(frozen=True, slots=True)
+class Copy(Value):
+    """A routed copy, ready to be stored in the outbox."""
+
+    facility: str  # the destination's code
+    control_id: str  # its MSH-10
+    text: str  # the message, segments ending in CR
+    codec: str  # Python codec to encode ``text`` with
+
+    def encode(self) -> bytes:
+        return self.text.encode(self.codec)
+
+
+def rewrite(
+    message: Message,
+    *,
+    event: Event,
+    destination: Destination,
+    facility: FacilityConfig,
+    server: ServerConfig,
+    control_id: str,
+    now: datetime,
+) -> Copy:
+    """Build ``destination``'s copy of ``message`` (see the module docstring).
+
+    ``facility`` is the destination's configuration, ``server`` the
+    exchange's; ``event`` and ``destination`` come from :func:`route`.
+    Raises ValueError for input routing never produces (no MSH first, a
+    merge without ``destination.prior_mrn``): a bug in the caller.
+    """
+    d = message.delimiters
+    segments = message.all()
+    if not segments or segments[0].name != "MSH":
+        raise ValueError("the message does not start with MSH")
+    merge = event.message_type.upper() == "ADT" and event.event.upper() in MERGES
+    if merge and destination.prior_mrn is None:
+        raise ValueError("a merge copy needs the destination's MRN of the retired record")
+
+    segments = _one_patient(segments, event.source_mrn, d)
+    if not facility.keep_z_segments:
+        segments = [s for s in segments if not s.name.startswith("Z")]
+
+    lines: list[list[str]] = []
+    for seg in segments:
+        fields = list(seg.fields)
+        if seg.name == "MSH":
+            _rewrite_msh(fields, facility, server, control_id, now, d)
+        elif seg.name == "PID":
+            _rewrite_pid(fields, event, destination, facility, server, d)
+        elif seg.name == "MRG":
+            _rewrite_mrg(fields, destination.prior_mrn or destination.mrn, facility, d)
+        lines.append(fields)
+
+    msh = lines[0]
+    if facility.version is not None and facility.version != _component(msh[12], d):
+        lines = _to_version(lines, facility.version, event, d)
+
+    text = "\r".join(_join(fields, d) for fields in lines) + "\r"
+    if d.truncation and len(lines[0][2]) == 4:  # the truncation character left MSH-2
+        text = text.replace(f"{d.escape}P{d.escape}", d.truncation)
+    return _encoded(Copy(facility.code, control_id, text, "utf-8"), lines[0], facility, d)
+
+
+# --- segments -------------------------------------------------------------------
+
+
+def _one_patient(segments: list[Segment], source_mrn: str | None, d: Delimiters) -> list[Segment]:
+    """The segments before the first PID plus one PID group (see the docstring)."""
+    starts = [i for i, s in enumerate(segments) if s.name == "PID"]
+    if len(starts) <= 1:
+        return segments
+    bounds = list(zip(starts, starts[1:] + [len(segments)]))
+    chosen = bounds[0]
+    if source_mrn is not None:
+        for start, end in bounds:
+            pid = segments[start]
+            if any(
+                pid.text(rep.split(d.component)[0]).strip() == source_mrn
+                for rep in pid.repetitions(3)
+            ):
+                chosen = (start, end)
+                break
+    return segments[: starts[0]] + segments[chosen[0] : chosen[1]]
+
+
+def _set(fields: list[str], n: int, value: str) -> None:
+    if n >= len(fields):
+        if not value:
+            return
+        fields.extend([""] * (n + 1 - len(fields)))
+    fields[n] = value
+
+
+def _component(field: str, d: Delimiters) -> str:
+    return field.split(d.repetition, 1)[0].split(d.component, 1)[0].strip()
+
+
+def _join(fields: list[str], d: Delimiters) -> str:
+    if fields[0] == "MSH":
+        return "MSH" + d.field + d.field.join(fields[2:])
+    return d.field.join(fields)
+
+
+def _cx(value: str, authority: str, type_code: str, d: Delimiters) -> str:
+    """A CX repetition: ID^^^AUTHORITY^TYPE, the ID escaped."""
+    c = d.component
+    return f"{escape(value, d)}{c}{c}{c}{escape(authority, d)}{c}{type_code}"
+
+
+def _authority(rep: str, d: Delimiters) -> str:
+    """CX.4.1 of a raw repetition."""
+    parts = rep.split(d.component)
+    return parts[3].split(d.subcomponent)[0].strip() if len(parts) > 3 else ""
+
+
+def _rewrite_msh(
+    fields: list[str],
+    facility: FacilityConfig,
+    server: ServerConfig,
+    control_id: str,
+    now: datetime,
+    d: Delimiters,
+) -> None:
+    if len(fields) < 13:  # MSH-1..12 all present
+        fields.extend([""] * (13 - len(fields)))
+    fields[3] = escape(server.application, d)
+    fields[4] = escape(server.facility_name, d)
+    fields[5] = escape(facility.application or "", d)
+    fields[6] = escape(facility.code, d)
+    fields[7] = format_timestamp(now)
+    fields[10] = escape(control_id, d)
+    for n in _MSH_CLEARED:
+        _set(fields, n, "")
+    _trim(fields)
+
+
+def _rewrite_pid(
+    fields: list[str],
+    event: Event,
+    destination: Destination,
+    facility: FacilityConfig,
+    server: ServerConfig,
+    d: Delimiters,
+) -> None:
+    ours: list[str] = []
+    if destination.mrn is not None:
+        ours.append(_cx(destination.mrn, facility.authority, MRN_TYPE, d))
+    if event.person is not None:
+        ours.append(_cx(event.person, server.person_authority, PERSON_TYPE, d))
+    source = fields[3].split(d.repetition) if len(fields) > 3 and fields[3] else []
+    if not ours:
+        return  # PID-3 is required: the sender's identifiers are all there is
+    if facility.keep_source_identifiers:
+        own = (facility.authority, server.person_authority)
+        ours += [rep for rep in source if rep and _authority(rep, d) not in own]
+    else:
+        for n in _SOURCE_IDENTIFIERS["PID"]:
+            _set(fields, n, "")
+    _set(fields, 3, d.repetition.join(ours))
+    _trim(fields)
+
+
+def _rewrite_mrg(fields: list[str], mrn: str | None, facility: FacilityConfig, d: Delimiters) -> None:
+    if mrn is None:
+        return
+    ours = [_cx(mrn, facility.authority, MRN_TYPE, d)]
+    if facility.keep_source_identifiers:
+        source = fields[1].split(d.repetition) if len(fields) > 1 and fields[1] else []
+        ours += [rep for rep in source if rep and _authority(rep, d) != facility.authority]
+    else:
+        for n in _SOURCE_IDENTIFIERS["MRG"]:
+            _set(fields, n, "")
+    _set(fields, 1, d.repetition.join(ours))
+    _trim(fields)
+
+
+def _trim(fields: list[str]) -> None:
+    """Drop trailing empty fields (never below MSH-12 / the segment name)."""
+    keep = 13 if fields[0] == "MSH" else 1
+    while len(fields) > keep and fields[-1] == "":
+        fields.pop()
+
+
+# --- charset --------------------------------------------------------------------
+
+
+def _encoded(copy: Copy, msh: list[str], facility: FacilityConfig, d: Delimiters) -> Copy:
+    declared = msh[18].split(d.repetition, 1)[0].strip() if len(msh) > 18 else ""
+    codec = (codec_for(declared) if declared else None) or facility.charset
+    try:
+        copy.text.encode(codec)
+        return Copy(copy.facility, copy.control_id, copy.text, codec)
+    except (UnicodeEncodeError, LookupError):
+        pass
+    _set(msh, 18, UTF8_CHARSET)
+    first, _, rest = copy.text.partition("\r")
+    text = _join(msh, d) + "\r" + rest
+    return Copy(copy.facility, copy.control_id, text, "utf-8")
+
+
+# --- versions -------------------------------------------------------------------
+
+# Message structures by event where MSH-9.3 is absent or unknown to the version
+# (HL7-NOTES "Shared ADT structures"; MDM_T01 without content, MDM_T02 with).
+_STRUCTURES = {
+    **{("ADT", e): "ADT_A01" for e in ("A01", "A04", "A08", "A13")},
+    **{("ADT", e): "ADT_A05" for e in ("A05", "A14", "A28", "A31")},
+    **{("ADT", e): "ADT_A06" for e in ("A06", "A07")},
+    **{("ADT", e): "ADT_A09" for e in ("A09", "A10", "A11")},
+    **{("ADT", e): "ADT_A39" for e in ("A40", "A41", "A42")},
+    **{("ADT", e): "ADT_A30" for e in ("A34", "A35", "A36", "A46", "A47", "A48", "A49")},
+    **{("MDM", e): "MDM_T01" for e in ("T01", "T03", "T05", "T07", "T09", "T11")},
+    **{("MDM", e): "MDM_T02" for e in ("T02", "T04", "T06", "T08", "T10")},
+}
+_FALLBACK = {"ADT_A05": "ADT_A01"}  # before 2.4 the A05 events use ADT_A01
+
+
+@lru_cache(maxsize=16)
+def _library(version: str) -> Any:
+    import hl7apy  # structure knowledge, only for destinations that ask for a version
+
+    return hl7apy.load_library(version)
+
+
+def _structure_segments(version: str, structure: str, present: frozenset[str]) -> frozenset[str]:
+    """Segments the structure can hold, given the segments the message has: those
+    at its top level, and those of a group only when the segment that opens the
+    group is present (a ROL of 2.3's ADT_A01 exists only inside PR1's group)."""
+
+    def walk(children: Any) -> set[str]:
+        names: set[str] = set()
+        for name, ref, _cardinality, kind in children:
+            if kind != "GRP":
+                names.add(name)
+                continue
+            first = ref[1][0]
+            while first[3] == "GRP":  # a group opened by a group
+                first = first[1][1][0]
+            if first[0] in present:
+                names |= walk(ref[1])
+        return names
+
+    return frozenset(walk(_library(version).MESSAGES[structure][1]))
+
+
+def _structure(version: str, message_type: str, event: str, sent: str) -> str | None:
+    known = _library(version).MESSAGES
+    guess = _STRUCTURES.get((message_type, event))
+    for candidate in (sent, f"{message_type}_{event}", guess, _FALLBACK.get(guess or "")):
+        if candidate and candidate in known:
+            return candidate
+    return None
+
+
+def _to_version(lines: list[list[str]], version: str, event: Event, d: Delimiters) -> list[list[str]]:
+    lib = _library(version)
+    msh = lines[0]
+    msh[12] = version
+    message_type, trigger = event.message_type.upper(), event.event.upper()
+    msh9 = msh[9].split(d.component)
+    structure = _structure(version, message_type, trigger, msh9[2].strip() if len(msh9) > 2 else "")
+    if version_tuple(version) >= (2, 3, 1) and structure is not None:
+        msh9 = (msh9 + ["", ""])[:2] + [structure]
+        msh[9] = d.component.join(msh9)
+    if d.truncation and version_tuple(version) < (2, 7):
+        msh[2] = msh[2][:4]
+    present = frozenset(fields[0].strip() for fields in lines)
+    allowed = _structure_segments(version, structure, present) if structure else frozenset(lib.SEGMENTS)
+    out = []
+    for fields in lines:
+        name = fields[0].strip()
+        if name.startswith("Z"):
+            out.append(fields)  # kept only by keep_z_segments; the version knows nothing of them
+        elif name in allowed and name in lib.SEGMENTS:
+            fields = _cut_segment(fields, name, version, d)
+            if name == "EVN" and (len(fields) < 2 or not fields[1]) and 1 in _segment_fields(version, "EVN")[1]:
+                _set(fields, 1, trigger)  # EVN-1 withdrawn in 2.7, required before
+            out.append(fields)
+    return out
+
+
+@lru_cache(maxsize=1024)
+def _segment_fields(version: str, name: str) -> tuple[int, dict[int, Any]]:
+    """(last field number, {field number: hl7apy reference}) of a segment in a version;
+    withdrawn fields (absent, type WD or at most 0 repetitions) are left out."""
+    fields: dict[int, Any] = {}
+    last = 0
+    for field_name, ref, cardinality, _kind in _library(version).SEGMENTS[name][1]:
+        n = int(field_name.rsplit("_", 1)[1])
+        last = max(last, n)
+        if ref[2] != "WD" and cardinality[1] != 0:
+            fields[n] = ref
+    return last, fields
+
+
+def _cut_segment(fields: list[str], name: str, version: str, d: Delimiters) -> list[str]:
+    """Fields, components and subcomponents the version does not define dropped."""
+    last, refs = _segment_fields(version, name)
+    fields = fields[: last + 1]
+    first = 3 if name == "MSH" else 1  # MSH-1/MSH-2 are the delimiters
+    for n in range(first, len(fields)):
+        value = fields[n]
+        if not value:
+            continue
+        ref = refs.get(n)
+        if ref is None:  # withdrawn in this version
+            fields[n] = ""
+            continue
+        fields[n] = d.repetition.join(_cut_value(rep, ref, d) for rep in value.split(d.repetition))
+    _trim(fields)
+    return fields
+
+
+def _cut_value(value: str, ref: Any, d: Delimiters) -> str:
+    kind, children = ref[0], ref[1]
+    if kind == "leaf":
+        if ref[2] == "varies":  # OBX-5 and friends: the type is in the data
+            return value
+        return value.split(d.component, 1)[0].split(d.subcomponent, 1)[0]
+    components = value.split(d.component)[: len(children)]
+    out = []
+    for component, child in zip(components, children):
+        cref = child[1]
+        if cref[2] == "WD":  # a component withdrawn in this version (2.8: XTN.1)
+            out.append("")
+        elif cref[0] == "leaf":
+            out.append(component if cref[2] == "varies" else component.split(d.subcomponent, 1)[0])
+        else:
+            out.append(d.subcomponent.join(component.split(d.subcomponent)[: len(cref[1])]))
+    while len(out) > 1 and out[-1] == "":
+        out.pop()
+    return d.component.join(out)
+
