@@ -23,26 +23,34 @@ API
 ``rewrite(message, event=, destination=, facility=, server=, control_id=, now=)`` -> :class:`Copy`
     The destination's copy (``Copy.text``, ``Copy.codec``, ``Copy.encode()``).
 
-What the wiring must call and store (outbox, item 4 of issue 5)
----------------------------------------------------------------
+What the wiring must call and store (exchange.store.outbox)
+----------------------------------------------------------
 In the writer transaction, per applied ADT/MDM message::
 
-    event = Event.read(header, msg, person=..., source_mrn=..., protected=...)
+    event = Event.read(header, msg, person=None if person_id is None else str(person_id),
+                       source_mrn=<the sender's MRN>, protected=<the person's opt-out>)
     decision = route(event, config.facilities, records, config.routes, prior_records=...)
-    for dest in decision.destinations:
+    for i, dest in enumerate(decision.destinations):
         copy = rewrite(msg, event=event, destination=dest,
                        facility=config.facility(dest.facility), server=config.server,
-                       control_id=<unique id of this outbox row>, now=<injected clock>)
-        INSERT outbox(destination=dest.facility, control_id=copy.control_id,
-                      payload=copy.encode(), source message id, person=event.person,
-                      mrn=dest.mrn, why=dest.why, state=queued, created_at=now)
+                       control_id=f"{message_id}-{i + 1}", now=now)
+        NewCopy(destination=dest.facility, message_id=message_id,
+                control_id=copy.control_id, payload=copy.encode(), created_at=now,
+                person_id=person_id, facility=event.facility, mrn=event.source_mrn,
+                reason=dest.why)
+    outbox.enqueue(conn, copies)
 
-The outbox row is also the accounting of disclosures: who received (the
-destination), what (the source message, its type/event, the TXA-12 of a
-document), about whom (person, the destination's MRN), why (``default`` or
-the rule's name) and when (created, delivered). ``decision.skipped`` is for
-metrics and logs (facility and reason only: no PHI). The MSH-10 of each copy
-must be unique per destination: the delivery matches MSA-2 against it.
+``control_id`` must be unique per destination (the delivery matches MSA-2
+against it) and at most 20 characters (MSH-10 is ST(20) before 2.7): the
+inbound message id and the destination's index do. ``records`` are the
+person's active records after the message applied, one MRN per facility
+(the caller picks one when a facility holds several); ``prior_records`` (merges
+only) the records of the retired MRN's person taken before the merge.
+The outbox row is the accounting of disclosures: who received (destination),
+what (the inbound message, its type/event, a document's TXA-12), about whom
+(person, the sender's record; the destination's MRN is ``dest.mrn`` if it
+should be kept too), why (``default`` or the rule's name) and when.
+``decision.skipped`` is for metrics and logs (facility and reason only: no PHI).
 
 Decisions
 ---------
@@ -50,10 +58,18 @@ Decisions
   routing is decided once per event from the links at that moment.
 - Explicit ``[[route]]`` rules add destinations regardless of their
   ``subscribe``; they never override the opt-out, ``exclude_documents``, the
-  sender rule or (without ``allow_without_record``) the record rule.
+  sender rule or (without ``allow_without_record``) the record rule. When
+  both a subscription and a rule reach a facility, ``why`` is ``default``.
 - Events about the sender's own identifiers, accounts and visits (A24, A37,
-  A41-A51) and the two-patient A17 are never copied; merges only where the destination holds both
-  sides; multi-patient messages keep only the routed patient's PID group.
+  A41-A51) and the two-patient A17 are never copied; merges only where the
+  destination holds both sides; a multi-patient message keeps only the
+  routed patient's PID group.
+- The person id travels in PID-3 as type ``PI`` (patient internal
+  identifier, as IHE PIX managers send the enterprise id) under
+  ``server.person_authority``.
+- Copies use original acknowledgement mode (MSH-15/16 cleared): one ACK each.
+- ``version`` is meant for older versions; asking for a newer one changes
+  MSH-12 and MSH-9.3 but invents no value the newer version requires.
 """
 from exchange.routing.rewrite import Copy, rewrite
 from exchange.routing.rules import (
