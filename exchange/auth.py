@@ -37,6 +37,7 @@ class Permission(StrEnum):
     READ_PERSON = "person.read"
     READ_REVIEW = "review.read"
     DECIDE_REVIEW = "review.decide"
+    DECIDE_PERSON = "person.decide"  # split a record off a person, merge persons, undo a decision
     READ_MESSAGE = "message.read"
     READ_DELIVERY = "delivery.read"  # the outbox and the accounting of disclosures
     RETRY_DELIVERY = "delivery.retry"  # requeue a failed copy
@@ -45,7 +46,13 @@ class Permission(StrEnum):
 # The permission table: what each role may do. Nothing else is allowed.
 PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.TECHNICIAN: frozenset(
-        {Permission.READ_RECORD, Permission.READ_PERSON, Permission.READ_REVIEW, Permission.DECIDE_REVIEW}
+        {
+            Permission.READ_RECORD,
+            Permission.READ_PERSON,
+            Permission.READ_REVIEW,
+            Permission.DECIDE_REVIEW,
+            Permission.DECIDE_PERSON,
+        }
     ),
     Role.ADMIN: frozenset(Permission),
 }

@@ -26,11 +26,15 @@ from exchange.audit import Action, AuditEvent, Outcome, Resource, record
 from exchange.auth import Permission, Principal, TokenCache, allowed, find_token, hash_token
 from exchange.store.api import MessageSummary, message_summary
 from exchange.store.outbox import DeliveryState, DeliveryView, RetryResult, list_deliveries, retry
-from exchange.store.records import person_view, record_view
+from exchange.store import reviews
+from exchange.store.records import record_view
+from exchange.store.reviews import DecisionError, Trust
 
 log = Logger()
 
 MAX_TOKEN_CHARS = 200  # longer bearer values are refused before hashing
+MAX_BODY_BYTES = 64 * 1024  # request bodies (decisions) larger than this are refused
+MAX_ID_DIGITS = 18  # ids in paths and bodies (BIGINT)
 
 
 def iso_utc(value: datetime | None) -> str | None:
@@ -140,8 +144,93 @@ def read_audited(conn: Connection, read: Callable[..., Any], args: tuple, event:
     return value
 
 
+def decide_audited(conn: Connection, decide: Callable[..., Any], args: tuple, kwargs: dict, event: AuditEvent) -> Any:
+    """``decide(conn, *args, **kwargs)`` and its audit row, one transaction. A refused decision
+    (``DecisionError``) is rolled back to a savepoint, audited, and returned as a value."""
+    try:
+        with conn.begin_nested():
+            value = decide(conn, *args, **kwargs)
+    except DecisionError as exc:
+        record(conn, replace(event, outcome=Outcome.NOT_FOUND if exc.status == 404 else Outcome.INVALID))
+        return exc
+    record(conn, replace(event, outcome=Outcome.OK))
+    return value
+
+
+def _list_reviews(conn: Connection, state: str | None, limit: int, after: int | None) -> list:
+    """The review listing as ``_get`` reads it (a list, never None: an empty page is no 404)."""
+    return reviews.list_reviews(conn, state, limit=limit, after=after)
+
+
 class Unauthorized(Exception):
     """No usable bearer token (401)."""
+
+
+class BadRequest(Exception):
+    """A request the API will not try (400: not JSON; 422: a JSON body with a bad field)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def read_body(request) -> dict[str, Any]:
+    """The request's JSON object (an empty body is ``{}``)."""
+    raw = request.content.read(MAX_BODY_BYTES + 1) if request.content is not None else b""
+    if len(raw) > MAX_BODY_BYTES:
+        raise BadRequest(400, f"the body is larger than {MAX_BODY_BYTES} bytes")
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise BadRequest(400, "the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise BadRequest(400, "the body must be a JSON object")
+    return body
+
+
+def only(body: dict[str, Any], *names: str) -> None:
+    unknown = sorted(set(body) - set(names))
+    if unknown:
+        raise BadRequest(422, f"unknown field {unknown[0]!r} (expected {', '.join(names)})")
+
+
+def body_id(body: dict[str, Any], name: str, value: Any = None) -> int | None:
+    """An id field: a positive integer (or its digits as a string); None when absent."""
+    value = body.get(name) if value is None else value
+    if value is None:
+        return None
+    if isinstance(value, str) and value.isdigit() and len(value) <= MAX_ID_DIGITS:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 10**MAX_ID_DIGITS:
+        raise BadRequest(422, f"{name} must be an id (a positive integer)")
+    return value
+
+
+def body_text(body: dict[str, Any], name: str, *, required: bool = False) -> str | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise BadRequest(422, f"{name} is required")
+        return None
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise BadRequest(422, f"{name} must be {'non-empty ' if required else ''}text")
+    if len(value) > reviews.MAX_REASON_CHARS:
+        raise BadRequest(422, f"{name} must be at most {reviews.MAX_REASON_CHARS} characters")
+    return value
+
+
+def body_flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise BadRequest(422, f"{name} must be true or false")
+    return value
+
+
+def path_id(value: str) -> int | None:
+    return int(value) if value.isdigit() and len(value) <= MAX_ID_DIGITS else None
 
 
 def _bad_part(value: str) -> bool:
@@ -150,6 +239,9 @@ def _bad_part(value: str) -> bool:
 
 class API:
     app = Klein()
+    # The facility kinds the person's best view prefers; the wiring sets
+    # ``Trust.from_config(config)`` (this default knows no facility's kind: recency alone decides).
+    trust: Trust = Trust()
 
     def __init__(
         self,
@@ -248,9 +340,10 @@ class API:
         read: Callable[..., Any],
         args: tuple,
         render: Callable[[Any], dict],
+        what: str | None = None,
     ) -> bytes:
         """One audited GET: 400 / 401 / 403 / 404 / 200 with ``render(value)``."""
-        what = resource.value
+        what = what or resource.value
         try:
             if _bad_part(facility or "") or _bad_part(key):
                 await self._authenticate(request)
@@ -283,15 +376,185 @@ class API:
 
     @app.route("/persons/<person>", methods=["GET"])
     async def get_person(self, request, person: str) -> bytes:
-        if not person.isdigit() or len(person) > 18:
-            try:
-                await self._authenticate(request)
-            except Unauthorized as exc:
-                return self._error(request, 401, str(exc))
-            return self._error(request, 400, "a person id is a number")
+        """The person, its records (link, score) and its best view; ``merged_into`` once merged away."""
+        if path_id(person) is None:
+            return await self._bad_path(request, "a person id is a number")
         return await self._get(
-            request, Permission.READ_PERSON, Resource.PERSON, None, person, person_view, (int(person),), dict
+            request, Permission.READ_PERSON, Resource.PERSON, None, person, reviews.person_view,
+            (int(person), self.trust), dict,
         )
+
+    # -- the patient index: reviews and technicians' decisions (exchange.store.reviews) --
+
+    async def _bad_path(self, request, reason: str) -> bytes:
+        """401 without a token, else 400 with ``reason``."""
+        try:
+            await self._authenticate(request)
+        except Unauthorized as exc:
+            return self._error(request, 401, str(exc))
+        return self._error(request, 400, reason)
+
+    @app.route("/reviews", methods=["GET"])
+    async def list_reviews(self, request) -> bytes:
+        """``?state=open`` (default; ``resolved``, ``superseded``, ``all``), ``&limit=100`` (at most
+        1000) ``&after=ID``: oldest first; ``next`` is the ``after`` of the next page (None: no more)."""
+        def arg(name: str, default: str) -> str:
+            values = request.args.get(name.encode())
+            return values[-1].decode("utf-8", "replace") if values else default
+
+        state, limit, after = arg("state", "open"), arg("limit", "100"), arg("after", "")
+        states = [s.value for s in reviews.ReviewState]
+        if state not in states + ["all"]:
+            return await self._bad_path(request, f"state must be one of {', '.join(states)} or all")
+        if not limit.isdigit() or not 1 <= int(limit) <= reviews.MAX_PAGE:
+            return await self._bad_path(request, f"limit must be a number from 1 to {reviews.MAX_PAGE}")
+        if after and path_id(after) is None:
+            return await self._bad_path(request, "after must be a review id")
+        n = int(limit)
+
+        def render(rows: list) -> dict:
+            return {"reviews": rows, "next": rows[-1]["id"] if len(rows) == n else None}
+
+        return await self._get(
+            request, Permission.READ_REVIEW, Resource.REVIEW, None, f"state={state}", _list_reviews,
+            (None if state == "all" else state, n, int(after) if after else None), render,
+        )
+
+    @app.route("/reviews/<review>", methods=["GET"])
+    async def get_review(self, request, review: str) -> bytes:
+        """One review with its records side by side (exchange.store.reviews.review_detail)."""
+        if path_id(review) is None:
+            return await self._bad_path(request, "a review id is a number")
+        return await self._get(
+            request, Permission.READ_REVIEW, Resource.REVIEW, None, review, reviews.review_detail, (int(review),), dict
+        )
+
+    @app.route("/reviews/<review>", methods=["POST"])
+    async def decide_review(self, request, review: str) -> bytes:
+        """``{"decision": "link" | "not-a-match", "person"?: id, "candidate"?: {"facility", "mrn"},
+        "reason"?: text, "force"?: bool}`` -> the resolved review (the links have changed)."""
+        review_id = path_id(review)
+        if review_id is None:
+            return await self._bad_path(request, "a review id is a number")
+
+        def parse(body: dict) -> tuple:
+            only(body, "decision", "person", "candidate", "reason", "force")
+            verdict = body.get("decision")
+            if verdict not in [v.value for v in reviews.Verdict]:
+                raise BadRequest(422, 'decision must be "link" or "not-a-match"')
+            candidate = body.get("candidate")
+            if candidate is not None:
+                if not isinstance(candidate, dict) or set(candidate) != {"facility", "mrn"} or not all(
+                    isinstance(v, str) and v for v in candidate.values()
+                ):
+                    raise BadRequest(422, 'candidate must be {"facility": text, "mrn": text}')
+                candidate = (candidate["facility"], candidate["mrn"])
+            if verdict == reviews.Verdict.NOT_A_MATCH and (body.get("person") is not None or candidate):
+                raise BadRequest(422, 'a person or a candidate only goes with "link"')
+            kwargs = {"person_id": body_id(body, "person"), "candidate": candidate,
+                      "reason": body_text(body, "reason"), "force": body_flag(body, "force")}
+            return reviews.decide_review, (review_id, verdict), kwargs, None
+
+        return await self._decide(request, Permission.DECIDE_REVIEW, Resource.REVIEW, review, parse)
+
+    @app.route("/persons/<person>/split", methods=["POST"])
+    async def split_person(self, request, person: str) -> bytes:
+        """``{"facility", "mrn", "reason"?}``: that record leaves the person for a new one (sticky
+        not-a-match against the records it leaves) -> the decision, ``person`` the new person."""
+        person_id = path_id(person)
+        if person_id is None:
+            return await self._bad_path(request, "a person id is a number")
+
+        def parse(body: dict) -> tuple:
+            only(body, "facility", "mrn", "reason")
+            facility, mrn = body_text(body, "facility", required=True), body_text(body, "mrn", required=True)
+            return reviews.split_record, (person_id, facility, mrn), {"reason": body_text(body, "reason")}, None
+
+        return await self._decide(request, Permission.DECIDE_PERSON, Resource.PERSON, person, parse)
+
+    @app.route("/persons/merge", methods=["POST"])
+    async def merge_persons(self, request) -> bytes:
+        """``{"persons": [keep, merge], "reason"?, "force"?}``: every record of ``merge`` moves to
+        ``keep`` -> the decision, ``person`` the one kept."""
+        def parse(body: dict) -> tuple:
+            only(body, "persons", "reason", "force")
+            persons = body.get("persons")
+            if not isinstance(persons, list) or len(persons) != 2 or any(p is None for p in persons):
+                raise BadRequest(422, "persons must be [keep, merge]: two person ids")
+            keep, merge = (body_id(body, "persons", p) for p in persons)
+            kwargs = {"reason": body_text(body, "reason"), "force": body_flag(body, "force")}
+            return reviews.merge_persons, (keep, merge), kwargs, f"{keep}<-{merge}"
+
+        return await self._decide(request, Permission.DECIDE_PERSON, Resource.PERSON, None, parse)
+
+    @app.route("/decisions/<decision>/undo", methods=["POST"])
+    async def undo_decision(self, request, decision: str) -> bytes:
+        """``{"reason"?}``: undo a technician's decision -> the undo (a decision of its own)."""
+        decision_id = path_id(decision)
+        if decision_id is None:
+            return await self._bad_path(request, "a decision id is a number")
+
+        def parse(body: dict) -> tuple:
+            only(body, "reason")
+            return reviews.undo_decision, (decision_id,), {"reason": body_text(body, "reason")}, None
+
+        return await self._decide(request, Permission.DECIDE_PERSON, Resource.PERSON, f"decision/{decision}", parse)
+
+    @app.route("/decisions/<decision>", methods=["GET"])
+    async def get_decision(self, request, decision: str) -> bytes:
+        """A decision's link events and sticky pairs (automatic decisions too)."""
+        if path_id(decision) is None:
+            return await self._bad_path(request, "a decision id is a number")
+        return await self._get(
+            request, Permission.READ_PERSON, Resource.PERSON, None, f"decision/{decision}", reviews.decision_view,
+            (int(decision),), dict, what="decision",
+        )
+
+    @app.route("/persons/<person>/history", methods=["GET"])
+    async def person_history(self, request, person: str) -> bytes:
+        """Every link event into, out of or about the person's records, oldest first."""
+        if path_id(person) is None:
+            return await self._bad_path(request, "a person id is a number")
+        return await self._get(
+            request, Permission.READ_PERSON, Resource.PERSON, None, person, reviews.person_history,
+            (int(person),), dict,
+        )
+
+    async def _decide(self, request, permission: Permission, resource: Resource, key: str | None,
+                      parse: Callable[[dict], tuple]) -> bytes:
+        """One audited decision: 401 / 403 / 400 or 422 (bad body) / 404 / 409 / 422 (refused) / 200.
+
+        ``parse(body)`` -> (store function, args, kwargs, audit key or None); the
+        actor (the token's name) and the time are added here. The decision and
+        its audit row commit together; a refused one leaves only its audit row.
+        """
+        what = resource.value
+        try:
+            principal = await self._authenticate(request)
+        except Unauthorized as exc:
+            return self._error(request, 401, str(exc))
+        event = AuditEvent(
+            at=self.now(), actor=principal.name, role=principal.role.value, action=Action.DECIDE,
+            resource=resource, facility=None, key=key, outcome=Outcome.FORBIDDEN, remote=self._remote(request),
+        )
+        try:
+            if not allowed(principal.role, permission):
+                await self.db.write(record, event)
+                return self._error(request, 403, f"this role may not decide {what}s")
+            try:
+                fn, args, kwargs, audit_key = parse(read_body(request))
+            except BadRequest as exc:
+                await self.db.write(record, replace(event, outcome=Outcome.INVALID))
+                return self._error(request, exc.status, exc.reason)
+            if audit_key is not None:
+                event = replace(event, key=audit_key)
+            kwargs = {**kwargs, "actor": principal.name, "now": self.now()}
+            value = await self.db.write(decide_audited, fn, args, kwargs, event)
+        except Exception as exc:  # noqa: BLE001 - answered 500; logged without the request's identifiers
+            return self._internal(request, what, exc)
+        if isinstance(value, DecisionError):
+            return self._error(request, value.status, value.reason)
+        return self._json(request, 200, value)
 
     # -- deliveries: the outbox, and the accounting of disclosures ---------------------
 

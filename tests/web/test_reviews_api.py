@@ -1,0 +1,230 @@
+"""The review queue and the technicians' decisions over the real routes and a real database
+(SQLite and PostgreSQL): contract shapes, 400/401/403/404/409/422, links changing at once,
+undo, and the audit trail. Tables seeded as the writer writes them (tests/test_reviews.py)."""
+from __future__ import annotations
+
+import json
+
+from exchange.auth import PERMISSIONS, Permission, Role
+from exchange.store.db import write_transaction
+from exchange.store.reviews import Trust
+from tests.test_reviews import GH, HANSON, HH, OA, add_record, hanson_scene
+from tests.web.support import Harness
+
+
+def post(api: Harness, path: str, body, token: str | None = None):
+    """(status, JSON body) of POST ``path``; ``body`` a dict (sent as JSON) or raw bytes."""
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = api._result(api.stub.post("http://exchange.test" + path, data=data, headers=headers))
+    return response.code, json.loads(api._result(response.content()))
+
+
+def scene(api: Harness) -> dict:
+    with write_transaction(api.engine) as conn:
+        return hanson_scene(conn)
+
+
+def audit(api: Harness) -> list[tuple]:
+    return [(r["actor"], r["action"], r["resource"], r["key"], r["outcome"]) for r in api.audit()]
+
+
+def test_list_open_reviews_in_the_contract_shape(api: Harness):
+    s = scene(api)
+    token = api.token("tess", "technician")
+    code, body, _ = api.get("/api/reviews?state=open", token)
+    assert code == 200
+    [review] = body["reviews"]
+    assert {"id", "records", "score", "reasons", "state"} <= review.keys()
+    assert review["id"] == s["review"] and review["state"] == "open"
+    assert review["records"][0] == {"facility": "OAKNH", "mrn": "OA917082"}
+    assert {"facility": "GENHOSP", "mrn": "GH-44107"} in review["records"]
+    assert review["reasons"] == ["between_thresholds"] and isinstance(review["score"], float)
+    assert body["next"] is None
+    assert api.get("/api/reviews", token)[1]["reviews"] == body["reviews"]  # open is the default
+    assert api.get("/api/reviews?state=resolved", token)[1]["reviews"] == []
+    assert api.get("/api/reviews?state=all&limit=1", token)[1]["next"] == s["review"]
+    assert audit(api)[0] == ("tess", "read", "review", "state=open", "ok")
+
+
+def test_list_bad_query_400_and_no_token_401(api: Harness):
+    token = api.token("tess", "technician")
+    assert api.get("/api/reviews?state=closed", token)[0] == 400
+    assert api.get("/api/reviews?limit=0", token)[0] == 400
+    assert api.get("/api/reviews?after=x", token)[0] == 400
+    assert api.get("/api/reviews")[0] == 401
+    assert api.get("/api/reviews?state=closed")[0] == 401
+
+
+def test_one_review_side_by_side(api: Harness):
+    s = scene(api)
+    token = api.token("tess", "technician")
+    code, body, _ = api.get(f"/api/reviews/{s['review']}", token)
+    assert code == 200
+    assert body["thresholds"] == {"upper": 20.0, "lower": 8.0}
+    assert [c["mrn"] for c in body["candidates"]] == ["GH-44107", "HH-3391"]
+    given = next(c for c in body["comparison"] if c["field"] == "given")
+    assert given["record"] == "LIZ" and given["candidates"][0]["level"] == "nickname"
+    assert "123-45-6789" not in json.dumps(body)
+    assert api.get("/api/reviews/999999", token)[0] == 404
+    assert api.get("/api/reviews/abc", token)[0] == 400
+    assert [a[-1] for a in audit(api)] == ["ok", "not-found"]
+    assert audit(api)[0][3] == str(s["review"])
+
+
+def test_link_decision_changes_the_links_at_once_and_is_audited(api: Harness):
+    s = scene(api)
+    token = api.token("tess", "technician")
+    code, body = post(api, f"/api/reviews/{s['review']}", {"decision": "link", "reason": "same woman"}, token)
+    assert code == 200
+    assert {"id", "records", "score", "reasons", "state"} <= body.keys()
+    assert body["state"] == "resolved" and body["decision"] == "link" and body["decided_by"] == "tess"
+    assert body["note"] == "same woman" and isinstance(body["decision_id"], int)
+    code, person, _ = api.get(f"/api/persons/{s['person']}", token)
+    assert ("OAKNH", "OA917082", "manual") in {(r["facility"], r["mrn"], r["link"]) for r in person["records"]}
+    code, record, _ = api.get("/api/records/OAKNH/OA917082", token)
+    assert record["person"] == s["person"]
+    assert ("tess", "decide", "review", str(s["review"]), "ok") in audit(api)
+
+    code, body = post(api, f"/api/reviews/{s['review']}", {"decision": "not-a-match"}, token)
+    assert code == 409 and "resolved by tess" in body["error"]
+    assert audit(api)[-1] == ("tess", "decide", "review", str(s["review"]), "invalid")
+
+
+def test_not_a_match_decision(api: Harness):
+    s = scene(api)
+    token = api.token("tess", "technician")
+    code, body = post(api, f"/api/reviews/{s['review']}", {"decision": "not-a-match"}, token)
+    assert code == 200 and body["decision"] == "not-a-match"
+    code, decision, _ = api.get(f"/api/decisions/{body['decision_id']}", token)
+    assert code == 200 and decision["kind"] == "not-a-match" and decision["actor"] == "tess"
+    assert {(p["mrn"], p["other_mrn"], p["active"]) for p in decision["pairs"]} == {
+        ("OA917082", "GH-44107", True), ("GH-44107", "OA917082", True),
+        ("OA917082", "HH-3391", True), ("HH-3391", "OA917082", True)}
+
+
+def test_bad_decision_bodies(api: Harness):
+    s = scene(api)
+    token = api.token("tess", "technician")
+    path = f"/api/reviews/{s['review']}"
+    assert post(api, path, b"not json", token)[0] == 400
+    assert post(api, path, b"[1, 2]", token)[0] == 400
+    assert post(api, path, {}, token) == (422, {"error": 'decision must be "link" or "not-a-match"'})
+    assert post(api, path, {"decision": "maybe"}, token)[0] == 422
+    assert post(api, path, {"decision": "link", "persn": 3}, token)[1]["error"].startswith("unknown field 'persn'")
+    assert post(api, path, {"decision": "link", "person": "x"}, token)[0] == 422
+    assert post(api, path, {"decision": "link", "person": True}, token)[0] == 422
+    assert post(api, path, {"decision": "link", "force": "yes"}, token)[0] == 422
+    assert post(api, path, {"decision": "link", "reason": 7}, token)[0] == 422
+    assert post(api, path, {"decision": "link", "candidate": "GH"}, token)[0] == 422
+    assert post(api, path, {"decision": "not-a-match", "person": s["person"]}, token)[0] == 422
+    code, body = post(api, path, {"decision": "link", "person": 987654}, token)
+    assert (code, body["error"]) == (422, "no person 987654")
+    assert post(api, "/api/reviews/987654", {"decision": "link"}, token)[0] == 404
+    assert post(api, "/api/reviews/abc", {"decision": "link"}, token)[0] == 400
+    assert {a[-1] for a in audit(api)} == {"invalid", "not-found"}
+    assert api.get(f"/api/reviews/{s['review']}", token)[1]["state"] == "open"  # nothing decided
+
+
+def test_link_to_a_candidate_and_the_same_facility_guard(api: Harness):
+    s = scene(api)
+    with write_transaction(api.engine) as conn:
+        add_record(conn, "OAKNH", "OA-OTHER", s["person"], **HANSON)
+    token = api.token("tess", "technician")
+    path = f"/api/reviews/{s['review']}"
+    code, body = post(api, path, {"decision": "link", "candidate": {"facility": GH[0], "mrn": GH[1]}}, token)
+    assert code == 409 and "two records of one facility" in body["error"]
+    code, body = post(api, path, {"decision": "link", "candidate": {"facility": GH[0], "mrn": GH[1]},
+                                  "force": True}, token)
+    assert code == 200 and body["record"]["person"] == s["person"]
+
+
+def test_split_merge_undo_and_history(api: Harness):
+    s = scene(api)
+    token = api.token("tess", "technician")
+    # split the home-health record off the hospital's person
+    code, split = post(api, f"/api/persons/{s['person']}/split",
+                       {"facility": HH[0], "mrn": HH[1], "reason": "another woman"}, token)
+    assert code == 200 and split["kind"] == "split" and split["undoable"]
+    new = split["person"]
+    assert api.get(f"/api/records/{HH[0]}/{HH[1]}", token)[1]["person"] == new
+    # merge it back by hand, then undo the merge
+    code, merge = post(api, "/api/persons/merge", {"persons": [s["person"], new], "reason": "no, same"}, token)
+    assert code == 409 and "not a match" in merge["error"]  # the split's sticky pair
+    code, merge = post(api, "/api/persons/merge", {"persons": [s["person"], new], "force": True}, token)
+    assert code == 200 and merge["person"] == s["person"]
+    code, merged, _ = api.get(f"/api/persons/{new}", token)
+    assert merged["merged_into"] == s["person"] and merged["records"] == []
+    code, undone = post(api, f"/api/decisions/{merge['id']}/undo", {"reason": "oops"}, token)
+    assert code == 200 and undone["undone"] == merge["id"] and undone["kind"] == "undo"
+    assert api.get(f"/api/records/{HH[0]}/{HH[1]}", token)[1]["person"] == new
+    assert post(api, f"/api/decisions/{merge['id']}/undo", {}, token)[0] == 409
+    assert post(api, "/api/decisions/987654/undo", b"", token)[0] == 404
+    # the history of the hospital's person
+    code, history, _ = api.get(f"/api/persons/{s['person']}/history", token)
+    assert code == 200
+    assert [e["kind"] for e in history["events"]] == ["split", "merge", "undo"]
+    assert {e["actor"] for e in history["events"]} == {"tess"}
+    assert api.get("/api/persons/987654/history", token)[0] == 404
+    assert ("tess", "decide", "person", f"{s['person']}<-{new}", "ok") in audit(api)
+    assert ("tess", "decide", "person", f"decision/{merge['id']}", "ok") in audit(api)
+
+
+def test_split_and_merge_bad_bodies(api: Harness):
+    s = scene(api)
+    token = api.token("tess", "technician")
+    assert post(api, f"/api/persons/{s['person']}/split", {"facility": "GENHOSP"}, token)[0] == 422
+    assert post(api, f"/api/persons/{s['person']}/split", {"facility": "GENHOSP", "mrn": "NOPE"}, token)[0] == 404
+    assert post(api, "/api/persons/987654/split", {"facility": "GENHOSP", "mrn": "GH-44107"}, token)[0] == 404
+    assert post(api, "/api/persons/merge", {"persons": [1]}, token)[0] == 422
+    assert post(api, "/api/persons/merge", {"persons": [s["person"], "x"]}, token)[0] == 422
+    assert post(api, "/api/persons/merge", {"persons": [s["person"], s["person"]]}, token)[0] == 422
+    assert post(api, "/api/persons/merge", {"persons": [s["person"], 987654]}, token)[0] == 404
+
+
+def test_the_person_answers_with_its_best_view(api: Harness):
+    s = scene(api)
+    api.api.trust = Trust(("hospital", "nursing_home", "home_health"),
+                          {"GENHOSP": "hospital", "OAKNH": "nursing_home", "HHCARE": "home_health"})
+    token = api.token("tess", "technician")
+    code, body, _ = api.get(f"/api/persons/{s['person']}", token)
+    assert code == 200
+    assert [(r["facility"], r["mrn"], r["link"]) for r in body["records"]] == [
+        ("GENHOSP", "GH-44107", "auto"), ("HHCARE", "HH-3391", "auto")]
+    assert body["records"][1]["score"] == 31.0
+    best = body["best"]
+    assert best["name"]["value"]["family"] == "HANSON" and best["name"]["facility"] == "GENHOSP"
+    assert best["ssn_last4"]["value"] == "6789" and "123-45-6789" not in json.dumps(body)
+    assert body["merged_into"] is None
+
+
+def test_unauthenticated_and_forbidden_decisions(api: Harness, monkeypatch):
+    s = scene(api)
+    token = api.token("tess", "technician")
+    assert post(api, f"/api/reviews/{s['review']}", {"decision": "link"})[0] == 401
+    assert post(api, "/api/persons/merge", {"persons": [1, 2]})[0] == 401
+    assert post(api, "/api/decisions/1/undo", {}, "exk_not_a_token")[0] == 401
+    # a role without the permission (the table is the only place roles get them)
+    monkeypatch.setitem(PERMISSIONS, Role.TECHNICIAN, frozenset({Permission.READ_RECORD}))
+    assert post(api, f"/api/reviews/{s['review']}", {"decision": "link"}, token)[0] == 403
+    assert post(api, f"/api/persons/{s['person']}/split", {"facility": "X", "mrn": "Y"}, token)[0] == 403
+    assert api.get("/api/reviews", token)[0] == 403
+    assert api.get(f"/api/persons/{s['person']}/history", token)[0] == 403
+    assert [a[-1] for a in audit(api)] == ["forbidden"] * 4
+    with api.engine.connect() as conn:
+        from exchange.store.reviews import review_detail
+
+        assert review_detail(conn, s["review"])["state"] == "open"
+
+
+def test_admins_decide_too(api: Harness):
+    s = scene(api)
+    token = api.token("ada", "admin")
+    code, body = post(api, f"/api/reviews/{s['review']}", {"decision": "link", "person": str(s["person"])}, token)
+    assert code == 200 and body["decided_by"] == "ada"
+    code, undone = post(api, f"/api/decisions/{body['decision_id']}/undo", {}, token)
+    assert code == 200
+    assert api.get(f"/api/reviews/{s['review']}", token)[1]["state"] == "open"
+    assert api.get(f"/api/records/{OA[0]}/{OA[1]}", token)[1]["person"] == s["oa_person"]
