@@ -488,3 +488,33 @@ def test_corpus_copies():
                 assert hl7apy_verdict(copy.text), (path.name, version)
                 validated += 1
     assert validated >= 10
+
+
+# -- route, then rewrite: the scenarios on the shipped demo network ----------------
+
+
+def test_demo_network_scenarios_end_to_end():
+    from exchange.config import load_config
+    from exchange.routing import route
+
+    config = load_config(Path(__file__).resolve().parents[2] / "config" / "exchange.toml", environ={})
+    records = {"GENHOSP": "H100", "OAKNH": "N200", "HHCARE": "C300"}
+    sent = {}
+    for text in (A01, T02):
+        msg, ev = message(text)
+        for i, dest in enumerate(route(ev, config.facilities, records, config.routes).destinations):
+            copy = rewrite(msg, event=ev, destination=dest, facility=config.facility(dest.facility),
+                           server=config.server, control_id=f"42-{i + 1}", now=NOW)
+            sent.setdefault(dest.facility, []).append(hl7.parse(copy.text))
+    assert sorted(sent) == ["HHCARE", "OAKNH"]
+    oaknh_types = [str(m.segment("MSH")[9]) for m in sent["OAKNH"]]
+    assert oaknh_types == ["ADT^A01^ADT_A01", "MDM^T02^MDM_T02"]
+    assert all(str(m.segment("PID")[3]) == "N200^^^OAKNH^MR~P1^^^EXCHANGE^PI" for m in sent["OAKNH"])
+    (summary,) = sent["HHCARE"]
+    assert str(summary.segment("MSH")[9]) == "MDM^T02^MDM_T02"
+    assert str(summary.segment("PID")[3]) == "C300^^^HHCARE^MR~P1^^^EXCHANGE^PI"
+    assert str(summary.segment("TXA")[12]) == "DOC-9"
+    # the opted-out person: nobody
+    msg, ev = message(A01.replace("PD1||||||||||||N", "PD1||||||||||||Y"))
+    ev = replace(ev, protected=True)
+    assert route(ev, config.facilities, records, config.routes).destinations == ()
