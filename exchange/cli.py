@@ -57,6 +57,45 @@ def _parser() -> argparse.ArgumentParser:
     revoke = token_sub.add_parser("revoke", help="revoke a token by its name")
     revoke.add_argument("name")
     common(revoke)
+
+    reviews = sub.add_parser("reviews", help="the patient index's review queue: list, show, decide, undo")
+    reviews_sub = reviews.add_subparsers(dest="reviews_command", required=True)
+    listing = reviews_sub.add_parser("list", help="reviews in a state, oldest first")
+    listing.add_argument("--state", default="open", choices=("open", "resolved", "superseded", "all"))
+    listing.add_argument("--limit", type=int, default=100, help="at most this many (1 to 1000, default 100)")
+    listing.add_argument("--after", type=int, default=None, help="only reviews with a larger id (the next page)")
+    listing.add_argument("--json", action="store_true", help="JSON instead of a table")
+    listing.add_argument("--actor", default=None, help="who reads (the audit trail; default the login name)")
+    common(listing)
+    show = reviews_sub.add_parser("show", help="one review: the records side by side, every field's level and weight")
+    show.add_argument("id", type=int)
+    show.add_argument("--json", action="store_true", help="JSON instead of a table")
+    show.add_argument("--actor", default=None, help="who reads (the audit trail; default the login name)")
+    common(show)
+    decide = reviews_sub.add_parser("decide", help="resolve an open review: link or not-a-match")
+    decide.add_argument("id", type=int)
+    decide.add_argument("decision", choices=("link", "not-a-match"))
+    decide.add_argument("--person", type=int, default=None, help="link to this person (default: the suggestion)")
+    decide.add_argument("--candidate", nargs=2, metavar=("FACILITY", "MRN"), default=None,
+                        help="link to this candidate's person")
+    decide.add_argument("--reason", default=None, help="why (kept with the decision)")
+    decide.add_argument("--actor", required=True, help="who decides (kept with the decision)")
+    decide.add_argument("--force", action="store_true",
+                        help="link even two records of one facility, or records marked not a match")
+    decide.add_argument("--json", action="store_true", help="print the resolved review as JSON")
+    common(decide)
+    undo = reviews_sub.add_parser("undo", help="undo a technician's decision (its id is printed by decide)")
+    undo.add_argument("decision", type=int)
+    undo.add_argument("--reason", default=None, help="why (kept with the undo)")
+    undo.add_argument("--actor", required=True, help="who undoes it (kept with the undo)")
+    common(undo)
+
+    export = sub.add_parser("export", help="export data as CSV on stdout")
+    export_sub = export.add_subparsers(dest="export_command", required=True)
+    links = export_sub.add_parser(
+        "links", help="facility,authority,mrn,person: every active facility record and its person now"
+    )
+    common(links)
     return parser
 
 
@@ -246,7 +285,197 @@ def _safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-COMMANDS = {"serve": cmd_serve, "send": cmd_send, "token": cmd_token, "replay": cmd_replay}
+def _migrated_engine(args):
+    """An engine on the command's database, which must be at the newest revision (else exit 2)."""
+    from exchange.store.db import current_revision, head_revision, make_engine
+
+    url = _database_url(args)
+    try:
+        engine = make_engine(url)
+        revision, head = current_revision(engine), head_revision()
+    except Exception as exc:  # an unreachable or unusable database; its text may quote the URL's password
+        raise UsageFailure(f"cannot open the database {_safe_url(url)} ({type(exc).__name__})") from None
+    if revision != head:
+        engine.dispose()
+        raise UsageFailure(
+            f"database {_safe_url(url)} is at revision {revision or 'none'}, not {head}: run `exchange db upgrade` first"
+        )
+    return engine
+
+
+def _cli_audit(conn, args, action: str, resource: str, key: str | None, outcome: str) -> None:
+    """An audit row for a command that reads or changes patient data (role "cli")."""
+    import getpass
+    from datetime import datetime, timezone
+
+    from exchange.audit import AuditEvent, record
+
+    actor = getattr(args, "actor", None)
+    if not actor:
+        try:
+            actor = getpass.getuser()
+        except Exception:  # noqa: BLE001 - no login name (containers): still audited
+            actor = "unknown"
+    record(conn, AuditEvent(at=datetime.now(timezone.utc), actor=actor[:64], role="cli", action=action,
+                            resource=resource, facility=None, key=key, outcome=outcome, remote=None))
+
+
+def _cell(value, width: int) -> str:
+    text = "" if value is None else str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _review_table(rows: list[dict]) -> list[str]:
+    lines = [f"{'ID':>7}  {'STATE':<10}  {'KIND':<16}  {'SCORE':>6}  {'RECORD':<28}  {'CANDIDATES':<40}  REASONS"]
+    for r in rows:
+        record, *cands = (f"{x['facility']}/{x['mrn']}" for x in r["records"])
+        score = "" if r["score"] is None else f"{r['score']:.1f}"
+        lines.append(
+            f"{r['id']:>7}  {r['state']:<10}  {_cell(r['kind'], 16):<16}  {score:>6}  {_cell(record, 28):<28}  "
+            f"{_cell(', '.join(cands), 40):<40}  {', '.join(r['reasons'])}"
+        )
+    return lines
+
+
+def _review_sheet(d: dict) -> list[str]:
+    """A review for a terminal: the records side by side, each candidate's level and weight per field."""
+    t = d["thresholds"]
+
+    def num(x) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    lines = [
+        f"review {d['id']}: {d['state']}, {d['kind']}, opened {d['created_at']}"
+        + (f", {d['decision']} by {d['decided_by']} at {d['decided_at']}" if d["decision"] else ""),
+        f"score {num(d['score'])} bits; link automatically at {num(t['upper'])}, review from {num(t['lower'])}",
+        f"reasons: {', '.join(d['reasons']) or '-'}; suggested person: {d['person'] if d['person'] is not None else '-'}",
+    ]
+    if d["note"]:
+        lines.append(f"note: {d['note']}")
+    if d["decision_id"] is not None:
+        lines.append(f"decision {d['decision_id']} (undo: exchange reviews undo {d['decision_id']} --actor NAME)")
+    sides = [d["record"]] + d["candidates"]
+    width = 34
+    head = ["field".ljust(10)] + [_cell(f"{s['facility']}/{s['mrn']}", width).ljust(width) for s in sides]
+    lines += ["", "  ".join(head)]
+    persons = ["person".ljust(10)] + [
+        _cell("gone" if not s["exists"] else f"{s['person']} ({s['link']})", width).ljust(width) for s in sides
+    ]
+    lines.append("  ".join(persons))
+    for row in d["comparison"]:
+        cells = [row["field"].ljust(10), _cell(row["record"] or "", width).ljust(width)]
+        for c in row["candidates"]:
+            weight = "" if c["weight"] is None else f" {c['weight']:+.1f}"
+            mark = "*" if c.get("discounted") else ""
+            tail = f"  [{c['level'] or '?'}{weight}{mark}]"
+            cells.append((_cell(c["value"] or "", width - len(tail)) + tail).ljust(width))
+        lines.append("  ".join(cells))
+    lines.append("  ".join(["total".ljust(10), "".ljust(width)] + [num(c["score"]).ljust(width) for c in d["candidates"]]))
+    for c in d["candidates"]:
+        for rule in c["rules"]:
+            lines.append(f"{c['facility']}/{c['mrn']}: {rule}")
+    if any(c.get("discounted") for row in d["comparison"] for c in row["candidates"]):
+        lines.append("* not counted (household rule)")
+    return lines
+
+
+def cmd_reviews(args) -> int:
+    import json
+
+    from exchange.store import reviews
+    from exchange.store.db import write_transaction
+
+    engine = _migrated_engine(args)
+    try:
+        if args.reviews_command == "list":
+            if not 1 <= args.limit <= reviews.MAX_PAGE:
+                raise UsageFailure(f"--limit must be from 1 to {reviews.MAX_PAGE}")
+            # /* TRANSACTION: a read of the queue and its audit row. */
+            with write_transaction(engine) as conn:
+                rows = reviews.list_reviews(conn, None if args.state == "all" else args.state, limit=args.limit,
+                                            after=args.after)
+                _cli_audit(conn, args, "read", "review", f"state={args.state}", "ok")
+            print(json.dumps(rows, indent=2) if args.json else "\n".join(_review_table(rows)), flush=True)
+            return 0
+        if args.reviews_command == "show":
+            # /* TRANSACTION: a read of one review and its audit row. */
+            with write_transaction(engine) as conn:
+                detail = reviews.review_detail(conn, args.id)
+                _cli_audit(conn, args, "read", "review", str(args.id), "ok" if detail else "not-found")
+            if detail is None:
+                print(f"exchange: no review {args.id}", file=sys.stderr)
+                return 1
+            print(json.dumps(detail, indent=2) if args.json else "\n".join(_review_sheet(detail)), flush=True)
+            return 0
+        now = _now()
+        try:
+            # /* TRANSACTION: the decision (records moved, link events, sticky pairs, the review) and its audit row. */
+            with write_transaction(engine) as conn:
+                if args.reviews_command == "decide":
+                    result = reviews.decide_review(
+                        conn, args.id, args.decision, actor=args.actor, now=now, person_id=args.person,
+                        candidate=tuple(args.candidate) if args.candidate else None, reason=args.reason,
+                        force=args.force,
+                    )
+                    _cli_audit(conn, args, "decide", "review", str(args.id), "ok")
+                else:
+                    result = reviews.undo_decision(conn, args.decision, actor=args.actor, now=now, reason=args.reason)
+                    _cli_audit(conn, args, "decide", "person", f"decision/{args.decision}", "ok")
+        except reviews.DecisionError as exc:
+            if exc.status == 422:
+                raise UsageFailure(exc.reason) from None
+            print(f"exchange: {exc.reason}", file=sys.stderr)
+            return 1
+    finally:
+        engine.dispose()
+    if args.reviews_command == "decide":
+        if args.json:
+            print(json.dumps(result, indent=2), flush=True)
+        else:
+            r = result["record"]
+            print(f"exchange: review {result['id']} resolved ({result['decision']}): {r['facility']}/{r['mrn']} is in "
+                  f"person {r['person']} ({r['link']}); decision {result['decision_id']}, undo with "
+                  f"`exchange reviews undo {result['decision_id']} --actor NAME`", flush=True)
+    else:
+        moved = [e for e in result["events"] if e["from_person"] != e["to_person"]]
+        print(f"exchange: decision {result['undone']} undone by decision {result['id']}: "
+              f"{len(moved)} record(s) moved back"
+              + (f"; review {result['review']} is open again" if result["review"] else ""), flush=True)
+    return 0
+
+
+def _now():
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)
+
+
+def cmd_export(args) -> int:
+    """``export links``: CSV on stdout, header facility,authority,mrn,person (CONTRACT.md)."""
+    import csv
+
+    from exchange.store.db import write_transaction
+    from exchange.store.reviews import EXPORT_HEADER, export_links
+
+    engine = _migrated_engine(args)
+    try:
+        # /* TRANSACTION: the export's audit row. */
+        with write_transaction(engine) as conn:
+            _cli_audit(conn, args, "read", "person", "export links", "ok")
+        out = csv.writer(sys.stdout, lineterminator="\n")
+        out.writerow(EXPORT_HEADER)
+        # /* TRANSACTION: one consistent read of every record's person (a snapshot: the writer is not held up). */
+        with engine.connect() as conn, conn.begin():
+            for row in export_links(conn):
+                out.writerow(row)
+        sys.stdout.flush()
+    finally:
+        engine.dispose()
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "send": cmd_send, "token": cmd_token, "replay": cmd_replay,
+            "reviews": cmd_reviews, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -239,8 +239,8 @@ def _bad_part(value: str) -> bool:
 
 class API:
     app = Klein()
-    # The facility kinds the person's best view prefers; the wiring sets
-    # ``Trust.from_config(config)`` (this default knows no facility's kind: recency alone decides).
+    # The facility kinds the person's best view prefers, unless given (``trust=``): this
+    # default knows no facility's kind, so recency alone decides.
     trust: Trust = Trust()
 
     def __init__(
@@ -250,15 +250,19 @@ class API:
         now: Callable[[], datetime],
         *,
         requeued: Callable[[str], None] | None = None,
+        trust: Trust | None = None,
     ) -> None:
         """``db``: ``read(fn, *args)`` / ``write(fn, *args)`` returning Deferreds
         (``exchange.web.db.Database``); ``now``: the current aware datetime;
         ``requeued(facility)``: told after an operator requeued a copy for
-        that destination (wakes its delivery worker)."""
+        that destination (wakes its delivery worker); ``trust``: the facility
+        kinds the person's best view prefers (``Trust.from_config(config)``)."""
         self.db = db
         self.tokens = tokens
         self.now = now
         self.requeued = requeued
+        if trust is not None:
+            self.trust = trust
 
     def resource(self):
         return self.app.resource()
