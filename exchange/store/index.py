@@ -58,6 +58,7 @@ from exchange.store.schema import (
 
 Key = tuple[str, str]  # (facility, mrn)
 ACTOR = "exchange"  # link_event.actor of automatic decisions
+STOP_KEY = 100  # a blocking key with more active records than this finds no candidates
 MANUAL_LINKS = frozenset({"manual", "source"})  # links decide() must not break
 
 
@@ -375,17 +376,30 @@ def _candidates(conn: Connection, keys: set[str], own_persons: set[int]):
     known: dict[Key, _Known] = {}
     persons: set[int] = set(own_persons)
     if keys:
+        # One sub-select per key, each stopping after STOP_KEY + 1 postings: a key shared by
+        # more records than that (a nursing home's switchboard number, a test patient's
+        # name) tells nothing and would make every message cost more than the last.
         params: list = []
-        where = _in_text(sqlite, "k.key", sorted(keys), params)
-        for bk, facility, mrn, person, link, features in _select(conn, None, (
-            "SELECT k.key, r.facility, r.mrn, r.person_id, r.link, r.features FROM record_key k"
-            f" JOIN patient_record r ON r.id = k.record_id WHERE {where} AND r.active"
-        ), params):
-            key = (facility, mrn)
-            postings.setdefault(bk, set()).add(key)
-            if key not in known:
-                known[key] = _Known(person, _features(features), link)
-                persons.add(person)
+        mark = "?" if sqlite else "%s"
+        one = ("SELECT * FROM (SELECT k.key, r.facility, r.mrn, r.person_id, r.link, r.features FROM record_key k"
+               f" JOIN patient_record r ON r.id = k.record_id WHERE k.key = {mark} AND r.active LIMIT {STOP_KEY + 1})"
+               + ("" if sqlite else " AS p"))
+        ordered = sorted(keys)
+        for bk in ordered:
+            params.append(bk)
+        rows = _select(conn, None, " UNION ALL ".join([one] * len(ordered)), params)
+        found: dict[str, list] = {}
+        for row in rows:
+            found.setdefault(row[0], []).append(row)
+        for bk, hits in found.items():
+            if len(hits) > STOP_KEY:
+                continue
+            for _, facility, mrn, person, link, features in hits:
+                key = (facility, mrn)
+                postings.setdefault(bk, set()).add(key)
+                if key not in known:
+                    known[key] = _Known(person, _features(features), link)
+                    persons.add(person)
     members: dict[int | str, set[Key]] = {}
     if persons:
         params = []
@@ -429,14 +443,6 @@ def _last_refs(state: MemoryState) -> dict[Key, Hashable]:
             if isinstance(part, str):
                 out[(facility, part)] = ref
     return out
-
-
-def _in_text(sqlite: bool, column: str, values: list[str], params: list) -> str:
-    if sqlite:
-        params.extend(values)
-        return f"{column} IN ({', '.join(['?'] * len(values))})"
-    params.append(values)
-    return f"{column} = ANY(%b::text[])"
 
 
 def _features(text: str | None) -> Features | None:

@@ -189,3 +189,18 @@ def test_replay_keeps_every_records_person_and_rebuilds_the_keys(engine):
                         "order by mrn") == before
     assert rows(engine, "select r.mrn, k.key from record_key k join patient_record r on r.id = k.record_id "
                         "order by r.mrn, k.key") == keys
+
+
+def test_a_key_shared_by_too_many_records_finds_no_candidates(engine, monkeypatch):
+    """A stop key (the nursing home's switchboard number on every resident) is skipped,
+    so the cost of a message does not grow with the index."""
+    import exchange.store.index as index
+
+    monkeypatch.setattr(index, "STOP_KEY", 5)
+    names = ["ADAMS^AMY", "BROWN^BEN", "CLARK^CARA", "DAVIS^DAN", "EVANS^EVE", "FOX^FAY", "GRAY^GUS"]
+    run(engine, *[register("OAKNH", f"OA-{i}", name=n, birth=f"19{30 + i}0101", phone="555-0000",
+                           address=f"{i} MAIN ST^^RENO^NV^89501") for i, n in enumerate(names)])
+    with engine.connect() as conn:
+        postings, _, known = index._candidates(conn, {"ph:5550000", "dob:19300101"}, set())
+    assert "ph:5550000" not in postings  # seven records: over the limit
+    assert postings["dob:19300101"] == {("OAKNH", "OA-0")} and ("OAKNH", "OA-0") in known
