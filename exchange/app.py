@@ -68,6 +68,7 @@ class ExchangeService(Service):
             self.writer.run,
             batch_max=config.server.batch_max,
             max_pending=config.server.max_pending,
+            on_routed=lambda destinations: self.copies_committed(destinations),
         )
         charsets = {f.code: f.charset for f in config.facilities}
         self.intake = Intake(

@@ -84,11 +84,14 @@ class GroupCommitter:
         *,
         batch_max: int = 500,
         max_pending: int = 5000,
+        on_routed: Callable[[set[str]], None] | None = None,
     ) -> None:
         """``commit_batch(items)`` has the writer store a batch in one
         transaction; its Deferred fires with the answers once committed
-        (``WriterProcess.run`` in production)."""
+        (``WriterProcess.run`` in production). ``on_routed(destinations)``:
+        called after a batch that queued copies, with their destinations."""
         self._commit_batch = commit_batch
+        self._on_routed = on_routed
         self._batch_max = batch_max
         self._max_pending = max_pending
         self._pending: list[tuple[Received, Deferred]] = []
@@ -142,8 +145,12 @@ class GroupCommitter:
     def _committed(self, answers: list[Answer], batch, started: float) -> None:
         metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(batch))
+        routed: set[str] = set()
         for (_, d), answer in zip(batch, answers, strict=True):
+            routed.update(answer.routed)
             d.callback(answer)
+        if routed and self._on_routed is not None:
+            self._on_routed(routed)
         self._next()
 
     def _failed(self, failure: Failure, batch) -> None:
@@ -176,6 +183,8 @@ class GroupCommitter:
         def done(answers):
             metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
             d.callback(answers[0])
+            if answers[0].routed and self._on_routed is not None:
+                self._on_routed(set(answers[0].routed))
 
         def failed(f):
             metrics.COMMIT_FAILURES.inc()

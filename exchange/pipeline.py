@@ -13,6 +13,7 @@
       store ............ store.messages.insert_messages        (raw, state, ACK)
       match ............ store.index.plan / write              (new and changed records)
       save records ..... store.records.save                    (what the batch changed)
+      route ............ store.routing.route_batch             (copies queued in the outbox)
       COMMIT
     answer (reactor thread): each ACK written once its batch has committed.
 
@@ -31,11 +32,13 @@ from twisted.logger import Logger
 from exchange.hl7.ack import ack_code, build_ack
 from exchange.hl7.charset import CharsetError, decode_message
 from exchange.hl7.header import Header
-from exchange.mapping.events import FacilityContext, MappingError, map_message, needs
+from exchange.mapping.events import FacilityContext, MappingError, MergePatients, map_message, needs
 from exchange.mapping.message import Message
 from exchange.mapping.state import MemoryState
 from exchange.outcome import Outcome, Value, Verdict, error
+from exchange.config import Config
 from exchange.store import index as patient_index
+from exchange.store.routing import Applied, route_batch
 from exchange.store.records import load as load_records
 from exchange.store.records import save as save_records
 from exchange.store.messages import (
@@ -75,6 +78,7 @@ class Answer(Value):
     ack_code: str | None
     message_id: int
     duplicate: bool = False
+    routed: tuple[str, ...] = ()  # destinations that got a copy of it (their delivery is woken)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +98,8 @@ class _Decoded:
     outcome: Outcome
     notes: list[str]
     message: Message | None = None  # parsed, for ADT/MDM
+    subject: tuple[str, str] | None = None  # once applied: the record it is about (a merge's survivor)
+    retired: tuple[str, str] | None = None  # a merge's retired record
 
 
 def decode(index: int, item: Received, parse: bool = True) -> _Decoded:
@@ -131,6 +137,14 @@ def map_and_apply(d: _Decoded, item: Received, ctx: FacilityContext, state: Memo
         return
     state.apply(mapped, pending_ref(d.index))
     d.notes.extend(mapped.warnings)
+    for op in mapped.operations:
+        if isinstance(op, MergePatients):
+            d.subject, d.retired = (op.facility, op.survivor_mrn), (op.facility, op.retired_mrn)
+            break
+        mrn = getattr(op, "mrn", None)
+        if mrn is not None:
+            d.subject = (op.facility, mrn)
+            break
 
 
 def pending_ref(index: int) -> tuple[str, int]:
@@ -150,6 +164,7 @@ def process_batch(
     now: Callable[[], datetime],
     facilities: Mapping[str, FacilityContext] | None = None,
     models: patient_index.ModelCache | None = None,
+    routing: Config | None = None,
     settings: AckSettings = AckSettings(),
 ) -> list[Answer]:
     """Store a batch of messages, apply them to the record model, decide each answer.
@@ -163,7 +178,9 @@ def process_batch(
     ``facilities`` (MSH-4 -> its context) switches the record model on;
     without it the messages are stored and answered, nothing is mapped.
     ``models`` (the matching model) switches the patient index on: every
-    new or changed record is matched before the commit.
+    new or changed record is matched before the commit. ``routing`` (the
+    configuration: facilities, rules) switches routing on: each applied
+    event's copies are queued in the outbox before the commit.
     """
     prior = find_prior(conn, [k for k in (i.dedup_key for i in items) if k is not None])
 
@@ -237,11 +254,11 @@ def process_batch(
             )
         )
     ids = insert_messages(conn, rows) if rows else []
-    for d, row, id_ in zip(decoded, rows, ids):
-        answers[d.index] = Answer(row.ack, row.ack_code, id_)
 
-    # 4. The record model's changes, each tied to the message that made it, and the
-    #    patient index's decisions about the records they created or changed.
+    # 4. The record model's changes, each tied to the message that made it, the
+    #    patient index's decisions about the records they created or changed, and
+    #    the copies routed to other facilities.
+    routed: dict[int, list[str]] = {}
     if state is not None:
         state.rebase_refs({pending_ref(d.index): id_ for d, id_ in zip(decoded, ids)})
         at = now()
@@ -252,7 +269,19 @@ def process_batch(
             plan = patient_index.plan(conn, state, model)
             save_records(conn, state, at, links=plan.links)
             patient_index.write(conn, plan, state, model, at)
+        if routing is not None:
+            persons = state.store_ids["records"]
+            copies = route_batch(conn, [
+                Applied(ids[i], items[d.index].header, d.message, d.subject, persons.get(d.subject, (0, None))[1],
+                        d.retired, persons.get(d.retired, (0, None))[1] if d.retired else None)
+                for i, d in enumerate(decoded)
+                if d.message is not None and d.subject is not None and d.outcome.verdict is Verdict.ACCEPT
+            ], routing, at)
+            for copy in copies:
+                routed.setdefault(copy.message_id, []).append(copy.destination)
 
+    for d, row, id_ in zip(decoded, rows, ids):
+        answers[d.index] = Answer(row.ack, row.ack_code, id_, routed=tuple(routed.get(id_, ())))
     for index, original in resent:
         first = answers[original]
         assert first is not None

@@ -33,6 +33,7 @@ from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
+from exchange.config import Config
 from exchange.intake import utc_now
 from exchange.mapping.events import FacilityContext
 from exchange.pipeline import AckSettings, Answer, Received, process_batch
@@ -180,6 +181,7 @@ def make_batch_runner(
     engine,
     *,
     facilities: Mapping[str, FacilityContext],
+    routing: Config | None = None,
     new_control_id: Callable[[], str],
     now: Callable[[], datetime] = utc_now,
     settings: AckSettings = AckSettings(),
@@ -192,7 +194,7 @@ def make_batch_runner(
         # and what they change in the record model: an AA means stored AND applied.
         with write_transaction(engine) as conn:
             return process_batch(conn, items, new_control_id=new_control_id, now=now, facilities=facilities,
-                                 models=models, settings=settings)
+                                 models=models, routing=routing, settings=settings)
 
     return run
 
@@ -217,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     start_logging(config.server.log_level)  # to stderr: stdout is the pipe to the parent
     engine = make_engine(config.server.database, pool_pre_ping=False)
     settings = AckSettings(config.server.application, config.server.facility_name)
-    run_batch = make_batch_runner(engine, facilities=facility_contexts(config), new_control_id=AckIds(tag="W"),
-                                  settings=settings)
+    run_batch = make_batch_runner(engine, facilities=facility_contexts(config), routing=config,
+                                  new_control_id=AckIds(tag="W"), settings=settings)
     try:
         serve_batches(run_batch, sys.stdin.buffer, sys.stdout.buffer)
     finally:

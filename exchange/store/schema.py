@@ -37,6 +37,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
     true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -254,6 +255,10 @@ class Person(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     merged_into: Mapped[int | None] = mapped_column(BigInteger)  # a technician merged it into that person
+    # Opt-out: no copy about this person goes anywhere. Set by a facility's PD1-12 = Y
+    # ("PD1-12 <facility>") or through the API ("api <token name>").
+    protected: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    protected_by: Mapped[str | None] = mapped_column(String(ACTOR_LEN))
 
 
 class PatientRecord(Base):

@@ -28,6 +28,8 @@ def upgrade() -> None:
     for column in DEMOGRAPHIC_INDEXES:
         op.drop_index(f"ix_patient_record_{column}", table_name="patient_record")
     op.add_column("person", sa.Column("merged_into", sa.BigInteger(), nullable=True))
+    op.add_column("person", sa.Column("protected", sa.Boolean(), server_default=sa.false(), nullable=False))
+    op.add_column("person", sa.Column("protected_by", sa.String(length=128), nullable=True))
     op.add_column("patient_record", sa.Column("link", sa.String(length=16), server_default="auto", nullable=False))
     op.add_column("patient_record", sa.Column("link_score", sa.Float(), nullable=True))
     op.add_column("patient_record", sa.Column("features", sa.Text(), nullable=True))
@@ -127,6 +129,8 @@ def downgrade() -> None:
         batch.drop_column("link_score")
         batch.drop_column("link")
     with op.batch_alter_table("person") as batch:
+        batch.drop_column("protected_by")
+        batch.drop_column("protected")
         batch.drop_column("merged_into")
     for column in DEMOGRAPHIC_INDEXES:
         op.create_index(f"ix_patient_record_{column}", "patient_record", [column], unique=False)

@@ -1,0 +1,113 @@
+"""Routing in the writer's transaction: the copies of a batch's applied events,
+queued in the outbox before the commit that precedes the ACK (issue 5).
+
+The pure decisions are exchange.routing's (``route``, ``rewrite``); this
+module reads what they need from the database (each person's active records
+and opt-out, after the batch's records and links were saved), keeps the
+opt-out a facility asserts with PD1-12, and queues the copies
+(``exchange.store.outbox.enqueue``).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection
+
+from exchange.config import Config
+from exchange.hl7.header import Header
+from exchange.mapping.message import Message
+from exchange.routing import Event, protection, rewrite, route
+from exchange.store.db import driver_cursor
+from exchange.store.outbox import NewCopy, enqueue
+from exchange.store.records import _in_ids, _select
+
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """One applied message, as routing needs it."""
+
+    message_id: int
+    header: Header
+    message: Message
+    subject: Key  # the record it is about (the survivor of a merge)
+    person: int | None  # the subject's person after the batch
+    retired: Key | None = None  # a merge's retired record
+    retired_person: int | None = None
+
+
+def route_batch(conn: Connection, applied: Sequence[Applied], config: Config, now: datetime) -> list[NewCopy]:
+    """Decide, build and queue every copy of ``applied`` (in order); the copies queued."""
+    persons = {a.person for a in applied if a.person is not None} | {
+        a.retired_person for a in applied if a.retired_person is not None}
+    records, protected = _persons(conn, persons)
+    copies: list[NewCopy] = []
+    changed: dict[int, tuple[bool, str | None]] = {}
+    for a in applied:
+        said = protection(a.message)
+        state, by = protected.get(a.person, (False, None)) if a.person is not None else (False, None)
+        if said is True and not state:
+            state, by = True, f"PD1-12 {a.subject[0]}"
+        elif said is False and state and (by or "").startswith("PD1-12"):
+            state, by = False, None  # a facility clears what a facility set, never a patient's own request
+        if a.person is not None and (state, by) != protected.get(a.person, (False, None)):
+            protected[a.person] = changed[a.person] = (state, by)
+        event = Event.read(a.header, a.message, person=None if a.person is None else str(a.person),
+                           source_mrn=a.subject[1], protected=state)
+        mine = _one_per_facility(records.get(a.person, []), a.subject)
+        prior = None
+        if a.retired is not None and a.retired_person is not None:
+            prior = _one_per_facility(records.get(a.retired_person, []) + [(a.retired, True)], a.retired)
+        decision = route(event, config.facilities, mine, config.routes, prior_records=prior)
+        for i, dest in enumerate(decision.destinations):
+            facility = config.facility(dest.facility)
+            assert facility is not None  # route only names configured facilities
+            copy = rewrite(a.message, event=event, destination=dest, facility=facility, server=config.server,
+                           control_id=f"{a.message_id}-{i + 1}", now=now)
+            copies.append(NewCopy(destination=dest.facility, message_id=a.message_id, control_id=copy.control_id,
+                                  payload=copy.encode(), created_at=now, person_id=a.person,
+                                  facility=a.subject[0], mrn=a.subject[1], reason=dest.why))
+    if changed:
+        sqlite = conn.dialect.name == "sqlite"
+        with driver_cursor(conn, "person opt-out (exchange.store.routing)") as cursor:
+            sql = ("UPDATE person SET protected = ?, protected_by = ? WHERE id = ?" if sqlite
+                   else "UPDATE person SET protected = %s, protected_by = %s WHERE id = %s")
+            cursor.executemany(sql, [(state, by, person) for person, (state, by) in changed.items()])
+    if copies:
+        enqueue(conn, copies)
+    return copies
+
+
+def _persons(conn: Connection, persons: set[int]):
+    """Each person's records ((facility, mrn), active) and opt-out (protected, by)."""
+    records: dict[int, list[tuple[Key, bool]]] = {}
+    protected: dict[int, tuple[bool, str | None]] = {}
+    if not persons:
+        return records, protected
+    sqlite = conn.dialect.name == "sqlite"
+    params: list = []
+    where = _in_ids(sqlite, "person_id", sorted(persons), params)
+    for person, facility, mrn, active in _select(
+        conn, None, f"SELECT person_id, facility, mrn, active FROM patient_record WHERE {where} ORDER BY id", params
+    ):
+        records.setdefault(person, []).append(((facility, mrn), bool(active)))
+    params = []
+    where = _in_ids(sqlite, "id", sorted(persons), params)
+    for person, state, by in _select(conn, None, f"SELECT id, protected, protected_by FROM person WHERE {where}",
+                                     params):
+        protected[person] = (bool(state), by)
+    return records, protected
+
+
+def _one_per_facility(records: list[tuple[Key, bool]], subject: Key) -> dict[str, str]:
+    """{facility: MRN} of the active records (the subject's own for its facility; else the oldest)."""
+    out: dict[str, str] = {}
+    for (facility, mrn), active in records:
+        if active and facility not in out:
+            out[facility] = mrn
+    if subject[0] in out or any(key == subject for key, _ in records):
+        out[subject[0]] = subject[1]
+    return out

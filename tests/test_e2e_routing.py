@@ -1,0 +1,187 @@
+"""The whole pipeline end to end: `exchange serve` as a process, facilities
+sending over MLLP, and receiving systems written by others (python-hl7's
+asyncio MLLP server, hl7apy's MLLP server) standing in for the facilities'
+interface engines. Intake -> record model -> patient index -> routing ->
+outbox -> delivery, on SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import hl7
+import hl7.mllp
+import pytest
+
+from tests.delivery.peers import HL7apyPeer
+from tests.support import ExchangeProcess, MLLPConnection, msa, write_config
+
+
+class Capture:
+    """python-hl7's asyncio MLLP server keeping every message it receives (as text), ACKing AA."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.lock = threading.Lock()
+        self.port = 0
+        ready = threading.Event()
+
+        def run() -> None:
+            self.loop = asyncio.new_event_loop()
+            server = self.loop.run_until_complete(hl7.mllp.start_hl7_server(self._client, "127.0.0.1", 0))
+            self.port = server.sockets[0].getsockname()[1]
+            ready.set()
+            self.loop.run_forever()
+
+        threading.Thread(target=run, daemon=True).start()
+        assert ready.wait(10)
+
+    async def _client(self, reader, writer) -> None:
+        try:
+            while True:
+                message = await reader.readmessage()
+                with self.lock:
+                    self.messages.append(str(message))
+                writer.writeblock(str(message.create_ack("AA")).encode())
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    def wait_for(self, count: int, timeout: float = 15) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.messages) >= count:
+                    return list(self.messages)
+            time.sleep(0.05)
+        with self.lock:
+            return list(self.messages)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def facilities(nursing_home: int, home_health: int, hospital: int) -> str:
+    return f"""
+[[facility]]
+code = "GENHOSP"
+name = "General Hospital"
+kind = "hospital"
+authority = "GENHOSP"
+deliver_to = "127.0.0.1:{hospital}"
+
+[[facility]]
+code = "OAKNH"
+name = "Oakwood Nursing Home"
+kind = "nursing_home"
+authority = "OAKNH"
+deliver_to = "127.0.0.1:{nursing_home}"
+subscribe = ["ADT^A01", "ADT^A03", "MDM^*"]
+
+[[facility]]
+code = "HHCARE"
+name = "Sunrise Home Health"
+kind = "home_health"
+authority = "HHCARE"
+deliver_to = "127.0.0.1:{home_health}"
+subscribe = ["ADT^A03", "MDM^T02^DS"]
+"""
+
+
+def adt(control_id: str, facility: str, event: str, mrn: str, *, pd1: str = "", visit: str = "") -> bytes:
+    segments = [
+        f"MSH|^~\\&|APP|{facility}|EXCHANGE|EXCHANGE|20261127120000||ADT^{event}^ADT_A01|{control_id}|P|2.5.1",
+        f"EVN|{event}|20261127120000",
+        f"PID|1||{mrn}^^^{facility}^MR||HANSON^ELIZABETH^M||19400304|F|||12 OAK ST^^SPRINGFIELD^IL^62701"
+        f"||555-0100|||||123-45-6789",
+    ]
+    if pd1:
+        segments.append(pd1)
+    segments.append(f"PV1|1|I|W1^101^A||||||||||||||||{visit or 'V' + control_id}")
+    return ("\r".join(segments) + "\r").encode()
+
+
+def discharge_summary(control_id: str, mrn: str) -> bytes:
+    return ("\r".join([
+        f"MSH|^~\\&|DOC|GENHOSP|EXCHANGE|EXCHANGE|20261127130000||MDM^T02^MDM_T02|{control_id}|P|2.5.1",
+        "EVN|T02|20261127130000",
+        f"PID|1||{mrn}^^^GENHOSP^MR||HANSON^ELIZABETH^M||19400304|F",
+        "PV1|1|I|W1^101^A||||||||||||||||VDOC1",
+        "TXA|1|DS|TX|20261127130000||||||||DOC-1|||||AU||AV",
+        "OBX|1|TX|18842-5^Discharge summary^LN||Discharged home with home health follow-up.",
+    ]) + "\r").encode()
+
+
+@pytest.fixture
+def network(tmp_path, database_url):
+    nursing_home, home_health, hospital = Capture(), Capture(), Capture()
+    config = write_config(tmp_path, facilities=facilities(nursing_home.port, home_health.port, hospital.port))
+    server = ExchangeProcess(config, database_url).start()
+    yield server, nursing_home, home_health, hospital
+    server.stop()
+    for peer in (nursing_home, home_health, hospital):
+        peer.stop()
+
+
+def field(text: str, segment: str, number: int) -> str:
+    for line in text.replace("\n", "\r").split("\r"):
+        if line.startswith(segment + "|"):
+            return line.split("|")[number]
+    raise AssertionError(f"no {segment} in {text!r}")
+
+
+def test_a_resident_admitted_at_the_hospital_reaches_the_nursing_home_in_its_own_mrn(network):
+    server, nursing_home, home_health, hospital = network
+    with MLLPConnection(server.address) as conn:
+        assert msa(conn.request(adt("NH-1", "OAKNH", "A28", "OA917082")))[0] == "AA"  # the resident
+        assert msa(conn.request(adt("GH-1", "GENHOSP", "A01", "GH-44107")))[0] == "AA"  # admitted
+        assert msa(conn.request(adt("HH-1", "HHCARE", "A28", "HH-3391")))[0] == "AA"  # home health knows her
+        assert msa(conn.request(discharge_summary("GH-2", "GH-44107")))[0] == "AA"
+    (admit, summary) = nursing_home.wait_for(2)[:2]
+    assert field(admit, "MSH", 8) == "ADT^A01^ADT_A01"
+    # MSH-3, MSH-4 the exchange, MSH-6 the destination (split("|") counts MSH-2 as field 1)
+    assert (field(admit, "MSH", 2), field(admit, "MSH", 3), field(admit, "MSH", 5)) == ("EXCHANGE", "EXCHANGE", "OAKNH")
+    ids = field(admit, "PID", 3).split("~")
+    assert ids[0].split("^")[0] == "OA917082" and ids[0].split("^")[3] == "OAKNH"  # its own MRN
+    assert not any(i.startswith("GH-44107") for i in ids)  # not the hospital's
+    assert any(i.split("^")[4] == "PI" for i in ids)  # the enterprise person id
+    assert field(summary, "MSH", 8).startswith("MDM^T02")
+    (to_home_health,) = home_health.wait_for(1)
+    assert field(to_home_health, "MSH", 8).startswith("MDM^T02")
+    assert field(to_home_health, "PID", 3).split("~")[0].split("^")[0] == "HH-3391"
+    # the hospital (subscribed to everything) hears of home health's registration, never of its own messages
+    (to_hospital,) = hospital.wait_for(1)
+    assert field(to_hospital, "MSH", 8).startswith("ADT^A28") and field(to_hospital, "PV1", 19) == "VHH-1"
+    assert field(to_hospital, "PID", 3).split("~")[0].split("^")[0] == "GH-44107"
+    time.sleep(0.5)
+    assert len(hospital.messages) == 1
+
+
+def test_an_opted_out_person_reaches_nobody(network):
+    server, nursing_home, home_health, hospital = network
+    with MLLPConnection(server.address) as conn:
+        assert msa(conn.request(adt("NH-10", "OAKNH", "A28", "OA-555")))[0] == "AA"
+        optout = adt("GH-10", "GENHOSP", "A01", "GH-555", pd1="PD1||||||||||||Y")
+        assert msa(conn.request(optout))[0] == "AA"
+        assert msa(conn.request(adt("GH-11", "GENHOSP", "A03", "GH-555", visit="VGH-10")))[0] == "AA"
+    assert nursing_home.wait_for(1, timeout=3) == []
+    assert home_health.messages == [] and hospital.messages == []
+
+
+def test_hl7apy_server_as_the_receiving_engine(tmp_path, database_url):
+    peer = HL7apyPeer("ADT^A01^ADT_A01").start()
+    others = Capture()
+    config = write_config(tmp_path, facilities=facilities(peer.port, others.port, others.port))
+    server = ExchangeProcess(config, database_url).start()
+    try:
+        with MLLPConnection(server.address) as conn:
+            assert msa(conn.request(adt("NH-20", "OAKNH", "A28", "OA-20")))[0] == "AA"
+            assert msa(conn.request(adt("GH-20", "GENHOSP", "A01", "GH-20")))[0] == "AA"
+        deadline = time.monotonic() + 15
+        while not peer.received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(peer.received) == 1 and peer.received[0].endswith("-1")
+    finally:
+        server.stop()
+        peer.stop()
+        others.stop()
