@@ -15,6 +15,7 @@ from exchange.auth import TokenCache
 from exchange.config import Config
 from exchange.delivery import DeliveryService, Settings as DeliverySettings
 from exchange.intake import AckIds, GroupCommitter, Intake
+from exchange.store.reviews import Trust
 from exchange.mllp.protocol import MLLPServerFactory
 from exchange.mllp.tls import server_endpoint
 from exchange.writer import WriterProcess
@@ -97,6 +98,7 @@ class ExchangeService(Service):
             TokenCache(reactor.seconds, ttl=30.0, max_entries=1000),
             lambda: datetime.now(timezone.utc),
             requeued=self.delivery.requeued,
+            trust=Trust.from_config(config),
         )
         self.started_at = time.monotonic()
         self.ports: list = []

@@ -21,7 +21,7 @@ they become ``record_event.message_id`` and ``document_version.message_id``.
 Each row keeps its exact value objects as JSON (``to_json``/``from_json``,
 a tagged encoding that round-trips exactly); the plain columns are derived
 from them for searching and for the API views (``record_view``,
-``person_view``), which return plain dicts in CONTRACT.md's shapes.
+``exchange.store.reviews.person_view``), which return plain dicts in CONTRACT.md's shapes.
 """
 from __future__ import annotations
 
@@ -918,23 +918,4 @@ def record_view(conn: Connection, facility: str, mrn: str) -> dict[str, Any] | N
     }
 
 
-def person_view(conn: Connection, person_id: int) -> dict[str, Any] | None:
-    """``GET /api/persons/{person}`` as a plain dict; None when unknown.
-
-    Until the patient index links records, each record has the person created
-    with it: link ``auto``, no score.
-    """
-    exists = conn.execute(select(person.c.id).where(person.c.id == person_id)).first()
-    if exists is None:
-        return None
-    records = [
-        {"facility": r.facility, "mrn": r.mrn, "active": r.active, "link": "auto", "score": None}
-        for r in conn.execute(
-            select(patient_record.c.facility, patient_record.c.mrn, patient_record.c.active)
-            .where(patient_record.c.person_id == person_id).order_by(patient_record.c.id)
-        )
-    ]
-    return {"person": person_id, "records": records}
-
-
-__all__ = ["RecordLink", "from_json", "load", "load_all", "loads", "person_view", "record_view", "save", "to_json"]
+__all__ = ["RecordLink", "from_json", "load", "load_all", "loads", "record_view", "save", "to_json"]

@@ -190,7 +190,8 @@ def _records_of(conn: Connection, person_ids: Sequence[int], *, data: bool = Fal
 
 
 def _person_row(conn: Connection, person_id: int, *, lock: bool = False):
-    query = select(person.c.id, person.c.merged_into, person.c.created_at).where(person.c.id == person_id)
+    query = select(person.c.id, person.c.merged_into, person.c.created_at, person.c.protected,
+                   person.c.protected_by).where(person.c.id == person_id)
     if lock:
         query = query.with_for_update()
     return conn.execute(query).first()
@@ -643,6 +644,20 @@ def split_record(conn: Connection, person_id: int, facility: str, mrn: str, *, a
     return out
 
 
+def set_opt_out(conn: Connection, person_id: int, protected: bool, *, actor: str, now: datetime,
+                reason: str | None = None) -> dict[str, Any]:
+    """The person's opt-out, set or cleared through the API: while set, no copy about
+    the person goes anywhere (exchange.routing). A facility's PD1-12 = N never clears
+    an opt-out set here. Returns ``{"person", "opt_out"}``."""
+    actor, reason, now = _check_actor(actor), _check_reason(reason), _check_now(now)
+    row = _person_row(conn, person_id, lock=True)
+    if row is None:
+        raise _not_found(f"no person {person_id}")
+    by = f"api {actor}" if protected else None
+    conn.execute(person.update().where(person.c.id == person_id).values(protected=protected, protected_by=by))
+    return {"person": person_id, "opt_out": {"protected": protected, "by": by}}
+
+
 def merge_persons(conn: Connection, keep: int, merge: int, *, actor: str, now: datetime, reason: str | None = None,
                   force: bool = False) -> dict[str, Any]:
     """Every record of ``merge`` moves to ``keep`` (link manual); ``merge.merged_into = keep``.
@@ -802,6 +817,7 @@ def person_view(conn: Connection, person_id: int, trust: Trust = Trust()) -> dic
         "person": person_id,
         "merged_into": _live_person(conn, row.merged_into) if row.merged_into is not None else None,
         "created_at": _iso(row.created_at),
+        "opt_out": {"protected": bool(row.protected), "by": row.protected_by},
         "records": records,
         "best": best_view([(r, demographics(r.data)) for r in rows if r.active], trust),
     }
@@ -878,6 +894,7 @@ __all__ = [
     "merge_persons",
     "person_history",
     "person_view",
+    "set_opt_out",
     "review_detail",
     "split_record",
     "undo_decision",

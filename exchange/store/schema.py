@@ -445,7 +445,7 @@ class MatchPair(Base):
     other_facility: Mapped[str] = mapped_column(String(FACILITY_LEN))
     other_mrn: Mapped[str] = mapped_column(String(MRN_LEN))
     active: Mapped[bool] = mapped_column(Boolean)  # false once undone
-    decision_id: Mapped[int | None] = mapped_column(BigInteger)  # link_event.decision of who said so
+    decision_id: Mapped[int | None] = mapped_column(BigInteger, index=True)  # the decision that said so (undo)
 
     __table_args__ = (Index("ix_match_pair_facility_mrn", "facility", "mrn"),)
 
@@ -461,14 +461,14 @@ class LinkEvent(Base):
     kind: Mapped[str] = mapped_column(String(32))  # auto / link / not-a-match / split / merge / source / undo
     facility: Mapped[str] = mapped_column(String(FACILITY_LEN))
     mrn: Mapped[str] = mapped_column(String(MRN_LEN))
-    from_person: Mapped[int | None] = mapped_column(BigInteger)
-    to_person: Mapped[int | None] = mapped_column(BigInteger)
+    from_person: Mapped[int | None] = mapped_column(BigInteger, index=True)  # a person's history
+    to_person: Mapped[int | None] = mapped_column(BigInteger, index=True)
     from_link: Mapped[str | None] = mapped_column(String(LINK_LEN))
     to_link: Mapped[str | None] = mapped_column(String(LINK_LEN))
     score: Mapped[float | None] = mapped_column(Float)
     actor: Mapped[str] = mapped_column(String(ACTOR_LEN))
     reason: Mapped[str | None] = mapped_column(Text)
-    review_id: Mapped[int | None] = mapped_column(BigInteger)
+    review_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     message_id: Mapped[int | None] = mapped_column(BigInteger)
     at: Mapped[datetime] = mapped_column(UTCDateTime())
     undone_by: Mapped[int | None] = mapped_column(BigInteger)  # the decision that undid this one

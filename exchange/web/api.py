@@ -476,6 +476,23 @@ class API:
 
         return await self._decide(request, Permission.DECIDE_PERSON, Resource.PERSON, person, parse)
 
+    @app.route("/persons/<person>/opt-out", methods=["POST"])
+    async def opt_out(self, request, person: str) -> bytes:
+        """``{"protected": true|false, "reason"?}``: the patient's opt-out; while set, no
+        copy about the person goes to any facility -> ``{"person", "opt_out"}``."""
+        person_id = path_id(person)
+        if person_id is None:
+            return await self._bad_path(request, "a person id is a number")
+
+        def parse(body: dict) -> tuple:
+            only(body, "protected", "reason")
+            if "protected" not in body:
+                raise BadRequest(422, "protected (true or false) is required")
+            return (reviews.set_opt_out, (person_id, body_flag(body, "protected")),
+                    {"reason": body_text(body, "reason")}, None)
+
+        return await self._decide(request, Permission.DECIDE_PERSON, Resource.PERSON, person, parse)
+
     @app.route("/persons/merge", methods=["POST"])
     async def merge_persons(self, request) -> bytes:
         """``{"persons": [keep, merge], "reason"?, "force"?}``: every record of ``merge`` moves to

@@ -78,6 +78,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_match_pair")),
     )
     op.create_index("ix_match_pair_facility_mrn", "match_pair", ["facility", "mrn"], unique=False)
+    op.create_index(op.f("ix_match_pair_decision_id"), "match_pair", ["decision_id"], unique=False)
 
     op.create_table(
         "link_event",
@@ -101,6 +102,8 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_link_event_decision"), "link_event", ["decision"], unique=False)
     op.create_index("ix_link_event_facility_mrn", "link_event", ["facility", "mrn"], unique=False)
+    for column in ("from_person", "to_person", "review_id"):
+        op.create_index(f"ix_link_event_{column}", "link_event", [column], unique=False)
 
     op.create_table(
         "match_model",
@@ -114,9 +117,12 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("match_model")
+    for column in ("from_person", "to_person", "review_id"):
+        op.drop_index(f"ix_link_event_{column}", table_name="link_event")
     op.drop_index("ix_link_event_facility_mrn", table_name="link_event")
     op.drop_index(op.f("ix_link_event_decision"), table_name="link_event")
     op.drop_table("link_event")
+    op.drop_index(op.f("ix_match_pair_decision_id"), table_name="match_pair")
     op.drop_index("ix_match_pair_facility_mrn", table_name="match_pair")
     op.drop_table("match_pair")
     op.drop_index(op.f("ix_match_review_state"), table_name="match_review")
