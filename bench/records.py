@@ -5,7 +5,8 @@ Drives ``exchange.pipeline.process_batch`` the way the intake's writer does
 (bench.intake.messages.generate), once without the record model and once
 with it (``facilities=``: load, map, apply, save), each on a fresh database.
 Prints ms per batch, messages per second and the extra ms per batch the
-record model costs, for SQLite and PostgreSQL.
+record model costs, and the patient index on top of it (``models=``), for
+SQLite and PostgreSQL.
 
     .venv/bin/python bench/records.py
     .venv/bin/python bench/records.py -n 8000 --batch 4 --backend sqlite --profile
@@ -44,6 +45,7 @@ from exchange.hl7.header import read_header  # noqa: E402
 from exchange.mapping.events import FacilityContext  # noqa: E402
 from exchange.pipeline import Received, process_batch  # noqa: E402
 from exchange.store.db import make_engine, upgrade, write_transaction  # noqa: E402
+from exchange.store.index import ModelCache  # noqa: E402
 
 POLICY = AcceptancePolicy({FACILITY: FacilityRule(FACILITY)})
 FACILITIES = {FACILITY: FacilityContext(FACILITY, FACILITY)}
@@ -85,7 +87,7 @@ def received(count: int) -> list[Received]:
     return out
 
 
-def measure(url: str, items: list[Received], batch: int, facilities, profile: bool) -> dict:
+def measure(url: str, items: list[Received], batch: int, facilities, profile: bool, models=None) -> dict:
     upgrade(url)
     engine = make_engine(url, pool_pre_ping=False)
     statements = itertools.count()
@@ -97,7 +99,7 @@ def measure(url: str, items: list[Received], batch: int, facilities, profile: bo
         for i in range(0, len(part), batch):
             with write_transaction(engine) as conn:
                 process_batch(conn, part[i:i + batch], new_control_id=lambda: f"B{next(ids)}", now=now,
-                              facilities=facilities)
+                              facilities=facilities, models=models)
 
     warm = len(items) // 10
     run(items[:warm])
@@ -124,7 +126,9 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=8000, help="messages per run (default 8000)")
     parser.add_argument("--batch", type=int, default=4, help="messages per transaction (default 4)")
     parser.add_argument("--backend", choices=("sqlite", "postgresql", "both"), default="both")
-    parser.add_argument("--profile", action="store_true", help="cProfile the run with the record model")
+    parser.add_argument("--profile", action="store_true", help="cProfile one run (--profile-mode)")
+    parser.add_argument("--profile-mode", default="+index", choices=("with", "+index"),
+                        help="the run to profile: record model only, or with the patient index (default)")
     args = parser.parse_args()
     items = received(args.n)
     backends = {"sqlite": sqlite_url, "postgresql": postgres_url}
@@ -132,19 +136,21 @@ def main() -> None:
         if args.backend not in (name, "both"):
             continue
         results = {}
-        for label, facilities in (("without", None), ("with", FACILITIES)):
+        for label, facilities, models in (("without", None, None), ("with", FACILITIES, None),
+                                          ("+index", FACILITIES, ModelCache())):
             with make_url_() as url:
                 if url is None:
                     break
-                results[label] = measure(url, items, args.batch, facilities, args.profile and label == "with")
-        if len(results) < 2:
+                results[label] = measure(url, items, args.batch, facilities, args.profile and label == args.profile_mode,
+                                         models)
+        if len(results) < 3:
             continue
         for label, r in results.items():
             print(f"{name:10} {label:7} record model: {r['ms_per_batch']:6.3f} ms per batch of {args.batch}, "
                   f"{r['msgs_per_s']:7.0f} msg/s, {r['statements_per_batch']:5.1f} SQLAlchemy-level statements per batch (driver-level ones not counted)")
         extra = results["with"]["ms_per_batch"] - results["without"]["ms_per_batch"]
-        more = results["with"]["statements_per_batch"] - results["without"]["statements_per_batch"]
-        print(f"{name:10} record model costs {extra:+.3f} ms and {more:+.1f} SQLAlchemy-level statements per batch (driver-level ones not counted)")
+        index = results["+index"]["ms_per_batch"] - results["with"]["ms_per_batch"]
+        print(f"{name:10} record model costs {extra:+.3f} ms per batch, the patient index {index:+.3f} ms more")
 
 
 if __name__ == "__main__":

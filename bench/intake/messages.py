@@ -56,6 +56,8 @@ class Patient:
     street: str
     city: tuple[str, str, str]
     phone: str
+    apartment: int
+    work_phone: str
 
 
 def _patient(rng: random.Random, number: int) -> Patient:
@@ -74,6 +76,8 @@ def _patient(rng: random.Random, number: int) -> Patient:
         street=f"{rng.randrange(1, 9999)} {rng.choice(STREETS)} St",
         city=rng.choice(CITIES),
         phone=f"555{rng.randrange(10**7):07d}",
+        apartment=rng.randrange(1, 40),
+        work_phone=f"{rng.randrange(10**7):07d}",
     )
 
 
@@ -97,9 +101,9 @@ def _message(rng: random.Random, p: Patient, control_id: str, event: str,
         f"PID|1||{p.mrn}^^^{FACILITY}^MR~{p.enterprise_id}^^^GENHOSP_EMPI^PI"
         f"~{p.national_id}^^^SSA^SS~V{visit:09d}^^^{FACILITY}^AN||"
         f"{p.family}^{p.given}^{p.middle}^^^^L||{p.birth_date}|{p.sex}|||"
-        f"{p.street}^Apt {rng.randrange(1, 40)}^{city}^{state}^{zip_code}^USA^H||"
+        f"{p.street}^Apt {p.apartment}^{city}^{state}^{zip_code}^USA^H||"
         f"^PRN^PH^^1^{p.phone[:3]}^{p.phone[3:]}~^NET^Internet^{p.given.lower()}.{p.family.lower()}"
-        f"@example.invalid|^WPN^PH^^1^555^{rng.randrange(10**7):07d}|EN^English|"
+        f"@example.invalid|^WPN^PH^^1^555^{p.work_phone}|EN^English|"
         f"{rng.choice('MSDW')}|NON|V{visit:09d}^^^{FACILITY}^AN|||N||||||||N",
         f"PD1|||{FACILITY} Family Practice^^{rng.randrange(1000, 9999)}|{doctor}",
         f"NK1|1|{family2}^{rng.choice(GIVEN_F + GIVEN_M)}^^^^^L|{rel_code}^{rel_text}^HL70063|"

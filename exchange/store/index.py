@@ -409,7 +409,8 @@ def _candidates(conn: Connection, keys: set[str], own_persons: set[int]):
         ), params):
             key = (facility, mrn)
             members.setdefault(person, set()).add(key)
-            known.setdefault(key, _Known(person, _features(features), link))
+            if key not in known:
+                known[key] = _Known(person, _features(features), link)
     return postings, members, known
 
 
@@ -448,6 +449,13 @@ def _last_refs(state: MemoryState) -> dict[Key, Hashable]:
 def _features(text: str | None) -> Features | None:
     if text is None:
         return None
+    return _decode(text)
+
+
+@functools.lru_cache(maxsize=50_000)
+def _decode(text: str) -> Features | None:
+    """Decoded stored features, cached: the same candidates come back batch after batch
+    (features are immutable values; the text is the key, so a changed record misses)."""
     try:
         return decode_features(text)
     except ValueError:
