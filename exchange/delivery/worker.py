@@ -36,9 +36,8 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -160,6 +159,18 @@ class DeliveryProtocol(MLLPClientProtocol):
         """Drop the connection now (a reply that cannot be matched, or shutting down)."""
         if self.transport is not None and not self.closed:
             self.transport.abortConnection()
+
+
+class _OneConnection(Factory):
+    """``connectProtocol``'s factory without its "Starting factory" log line per connection."""
+
+    noisy = False
+
+    def __init__(self, protocol: DeliveryProtocol) -> None:
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr: Any) -> DeliveryProtocol:
+        return self.protocol_instance
 
 
 class DestinationWorker:
@@ -381,7 +392,7 @@ class DestinationWorker:
 
     def _connect_endpoint(self) -> Deferred:
         endpoint = client_endpoint(self.reactor, self.endpoint or "", timeout=self.settings.timeout)
-        return connectProtocol(endpoint, DeliveryProtocol(self.reactor, timeout=self.settings.timeout))
+        return endpoint.connect(_OneConnection(DeliveryProtocol(self.reactor, timeout=self.settings.timeout)))
 
     def _drop_connection(self) -> None:
         protocol, self._protocol = self._protocol, None
