@@ -39,8 +39,11 @@ class Hl7Peer:
         port: int = 0,
         answer: Callable[[str, int], str] = lambda control_id, seen: "AA",
         delay: float = 0.0,
+        ssl_context=None,
     ) -> None:
         self.port = port
+        self.ssl_context = ssl_context  # TLS (with verify_mode CERT_REQUIRED: mutual TLS)
+        self.client_subjects: list[str] = []  # the CN of each client certificate, per connection
         self.answer = answer
         self.delay = delay
         self.received: list[str] = []
@@ -71,7 +74,7 @@ class Hl7Peer:
         asyncio.set_event_loop(self._loop)
         try:
             self._server = self._loop.run_until_complete(
-                hl7.mllp.start_hl7_server(self._client, "127.0.0.1", self.port)
+                hl7.mllp.start_hl7_server(self._client, "127.0.0.1", self.port, ssl=self.ssl_context)
             )
         except BaseException as exc:  # noqa: BLE001 - reported by start()
             self._error = exc
@@ -83,8 +86,12 @@ class Hl7Peer:
         self._loop.close()
 
     async def _client(self, reader, writer) -> None:
+        certificate = writer.get_extra_info("peercert")
         with self.lock:
             self.connections += 1
+            if certificate:
+                subject = dict(item for rdn in certificate["subject"] for item in rdn)
+                self.client_subjects.append(subject.get("commonName", ""))
         try:
             while True:
                 message = await reader.readmessage()

@@ -8,11 +8,12 @@ fixed time. Timings are shrunk (timeout 1-2 s, retries from 0.1 s, poll 0.2 s).
 """
 from __future__ import annotations
 
-import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +27,7 @@ from exchange.store.outbox import NewCopy, enqueue, get_delivery, retry
 from exchange.store.schema import delivery_table
 from tests.delivery.peers import HL7apyPeer, Hl7Peer, free_port
 from tests.support import ExchangeProcess, new_message, write_config
+from tests.test_tls import pki  # noqa: F401 - the test CA, server and facility certificates (a fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -315,8 +317,34 @@ deliver_to = "{peer.endpoint}"
             box.enqueue("OAKNH", sent)
             box.wait(box.all_delivered, "copies delivered by exchange serve")
             assert peer.received == sent
+            host, port = exchange.http
+            metrics = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
+            assert 'exchange_delivery_attempts_total{destination="OAKNH",outcome="delivered"} 5.0' in metrics
+            assert 'exchange_delivery_latency_seconds_count{destination="OAKNH"} 5.0' in metrics
+            assert 'exchange_delivery_serving{destination="OAKNH"} 1.0' in metrics
+            assert 'exchange_delivery_queue_depth{destination="OAKNH"}' in metrics
         finally:
             assert exchange.terminate() == 0
     finally:
         box.close()
+        peer.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_delivery_over_mutual_tls(outbox: Outbox, nodes, pki) -> None:  # noqa: F811
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_key, server_cert = pki["server"]
+    context.load_cert_chain(server_cert, server_key)
+    context.load_verify_locations(cafile=pki["ca"])
+    context.verify_mode = ssl.CERT_REQUIRED  # the facility's engine wants our client certificate
+    peer = Hl7Peer(ssl_context=context).start()
+    try:
+        key, cert = pki["oaknh"]
+        endpoint = f"tls:host=127.0.0.1:port={peer.port}:trustRoots={pki['ca_dir']}:certificate={cert}:privateKey={key}"
+        sent = ids("T", 3)
+        outbox.enqueue("OAKNH", sent)
+        nodes(outbox.url, {"OAKNH": endpoint})
+        outbox.wait(outbox.all_delivered, "copies delivered over TLS")
+        assert peer.received == sent and peer.client_subjects == ["oaknh-engine"]
+    finally:
         peer.stop()
