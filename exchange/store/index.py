@@ -106,6 +106,7 @@ class Plan:
     reviews: list[dict[str, Any]] = field(default_factory=list)
     superseded: list[Key] = field(default_factory=list)  # open reviews of these records are superseded
     pairs: list[tuple[Key, Key]] = field(default_factory=list)  # new sticky not-a-match pairs (A37)
+    moves: list[tuple[Key, int | str]] = field(default_factory=list)  # records outside the batch changing person
 
 
 def plan(conn: Connection, state: MemoryState, model: Model, refs: dict[Key, Hashable] | None = None) -> Plan:
@@ -139,12 +140,14 @@ def plan(conn: Connection, state: MemoryState, model: Model, refs: dict[Key, Has
         if before is not None:
             known[key] = _Known(ids[before][1], f, link)
     source = _source_assertions(state, d)
-    if not todo and not source:
+    merges = [(facility, key[0], key[1]) for _ref, kind, facility, key in d.history
+              if kind == "MergePatients" and (facility, key[1]) in ids]
+    if not todo and not source and not merges:
         return out
 
     wanted = {k: blocking_keys(f) for k, f, _ in todo}
-    postings, members, db_known = _candidates(conn, set().union(*wanted.values()) if wanted else set(),
-                                              {p.person for p in known.values() if isinstance(p.person, int)})
+    own = {p.person for p in known.values() if isinstance(p.person, int)} | {ids[(f, r)][1] for f, _, r in merges}
+    postings, members, db_known = _candidates(conn, set().union(*wanted.values()) if wanted else set(), own)
     not_a_match = _pairs(conn, [k for k, _, _ in todo])
     for key, k in db_known.items():  # the database's view, unless this batch holds the record
         known.setdefault(key, k)
@@ -185,7 +188,47 @@ def plan(conn: Connection, state: MemoryState, model: Model, refs: dict[Key, Has
 
     for facility, a, b, linked in source:
         _assert_link(out, state, ids, known, members, (facility, a), (facility, b), linked, refs, placeholders)
+    for facility, survivor, retired in merges:
+        _merge_persons(out, state, ids, stored, known, members, (facility, survivor), (facility, retired), refs)
     return out
+
+
+def _merge_persons(out, state, ids, stored, known, members, survivor: Key, retired: Key, refs) -> None:
+    """A40 and the legacy merges: the facility says both records are one patient, so the
+    retired record's person joins the survivor's: its records move over (link kept), unless
+    the survivor's person already holds an active record of that facility (a review then)."""
+    target = known[survivor].person if survivor in known else ids[survivor][1]
+    source = ids[retired][1]
+    if source == target:
+        return
+    taken = {k[0] for k in members.get(target, set()) if k in known and k != retired}
+    ref = refs.get(survivor)
+    for key in sorted(members.get(source, set()) | {retired}):
+        if key != retired and key[0] in taken:
+            out.reviews.append({
+                "facility": key[0], "mrn": key[1], "kind": "duplicate", "person": target, "score": None, "message": ref,
+                "detail": {"record": {"facility": key[0], "mrn": key[1]}, "candidates": [], "action": "review",
+                           "reasons": [f"merge at {survivor[0]}: the person already holds a record of {key[0]}"]},
+            })
+            continue
+        current = known.get(key)
+        if key == retired:
+            link, features = stored.get(retired, ("auto", None))
+        else:
+            link = current.link if current else "auto"
+            features = encode_features(current.features) if current and current.features is not None else None
+        out.events.append(_event(key, _Known(source, None, link), target, "merge", link, None,
+                                 f"{survivor[0]} merged {retired[1]} into {survivor[1]}", ref))
+        if key in state.records:
+            previous = out.links.get(key)
+            out.links[key] = RecordLink(target, link, previous.score if previous else None,
+                                        previous.features if previous else features)
+        else:
+            out.moves.append((key, target))
+        members.get(source, set()).discard(key)
+        members.setdefault(target, set()).add(key)
+        if current is not None:
+            current.person = target
 
 
 def saved_links(conn: Connection) -> dict[Key, RecordLink]:
@@ -343,6 +386,10 @@ def write(conn: Connection, plan_: Plan, state: MemoryState, model: Model, now: 
                         "record": {**r["detail"]["record"], "person": person(r["person"])}}}
             for r in plan_.reviews
         ])
+        if plan_.moves:
+            sql = ("UPDATE patient_record SET person_id = ? WHERE facility = ? AND mrn = ?" if sqlite
+                   else "UPDATE patient_record SET person_id = %s WHERE facility = %s AND mrn = %s")
+            cursor.executemany(sql, [(person(p), key[0], key[1]) for key, p in plan_.moves])
         w.many("insert_pair", [
             {"facility": x[0], "mrn": x[1], "other_facility": y[0], "other_mrn": y[1], "active": True}
             for a, b in plan_.pairs for x, y in ((a, b), (b, a))

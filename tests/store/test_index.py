@@ -204,3 +204,17 @@ def test_a_key_shared_by_too_many_records_finds_no_candidates(engine, monkeypatc
         postings, _, known = index._candidates(conn, {"ph:5550000", "dob:19300101"}, set())
     assert "ph:5550000" not in postings  # seven records: over the limit
     assert postings["dob:19300101"] == {("OAKNH", "OA-0")} and ("OAKNH", "OA-0") in known
+
+
+def test_a40_brings_the_retired_records_person_to_the_survivor(engine):
+    run(engine, register("OAKNH", "OA-80", **ELIZABETH))
+    run(engine, register("GENHOSP", "GH-80", **ELIZABETH))  # linked to the nursing home's record
+    run(engine, register("GENHOSP", "GH-81", **ELIZABETH))  # a duplicate registration: a review, its own person
+    assert person(engine, "GENHOSP", "GH-80") == person(engine, "OAKNH", "OA-80") != person(engine, "GENHOSP", "GH-81")
+    merge = adt("GENHOSP", "A40", pid("GH-81", "GENHOSP", **ELIZABETH), "MRG|GH-80^^^GENHOSP^MR")
+    assert run(engine, merge) == ["AA"]
+    survivor = person(engine, "GENHOSP", "GH-81")
+    assert person(engine, "OAKNH", "OA-80") == survivor and person(engine, "GENHOSP", "GH-80") == survivor
+    moved = rows(engine, "select facility, mrn, to_person from link_event where kind = 'merge' order by mrn")
+    assert moved == [("GENHOSP", "GH-80", survivor), ("OAKNH", "OA-80", survivor)]
+    assert rows(engine, "select active from patient_record where mrn = 'GH-80'") in ([(False,)], [(0,)])
