@@ -75,3 +75,8 @@ DELIVERY_SERVING = Gauge(
 @cache
 def delivery_attempts(destination: str, outcome: str):
     return DELIVERY_ATTEMPTS.labels(destination=destination, outcome=outcome)
+
+
+@cache
+def delivery_latency(destination: str):
+    return DELIVERY_LATENCY.labels(destination=destination)

@@ -91,6 +91,7 @@ class DestinationStore:
         self.destination = destination
         self._postgres = engine.dialect.name == "postgresql"
         self._conn: Connection | None = None
+        self._held = False
 
     @contextmanager
     def _transaction(self, write: bool) -> Iterator[Connection]:
@@ -112,7 +113,8 @@ class DestinationStore:
     def acquire(self) -> bool:
         """True while this node may send the destination's copies."""
         with self._transaction(write=False) as conn:
-            return try_lock_destination(conn, self.destination)
+            self._held = try_lock_destination(conn, self.destination)
+            return self._held
 
     def claim(self, now: datetime, limit: int) -> Claim:
         with self._transaction(write=False) as conn:
@@ -125,16 +127,19 @@ class DestinationStore:
     def release(self) -> None:
         """Give the destination up (unlock, close)."""
         conn, self._conn = self._conn, None
+        held, self._held = self._held, False
         if conn is None:
             return
         try:
-            with conn.begin():
-                unlock_destination(conn, self.destination)
+            if held:
+                with conn.begin():
+                    unlock_destination(conn, self.destination)
             conn.close()
         except SQLAlchemyError:
             conn.invalidate()
 
     def _drop(self) -> None:
+        self._held = False
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
@@ -347,7 +352,7 @@ class DestinationWorker:
         at = self.now()
         if verdict.kind is Kind.DELIVERED:
             metrics.delivery_attempts(self.destination, "delivered").inc()
-            metrics.DELIVERY_LATENCY.labels(destination=self.destination).observe(
+            metrics.delivery_latency(self.destination).observe(
                 max((at - copy.created_at).total_seconds(), 0.0)
             )
             log.debug("delivery to {destination}: {control_id} delivered ({code})",
