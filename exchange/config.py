@@ -49,12 +49,15 @@ __all__ = [
     "DEFAULT_TRUST",
     "FACILITY_KINDS",
     "FacilityConfig",
+    "RECONCILE_JOBS",
     "ROUTING_VERSIONS",
     "RouteConfig",
+    "Schedule",
     "ServerConfig",
     "facility_contexts",
     "load_config",
     "matches_any",
+    "parse_schedule",
     "resolve_charset",
 ]
 
@@ -67,6 +70,11 @@ FACILITY_KINDS = ("hospital", "nursing_home", "home_health", "clinic", "pharmacy
 # record of the most trusted facility kind (most trusted first), the most recent among them.
 DEFAULT_TRUST = ("hospital", "nursing_home", "home_health")
 PROCESSING_IDS = ("P", "T", "D")
+# Reconciliation jobs (exchange.jobs) and when `exchange serve` runs them unless
+# [server.reconcile] says otherwise: an interval, a cron expression (local time) or "off".
+RECONCILE_JOBS = ("consistency", "match-model")
+_INTERVAL_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)")
+_INTERVAL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 
 # HL7 delimiters and whitespace may not appear in codes copied into MSH fields.
@@ -97,6 +105,7 @@ _SERVER_KEYS = (
     "delivery_poll",
     "person_authority",
     "trust",
+    "reconcile",
 )
 _FACILITY_KEYS = (
     "code",
@@ -189,6 +198,54 @@ class FacilityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Schedule:
+    """When `exchange serve` runs a reconciliation job: every ``seconds``, on a
+    ``cron`` expression (minute hour day month weekday, local time), or never."""
+
+    text: str  # as written in the file
+    seconds: float | None = None
+    cron: str | None = None
+
+    @property
+    def off(self) -> bool:
+        return self.seconds is None and self.cron is None
+
+
+def parse_schedule(text: str) -> Schedule:
+    """``"30m"``, ``"1h"``, ``"24h"``, ``"7d"``, ``"90s"``; ``"0 3 * * *"`` (cron); ``"off"``.
+    Raises ValueError with the reason."""
+    value = text.strip()
+    if value.lower() == "off":
+        return Schedule(text)
+    m = _INTERVAL_RE.fullmatch(value.lower())
+    if m:
+        seconds = float(m[1]) * _INTERVAL_UNITS[m[2]]
+        if seconds < 1:
+            raise ValueError(f"an interval must be at least 1s (got {text!r})")
+        return Schedule(text, seconds=seconds)
+    if len(value.split()) == 5:
+        from apscheduler.triggers.cron import CronTrigger  # imported here: only needed to validate
+
+        try:
+            CronTrigger.from_crontab(value)
+        except ValueError as e:
+            raise ValueError(f"bad cron expression {text!r}: {e}") from None
+        return Schedule(text, cron=value)
+    raise ValueError(
+        f'must be an interval such as "30m", "1h" or "7d", a cron expression such as "0 3 * * *", '
+        f'or "off" (got {text!r})'
+    )
+
+
+# What parse_schedule gives for "1h" and "0 3 * * *" (built directly: importing this
+# module must stay cheap, and the cron check imports APScheduler).
+DEFAULT_SCHEDULES = (
+    ("consistency", Schedule("1h", seconds=3600.0)),
+    ("match-model", Schedule("0 3 * * *", cron="0 3 * * *")),
+)
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The ``[server]`` table."""
 
@@ -212,6 +269,10 @@ class ServerConfig:
     delivery_poll: float = 2.0  # seconds between looks at the outbox without a wake-up (other nodes' copies, lock take-over)
     person_authority: str = "EXCHANGE"  # CX.4 of the enterprise person id in routed copies' PID-3 (type PI)
     trust: tuple[str, ...] = DEFAULT_TRUST  # facility kinds, most trusted first (the person's best view)
+    reconcile: tuple[tuple[str, Schedule], ...] = DEFAULT_SCHEDULES  # (job, when), every job of RECONCILE_JOBS
+
+    def schedule(self, job: str) -> Schedule:
+        return dict(self.reconcile)[job]
 
     def accepts(self, message_type: str, event: str) -> bool:
         return matches_any(self.accept, message_type, event)
@@ -389,7 +450,31 @@ class _Reader:
             person_authority=self.code(table, "person_authority", "server.person_authority")
             or defaults.person_authority,
             trust=self.trust(table, defaults.trust),
+            reconcile=self.reconcile(table),
         )
+
+    def reconcile(self, table: dict[str, Any]) -> tuple[tuple[str, Schedule], ...]:
+        """``server.reconcile``: job name -> when `exchange serve` runs it (the others keep their default)."""
+        given = table.get("reconcile", {})
+        if not isinstance(given, dict):
+            raise self.fail(
+                "server.reconcile", f"must be a table of job = schedule, e.g. [server.reconcile] (got {_kind(given)})"
+            )
+        for name in given:
+            if name not in RECONCILE_JOBS:
+                raise self.fail(f"server.reconcile.{name}", f"unknown job (known: {', '.join(RECONCILE_JOBS)})")
+        out = []
+        for name in RECONCILE_JOBS:
+            key = f"server.reconcile.{name}"
+            value = self.string(given, name, key)
+            if value is None:
+                out.append((name, dict(DEFAULT_SCHEDULES)[name]))
+                continue
+            try:
+                out.append((name, parse_schedule(value)))
+            except ValueError as e:
+                raise self.fail(key, str(e)) from None
+        return tuple(out)
 
     def trust(self, table: dict[str, Any], default: tuple[str, ...]) -> tuple[str, ...]:
         """``server.trust``: facility kinds, most trusted first; each once."""

@@ -678,3 +678,40 @@ def test_delivery_errors_name_the_key_and_the_reason(tmp_path, text, expected):
 )
 def test_deliver_to_accepts_host_port_and_client_endpoint_strings(tmp_path, deliver_to):
     assert load(tmp_path, with_facility(f'deliver_to = "{deliver_to}"')).facilities[0].deliver_to == deliver_to
+
+
+# -- server.reconcile (when `exchange serve` runs the reconciliation jobs) -----------------------------
+
+
+def test_reconcile_defaults_and_values(tmp_path):
+    from exchange.config import RECONCILE_JOBS, Schedule
+
+    server = load(tmp_path, MINIMAL).server
+    assert [name for name, _ in server.reconcile] == list(RECONCILE_JOBS) == ["consistency", "match-model"]
+    assert server.schedule("consistency") == Schedule("1h", seconds=3600.0)
+    assert server.schedule("match-model") == Schedule("0 3 * * *", cron="0 3 * * *")
+    text = with_server('reconcile.consistency = "90s"\nreconcile.match-model = "off"')
+    server = load(tmp_path, text).server
+    assert server.schedule("consistency").seconds == 90.0 and server.schedule("match-model").off
+    server = load(tmp_path, MINIMAL.replace("\n[[facility]]", '[server.reconcile]\nmatch-model = "30 2 * * 0"\n'
+                                                              "\n[[facility]]", 1)).server
+    assert server.schedule("match-model").cron == "30 2 * * 0" and server.schedule("consistency").seconds == 3600.0
+    for text, seconds in (("30m", 1800.0), ("24h", 86400.0), ("7d", 604800.0), ("1.5h", 5400.0)):
+        assert load(tmp_path, with_server(f'reconcile.consistency = "{text}"')).server.schedule("consistency").seconds \
+            == seconds
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('reconcile = "1h"', "server.reconcile: must be a table of job = schedule"),
+        ('reconcile.nightly = "1h"', "server.reconcile.nightly: unknown job (known: consistency, match-model)"),
+        ("reconcile.consistency = 3600", "server.reconcile.consistency: must be a string (got an integer)"),
+        ('reconcile.consistency = "hourly"', "server.reconcile.consistency: must be an interval such as"),
+        ('reconcile.consistency = "0.5s"', "server.reconcile.consistency: an interval must be at least 1s"),
+        ('reconcile.match-model = "0 25 * * *"', "server.reconcile.match-model: bad cron expression '0 25 * * *'"),
+        ('reconcile.match-model = "* * * *"', "server.reconcile.match-model: must be an interval such as"),
+    ],
+)
+def test_reconcile_errors_name_the_key_and_the_reason(tmp_path, text, expected):
+    assert error_of(tmp_path, with_server(text)).startswith(expected)
