@@ -15,6 +15,7 @@ from exchange.auth import TokenCache
 from exchange.config import Config
 from exchange.delivery import DeliveryService, Settings as DeliverySettings
 from exchange.intake import AckIds, GroupCommitter, Intake
+from exchange.jobs import JobScheduler
 from exchange.store.reviews import Trust
 from exchange.mllp.protocol import MLLPServerFactory
 from exchange.mllp.tls import server_endpoint
@@ -100,6 +101,8 @@ class ExchangeService(Service):
             requeued=self.delivery.requeued,
             trust=Trust.from_config(config),
         )
+        # Reconciliation jobs on their schedules ([server.reconcile]): a thread of their own, each run a child process.
+        self.jobs = JobScheduler(config, reactor)
         self.started_at = time.monotonic()
         self.ports: list = []
         self.mllp_addresses: list[str] = []
@@ -140,10 +143,12 @@ class ExchangeService(Service):
         self.announce(
             "exchange: the API takes a bearer token: exchange token create NAME --role technician|admin"
         )
+        self.jobs.start()
 
     @inlineCallbacks
     def stopService(self):
         super().stopService()
+        self.jobs.stop()  # returns at once; a run in progress is terminated
         delivery_stopped = self.delivery.stopService()
         yield DeferredList([d for d in (p.stopListening() for p in self.ports) if d is not None])
         self.mllp_factory.stop_reading()

@@ -90,6 +90,16 @@ def _parser() -> argparse.ArgumentParser:
     undo.add_argument("--actor", required=True, help="who undoes it (kept with the undo)")
     common(undo)
 
+    reconcile = sub.add_parser(
+        "reconcile",
+        help="run one reconciliation job (or all) now and print its report",
+        description="Run a reconciliation job now (all of them without JOB) and print its report: "
+        "consistency (what should never be in the database), match-model (re-estimate the matching "
+        "model by EM and store it). Exit 1 when a job found errors.",
+    )
+    reconcile.add_argument("job", nargs="?", default=None, metavar="JOB", help="consistency or match-model")
+    common(reconcile)
+
     export = sub.add_parser("export", help="export data as CSV on stdout")
     export_sub = export.add_subparsers(dest="export_command", required=True)
     links = export_sub.add_parser(
@@ -474,8 +484,34 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_reconcile(args) -> int:
+    """One job or all, now; their reports on stdout (counts and ids only). Exit 1 if one found errors."""
+    from exchange.jobs import JOBS
+
+    if args.job is not None and args.job not in JOBS:
+        raise UsageFailure(f"unknown job {args.job!r}: use one of {', '.join(JOBS)}")
+    config = _load(args)
+    engine = _migrated_engine(args)
+    failed = False
+    try:
+        for name in [args.job] if args.job else list(JOBS):
+            try:
+                report = JOBS[name].run(engine, config, _now())
+            except Exception as exc:  # a bug or a database error; its text may quote data
+                print(f"{name}: failed ({type(exc).__name__})", flush=True)
+                failed = True
+                continue
+            print(report.summary(), flush=True)
+            for line in report.lines:
+                print(f"  {line}", flush=True)
+            failed = failed or report.errors > 0
+    finally:
+        engine.dispose()
+    return 1 if failed else 0
+
+
 COMMANDS = {"serve": cmd_serve, "send": cmd_send, "token": cmd_token, "replay": cmd_replay,
-            "reviews": cmd_reviews, "export": cmd_export}
+            "reviews": cmd_reviews, "export": cmd_export, "reconcile": cmd_reconcile}
 
 
 def main(argv: list[str] | None = None) -> int:

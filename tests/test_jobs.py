@@ -1,0 +1,205 @@
+"""exchange.jobs: the reconciliation jobs, `exchange reconcile` as a user runs it, and
+their scheduling in `exchange serve`. On SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import text
+
+from exchange.config import load_config
+from exchange.jobs import JOBS, JobScheduler, consistency
+from tests.support import ExchangeProcess, new_message, write_config
+from tests.test_training import FAMILIES, GIVENS, a28, population, run
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def config_at(tmp_path: Path, server_extra: str = "", facilities: str | None = None):
+    extra = {} if facilities is None else {"facilities": facilities}
+    return load_config(write_config(tmp_path, server_extra=server_extra, **extra), environ={})
+
+
+def registered(engine) -> dict[str, tuple[int, int]]:
+    """mrn -> (record id, person id)."""
+    with engine.connect() as conn:
+        return {mrn: (rid, pid) for rid, mrn, pid in conn.execute(text("select id, mrn, person_id from patient_record"))}
+
+
+def execute(engine, sql: str, **params) -> None:
+    with engine.begin() as conn:
+        conn.execute(text(sql), params)
+
+
+def plant_problems(engine) -> dict[str, object]:
+    """One of each problem the consistency job looks for; returns the ids it should name."""
+    run(engine, [
+        a28("OAKNH", "OA-1", "HANSON", "ELIZABETH", "19400304", "F", "12 OAK ST", "SPRINGFIELD", "62701", "2175550100",
+            "271828182"),
+        a28("OAKNH", "OA-2", "KOWALCZYK", "PIOTR", "19551111", "M", "9 ELM ST", "DENVER", "80201", "3035550199", ""),
+        a28("OAKNH", "OA-3", "NAKAMURA", "JUNE", "19620707", "F", "3 PINE RD", "RENO", "89501", "7755550133", ""),
+        a28("OAKNH", "OA-4", "BECKER", "KARL", "19710101", "M", "4 BIRCH LN", "AUSTIN", "73301", "5125550144", ""),
+    ])
+    ids = registered(engine)
+    (r1, p1), (r2, p2), (r3, p3), (r4, p4) = ids["OA-1"], ids["OA-2"], ids["OA-3"], ids["OA-4"]
+    execute(engine, "insert into person (created_at, protected) values (:at, :f)", at=NOW, f=False)
+    execute(engine, "insert into person (created_at, protected) values (:at, :f)", at=NOW, f=False)
+    with engine.connect() as conn:
+        spare_a, spare_b = [r[0] for r in conn.execute(text("select id from person order by id desc limit 2"))][::-1]
+    execute(engine, "update person set merged_into = :p where id = :q", p=p2, q=p1)  # OA-1's person merged away
+    execute(engine, "update person set merged_into = :p where id = :q", p=p3, q=p2)  # ... into one merged again
+    execute(engine, "update person set merged_into = :p where id = :q", p=spare_b, q=spare_a)  # a cycle
+    execute(engine, "update person set merged_into = :p where id = :q", p=spare_a, q=spare_b)
+    execute(engine, "update patient_record set active = :f where id = :r", f=False, r=r3)  # keys left behind
+    execute(engine, "update patient_record set features = null where id = :r", r=r4)
+    execute(engine, "insert into match_review (state, kind, facility, mrn, detail, created_at) "
+                    "values ('open', 'candidate', 'OAKNH', 'OA-GONE', '{}', :at)", at=NOW)
+    with engine.connect() as conn:
+        review = conn.execute(text("select id from match_review where mrn = 'OA-GONE'")).scalar_one()
+    from exchange.store.messages import insert_messages
+
+    with engine.begin() as conn:
+        (message_id,) = insert_messages(conn, [new_message("JOBS-1")])
+    for destination in ("CLOSEDNH", "CLOSEDNH", "OAKNH"):
+        execute(engine, "insert into delivery (destination, message_id, control_id, payload, created_at, state, "
+                        "attempts) values (:d, :m, 'C1', :p, :at, 'queued', 0)",
+                d=destination, m=message_id, p=b"MSH|", at=NOW)
+    return {"merged_records": (r1, r2), "chained": (p1, p2), "cycle": (spare_a, spare_b), "inactive": r3,
+            "no_features": r4, "review": review}
+
+
+def test_consistency_is_quiet_on_a_sound_database(engine, tmp_path):
+    run(engine, population(40))
+    report = consistency(engine, config_at(tmp_path), NOW)
+    assert report.errors == 0, report.lines
+    assert all(line.endswith(": 0") for line in report.lines)
+
+
+def test_consistency_finds_each_planted_problem_without_patient_data(engine, tmp_path):
+    planted = plant_problems(engine)
+    report = consistency(engine, config_at(tmp_path), NOW)
+    lines = dict(line.split(": ", 1) for line in report.lines)
+    assert lines["records whose person does not exist"] == "0"
+    # OA-1 and OA-2 are in persons merged away (OA-1's through two merges)
+    assert lines["records linked to a person merged into another"] == "2 (record ids {}, {})".format(
+        *planted["merged_records"])
+    p1, _ = planted["chained"]
+    assert lines["persons merged into a person that was merged again"] == f"1 (not an error) (person ids {p1})"
+    cycle = lines["merged persons whose merges do not end at a live person (missing, a cycle, or over 100 merges)"]
+    assert cycle == "2 (person ids {}, {})".format(*sorted(planted["cycle"]))
+    assert lines["blocking keys (record_key rows) of inactive records"].endswith(f"(record ids {planted['inactive']})")
+    assert any(k.startswith("active records without stored matching features") and v == f"1 (record ids "
+               f"{planted['no_features']})" for k, v in lines.items())
+    assert lines["open reviews about a record that no longer exists"] == f"1 (review ids {planted['review']})"
+    # OAKNH is configured but has no deliver_to in the test network: its copy is stranded too
+    assert lines["copies queued for a facility not configured to receive them (deliver_to)"] == \
+        "3 (destination and copies: CLOSEDNH 2, OAKNH 1)"
+    keys_rows = int(lines["blocking keys (record_key rows) of inactive records"].split()[0])
+    assert report.errors == 2 + 2 + keys_rows + 1 + 1 + 3
+    text_ = "\n".join(report.lines).upper()
+    assert not any(word in text_ for word in ("HANSON", "ELIZABETH", "KOWALCZYK", "1940", "271828182"))
+
+
+def test_every_job_is_registered_under_its_configured_name():
+    from exchange.config import RECONCILE_JOBS
+
+    assert tuple(JOBS) == RECONCILE_JOBS
+    assert all(job.name == name and job.summary for name, job in JOBS.items())
+
+
+# --- exchange reconcile, as a user runs it -------------------------------------------------------------------
+
+
+def reconcile(tmp_path: Path, database: str, *args: str) -> subprocess.CompletedProcess:
+    config = write_config(tmp_path)
+    env = dict(os.environ)
+    env.pop("EXCHANGE_DATABASE_URL", None)
+    return subprocess.run([sys.executable, "-m", "exchange.cli", "reconcile", *args, "--config", str(config),
+                           "--database", database], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+
+
+def test_reconcile_command_exit_codes_and_reports(engine, database_url, tmp_path):
+    run(engine, population(30))
+    done = reconcile(tmp_path, database_url)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("consistency: ok (") and "\nmatch-model: ok (" in done.stdout
+    assert "kept the current model: " in done.stdout  # too few records to estimate
+    assert done.stderr == ""
+
+    planted = plant_problems(engine)
+    done = reconcile(tmp_path, database_url, "consistency")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout.splitlines()[0].startswith("consistency: ") and " errors (" in done.stdout.splitlines()[0]
+    assert f"(review ids {planted['review']})" in done.stdout and "match-model" not in done.stdout
+    assert not any(name in done.stdout.upper() for name in [*FAMILIES, *GIVENS, "HANSON", "ELIZABETH"])
+
+    done = reconcile(tmp_path, database_url, "nightly")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == "exchange: unknown job 'nightly': use one of consistency, match-model"
+
+
+def test_reconcile_match_model_stores_a_model_the_next_start_uses(engine, database_url, tmp_path):
+    run(engine, population(700))
+    done = reconcile(tmp_path, database_url, "match-model")
+    # 700 persons make ~1,190 records: enough to estimate
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "stored match_model 1" in done.stdout
+    with engine.connect() as conn:
+        assert conn.execute(text("select count(*) from match_model")).scalar_one() == 1
+
+
+# --- scheduling --------------------------------------------------------------------------------------------
+
+
+def test_the_scheduler_runs_each_job_as_a_child_process_and_reports_its_lines(engine, database_url, tmp_path):
+    config = load_config(write_config(tmp_path), database=database_url, environ={})
+    lines: list[tuple[str, str]] = []
+    jobs = JobScheduler(config, reactor=None, emit=lambda level, line: lines.append((level, line)))
+    assert jobs.run("consistency") == 0
+    assert lines[0][0] == "info" and lines[0][1].startswith("reconcile consistency: ok (")
+    assert ("debug", "reconcile consistency: records whose person does not exist: 0") in lines
+    plant_problems(engine)
+    lines.clear()
+    assert jobs.run("consistency") == 1
+    assert all(level == "warn" for level, _ in lines) and " errors (" in lines[0][1]
+    jobs.stop()
+    assert jobs.run("consistency") is None  # stopped: nothing runs any more
+
+
+def test_the_scheduler_takes_the_configured_schedules(tmp_path):
+    config = config_at(tmp_path, 'reconcile.consistency = "90s"\nreconcile.match-model = "15 4 * * 1"')
+    jobs = JobScheduler(config, reactor=None, emit=lambda level, line: None)
+    jobs.start()
+    try:
+        scheduled = {job.id: job.trigger for job in jobs.scheduler.get_jobs()}
+        assert scheduled["consistency"].interval.total_seconds() == 90
+        assert str(scheduled["match-model"]) == "cron[month='*', day='*', day_of_week='1', hour='4', minute='15']"
+    finally:
+        jobs.stop()
+    assert not jobs.scheduler.running
+    config = config_at(tmp_path, 'reconcile.consistency = "off"\nreconcile.match-model = "off"')
+    jobs = JobScheduler(config, reactor=None, emit=lambda level, line: None)
+    jobs.start()
+    assert jobs.scheduler.get_jobs() == []
+    jobs.stop()
+
+
+def test_exchange_serve_runs_a_scheduled_job_and_logs_its_report(database_url, tmp_path):
+    config = write_config(tmp_path, server_extra='log_level = "info"\nreconcile.consistency = "1s"\n'
+                                                 'reconcile.match-model = "off"')
+    server = ExchangeProcess(config, database_url).start()
+    try:
+        deadline = time.monotonic() + 60
+        runs = 0
+        while runs < 2:  # every second, while the exchange serves
+            line = server._readline(deadline)
+            assert line is not None, "".join(server.output)
+            runs += "[exchange.jobs#info] reconcile consistency: ok (" in line
+        assert server.terminate() == 0
+    finally:
+        server.stop()
