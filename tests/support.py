@@ -245,3 +245,29 @@ def new_message(
     )
     fields.update(overrides)
     return NewMessage(**fields)
+
+
+def api_request(server: "ExchangeProcess", database_url: str, method: str, path: str, body: dict | None = None,
+                role: str = "technician") -> dict:
+    """One call to the running exchange's HTTP API with a fresh bearer token of ``role``."""
+    import json
+    import urllib.request
+    import uuid
+    from datetime import datetime, timezone
+
+    from sqlalchemy import create_engine
+
+    from exchange.auth import create_token
+
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            token = create_token(conn, f"{role}-{uuid.uuid4().hex[:8]}", role, datetime.now(timezone.utc))
+    finally:
+        engine.dispose()
+    host, port = server.http
+    request = urllib.request.Request(f"http://{host}:{port}{path}", method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return json.load(r)

@@ -13,7 +13,7 @@ import pytest
 from hl7.client import MLLPClient
 from sqlalchemy import create_engine, text
 
-from tests.support import ExchangeProcess, MLLPConnection, adt, msa, write_config
+from tests.support import ExchangeProcess, MLLPConnection, adt, api_request, msa, write_config
 
 
 @pytest.fixture
@@ -208,30 +208,12 @@ def test_a_dead_writer_costs_no_acknowledged_message_and_is_replaced(exchange, d
     assert stored(database_url, "select count(*) from message where control_id in ('W-1', 'W-2')") == [(2,)]
 
 
-def api_get(exchange, database_url, path: str) -> dict:
-    import uuid
-    from datetime import datetime, timezone
-
-    from exchange.auth import create_token
-
-    engine = create_engine(database_url)
-    try:
-        with engine.begin() as conn:
-            token = create_token(conn, f"e2e-{uuid.uuid4().hex[:8]}", "technician", datetime.now(timezone.utc))
-    finally:
-        engine.dispose()
-    host, port = exchange.http
-    request = urllib.request.Request(f"http://{host}:{port}{path}", headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=10) as r:
-        return json.load(r)
-
-
 def test_an_aa_means_applied_the_record_answers_as_soon_as_the_ack_arrives(exchange, database_url):
     with MLLPConnection(exchange.address) as conn:
         assert msa(conn.request(adt("REC-1", mrn="GH-1")))[0] == "AA"
         renamed = adt("REC-2", event="A08", mrn="GH-1").replace(b"TESTPATIENT^ALPHA^Q", b"RENAMED^BETA")
         assert msa(conn.request(renamed))[0] == "AA"
-        record = api_get(exchange, database_url, "/api/records/GENHOSP/GH-1")
+        record = api_request(exchange, database_url, "GET", "/api/records/GENHOSP/GH-1")
         assert record["name"]["family"] == "RENAMED" and record["name"]["given"] == "BETA"
         assert [(e["visit_number"], e["status"]) for e in record["encounters"]] == [("VREC-1", "admitted"),
                                                                                     ("VREC-2", "admitted")]
@@ -239,7 +221,7 @@ def test_an_aa_means_applied_the_record_answers_as_soon_as_the_ack_arrives(excha
         no_patient = adt("REC-4", mrn="")
         answer = msa(conn.request(no_patient))
     assert answer[:2] == ["AE", "REC-4"] and "PID-3" in conn_text(answer)
-    record = api_get(exchange, database_url, "/api/records/GENHOSP/GH-1")
+    record = api_request(exchange, database_url, "GET", "/api/records/GENHOSP/GH-1")
     assert dict((e["visit_number"], e["status"]) for e in record["encounters"])["VREC-1"] == "discharged"
     state = stored(database_url, "select state, reason from message where control_id = 'REC-4'")
     assert state[0][0] == "error" and "PID-3" in state[0][1]

@@ -14,7 +14,7 @@ import hl7.mllp
 import pytest
 
 from tests.delivery.peers import HL7apyPeer
-from tests.support import ExchangeProcess, MLLPConnection, msa, write_config
+from tests.support import ExchangeProcess, MLLPConnection, api_request, msa, write_config
 
 
 class Capture:
@@ -187,45 +187,21 @@ def test_hl7apy_server_as_the_receiving_engine(tmp_path, database_url):
         others.stop()
 
 
-def api(server, database_url, method: str, path: str, body: dict | None = None) -> dict:
-    import json
-    import urllib.request
-    import uuid
-    from datetime import datetime, timezone
-
-    from sqlalchemy import create_engine
-
-    from exchange.auth import create_token
-
-    engine = create_engine(database_url)
-    try:
-        with engine.begin() as conn:
-            token = create_token(conn, f"tech-{uuid.uuid4().hex[:6]}", "technician", datetime.now(timezone.utc))
-    finally:
-        engine.dispose()
-    host, port = server.http
-    request = urllib.request.Request(f"http://{host}:{port}{path}", method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as r:
-        return json.load(r)
-
-
 def test_an_opt_out_set_through_the_api_stops_copies_until_cleared(network, database_url):
     server, nursing_home, home_health, hospital = network
     with MLLPConnection(server.address) as conn:
         assert msa(conn.request(adt("NH-30", "OAKNH", "A28", "OA-30")))[0] == "AA"
-        person = api(server, database_url, "GET", "/api/records/OAKNH/OA-30")["person"]
-        answer = api(server, database_url, "POST", f"/api/persons/{person}/opt-out", {"protected": True})
-        assert answer["opt_out"]["protected"] is True and answer["opt_out"]["by"].startswith("api tech-")
+        person = api_request(server, database_url, "GET", "/api/records/OAKNH/OA-30")["person"]
+        answer = api_request(server, database_url, "POST", f"/api/persons/{person}/opt-out", {"protected": True})
+        assert answer["opt_out"]["protected"] is True and answer["opt_out"]["by"].startswith("api technician-")
         assert msa(conn.request(adt("GH-30", "GENHOSP", "A01", "GH-30")))[0] == "AA"
         assert nursing_home.wait_for(1, timeout=2) == []
         # a facility saying PD1-12 = N does not lift the patient's own request
         assert msa(conn.request(adt("GH-31", "GENHOSP", "A03", "GH-30", pd1="PD1||||||||||||N",
                                     visit="VGH-30")))[0] == "AA"
         assert nursing_home.wait_for(1, timeout=2) == []
-        api(server, database_url, "POST", f"/api/persons/{person}/opt-out", {"protected": False})
-        assert api(server, database_url, "GET", f"/api/persons/{person}")["opt_out"]["protected"] is False
+        api_request(server, database_url, "POST", f"/api/persons/{person}/opt-out", {"protected": False})
+        assert api_request(server, database_url, "GET", f"/api/persons/{person}")["opt_out"]["protected"] is False
         assert msa(conn.request(adt("GH-32", "GENHOSP", "A03", "GH-30", visit="VGH-30")))[0] == "AA"
     (copy,) = nursing_home.wait_for(1)
     assert field(copy, "MSH", 8).startswith("ADT^A03")
