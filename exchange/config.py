@@ -851,10 +851,20 @@ def check_server_endpoint(description: str) -> str | None:
 def check_client_endpoint(description: str) -> str | None:
     """Why ``description`` is not a usable ``deliver_to`` (``host:port`` or a Twisted
     client endpoint string), or None. Reads TLS files; opens no connection."""
+    from twisted.internet.interfaces import IReactorPluggableNameResolver
+    from zope.interface import implementer
+
     from exchange.mllp.client import client_endpoint  # Twisted, only to validate
 
+    @implementer(IReactorPluggableNameResolver)
+    class NoReactor:  # enough to build an endpoint, which is never used
+        nameResolver = None
+
+        def installNameResolver(self, resolver: Any) -> Any:
+            return None
+
     try:
-        client_endpoint(object(), description)  # the endpoint is only built, never used
+        client_endpoint(NoReactor(), description)
     except ValueError as e:
         text = str(e).rstrip(": ")
         return f"{text} (use host:port, or a client endpoint string such as tls:host=H:port=P:trustRoots=DIR)"
