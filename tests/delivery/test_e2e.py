@@ -348,3 +348,29 @@ def test_delivery_over_mutual_tls(outbox: Outbox, nodes, pki) -> None:  # noqa: 
         assert peer.received == sent and peer.client_subjects == ["oaknh-engine"]
     finally:
         peer.stop()
+
+
+@pytest.mark.parametrize("database_url", [pytest.param("postgresql", marks=pytest.mark.postgresql)], indirect=True)
+def test_a_node_that_loses_its_database_connection_recovers_in_order(outbox: Outbox, nodes) -> None:
+    peer = Hl7Peer().start()
+    try:
+        sent = ids("P", 200)
+        outbox.enqueue("OAKNH", sent)
+        node = nodes(outbox.url, {"OAKNH": peer.endpoint})
+        wait_for(lambda: len(peer.received) > 30, "deliveries")
+        peer.gate.clear()  # a copy in flight...
+        with outbox.engine.connect() as conn:  # ...when the database drops the node's connections (and its lock)
+            ended = conn.exec_driver_sql(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).scalar()
+        assert ended >= 1
+        peer.gate.set()
+        outbox.wait(outbox.all_delivered, "every copy delivered after the node reconnected")
+        assert first_seen(peer.received) == sent
+        runs = increasing_runs(peer.received)
+        assert len(runs) <= 2, [(r[0], r[-1], len(r)) for r in runs]
+        assert "database error" in node.output()
+        assert node.stop() == 0
+    finally:
+        peer.stop()
