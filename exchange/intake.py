@@ -68,6 +68,14 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _count(answer: Answer) -> None:
+    """The writer's decisions about one message, counted here (the writer has no /metrics)."""
+    for action in answer.matched:
+        metrics.MATCH_DECISIONS.labels(action).inc()
+    for destination in answer.routed:
+        metrics.COPIES_QUEUED.labels(destination).inc()
+
+
 class GroupCommitter:
     """Batches submitted messages into transactions run by the one writer.
 
@@ -148,6 +156,7 @@ class GroupCommitter:
         routed: set[str] = set()
         for (_, d), answer in zip(batch, answers, strict=True):
             routed.update(answer.routed)
+            _count(answer)
             d.callback(answer)
         if routed and self._on_routed is not None:
             self._on_routed(routed)
@@ -182,6 +191,7 @@ class GroupCommitter:
 
         def done(answers):
             metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+            _count(answers[0])
             d.callback(answers[0])
             if answers[0].routed and self._on_routed is not None:
                 self._on_routed(set(answers[0].routed))

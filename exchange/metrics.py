@@ -80,3 +80,7 @@ def delivery_attempts(destination: str, outcome: str):
 @cache
 def delivery_latency(destination: str):
     return DELIVERY_LATENCY.labels(destination=destination)
+MATCH_DECISIONS = Counter(
+    "exchange_match_decisions_total", "Patient index decisions about new or changed records", ["action"]
+)
+COPIES_QUEUED = Counter("exchange_copies_queued_total", "Copies routed to a facility and queued", ["destination"])

@@ -79,6 +79,7 @@ class Answer(Value):
     message_id: int
     duplicate: bool = False
     routed: tuple[str, ...] = ()  # destinations that got a copy of it (their delivery is woken)
+    matched: tuple[str, ...] = ()  # the patient index's decisions about the records it changed (metrics)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +260,7 @@ def process_batch(
     #    patient index's decisions about the records they created or changed, and
     #    the copies routed to other facilities.
     routed: dict[int, list[str]] = {}
+    matched: dict[int, list[str]] = {}
     if state is not None:
         state.rebase_refs({pending_ref(d.index): id_ for d, id_ in zip(decoded, ids)})
         at = now()
@@ -269,6 +271,7 @@ def process_batch(
             plan = patient_index.plan(conn, state, model)
             save_records(conn, state, at, links=plan.links)
             patient_index.write(conn, plan, state, model, at)
+            matched = plan.actions
         if routing is not None:
             persons = state.store_ids["records"]
             copies = route_batch(conn, [
@@ -281,7 +284,8 @@ def process_batch(
                 routed.setdefault(copy.message_id, []).append(copy.destination)
 
     for d, row, id_ in zip(decoded, rows, ids):
-        answers[d.index] = Answer(row.ack, row.ack_code, id_, routed=tuple(routed.get(id_, ())))
+        answers[d.index] = Answer(row.ack, row.ack_code, id_, routed=tuple(routed.get(id_, ())),
+                                  matched=tuple(matched.get(id_, ())))
     for index, original in resent:
         first = answers[original]
         assert first is not None

@@ -161,6 +161,7 @@ def test_healthz_and_metrics(exchange):
     assert 'exchange_acks_total{code="AA"}' in metrics
     assert 'exchange_messages_received_total{facility="GENHOSP"}' in metrics
     assert "exchange_commit_batch_size_bucket" in metrics
+    assert 'exchange_match_decisions_total{action="new"}' in metrics  # MET-1's patient: a new person
 
 
 def test_sigterm_finishes_in_flight_work_and_exits_cleanly(exchange, database_url):

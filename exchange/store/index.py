@@ -41,6 +41,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, select, text
+from twisted.logger import Logger
 
 from exchange.mapping.state import MemoryState
 from exchange.matching.decide import Action, Decision, Reason, Record, decide
@@ -56,6 +57,7 @@ from exchange.store.schema import (
     record_key_table,
 )
 
+log = Logger()
 Key = tuple[str, str]  # (facility, mrn)
 ACTOR = "exchange"  # link_event.actor of automatic decisions
 STOP_KEY = 100  # a blocking key with more active records than this finds no candidates
@@ -107,6 +109,7 @@ class Plan:
     superseded: list[Key] = field(default_factory=list)  # open reviews of these records are superseded
     pairs: list[tuple[Key, Key]] = field(default_factory=list)  # new sticky not-a-match pairs (A37)
     moves: list[tuple[Key, int | str]] = field(default_factory=list)  # records outside the batch changing person
+    actions: dict[Hashable, list[str]] = field(default_factory=dict)  # message ref -> decisions (for metrics)
 
 
 def plan(conn: Connection, state: MemoryState, model: Model, refs: dict[Key, Hashable] | None = None) -> Plan:
@@ -173,8 +176,15 @@ def plan(conn: Connection, state: MemoryState, model: Model, refs: dict[Key, Has
         cand_keys.discard(key)
         candidates = [Record(c[0], c[1], _str(known[c].person), known[c].features)
                       for c in sorted(cand_keys) if c in known and known[c].features is not None]
-        decision = decide(Record(key[0], key[1], _str(current.person) if current else None, f), candidates, model,
-                          not_a_match=not_a_match.get(key, ()), manual=current is not None and current.link in MANUAL_LINKS)
+        try:
+            decision = decide(Record(key[0], key[1], _str(current.person) if current else None, f), candidates,
+                              model, not_a_match=not_a_match.get(key, ()),
+                              manual=current is not None and current.link in MANUAL_LINKS)
+        except Exception:  # a bug in matching must not stop the intake: the record keeps (or gets) its own person
+            log.failure("matching a record failed; it keeps its own person")
+            decision = Decision(Action.KEEP if current else Action.NEW, _str(current.person) if current else None,
+                                None, (), ())
+        out.actions.setdefault(refs.get(key), []).append(str(decision.action))
         person = _apply(out, key, current, decision, encoded, refs.get(key), placeholders)
         if current is not None and current.person != person:
             members.get(current.person, set()).discard(key)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Connection
+from twisted.logger import Logger
 
 from exchange.config import Config
 from exchange.hl7.header import Header
@@ -23,6 +24,7 @@ from exchange.store.db import driver_cursor
 from exchange.store.outbox import NewCopy, enqueue
 from exchange.store.records import _in_ids, _select
 
+log = Logger()
 Key = tuple[str, str]
 
 
@@ -40,36 +42,21 @@ class Applied:
 
 
 def route_batch(conn: Connection, applied: Sequence[Applied], config: Config, now: datetime) -> list[NewCopy]:
-    """Decide, build and queue every copy of ``applied`` (in order); the copies queued."""
+    """Decide, build and queue every copy of ``applied`` (in order); the copies queued.
+
+    A message whose routing fails (a bug, not a data problem) gets no copies
+    and is logged by id; the batch and its ACKs go on.
+    """
     persons = {a.person for a in applied if a.person is not None} | {
         a.retired_person for a in applied if a.retired_person is not None}
     records, protected = _persons(conn, persons)
     copies: list[NewCopy] = []
     changed: dict[int, tuple[bool, str | None]] = {}
     for a in applied:
-        said = protection(a.message)
-        state, by = protected.get(a.person, (False, None)) if a.person is not None else (False, None)
-        if said is True and not state:
-            state, by = True, f"PD1-12 {a.subject[0]}"
-        elif said is False and state and (by or "").startswith("PD1-12"):
-            state, by = False, None  # a facility clears what a facility set, never a patient's own request
-        if a.person is not None and (state, by) != protected.get(a.person, (False, None)):
-            protected[a.person] = changed[a.person] = (state, by)
-        event = Event.read(a.header, a.message, person=None if a.person is None else str(a.person),
-                           source_mrn=a.subject[1], protected=state)
-        mine = _one_per_facility(records.get(a.person, []), a.subject)
-        prior = None
-        if a.retired is not None and a.retired_person is not None:
-            prior = _one_per_facility(records.get(a.retired_person, []) + [(a.retired, True)], a.retired)
-        decision = route(event, config.facilities, mine, config.routes, prior_records=prior)
-        for i, dest in enumerate(decision.destinations):
-            facility = config.facility(dest.facility)
-            assert facility is not None  # route only names configured facilities
-            copy = rewrite(a.message, event=event, destination=dest, facility=facility, server=config.server,
-                           control_id=f"{a.message_id}-{i + 1}", now=now)
-            copies.append(NewCopy(destination=dest.facility, message_id=a.message_id, control_id=copy.control_id,
-                                  payload=copy.encode(), created_at=now, person_id=a.person,
-                                  facility=a.subject[0], mrn=a.subject[1], reason=dest.why))
+        try:
+            copies.extend(_route_one(a, config, now, records, protected, changed))
+        except Exception:  # noqa: BLE001 - logged without PHI: the message id only
+            log.failure("routing message {message_id} failed; no copies queued for it", message_id=a.message_id)
     if changed:
         sqlite = conn.dialect.name == "sqlite"
         with driver_cursor(conn, "person opt-out (exchange.store.routing)") as cursor:
@@ -79,6 +66,35 @@ def route_batch(conn: Connection, applied: Sequence[Applied], config: Config, no
     if copies:
         enqueue(conn, copies)
     return copies
+
+
+def _route_one(a: Applied, config: Config, now: datetime, records, protected, changed) -> list[NewCopy]:
+    """One message: its opt-out bookkeeping (PD1-12), its destinations, its copies."""
+    said = protection(a.message)
+    state, by = protected.get(a.person, (False, None)) if a.person is not None else (False, None)
+    if said is True and not state:
+        state, by = True, f"PD1-12 {a.subject[0]}"
+    elif said is False and state and (by or "").startswith("PD1-12"):
+        state, by = False, None  # a facility clears what a facility set, never a patient's own request
+    if a.person is not None and (state, by) != protected.get(a.person, (False, None)):
+        protected[a.person] = changed[a.person] = (state, by)
+    event = Event.read(a.header, a.message, person=None if a.person is None else str(a.person),
+                       source_mrn=a.subject[1], protected=state)
+    mine = _one_per_facility(records.get(a.person, []), a.subject)
+    prior = None
+    if a.retired is not None and a.retired_person is not None:
+        prior = _one_per_facility(records.get(a.retired_person, []) + [(a.retired, True)], a.retired)
+    decision = route(event, config.facilities, mine, config.routes, prior_records=prior)
+    out = []
+    for i, dest in enumerate(decision.destinations):
+        facility = config.facility(dest.facility)
+        assert facility is not None  # route only names configured facilities
+        copy = rewrite(a.message, event=event, destination=dest, facility=facility, server=config.server,
+                       control_id=f"{a.message_id}-{i + 1}", now=now)
+        out.append(NewCopy(destination=dest.facility, message_id=a.message_id, control_id=copy.control_id,
+                           payload=copy.encode(), created_at=now, person_id=a.person,
+                           facility=a.subject[0], mrn=a.subject[1], reason=dest.why))
+    return out
 
 
 def _persons(conn: Connection, persons: set[int]):
