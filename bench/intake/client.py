@@ -13,6 +13,11 @@ and talks to the runner through lines on stdout:
     mark <pct>               when <pct>% (10, 50, 100) of the timed messages are ACKed
     result <json>            summary, last line
 
+With ``--ack-times PATH`` it also writes, as a pickle, when each timed
+message's ACK arrived: ``{"start_ns", "end_ns", "acked_ns"}`` on the
+``time.perf_counter_ns`` clock (CLOCK_MONOTONIC on Linux, the same in every
+process), ``acked_ns`` an ``array('q')`` in the order of the timed messages.
+
     python -m bench.intake.client --port 2575 --messages msgs.pickle
 """
 from __future__ import annotations
@@ -54,9 +59,11 @@ def ack_accepts(reply: bytes, control_id: bytes) -> bool:
 class Run:
     """Shared state of one pass over a list of messages."""
 
-    def __init__(self, messages: list[tuple[bytes, bytes]], report: bool) -> None:
+    def __init__(self, messages: list[tuple[bytes, bytes]], report: bool,
+                 ack_times: bool = False) -> None:
         self.messages = messages
         self.latency_ns = array.array("q", bytes(8 * len(messages)))
+        self.acked_ns = array.array("q", bytes(8 * len(messages))) if ack_times else None
         self.next = 0
         self.done = 0
         self.rejected = 0
@@ -71,6 +78,7 @@ async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     loop = asyncio.get_running_loop()
     messages = run.messages
     latency = run.latency_ns
+    acked = run.acked_ns
     total = len(messages)
     clock = time.perf_counter_ns
     async with asyncio.timeout(None) as deadline:
@@ -82,7 +90,10 @@ async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             t0 = clock()
             writer.write(frame)  # one small frame in flight: the buffer cannot grow
             reply = await reader.readuntil(END)
-            latency[i] = clock() - t0
+            t1 = clock()
+            latency[i] = t1 - t0
+            if acked is not None:
+                acked[i] = t1
             if not ack_accepts(reply, control_id):
                 run.rejected += 1
                 if run.first_rejection is None:
@@ -100,8 +111,9 @@ async def heartbeat(run: Run) -> None:
         emit(f"progress {run.done}")
 
 
-async def pass_over(conns, messages, ack_timeout: float, report: bool) -> Run:
-    run = Run(messages, report)
+async def pass_over(conns, messages, ack_timeout: float, report: bool,
+                    ack_times: bool = False) -> Run:
+    run = Run(messages, report, ack_times)
     beat = asyncio.create_task(heartbeat(run)) if report else None
     try:
         async with asyncio.TaskGroup() as group:
@@ -146,8 +158,10 @@ async def main_async(args) -> dict:
         gc.freeze()
         emit("start")
         cpu0, wall0 = time.process_time(), time.perf_counter_ns()
-        run = await pass_over(conns, timed, args.ack_timeout, report=True)
-        wall = (time.perf_counter_ns() - wall0) / 1e9
+        run = await pass_over(conns, timed, args.ack_timeout, report=True,
+                              ack_times=bool(args.ack_times))
+        wall1 = time.perf_counter_ns()
+        wall = (wall1 - wall0) / 1e9
         cpu = time.process_time() - cpu0
     finally:
         for _, writer in conns:
@@ -168,6 +182,10 @@ async def main_async(args) -> dict:
     )
     if run.first_rejection and "first_rejection" not in result:
         result["first_rejection"] = run.first_rejection
+    if args.ack_times:
+        with open(args.ack_times, "wb") as f:
+            pickle.dump({"start_ns": wall0, "end_ns": wall1, "acked_ns": run.acked_ns}, f,
+                        protocol=pickle.HIGHEST_PROTOCOL)
     return result
 
 
@@ -179,6 +197,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--ack-timeout", type=float, default=10.0)
     parser.add_argument("--connect-timeout", type=float, default=10.0)
+    parser.add_argument("--ack-times", metavar="PATH",
+                        help="write when each timed ACK arrived (perf_counter_ns) to PATH, a pickle")
     args = parser.parse_args()
     try:
         result = asyncio.run(main_async(args))

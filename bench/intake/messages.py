@@ -214,9 +214,20 @@ def _mdm(rng: random.Random, p: Patient, control_id: str, when: datetime, presen
     return ("\r".join(segments) + "\r").encode("ascii")
 
 
+def patient_pool(count: int, *, prefix: str = "", seed: int = 2575,
+                 patients: int | None = None) -> list[Patient]:
+    """The patients ``generate(count, ..., prefix=, seed=, patients=)`` draws its messages from
+    (the same for the MDM generators): e.g. to register them at other facilities first."""
+    return _pool(random.Random(f"{seed}-{prefix}"), count, patients)
+
+
+def _pool(rng: random.Random, count: int, patients: int | None) -> list[Patient]:
+    return [_patient(rng, n) for n in range(max(1, patients or count // 3))]
+
+
 def _generate(count, run_id, prefix, seed, patients, build) -> list[tuple[bytes, bytes]]:
     rng = random.Random(f"{seed}-{prefix}")
-    pool = [_patient(rng, n) for n in range(max(1, patients or count // 3))]
+    pool = _pool(rng, count, patients)
     start = datetime(2024, 3, 1, 8, 0, 0)
     out = []
     for i in range(count):

@@ -265,6 +265,7 @@ class Server:
     log: Path
     cleanup: list = field(default_factory=list)  # sync callables, run after stop
     db_pids: object = None  # callable -> pids of the database server's backends for us
+    database: str | None = None  # the exchange's SQLAlchemy URL (None for the baseline)
 
 
 async def start_baseline(workdir: Path) -> Server:
@@ -276,24 +277,29 @@ async def start_baseline(workdir: Path) -> Server:
     return server
 
 
-def write_config(workdir: Path, mllp_port: int, http_port: int) -> Path:
+def write_config(workdir: Path, mllp_port: int, http_port: int,
+                 facilities: str | None = None) -> Path:
+    """The exchange's config: the listeners, then ``facilities`` (TOML tables:
+    [[facility]], [[route]]; default the one sending facility)."""
     path = workdir / "exchange.toml"
+    if facilities is None:
+        facilities = ("[[facility]]\n"
+                      f'code = "{FACILITY}"\n'
+                      'name = "General Hospital"\n'
+                      'kind = "hospital"\n'
+                      f'authority = "{FACILITY}"\n')
     path.write_text(
         "[server]\n"
         f'mllp = "tcp:{mllp_port}:interface=127.0.0.1"\n'
         f'http = "tcp:{http_port}:interface=127.0.0.1"\n'
-        "[[facility]]\n"
-        f'code = "{FACILITY}"\n'
-        'name = "General Hospital"\n'
-        'kind = "hospital"\n'
-        f'authority = "{FACILITY}"\n')
+        + facilities)
     return path
 
 
 async def start_exchange(workdir: Path, key: str, database: str, cleanup: list,
-                         db_pids=None) -> Server:
+                         db_pids=None, facilities: str | None = None) -> Server:
     mllp_port, http_port = free_port(), free_port()
-    config = write_config(workdir / key, mllp_port, http_port)
+    config = write_config(workdir / key, mllp_port, http_port, facilities)
     log = workdir / key / "serve.log"
     cli = [sys.executable, "-m", "exchange.cli"]
     # `exchange serve` may migrate by itself; `db upgrade` first does no harm.
@@ -306,7 +312,7 @@ async def start_exchange(workdir: Path, key: str, database: str, cleanup: list,
         print(f"  note: `exchange db upgrade` failed for {key} (status {upgrade.returncode}); "
               "trying `serve` anyway", flush=True)
     proc = spawn(cli + ["serve", "--config", str(config), "--database", database], log)
-    server = Server(proc, mllp_port, log, cleanup, db_pids)
+    server = Server(proc, mllp_port, log, cleanup, db_pids, database)
     try:
         await wait_ready(proc, healthz_probe(http_port), "200 from /healthz", log)
     except BaseException:
@@ -348,7 +354,7 @@ def create_pg_database() -> tuple[str, callable, callable]:
     return url, drop, backends
 
 
-async def start_target(key: str, workdir: Path) -> Server:
+async def start_target(key: str, workdir: Path, facilities: str | None = None) -> Server:
     if key == "baseline":
         return await start_baseline(workdir)
     shutil.rmtree(workdir / key, ignore_errors=True)  # every round starts from an empty database
@@ -361,7 +367,7 @@ async def start_target(key: str, workdir: Path) -> Server:
         database, drop, backends = create_pg_database()
         cleanup.append(drop)
     try:
-        return await start_exchange(workdir, key, database, cleanup, backends)
+        return await start_exchange(workdir, key, database, cleanup, backends, facilities)
     except BaseException:
         run_cleanup(cleanup)
         raise
@@ -386,8 +392,12 @@ async def sample_rss(pid: int, samples: list[float]) -> None:
         await asyncio.sleep(RSS_INTERVAL)
 
 
-async def drive(server: Server, args, messages_path: Path) -> dict:
-    """Run the load client against a ready server; return its figures plus RSS and CPU."""
+async def drive(server: Server, args, messages_path: Path, client_args: tuple[str, ...] = (),
+                on_line=None) -> dict:
+    """Run the load client against a ready server; return its figures plus RSS and CPU.
+
+    ``client_args``: more options for the client; ``on_line(kind, rest)``: called
+    with each line the client prints (start, progress, mark, result)."""
     pid = server.proc.pid
     samples: list[float] = []
     marks: dict[str, float | None] = {}
@@ -395,7 +405,7 @@ async def drive(server: Server, args, messages_path: Path) -> dict:
     client = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.intake.client", "--port", str(server.mllp_port),
         "--messages", str(messages_path), "--connections", str(args.connections),
-        "--ack-timeout", str(args.ack_timeout),
+        "--ack-timeout", str(args.ack_timeout), *client_args,
         cwd=REPO, env=child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         start_new_session=True, preexec_fn=_die_with_parent)
     CHILDREN.append(client)
@@ -415,6 +425,8 @@ async def drive(server: Server, args, messages_path: Path) -> dict:
             if not line:
                 break
             kind, _, rest = line.decode().strip().partition(" ")
+            if on_line is not None:
+                on_line(kind, rest)
             if kind == "start":
                 db_pids = server.db_pids() if server.db_pids else []
                 cpu0 = snapshot(db_pids)
