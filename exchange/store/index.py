@@ -48,7 +48,8 @@ from exchange.matching.decide import Action, Decision, Reason, Record, decide
 from exchange.matching.features import Features, blocking_keys, decode_features, encode_features, features_of
 from exchange.matching.model import Model, default_model
 from exchange.store.db import driver_cursor
-from exchange.store.records import RecordLink, _in_ids, _select, _Statement, _Writer
+from exchange.store.driver import Statement, Writer, in_ids, select_rows
+from exchange.store.records import RecordLink
 from exchange.store.schema import (
     link_event_table,
     match_model_table,
@@ -368,8 +369,7 @@ def write(conn: Connection, plan_: Plan, state: MemoryState, model: Model, now: 
         return refs.get(ref, ref) if ref is not None else None
 
     with driver_cursor(conn, "patient index (exchange.store.index)") as cursor:
-        w = _Writer(cursor, sqlite)
-        w.statements = _SQLITE_STATEMENTS if sqlite else _PG_STATEMENTS
+        w = Writer(cursor, sqlite, _SQLITE_STATEMENTS if sqlite else _PG_STATEMENTS)
         replaced = [ids[k][0] for k in plan_.keys if k not in plan_.new_records and k in ids]
         w.delete_ids(record_key_table, "record_id", replaced)
         w.many("insert_key", [{"key": bk, "record_id": ids[k][0]} for k, keys in plan_.keys.items() if k in ids
@@ -406,8 +406,8 @@ def write(conn: Connection, plan_: Plan, state: MemoryState, model: Model, now: 
         ])
 
 
-def _statements(sqlite: bool) -> dict[str, _Statement]:
-    s = functools.partial(_Statement, sqlite)
+def _statements(sqlite: bool) -> dict[str, Statement]:
+    s = functools.partial(Statement, sqlite)
     return {
         "insert_key": s(record_key_table, "insert", ("key", "record_id")),
         "insert_event": s(link_event_table, "insert", ("facility", "mrn", "from_person", "to_person", "from_link",
@@ -444,7 +444,7 @@ def _candidates(conn: Connection, keys: set[str], own_persons: set[int]):
         ordered = sorted(keys)
         for bk in ordered:
             params.append(bk)
-        rows = _select(conn, None, " UNION ALL ".join([one] * len(ordered)), params)
+        rows = select_rows(conn, None, " UNION ALL ".join([one] * len(ordered)), params)
         found: dict[str, list] = {}
         for row in rows:
             found.setdefault(row[0], []).append(row)
@@ -460,8 +460,8 @@ def _candidates(conn: Connection, keys: set[str], own_persons: set[int]):
     members: dict[int | str, set[Key]] = {}
     if persons:
         params = []
-        where = _in_ids(sqlite, "person_id", sorted(persons), params)
-        for facility, mrn, person, link, features in _select(conn, None, (
+        where = in_ids(sqlite, "person_id", sorted(persons), params)
+        for facility, mrn, person, link, features in select_rows(conn, None, (
             f"SELECT facility, mrn, person_id, link, features FROM patient_record WHERE {where} AND active"
         ), params):
             key = (facility, mrn)
@@ -481,7 +481,7 @@ def _pairs(conn: Connection, keys: list[Key]) -> dict[Key, set[Key]]:
     for key in keys:
         params.extend(key)
     out: dict[Key, set[Key]] = {}
-    for facility, mrn, other_facility, other_mrn in _select(conn, None, (
+    for facility, mrn, other_facility, other_mrn in select_rows(conn, None, (
         f"SELECT facility, mrn, other_facility, other_mrn FROM match_pair WHERE active AND ({where})"
     ), params):
         out.setdefault((facility, mrn), set()).add((other_facility, other_mrn))

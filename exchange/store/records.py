@@ -34,8 +34,7 @@ from datetime import date, datetime, timezone
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Connection, Date, DateTime, select
-from sqlalchemy.dialects import postgresql
+from sqlalchemy import Connection, select
 
 from exchange.mapping.events import DocumentState, EncounterStatus, Needs
 from exchange.mapping.state import MemoryState
@@ -50,9 +49,9 @@ from exchange.mapping.values import (
     Precision,
     Timestamp,
 )
-from exchange.store.db import driver_cursor, sqlite_datetime
+from exchange.store.db import driver_cursor
+from exchange.store.driver import Statement, Writer, in_ids, in_pairs, select_rows
 from exchange.store.schema import (
-    UTCDateTime,
     AUTHORITY_LEN,
     CONTENT_TYPE_LEN,
     DOCUMENT_CODE_LEN,
@@ -345,52 +344,10 @@ def load_all(conn: Connection) -> MemoryState:
     return state
 
 
-class _Row:
-    """A fetched row with attribute access (the driver-level selects below)."""
-
-    __slots__ = ("__dict__",)
-
-    def __init__(self, names: tuple[str, ...], values: tuple) -> None:
-        self.__dict__.update(zip(names, values))
-
-
 _RECORD_COLUMNS = ("id", "person_id", "facility", "mrn", "merged_into_mrn", "link", "features", "data")
 # PostgreSQL: JSON as text, decoded by ``loads`` (psycopg's own json.loads + from_json is slower)
 _PG_RECORD_SELECT = ", ".join(_RECORD_COLUMNS[:-1]) + ", data::text"
 _DOCUMENT_COLUMNS = ("id", "facility", "number", "state", "mrn")
-
-
-def _select(conn: Connection, columns: tuple[str, ...] | None, sql: str, params: list) -> list:
-    """Rows of a driver-level SELECT (the load path: no SQLAlchemy statement per call)."""
-    with driver_cursor(conn, sql) as cursor:
-        if conn.dialect.name == "sqlite":
-            cursor.execute(sql, params)
-        else:  # never a generic plan made on a small table (see exchange.store.messages.find_prior)
-            cursor.execute(sql, params, prepare=False)
-        fetched = cursor.fetchall()
-    return fetched if columns is None else [_Row(columns, r) for r in fetched]
-
-
-def _in_pairs(sqlite: bool, columns: str, pairs: list[tuple[str, str]], params: list) -> str:
-    """``(a, b) IN (pairs)``; appends the parameters.
-
-    SQLite scans the whole table for a row-value ``IN (VALUES ...)`` (2.6 ms
-    at 20,000 records, growing); an OR of equalities is one index search per
-    pair (7 µs)."""
-    if sqlite:
-        params.extend(x for pair in pairs for x in pair)
-        a, b = columns.split(", ")
-        return "(" + " OR ".join([f"({a} = ? AND {b} = ?)"] * len(pairs)) + ")"
-    params.extend(([a for a, _ in pairs], [b for _, b in pairs]))
-    return f"({columns}) IN (SELECT * FROM unnest(%b::text[], %b::text[]))"
-
-
-def _in_ids(sqlite: bool, column: str, ids: list[int], params: list) -> str:
-    if sqlite:
-        params.extend(ids)
-        return f"{column} IN ({', '.join(['?'] * len(ids))})"
-    params.append(ids)
-    return f"{column} = ANY(%b::bigint[])"
 
 
 def _json(value: Any) -> Any:
@@ -421,15 +378,15 @@ def _load(conn: Connection, want_records: set, want_documents: set) -> MemorySta
         new_ids = []
         if keys:
             params: list = []
-            by_key = _in_pairs(sqlite, "facility, mrn", keys, params)
-            by_survivor = _in_pairs(sqlite, "facility, merged_into_mrn", keys, params)
+            by_key = in_pairs(sqlite, "facility, mrn", keys, params)
+            by_survivor = in_pairs(sqlite, "facility, merged_into_mrn", keys, params)
             columns = ", ".join(_RECORD_COLUMNS) if sqlite else _PG_RECORD_SELECT
             if sqlite:  # a MULTI-INDEX OR: one index search per pair
                 sql = f"SELECT {columns} FROM patient_record WHERE {by_key} OR {by_survivor}"
             else:  # OR over two IN-subqueries is a seq scan on PostgreSQL: two index look-ups instead
                 sql = (f"SELECT {columns} FROM patient_record WHERE {by_key}"
                        f" UNION ALL SELECT {columns} FROM patient_record WHERE {by_survivor}")
-            found = _select(conn, _RECORD_COLUMNS, sql, params)
+            found = select_rows(conn, _RECORD_COLUMNS, sql, params)
             for row in found:
                 key = (row.facility, row.mrn)
                 if key in rows:
@@ -447,13 +404,13 @@ def _load(conn: Connection, want_records: set, want_documents: set) -> MemorySta
             params = []
             conditions = []
             if doc_keys:
-                conditions.append(_in_pairs(sqlite, "d.facility, d.number", doc_keys, params))
+                conditions.append(in_pairs(sqlite, "d.facility, d.number", doc_keys, params))
             if new_ids:
-                conditions.append(_in_ids(sqlite, "d.record_id", new_ids, params))
+                conditions.append(in_ids(sqlite, "d.record_id", new_ids, params))
             select_ = "SELECT d.id, d.facility, d.number, d.state, p.mrn FROM document d JOIN patient_record p ON d.record_id = p.id WHERE "
             # PostgreSQL: UNION ALL, not OR (a seq scan there); duplicates are skipped below
             sql = select_ + (" OR " if sqlite else " UNION ALL " + select_).join(conditions)
-            for row in _select(conn, _DOCUMENT_COLUMNS, sql, params):
+            for row in select_rows(conn, _DOCUMENT_COLUMNS, sql, params):
                 key = (row.facility, row.number)
                 if key not in docs:
                     docs[key] = row
@@ -467,8 +424,8 @@ def _load(conn: Connection, want_records: set, want_documents: set) -> MemorySta
     by_id = {row.id: key for key, row in rows.items()}
     if by_id:
         params = []
-        where = _in_ids(sqlite, "record_id", list(by_id), params)
-        for record_id, visit, data in _select(
+        where = in_ids(sqlite, "record_id", list(by_id), params)
+        for record_id, visit, data in select_rows(
             conn, None, f"SELECT record_id, visit_number, data{'' if sqlite else '::text'} FROM encounter WHERE {where} ORDER BY id", params
         ):
             records[by_id[record_id]]["encounters"][visit] = _json(data)
@@ -497,107 +454,6 @@ def _load(conn: Connection, want_records: set, want_documents: set) -> MemorySta
 
 # --- save ---------------------------------------------------------------------------------------
 #
-# Driver-level statements, like the hot path of exchange.store.messages:
-# SQLAlchemy's per-statement cost (~0.7 ms per executemany here) was most of
-# what save cost. On SQLite, executemany on the sqlite3 cursor (and one
-# INSERT per new row where its id is needed: no round trips there). On
-# PostgreSQL, ONE statement per table and kind whatever the number of rows
-# (each column bound as one array: ``INSERT ... SELECT FROM unnest``,
-# ``UPDATE ... FROM unnest``, ``DELETE ... USING unnest``; psycopg's
-# executemany cost ~0.1 ms of Python per row), all in ONE pipeline for the
-# whole save: the server is only waited for where new ids are needed
-# (persons, records, documents) and at the end. An UPDATE/DELETE joins each
-# target row at most once: the keys of ``state.dirty()`` are distinct.
-#
-# Values are bound exactly as SQLAlchemy's column types bind them, so what is
-# stored (and read back) does not change: JSON columns as ``json.dumps`` text
-# (None too: SQLAlchemy's JSON stores it as JSON ``null``), cast to the
-# column's type on PostgreSQL; on SQLite UTCDateTime as SQLAlchemy's DATETIME
-# text, Date as ISO text and Boolean as 0/1.
-
-_PG_DIALECT = postgresql.dialect()
-
-
-def _column_kinds(table: Any) -> dict[str, str]:
-    kinds = {}
-    for col in table.c:
-        if isinstance(col.type, JSON):
-            kinds[col.name] = "json"
-        elif isinstance(col.type, UTCDateTime):
-            kinds[col.name] = "datetime"
-        elif isinstance(col.type, Boolean):
-            kinds[col.name] = "bool"
-        elif isinstance(col.type, Date) and not isinstance(col.type, DateTime):
-            kinds[col.name] = "date"
-        else:
-            kinds[col.name] = ""
-    return kinds
-
-
-class _Statement:
-    """A driver-level INSERT/UPDATE/DELETE of one table for one dialect, with its value converters."""
-
-    __slots__ = ("sql", "names", "convert", "prepare")
-
-    def __init__(self, sqlite: bool, table: Any, kind: str, columns: tuple[str, ...],
-                 where: tuple[str, ...] = (), returning: bool = False) -> None:
-        kinds = _column_kinds(table)
-
-        if sqlite:
-            cond = " AND ".join(f"{name} = ?" for name in where)
-            if kind == "insert":
-                sql = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-            elif kind == "update":
-                sql = f"UPDATE {table.name} SET {', '.join(f'{name} = ?' for name in columns)} WHERE {cond}"
-            else:
-                sql = f"DELETE FROM {table.name} WHERE {cond}"
-        else:
-            # One statement per call: each column one array, cast to the column's type.
-            names = columns + where
-            arrays = ", ".join(f"CAST(%b AS {table.c[name].type.compile(dialect=_PG_DIALECT)}[])" for name in names)
-            cond = " AND ".join(f"t.{name} = u.{name}" for name in where)
-            if kind == "insert":
-                sql = (f"INSERT INTO {table.name} ({', '.join(columns)}) SELECT {', '.join(columns)}"
-                       f" FROM unnest({arrays}) WITH ORDINALITY AS u ({', '.join(columns)}, ord) ORDER BY ord")
-                if returning:  # ids ascend in array order (see exchange.store.messages._pg_insert_sql)
-                    sql = f"WITH new AS ({sql} RETURNING id) SELECT id FROM new ORDER BY id"
-            elif kind == "update":
-                sql = (f"UPDATE {table.name} AS t SET {', '.join(f'{name} = u.{name}' for name in columns)}"
-                       f" FROM unnest({arrays}) AS u ({', '.join(names)}) WHERE {cond}")
-            else:
-                sql = f"DELETE FROM {table.name} AS t USING unnest({arrays}) AS u ({', '.join(names)}) WHERE {cond}"
-        self.sql = sql
-        self.names = columns + where
-        converters = []
-        for name in self.names:
-            k = kinds[name]
-            if k == "json":
-                converters.append(json.dumps)
-            elif sqlite and k == "datetime":
-                converters.append(sqlite_datetime)
-            elif sqlite and k == "bool":
-                converters.append(int)
-            elif sqlite and k == "date":
-                converters.append(date.isoformat)
-            else:
-                converters.append(None)
-        self.convert = tuple(converters)
-        # PostgreSQL: a join with the table is never a prepared statement (a
-        # generic plan made on a small table keeps scanning it as it grows;
-        # see exchange.store.messages.find_prior); an INSERT gains from one.
-        self.prepare = None if kind == "insert" else False
-
-    def arrays(self, rows: list[dict[str, Any]]) -> list[list]:
-        """PostgreSQL: the rows as one list per column."""
-        return [list(column) for column in zip(*(self.params(row) for row in rows))]
-
-    def params(self, row: dict[str, Any]) -> tuple:
-        return tuple(
-            row[name] if f is None or (row[name] is None and f is not json.dumps) else f(row[name])
-            for name, f in zip(self.names, self.convert)
-        )
-
-
 _RECORD_ROW_COLUMNS = ("facility", "mrn", "authority", "active", "merged_into_mrn", "data", "family_name",
                        "given_name", "birth_date", "sex", "postcode", "phone", "ssn")
 _ENCOUNTER_COLUMNS = ("patient_class", "status", "location", "prior_location", "attending", "admitted_at",
@@ -606,8 +462,8 @@ _DOCUMENT_ROW_COLUMNS = ("record_id", "type", "parent", "completion_status", "av
 _VERSION_COLUMNS = ("event", "message_id", "content_type", "text", "data", "size", "fields")
 
 
-def _statements(sqlite: bool) -> dict[str, _Statement]:
-    s = functools.partial(_Statement, sqlite)
+def _statements(sqlite: bool) -> dict[str, Statement]:
+    s = functools.partial(Statement, sqlite)
     return {
         "free_record": s(patient_record, "update", ("mrn",), ("id",)),
         "insert_person": s(person, "insert", ("created_at",), returning=True),
@@ -632,50 +488,6 @@ def _statements(sqlite: bool) -> dict[str, _Statement]:
 
 _SQLITE_STATEMENTS = _statements(True)
 _PG_STATEMENTS = _statements(False)
-
-
-class _Writer:
-    """The driver cursor of a save: executemany, inserts returning ids, deletes by ids."""
-
-    def __init__(self, cursor: Any, sqlite: bool) -> None:
-        self.cursor = cursor
-        self.sqlite = sqlite
-        self.statements = _SQLITE_STATEMENTS if sqlite else _PG_STATEMENTS
-
-    def many(self, name: str, rows: list[dict[str, Any]]) -> None:
-        if rows:
-            st = self.statements[name]
-            if self.sqlite:
-                self.cursor.executemany(st.sql, [st.params(row) for row in rows])
-            else:
-                self.cursor.execute(st.sql, st.arrays(rows), prepare=st.prepare)
-
-    def insert_ids(self, name: str, rows: list[dict[str, Any]]) -> list[int]:
-        """Insert ``rows``; their new ids, in order."""
-        if not rows:
-            return []
-        st = self.statements[name]
-        cursor = self.cursor
-        if self.sqlite:
-            ids = []
-            for row in rows:
-                cursor.execute(st.sql, st.params(row))
-                ids.append(cursor.lastrowid)
-            return ids
-        # A cursor of its own: inside the pipeline, the shared one may still
-        # be owed the results of statements queued before.
-        with cursor.connection.cursor() as returning:
-            returning.execute(st.sql, st.arrays(rows), prepare=st.prepare)
-            ids = [r[0] for r in returning.fetchall()]
-        if len(ids) != len(rows):  # pragma: no cover - a driver bug, not a data problem
-            raise RuntimeError(f"inserted {len(rows)} rows, got {len(ids)} ids")
-        return ids
-
-    def delete_ids(self, table: Any, column: str, ids: list[int]) -> None:
-        if ids:
-            params: list = []
-            where = _in_ids(self.sqlite, column, ids, params)
-            self.cursor.execute(f"DELETE FROM {table.name} WHERE {where}", params)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -713,14 +525,14 @@ def save(conn: Connection, state: MemoryState, now: datetime | None = None,
     sqlite = conn.dialect.name == "sqlite"
     with driver_cursor(conn, "save (exchange.store.records)") as cursor:
         if sqlite:
-            _save(_Writer(cursor, True), state, d, now, links or {})
+            _save(Writer(cursor, True, _SQLITE_STATEMENTS), state, d, now, links or {})
         else:
             with cursor.connection.pipeline():
-                _save(_Writer(cursor, False), state, d, now, links or {})
+                _save(Writer(cursor, False, _PG_STATEMENTS), state, d, now, links or {})
     state.mark_clean()
 
 
-def _save(w: _Writer, state: MemoryState, d: Any, now: datetime, links: dict) -> None:
+def _save(w: Writer, state: MemoryState, d: Any, now: datetime, links: dict) -> None:
     rec_ids: dict = state.store_ids.setdefault("records", {})
     doc_ids: dict = state.store_ids.setdefault("documents", {})
     moved = [(key, old) for key, old in d.changed_records if key != old]

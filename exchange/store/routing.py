@@ -22,7 +22,7 @@ from exchange.mapping.message import Message
 from exchange.routing import Event, protection, rewrite, route
 from exchange.store.db import driver_cursor
 from exchange.store.outbox import NewCopy, enqueue
-from exchange.store.records import _in_ids, _select
+from exchange.store.driver import in_ids, select_rows
 
 log = Logger()
 Key = tuple[str, str]
@@ -105,14 +105,14 @@ def _persons(conn: Connection, persons: set[int]):
         return records, protected
     sqlite = conn.dialect.name == "sqlite"
     params: list = []
-    where = _in_ids(sqlite, "person_id", sorted(persons), params)
-    for person, facility, mrn, active in _select(
+    where = in_ids(sqlite, "person_id", sorted(persons), params)
+    for person, facility, mrn, active in select_rows(
         conn, None, f"SELECT person_id, facility, mrn, active FROM patient_record WHERE {where} ORDER BY id", params
     ):
         records.setdefault(person, []).append(((facility, mrn), bool(active)))
     params = []
-    where = _in_ids(sqlite, "id", sorted(persons), params)
-    for person, state, by in _select(conn, None, f"SELECT id, protected, protected_by FROM person WHERE {where}",
+    where = in_ids(sqlite, "id", sorted(persons), params)
+    for person, state, by in select_rows(conn, None, f"SELECT id, protected, protected_by FROM person WHERE {where}",
                                      params):
         protected[person] = (bool(state), by)
     return records, protected
