@@ -32,6 +32,7 @@ actor ``exchange`` and the message that caused them; reviews to
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import time
@@ -368,7 +369,7 @@ def write(conn: Connection, plan_: Plan, state: MemoryState, model: Model, now: 
     def message(ref):
         return refs.get(ref, ref) if ref is not None else None
 
-    with driver_cursor(conn, "patient index (exchange.store.index)") as cursor:
+    with driver_cursor(conn, "patient index (exchange.store.index)") as cursor, _pipeline(cursor, sqlite):
         w = Writer(cursor, sqlite, _SQLITE_STATEMENTS if sqlite else _PG_STATEMENTS)
         replaced = [ids[k][0] for k in plan_.keys if k not in plan_.new_records and k in ids]
         w.delete_ids(record_key_table, "record_id", replaced)
@@ -404,6 +405,11 @@ def write(conn: Connection, plan_: Plan, state: MemoryState, model: Model, now: 
             {"facility": x[0], "mrn": x[1], "other_facility": y[0], "other_mrn": y[1], "active": True}
             for a, b in plan_.pairs for x, y in ((a, b), (b, a))
         ])
+
+
+def _pipeline(cursor, sqlite: bool):
+    """PostgreSQL: the writes sent together, the server waited for once (nothing here reads back)."""
+    return contextlib.nullcontext() if sqlite else cursor.connection.pipeline()
 
 
 def _statements(sqlite: bool) -> dict[str, Statement]:

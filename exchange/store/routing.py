@@ -105,16 +105,15 @@ def _persons(conn: Connection, persons: set[int]):
         return records, protected
     sqlite = conn.dialect.name == "sqlite"
     params: list = []
-    where = in_ids(sqlite, "person_id", sorted(persons), params)
-    for person, facility, mrn, active in select_rows(
-        conn, None, f"SELECT person_id, facility, mrn, active FROM patient_record WHERE {where} ORDER BY id", params
-    ):
-        records.setdefault(person, []).append(((facility, mrn), bool(active)))
-    params = []
-    where = in_ids(sqlite, "id", sorted(persons), params)
-    for person, state, by in select_rows(conn, None, f"SELECT id, protected, protected_by FROM person WHERE {where}",
-                                     params):
+    where = in_ids(sqlite, "p.id", sorted(persons), params)
+    # one round trip: each person with its records (LEFT JOIN: a person may have none)
+    for person, state, by, facility, mrn, active in select_rows(conn, None, (
+        "SELECT p.id, p.protected, p.protected_by, r.facility, r.mrn, r.active FROM person p"
+        f" LEFT JOIN patient_record r ON r.person_id = p.id WHERE {where} ORDER BY r.id"
+    ), params):
         protected[person] = (bool(state), by)
+        if facility is not None:
+            records.setdefault(person, []).append(((facility, mrn), bool(active)))
     return records, protected
 
 
