@@ -132,6 +132,20 @@ def _to_json(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__}")
 
 
+def _tagged(tag: str, v: Any) -> Any:
+    """The value of a one-key ``{"@tag": v}`` dict (a value object's parts already decoded)."""
+    cls = _TYPES.get(tag)
+    if cls is not None:  # the stored types' fields are scalars or tagged objects
+        return cls(*v)
+    if tag == "datetime":
+        return datetime.fromisoformat(v)
+    if tag == "date":
+        return date.fromisoformat(v)
+    if tag == "bytes":
+        return base64.b64decode(v)
+    return _ENUMS[tag](v)
+
+
 def from_json(data: Any) -> Any:
     """The inverse of :func:`to_json` (lists come back as tuples)."""
     t = type(data)
@@ -143,16 +157,7 @@ def from_json(data: Any) -> Any:
         if len(data) == 1:
             ((tag, v),) = data.items()
             if tag.startswith("@"):
-                tag = tag[1:]
-                if tag == "datetime":
-                    return datetime.fromisoformat(v)
-                if tag == "date":
-                    return date.fromisoformat(v)
-                if tag == "bytes":
-                    return base64.b64decode(v)
-                if tag in _ENUMS:
-                    return _ENUMS[tag](v)
-                return _TYPES[tag](*(from_json(x) for x in v))
+                return _tagged(tag[1:], [from_json(x) for x in v] if tag[1:] in _TYPES else v)
         return {k: from_json(v) for k, v in data.items()}
     return data
 
@@ -166,17 +171,7 @@ def _decode_object(data: dict) -> Any:
     if len(data) == 1:
         ((tag, v),) = data.items()
         if tag[:1] == "@":
-            tag = tag[1:]
-            cls = _TYPES.get(tag)
-            if cls is not None:  # the stored types' fields are scalars or tagged objects
-                return cls(*v)
-            if tag == "datetime":
-                return datetime.fromisoformat(v)
-            if tag == "date":
-                return date.fromisoformat(v)
-            if tag == "bytes":
-                return base64.b64decode(v)
-            return _ENUMS[tag](v)
+            return _tagged(tag[1:], v)
     for k, v in data.items():
         if type(v) is list:
             data[k] = _tuples(v)
