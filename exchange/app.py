@@ -91,6 +91,9 @@ class ExchangeService(Service):
             config.server.database,
             {f.code: f.deliver_to for f in config.facilities if f.deliver_to},
             delivery_settings(config),
+            # SQLite has one writer: delivery outcomes ride with the intake's next batch
+            record=self.committer.record_outcomes if make_url(config.server.database).get_backend_name() == "sqlite"
+            else None,
         )
         # The API reads on its own engine, in a few threads: never on the reactor.
         self.api_db = Database(reactor, config.server.database)
@@ -152,9 +155,9 @@ class ExchangeService(Service):
         delivery_stopped = self.delivery.stopService()
         yield DeferredList([d for d in (p.stopListening() for p in self.ports) if d is not None])
         self.mllp_factory.stop_reading()
+        yield delivery_stopped  # before the writer stops: on SQLite it records their last outcomes
         yield self.committer.wait_idle()
         yield self.writer.stop()
-        yield delivery_stopped
         self.api_db.stop()  # joins its threads: the calls in flight finish first
         log.info("exchange stopped cleanly")
 

@@ -103,6 +103,7 @@ class GroupCommitter:
         self._batch_max = batch_max
         self._max_pending = max_pending
         self._pending: list[tuple[Received, Deferred]] = []
+        self._side: list[tuple[list, Deferred]] = []  # delivery outcomes riding with the next batch
         self._busy = False
         self._idle_waiters: list[Deferred] = []
         self._resume_waiters: list[Callable[[], None]] = []
@@ -127,9 +128,19 @@ class GroupCommitter:
             self._start()
         return d
 
+    def record_outcomes(self, outcomes: list) -> Deferred:
+        """Have the writer record delivery outcomes in its next transaction (SQLite: the
+        one writer; a second writing process would wait for the lock behind batch after
+        batch). Fires with None once committed; fails if that transaction rolled back."""
+        d: Deferred = Deferred()
+        self._side.append((list(outcomes), d))
+        if not self._busy:
+            self._start()
+        return d
+
     def wait_idle(self) -> Deferred:
         """Fires when nothing is pending or committing (for clean shutdown)."""
-        if not self._busy and not self._pending:
+        if not self._busy and not self._pending and not self._side:
             return succeed(None)
         d: Deferred = Deferred()
         self._idle_waiters.append(d)
@@ -138,21 +149,27 @@ class GroupCommitter:
     def _start(self) -> None:
         batch = self._pending[: self._batch_max]
         del self._pending[: self._batch_max]
+        side, self._side = self._side, []
         self._busy = True
         items = [item for item, _ in batch]
         started = time.perf_counter()
-        d = self._commit_batch(items)
+        if side:
+            d = self._commit_batch(items, [o for outcomes, _ in side for o in outcomes])
+        else:
+            d = self._commit_batch(items)
         d.addCallbacks(
             self._committed,
             self._failed,
-            callbackArgs=(batch, started),
-            errbackArgs=(batch,),
+            callbackArgs=(batch, started, side),
+            errbackArgs=(batch, side),
         )
         d.addErrback(lambda f: log.failure("group commit bookkeeping failed", f))
 
-    def _committed(self, answers: list[Answer], batch, started: float) -> None:
+    def _committed(self, answers: list[Answer], batch, started: float, side=()) -> None:
         metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(batch))
+        for _, d in side:
+            d.callback(None)
         routed: set[str] = set()
         for (_, d), answer in zip(batch, answers, strict=True):
             routed.update(answer.routed)
@@ -162,13 +179,20 @@ class GroupCommitter:
             self._on_routed(routed)
         self._next()
 
-    def _failed(self, failure: Failure, batch) -> None:
+    def _failed(self, failure: Failure, batch, side=()) -> None:
         """The batch's transaction rolled back: nothing of it is stored.
 
         Retry each message alone so one bad message cannot sink the others;
         a message that still fails gets no ACK at all (its Deferred fails and
         the connection is closed), so the sender keeps it and resends.
+        Delivery outcomes that rode along are not retried: those copies stay
+        queued and go again (same MSH-10).
         """
+        for _, d in side:
+            d.errback(failure)
+        if not batch:
+            self._next()
+            return
         log.failure(
             "group commit of {count} messages failed; retrying one by one",
             failure,
@@ -207,7 +231,7 @@ class GroupCommitter:
     def _next(self) -> None:
         self._busy = False
         metrics.PENDING.set(len(self._pending))
-        if self._pending:
+        if self._pending or self._side:
             self._start()
         if len(self._pending) <= self._max_pending // 2 and self._resume_waiters:
             waiters, self._resume_waiters = self._resume_waiters, []

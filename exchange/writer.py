@@ -39,6 +39,7 @@ from exchange.mapping.events import FacilityContext
 from exchange.pipeline import AckSettings, Answer, Received, process_batch
 from exchange.store.db import write_transaction
 from exchange.store.index import ModelCache
+from exchange.store.outbox import record_outcomes
 
 log = Logger()
 _LENGTH = struct.Struct(">I")
@@ -107,7 +108,9 @@ class WriterProcess(ProcessProtocol):
 
     # -- batches ------------------------------------------------------------
 
-    def run(self, items: Sequence[Received]) -> Deferred:
+    def run(self, items: Sequence[Received], outcomes: Sequence = ()) -> Deferred:
+        """Store and apply ``items`` in one transaction (and record the delivery
+        ``outcomes`` in it); fires with the answers once committed."""
         if self._stopping:
             return fail(WriterFailed("the exchange is stopping"))
         if self._waiting is not None:
@@ -115,8 +118,8 @@ class WriterProcess(ProcessProtocol):
         if not self._running:  # (re)starting: wait for the child, then send
             ready: Deferred = Deferred()
             self._ready.append(ready)
-            return ready.addCallback(lambda _: self.run(items))
-        payload = pickle.dumps(list(items), protocol=pickle.HIGHEST_PROTOCOL)
+            return ready.addCallback(lambda _: self.run(items, outcomes))
+        payload = pickle.dumps((list(items), list(outcomes)), protocol=pickle.HIGHEST_PROTOCOL)
         self._waiting = Deferred()
         self.transport.write(_LENGTH.pack(len(payload)) + payload)
         return self._waiting
@@ -153,8 +156,8 @@ def _read_exactly(stream, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def serve_batches(run_batch: Callable[[Sequence[Received]], list[Answer]], stdin, stdout) -> None:
-    """Answer batches until stdin closes."""
+def serve_batches(run_batch: Callable[[Sequence[Received], Sequence], list[Answer]], stdin, stdout) -> None:
+    """Answer batches ``(items, delivery outcomes)`` until stdin closes."""
     while True:
         header = _read_exactly(stdin, 4)
         if header is None:
@@ -162,12 +165,15 @@ def serve_batches(run_batch: Callable[[Sequence[Received]], list[Answer]], stdin
         payload = _read_exactly(stdin, _LENGTH.unpack(header)[0])
         if payload is None:
             return
-        items = pickle.loads(payload)
+        items, outcomes = pickle.loads(payload)
         try:
-            reply = ("ok", run_batch(items))
+            reply = ("ok", run_batch(items, outcomes))
         except Exception as exc:  # rolled back: say so, keep serving
+            # the exception's text may quote the rows (patient data): its type and SQLSTATE only
+            code = getattr(getattr(exc, "orig", None), "sqlstate", None)
             print(
-                f"exchange writer: batch of {len(items)} rolled back: {type(exc).__name__}: {exc}"[:2000],
+                f"exchange writer: batch of {len(items)} rolled back: {type(exc).__name__}"
+                + (f" (SQLSTATE {code})" if code else ""),
                 file=sys.stderr,
                 flush=True,
             )
@@ -185,16 +191,20 @@ def make_batch_runner(
     new_control_id: Callable[[], str],
     now: Callable[[], datetime] = utc_now,
     settings: AckSettings = AckSettings(),
-) -> Callable[[Sequence[Received]], list[Answer]]:
+) -> Callable[..., list[Answer]]:
     """The function the writer runs for each batch."""
     models = ModelCache()
 
-    def run(items: Sequence[Received]) -> list[Answer]:
-        # TRANSACTION: the batch's raw messages, their states, history and ACKs,
-        # and what they change in the record model: an AA means stored AND applied.
+    def run(items: Sequence[Received], outcomes: Sequence = ()) -> list[Answer]:
+        # TRANSACTION: the batch's raw messages, their states, history and ACKs, what they
+        # change in the record model, the patient index and the outbox (an AA means all of
+        # it is committed), and the delivery outcomes that rode along.
         with write_transaction(engine) as conn:
-            return process_batch(conn, items, new_control_id=new_control_id, now=now, facilities=facilities,
-                                 models=models, routing=routing, settings=settings)
+            answers = process_batch(conn, items, new_control_id=new_control_id, now=now, facilities=facilities,
+                                    models=models, routing=routing, settings=settings) if items else []
+            if outcomes:
+                record_outcomes(conn, outcomes)
+            return answers
 
     return run
 

@@ -130,7 +130,7 @@ def field(text: str, segment: str, number: int) -> str:
     raise AssertionError(f"no {segment} in {text!r}")
 
 
-def test_a_resident_admitted_at_the_hospital_reaches_the_nursing_home_in_its_own_mrn(network):
+def test_a_resident_admitted_at_the_hospital_reaches_the_nursing_home_in_its_own_mrn(network, database_url):
     server, nursing_home, home_health, hospital = network
     with MLLPConnection(server.address) as conn:
         assert msa(conn.request(adt("NH-1", "OAKNH", "A28", "OA917082")))[0] == "AA"  # the resident
@@ -155,6 +155,14 @@ def test_a_resident_admitted_at_the_hospital_reaches_the_nursing_home_in_its_own
     assert field(to_hospital, "PID", 3).split("~")[0].split("^")[0] == "GH-44107"
     time.sleep(0.5)
     assert len(hospital.messages) == 1
+    # every copy's outcome is recorded (on SQLite by the writer, with its next transaction)
+    deadline = time.monotonic() + 10
+    while True:
+        deliveries = api_request(server, database_url, "GET", "/api/deliveries?state=delivered", role="admin")
+        if len(deliveries["deliveries"]) == 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert sorted(d["facility"] for d in deliveries["deliveries"]) == ["GENHOSP", "HHCARE", "OAKNH", "OAKNH"]
 
 
 def test_an_opted_out_person_reaches_nobody(network):

@@ -26,10 +26,12 @@ class Writer:
 
     def __init__(self):
         self.batches: list[list[Received]] = []
+        self.outcomes: list[list] = []  # delivery outcomes that rode with each batch
         self.commits: list[Deferred] = []
 
-    def __call__(self, items):
+    def __call__(self, items, outcomes=()):
         self.batches.append(list(items))
+        self.outcomes.append(list(outcomes))
         d = Deferred()
         self.commits.append(d)
         return d
@@ -160,3 +162,25 @@ def test_a_batch_acknowledgement_keeps_the_senders_charset():
     w.commits[0].callback([Answer(ack.encode("latin-1"), "AA", 1)])
     (reply,) = got
     assert b"BL\xc4H" in reply and "Ä".encode() not in reply
+
+
+def test_delivery_outcomes_ride_with_the_next_transaction():
+    """SQLite has one writer: the delivery workers' outcomes are written by it, in the
+    transaction after the one in flight (or alone when no message waits)."""
+    w = Writer()
+    c = GroupCommitter(w)
+    results_of([c.submit(item(1))])
+    recorded = results_of([c.record_outcomes(["delivered 1"]), c.record_outcomes(["failed 2", "retry 3"])])
+    results_of([c.submit(item(2))])
+    assert w.outcomes == [[]]  # the first batch was already in flight
+    w.commit(0)
+    assert [len(b) for b in w.batches] == [1, 1] and w.outcomes[1] == ["delivered 1", "failed 2", "retry 3"]
+    assert recorded == []  # not before that transaction commits
+    w.commit(1)
+    assert recorded == [None, None]
+    alone = results_of([c.record_outcomes(["delivered 4"])])
+    assert w.batches[2] == [] and w.outcomes[2] == ["delivered 4"]
+    w.fail(2)
+    assert len(alone) == 1 and alone[0].check(RuntimeError)  # the worker sends those copies again
+    idle = results_of([c.wait_idle()])
+    assert idle == [None]

@@ -9,8 +9,9 @@ from exchange.pipeline import Answer
 from exchange.writer import serve_batches
 
 
-def frame(obj) -> bytes:
-    data = pickle.dumps(obj)
+def frame(items, outcomes=()) -> bytes:
+    """One request as WriterProcess.run sends it: (items, delivery outcomes)."""
+    data = pickle.dumps((items, list(outcomes)))
     return struct.pack(">I", len(data)) + data
 
 
@@ -26,13 +27,14 @@ def replies(out: bytes) -> list:
 def test_each_batch_is_answered_after_run_batch_returns_and_errors_keep_it_serving():
     calls = []
 
-    def run_batch(items):
+    def run_batch(items, outcomes):
+        assert outcomes == (["delivered 7"] if items == ["c"] else [])
         calls.append(items)
         if items == ["boom"]:
             raise RuntimeError("constraint violated")
         return [Answer(b"ACK", "AA", n) for n, _ in enumerate(items)]
 
-    stdin = io.BytesIO(frame(["a", "b"]) + frame(["boom"]) + frame(["c"]))
+    stdin = io.BytesIO(frame(["a", "b"]) + frame(["boom"]) + frame(["c"], ["delivered 7"]))
     stdout = io.BytesIO()
     serve_batches(run_batch, stdin, stdout)
     assert calls == [["a", "b"], ["boom"], ["c"]]
@@ -45,5 +47,5 @@ def test_each_batch_is_answered_after_run_batch_returns_and_errors_keep_it_servi
 def test_a_truncated_batch_at_eof_is_not_run():
     calls = []
     data = frame(["a"])
-    serve_batches(calls.append, io.BytesIO(data[:-3]), io.BytesIO())
+    serve_batches(lambda items, outcomes: calls.append(items), io.BytesIO(data[:-3]), io.BytesIO())
     assert calls == []

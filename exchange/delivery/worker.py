@@ -200,8 +200,11 @@ class DestinationWorker:
         now: Callable[[], datetime] = utc_now,
         rand: Callable[[], float] = random.random,
         connect: Callable[[], Deferred] | None = None,
+        record: Callable[[list], Deferred] | None = None,
     ) -> None:
         self.destination = destination
+        # how outcomes are written: through the store in the thread pool, or (SQLite) by the writer
+        self._write_outcomes = record or (lambda outcomes: self._call(self.store.record, outcomes))
         self.endpoint = endpoint
         self.reactor = reactor
         self.settings = settings
@@ -417,7 +420,7 @@ class DestinationWorker:
 
     def _flush(self) -> None:
         batch, self._outcomes = self._outcomes, []
-        d = self._call(self.store.record, batch)
+        d = self._write_outcomes(batch)
         self._recording = d
         d.addCallbacks(self._flushed, self._flush_failed)
 
@@ -519,9 +522,14 @@ class DeliveryService(Service):
         *,
         now: Callable[[], datetime] = utc_now,
         rand: Callable[[], float] = random.random,
+        record: Callable[[list], Deferred] | None = None,
     ) -> None:
+        """``record(outcomes)``: how attempts' outcomes are written (default: each worker
+        in the thread pool). On SQLite the exchange passes the writer's: a second writing
+        process would wait behind batch after batch for the one write lock."""
         self.reactor = reactor
         self.database_url = database_url
+        self.record = record
         self.destinations = dict(destinations)
         self.settings = settings
         self.now = now
@@ -553,6 +561,7 @@ class DeliveryService(Service):
                 settings=self.settings,
                 now=self.now,
                 rand=self.rand,
+                record=self.record,
             )
             self.workers[code] = worker
             worker.start()
