@@ -193,3 +193,14 @@ def test_a_run_asked_to_stop_stores_nothing(engine):
         training.train(engine, NOW, min_records=10, stopping=lambda: True)
     assert models_stored(engine) == []
 
+
+
+def test_no_partial_agreement_weighs_more_than_the_exact_one():
+    model = default_model()
+    inflated = model.replace(probabilities={**model.probabilities,
+                                            "ssn": {**model.probabilities["ssn"], L.ONE_DIGIT: (0.2, 1e-7)}})
+    fixed, lowered = training.monotone(inflated)
+    assert fixed.weight("ssn", L.ONE_DIGIT) == pytest.approx(fixed.weight("ssn", L.EXACT))
+    assert lowered == [f"ssn one_digit {inflated.weight('ssn', L.ONE_DIGIT):+.1f} -> "
+                       f"{inflated.weight('ssn', L.EXACT):+.1f}"]
+    assert training.monotone(model) == (model, [])  # the hand-set model is monotone already

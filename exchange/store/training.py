@@ -11,7 +11,8 @@ estimated from the data by EM and stored").
       estimate, no database .. as exchange.matching says: tf tables of the names,
                                u from random pairs, m per kind of key by EM
                                (estimate_by_sessions), thresholds kept from the
-                               current model
+                               current model; no partial agreement may weigh
+                               more than an exact one (``monotone``)
       guard .................. the new and the current model decide a sample of
                                candidate pairs and of random pairs; a degenerate
                                estimate is refused (see ``_degenerate``)
@@ -86,6 +87,7 @@ class TrainingReport:
     kept: str | None = None  # why the current model was kept (too little data), else None
     degenerate: tuple[str, ...] = ()  # why the estimate was refused
     changes: Counter = field(default_factory=Counter)  # (current decision, new decision) -> sample pairs
+    lowered: list[str] = field(default_factory=list)  # partial levels brought down to their exact level (monotone)
     random_linked: int = 0  # random pairs the new model links and the current one does not
     random_checked: int = 0
     model_id: int | None = None  # the match_model row stored
@@ -114,6 +116,8 @@ class TrainingReport:
                        + (": " + ", ".join(f"{a}->{b} {n:,}" for (a, b), n in moved.items()) if moved else ""))
             out.append(f"guard: random pairs the new model links and the current does not: {self.random_linked} of "
                        f"{self.random_checked:,}")
+        if self.lowered:
+            out.append("no partial agreement above the exact one: " + ", ".join(self.lowered))
         for name, levels in self.weights.items():
             out.append(f"  {name:<8} " + "  ".join(f"{lv}={w:+.1f}" for lv, w in levels.items()))
         if self.degenerate:
@@ -187,7 +191,7 @@ def train(
     u = estimate_u(randoms, start)
     if stopping():
         raise Cancelled()
-    model = estimate_by_sessions(sessions, start, u=u)
+    model, report.lowered = monotone(estimate_by_sessions(sessions, start, u=u))
     model = model.replace(note=_note(report, now))
     report.weights = {name: {str(lv): round(model.weight(name, lv), 1) for lv in levels}
                       for name, levels in model.probabilities.items()}
@@ -209,6 +213,28 @@ def train(
             ).scalar_one()
     report.seconds = time.monotonic() - t0
     return report
+
+
+def monotone(model: Model) -> tuple[Model, list[str]]:
+    """The model with no partial agreement (a nickname, one digit off, the same street)
+    weighing more than its field's exact agreement, and what was lowered.
+
+    EM over a live index overrates partial levels two ways: random pairs that are in fact
+    the same person make u of the exact level too high (so its weight too low), and
+    household members (twins' SSNs are one apart) look like matches to EM, which assumes
+    the fields independent. Such a level's m is lowered to ``u * 2 ** exact weight``.
+    """
+    lowered = []
+    probabilities = {}
+    for name, levels in model.probabilities.items():
+        levels = dict(levels)
+        exact = model.weight(name, Level.EXACT) if Level.EXACT in levels else None
+        for level, (m, u) in levels.items():
+            if exact is not None and level not in (Level.EXACT, Level.DISAGREE) and model.weight(name, level) > exact:
+                lowered.append(f"{name} {level} {model.weight(name, level):+.1f} -> {exact:+.1f}")
+                levels[level] = (u * 2 ** exact, u)
+        probabilities[name] = levels
+    return model.replace(probabilities=probabilities), lowered
 
 
 def decision(total: float, model: Model) -> str:
@@ -352,4 +378,4 @@ class _Scan:
             yield f
 
 
-__all__ = ["Cancelled", "TrainingReport", "compare_decisions", "decision", "train"]
+__all__ = ["Cancelled", "TrainingReport", "compare_decisions", "decision", "monotone", "train"]
