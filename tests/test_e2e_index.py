@@ -21,7 +21,7 @@ def exchange(tmp_path, database_url):
 
 def pid(facility: str, mrn: str, name: str, birth: str, sex: str = "F", ssn: str = "",
         address: str = "12 OAK ST^^SPRINGFIELD^IL^62701", phone: str = "555-0100") -> str:
-    return f"PID|1||{mrn}^^^{facility}^MR||{name}||{birth}|{sex}|||{address}||{phone}|||||{ssn}"
+    return f"PID|1||{mrn}^^^{facility}^MR||{name}||{birth}|{sex}|||{address}||{phone}||||||{ssn}"
 
 
 def message(facility: str, event: str, *segments: str) -> bytes:

@@ -63,6 +63,7 @@ log = Logger()
 Key = tuple[str, str]  # (facility, mrn)
 ACTOR = "exchange"  # link_event.actor of automatic decisions
 STOP_KEY = 100  # a blocking key with more active records than this finds no candidates
+KEYS_PER_SELECT = 400  # SQLite: keys per compound SELECT (its limit is 500 terms)
 MANUAL_LINKS = frozenset({"manual", "source"})  # links decide() must not break
 
 
@@ -442,15 +443,21 @@ def _candidates(conn: Connection, keys: set[str], own_persons: set[int]):
         # One sub-select per key, each stopping after STOP_KEY + 1 postings: a key shared by
         # more records than that (a nursing home's switchboard number, a test patient's
         # name) tells nothing and would make every message cost more than the last.
-        params: list = []
-        mark = "?" if sqlite else "%s"
-        one = ("SELECT * FROM (SELECT k.key, r.facility, r.mrn, r.person_id, r.link, r.features FROM record_key k"
-               f" JOIN patient_record r ON r.id = k.record_id WHERE k.key = {mark} AND r.active LIMIT {STOP_KEY + 1})"
-               + ("" if sqlite else " AS p"))
         ordered = sorted(keys)
-        for bk in ordered:
-            params.append(bk)
-        rows = select_rows(conn, None, " UNION ALL ".join([one] * len(ordered)), params)
+        if sqlite:  # a compound SELECT takes at most 500 terms: chunks of KEYS_PER_SELECT
+            one = ("SELECT * FROM (SELECT k.key, r.facility, r.mrn, r.person_id, r.link, r.features FROM record_key k"
+                   f" JOIN patient_record r ON r.id = k.record_id WHERE k.key = ? AND r.active LIMIT {STOP_KEY + 1})")
+            rows = []
+            for i in range(0, len(ordered), KEYS_PER_SELECT):
+                chunk = ordered[i:i + KEYS_PER_SELECT]
+                rows += select_rows(conn, None, " UNION ALL ".join([one] * len(chunk)), chunk)
+        else:  # one LATERAL look-up per key: planned once, whatever the number of keys
+            rows = select_rows(conn, None, (
+                "SELECT u.key, p.facility, p.mrn, p.person_id, p.link, p.features FROM unnest(%b::text[]) AS u (key)"
+                " CROSS JOIN LATERAL (SELECT r.facility, r.mrn, r.person_id, r.link, r.features FROM record_key k"
+                " JOIN patient_record r ON r.id = k.record_id WHERE k.key = u.key AND r.active"
+                f" LIMIT {STOP_KEY + 1}) AS p"
+            ), [ordered])
         found: dict[str, list] = {}
         for row in rows:
             found.setdefault(row[0], []).append(row)

@@ -23,7 +23,7 @@ _ids = itertools.count(1)
 
 def pid(mrn: str, facility: str, name: str, birth: str, sex: str = "F", address: str = "12 OAK ST^^SPRINGFIELD^IL^62701",
         phone: str = "555-0100", ssn: str = "") -> str:
-    return f"PID|1||{mrn}^^^{facility}^MR||{name}||{birth}|{sex}|||{address}||{phone}|||||{ssn}"
+    return f"PID|1||{mrn}^^^{facility}^MR||{name}||{birth}|{sex}|||{address}||{phone}||||||{ssn}"
 
 
 def adt(facility: str, event: str, *segments: str) -> bytes:
@@ -77,6 +77,7 @@ def test_the_same_woman_at_three_facilities_is_one_person(engine):
     assert all(message_id is not None for *_, message_id in history)
     assert rows(engine, "select count(*) from match_review") == [(0,)]
     assert rows(engine, "select count(distinct record_id) from record_key") == [(3,)]
+    assert rows(engine, "select count(*) from record_key where key like 'ssn:%'") == [(3,)]  # PID-19 read
 
 
 def test_records_in_one_batch_are_matched_against_each_other(engine):
@@ -218,3 +219,14 @@ def test_a40_brings_the_retired_records_person_to_the_survivor(engine):
     moved = rows(engine, "select facility, mrn, to_person from link_event where kind = 'merge' order by mrn")
     assert moved == [("GENHOSP", "GH-80", survivor), ("OAKNH", "OA-80", survivor)]
     assert rows(engine, "select active from patient_record where mrn = 'GH-80'") in ([(False,)], [(0,)])
+
+
+def test_a_batch_with_more_keys_than_one_sqlite_select_takes(engine, monkeypatch):
+    """SQLite allows 500 terms in a compound SELECT; a big batch (a backlog) has more keys."""
+    import exchange.store.index as index
+
+    monkeypatch.setattr(index, "KEYS_PER_SELECT", 3)
+    run(engine, register("OAKNH", "OA-90", **ELIZABETH))
+    assert run(engine, *[register("GENHOSP", f"GH-9{i}", name=n, birth=f"19{40 + i}0304")
+                         for i, n in enumerate(["HANSON^ELIZABETH^M", "DOE^JANE", "ROE^ANN"])]) == ["AA"] * 3
+    assert person(engine, "GENHOSP", "GH-90") == person(engine, "OAKNH", "OA-90")
