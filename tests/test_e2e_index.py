@@ -40,13 +40,13 @@ def person_of(exchange, database_url, facility: str, mrn: str) -> int:
     return api_request(exchange, database_url, "GET", f"/api/records/{facility}/{mrn}")["person"]
 
 
-ELIZABETH = dict(name="HANSON^ELIZABETH^M", birth="19400304", ssn="123-45-6789")
+ELIZABETH = dict(name="HANSON^ELIZABETH^M", birth="19400304", ssn="219-09-9999")
 
 
 def test_the_same_patient_at_three_facilities_is_one_person_with_auto_links(exchange, database_url):
     send(exchange,
          message("OAKNH", "A28", pid("OAKNH", "OA917082", **ELIZABETH)),
-         message("GENHOSP", "A01", pid("GENHOSP", "GH-44107", "HANSEN^LIZ", "19400304", ssn="123456789"),
+         message("GENHOSP", "A01", pid("GENHOSP", "GH-44107", "HANSEN^LIZ", "19400304", ssn="219099999"),
                  "PV1|1|I|W1^1^A" + "|" * 16 + "|V1"),
          message("HHCARE", "A28", pid("HHCARE", "HH-3391", "HANSON-MOORE^ELIZABETH", "19400304")))
     p = person_of(exchange, database_url, "OAKNH", "OA917082")

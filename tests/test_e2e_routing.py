@@ -93,7 +93,7 @@ def adt(control_id: str, facility: str, event: str, mrn: str, *, pd1: str = "", 
         f"MSH|^~\\&|APP|{facility}|EXCHANGE|EXCHANGE|20261127120000||ADT^{event}^ADT_A01|{control_id}|P|2.5.1",
         f"EVN|{event}|20261127120000",
         f"PID|1||{mrn}^^^{facility}^MR||HANSON^ELIZABETH^M||19400304|F|||12 OAK ST^^SPRINGFIELD^IL^62701"
-        f"||555-0100||||||123-45-6789",
+        f"||555-0100||||||219-09-9999",
     ]
     if pd1:
         segments.append(pd1)
