@@ -186,10 +186,33 @@ def match_model(engine: Engine, config: Config, now: datetime) -> Report:
     return Report("match-model", tuple(report.lines()), report.errors, time.monotonic() - t0)
 
 
+def one_node(name: str, fn: Callable[[Engine, Config, datetime], Report]) -> Callable[[Engine, Config, datetime], Report]:
+    """PostgreSQL: every node schedules the jobs; a run starts only where the job's
+    session advisory lock can be had, so two nodes never run one job at once (the
+    other skips, says so and finds nothing). SQLite: one node, no lock."""
+
+    def run(engine: Engine, config: Config, now: datetime) -> Report:
+        if engine.dialect.name != "postgresql":
+            return fn(engine, config, now)
+        with engine.connect() as conn:
+            key = f"exchange reconcile {name}"
+            if not conn.exec_driver_sql("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).scalar():
+                return Report(name, ("another node is running it: skipped",), 0, 0.0)
+            conn.commit()
+            try:
+                return fn(engine, config, now)
+            finally:
+                conn.exec_driver_sql("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+                conn.commit()
+
+    return run
+
+
 JOBS: dict[str, Job] = {
-    "consistency": Job("consistency", "checks that find what should never be in the database", consistency),
+    "consistency": Job("consistency", "checks that find what should never be in the database",
+                       one_node("consistency", consistency)),
     "match-model": Job("match-model", "re-estimates the matching model (EM) from the index and stores it",
-                       match_model),
+                       one_node("match-model", match_model)),
 }
 assert tuple(JOBS) == RECONCILE_JOBS  # exchange.config validates [server.reconcile] against these names
 

@@ -203,3 +203,24 @@ def test_exchange_serve_runs_a_scheduled_job_and_logs_its_report(database_url, t
         assert server.terminate() == 0
     finally:
         server.stop()
+
+
+def test_a_job_runs_on_one_node_at_a_time(engine, tmp_path):
+    """Every node schedules the jobs; on PostgreSQL only the node holding the job's
+    advisory lock runs it, the other skips (SQLite has one node)."""
+    from datetime import datetime, timezone
+
+    from exchange.config import load_config
+    from exchange.jobs import JOBS
+    from tests.support import write_config
+
+    config = load_config(write_config(tmp_path))
+    now = datetime(2026, 11, 28, tzinfo=timezone.utc)
+    skipped = ("another node is running it: skipped",)
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as other:  # another node, in the middle of a run
+            other.exec_driver_sql("SELECT pg_advisory_lock(hashtext('exchange reconcile consistency'))")
+            assert JOBS["consistency"].run(engine, config, now).lines == skipped
+            other.exec_driver_sql("SELECT pg_advisory_unlock(hashtext('exchange reconcile consistency'))")
+    report = JOBS["consistency"].run(engine, config, now)
+    assert report.lines != skipped and report.errors == 0
