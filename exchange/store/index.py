@@ -122,7 +122,7 @@ def plan(conn: Connection, state: MemoryState, model: Model, refs: dict[Key, Has
     link history and the reviews; by default taken from ``state.history``.
     """
     d = state.dirty()
-    refs = refs if refs is not None else _last_refs(state)
+    refs = refs if refs is not None else _last_refs(d.history)
     ids: dict[Key, tuple[int, int]] = state.store_ids.get("records", {})
     stored: dict[Key, tuple[str, str | None]] = state.store_ids.get("match", {})
     out = Plan()
@@ -505,11 +505,10 @@ def _source_assertions(state: MemoryState, d) -> list[tuple[str, str, str, bool]
     return [(f, a, b, state.links[(f, a, b)]) for f, a, b in d.links]
 
 
-def _last_refs(state: MemoryState) -> dict[Key, Hashable]:
+def _last_refs(history) -> dict[Key, Hashable]:
     """The message that last changed each record, from the batch's history."""
     out: dict[Key, Hashable] = {}
-    start = len(state.history) - len(state.dirty().history)
-    for ref, _kind, facility, key in state.history[start:]:
+    for ref, _kind, facility, key in history:
         for part in key:
             if isinstance(part, str):
                 out[(facility, part)] = ref
