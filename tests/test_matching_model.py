@@ -206,3 +206,25 @@ def test_score_is_symmetric(a, b):
         there, back = score(a, b, model), score(b, a, model)
         assert there == back
         assert math.isfinite(there.total)
+
+
+def test_a_move_counts_as_one_disagreement_not_three():
+    """A patient who moved disagrees on address, place and phone at once: one event, so
+    only the most negative of the three counts (the others weigh 0)."""
+    model = default_model()
+    before = person("Hanson", "Elizabeth", birth="19500304", sex="F", street="12 Oak St", city="Springfield",
+                    postcode="62701", phone="2175550100", ssn="219099999")
+    after = person("Hanson", "Elizabeth", birth="19500304", sex="F", street="9 Elm Rd", city="Austin",
+                   postcode="73301", phone="5125550199", ssn="219099999")
+    s = score(before, after, model)
+    moved = {name: s.weight(name) for name in ("address", "place", "phone")}
+    assert all(s.level(name) is L.DISAGREE for name in moved)
+    worst = min(model.weight(name, L.DISAGREE) for name in moved)
+    assert sorted(moved.values()) == [worst, 0.0, 0.0]
+    assert any(rule.startswith("move rule: address, place, phone") for rule in s.explain()["rules"])
+    same_town = person("Hanson", "Elizabeth", birth="19500304", sex="F", street="9 Elm Rd", city="Springfield",
+                       postcode="62701", phone="5125550199", ssn="219099999")
+    t = score(before, same_town, model)  # moved house within the town: address and phone, one event
+    assert t.level("place") is L.EXACT and t.weight("place") > 0
+    assert sorted([t.weight("address"), t.weight("phone")]) == [
+        min(model.weight("address", L.DISAGREE), model.weight("phone", L.DISAGREE)), 0.0]

@@ -63,7 +63,10 @@ these drops the positive weights of HOUSEHOLD_FIELDS. A given name merely simila
 (Aiden / Aidan, Jack / Jake) or reduced to an initial counts: twins' names often are."""
 _INDIVIDUAL_INDEX = tuple((name, FIELD_NAMES.index(name), levels) for name, levels in INDIVIDUAL_FIELDS.items())
 _SSN_INDEX = FIELD_NAMES.index("ssn")
+_ADDRESS_INDEX = FIELD_NAMES.index("address")
+_MOVE_INDEX = tuple(FIELD_NAMES.index(name) for name in ("address", "place", "phone"))
 _HOUSEHOLD_INDEX = tuple((name, i) for i, name in enumerate(FIELD_NAMES) if name in HOUSEHOLD_FIELDS)
+MOVE_RULE = "move rule: {fields} disagree together (a move), counted once"
 HOUSEHOLD_RULE = "household rule: {fields} tell(s) them apart, so shared surname, address and phone are not counted"
 
 M_RANGE = (1e-4, 1 - 1e-6)
@@ -284,10 +287,18 @@ def score_levels(levels: Sequence[Level], model: Model, a: Features | None = Non
             adjustments = tuple(adjusted)
     rules: tuple[str, ...] = ()
     discounted: tuple[str, ...] = ()
+    if levels[_ADDRESS_INDEX] is L.DISAGREE:  # a move is one event: its disagreements count once
+        moved = [i for i in _MOVE_INDEX if levels[i] is L.DISAGREE]
+        worst = min(moved, key=lambda i: weights[i])
+        if len(moved) > 1:
+            rules = (MOVE_RULE.format(fields=", ".join(FIELD_NAMES[i] for i in moved)),)
+        for i in moved:
+            if i != worst:
+                weights[i] = 0.0
     if levels[_SSN_INDEX] is not L.EXACT and levels[_SSN_INDEX] is not L.TRANSPOSED:
         why = [name for name, i, telling in _INDIVIDUAL_INDEX if levels[i] in telling]
         if why:
-            rules = (HOUSEHOLD_RULE.format(fields=", ".join(why)),)
+            rules = rules + (HOUSEHOLD_RULE.format(fields=", ".join(why)),)
             shared = _HOUSEHOLD_INDEX
             if levels[_SSN_INDEX] is L.ONE_DIGIT:  # siblings' SSNs are often issued in sequence
                 shared = shared + (("ssn", _SSN_INDEX),)
