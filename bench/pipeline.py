@@ -46,9 +46,7 @@ import pickle
 import platform
 import secrets
 import shutil
-import signal
 import sys
-import tempfile
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -67,7 +65,7 @@ from bench.intake.runner import (  # noqa: E402
     drive,
     fmt,
     free_port,
-    kill_children,
+    run_in_workdir,
     measure,
     median_round,
     ratios,
@@ -604,28 +602,8 @@ def _json_default(value):
     raise TypeError(type(value).__name__)
 
 
-async def run_cancellable(args, workdir: Path) -> int:
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
-    return await run(args, workdir)
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    try:
-        return asyncio.run(run_cancellable(args, workdir))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    finally:
-        kill_children()
-        if args.keep:
-            print(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    return run_in_workdir(run, parse_args(argv), "bench-pipeline-")
 
 
 if __name__ == "__main__":

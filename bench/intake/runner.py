@@ -753,8 +753,8 @@ def median_round(runs: list[dict]) -> dict:
     return chosen
 
 
-async def run_cancellable(args, workdir: Path) -> int:
-    """``run``, cancelled on SIGINT or SIGTERM so that the finally blocks clean up."""
+async def run_cancellable(run, args, workdir: Path) -> int:
+    """``run(args, workdir)``, cancelled on SIGINT or SIGTERM so that the finally blocks clean up."""
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -762,11 +762,12 @@ async def run_cancellable(args, workdir: Path) -> int:
     return await run(args, workdir)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-intake-"))
+def run_in_workdir(run, args, prefix: str) -> int:
+    """A benchmark's main: ``run(args, workdir)`` in a temporary directory (kept with
+    ``--keep``), its child processes killed whatever happens; 130 when interrupted."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        return asyncio.run(run_cancellable(args, workdir))
+        return asyncio.run(run_cancellable(run, args, workdir))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -776,3 +777,7 @@ def main(argv=None) -> int:
             print(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    return run_in_workdir(run, parse_args(argv), "bench-intake-")
