@@ -461,19 +461,14 @@ def person_name(components: list[str], sub: str, text) -> PersonName:
     family = c[0]
     if sub in family:
         family = family.split(sub, 1)[0]
-    if text is str:  # nothing to unescape
-        return PersonName(
-            family.strip(), c[1].strip(), c[2].strip(), c[3].strip(), c[4].strip(), c[5].strip(), c[6].strip()
-        )
-    return PersonName(
-        text(family).strip(),
-        text(c[1]).strip(),
-        text(c[2]).strip(),
-        text(c[3]).strip(),
-        text(c[4]).strip(),
-        text(c[5]).strip(),
-        text(c[6]).strip(),
-    )
+    return PersonName(*_stripped((family, c[1], c[2], c[3], c[4], c[5], c[6]), text))
+
+
+def _stripped(values: tuple[str, ...], text) -> list[str]:
+    """Each value unescaped by ``text`` (skipped for plain segments, where it is ``str``) and stripped."""
+    if text is str:
+        return [v.strip() for v in values]
+    return [text(v).strip() for v in values]
 
 
 def doctor(components: list[str], sub: str, text) -> Doctor | None:
@@ -490,21 +485,7 @@ def address(components: list[str], sub: str, text) -> Address:
     street = c[0]
     if sub in street:
         street = street.split(sub, 1)[0]  # SAD.1
-    if text is str:  # nothing to unescape
-        return Address(
-            street.strip(), c[1].strip(), c[2].strip(), c[3].strip(), c[4].strip(), c[5].strip(), c[6].strip(),
-            c[8].strip(),
-        )
-    return Address(
-        text(street).strip(),
-        text(c[1]).strip(),
-        text(c[2]).strip(),
-        text(c[3]).strip(),
-        text(c[4]).strip(),
-        text(c[5]).strip(),
-        text(c[6]).strip(),
-        text(c[8]).strip(),
-    )
+    return Address(*_stripped((street, c[1], c[2], c[3], c[4], c[5], c[6], c[8]), text))
 
 
 def phone(components: list[str], sub: str, text) -> Phone | None:
