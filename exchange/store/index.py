@@ -115,14 +115,15 @@ class Plan:
     actions: dict[Hashable, list[str]] = field(default_factory=dict)  # message ref -> decisions (for metrics)
 
 
-def plan(conn: Connection, state: MemoryState, model: Model, refs: dict[Key, Hashable] | None = None) -> Plan:
+def plan(conn: Connection, state: MemoryState, model: Model) -> Plan:
     """Match the batch's new and changed records (before ``records.save``).
 
-    ``refs``: the message (reference) that last changed each record, for the
-    link history and the reviews; by default taken from ``state.history``.
+    The link history and the reviews name the message that last changed
+    each record (from the batch's history: ``process_batch`` has rebased its
+    references to message ids by then).
     """
     d = state.dirty()
-    refs = refs if refs is not None else _last_refs(d.history)
+    refs = _last_refs(d.history)
     ids: dict[Key, tuple[int, int]] = state.store_ids.get("records", {})
     stored: dict[Key, tuple[str, str | None]] = state.store_ids.get("match", {})
     out = Plan()
@@ -351,24 +352,15 @@ def _review(key: Key, kind: str, d: Decision, matches, person, ref) -> dict:
     }
 
 
-def write(conn: Connection, plan_: Plan, state: MemoryState, model: Model, now: datetime,
-          refs: dict[Hashable, int] | None = None) -> None:
-    """After ``records.save(links=plan_.links)``: key rows, link history, reviews, sticky pairs.
-
-    ``refs`` maps the message references used while planning to message ids
-    (``process_batch`` applies with placeholders until the messages are stored).
-    """
+def write(conn: Connection, plan_: Plan, state: MemoryState, model: Model, now: datetime) -> None:
+    """After ``records.save(links=plan_.links)``: key rows, link history, reviews, sticky pairs."""
     ids: dict[Key, tuple[int, int]] = state.store_ids["records"]
-    refs = refs or {}
     sqlite = conn.dialect.name == "sqlite"
     placeholder_person = {link.person: ids[key][1] for key, link in plan_.links.items()
                           if isinstance(link.person, str) and key in ids}
 
     def person(p):
         return placeholder_person.get(p, p) if isinstance(p, str) else p
-
-    def message(ref):
-        return refs.get(ref, ref) if ref is not None else None
 
     with driver_cursor(conn, "patient index (exchange.store.index)") as cursor, _pipeline(cursor, sqlite):
         w = Writer(cursor, sqlite, _SQLITE_STATEMENTS if sqlite else _PG_STATEMENTS)
@@ -386,13 +378,13 @@ def write(conn: Connection, plan_: Plan, state: MemoryState, model: Model, now: 
         w.many("insert_event", [
             {**{k: e[k] for k in ("facility", "mrn", "from_link", "to_link", "kind", "score", "reason")},
              "from_person": person(e["from_person"]), "to_person": person(e["to_person"]),
-             "message_id": message(e["message"]), "actor": ACTOR, "at": now}
+             "message_id": e["message"], "actor": ACTOR, "at": now}
             for e in plan_.events
         ])
         thresholds = {"upper": model.upper, "lower": model.lower}
         w.many("insert_review", [
             {"state": "open", "kind": r["kind"], "facility": r["facility"], "mrn": r["mrn"],
-             "person_id": person(r["person"]), "score": r["score"], "message_id": message(r["message"]),
+             "person_id": person(r["person"]), "score": r["score"], "message_id": r["message"],
              "created_at": now,
              "detail": {**r["detail"], "thresholds": thresholds,
                         "record": {**r["detail"]["record"], "person": person(r["person"])}}}
