@@ -54,6 +54,7 @@ __all__ = [
     "RouteConfig",
     "Schedule",
     "ServerConfig",
+    "WorkbenchConfig",
     "facility_contexts",
     "load_config",
     "matches_any",
@@ -84,7 +85,7 @@ _PATTERN_RE = re.compile(r"[A-Z0-9*]+\^[A-Z0-9*]+")
 _SUBSCRIPTION_RE = re.compile(r"[A-Z0-9*]+\^[A-Z0-9*]+(?:\^[A-Z0-9*]+)?")
 _FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
 
-_TOP_KEYS = ("server", "facility", "route")
+_TOP_KEYS = ("server", "facility", "route", "workbench")
 _SERVER_KEYS = (
     "mllp",
     "http",
@@ -123,6 +124,7 @@ _FACILITY_KEYS = (
     "keep_z_segments",
     "version",
 )
+_WORKBENCH_KEYS = ("session_idle", "session_max", "login_attempts", "lockout")
 _ROUTE_KEYS = (
     "name",
     "messages",
@@ -298,11 +300,22 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkbenchConfig:
+    """The ``[workbench]`` table: login sessions and lock-out (exchange.accounts.Policy)."""
+
+    session_idle: float = 1800.0  # seconds a session may go unused before it is over (30 min)
+    session_max: float = 43200.0  # seconds after the login when any session is over (12 h)
+    login_attempts: int = 5  # failed logins in a row that lock the user out ...
+    lockout: float = 900.0  # ... for this many seconds (15 min)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     facilities: tuple[FacilityConfig, ...]
     path: Path
     routes: tuple[RouteConfig, ...] = ()  # the [[route]] tables, in file order
+    workbench: WorkbenchConfig = WorkbenchConfig()  # the [workbench] table
 
     def facility(self, code: str) -> FacilityConfig | None:
         """The facility whose code is ``code`` (MSH-4.1), or None."""
@@ -384,7 +397,7 @@ class _Reader:
     def config(self, data: dict[str, Any], database: str | None, environ: Mapping[str, str]) -> Config:
         for key in data:
             if key not in _TOP_KEYS:
-                raise self.fail(key, "unknown key (expected [server], [[facility]] and [[route]] tables)")
+                raise self.fail(key, "unknown key (expected [server], [[facility]], [[route]] and [workbench] tables)")
         if "server" not in data:
             raise self.fail("server", "missing required table [server]")
         server = data["server"]
@@ -398,12 +411,36 @@ class _Reader:
         routes = data.get("route", [])
         if not isinstance(routes, list) or not all(isinstance(r, dict) for r in routes):
             raise self.fail("route", "must be an array of tables, written [[route]]")
+        workbench = data.get("workbench", {})
+        if not isinstance(workbench, dict):
+            raise self.fail("workbench", f"must be a table [workbench] (got {_kind(workbench)})")
         parsed = self.facilities(facilities)
         return Config(
             server=self.server(server, database, environ),
             facilities=parsed,
             path=self.path,
             routes=self.routes(routes, parsed),
+            workbench=self.workbench(workbench),
+        )
+
+    def workbench(self, table: dict[str, Any]) -> WorkbenchConfig:
+        """``[workbench]``: session lifetimes and the lock-out after failed logins."""
+        self.no_unknown_keys(table, _WORKBENCH_KEYS, "workbench")
+        defaults = WorkbenchConfig()
+        idle = self.seconds(table, "session_idle", "workbench.session_idle", defaults.session_idle)
+        longest = self.seconds(table, "session_max", "workbench.session_max", defaults.session_max)
+        if longest < idle:
+            raise self.fail(
+                "workbench.session_max",
+                f"must be at least workbench.session_idle ({idle:g}) (got {longest:g})",
+            )
+        return WorkbenchConfig(
+            session_idle=idle,
+            session_max=longest,
+            login_attempts=self.integer(
+                table, "login_attempts", "workbench.login_attempts", defaults.login_attempts, minimum=1
+            ),
+            lockout=self.seconds(table, "lockout", "workbench.lockout", defaults.lockout),
         )
 
     def server(self, table: dict[str, Any], database: str | None, environ: Mapping[str, str]) -> ServerConfig:

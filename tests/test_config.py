@@ -715,3 +715,35 @@ def test_reconcile_defaults_and_values(tmp_path):
 )
 def test_reconcile_errors_name_the_key_and_the_reason(tmp_path, text, expected):
     assert error_of(tmp_path, with_server(text)).startswith(expected)
+
+
+# -- [workbench] --------------------------------------------------------------------
+
+
+def test_workbench_defaults_and_values(tmp_path):
+    from exchange.config import WorkbenchConfig
+
+    assert load(tmp_path, MINIMAL).workbench == WorkbenchConfig(1800.0, 43200.0, 5, 900.0)
+    config = load(tmp_path, MINIMAL + "\n[workbench]\nsession_idle = 600\nsession_max = 3600\n"
+                                      "login_attempts = 3\nlockout = 60\n")
+    assert config.workbench == WorkbenchConfig(600.0, 3600.0, 3, 60.0)
+    shipped = load_config(REPO / "config" / "exchange.toml", environ={})
+    assert shipped.workbench == WorkbenchConfig()
+
+
+@pytest.mark.parametrize("table, expected", [
+    ("colour = 1", "workbench.colour: unknown key"),
+    ("session_idle = 0", "workbench.session_idle: must be a positive number of seconds"),
+    ('session_idle = "30m"', "workbench.session_idle: must be a number of seconds"),
+    ("session_idle = 600\nsession_max = 60", "workbench.session_max: must be at least workbench.session_idle"),
+    ("login_attempts = 0", "workbench.login_attempts: must be at least 1"),
+    ("login_attempts = 2.5", "workbench.login_attempts: must be an integer"),
+    ("lockout = -1", "workbench.lockout: must be a positive number of seconds"),
+])
+def test_workbench_errors_name_the_key(tmp_path, table, expected):
+    assert error_of(tmp_path, MINIMAL + "\n[workbench]\n" + table + "\n").startswith(expected)
+
+
+def test_workbench_must_be_a_table(tmp_path):
+    text = MINIMAL.replace("[server]\n", 'workbench = "yes"\n[server]\n', 1)
+    assert error_of(tmp_path, text).startswith("workbench: must be a table [workbench]")
