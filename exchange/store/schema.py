@@ -549,3 +549,50 @@ class Delivery(Base):
 
 
 delivery_table = Delivery.__table__
+
+
+# -- The workbench: its users (technicians, admins) and their login sessions ------------
+#
+# Written by exchange.accounts. A password is stored only as a salted scrypt hash
+# (its parameters inside it); a session only as the SHA-256 of its cookie's token,
+# so a copy of the database yields neither. Sessions live in the database, not in
+# a process, so that several `exchange serve` nodes on one PostgreSQL share them.
+
+USER_NAME_LEN = 64  # the login name; the audit trail's actor (like api_token.name)
+PASSWORD_HASH_LEN = 255  # "scrypt$n$r$p$salt$hash" (exchange.accounts.hash_password)
+SESSION_ID_LEN = 64  # sha256 of the session token, hex
+CSRF_TOKEN_LEN = 64
+
+
+class WorkbenchUser(Base):
+    """Someone who logs in to the workbench: a records technician or an admin."""
+
+    __tablename__ = "workbench_user"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(USER_NAME_LEN), unique=True)
+    role: Mapped[str] = mapped_column(String(ROLE_LEN))  # exchange.auth.Role
+    password_hash: Mapped[str] = mapped_column(String(PASSWORD_HASH_LEN))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # set: no login, no session
+    failed_logins: Mapped[int] = mapped_column(Integer, server_default="0")  # failures since the last success
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime())  # too many failures: no login before
+
+
+class WorkbenchSession(Base):
+    """A logged-in browser. ``id`` is the SHA-256 (hex) of the cookie's token, never the token."""
+
+    __tablename__ = "workbench_session"
+
+    id: Mapped[str] = mapped_column(String(SESSION_ID_LEN), primary_key=True)
+    user_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("workbench_user.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)  # absolute end (created + max)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime())  # idle expiry counts from here
+    csrf_token: Mapped[str] = mapped_column(String(CSRF_TOKEN_LEN))  # every POST form carries it
+
+
+workbench_user_table = WorkbenchUser.__table__
+workbench_session_table = WorkbenchSession.__table__

@@ -26,6 +26,8 @@ TABLES = {
     "record_key", "match_review", "match_pair", "link_event", "match_model",
     # the delivery outbox (0005)
     "delivery",
+    # the workbench's users and sessions (0006)
+    "workbench_user", "workbench_session",
 }
 
 
