@@ -58,6 +58,23 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("name")
     common(revoke)
 
+    user = sub.add_parser("user", help="workbench logins: add (or --reset) and disable")
+    user_sub = user.add_subparsers(dest="user_command", required=True)
+    add = user_sub.add_parser(
+        "add",
+        help="create a workbench user; the password is read from stdin (one line)",
+        description="Create a workbench user. The password (at least 12 characters) is read from "
+        "stdin: one line, or asked for twice when stdin is a terminal.",
+    )
+    add.add_argument("name", help="the login name (the actor in the audit trail)")
+    add.add_argument("--role", required=True, help="technician or admin")
+    add.add_argument("--reset", action="store_true",
+                     help="if the user exists: set this password and role, enable it again, end its sessions")
+    common(add)
+    disable = user_sub.add_parser("disable", help="disable a workbench user and end its sessions")
+    disable.add_argument("name")
+    common(disable)
+
     reviews = sub.add_parser("reviews", help="the patient index's review queue: list, show, decide, undo")
     reviews_sub = reviews.add_subparsers(dest="reviews_command", required=True)
     listing = reviews_sub.add_parser("list", help="reviews in a state, oldest first")
@@ -238,6 +255,74 @@ def cmd_token(args) -> int:
         print(token, flush=True)  # the only time the token is shown: only its sha256 is stored
     else:
         print(f"exchange: token {args.name!r} revoked", flush=True)
+    return 0
+
+
+def _read_password(name: str) -> str:
+    """One line from stdin, or asked for twice (not echoed) when stdin is a terminal."""
+    from exchange.accounts import check_password
+
+    if sys.stdin is not None and sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass(f"Password for {name}: ")
+        if getpass.getpass("Again: ") != password:
+            raise UsageFailure("the two passwords differ")
+    else:
+        line = sys.stdin.readline() if sys.stdin is not None else ""
+        password = line[:-1] if line.endswith("\n") else line
+        password = password[:-1] if password.endswith("\r") else password
+    reason = check_password(password)
+    if reason:
+        raise UsageFailure(reason)
+    return password
+
+
+def cmd_user(args) -> int:
+    """``user add NAME --role R [--reset]`` (password on stdin) and ``user disable NAME``."""
+    from exchange.accounts import UserError, add_user, check_name, disable_user, find_user, hash_password
+    from exchange.auth import Role
+    from exchange.store.db import make_engine, upgrade, write_transaction
+
+    reason = check_name(args.name)
+    if reason:
+        raise UsageFailure(reason)
+    if args.user_command == "add" and args.role not in {r.value for r in Role}:
+        raise UsageFailure(f"unknown role {args.role!r}: use one of {', '.join(r.value for r in Role)}")
+    url = _database_url(args)
+    engine = make_engine(url)
+    try:
+        try:
+            upgrade(engine)  # a fresh database gets its tables, as `serve` would
+        except Exception as exc:  # unreachable or unusable; its text may quote the URL's password
+            raise UsageFailure(f"cannot open the database {_safe_url(url)} ({type(exc).__name__})") from None
+        if args.user_command == "add":
+            if not args.reset:
+                with engine.connect() as conn:  # say so before asking for a password
+                    if find_user(conn, args.name) is not None:
+                        raise UsageFailure(f"a workbench user named {args.name!r} exists already "
+                                           "(give --reset to set a new password)")
+            password_hash = hash_password(_read_password(args.name))  # outside the transaction: it takes a while
+        # /* TRANSACTION: one workbench_user row (created, reset or disabled); the user's sessions end. */
+        with write_transaction(engine) as conn:
+            if args.user_command == "add":
+                try:
+                    created = add_user(conn, args.name, args.role, password_hash, _now(), reset=args.reset)
+                except UserError as exc:
+                    raise UsageFailure(str(exc)) from None
+            else:
+                disabled = disable_user(conn, args.name, _now())
+    finally:
+        engine.dispose()
+    if args.user_command == "add":
+        what = "created" if created else "reset (new password and role; its sessions ended)"
+        print(f"exchange: workbench user {args.name!r} {what}, role {args.role}", flush=True)
+        return 0
+    if disabled is None:
+        print(f"exchange: no workbench user named {args.name!r}", file=sys.stderr)
+        return 1
+    state = "disabled; its sessions ended" if disabled else "was disabled already"
+    print(f"exchange: workbench user {args.name!r} {state}", flush=True)
     return 0
 
 
@@ -510,7 +595,7 @@ def cmd_reconcile(args) -> int:
     return 1 if failed else 0
 
 
-COMMANDS = {"serve": cmd_serve, "send": cmd_send, "token": cmd_token, "replay": cmd_replay,
+COMMANDS = {"serve": cmd_serve, "send": cmd_send, "token": cmd_token, "user": cmd_user, "replay": cmd_replay,
             "reviews": cmd_reviews, "export": cmd_export, "reconcile": cmd_reconcile}
 
 
