@@ -11,6 +11,7 @@ from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.logger import Logger
 
 from exchange.acceptance import AcceptancePolicy, FacilityRule
+from exchange.accounts import Policy
 from exchange.auth import TokenCache
 from exchange.config import Config
 from exchange.delivery import DeliveryService, Settings as DeliverySettings
@@ -23,6 +24,7 @@ from exchange.writer import WriterProcess
 from exchange.web.api import API
 from exchange.web.db import Database
 from exchange.web.server import build_site
+from exchange.web.workbench import Workbench
 
 log = Logger()
 
@@ -46,7 +48,7 @@ def delivery_settings(config: Config) -> DeliverySettings:
 
 
 class ExchangeService(Service):
-    """The running exchange: writer process, MLLP listeners, HTTP endpoint.
+    """The running exchange: writer process, MLLP listeners, HTTP endpoint (API and workbench).
 
     Start: writer process, then listeners, then the API's database thread
     pool and the HTTP endpoint. Stop (SIGTERM/SIGINT): listeners close,
@@ -104,6 +106,15 @@ class ExchangeService(Service):
             requeued=self.delivery.requeued,
             trust=Trust.from_config(config),
         )
+        # The workbench's pages at "/": the same thread pool and store functions as the API.
+        self.workbench = Workbench(
+            self.api_db,
+            lambda: datetime.now(timezone.utc),
+            policy=Policy.from_config(config.workbench),
+            trust=Trust.from_config(config),
+            requeued=self.delivery.requeued,
+            reactor=reactor,
+        )
         # Reconciliation jobs on their schedules ([server.reconcile]): a thread of their own, each run a child process.
         self.jobs = JobScheduler(config, reactor)
         self.started_at = time.monotonic()
@@ -138,13 +149,18 @@ class ExchangeService(Service):
         self.delivery.startService()
         self.api_db.start()
         port = yield server_endpoint(self.reactor, self.config.server.http).listen(
-            build_site(self.status, self.api.resource())
+            build_site(self.status, self.api.resource(), self.workbench.resource())
         )
         self.ports.append(port)
         self.http_address = _describe(port)
         self.announce(f"exchange: HTTP on http://{self.http_address} (/healthz, /metrics, /api)")
         self.announce(
             "exchange: the API takes a bearer token: exchange token create NAME --role technician|admin"
+        )
+        scheme = "https" if self.config.server.http.lstrip().startswith("ssl:") else "http"
+        self.announce(
+            f"exchange: workbench: {scheme}://{self.http_address}/ (log in there; create a login with: "
+            "exchange user add NAME --role admin)"
         )
         self.jobs.start()
 

@@ -1,6 +1,6 @@
 """The audit trail: one ``audit_event`` row per attempt to read (or change)
-patient-related data through the API, written in the same transaction as the
-read itself.
+patient-related data through the API or the workbench, written in the same
+transaction as the read itself, and one per workbench login and logout.
 
 Audit rows are the only place request identifiers (facility, control id,
 MRN, person) are written: the log never gets them.
@@ -19,6 +19,8 @@ from exchange.store.schema import AUDIT_KEY_LEN, FACILITY_LEN, PEER_LEN, audit_e
 class Action(StrEnum):
     READ = "read"
     DECIDE = "decide"
+    LOGIN = "login"  # a workbench login attempt (ok, or forbidden with the name tried)
+    LOGOUT = "logout"
 
 
 class Resource(StrEnum):
@@ -27,6 +29,7 @@ class Resource(StrEnum):
     PERSON = "person"
     REVIEW = "review"
     DELIVERY = "delivery"
+    SESSION = "session"  # a workbench login session
 
 
 class Outcome(StrEnum):
@@ -39,7 +42,7 @@ class Outcome(StrEnum):
 @dataclass(frozen=True, slots=True)
 class AuditEvent:
     at: datetime  # timezone-aware
-    actor: str  # the token's name
+    actor: str  # the token's or the workbench user's name
     role: str
     action: Action
     resource: Resource

@@ -107,7 +107,7 @@ def _deliveries(conn: Connection, state: str | None, facility: str | None, perso
     return list_deliveries(conn, state, facility, limit, person_id=person)
 
 
-def _retry_audited(
+def retry_audited(
     conn: Connection, delivery_id: int, actor: str, now: datetime, event: AuditEvent
 ) -> tuple[RetryResult, DeliveryView | None]:
     """Requeue a failed copy and write its audit row, one transaction."""
@@ -625,7 +625,7 @@ class API:
             if not allowed(principal.role, Permission.RETRY_DELIVERY):
                 await self.db.write(record, event)
                 return self._error(request, 403, "this role may not retry deliveries")
-            result, view = await self.db.write(_retry_audited, int(delivery_id), principal.name, self.now(), event)
+            result, view = await self.db.write(retry_audited, int(delivery_id), principal.name, self.now(), event)
         except Unauthorized as exc:
             return self._error(request, 401, str(exc))
         except Exception as exc:  # noqa: BLE001

@@ -19,7 +19,8 @@ T = TypeVar("T")
 
 
 class Database:
-    """``read(fn, *args)`` / ``write(fn, *args)`` -> Deferred of ``fn(conn, *args)``.
+    """``read(fn, *args)`` / ``write(fn, *args)`` -> Deferred of ``fn(conn, *args)``;
+    ``run(fn, *args)`` -> Deferred of ``fn(*args)``.
 
     ``read`` runs ``fn`` in an ordinary transaction; ``write`` in a write
     transaction (``BEGIN IMMEDIATE`` on SQLite, so reading and then writing an
@@ -51,6 +52,11 @@ class Database:
 
     def write(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.pool, self._write, fn, *args)
+
+    def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """``fn(*args)`` in the pool, without a connection: CPU work that must not run on the
+        reactor (the workbench's password checks)."""
+        return deferToThreadPool(self.reactor, self.pool, fn, *args)
 
     def _read(self, fn: Callable[..., T], *args: Any) -> T:
         assert self.engine is not None, "Database.start() first"

@@ -1,5 +1,5 @@
-"""The HTTP endpoint: /healthz and /metrics (no authentication), /api (exchange.web.api;
-the workbench joins here)."""
+"""The HTTP endpoint: /healthz and /metrics (no authentication), /api (exchange.web.api,
+bearer tokens) and, for every other path, the workbench (exchange.web.workbench, a login)."""
 from __future__ import annotations
 
 import json
@@ -25,8 +25,25 @@ class Health(Resource):
         return json.dumps({"status": "ok", "version": __version__, **self._status()}).encode()
 
 
-def build_root(status: Callable[[], dict], api: IResource | None = None) -> Resource:
-    root = Resource()
+class Root(Resource):
+    """``/healthz``, ``/metrics`` and ``/api`` as children; every other path (``/`` too)
+    goes whole to ``fallback`` (the workbench), or is a 404 without one."""
+
+    def __init__(self, fallback: IResource | None = None) -> None:
+        super().__init__()
+        self.fallback = fallback
+
+    def getChild(self, path: bytes, request) -> IResource:
+        if self.fallback is None:
+            return super().getChild(path, request)
+        # Give the segment back: the fallback routes on the whole path, from "/".
+        request.postpath.insert(0, request.prepath.pop())
+        return self.fallback
+
+
+def build_root(status: Callable[[], dict], api: IResource | None = None,
+               workbench: IResource | None = None) -> Resource:
+    root = Root(workbench)
     root.putChild(b"healthz", Health(status))
     root.putChild(b"metrics", MetricsResource())
     if api is not None:
@@ -34,8 +51,9 @@ def build_root(status: Callable[[], dict], api: IResource | None = None) -> Reso
     return root
 
 
-def build_site(status: Callable[[], dict], api: IResource | None = None) -> Site:
-    root = build_root(status, api)
+def build_site(status: Callable[[], dict], api: IResource | None = None,
+               workbench: IResource | None = None) -> Site:
+    root = build_root(status, api, workbench)
     site = Site(root)
     site.noisy = False
     site.displayTracebacks = False

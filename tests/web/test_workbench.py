@@ -1,0 +1,508 @@
+"""The workbench over its real routes, templates and store functions and a real database
+(SQLite and PostgreSQL), in memory: logins, sessions (a fake clock), CSRF, roles, the audit
+trail of every patient view, decisions through forms, security headers, and /healthz and
+/api unchanged beside it."""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+from twisted.logger import globalLogPublisher
+
+from exchange.accounts import Policy
+from exchange.store.db import make_engine, upgrade, write_transaction
+from exchange.store.messages import insert_messages
+from exchange.store.outbox import NewCopy, enqueue, mark_failed
+from exchange.store.schema import audit_event_table, workbench_session_table
+from tests.support import new_message
+from tests.test_reviews import GH, OA, hanson_scene, person_of
+from tests.web.support import T0
+from tests.web.workbench_support import PASSWORD, Browser, WorkbenchHarness
+
+
+@pytest.fixture
+def wb(engine) -> WorkbenchHarness:
+    """On SQLite and PostgreSQL: for what goes through the store (sessions, reads, decisions)."""
+    return WorkbenchHarness(engine)
+
+
+@pytest.fixture
+def web(tmp_path) -> Iterator[WorkbenchHarness]:
+    """On SQLite only: for what the web layer alone decides (redirects, headers, forms, escaping);
+    a PostgreSQL database each would cost a second of set-up for nothing."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'workbench.db'}")
+    upgrade(engine)
+    try:
+        yield WorkbenchHarness(engine)
+    finally:
+        engine.dispose()
+
+
+def scene(wb: WorkbenchHarness) -> dict:
+    with write_transaction(wb.engine) as conn:
+        return hanson_scene(conn)
+
+
+def logged_in(wb: WorkbenchHarness, name: str = "tess", role: str = "technician") -> Browser:
+    wb.user(name, role)
+    browser = wb.browser()
+    page = browser.login(name)
+    assert page.code == 303, page.text
+    return browser
+
+
+def audit(wb: WorkbenchHarness) -> list[tuple]:
+    return [(r["actor"], r["role"], r["action"], r["resource"], r["facility"], r["key"], r["outcome"])
+            for r in wb.audit()]
+
+
+# -- logging in ----------------------------------------------------------------------------
+
+
+PAGES = ["/reviews", "/reviews/1", "/persons/1", "/records/GENHOSP/GH-44107", "/deliveries", "/reviews?state=all"]
+
+
+def test_every_page_wants_a_login_and_comes_back_after_it(wb):
+    scene(wb)
+    wb.user("tess", "admin")
+    for path in PAGES:
+        browser = wb.browser()
+        page = browser.get(path)
+        assert page.code == 303
+        assert page.location == "/login" if path == "/reviews" else page.location.startswith("/login?next=%2F")
+        assert "HANSON" not in page.text and audit(wb) == []  # nothing read, nothing shown
+        next_ = page.location.partition("next=")[2] or None
+        done = browser.login("tess", next_=next_)
+        assert (done.code, done.location) == (303, path)
+        assert browser.get(path).code == 200
+        with write_transaction(wb.engine) as conn:
+            conn.execute(audit_event_table.delete())
+
+
+def test_posts_without_a_session_go_to_the_login_page(web):
+    wb = web
+    s = scene(wb)
+    page = wb.browser().post(f"/reviews/{s['review']}/decide", {"decision": "link", "target": "suggested"})
+    assert (page.code, page.location) == (303, "/login?next=%2Freviews%2F1")
+    with wb.engine.connect() as conn:
+        assert person_of(conn, OA) == s["oa_person"]
+    assert wb.browser().post("/logout").location == "/login"
+
+
+def test_root_redirects_to_the_queue_and_unknown_pages_are_404(web):
+    wb = web
+    browser = wb.browser()
+    assert (browser.get("/").code, browser.get("/").location) == (303, "/reviews")
+    missing = browser.get("/no/such/page")
+    assert missing.code == 404 and "There is no such page" in missing.text
+    assert browser.post("/reviews").code == 405
+
+
+def test_login_goes_only_to_local_pages(web):
+    wb = web
+    wb.user("tess", "technician")
+    for next_, expected in [
+        ("%2Freviews%2F1", "/reviews/1"),
+        ("https%3A%2F%2Fevil.example%2F", "/reviews"),
+        ("%2F%2Fevil.example", "/reviews"),
+        ("%2F%5Cevil.example", "/reviews"),
+        ("%2Flogout", "/reviews"),
+    ]:
+        browser = wb.browser()
+        form = browser.get(f"/login?next={next_}")
+        page = browser.post("/login", {"csrf": form.csrf(), "name": "tess", "password": PASSWORD,
+                                       "next": re.search(r'name="next" value="([^"]*)"', form.text)[1]})
+        assert (page.code, page.location) == (303, expected)
+    # and what the form posts is checked again, not only what it was given
+    again = wb.browser()
+    form = again.get("/login")
+    page = again.post("/login", {"csrf": form.csrf(), "name": "tess", "password": PASSWORD,
+                                 "next": "https://evil.example/"})
+    assert page.location == "/reviews"
+
+
+def test_the_session_cookie(web):
+    wb = web
+    wb.user("tess", "technician")
+    browser = wb.browser()
+    form = browser.get("/login")
+    page = browser.post("/login", {"csrf": form.csrf(), "name": "tess", "password": PASSWORD})
+    [cookie] = [c for c in page.headers.getRawHeaders("set-cookie") if c.startswith("exchange_session=")]
+    attributes = {a.strip().lower() for a in cookie.split(";")[1:]}
+    assert {"httponly", "samesite=strict", "path=/"} <= attributes
+    assert "secure" not in attributes  # plain HTTP here; set when served over TLS (request.isSecure())
+    token = cookie.split(";")[0].partition("=")[2]
+    with wb.engine.connect() as conn:
+        ids = conn.execute(select(workbench_session_table.c.id)).scalars().all()
+    assert len(ids) == 1 and token not in ids  # only its SHA-256
+
+
+def test_a_wrong_password_and_an_unknown_name_get_the_same_answer_after_a_pause(web):
+    wb = web
+    wb.user("tess", "technician")
+    answers = []
+    for name, password in (("tess", "not the password"), ("nobody", PASSWORD), ("bad name!", PASSWORD)):
+        browser = wb.browser()
+        page = browser.post("/login", {"csrf": browser.get("/login").csrf(), "name": name, "password": password})
+        answers.append((page.code, re.search(r'role="alert">([^<]*)<', page.text)[1]))
+        assert "exchange_session" not in browser.cookies
+    assert answers == [(403, "That name and password did not work.")] * 3
+    assert len(wb.pauses) == 3 and all(0.5 <= p <= 1.0 for p in wb.pauses)
+    assert [(a[0], a[2], a[3], a[6]) for a in audit(wb)] == [
+        ("tess", "login", "session", "forbidden"), ("nobody", "login", "session", "forbidden"),
+        ("-", "login", "session", "forbidden")]
+
+
+def test_repeated_failures_lock_the_login_out(engine):
+    wb = WorkbenchHarness(engine, policy=Policy(attempts=3, lockout=timedelta(minutes=15)))
+    wb.user("tess", "technician")
+
+    def attempt(password: str) -> int:
+        browser = wb.browser()
+        return browser.post("/login", {"csrf": browser.get("/login").csrf(), "name": "tess",
+                                       "password": password}).code
+
+    assert [attempt("wrong password 1") for _ in range(3)] == [403, 403, 403]
+    assert attempt(PASSWORD) == 403  # locked: not even the right password
+    wb.advance(minutes=15)
+    assert attempt(PASSWORD) == 303
+
+
+def test_login_form_token_is_required(web):
+    wb = web
+    wb.user("tess", "technician")
+    browser = wb.browser()
+    browser.get("/login")
+    assert browser.post("/login", {"csrf": "forged", "name": "tess", "password": PASSWORD}).code == 403
+    fresh = wb.browser()  # a form posted from elsewhere: no login cookie at all
+    page = fresh.post("/login", {"csrf": "x" * 43, "name": "tess", "password": PASSWORD})
+    assert page.code == 403 and "exchange_session" not in fresh.cookies
+    assert audit(wb) == []  # not even tried
+
+
+def test_a_disabled_user_cannot_log_in_and_its_sessions_end(wb):
+    from exchange.accounts import disable_user
+
+    browser = logged_in(wb)
+    with write_transaction(wb.engine) as conn:
+        disable_user(conn, "tess", T0)
+    assert browser.get("/reviews").code == 303
+    assert wb.browser().login("tess").code == 403
+
+
+# -- sessions (the harness's clock) ------------------------------------------------------------
+
+
+def test_idle_sessions_expire(wb):
+    browser = logged_in(wb)
+    wb.advance(minutes=29)
+    assert browser.get("/reviews").code == 200  # seen: the idle time starts again
+    wb.advance(minutes=29)
+    assert browser.get("/reviews").code == 200
+    wb.advance(minutes=30)
+    page = browser.get("/reviews")
+    assert (page.code, page.location) == (303, "/login")
+    with wb.engine.connect() as conn:
+        assert conn.execute(select(workbench_session_table)).all() == []  # deleted when found expired
+
+
+def test_sessions_end_after_twelve_hours_however_busy(web):
+    wb = web
+    browser = logged_in(wb)
+    login = wb.now
+    while wb.now + timedelta(minutes=25) < login + timedelta(hours=12):
+        wb.advance(minutes=25)
+        assert browser.get("/reviews").code == 200
+    wb.now = login + timedelta(hours=12)  # less than the idle time since the last page
+    assert browser.get("/reviews").code == 303
+
+
+def test_logout_ends_the_session(wb):
+    browser = logged_in(wb)
+    page = browser.get("/reviews")
+    stolen = dict(browser.cookies)
+    done = browser.post("/logout", {"csrf": page.csrf()})
+    assert (done.code, done.location) == (303, "/login") and "exchange_session" not in browser.cookies
+    copy = wb.browser()
+    copy.cookies.update(stolen)
+    assert copy.get("/reviews").code == 303  # the old cookie is worthless now
+    assert [(a[0], a[2], a[6]) for a in audit(wb)][-1] == ("tess", "logout", "ok")
+
+
+def test_logout_needs_the_csrf_token(web):
+    wb = web
+    browser = logged_in(wb)
+    assert browser.post("/logout", {"csrf": "forged"}).code == 403
+    assert browser.get("/reviews").code == 200
+
+
+# -- CSRF and roles --------------------------------------------------------------------------------
+
+
+def test_forms_without_the_sessions_csrf_token_are_refused(web):
+    wb = web
+    s = scene(wb)
+    browser = logged_in(wb)
+    other = logged_in(wb, "ann", "technician")
+    for csrf in (None, "", "forged", other.get("/reviews").csrf()):
+        data = {"decision": "link", "target": "suggested"}
+        if csrf is not None:
+            data["csrf"] = csrf
+        page = browser.post(f"/reviews/{s['review']}/decide", data)
+        assert page.code == 403 and "Form expired" in page.text
+    with wb.engine.connect() as conn:
+        assert person_of(conn, OA) == s["oa_person"]
+    assert not [a for a in audit(wb) if a[2] == "decide"]
+
+
+def test_a_technician_may_not_see_deliveries(web):
+    wb = web
+    browser = logged_in(wb)
+    page = browser.get("/deliveries")
+    assert page.code == 403 and "A technician may not" in page.text
+    page = browser.post("/deliveries/1/retry", {"csrf": browser.get("/reviews").csrf()})
+    assert page.code == 403
+    assert [(a[0], a[2], a[3], a[6]) for a in audit(wb) if a[3] == "delivery"] == [
+        ("tess", "read", "delivery", "forbidden"), ("tess", "decide", "delivery", "forbidden")]
+    assert 'href="/deliveries"' not in browser.get("/reviews").text
+
+
+# -- pages and their audit rows ---------------------------------------------------------------------
+
+
+def test_every_patient_view_is_audited_with_the_read(wb):
+    s = scene(wb)
+    browser = logged_in(wb)
+    assert browser.get("/reviews").code == 200
+    assert browser.get(f"/reviews/{s['review']}").code == 200
+    assert browser.get(f"/persons/{s['person']}").code == 200
+    assert browser.get("/records/GENHOSP/GH-44107").code == 200
+    assert browser.get("/records/GENHOSP/NOPE").code == 404
+    assert browser.get("/persons/999999").code == 404
+    assert audit(wb)[1:] == [
+        ("tess", "technician", "read", "review", None, "state=open", "ok"),
+        ("tess", "technician", "read", "review", None, str(s["review"]), "ok"),
+        ("tess", "technician", "read", "person", None, str(s["person"]), "ok"),
+        ("tess", "technician", "read", "record", "GENHOSP", "GH-44107", "ok"),
+        ("tess", "technician", "read", "record", "GENHOSP", "NOPE", "not-found"),
+        ("tess", "technician", "read", "person", None, "999999", "not-found"),
+    ]
+    assert all(r["remote"] == "127.0.0.1" for r in wb.audit())
+
+
+def test_the_review_page_shows_each_fields_level_and_weight_and_the_thresholds(web):
+    wb = web
+    s = scene(wb)
+    page = logged_in(wb).get(f"/reviews/{s['review']}")
+    assert page.code == 200
+    given = re.search(r'<tr class="field-given">(.*?)</tr>', page.text, re.S)[1]
+    assert "LIZ" in given and "ELIZABETH" in given and "nickname" in given and "+3.91" in given
+    assert "link automatically at 20.00, review from 8.00" in page.text
+    assert "123-45-6789" not in page.text and "***-**-6789" in page.text
+    assert 'action="/reviews/1/decide"' in page.text and page.text.count('name="csrf"') >= 3
+
+
+def test_security_headers_on_every_workbench_answer(web):
+    wb = web
+    scene(wb)
+    browser = logged_in(wb)
+    for page in (browser.get("/login"), browser.get("/reviews/1"), browser.get("/records/GENHOSP/GH-44107"),
+                 browser.get("/nope")):
+        assert "default-src 'self'" in page.header("content-security-policy")
+        assert "frame-ancestors 'none'" in page.header("content-security-policy")
+        assert page.header("x-frame-options") == "DENY"
+        assert page.header("referrer-policy") == "no-referrer"
+        assert page.header("cache-control") == "no-store"
+        assert page.header("x-content-type-options") == "nosniff"
+    css = browser.get("/static/workbench.css")
+    assert css.code == 200 and css.header("content-type").startswith("text/css")
+
+
+def test_patient_data_is_escaped(web):
+    wb = web
+    from tests.test_reviews import add_record
+
+    with write_transaction(wb.engine) as conn:
+        person = add_record(conn, "GENHOSP", "<b>X", family="<script>alert(1)</script>", given="ANN")
+    browser = logged_in(wb)
+    page = browser.get("/records/GENHOSP/%3Cb%3EX")
+    assert page.code == 200
+    assert "<script>alert(1)" not in page.text and "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
+    assert 'href="/records/GENHOSP/%3Cb%3EX"' in browser.get(f"/persons/{person}").text
+
+
+def test_bad_input_is_a_400_page_with_the_reason(web):
+    browser = logged_in(web)
+    for path in ("/reviews?state=closed", "/reviews?after=x", "/reviews/abc", "/persons/x", "/persons?id=abc",
+                 "/records?facility=GENHOSP"):
+        page = browser.get(path)
+        assert page.code == 400 and "Bad request" in page.text, path
+
+
+def test_find_a_person_or_a_record(web):
+    wb = web
+    browser = logged_in(wb)
+    assert browser.get("/persons?id=12").location == "/persons/12"
+    assert browser.get("/records?facility=GENHOSP&mrn=A%2FB").location == "/records/GENHOSP/A%2FB"
+
+
+# -- decisions through the forms ---------------------------------------------------------------------
+
+
+def test_link_through_the_form_changes_the_links_at_once(wb):
+    s = scene(wb)
+    browser = logged_in(wb)
+    form = browser.get(f"/reviews/{s['review']}")
+    page = browser.post(f"/reviews/{s['review']}/decide",
+                        {"csrf": form.csrf(), "decision": "link", "target": "suggested", "reason": "same woman"})
+    assert (page.code, page.location) == (303, f"/reviews/{s['review']}")
+    with wb.engine.connect() as conn:
+        assert person_of(conn, OA) == person_of(conn, GH) == s["person"]
+    token = wb.token("reader", "technician")
+    code, body, _ = wb.get(f"/api/reviews/{s['review']}", token)
+    assert (body["state"], body["decision"], body["decided_by"], body["note"]) == ("resolved", "link", "tess",
+                                                                                   "same woman")
+    assert ("tess", "technician", "decide", "review", None, str(s["review"]), "ok") in audit(wb)
+    again = browser.post(f"/reviews/{s['review']}/decide",
+                         {"csrf": form.csrf(), "decision": "not-a-match", "reason": "changed my mind"})
+    assert again.code == 409 and "not open" in again.text
+    shown = browser.get(f"/reviews/{s['review']}").text
+    assert 'id="decision"' in shown and 'action="/reviews/1/decide"' not in shown
+
+
+def test_link_to_a_candidate_or_a_person_named(web):
+    wb = web
+    s = scene(wb)
+    browser = logged_in(wb)
+    csrf = browser.get(f"/reviews/{s['review']}").csrf()
+    bad = browser.post(f"/reviews/{s['review']}/decide", {"csrf": csrf, "decision": "link", "target": "person"})
+    assert bad.code == 400 and "person is required" in bad.text
+    assert browser.post(f"/reviews/{s['review']}/decide", {"csrf": csrf, "decision": "maybe"}).code == 400
+    page = browser.post(f"/reviews/{s['review']}/decide",
+                        {"csrf": csrf, "decision": "link", "target": "candidate:GENHOSP:GH-44107"})
+    assert page.code == 303
+    with wb.engine.connect() as conn:
+        assert person_of(conn, OA) == s["person"]
+    assert [a[6] for a in audit(wb) if a[2] == "decide"] == ["invalid", "invalid", "ok"]
+
+
+def test_not_a_match_then_undo_from_the_review_page(wb):
+    s = scene(wb)
+    browser = logged_in(wb)
+    csrf = browser.get(f"/reviews/{s['review']}").csrf()
+    page = browser.post(f"/reviews/{s['review']}/decide",
+                        {"csrf": csrf, "decision": "not-a-match", "reason": "different women"})
+    assert page.code == 303
+    token = wb.token("reader", "technician")
+    body = wb.get(f"/api/reviews/{s['review']}", token)[1]
+    assert (body["state"], body["decision"], body["note"]) == ("resolved", "not-a-match", "different women")
+    shown = browser.get(f"/reviews/{s['review']}").text
+    assert f'action="/decisions/{body["decision_id"]}/undo"' in shown
+    undone = browser.post(f"/decisions/{body['decision_id']}/undo",
+                          {"csrf": csrf, "back": f"/reviews/{s['review']}", "reason": "oops"})
+    assert (undone.code, undone.location) == (303, f"/reviews/{s['review']}")
+    assert wb.get(f"/api/reviews/{s['review']}", token)[1]["state"] == "open"
+
+
+def test_split_merge_and_opt_out_from_the_person_page(wb):
+    s = scene(wb)
+    browser = logged_in(wb)
+    person = s["person"]
+    page = browser.get(f"/persons/{person}")
+    csrf = page.csrf()
+    assert f'action="/persons/{person}/split"' in page.text
+    done = browser.post(f"/persons/{person}/split",
+                        {"csrf": csrf, "facility": "HHCARE", "mrn": "HH-3391", "reason": "not her"})
+    assert (done.code, done.location) == (303, f"/persons/{person}")
+    with wb.engine.connect() as conn:
+        split_off = person_of(conn, ("HHCARE", "HH-3391"))
+    assert split_off != person
+    done = browser.post(f"/persons/{person}/merge", {"csrf": csrf, "other": str(split_off), "reason": "her after all"})
+    assert done.code == 409 and "marked not a match" in done.text  # the split's sticky pair
+    done = browser.post(f"/persons/{person}/merge",
+                        {"csrf": csrf, "other": str(split_off), "reason": "her after all", "force": "1"})
+    assert done.code == 303
+    with wb.engine.connect() as conn:
+        assert person_of(conn, ("HHCARE", "HH-3391")) == person
+    assert browser.post(f"/persons/{person}/opt-out", {"csrf": csrf, "protected": "true"}).code == 303
+    shown = browser.get(f"/persons/{person}").text
+    assert "protected" in re.search(r'<dd id="opt-out">(.*?)</dd>', shown, re.S)[1] and "api tess" in shown
+    assert browser.post(f"/persons/{person}/opt-out", {"csrf": csrf, "protected": "maybe"}).code == 400
+    assert browser.post(f"/persons/{person}/merge", {"csrf": csrf, "other": "x"}).code == 400
+    kinds = [e.split("</td>")[0] for e in re.findall(r"<tr>\s*<td>\d+</td><td>\d+</td><td>(\w[\w-]*)", shown)]
+    assert {"split", "merge"} <= set(kinds)
+    decisions = [(a[3], a[5], a[6]) for a in audit(wb) if a[2] == "decide"]
+    assert decisions == [
+        ("person", str(person), "ok"), ("person", f"{person}<-{split_off}", "invalid"),
+        ("person", f"{person}<-{split_off}", "ok"), ("person", str(person), "ok"),
+        ("person", str(person), "invalid"), ("person", None, "invalid"),
+    ]
+
+
+# -- deliveries (admins) -------------------------------------------------------------------------------
+
+
+def test_an_admin_sees_failed_copies_and_sends_one_again(wb):
+    with write_transaction(wb.engine) as conn:
+        [message_id] = insert_messages(conn, [new_message("SRC-1")])
+        [failed, queued] = enqueue(conn, [
+            NewCopy("OAKNH", message_id, f"D{n}", b"MSH|^~\\&|X\r", T0, person_id=7, facility="GENHOSP",
+                    mrn="GH-1", reason="default") for n in (1, 2)])
+        mark_failed(conn, failed, at=T0, ack_code="AE", ack=b"", error="AE: unknown patient")
+    browser = logged_in(wb, "ops", "admin")
+    page = browser.get("/deliveries")
+    assert page.code == 200
+    failed_table = re.search(r'<table class="deliveries" id="failed">(.*?)</table>', page.text, re.S)[1]
+    assert "AE: unknown patient" in failed_table and f'action="/deliveries/{failed}/retry"' in failed_table
+    assert f'action="/deliveries/{queued}/retry"' not in page.text
+    done = browser.post(f"/deliveries/{failed}/retry", {"csrf": page.csrf()})
+    assert (done.code, done.location) == (303, "/deliveries") and wb.requeued == ["OAKNH"]
+    token = wb.token("reader", "admin")
+    [copy] = [d for d in wb.get("/api/deliveries?state=queued", token)[1]["deliveries"] if d["id"] == failed]
+    assert copy["retried_by"] == "ops"
+    again = browser.post(f"/deliveries/{failed}/retry", {"csrf": page.csrf()})
+    assert again.code == 409
+    assert browser.post("/deliveries/999999/retry", {"csrf": page.csrf()}).code == 404
+    assert [(a[2], a[3], a[6]) for a in audit(wb) if a[3] == "delivery" and a[0] == "ops"] == [
+        ("read", "delivery", "ok"), ("decide", "delivery", "ok"), ("decide", "delivery", "invalid"),
+        ("decide", "delivery", "not-found")]
+
+
+# -- the neighbours and the log ----------------------------------------------------------------------------
+
+
+def test_healthz_and_the_api_are_unchanged_beside_the_workbench(web):
+    wb = web
+    code, body, headers = wb.get("/healthz")
+    assert code == 200 and body["status"] == "ok"
+    code, body, headers = wb.get("/api/reviews")
+    assert code == 401 and body == {"error": "a bearer token is required"}
+    assert headers.getRawHeaders("content-type") == ["application/json"]
+    code, body, _ = wb.get("/api/nothing", wb.token("t", "technician"))
+    assert code == 404 and body == {"error": "no such resource"}
+
+
+def test_a_failure_is_logged_without_patient_data(web, monkeypatch):
+    wb = web
+    from exchange.store import reviews
+
+    scene(wb)
+
+    def broken(conn, review_id):
+        raise RuntimeError("HANSON ELIZABETH GH-44107 1947-03-12")
+
+    monkeypatch.setattr(reviews, "review_detail", broken)
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        page = logged_in(wb).get("/reviews/1")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert page.code == 500 and "HANSON" not in page.text
+    from twisted.logger import formatEvent
+
+    text = "\n".join(formatEvent(e) for e in events)
+    assert "RuntimeError" in text and "HANSON" not in text and "GH-44107" not in text
