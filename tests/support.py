@@ -86,6 +86,17 @@ class ExchangeProcess:
                 self.http = (m[1], int(m[2]))
         return self
 
+    def expect(self, pattern: str, timeout: float = 30) -> re.Match:
+        """The first line printed (already or from now on) that matches ``pattern``."""
+        for line in self.output:
+            if m := re.search(pattern, line):
+                return m
+        deadline = time.monotonic() + timeout
+        while (line := self._readline(deadline)) is not None:
+            if m := re.search(pattern, line):
+                return m
+        raise AssertionError(f"the exchange never printed {pattern!r}:\n" + "".join(self.output))
+
     def _readline(self, deadline: float) -> str | None:
         """The next line the server printed, or None if it exited or the deadline passed."""
         while time.monotonic() < deadline:
