@@ -228,3 +228,30 @@ def test_a_move_counts_as_one_disagreement_not_three():
     assert t.level("place") is L.EXACT and t.weight("place") > 0
     assert sorted([t.weight("address"), t.weight("phone")]) == [
         min(model.weight("address", L.DISAGREE), model.weight("phone", L.DISAGREE)), 0.0]
+
+
+def test_a_cached_score_is_the_score_a_fresh_model_gives():
+    """score_levels keeps the scores of comparison vectors without a term-frequency part:
+    a model that has scored many pairs answers exactly as a fresh one, and a pair whose
+    exact name agreement is adjusted by frequency never gets a cached, unadjusted score."""
+    rng = random.Random(5)
+    people = [person(rng.choice(["Smith", "Kowalczyk", "Hanson"]), rng.choice(["Mary", "Ann", "Liz"]),
+                     birth=f"19{rng.randrange(40, 60)}0{rng.randrange(1, 4)}1{rng.randrange(0, 3)}",
+                     sex=rng.choice("FM"), phone=rng.choice(["", "2175550101", "2175550199"]))
+              for _ in range(60)]
+    tf = {"family": {"smith": 0.2, "kowalczyk": 0.001, "hanson": 0.01}}
+    for base in (default_model(), default_model().replace(tf=tf, tf_floor={"family": 0.001})):
+        warm = base.replace()
+        pairs = [(a, b) for a in people for b in people[:20]]
+        for a, b in pairs:
+            score(a, b, warm)
+        assert warm._scores, "vectors without a frequency part are cached"
+        for a, b in pairs:
+            assert score(a, b, warm) == score(a, b, base.replace())
+    smiths = [p for p in people if p.family == "smith"][:2]
+    rare = [p for p in people if p.family == "kowalczyk"][:2]
+    model = default_model().replace(tf=tf, tf_floor={"family": 0.001})
+    common, unusual = score(*smiths, model), score(*rare, model)
+    assert common.tf_adjustments and unusual.tf_adjustments
+    family = FIELD_NAMES.index("family")
+    assert common.tf_adjustments[family] < 0 < unusual.tf_adjustments[family]  # Smith weighs less than Kowalczyk

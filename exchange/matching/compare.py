@@ -61,6 +61,13 @@ FIELDS: dict[str, tuple[Level, ...]] = {
 
 FIELD_NAMES: tuple[str, ...] = tuple(FIELDS)
 
+# The levels as module constants: the comparators run for every candidate pair, and on
+# Python 3.11 an attribute of an Enum class costs ~100 ns a look-up.
+EXACT, PART, NICKNAME, CLOSE, SIMILAR = L.EXACT, L.PART, L.NICKNAME, L.CLOSE, L.SIMILAR
+INITIAL, SWAPPED, TRANSPOSED, ONE_DIGIT, YEAR_ONLY = L.INITIAL, L.SWAPPED, L.TRANSPOSED, L.ONE_DIGIT, L.YEAR_ONLY
+STREET, POSTCODE, CITY, DISAGREE, MISSING = L.STREET, L.POSTCODE, L.CITY, L.DISAGREE, L.MISSING
+
+
 CLOSE_JW = 0.92
 SIMILAR_JW = 0.85
 PHONETIC_FLOOR_JW = 0.75  # phonetic codes alone are too coarse: NYSIIS codes John and James alike
@@ -71,22 +78,22 @@ PHONETIC_FLOOR_JW = 0.75  # phonetic codes alone are too coarse: NYSIIS codes Jo
 def _string_level(a: str, b: str, code_a: str = "", code_b: str = "") -> Level:
     """EXACT / CLOSE / SIMILAR / DISAGREE for two non-empty strings (and their phonetic codes)."""
     if a == b:
-        return L.EXACT
+        return EXACT
     sim = _jw(a, b)
     if sim >= CLOSE_JW:
-        return L.CLOSE
+        return CLOSE
     if sim >= SIMILAR_JW or (code_a and code_a == code_b and sim >= PHONETIC_FLOOR_JW):
-        return L.SIMILAR
-    return L.DISAGREE
+        return SIMILAR
+    return DISAGREE
 
 
 def compare_family(a: Features, b: Features) -> Level:
     if not a.family or not b.family:
-        return L.MISSING
+        return MISSING
     if a.family == b.family:
-        return L.EXACT
+        return EXACT
     if (a.family_parts or b.family_parts) and _part_of(a, b):
-        return L.PART
+        return PART
     return _string_level(a.family, b.family, a.family_code, b.family_code)
 
 
@@ -105,16 +112,17 @@ def _part_of(a: Features, b: Features) -> bool:
 def compare_given(a: Features, b: Features) -> Level:
     ga, gb = a.given, b.given
     if not ga or not gb:
-        return L.MISSING
+        return MISSING
     if ga == gb or a.given_full == b.given_full:
-        return L.EXACT
+        return EXACT
     if len(ga) == 1 or len(gb) == 1:
-        return L.INITIAL if ga[0] == gb[0] else L.DISAGREE
-    if any(name in b.given_canon for name in a.given_canon):
-        return L.NICKNAME
+        return INITIAL if ga[0] == gb[0] else DISAGREE
+    if a.given_canon and b.given_canon and any(name in b.given_canon for name in a.given_canon):
+        return NICKNAME
     level = _string_level(ga, gb, a.given_code, b.given_code)
-    if level is L.DISAGREE and _jw(a.given_full, b.given_full) >= CLOSE_JW:
-        return L.CLOSE  # a space typed inside the name ("ja yde")
+    if level is DISAGREE and (a.given_full != ga or b.given_full != gb):  # more than one given name
+        if _jw(a.given_full, b.given_full) >= CLOSE_JW:
+            return CLOSE  # a space typed inside the name ("ja yde")
     return level
 
 
@@ -128,8 +136,8 @@ def compare_names(a: Features, b: Features) -> tuple[Level, Level]:
     """
     family, given = compare_family(a, b), compare_given(a, b)
     if (
-        family is L.DISAGREE
-        and given in (L.DISAGREE, L.SIMILAR)
+        family is DISAGREE
+        and given in (DISAGREE, SIMILAR)
         and a.family
         and b.family
         and a.given_full
@@ -139,26 +147,26 @@ def compare_names(a: Features, b: Features) -> tuple[Level, Level]:
         two = _string_level(a.given_full, b.family, a.given_code, b.family_code)
         order = FIELDS["family"]
         worse = max(one, two, key=order.index)
-        if worse in (L.EXACT, L.CLOSE):
-            return L.CLOSE, L.CLOSE
+        if worse in (EXACT, CLOSE):
+            return CLOSE, CLOSE
     return family, given
 
 
 def compare_middle(a: Features, b: Features) -> Level:
     if not a.middle or not b.middle:
-        return L.MISSING
+        return MISSING
     if a.middle == b.middle or _jw(a.middle, b.middle) >= CLOSE_JW and min(len(a.middle), len(b.middle)) > 1:
-        return L.EXACT
+        return EXACT
     if (len(a.middle) == 1 or len(b.middle) == 1) and a.middle[0] == b.middle[0]:
-        return L.INITIAL
-    return L.DISAGREE
+        return INITIAL
+    return DISAGREE
 
 
 def compare_suffix(a: Features, b: Features) -> Level:
     """JR vs SR (or II vs III) is DISAGREE, strong evidence of father and son; one missing is MISSING."""
     if not a.suffix or not b.suffix:
-        return L.MISSING
-    return L.EXACT if a.suffix == b.suffix else L.DISAGREE
+        return MISSING
+    return EXACT if a.suffix == b.suffix else DISAGREE
 
 
 # --- digits ------------------------------------------------------------------------
@@ -170,9 +178,9 @@ def _digit_typo(a: str, b: str) -> Level | None:
         return None
     differ = _hamming(a, b)
     if differ == 1:
-        return L.ONE_DIGIT
+        return ONE_DIGIT
     if differ == 2 and _osa(a, b) == 1:
-        return L.TRANSPOSED
+        return TRANSPOSED
     return None
 
 
@@ -182,44 +190,44 @@ def compare_birth(a: Features, b: Features) -> Level:
     A date known only to the year or month agrees at most as YEAR_ONLY.
     """
     if a.birth_year is None or b.birth_year is None:
-        return L.MISSING
+        return MISSING
     da, db = a.birth_digits, b.birth_digits
     if not da or not db:
         if a.birth_year != b.birth_year:
-            return L.DISAGREE
+            return DISAGREE
         if a.birth_month is not None and b.birth_month is not None and a.birth_month != b.birth_month:
-            return L.DISAGREE
-        return L.YEAR_ONLY
+            return DISAGREE
+        return YEAR_ONLY
     if da == db:
-        return L.EXACT
+        return EXACT
     if a.birth_year == b.birth_year and a.birth_month == b.birth_day and a.birth_day == b.birth_month:
-        return L.SWAPPED
+        return SWAPPED
     if _digit_typo(da, db) is not None:
-        return L.ONE_DIGIT
+        return ONE_DIGIT
     if a.birth_year == b.birth_year:
-        return L.YEAR_ONLY
-    return L.DISAGREE
+        return YEAR_ONLY
+    return DISAGREE
 
 
 def compare_ssn(a: Features, b: Features) -> Level:
     """exact / one adjacent transposition / one digit / disagree; different lengths are not comparable."""
     if not a.ssn or not b.ssn or len(a.ssn) != len(b.ssn):
-        return L.MISSING
+        return MISSING
     if a.ssn == b.ssn:
-        return L.EXACT
-    return _digit_typo(a.ssn, b.ssn) or L.DISAGREE
+        return EXACT
+    return _digit_typo(a.ssn, b.ssn) or DISAGREE
 
 
 def compare_phone(a: Features, b: Features) -> Level:
     if not a.phones or not b.phones:
-        return L.MISSING
-    return L.EXACT if not set(a.phones).isdisjoint(b.phones) else L.DISAGREE
+        return MISSING
+    return EXACT if not set(a.phones).isdisjoint(b.phones) else DISAGREE
 
 
 def compare_sex(a: Features, b: Features) -> Level:
     if not a.sex or not b.sex:
-        return L.MISSING
-    return L.EXACT if a.sex == b.sex else L.DISAGREE
+        return MISSING
+    return EXACT if a.sex == b.sex else DISAGREE
 
 
 # --- address ------------------------------------------------------------------------
@@ -238,15 +246,15 @@ def _street_similarity(a: Features, b: Features) -> float:
 def compare_address(a: Features, b: Features) -> Level:
     """Street and house number: exact / same street (number differs or missing) / similar / disagree."""
     if not (a.street or a.other) or not (b.street or b.other):
-        return L.MISSING
+        return MISSING
     sim = 1.0 if a.street and a.street == b.street else _street_similarity(a, b)
     if sim >= 0.95 and a.number and a.number == b.number:
-        return L.EXACT
+        return EXACT
     if sim >= 0.9:
-        return L.STREET
+        return STREET
     if sim >= 0.8:
-        return L.SIMILAR
-    return L.DISAGREE
+        return SIMILAR
+    return DISAGREE
 
 
 def compare_place(a: Features, b: Features) -> Level:
@@ -257,14 +265,14 @@ def compare_place(a: Features, b: Features) -> Level:
     if a.city and b.city:
         city = a.city == b.city or _jw(a.city, b.city) >= CLOSE_JW
     if postcode is None and city is None:
-        return L.MISSING
+        return MISSING
     if postcode and city:
-        return L.EXACT
+        return EXACT
     if postcode:
-        return L.POSTCODE
+        return POSTCODE
     if city:
-        return L.CITY
-    return L.DISAGREE
+        return CITY
+    return DISAGREE
 
 
 def compare(a: Features, b: Features) -> tuple[Level, ...]:

@@ -66,8 +66,14 @@ _SSN_INDEX = FIELD_NAMES.index("ssn")
 _ADDRESS_INDEX = FIELD_NAMES.index("address")
 _MOVE_INDEX = tuple(FIELD_NAMES.index(name) for name in ("address", "place", "phone"))
 _HOUSEHOLD_INDEX = tuple((name, i) for i, name in enumerate(FIELD_NAMES) if name in HOUSEHOLD_FIELDS)
+_HOUSEHOLD_AND_SSN_INDEX = _HOUSEHOLD_INDEX + (("ssn", _SSN_INDEX),)
+_EXACT, _TRANSPOSED, _ONE_DIGIT, _DISAGREE = L.EXACT, L.TRANSPOSED, L.ONE_DIGIT, L.DISAGREE  # Enum class look-ups
+# cost ~100 ns each on Python 3.11: score_levels runs for every candidate pair
 MOVE_RULE = "move rule: {fields} disagree together (a move), counted once"
 HOUSEHOLD_RULE = "household rule: {fields} tell(s) them apart, so shared surname, address and phone are not counted"
+
+SCORE_CACHE_SIZE = 100_000
+"""Comparison vectors whose score a model keeps (score_levels); a few thousand occur in practice."""
 
 M_RANGE = (1e-4, 1 - 1e-6)
 U_RANGE = (1e-7, 1 - 1e-6)
@@ -100,6 +106,7 @@ class Model:
     note: str = ""
     _weights: tuple[dict[str, float], ...] = field(init=False, repr=False, compare=False)
     _tf_u: tuple[tuple[int, str, dict[str, float], float, float], ...] = field(init=False, repr=False, compare=False)
+    _scores: dict[tuple[Level, ...], Score] = field(init=False, repr=False, compare=False)  # see score_levels
 
     def __post_init__(self) -> None:
         weights = []
@@ -119,6 +126,7 @@ class Model:
                 floor = self.tf_floor.get(name) or min(table.values())
                 tf_u.append((FIELD_NAMES.index(name), name, dict(table), u_exact, floor))
         object.__setattr__(self, "_tf_u", tuple(tf_u))
+        object.__setattr__(self, "_scores", {})
 
     def weight(self, field_name: str, level: Level | str) -> float:
         """log2(m/u) of one field's level (0 for MISSING), without term-frequency adjustment."""
@@ -229,7 +237,18 @@ class Score(Value):
     weights: tuple[float, ...]  # bits counted per field (0 when discounted)
     tf_adjustments: tuple[float, ...] = ()  # per field, the part due to the value's frequency; () when none
     discounted: tuple[str, ...] = ()  # fields whose positive weight was not counted (household rule)
-    rules: tuple[str, ...] = ()  # the rules applied, in words
+    moved: tuple[int, ...] = ()  # indexes of the move fields that disagreed together (move rule), or ()
+    telling: tuple[str, ...] = ()  # individual fields that disagreed with no shared SSN (household rule), or ()
+
+    @property
+    def rules(self) -> tuple[str, ...]:
+        """The rules applied, in words (formatted only when asked: most pairs are never explained)."""
+        rules = []
+        if self.moved:
+            rules.append(MOVE_RULE.format(fields=", ".join(FIELD_NAMES[i] for i in self.moved)))
+        if self.telling:
+            rules.append(HOUSEHOLD_RULE.format(fields=", ".join(self.telling)))
+        return tuple(rules)
 
     @property
     def fields(self) -> tuple[FieldScore, ...]:
@@ -269,14 +288,32 @@ def score(a: Features, b: Features, model: Model) -> Score:
 
 
 def score_levels(levels: Sequence[Level], model: Model, a: Features | None = None, b: Features | None = None) -> Score:
-    """The score of a comparison vector (a, b give the values for term-frequency adjustment)."""
+    """The score of a comparison vector (a, b give the values for term-frequency adjustment).
+
+    Without a term-frequency adjustment a score depends on the vector alone, and few
+    vectors occur (most candidate pairs disagree in the same few ways): those scores
+    come from the model's cache.
+    """
     levels = tuple(levels)
+    if a is not None and b is not None:
+        for index, name, _table, _u, _floor in model._tf_u:
+            if levels[index] is _EXACT and getattr(a, name) == getattr(b, name):
+                return _score(levels, model, a, b)
+    cached = model._scores.get(levels)
+    if cached is None:
+        cached = _score(levels, model, None, None)
+        if len(model._scores) < SCORE_CACHE_SIZE:
+            model._scores[levels] = cached
+    return cached
+
+
+def _score(levels: tuple[Level, ...], model: Model, a: Features | None, b: Features | None) -> Score:
     weights = [w[lv] for w, lv in zip(model._weights, levels)]
     adjustments: tuple[float, ...] = ()
     if a is not None and b is not None and model._tf_u:
         adjusted = [0.0] * len(weights)
         for index, name, table, u_exact, floor in model._tf_u:
-            if levels[index] is L.EXACT:
+            if levels[index] is _EXACT:
                 value = getattr(a, name)
                 if value == getattr(b, name):
                     adj = math.log2(u_exact / table.get(value, floor))
@@ -285,28 +322,26 @@ def score_levels(levels: Sequence[Level], model: Model, a: Features | None = Non
                     weights[index] += adj
         if any(adjusted):
             adjustments = tuple(adjusted)
-    rules: tuple[str, ...] = ()
-    discounted: tuple[str, ...] = ()
-    if levels[_ADDRESS_INDEX] is L.DISAGREE:  # a move is one event: its disagreements count once
-        moved = [i for i in _MOVE_INDEX if levels[i] is L.DISAGREE]
-        worst = min(moved, key=lambda i: weights[i])
-        if len(moved) > 1:
-            rules = (MOVE_RULE.format(fields=", ".join(FIELD_NAMES[i] for i in moved)),)
+    moved: tuple[int, ...] = ()
+    if levels[_ADDRESS_INDEX] is _DISAGREE:  # a move is one event: its disagreements count once
+        moved = tuple(i for i in _MOVE_INDEX if levels[i] is _DISAGREE)
+        worst = min(moved, key=weights.__getitem__)
         for i in moved:
             if i != worst:
                 weights[i] = 0.0
-    if levels[_SSN_INDEX] is not L.EXACT and levels[_SSN_INDEX] is not L.TRANSPOSED:
-        why = [name for name, i, telling in _INDIVIDUAL_INDEX if levels[i] in telling]
-        if why:
-            rules = rules + (HOUSEHOLD_RULE.format(fields=", ".join(why)),)
-            shared = _HOUSEHOLD_INDEX
-            if levels[_SSN_INDEX] is L.ONE_DIGIT:  # siblings' SSNs are often issued in sequence
-                shared = shared + (("ssn", _SSN_INDEX),)
-            discounted = tuple(n for n, i in shared if weights[i] > 0)
+    telling: tuple[str, ...] = ()
+    discounted: tuple[str, ...] = ()
+    ssn = levels[_SSN_INDEX]
+    if ssn is not _EXACT and ssn is not _TRANSPOSED:
+        telling = tuple(name for name, i, tells in _INDIVIDUAL_INDEX if levels[i] in tells)
+        if telling:
+            shared = _HOUSEHOLD_INDEX if ssn is not _ONE_DIGIT else _HOUSEHOLD_AND_SSN_INDEX  # siblings' SSNs
+            discounted = tuple(n for n, i in shared if weights[i] > 0)  # are often issued in sequence
             for _, i in shared:
                 if weights[i] > 0:
                     weights[i] = 0.0
-    return Score(sum(weights), levels, tuple(weights), adjustments, discounted, rules)
+    return Score(sum(weights), levels, tuple(weights), adjustments, discounted, moved if len(moved) > 1 else (),
+                 telling)
 
 
 # --- term frequencies ----------------------------------------------------------------
