@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import json
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from exchange.matching.decide import Action, Decision, Reason, Record, decide
 from exchange.matching.features import Features, blocking_keys, decode_features, encode_features, features_of
 from exchange.matching.model import Model, default_model
 from exchange.store.db import driver_cursor
-from exchange.store.driver import Statement, Writer, in_ids, select_rows
+from exchange.store.driver import Statement, Writer, select_rows
 from exchange.store.records import RecordLink
 from exchange.store.schema import (
     link_event_table,
@@ -426,53 +427,59 @@ _PG_STATEMENTS = _statements(False)
 
 
 def _candidates(conn: Connection, keys: set[str], own_persons: set[int]):
-    """Postings (blocking key -> record keys), persons' members and the records found."""
+    """Postings (blocking key -> record keys), persons' members and the records found.
+
+    Two queries: the postings of the keys (record ids, from ``record_key``'s primary
+    key alone), then every active record of the persons those records belong to and
+    of ``own_persons`` -- each record read once, however many keys found it.
+    """
     sqlite = conn.dialect.name == "sqlite"
-    postings: dict[str, set[Key]] = {}
-    known: dict[Key, _Known] = {}
-    persons: set[int] = set(own_persons)
+    posted: dict[str, list[int]] = {}
     if keys:
         # One sub-select per key, each stopping after STOP_KEY + 1 postings: a key shared by
         # more records than that (a nursing home's switchboard number, a test patient's
         # name) tells nothing and would make every message cost more than the last.
+        # (Only active records have keys: a merged-away record's are deleted.)
         ordered = sorted(keys)
         if sqlite:  # a compound SELECT takes at most 500 terms: chunks of KEYS_PER_SELECT
-            one = ("SELECT * FROM (SELECT k.key, r.facility, r.mrn, r.person_id, r.link, r.features FROM record_key k"
-                   f" JOIN patient_record r ON r.id = k.record_id WHERE k.key = ? AND r.active LIMIT {STOP_KEY + 1})")
+            one = f"SELECT * FROM (SELECT key, record_id FROM record_key WHERE key = ? LIMIT {STOP_KEY + 1})"
             rows = []
             for i in range(0, len(ordered), KEYS_PER_SELECT):
                 chunk = ordered[i:i + KEYS_PER_SELECT]
                 rows += select_rows(conn, None, " UNION ALL ".join([one] * len(chunk)), chunk)
         else:  # one LATERAL look-up per key: planned once, whatever the number of keys
             rows = select_rows(conn, None, (
-                "SELECT u.key, p.facility, p.mrn, p.person_id, p.link, p.features FROM unnest(%b::text[]) AS u (key)"
-                " CROSS JOIN LATERAL (SELECT r.facility, r.mrn, r.person_id, r.link, r.features FROM record_key k"
-                " JOIN patient_record r ON r.id = k.record_id WHERE k.key = u.key AND r.active"
-                f" LIMIT {STOP_KEY + 1}) AS p"
+                "SELECT u.key, p.record_id FROM unnest(%b::text[]) AS u (key) CROSS JOIN LATERAL"
+                f" (SELECT k.record_id FROM record_key k WHERE k.key = u.key LIMIT {STOP_KEY + 1}) AS p"
             ), [ordered])
-        found: dict[str, list] = {}
-        for row in rows:
-            found.setdefault(row[0], []).append(row)
-        for bk, hits in found.items():
-            if len(hits) > STOP_KEY:
-                continue
-            for _, facility, mrn, person, link, features in hits:
-                key = (facility, mrn)
-                postings.setdefault(bk, set()).add(key)
-                if key not in known:
-                    known[key] = _Known(person, _features(features), link)
-                    persons.add(person)
+        for bk, record_id in rows:
+            posted.setdefault(bk, []).append(record_id)
+    ids = sorted({i for hits in posted.values() if len(hits) <= STOP_KEY for i in hits})
+    by_id: dict[int, Key] = {}
+    known: dict[Key, _Known] = {}
     members: dict[int | str, set[Key]] = {}
-    if persons:
-        params = []
-        where = in_ids(sqlite, "person_id", sorted(persons), params)
-        for facility, mrn, person, link, features in select_rows(conn, None, (
-            f"SELECT facility, mrn, person_id, link, features FROM patient_record WHERE {where} AND active"
-        ), params):
+    if ids or own_persons:
+        if sqlite:  # json_each: any number of ids in one parameter
+            sql = ("SELECT id, facility, mrn, person_id, link, features FROM patient_record WHERE active AND person_id"
+                   " IN (SELECT person_id FROM patient_record WHERE id IN (SELECT value FROM json_each(?))"
+                   " UNION SELECT value FROM json_each(?))")
+            params: list = [json.dumps(ids), json.dumps(sorted(own_persons))]
+        else:
+            sql = ("SELECT id, facility, mrn, person_id, link, features FROM patient_record WHERE active AND person_id"
+                   " IN (SELECT person_id FROM patient_record WHERE id = ANY(%b::bigint[])"
+                   " UNION SELECT unnest(%b::bigint[]))")
+            params = [ids, sorted(own_persons)]
+        for record_id, facility, mrn, person, link, features in select_rows(conn, None, sql, params):
             key = (facility, mrn)
+            by_id[record_id] = key
             members.setdefault(person, set()).add(key)
-            if key not in known:
-                known[key] = _Known(person, _features(features), link)
+            known[key] = _Known(person, _features(features), link)
+    postings: dict[str, set[Key]] = {}
+    for bk, hits in posted.items():
+        if len(hits) <= STOP_KEY:
+            found = {by_id[i] for i in hits if i in by_id}
+            if found:
+                postings[bk] = found
     return postings, members, known
 
 

@@ -230,3 +230,33 @@ def test_a_batch_with_more_keys_than_one_sqlite_select_takes(engine, monkeypatch
     assert run(engine, *[register("GENHOSP", f"GH-9{i}", name=n, birth=f"19{40 + i}0304")
                          for i, n in enumerate(["HANSON^ELIZABETH^M", "DOE^JANE", "ROE^ANN"])]) == ["AA"] * 3
     assert person(engine, "GENHOSP", "GH-90") == person(engine, "OAKNH", "OA-90")
+
+
+def test_candidates_are_read_through_indexes_and_each_record_once(tmp_path):
+    """SQLite: the posting and record SELECTs search indexes (no scan of record_key or
+    patient_record, whatever the size of the index), and a record found through
+    several keys comes back once."""
+    from exchange.store.db import make_engine, upgrade
+    import exchange.store.index as index
+
+    eng = make_engine(f"sqlite:///{tmp_path / 'plan.db'}")
+    upgrade(eng)
+    run(eng, register("OAKNH", "OA-1", **ELIZABETH), register("OAKNH", "OA-2", name="DOE^JANE", birth="19500101"))
+    with eng.begin() as conn:
+        raw = conn.connection.driver_connection
+        seen: list[str] = []
+        raw.set_trace_callback(seen.append)
+        try:
+            postings, members, known = index._candidates(conn, {"dob:19400304", "ssn:219099999", "dob:19500101"},
+                                                         set())
+        finally:
+            raw.set_trace_callback(None)
+        assert postings["dob:19400304"] == postings["ssn:219099999"] == {("OAKNH", "OA-1")}
+        assert set(known) == {("OAKNH", "OA-1"), ("OAKNH", "OA-2")} and len(members) == 2
+        selects = [sql for sql in seen if sql.lstrip().upper().startswith("SELECT")]
+        assert len(selects) == 2
+        for sql in selects:
+            # the trace shows the parameters bound: explain it with literal values in place
+            plan = " / ".join(row[-1] for row in raw.execute("EXPLAIN QUERY PLAN " + sql))
+            assert "SCAN patient_record" not in plan and "SCAN record_key" not in plan, (sql, plan)
+    eng.dispose()
