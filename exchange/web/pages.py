@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote, unquote
 
+from exchange.store.outbox import DeliveryState
 from exchange.store.reviews import UNDOABLE, ReviewState
 
 DEFAULT_PAGE = "/reviews"
@@ -556,12 +557,12 @@ def delivery_rows(views: Iterable[Any], *, can_retry: bool) -> tuple[DeliveryRow
         out.append(DeliveryRow(
             id=d.id, destination=d.destination, state=d.state.value, attempts=d.attempts,
             last_error=d.last_error or "", control_id=d.control_id, created_at=when(d.created_at),
-            next_attempt_at=when(d.next_attempt_at) if d.state.value == "queued" else "",
+            next_attempt_at=when(d.next_attempt_at) if d.state is DeliveryState.QUEUED else "",
             message=" ".join(x for x in (d.message_facility, d.message_control_id, kind) if x),
             person=d.person_id, person_href=person_href(d.person_id),
             record=RecordRef(d.facility, d.mrn, record_href(d.facility, d.mrn)) if d.facility and d.mrn else None,
             reason=d.reason or "",
             retried=f"{d.retried_by} at {when(d.retried_at)}" if d.retried_by else "",
-            can_retry=can_retry and d.state.value == "failed",
+            can_retry=can_retry and d.state is DeliveryState.FAILED,
         ))
     return tuple(out)
