@@ -27,10 +27,12 @@ run: $(VENV)/.installed
 	$(BIN)/exchange db upgrade --config $(CONFIG)
 	$(BIN)/exchange serve --config $(CONFIG)
 
-# The whole test suite. PostgreSQL tests use EXCHANGE_TEST_POSTGRES
+# The whole test suite, one pytest-xdist worker per core (every test has its own
+# database, temporary directory and ports). PostgreSQL tests use EXCHANGE_TEST_POSTGRES
 # (default: the local server on 127.0.0.1:5432, database test).
+TEST_WORKERS ?= auto
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The intake benchmark (see README "Benchmarks").
 bench: $(VENV)/.installed-test
