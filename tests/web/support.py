@@ -89,13 +89,7 @@ class Harness:
         return response.code, data, response.headers
 
     def _result(self, d: Deferred):
-        self.stub.flush()
-        results: list = []
-        d.addBoth(results.append)
-        assert results, "the request did not finish"
-        if hasattr(results[0], "raiseException"):
-            results[0].raiseException()
-        return results[0]
+        return settled(self.stub, d)
 
     def audit(self) -> list[dict]:
         with self.engine.connect() as conn:
@@ -106,3 +100,14 @@ class Harness:
 def message(control_id: str = "MSG-1", **overrides) -> NewMessage:
     overrides.setdefault("received_at", T0)
     return new_message(control_id, **overrides)
+
+
+def settled(stub, d: Deferred):
+    """The result of an in-memory request's Deferred, once ``stub`` has delivered everything."""
+    stub.flush()
+    results: list = []
+    d.addBoth(results.append)
+    assert results, "the request did not finish"
+    if hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]

@@ -20,7 +20,7 @@ from exchange.store.db import write_transaction
 from exchange.web.api import API
 from exchange.web.server import build_root
 from exchange.web.workbench import Workbench
-from tests.web.support import T0, FakeClock, Harness, InlineDatabase
+from tests.web.support import T0, FakeClock, Harness, InlineDatabase, settled
 
 PASSWORD = "correct horse battery staple"
 FAST_N = 2**4  # test users get a cheap scrypt hash (the production cost is checked in tests/test_accounts.py)
@@ -135,10 +135,4 @@ class WorkbenchHarness(Harness):
         return Browser(self)
 
     def result(self, stub: StubTreq, d: Deferred):
-        stub.flush()
-        results: list = []
-        d.addBoth(results.append)
-        assert results, "the request did not finish"
-        if hasattr(results[0], "raiseException"):
-            results[0].raiseException()
-        return results[0]
+        return settled(stub, d)
