@@ -393,20 +393,28 @@ class Workbench:
                                       session=session))
         return value
 
-    async def _decide(self, request, session: SessionInfo, event: AuditEvent, fn: Callable[..., Any], args: tuple,
-                      kwargs: dict, back: str) -> Any:
-        """A decision and its audit row, one transaction; a refused one is a page with its reason."""
+    async def _decision(self, request, permission: Permission, resource: Audited, key: str | None, back: str,
+                        fn: Callable[..., Any], parse: Callable[[], tuple[tuple, dict]],
+                        key_of: Callable[[tuple], str] | None = None) -> bytes:
+        """A decision posted from a form: the session, CSRF token and role (``_poster``), the form
+        read by ``parse() -> (args, kwargs)`` (a FormError: a 400 page, audited as invalid), then
+        ``fn(*args, **kwargs)`` and its audit row in one transaction (``key_of(args)``, when given,
+        is the audited key); a refused decision is a page with its reason, else 303 to ``back``."""
+        session, event = await self._poster(request, permission, resource, key, back)
+        try:
+            args, kwargs = parse()
+        except FormError as exc:
+            await self.db.write(record, replace(event, outcome=Outcome.INVALID))
+            return self._error(request, 400, "Bad request", str(exc), session=session, back=back)
+        if key_of is not None:
+            event = replace(event, key=key_of(args))
         kwargs = {**kwargs, "actor": session.user, "now": self.now()}
         value = await self.db.write(decide_audited, fn, args, kwargs, event)
         if isinstance(value, DecisionError):
             titles = {404: "Not found", 409: "Not done", 422: "Not done"}
-            raise Respond(self._error(request, value.status, titles.get(value.status, "Not done"), value.reason,
-                                      session=session, back=back))
-        return value
-
-    async def _invalid(self, request, session: SessionInfo, event: AuditEvent, exc: FormError, back: str) -> bytes:
-        await self.db.write(record, replace(event, outcome=Outcome.INVALID))
-        return self._error(request, 400, "Bad request", str(exc), session=session, back=back)
+            return self._error(request, value.status, titles.get(value.status, "Not done"), value.reason,
+                               session=session, back=back)
+        return self._redirect(request, back)
 
     # -- logging in and out --------------------------------------------------------------------
 
@@ -523,9 +531,8 @@ class Workbench:
         review_id = path_id(review)
         if review_id is None:
             raise FormError("a review id is a number")
-        back = f"/reviews/{review_id}"
-        session, event = await self._poster(request, Permission.DECIDE_REVIEW, Audited.REVIEW, review, back)
-        try:
+
+        def parse() -> tuple[tuple, dict]:
             verdict = form_text(request, "decision", required=True, limit=20)
             if verdict not in [v.value for v in reviews.Verdict]:
                 raise FormError('the decision is "link" or "not-a-match"')
@@ -538,10 +545,10 @@ class Workbench:
                     kwargs["candidate"] = target[1]
                 elif target[0] == "person":
                     kwargs["person_id"] = form_id(request, "person")
-        except FormError as exc:
-            return await self._invalid(request, session, event, exc, back)
-        await self._decide(request, session, event, reviews.decide_review, (review_id, verdict), kwargs, back)
-        return self._redirect(request, back)
+            return (review_id, verdict), kwargs
+
+        return await self._decision(request, Permission.DECIDE_REVIEW, Audited.REVIEW, review,
+                                    f"/reviews/{review_id}", reviews.decide_review, parse)
 
     @app.route("/persons", methods=["GET"])
     @handled
@@ -566,17 +573,14 @@ class Workbench:
         person_id = path_id(person)
         if person_id is None:
             raise FormError("a person id is a number")
-        back = f"/persons/{person_id}"
-        session, event = await self._poster(request, Permission.DECIDE_PERSON, Audited.PERSON, person, back)
-        try:
+
+        def parse() -> tuple[tuple, dict]:
             facility = form_text(request, "facility", required=True, limit=200)
             mrn = form_text(request, "mrn", required=True, limit=400)
-            reason = form_reason(request)
-        except FormError as exc:
-            return await self._invalid(request, session, event, exc, back)
-        await self._decide(request, session, event, reviews.split_record, (person_id, facility, mrn),
-                           {"reason": reason}, back)
-        return self._redirect(request, back)
+            return (person_id, facility, mrn), {"reason": form_reason(request)}
+
+        return await self._decision(request, Permission.DECIDE_PERSON, Audited.PERSON, person,
+                                    f"/persons/{person_id}", reviews.split_record, parse)
 
     @app.route("/persons/<person>/merge", methods=["POST"])
     @handled
@@ -584,16 +588,13 @@ class Workbench:
         keep = path_id(person)
         if keep is None:
             raise FormError("a person id is a number")
-        back = f"/persons/{keep}"
-        session, event = await self._poster(request, Permission.DECIDE_PERSON, Audited.PERSON, None, back)
-        try:
+
+        def parse() -> tuple[tuple, dict]:
             other = form_id(request, "other")
-            kwargs = {"reason": form_reason(request), "force": form_flag(request, "force")}
-        except FormError as exc:
-            return await self._invalid(request, session, event, exc, back)
-        event = replace(event, key=f"{keep}<-{other}")
-        await self._decide(request, session, event, reviews.merge_persons, (keep, other), kwargs, back)
-        return self._redirect(request, back)
+            return (keep, other), {"reason": form_reason(request), "force": form_flag(request, "force")}
+
+        return await self._decision(request, Permission.DECIDE_PERSON, Audited.PERSON, None, f"/persons/{keep}",
+                                    reviews.merge_persons, parse, key_of=lambda args: f"{args[0]}<-{args[1]}")
 
     @app.route("/persons/<person>/opt-out", methods=["POST"])
     @handled
@@ -601,18 +602,15 @@ class Workbench:
         person_id = path_id(person)
         if person_id is None:
             raise FormError("a person id is a number")
-        back = f"/persons/{person_id}"
-        session, event = await self._poster(request, Permission.DECIDE_PERSON, Audited.PERSON, person, back)
-        try:
+
+        def parse() -> tuple[tuple, dict]:
             protected = form_text(request, "protected", required=True, limit=10)
             if protected not in ("true", "false"):
                 raise FormError("protected is true or false")
-            reason = form_reason(request)
-        except FormError as exc:
-            return await self._invalid(request, session, event, exc, back)
-        await self._decide(request, session, event, reviews.set_opt_out, (person_id, protected == "true"),
-                           {"reason": reason}, back)
-        return self._redirect(request, back)
+            return (person_id, protected == "true"), {"reason": form_reason(request)}
+
+        return await self._decision(request, Permission.DECIDE_PERSON, Audited.PERSON, person,
+                                    f"/persons/{person_id}", reviews.set_opt_out, parse)
 
     @app.route("/decisions/<decision>/undo", methods=["POST"])
     @handled
@@ -621,14 +619,9 @@ class Workbench:
         if decision_id is None:
             raise FormError("a decision id is a number")
         back = pages.safe_next(form_text(request, "back", limit=pages.MAX_NEXT_CHARS))
-        session, event = await self._poster(request, Permission.DECIDE_PERSON, Audited.PERSON,
-                                            f"decision/{decision_id}", back)
-        try:
-            reason = form_reason(request)
-        except FormError as exc:
-            return await self._invalid(request, session, event, exc, back)
-        await self._decide(request, session, event, reviews.undo_decision, (decision_id,), {"reason": reason}, back)
-        return self._redirect(request, back)
+        return await self._decision(request, Permission.DECIDE_PERSON, Audited.PERSON, f"decision/{decision_id}",
+                                    back, reviews.undo_decision,
+                                    lambda: ((decision_id,), {"reason": form_reason(request)}))
 
     @app.route("/records", methods=["GET"])
     @handled
