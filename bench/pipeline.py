@@ -68,6 +68,7 @@ from bench.intake.runner import (  # noqa: E402
     run_in_workdir,
     measure,
     median_round,
+    parse_targets,
     ratios,
     run_cleanup,
     source_version,
@@ -501,12 +502,7 @@ def parse_args(argv=None):
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (configs, logs, SQLite files)")
     args = parser.parse_args(argv)
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = sorted(set(targets) - set(ALL_TARGETS))
-    if unknown or not targets:
-        parser.error(f"--targets: unknown {', '.join(unknown) or '(none given)'}; "
-                     f"choose from {', '.join(ALL_TARGETS)}")
-    args.targets = [t for t in ALL_TARGETS if t in targets]
+    args.targets = parse_targets(parser, args.targets)
     if args.messages < 3 or args.connections < 1 or args.rounds < 1:
         parser.error("--messages must be >= 3, --connections and --rounds >= 1")
     return args

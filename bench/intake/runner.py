@@ -162,6 +162,16 @@ def rss_mb(pid: int) -> float | None:
     return total_kb / 1024 if found else None
 
 
+def parse_targets(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """``--targets`` (comma-separated) as a list in ALL_TARGETS order; a usage error otherwise."""
+    targets = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = sorted(set(targets) - set(ALL_TARGETS))
+    if unknown or not targets:
+        parser.error(f"--targets: unknown {', '.join(unknown) or '(none given)'}; "
+                     f"choose from {', '.join(ALL_TARGETS)}")
+    return [t for t in ALL_TARGETS if t in targets]
+
+
 def cpu_seconds(pid: int) -> float:
     total = 0
     for p in process_tree(pid):
@@ -606,12 +616,7 @@ def parse_args(argv=None):
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (configs, logs, SQLite file)")
     args = parser.parse_args(argv)
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = sorted(set(targets) - set(ALL_TARGETS))
-    if unknown or not targets:
-        parser.error(f"--targets: unknown {', '.join(unknown) or '(none given)'}; "
-                     f"choose from {', '.join(ALL_TARGETS)}")
-    args.targets = [t for t in ALL_TARGETS if t in targets]
+    args.targets = parse_targets(parser, args.targets)
     workloads = [w.strip() for w in args.workload.split(",") if w.strip()]
     if "all" in workloads:
         workloads = list(WORKLOADS)
