@@ -40,7 +40,7 @@ class Recorder:
         self.acked_ns = array.array("q")
         self.received_wall = array.array("d")
 
-    def raw_ack(self, block: bytes) -> tuple[str, bytes]:
+    def raw_ack(self, block: bytes, _reader=None) -> tuple[str, bytes]:
         """(MSH-10, an AA ACK) of a copy read as bytes."""
         msh = block.split(b"\r", 1)[0]
         sep = msh[3:4] or b"|"
@@ -54,32 +54,23 @@ class Recorder:
             b"\rMSA|AA|", control_id, b"\r"))
         return control_id.decode("ascii", "replace"), ack
 
-    async def handle_raw(self, reader, writer) -> None:
-        clock = time.perf_counter_ns
-        try:
-            while True:
-                async with asyncio.timeout(IDLE_TIMEOUT):
-                    block = await reader.readblock()
-                t0, wall = clock(), time.time()
-                control_id, ack = self.raw_ack(block)
-                writer.writeblock(ack)
-                self.record(control_id, t0, clock(), wall)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
-            pass
-        finally:
-            writer.close()
+    @staticmethod
+    def parsed_ack(block: bytes, reader) -> tuple[str, bytes]:
+        """(MSH-10, ``Message.create_ack("AA")``) of a copy parsed with ``hl7.parse``, as the baseline does."""
+        message = hl7.parse(block.decode(reader.encoding, reader.encoding_errors))
+        ack = message.create_ack("AA")
+        return str(message.segment("MSH")(10)), str(ack).encode(reader.encoding, reader.encoding_errors)
 
-    async def handle_parsed(self, reader, writer) -> None:
+    async def handle(self, reader, writer, answer) -> None:
+        """Answer each copy with ``answer(block, reader) -> (control_id, ack)`` and record its times."""
         clock = time.perf_counter_ns
         try:
             while True:
                 async with asyncio.timeout(IDLE_TIMEOUT):
                     block = await reader.readblock()
                 t0, wall = clock(), time.time()
-                message = hl7.parse(block.decode(reader.encoding, reader.encoding_errors))
-                control_id = str(message.segment("MSH")(10))
-                writer.writemessage(message.create_ack("AA"))
+                control_id, ack = answer(block, reader)
+                writer.writeblock(ack)
                 self.record(control_id, t0, clock(), wall)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
@@ -106,7 +97,11 @@ async def serve(args) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    handler = recorder.handle_parsed if args.parse else recorder.handle_raw
+    answer = recorder.parsed_ack if args.parse else recorder.raw_ack
+
+    async def handler(reader, writer) -> None:
+        await recorder.handle(reader, writer, answer)
+
     server = await start_hl7_server(handler, args.host, args.port)
     async with server:
         await stop.wait()
