@@ -69,7 +69,7 @@ from exchange.store.outbox import DeliveryState, RetryResult, list_deliveries
 from exchange.store.records import record_view
 from exchange.store.reviews import DecisionError, Trust
 from exchange.web import pages
-from exchange.web.api import decide_audited, read_audited, retry_audited
+from exchange.web.api import MAX_ID_DIGITS, decide_audited, path_id, read_audited, retry_audited
 
 log = Logger()
 
@@ -81,7 +81,6 @@ SESSION_COOKIE = b"exchange_session"
 LOGIN_COOKIE = b"exchange_login"  # the login form's own CSRF token
 MAX_COOKIE_CHARS = 100
 MAX_FIELD_CHARS = 4000  # form fields (reasons are at most reviews.MAX_REASON_CHARS)
-MAX_ID_DIGITS = 18
 PAGE_SIZE = 50  # reviews a page
 DELIVERIES_SHOWN = 200  # failed and queued copies each
 FAILED_LOGIN_PAUSE = (0.5, 1.0)  # seconds, drawn between: a wrong password is answered this much later
@@ -173,8 +172,12 @@ def handled(route: Callable) -> Callable:
     return wrapper
 
 
-def path_id(value: str) -> int | None:
-    return int(value) if value.isdigit() and len(value) <= MAX_ID_DIGITS else None
+def id_in_path(value: str, what: str) -> int:
+    """The id a path names (``exchange.web.api.path_id``); a FormError otherwise."""
+    number = path_id(value)
+    if number is None:
+        raise FormError(f"a {what} id is a number")
+    return number
 
 
 def form_text(request, name: str, *, required: bool = False, limit: int = MAX_FIELD_CHARS) -> str | None:
@@ -517,10 +520,9 @@ class Workbench:
     @handled
     async def review(self, request, review: str) -> bytes:
         session = await self._viewer(request)
-        if path_id(review) is None:
-            raise FormError("a review id is a number")
+        review_id = id_in_path(review, "review")
         detail = await self._read(request, session, Permission.READ_REVIEW, Audited.REVIEW, None, review,
-                                  reviews.review_detail, (int(review),), "review")
+                                  reviews.review_detail, (review_id,), "review")
         page = pages.review_page(detail, can_decide=allowed(session.role, Permission.DECIDE_REVIEW),
                                  can_undo=allowed(session.role, Permission.DECIDE_PERSON))
         return self._render(request, "review.html", session=session, page=page, back=f"/reviews/{page.id}")
@@ -528,9 +530,7 @@ class Workbench:
     @app.route("/reviews/<review>/decide", methods=["POST"])
     @handled
     async def decide_review(self, request, review: str) -> bytes:
-        review_id = path_id(review)
-        if review_id is None:
-            raise FormError("a review id is a number")
+        review_id = id_in_path(review, "review")
 
         def parse() -> tuple[tuple, dict]:
             verdict = form_text(request, "decision", required=True, limit=20)
@@ -560,19 +560,16 @@ class Workbench:
     @handled
     async def person(self, request, person: str) -> bytes:
         session = await self._viewer(request)
-        if path_id(person) is None:
-            raise FormError("a person id is a number")
+        person_id = id_in_path(person, "person")
         view, history = await self._read(request, session, Permission.READ_PERSON, Audited.PERSON, None, person,
-                                         _person, (int(person), self.trust), "person")
+                                         _person, (person_id, self.trust), "person")
         page = pages.person_page(view, history, can_decide=allowed(session.role, Permission.DECIDE_PERSON))
         return self._render(request, "person.html", session=session, page=page, back=f"/persons/{page.id}")
 
     @app.route("/persons/<person>/split", methods=["POST"])
     @handled
     async def split(self, request, person: str) -> bytes:
-        person_id = path_id(person)
-        if person_id is None:
-            raise FormError("a person id is a number")
+        person_id = id_in_path(person, "person")
 
         def parse() -> tuple[tuple, dict]:
             facility = form_text(request, "facility", required=True, limit=200)
@@ -585,9 +582,7 @@ class Workbench:
     @app.route("/persons/<person>/merge", methods=["POST"])
     @handled
     async def merge(self, request, person: str) -> bytes:
-        keep = path_id(person)
-        if keep is None:
-            raise FormError("a person id is a number")
+        keep = id_in_path(person, "person")
 
         def parse() -> tuple[tuple, dict]:
             other = form_id(request, "other")
@@ -599,9 +594,7 @@ class Workbench:
     @app.route("/persons/<person>/opt-out", methods=["POST"])
     @handled
     async def opt_out(self, request, person: str) -> bytes:
-        person_id = path_id(person)
-        if person_id is None:
-            raise FormError("a person id is a number")
+        person_id = id_in_path(person, "person")
 
         def parse() -> tuple[tuple, dict]:
             protected = form_text(request, "protected", required=True, limit=10)
@@ -615,9 +608,7 @@ class Workbench:
     @app.route("/decisions/<decision>/undo", methods=["POST"])
     @handled
     async def undo(self, request, decision: str) -> bytes:
-        decision_id = path_id(decision)
-        if decision_id is None:
-            raise FormError("a decision id is a number")
+        decision_id = id_in_path(decision, "decision")
         back = pages.safe_next(form_text(request, "back", limit=pages.MAX_NEXT_CHARS))
         return await self._decision(request, Permission.DECIDE_PERSON, Audited.PERSON, f"decision/{decision_id}",
                                     back, reviews.undo_decision,
@@ -657,9 +648,7 @@ class Workbench:
     @app.route("/deliveries/<delivery>/retry", methods=["POST"])
     @handled
     async def retry(self, request, delivery: str) -> bytes:
-        delivery_id = path_id(delivery)
-        if delivery_id is None:
-            raise FormError("a delivery id is a number")
+        delivery_id = id_in_path(delivery, "delivery")
         session, event = await self._poster(request, Permission.RETRY_DELIVERY, Audited.DELIVERY, delivery,
                                             "/deliveries")
         result, view = await self.db.write(retry_audited, delivery_id, session.user, self.now(), event)
