@@ -229,6 +229,11 @@ def body_flag(body: dict[str, Any], name: str) -> bool:
     return value
 
 
+def remote_host(request) -> str | None:
+    """The client's address, for the audit row (None when not over IP)."""
+    return getattr(request.getClientAddress(), "host", None)
+
+
 def path_id(value: str) -> int | None:
     return int(value) if value.isdigit() and len(value) <= MAX_ID_DIGITS else None
 
@@ -298,11 +303,6 @@ class API:
             self.tokens.put(token_hash, principal)
         return principal
 
-    @staticmethod
-    def _remote(request) -> str | None:
-        address = request.getClientAddress()
-        return getattr(address, "host", None)
-
     async def _audited_read(
         self,
         request,
@@ -324,7 +324,7 @@ class API:
             facility=facility,
             key=key,
             outcome=Outcome.FORBIDDEN,
-            remote=self._remote(request),
+            remote=remote_host(request),
         )
         if not allowed(principal.role, permission):
             await self.db.write(record, event)
@@ -556,7 +556,7 @@ class API:
             return self._error(request, 401, str(exc))
         event = AuditEvent(
             at=self.now(), actor=principal.name, role=principal.role.value, action=Action.DECIDE,
-            resource=resource, facility=None, key=key, outcome=Outcome.FORBIDDEN, remote=self._remote(request),
+            resource=resource, facility=None, key=key, outcome=Outcome.FORBIDDEN, remote=remote_host(request),
         )
         try:
             if not allowed(principal.role, permission):
@@ -620,7 +620,7 @@ class API:
                 facility=None,
                 key=delivery_id,
                 outcome=Outcome.FORBIDDEN,
-                remote=self._remote(request),
+                remote=remote_host(request),
             )
             if not allowed(principal.role, Permission.RETRY_DELIVERY):
                 await self.db.write(record, event)

@@ -69,7 +69,7 @@ from exchange.store.outbox import DeliveryState, RetryResult, list_deliveries
 from exchange.store.records import record_view
 from exchange.store.reviews import DecisionError, Trust
 from exchange.web import pages
-from exchange.web.api import MAX_ID_DIGITS, decide_audited, path_id, read_audited, retry_audited
+from exchange.web.api import MAX_ID_DIGITS, decide_audited, path_id, read_audited, remote_host, retry_audited
 
 log = Logger()
 
@@ -306,10 +306,6 @@ class Workbench:
         return b""
 
     @staticmethod
-    def _remote(request) -> str | None:
-        return getattr(request.getClientAddress(), "host", None)
-
-    @staticmethod
     def _set_cookie(request, name: bytes, value: str) -> None:
         request.addCookie(name, value, path=b"/", httpOnly=True, sameSite="strict", secure=request.isSecure())
 
@@ -377,7 +373,7 @@ class Workbench:
                key: str | None) -> AuditEvent:
         return AuditEvent(at=self.now(), actor=session.user, role=session.role.value, action=action,
                           resource=resource, facility=facility, key=key, outcome=Outcome.FORBIDDEN,
-                          remote=self._remote(request))
+                          remote=remote_host(request))
 
     def _forbidden(self, request, session: SessionInfo) -> bytes:
         return self._error(request, 403, "Not allowed",
@@ -448,7 +444,7 @@ class Workbench:
         now = self.now()
         event = AuditEvent(at=now, actor=name if check_name(name) is None else "-", role="-", action=Action.LOGIN,
                            resource=Audited.SESSION, facility=None, key=None, outcome=Outcome.FORBIDDEN,
-                           remote=self._remote(request))
+                           remote=remote_host(request))
         ok, result = False, None
         if check_name(name) is None and password:
             user = await self.db.read(find_user, name)
