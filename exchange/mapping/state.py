@@ -374,7 +374,7 @@ class MemoryState:
             if old_key != key or any(rec[k] != v for k, v in old_fields.items()):
                 out.changed_records.append((key, old_key))
                 if rec["identifiers"] != old_fields["identifiers"]:
-                    out.changed_identifiers.append(key)
+                    out.changed_identifiers.append((key, old_fields["identifiers"]))
             encounters = rec["encounters"]
             for visit in old_encounters.keys() - encounters.keys():
                 out.removed_encounters.append((key, visit))
@@ -433,7 +433,8 @@ class Dirty:
 
     new_records: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     changed_records: list[tuple[tuple[str, str], tuple[str, str]]] = dataclasses.field(default_factory=list)
-    changed_identifiers: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # current keys
+    # (current key, the identifiers at baseline) of changed records whose identifiers changed
+    changed_identifiers: list[tuple[tuple[str, str], dict]] = dataclasses.field(default_factory=list)
     removed_records: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     new_encounters: list[tuple[tuple[str, str], str]] = dataclasses.field(default_factory=list)
     changed_encounters: list[tuple[tuple[str, str], str]] = dataclasses.field(default_factory=list)

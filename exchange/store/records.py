@@ -240,6 +240,19 @@ def _record_from_row(rec: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
+_IDENTIFIER_COLUMNS = ("record_id", "authority", "value", "type")
+
+
+def _identifier_rows(record_id: int, rec: dict) -> list[dict[str, Any]]:
+    """The record_identifier rows of a record (``rec["identifiers"]``)."""
+    return [{"record_id": record_id, "authority": _cut(auth, AUTHORITY_LEN), "value": _cut(i.value, MRN_LEN),
+             "type": _cut(i.type_code, ID_TYPE_LEN)} for (auth, _), i in rec["identifiers"].items()]
+
+
+def _row_key(row: dict[str, Any]) -> tuple:
+    return (row["authority"], row["value"], row["type"])
+
+
 def _ts_text(ts: Timestamp | None) -> str | None:
     return None if ts is None else _cut(ts.isoformat(), TS_LEN)
 
@@ -470,7 +483,8 @@ def _statements(sqlite: bool) -> dict[str, Statement]:
                                                   "features"), returning=True),
         "set_link": s(patient_record, "update", ("person_id", "link", "link_score", "features"), ("id",)),
         "update_record": s(patient_record, "update", _RECORD_ROW_COLUMNS + ("updated_at",), ("id",)),
-        "insert_identifier": s(record_identifier, "insert", ("record_id", "authority", "value", "type")),
+        "insert_identifier": s(record_identifier, "insert", _IDENTIFIER_COLUMNS),
+        "delete_identifier": s(record_identifier, "delete", (), _IDENTIFIER_COLUMNS),
         "delete_encounter": s(encounter, "delete", (), ("record_id", "visit_number")),
         "update_encounter": s(encounter, "update", _ENCOUNTER_COLUMNS, ("record_id", "visit_number")),
         "insert_encounter": s(encounter, "insert", ("record_id", "visit_number") + _ENCOUNTER_COLUMNS),
@@ -584,15 +598,26 @@ def _save(w: Writer, state: MemoryState, d: Any, now: datetime, links: dict) -> 
             params.append(row)
         w.many("update_record", params)
 
-    # 4. Identifiers of new records, and of changed records whose identifiers changed: replaced as a whole.
-    touched = d.changed_identifiers + list(d.new_records)
-    w.delete_ids(record_identifier, "record_id", [current[key][0] for key in d.changed_identifiers])
-    w.many("insert_identifier", [
-        {"record_id": current[key][0], "authority": _cut(auth, AUTHORITY_LEN), "value": _cut(i.value, MRN_LEN),
-         "type": _cut(i.type_code, ID_TYPE_LEN)}
-        for key in touched
-        for (auth, _), i in state.records[key]["identifiers"].items()
-    ])
+    # 4. Identifiers: every row of a new record; of a changed record, the rows that differ
+    #    (an A08 usually changes one account number of four: three rows left alone, and
+    #    no dead rows left behind for PostgreSQL's indexes to step over).
+    gone: list[dict] = []
+    added = [row for key in d.new_records for row in _identifier_rows(current[key][0], state.records[key])]
+    replaced: list[int] = []
+    for key, before in d.changed_identifiers:
+        rid = current[key][0]
+        old = _identifier_rows(rid, {"identifiers": before})
+        new = _identifier_rows(rid, state.records[key])
+        old_set, new_set = set(map(_row_key, old)), set(map(_row_key, new))
+        if len(old_set) < len(old) or len(new_set) < len(new):  # two cut to the same row: replace them all
+            replaced.append(rid)
+            added.extend(new)
+            continue
+        gone.extend(row for row in old if _row_key(row) not in new_set)
+        added.extend(row for row in new if _row_key(row) not in old_set)
+    w.delete_ids(record_identifier, "record_id", replaced)
+    w.many("delete_identifier", gone)
+    w.many("insert_identifier", added)
 
     # 5. Encounters: removed (moved away by a merge, or of removed records), changed, new.
     removed_ids = [rec_ids[old][0] for old in d.removed_records]

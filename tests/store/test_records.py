@@ -23,6 +23,7 @@ from exchange.mapping.values import (
 from exchange.store.records import from_json, load, load_all, loads, record_view, save, to_json
 from exchange.store.reviews import person_view
 from exchange.store.schema import (
+    AUTHORITY_LEN,
     document_table,
     document_version_table,
     encounter_table,
@@ -168,6 +169,44 @@ def adt(event_, mrn, *more):
 
 def pv1(visit, loc="W1^1^A"):
     return "|".join(["PV1", "1", "I", loc] + [""] * 15 + [visit])
+
+
+def test_an_update_rewrites_only_the_identifier_rows_that_changed(engine: Engine):
+    def registration(event_, account):
+        return synthetic(msh("ADT", event_), f"EVN|{event_}|20240101",
+                         f"PID|1||1^^^HOSP^MR~{account}^^^HOSP^AN~123456789^^^SSA^SS||Doe^Jane||19620304|F")
+
+    def rows(conn):
+        return {(r.authority, r.value, r.type): r.id for r in conn.execute(select(record_identifier_table))}
+
+    run_batches(engine, [registration("A04", "V1")], [])
+    with engine.connect() as conn:
+        before = rows(conn)
+    run_batches(engine, [registration("A08", "V2")], [])
+    with engine.connect() as conn:
+        after = rows(conn)
+    assert set(after) == {("HOSP", "1", "MR"), ("HOSP", "V2", "AN"), ("SSA", "123456789", "SS")}
+    assert after[("HOSP", "1", "MR")] == before[("HOSP", "1", "MR")]  # left alone, not deleted and inserted
+    assert after[("SSA", "123456789", "SS")] == before[("SSA", "123456789", "SS")]
+    stored(engine)  # the look-up rows match the records
+
+
+def test_identifiers_the_columns_cannot_tell_apart_are_rewritten_whole(engine: Engine):
+    """Two authorities alike up to the column's length make two equal rows: no
+    row-by-row difference can say which one to delete, so all are replaced."""
+    long = "A" * AUTHORITY_LEN
+
+    def registration(event_, pid3):
+        return synthetic(msh("ADT", event_), f"EVN|{event_}|20240101", f"PID|1||{pid3}||Doe^Jane||19620304|F")
+
+    def rows():
+        with engine.connect() as conn:
+            return sorted((r.authority, r.value, r.type) for r in conn.execute(select(record_identifier_table)))
+
+    run_batches(engine, [registration("A04", f"1^^^HOSP^MR~7^^^{long}X^PI~V1^^^HOSP^AN")], [])
+    assert rows() == [(long, "7", "PI"), ("HOSP", "1", "MR"), ("HOSP", "V1", "AN")]
+    run_batches(engine, [registration("A08", f"1^^^HOSP^MR~7^^^{long}Y^PI~V2^^^HOSP^AN")], [])
+    assert rows() == [(long, "7", "PI"), (long, "7", "PI"), ("HOSP", "1", "MR"), ("HOSP", "V2", "AN")]
 
 
 def test_a40_moves_encounters_and_documents_and_the_retired_mrn_answers_inactive(engine: Engine):
