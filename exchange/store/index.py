@@ -465,9 +465,13 @@ def _candidates(conn: Connection, keys: set[str], own_persons: set[int]):
                    " UNION SELECT value FROM json_each(?))")
             params: list = [json.dumps(ids), json.dumps(sorted(own_persons))]
         else:
-            sql = ("SELECT id, facility, mrn, person_id, link, features FROM patient_record WHERE active AND person_id"
-                   " IN (SELECT person_id FROM patient_record WHERE id = ANY(%b::bigint[])"
-                   " UNION SELECT unnest(%b::bigint[]))")
+            # One index look-up per person (the LATERAL sub-select, kept apart by OFFSET 0):
+            # planned as a join, without statistics (autovacuum off) the table was scanned.
+            sql = ("SELECT r.id, r.facility, r.mrn, r.person_id, r.link, r.features"
+                   " FROM (SELECT person_id FROM patient_record WHERE id = ANY(%b::bigint[])"
+                   " UNION SELECT unnest(%b::bigint[])) AS p (person_id) CROSS JOIN LATERAL"
+                   " (SELECT id, facility, mrn, person_id, link, features FROM patient_record"
+                   " WHERE person_id = p.person_id AND active OFFSET 0) AS r")
             params = [ids, sorted(own_persons)]
         for record_id, facility, mrn, person, link, features in select_rows(conn, None, sql, params):
             key = (facility, mrn)
