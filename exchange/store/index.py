@@ -526,8 +526,7 @@ def _features(text: str | None) -> Features | None:
 
 @functools.lru_cache(maxsize=50_000)
 def _decode(text: str) -> Features | None:
-    """Decoded stored features, cached: the same candidates come back batch after batch
-    (features are immutable values; the text is the key, so a changed record misses)."""
+    """Decoded stored features; None for features stored by another version."""
     try:
         return decode_features(text)
     except ValueError:
