@@ -73,6 +73,8 @@ class ExchangeService(Service):
             batch_max=config.server.batch_max,
             max_pending=config.server.max_pending,
             on_routed=lambda destinations: self.copies_committed(destinations),
+            clock=reactor,
+            gather=config.server.batch_gather,
         )
         charsets = {f.code: f.charset for f in config.facilities}
         self.intake = Intake(

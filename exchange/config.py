@@ -98,6 +98,7 @@ _SERVER_KEYS = (
     "application",
     "facility_id",
     "batch_max",
+    "batch_gather",
     "max_pending",
     "log_level",
     "delivery_timeout",
@@ -262,6 +263,7 @@ class ServerConfig:
     application: str = "EXCHANGE"  # MSH-3 of our ACKs when the sender left MSH-5 empty
     facility_name: str = "EXCHANGE"  # MSH-4 of our ACKs when MSH-6 was empty (TOML key facility_id)
     batch_max: int = 500  # max messages per group commit
+    batch_gather: float = 0.002  # seconds a batch may wait for the senders just answered (0: never waits)
     max_pending: int = 5000  # messages waiting for the writer before connections are paused
     log_level: str = "info"
     # -- delivery of routed copies (exchange.delivery) --
@@ -481,6 +483,7 @@ class _Reader:
             application=self.code(table, "application", "server.application") or defaults.application,
             facility_name=self.code(table, "facility_id", "server.facility_id") or defaults.facility_name,
             batch_max=self.integer(table, "batch_max", "server.batch_max", defaults.batch_max, minimum=1),
+            batch_gather=self.batch_gather(table, defaults.batch_gather),
             max_pending=self.integer(table, "max_pending", "server.max_pending", defaults.max_pending, minimum=1),
             log_level=log_level.lower(),
             **self.delivery(table, defaults),
@@ -757,6 +760,12 @@ class _Reader:
         if not 0 <= value < float("inf"):
             raise self.fail(key, f"must be 0 (disabled) or a positive number of seconds (got {value})")
         return float(value)
+
+    def batch_gather(self, table: dict[str, Any], default: float) -> float:
+        value = self.number(table, "batch_gather", "server.batch_gather", default)
+        if value > 0.1:  # it delays ACKs: milliseconds, not seconds
+            raise self.fail("server.batch_gather", f"must be at most 0.1 seconds (got {value:g})")
+        return value
 
     def seconds(self, table: dict[str, Any], name: str, key: str, default: float) -> float:
         """A positive number of seconds (0 is not allowed: nothing to disable)."""

@@ -82,8 +82,17 @@ class GroupCommitter:
     One batch is in flight at a time (SQLite wants one writer; PostgreSQL is
     bound by round trips, which batching amortises). While a batch commits,
     new items wait in ``_pending``; when it finishes, everything pending
-    (up to ``batch_max``) becomes the next batch. No timers: a lone message
-    is committed at once, a busy feed gets large batches.
+    (up to ``batch_max``) becomes the next batch. A lone message is committed
+    at once, a busy feed gets large batches.
+
+    Senders that wait for each ACK before sending the next message answer a
+    batch's ACKs all at about the same time. Started with the first of them,
+    the next batch would hold one message and the rest would wait for it:
+    batches of 1 and n-1 in turn, twice the commits. So when fewer messages
+    are pending than were in flight last time (the last batch plus those that
+    came during it), the next batch waits for that many, at most ``gather``
+    seconds on ``clock``. (Measured with 8 such senders: PostgreSQL 363 ->
+    522 msgs/s; SQLite, whose commit costs less, about the same.)
     """
 
     def __init__(
@@ -93,6 +102,8 @@ class GroupCommitter:
         batch_max: int = 500,
         max_pending: int = 5000,
         on_routed: Callable[[set[str]], None] | None = None,
+        clock=None,
+        gather: float = 0.0,
     ) -> None:
         """``commit_batch(items)`` has the writer store a batch in one
         transaction; its Deferred fires with the answers once committed
@@ -107,6 +118,10 @@ class GroupCommitter:
         self._busy = False
         self._idle_waiters: list[Deferred] = []
         self._resume_waiters: list[Callable[[], None]] = []
+        self._clock = clock
+        self._gather = gather if clock is not None else 0.0
+        self._expect = 1  # messages in flight last time: the last batch and those that came during it
+        self._timer = None
 
     @property
     def pending(self) -> int:
@@ -125,7 +140,7 @@ class GroupCommitter:
         self._pending.append((item, d))
         metrics.PENDING.set(len(self._pending))
         if not self._busy:
-            self._start()
+            self._start_or_gather()
         return d
 
     def record_outcomes(self, outcomes: list) -> Deferred:
@@ -135,7 +150,7 @@ class GroupCommitter:
         d: Deferred = Deferred()
         self._side.append((list(outcomes), d))
         if not self._busy:
-            self._start()
+            self._start_or_gather()
         return d
 
     def wait_idle(self) -> Deferred:
@@ -145,6 +160,23 @@ class GroupCommitter:
         d: Deferred = Deferred()
         self._idle_waiters.append(d)
         return d
+
+    def _start_or_gather(self) -> None:
+        """Start the next batch now, or -- when fewer messages are pending than were
+        in flight last time, as when the senders just answered are still sending their
+        next -- once they are, or ``gather`` seconds have passed."""
+        if self._side or len(self._pending) >= min(self._expect, self._batch_max) or not self._gather:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._start()
+        elif self._timer is None:
+            self._timer = self._clock.callLater(self._gather, self._gathered)
+
+    def _gathered(self) -> None:
+        self._timer = None
+        if not self._busy and (self._pending or self._side):
+            self._start()
 
     def _start(self) -> None:
         batch = self._pending[: self._batch_max]
@@ -168,6 +200,7 @@ class GroupCommitter:
     def _committed(self, answers: list[Answer], batch, started: float, side=()) -> None:
         metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(batch))
+        self._expect = len(batch) + len(self._pending)
         for _, d in side:
             d.callback(None)
         routed: set[str] = set()
@@ -232,7 +265,7 @@ class GroupCommitter:
         self._busy = False
         metrics.PENDING.set(len(self._pending))
         if self._pending or self._side:
-            self._start()
+            self._start_or_gather()
         if len(self._pending) <= self._max_pending // 2 and self._resume_waiters:
             waiters, self._resume_waiters = self._resume_waiters, []
             for resume in waiters:

@@ -141,6 +141,7 @@ def test_minimal_file_gets_the_defaults(tmp_path):
         application="EXCHANGE",
         facility_name="EXCHANGE",
         batch_max=500,
+        batch_gather=0.002,
         max_pending=5000,
         log_level="info",
     )
@@ -170,6 +171,7 @@ idle_timeout = 0
 application = "HUB"
 facility_id = "HUBFAC"
 batch_max = 10
+batch_gather = 0
 max_pending = 20
 log_level = "DEBUG"
 
@@ -194,6 +196,7 @@ tls_fingerprint = "SHA256:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:
     assert (server.max_frame_bytes, server.idle_timeout, server.batch_max, server.max_pending) == (1024, 0.0, 10, 20)
     assert (server.application, server.facility_name, server.log_level) == ("HUB", "HUBFAC", "debug")
     assert server.max_document_bytes == 1
+    assert server.batch_gather == 0.0
     facility = config.facility("GENHOSP")
     assert facility.deliver_to == "tls:host=adt.genhosp.example:port=2575"
     assert facility.subscribe == ("ADT^A01", "MDM^*")
@@ -358,6 +361,8 @@ def test_not_utf8(tmp_path):
         (with_server("max_document_bytes = -1"), "server.max_document_bytes: must be at least 1 (got -1)"),
         (with_server("batch_max = 0"), "server.batch_max: must be at least 1 (got 0)"),
         (with_server("max_pending = -1"), "server.max_pending: must be at least 1 (got -1)"),
+        (with_server("batch_gather = 2"), "server.batch_gather: must be at most 0.1 seconds (got 2)"),
+        (with_server("batch_gather = -0.001"), "server.batch_gather: must be 0 (disabled) or a positive number"),
         (with_server("idle_timeout = -5"), "server.idle_timeout: must be 0 (disabled) or a positive number"),
         (with_server('idle_timeout = "5m"'), "server.idle_timeout: must be a number of seconds (got a string)"),
         (with_server('processing_id = "X"'), "server.processing_id: must be P, T or D (MSH-11.1) (got 'X')"),

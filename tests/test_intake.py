@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 
 from exchange.acceptance import AcceptancePolicy, FacilityRule
 from exchange.hl7.header import read_header
@@ -75,6 +76,55 @@ def test_messages_arriving_during_a_commit_share_the_next_transaction():
     assert len(first) == 1 and rest == []
     w.commit(1)
     assert [a.ack for a in rest] == [b"ACK C2", b"ACK C3", b"ACK C4", b"ACK C5"]
+
+
+def test_senders_just_answered_share_the_next_batch():
+    """Eight senders, each waiting for its ACK: the first to send again does not
+    get a batch of its own while the other seven wait for it."""
+    w, clock = Writer(), Clock()
+    c = GroupCommitter(w, clock=clock, gather=0.002)
+    results_of([c.submit(item(1))])  # a lone message: at once
+    results_of([c.submit(item(n)) for n in range(2, 9)])  # the other seven, during its commit
+    w.commit(0)
+    assert [len(b) for b in w.batches] == [1]  # eight were in flight: waiting for the first sender
+    results_of([c.submit(item(9))])
+    assert [len(b) for b in w.batches] == [1, 8]  # at once, no timer needed
+    w.commit(1)
+    results_of([c.submit(item(n)) for n in range(11, 18)])
+    assert [len(b) for b in w.batches] == [1, 8]
+    results_of([c.submit(item(18))])
+    assert [len(b) for b in w.batches] == [1, 8, 8]
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_batch_waits_for_senders_at_most_the_gather_time():
+    w, clock = Writer(), Clock()
+    c = GroupCommitter(w, clock=clock, gather=0.002)
+    results_of([c.submit(item(n)) for n in range(4)])
+    w.commit(0)  # four in flight, three pending: the first sender does not come back
+    clock.advance(0.0019)
+    assert [len(b) for b in w.batches] == [1]
+    clock.advance(0.0001)
+    assert [len(b) for b in w.batches] == [1, 3]
+
+
+def test_without_gather_the_next_batch_starts_with_what_is_pending():
+    w, clock = Writer(), Clock()
+    c = GroupCommitter(w, clock=clock, gather=0.0)
+    results_of([c.submit(item(n)) for n in range(4)])
+    w.commit(0)
+    assert [len(b) for b in w.batches] == [1, 3]
+
+
+def test_delivery_outcomes_do_not_wait_for_senders():
+    w, clock = Writer(), Clock()
+    c = GroupCommitter(w, clock=clock, gather=0.002)
+    results_of([c.submit(item(n)) for n in range(4)])
+    w.commit(0)
+    assert [len(b) for b in w.batches] == [1]  # waiting for the first sender
+    c.record_outcomes(["an outcome"])
+    assert [len(b) for b in w.batches] == [1, 3] and w.outcomes[-1] == ["an outcome"]
+    assert clock.getDelayedCalls() == []
 
 
 def test_batches_are_capped():
