@@ -20,7 +20,7 @@ from exchange.jobs import JobScheduler
 from exchange.store.reviews import Trust
 from exchange.mllp.protocol import MLLPServerFactory
 from exchange.mllp.tls import server_endpoint
-from exchange.writer import WriterProcess
+from exchange.writer import WRITER_BOOT, WriterProcess
 from exchange.web.api import API
 from exchange.web.db import Database
 from exchange.web.server import build_site
@@ -66,7 +66,7 @@ class ExchangeService(Service):
         self.announce = announce
         self.writer = WriterProcess(
             reactor,
-            [sys.executable, "-m", "exchange.writer", "--config", str(config.path), "--database", config.server.database],
+            [sys.executable, "-c", WRITER_BOOT, "--config", str(config.path), "--database", config.server.database],
         )
         self.committer = GroupCommitter(
             self.writer.run,

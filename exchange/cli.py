@@ -155,6 +155,17 @@ def cmd_db_upgrade(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    # A stop signal while the exchange is still starting (imports, migrations) is
+    # remembered and honoured once the reactor runs: the default SIGINT handler
+    # would raise wherever Python happens to be, even where the exception is
+    # swallowed (a garbage-collection callback), and the exchange would run on.
+    early: dict[str, int] = {}
+
+    def remember(signum, _frame):
+        early.setdefault("signal", signum)
+
+    signal.signal(signal.SIGINT, remember)
+    signal.signal(signal.SIGTERM, remember)
     config = _load(args)
     from exchange.logs import start_logging
 
@@ -172,6 +183,9 @@ def cmd_serve(args) -> int:
     outcome = {"code": 0}
 
     def start():
+        if outcome.get("stopping"):  # told to stop while starting: nothing to start
+            return
+        reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
         d = service.startService()
 
         def failed(failure):
@@ -192,10 +206,14 @@ def cmd_serve(args) -> int:
     def install_signal_handlers():
         signal.signal(signal.SIGINT, stop_once)
         signal.signal(signal.SIGTERM, stop_once)
+        if "signal" in early:
+            stop_once(early["signal"], None)
 
+    if "signal" in early:
+        print("exchange: stopped before it started", flush=True)
+        return 0
     reactor.callWhenRunning(install_signal_handlers)  # after Twisted's own
     reactor.callWhenRunning(start)
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     print(f"exchange: database {_safe_url(config.server.database)}", flush=True)
     reactor.run()
     return outcome["code"]
@@ -609,6 +627,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageFailure as exc:
         print(f"exchange: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # interrupted (Ctrl-C): no traceback
+        print("exchange: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -209,6 +209,16 @@ def make_batch_runner(
     return run
 
 
+# How the parent starts the writer (``python -c WRITER_BOOT --config ... --database ...``):
+# shutdown is the parent's to order, so the stop signals are ignored before anything
+# is imported -- a Ctrl-C reaches the whole process group, and one arriving while the
+# writer imports would otherwise end it with a traceback. (Its stdin closing stops it.)
+WRITER_BOOT = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "from exchange.writer import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 

@@ -123,3 +123,41 @@ def test_repeated_stop_signals_stop_it_once_and_cleanly(tmp_path):
     output = "".join(proc.output)
     assert "Traceback" not in output
     assert "exchange stopped cleanly" in output
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Has the process installed a SIGTERM handler (its SigCgt mask)?"""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(mask & (1 << (15 - 1)))
+
+
+@pytest.mark.parametrize("after", [0.0, 0.2, 0.5, 1.0])
+def test_ctrl_c_while_it_starts_stops_it_cleanly(tmp_path, after):
+    """A Ctrl-C (SIGINT to the whole process group, the writer included) while
+    the exchange imports, migrates or starts: it stops, without a traceback,
+    instead of running on with the signal lost."""
+    import os
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exchange.cli", "serve", "--config", str(write_config(tmp_path)),
+         "--database", f"sqlite:///{tmp_path / 'early.db'}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not _catches_sigterm(proc.pid) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.005)
+        time.sleep(after)
+        os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text_ = output.decode()
+    assert proc.returncode == 0, text_
+    assert "Traceback" not in text_ and "KeyboardInterrupt" not in text_, text_
