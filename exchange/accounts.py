@@ -30,7 +30,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import lru_cache
 
-from sqlalchemy import Connection, delete, insert, or_, select, update
+from sqlalchemy import Connection, delete, func, insert, or_, select, update
 
 from exchange.auth import Role, hash_token
 from exchange.store.schema import (
@@ -299,6 +299,33 @@ def disable_user(conn: Connection, name: str, now: datetime) -> bool | None:
         return False
     conn.execute(update(workbench_user).where(workbench_user.c.id == user.id).values(disabled_at=now))
     return True
+
+
+@dataclass(frozen=True, slots=True)
+class UserSummary:
+    name: str
+    role: str
+    state: str  # active, disabled or locked (too many failed logins, until locked_until)
+    created_at: datetime
+    locked_until: datetime | None
+    sessions: int  # not past their absolute expiry
+
+
+def list_users(conn: Connection, now: datetime) -> list[UserSummary]:
+    """Every workbench user, by name, with its state and open sessions (never its hash)."""
+    open_sessions = (select(workbench_session.c.user_id, func.count().label("n"))
+                     .where(workbench_session.c.expires_at > now).group_by(workbench_session.c.user_id).subquery())
+    rows = conn.execute(
+        select(workbench_user.c.name, workbench_user.c.role, workbench_user.c.created_at,
+               workbench_user.c.disabled_at, workbench_user.c.locked_until, open_sessions.c.n)
+        .outerjoin(open_sessions, open_sessions.c.user_id == workbench_user.c.id)
+        .order_by(workbench_user.c.name))
+    out = []
+    for r in rows:
+        locked = r.locked_until is not None and r.locked_until > now
+        state = "disabled" if r.disabled_at is not None else "locked" if locked else "active"
+        out.append(UserSummary(r.name, r.role, state, r.created_at, r.locked_until if locked else None, r.n or 0))
+    return out
 
 
 # -- store: logins and sessions ----------------------------------------------------

@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("name")
     common(revoke)
 
-    user = sub.add_parser("user", help="workbench logins: add (or --reset) and disable")
+    user = sub.add_parser("user", help="workbench logins: add (or --reset), disable, list")
     user_sub = user.add_subparsers(dest="user_command", required=True)
     add = user_sub.add_parser(
         "add",
@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     disable = user_sub.add_parser("disable", help="disable a workbench user and end its sessions")
     disable.add_argument("name")
     common(disable)
+    listing = user_sub.add_parser("list", help="every workbench user: role, state, created, open sessions")
+    common(listing)
 
     reviews = sub.add_parser("reviews", help="the patient index's review queue: list, show, decide, undo")
     reviews_sub = reviews.add_subparsers(dest="reviews_command", required=True)
@@ -297,11 +299,27 @@ def _read_password(name: str) -> str:
 
 
 def cmd_user(args) -> int:
-    """``user add NAME --role R [--reset]`` (password on stdin) and ``user disable NAME``."""
-    from exchange.accounts import UserError, add_user, check_name, disable_user, find_user, hash_password
+    """``user add NAME --role R [--reset]`` (password on stdin), ``user disable NAME``, ``user list``."""
+    from exchange.accounts import UserError, add_user, check_name, disable_user, find_user, hash_password, list_users
     from exchange.auth import Role
     from exchange.store.db import make_engine, upgrade, write_transaction
 
+    if args.user_command == "list":
+        engine = make_engine(_database_url(args))
+        try:
+            with engine.connect() as conn:
+                users = list_users(conn, _now())
+        except Exception as exc:  # unreachable, or not migrated; its text may quote the URL's password
+            raise UsageFailure(f"cannot read the workbench users from {_safe_url(_database_url(args))}"
+                               f" ({type(exc).__name__})") from None
+        finally:
+            engine.dispose()
+        print("name\trole\tstate\tcreated\tsessions", flush=True)
+        for u in users:
+            state = f"locked until {u.locked_until.isoformat(timespec='seconds')}" if u.locked_until else u.state
+            print(f"{u.name}\t{u.role}\t{state}\t{u.created_at.isoformat(timespec='seconds')}\t{u.sessions}",
+                  flush=True)
+        return 0
     reason = check_name(args.name)
     if reason:
         raise UsageFailure(reason)

@@ -117,3 +117,46 @@ def test_a_terminal_is_asked_twice_without_echo(tmp_path, capsys, monkeypatch):
     assert cli.main(["user", "add", "ann", "--role", "admin", "--database", url]) == 0
     assert prompts == ["Password for ann: ", "Again: "] * 2
     assert verify_password(PASSWORD, users(url)["ann"]["password_hash"])
+
+
+def test_list_shows_each_user_state_and_open_sessions_never_a_hash(database_url, capsys, monkeypatch):
+    from datetime import datetime, timedelta, timezone
+
+    from sqlalchemy import insert, update
+
+    from exchange.store.schema import workbench_session_table
+
+    db = ("--database", database_url)
+    for name, role in (("ann", "admin"), ("bob", "technician"), ("cy", "technician")):
+        assert run(capsys, monkeypatch, "user", "add", name, "--role", role, *db, stdin=PASSWORD)[0] == 0
+    assert run(capsys, monkeypatch, "user", "disable", "bob", *db)[0] == 0
+    now = datetime.now(timezone.utc)
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            ids = {r.name: r.id for r in conn.execute(select(workbench_user_table))}
+            conn.execute(update(workbench_user_table).where(workbench_user_table.c.name == "cy")
+                         .values(locked_until=now + timedelta(minutes=15), failed_logins=5))
+            for sid, expires in (("s1", now + timedelta(hours=1)), ("s2", now + timedelta(hours=2)),
+                                 ("s3", now - timedelta(hours=1))):  # the last one is over
+                conn.execute(insert(workbench_session_table).values(
+                    id=sid, user_id=ids["ann"], created_at=now - timedelta(hours=3), expires_at=expires,
+                    last_seen_at=now, csrf_token="x"))
+    finally:
+        engine.dispose()
+
+    code, out, err = run(capsys, monkeypatch, "user", "list", *db)
+    assert (code, err) == (0, "")
+    lines = [line.split("\t") for line in out.strip().splitlines()]
+    assert lines[0] == ["name", "role", "state", "created", "sessions"]
+    assert [(n, r, s.split(" ")[0], sessions) for n, r, s, _, sessions in lines[1:]] == [
+        ("ann", "admin", "active", "2"), ("bob", "technician", "disabled", "0"), ("cy", "technician", "locked", "0")]
+    assert lines[3][2].startswith("locked until ")
+    assert "scrypt" not in out
+
+
+def test_list_on_an_unreachable_database_is_one_line_and_exit_2(capsys, monkeypatch):
+    code, out, err = run(capsys, monkeypatch, "user", "list", "--database",
+                         "postgresql+psycopg://nobody:secret@127.0.0.1:1/none")
+    assert code == 2 and out == "" and "cannot read the workbench users" in one_line(err)
+    assert "secret" not in err
