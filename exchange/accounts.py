@@ -121,6 +121,17 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(candidate, key_)
 
 
+def needs_rehash(stored: str) -> bool:
+    """Was ``stored`` made with other scrypt parameters than :func:`hash_password` uses now
+    (a hash from before they were raised)? It is replaced at the next successful login."""
+    try:
+        scheme, n, r, p, _salt, key = stored.split("$")
+        return (scheme, int(n), int(r), int(p), len(base64.b64decode(key))) != (
+            "scrypt", SCRYPT_N, SCRYPT_R, SCRYPT_P, SCRYPT_KEY_BYTES)
+    except (AttributeError, ValueError):
+        return True
+
+
 @lru_cache(maxsize=1)
 def dummy_hash() -> str:
     """A hash no password matches in practice: verified against when the name is unknown, so
@@ -339,9 +350,10 @@ class LoginResult:
 
 
 def complete_login(conn: Connection, name: str, verified_hash: str, password_ok: bool, now: datetime,
-                   policy: Policy, token: str, csrf: str) -> LoginResult:
+                   policy: Policy, token: str, csrf: str, rehash: str | None = None) -> LoginResult:
     """The second half of a login, after the password was checked (off the reactor) against
     ``verified_hash``: re-read the user (locked), decide, count the failure or start the session.
+    ``rehash``: the password hashed again with today's parameters, stored if the login succeeds.
 
     A password changed in between counts as wrong. Sessions that are over (anyone's) are
     deleted here, so the table does not grow.
@@ -359,7 +371,7 @@ def complete_login(conn: Connection, name: str, verified_hash: str, password_ok:
     if outcome is not LoginOutcome.OK:
         return LoginResult(outcome, user.role)
     conn.execute(update(workbench_user).where(workbench_user.c.id == user.id)
-                 .values(failed_logins=0, locked_until=None))
+                 .values(failed_logins=0, locked_until=None, **({"password_hash": rehash} if rehash else {})))
     conn.execute(delete(workbench_session).where(or_(workbench_session.c.expires_at <= now,
                                                      workbench_session.c.last_seen_at <= now - policy.idle)))
     info = SessionInfo(id=session_id(token), user=user.name, role=Role(user.role), csrf=csrf, created_at=now,

@@ -268,3 +268,10 @@ def test_sessions_over_are_deleted_at_the_next_login(engine):
         assert end_session(conn, session_id("kept-token")) is True
         assert end_session(conn, session_id("kept-token")) is False
         assert conn.execute(select(func.count()).select_from(workbench_session_table)).scalar() == 1
+
+
+def test_needs_rehash_for_every_hash_not_made_as_today():
+    assert not accounts.needs_rehash(hash_password(PASSWORD))
+    assert accounts.needs_rehash(hash_password(PASSWORD, n=FAST))
+    assert accounts.needs_rehash("scrypt$16384$8$1$c2FsdA==$a2V5")  # a shorter key
+    assert accounts.needs_rehash("bcrypt$whatever") and accounts.needs_rehash("")

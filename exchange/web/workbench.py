@@ -53,6 +53,8 @@ from exchange.accounts import (
     end_session,
     find_session,
     find_user,
+    hash_password,
+    needs_rehash,
     needs_touch,
     new_csrf_token,
     new_session_token,
@@ -113,18 +115,21 @@ class FormError(Exception):
 # -- transactions (run on the database thread pool) ---------------------------------------
 
 
-def _check_password(password: str, stored: str | None) -> bool:
+def _check_password(password: str, stored: str | None) -> tuple[bool, str | None]:
     """In a worker thread: scrypt is slow on purpose. Unknown users are checked against a
-    dummy hash, so that the answer takes as long."""
-    return verify_password(password, stored if stored is not None else dummy_hash()) and stored is not None
+    dummy hash, so that the answer takes as long. Also the password's new hash when the
+    stored one was made with older parameters (stored if the login succeeds)."""
+    ok = verify_password(password, stored if stored is not None else dummy_hash()) and stored is not None
+    return ok, hash_password(password) if ok and needs_rehash(stored) else None
 
 
-def _login(conn: Connection, name: str, verified_hash: str, password_ok: bool, now: datetime, policy: Policy,
-           token: str, csrf: str, old_session: str | None, event: AuditEvent):
+def _login(conn: Connection, name: str, verified_hash: str, checked: tuple[bool, str | None], now: datetime,
+           policy: Policy, token: str, csrf: str, old_session: str | None, event: AuditEvent):
     """Finish a login and audit it, one transaction; the browser's old session (if any) ends."""
     if old_session is not None:
         end_session(conn, old_session)
-    result = complete_login(conn, name, verified_hash, password_ok, now, policy, token, csrf)
+    password_ok, rehash = checked
+    result = complete_login(conn, name, verified_hash, password_ok, now, policy, token, csrf, rehash)
     record(conn, replace(event, role=result.role or "-",
                          outcome=Outcome.OK if result.outcome is LoginOutcome.OK else Outcome.FORBIDDEN))
     return result

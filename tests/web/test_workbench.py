@@ -171,6 +171,28 @@ def test_repeated_failures_lock_the_login_out(engine):
     assert attempt(PASSWORD) == 303
 
 
+def test_a_hash_made_with_older_parameters_is_replaced_at_the_next_login(web):
+    from sqlalchemy import select
+
+    from exchange.accounts import SCRYPT_N, verify_password
+    from exchange.store.schema import workbench_user_table
+
+    def stored() -> str:
+        with web.engine.connect() as conn:
+            return conn.execute(select(workbench_user_table.c.password_hash)).scalar_one()
+
+    web.user("tess", "technician")  # a cheap hash: made with other parameters than today's
+    old = stored()
+    browser = web.browser()
+    assert browser.post("/login", {"csrf": browser.get("/login").csrf(), "name": "tess",
+                                   "password": "not the password"}).code == 403
+    assert stored() == old  # only a successful login replaces it
+    assert browser.login("tess").code == 303
+    new = stored()
+    assert new != old and new.startswith(f"scrypt${SCRYPT_N}$") and verify_password(PASSWORD, new)
+    assert web.browser().login("tess").code == 303 and stored() == new  # and only once
+
+
 def test_login_form_token_is_required(web):
     wb = web
     wb.user("tess", "technician")
