@@ -17,9 +17,14 @@ from exchange.pipeline import Answer, Received
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
 
 
-def item(n: int) -> Received:
+def item(n: int, peer: str = "127.0.0.1:1") -> Received:
     raw = f"MSH|^~\\&|A|GENHOSP|B|C|20261127||ADT^A01|C{n}|P|2.5\r".encode()
-    return Received(raw, read_header(raw), ACCEPTED, NOW, "127.0.0.1:1")
+    return Received(raw, read_header(raw), ACCEPTED, NOW, peer)
+
+
+def sender(n: int, k: int) -> Received:
+    """Message ``n`` from connection ``k``."""
+    return item(n, f"127.0.0.1:{1000 + k}")
 
 
 class Writer:
@@ -83,16 +88,16 @@ def test_senders_just_answered_share_the_next_batch():
     get a batch of its own while the other seven wait for it."""
     w, clock = Writer(), Clock()
     c = GroupCommitter(w, clock=clock, gather=0.002)
-    results_of([c.submit(item(1))])  # a lone message: at once
-    results_of([c.submit(item(n)) for n in range(2, 9)])  # the other seven, during its commit
+    results_of([c.submit(sender(1, 1))])  # a lone message: at once
+    results_of([c.submit(sender(n, n)) for n in range(2, 9)])  # the other seven, during its commit
     w.commit(0)
-    assert [len(b) for b in w.batches] == [1]  # eight were in flight: waiting for the first sender
-    results_of([c.submit(item(9))])
+    assert [len(b) for b in w.batches] == [1]  # waiting for sender 1, just answered
+    results_of([c.submit(sender(9, 1))])
     assert [len(b) for b in w.batches] == [1, 8]  # at once, no timer needed
     w.commit(1)
-    results_of([c.submit(item(n)) for n in range(11, 18)])
+    results_of([c.submit(sender(10 + k, k)) for k in range(1, 8)])
     assert [len(b) for b in w.batches] == [1, 8]
-    results_of([c.submit(item(18))])
+    results_of([c.submit(sender(18, 8))])
     assert [len(b) for b in w.batches] == [1, 8, 8]
     assert clock.getDelayedCalls() == []
 
@@ -100,18 +105,27 @@ def test_senders_just_answered_share_the_next_batch():
 def test_a_batch_waits_for_senders_at_most_the_gather_time():
     w, clock = Writer(), Clock()
     c = GroupCommitter(w, clock=clock, gather=0.002)
-    results_of([c.submit(item(n)) for n in range(4)])
-    w.commit(0)  # four in flight, three pending: the first sender does not come back
+    results_of([c.submit(sender(n, n)) for n in range(4)])
+    w.commit(0)  # sender 0 was answered and does not send again
     clock.advance(0.0019)
     assert [len(b) for b in w.batches] == [1]
     clock.advance(0.0001)
     assert [len(b) for b in w.batches] == [1, 3]
 
 
+def test_a_sender_not_waiting_for_its_acks_is_not_waited_for():
+    """One connection streaming without waiting: its next messages are pending already."""
+    w, clock = Writer(), Clock()
+    c = GroupCommitter(w, clock=clock, gather=0.002)
+    results_of([c.submit(sender(n, 1)) for n in range(6)])
+    w.commit(0)
+    assert [len(b) for b in w.batches] == [1, 5] and clock.getDelayedCalls() == []
+
+
 def test_without_gather_the_next_batch_starts_with_what_is_pending():
     w, clock = Writer(), Clock()
     c = GroupCommitter(w, clock=clock, gather=0.0)
-    results_of([c.submit(item(n)) for n in range(4)])
+    results_of([c.submit(sender(n, n)) for n in range(4)])
     w.commit(0)
     assert [len(b) for b in w.batches] == [1, 3]
 
@@ -119,9 +133,9 @@ def test_without_gather_the_next_batch_starts_with_what_is_pending():
 def test_delivery_outcomes_do_not_wait_for_senders():
     w, clock = Writer(), Clock()
     c = GroupCommitter(w, clock=clock, gather=0.002)
-    results_of([c.submit(item(n)) for n in range(4)])
+    results_of([c.submit(sender(n, n)) for n in range(4)])
     w.commit(0)
-    assert [len(b) for b in w.batches] == [1]  # waiting for the first sender
+    assert [len(b) for b in w.batches] == [1]  # waiting for sender 0
     c.record_outcomes(["an outcome"])
     assert [len(b) for b in w.batches] == [1, 3] and w.outcomes[-1] == ["an outcome"]
     assert clock.getDelayedCalls() == []
