@@ -23,6 +23,12 @@ acknowledgement with no MSA means, per HL7, that no message was in error).
 Then a summary: ``sent N, accepted A, errors E, rejected R`` (N counts
 messages, each MSH of a batch; A counts AA/CA, R AR/CR, E everything else).
 
+A message that is itself an acknowledgement (MSH-9.1 ``ACK``) gets no reply
+(HL7: never acknowledge an ACK): it is written in its turn, the next message
+follows at once, its line says ``an ACK: sent, no reply expected`` and the
+summary ends with ``, ACKs sent without reply K``. It does not count against
+exit code 0.
+
 Exit codes: 0 when every ACK was AA or CA; 1 when one was not, or when the
 connection failed, was lost or an ACK did not come within ``timeout`` seconds
 (one line on ``err`` says why; messages after that are not sent); 2 when a
@@ -156,6 +162,7 @@ class OutboundMessage:
     control_id: str  # MSH-10; for a batch BHS-11, else FHS-11, else ""
     is_batch: bool
     count: int  # HL7 messages inside: 1, or the MSH segments of a batch (at least 1)
+    is_ack: bool = False  # MSH-9.1 is ACK: sent without waiting for a reply (nobody acknowledges an ACK)
 
 
 def describe(path: str, payload: bytes) -> OutboundMessage:
@@ -172,7 +179,8 @@ def describe(path: str, payload: bytes) -> OutboundMessage:
                 break
         count = sum(1 for s in segments if s.startswith(b"MSH"))
         return OutboundMessage(path, payload, control_id, True, max(count, 1))
-    return OutboundMessage(path, payload, _field(first, 10), False, 1)
+    is_ack = _field(first, 9).split(first[4:5].decode("latin-1") or "^")[0].strip().upper() == "ACK"
+    return OutboundMessage(path, payload, _field(first, 10), False, 1, is_ack)
 
 
 def _field(segment: bytes, number: int) -> str:
@@ -269,6 +277,7 @@ class Tally:
     accepted: int = 0
     errors: int = 0
     rejected: int = 0
+    acks: int = 0  # ACK messages sent, which get no reply
 
     def count(self, code: str) -> None:
         if code in ACCEPTED_CODES:
@@ -283,7 +292,8 @@ class Tally:
         return self.errors == 0 and self.rejected == 0
 
     def summary(self) -> str:
-        return f"sent {self.sent}, accepted {self.accepted}, errors {self.errors}, rejected {self.rejected}"
+        acks = f", ACKs sent without reply {self.acks}" if self.acks else ""
+        return f"sent {self.sent}, accepted {self.accepted}, errors {self.errors}, rejected {self.rejected}{acks}"
 
 
 def _line(control_id: str, code: str, text: str) -> str:
@@ -334,6 +344,16 @@ def send_messages(
     try:
         for message in messages:
             tally.sent += message.count
+            if message.is_ack:
+                try:
+                    yield protocol.post(message.payload)
+                except Exception as e:  # connection lost
+                    failure = f"{message.path}: message {message.control_id!r}: {_reason(e)}"
+                    break
+                tally.acks += 1
+                print(_line(message.control_id, "", "an ACK: sent, no reply expected"), file=out)
+                out.flush()
+                continue
             try:
                 reply = yield protocol.send(message.payload)
             except Exception as e:  # timeout, connection lost, framing error: stop here

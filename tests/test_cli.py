@@ -161,3 +161,23 @@ def test_ctrl_c_while_it_starts_stops_it_cleanly(tmp_path, after):
     text_ = output.decode()
     assert proc.returncode == 0, text_
     assert "Traceback" not in text_ and "KeyboardInterrupt" not in text_, text_
+
+
+def test_send_passes_an_ack_on_without_waiting_and_the_exchange_records_it_unanswered(server, tmp_path):
+    ack = (b"MSH|^~\\&|LAB|GENHOSP|EXCHANGE|EXCHANGE|20260101||ACK^A01^ACK|ACK-9|P|2.5\r"
+           b"MSA|AA|SOME-ID\r")
+    path = tmp_path / "mixed.hl7"
+    path.write_bytes(adt("MIX-1") + ack + adt("MIX-2"))
+    host, port = server.address
+    started = time.monotonic()
+    result = exchange("send", f"{host}:{port}", str(path))
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 20  # not a 30 s wait for a reply that never comes
+    assert result.stdout.splitlines() == [
+        "MIX-1\tAA\t", "ACK-9\t\tan ACK: sent, no reply expected", "MIX-2\tAA\t",
+        "sent 3, accepted 2, errors 0, rejected 0, ACKs sent without reply 1"]
+    engine = create_engine(server.db)
+    with engine.connect() as c:
+        state, ack_sent = c.execute(text("select state, ack from message where control_id = 'ACK-9'")).one()
+    engine.dispose()
+    assert state == "ignored" and ack_sent is None

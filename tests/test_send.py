@@ -321,6 +321,20 @@ def test_all_accepted_is_exit_0(tmp_path):
     assert peer.out.getvalue().splitlines()[-1] == "sent 2, accepted 2, errors 0, rejected 0"
 
 
+def test_an_ack_message_is_sent_without_waiting_for_a_reply(tmp_path):
+    m1, m2 = synthetic("C1"), synthetic("C2")
+    ack = b"MSH|^~\\&|LAB|GENHOSP|EXCHANGE|EXCHANGE|20260101||ACK^A01^ACK|K1|P|2.5\rMSA|AA|X9\r"
+    peer = Peer(tmp_path, [m1, ack, m2])
+    peer.answer(ack_for(m1, "AA"))
+    assert peer.transport.value() == encode(ack) + encode(m2)  # the ACK, then at once the next message
+    peer.answer(ack_for(m2, "AA"))
+    assert peer.result == [0]
+    assert peer.out.getvalue().splitlines() == [
+        "C1\tAA\t", "K1\t\tan ACK: sent, no reply expected", "C2\tAA\t",
+        "sent 3, accepted 2, errors 0, rejected 0, ACKs sent without reply 1",
+    ]
+
+
 def test_reply_without_msa_is_an_error(tmp_path):
     m1 = synthetic("C1")
     peer = Peer(tmp_path, [m1])

@@ -88,7 +88,7 @@ class MLLPClientProtocol(Protocol):
         self.timeout = timeout or None
         self.max_queued = max_queued
         self._decoder = MLLPDecoder(max_frame_bytes)
-        self._queue: deque[tuple[bytes, Deferred[bytes]]] = deque()
+        self._queue: deque[tuple[bytes, Deferred, bool]] = deque()  # (payload, its Deferred, reply expected)
         self._in_flight: Deferred[bytes] | None = None
         self._timer: IDelayedCall | None = None
         self._connected = False
@@ -103,12 +103,20 @@ class MLLPClientProtocol(Protocol):
 
     def send(self, payload: bytes) -> Deferred[bytes]:
         """Send one message; the Deferred fires with the reply frame's payload."""
+        return self._enqueue(payload, True)
+
+    def post(self, payload: bytes) -> Deferred[None]:
+        """Send one message that gets no reply -- an ACK: HL7 never acknowledges one --
+        in its turn after the sends before it; fires once it is written."""
+        return self._enqueue(payload, False)
+
+    def _enqueue(self, payload: bytes, reply: bool) -> Deferred:
         if self._lost is not None:
             return fail(ConnectionLost(f"not connected: {self._lost.getErrorMessage()}"))
         if len(self._queue) >= self.max_queued:
             return fail(QueueFull(f"{len(self._queue)} sends already waiting"))
-        d: Deferred[bytes] = Deferred(self._cancel)
-        self._queue.append((payload, d))
+        d: Deferred = Deferred(self._cancel)
+        self._queue.append((payload, d, reply))
         self._next()
         return d
 
@@ -143,7 +151,7 @@ class MLLPClientProtocol(Protocol):
         if self._in_flight is not None:
             waiting.append(self._in_flight)
             self._in_flight = None
-        waiting.extend(d for _, d in self._queue)
+        waiting.extend(d for _, d, _ in self._queue)
         self._queue.clear()
         for d in waiting:
             d.errback(Failure(error))
@@ -151,14 +159,17 @@ class MLLPClientProtocol(Protocol):
     # -- inside -------------------------------------------------------------
 
     def _next(self) -> None:
-        """Write the first queued payload if nothing is in flight."""
-        if self._in_flight is not None or not self._queue or not self._connected:
-            return
-        payload, d = self._queue.popleft()
-        self._in_flight = d
-        if self.timeout is not None:
-            self._timer = self._clock.callLater(self.timeout, self._timed_out)
-        self.transport.write(encode(payload))
+        """Write queued payloads while nothing is in flight (a post waits for no reply)."""
+        while self._in_flight is None and self._queue and self._connected:
+            payload, d, reply = self._queue.popleft()
+            if not reply:
+                self.transport.write(encode(payload))
+                d.callback(None)  # (its callbacks may send more: they queue behind the rest)
+                continue
+            self._in_flight = d
+            if self.timeout is not None:
+                self._timer = self._clock.callLater(self.timeout, self._timed_out)
+            self.transport.write(encode(payload))
 
     def _reply(self, frame: bytes) -> None:
         d = self._in_flight
