@@ -173,9 +173,15 @@ def cmd_serve(args) -> int:
 
     start_logging(config.server.log_level)
 
-    from exchange.store.db import upgrade
+    from exchange.store.db import make_engine, server_warnings, upgrade
 
-    upgrade(config.server.database)  # before the reactor runs: never on the reactor thread
+    engine = make_engine(config.server.database)
+    try:
+        upgrade(engine)  # before the reactor runs: never on the reactor thread
+        for warning in server_warnings(engine):
+            print(f"exchange: warning: {warning}", file=sys.stderr, flush=True)
+    finally:
+        engine.dispose()
 
     from twisted.internet import reactor
 

@@ -186,3 +186,17 @@ def current_revision(engine: Engine) -> str | None:
 def head_revision() -> str | None:
     """The newest revision shipped with this code."""
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def server_warnings(engine: Engine) -> list[str]:
+    """What an operator should know about the database server before trusting it with a
+    feed (one line each, no secrets): on PostgreSQL, autovacuum being off -- every update
+    leaves a dead row behind, and without VACUUM the tables and their indexes only grow."""
+    if engine.dialect.name != "postgresql":
+        return []
+    with engine.connect() as conn:
+        autovacuum = conn.exec_driver_sql("SELECT current_setting('autovacuum')").scalar_one()
+    if autovacuum != "on":
+        return ["PostgreSQL autovacuum is off: dead rows will pile up in the exchange's tables "
+                "(turn it on, or schedule VACUUM (ANALYZE))"]
+    return []

@@ -38,3 +38,18 @@ def test_connection_options_in_the_url_are_kept(engine: Engine) -> None:
             assert conn.execute(text("SHOW plan_cache_mode")).scalar_one() == "force_custom_plan"
     finally:
         other.dispose()
+
+
+def test_server_warnings_say_when_postgresql_autovacuum_is_off(engine: Engine) -> None:
+    from exchange.store.db import server_warnings
+
+    warnings = server_warnings(engine)
+    if engine.dialect.name != "postgresql":
+        assert warnings == []
+        return
+    with engine.connect() as conn:
+        on = conn.execute(text("SHOW autovacuum")).scalar_one() == "on"
+    if on:
+        assert warnings == []
+    else:  # as on this project's CI machine
+        assert len(warnings) == 1 and warnings[0].startswith("PostgreSQL autovacuum is off")
