@@ -1,7 +1,6 @@
 """One place that wires the application: configuration in, services out."""
 from __future__ import annotations
 
-import sys
 import time
 from datetime import datetime, timezone
 
@@ -20,7 +19,7 @@ from exchange.jobs import JobScheduler
 from exchange.store.reviews import Trust
 from exchange.mllp.protocol import MLLPServerFactory
 from exchange.mllp.tls import server_endpoint
-from exchange.writer import WRITER_BOOT, WriterProcess
+from exchange.writer import WriterProcess, writer_argv
 from exchange.web.api import API
 from exchange.web.db import Database
 from exchange.web.server import build_site
@@ -66,7 +65,7 @@ class ExchangeService(Service):
         self.announce = announce
         self.writer = WriterProcess(
             reactor,
-            [sys.executable, "-c", WRITER_BOOT, "--config", str(config.path), "--database", config.server.database],
+            writer_argv(str(config.path), config.server.database),
         )
         self.committer = GroupCommitter(
             self.writer.run,
