@@ -179,7 +179,7 @@ def describe(path: str, payload: bytes) -> OutboundMessage:
                 break
         count = sum(1 for s in segments if s.startswith(b"MSH"))
         return OutboundMessage(path, payload, control_id, True, max(count, 1))
-    is_ack = _field(first, 9).split(first[4:5].decode("latin-1") or "^")[0].strip().upper() == "ACK"
+    is_ack = _field(first, 9).split(first[4:5].decode("latin-1") or "^")[0].strip() == "ACK"  # as the exchange reads it
     return OutboundMessage(path, payload, _field(first, 10), False, 1, is_ack)
 
 

@@ -335,6 +335,17 @@ def test_an_ack_message_is_sent_without_waiting_for_a_reply(tmp_path):
     ]
 
 
+def test_only_msh9_ack_is_taken_for_an_ack_as_the_exchange_reads_it(tmp_path):
+    """MSH-9.1 exactly ``ACK`` (the code is upper case): anything else waits for its answer,
+    or the answer would be taken for the next message's."""
+    odd = b"MSH|^~\\&|LAB|GENHOSP|EXCHANGE|EXCHANGE|20260101||ack^A01|K2|P|2.5\rMSA|AA|X9\r"
+    m2 = synthetic("C2")
+    peer = Peer(tmp_path, [odd, m2])
+    assert peer.transport.value() == encode(odd)  # waiting for its reply before sending m2
+    peer.answer(ack_for(odd, "AR", "unknown type"))
+    assert peer.transport.value() == encode(m2)
+
+
 def test_reply_without_msa_is_an_error(tmp_path):
     m1 = synthetic("C1")
     peer = Peer(tmp_path, [m1])
