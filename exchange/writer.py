@@ -209,20 +209,13 @@ def make_batch_runner(
     return run
 
 
-# How the parent starts the writer. Shutdown is the parent's to order (the writer
-# stops when its stdin closes), but a Ctrl-C reaches the whole process group: one
-# arriving while Python starts would end the writer with a traceback. So the shell
-# ignores SIGINT and SIGTERM before it execs Python, which then leaves them ignored
-# (Twisted resets ignored signals to their default when it spawns a process, which
-# is why it takes the shell), and WRITER_BOOT ignores them once more for good measure.
-WRITER_BOOT = (
-    "import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-    "from exchange.writer import main; sys.exit(main(sys.argv[1:]))"
-)
-
-
 def writer_argv(config_path: str, database: str) -> list[str]:
-    return ["/bin/sh", "-c", 'trap "" INT TERM; exec "$0" "$@"', sys.executable, "-c", WRITER_BOOT,
+    """How the parent starts the writer. Shutdown is the parent's to order (the writer
+    stops when its stdin closes), but a Ctrl-C reaches the whole process group: one
+    arriving while Python starts would end the writer with a traceback. So a shell
+    ignores SIGINT and SIGTERM before it execs Python, which leaves them ignored.
+    (Twisted resets ignored signals to their default when it spawns a process.)"""
+    return ["/bin/sh", "-c", 'trap "" INT TERM; exec "$0" "$@"', sys.executable, "-m", "exchange.writer",
             "--config", config_path, "--database", database]
 
 
