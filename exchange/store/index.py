@@ -526,7 +526,9 @@ def _features(text: str | None) -> Features | None:
 
 @functools.lru_cache(maxsize=50_000)
 def _decode(text: str) -> Features | None:
-    """Decoded stored features; None for features stored by another version."""
+    """Decoded stored features, cached: the same candidates come back batch after batch
+    (features are immutable values; the text is the key, so a changed record misses).
+    None for features stored by another version."""
     try:
         return decode_features(text)
     except ValueError:
