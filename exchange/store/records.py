@@ -243,10 +243,10 @@ def _record_from_row(rec: dict[str, Any]) -> dict[str, Any]:
 _IDENTIFIER_COLUMNS = ("record_id", "authority", "value", "type")
 
 
-def _identifier_rows(record_id: int, rec: dict) -> list[dict[str, Any]]:
-    """The record_identifier rows of a record (``rec["identifiers"]``)."""
+def _identifier_rows(record_id: int, identifiers: dict) -> list[dict[str, Any]]:
+    """The record_identifier rows of a record's ``identifiers``."""
     return [{"record_id": record_id, "authority": _cut(auth, AUTHORITY_LEN), "value": _cut(i.value, MRN_LEN),
-             "type": _cut(i.type_code, ID_TYPE_LEN)} for (auth, _), i in rec["identifiers"].items()]
+             "type": _cut(i.type_code, ID_TYPE_LEN)} for (auth, _), i in identifiers.items()]
 
 
 def _row_key(row: dict[str, Any]) -> tuple:
@@ -602,12 +602,13 @@ def _save(w: Writer, state: MemoryState, d: Any, now: datetime, links: dict) -> 
     #    (an A08 usually changes one account number of four: three rows left alone, and
     #    no dead rows left behind for PostgreSQL's indexes to step over).
     gone: list[dict] = []
-    added = [row for key in d.new_records for row in _identifier_rows(current[key][0], state.records[key])]
+    added = [row for key in d.new_records
+             for row in _identifier_rows(current[key][0], state.records[key]["identifiers"])]
     replaced: list[int] = []
     for key, before in d.changed_identifiers:
         rid = current[key][0]
-        old = _identifier_rows(rid, {"identifiers": before})
-        new = _identifier_rows(rid, state.records[key])
+        old = _identifier_rows(rid, before)
+        new = _identifier_rows(rid, state.records[key]["identifiers"])
         old_set, new_set = set(map(_row_key, old)), set(map(_row_key, new))
         if len(old_set) < len(old) or len(new_set) < len(new):  # two cut to the same row: replace them all
             replaced.append(rid)
