@@ -165,6 +165,13 @@ class _Binding:
         return True
 
 
+def never_answered(header: Header) -> bool:
+    """An ACK whose MSH can be read: recorded, never answered (HL7: never ACK an ACK).
+    (An ACK whose MSH cannot be read is answered AE, as any such message.)"""
+    problem = header.problem
+    return header.is_ack and (problem is None or problem.location not in STRUCTURAL_LOCATIONS)
+
+
 def accept(header: Header, policy: AcceptancePolicy, peer: PeerIdentity | None = None) -> Outcome:
     """The acceptance verdict for one message header (see the module docstring)."""
     problem = header.problem
@@ -173,7 +180,7 @@ def accept(header: Header, policy: AcceptancePolicy, peer: PeerIdentity | None =
         return Outcome(Verdict.ERROR, problem)
 
     # 2. Never answer an ACK; it is recorded only.
-    if header.is_ack:
+    if never_answered(header):
         return IGNORED
 
     # 3. The sender must be a configured facility (exact, case-sensitive MSH-4.1).

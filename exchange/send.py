@@ -23,7 +23,8 @@ acknowledgement with no MSA means, per HL7, that no message was in error).
 Then a summary: ``sent N, accepted A, errors E, rejected R`` (N counts
 messages, each MSH of a batch; A counts AA/CA, R AR/CR, E everything else).
 
-A message that is itself an acknowledgement (MSH-9.1 ``ACK``) gets no reply
+A message that is itself an acknowledgement (MSH-9.1 ``ACK``, its MSH readable:
+``exchange.acceptance.never_answered``, the exchange's own rule) gets no reply
 (HL7: never acknowledge an ACK): it is written in its turn, the next message
 follows at once, its line says ``an ACK: sent, no reply expected`` and the
 summary ends with ``, ACKs sent without reply K``. It does not count against
@@ -48,6 +49,8 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import connectProtocol
 from twisted.python.failure import Failure
 
+from exchange.acceptance import never_answered
+from exchange.hl7.header import read_header
 from exchange.mllp.client import MLLPClientProtocol, client_endpoint
 
 __all__ = [
@@ -162,7 +165,7 @@ class OutboundMessage:
     control_id: str  # MSH-10; for a batch BHS-11, else FHS-11, else ""
     is_batch: bool
     count: int  # HL7 messages inside: 1, or the MSH segments of a batch (at least 1)
-    is_ack: bool = False  # MSH-9.1 is ACK: sent without waiting for a reply (nobody acknowledges an ACK)
+    is_ack: bool = False  # an ACK the exchange would never answer: sent without waiting for a reply
 
 
 def describe(path: str, payload: bytes) -> OutboundMessage:
@@ -179,8 +182,7 @@ def describe(path: str, payload: bytes) -> OutboundMessage:
                 break
         count = sum(1 for s in segments if s.startswith(b"MSH"))
         return OutboundMessage(path, payload, control_id, True, max(count, 1))
-    is_ack = _field(first, 9).split(first[4:5].decode("latin-1") or "^")[0].strip() == "ACK"  # as the exchange reads it
-    return OutboundMessage(path, payload, _field(first, 10), False, 1, is_ack)
+    return OutboundMessage(path, payload, _field(first, 10), False, 1, never_answered(read_header(payload)))
 
 
 def _field(segment: bytes, number: int) -> str:

@@ -346,6 +346,16 @@ def test_only_msh9_ack_is_taken_for_an_ack_as_the_exchange_reads_it(tmp_path):
     assert peer.transport.value() == encode(m2)
 
 
+def test_an_ack_whose_msh_cannot_be_read_waits_for_its_answer(tmp_path):
+    """The exchange answers AE to a message whose MSH-2 is invalid, ACK or not."""
+    broken = b"MSH|^~|LAB|GENHOSP|EXCHANGE|EXCHANGE|20260101||ACK^A01|K3|P|2.5\rMSA|AA|X9\r"
+    m2 = synthetic("C2")
+    peer = Peer(tmp_path, [broken, m2])
+    assert peer.transport.value() == encode(broken)
+    peer.answer(ack_for(broken, "AE", "MSH-2 encoding characters are invalid"))
+    assert peer.transport.value() == encode(m2)
+
+
 def test_reply_without_msa_is_an_error(tmp_path):
     m1 = synthetic("C1")
     peer = Peer(tmp_path, [m1])
