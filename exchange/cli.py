@@ -311,13 +311,13 @@ def cmd_user(args) -> int:
     from exchange.store.db import make_engine, upgrade, write_transaction
 
     if args.user_command == "list":
-        engine = make_engine(_database_url(args))
+        url = _database_url(args)
+        engine = make_engine(url)
         try:
             with engine.connect() as conn:
                 users = list_users(conn, _now())
         except Exception as exc:  # unreachable, or not migrated; its text may quote the URL's password
-            raise UsageFailure(f"cannot read the workbench users from {_safe_url(_database_url(args))}"
-                               f" ({type(exc).__name__})") from None
+            raise UsageFailure(f"cannot read the workbench users from {_safe_url(url)} ({type(exc).__name__})") from None
         finally:
             engine.dispose()
         print("name\trole\tstate\tcreated\tsessions", flush=True)
