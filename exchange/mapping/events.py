@@ -149,8 +149,19 @@ class StateView(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Needs(Value):
+    """What ``map_message`` will read: records, documents, and which of a record's encounters.
+
+    A record's history stays in the database unless the message needs it:
+    ``visits`` are the visit numbers (PV1-19) whose encounters it reads;
+    ``whole`` (a message with MRG: merges and identifier changes move every
+    encounter and document) asks for all of the records' encounters and
+    documents.
+    """
+
     records: frozenset[tuple[str, str]] = frozenset()
     documents: frozenset[tuple[str, str]] = frozenset()
+    visits: frozenset[str] = frozenset()
+    whole: bool = False
 
 
 # --- operations --------------------------------------------------------------------------
@@ -300,7 +311,9 @@ def needs(msg: Message, ctx: FacilityContext) -> Needs:
                 number = txa.value(n)
                 if number:
                     documents.add((ctx.code, number))
-        return Needs(frozenset(records), frozenset(documents))
+        pv1 = msg.first("PV1")  # the one segment _map_adt reads the visit from
+        visits = frozenset((_visit_number(pv1),)) if pv1 is not None else frozenset()
+        return Needs(frozenset(records), frozenset(documents), visits, msg.first("MRG") is not None)
     except Exception:  # pragma: no cover - needs() is a hint; map_message reports problems
         return Needs()
 

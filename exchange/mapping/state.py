@@ -148,7 +148,7 @@ class MemoryState:
             number=number,
             mrn=doc["mrn"],
             state=doc["state"],
-            version=len(doc["versions"]),
+            version=doc["versions"][-1]["version"],
             parent=doc["versions"][-1]["parent"],
         )
 
@@ -282,7 +282,7 @@ class MemoryState:
                                             fill_only=False))
         if op.state is not None:
             doc["state"] = op.state
-        return (op.number, op.event, len(doc["versions"]))
+        return (op.number, op.event, doc["versions"][-1]["version"])
 
     def _mark(self, op: MarkDocument, ref) -> tuple:
         doc = self.documents.get((op.facility, op.number))

@@ -7,8 +7,9 @@ it; nothing here commits):
 2. ``load(conn, needs_list)``: a :class:`MemoryState` seeded with exactly
    those records and documents, plus what the semantics touch beyond them:
    the ``merged_into`` survivor of a loaded record, the records merged into a
-   loaded one, the record owning a loaded document and the documents of a
-   loaded record (a merge or a rename moves them);
+   loaded one, the record owning a loaded document; of their history only
+   the encounters of the visits named and each document's current version,
+   unless a merge or a rename in the batch moves all of it;
 3. per message, ``map_message(..., state)`` then ``state.apply(changes, message_id)``:
    the reference semantics, so the database cannot disagree with the oracle;
 4. ``save(conn, state)``: writes back only what ``state.dirty()`` reports,
@@ -282,7 +283,7 @@ def _document_row(doc: dict, record_id: int) -> dict[str, Any]:
         "completion_status": _cut(current["completion_status"], DOCUMENT_CODE_LEN),
         "availability": _cut(current["availability"], DOCUMENT_CODE_LEN),
         "state": doc["state"].value,
-        "version": len(doc["versions"]),
+        "version": current["version"],
     }
 
 
@@ -330,13 +331,24 @@ def _version_from_row(row: Any) -> dict[str, Any]:
 
 
 def load(conn: Connection, needs_list: Iterable[Needs]) -> MemoryState:
-    """A MemoryState seeded with what the batch needs (and what its semantics touch)."""
+    """A MemoryState seeded with what the batch needs (and what its semantics touch).
+
+    A record comes without its history -- only the encounters of the visits
+    the batch names, none of its documents, and of a document only its
+    current version -- unless a message of the batch asks for it ``whole``
+    (a merge or an identifier change moves everything). So an update for a
+    patient with years of visits and notes costs what it costs for a new one.
+    """
     want_records: set[tuple[str, str]] = set()
     want_documents: set[tuple[str, str]] = set()
+    visits: set[str] = set()
+    whole = False
     for n in needs_list:
         want_records |= n.records
         want_documents |= n.documents
-    return _load(conn, want_records, want_documents)
+        visits |= n.visits
+        whole = whole or n.whole
+    return _load(conn, want_records, want_documents, None if whole else visits, whole=whole, all_versions=False)
 
 
 def load_all(conn: Connection) -> MemoryState:
@@ -366,14 +378,19 @@ def _json(value: Any) -> Any:
     return loads(value) if isinstance(value, (str, bytes)) else from_json(value)
 
 
-def _load(conn: Connection, want_records: set, want_documents: set) -> MemoryState:
+def _load(conn: Connection, want_records: set, want_documents: set, visits: set[str] | None = None, *,
+          whole: bool = True, all_versions: bool = True) -> MemoryState:
     """Records and documents in rounds of one records SELECT and one documents SELECT.
 
     A round selects the wanted records and the records merged into them, and
-    the wanted documents and the documents of the records found; the next
-    round (rarely needed) follows ``merged_into`` targets, owners of found
-    documents and records merged into retired ones found. Loading a record
-    more than strictly needed is harmless: it is stored truth.
+    the wanted documents (and, ``whole``, the documents of the records found);
+    the next round (rarely needed) follows ``merged_into`` targets, owners of
+    found documents and records merged into retired ones found. Loading a
+    record more than strictly needed is harmless: it is stored truth.
+
+    Of the records found, the encounters of ``visits`` (None: all of them);
+    of the documents, every version or (not ``all_versions``) the current one:
+    the state's semantics read only the last version of a list.
     """
     sqlite = conn.dialect.name == "sqlite"
     rows: dict[tuple[str, str], Any] = {}  # record key -> row
@@ -411,12 +428,12 @@ def _load(conn: Connection, want_records: set, want_documents: set) -> MemorySta
         doc_keys = sorted(pending_documents - queried_documents)
         queried_documents.update(doc_keys)
         pending_documents = set()
-        if doc_keys or new_ids:
+        if doc_keys or (new_ids and whole):
             params = []
             conditions = []
             if doc_keys:
                 conditions.append(in_pairs(sqlite, "d.facility, d.number", doc_keys, params))
-            if new_ids:
+            if new_ids and whole:
                 conditions.append(in_ids(sqlite, "d.record_id", new_ids, params))
             select_ = "SELECT d.id, d.facility, d.number, d.state, p.mrn FROM document d JOIN patient_record p ON d.record_id = p.id WHERE "
             # PostgreSQL: UNION ALL, not OR (a seq scan there); duplicates are skipped below
@@ -433,9 +450,17 @@ def _load(conn: Connection, want_records: set, want_documents: set) -> MemorySta
 
     records = {key: _record_from_row(_json(row.data)) for key, row in rows.items()}
     by_id = {row.id: key for key, row in rows.items()}
-    if by_id:
+    if by_id and (visits is None or visits):
         params = []
         where = in_ids(sqlite, "record_id", list(by_id), params)
+        if visits is not None:
+            ordered = sorted(visits)
+            if sqlite:
+                where += f" AND visit_number IN ({', '.join(['?'] * len(ordered))})"
+                params.extend(ordered)
+            else:
+                where += " AND visit_number = ANY(%b::text[])"
+                params.append(ordered)
         for record_id, visit, data in select_rows(
             conn, None, f"SELECT record_id, visit_number, data{'' if sqlite else '::text'} FROM encounter WHERE {where} ORDER BY id", params
         ):
@@ -446,10 +471,11 @@ def _load(conn: Connection, want_records: set, want_documents: set) -> MemorySta
     }
     doc_by_id = {row.id: key for key, row in docs.items()}
     if doc_by_id:
-        for row in conn.execute(
-            select(document_version).where(document_version.c.document_id.in_(list(doc_by_id)))
-            .order_by(document_version.c.document_id, document_version.c.version)
-        ):
+        versions = select(document_version).where(document_version.c.document_id.in_(list(doc_by_id)))
+        if not all_versions:
+            versions = versions.join(document, (document.c.id == document_version.c.document_id)
+                                     & (document.c.version == document_version.c.version))
+        for row in conn.execute(versions.order_by(document_version.c.document_id, document_version.c.version)):
             documents[doc_by_id[row.document_id]]["versions"].append(_version_from_row(row))
 
     state = MemoryState()

@@ -227,6 +227,37 @@ def test_a40_moves_encounters_and_documents_and_the_retired_mrn_answers_inactive
         assert record_view(conn, "HOSP", "3") is None
 
 
+def test_a_batch_loads_of_a_long_history_only_what_its_messages_touch(engine: Engine):
+    """An update for a patient with many visits and notes reads the visit it names and
+    the document it changes (its current version), not the whole history -- unless
+    a merge moves that history. Either way the result equals the reference."""
+    def note(ev, number, text):
+        return synthetic(msh("MDM", ev), f"EVN|{ev}", "PID|1||1^^^HOSP^MR",
+                         f"TXA|1|NOTE|TX|||||||||{number}||||AU", f"OBX|1|TX|||{text}")
+
+    history = [adt("A01", "1", pv1(f"V{i}")) for i in range(5)] + [note("T02", f"D{i}", "v1") for i in range(4)]
+    history += [note("T08", "D0", "v2"), note("T08", "D0", "v3"), adt("A01", "2", pv1("W1"))]
+    run_batches(engine, history, [])
+    with engine.connect() as conn:
+        update = load(conn, [needs(adt("A08", "1", pv1("V3", "W9^9^Z"))[0], CTX)])
+        assert set(update.records[("HOSP", "1")]["encounters"]) == {"V3"}
+        assert update.documents == {}
+        edit = load(conn, [needs(note("T08", "D0", "v4")[0], CTX)])
+        assert [v["version"] for v in edit.documents[("HOSP", "D0")]["versions"]] == [3]
+        assert edit.records[("HOSP", "1")]["encounters"] == {}
+        merge = load(conn, [needs(adt("A40", "2", "MRG|1^^^HOSP^MR")[0], CTX)])
+        assert set(merge.records[("HOSP", "1")]["encounters"]) == {f"V{i}" for i in range(5)}
+        assert set(merge.records[("HOSP", "2")]["encounters"]) == {"W1"}
+        assert {number for _, number in merge.documents} == {f"D{i}" for i in range(4)}
+    later = [adt("A08", "1", pv1("V3", "W9^9^Z")), note("T08", "D0", "v4"), adt("A03", "1", pv1("V4")),
+             note("T02", "D9", "new"), adt("A40", "2", "MRG|1^^^HOSP^MR"), adt("A08", "2", pv1("V1"))]
+    with engine.begin() as conn:
+        for table in RECORD_TABLES:
+            conn.execute(delete(table))
+    oracle = run_batches(engine, history + later, [len(history), len(history) + 2, len(history) + 4])
+    assert stored(engine) == oracle.snapshot(history=True)
+
+
 def test_mdm_lifecycle_states_via_record_view(engine: Engine):
     def mdm(ev, number, parent="", text="line", status="AU"):
         return synthetic(msh("MDM", ev), f"EVN|{ev}", "PID|1||1^^^HOSP^MR",
