@@ -554,9 +554,21 @@ def _event_time(msg: Message, header: Header) -> Timestamp | None:
     return timestamp(header.timestamp)
 
 
-def _survivor(state: StateView, facility: str, mrn: str, warnings: list[str]) -> str:
-    """Follow merged_into from a retired MRN to the record that survives it."""
-    return _survivor_record(state, facility, mrn, warnings)[0]
+def _subject(pid: Segment, ctx: FacilityContext, state: StateView, warnings: list[str]
+             ) -> tuple[str, RecordView | None, list[Identifier]]:
+    """The record PID-3 names (its survivor, if merged away), that record, and the PID-3
+    identifiers to apply to it.
+
+    Applied to a survivor, PID-3's MRN is the retired one: it must not replace
+    the survivor's own MRN of the same authority and type (the survivor keeps
+    the retired MRN among its merged identifiers already).
+    """
+    ids = _identifiers(pid, 3)
+    named = _patient_id(pid, ctx, ids=ids)
+    mrn, rec = _survivor_record(state, ctx.code, named.value, warnings)
+    if mrn != named.value:
+        ids = [i for i in ids if i != named]
+    return mrn, rec, ids
 
 
 def _survivor_record(
@@ -598,8 +610,7 @@ def _map_adt(msg, header, ctx, state, event, warnings) -> list:
     pid = msg.first("PID")
     if pid is None:
         raise _Fail(101, "PID-3", "PID segment with a patient identifier is required")
-    ids = _identifiers(pid, 3)
-    mrn, rec = _survivor_record(state, ctx.code, _patient_id(pid, ctx, ids=ids).value, warnings)
+    mrn, rec, ids = _subject(pid, ctx, state, warnings)
     ops: list = [UpsertPatient(ctx.code, mrn, demographics(pid, warnings, ids))]
     if event in DEMOGRAPHICS_ONLY_EVENTS:
         warnings.append(f"{event}: only the demographics are applied")
@@ -763,6 +774,11 @@ def _map_merge(msg, ctx, state, event, warnings) -> list:
         if survivor.value == retired.value:
             warnings.append("MRG-1: prior identifier equals PID-3, nothing merged")
             continue
+        if state.record(ctx.code, retired.value) is None:
+            # Nothing to merge. A tombstone for a record never seen would send a later
+            # registration under that MRN -- another patient, perhaps -- to the survivor.
+            warnings.append("MRG-1: prior identifier is not known here, nothing merged")
+            continue
         ops.append(MergePatients(ctx.code, survivor.value, retired.value, event, legacy))
     if legacy:
         warnings.append(f"{event}: legacy merge event treated as A40")
@@ -826,8 +842,7 @@ def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
     pid = msg.first("PID")
     if pid is None:
         raise _Fail(101, "PID-3", "PID segment with a patient identifier is required")
-    ids = _identifiers(pid, 3)
-    mrn = _survivor(state, ctx.code, _patient_id(pid, ctx, ids=ids).value, warnings)
+    mrn, _rec, ids = _subject(pid, ctx, state, warnings)
 
     obx = msg.after(txa, "OBX") or msg.segments("OBX")
     if obx:

@@ -21,6 +21,15 @@ from .helpers import corpus, msh, run, synthetic
 CTX = FacilityContext("HOSP", "HOSP")
 
 
+def registered(ctx, *mrns):
+    """A state holding records ``mrns`` of ``ctx``'s facility (as their registrations leave them)."""
+    state = MemoryState()
+    for mrn in mrns:
+        run(state, ctx, synthetic(msh("ADT", "A04", facility=ctx.code), "EVN|A04",
+                                  f"PID|1||{mrn}^^^{ctx.authority}^MR||Doe^Jane"))
+    return state
+
+
 def mapped(name, ctx=CTX, state=None):
     msg, header = corpus(name)
     return map_message(msg, header, ctx, state or MemoryState())
@@ -101,7 +110,8 @@ def test_missing_pid3_is_an_error():
 
 
 def test_a40_two_pairs():
-    result = mapped("msfc/ADT-A40-02.hl7", FacilityContext("Ntierprise Clinic", "BCBS"))
+    ctx = FacilityContext("Ntierprise Clinic", "BCBS")
+    result = mapped("msfc/ADT-A40-02.hl7", ctx, registered(ctx, "56789", "569"))
     merges = ops_of(result, MergePatients)
     assert [(m.survivor_mrn, m.retired_mrn) for m in merges] == [("12345", "56789"), ("145", "569")]
     assert not any(m.legacy for m in merges)
@@ -112,13 +122,15 @@ def test_a40_authority_mismatch_names_mrg1():
     result = map_message(*msg, CTX, MemoryState())
     assert isinstance(result, MappingError) and result.problem.location == "MRG-1"
     # ISO-8859-1 A40 with namespace&OID&ISO: the MRG-1 repetition of PID-3's authority is used
-    result = mapped("ipf/iti8-a40-iso-8859-1.hl7", FacilityContext("X", "MPI-NS-P"))
+    ctx = FacilityContext("X", "MPI-NS-P")
+    result = mapped("ipf/iti8-a40-iso-8859-1.hl7", ctx, registered(ctx, "305010"))
     (merge,) = ops_of(result, MergePatients)
     assert (merge.survivor_mrn, merge.retired_mrn) == ("305014", "305010")
 
 
 def test_a34_legacy_merge():
-    result = mapped("lfh/adt_a34_v23.hl7", FacilityContext("SENDING_FACILITY", ""))
+    ctx = FacilityContext("SENDING_FACILITY", "")
+    result = mapped("lfh/adt_a34_v23.hl7", ctx, registered(ctx, "456"))
     (merge,) = ops_of(result, MergePatients)
     assert (merge.survivor_mrn, merge.retired_mrn, merge.legacy, merge.event) == ("123", "456", True, "A34")
     assert any("legacy" in w for w in result.warnings)
@@ -279,6 +291,24 @@ def test_merge_moves_visits_and_keeps_retired_answerable():
     assert any("merged" in w for w in result.warnings)
     assert s.record("HOSP", "NEW").encounters["V-OLD"].location.point_of_care == "X"
     assert s.record("HOSP", "OLD").encounters == {}
+    # ... without the retired MRN taking the place of the survivor's own
+    ids = s.records[("HOSP", "NEW")]["identifiers"]
+    assert [i.value for i in ids.values()] == ["NEW"] and s.records[("HOSP", "NEW")]["merged_identifiers"] == ("OLD",)
+
+
+def test_a40_whose_prior_mrn_is_unknown_merges_nothing():
+    """A tombstone for an MRN never seen would send a later registration under it -- perhaps
+    another patient -- to the survivor, and the survivor's copies to its facilities."""
+    s = MemoryState()
+    adt(s, "A04", mrn="KNOWN")
+    result = run(s, CTX, synthetic(msh("ADT", "A40"), "EVN|A40", "PID|1||KNOWN^^^HOSP^MR||Doe^Jane",
+                                   "MRG|NEVER^^^HOSP^MR"))
+    assert ops_of(result, MergePatients) == []
+    assert "MRG-1: prior identifier is not known here, nothing merged" in result.warnings
+    assert s.record("HOSP", "NEVER") is None
+    run(s, CTX, synthetic(msh("ADT", "A04"), "EVN|A04", "PID|1||NEVER^^^HOSP^MR||Quinn^Oscar||20010909|M"))
+    assert s.records[("HOSP", "NEVER")]["active"] and s.records[("HOSP", "NEVER")]["name"].family == "Quinn"
+    assert s.records[("HOSP", "KNOWN")]["name"].family == "Doe"
 
 
 def test_unsupported_event_and_type():
