@@ -298,6 +298,16 @@ def test_link_to_its_own_person_confirms_the_link(tx):
     assert (row.person_id, row.link) == (p, "manual")
 
 
+def test_a_review_of_a_record_its_facility_merged_away_is_not_decided(tx):
+    """The facility's A40 has answered it; a technician's decision would pull the retired
+    record away from its survivor's person (a review opened before merges superseded them)."""
+    s = hanson_scene(tx)
+    tx.execute(patient_record.update().where(patient_record.c.mrn == OA[1]).values(active=False, merged_into_mrn="X"))
+    for verdict in ("link", "not-a-match"):
+        assert "merged away" in refused(409, decide, tx, s["review"], verdict)
+    assert record_row(tx, OA).person_id == s["oa_person"]
+
+
 def test_the_actor_and_reason_are_checked(tx):
     s = hanson_scene(tx)
     assert "reserved" in refused(422, decide, tx, s["review"], "link", actor="exchange")

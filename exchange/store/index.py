@@ -111,6 +111,7 @@ class Plan:
     events: list[dict[str, Any]] = field(default_factory=list)  # link_event rows (to_person resolved in write)
     reviews: list[dict[str, Any]] = field(default_factory=list)
     superseded: list[Key] = field(default_factory=list)  # open reviews of these records are superseded
+    superseded_reviews: list[int] = field(default_factory=list)  # and these open reviews (answered by a merge)
     pairs: list[tuple[Key, Key]] = field(default_factory=list)  # new sticky not-a-match pairs (A37)
     moves: list[tuple[Key, int | str]] = field(default_factory=list)  # records outside the batch changing person
     actions: dict[Hashable, list[str]] = field(default_factory=dict)  # message ref -> decisions (for metrics)
@@ -203,19 +204,43 @@ def plan(conn: Connection, state: MemoryState, model: Model) -> Plan:
 
     for facility, a, b, linked in source:
         _assert_link(out, state, ids, known, members, (facility, a), (facility, b), linked, refs, placeholders)
+    joined: dict[Key, set[Key]] = {}  # survivor -> the records its person gained
     for facility, survivor, retired in merges:
-        _merge_persons(out, state, ids, stored, known, members, (facility, survivor), (facility, retired), refs)
+        joined.setdefault((facility, survivor), set()).update(_merge_persons(
+            out, state, ids, stored, known, members, (facility, survivor), (facility, retired), refs))
+        out.superseded.append((facility, retired))  # its facility has decided what it is
+    if joined:
+        out.superseded_reviews = _answered_by_merges(conn, joined)
     return out
 
 
-def _merge_persons(out, state, ids, stored, known, members, survivor: Key, retired: Key, refs) -> None:
+def _answered_by_merges(conn: Connection, joined: dict[Key, set[Key]]) -> list[int]:
+    """Open reviews of survivors whose every candidate has joined the survivor's person
+    through the merge: the facility has answered them (a duplicate it has now merged)."""
+    sql = (select(match_review_table.c.id, match_review_table.c.facility, match_review_table.c.mrn,
+                  match_review_table.c.detail)
+           .where(match_review_table.c.state == "open",
+                  match_review_table.c.mrn.in_(sorted({mrn for _, mrn in joined}))))
+    out = []
+    for row in conn.execute(sql):
+        gained = joined.get((row.facility, row.mrn))
+        detail = row.detail if isinstance(row.detail, dict) else {}
+        candidates = {(c.get("facility"), c.get("mrn")) for c in detail.get("candidates") or () if isinstance(c, dict)}
+        if gained and candidates and candidates <= gained:
+            out.append(row.id)
+    return out
+
+
+def _merge_persons(out, state, ids, stored, known, members, survivor: Key, retired: Key, refs) -> set[Key]:
     """A40 and the legacy merges: the facility says both records are one patient, so the
     retired record's person joins the survivor's: its records move over (link kept), unless
-    the survivor's person already holds an active record of that facility (a review then)."""
+    the survivor's person already holds an active record of that facility (a review then).
+    Returns the records now with the survivor's person (the ones there already included)."""
     target = known[survivor].person if survivor in known else ids[survivor][1]
     source = ids[retired][1]
+    there = set(members.get(target, set()))
     if source == target:
-        return
+        return there
     taken = {k[0] for k in members.get(target, set()) if k in known and k != retired}
     ref = refs.get(survivor)
     for key in sorted(members.get(source, set()) | {retired}):
@@ -242,8 +267,10 @@ def _merge_persons(out, state, ids, stored, known, members, survivor: Key, retir
             out.moves.append((key, target))
         members.get(source, set()).discard(key)
         members.setdefault(target, set()).add(key)
+        there.add(key)
         if current is not None:
             current.person = target
+    return there
 
 
 def saved_links(conn: Connection) -> dict[Key, RecordLink]:
@@ -376,6 +403,10 @@ def write(conn: Connection, plan_: Plan, state: MemoryState, model: Model, now: 
             for key in plan_.superseded:
                 params.extend(key)
             cursor.execute(f"UPDATE match_review SET state = 'superseded' WHERE state = 'open' AND ({where})", params)
+        if plan_.superseded_reviews:
+            marks = ", ".join(["?" if sqlite else "%s"] * len(plan_.superseded_reviews))
+            cursor.execute(f"UPDATE match_review SET state = 'superseded' WHERE state = 'open' AND id IN ({marks})",
+                           plan_.superseded_reviews)
         w.many("insert_event", [
             {**{k: e[k] for k in ("facility", "mrn", "from_link", "to_link", "kind", "score", "reason")},
              "from_person": person(e["from_person"]), "to_person": person(e["to_person"]),

@@ -574,6 +574,8 @@ def decide_review(conn: Connection, review_id: int, verdict: Verdict | str, *, a
     rec = _records_by_key(conn, [key], lock=True).get(key)
     if rec is None:
         raise _conflict(f"the review's record {key[0]} {key[1]} no longer exists")
+    if not rec.active:  # its facility merged it away: the survivor's person is where it belongs
+        raise _conflict(f"the review's record {key[0]} {key[1]} was merged away by its facility: nothing to decide")
     d = _Decision(conn, Kind(verdict.value), actor, now, reason, review_id)
 
     if verdict is Verdict.LINK:

@@ -219,6 +219,19 @@ def test_a40_brings_the_retired_records_person_to_the_survivor(engine):
     moved = rows(engine, "select facility, mrn, to_person from link_event where kind = 'merge' order by mrn")
     assert moved == [("GENHOSP", "GH-80", survivor), ("OAKNH", "OA-80", survivor)]
     assert rows(engine, "select active from patient_record where mrn = 'GH-80'") in ([(False,)], [(0,)])
+    # the duplicate review of GH-81 (its one candidate GH-80) is answered by the merge
+    assert rows(engine, "select mrn, state from match_review") == [("GH-81", "superseded")]
+
+
+def test_a40_supersedes_the_open_reviews_it_answers_and_no_other(engine):
+    run(engine, register("GENHOSP", "GH-90", **ELIZABETH))
+    run(engine, register("GENHOSP", "GH-91", **ELIZABETH))  # review of GH-91: candidate GH-90
+    run(engine, register("GENHOSP", "GH-92", **ELIZABETH))  # review of GH-92: candidates GH-90, GH-91
+    assert rows(engine, "select mrn, state from match_review order by mrn") == [("GH-91", "open"), ("GH-92", "open")]
+    run(engine, adt("GENHOSP", "A40", pid("GH-90", "GENHOSP", **ELIZABETH), "MRG|GH-91^^^GENHOSP^MR"))
+    # GH-91 is merged away: its review is moot; GH-92's still asks about GH-90
+    assert rows(engine, "select mrn, state from match_review order by mrn") == [("GH-91", "superseded"),
+                                                                                ("GH-92", "open")]
 
 
 def test_a_batch_with_more_keys_than_one_sqlite_select_takes(engine, monkeypatch):
