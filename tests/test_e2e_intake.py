@@ -62,6 +62,18 @@ def test_resent_message_gets_the_same_ack_and_is_stored_once(exchange, database_
     assert [h[0] for h in history] == ["accepted", "resent"]
 
 
+def test_a_sender_that_half_closes_after_its_frames_gets_every_ack(exchange):
+    """`printf ... | nc host port` and batch senders shut their side down after the last frame."""
+    import socket
+
+    with MLLPConnection(exchange.address) as conn:
+        conn.send(adt("E2E-HALF-1"))
+        conn.send(adt("E2E-HALF-2"))
+        conn.sock.shutdown(socket.SHUT_WR)
+        assert [msa(conn.read_frame())[:2] for _ in range(2)] == [["AA", "E2E-HALF-1"], ["AA", "E2E-HALF-2"]]
+        assert conn.sock.recv(1) == b""  # then the exchange closes
+
+
 def test_same_control_id_from_another_facility_is_a_different_message(exchange, database_url):
     with MLLPConnection(exchange.address) as conn:
         assert msa(conn.request(adt("E2E-SAME", facility="GENHOSP")))[0] == "AA"

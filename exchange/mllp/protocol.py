@@ -13,11 +13,12 @@ from collections import deque
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from exchange import metrics
 from exchange.acceptance import PeerIdentity
@@ -40,7 +41,11 @@ class _Slot:
         self.close_after = close_after
 
 
+@implementer(IHalfCloseableProtocol)
 class MLLPServerProtocol(Protocol, TimeoutMixin):
+    """One MLLP connection. A sender that half-closes after its last frame (``shutdown(SHUT_WR)``,
+    ``printf ... | nc``) still gets every answer it is owed; then the connection closes."""
+
     factory: "MLLPServerFactory | None" = None
 
     def __init__(self, handler: Handler, *, max_frame_bytes: int, idle_timeout: float | None) -> None:
@@ -66,6 +71,14 @@ class MLLPServerProtocol(Protocol, TimeoutMixin):
             self.factory.connections.discard(self)
         self.setTimeout(None)
         self._closing = True
+
+    def readConnectionLost(self) -> None:
+        """The sender has sent its last byte: answer what it sent, then close."""
+        if not self._closing:
+            self._close_after_replies()
+
+    def writeConnectionLost(self) -> None:
+        """Nothing to do: the replies' writes fail quietly once the sender cannot read them."""
 
     def timeoutConnection(self) -> None:
         if self._slots:  # still owe the sender an answer: not idle

@@ -111,6 +111,25 @@ def test_earlier_answers_still_leave_before_a_failed_frame_closes_the_connection
     assert transport.disconnecting
 
 
+def test_a_sender_that_half_closes_still_gets_every_answer_then_the_connection_closes():
+    h = Recorder()
+    proto, transport, _ = connect(h)
+    proto.dataReceived(encode(b"MSH|one") + encode(b"MSH|two"))
+    proto.readConnectionLost()  # shutdown(SHUT_WR) after the last frame
+    assert not transport.disconnecting
+    h.pending[0].callback(b"A1")
+    assert transport.value() == encode(b"A1") and not transport.disconnecting
+    h.pending[1].callback(b"A2")
+    assert transport.value() == encode(b"A1") + encode(b"A2") and transport.disconnecting
+
+
+def test_a_half_close_with_nothing_owed_closes_at_once():
+    h = Recorder()
+    proto, transport, _ = connect(h)
+    proto.readConnectionLost()
+    assert transport.disconnecting
+
+
 def test_idle_connection_is_closed_after_the_timeout():
     clock = Clock()
     proto, transport, _ = connect(Recorder(), idle_timeout=30, clock=clock)
