@@ -138,6 +138,15 @@ def test_rejections_and_errors_over_the_wire(exchange, database_url):
     assert states == {"R-1": "rejected", "R-2": "rejected", "R-3": "rejected", "R-4": "rejected", "R-5": "accepted"}
 
 
+def test_two_messages_run_together_in_one_frame_are_refused_not_half_applied(exchange, database_url):
+    frame = adt("TWO-1", mrn="200001") + adt("TWO-2", mrn="200002")
+    with MLLPConnection(exchange.address) as conn:
+        nak = msa(conn.request(frame))
+    assert nak[:2] == ["AE", "TWO-1"] and "2 messages" in nak[2]
+    assert stored(database_url, "select state from message where control_id = 'TWO-1'") == [("error",)]
+    assert stored(database_url, "select mrn from patient_record where mrn in ('200001', '200002')") == []
+
+
 def test_a_rejected_message_is_processed_again_when_resent(exchange):
     with MLLPConnection(exchange.address) as conn:
         assert msa(conn.request(adt("FIX-1", processing="T")))[0] == "AR"

@@ -326,6 +326,10 @@ def map_message(msg: Message, header: Header, ctx: FacilityContext, state: State
     kind = header.message_type
     event = header.event.upper()
     warnings: list[str] = []
+    msh = msg.segments("MSH")
+    if len(msh) > 1:  # two messages run together: applying the first would drop the rest unseen
+        return MappingError(Problem(100, "MSH", f"the frame holds {len(msh)} messages (MSH segments) without a"
+                                                " BHS batch header: send one message per frame, or a batch"))
     try:
         if kind == "ADT":
             ops = _map_adt(msg, header, ctx, state, event, warnings)

@@ -316,3 +316,12 @@ def test_unsupported_event_and_type():
     assert isinstance(r, MappingError) and r.problem.code == 201
     r = map_message(*synthetic(msh("ORU", "R01"), "PID|1||1^^^HOSP^MR"), CTX, MemoryState())
     assert isinstance(r, MappingError) and r.problem.code == 200
+
+
+def test_two_messages_run_together_are_one_error_not_the_first_applied():
+    one = "MSH|^~\\&|APP|HOSP|EX|EX|20240101120000||ADT^A04|C1|P|2.5\rEVN|A04\rPID|1||1^^^HOSP^MR||Doe^Jane\r"
+    two = one.replace("|C1|", "|C2|").replace("1^^^HOSP", "2^^^HOSP")
+    s = MemoryState()
+    result = map_message(*synthetic(*(one + two).rstrip("\r").split("\r")), CTX, s)
+    assert isinstance(result, MappingError)
+    assert (result.problem.code, result.problem.location) == (100, "MSH") and "2 messages" in result.problem.text
