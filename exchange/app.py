@@ -141,19 +141,21 @@ class ExchangeService(Service):
     def startService(self):
         super().startService()
         self.writer.start()
+        self.api_db.start()
+        # Every endpoint is bound before anything else starts or is announced: one that cannot
+        # be (a port in use) stops the start, and stopService closes those already bound.
         for description in self.config.server.mllp:
             port = yield server_endpoint(self.reactor, description).listen(self.mllp_factory)
             self.ports.append(port)
-            address = _describe(port)
-            self.mllp_addresses.append(address)
-            self.announce(f"exchange: MLLP listening on {address}")
-        self.delivery.startService()
-        self.api_db.start()
+            self.mllp_addresses.append(_describe(port))
         port = yield server_endpoint(self.reactor, self.config.server.http).listen(
             build_site(self.status, self.api.resource(), self.workbench.resource())
         )
         self.ports.append(port)
         self.http_address = _describe(port)
+        for address in self.mllp_addresses:
+            self.announce(f"exchange: MLLP listening on {address}")
+        self.delivery.startService()
         self.announce(f"exchange: HTTP on http://{self.http_address} (/healthz, /metrics, /api)")
         self.announce(
             "exchange: the API takes a bearer token: exchange token create NAME --role technician|admin"

@@ -31,6 +31,7 @@ Plain values only: importing this module does not start or need a reactor.
 from __future__ import annotations
 
 import codecs
+import ipaddress
 import os
 import re
 import tomllib
@@ -889,6 +890,15 @@ def check_server_endpoint(description: str) -> str | None:
     backlog = kwargs.get("backlog")
     if backlog is not None and not backlog.isdigit():
         return f"backlog must be a number (got {backlog!r})"
+    interface = kwargs.get("interface")
+    if interface:
+        family = 6 if kind == "tcp6" else 4
+        try:
+            address = ipaddress.ip_address(interface)
+        except ValueError:
+            address = None
+        if address is None or address.version != family:
+            return f"interface must be an IPv{family} address of this host (got {interface!r})"
     if kind == "ssl":
         return _check_tls_files(kwargs)
     return None

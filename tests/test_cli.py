@@ -55,8 +55,24 @@ def test_serve_cannot_listen_on_a_busy_port_exits_1(tmp_path):
         done = exchange("serve", "--config", str(config), "--database", f"sqlite:///{busy / 'b.db'}")
         assert done.returncode == 1
         assert "cannot start" in done.stderr
+        # nothing half-started: the HTTP port is busy, so no MLLP listener was announced, no delivery worker ran
+        (busy / "http").mkdir()
+        config = write_config(busy / "http", server_extra="").read_text().replace(
+            'http = "tcp:0:interface=127.0.0.1"', f'http = "tcp:{first.http[1]}:interface={first.http[0]}"')
+        (busy / "http" / "exchange.toml").write_text(config)
+        done = exchange("serve", "--config", str(busy / "http" / "exchange.toml"),
+                        "--database", f"sqlite:///{busy / 'c.db'}")
+        assert done.returncode == 1 and "cannot start" in done.stderr
+        assert "MLLP listening" not in done.stdout and "serving it on this node" not in done.stdout + done.stderr
     finally:
         first.stop()
+
+
+def test_serve_refuses_an_interface_that_is_not_an_address_of_this_kind(tmp_path):
+    config = write_config(tmp_path, mllp='"tcp:0:interface=999.1.1.1"')
+    done = exchange("serve", "--config", str(config))
+    assert done.returncode == 2
+    assert "server.mllp" in done.stderr and "interface must be an IPv4 address" in done.stderr
 
 
 @pytest.fixture
