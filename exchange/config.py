@@ -885,10 +885,10 @@ def check_server_endpoint(description: str) -> str | None:
     port = kwargs.get("port")
     if port is None:
         return f"{kind} endpoint needs a port, e.g. {kind}:2575"
-    if not port.isdigit() or int(port) > 65535:
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
         return f"port must be a number from 0 to 65535 (got {port!r})"
     backlog = kwargs.get("backlog")
-    if backlog is not None and not backlog.isdigit():
+    if backlog is not None and not (backlog.isascii() and backlog.isdigit()):
         return f"backlog must be a number (got {backlog!r})"
     interface = kwargs.get("interface")
     if interface:

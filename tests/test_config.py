@@ -342,6 +342,10 @@ def test_not_utf8(tmp_path):
         (MINIMAL.replace('authority = "GENHOSP"\n', ""), "facility[1].authority: missing required key"),
         (MINIMAL.split("[[facility]]")[0], "facility: no facilities configured"),
         ("[[facility]]\ncode='X'\nname='X'\nkind='lab'\nauthority='X'\n", "server: missing required table"),
+        # endpoint values
+        (MINIMAL.replace('"tcp:2575:interface=127.0.0.1"', '"tcp:\u00b2"'), "server.mllp: port must be a number"),
+        (MINIMAL.replace('"tcp:2575:interface=127.0.0.1"', '"tcp:2575:interface=999.1.1.1"'),
+         "server.mllp: interface must be an IPv4 address of this host (got '999.1.1.1')"),
         # structure
         ('server = "tcp:2575"\n[[facility]]\ncode="X"', "server: must be a table"),
         (MINIMAL.split("[[facility]]")[0] + '[facility]\ncode = "X"\n', "facility: must be an array of tables"),

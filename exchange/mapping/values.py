@@ -180,7 +180,7 @@ def _parse_ts(text: str) -> tuple[date | datetime | None, Precision | None]:
     fraction = ""
     if "." in s:
         s, fraction = s.split(".", 1)
-        if not fraction.isdigit():
+        if not fraction.isdigit() or not fraction.isascii():
             return None, None
     if not s.isdigit() or not s.isascii():
         return None, None

@@ -130,9 +130,9 @@ def _delivery_query(args: dict) -> tuple[tuple | None, str | None]:
         return None, f"state must be one of {states}"
     if facility is not None and (not facility or _bad_part(facility) or len(facility) > 64):
         return None, "facility must be a facility code"
-    if person is not None and (not person.isdigit() or len(person) > 18):
+    if person is not None and (not digits(person) or len(person) > 18):
         return None, "a person id is a number"
-    if limit is not None and (not limit.isdigit() or not 1 <= int(limit) <= DELIVERY_LIST_MAX):
+    if limit is not None and (not digits(limit) or not 1 <= int(limit) <= DELIVERY_LIST_MAX):
         return None, f"limit must be a number from 1 to {DELIVERY_LIST_MAX}"
     return (state, facility, int(person) if person else None, int(limit) if limit else DELIVERY_LIST_DEFAULT), None
 
@@ -184,8 +184,10 @@ def read_body(request) -> dict[str, Any]:
         return {}
     try:
         body = json.loads(raw)
-    except ValueError:
-        raise BadRequest(400, "the body must be a JSON object") from None
+        # a lone surrogate ("\ud800") is valid JSON but no text: it could be stored nowhere
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError):  # UnicodeError is a ValueError; RecursionError: "[[[[..."
+        raise BadRequest(400, "the body must be a JSON object of UTF-8 text") from None
     if not isinstance(body, dict):
         raise BadRequest(400, "the body must be a JSON object")
     return body
@@ -202,7 +204,7 @@ def body_id(body: dict[str, Any], name: str, value: Any = None) -> int | None:
     value = body.get(name) if value is None else value
     if value is None:
         return None
-    if isinstance(value, str) and value.isdigit() and len(value) <= MAX_ID_DIGITS:
+    if isinstance(value, str) and digits(value) and len(value) <= MAX_ID_DIGITS:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 10**MAX_ID_DIGITS:
         raise BadRequest(422, f"{name} must be an id (a positive integer)")
@@ -234,8 +236,14 @@ def remote_host(request) -> str | None:
     return getattr(request.getClientAddress(), "host", None)
 
 
+def digits(value: str) -> bool:
+    """Only the ASCII digits 0-9: str.isdigit() takes any script's digits (and "²", which
+    int() refuses), so "١" would read person 1 and be audited as "١"."""
+    return value.isascii() and value.isdigit()
+
+
 def path_id(value: str) -> int | None:
-    return int(value) if value.isdigit() and len(value) <= MAX_ID_DIGITS else None
+    return int(value) if digits(value) and len(value) <= MAX_ID_DIGITS else None
 
 
 def _bad_part(value: str) -> bool:
@@ -410,7 +418,7 @@ class API:
         states = [s.value for s in reviews.ReviewState]
         if state not in states + ["all"]:
             return await self._bad_path(request, f"state must be one of {', '.join(states)} or all")
-        if not limit.isdigit() or not 1 <= int(limit) <= reviews.MAX_PAGE:
+        if not digits(limit) or not 1 <= int(limit) <= reviews.MAX_PAGE:
             return await self._bad_path(request, f"limit must be a number from 1 to {reviews.MAX_PAGE}")
         if after and path_id(after) is None:
             return await self._bad_path(request, "after must be a review id")
@@ -609,7 +617,7 @@ class API:
         409 when it is not failed. Audited (an operator's decision)."""
         try:
             principal = await self._authenticate(request)
-            if not delivery_id.isdigit() or len(delivery_id) > 18:
+            if not digits(delivery_id) or len(delivery_id) > 18:
                 return self._error(request, 400, "a delivery id is a number")
             event = AuditEvent(
                 at=self.now(),

@@ -71,7 +71,7 @@ from exchange.store.outbox import DeliveryState, RetryResult, list_deliveries
 from exchange.store.records import record_view
 from exchange.store.reviews import DecisionError, Trust
 from exchange.web import pages
-from exchange.web.api import MAX_ID_DIGITS, decide_audited, path_id, read_audited, remote_host, retry_audited
+from exchange.web.api import MAX_ID_DIGITS, decide_audited, digits, path_id, read_audited, remote_host, retry_audited
 
 log = Logger()
 
@@ -212,7 +212,7 @@ def form_id(request, name: str, *, required: bool = True) -> int | None:
     if value is None:
         return None
     value = value.strip()
-    if not value.isdigit() or len(value) > MAX_ID_DIGITS or int(value) == 0:
+    if not digits(value) or len(value) > MAX_ID_DIGITS or int(value) == 0:
         raise FormError(f"{name} must be an id (a positive number)")
     return int(value)
 

@@ -27,7 +27,8 @@ def test_junk_seen_in_the_wild():
     assert parse_ts("20110613122406637") == (datetime(2011, 6, 13, 12, 24, 6, 637000), Precision.FRACTION)
     assert parse_ts("1928-01-01") == (date(1928, 1, 1), Precision.DAY)
     assert parse_ts("2021-08-17T15:19:43Z")[0] == datetime(2021, 8, 17, 15, 19, 43, tzinfo=timezone.utc)
-    for bad in ("", "   ", "196203520", "20240230", "junk", "+0200", "2024-", "19620315+99", "YYYYMMDD"):
+    for bad in ("", "   ", "196203520", "20240230", "junk", "+0200", "2024-", "19620315+99", "YYYYMMDD",
+                "20240101120000.\u0661\u0662", "20240101120000.\u00b2"):  # digits of other scripts
         assert parse_ts(bad) == (None, None), bad
     assert timestamp("196203520") is None
     assert timestamp("1962").isoformat() == "1962"

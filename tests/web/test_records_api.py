@@ -4,6 +4,8 @@ routes and a real database (SQLite and PostgreSQL): contract fields, roles,
 mapped from HL7 with the pure mapping, applied, saved by the record store."""
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from exchange.hl7.charset import decode_message
 from exchange.hl7.header import read_header
 from exchange.mapping.events import Changes, FacilityContext, map_message, needs
@@ -78,5 +80,10 @@ def test_unknown_record_and_person_404_audited(api: Harness):
 def test_bad_person_id_400_and_no_token_401(api: Harness):
     token = api.token("tess", "technician")
     assert api.get("/api/persons/abc", token)[0] == 400
+    # other scripts' digits are not an id: "١" would read person 1 and be audited as "١"; int("²") fails
+    admin = api.token("ada", "admin")
+    for text in ("\u0661", "\uff11", "\u00b2"):
+        assert api.get(f"/api/persons/{quote(text)}", token)[0] == 400
+        assert api.get(f"/api/deliveries?person={quote(text)}", admin)[0] == 400
     assert api.get("/api/records/GENHOSP/GH-44107")[0] == 401
     assert api.get("/api/persons/1")[0] == 401

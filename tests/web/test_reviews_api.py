@@ -111,6 +111,8 @@ def test_bad_decision_bodies(api: Harness):
     path = f"/api/reviews/{s['review']}"
     assert post(api, path, b"not json", token)[0] == 400
     assert post(api, path, b"[1, 2]", token)[0] == 400
+    assert post(api, path, b"[" * 5000, token)[0] == 400  # too deep for the parser: still a bad request
+    assert post(api, path, b'{"decision": "link", "reason": "\\ud800"}', token)[0] == 400  # a lone surrogate
     assert post(api, path, {}, token) == (422, {"error": 'decision must be "link" or "not-a-match"'})
     assert post(api, path, {"decision": "maybe"}, token)[0] == 422
     assert post(api, path, {"decision": "link", "persn": 3}, token)[1]["error"].startswith("unknown field 'persn'")
@@ -124,6 +126,7 @@ def test_bad_decision_bodies(api: Harness):
     assert (code, body["error"]) == (422, "no person 987654")
     assert post(api, "/api/reviews/987654", {"decision": "link"}, token)[0] == 404
     assert post(api, "/api/reviews/abc", {"decision": "link"}, token)[0] == 400
+    assert post(api, "/api/reviews/%C2%B2", {"decision": "link"}, token)[0] == 400  # "²"
     assert {a[-1] for a in audit(api)} == {"invalid", "not-found"}
     assert api.get(f"/api/reviews/{s['review']}", token)[1]["state"] == "open"  # nothing decided
 

@@ -359,7 +359,7 @@ def test_patient_data_is_escaped(web):
 def test_bad_input_is_a_400_page_with_the_reason(web):
     browser = logged_in(web)
     for path in ("/reviews?state=closed", "/reviews?after=x", "/reviews/abc", "/persons/x", "/persons?id=abc",
-                 "/records?facility=GENHOSP"):
+                 "/records?facility=GENHOSP", "/persons/%D9%A1", "/persons/%C2%B2", "/reviews?after=%C2%B2"):
         page = browser.get(path)
         assert page.code == 400 and "Bad request" in page.text, path
 
