@@ -773,11 +773,24 @@ def record_view(conn: Connection, facility: str, mrn: str) -> dict[str, Any] | N
                    for p in rec["phones"] or ()],
         "death": death.isoformat() if death else None,
         "deceased": rec["deceased"],
-        "identifiers": [{"value": i.value, "authority": i.authority or i.authority_id, "type": i.type_code}
+        "identifiers": [{"value": _shown(i), "authority": i.authority or i.authority_id, "type": i.type_code}
                         for i in rec["identifiers"].values()],
         "encounters": encounters,
         "documents": documents,
     }
+
+
+_SSN_TYPES = frozenset({"SS", "SSN"})  # table 0203 SS; "SSN" is seen in feeds
+_SSN_AUTHORITIES = frozenset({"SSA", "USSSA"})
+
+
+def _shown(ident: Identifier) -> str:
+    """An identifier's value as a view shows it: a social security number by its last four digits,
+    as everywhere else (PID-19's SSN is kept only as ``ssn_last4`` in the views)."""
+    if ident.type_code.upper() in _SSN_TYPES or (ident.authority or ident.authority_id).upper() in _SSN_AUTHORITIES:
+        digits = "".join(c for c in ident.value if c.isascii() and c.isdigit())
+        return f"***-**-{digits[-4:]}" if len(digits) >= 4 else "***"
+    return ident.value
 
 
 __all__ = ["RecordLink", "from_json", "load", "load_all", "loads", "record_view", "save", "to_json"]

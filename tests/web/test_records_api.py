@@ -4,6 +4,7 @@ routes and a real database (SQLite and PostgreSQL): contract fields, roles,
 mapped from HL7 with the pure mapping, applied, saved by the record store."""
 from __future__ import annotations
 
+import json
 from urllib.parse import quote
 
 from exchange.hl7.charset import decode_message
@@ -53,6 +54,9 @@ def test_a_technician_reads_a_record_with_the_contract_fields(api: Harness):
     [encounter] = body["encounters"]
     assert {"visit_number", "class", "status", "location", "admitted_at", "discharged_at"} <= encounter.keys()
     assert (encounter["visit_number"], encounter["status"]) == ("V1001", "admitted")
+    # a social security number in PID-3 is shown by its last four digits, as everywhere else
+    assert [(i["value"], i["type"]) for i in body["identifiers"]] == [("GH-44107", "MR"), ("***-**-6789", "SS")]
+    assert "123-45" not in json.dumps(body)
     [row] = api.audit()
     assert (row["actor"], row["resource"], row["facility"], row["key"], row["outcome"]) == (
         "tess", "record", "GENHOSP", "GH-44107", "ok"
