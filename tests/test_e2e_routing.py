@@ -20,7 +20,7 @@ from tests.support import ExchangeProcess, MLLPConnection, api_request, msa, wri
 class Capture:
     """python-hl7's asyncio MLLP server keeping every message it receives (as text), ACKing AA."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.messages: list[str] = []
         self.lock = threading.Lock()
         self.port = 0
@@ -28,7 +28,7 @@ class Capture:
 
         def run() -> None:
             self.loop = asyncio.new_event_loop()
-            server = self.loop.run_until_complete(hl7.mllp.start_hl7_server(self._client, "127.0.0.1", 0))
+            server = self.loop.run_until_complete(hl7.mllp.start_hl7_server(self._client, "127.0.0.1", port))
             self.port = server.sockets[0].getsockname()[1]
             ready.set()
             self.loop.run_forever()
@@ -213,3 +213,40 @@ def test_an_opt_out_set_through_the_api_stops_copies_until_cleared(network, data
         assert msa(conn.request(adt("GH-32", "GENHOSP", "A03", "GH-30", visit="VGH-30")))[0] == "AA"
     (copy,) = nursing_home.wait_for(1)
     assert field(copy, "MSH", 8).startswith("ADT^A03")
+
+
+def test_a_copy_waiting_for_a_destination_that_was_down_is_withheld_after_an_opt_out(
+        tmp_path, database_url):
+    """Routing decides when the event is applied; an opt-out or a split that commits while the
+    copy waits for its destination must still stop it (checked again just before sending)."""
+    from tests.delivery.peers import free_port
+
+    down = free_port()  # the nursing home's engine is down: nothing listens there yet
+    home_health, hospital = Capture(), Capture()
+    config = write_config(tmp_path, facilities=facilities(down, home_health.port, hospital.port),
+                          server_extra="retry_initial = 0.2\nretry_max = 0.5\ndelivery_poll = 0.2")
+    server = ExchangeProcess(config, database_url).start()
+    nursing_home = None
+    try:
+        with MLLPConnection(server.address) as conn:
+            assert msa(conn.request(adt("NH-40", "OAKNH", "A28", "OA-40")))[0] == "AA"
+            assert msa(conn.request(adt("GH-40", "GENHOSP", "A01", "GH-40")))[0] == "AA"  # a copy for OAKNH waits
+            person = api_request(server, database_url, "GET", "/api/records/OAKNH/OA-40")["person"]
+            assert api_request(server, database_url, "GET", "/api/records/GENHOSP/GH-40")["person"] == person
+            api_request(server, database_url, "POST", f"/api/persons/{person}/opt-out", {"protected": True})
+            nursing_home = Capture(down)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                (copy,) = api_request(server, database_url, "GET", "/api/messages/GENHOSP/GH-40",
+                                      role="admin")["deliveries"]
+                if copy["state"] != "queued":
+                    break
+                time.sleep(0.1)
+            assert (copy["facility"], copy["state"], copy["last_error"]) == (
+                "OAKNH", "withheld", "withheld: the person has opted out")
+            assert nursing_home.wait_for(1, timeout=1) == []
+    finally:
+        server.stop()
+        for peer in (nursing_home, home_health, hospital):
+            if peer is not None:
+                peer.stop()

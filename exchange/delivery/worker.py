@@ -3,8 +3,10 @@
 Each loop, top to bottom::
 
     hold the destination ....... store.outbox.try_lock_destination   (PostgreSQL advisory lock; SQLite: one node)
-    claim ...................... store.outbox.claim_batch            (oldest queued copies that are due)
+    claim ...................... store.outbox.claim_batch            (oldest queued copies that are due,
+                                                                      each checked again: opt-out, links)
     for each copy, in order:
+      withheld? ................ recorded so, never sent              (the person opted out since, ...)
       connect (kept open) ...... mllp.client over the endpoint string (tcp / tls, client certificate)
       send, wait for one ACK ... MLLPClientProtocol.send              (timeout: the connection is dropped)
       judge the ACK ............ delivery.policy.judge                (MSA-2 must be the copy's MSH-10)
@@ -56,6 +58,7 @@ from exchange.store.outbox import (
     Outcome,
     Pending,
     RetryLater,
+    Withheld,
     claim_batch,
     queue_depths,
     record_outcomes,
@@ -303,6 +306,10 @@ class DestinationWorker:
         for copy in copies:
             if self._stopping or self._record_error is not None:
                 break
+            if copy.withheld is not None:  # opted out, or relinked, since it was routed: never sent
+                metrics.delivery_attempts(self.destination, "withheld").inc()
+                self._record(Withheld(copy.id, copy.withheld))
+                continue
             outcome = await self._attempt(copy)
             if outcome is None:  # abandoned while stopping: stays queued as it was
                 break

@@ -37,7 +37,7 @@ In the writer transaction, per applied ADT/MDM message::
         NewCopy(destination=dest.facility, message_id=message_id,
                 control_id=copy.control_id, payload=copy.encode(), created_at=now,
                 person_id=person_id, facility=event.facility, mrn=event.source_mrn,
-                reason=dest.why)
+                reason=dest.why, destination_mrn=dest.mrn)
     outbox.enqueue(conn, copies)
 
 ``control_id`` must be unique per destination (the delivery matches MSA-2
@@ -48,8 +48,10 @@ person's active records after the message applied, one MRN per facility
 only) the records of the retired MRN's person taken before the merge.
 The outbox row is the accounting of disclosures: who received (destination),
 what (the inbound message, its type/event, a document's TXA-12), about whom
-(person, the sender's record; the destination's MRN is ``dest.mrn`` if it
-should be kept too), why (``default`` or the rule's name) and when.
+(person, the sender's record, and ``dest.mrn``: the delivery worker checks
+again, just before it sends the copy, that the person has not opted out and
+that this record is still the person's), why (``default`` or the rule's
+name) and when.
 ``decision.skipped`` is for metrics and logs (facility and reason only: no PHI).
 
 Decisions

@@ -9,6 +9,13 @@ destination answered::
     queued --AA/CA--> delivered
     queued --AE/AR/CE/CR--> failed --retry (operator)--> queued
     queued --no answer, broken connection, wrong MSA-2--> queued (attempts+1, next_attempt_at later)
+    queued --the person opted out, or the destination's record is no longer theirs--> withheld
+
+Routing decides who gets a copy when the event is applied; what may change
+before the copy goes out (an opt-out, a technician splitting the
+destination's record off the person) is checked again when the worker
+claims it (``claim_batch``: such a copy comes marked ``withheld``, is
+recorded so and never sent) and when an operator requeues one (``retry``).
 
 Rows are never deleted: the delivered ones are the accounting of disclosures
 (who received what about whom, when), listed by ``list_deliveries``.
@@ -40,7 +47,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, select, update
+from sqlalchemy import Connection, bindparam, func, select, tuple_, update
 from sqlalchemy.dialects import postgresql
 
 from exchange.store.db import driver_cursor, sqlite_datetime
@@ -53,6 +60,8 @@ from exchange.store.schema import (
     MRN_LEN,
     delivery_table as delivery,
     message_table as message,
+    patient_record_table as patient_record,
+    person_table as person,
 )
 
 __all__ = [
@@ -64,6 +73,7 @@ __all__ = [
     "NewCopy",
     "Pending",
     "RetryLater",
+    "Withheld",
     "RetryResult",
     "claim_batch",
     "claim_next",
@@ -78,6 +88,7 @@ __all__ = [
     "record_outcomes",
     "retry",
     "schedule_retry",
+    "withheld_copies",
     "try_lock_destination",
     "unlock_destination",
 ]
@@ -90,6 +101,7 @@ class DeliveryState(StrEnum):
     QUEUED = "queued"  # waiting to be sent (or to be sent again at next_attempt_at)
     DELIVERED = "delivered"  # the destination answered AA or CA
     FAILED = "failed"  # the destination answered AE, AR, CE or CR; an operator may requeue it
+    WITHHELD = "withheld"  # not sent: the person opted out, or the destination's record is no longer theirs
 
 
 # -- values -----------------------------------------------------------------------
@@ -108,6 +120,7 @@ class NewCopy:
     facility: str | None = None  # the patient record it is about: the sender's code (MSH-4.1) ...
     mrn: str | None = None  # ... and its MRN there
     reason: str | None = None  # why it was routed: "default" or the [[route]] name
+    destination_mrn: str | None = None  # the destination's record the copy names (PID-3), if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +133,7 @@ class Pending:
     payload: bytes
     attempts: int
     created_at: datetime
+    withheld: str | None = None  # why it must not go out any more: record it so, do not send it
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,13 +203,20 @@ class RetryLater:
     ack: bytes | None = None
 
 
-Outcome = Delivered | Failed | RetryLater
+@dataclass(frozen=True, slots=True)
+class Withheld:
+    id: int
+    reason: str  # why it was not sent (last_error)
+
+
+Outcome = Delivered | Failed | RetryLater | Withheld
 
 
 class RetryResult(StrEnum):
     REQUEUED = "requeued"
     NOT_FOUND = "not-found"
     NOT_FAILED = "not-failed"  # only failed copies can be requeued
+    WITHHELD = "withheld"  # it may not go out any more (the person opted out, ...): not requeued
 
 
 # -- text -------------------------------------------------------------------------
@@ -227,6 +248,7 @@ _COLUMNS = (
     "state",
     "attempts",
     "next_attempt_at",
+    "destination_mrn",
 )
 
 
@@ -247,6 +269,7 @@ def _params(copy: NewCopy) -> tuple:
         DeliveryState.QUEUED.value,
         0,
         created_at,
+        _text(copy.destination_mrn, MRN_LEN),
     )
 
 
@@ -272,7 +295,7 @@ def _pg_enqueue_sql() -> str:
 
 
 _PG_ENQUEUE = _pg_enqueue_sql()
-_SQLITE_MAX_ROWS = 2000  # 12 parameters a row: under SQLite's 32766-variable limit
+_SQLITE_MAX_ROWS = 2000  # 13 parameters a row: under SQLite's 32766-variable limit
 
 
 @functools.lru_cache(maxsize=64)
@@ -303,7 +326,7 @@ def enqueue(conn: Connection, copies: Sequence[NewCopy]) -> list[int]:
                 flat: list[Any] = []
                 for row in chunk:
                     at = sqlite_datetime(row[8])
-                    flat.extend(row[:8] + (at, row[9], row[10], at))
+                    flat.extend(row[:8] + (at, row[9], row[10], at) + row[12:])
                 # max(rowid)+1 in VALUES order under the write lock: sorted ids are the order given
                 ids.extend(sorted(r[0] for r in cursor.execute(_sqlite_enqueue_sql(len(chunk)), flat).fetchall()))
     if len(ids) != len(rows):  # pragma: no cover - a driver bug
@@ -333,6 +356,8 @@ _COPIES = select(
     delivery.c.payload,
     delivery.c.attempts,
     delivery.c.created_at,
+    delivery.c.person_id,
+    delivery.c.destination_mrn,
 ).where(delivery.c.id.in_(bindparam("ids", expanding=True)))
 
 
@@ -362,11 +387,81 @@ def claim_batch(
     if not chosen:
         return Claim((), due_at)
     found = {r.id: r for r in conn.execute(_COPIES, {"ids": chosen})}
+    withheld = withheld_copies(conn, list(found.values()))
     copies = tuple(
-        Pending(r.id, r.destination, r.control_id, bytes(r.payload), r.attempts, r.created_at)
+        Pending(r.id, r.destination, r.control_id, bytes(r.payload), r.attempts, r.created_at, withheld.get(r.id))
         for r in (found[i] for i in chosen)
     )
     return Claim(copies, due_at)
+
+
+MAX_MERGE_HOPS = 100  # persons merged into persons merged again: a longer chain is a loop
+
+
+def withheld_copies(conn: Connection, rows: Sequence[Any]) -> dict[int, str]:
+    """Why each of these copies (rows with ``id``, ``person_id``, ``destination``,
+    ``destination_mrn``) must not go out now, if it must not: its person (followed
+    through merges) opted out, or the destination's record it names now belongs to
+    another person (split off, relinked) or to nobody. Reads only."""
+    rows = [r for r in rows if r.person_id is not None]
+    owners = _record_owners(conn, {(r.destination, r.destination_mrn) for r in rows if r.destination_mrn is not None})
+    persons = _live_persons(conn, {r.person_id for r in rows} | {p for p in owners.values() if p is not None})
+    out: dict[int, str] = {}
+    for r in rows:
+        person, protected = persons[r.person_id]
+        if protected:
+            out[r.id] = "withheld: the person has opted out"
+        elif r.destination_mrn is not None:
+            owner = owners.get((r.destination, r.destination_mrn))
+            if owner is None or persons[owner][0] != person:
+                out[r.id] = "withheld: the destination's record is no longer linked to this person"
+    return out
+
+
+def _live_persons(conn: Connection, ids: set[int]) -> dict[int, tuple[int | None, bool]]:
+    """person id -> (the person it was merged into last, or itself; that person's opt-out)."""
+    rows: dict[int, Any] = {}
+    todo = set(ids)
+    for _ in range(MAX_MERGE_HOPS):
+        todo -= rows.keys()
+        if not todo:
+            break
+        for r in conn.execute(select(person.c.id, person.c.merged_into, person.c.protected)
+                              .where(person.c.id.in_(sorted(todo)))):
+            rows[r.id] = r
+        todo = {r.merged_into for r in rows.values() if r.merged_into is not None} - rows.keys()
+    out: dict[int, tuple[int | None, bool]] = {}
+    for start in ids:
+        current, hops = start, 0
+        while current in rows and rows[current].merged_into is not None and hops < MAX_MERGE_HOPS:
+            current, hops = rows[current].merged_into, hops + 1
+        row = rows.get(current)
+        out[start] = (current, bool(row.protected)) if row is not None else (None, False)
+    return out
+
+
+def _record_owners(conn: Connection, keys: set[tuple[str, str]]) -> dict[tuple[str, str], int | None]:
+    """(facility, mrn) -> the person of that record (of its survivor, if merged away); None if inactive
+    without a survivor, or unknown."""
+    out: dict[tuple[str, str], int | None] = {}
+    pending = {key: key for key in keys}  # the key asked -> the record to read for it
+    for _ in range(MAX_MERGE_HOPS):
+        if not pending:
+            break
+        wanted = set(pending.values())
+        found = {(r.facility, r.mrn): r for r in conn.execute(
+            select(patient_record.c.facility, patient_record.c.mrn, patient_record.c.person_id,
+                   patient_record.c.active, patient_record.c.merged_into_mrn)
+            .where(tuple_(patient_record.c.facility, patient_record.c.mrn).in_(sorted(wanted))))}
+        following = {}
+        for asked, key in pending.items():
+            r = found.get(key)
+            if r is not None and not r.active and r.merged_into_mrn and (r.facility, r.merged_into_mrn) != key:
+                following[asked] = (r.facility, r.merged_into_mrn)
+            else:
+                out[asked] = r.person_id if r is not None and r.active else None
+        pending = following
+    return out
 
 
 def claim_next(conn: Connection, destination: str, now: datetime) -> Pending | None:
@@ -408,6 +503,7 @@ _RETRY = _update(
     ack_code=bindparam("_code"),
     ack=bindparam("_ack"),
 )
+_WITHHELD = _update(state=DeliveryState.WITHHELD.value, next_attempt_at=None, last_error=bindparam("_error"))
 
 
 def record_outcomes(conn: Connection, outcomes: Sequence[Outcome]) -> int:
@@ -416,9 +512,11 @@ def record_outcomes(conn: Connection, outcomes: Sequence[Outcome]) -> int:
     Only queued rows change: an outcome for a copy that is no longer queued
     (recorded already) changes nothing.
     """
-    delivered, failed, retries = [], [], []
+    delivered, failed, retries, withheld = [], [], [], []
     for o in outcomes:
-        if isinstance(o, Delivered):
+        if isinstance(o, Withheld):
+            withheld.append({"_id": o.id, "_error": _text(o.reason, MAX_ERROR_CHARS)})
+        elif isinstance(o, Delivered):
             delivered.append({"_id": o.id, "_at": o.at, "_code": _text(o.ack_code, ACK_CODE_LEN), "_ack": o.ack})
         elif isinstance(o, Failed):
             failed.append(
@@ -440,7 +538,8 @@ def record_outcomes(conn: Connection, outcomes: Sequence[Outcome]) -> int:
                 }
             )
     changed = 0
-    for statement, params in ((_DELIVERED, delivered), (_FAILED, failed), (_RETRY, retries)):
+    for statement, params in ((_DELIVERED, delivered), (_FAILED, failed), (_RETRY, retries),
+                              (_WITHHELD, withheld)):
         if params:
             changed += conn.execute(statement, params).rowcount
     return changed
@@ -597,8 +696,13 @@ def retry(
 
     Its attempts and last error stay until the next attempt; ``retried_by`` /
     ``retried_at`` say who and when. Being older than the copies queued
-    since, it goes out next. NOT_FOUND / NOT_FAILED change nothing.
+    since, it goes out next. NOT_FOUND / NOT_FAILED change nothing, nor does
+    WITHHELD: the copy may not go out any more (``withheld_copies``).
     """
+    row = conn.execute(select(delivery.c.id, delivery.c.state, delivery.c.person_id, delivery.c.destination,
+                              delivery.c.destination_mrn).where(delivery.c.id == delivery_id)).first()
+    if row is not None and row.state == DeliveryState.FAILED.value and withheld_copies(conn, [row]):
+        return RetryResult.WITHHELD, get_delivery(conn, delivery_id)
     changed = conn.execute(
         update(delivery)
         .where(delivery.c.id == delivery_id, delivery.c.state == DeliveryState.FAILED.value)

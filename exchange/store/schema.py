@@ -525,6 +525,9 @@ class Delivery(Base):
     person_id: Mapped[int | None] = mapped_column(BigInteger, index=True)  # whom it is about (no FK: replay renumbers persons)
     facility: Mapped[str | None] = mapped_column(String(FACILITY_LEN))  # the patient record it is about:
     mrn: Mapped[str | None] = mapped_column(String(MRN_LEN))  # the sending facility's record (MSH-4, PID-3.1)
+    # The destination's own record the copy names in PID-3 (None: a rule sent it without one);
+    # checked again just before sending: still that person's.
+    destination_mrn: Mapped[str | None] = mapped_column(String(MRN_LEN))
     reason: Mapped[str | None] = mapped_column(String(DELIVERY_REASON_LEN))  # why it was routed
     control_id: Mapped[str] = mapped_column(String(CONTROL_ID_LEN))  # the copy's MSH-10 (its ACK's MSA-2)
     payload: Mapped[bytes] = mapped_column(LargeBinary)  # the copy exactly as sent (unframed)

@@ -646,6 +646,13 @@ class API:
                 409,
                 {"error": f"only a failed delivery can be retried (this one is {view.state.value})", "delivery": delivery_json(view)},
             )
+        if result is RetryResult.WITHHELD:
+            return self._json(
+                request,
+                409,
+                {"error": "this copy may not go out any more: the person has opted out, or the destination's"
+                          " record is no longer linked to them", "delivery": delivery_json(view)},
+            )
         if self.requeued is not None:
             self.requeued(view.destination)
         return self._json(request, 200, delivery_json(view))

@@ -660,6 +660,11 @@ class Workbench:
             return self._error(request, 409, "Not done",
                                f"Only a failed delivery can be sent again (this one is {view.state.value}).",
                                session=session, back="/deliveries")
+        if result is RetryResult.WITHHELD:
+            return self._error(request, 409, "Not done",
+                               "This copy may not go out any more: the person has opted out, or the "
+                               "destination's record is no longer linked to them.", session=session,
+                               back="/deliveries")
         if self.requeued is not None:
             self.requeued(view.destination)
         return self._redirect(request, "/deliveries")

@@ -92,7 +92,7 @@ def test_list_by_state_facility_and_person(api: Harness, queued: list[int]) -> N
 @pytest.mark.parametrize(
     "query, reason",
     [
-        ("state=sent", "state must be one of queued, delivered, failed"),
+        ("state=sent", "state must be one of queued, delivered, failed, withheld"),
         ("person=abc", "a person id is a number"),
         ("limit=0", "limit must be a number from 1 to 1000"),
         ("limit=5000", "limit must be a number from 1 to 1000"),

@@ -31,6 +31,7 @@ from exchange.store.outbox import (
     schedule_retry,
     try_lock_destination,
     unlock_destination,
+    Withheld,
 )
 from exchange.store.schema import delivery_table
 from tests.support import new_message
@@ -241,3 +242,46 @@ def test_advisory_lock_is_per_destination_and_per_session(database_url: str) -> 
         one.dispose()
         two.dispose()
     assert lock_key("OAKNH") == lock_key("OAKNH") and -(2**31) <= lock_key("x" * 50) < 2**31
+
+
+def test_a_copy_that_may_not_go_out_any_more_is_claimed_withheld(engine: Engine, message_id: int) -> None:
+    """Routing decides at commit; an opt-out or a technician's split that commits while the
+    copy waits (the destination was down) must still stop it."""
+    from exchange.store.schema import patient_record_table, person_table
+    from tests.test_reviews import HANSON, add_record, new_person
+
+    with write_transaction(engine) as conn:
+        p = add_record(conn, "GENHOSP", "G1", **HANSON)
+        add_record(conn, "OAKNH", "O1", p, **HANSON)
+        other = new_person(conn)
+    ids = queue(engine, [copy_of(message_id, n, person_id=p, destination_mrn="O1") for n in range(3)]
+                + [copy_of(message_id, 9, person_id=p, destination_mrn=None)])  # a rule's copy, no record
+
+    def claimed():
+        return {c.id: c.withheld for c in run(engine, claim_batch, "OAKNH", T0 + timedelta(minutes=1)).copies}
+
+    assert claimed() == dict.fromkeys(ids)
+    # the person merged into another (a technician's merge): followed, still allowed
+    with write_transaction(engine) as conn:
+        survivor = new_person(conn)
+        conn.execute(person_table.update().where(person_table.c.id == p).values(merged_into=survivor))
+        conn.execute(patient_record_table.update().values(person_id=survivor))
+    assert claimed() == dict.fromkeys(ids)
+    # OAKNH's record split off to another person: its copies name someone else's record
+    with write_transaction(engine) as conn:
+        conn.execute(patient_record_table.update().where(patient_record_table.c.mrn == "O1").values(person_id=other))
+    assert set(claimed().values()) == {"withheld: the destination's record is no longer linked to this person",
+                                       None}
+    assert claimed()[ids[3]] is None  # names no record of the destination: only the opt-out counts
+    # opted out: nothing goes
+    with write_transaction(engine) as conn:
+        conn.execute(person_table.update().where(person_table.c.id == survivor).values(protected=True))
+    assert set(claimed().values()) == {"withheld: the person has opted out"}
+    # recorded so: never sent, not counted as an attempt, not requeued by an operator
+    run(engine, record_outcomes, [Withheld(ids[0], "withheld: the person has opted out")])
+    view = run(engine, get_delivery, ids[0])
+    assert (view.state, view.attempts, view.last_error) == (DeliveryState.WITHHELD, 0,
+                                                           "withheld: the person has opted out")
+    run(engine, mark_failed, ids[1], at=T0, ack_code="AE", ack=b"", error="AE")
+    result, view = run(engine, retry, ids[1], "ops-alice", T0 + timedelta(minutes=2))
+    assert (result, view.state) == (RetryResult.WITHHELD, DeliveryState.FAILED)
