@@ -80,6 +80,8 @@ def check_password(password: str) -> str | None:
         return f"the password must be at most {MAX_PASSWORD_CHARS} characters"
     if not password.isprintable():
         return "the password must not contain control characters"
+    if not password.strip():  # the login form takes a blank password for none: it could never log in
+        return "the password must not be only spaces"
     return None
 
 

@@ -88,6 +88,7 @@ def test_overlong_password_is_refused_before_hashing():
     ("eleven char", "at least 12 characters (got 11)"),
     ("x" * 1025, "at most 1024"),
     ("twelve chars\x07", "control characters"),
+    (" " * 12, "only spaces"),  # the login form reads a blank password as none: it could never log in
 ])
 def test_password_rules(password, reason):
     assert reason in check_password(password)
