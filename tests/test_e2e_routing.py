@@ -208,8 +208,12 @@ def test_an_opt_out_set_through_the_api_stops_copies_until_cleared(network, data
         assert msa(conn.request(adt("GH-31", "GENHOSP", "A03", "GH-30", pd1="PD1||||||||||||N",
                                     visit="VGH-30")))[0] == "AA"
         assert nursing_home.wait_for(1, timeout=2) == []
-        api_request(server, database_url, "POST", f"/api/persons/{person}/opt-out", {"protected": False})
-        assert api_request(server, database_url, "GET", f"/api/persons/{person}")["opt_out"]["protected"] is False
+        api_request(server, database_url, "POST", f"/api/persons/{person}/opt-out",
+                    {"protected": False, "reason": "consent form signed"})
+        opt_out = api_request(server, database_url, "GET", f"/api/persons/{person}")["opt_out"]
+        assert opt_out["protected"] is False
+        assert [(e["protected"], e["by"][:15], e["reason"]) for e in opt_out["history"]] == [
+            (True, "api technician-", None), (False, "api technician-", "consent form signed")]
         assert msa(conn.request(adt("GH-32", "GENHOSP", "A03", "GH-30", visit="VGH-30")))[0] == "AA"
     (copy,) = nursing_home.wait_for(1)
     assert field(copy, "MSH", 8).startswith("ADT^A03")

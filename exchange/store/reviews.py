@@ -62,6 +62,7 @@ from exchange.store.schema import (
     link_event_table as link_event,
     match_pair_table as match_pair,
     match_review_table as match_review,
+    opt_out_event_table as opt_out_event,
     patient_record_table as patient_record,
     person_table as person,
 )
@@ -647,17 +648,29 @@ def split_record(conn: Connection, person_id: int, facility: str, mrn: str, *, a
 
 
 def set_opt_out(conn: Connection, person_id: int, protected: bool, *, actor: str, now: datetime,
-                reason: str | None = None) -> dict[str, Any]:
-    """The person's opt-out, set or cleared through the API: while set, no copy about
-    the person goes anywhere (exchange.routing). A facility's PD1-12 = N never clears
-    an opt-out set here. Returns ``{"person", "opt_out"}``."""
+                reason: str | None = None, via: str = "api") -> dict[str, Any]:
+    """The person's opt-out, set or cleared through the API (``via`` "api") or the workbench
+    ("workbench"): while set, no copy about the person goes anywhere (exchange.routing). A
+    facility's PD1-12 = N never clears an opt-out set here. Every change is kept, which way,
+    by whom and why (``opt_out_event``). Returns ``{"person", "opt_out"}``."""
     actor, reason, now = _check_actor(actor), _check_reason(reason), _check_now(now)
     row = _person_row(conn, person_id, lock=True)
     if row is None:
         raise _not_found(f"no person {person_id}")
-    by = f"api {actor}" if protected else None
-    conn.execute(person.update().where(person.c.id == person_id).values(protected=protected, protected_by=by))
-    return {"person": person_id, "opt_out": {"protected": protected, "by": by}}
+    who = f"{via} {actor}"
+    conn.execute(person.update().where(person.c.id == person_id)
+                 .values(protected=protected, protected_by=who if protected else None))
+    conn.execute(opt_out_event.insert().values(person_id=person_id, protected=protected, by=who, reason=reason,
+                                               at=now))
+    return {"person": person_id, "opt_out": {"protected": protected, "by": who if protected else None}}
+
+
+def opt_out_history(conn: Connection, person_id: int) -> list[dict[str, Any]]:
+    """Every change of the person's opt-out, oldest first: ``{"protected", "by", "reason", "message", "at"}``."""
+    return [{"protected": bool(r.protected), "by": r.by, "reason": r.reason, "message": r.message_id,
+             "at": _iso(r.at)}
+            for r in conn.execute(select(opt_out_event).where(opt_out_event.c.person_id == person_id)
+                                  .order_by(opt_out_event.c.id))]
 
 
 def merge_persons(conn: Connection, keep: int, merge: int, *, actor: str, now: datetime, reason: str | None = None,
@@ -819,7 +832,8 @@ def person_view(conn: Connection, person_id: int, trust: Trust = Trust()) -> dic
         "person": person_id,
         "merged_into": _live_person(conn, row.merged_into) if row.merged_into is not None else None,
         "created_at": _iso(row.created_at),
-        "opt_out": {"protected": bool(row.protected), "by": row.protected_by},
+        "opt_out": {"protected": bool(row.protected), "by": row.protected_by,
+                    "history": opt_out_history(conn, person_id)},
         "records": records,
         "best": best_view([(r, demographics(r.data)) for r in rows if r.active], trust),
     }
@@ -897,6 +911,7 @@ __all__ = [
     "person_history",
     "person_view",
     "set_opt_out",
+    "opt_out_history",
     "review_detail",
     "split_record",
     "undo_decision",

@@ -20,7 +20,7 @@ from exchange.config import Config
 from exchange.hl7.header import Header
 from exchange.mapping.message import Message
 from exchange.routing import Event, protection, rewrite, route
-from exchange.store.db import driver_cursor
+from exchange.store.db import driver_cursor, sqlite_datetime
 from exchange.store.outbox import NewCopy, enqueue
 from exchange.store.driver import in_ids, select_rows
 
@@ -52,9 +52,10 @@ def route_batch(conn: Connection, applied: Sequence[Applied], config: Config, no
     records, protected = _persons(conn, persons)
     copies: list[NewCopy] = []
     changed: dict[int, tuple[bool, str | None]] = {}
+    said: list[tuple] = []  # opt_out_event rows: (person, protected, by, message id)
     for a in applied:
         try:
-            copies.extend(_route_one(a, config, now, records, protected, changed))
+            copies.extend(_route_one(a, config, now, records, protected, changed, said))
         except Exception:  # noqa: BLE001 - logged without PHI: the message id only
             log.failure("routing message {message_id} failed; no copies queued for it", message_id=a.message_id)
     if changed:
@@ -63,21 +64,29 @@ def route_batch(conn: Connection, applied: Sequence[Applied], config: Config, no
             sql = ("UPDATE person SET protected = ?, protected_by = ? WHERE id = ?" if sqlite
                    else "UPDATE person SET protected = %s, protected_by = %s WHERE id = %s")
             cursor.executemany(sql, [(state, by, person) for person, (state, by) in changed.items()])
+            mark = "?" if sqlite else "%s"
+            cursor.executemany(
+                f"INSERT INTO opt_out_event (person_id, protected, by, message_id, at) VALUES ({', '.join([mark] * 5)})",
+                [(person, state, by, message_id, sqlite_datetime(now) if sqlite else now)
+                 for person, state, by, message_id in said])
     if copies:
         enqueue(conn, copies)
     return copies
 
 
-def _route_one(a: Applied, config: Config, now: datetime, records, protected, changed) -> list[NewCopy]:
+def _route_one(a: Applied, config: Config, now: datetime, records, protected, changed, events) -> list[NewCopy]:
     """One message: its opt-out bookkeeping (PD1-12), its destinations, its copies."""
     said = protection(a.message)
     state, by = protected.get(a.person, (False, None)) if a.person is not None else (False, None)
     if said is True and not state:
         state, by = True, f"PD1-12 {a.subject[0]}"
-    elif said is False and state and (by or "").startswith("PD1-12"):
-        state, by = False, None  # a facility clears what a facility set, never a patient's own request
+    elif said is False and state and by == f"PD1-12 {a.subject[0]}":
+        # a facility clears what it set itself: never a patient's own request, nor another
+        # facility's (many systems send PD1-12 = N by default)
+        state, by = False, None
     if a.person is not None and (state, by) != protected.get(a.person, (False, None)):
         protected[a.person] = changed[a.person] = (state, by)
+        events.append((a.person, state, f"PD1-12 {a.subject[0]}", a.message_id))
     event = Event.read(a.header, a.message, person=None if a.person is None else str(a.person),
                        source_mrn=a.subject[1], protected=state)
     mine = _one_per_facility(records.get(a.person, []), a.subject)

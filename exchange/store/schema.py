@@ -476,6 +476,21 @@ class LinkEvent(Base):
     __table_args__ = (Index("ix_link_event_facility_mrn", "facility", "mrn"),)
 
 
+class OptOutEvent(Base):
+    """Every change of a person's opt-out: which way, by whom, why, and when. (``person``
+    holds the current state; this, how it came to be.)"""
+
+    __tablename__ = "opt_out_event"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    person_id: Mapped[int] = mapped_column(BigInteger, index=True)  # no FK: replay renumbers persons
+    protected: Mapped[bool] = mapped_column(Boolean)  # set (true) or lifted (false)
+    by: Mapped[str] = mapped_column(String(ACTOR_LEN))  # "api NAME", "workbench NAME", "PD1-12 FACILITY"
+    reason: Mapped[str | None] = mapped_column(Text)
+    message_id: Mapped[int | None] = mapped_column(BigInteger)  # PD1-12: the message that said it
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class MatchModel(Base):
     """Fellegi-Sunter parameters (exchange.matching.model.Model.to_json); the newest row is used."""
 
@@ -500,6 +515,7 @@ match_review_table = MatchReview.__table__
 match_pair_table = MatchPair.__table__
 link_event_table = LinkEvent.__table__
 match_model_table = MatchModel.__table__
+opt_out_event_table = OptOutEvent.__table__
 
 
 # -- Delivery: the outbox of routed copies, and the accounting of disclosures ----------

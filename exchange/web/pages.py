@@ -417,6 +417,14 @@ class HistoryRow:
 
 
 @dataclass(frozen=True, slots=True)
+class OptOutRow:
+    at: str
+    change: str  # "set" / "lifted"
+    by: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class PersonPage:
     id: int
     merged_into: int | None
@@ -424,6 +432,7 @@ class PersonPage:
     created_at: str
     protected: bool
     protected_by: str | None
+    opt_out_history: tuple[OptOutRow, ...]
     best: tuple[BestRow, ...]
     records: tuple[PersonRecord, ...]
     history: tuple[HistoryRow, ...]
@@ -476,7 +485,11 @@ def person_page(view: Mapping[str, Any], history: Mapping[str, Any] | None, *, c
     return PersonPage(
         id=view["person"], merged_into=merged_into, merged_into_href=person_href(merged_into),
         created_at=when(view.get("created_at")), protected=bool(opt_out.get("protected")),
-        protected_by=opt_out.get("by"), best=tuple(best), records=records, history=tuple(rows),
+        protected_by=opt_out.get("by"),
+        opt_out_history=tuple(OptOutRow(when(e.get("at")), "set" if e.get("protected") else "lifted",
+                                        e.get("by") or "", e.get("reason") or "")
+                              for e in opt_out.get("history") or ()),
+        best=tuple(best), records=records, history=tuple(rows),
         can_decide=can_decide and merged_into is None,
     )
 

@@ -601,7 +601,7 @@ class Workbench:
             protected = form_text(request, "protected", required=True, limit=10)
             if protected not in ("true", "false"):
                 raise FormError("protected is true or false")
-            return (person_id, protected == "true"), {"reason": form_reason(request)}
+            return (person_id, protected == "true"), {"reason": form_reason(request), "via": "workbench"}
 
         return await self._decision(request, Permission.DECIDE_PERSON, Audited.PERSON, person,
                                     f"/persons/{person_id}", reviews.set_opt_out, parse)

@@ -28,6 +28,8 @@ TABLES = {
     "delivery",
     # the workbench's users and sessions (0006)
     "workbench_user", "workbench_session",
+    # the opt-out history (0008)
+    "opt_out_event",
 }
 
 

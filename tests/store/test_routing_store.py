@@ -46,6 +46,34 @@ def test_copies_are_queued_with_who_what_and_why(engine, tmp_path):
             "select destination, control_id, facility, mrn, reason, state, payload from delivery")).all()
     assert (destination, facility, mrn, reason, state) == ("OAKNH", "GENHOSP", "GH-1", "default", "queued")
     assert control_id == f"{answer.message_id}-1" and b"OA-1^^^OAKNH^MR" in bytes(payload)
+    with engine.connect() as conn:  # the destination's record it names, checked again before it goes
+        assert conn.execute(text("select destination_mrn from delivery")).scalar_one() == "OA-1"
+
+
+def test_a_facility_lifts_only_the_opt_out_it_set_and_every_change_is_kept(engine, tmp_path):
+    """Many systems send PD1-12 = N by default: one facility's N must not undo another's Y."""
+    from tests.store.test_index import adt, pid
+
+    def update(facility, mrn, protect):
+        return adt(facility, "A08", pid(mrn, facility, **ELIZABETH), f"PD1||||||||||||{protect}")
+
+    def opt_out(conn):
+        return conn.execute(text("select protected, protected_by from person p join patient_record r"
+                                 " on r.person_id = p.id where r.mrn = 'GH-5'")).one()
+
+    config = network(tmp_path)
+    run(engine, config, register("OAKNH", "OA-5", **ELIZABETH))
+    run(engine, config, register("GENHOSP", "GH-5", **ELIZABETH))
+    (said,) = run(engine, config, update("OAKNH", "OA-5", "Y"))
+    (other,) = run(engine, config, update("GENHOSP", "GH-5", "N"))
+    with engine.connect() as conn:
+        assert tuple(opt_out(conn)) in ((True, "PD1-12 OAKNH"), (1, "PD1-12 OAKNH"))
+    (lifted,) = run(engine, config, update("OAKNH", "OA-5", "N"))
+    with engine.connect() as conn:
+        assert tuple(opt_out(conn)) in ((False, None), (0, None))
+        events = conn.execute(text("select protected, by, message_id from opt_out_event order by id")).all()
+    assert [(bool(p), by, m) for p, by, m in events] == [(True, "PD1-12 OAKNH", said.message_id),
+                                                         (False, "PD1-12 OAKNH", lifted.message_id)]
 
 
 def test_a_routing_bug_leaves_the_message_applied_and_acknowledged(engine, tmp_path, monkeypatch):

@@ -449,9 +449,12 @@ def test_split_merge_and_opt_out_from_the_person_page(wb):
     assert done.code == 303
     with wb.engine.connect() as conn:
         assert person_of(conn, ("HHCARE", "HH-3391")) == person
-    assert browser.post(f"/persons/{person}/opt-out", {"csrf": csrf, "protected": "true"}).code == 303
+    assert browser.post(f"/persons/{person}/opt-out",
+                        {"csrf": csrf, "protected": "true", "reason": "asked in person, form 7"}).code == 303
     shown = browser.get(f"/persons/{person}").text
-    assert "protected" in re.search(r'<dd id="opt-out">(.*?)</dd>', shown, re.S)[1] and "api tess" in shown
+    assert "protected" in re.search(r'<dd id="opt-out">(.*?)</dd>', shown, re.S)[1] and "workbench tess" in shown
+    history = re.search(r'<table class="opt-out-history" id="opt-out-history">(.*?)</table>', shown, re.S)[1]
+    assert "<td>set</td><td>workbench tess</td><td>asked in person, form 7</td>" in history
     assert browser.post(f"/persons/{person}/opt-out", {"csrf": csrf, "protected": "maybe"}).code == 400
     assert browser.post(f"/persons/{person}/merge", {"csrf": csrf, "other": "x"}).code == 400
     kinds = [e.split("</td>")[0] for e in re.findall(r"<tr>\s*<td>\d+</td><td>\d+</td><td>(\w[\w-]*)", shown)]
