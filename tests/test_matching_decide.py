@@ -194,3 +194,55 @@ def test_a_weaker_same_facility_look_alike_comes_back_as_a_duplicate_to_review()
     assert Reason.SAME_FACILITY in d.reasons
     assert [m.mrn for m in d.duplicates] == ["7"]
     assert [m.mrn for m in d.matches] == ["1"]
+
+
+# --- cautions: above upper, but shaped like two people of one family (a black-box audit's cases) ---------
+
+
+def test_a_decade_apart_with_the_same_name_and_address_is_parent_and_child_not_a_typo():
+    home = dict(street="300 Elm Street", city="Fresno", postcode="93701", phone="559-555-0190")
+    father = rec("GENHOSP", "G1", person("Okonkwo", "Samuel", birth="19500704", sex="M", **home), "P1")
+    son = rec("HHCARE", "H1", person("Okonkwo", "Samuel", birth="19800704", sex="M", **home))
+    d = decide(son, [father], MODEL)
+    assert d.action is Action.REVIEW and Reason.PARENT_AND_CHILD in d.reasons
+    # a typo in the year's last digit still links
+    typo = rec("HHCARE", "H2", person("Okonkwo", "Samuel", birth="19510704", sex="M", **home))
+    assert decide(typo, [father], MODEL).action is Action.LINK
+
+
+def test_twins_with_sequential_ssns_and_near_names_are_not_linked():
+    john = rec("GENHOSP", "G1", person("Pemberton", "John", birth="19900612", sex="M", ssn="366025510", **HOUSE), "P1")
+    jon = rec("OAKNH", "O1", person("Pemberton", "Jon", birth="19900612", sex="M", ssn="366025511", **HOUSE))
+    d = decide(jon, [john], MODEL)
+    assert d.action is Action.REVIEW and Reason.POSSIBLE_TWIN in d.reasons
+
+
+def test_a_spouses_ssn_on_the_wrong_chart_does_not_link_two_people():
+    """PID-19 filled with the guarantor's SSN: given name, birth date and sex all another person's."""
+    home = dict(street="1201 Prairie Ave", city="Wichita", postcode="67202", phone="316-555-0789")
+    richard = rec("GENHOSP", "G1", person("Blackwood", "Richard", birth="19530611", sex="M", ssn="509123384", **home),
+                  "P1")
+    dorothy = rec("OAKNH", "O1", person("Blackwood", "Dorothy", birth="19560224", sex="F", ssn="509123384", **home))
+    d = decide(dorothy, [richard], MODEL)
+    assert d.action is Action.REVIEW and Reason.SSN_ONLY in d.reasons
+
+
+def test_no_birth_date_and_a_generational_suffix_is_not_enough_to_link():
+    senior = rec("GENHOSP", "G1", person("Delaney", "Patrick", suffix="Sr", birth="19490803", sex="M",
+                                         ssn="255104471", **HOUSE), "P1")
+    unknown = rec("HHCARE", "H1", person("Delaney", "Patrick", sex="M", **HOUSE))
+    d = decide(unknown, [senior], MODEL)
+    assert d.action is not Action.LINK
+    assert d.action is Action.NEW or Reason.NO_BIRTH_DATE in d.reasons
+
+
+def test_a_record_like_one_of_a_persons_records_but_contradicting_another_is_not_linked():
+    """A ~ B (B has A's SSN: a birth date typed wrong), C ~ B, but C is not A: no chain."""
+    home = dict(street="640 Juniper Hollow", city="Flagstaff", postcode="86001", phone="928-555-0642")
+    mother = rec("GENHOSP", "G1", person("Brannigan", "Katherine", birth="19450316", sex="F", ssn="433218765", **home),
+                 "P1")
+    mixed = rec("OAKNH", "O1", person("Brannigan", "Katherine", birth="19790622", sex="F", ssn="433218765", **home),
+                "P1")
+    daughter = rec("HHCARE", "H1", person("Brannigan", "Katherine", birth="19790622", sex="F", **home))
+    d = decide(daughter, [mother, mixed], MODEL)
+    assert d.action is Action.REVIEW and Reason.CONFLICTING_MEMBER in d.reasons

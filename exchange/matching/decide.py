@@ -20,7 +20,9 @@ The rules, in order:
    duplicate registration (the facility fixes it with A40). A person at or
    above ``upper`` that already holds a record of this facility: a review.
 5. Two different persons at or above ``upper``: a review.
-6. One person at or above ``upper``: link. Same-facility records of other
+6. One person at or above ``upper``: link -- unless its best record agrees the way two
+   people of one family do, or another of its records does not even reach ``lower``
+   against this one (``_caution``): a review. Same-facility records of other
    persons that score at or above ``lower`` come back with the link as
    ``duplicates`` (possible duplicate registrations, to review apart).
 7. Otherwise, any same-facility candidate at or above ``lower``: a review
@@ -35,6 +37,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from exchange.matching.compare import FIELD_NAMES, Level
 from exchange.matching.features import Features
 from exchange.matching.model import Model, Score, score
 from exchange.outcome import Value
@@ -58,6 +61,12 @@ class Reason(StrEnum):
     MANUAL_KEPT = "manual_link_kept"
     LINK_KEPT = "link_kept"
     LINK_LOOKS_WRONG = "link_looks_wrong"  # the record no longer scores against its own person
+    # Above upper, but the evidence has the shape of two people (a review, never a link):
+    POSSIBLE_TWIN = "possible_twin"  # same birth date and household, given names not the same, no SSN to tell
+    SSN_ONLY = "ssn_only"  # one SSN, but given name and birth date both another person's (a misfiled SSN)
+    NO_BIRTH_DATE = "no_birth_date"  # a birth date missing on one side and no SSN agreeing
+    PARENT_AND_CHILD = "parent_and_child"  # birth dates one digit apart, in the decade: 1950 / 1980, no SSN
+    CONFLICTING_MEMBER = "conflicting_member"  # another record of that person contradicts this one
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,11 +139,9 @@ def decide(
     or confirmed by a technician, or asserted by its facility (A24).
     Candidates equal to the record itself are ignored.
     """
-    matches = [
-        Match(c.facility, c.mrn, c.person, score(record.features, c.features, model))
-        for c in candidates
-        if c.key != record.key
-    ]
+    candidates = [c for c in candidates if c.key != record.key]
+    features = {c.key: c.features for c in candidates}
+    matches = [Match(c.facility, c.mrn, c.person, score(record.features, c.features, model)) for c in candidates]
     matches.sort(key=lambda m: (-m.total, m.facility, m.mrn))
     by_person: dict[object, list[Match]] = {}
     for m in matches:
@@ -167,6 +174,9 @@ def decide(
             return _review(person, top_score, matches, lower, reasons + [Reason.SAME_FACILITY])
         if len(above) >= 2:
             return _review(person, top_score, matches, lower, reasons + [Reason.TWO_PERSONS])
+        caution = _caution(record, by_person[top], features, model)
+        if caution is not None:
+            return _review(person, top_score, matches, lower, reasons + [caution])
         # Weaker same-facility look-alikes (other persons, below upper) do not stop the
         # link; they are handed back as possible duplicate registrations to review.
         reasons.append(Reason.ABOVE_UPPER)
@@ -178,6 +188,36 @@ def decide(
     if top_score >= lower:
         return _review(person, top_score, matches, lower, reasons + [Reason.BETWEEN])
     return _new(current, matches, reasons + [Reason.BELOW_LOWER])
+
+
+_F = {name: i for i, name in enumerate(FIELD_NAMES)}
+_SSN_AGREES = frozenset({Level.EXACT, Level.TRANSPOSED})
+_HOUSEHOLD = (_F["address"], _F["phone"])
+
+
+def _caution(record: Record, members: list[Match], features, model: Model) -> Reason | None:
+    """Why a person scoring at or above ``upper`` must still not be linked automatically:
+    its best record agrees the way two people of one family do, or another of its
+    records contradicts the arriving one (a chain: A like B, B like C, A not C)."""
+    best = members[0].score.levels
+    ssn, birth, given = best[_F["ssn"]], best[_F["birth"]], best[_F["given"]]
+    other = features[(members[0].facility, members[0].mrn)]
+    if ssn in _SSN_AGREES:
+        if (given is Level.DISAGREE and birth is Level.DISAGREE
+                and best[_F["sex"]] is Level.DISAGREE):
+            return Reason.SSN_ONLY
+    else:
+        if birth is Level.MISSING and (record.features.suffix or other.suffix):
+            return Reason.NO_BIRTH_DATE
+        if birth is Level.ONE_DIGIT:
+            if abs((record.features.birth_year or 0) - (other.birth_year or 0)) >= 10:
+                return Reason.PARENT_AND_CHILD
+        if (ssn is Level.ONE_DIGIT and birth is Level.EXACT and given is not Level.EXACT
+                and best[_F["phone"]] is Level.EXACT):
+            return Reason.POSSIBLE_TWIN
+    if any(m.total < model.lower for m in members[1:]):  # would not even be a candidate for review
+        return Reason.CONFLICTING_MEMBER
+    return None
 
 
 def _group(m: Match) -> object:
