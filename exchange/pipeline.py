@@ -157,6 +157,20 @@ def encode_ack(header: Header, text: str) -> bytes:
     return text.encode(header.codec, errors="replace")
 
 
+def _document_types(state, facility: str, message) -> tuple[str, str]:
+    """The types the record model holds (after the batch) for an MDM's document and its parent:
+    an edit or a cancel with TXA-2 empty is still the BH note it edits, for routing."""
+    txa = message.first("TXA")
+    if txa is None:
+        return "", ""
+    out = []
+    for n in (12, 13):
+        number = txa.value(n)
+        doc = state.documents.get((facility, number)) if number else None
+        out.append(str(doc["versions"][-1].get("type") or "") if doc and doc["versions"] else "")
+    return out[0], out[1]
+
+
 def process_batch(
     conn: Connection,
     items: Sequence[Received],
@@ -276,7 +290,8 @@ def process_batch(
             persons = state.store_ids["records"]
             copies = route_batch(conn, [
                 Applied(ids[i], items[d.index].header, d.message, d.subject, persons.get(d.subject, (0, None))[1],
-                        d.retired, persons.get(d.retired, (0, None))[1] if d.retired else None)
+                        d.retired, persons.get(d.retired, (0, None))[1] if d.retired else None,
+                        *_document_types(state, d.subject[0], d.message))
                 for i, d in enumerate(decoded)
                 if d.message is not None and d.subject is not None and d.outcome.verdict is Verdict.ACCEPT
             ], routing, at)

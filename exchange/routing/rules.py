@@ -95,6 +95,10 @@ class Event(Value):
     patient_class: str = ""  # PV1-2, upper case
     document_type: str = ""  # TXA-2.1, upper case
     protected: bool = False  # the person opted out: PD1-12 = Y, or set through the API
+    # Every document type the event touches, upper case: its TXA-2, the stored type of its
+    # document when TXA-2 is empty (an edit, a cancel), its parent's (TXA-13: an addendum to a
+    # BH note is BH too). Any of them in a facility's exclude_documents keeps the copy away.
+    document_types: tuple[str, ...] = ()
 
     @classmethod
     def read(
@@ -105,11 +109,18 @@ class Event(Value):
         person: str | None,
         source_mrn: str | None,
         protected: bool,
+        stored_type: str = "",
+        parent_type: str = "",
     ) -> Event:
         """The routing view of a message: MSH-4.1, MSH-9, PV1-2 and TXA-2 read
-        from it, the rest (what the record model knows) given by the caller."""
+        from it, the rest (what the record model knows) given by the caller:
+        the type the record model holds for the message's document (TXA-12)
+        and for its parent (TXA-13)."""
         pv1 = message.first("PV1")
         txa = message.first("TXA")
+        stored = tuple(t.upper() for t in (stored_type, parent_type) if t)
+        sent = txa.value(2).upper() if txa is not None else ""
+        document = sent or stored_type.upper()
         return cls(
             facility=header.facility,
             message_type=header.message_type.upper(),
@@ -117,8 +128,9 @@ class Event(Value):
             person=person,
             source_mrn=source_mrn,
             patient_class=pv1.value(2).upper() if pv1 is not None else "",
-            document_type=txa.value(2).upper() if txa is not None else "",
+            document_type=document,
             protected=protected,
+            document_types=tuple(dict.fromkeys(t for t in (document, *stored) if t)),
         )
 
 
@@ -230,7 +242,7 @@ def route(
         if not facility.deliver_to:
             skipped.append(Skipped(code, Reason.NO_ENDPOINT))
             continue
-        if document and document in facility.exclude_documents:
+        if any(t in facility.exclude_documents for t in event.document_types or (document,) if t):
             skipped.append(Skipped(code, Reason.EXCLUDED_DOCUMENT))
             continue
         why = _basis(facility, mrn, rules, message_type, trigger, document)

@@ -94,6 +94,31 @@ def test_excluded_document_type_never_goes_rules_included():
     assert route(event("MDM", "T02", document_type="bh"), NETWORK, EVERYWHERE, rules).destinations == ()
 
 
+def test_an_edit_or_an_addendum_of_an_excluded_document_is_excluded_too():
+    """T08/T11 often leave TXA-2 empty ("no change"): the stored type counts; and an addendum
+    (T06) of a BH note is about the same thing, whatever its own TXA-2."""
+    rules = [RouteConfig("all documents", messages=("MDM^*",), to_codes=("OAKNH", "HHCARE"))]
+
+    def mdm(trigger, txa2, parent=""):
+        raw = (f"MSH|^~\\&|DOC|GENHOSP|EX|EX|20261127||MDM^{trigger}|C1|P|2.5\rEVN|{trigger}\r"
+               f"PID|1||H100^^^GENHOSP^MR\rTXA|1|{txa2}|TX|||||||||D1|{parent}||||AU\rOBX|1|TX|||note\r").encode()
+        header = read_header(raw)
+        return Message(raw.decode(), header.delimiters), header
+
+    msg, header = mdm("T08", "")
+    edit = Event.read(header, msg, person="P1", source_mrn="H100", protected=False, stored_type="bh")
+    assert edit.document_type == "BH"
+    assert route(edit, NETWORK, EVERYWHERE, rules).destinations == ()
+    msg, header = mdm("T06", "CN", parent="D0")
+    addendum = Event.read(header, msg, person="P1", source_mrn="H100", protected=False, stored_type="CN",
+                          parent_type="BH")
+    assert (addendum.document_type, addendum.document_types) == ("CN", ("CN", "BH"))
+    assert route(addendum, NETWORK, EVERYWHERE, rules).destinations == ()
+    plain = Event.read(header, msg, person="P1", source_mrn="H100", protected=False, stored_type="CN",
+                       parent_type="DS")
+    assert set(where(route(plain, NETWORK, EVERYWHERE, rules))) == {"OAKNH", "HHCARE"}
+
+
 def test_facility_without_a_record_gets_nothing():
     decision = route(event("ADT", "A01"), NETWORK, {"GENHOSP": "H100"}, DEMO.routes)
     assert decision.destinations == ()
@@ -331,7 +356,7 @@ def test_event_read_from_a_message():
         "PV1|1|i\nTXA|1|ds|TX|||||||||DOC1||||||AU||AV\nOBX|1|TX|||text"
     )
     ev = Event.read(header, msg, person="P1", source_mrn="H100", protected=bool(protection(msg)))
-    assert ev == Event("GENHOSP", "MDM", "T02", "P1", "H100", "I", "DS", True)
+    assert ev == Event("GENHOSP", "MDM", "T02", "P1", "H100", "I", "DS", True, ("DS",))
 
 
 @pytest.mark.parametrize(

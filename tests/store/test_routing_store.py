@@ -90,3 +90,28 @@ def test_a_routing_bug_leaves_the_message_applied_and_acknowledged(engine, tmp_p
     with engine.connect() as conn:
         assert conn.execute(text("select count(*) from delivery")).scalar_one() == 0
         assert conn.execute(text("select count(*) from patient_record where mrn = 'GH-2'")).scalar_one() == 1
+
+
+def test_an_edit_of_a_bh_note_with_txa2_empty_does_not_reach_a_site_that_excludes_bh(engine, tmp_path):
+    """Found by a black-box audit: the T02 was withheld, its T08 (TXA-2 empty: no change) went out."""
+    from tests.store.test_index import _ids
+
+    facilities = "".join(
+        f'\n[[facility]]\ncode = "{code}"\nname = "{code}"\nkind = "{kind}"\nauthority = "{code}"\n'
+        f'deliver_to = "127.0.0.1:{port}"\n{extra}'
+        for code, kind, port, extra in (("GENHOSP", "hospital", 3575, ""),
+                                        ("OAKNH", "nursing_home", 3576, 'exclude_documents = ["BH"]\n'),
+                                        ("HHCARE", "home_health", 3577, "")))
+    config = load_config(write_config(tmp_path, facilities=facilities))
+
+    def note(event, txa2, text):
+        return (f"MSH|^~\\&|DOC|GENHOSP|EX|EX|20261127120000||MDM^{event}^MDM_T02|BH{next(_ids)}|P|2.5\r"
+                f"EVN|{event}|20261127120000\rPID|1||GH-7^^^GENHOSP^MR||HANSON^ELIZABETH^M||19400304|F\r"
+                f"TXA|1|{txa2}|TX|||||||||PSY-1||||AU\rOBX|1|TX|||{text}\r").encode()
+
+    run(engine, config, register("OAKNH", "OA-7", **ELIZABETH), register("HHCARE", "HH-7", **ELIZABETH))
+    run(engine, config, register("GENHOSP", "GH-7", **ELIZABETH))
+    (first,) = run(engine, config, note("T02", "BH", "first"))
+    (edit,) = run(engine, config, note("T08", "", "edited"))
+    (cancel,) = run(engine, config, note("T11", "", ""))
+    assert first.routed == edit.routed == cancel.routed == ("HHCARE",)
