@@ -558,6 +558,11 @@ def _event_time(msg: Message, header: Header) -> Timestamp | None:
     return timestamp(header.timestamp)
 
 
+def _survivor(state: StateView, facility: str, mrn: str) -> str:
+    """The record ``mrn`` lives on as (itself, or the survivor it was merged into)."""
+    return _survivor_record(state, facility, mrn, [])[0]
+
+
 def _subject(pid: Segment, ctx: FacilityContext, state: StateView, warnings: list[str]
              ) -> tuple[str, RecordView | None, list[Identifier]]:
     """The record PID-3 names (its survivor, if merged away), that record, and the PID-3
@@ -857,6 +862,11 @@ def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
     ops: list = [UpsertPatient(ctx.code, mrn, demographics(pid, warnings, ids))]
     current = state.document(ctx.code, patch.number)
     number = patch.number
+    for n, doc in ((12, current), (13, state.document(ctx.code, patch.parent) if patch.parent else None)):
+        if doc is not None and _survivor(state, ctx.code, doc.mrn) != mrn:
+            # a document number is one patient's: changing another's would file this patient's
+            # text in their record (or replace their note)
+            raise _Fail(205, f"TXA-{n}", f"TXA-{n} names a document of another patient")
 
     if event in ("T01", "T02"):
         ops.append(DocumentEvent(ctx.code, mrn, number, event, DocumentAction.CREATE,

@@ -193,3 +193,25 @@ def test_documents_move_on_merge():
     mdm(s, "T02", "D1")
     run(s, CTX, synthetic(msh("ADT", "A40"), "EVN|A40", "PID|1||200^^^HOSP^MR", "MRG|100^^^HOSP^MR"))
     assert s.document("HOSP", "D1").mrn == "200"
+
+
+def test_an_edit_or_replacement_naming_another_patients_document_is_refused():
+    """Found by a black-box audit: a T08 for doc X under patient B turned A's document into B's text."""
+    s = MemoryState()
+    mdm(s, "T02", "X", text="Ann: chest x-ray normal")
+
+    def under(event, number, parent=""):
+        txa = f"TXA|1|NOTE|TX|20240101||||||||{number}|{parent}||||AU"
+        return run(s, CTX, synthetic(msh("MDM", event), f"EVN|{event}", "PID|1||999^^^HOSP^MR||Beta^Bob", txa,
+                                     "OBX|1|TX|||Bob's text"))
+
+    edit = under("T08", "X")
+    assert isinstance(edit, MappingError) and (edit.problem.code, edit.problem.location) == (205, "TXA-12")
+    replacement = under("T10", "Y", parent="X")
+    assert isinstance(replacement, MappingError) and replacement.problem.location == "TXA-13"
+    versions = s.documents[("HOSP", "X")]["versions"]
+    assert len(versions) == 1 and versions[0]["content"].text == "Ann: chest x-ray normal"
+    assert s.document("HOSP", "X").state is D.CURRENT
+    # after a merge the survivor owns the retired record's documents: its edits are its own
+    run(s, CTX, synthetic(msh("ADT", "A40"), "EVN|A40", "PID|1||999^^^HOSP^MR", "MRG|100^^^HOSP^MR"))
+    assert isinstance(under("T08", "X"), Changes)
