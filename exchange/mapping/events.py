@@ -963,8 +963,9 @@ def document_content(obxs: list[Segment], max_bytes: int) -> Content | None:
     lines: list[str] = []
     for obx in obxs:
         vt = obx.value(2).upper()
-        if vt == "ED":
-            return _ed_content(obx, max_bytes)
+        if vt == "ED":  # the document itself; text lines before it (a cover note) are kept beside it
+            content = _ed_content(obx, max_bytes)
+            return _replace(content, text="\n".join(lines)) if lines else content
         if vt == "RP":
             comps = obx.components(5)
             return Content(
@@ -1001,10 +1002,13 @@ def _ed_content(obx: Segment, max_bytes: int) -> Content:
     encoding = obx.text(comps[3]).strip().upper()
     raw = comps[4]
     if encoding in ("BASE64", "B64"):
-        cleaned = "".join(raw.split())
+        # Senders wrap long Base64 in lines written as escapes (\X0D\\X0A\, \.br\): unescaped
+        # first, then the line breaks dropped; anything else outside the alphabet is an error,
+        # not a byte to guess at.
+        cleaned = "".join(obx.text(raw).split())
         cleaned += "=" * (-len(cleaned) % 4)
         try:
-            data = base64.b64decode(cleaned, validate=False)
+            data = base64.b64decode(cleaned, validate=True)
         except (binascii.Error, ValueError):
             raise _Fail(102, "OBX-5", "OBX-5 ED data is not valid Base64") from None
     elif encoding == "HEX":

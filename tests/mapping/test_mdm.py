@@ -215,3 +215,23 @@ def test_an_edit_or_replacement_naming_another_patients_document_is_refused():
     # after a merge the survivor owns the retired record's documents: its edits are its own
     run(s, CTX, synthetic(msh("ADT", "A40"), "EVN|A40", "PID|1||999^^^HOSP^MR", "MRG|100^^^HOSP^MR"))
     assert isinstance(under("T08", "X"), Changes)
+
+
+def test_base64_wrapped_in_escaped_line_breaks_decodes_exactly_and_junk_is_refused():
+    """Found by a black-box audit: the escape letters of \\X0D\\\\X0A\\ were decoded as Base64 data."""
+    pdf = bytes(range(256)) * 12
+    b64 = base64.b64encode(pdf).decode()
+    wrapped = "\\X0D\\\\X0A\\".join(b64[i:i + 76] for i in range(0, len(b64), 76))
+
+    def ed(data, *before):
+        return map_message(*synthetic(msh("MDM", "T02"), "EVN|T02", "PID|1||1^^^HOSP^MR",
+                                      "TXA|1|NOTE|AP|||||||||D1||||AU", *before,
+                                      f"OBX|{len(before) + 1}|ED|||^application^pdf^Base64^{data}"), CTX, MemoryState())
+
+    assert doc_op(ed(wrapped)).patch.content.data == pdf
+    assert doc_op(ed(wrapped.replace("\\X0D\\\\X0A\\", "\\.br\\"))).patch.content.data == pdf
+    junk = ed("!!!this is not base64 at all ###")
+    assert isinstance(junk, MappingError) and junk.problem.location == "OBX-5"
+    # a cover note in TX lines before the ED is kept beside it
+    content = doc_op(ed(b64, "OBX|1|TX|||Cover: scanned consent form")).patch.content
+    assert (content.data, content.text) == (pdf, "Cover: scanned consent form")
