@@ -13,7 +13,10 @@ The rules, in order:
 2. A record already linked automatically to a person with other records is
    re-examined on update (A08/A31): it stays unless it now scores below
    ``lower`` against its person, or another person also scores ``upper`` —
-   then a review opens. Links are never broken automatically.
+   then a review opens. Below ``lower`` (the update made it someone else),
+   the wiring also takes the automatic link back at once (a person of its
+   own until the review is decided: no copy crosses a link that no longer
+   holds); a technician's or a facility's link is kept.
 3. Persons holding a record the technician (or an A37) said is "not a
    match" for this one are never candidates for an automatic link.
 4. Two records of one facility are never linked automatically: that is a

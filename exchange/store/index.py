@@ -311,6 +311,10 @@ def _apply(out: Plan, key: Key, current: _Known | None, d: Decision, encoded: st
     elif d.action is Action.KEEP:
         assert current is not None
         person, link, score = current.person, current.link, d.score
+    elif current is not None and current.link == "auto" and Reason.LINK_LOOKS_WRONG in d.reasons:
+        # The writer's own link no longer holds (an update made the record someone else): undone
+        # at once, so no copy crosses it while the review waits; the review suggests the old person.
+        person, link, score = f"new:{next(placeholders)}", "auto", d.score
     else:  # NEW, or REVIEW of a record that has no person yet: one of its own until it is decided
         person = current.person if current is not None else f"new:{next(placeholders)}"
         link, score = (current.link if current is not None else "auto"), d.score if d.action is Action.REVIEW else None

@@ -143,6 +143,24 @@ def test_a_manual_link_is_not_broken_and_a_changed_record_is_rematched(engine):
     assert rows(engine, "select kind, mrn, state from match_review") == [("link_looks_wrong", "GH-40", "open")]
 
 
+def test_an_automatic_link_an_update_makes_wrong_is_taken_back_at_once(engine):
+    """Found by a black-box audit: an A08 turned OAKNH's record into another person; the link was
+    kept while the review waited, and each site got the other patient's events in its own MRN."""
+    run(engine, register("OAKNH", "OA-45", **ELIZABETH))
+    run(engine, register("GENHOSP", "GH-45", **ELIZABETH))
+    p = person(engine, "OAKNH", "OA-45")
+    assert person(engine, "GENHOSP", "GH-45") == p
+    run(engine, adt("OAKNH", "A08", pid("OA-45", "OAKNH", name="NAKAMURA^KENJI", birth="19610930", sex="M",
+                                        ssn="540-87-1123", address="4500 PACIFIC HWY^^SALEM^OR^97301",
+                                        phone="555-0777")))
+    moved = person(engine, "OAKNH", "OA-45")
+    assert moved != p and person(engine, "GENHOSP", "GH-45") == p
+    assert rows(engine, "select kind, mrn, person_id, state from match_review") == [
+        ("link_looks_wrong", "OA-45", p, "open")]  # it suggests the person it left
+    assert rows(engine, "select from_person, to_person, kind from link_event where mrn = 'OA-45'"
+                        " order by id")[-1] == (p, moved, "auto")
+
+
 def test_a24_links_two_records_of_a_facility_and_a37_unlinks_them(engine):
     run(engine, register("GENHOSP", "GH-50", name="DOE^JANE", birth="19700101"))
     run(engine, register("GENHOSP", "GH-51", name="ROE^ANN", birth="19800202", sex="F",
