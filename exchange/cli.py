@@ -140,10 +140,14 @@ def _load(args):
 def _database_url(args) -> str:
     """For commands that need only the database: --database, then the
     environment, then the configuration file."""
-    if args.database:
-        return args.database
-    if os.environ.get("EXCHANGE_DATABASE_URL"):
-        return os.environ["EXCHANGE_DATABASE_URL"]
+    from exchange.config import DATABASE_ENV, check_database_url
+
+    for url, key in ((args.database, "--database"), (os.environ.get(DATABASE_ENV), DATABASE_ENV)):
+        if url:
+            reason = check_database_url(url)
+            if reason:
+                raise UsageFailure(f"{key}: {reason}")
+            return url
     return _load(args).server.database
 
 

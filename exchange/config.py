@@ -830,16 +830,9 @@ class _Reader:
             key = "server.database"
             if url is None:
                 return DEFAULT_DATABASE
-        if not (url.startswith("sqlite://") or url.startswith("postgresql")):
-            raise self.fail(
-                key, "must be an SQLAlchemy URL starting with sqlite:// or postgresql (e.g. sqlite:///var/exchange.db)"
-            )
-        from sqlalchemy.engine import make_url  # imported here: only needed to validate
-
-        try:
-            make_url(url)
-        except Exception as e:  # ArgumentError, ValueError: both mean "not a URL"
-            raise self.fail(key, f"not a valid database URL: {e}") from None
+        reason = check_database_url(url)
+        if reason:
+            raise self.fail(key, reason)
         return url
 
     # -- endpoint strings -------------------------------------------------
@@ -849,6 +842,19 @@ class _Reader:
         reason = check_server_endpoint(description)
         if reason:
             raise self.fail(key, f"{reason} (got {description!r})")
+
+
+def check_database_url(url: str) -> str | None:
+    """Why ``url`` is not a database URL the exchange can use, or None."""
+    if not (url.startswith("sqlite://") or url.startswith("postgresql")):
+        return "must be an SQLAlchemy URL starting with sqlite:// or postgresql (e.g. sqlite:///var/exchange.db)"
+    from sqlalchemy.engine import make_url  # imported here: only needed to validate
+
+    try:
+        make_url(url)
+    except Exception as e:  # ArgumentError, ValueError: both mean "not a URL"
+        return f"not a valid database URL: {e}"
+    return None
 
 
 def check_server_endpoint(description: str) -> str | None:

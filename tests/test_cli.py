@@ -34,6 +34,16 @@ def test_unknown_key_exits_2_naming_the_key(tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("argv", [("export", "links"), ("reviews", "list"), ("user", "list"), ("db", "upgrade")])
+def test_a_bad_database_url_is_one_line_and_exit_2(argv):
+    for url in ("notaurl", "garbage://x"):
+        done = exchange(*argv, "--database", url)
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert done.stderr.strip().splitlines() == [
+            "exchange: --database: must be an SQLAlchemy URL starting with sqlite:// or postgresql"
+            " (e.g. sqlite:///var/exchange.db)"]
+
+
 def test_db_upgrade_creates_the_schema(database_url):
     done = exchange("db", "upgrade", "--database", database_url)
     assert done.returncode == 0, done.stderr
