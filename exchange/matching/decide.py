@@ -65,9 +65,9 @@ class Reason(StrEnum):
     LINK_KEPT = "link_kept"
     LINK_LOOKS_WRONG = "link_looks_wrong"  # the record no longer scores against its own person
     # Above upper, but the evidence has the shape of two people (a review, never a link):
-    POSSIBLE_TWIN = "possible_twin"  # same birth date and household, given names not the same, no SSN to tell
-    SSN_ONLY = "ssn_only"  # one SSN, but given name and birth date both another person's (a misfiled SSN)
-    NO_BIRTH_DATE = "no_birth_date"  # a birth date missing on one side and no SSN agreeing
+    POSSIBLE_TWIN = "possible_twin"  # sequential SSNs, the same birth date and phone, given names not the same
+    SSN_ONLY = "ssn_only"  # one SSN, but given name, birth date and sex another person's (a misfiled SSN)
+    NO_BIRTH_DATE = "no_birth_date"  # no birth date on one side, a JR/SR suffix, and no SSN agreeing
     PARENT_AND_CHILD = "parent_and_child"  # birth dates one digit apart, in the decade: 1950 / 1980, no SSN
     CONFLICTING_MEMBER = "conflicting_member"  # another record of that person contradicts this one
 
@@ -195,7 +195,6 @@ def decide(
 
 _F = {name: i for i, name in enumerate(FIELD_NAMES)}
 _SSN_AGREES = frozenset({Level.EXACT, Level.TRANSPOSED})
-_HOUSEHOLD = (_F["address"], _F["phone"])
 
 
 def _caution(record: Record, members: list[Match], features, model: Model) -> Reason | None:
@@ -206,15 +205,13 @@ def _caution(record: Record, members: list[Match], features, model: Model) -> Re
     ssn, birth, given = best[_F["ssn"]], best[_F["birth"]], best[_F["given"]]
     other = features[(members[0].facility, members[0].mrn)]
     if ssn in _SSN_AGREES:
-        if (given is Level.DISAGREE and birth is Level.DISAGREE
-                and best[_F["sex"]] is Level.DISAGREE):
+        if given is Level.DISAGREE and birth is Level.DISAGREE and best[_F["sex"]] is Level.DISAGREE:
             return Reason.SSN_ONLY
     else:
         if birth is Level.MISSING and (record.features.suffix or other.suffix):
             return Reason.NO_BIRTH_DATE
-        if birth is Level.ONE_DIGIT:
-            if abs((record.features.birth_year or 0) - (other.birth_year or 0)) >= 10:
-                return Reason.PARENT_AND_CHILD
+        if birth is Level.ONE_DIGIT and abs((record.features.birth_year or 0) - (other.birth_year or 0)) >= 10:
+            return Reason.PARENT_AND_CHILD
         if (ssn is Level.ONE_DIGIT and birth is Level.EXACT and given is not Level.EXACT
                 and best[_F["phone"]] is Level.EXACT):
             return Reason.POSSIBLE_TWIN
