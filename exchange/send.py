@@ -21,7 +21,9 @@ The control id is the sent MSH-10 (for a batch: each ACK's MSA-2). A reply
 without MSA prints an empty MSA-1 and the reason instead of MSA-3 (a batch
 acknowledgement with no MSA means, per HL7, that no message was in error).
 Then a summary: ``sent N, accepted A, errors E, rejected R`` (N counts
-messages, each MSH of a batch; A counts AA/CA, R AR/CR, E everything else).
+messages, each MSH of a batch; A counts AA/CA, R AR/CR, E everything else),
+and ``, no reply U`` when sending stopped because a reply did not come (a
+timeout, the connection lost: the messages after it are not sent).
 
 A message that is itself an acknowledgement (MSH-9.1 ``ACK``, its MSH readable:
 ``exchange.acceptance.never_answered``, the exchange's own rule) gets no reply
@@ -280,6 +282,7 @@ class Tally:
     errors: int = 0
     rejected: int = 0
     acks: int = 0  # ACK messages sent, which get no reply
+    unanswered: int = 0  # sent, but no reply came (a timeout, the connection lost): sending stopped there
 
     def count(self, code: str) -> None:
         if code in ACCEPTED_CODES:
@@ -291,11 +294,13 @@ class Tally:
 
     @property
     def all_accepted(self) -> bool:
-        return self.errors == 0 and self.rejected == 0
+        return self.errors == 0 and self.rejected == 0 and self.unanswered == 0
 
     def summary(self) -> str:
         acks = f", ACKs sent without reply {self.acks}" if self.acks else ""
-        return f"sent {self.sent}, accepted {self.accepted}, errors {self.errors}, rejected {self.rejected}{acks}"
+        unanswered = f", no reply {self.unanswered}" if self.unanswered else ""
+        return (f"sent {self.sent}, accepted {self.accepted}, errors {self.errors}, rejected {self.rejected}"
+                f"{unanswered}{acks}")
 
 
 def _line(control_id: str, code: str, text: str) -> str:
@@ -360,6 +365,7 @@ def send_messages(
                 reply = yield protocol.send(message.payload)
             except Exception as e:  # timeout, connection lost, framing error: stop here
                 failure = f"{message.path}: message {message.control_id!r}: {_reason(e)}"
+                tally.unanswered += message.count
                 break
             report_reply(message, reply, tally, out, err)
             out.flush()

@@ -403,7 +403,7 @@ def test_connection_lost_stops_with_exit_1_and_a_reason(tmp_path):
     peer.answer(ack_for(m1, "AA"))
     peer.protocol.connectionLost(Failure(ConnectionLost("peer reset")))
     assert peer.result == [1]
-    assert peer.out.getvalue().splitlines() == ["C1\tAA\t", "sent 2, accepted 1, errors 0, rejected 0"]
+    assert peer.out.getvalue().splitlines() == ["C1\tAA\t", "sent 2, accepted 1, errors 0, rejected 0, no reply 1"]
     (line,) = peer.err.getvalue().splitlines()
     assert line.startswith("exchange send: ") and "'C2'" in line and "ConnectionLost" in line
 
@@ -414,7 +414,7 @@ def test_timeout_stops_with_exit_1(tmp_path):
     peer.protocol._clock.advance(10)
     assert peer.result == [1]
     assert "ReplyTimeout: no reply within 10 s" in peer.err.getvalue()
-    assert peer.out.getvalue().splitlines() == ["sent 1, accepted 0, errors 0, rejected 0"]
+    assert peer.out.getvalue().splitlines() == ["sent 1, accepted 0, errors 0, rejected 0, no reply 1"]
 
 
 # -- end to end: real sockets, a subprocess sender ------------------------------------------
@@ -567,7 +567,7 @@ def test_end_to_end_peer_hangs_up(server, tmp_path):
     path.write_bytes(synthetic("E1") + synthetic("E2", "HANGUP") + synthetic("E3"))
     done = run_sender(server.endpoint, path)
     assert done.returncode == 1
-    assert done.stdout.splitlines() == ["E1\tAA\t", "sent 2, accepted 1, errors 0, rejected 0"]
+    assert done.stdout.splitlines() == ["E1\tAA\t", "sent 2, accepted 1, errors 0, rejected 0, no reply 1"]
     (line,) = done.stderr.strip().splitlines()
     assert "'E2'" in line and "ConnectionLost" in line
 
