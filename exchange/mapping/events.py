@@ -885,13 +885,17 @@ def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
             raise _Fail(102, "TXA-13", "TXA-13 parent document is the document itself")
         if state.document(ctx.code, parent) is None:
             raise _Fail(204, "TXA-13", "TXA-13 parent document is unknown")
+        if current is not None:  # its content would be dropped (fill-only) while the copies carry it
+            raise _Fail(205, "TXA-12", "TXA-12 names a document that exists already: an addendum or a"
+                                       " replacement needs a number of its own")
         ops.append(DocumentEvent(ctx.code, mrn, number, event, DocumentAction.CREATE,
                                  DocumentState.CURRENT if current is None else None, patch))
         if event in ("T09", "T10"):
             ops.append(MarkDocument(ctx.code, parent, event, DocumentState.REPLACED, "OB"))
     elif event == "T11":
-        if patch.availability is None:
-            patch = _replace(patch, availability="CA")
+        if patch.availability not in (None, "CA"):
+            warnings.append(f"TXA-19: a cancelled document is unavailable (CA), not {patch.availability[:10]!r}")
+        patch = _replace(patch, availability="CA")
         ops.append(DocumentEvent(ctx.code, mrn, number, event, DocumentAction.UPDATE,
                                  DocumentState.CANCELLED, patch))
     return ops

@@ -235,3 +235,19 @@ def test_base64_wrapped_in_escaped_line_breaks_decodes_exactly_and_junk_is_refus
     # a cover note in TX lines before the ED is kept beside it
     content = doc_op(ed(b64, "OBX|1|TX|||Cover: scanned consent form")).patch.content
     assert (content.data, content.text) == (pdf, "Cover: scanned consent form")
+
+
+def test_an_addendum_or_replacement_reusing_a_number_is_refused_and_a_cancel_is_unavailable():
+    """Found by a black-box audit: a T10 whose TXA-12 existed marked the parent replaced and kept the
+    old text (its own was dropped), while the copies carried the new one; a T11 with TXA-19 AV
+    left a cancelled document 'available'."""
+    s = MemoryState()
+    mdm(s, "T02", "P", text="parent")
+    mdm(s, "T02", "N", text="old")
+    reused = mdm(s, "T10", "N", parent="P", text="replacement")
+    assert isinstance(reused, MappingError) and (reused.problem.code, reused.problem.location) == (205, "TXA-12")
+    assert s.document("HOSP", "P").state is D.CURRENT
+    assert s.documents[("HOSP", "N")]["versions"][-1]["content"].text == "old"
+    cancel = mdm(s, "T11", "N", text="", availability="AV")
+    assert isinstance(cancel, Changes) and any("TXA-19" in w for w in cancel.warnings)
+    assert s.documents[("HOSP", "N")]["versions"][-1]["availability"] == "CA"
