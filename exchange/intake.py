@@ -216,9 +216,12 @@ class GroupCommitter:
     def _failed(self, failure: Failure, batch, side=()) -> None:
         """The batch's transaction rolled back: nothing of it is stored.
 
-        Retry each message alone so one bad message cannot sink the others;
-        a message that still fails gets no ACK at all (its Deferred fails and
-        the connection is closed), so the sender keeps it and resends.
+        Retry each message alone -- a batch of one too -- so one bad message
+        cannot sink the others, and a message another node committed first
+        (the same MSH-4 and MSH-10 sent to two nodes of one PostgreSQL: a
+        unique violation here) gets the stored answer on its retry. A message
+        that still fails gets no ACK at all (its Deferred fails and the
+        connection is closed), so the sender keeps it and resends.
         Delivery outcomes that rode along are not retried: those copies stay
         queued and go again (same MSH-10).
         """
@@ -232,11 +235,6 @@ class GroupCommitter:
             failure,
             count=len(batch),
         )
-        if len(batch) == 1:
-            metrics.COMMIT_FAILURES.inc()
-            batch[0][1].errback(failure)
-            self._next()
-            return
         self._run_singles(list(batch))
 
     def _run_singles(self, singles) -> None:

@@ -168,6 +168,23 @@ def test_a_failed_batch_is_retried_one_message_at_a_time():
             assert g.check(RuntimeError)
 
 
+def test_a_batch_of_one_that_fails_is_tried_once_more():
+    """Two nodes of one PostgreSQL, the same message sent to both: the loser's insert violates the
+    unique (facility, MSH-10) index; tried again, it finds the winner's row and its stored answer."""
+    w = Writer()
+    c = GroupCommitter(w)
+    got = results_of([c.submit(item(0))])
+    w.fail(0)
+    assert [len(b) for b in w.batches] == [1, 1] and got == []
+    w.commit(1)
+    assert [g.ack for g in got] == [b"ACK C0"]
+    again = results_of([c.submit(item(5))])
+    w.fail(2)
+    w.fail(3)  # failing twice: no ACK, the connection closes, the sender resends
+    (failure,) = again
+    assert not isinstance(failure, Answer) and failure.check(RuntimeError)
+
+
 def test_wait_idle_fires_after_the_last_commit():
     w = Writer()
     c = GroupCommitter(w)
