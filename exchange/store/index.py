@@ -37,6 +37,7 @@ import functools
 import itertools
 import json
 import time
+import zlib
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -155,6 +156,8 @@ def plan(conn: Connection, state: MemoryState, model: Model) -> Plan:
         return out
 
     wanted = {k: blocking_keys(f) for k, f, _ in todo}
+    if wanted and conn.dialect.name == "postgresql":
+        _lock_keys(conn, set().union(*wanted.values()))
     own = {p.person for p in known.values() if isinstance(p.person, int)} | {ids[(f, r)][1] for f, _, r in merges}
     postings, members, db_known = _candidates(conn, set().union(*wanted.values()) if wanted else set(), own)
     not_a_match = _pairs(conn, [k for k, _, _ in todo])
@@ -212,6 +215,29 @@ def plan(conn: Connection, state: MemoryState, model: Model) -> Plan:
     if joined:
         out.superseded_reviews = _answered_by_merges(conn, joined)
     return out
+
+
+_KEY_LOCK_NAMESPACE = 0x45584B59  # "EXKY": pg_advisory_xact_lock(int, int)'s first key (outbox's is "EXCH")
+
+
+def _lock_keys(conn: Connection, keys: set[str]) -> None:
+    """PostgreSQL, several nodes: take a transaction lock on each blocking key the batch will
+    search, in one order (no deadlock between writers), before reading the candidates.
+
+    Two nodes registering the same new patient at once would otherwise each miss the
+    other's uncommitted record and make two persons, with no review. The second one now
+    waits for the first to commit, then finds its record (read committed: each statement
+    sees what committed before it). A key's lock is its CRC-32: a collision only makes two
+    unrelated keys wait for each other."""
+    locks = sorted({_signed(zlib.crc32(k.encode("utf-8"))) for k in keys})
+    conn.exec_driver_sql(
+        "SELECT pg_advisory_xact_lock(%(ns)s, k) FROM (SELECT unnest(%(keys)s::int[]) AS k ORDER BY 1) AS s",
+        {"ns": _KEY_LOCK_NAMESPACE, "keys": locks},
+    )
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 def _answered_by_merges(conn: Connection, joined: dict[Key, set[Key]]) -> list[int]:
