@@ -41,7 +41,8 @@ from twisted.logger import Logger
 
 from exchange.config import RECONCILE_JOBS, Config, Schedule
 from exchange.store.outbox import DeliveryState
-from exchange.store.reviews import MAX_MERGE_HOPS, ReviewState
+from exchange.store.reviews import ReviewState
+from exchange.store.schema import MAX_MERGE_HOPS
 
 log = Logger()
 

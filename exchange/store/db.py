@@ -19,6 +19,7 @@ has committed.
 """
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -134,6 +135,13 @@ def driver_cursor(conn: Connection, statement: str) -> Iterator[Any]:
         raise DBAPIError.instance(statement, None, exc, conn.dialect.loaded_dbapi.Error) from exc
     finally:
         cursor.close()
+
+
+def advisory_key(text: str) -> int:
+    """A PostgreSQL advisory-lock key (int4) for ``text``: its CRC-32, signed. The same on
+    every node; a collision only makes two unrelated holders wait for each other."""
+    value = zlib.crc32(text.encode("utf-8"))
+    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 def sqlite_datetime(value: datetime) -> str:

@@ -37,7 +37,6 @@ import functools
 import itertools
 import json
 import time
-import zlib
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -50,7 +49,7 @@ from exchange.mapping.state import MemoryState
 from exchange.matching.decide import Action, Decision, Reason, Record, decide
 from exchange.matching.features import Features, blocking_keys, decode_features, encode_features, features_of
 from exchange.matching.model import Model, default_model
-from exchange.store.db import driver_cursor
+from exchange.store.db import advisory_key, driver_cursor
 from exchange.store.driver import Statement, Writer, select_rows
 from exchange.store.records import RecordLink
 from exchange.store.schema import (
@@ -229,15 +228,11 @@ def _lock_keys(conn: Connection, keys: set[str]) -> None:
     waits for the first to commit, then finds its record (read committed: each statement
     sees what committed before it). A key's lock is its CRC-32: a collision only makes two
     unrelated keys wait for each other."""
-    locks = sorted({_signed(zlib.crc32(k.encode("utf-8"))) for k in keys})
+    locks = sorted({advisory_key(k) for k in keys})
     conn.exec_driver_sql(
         "SELECT pg_advisory_xact_lock(%(ns)s, k) FROM (SELECT unnest(%(keys)s::int[]) AS k ORDER BY 1) AS s",
         {"ns": _KEY_LOCK_NAMESPACE, "keys": locks},
     )
-
-
-def _signed(value: int) -> int:
-    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 def _answered_by_merges(conn: Connection, joined: dict[Key, set[Key]]) -> list[int]:

@@ -40,7 +40,6 @@ dies is taken over by the next one that tries.
 from __future__ import annotations
 
 import functools
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -50,13 +49,14 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, func, select, tuple_, update
 from sqlalchemy.dialects import postgresql
 
-from exchange.store.db import driver_cursor, sqlite_datetime
+from exchange.store.db import advisory_key, driver_cursor, sqlite_datetime
 from exchange.store.schema import (
     ACK_CODE_LEN,
     ACTOR_NAME_LEN,
     CONTROL_ID_LEN,
     DELIVERY_REASON_LEN,
     FACILITY_LEN,
+    MAX_MERGE_HOPS,
     MRN_LEN,
     delivery_table as delivery,
     message_table as message,
@@ -395,9 +395,6 @@ def claim_batch(
     return Claim(copies, due_at)
 
 
-MAX_MERGE_HOPS = 100  # persons merged into persons merged again: a longer chain is a loop
-
-
 def withheld_copies(conn: Connection, rows: Sequence[Any]) -> dict[int, str]:
     """Why each of these copies (rows with ``id``, ``person_id``, ``destination``,
     ``destination_mrn``) must not go out now, if it must not: its person (followed
@@ -423,7 +420,6 @@ def _live_persons(conn: Connection, ids: set[int]) -> dict[int, tuple[int | None
     rows: dict[int, Any] = {}
     todo = set(ids)
     for _ in range(MAX_MERGE_HOPS):
-        todo -= rows.keys()
         if not todo:
             break
         for r in conn.execute(select(person.c.id, person.c.merged_into, person.c.protected)
@@ -587,8 +583,7 @@ _LOCK_NAMESPACE = 0x45584348  # "EXCH": the first key of pg_try_advisory_lock(in
 
 def lock_key(destination: str) -> int:
     """The second advisory-lock key of a destination: the same on every node."""
-    value = zlib.crc32(destination.encode("utf-8"))
-    return value - (1 << 32) if value >= 1 << 31 else value
+    return advisory_key(destination)
 
 
 def try_lock_destination(conn: Connection, destination: str) -> bool:

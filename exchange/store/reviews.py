@@ -59,6 +59,7 @@ from exchange.matching.compare import FIELD_NAMES
 from exchange.store.records import from_json
 from exchange.store.schema import (
     ACTOR_LEN,
+    MAX_MERGE_HOPS,
     link_event_table as link_event,
     match_pair_table as match_pair,
     match_review_table as match_review,
@@ -70,7 +71,6 @@ from exchange.store.schema import (
 AUTOMATIC_ACTOR = "exchange"  # link_event.actor of the writer's decisions; no technician may use it
 MAX_REASON_CHARS = 2000
 MAX_PAGE = 1000
-MAX_MERGE_HOPS = 100  # person.merged_into chains are followed at most this far
 
 Key = tuple[str, str]  # (facility, mrn)
 

@@ -54,10 +54,10 @@ def route_batch(conn: Connection, applied: Sequence[Applied], config: Config, no
     records, protected = _persons(conn, persons)
     copies: list[NewCopy] = []
     changed: dict[int, tuple[bool, str | None]] = {}
-    said: list[tuple] = []  # opt_out_event rows: (person, protected, by, message id)
+    events: list[tuple] = []  # opt_out_event rows: (person, protected, by, message id)
     for a in applied:
         try:
-            copies.extend(_route_one(a, config, now, records, protected, changed, said))
+            copies.extend(_route_one(a, config, now, records, protected, changed, events))
         except Exception:  # noqa: BLE001 - logged without PHI: the message id only
             log.failure("routing message {message_id} failed; no copies queued for it", message_id=a.message_id)
     if changed:
@@ -70,7 +70,7 @@ def route_batch(conn: Connection, applied: Sequence[Applied], config: Config, no
             cursor.executemany(
                 f"INSERT INTO opt_out_event (person_id, protected, by, message_id, at) VALUES ({', '.join([mark] * 5)})",
                 [(person, state, by, message_id, sqlite_datetime(now) if sqlite else now)
-                 for person, state, by, message_id in said])
+                 for person, state, by, message_id in events])
     if copies:
         enqueue(conn, copies)
     return copies

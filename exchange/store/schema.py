@@ -245,6 +245,7 @@ RECORD_EVENT_KIND_LEN = 32
 LINK_LEN = 16  # how a record is linked to its person: auto / manual / source
 MATCH_KEY_LEN = 64  # a blocking key (exchange.matching.features.blocking_keys)
 ACTOR_LEN = 128  # who decided: a token name, or "exchange" for automatic decisions
+MAX_MERGE_HOPS = 100  # person.merged_into chains are followed at most this far (longer: a loop)
 
 
 class Person(Base):
