@@ -139,6 +139,7 @@ class DocumentView(Value):
     state: DocumentState
     version: int
     parent: str | None = None
+    content: Content | None = None  # the current version's
 
 
 class StateView(Protocol):
@@ -868,7 +869,16 @@ def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
             # text in their record (or replace their note)
             raise _Fail(205, f"TXA-{n}", f"TXA-{n} names a document of another patient")
 
+    if current is not None and current.state is DocumentState.CANCELLED and event != "T11":
+        # a cancel is final (often: filed under the wrong patient); an edit would reinstate its text
+        raise _Fail(207, "TXA-12", "TXA-12 names a cancelled document: it can no longer be changed")
     if event in ("T01", "T02"):
+        if (current is not None and current.content is not None and patch.content is not None
+                and patch.content != current.content):
+            # a resent original is welcome; a second original with other text would leave the record
+            # with the first text while the copies carry the second
+            raise _Fail(205, "TXA-12", "TXA-12 names a document that exists already with other content:"
+                                       " an edit is T03/T04 or T07/T08")
         ops.append(DocumentEvent(ctx.code, mrn, number, event, DocumentAction.CREATE,
                                  DocumentState.CURRENT if current is None else None, patch))
     elif event in ("T03", "T04"):
@@ -883,8 +893,11 @@ def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
             raise _Fail(101, "TXA-13", "TXA-13 parent document number is required")
         if parent == number:
             raise _Fail(102, "TXA-13", "TXA-13 parent document is the document itself")
-        if state.document(ctx.code, parent) is None:
+        parent_doc = state.document(ctx.code, parent)
+        if parent_doc is None:
             raise _Fail(204, "TXA-13", "TXA-13 parent document is unknown")
+        if parent_doc.state is DocumentState.CANCELLED:
+            raise _Fail(207, "TXA-13", "TXA-13 names a cancelled document: it takes no addendum or replacement")
         if current is not None:  # its content would be dropped (fill-only) while the copies carry it
             raise _Fail(205, "TXA-12", "TXA-12 names a document that exists already: an addendum or a"
                                        " replacement needs a number of its own")

@@ -150,6 +150,7 @@ class MemoryState:
             state=doc["state"],
             version=doc["versions"][-1]["version"],
             parent=doc["versions"][-1]["parent"],
+            content=doc["versions"][-1]["content"],
         )
 
     # --- apply -----------------------------------------------------------------

@@ -251,3 +251,26 @@ def test_an_addendum_or_replacement_reusing_a_number_is_refused_and_a_cancel_is_
     cancel = mdm(s, "T11", "N", text="", availability="AV")
     assert isinstance(cancel, Changes) and any("TXA-19" in w for w in cancel.warnings)
     assert s.documents[("HOSP", "N")]["versions"][-1]["availability"] == "CA"
+
+
+def test_a_second_original_with_other_text_is_refused_and_a_cancelled_document_stays_cancelled():
+    """Found by a black-box audit: a second T02 for a stored TXA-12 kept the stored text while the
+    copies carried the new one, and a T08 edit of a cancelled document was applied."""
+    s = MemoryState()
+    mdm(s, "T01", "D", text="")  # a notification first, its content after: the usual two-step
+    assert isinstance(mdm(s, "T02", "D", text="first text"), Changes)
+    assert s.documents[("HOSP", "D")]["versions"][-1]["content"].text == "first text"
+    assert isinstance(mdm(s, "T02", "D", text="first text"), Changes)  # a resend under a new MSH-10
+    second = mdm(s, "T02", "D", text="other text")
+    assert isinstance(second, MappingError) and (second.problem.code, second.problem.location) == (205, "TXA-12")
+    assert s.documents[("HOSP", "D")]["versions"][-1]["content"].text == "first text"
+
+    assert isinstance(mdm(s, "T11", "D", text=""), Changes)
+    for event, number, parent in (("T08", "D", ""), ("T04", "D", ""), ("T02", "D", ""), ("T06", "A", "D"),
+                                  ("T10", "R", "D")):
+        refused = mdm(s, event, number, parent=parent, text="reinstated")
+        assert isinstance(refused, MappingError) and refused.problem.code == 207, event
+        assert refused.problem.location == ("TXA-13" if parent else "TXA-12")
+    assert s.document("HOSP", "D").state is D.CANCELLED
+    assert len(s.documents[("HOSP", "D")]["versions"]) == 1 and ("HOSP", "A") not in s.documents
+    assert isinstance(mdm(s, "T11", "D", text=""), Changes)  # a resent cancel is harmless
