@@ -61,6 +61,8 @@ from exchange.mapping.values import (
     EncounterPatch,
     Identifier,
     Location,
+    PersonName,
+    Precision,
     Timestamp,
     address,
     doctor,
@@ -129,6 +131,8 @@ class RecordView(Value):
     active: bool = True
     merged_into: str | None = None
     encounters: Mapping[str, EncounterView] = field(default_factory=dict)
+    name: PersonName | None = None  # the stored legal name and birth date (see _another_patient)
+    birth: Timestamp | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -565,20 +569,45 @@ def _survivor(state: StateView, facility: str, mrn: str) -> str:
 
 
 def _subject(pid: Segment, ctx: FacilityContext, state: StateView, warnings: list[str]
-             ) -> tuple[str, RecordView | None, list[Identifier]]:
-    """The record PID-3 names (its survivor, if merged away), that record, and the PID-3
-    identifiers to apply to it.
+             ) -> tuple[str, RecordView | None, Demographics]:
+    """The record PID-3 names (its survivor, if merged away), that record, and the PID's
+    demographics to apply to it.
 
     Applied to a survivor, PID-3's MRN is the retired one: it must not replace
     the survivor's own MRN of the same authority and type (the survivor keeps
-    the retired MRN among its merged identifiers already).
+    the retired MRN among its merged identifiers already). A retired MRN that
+    arrives with another patient's birth date or name was reused for a new
+    patient: applying it would overwrite the survivor's demographics (AE 205).
     """
     ids = _identifiers(pid, 3)
     named = _patient_id(pid, ctx, ids=ids)
     mrn, rec = _survivor_record(state, ctx.code, named.value, warnings)
-    if mrn != named.value:
-        ids = [i for i in ids if i != named]
-    return mrn, rec, ids
+    if mrn == named.value:
+        return mrn, rec, demographics(pid, warnings, ids)
+    demo = demographics(pid, warnings, [i for i in ids if i != named])
+    if rec is not None and _another_patient(rec, demo):
+        raise _Fail(205, "PID-3", "PID-3 names a record merged into another whose patient has another"
+                                  " birth date or name: a retired identifier cannot name a new patient")
+    return mrn, rec, demo
+
+
+def _day(ts: Timestamp) -> tuple[int, int, int] | None:
+    if ts.precision in (Precision.YEAR, Precision.MONTH):
+        return None
+    return ts.value.year, ts.value.month, ts.value.day
+
+
+def _another_patient(rec: RecordView, demo: Demographics) -> bool:
+    """Whether ``demo`` cannot be the patient of ``rec``: another birth day, or another family and given name."""
+    born, stored = demo.birth, rec.birth
+    if isinstance(born, Timestamp) and isinstance(stored, Timestamp) and _day(born) and _day(stored):
+        if _day(born) != _day(stored):
+            return True
+    name, known = demo.name, rec.name
+    if isinstance(name, PersonName) and isinstance(known, PersonName) and name.family and known.family:
+        return (name.family.casefold() != known.family.casefold()
+                and name.given.casefold() != known.given.casefold())
+    return False
 
 
 def _survivor_record(
@@ -620,8 +649,8 @@ def _map_adt(msg, header, ctx, state, event, warnings) -> list:
     pid = msg.first("PID")
     if pid is None:
         raise _Fail(101, "PID-3", "PID segment with a patient identifier is required")
-    mrn, rec, ids = _subject(pid, ctx, state, warnings)
-    ops: list = [UpsertPatient(ctx.code, mrn, demographics(pid, warnings, ids))]
+    mrn, rec, demo = _subject(pid, ctx, state, warnings)
+    ops: list = [UpsertPatient(ctx.code, mrn, demo)]
     if event in DEMOGRAPHICS_ONLY_EVENTS:
         warnings.append(f"{event}: only the demographics are applied")
     if event not in ENCOUNTER_EVENTS:
@@ -852,7 +881,7 @@ def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
     pid = msg.first("PID")
     if pid is None:
         raise _Fail(101, "PID-3", "PID segment with a patient identifier is required")
-    mrn, _rec, ids = _subject(pid, ctx, state, warnings)
+    mrn, _rec, demo = _subject(pid, ctx, state, warnings)
 
     obx = msg.after(txa, "OBX") or msg.segments("OBX")
     if obx:
@@ -860,7 +889,7 @@ def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
     elif event in MDM_WITH_CONTENT:
         warnings.append(f"{event}: no OBX content")
 
-    ops: list = [UpsertPatient(ctx.code, mrn, demographics(pid, warnings, ids))]
+    ops: list = [UpsertPatient(ctx.code, mrn, demo)]
     current = state.document(ctx.code, patch.number)
     number = patch.number
     for n, doc in ((12, current), (13, state.document(ctx.code, patch.parent) if patch.parent else None)):

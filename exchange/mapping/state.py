@@ -137,6 +137,8 @@ class MemoryState:
                 )
                 for visit, enc in rec["encounters"].items()
             },
+            name=rec["name"],
+            birth=rec["birth"],
         )
 
     def document(self, facility: str, number: str) -> DocumentView | None:

@@ -325,3 +325,28 @@ def test_two_messages_run_together_are_one_error_not_the_first_applied():
     result = map_message(*synthetic(*(one + two).rstrip("\r").split("\r")), CTX, s)
     assert isinstance(result, MappingError)
     assert (result.problem.code, result.problem.location) == (100, "MSH") and "2 messages" in result.problem.text
+
+
+def test_a_retired_mrn_reused_for_another_patient_is_refused_not_applied_to_the_survivor():
+    """Found by a black-box audit: after an A40, a registration reusing the retired MRN for a new
+    patient overwrote the survivor's name and birth date with the stranger's."""
+    s = MemoryState()
+    run(s, CTX, synthetic(msh("ADT", "A04"), "EVN|A04", "PID|1||OLD^^^HOSP^MR||Doe^Jane||19800101|F"))
+    run(s, CTX, synthetic(msh("ADT", "A04"), "EVN|A04", "PID|1||NEW^^^HOSP^MR||Doe^Jane||19800101|F"))
+    run(s, CTX, synthetic(msh("ADT", "A40"), "EVN|A40", "PID|1||NEW^^^HOSP^MR||Doe^Jane||19800101|F",
+                          "MRG|OLD^^^HOSP^MR"))
+    for pid in ("PID|1||OLD^^^HOSP^MR||Quinn^Oscar||20010909|M",  # another name and birth date
+                "PID|1||OLD^^^HOSP^MR||Doe^Jane||19800102|F",  # another birth date
+                "PID|1||OLD^^^HOSP^MR||Quinn^Oscar"):  # another family and given name
+        refused = run(s, CTX, synthetic(msh("ADT", "A04"), "EVN|A04", pid))
+        assert isinstance(refused, MappingError), pid
+        assert (refused.problem.code, refused.problem.location) == (205, "PID-3")
+        survivor = s.records[("HOSP", "NEW")]
+        assert (survivor["name"].family, survivor["birth"].value) == ("Doe", date(1980, 1, 1))
+    # the same patient under the retired MRN still lands on the survivor, a married name included
+    for pid in ("PID|1||OLD^^^HOSP^MR||Doe^Jane||19800101|F|||1 Main St^^Town",
+                "PID|1||OLD^^^HOSP^MR||Smith^Jane||19800101|F", "PID|1||OLD^^^HOSP^MR||Smith^Jane||1980"):
+        applied = run(s, CTX, synthetic(msh("ADT", "A08"), "EVN|A08", pid))
+        assert isinstance(applied, Changes), pid
+        assert ops_of(applied, UpsertPatient)[0].mrn == "NEW"
+    assert s.records[("HOSP", "NEW")]["name"].family == "Smith"
