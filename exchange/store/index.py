@@ -157,7 +157,9 @@ def plan(conn: Connection, state: MemoryState, model: Model) -> Plan:
     wanted = {k: blocking_keys(f) for k, f, _ in todo}
     if wanted and conn.dialect.name == "postgresql":
         _lock_keys(conn, set().union(*wanted.values()))
-    own = {p.person for p in known.values() if isinstance(p.person, int)} | {ids[(f, r)][1] for f, _, r in merges}
+    # a merge reads both persons' records, so it sees which facilities the survivor's person holds already
+    own = ({p.person for p in known.values() if isinstance(p.person, int)}
+           | {ids[k][1] for f, s, r in merges for k in ((f, s), (f, r)) if k in ids})
     postings, members, db_known = _candidates(conn, set().union(*wanted.values()) if wanted else set(), own)
     not_a_match = _pairs(conn, [k for k, _, _ in todo])
     for key, k in db_known.items():  # the database's view, unless this batch holds the record

@@ -350,3 +350,20 @@ def test_two_writers_registering_one_new_patient_at_once_make_one_person(engine)
     other.join(10)
     assert second == [["AA"]]
     assert person(engine, "OAKNH", "OA-99") == person(engine, "HHCARE", "HH-99")
+
+
+def test_a40_never_puts_two_records_of_another_facility_in_one_person(engine):
+    """Found by a black-box audit: the survivor's person's members were not read when the
+    survivor itself did not change, so the other facility's two records joined one person."""
+    mary = dict(name="MERGEA^FLORENTINA", birth="19220202", ssn="", address="1 ELM ST^^SALEM^OR^97301")
+    hugo = dict(name="MERGEB^HORATIO", birth="19230303", sex="M", ssn="", address="9 PINE RD^^EUGENE^OR^97401")
+    run(engine, register("GENHOSP", "MA", **mary), register("OAKNH", "OA", **mary))
+    run(engine, register("GENHOSP", "MB", **hugo), register("OAKNH", "OB", **hugo))
+    assert person(engine, "GENHOSP", "MA") == person(engine, "OAKNH", "OA")
+    assert person(engine, "GENHOSP", "MB") == person(engine, "OAKNH", "OB") != person(engine, "OAKNH", "OA")
+    before = rows(engine, "select count(*) from match_review")[0][0]
+    assert run(engine, adt("GENHOSP", "A40", pid("MA", "GENHOSP", **mary), "MRG|MB^^^GENHOSP^MR")) == ["AA"]
+    assert person(engine, "GENHOSP", "MB") == person(engine, "GENHOSP", "MA")
+    assert person(engine, "OAKNH", "OB") != person(engine, "OAKNH", "OA")  # not fused without a technician
+    reviews = rows(engine, "select facility, mrn, kind, state from match_review order by id")[before:]
+    assert reviews == [("OAKNH", "OB", "duplicate", "open")]
