@@ -482,16 +482,9 @@ def demographics(pid: Segment, warnings: list[str], ids: list[Identifier] | None
         if sex not in SEX_CODES:
             warnings.append("PID-8: sex code not in table 0001, kept as sent")
 
-    phones13 = _repeating(pid, 13, phone)
-    phones14 = _repeating(pid, 14, phone)
-    if phones13 is None and phones14 is None:
-        phones = None
-    elif phones13 in (None, DELETE) and phones14 in (None, DELETE):
-        phones = DELETE
-    else:
-        phones = tuple(phones13 if isinstance(phones13, tuple) else ()) + tuple(
-            phones14 if isinstance(phones14, tuple) else ()
-        )
+    business = _repeating(pid, 14, phone)
+    if isinstance(business, tuple):
+        business = tuple(_replace(p, business=True) for p in business)
 
     deceased = _scalar(pid, 30)
     if isinstance(deceased, str):
@@ -509,7 +502,8 @@ def demographics(pid: Segment, warnings: list[str], ids: list[Identifier] | None
         birth=_ts(pid, 7, warnings),
         sex=sex,
         addresses=_repeating(pid, 11, address),
-        phones=phones,
+        phones=_repeating(pid, 13, phone),
+        business_phones=business,
         account=_scalar(pid, 18),
         ssn=_scalar(pid, 19),
         death=_ts(pid, 29, warnings),

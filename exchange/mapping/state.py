@@ -189,9 +189,16 @@ class MemoryState:
             for key in [k for k, i in ids.items() if i.issued_by(authority)]:
                 del ids[key]
         for ident in d.identifiers or ():
-            ids[(ident.authority or ident.authority_id, ident.type_code)] = ident
+            ids[ident.key] = ident
         for f in _DEMOGRAPHIC_FIELDS:
-            rec[f] = _patched(rec[f], getattr(d, f))
+            if f != "phones":
+                rec[f] = _patched(rec[f], getattr(d, f))
+        home, work = d.phones, d.business_phones
+        if home is not None or work is not None:  # PID-13 and PID-14 each replace only their own
+            stored = rec["phones"] or ()
+            home = tuple(p for p in stored if not p.business) if home is None else () if home is DELETE else home
+            work = tuple(p for p in stored if p.business) if work is None else () if work is DELETE else work
+            rec["phones"] = home + work or None
         return (op.mrn,)
 
     def _encounter(self, op: EncounterEvent, ref) -> tuple:

@@ -229,6 +229,13 @@ class Identifier(Value):
     check_digit: str = ""  # CX.2
     facility: str = ""  # CX.6.1 assigning facility
 
+    @property
+    def key(self) -> tuple[str, ...]:
+        """Where a record keeps it: one identifier per authority and type; without an authority
+        (common before v2.3) the value itself tells two repetitions apart."""
+        authority = self.authority or self.authority_id
+        return (authority, self.type_code) if authority else ("", self.type_code, self.value)
+
     def issued_by(self, authority: str) -> bool:
         """True when CX.4 names ``authority`` (by namespace or universal id)."""
         return bool(authority) and (self.authority == authority or self.authority_id == authority)
@@ -281,6 +288,7 @@ class Phone(Value):
     use: str = ""
     equipment: str = ""
     email: str = ""
+    business: bool = False  # from PID-14 (business), not PID-13 (home): an update replaces each on its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,7 +343,8 @@ class Demographics(Value):
     birth: Timestamp | None | _Delete = None  # PID-7, with its precision
     sex: str | None | _Delete = None  # PID-8 (table 0001; unknown codes kept raw)
     addresses: tuple[Address, ...] | None | _Delete = None  # PID-11
-    phones: tuple[Phone, ...] | None | _Delete = None  # PID-13 (home) + PID-14 (business)
+    phones: tuple[Phone, ...] | None | _Delete = None  # PID-13 (home)
+    business_phones: tuple[Phone, ...] | None | _Delete = None  # PID-14 (stored in phones, business=True)
     account: str | None | _Delete = None  # PID-18.1
     ssn: str | None | _Delete = None  # PID-19
     death: Timestamp | None | _Delete = None  # PID-29

@@ -198,10 +198,6 @@ def _cut(value: Any, limit: int) -> str | None:
     return text[:limit]
 
 
-def _id_key(ident: Identifier) -> tuple[str, str]:
-    return (ident.authority or ident.authority_id, ident.type_code)
-
-
 def _record_row(facility: str, mrn: str, rec: dict) -> dict[str, Any]:
     data = {k: v for k, v in rec.items() if k != "encounters"}
     data["identifiers"] = tuple(rec["identifiers"].values())
@@ -236,7 +232,7 @@ def _record_row(facility: str, mrn: str, rec: dict) -> dict[str, Any]:
 
 def _record_from_row(rec: dict[str, Any]) -> dict[str, Any]:
     """A decoded ``patient_record.data`` as a MemoryState record (changed in place)."""
-    rec["identifiers"] = {_id_key(i): i for i in rec["identifiers"]}
+    rec["identifiers"] = {i.key: i for i in rec["identifiers"]}
     rec["encounters"] = {}
     return rec
 
@@ -769,7 +765,7 @@ def record_view(conn: Connection, facility: str, mrn: str) -> dict[str, Any] | N
         "sex": rec["sex"],
         "address": _address(addresses[0]) if addresses else None,
         "addresses": [_address(a) for a in addresses],
-        "phones": [{"number": p.number, "use": p.use, "equipment": p.equipment, "email": p.email}
+        "phones": [{"number": p.number, "use": p.use, "equipment": p.equipment, "email": p.email, "business": p.business}
                    for p in rec["phones"] or ()],
         "death": death.isoformat() if death else None,
         "deceased": rec["deceased"],

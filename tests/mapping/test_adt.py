@@ -350,3 +350,28 @@ def test_a_retired_mrn_reused_for_another_patient_is_refused_not_applied_to_the_
         assert isinstance(applied, Changes), pid
         assert ops_of(applied, UpsertPatient)[0].mrn == "NEW"
     assert s.records[("HOSP", "NEW")]["name"].family == "Smith"
+
+
+def test_home_and_business_phones_are_updated_each_on_its_own():
+    """Found by a black-box audit: an update with PID-13 only dropped the PID-14 phones, and
+    PID-14 = "" deleted the home phones too (HL7: empty = no change, "" = delete, field by field)."""
+    s = MemoryState()
+
+    def a31(p13, p14):
+        run(s, CTX, synthetic(msh("ADT", "A31"), "EVN|A31", f"PID|1||P1^^^HOSP^MR||Doe^Jane||||||||{p13}|{p14}"))
+        return [(p.number or p.email, p.business) for p in s.records[("HOSP", "P1")]["phones"] or ()]
+
+    assert a31("^PRN^PH^^1^617^5550001~^NET^Internet^anna@x.org", "^WPN^PH^^1^617^5550002") == [
+        ("+1 617 5550001", False), ("anna@x.org", False), ("+1 617 5550002", True)]
+    assert a31("^PRN^PH^^1^617^5559999", "") == [("+1 617 5559999", False), ("+1 617 5550002", True)]
+    assert a31("", '""') == [("+1 617 5559999", False)]
+    assert a31("", "^WPN^PH^^1^617^5550003") == [("+1 617 5559999", False), ("+1 617 5550003", True)]
+    assert a31('""', "") == [("+1 617 5550003", True)]
+    assert a31('""', '""') == []
+
+
+def test_identifiers_without_an_authority_are_each_kept():
+    """Found by a black-box audit: PID-3 repetitions without CX.4 and of one type overwrote each other."""
+    s = MemoryState()
+    run(s, CTX, synthetic(msh("ADT", "A08"), "EVN|A08", "PID|1||R1^^^HOSP^MR~777^^^^MR~888^^^^MR||Doe^Jane"))
+    assert sorted(i.value for i in s.records[("HOSP", "R1")]["identifiers"].values()) == ["777", "888", "R1"]
