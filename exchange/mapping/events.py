@@ -273,7 +273,7 @@ ENCOUNTER_EVENTS = frozenset(
 PERSON_EVENTS = frozenset({"A28", "A31"})
 # Events that carry a PID whose demographics are kept but whose other meaning is not modelled.
 DEMOGRAPHICS_ONLY_EVENTS = frozenset(
-    {"A09", "A10", "A14", "A15", "A16", "A17", "A20", "A21", "A22", "A25", "A26", "A27", "A32", "A33"}
+    {"A09", "A10", "A14", "A15", "A16", "A20", "A21", "A22", "A25", "A26", "A27", "A32", "A33"}
 )
 MERGE_EVENTS = frozenset({"A40"})
 LEGACY_MERGE_EVENTS = frozenset({"A18", "A34", "A35", "A36"})
@@ -316,8 +316,7 @@ def needs(msg: Message, ctx: FacilityContext) -> Needs:
                 number = txa.value(n)
                 if number:
                     documents.add((ctx.code, number))
-        pv1 = msg.first("PV1")  # the one segment _map_adt reads the visit from
-        visits = frozenset((_visit_number(pv1),)) if pv1 is not None else frozenset()
+        visits = frozenset(_visit_number(pv1) for pv1 in msg.segments("PV1"))  # A17 has two
         return Needs(frozenset(records), frozenset(documents), visits, msg.first("MRG") is not None)
     except Exception:  # pragma: no cover - needs() is a hint; map_message reports problems
         return Needs()
@@ -635,6 +634,8 @@ def _map_adt(msg, header, ctx, state, event, warnings) -> list:
         return _map_identifier_change(msg, ctx, state, warnings)
     if event in ("A24", "A37"):
         return _map_link(msg, ctx, event, warnings)
+    if event == "A17":
+        return _map_swap(msg, header, ctx, state, warnings)
     if not (event in ENCOUNTER_EVENTS or event in PERSON_EVENTS or event in DEMOGRAPHICS_ONLY_EVENTS):
         if not event:
             raise _Fail(101, "MSH-9.2", "no trigger event: MSH-9.2 and EVN-1 are empty")
@@ -656,19 +657,54 @@ def _map_adt(msg, header, ctx, state, event, warnings) -> list:
             warnings.append("PV1: no visit segment, encounter not changed")
         return ops
     visit = _visit_number(pv1)
+    current = rec.encounters.get(visit) if rec is not None else None
+    patch = encounter_patch(pv1, warnings)
     if not visit:
-        if event == "A08":
+        if event == "A08" and current is None:  # a patient update with a placeholder PV1
             return ops
         warnings.append("PV1-19: no visit number, the record's unnumbered encounter is used")
-    patch = encounter_patch(pv1, warnings)
-    current = rec.encounters.get(visit) if rec is not None else None
+        if current is not None and current.status in (S.DISCHARGED, S.CANCELLED) and event in NEW_STAY_EVENTS:
+            # without a visit number a closed stay and a new one share the encounter: this is a new stay
+            warnings.append(f"{event}: the unnumbered encounter was closed, a new stay replaces it")
+            current = None
+            patch = _replace(patch, **{f: DELETE for f in patch.__match_args__ if getattr(patch, f) is None})
     at = _event_time(msg, header)
     status, patch = encounter_transition(event, current, patch, at, warnings)
     ops.append(EncounterEvent(ctx.code, mrn, visit, event, status, patch, at))
     return ops
 
 
+NEW_STAY_EVENTS = frozenset({"A01", "A04", "A05"})
+
+
+def _map_swap(msg, header, ctx, state, warnings) -> list:
+    """A17: two inpatients swap beds; each PID's PV1-3 is that patient's new location."""
+    pairs = _pairs(msg, "PV1")
+    if len(pairs) < 2 or any(pv1 is None for _, pv1 in pairs[:2]):
+        raise _Fail(101, "PV1", "A17 needs two PID segments each followed by its PV1")
+    ops: list = []
+    at = _event_time(msg, header)
+    for pid, pv1 in pairs[:2]:
+        mrn, rec, demo = _subject(pid, ctx, state, warnings)
+        ops.append(UpsertPatient(ctx.code, mrn, demo))
+        visit = _visit_number(pv1)
+        current = rec.encounters.get(visit) if rec is not None else None
+        patch = encounter_patch(pv1, warnings)
+        if patch.location is None:
+            raise _Fail(101, "PV1-3", "A17: PV1-3 new location is required for each patient")
+        if current is not None and current.status in (S.DISCHARGED, S.CANCELLED):
+            warnings.append("A17: visit is closed, location not changed")
+            patch = _replace(patch, location=None, prior_location=None)
+        elif patch.prior_location is None and current is not None and current.location is not None:
+            patch = _replace(patch, prior_location=current.location)
+        ops.append(EncounterEvent(ctx.code, mrn, visit, "A17", None if current else _infer_status(patch), patch, at))
+    return ops
+
+
 S = EncounterStatus
+
+
+OUTPATIENT_CLASSES = frozenset({"O", "E", "R", "B"})  # table 0004: registered (A04), not admitted
 
 
 def _infer_status(patch: EncounterPatch) -> EncounterStatus:
@@ -746,8 +782,10 @@ def encounter_transition(
         )
     if event == "A13":
         patch = _replace(patch, discharged_at=DELETE)
-        if cur in (None, S.DISCHARGED):
-            return S.ADMITTED, patch
+        if cur in (None, S.DISCHARGED):  # back to what it was before the discharge
+            cls = patch.patient_class if isinstance(patch.patient_class, str) else (
+                current.patient_class if current is not None else None)
+            return (S.REGISTERED if (cls or "").upper() in OUTPATIENT_CLASSES else S.ADMITTED), patch
         return None, patch
     if event == "A38":
         if cur in (None, S.PREADMITTED):

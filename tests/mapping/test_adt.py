@@ -375,3 +375,55 @@ def test_identifiers_without_an_authority_are_each_kept():
     s = MemoryState()
     run(s, CTX, synthetic(msh("ADT", "A08"), "EVN|A08", "PID|1||R1^^^HOSP^MR~777^^^^MR~888^^^^MR||Doe^Jane"))
     assert sorted(i.value for i in s.records[("HOSP", "R1")]["identifiers"].values()) == ["777", "888", "R1"]
+
+
+def test_a17_swaps_the_two_patients_beds():
+    """Found by a black-box audit: A17 was answered AA and only the first PID's demographics applied."""
+    s = MemoryState()
+    adt(s, "A01", mrn="S1", visit="VS1", loc="W1^10^A")
+    adt(s, "A01", mrn="S2", visit="VS2", loc="W1^10^B")
+    swap = run(s, CTX, synthetic(msh("ADT", "A17"), "EVN|A17|20240101130000",
+                                 "PID|1||S1^^^HOSP^MR||Doe^Jane||19800102|F", pv1(visit="VS1", loc="W1^10^B"),
+                                 "PID|1||S2^^^HOSP^MR||Roe^Ann||19700101|F", pv1(visit="VS2", loc="W1^10^A")))
+    assert isinstance(swap, Changes)
+    one, two = enc(s, "S1", "VS1"), enc(s, "S2", "VS2")
+    assert (one.location, one.prior_location) == (Location("W1", "10", "B"), Location("W1", "10", "A"))
+    assert (two.location, two.prior_location) == (Location("W1", "10", "A"), Location("W1", "10", "B"))
+    assert one.status is two.status is S.ADMITTED
+    half = run(s, CTX, synthetic(msh("ADT", "A17"), "EVN|A17", "PID|1||S1^^^HOSP^MR", pv1(visit="VS1")))
+    assert isinstance(half, MappingError) and half.problem.location == "PV1"
+
+
+def test_without_a_visit_number_updates_apply_and_a_readmission_is_a_new_stay():
+    """Found by a black-box audit: with PV1-19 empty (common before v2.4) an A08's new location
+    was dropped, and a readmission after a discharge stayed 'discharged'."""
+    s = MemoryState()
+    adt(s, "A01", mrn="O11", visit="", loc="W5^5^5", admit="20240101080000")
+    adt(s, "A08", mrn="O11", visit="", loc="W6^6^6")
+    assert enc(s, "O11", "").location == Location("W6", "6", "6")
+    adt(s, "A03", mrn="O11", visit="", loc="W6^6^6", discharge="20240103100000")
+    assert enc(s, "O11", "").status is S.DISCHARGED
+    readmit = adt(s, "A01", mrn="O11", visit="", loc="W7^7^7", admit="20240201090000")
+    e = enc(s, "O11", "")
+    assert (e.status, e.location, e.discharged_at) == (S.ADMITTED, Location("W7", "7", "7"), None)
+    assert e.admitted_at.value == datetime(2024, 2, 1, 9) and e.prior_location is None
+    assert any("new stay" in w for w in readmit.warnings)
+    # a patient update with a placeholder PV1 creates no encounter
+    adt(s, "A08", mrn="P2", visit="", loc="")
+    assert s.record("HOSP", "P2").encounters == {}
+    # with a visit number an admit after the discharge is still a late message for that stay
+    adt(s, "A03", mrn="O12", visit="V9", discharge="20240103100000")
+    adt(s, "A01", mrn="O12", visit="V9", admit="20240101080000")
+    assert enc(s, "O12", "V9").status is S.DISCHARGED
+
+
+def test_a13_restores_an_outpatient_visit_to_registered():
+    s = MemoryState()
+    adt(s, "A04", mrn="O2", visit="V2", cls="O", loc="CLINIC^^")
+    adt(s, "A03", mrn="O2", visit="V2", cls="O", loc="CLINIC^^")
+    adt(s, "A13", mrn="O2", visit="V2", cls="", loc="")
+    assert (enc(s, "O2", "V2").status, enc(s, "O2", "V2").discharged_at) == (S.REGISTERED, None)
+    adt(s, "A01", mrn="I2", visit="V3")
+    adt(s, "A03", mrn="I2", visit="V3")
+    adt(s, "A13", mrn="I2", visit="V3", cls="", loc="")
+    assert enc(s, "I2", "V3").status is S.ADMITTED
