@@ -144,6 +144,7 @@ class DocumentView(Value):
     version: int
     parent: str | None = None
     content: Content | None = None  # the current version's
+    event: str = ""  # the event that made the current version
 
 
 class StateView(Protocol):
@@ -940,7 +941,10 @@ def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
             # with the first text while the copies carry the second
             raise _Fail(205, "TXA-12", "TXA-12 names a document that exists already with other content:"
                                        " an edit is T03/T04 or T07/T08")
-        ops.append(DocumentEvent(ctx.code, mrn, number, event, DocumentAction.CREATE,
+        # a later original (T02 after its T01 notice) says the current status; one that arrives
+        # after an edit is late and only fills what the edit left empty
+        later = current is not None and current.event in ("T01", "T02")
+        ops.append(DocumentEvent(ctx.code, mrn, number, event, DocumentAction.UPDATE if later else DocumentAction.CREATE,
                                  DocumentState.CURRENT if current is None else None, patch))
     elif event in ("T03", "T04"):
         ops.append(DocumentEvent(ctx.code, mrn, number, event, DocumentAction.UPDATE,

@@ -153,6 +153,7 @@ class MemoryState:
             version=doc["versions"][-1]["version"],
             parent=doc["versions"][-1]["parent"],
             content=doc["versions"][-1]["content"],
+            event=doc["versions"][-1]["event"],
         )
 
     # --- apply -----------------------------------------------------------------

@@ -274,3 +274,17 @@ def test_a_second_original_with_other_text_is_refused_and_a_cancelled_document_s
     assert s.document("HOSP", "D").state is D.CANCELLED
     assert len(s.documents[("HOSP", "D")]["versions"]) == 1 and ("HOSP", "A") not in s.documents
     assert isinstance(mdm(s, "T11", "D", text=""), Changes)  # a resent cancel is harmless
+
+
+def test_a_t02_after_its_t01_notice_carries_the_current_status():
+    """Found by a black-box audit: the T02's AU/AV were dropped (fill-only) and the stored
+    document stayed an unavailable draft (IP/UN) while the copies said AU/AV."""
+    s = MemoryState()
+    mdm(s, "T01", "D8", text="", status="IP", availability="UN")
+    mdm(s, "T02", "D8", text="the note", status="AU", availability="AV")
+    v = s.documents[("HOSP", "D8")]["versions"][-1]
+    assert (v["completion_status"], v["availability"], v["content"].text) == ("AU", "AV", "the note")
+    # an original arriving after an edit is late: it fills only what the edit left empty
+    mdm(s, "T08", "D8", text="edited", status="LA")
+    mdm(s, "T02", "D8", text="edited", status="AU", availability="AV")
+    assert s.documents[("HOSP", "D8")]["versions"][-1]["completion_status"] == "LA"
