@@ -412,7 +412,10 @@ def _repeating(seg: Segment, n: int, reader) -> tuple | None | object:
     for rep in raw.split(seg.delimiters.repetition):
         if not rep or (rep == '""' or '""' in rep and is_delete(rep)):
             continue
-        value = reader(rep.split(comp), sub, text)
+        comps = rep.split(comp)
+        if '""' in rep:  # a null component is no value, never the text ""
+            comps = ["" if c == '""' else c for c in comps]
+        value = reader(comps, sub, text)
         if value is not None:
             out.append(value)
     return tuple(out)

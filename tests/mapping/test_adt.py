@@ -427,3 +427,13 @@ def test_a13_restores_an_outpatient_visit_to_registered():
     adt(s, "A03", mrn="I2", visit="V3")
     adt(s, "A13", mrn="I2", visit="V3", cls="", loc="")
     assert enc(s, "I2", "V3").status is S.ADMITTED
+
+
+def test_a_null_component_is_no_value():
+    """Found by a black-box audit: PID-5 = SMITH^ANNA^"" stored the middle name as the text \"\"."""
+    s = MemoryState()
+    run(s, CTX, synthetic(msh("ADT", "A08"), "EVN|A08",
+                          'PID|1||N1^^^HOSP^MR||SMITH^ANNA^""||||||1 MAIN ST^""^TOWN'))
+    rec = s.records[("HOSP", "N1")]
+    assert (rec["name"].family, rec["name"].given, rec["name"].middle) == ("SMITH", "ANNA", "")
+    assert (rec["addresses"][0].other, rec["addresses"][0].city) == ("", "TOWN")
