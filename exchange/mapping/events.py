@@ -1051,9 +1051,10 @@ def document_content(obxs: list[Segment], max_bytes: int) -> Content | None:
         if vt == "ED":  # the document itself; text lines before it (a cover note) are kept beside it
             content = _ed_content(obx, max_bytes)
             return _replace(content, text="\n".join(lines)) if lines else content
-        if vt == "RP":
+        if vt == "RP":  # a pointer to the document; text lines before it (a cover note) are kept beside it
             comps = obx.components(5)
             return Content(
+                text="\n".join(lines) if lines else None,
                 reference=obx.text(comps[0]) if comps else "",
                 content_type=_mime(obx.text(comps[2]) if len(comps) > 2 else "",
                                    obx.text(comps[3]) if len(comps) > 3 else ""),

@@ -743,9 +743,11 @@ def record_view(conn: Connection, facility: str, mrn: str) -> dict[str, Any] | N
     documents = [
         {"number": r.number, "type": r.type, "parent": r.parent, "completion_status": r.completion_status,
          "availability": r.availability, "state": r.state, "version": r.version,
-         "content_type": r.content_type, "text": r.text, "size": r.size}
+         "content_type": r.content_type, "text": r.text, "size": r.size,
+         "reference": ((r.fields or {}).get("content") or {}).get("reference") or None}
         for r in conn.execute(
-            select(document, document_version.c.content_type, document_version.c.text, document_version.c.size)
+            select(document, document_version.c.content_type, document_version.c.text, document_version.c.size,
+                   document_version.c.fields)
             .join(document_version, (document_version.c.document_id == document.c.id)
                   & (document_version.c.version == document.c.version))
             .where(document.c.record_id == row.id).order_by(document.c.id)

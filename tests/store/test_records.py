@@ -390,3 +390,15 @@ def test_load_searches_indexes_whatever_the_number_of_records(tmp_path):
             for table in ("patient_record", "document", "encounter"):
                 assert f"SCAN {table}" not in plan and "SCAN d" not in plan.split(" USING")[0], (sql, plan)
     eng.dispose()
+
+
+def test_a_reference_pointer_document_shows_its_pointer_and_cover_note(engine: Engine):
+    """Found by a black-box audit: an OBX RP document dropped the TX cover lines before it and
+    no field of the record showed the pointer, so the document could not be retrieved."""
+    msg = synthetic(msh("MDM", "T02"), "EVN|T02", "PID|1||1^^^HOSP^MR", "TXA|1|NOTE|TX|||||||||DOC4||||AU",
+                    "OBX|1|TX|||cover note", "OBX|2|RP|||http://docs.example/x.pdf^DOCSRV^AP^PDF")
+    run_batches(engine, [msg], [])
+    with engine.connect() as conn:
+        (doc,) = record_view(conn, "HOSP", "1")["documents"]
+    assert (doc["text"], doc["reference"], doc["content_type"]) == (
+        "cover note", "http://docs.example/x.pdf", "application/pdf")
