@@ -7,9 +7,44 @@ from collections.abc import Callable
 
 from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from exchange import __version__
+
+
+MAX_REQUEST_BYTES = 1024 * 1024  # no page or API call takes a body larger than this
+
+
+class LimitedRequest(Request):
+    """A request whose body may not exceed ``MAX_REQUEST_BYTES``: refused with 413 and the
+    connection closed as soon as the Content-Length (or the chunks so far) says so, before
+    the body is buffered or parsed on the reactor (a form body is parsed in one go there)."""
+
+    _refused = False
+    _received = 0
+
+    def gotLength(self, length):
+        if length is not None and length > MAX_REQUEST_BYTES:
+            self._refuse()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > MAX_REQUEST_BYTES:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def _refuse(self) -> None:
+        self._refused = True
+        body = json.dumps({"error": f"the request body is larger than {MAX_REQUEST_BYTES} bytes"}).encode()
+        self.channel.transport.write(
+            b"HTTP/1.1 413 Content Too Large\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        self.channel.loseConnection()
 
 
 class Health(Resource):
@@ -54,7 +89,7 @@ def build_root(status: Callable[[], dict], api: IResource | None = None,
 def build_site(status: Callable[[], dict], api: IResource | None = None,
                workbench: IResource | None = None) -> Site:
     root = build_root(status, api, workbench)
-    site = Site(root)
+    site = Site(root, requestFactory=LimitedRequest)
     site.noisy = False
     site.displayTracebacks = False
     site.log = lambda request: None  # no access log: request paths can carry patient identifiers

@@ -1,0 +1,42 @@
+"""The HTTP endpoint's own protections, at the protocol level (StringTransport)."""
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+
+from exchange.web.server import MAX_REQUEST_BYTES, build_site
+
+
+def connect():
+    site = build_site(lambda: {})
+    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read():
+    """Found by a black-box audit: a 50 MB form body to /login (no login needed) was buffered and
+    parsed on the reactor, and every MLLP ACK waited 7 s for it."""
+    protocol, transport = connect()
+    protocol.dataReceived(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                          b"Content-Length: %d\r\n\r\n" % (50 * 1024 * 1024))
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    assert b"larger than" in transport.value() and transport.disconnecting
+
+
+def test_a_chunked_body_is_refused_once_it_passes_the_limit():
+    protocol, transport = connect()
+    protocol.dataReceived(b"POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunk = b"a=b&" * 16384  # 64 KiB
+    for _ in range(MAX_REQUEST_BYTES // len(chunk) + 1):
+        if transport.disconnecting:
+            break
+        protocol.dataReceived(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    assert transport.value().startswith(b"HTTP/1.1 413 ") and transport.disconnecting
+
+
+def test_a_small_body_is_served():
+    protocol, transport = connect()
+    protocol.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+    assert transport.value().startswith(b"HTTP/1.1 200 ") and b'"status": "ok"' in transport.value()
