@@ -49,6 +49,7 @@ from exchange.mapping.state import MemoryState
 from exchange.matching.decide import Action, Decision, Reason, Record, decide
 from exchange.matching.features import Features, blocking_keys, decode_features, encode_features, features_of
 from exchange.matching.model import Model, default_model
+from exchange.store.consent import carry_opt_outs
 from exchange.store.db import advisory_key, driver_cursor
 from exchange.store.driver import Statement, Writer, select_rows
 from exchange.store.records import RecordLink
@@ -457,6 +458,9 @@ def write(conn: Connection, plan_: Plan, state: MemoryState, model: Model, now: 
             {"facility": x[0], "mrn": x[1], "other_facility": y[0], "other_mrn": y[1], "active": True}
             for a, b in plan_.pairs for x, y in ((a, b), (b, a))
         ])
+    # a record that leaves a person who opted out takes the opt-out along (a merge, a new match)
+    carry_opt_outs(conn, [(person(e["from_person"]), person(e["to_person"])) for e in plan_.events
+                          if e["from_person"] is not None], now)
 
 
 def _pipeline(cursor, sqlite: bool):

@@ -56,6 +56,7 @@ from sqlalchemy import Connection, and_, false, insert, or_, select, update
 from exchange.config import DEFAULT_TRUST, Config
 from exchange.mapping.values import Address, PersonName, Phone, Timestamp
 from exchange.matching.compare import FIELD_NAMES
+from exchange.store.consent import carry_opt_outs
 from exchange.store.records import from_json
 from exchange.store.schema import (
     ACTOR_LEN,
@@ -477,6 +478,7 @@ class _Decision:
                 update(patient_record).where(patient_record.c.id == rec.id)
                 .values(person_id=to_person, link=to_link, link_score=score)
             )
+            carry_opt_outs(self.conn, [(rec.person_id, to_person)], self.now)
         return event_id
 
     def pairs(self, a: Key, others: Sequence[Key]) -> None:
@@ -657,6 +659,9 @@ def set_opt_out(conn: Connection, person_id: int, protected: bool, *, actor: str
     row = _person_row(conn, person_id, lock=True)
     if row is None:
         raise _not_found(f"no person {person_id}")
+    if row.merged_into is not None:  # it holds no records: an opt-out here would protect no one
+        raise _conflict(f"person {person_id} was merged into person {_live_person(conn, person_id)}:"
+                        " set the opt-out there")
     who = f"{via} {actor}"
     conn.execute(person.update().where(person.c.id == person_id)
                  .values(protected=protected, protected_by=who if protected else None))

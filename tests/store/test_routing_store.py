@@ -115,3 +115,47 @@ def test_an_edit_of_a_bh_note_with_txa2_empty_does_not_reach_a_site_that_exclude
     (edit,) = run(engine, config, note("T08", "", "edited"))
     (cancel,) = run(engine, config, note("T11", "", ""))
     assert first.routed == edit.routed == cancel.routed == ("HHCARE",)
+
+
+def test_an_opt_out_follows_its_records_into_another_person(engine, tmp_path):
+    """Found by a black-box audit: merging an opted-out person into another dropped the opt-out
+    (copies about the patient went out again), and an opt-out set on a merged-away person was
+    accepted and protected no one."""
+    from datetime import datetime, timezone
+
+    import pytest
+
+    from exchange.store.reviews import DecisionError, merge_persons, set_opt_out
+    from tests.store.test_index import adt, person, pid
+
+    now = datetime(2026, 11, 28, tzinfo=timezone.utc)
+    mary = dict(name="MERGEA^FLORENTINA", birth="19220202", ssn="", address="1 ELM ST^^SALEM^OR^97301")
+    config = network(tmp_path)
+    run(engine, config, register("OAKNH", "OA-7", **ELIZABETH), register("GENHOSP", "GH-8", **mary))
+    keep, gone = person(engine, "GENHOSP", "GH-8"), person(engine, "OAKNH", "OA-7")
+    with engine.begin() as conn:
+        set_opt_out(conn, gone, True, actor="tess", now=now, reason="patient asked")
+        merge_persons(conn, keep, gone, actor="tess", now=now, force=True)
+    with engine.begin() as conn:
+        assert tuple(conn.execute(text(f"select protected, protected_by from person where id = {keep}")).one()) in (
+            (True, "api tess"), (1, "api tess"))
+        with pytest.raises(DecisionError) as refused:
+            set_opt_out(conn, gone, False, actor="tess", now=now)
+        assert refused.value.status == 409 and f"merged into person {keep}" in str(refused.value)
+    (answer,) = run(engine, config, adt("GENHOSP", "A08", pid("GH-8", "GENHOSP", **mary)))
+    assert answer.ack_code == "AA" and answer.routed == ()  # OAKNH holds OA-7: the copy is withheld
+
+    # an A40 that brings an opted-out person's records to the survivor protects the survivor
+    zed = dict(name="ZED^ALPHA", birth="19500505", sex="M", ssn="", address="7 OAK AVE^^BEND^OR^97701")
+    yves = dict(name="YVES^BETA", birth="19600606", sex="M", ssn="", address="8 FIR CT^^BURNS^OR^97720")
+    run(engine, config, register("HHCARE", "HH-1", **zed), register("HHCARE", "HH-2", **yves))
+    survivor, retired = person(engine, "HHCARE", "HH-2"), person(engine, "HHCARE", "HH-1")
+    assert survivor != retired
+    with engine.begin() as conn:
+        set_opt_out(conn, retired, True, actor="tess", now=now)
+    run(engine, config, adt("HHCARE", "A40", pid("HH-2", "HHCARE", **yves), "MRG|HH-1^^^HHCARE^MR"))
+    with engine.connect() as conn:
+        assert bool(conn.execute(text(f"select protected from person where id = {survivor}")).scalar_one())
+        reason = conn.execute(text(f"select reason from opt_out_event where person_id = {survivor}"
+                                   " order by id desc")).first()[0]
+    assert f"person {retired}" in reason

@@ -1,0 +1,43 @@
+"""A person's opt-out follows its records: when records of a protected person join
+another person (a merge, a link, a split, an automatic match), that person becomes
+protected too, recorded in ``opt_out_event`` with the reason. Withholding a copy can be
+undone (the copy is retried); a copy sent cannot."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from sqlalchemy import Connection, insert, select, update
+
+from exchange.store.schema import opt_out_event_table as opt_out_event, person_table as person
+
+
+def carry_opt_outs(conn: Connection, moves: Iterable[tuple[int | None, int | None]], now: datetime,
+                   message_id: int | None = None) -> list[int]:
+    """For each (from person, to person) of records that moved: protect the target when the
+    source is protected. Returns the persons newly protected."""
+    pairs = {(a, b) for a, b in moves if a is not None and b is not None and a != b}
+    if not pairs:
+        return []
+    sources = {a for a, _ in pairs}
+    protected = {r.id: r.protected_by for r in conn.execute(
+        select(person.c.id, person.c.protected_by).where(person.c.id.in_(sorted(sources)), person.c.protected))}
+    if not protected:
+        return []
+    targets: dict[int, tuple[int, str | None]] = {}
+    for a, b in sorted(pairs):
+        if a in protected and b not in protected:
+            targets.setdefault(b, (a, protected[a]))
+    if not targets:
+        return []
+    already = {r.id for r in conn.execute(select(person.c.id).where(person.c.id.in_(sorted(targets)), person.c.protected))}
+    out = []
+    for target, (source, by) in sorted(targets.items()):
+        if target in already:
+            continue
+        conn.execute(update(person).where(person.c.id == target).values(protected=True, protected_by=by))
+        conn.execute(insert(opt_out_event).values(
+            person_id=target, protected=True, by=by or "exchange", message_id=message_id, at=now,
+            reason=f"records of person {source}, which had opted out, joined this person"))
+        out.append(target)
+    return out
