@@ -5,7 +5,9 @@ replies are written in the order the frames arrived, whenever their
 Deferreds fire (after the commit that holds the message). A frame over the
 size limit is answered with a NAK when its header is readable, then the
 connection closes. A connection silent for ``idle_timeout`` seconds (and
-waiting for no answer) is closed.
+waiting for no answer) is closed. A sender that stops reading its ACKs stops
+being read (the protocol is its transport's push producer): unread ACKs
+never pile up in memory.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -41,7 +43,7 @@ class _Slot:
         self.close_after = close_after
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IPushProducer)
 class MLLPServerProtocol(Protocol, TimeoutMixin):
     """One MLLP connection. A sender that half-closes after its last frame (``shutdown(SHUT_WR)``,
     ``printf ... | nc``) still gets every answer it is owed; then the connection closes."""
@@ -56,6 +58,8 @@ class MLLPServerProtocol(Protocol, TimeoutMixin):
         self._peer: Peer | None = None
         self._closing = False
         self.stopped = False  # set on shutdown: take no new frames
+        self._blocked = False  # the transport's write buffer is full: the sender is not reading
+        self._reading_paused = False
 
     # -- connection -------------------------------------------------------
 
@@ -64,6 +68,7 @@ class MLLPServerProtocol(Protocol, TimeoutMixin):
         if self.factory is not None:
             self.factory.connections.add(self)
         self.setTimeout(self._idle_timeout)
+        self.transport.registerProducer(self, True)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         metrics.CONNECTIONS.dec()
@@ -85,6 +90,33 @@ class MLLPServerProtocol(Protocol, TimeoutMixin):
             self.setTimeout(self._idle_timeout)
             return
         log.info("closing idle MLLP connection from {peer}", peer=self.peer.address)
+        self._lose()
+
+    # -- reading: paused while the sender does not read, the backlog is full, or on shutdown
+
+    def pauseProducing(self) -> None:
+        """The transport's write buffer is full: read no more frames until it drains."""
+        self._blocked = True
+        self.update_reading()
+
+    def resumeProducing(self) -> None:
+        self._blocked = False
+        self.update_reading()
+
+    def stopProducing(self) -> None:
+        """The connection is going away; connectionLost does the rest."""
+
+    def update_reading(self) -> None:
+        paused = self._blocked or self.stopped or (self.factory is not None and self.factory.paused)
+        if paused != self._reading_paused and self.transport is not None:
+            self._reading_paused = paused
+            if paused:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
+    def _lose(self) -> None:
+        self.transport.unregisterProducer()  # else the transport waits for it before closing
         self.transport.loseConnection()
 
     @property
@@ -161,7 +193,7 @@ class MLLPServerProtocol(Protocol, TimeoutMixin):
             if slot.close_after:
                 self._slots.clear()
                 self._closing = True
-                self.transport.loseConnection()
+                self._lose()
                 return
 
     def _close_after_replies(self) -> None:
@@ -170,7 +202,7 @@ class MLLPServerProtocol(Protocol, TimeoutMixin):
             self._slots[-1].close_after = True
             self._flush()
         else:
-            self.transport.loseConnection()
+            self._lose()
 
 
 class MLLPServerFactory(Factory):
@@ -195,7 +227,7 @@ class MLLPServerFactory(Factory):
         self.idle_timeout = idle_timeout
         self.committer = committer
         self.connections: set[MLLPServerProtocol] = set()
-        self._paused = False
+        self.paused = False  # the intake backlog is full: no connection reads
 
     def buildProtocol(self, addr) -> MLLPServerProtocol:
         p = MLLPServerProtocol(self.handler, max_frame_bytes=self.max_frame_bytes, idle_timeout=self.idle_timeout)
@@ -203,26 +235,24 @@ class MLLPServerFactory(Factory):
         return p
 
     def check_backpressure(self) -> None:
-        if self._paused or self.committer is None or not self.committer.overloaded:
+        if self.paused or self.committer is None or not self.committer.overloaded:
             return
-        self._paused = True
+        self.paused = True
         log.warn("intake backlog full; pausing {n} MLLP connections", n=len(self.connections))
         for p in list(self.connections):
-            p.transport.pauseProducing()
+            p.update_reading()
         self.committer.on_capacity(self._resume)
 
     def _resume(self) -> None:
-        self._paused = False
+        self.paused = False
         for p in list(self.connections):
-            if not p.stopped:
-                p.transport.resumeProducing()
+            p.update_reading()
 
     def stop_reading(self) -> None:
         """Shutdown: take no new frames; frames already taken still get answers."""
         for p in list(self.connections):
             p.stopped = True
-            if p.transport is not None:
-                p.transport.pauseProducing()
+            p.update_reading()
 
 
 def _address(transport) -> str:

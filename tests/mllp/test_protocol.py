@@ -207,3 +207,40 @@ def test_plain_tcp_peer_has_no_tls_identity():
     assert isinstance(proto, MLLPServerProtocol)
     assert proto.peer.identity is None
     assert proto.peer.address.startswith("192.168.1.1:")
+
+
+def test_a_sender_that_does_not_read_its_acks_is_not_read_either():
+    """Found by a black-box audit: a client pipelining frames without reading the ACKs grew the
+    server's memory by hundreds of MB; the transport now pauses the protocol (a push producer)."""
+    backlog = Backlog()
+    h = Recorder()
+    factory = MLLPServerFactory(h, max_frame_bytes=1 << 20, idle_timeout=None, committer=backlog)
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    assert transport.producer is proto and transport.streaming
+    proto.dataReceived(encode(MSG))
+    h.pending[0].callback(b"A1")
+    proto.pauseProducing()  # what the transport calls when its write buffer is full
+    assert transport.producerState == "paused"
+    # the backlog draining does not resume a connection whose sender is not reading
+    backlog.overloaded = True
+    proto.dataReceived(encode(MSG))
+    backlog.overloaded = False
+    backlog.resume()
+    assert transport.producerState == "paused"
+    proto.resumeProducing()  # the sender read its ACKs
+    assert transport.producerState == "producing"
+    # and a shutdown is not undone by either
+    factory.stop_reading()
+    proto.resumeProducing()
+    assert transport.producerState == "paused"
+
+
+def test_closing_unregisters_the_producer_so_the_connection_really_closes():
+    h = Recorder()
+    proto, transport, _ = connect(h)
+    proto.dataReceived(encode(MSG))
+    proto.readConnectionLost()
+    h.pending[0].callback(b"A1")
+    assert transport.value() == encode(b"A1") and transport.disconnecting and transport.producer is None
