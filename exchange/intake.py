@@ -29,6 +29,11 @@ from exchange.pipeline import Answer, Received
 
 log = Logger()
 
+# Bounds on what waits for the writer, in bytes as well as in messages (server.max_pending): a
+# few frames near max_frame_bytes weigh as much as many thousands of ordinary messages.
+MAX_PENDING_BYTES = 64 * 1024 * 1024  # connections pause above this, resume below half
+MAX_BATCH_BYTES = 16 * 1024 * 1024  # one transaction takes at most this much (at least one message)
+
 
 @dataclass(frozen=True, slots=True)
 class Peer:
@@ -115,6 +120,7 @@ class GroupCommitter:
         self._batch_max = batch_max
         self._max_pending = max_pending
         self._pending: list[tuple[Received, Deferred]] = []
+        self._pending_bytes = 0  # the raw messages' sizes: a few huge ones weigh as much as many small ones
         self._side: list[tuple[list, Deferred]] = []  # delivery outcomes riding with the next batch
         self._busy = False
         self._idle_waiters: list[Deferred] = []
@@ -130,7 +136,7 @@ class GroupCommitter:
 
     @property
     def overloaded(self) -> bool:
-        return len(self._pending) >= self._max_pending
+        return len(self._pending) >= self._max_pending or self._pending_bytes >= MAX_PENDING_BYTES
 
     def on_capacity(self, resume: Callable[[], None]) -> None:
         """Call ``resume`` once the backlog has fallen to half the limit."""
@@ -139,6 +145,7 @@ class GroupCommitter:
     def submit(self, item: Received) -> Deferred:
         d: Deferred = Deferred()
         self._pending.append((item, d))
+        self._pending_bytes += len(item.raw)
         metrics.PENDING.set(len(self._pending))
         if not self._busy:
             self._start_or_gather()
@@ -179,8 +186,16 @@ class GroupCommitter:
             self._start()
 
     def _start(self) -> None:
-        batch = self._pending[: self._batch_max]
-        del self._pending[: self._batch_max]
+        take, size = 0, 0
+        for item, _ in self._pending[: self._batch_max]:  # at most batch_max, and MAX_BATCH_BYTES unless one
+            size += len(item.raw)
+            if take and size > MAX_BATCH_BYTES:
+                size -= len(item.raw)
+                break
+            take += 1
+        batch = self._pending[:take]
+        del self._pending[:take]
+        self._pending_bytes -= size
         side, self._side = self._side, []
         self._busy = True
         items = [item for item, _ in batch]
@@ -265,7 +280,8 @@ class GroupCommitter:
         metrics.PENDING.set(len(self._pending))
         if self._pending or self._side:
             self._start_or_gather()
-        if len(self._pending) <= self._max_pending // 2 and self._resume_waiters:
+        if (len(self._pending) <= self._max_pending // 2 and self._pending_bytes <= MAX_PENDING_BYTES // 2
+                and self._resume_waiters):
             waiters, self._resume_waiters = self._resume_waiters, []
             for resume in waiters:
                 resume()
@@ -330,8 +346,8 @@ class Intake:
             if decision.verdict is not Verdict.ACCEPT or answer.ack_code not in ("AA", "CA"):
                 log.info(
                     "message {facility}/{control_id} answered {code}",
-                    facility=header.facility,
-                    control_id=header.control_id,
+                    facility=facility,  # MSH-4 as sent only when it is a configured facility's code
+                    control_id=_bounded(header.control_id),
                     code=answer.ack_code or "nothing (inbound ACK)",
                 )
             return answer
@@ -365,3 +381,9 @@ class Intake:
             return text.encode(codec, errors="replace")
 
         return DeferredList(ds, consumeErrors=True).addCallback(assemble)
+
+
+def _bounded(value: str, limit: int = 64) -> str:
+    """A sender-controlled value as the log may hold it: one line, at most ``limit`` characters."""
+    value = value.replace("\r", " ").replace("\n", " ")
+    return value if len(value) <= limit else value[:limit] + f"... ({len(value)} characters)"

@@ -209,6 +209,38 @@ def test_backlog_limit_and_resume():
     assert resumed == [True]
 
 
+def big(n: int, size: int) -> Received:
+    raw = f"MSH|^~\\&|A|GENHOSP|B|C|20261127||ADT^A01|B{n}|P|2.5\rNTE|1||".encode() + b"x" * size + b"\r"
+    return Received(raw, read_header(raw), ACCEPTED, NOW, "127.0.0.1:1")
+
+
+def test_the_backlog_and_each_batch_are_bounded_in_bytes_too(monkeypatch):
+    """Found by a black-box audit: 1,200 frames of 200 KB each were all read and held (240 MB)
+    because the backlog counted messages only; one batch carried them all to the writer."""
+    import exchange.intake as intake
+
+    monkeypatch.setattr(intake, "MAX_PENDING_BYTES", 1000)
+    monkeypatch.setattr(intake, "MAX_BATCH_BYTES", 500)
+    w = Writer()
+    c = GroupCommitter(w, max_pending=100, batch_max=50)
+    results_of([c.submit(big(n, 200)) for n in range(8)])  # the first goes at once; 7 x ~250 bytes wait
+    assert c.overloaded
+    resumed = []
+    c.on_capacity(lambda: resumed.append(True))
+    w.commit(0)
+    assert [len(b) for b in w.batches] == [1, 1]  # two would pass 500 bytes
+    size = len(big(0, 200).raw)
+    while c.pending * size > 500:  # resumed only once the bytes waiting are under half the limit
+        assert resumed == []
+        w.commit()
+        assert len(w.batches[-1]) == 1
+    assert resumed == [True]
+    results_of([c.submit(big(99, 2000))])  # one message over the batch limit still goes, alone
+    while len(w.batches) < 9 or w.batches[-1][0].header.control_id != "B99":
+        w.commit()
+    assert len(w.batches[-1]) == 1
+
+
 def test_intake_rejects_before_commit_and_stores_every_frame():
     w = Writer()
     c = GroupCommitter(w)
