@@ -38,7 +38,7 @@ from fnmatch import fnmatchcase
 from functools import lru_cache
 
 from exchange.hl7.ack import version_tuple
-from exchange.hl7.header import Header
+from exchange.hl7.header import MAX_CONTROL_ID, Header
 from exchange.outcome import ACCEPTED, IGNORED, Outcome, Verdict, error, rejected
 
 __all__ = [
@@ -222,6 +222,8 @@ def accept(header: Header, policy: AcceptancePolicy, peer: PeerIdentity | None =
     # 8. The control id is the duplicate-detection key and MSA-2.
     if not header.control_id.strip():
         return error(101, "MSH-10", "message control id (MSH-10) is missing")
+    if len(header.control_id) > MAX_CONTROL_ID:  # it could not be told apart from another one
+        return error(102, "MSH-10", f"message control id (MSH-10) is longer than {MAX_CONTROL_ID} characters")
 
     # 9. Anything else read_header found (e.g. an unknown MSH-18 charset).
     if problem is not None:

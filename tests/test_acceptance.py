@@ -341,6 +341,13 @@ def test_8_missing_control_id_is_an_error(control_id):
     assert_outcome(accept(header(control_id=control_id), POLICY), Verdict.ERROR, 101, "MSH-10")
 
 
+def test_8_an_over_long_control_id_is_an_error():
+    """Found by a black-box audit: a 100,000-character MSH-10 was accepted, stored cut to 199
+    characters (so two such ids could dedup as one) and echoed whole in every MSA-2 and log line."""
+    assert accept(header(control_id="C" * 199), POLICY) is ACCEPTED
+    assert_outcome(accept(header(control_id="C" * 200), POLICY), Verdict.ERROR, 102, "MSH-10")
+
+
 def test_8_type_is_checked_before_control_id():
     assert_outcome(accept(header(control_id="", message_type="ORU"), POLICY), Verdict.REJECT, 200, "MSH-9")
 

@@ -22,7 +22,7 @@ import re
 from datetime import datetime
 from functools import lru_cache
 
-from exchange.hl7.header import DEFAULT_DELIMITERS, Delimiters, Header
+from exchange.hl7.header import DEFAULT_DELIMITERS, MAX_CONTROL_ID, Delimiters, Header
 from exchange.outcome import Outcome, Problem, Verdict
 
 __all__ = [
@@ -190,7 +190,7 @@ def build_ack(
 
     text = "" if outcome.verdict is Verdict.ACCEPT else outcome.text
     segments.append(
-        d.field.join(["MSA", code, mirror_field(header.control_id, d), escape_text(text, d)]).rstrip(d.field)
+        d.field.join(["MSA", code, mirror_field(header.control_id[:MAX_CONTROL_ID], d), escape_text(text, d)]).rstrip(d.field)
     )
     if outcome.problem is not None:
         severity = "W" if outcome.verdict is Verdict.ACCEPT else "E"

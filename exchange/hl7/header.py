@@ -37,6 +37,7 @@ class Delimiters(Value):
 
 
 DEFAULT_DELIMITERS = Delimiters()
+MAX_CONTROL_ID = 199  # MSH-10 and MSA-2 (ST, 199 characters from v2.7; 20 before, often exceeded)
 
 
 @dataclass(frozen=True, slots=True)

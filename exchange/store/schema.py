@@ -42,6 +42,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from exchange.hl7.header import MAX_CONTROL_ID
+
 # Fixed before the first revision: every constraint and index gets a
 # predictable name, so later migrations can drop or alter it on both backends.
 NAMING_CONVENTION = {
@@ -61,7 +63,7 @@ BigId = BigInteger().with_variant(Integer(), "sqlite")
 # Column lengths the store enforces before writing (exchange.store.messages
 # truncates longer text; PostgreSQL would refuse it, SQLite would not).
 FACILITY_LEN = 64  # MSH-4.1 (HD namespace id) as sent
-CONTROL_ID_LEN = 199  # MSH-10 (ST, 199 in v2.5+)
+CONTROL_ID_LEN = MAX_CONTROL_ID  # MSH-10: longer ones are refused (exchange.acceptance)
 SENDING_APPLICATION_LEN = 227  # MSH-3 (HD, 227 in v2.5)
 CODE_LEN = 16  # MSH-9.1, MSH-9.2, MSH-9.3, MSH-11
 VERSION_LEN = 32  # MSH-12

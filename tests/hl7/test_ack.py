@@ -573,3 +573,13 @@ def test_every_corpus_message_gets_a_well_formed_ack(path):
     assert str(parsed.segment("MSH")[10]) == "ACK-1"
     assert str(parsed.segment("MSA")[1]) == ack_code(header, outcome)
     assert str(parsed.segment("MSA")[2]) == header.control_id
+
+
+def test_an_over_long_control_id_is_refused_and_not_echoed_whole():
+    raw = (f"MSH|^~\\&|APP|GENHOSP|EX|EX|20240101||ADT^A01|{'Y' * 100_000}|P|2.5\rPID|1||1\r").encode()
+    head = read_header(raw)
+    outcome = accept(head, AcceptancePolicy({"GENHOSP": FacilityRule("GENHOSP")}))
+    ack = build_ack(head, outcome, control_id="A1", now=NOW)
+    msa = next(s for s in ack.split("\r") if s.startswith("MSA"))
+    assert msa.split("|")[1] == "AE" and msa.split("|")[2] == "Y" * 199
+    assert len(ack) < 1000 and "102" in ack
