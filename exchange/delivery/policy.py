@@ -79,9 +79,10 @@ def judge(reply: bytes, control_id: str) -> Verdict:
         return Verdict(Kind.PROTOCOL, None, "the reply has no MSA segment")
     msa += [""] * (4 - len(msa))
     code, acknowledged = msa[1].strip().upper(), msa[2].strip()
-    if acknowledged != control_id:
+    if acknowledged != control_id:  # an answer to something else: no code of the copy's (it was not accepted)
+        said = f" (MSA-1 {_quote(code)})" if code else ""
         return Verdict(
-            Kind.PROTOCOL, code or None, f"MSA-2 {_quote(acknowledged)} is not the copy's MSH-10 {_quote(control_id)}"
+            Kind.PROTOCOL, None, f"MSA-2 {_quote(acknowledged)} is not the copy's MSH-10 {_quote(control_id)}{said}"
         )
     if code in ACCEPTED:
         return Verdict(Kind.DELIVERED, code, None)
