@@ -155,7 +155,10 @@ def cmd_db_upgrade(args) -> int:
     from exchange.store.db import upgrade
 
     url = _database_url(args)
-    upgrade(url)
+    try:
+        upgrade(url)
+    except Exception as exc:  # unreachable or unusable; its text may quote the URL's password
+        raise UsageFailure(f"cannot open the database {_safe_url(url)} ({type(exc).__name__})") from None
     print(f"exchange: database is at the newest revision ({_safe_url(url)})")
     return 0
 
@@ -181,7 +184,11 @@ def cmd_serve(args) -> int:
 
     engine = make_engine(config.server.database)
     try:
-        upgrade(engine)  # before the reactor runs: never on the reactor thread
+        try:
+            upgrade(engine)  # before the reactor runs: never on the reactor thread
+        except Exception as exc:  # unreachable or unusable; its text may quote the URL's password
+            raise UsageFailure(
+                f"cannot open the database {_safe_url(config.server.database)} ({type(exc).__name__})") from None
         for warning in server_warnings(engine):
             print(f"exchange: warning: {warning}", file=sys.stderr, flush=True)
     finally:

@@ -215,6 +215,9 @@ class Schedule:
         return self.seconds is None and self.cron is None
 
 
+MAX_SECONDS = 365 * 24 * 3600  # no interval, timeout or wait in the configuration is longer than a year
+
+
 def parse_schedule(text: str) -> Schedule:
     """``"30m"``, ``"1h"``, ``"24h"``, ``"7d"``, ``"90s"``; ``"0 3 * * *"`` (cron); ``"off"``.
     Raises ValueError with the reason."""
@@ -226,6 +229,8 @@ def parse_schedule(text: str) -> Schedule:
         seconds = float(m[1]) * _INTERVAL_UNITS[m[2]]
         if seconds < 1:
             raise ValueError(f"an interval must be at least 1s (got {text!r})")
+        if seconds > MAX_SECONDS:
+            raise ValueError(f"an interval must be at most 365d (got {text!r})")
         return Schedule(text, seconds=seconds)
     if len(value.split()) == 5:
         from apscheduler.triggers.cron import CronTrigger  # imported here: only needed to validate
@@ -418,8 +423,15 @@ class _Reader:
         if not isinstance(workbench, dict):
             raise self.fail("workbench", f"must be a table [workbench] (got {_kind(workbench)})")
         parsed = self.facilities(facilities)
+        server_config = self.server(server, database, environ)
+        for number, facility in enumerate(parsed, start=1):
+            if server_config.person_authority in (facility.authority, facility.code):
+                # a routed copy's PID-3 carries the person id under person_authority: a site would
+                # read it as one of its own (or this facility's) MRNs
+                raise self.fail("server.person_authority", f"{server_config.person_authority!r} is also the"
+                                f" authority or code of facility[{number}]: choose one no site uses")
         return Config(
-            server=self.server(server, database, environ),
+            server=server_config,
             facilities=parsed,
             path=self.path,
             routes=self.routes(routes, parsed),
@@ -457,6 +469,16 @@ class _Reader:
             self.server_endpoint(key, description)
         http = self.string(table, "http", "server.http", required=True)
         self.server_endpoint("server.http", http)
+        ports: dict[tuple[str, str], str] = {}
+        for i, description in enumerate((*mllp, http)):
+            key = "server.http" if i == len(mllp) else "server.mllp" if len(mllp) == 1 else f"server.mllp[{i + 1}]"
+            port = _listening_port(description)
+            if port is None or port[0] == "0":  # 0: any free port, a different one each
+                continue
+            for (other_port, interface), other in ports.items():
+                if other_port == port[0] and (interface == port[1] or "" in (interface, port[1])):
+                    raise self.fail(key, f"port {port[0]} is {other}'s too: each endpoint needs its own port")
+            ports[port] = key
         processing_ids = self.strings(table, "processing_id", "server.processing_id") or defaults.processing_ids
         for pid in processing_ids:
             if pid not in PROCESSING_IDS:
@@ -760,6 +782,8 @@ class _Reader:
             raise self.fail(key, f"must be a number of seconds (got {_kind(value)})")
         if not 0 <= value < float("inf"):
             raise self.fail(key, f"must be 0 (disabled) or a positive number of seconds (got {value})")
+        if value > MAX_SECONDS:
+            raise self.fail(key, f"must be at most {MAX_SECONDS} seconds (a year) (got {value:g})")
         return float(value)
 
     def batch_gather(self, table: dict[str, Any], default: float) -> float:
@@ -777,6 +801,8 @@ class _Reader:
             raise self.fail(key, f"must be a number of seconds (got {_kind(value)})")
         if not 0 < value < float("inf"):
             raise self.fail(key, f"must be a positive number of seconds (got {value})")
+        if value > MAX_SECONDS:
+            raise self.fail(key, f"must be at most {MAX_SECONDS} seconds (a year) (got {value:g})")
         return float(value)
 
     def delivery(self, table: dict[str, Any], defaults: ServerConfig) -> dict[str, float]:
@@ -844,6 +870,17 @@ class _Reader:
             raise self.fail(key, f"{reason} (got {description!r})")
 
 
+def _listening_port(description: str) -> tuple[str, str] | None:
+    """(port, interface) of a tcp:/ssl: server endpoint string; None for other kinds."""
+    from exchange.mllp.tls import split_description  # imported here: only needed to validate
+
+    kind, args, kwargs = split_description(description)
+    if kind not in ("tcp", "ssl", "tcp6"):
+        return None
+    port = args[0] if args else kwargs.get("port")
+    return (port.strip(), kwargs.get("interface", "").strip()) if port else None
+
+
 def check_database_url(url: str) -> str | None:
     """Why ``url`` is not a database URL the exchange can use, or None."""
     if not (url.startswith("sqlite://") or url.startswith("postgresql")):
@@ -851,9 +888,12 @@ def check_database_url(url: str) -> str | None:
     from sqlalchemy.engine import make_url  # imported here: only needed to validate
 
     try:
-        make_url(url)
+        parsed = make_url(url)
     except Exception as e:  # ArgumentError, ValueError: both mean "not a URL"
         return f"not a valid database URL: {e}"
+    if parsed.get_backend_name() == "sqlite" and (
+            parsed.database in (None, "", ":memory:") or "memory" in str(parsed.query.get("mode", ""))):
+        return "an in-memory SQLite database is lost on exit and not shared with the writer: give a file path"
     return None
 
 

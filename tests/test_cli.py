@@ -85,6 +85,17 @@ def test_serve_refuses_an_interface_that_is_not_an_address_of_this_kind(tmp_path
     assert "server.mllp" in done.stderr and "interface must be an IPv4 address" in done.stderr
 
 
+@pytest.mark.parametrize("command", [("serve",), ("db", "upgrade")])
+def test_an_unreachable_database_is_one_line_and_exit_2(tmp_path, command):
+    """Found by a black-box audit: 118 lines of traceback (the URL's password could be among them)."""
+    config = write_config(tmp_path)
+    done = exchange(*command, "--config", str(config), "--database",
+                    "postgresql+psycopg://postgres:secret@127.0.0.1:1/nowhere")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "secret" not in done.stderr
+    assert "cannot open the database postgresql+psycopg://postgres:***@127.0.0.1:1/nowhere" in done.stderr
+    assert "MLLP listening" not in done.stdout
+
+
 @pytest.fixture
 def server(tmp_path):
     config = write_config(tmp_path, server_extra="max_frame_bytes = 4096\nidle_timeout = 1")

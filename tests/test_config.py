@@ -397,6 +397,20 @@ def test_not_utf8(tmp_path):
         (with_facility('tls_fingerprint = "abc"'), "facility[1].tls_fingerprint: must be a SHA-256 fingerprint"),
         (with_facility('tls_fingerprint = "' + "g" * 64 + '"'), "facility[1].tls_fingerprint: must be a SHA-256 fingerprint"),
         (with_facility('tls_subject = ""'), "facility[1].tls_subject: must not be empty"),
+        # found by a black-box audit: these started half a server, hung it or printed a traceback
+        (with_server("idle_timeout = 1e300"), "server.idle_timeout: must be at most 31536000 seconds (a year)"),
+        (with_server("retry_max = 1e300"), "server.retry_max: must be at most 31536000 seconds"),
+        ("[workbench]\nlockout = 1e300\n" + MINIMAL, "workbench.lockout: must be at most 31536000 seconds"),
+        (with_server('reconcile = {consistency = "3000000d"}'),
+         "server.reconcile.consistency: an interval must be at most 365d"),
+        (with_server('database = "sqlite://"'), "server.database: an in-memory SQLite database is lost on exit"),
+        (with_server('database = "sqlite:///:memory:"'), "server.database: an in-memory SQLite database"),
+        (MINIMAL.replace('"tcp:8080:interface=127.0.0.1"', '"tcp:2575:interface=127.0.0.1"'),
+         "server.http: port 2575 is server.mllp's too"),
+        (MINIMAL.replace('"tcp:2575:interface=127.0.0.1"', '["tcp:2575", "tcp:2576", "tcp:2575:interface=127.0.0.1"]'),
+         "server.mllp[3]: port 2575 is server.mllp[1]'s too"),
+        (with_server('person_authority = "GENHOSP"'),
+         "server.person_authority: 'GENHOSP' is also the authority or code of facility[1]"),
     ],
 )
 def test_errors_name_the_key_and_the_reason(tmp_path, text, expected):
