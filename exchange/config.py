@@ -30,6 +30,8 @@ Plain values only: importing this module does not start or need a reactor.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import codecs
 import ipaddress
 import os
@@ -324,6 +326,7 @@ class Config:
     path: Path
     routes: tuple[RouteConfig, ...] = ()  # the [[route]] tables, in file order
     workbench: WorkbenchConfig = WorkbenchConfig()  # the [workbench] table
+    text: str = ""  # the file as read: what a child process (a scheduled job) must run with
 
     def facility(self, code: str) -> FacilityConfig | None:
         """The facility whose code is ``code`` (MSH-4.1), or None."""
@@ -388,7 +391,7 @@ def load_config(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, "", f"TOML syntax error: {e}") from None
-    return _Reader(path).config(data, database, environ)
+    return dataclasses.replace(_Reader(path).config(data, database, environ), text=text)
 
 
 class _Reader:

@@ -27,9 +27,11 @@ Jobs (``JOBS``, in the order ``exchange reconcile`` runs them):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -245,10 +247,19 @@ class JobScheduler:
         self.scheduler = None
         self._child: subprocess.Popen | None = None
         self._stopping = threading.Event()
+        self._config_path: str | None = None
 
     def start(self) -> None:
         from apscheduler.executors.pool import ThreadPoolExecutor
         from apscheduler.schedulers.background import BackgroundScheduler
+
+        # The jobs run with the configuration this server runs, not whatever the file says
+        # by then: a copy taken now (private to this user), removed at stop.
+        if self.config.text:
+            fd, name = tempfile.mkstemp(prefix="exchange-config-", suffix=".toml")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.config.text)
+            self._config_path = name
 
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=1)},
@@ -268,13 +279,16 @@ class JobScheduler:
             child.terminate()
         if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+        if self._config_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._config_path)
 
     def run(self, name: str) -> int | None:
         """One run of a job as a child process (the worker thread); its exit code, None if cut short."""
         if self._stopping.is_set():
             return None
         argv = [sys.executable, "-m", "exchange.cli", "reconcile", name,
-                "--config", str(self.config.path), "--database", self.config.server.database]
+                "--config", self._config_path or str(self.config.path), "--database", self.config.server.database]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         t0 = time.monotonic()
         try:

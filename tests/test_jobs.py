@@ -171,6 +171,24 @@ def test_the_scheduler_runs_each_job_as_a_child_process_and_reports_its_lines(en
     assert jobs.run("consistency") is None  # stopped: nothing runs any more
 
 
+def test_scheduled_runs_use_the_configuration_the_server_runs(engine, database_url, tmp_path):
+    """Found by a black-box audit: each run re-read the file, so an edit made for the next
+    restart (or a typo) changed or stopped the running server's jobs."""
+    path = write_config(tmp_path)
+    config = load_config(path, database=database_url, environ={})
+    lines: list[tuple[str, str]] = []
+    jobs = JobScheduler(config, reactor=None, emit=lambda level, line: lines.append((level, line)))
+    jobs.start()
+    try:
+        path.write_text("garbage = [\n", encoding="utf-8")
+        assert jobs.run("consistency") == 0, lines
+        snapshot = jobs._config_path
+        assert snapshot and oct(os.stat(snapshot).st_mode & 0o777) == "0o600"
+    finally:
+        jobs.stop()
+    assert not os.path.exists(snapshot)
+
+
 def test_the_scheduler_takes_the_configured_schedules(tmp_path):
     config = config_at(tmp_path, 'reconcile.consistency = "90s"\nreconcile.match-model = "15 4 * * 1"')
     jobs = JobScheduler(config, reactor=None, emit=lambda level, line: None)
