@@ -242,8 +242,8 @@ _IDENTIFIER_COLUMNS = ("record_id", "authority", "value", "type")
 
 def _identifier_rows(record_id: int, identifiers: dict) -> list[dict[str, Any]]:
     """The record_identifier rows of a record's ``identifiers``."""
-    return [{"record_id": record_id, "authority": _cut(auth, AUTHORITY_LEN), "value": _cut(i.value, MRN_LEN),
-             "type": _cut(i.type_code, ID_TYPE_LEN)} for (auth, _), i in identifiers.items()]
+    return [{"record_id": record_id, "authority": _cut(key[0], AUTHORITY_LEN), "value": _cut(i.value, MRN_LEN),
+             "type": _cut(i.type_code, ID_TYPE_LEN)} for key, i in identifiers.items()]
 
 
 def _row_key(row: dict[str, Any]) -> tuple:

@@ -402,3 +402,14 @@ def test_a_reference_pointer_document_shows_its_pointer_and_cover_note(engine: E
         (doc,) = record_view(conn, "HOSP", "1")["documents"]
     assert (doc["text"], doc["reference"], doc["content_type"]) == (
         "cover note", "http://docs.example/x.pdf", "application/pdf")
+
+
+def test_identifiers_without_an_authority_are_stored_each(engine: Engine):
+    """PID-3 repetitions without CX.4 (common before v2.3) are kept apart through the database too."""
+    run_batches(engine, [synthetic(msh("ADT", "A28"), "EVN|A28", "PID|1||R1^^^HOSP^MR~777^^^^MR~888^^^^MR")], [])
+    run_batches(engine, [synthetic(msh("ADT", "A08"), "EVN|A08", "PID|1||R1^^^HOSP^MR~777^^^^MR~999^^^^PI")], [])
+    with engine.connect() as conn:
+        values = sorted(r.value for r in conn.execute(select(record_identifier_table)))
+        view = record_view(conn, "HOSP", "R1")
+    assert values == ["777", "888", "999", "R1"]
+    assert sorted(i["value"] for i in view["identifiers"]) == ["777", "888", "999", "R1"]
