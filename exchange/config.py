@@ -338,8 +338,10 @@ class Config:
 
 def facility_contexts(config: Config) -> dict[str, FacilityContext]:
     """What the record-model mapping needs of each facility, by its code (MSH-4.1)."""
+    authorities = {f.authority for f in config.facilities} | {config.server.person_authority}
     return {
-        f.code: FacilityContext(f.code, f.authority, max_document_bytes=config.server.max_document_bytes)
+        f.code: FacilityContext(f.code, f.authority, max_document_bytes=config.server.max_document_bytes,
+                                foreign_authorities=frozenset(authorities - {f.authority}))
         for f in config.facilities
     }
 

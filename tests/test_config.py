@@ -224,8 +224,10 @@ def test_facility_lookup(tmp_path):
 def test_facility_contexts_carry_the_authority_and_the_document_limit(tmp_path):
     contexts = facility_contexts(load(tmp_path, with_server("max_document_bytes = 2048") + FACILITY_2))
     assert contexts == {
-        "GENHOSP": FacilityContext("GENHOSP", "GENHOSP", max_document_bytes=2048),
-        "OAKNH": FacilityContext("OAKNH", "OAKNH", max_document_bytes=2048),
+        "GENHOSP": FacilityContext("GENHOSP", "GENHOSP", max_document_bytes=2048,
+                                   foreign_authorities=frozenset({"OAKNH", "EXCHANGE"})),
+        "OAKNH": FacilityContext("OAKNH", "OAKNH", max_document_bytes=2048,
+                                 foreign_authorities=frozenset({"GENHOSP", "EXCHANGE"})),
     }
     default = facility_contexts(load(tmp_path, MINIMAL))["GENHOSP"]
     assert default.max_document_bytes == 16 * 1024 * 1024

@@ -29,6 +29,10 @@ Operations (all frozen dataclasses, facility = the sending facility code):
 ``ChangeIdentifier(facility, old_mrn, new_mrn)``
     A47: the record known as ``old_mrn`` is now ``new_mrn`` (encounters and
     documents follow); no merge. A no-op when ``old_mrn`` is unknown.
+``MoveVisit(facility, from_mrn, from_visit, to_mrn, to_visit, event)``
+    A42/A45/A50/A51: the encounter ``from_visit`` of record ``from_mrn``
+    becomes ``to_visit`` of ``to_mrn`` (merged into it, the target's fields
+    first, when that visit exists already). A no-op when the source is unknown.
 ``LinkAssertion(facility, mrn_a, mrn_b, linked)``
     A24 (linked) / A37 (not linked): the source says these two records are
     (not) the same person. Stored for the patient index; records unchanged.
@@ -108,6 +112,9 @@ class FacilityContext(Value):
     code: str
     authority: str = ""
     max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES
+    # the other configured facilities' authorities (and the enterprise person id's): an identifier
+    # issued by one of them is never this facility's MRN
+    foreign_authorities: frozenset[str] = frozenset()
 
 
 # --- what the mapping reads from the stored state ------------------------------------------
@@ -208,6 +215,16 @@ class ChangeIdentifier(Value):
 
 
 @dataclass(frozen=True, slots=True)
+class MoveVisit(Value):
+    facility: str
+    from_mrn: str
+    from_visit: str
+    to_mrn: str
+    to_visit: str
+    event: str
+
+
+@dataclass(frozen=True, slots=True)
 class LinkAssertion(Value):
     facility: str
     mrn_a: str
@@ -236,7 +253,8 @@ class MarkDocument(Value):
 
 
 Operation = (
-    UpsertPatient | EncounterEvent | MergePatients | ChangeIdentifier | LinkAssertion | DocumentEvent | MarkDocument
+    UpsertPatient | EncounterEvent | MergePatients | ChangeIdentifier | MoveVisit | LinkAssertion | DocumentEvent
+    | MarkDocument
 )
 
 
@@ -277,7 +295,9 @@ DEMOGRAPHICS_ONLY_EVENTS = frozenset(
     {"A09", "A10", "A14", "A15", "A16", "A20", "A21", "A22", "A25", "A26", "A27", "A32", "A33"}
 )
 MERGE_EVENTS = frozenset({"A40"})
-LEGACY_MERGE_EVENTS = frozenset({"A18", "A34", "A35", "A36"})
+LEGACY_MERGE_EVENTS = frozenset({"A18", "A34", "A35", "A36", "A39"})  # A39: person-level merge (MRG-1, else MRG-4)
+ACCOUNT_EVENTS = frozenset({"A41", "A44"})  # account merge / move: PID-18 (MRG-3 the prior account)
+VISIT_MOVE_EVENTS = frozenset({"A42", "A45", "A50", "A51"})  # visit merge / move / renumber (MRG-5, MRG-6)
 MDM_EVENTS = frozenset({f"T{n:02d}" for n in range(1, 12)})
 MDM_WITH_CONTENT = frozenset({"T02", "T04", "T06", "T08", "T10"})
 
@@ -395,6 +415,12 @@ def _patient_id(seg: Segment, ctx: FacilityContext, location: str = "PID-3",
     mrn = _choose_mrn(ids, ctx.authority)
     if mrn is None:
         raise _Fail(101, location, f"{location} has no usable patient identifier")
+    if ctx.foreign_authorities and not mrn.issued_by(ctx.authority) and (
+            mrn.authority in ctx.foreign_authorities or mrn.authority_id in ctx.foreign_authorities):
+        # another site's MRN (or the exchange's person id) filed as this facility's would make a
+        # record of the wrong namespace: a different patient may hold that number here
+        raise _Fail(102, location, f"{location} names an identifier issued by another facility's authority,"
+                                   f" not {ctx.authority or ctx.code}'s")
     return mrn
 
 
@@ -640,6 +666,10 @@ def _map_adt(msg, header, ctx, state, event, warnings) -> list:
         return _map_link(msg, ctx, event, warnings)
     if event == "A17":
         return _map_swap(msg, header, ctx, state, warnings)
+    if event in ACCOUNT_EVENTS:
+        return _map_account(msg, ctx, state, event, warnings)
+    if event in VISIT_MOVE_EVENTS:
+        return _map_visit_move(msg, ctx, state, event, warnings)
     if not (event in ENCOUNTER_EVENTS or event in PERSON_EVENTS or event in DEMOGRAPHICS_ONLY_EVENTS):
         if not event:
             raise _Fail(101, "MSH-9.2", "no trigger event: MSH-9.2 and EVN-1 are empty")
@@ -819,8 +849,9 @@ def _same_authority(a: Identifier, b: Identifier, ctx: FacilityContext) -> bool:
 
 
 def _prior_id(mrg: Segment, current: Identifier, ctx: FacilityContext) -> Identifier:
-    """MRG-1: the repetition with PID-3's authority, else the facility's MRN rule."""
-    ids = _identifiers(mrg, 1)
+    """MRG-1: the repetition with PID-3's authority, else the facility's MRN rule (MRG-4, the
+    prior patient id of an A39, when MRG-1 is empty)."""
+    ids = _identifiers(mrg, 1) or _identifiers(mrg, 4)
     for ident in ids:
         if _same_authority(ident, current, ctx):
             return ident
@@ -857,6 +888,71 @@ def _map_merge(msg, ctx, state, event, warnings) -> list:
         ops.append(MergePatients(ctx.code, survivor.value, retired.value, event, legacy))
     if legacy:
         warnings.append(f"{event}: legacy merge event treated as A40")
+    return ops
+
+
+def _map_account(msg, ctx, state, event, warnings) -> list:
+    """A41 (merge account: MRG-3 into PID-18, one patient) and A44 (move account MRG-3 from
+    the MRG-1 patient to the PID-3 one). Visits are not tied to accounts here: the records'
+    account numbers change; person links never do."""
+    ops: list = []
+    for pid, mrg in _pairs(msg):
+        if mrg is None:
+            raise _Fail(101, "MRG-3", f"{event}: an MRG segment with the prior account is required")
+        mrn, _rec, demo = _subject(pid, ctx, state, warnings)
+        prior_account = mrg.value(3)
+        if event == "A44" and not isinstance(demo.account, str) and prior_account:
+            demo = _replace(demo, account=prior_account)  # the account moves as it is
+        ops.append(UpsertPatient(ctx.code, mrn, demo))
+        if event == "A44":
+            source = _prior_id(mrg, _patient_id(pid, ctx), ctx)
+            if source.value != mrn and state.record(ctx.code, source.value) is not None:
+                ops.append(UpsertPatient(ctx.code, _survivor(state, ctx.code, source.value),
+                                         Demographics(account=DELETE)))
+            elif source.value != mrn:
+                warnings.append("MRG-1: the account's prior patient is not known here")
+    if not ops:
+        raise _Fail(101, "PID-3", f"{event}: PID and MRG segments are required")
+    warnings.append(f"{event}: account numbers applied (visits are not tied to accounts)")
+    return ops
+
+
+def _map_visit_move(msg, ctx, state, event, warnings) -> list:
+    """A42 merge visit (MRG-5 into PV1-19, one patient), A45 move visit (MRG-5 of the MRG-1
+    patient to PV1-19 of the PID-3 patient), A50 change visit number (MRG-5 -> PV1-19), A51
+    change alternate visit id (MRG-6 -> PV1-50, where the visit is keyed by it)."""
+    ops: list = []
+    segments = msg.all()
+    for pid, mrg in _pairs(msg):
+        if mrg is None:
+            raise _Fail(101, "MRG-5", f"{event}: an MRG segment with the prior visit is required")
+        mrn, rec, demo = _subject(pid, ctx, state, warnings)
+        ops.append(UpsertPatient(ctx.code, mrn, demo))
+        pv1 = next((s for s in segments[segments.index(mrg):] if s.name == "PV1"), None)
+        if pv1 is None:
+            raise _Fail(101, "PV1", f"{event}: the PV1 with the new visit number is required")
+        if event == "A51":
+            old, new, where = mrg.value(6), pv1.value(50), ("MRG-6", "PV1-50")
+        else:
+            old, new, where = mrg.value(5), pv1.value(19), ("MRG-5", "PV1-19")
+        if not old:
+            raise _Fail(101, where[0], f"{where[0]}: the prior visit number is required")
+        if not new:
+            raise _Fail(101, where[1], f"{where[1]}: the new visit number is required")
+        source = mrn
+        if event == "A45":
+            source = _survivor(state, ctx.code, _prior_id(mrg, _patient_id(pid, ctx), ctx).value)
+        held = state.record(ctx.code, source)
+        if event == "A51" and rec is not None and old not in rec.encounters:
+            warnings.append("A51: no visit is keyed by the prior alternate visit id (PV1-19 keys it), nothing renamed")
+            continue
+        if held is None or old not in held.encounters:
+            warnings.append(f"{where[0]}: the prior visit is not known here, nothing moved")
+            continue
+        if (source, old) != (mrn, new):
+            ops.append(MoveVisit(ctx.code, source, old, mrn, new, event))
+    if not ops:
+        raise _Fail(101, "PID-3", f"{event}: PID and MRG segments are required")
     return ops
 
 

@@ -60,6 +60,7 @@ from exchange.mapping.events import (
     LinkAssertion,
     MarkDocument,
     MergePatients,
+    MoveVisit,
     RecordView,
     UpsertPatient,
 )
@@ -262,6 +263,19 @@ class MemoryState:
                 self._touch(rec)
                 rec["merged_into"] = op.new_mrn
         return (op.old_mrn, op.new_mrn)
+
+    def _move_visit(self, op: MoveVisit, ref) -> tuple:
+        source = self.records.get((op.facility, op.from_mrn))
+        if source is None or op.from_visit not in source["encounters"]:
+            return (op.from_mrn, op.from_visit, "unknown")
+        self._touch(source)
+        enc = source["encounters"].pop(op.from_visit)
+        target = self._record(op.facility, op.to_mrn)
+        kept = target["encounters"].get(op.to_visit)
+        if kept is not None:  # a visit merge: the surviving visit's own values first
+            enc = {**enc, **{k: v for k, v in kept.items() if v is not None}}
+        target["encounters"][op.to_visit] = enc
+        return (op.from_mrn, op.from_visit, op.to_mrn, op.to_visit, op.event)
 
     def _link(self, op: LinkAssertion, ref) -> tuple:
         a, b = sorted((op.mrn_a, op.mrn_b))
@@ -490,6 +504,7 @@ _HANDLERS = {
     EncounterEvent: MemoryState._encounter,
     MergePatients: MemoryState._merge,
     ChangeIdentifier: MemoryState._rename,
+    MoveVisit: MemoryState._move_visit,
     LinkAssertion: MemoryState._link,
     DocumentEvent: MemoryState._document,
     MarkDocument: MemoryState._mark,

@@ -437,3 +437,62 @@ def test_a_null_component_is_no_value():
     rec = s.records[("HOSP", "N1")]
     assert (rec["name"].family, rec["name"].given, rec["name"].middle) == ("SMITH", "ANNA", "")
     assert (rec["addresses"][0].other, rec["addresses"][0].city) == ("", "TOWN")
+
+
+def test_an_identifier_of_another_facilitys_authority_is_not_taken_as_this_facilitys_mrn():
+    """Found by a black-box audit: an A24 from GENHOSP naming SL2^^^OAKNH^MR made a GENHOSP
+    record SL2 (another site's number in this site's namespace, a phantom record)."""
+    ctx = FacilityContext("GENHOSP", "GENHOSP", foreign_authorities=frozenset({"OAKNH", "EXCHANGE"}))
+    s = MemoryState()
+    link = run(s, ctx, synthetic(msh("ADT", "A24", facility="GENHOSP"), "EVN|A24",
+                                 "PID|1||G1^^^GENHOSP^MR||Doe^Jane", "PID|1||SL2^^^OAKNH^MR||Doe^Jane"))
+    assert isinstance(link, MappingError) and (link.problem.code, link.problem.location) == (102, "PID-3")
+    assert s.records == {}
+    person_id_only = run(s, ctx, synthetic(msh("ADT", "A08", facility="GENHOSP"), "EVN|A08",
+                                           "PID|1||7^^^EXCHANGE^PI||Doe^Jane"))
+    assert isinstance(person_id_only, MappingError)
+    # its own MRN beside them is taken; an authority no facility uses still falls back as before
+    ok = run(s, ctx, synthetic(msh("ADT", "A08", facility="GENHOSP"), "EVN|A08",
+                               "PID|1||7^^^EXCHANGE^PI~G1^^^GENHOSP^MR~X9^^^LAB^MR||Doe^Jane"))
+    assert isinstance(ok, Changes) and ops_of(ok, UpsertPatient)[0].mrn == "G1"
+    other = run(s, ctx, synthetic(msh("ADT", "A08", facility="GENHOSP"), "EVN|A08", "PID|1||H5^^^HOSP^MR||Roe^Ann"))
+    assert isinstance(other, Changes) and ops_of(other, UpsertPatient)[0].mrn == "H5"
+
+
+def test_visit_merge_move_and_renumber_events_are_applied():
+    """Found by a black-box audit: A42, A45, A50 (and A39, A41, A44, A51) were answered AE 201."""
+    s = MemoryState()
+    adt(s, "A01", mrn="M1", visit="VM1", loc="W1^1^A")
+    adt(s, "A04", mrn="M1", visit="VM2", cls="O", loc="CLINIC^^")
+    merge = run(s, CTX, synthetic(msh("ADT", "A42"), "EVN|A42", "PID|1||M1^^^HOSP^MR||Doe^Jane",
+                                  "MRG|M1^^^HOSP^MR||||VM2", pv1(visit="VM1", loc="")))
+    assert isinstance(merge, Changes)
+    assert set(s.record("HOSP", "M1").encounters) == {"VM1"}
+    assert enc(s, "M1", "VM1").location == Location("W1", "1", "A")  # the surviving visit's own values
+    renumber = run(s, CTX, synthetic(msh("ADT", "A50"), "EVN|A50", "PID|1||M1^^^HOSP^MR||Doe^Jane",
+                                     "MRG|M1^^^HOSP^MR||||VM1", pv1(visit="VM9", loc="")))
+    assert isinstance(renumber, Changes) and set(s.record("HOSP", "M1").encounters) == {"VM9"}
+    adt(s, "A04", mrn="M2")
+    move = run(s, CTX, synthetic(msh("ADT", "A45"), "EVN|A45", "PID|1||M2^^^HOSP^MR||Roe^Ann",
+                                 "MRG|M1^^^HOSP^MR||||VM9", pv1(visit="VM9", loc="")))
+    assert isinstance(move, Changes)
+    assert "VM9" not in s.record("HOSP", "M1").encounters and enc(s, "M2", "VM9").status is S.ADMITTED
+    unknown = run(s, CTX, synthetic(msh("ADT", "A50"), "EVN|A50", "PID|1||M2^^^HOSP^MR",
+                                    "MRG|M2^^^HOSP^MR||||NOPE", pv1(visit="VX", loc="")))
+    assert isinstance(unknown, Changes) and any("not known here" in w for w in unknown.warnings)
+    missing = run(s, CTX, synthetic(msh("ADT", "A42"), "EVN|A42", "PID|1||M2^^^HOSP^MR", "MRG|M2^^^HOSP^MR"))
+    assert isinstance(missing, MappingError)
+
+
+def test_account_events_and_a39_person_merge():
+    s = MemoryState()
+    run(s, CTX, synthetic(msh("ADT", "A04"), "EVN|A04", "PID|1||P1^^^HOSP^MR||Doe^Jane|||||||||||||ACC1"))
+    run(s, CTX, synthetic(msh("ADT", "A04"), "EVN|A04", "PID|1||P2^^^HOSP^MR||Roe^Ann|||||||||||||ACC2"))
+    a41 = run(s, CTX, synthetic(msh("ADT", "A41"), "EVN|A41", "PID|1||P1^^^HOSP^MR|||||||||||||||ACC9",
+                                "MRG|P1^^^HOSP^MR||ACC1"))
+    assert isinstance(a41, Changes) and s.records[("HOSP", "P1")]["account"] == "ACC9"
+    a44 = run(s, CTX, synthetic(msh("ADT", "A44"), "EVN|A44", "PID|1||P1^^^HOSP^MR", "MRG|P2^^^HOSP^MR||ACC2"))
+    assert isinstance(a44, Changes)
+    assert (s.records[("HOSP", "P1")]["account"], s.records[("HOSP", "P2")]["account"]) == ("ACC2", None)
+    a39 = run(s, CTX, synthetic(msh("ADT", "A39"), "EVN|A39", "PID|1||P1^^^HOSP^MR", "MRG||||P2^^^HOSP^MR"))
+    assert ops_of(a39, MergePatients) and s.record("HOSP", "P2").merged_into == "P1"

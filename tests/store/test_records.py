@@ -413,3 +413,14 @@ def test_identifiers_without_an_authority_are_stored_each(engine: Engine):
         view = record_view(conn, "HOSP", "R1")
     assert values == ["777", "888", "999", "R1"]
     assert sorted(i["value"] for i in view["identifiers"]) == ["777", "888", "999", "R1"]
+
+
+def test_a_visit_merge_and_move_reach_the_database(engine: Engine):
+    messages = [adt("A01", "1", pv1("V1")), adt("A04", "1", pv1("V2")), adt("A04", "2", pv1("V3")),
+                adt("A42", "1", "MRG|1^^^HOSP^MR||||V2", pv1("V1")),
+                adt("A45", "2", "MRG|1^^^HOSP^MR||||V1", pv1("V1"))]
+    oracle = run_batches(engine, messages, [2, 4])
+    assert stored(engine) == oracle.snapshot(history=True)
+    with engine.connect() as conn:
+        one, two = record_view(conn, "HOSP", "1"), record_view(conn, "HOSP", "2")
+    assert one["encounters"] == [] and sorted(e["visit_number"] for e in two["encounters"]) == ["V1", "V3"]
