@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from urllib.parse import unquote_to_bytes
 
 from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import IResource, Resource
@@ -37,6 +38,21 @@ class LimitedRequest(Request):
             self._refuse()
             return
         super().handleContentChunk(data)
+
+    def process(self):
+        if self.isSecure():  # a browser that came once over TLS never falls back to plain HTTP
+            self.setHeader(b"strict-transport-security", b"max-age=31536000")
+        try:
+            unquote_to_bytes(self.uri).decode("utf-8")
+        except UnicodeDecodeError:  # the API and the pages route on text: a 400 that says so, not a traceback
+            body = json.dumps({"error": "the request path is not UTF-8"}).encode()
+            self.setResponseCode(400)
+            self.setHeader(b"content-type", b"application/json")
+            self.setHeader(b"content-length", b"%d" % len(body))
+            self.write(body)
+            self.finish()
+            return
+        super().process()
 
     def _refuse(self) -> None:
         self._refused = True

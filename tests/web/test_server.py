@@ -40,3 +40,27 @@ def test_a_small_body_is_served():
     protocol, transport = connect()
     protocol.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
     assert transport.value().startswith(b"HTTP/1.1 200 ") and b'"status": "ok"' in transport.value()
+
+
+def test_a_path_that_is_not_utf8_is_a_400_with_a_reason():
+    """Found by a black-box audit: an HTML 400 and a traceback in the log."""
+    protocol, transport = connect()
+    protocol.dataReceived(b"GET /api/records/GENHOSP/%FF%FE HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 400 ") and b'"error": "the request path is not UTF-8"' in transport.value()
+
+
+def test_over_tls_every_answer_tells_the_browser_to_stay_on_tls():
+    from twisted.internet.interfaces import ISSLTransport
+    from zope.interface import directlyProvides
+
+    site = build_site(lambda: {})
+    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+    transport = StringTransport()
+    directlyProvides(transport, ISSLTransport)
+    transport.setTcpNoDelay = lambda enabled: None  # what HTTPChannel asks of a TLS transport
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b"Strict-Transport-Security: max-age=31536000" in transport.value()
+    plain_protocol, plain = connect()
+    plain_protocol.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b"Strict-Transport-Security" not in plain.value()
