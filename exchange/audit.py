@@ -7,9 +7,10 @@ MRN, person) are written: the log never gets them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import Connection, insert
 
@@ -59,18 +60,49 @@ def _cut(value: str | None, limit: int) -> str | None:
     return value[:limit]
 
 
+def _row(event: AuditEvent) -> dict:
+    return dict(
+        at=event.at,
+        actor=event.actor,
+        role=str(event.role),
+        action=Action(event.action).value,
+        resource=Resource(event.resource).value,
+        facility=_cut(event.facility, FACILITY_LEN),
+        key=_cut(event.key, AUDIT_KEY_LEN),
+        outcome=Outcome(event.outcome).value,
+        remote=_cut(event.remote, PEER_LEN),
+    )
+
+
 def record(conn: Connection, event: AuditEvent) -> None:
     """Write one audit row in the caller's transaction."""
-    conn.execute(
-        insert(audit_event).values(
-            at=event.at,
-            actor=event.actor,
-            role=str(event.role),
-            action=Action(event.action).value,
-            resource=Resource(event.resource).value,
-            facility=_cut(event.facility, FACILITY_LEN),
-            key=_cut(event.key, AUDIT_KEY_LEN),
-            outcome=Outcome(event.outcome).value,
-            remote=_cut(event.remote, PEER_LEN),
-        )
-    )
+    conn.execute(insert(audit_event).values(**_row(event)))
+
+
+def record_read(conn: Connection, event: AuditEvent, shown: Any) -> None:
+    """The audit row of a read, and one more (resource ``record``, the same actor and time) for
+    every facility record the answer ``shown`` names -- a person's records, a review's
+    candidates, a list's rows -- so "who saw this patient" is answered by facility and MRN
+    whatever page showed them."""
+    rows = [_row(event)]
+    if event.outcome is Outcome.OK:
+        subject = (event.facility, event.key) if event.resource is Resource.RECORD else None
+        rows.extend(_row(replace(event, resource=Resource.RECORD, facility=f, key=m))
+                    for f, m in sorted(records_named(shown)) if (f, m) != subject)
+    conn.execute(insert(audit_event), rows)
+
+
+def records_named(value: Any) -> set[tuple[str, str]]:
+    """Every (facility, mrn) pair a JSON-shaped answer names: dicts with both keys, at any depth."""
+    out: set[tuple[str, str]] = set()
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, dict):
+            f, m = v.get("facility"), v.get("mrn")
+            if isinstance(f, str) and isinstance(m, str) and m:
+                out.add((f, m))
+            todo.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            todo.extend(v)
+    return out

@@ -22,7 +22,7 @@ from sqlalchemy import Connection
 from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from exchange.audit import Action, AuditEvent, Outcome, Resource, record
+from exchange.audit import Action, AuditEvent, Outcome, Resource, record, record_read
 from exchange.auth import Permission, Principal, TokenCache, allowed, find_token, hash_token
 from exchange.store.api import MessageSummary, message_summary
 from exchange.store.outbox import DeliveryState, DeliveryView, RetryResult, list_deliveries, retry
@@ -140,7 +140,7 @@ def _delivery_query(args: dict) -> tuple[tuple | None, str | None]:
 def read_audited(conn: Connection, read: Callable[..., Any], args: tuple, event: AuditEvent) -> Any:
     """``read(conn, *args)`` and its audit row (ok / not-found), one transaction."""
     value = read(conn, *args)
-    record(conn, replace(event, outcome=Outcome.OK if value is not None else Outcome.NOT_FOUND))
+    record_read(conn, replace(event, outcome=Outcome.OK if value is not None else Outcome.NOT_FOUND), value)
     return value
 
 
@@ -428,7 +428,8 @@ class API:
             return {"reviews": rows, "next": rows[-1]["id"] if len(rows) == n else None}
 
         return await self._get(
-            request, Permission.READ_REVIEW, Resource.REVIEW, None, f"state={state}", _list_reviews,
+            request, Permission.READ_REVIEW, Resource.REVIEW, None,
+            f"state={state}" + (f"&after={after}" if after else ""), _list_reviews,
             (None if state == "all" else state, n, int(after) if after else None), render,
         )
 

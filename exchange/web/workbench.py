@@ -512,7 +512,8 @@ class Workbench:
         if after is not None and path_id(after) is None:
             raise FormError("after must be a review id")
         rows = await self._read(
-            request, session, Permission.READ_REVIEW, Audited.REVIEW, None, f"state={state}", _reviews,
+            request, session, Permission.READ_REVIEW, Audited.REVIEW, None,
+            f"state={state}" + (f"&after={after}" if after else ""), _reviews,
             (None if state == "all" else state, PAGE_SIZE, int(after) if after else None), "review",
         )
         return self._render(request, "reviews.html", session=session, page=pages.queue_page(rows, state, PAGE_SIZE))

@@ -72,6 +72,10 @@ def test_the_person_lists_the_record(api: Harness):
     [record] = body["records"]
     assert {"facility", "mrn", "link", "score"} <= record.keys()
     assert (record["facility"], record["mrn"]) == ("GENHOSP", "GH-44107")
+    # found by a black-box audit: the audit said "person N" only, so "who saw GENHOSP GH-44107"
+    # missed every person page; each record shown has its own row now
+    rows = [(r["resource"], r["facility"], r["key"]) for r in api.audit()]
+    assert rows == [("person", None, str(person)), ("record", "GENHOSP", "GH-44107")]
 
 
 def test_unknown_record_and_person_404_audited(api: Harness):

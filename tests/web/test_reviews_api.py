@@ -70,8 +70,10 @@ def test_one_review_side_by_side(api: Harness):
     assert "123-45-6789" not in json.dumps(body)
     assert api.get("/api/reviews/999999", token)[0] == 404
     assert api.get("/api/reviews/abc", token)[0] == 400
-    assert [a[-1] for a in audit(api)] == ["ok", "not-found"]
-    assert audit(api)[0][3] == str(s["review"])
+    rows = audit(api)
+    assert [a[-1] for a in rows] == ["ok"] * 4 + ["not-found"]
+    assert rows[0][3] == str(s["review"])
+    assert {a[2:4] for a in rows[1:4]} == {("record", "GH-44107"), ("record", "HH-3391"), ("record", "OA917082")}
 
 
 def test_link_decision_changes_the_links_at_once_and_is_audited(api: Harness):

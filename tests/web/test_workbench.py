@@ -304,10 +304,14 @@ def test_every_patient_view_is_audited_with_the_read(wb):
     assert browser.get("/records/GENHOSP/GH-44107").code == 200
     assert browser.get("/records/GENHOSP/NOPE").code == 404
     assert browser.get("/persons/999999").code == 404
+    # each page's row, then one per record it showed (found by a black-box audit: "who saw
+    # GENHOSP GH-44107" missed the queue, the review and the person page)
+    shown = [("tess", "technician", "read", "record", f, m, "ok")
+             for f, m in (("GENHOSP", "GH-44107"), ("HHCARE", "HH-3391"), ("OAKNH", "OA917082"))]
     assert audit(wb)[1:] == [
-        ("tess", "technician", "read", "review", None, "state=open", "ok"),
-        ("tess", "technician", "read", "review", None, str(s["review"]), "ok"),
-        ("tess", "technician", "read", "person", None, str(s["person"]), "ok"),
+        ("tess", "technician", "read", "review", None, "state=open", "ok"), *shown,
+        ("tess", "technician", "read", "review", None, str(s["review"]), "ok"), *shown,
+        ("tess", "technician", "read", "person", None, str(s["person"]), "ok"), *shown[:2],
         ("tess", "technician", "read", "record", "GENHOSP", "GH-44107", "ok"),
         ("tess", "technician", "read", "record", "GENHOSP", "NOPE", "not-found"),
         ("tess", "technician", "read", "person", None, "999999", "not-found"),
