@@ -32,6 +32,7 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import jinja2
 from klein import Klein
@@ -185,9 +186,35 @@ def id_in_path(value: str, what: str) -> int:
     return number
 
 
+def _fields(request) -> dict[bytes, list[bytes]]:
+    """A GET's query fields; a POST's body fields only (request.args mixes the query string in,
+    which would let a CSRF token or a decision ride in a URL, into logs and histories)."""
+    if request.method != b"POST":
+        return request.args
+    cached = getattr(request, "_exchange_body_fields", None)
+    if cached is None:
+        body = b""
+        if request.content is not None:
+            request.content.seek(0)
+            body = request.content.read()
+            request.content.seek(0)
+        ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        cached = parse_qs(body, keep_blank_values=True) if ctype == b"application/x-www-form-urlencoded" else {}
+        request._exchange_body_fields = cached
+    return cached
+
+
+def _next_field(request) -> str | None:
+    """The login's ``next``; one that is too long or not text is ignored like any unsafe one."""
+    try:
+        return form_text(request, "next", limit=pages.MAX_NEXT_CHARS)
+    except FormError:
+        return None
+
+
 def form_text(request, name: str, *, required: bool = False, limit: int = MAX_FIELD_CHARS) -> str | None:
     """A form (or query) field's last value as text; None when absent (or blank, unless required)."""
-    values = request.args.get(name.encode())
+    values = _fields(request).get(name.encode())
     if not values:
         if required:
             raise FormError(f"{name} is required")
@@ -432,7 +459,7 @@ class Workbench:
     @app.route("/login", methods=["GET"])
     @handled
     async def login_page(self, request) -> bytes:
-        next_ = pages.safe_next(form_text(request, "next", limit=pages.MAX_NEXT_CHARS))
+        next_ = pages.safe_next(_next_field(request))
         if await self._session(request) is not None:
             return self._redirect(request, next_)
         return self._login_form(request, 200, next_=next_)
@@ -440,7 +467,7 @@ class Workbench:
     @app.route("/login", methods=["POST"])
     @handled
     async def login(self, request) -> bytes:
-        next_ = pages.safe_next(form_text(request, "next", limit=pages.MAX_NEXT_CHARS))
+        next_ = pages.safe_next(_next_field(request))
         if not same_token(form_text(request, "csrf", limit=MAX_COOKIE_CHARS), self._cookie(request, LOGIN_COOKIE)):
             return self._login_form(request, 403, next_=next_,
                                     problem="The login form had expired. Please log in again.")

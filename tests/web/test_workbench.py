@@ -110,6 +110,7 @@ def test_login_goes_only_to_local_pages(web):
         ("%2F%2Fevil.example", "/reviews"),
         ("%2F%5Cevil.example", "/reviews"),
         ("%2Flogout", "/reviews"),
+        ("%2F" + "a" * 3000, "/reviews"),  # too long: ignored, not a 400 (found by a black-box audit)
     ]:
         browser = wb.browser()
         form = browser.get(f"/login?next={next_}")
@@ -275,6 +276,10 @@ def test_forms_without_the_sessions_csrf_token_are_refused(web):
             data["csrf"] = csrf
         page = browser.post(f"/reviews/{s['review']}/decide", data)
         assert page.code == 403 and "Form expired" in page.text
+    # found by a black-box audit: the token (and the decision) were taken from the query string
+    token = browser.get("/reviews").csrf()
+    page = browser.post(f"/reviews/{s['review']}/decide?csrf={token}&decision=link&target=suggested", {})
+    assert page.code == 403 and "Form expired" in page.text
     with wb.engine.connect() as conn:
         assert person_of(conn, OA) == s["oa_person"]
     assert not [a for a in audit(wb) if a[2] == "decide"]
