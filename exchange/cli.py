@@ -222,9 +222,16 @@ def cmd_serve(args) -> int:
             outcome["stopping"] = True
             reactor.callFromThread(reactor.stop)
 
+    def hangup(signum, _frame):
+        """SIGHUP (often "reload" to a daemon's supervisor): the configuration is read once, at
+        start; say so and keep serving rather than die without a clean stop."""
+        reactor.callFromThread(lambda: print("exchange: SIGHUP ignored: the configuration is read at start;"
+                                             " restart the exchange to apply changes", file=sys.stderr, flush=True))
+
     def install_signal_handlers():
         signal.signal(signal.SIGINT, stop_once)
         signal.signal(signal.SIGTERM, stop_once)
+        signal.signal(signal.SIGHUP, hangup)
         if "signal" in early:
             stop_once(early["signal"], None)
 

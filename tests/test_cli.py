@@ -162,6 +162,22 @@ def test_repeated_stop_signals_stop_it_once_and_cleanly(tmp_path):
     assert "exchange stopped cleanly" in output
 
 
+def test_sighup_is_answered_with_a_line_and_the_exchange_keeps_serving(tmp_path):
+    """Found by a black-box audit: SIGHUP killed it at once, without a clean stop."""
+    import signal
+
+    proc = ExchangeProcess(write_config(tmp_path), f"sqlite:///{tmp_path / 'hup.db'}").start()
+    try:
+        proc.proc.send_signal(signal.SIGHUP)
+        with MLLPConnection(proc.address) as conn:
+            assert msa(conn.request(adt("HUP-1")))[0] == "AA"
+        assert proc.terminate() == 0
+    finally:
+        proc.stop()
+    output = "".join(proc.output)
+    assert "SIGHUP ignored" in output and "exchange stopped cleanly" in output
+
+
 def _catches_sigterm(pid: int) -> bool:
     """Has the process installed a SIGTERM handler (its SigCgt mask)?"""
     try:
