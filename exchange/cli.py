@@ -425,6 +425,12 @@ def cmd_replay(args) -> int:
             f"error {n.code}{' ' + n.location if n.location else ''}",
             flush=True,
         )
+    if report.restored:
+        print(f"exchange: {report.restored} records without a saved link are back with the person their link "
+              f"history names", flush=True)
+    if report.lost_persons:
+        print(f"exchange: {report.lost_persons} records' link history names a person that no longer exists: "
+              f"each has a person of its own", flush=True)
     verb = "replayed" if report.committed else "dry run (rolled back): would replay"
     print(
         f"exchange: {verb} {report.messages} messages: {report.records} records, {report.documents} documents; "

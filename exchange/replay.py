@@ -33,14 +33,22 @@ the rebuilt model. If the lock cannot be had, :class:`DatabaseBusy`.
 
 Persons are kept: every record keeps the person, link and score it had, so
 the patient index's decisions (a technician's links and "not a match", the
-reviews, the link history) survive the rebuild; a record that did not exist
-before gets a person of its own. Blocking keys and features are recomputed.
+reviews, the link history) survive the rebuild. A record that was not there
+before (its facility or message was left out of an earlier replay) goes back
+to the person its link history (``link_event``) names last, followed through
+merges to the live person, with its link kind (a technician's link stays
+"manual"); nothing is written for it unless that person was merged since (one
+link event, from the old person to the live one). Only a record without
+history, or whose person no longer exists, gets a person of its own: it is
+not matched, because the index is half rebuilt while a replay runs (later
+batches' records are not there yet) and a replay opens no reviews; the
+command reports how many. Blocking keys and features are recomputed.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.exc import OperationalError
@@ -102,6 +110,15 @@ class ReplayReport(Value):
     documents: int  # documents after the rebuild
     not_applied: tuple[NotApplied, ...] = ()
     committed: bool = True  # False for a dry run (rolled back)
+    restored: int = 0  # records without a saved link back with the person their link history names
+    lost_persons: int = 0  # records whose link history's person no longer exists: a person of their own
+
+
+@dataclass(slots=True)
+class _Rebuilt:
+    """What the batches leave for the end of the rebuild."""
+
+    restored: dict[tuple[str, str], patient_index.LastLink] = field(default_factory=dict)  # placed by link history
 
 
 class _DryRun(Exception):
@@ -140,6 +157,7 @@ def replay(
             _clear(conn)
             applied = 0
             not_applied: list[NotApplied] = []
+            rebuilt = _Rebuilt()
             after = 0
             while True:
                 last = _batch_end(conn, after, batch)
@@ -153,15 +171,20 @@ def replay(
                 ).all()
                 after = last
                 at = now() if now is not None else rows[-1].received_at
-                done, left_out = _replay_batch(conn, rows, facilities, charset_for, at, saved)
+                done, left_out = _replay_batch(conn, rows, facilities, charset_for, at, saved, rebuilt)
                 applied += done
                 not_applied.extend(left_out)
+            # the link events of records placed by their history are written now, not at an arrival time
+            restored = patient_index.write_restored(conn, rebuilt.restored,
+                                                    now() if now is not None else datetime.now(timezone.utc))
             report = ReplayReport(
                 messages=applied,
                 records=conn.execute(select(func.count()).select_from(patient_record_table)).scalar_one(),
                 documents=conn.execute(select(func.count()).select_from(document_table)).scalar_one(),
                 not_applied=tuple(not_applied),
                 committed=not dry_run,
+                restored=restored.back,
+                lost_persons=restored.lost,
             )
             if dry_run:
                 raise _DryRun(report)
@@ -200,7 +223,7 @@ def _batch_end(conn: Connection, after: int, batch: int) -> int | None:
 
 
 def _replay_batch(conn: Connection, rows, facilities, charset_for, at: datetime,
-                  saved: dict) -> tuple[int, list[NotApplied]]:
+                  saved: dict, rebuilt: _Rebuilt) -> tuple[int, list[NotApplied]]:
     """One batch: decode, load its records, map and apply in order, save; as the writer does."""
     items = [
         Received(raw=bytes(r.raw), header=read_header(bytes(r.raw), charset_for), decision=ACCEPTED,
@@ -234,9 +257,11 @@ def _replay_batch(conn: Connection, rows, facilities, charset_for, at: datetime,
             left_out.append(NotApplied(row.id, row.facility, row.control_id,
                                        problem.code if problem else 207, problem.location if problem else ""))
     state.rebase_refs({pending_ref(d.index): rows[d.index].id for d in to_map})
-    plan = patient_index.restore(state, saved)
+    history = patient_index.last_links(conn, patient_index.unsaved_records(state, saved))
+    plan = patient_index.restore(state, saved, history)
     save_records(conn, state, at, links=plan.links)
     patient_index.write(conn, plan, state, MODEL, at)
+    rebuilt.restored.update(plan.restored)
     left_out.sort(key=lambda n: n.message_id)
     return applied, left_out
 

@@ -36,11 +36,11 @@ def received(raw: bytes, decision=ACCEPTED, at: datetime = NOW) -> Received:
     return Received(raw, read_header(raw), decision, at, "127.0.0.1:5000")
 
 
-def process(engine, items, facilities=FACILITIES) -> list:
+def process(engine, items, facilities=FACILITIES, models=None) -> list:
     # TRANSACTION: one batch, as the writer commits it.
     with write_transaction(engine) as conn:
         return process_batch(conn, items, new_control_id=lambda: f"ACK{next(_acks)}", now=lambda: NOW,
-                             facilities=facilities)
+                             facilities=facilities, models=models)
 
 
 def snapshot(engine) -> dict:
@@ -48,10 +48,20 @@ def snapshot(engine) -> dict:
         return load_all(conn).snapshot(history=True)
 
 
+def persons(engine) -> dict[int, list[tuple[str, str, str]]]:
+    """person id -> its records (facility, MRN, link), every person (those without records too)."""
+    with engine.connect() as conn:
+        out: dict = {p: [] for p in conn.execute(text("SELECT id FROM person")).scalars()}
+        for pid, facility, mrn, link in conn.execute(
+                text("SELECT person_id, facility, mrn, link FROM patient_record ORDER BY facility, mrn")):
+            out[pid].append((facility, mrn, link))
+        return out
+
+
 def clear(engine) -> None:
     """Every stored row: each hypothesis example starts from an empty database."""
     with write_transaction(engine) as conn:
-        for table in (*RECORD_MODEL_TABLES, "message_event", "message"):
+        for table in (*RECORD_MODEL_TABLES, "message_event", "message", "person"):
             conn.execute(text(f"DELETE FROM {table}"))
 
 
@@ -224,6 +234,118 @@ def test_a_busy_database_is_refused(database_url):
         blocker.dispose()
 
 
+# -- the patient index across a rebuild ---------------------------------------------------------
+
+SITES = ("GENHOSP", "OAKNH", "HHCARE")
+ALL_SITES = {code: FacilityContext(code, code) for code in SITES}
+WITHOUT_HHCARE = {code: ctx for code, ctx in ALL_SITES.items() if code != "HHCARE"}
+PEOPLE = (  # family, given, birth, SSN, street, phone: people, nothing alike
+    ("HANSON", "ELIZABETH", "19400304", "271828182", "12 OAK ST", "2175550100"),
+    ("BECKER", "KARL", "19710101", "314159265", "4 BIRCH LN", "5125550144"),
+    ("NAKAMURA", "JUNE", "19620707", "161803398", "3 PINE RD", "7755550133"),
+    ("LAMBERT", "OSCAR", "19830219", "141421356", "77 ELM ST", "3035550199"),
+    ("NORRIS", "WANDA", "19551111", "173205080", "9 CEDAR AVE", "6085550111"),
+    ("ZIMMER", "URSULA", "19990909", "999887777", "1 ASH CT", "9995550000"),  # NORRIS to HHCARE, per a technician
+)
+
+
+def a28(facility: str, mrn: str, person: int) -> bytes:
+    family, given, birth, ssn, street, phone = PEOPLE[person]
+    return (f"{msh('ADT', 'A28', facility=facility)}\rEVN|A28|20261127120000\r"
+            f"PID|1||{mrn}^^^{facility}^MR||{family}^{given}||{birth}|F|||{street}^^SPRINGFIELD^IL^62701||{phone}"
+            f"||||||{ssn}\r").encode()
+
+
+def link_events(engine) -> list[tuple]:
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT id, facility, mrn, from_person, to_person, to_link, kind FROM link_event "
+                                 "ORDER BY id")).all()
+
+
+def three_sites(engine) -> dict[str, int]:
+    """Five people, each registered at the three sites and linked by the patient index; the fifth
+    one's home-health record (another name) linked by a technician (a merge: link "manual").
+    Returns MRN -> person id."""
+    from exchange.store.index import ModelCache
+    from exchange.store.reviews import merge_persons
+
+    models = ModelCache()
+    for site in SITES:
+        answers = process(engine, [received(a28(site, f"{site[:2]}{i}", i)) for i in range(4)], ALL_SITES, models)
+        assert {a.ack_code for a in answers} == {"AA"}
+    process(engine, [received(a28("GENHOSP", "GE4", 4)), received(a28("OAKNH", "OA4", 4)),
+                     received(a28("HHCARE", "HH4", 5))],
+            ALL_SITES, models)
+    by_mrn = {mrn: p for p, records in persons(engine).items() for _, mrn, _ in records}
+    assert by_mrn["HH4"] != by_mrn["GE4"]  # not linked automatically
+    with write_transaction(engine) as conn:
+        merge_persons(conn, by_mrn["GE4"], by_mrn["HH4"], actor="tech", now=NOW)
+    by_mrn = {mrn: p for p, records in persons(engine).items() for _, mrn, _ in records}
+    assert len(set(by_mrn.values())) == 5 and len(by_mrn) == 15
+    return by_mrn
+
+
+def test_a_facility_removed_and_added_again_gets_its_persons_back(engine, tmp_path):
+    """HHCARE leaves the configuration (its records go with a replay), then comes back: its
+    records return to the persons they had, manual links stay manual, nothing is added."""
+    from exchange.jobs import consistency
+    from tests.test_jobs import config_at
+
+    three_sites(engine)
+    before, history = persons(engine), link_events(engine)
+    assert ("HHCARE", "HH4", "manual") in before[next(p for p, r in before.items() if ("GENHOSP", "GE4", "auto") in r)]
+
+    removed = replay(engine, WITHOUT_HHCARE)
+    assert len(removed.not_applied) == 5 and {n.facility for n in removed.not_applied} == {"HHCARE"}
+    assert removed.records == 10 and not any(f == "HHCARE" for r in persons(engine).values() for f, _, _ in r)
+
+    back = replay(engine, ALL_SITES)
+    assert back.not_applied == () and back.records == 15
+    assert persons(engine) == before  # the same persons, links (manual ones too), and no person more
+    assert link_events(engine) == history  # nothing moved: no link event
+    assert (back.restored, back.lost_persons) == (5, 0)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM match_review WHERE state = 'open'")).scalar_one() == 0
+    report = consistency(engine, config_at(tmp_path), NOW)
+    assert report.errors == 0, report.lines
+
+    again = replay(engine, ALL_SITES)  # saved links now: nothing to restore
+    assert (again.restored, again.lost_persons) == (0, 0)
+    assert persons(engine) == before and link_events(engine) == history
+
+
+def test_a_record_back_from_its_history_follows_a_merge_or_gets_a_person_of_its_own(engine):
+    """While HHCARE was away a technician merged HH1's person into another: HH1 comes back to
+    the live person (one link event says so, once). HH2's person is gone (a person of its own)."""
+    from exchange.store.reviews import merge_persons, split_record
+
+    by_mrn = three_sites(engine)
+    replay(engine, WITHOUT_HHCARE)
+    with write_transaction(engine) as conn:
+        x = by_mrn["GE1"]  # GE1, OA1 (HH1 away)
+        y = split_record(conn, x, "OAKNH", "OA1", actor="tech", now=NOW)["person"]
+        merge_persons(conn, y, x, actor="tech", now=NOW, force=True)  # GE1 joins OA1: x is merged into y
+        gone = by_mrn["GE2"]  # GE2, OA2 (HH2 away) leave their person, which is then deleted
+        conn.execute(text("UPDATE patient_record SET person_id = :y WHERE mrn IN ('GE2', 'OA2')"),
+                     {"y": by_mrn["GE3"]})
+        conn.execute(text("DELETE FROM person WHERE id = :p"), {"p": gone})
+    history = link_events(engine)
+
+    back = replay(engine, ALL_SITES, now=lambda: NOW)
+    now = {mrn: (p, link) for p, records in persons(engine).items() for _, mrn, link in records}
+    assert now["HH1"] == (y, "auto") and now["GE1"] == (y, "manual")
+    assert now["HH0"][0] == by_mrn["GE0"] and now["HH4"] == (by_mrn["GE4"], "manual")
+    assert now["HH2"][0] not in {p for mrn, (p, _) in now.items() if mrn != "HH2"} and now["HH2"][0] != gone
+    added = link_events(engine)[len(history):]
+    assert [(e.mrn, e.from_person, e.to_person, e.kind) for e in added] == [
+        ("HH1", x, y, "auto"), ("HH2", gone, now["HH2"][0], "auto")]
+    assert (back.restored, back.lost_persons) == (4, 1)  # HH0, HH3, HH4 as they were, HH1 after the merge; HH2
+
+    replay(engine, ALL_SITES)  # once only
+    assert link_events(engine)[len(history):] == added
+    assert {mrn: (p, link) for p, records in persons(engine).items() for _, mrn, link in records} == now
+
+
 # -- the command ---------------------------------------------------------------------------
 
 
@@ -264,6 +386,27 @@ def test_replay_command(tmp_path, engine, database_url):
     done = exchange("replay", "--config", str(config), "--database", database_url)
     assert done.returncode == 0, done.stderr
     assert snapshot(engine) == live
+
+
+def test_replay_command_gives_a_facility_back_its_persons(tmp_path, engine, database_url):
+    """The audit's steps: replay with HHCARE removed from the configuration (exit 1: its messages
+    no longer apply), then with it back (exit 0): its records are back with their persons."""
+    from tests.support import DEMO_FACILITIES
+
+    three_sites(engine)
+    before = persons(engine)
+    with_all = write_config(tmp_path)
+    (tmp_path / "c3").mkdir()
+    without = write_config(tmp_path / "c3", facilities=DEMO_FACILITIES.split("[[facility]]\ncode = \"HHCARE\"")[0])
+
+    done = exchange("replay", "--config", str(without), "--database", database_url)
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.count("no longer applies: error 103 MSH-4") == 5
+    done = exchange("replay", "--config", str(with_all), "--database", database_url)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == (
+        "exchange: 5 records without a saved link are back with the person their link history names")
+    assert persons(engine) == before
 
 
 def test_replay_command_usage_errors_exit_2(tmp_path):

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, select, text
+from sqlalchemy import Connection, and_, func, insert, or_, select, text
 from twisted.logger import Logger
 
 from exchange.mapping.state import MemoryState
@@ -54,10 +54,13 @@ from exchange.store.db import advisory_key, driver_cursor
 from exchange.store.driver import Statement, Writer, select_rows
 from exchange.store.records import RecordLink
 from exchange.store.schema import (
+    MAX_MERGE_HOPS,
     link_event_table,
     match_model_table,
     match_pair_table,
     match_review_table,
+    patient_record_table,
+    person_table,
     record_key_table,
 )
 
@@ -116,6 +119,7 @@ class Plan:
     pairs: list[tuple[Key, Key]] = field(default_factory=list)  # new sticky not-a-match pairs (A37)
     moves: list[tuple[Key, int | str]] = field(default_factory=list)  # records outside the batch changing person
     actions: dict[Hashable, list[str]] = field(default_factory=dict)  # message ref -> decisions (for metrics)
+    restored: dict[Key, LastLink] = field(default_factory=dict)  # replay: records placed by their link history
 
 
 def plan(conn: Connection, state: MemoryState, model: Model) -> Plan:
@@ -305,10 +309,81 @@ def saved_links(conn: Connection) -> dict[Key, RecordLink]:
     }
 
 
-def restore(state: MemoryState, saved: dict[Key, RecordLink]) -> Plan:
-    """A replayed batch: records keep the person, link and score they had (``saved``),
-    a record unknown before gets a person of its own; features and keys are recomputed.
-    Nothing is matched, no history or review is written."""
+@dataclass(frozen=True, slots=True)
+class LastLink:
+    """Where a record's link history (``link_event``) left it: its last event's person and link,
+    and the live person that person is now (``person.merged_into`` followed; None: gone)."""
+
+    to_person: int
+    link: str
+    score: float | None
+    person: int | None
+
+
+def last_links(conn: Connection, keys: list[Key]) -> dict[Key, LastLink]:
+    """``exchange replay``: the last link event of each of ``keys`` (records the rebuild meets
+    that had no saved link: their facility or message was left out of an earlier replay)."""
+    out: dict[Key, tuple[int, str, float | None]] = {}
+    for i in range(0, len(keys), KEYS_PER_SELECT):
+        chunk = keys[i:i + KEYS_PER_SELECT]
+        last = (select(func.max(link_event_table.c.id))
+                .where(or_(*(and_(link_event_table.c.facility == f, link_event_table.c.mrn == m) for f, m in chunk)))
+                .group_by(link_event_table.c.facility, link_event_table.c.mrn))
+        for r in conn.execute(select(link_event_table.c.facility, link_event_table.c.mrn, link_event_table.c.to_person,
+                                     link_event_table.c.to_link, link_event_table.c.score)
+                              .where(link_event_table.c.id.in_(last.scalar_subquery()))):
+            if r.to_person is not None:
+                out[(r.facility, r.mrn)] = (r.to_person, r.to_link or "auto", r.score)
+    merged = _merges(conn, {p for p, _, _ in out.values()})
+    return {key: LastLink(p, link, score, live_person(merged, p)) for key, (p, link, score) in out.items()}
+
+
+def _merges(conn: Connection, ids: set[int]) -> dict[int, int | None]:
+    """person id -> its merged_into, for ``ids`` and the persons they were merged into (absent: gone)."""
+    out: dict[int, int | None] = {}
+    todo = set(ids)
+    for _ in range(MAX_MERGE_HOPS + 1):
+        if not todo:
+            break
+        for chunk in _chunks(sorted(todo), KEYS_PER_SELECT):
+            out.update((r.id, r.merged_into) for r in conn.execute(
+                select(person_table.c.id, person_table.c.merged_into).where(person_table.c.id.in_(chunk))))
+        todo = {m for m in out.values() if m is not None} - out.keys()
+    return out
+
+
+def live_person(merged: dict[int, int | None], person: int) -> int | None:
+    """``person`` followed through its merges (``merged``: person id -> merged_into) to the person
+    holding its records now; None when it or a person on the way is gone, or the chain loops or
+    is longer than MAX_MERGE_HOPS."""
+    for _ in range(MAX_MERGE_HOPS + 1):
+        if person not in merged:
+            return None
+        into = merged[person]
+        if into is None:
+            return person
+        person = into
+    return None
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def unsaved_records(state: MemoryState, saved: dict[Key, RecordLink]) -> list[Key]:
+    """A replayed batch's new records that had no saved link: the ones to look up in :func:`last_links`."""
+    return [key for key in state.dirty().new_records if key not in saved]
+
+
+def restore(state: MemoryState, saved: dict[Key, RecordLink], history: dict[Key, LastLink] | None = None) -> Plan:
+    """A replayed batch: records keep the person, link and score they had (``saved``); a record
+    the rebuild meets without one goes back to the live person its link history names
+    (``history``: :func:`last_links`), link and score kept; a record with neither (or whose
+    person is gone) gets a person of its own. Features and keys are recomputed. Nothing is
+    matched, no history or review is written; ``Plan.restored`` lists the records looked up in
+    their history, for :func:`write_restored` at the end of the rebuild."""
+    history = history or {}
     d = state.dirty()
     ids: dict[Key, tuple[int, int]] = state.store_ids.get("records", {})
     stored: dict[Key, tuple[str, str | None]] = state.store_ids.get("match", {})
@@ -321,10 +396,58 @@ def restore(state: MemoryState, saved: dict[Key, RecordLink]) -> Plan:
         link = saved.get(key)
         if link is None and before is not None:
             link = RecordLink(ids[before][1], stored.get(before, ("auto", None))[0])
+        last = history.get(key) if link is None else None
+        if last is not None:
+            out.restored[key] = last
+            if last.person is not None:
+                link = RecordLink(last.person, last.link, last.score)
         if link is None:
             link = RecordLink(f"new:{next(placeholders)}")
         out.links[key] = RecordLink(link.person, link.link, link.score, encode_features(f))
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreCount:
+    back: int = 0  # records back with the (live) person their link history names
+    lost: int = 0  # records whose history's person no longer exists: a person of their own
+
+
+def write_restored(conn: Connection, restored: dict[Key, LastLink], now: datetime) -> RestoreCount:
+    """End of ``exchange replay``: the records now in the database that came back by their link
+    history. The one whose person is not the one that history names (a merge followed, or that
+    person gone: a person of its own) gets one link event saying so, and the opt-out follows.
+    A record the rebuild met only on the way (renamed later, A47) is not there: nothing."""
+    if not restored:
+        return RestoreCount()
+    now_at: dict[Key, tuple[int, str]] = {}
+    for chunk in _chunks(sorted(restored), KEYS_PER_SELECT):
+        now_at.update({(r.facility, r.mrn): (r.person_id, r.link) for r in conn.execute(
+            select(patient_record_table.c.facility, patient_record_table.c.mrn, patient_record_table.c.person_id,
+                   patient_record_table.c.link)
+            .where(or_(*(and_(patient_record_table.c.facility == f, patient_record_table.c.mrn == m)
+                         for f, m in chunk))))})
+    events, count = [], RestoreCount()
+    for key, last in sorted(restored.items()):
+        if key not in now_at:
+            continue
+        person, link = now_at[key]
+        if last.person is None:
+            reason = f"replay: its link history's person {last.to_person} no longer exists: a person of its own"
+            count = RestoreCount(count.back, count.lost + 1)
+        elif last.person == person:
+            reason = f"replay: back with its link history's person {last.to_person}, merged into {person}"
+            count = RestoreCount(count.back + 1, count.lost)
+        else:  # not placed by its history after all (renamed onto another record's key)
+            continue
+        if person != last.to_person:
+            events.append({"facility": key[0], "mrn": key[1], "from_person": last.to_person, "to_person": person,
+                           "from_link": last.link, "to_link": link, "kind": "auto", "score": None,
+                           "reason": reason, "message_id": None, "actor": ACTOR, "at": now})
+    if events:
+        conn.execute(insert(link_event_table), events)
+        carry_opt_outs(conn, [(e["from_person"], e["to_person"]) for e in events], now)
+    return count
 
 
 def _apply(out: Plan, key: Key, current: _Known | None, d: Decision, encoded: str, ref, placeholders) -> int | str:

@@ -367,3 +367,13 @@ def test_a40_never_puts_two_records_of_another_facility_in_one_person(engine):
     assert person(engine, "OAKNH", "OB") != person(engine, "OAKNH", "OA")  # not fused without a technician
     reviews = rows(engine, "select facility, mrn, kind, state from match_review order by id")[before:]
     assert reviews == [("OAKNH", "OB", "duplicate", "open")]
+
+
+def test_live_person_follows_merges_and_gives_up_on_a_gone_person_or_a_loop():
+    from exchange.store.index import live_person
+    from exchange.store.schema import MAX_MERGE_HOPS
+
+    merged = {1: None, 2: 1, 3: 2, 4: 99, 5: 6, 6: 5}  # 99 is gone; 5 and 6 merged into each other
+    assert [live_person(merged, p) for p in (1, 2, 3, 4, 5, 99)] == [1, 1, 1, None, None, None]
+    chain = {p: p + 1 for p in range(MAX_MERGE_HOPS + 1)} | {MAX_MERGE_HOPS + 1: None}
+    assert live_person(chain, 1) == MAX_MERGE_HOPS + 1 and live_person(chain, 0) is None  # at most 100 merges
