@@ -42,7 +42,9 @@ link event, from the old person to the live one). Only a record without
 history, or whose person no longer exists, gets a person of its own: it is
 not matched, because the index is half rebuilt while a replay runs (later
 batches' records are not there yet) and a replay opens no reviews; the
-command reports how many. Blocking keys and features are recomputed.
+command reports how many. Persons the rebuild created that hold no record at
+its end (given to a record a later batch renamed, A47) are deleted. Blocking
+keys and features are recomputed.
 """
 from __future__ import annotations
 
@@ -119,6 +121,7 @@ class _Rebuilt:
     """What the batches leave for the end of the rebuild."""
 
     restored: dict[tuple[str, str], patient_index.LastLink] = field(default_factory=dict)  # placed by link history
+    new_persons: set[int] = field(default_factory=set)  # persons the rebuild created
 
 
 class _DryRun(Exception):
@@ -177,6 +180,7 @@ def replay(
             # the link events of records placed by their history are written now, not at an arrival time
             restored = patient_index.write_restored(conn, rebuilt.restored,
                                                     now() if now is not None else datetime.now(timezone.utc))
+            patient_index.drop_unused_persons(conn, rebuilt.new_persons)
             report = ReplayReport(
                 messages=applied,
                 records=conn.execute(select(func.count()).select_from(patient_record_table)).scalar_one(),
@@ -261,6 +265,8 @@ def _replay_batch(conn: Connection, rows, facilities, charset_for, at: datetime,
     plan = patient_index.restore(state, saved, history)
     save_records(conn, state, at, links=plan.links)
     patient_index.write(conn, plan, state, MODEL, at)
+    ids = state.store_ids["records"]
+    rebuilt.new_persons.update(ids[key][1] for key, link in plan.links.items() if isinstance(link.person, str))
     rebuilt.restored.update(plan.restored)
     left_out.sort(key=lambda n: n.message_id)
     return applied, left_out

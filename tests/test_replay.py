@@ -114,11 +114,13 @@ def test_replaying_every_stored_message_gives_the_live_state(engine, data):
         process(engine, items[i:i + size])
         i += size
     live = snapshot(engine)
+    live_persons = persons(engine)
 
     report = replay(engine, FACILITIES, batch=data.draw(st.integers(1, 7), label="replay batch"), now=lambda: NOW)
 
     assert report.not_applied == ()
     assert snapshot(engine) == live
+    assert persons(engine) == live_persons  # the same persons: none made for a record renamed later (A47)
     with engine.connect() as conn:
         applied = conn.execute(text(
             "SELECT count(*) FROM message WHERE state = 'accepted' AND message_type IN ('ADT', 'MDM')"
@@ -256,6 +258,13 @@ def a28(facility: str, mrn: str, person: int) -> bytes:
             f"||||||{ssn}\r").encode()
 
 
+def a47(facility: str, new: str, old: str, person: int) -> bytes:
+    family, given, birth, ssn, street, phone = PEOPLE[person]
+    return (f"{msh('ADT', 'A47', facility=facility)}\rEVN|A47|20261127120000\r"
+            f"PID|1||{new}^^^{facility}^MR||{family}^{given}||{birth}|F|||{street}^^SPRINGFIELD^IL^62701||{phone}"
+            f"||||||{ssn}\rMRG|{old}^^^{facility}^MR\r").encode()
+
+
 def link_events(engine) -> list[tuple]:
     with engine.connect() as conn:
         return conn.execute(text("SELECT id, facility, mrn, from_person, to_person, to_link, kind FROM link_event "
@@ -344,6 +353,25 @@ def test_a_record_back_from_its_history_follows_a_merge_or_gets_a_person_of_its_
     replay(engine, ALL_SITES)  # once only
     assert link_events(engine)[len(history):] == added
     assert {mrn: (p, link) for p, records in persons(engine).items() for _, mrn, link in records} == now
+
+
+def test_a_record_renamed_in_a_later_batch_leaves_no_person_behind(engine):
+    """A47 renames a record registered in the same live batch: replayed one message per batch,
+    the old MRN exists between two batches. It must not leave an empty person (each run)."""
+    from exchange.store.index import ModelCache
+
+    models = ModelCache()
+    process(engine, [received(a28("OAKNH", "OA0", 0)), received(a28("GENHOSP", "GE1", 1))], ALL_SITES, models)
+    process(engine, [received(a28("OAKNH", "OA9", 1)), received(a47("OAKNH", "OA1", "OA9", 1))], ALL_SITES, models)
+    process(engine, [received(a47("OAKNH", "OA5", "OA0", 0))], ALL_SITES, models)  # OA0 was saved: it has history
+    live, history = persons(engine), link_events(engine)
+    assert all(live.values())  # every person holds a record
+
+    for _ in range(2):
+        report = replay(engine, ALL_SITES, batch=1)
+        assert report.not_applied == () and report.records == 3
+        assert persons(engine) == live
+        assert link_events(engine) == history
 
 
 # -- the command ---------------------------------------------------------------------------

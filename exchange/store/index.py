@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, or_, select, text
+from sqlalchemy import Connection, and_, delete, exists, func, insert, or_, select, text
 from twisted.logger import Logger
 
 from exchange.mapping.state import MemoryState
@@ -448,6 +448,19 @@ def write_restored(conn: Connection, restored: dict[Key, LastLink], now: datetim
         conn.execute(insert(link_event_table), events)
         carry_opt_outs(conn, [(e["from_person"], e["to_person"]) for e in events], now)
     return count
+
+
+def drop_unused_persons(conn: Connection, ids: set[int]) -> int:
+    """End of ``exchange replay``: delete the persons it created (``ids``) that hold no record any
+    more: one given to a record that a later batch renamed (A47) onto a record with a saved link.
+    Nothing else refers to them (a replay writes no review and no history for them)."""
+    dropped = 0
+    for chunk in _chunks(sorted(ids), KEYS_PER_SELECT):
+        dropped += conn.execute(
+            delete(person_table).where(person_table.c.id.in_(chunk), ~exists().where(
+                patient_record_table.c.person_id == person_table.c.id))
+        ).rowcount
+    return dropped
 
 
 def _apply(out: Plan, key: Key, current: _Known | None, d: Decision, encoded: str, ref, placeholders) -> int | str:
