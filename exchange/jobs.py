@@ -42,6 +42,7 @@ from sqlalchemy import Connection, Engine, text
 from twisted.logger import Logger
 
 from exchange.config import RECONCILE_JOBS, Config, Schedule
+from exchange.store.db import try_share_rebuild, unshare_rebuild
 from exchange.store.outbox import DeliveryState
 from exchange.store.reviews import ReviewState
 from exchange.store.schema import MAX_MERGE_HOPS
@@ -57,8 +58,11 @@ class Report:
     lines: tuple[str, ...]
     errors: int  # problems found (0: all well)
     seconds: float = 0.0
+    skipped: str = ""  # why the job did not run ("": it ran)
 
     def summary(self) -> str:
+        if self.skipped:
+            return f"{self.job}: skipped ({self.skipped})"
         verdict = "ok" if not self.errors else f"{self.errors} error{'s' if self.errors != 1 else ''}"
         return f"{self.job}: {verdict} ({self.seconds:.1f} s)"
 
@@ -189,10 +193,17 @@ def match_model(engine: Engine, config: Config, now: datetime) -> Report:
     return Report("match-model", tuple(report.lines()), report.errors, time.monotonic() - t0)
 
 
+REPLAYING = "exchange replay is rebuilding the record model: skipped (run it again after the replay)"
+
+
 def one_node(name: str, fn: Callable[[Engine, Config, datetime], Report]) -> Callable[[Engine, Config, datetime], Report]:
     """PostgreSQL: every node schedules the jobs; a run starts only where the job's
     session advisory lock can be had, so two nodes never run one job at once (the
-    other skips, says so and finds nothing). SQLite: one node, no lock."""
+    other skips, says so and finds nothing). And never while ``exchange replay``
+    rebuilds the record model: the run shares the rebuild lock (``db.REBUILD_LOCK``)
+    until it ends, or skips and says so when a replay holds it (its TRUNCATE would
+    show the run's snapshot empty tables). SQLite: one node, no lock; a run's
+    snapshot never sees a replay before its commit."""
 
     def run(engine: Engine, config: Config, now: datetime) -> Report:
         if engine.dialect.name != "postgresql":
@@ -200,10 +211,15 @@ def one_node(name: str, fn: Callable[[Engine, Config, datetime], Report]) -> Cal
         with engine.connect() as conn:
             key = f"exchange reconcile {name}"
             if not conn.exec_driver_sql("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).scalar():
-                return Report(name, ("another node is running it: skipped",), 0, 0.0)
-            conn.commit()
+                return Report(name, ("another node is running it: skipped",), 0, 0.0, "another node is running it")
             try:
-                return fn(engine, config, now)
+                if not try_share_rebuild(conn):
+                    return Report(name, (REPLAYING,), 0, 0.0, "exchange replay is running")
+                conn.commit()
+                try:
+                    return fn(engine, config, now)
+                finally:
+                    unshare_rebuild(conn)
             finally:
                 conn.exec_driver_sql("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
                 conn.commit()

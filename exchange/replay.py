@@ -23,11 +23,15 @@ field: never its content. Message rows are not changed: they still say what
 was answered at the time.
 
 The exchange must be stopped while this runs. On PostgreSQL the
-transaction locks the message store (EXCLUSIVE: readers go on, writers
-wait) and the record-model tables (ACCESS EXCLUSIVE), waiting at most
-``lock_timeout`` seconds for a writer's batch in flight; on SQLite the
-transaction takes the write lock up front (``BEGIN IMMEDIATE``, waiting at
-most the busy timeout). Either way a writer cannot interleave: a batch
+transaction first takes the rebuild advisory lock (``db.REBUILD_LOCK``)
+exclusively, so no reconciliation job reads a half-rebuilt model (TRUNCATE
+is not MVCC-safe: a job started meanwhile skips, one already running is
+waited for), then locks the message store (EXCLUSIVE: readers go on,
+writers wait) and the record-model tables (ACCESS EXCLUSIVE), waiting at
+most ``lock_timeout`` seconds for each; on SQLite the transaction takes the
+write lock up front (``BEGIN IMMEDIATE``, waiting at most the busy
+timeout), and a job's read transaction keeps its WAL snapshot: it sees the
+model as it was before, or after the commit. Either way a writer cannot interleave: a batch
 committed before the lock is replayed, one after the commit is applied to
 the rebuilt model. If the lock cannot be had, :class:`DatabaseBusy`.
 
@@ -61,7 +65,7 @@ from exchange.outcome import ACCEPTED, MessageState, Value, Verdict
 from exchange.pipeline import MAPPED_TYPES, Received, decode, map_and_apply, pending_ref
 from exchange.matching.model import default_model
 from exchange.store import index as patient_index
-from exchange.store.db import write_transaction
+from exchange.store.db import lock_rebuild, write_transaction
 from exchange.store.records import load as load_records
 from exchange.store.records import save as save_records
 from exchange.store.schema import (
@@ -273,10 +277,18 @@ def _replay_batch(conn: Connection, rows, facilities, charset_for, at: datetime,
 
 
 def _lock(conn: Connection, timeout: float) -> None:
-    """PostgreSQL: keep writers out for the whole rebuild (SQLite: BEGIN IMMEDIATE did)."""
+    """PostgreSQL: keep the reconciliation jobs and the writers out for the whole rebuild
+    (SQLite: BEGIN IMMEDIATE did; a job reading there keeps its snapshot of before)."""
     if conn.dialect.name != "postgresql":
         return
     conn.exec_driver_sql(f"SET LOCAL lock_timeout = {max(1, int(timeout * 1000))}")
+    try:
+        lock_rebuild(conn)  # first: a job holds it while it reads, never waiting for a table lock of ours
+    except OperationalError as exc:
+        if _is_busy(exc):
+            raise DatabaseBusy("a reconciliation job is reading the database (exchange reconcile): "
+                               "try again when it is done; nothing was changed") from None
+        raise
     conn.exec_driver_sql("LOCK TABLE message IN EXCLUSIVE MODE")
     conn.exec_driver_sql(f"LOCK TABLE {', '.join(RECORD_MODEL_TABLES)} IN ACCESS EXCLUSIVE MODE")
     conn.exec_driver_sql("SET LOCAL lock_timeout = 0")

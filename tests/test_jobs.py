@@ -9,6 +9,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
 from sqlalchemy import text
 
 from exchange.config import load_config
@@ -242,3 +243,99 @@ def test_a_job_runs_on_one_node_at_a_time(engine, tmp_path):
             other.exec_driver_sql("SELECT pg_advisory_unlock(hashtext('exchange reconcile consistency'))")
     report = JOBS["consistency"].run(engine, config, now)
     assert report.lines != skipped and report.errors == 0
+
+
+# --- never while `exchange replay` rebuilds the record model ------------------------------------------------
+
+
+def _open_review_of_a_record(engine) -> None:
+    """An open review about a record that exists (the consistency job finds nothing wrong in it)."""
+    execute(engine, "insert into match_review (state, kind, facility, mrn, detail, created_at) "
+                    "values ('open', 'candidate', 'OAKNH', 'OA1', '{}', :at)", at=NOW)
+
+
+def _until_done_or_waiting_for_a_lock(engine, job, seconds: float = 30) -> None:
+    """Until the job's thread has ended or (PostgreSQL) a session of the job waits for a lock."""
+    deadline = time.monotonic() + seconds
+    while job.is_alive() and time.monotonic() < deadline:
+        if engine.dialect.name == "postgresql":
+            with engine.connect() as conn:
+                if conn.execute(text("select count(*) from pg_stat_activity where datname = current_database() "
+                                     "and wait_event_type = 'Lock'")).scalar_one():
+                    return
+        job.join(0.05)
+
+
+def test_a_job_started_during_a_replay_never_reports_a_half_rebuilt_model(engine, tmp_path, monkeypatch):
+    """consistency starts after replay's first batch: on PostgreSQL it skips and says so (without
+    the rebuild lock its snapshot saw TRUNCATEd tables: "open reviews about a record that no longer
+    exists"); on SQLite it reads the model as it was before the replay (WAL snapshot), all well."""
+    import itertools
+    import threading
+
+    import exchange.replay as replay_module
+    from exchange.jobs import REPLAYING
+    from tests.test_training import FACILITIES
+
+    run(engine, population(30))
+    _open_review_of_a_record(engine)
+    config = config_at(tmp_path)
+    reports, jobs = [], []
+    calls = itertools.count()
+    replay_batch = replay_module._replay_batch
+
+    def batch_then_job(conn, rows, *args):
+        out = replay_batch(conn, rows, *args)
+        if next(calls) == 0:  # the record model is half rebuilt, not committed
+            job = threading.Thread(target=lambda: reports.append(JOBS["consistency"].run(engine, config, NOW)))
+            jobs.append(job)
+            job.start()
+            _until_done_or_waiting_for_a_lock(engine, job)
+        return out
+
+    monkeypatch.setattr(replay_module, "_replay_batch", batch_then_job)
+    report = replay_module.replay(engine, FACILITIES, batch=10)
+    assert report.messages > 10 and report.not_applied == ()
+    jobs[0].join(60)
+    [during] = reports
+    if engine.dialect.name == "postgresql":
+        assert (during.skipped, during.lines, during.errors) == ("exchange replay is running", (REPLAYING,), 0)
+        assert during.summary() == "consistency: skipped (exchange replay is running)"
+    else:
+        assert during.errors == 0 and not during.skipped, during.lines
+    after = JOBS["consistency"].run(engine, config, NOW)
+    assert after.errors == 0 and not after.skipped, after.lines
+
+
+def test_a_replay_waits_for_a_job_reading_the_model(engine, database_url):
+    """PostgreSQL: a job holds the rebuild lock (shared) while it reads: a replay waits for it, at
+    most lock_timeout, then is refused with nothing changed. SQLite: the job's read transaction
+    keeps its snapshot while the replay commits."""
+    import exchange.replay as replay_module
+    from exchange.store.db import make_engine, try_share_rebuild, unshare_rebuild
+    from tests.test_training import FACILITIES
+
+    run(engine, population(10))
+    with engine.connect() as conn:
+        records = conn.execute(text("select count(*) from patient_record")).scalar_one()
+    job = make_engine(database_url)
+    try:
+        with job.connect() as reading:
+            if engine.dialect.name == "postgresql":
+                assert try_share_rebuild(reading)  # as JOBS[...].run holds it
+                try:
+                    with pytest.raises(replay_module.DatabaseBusy, match="reconciliation job"):
+                        replay_module.replay(engine, FACILITIES, lock_timeout=0.2)
+                finally:
+                    unshare_rebuild(reading)
+                    reading.commit()
+            else:
+                with reading.begin():
+                    assert reading.execute(text("select count(*) from patient_record")).scalar_one() == records
+                    replay_module.replay(engine, {})  # every record goes: no facility is configured
+                    assert reading.execute(text("select count(*) from patient_record")).scalar_one() == records
+                with engine.connect() as conn:
+                    assert conn.execute(text("select count(*) from patient_record")).scalar_one() == 0
+    finally:
+        job.dispose()
+    assert replay_module.replay(engine, FACILITIES).records == records

@@ -144,6 +144,29 @@ def advisory_key(text: str) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
+# PostgreSQL: the record model is being rebuilt. ``exchange replay`` holds this advisory lock
+# exclusively for its whole transaction, the reconciliation jobs share it while they read: its
+# TRUNCATE is not MVCC-safe, so a snapshot taken before its commit would see emptied tables. (SQLite
+# needs none: a reader's WAL snapshot never sees a writer's transaction before it commits.)
+REBUILD_LOCK = (0x45585242, 0)  # "EXRB": pg_advisory_*lock(int, int)'s keys (outbox's namespace is "EXCH")
+
+
+def lock_rebuild(conn: Connection) -> None:
+    """``exchange replay``: take the rebuild lock exclusively until the transaction ends
+    (waiting for running jobs at most the transaction's ``lock_timeout``)."""
+    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s, %s)", REBUILD_LOCK)
+
+
+def try_share_rebuild(conn: Connection) -> bool:
+    """A reconciliation job: share the rebuild lock for the session, unless a replay holds it
+    (False at once). Release it with :func:`unshare_rebuild`."""
+    return bool(conn.exec_driver_sql("SELECT pg_try_advisory_lock_shared(%s, %s)", REBUILD_LOCK).scalar())
+
+
+def unshare_rebuild(conn: Connection) -> None:
+    conn.exec_driver_sql("SELECT pg_advisory_unlock_shared(%s, %s)", REBUILD_LOCK)
+
+
 def sqlite_datetime(value: datetime) -> str:
     """How SQLAlchemy's SQLite DATETIME (under ``UTCDateTime``) stores a value."""
     return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(" ", "microseconds")
