@@ -280,6 +280,27 @@ class Address(Value):
     county: str = ""
 
 
+# XAD.7 (table 0190) in the order a record's one address is chosen: where the patient lives first;
+# a mailing address, a bad one or a birthplace only when there is nothing else.
+_ADDRESS_PREFERENCE = {"H": 0, "L": 1, "P": 2, "C": 3, "": 4}
+_ADDRESS_LAST = frozenset({"M", "BA", "BDL", "BR", "N", "F"})
+
+
+def primary_address(addresses) -> Address | None:
+    """The address that stands for the record (the API's ``address``, matching, the postcode
+    column): the home address (XAD.7 H), else legal, permanent, current, untyped, any other; a
+    mailing or bad address only when there is no other. None when there is none."""
+    best, rank = None, None
+    for i, a in enumerate(addresses or ()):
+        if not isinstance(a, Address) or not any((a.street, a.other, a.city, a.state, a.postal_code, a.country)):
+            continue
+        use = a.use.upper()
+        r = (_ADDRESS_PREFERENCE.get(use, 5) if use not in _ADDRESS_LAST else 6, i)
+        if rank is None or r < rank:
+            best, rank = a, r
+    return best
+
+
 @dataclass(frozen=True, slots=True)
 class Phone(Value):
     """XTN: number (XTN.1, else built from XTN.5–8), use (XTN.2), equipment (XTN.3), e-mail (XTN.4)."""
@@ -538,6 +559,7 @@ __all__ = [
     "Phone",
     "Precision",
     "SEX_CODES",
+    "primary_address",
     "Timestamp",
     "apply_patch_value",
     "parse_ts",

@@ -24,7 +24,7 @@ from typing import Any
 
 import jellyfish
 
-from exchange.mapping.values import Address, PersonName, Phone, Precision, Timestamp
+from exchange.mapping.values import PersonName, Phone, Precision, Timestamp, primary_address
 from exchange.matching.nicknames import canonical_given_names
 from exchange.outcome import Value
 
@@ -198,7 +198,7 @@ def features_of(record: Mapping[str, Any]) -> Features:
     """Features of a record dict shaped like ``MemoryState.records`` entries.
 
     Reads "name" (PersonName), "aliases" (PersonNames), "birth" (Timestamp),
-    "sex", "addresses" (Addresses: the first one counts), "phones" (Phones)
+    "sex", "addresses" (Addresses: the primary one counts, values.primary_address), "phones" (Phones)
     and "ssn"; ignores everything else. Never raises on odd text.
     """
     name: PersonName | None = record.get("name")
@@ -227,7 +227,7 @@ def features_of(record: Mapping[str, Any]) -> Features:
     year, month, day = _birth(record.get("birth"))
     sex = (record.get("sex") or "").strip().upper()[:1] if isinstance(record.get("sex"), str) else ""
     phones = tuple(sorted({p for p in (normalise_phone(_phone_text(ph)) for ph in record.get("phones") or ()) if p}))
-    address = next((a for a in record.get("addresses") or () if isinstance(a, Address)), None)
+    address = primary_address(record.get("addresses"))
     number, street = split_street(address.street if address else "")
     other_number, other = split_street(address.other if address else "")
     if not number and not street and other:  # the whole street line is in XAD.2

@@ -49,6 +49,7 @@ from exchange.mapping.values import (
     Phone,
     Precision,
     Timestamp,
+    primary_address,
 )
 from exchange.store.db import driver_cursor
 from exchange.store.driver import Statement, Writer, in_ids, in_pairs, select_rows
@@ -211,7 +212,7 @@ def _record_row(facility: str, mrn: str, rec: dict) -> dict[str, Any]:
     birth_date = None
     if birth is not None and birth.precision not in (Precision.YEAR, Precision.MONTH):
         birth_date = birth.value.date() if isinstance(birth.value, datetime) else birth.value
-    addresses = rec["addresses"] or ()
+    primary = primary_address(rec["addresses"])
     phones = rec["phones"] or ()
     return {
         "facility": facility,
@@ -224,7 +225,7 @@ def _record_row(facility: str, mrn: str, rec: dict) -> dict[str, Any]:
         "given_name": _cut(name.given, NAME_LEN) if name else None,
         "birth_date": birth_date,
         "sex": _cut(rec["sex"], SEX_LEN),
-        "postcode": _cut(addresses[0].postal_code, POSTCODE_LEN) if addresses else None,
+        "postcode": _cut(primary.postal_code, POSTCODE_LEN) if primary else None,
         "phone": _cut(phones[0].number, PHONE_LEN) if phones else None,
         "ssn": _cut(rec["ssn"], SSN_LEN),
     }
@@ -753,7 +754,7 @@ def record_view(conn: Connection, facility: str, mrn: str) -> dict[str, Any] | N
             .where(document.c.record_id == row.id).order_by(document.c.id)
         )
     ]
-    addresses = rec["addresses"] or ()
+    primary = primary_address(rec["addresses"])
     return {
         "facility": row.facility,
         "authority": row.authority,
@@ -765,8 +766,8 @@ def record_view(conn: Connection, facility: str, mrn: str) -> dict[str, Any] | N
         "aliases": [_name(a) for a in rec["aliases"] or ()],
         "birth_date": birth.isoformat() if birth else None,
         "sex": rec["sex"],
-        "address": _address(addresses[0]) if addresses else None,
-        "addresses": [_address(a) for a in addresses],
+        "address": _address(primary) if primary else None,
+        "addresses": [_address(a) for a in rec["addresses"] or ()],
         "phones": [{"number": p.number, "use": p.use, "equipment": p.equipment, "email": p.email, "business": p.business}
                    for p in rec["phones"] or ()],
         "death": death.isoformat() if death else None,

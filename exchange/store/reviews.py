@@ -54,7 +54,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, false, insert, or_, select, update
 
 from exchange.config import DEFAULT_TRUST, Config
-from exchange.mapping.values import Address, PersonName, Phone, Timestamp
+from exchange.mapping.values import PersonName, Phone, Timestamp, primary_address
 from exchange.matching.compare import FIELD_NAMES
 from exchange.store.consent import carry_opt_outs
 from exchange.store.records import from_json
@@ -232,11 +232,11 @@ def _name(name: Any) -> dict[str, str] | None:
 
 
 def _address(addresses: Any) -> dict[str, str] | None:
-    for a in addresses or ():
-        if isinstance(a, Address) and any((a.street, a.other, a.city, a.state, a.postal_code, a.country)):
-            return {"street": a.street, "other": a.other, "city": a.city, "state": a.state,
-                    "postal_code": a.postal_code, "country": a.country}
-    return None
+    a = primary_address(addresses)
+    if a is None:
+        return None
+    return {"street": a.street, "other": a.other, "city": a.city, "state": a.state,
+            "postal_code": a.postal_code, "country": a.country}
 
 
 def _phones(phones: Any) -> list[dict[str, str]] | None:

@@ -496,3 +496,17 @@ def test_account_events_and_a39_person_merge():
     assert (s.records[("HOSP", "P1")]["account"], s.records[("HOSP", "P2")]["account"]) == ("ACC2", None)
     a39 = run(s, CTX, synthetic(msh("ADT", "A39"), "EVN|A39", "PID|1||P1^^^HOSP^MR", "MRG||||P2^^^HOSP^MR"))
     assert ops_of(a39, MergePatients) and s.record("HOSP", "P2").merged_into == "P1"
+
+
+def test_the_record_address_is_the_home_one_not_a_mailing_address_listed_first():
+    """Found by a black-box audit: a PO box (XAD.7 M) listed first stood for the record."""
+    from exchange.mapping.values import Address, primary_address
+
+    po = Address("PO BOX 12", city="SALEM", use="M")
+    home = Address("1 ELM ST", city="SALEM", use="H")
+    untyped = Address("9 FIR CT", city="BEND")
+    assert primary_address((po, home)) == home
+    assert primary_address((po, untyped)) == untyped
+    assert primary_address((untyped, home)) == home
+    assert primary_address((po,)) == po
+    assert primary_address((Address(use="H"),)) is None and primary_address(None) is None
