@@ -37,7 +37,8 @@ In the writer transaction, per applied ADT/MDM message::
         NewCopy(destination=dest.facility, message_id=message_id,
                 control_id=copy.control_id, payload=copy.encode(), created_at=now,
                 person_id=person_id, facility=event.facility, mrn=event.source_mrn,
-                reason=dest.why, destination_mrn=dest.mrn)
+                reason=dest.why, destination_mrn=dest.mrn,
+                document_type=event.document_type, document_types=event.document_types)
     outbox.enqueue(conn, copies)
 
 ``control_id`` must be unique per destination (the delivery matches MSA-2

@@ -40,6 +40,7 @@ dies is taken over by the next one that tries.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -121,6 +122,10 @@ class NewCopy:
     mrn: str | None = None  # ... and its MRN there
     reason: str | None = None  # why it was routed: "default" or the [[route]] name
     destination_mrn: str | None = None  # the destination's record the copy names (PID-3), if any
+    # What routing checked exclude_documents and MDM^EVENT^DOCTYPE subscriptions against
+    # (exchange.routing.Event): checked again before the copy goes out.
+    document_type: str = ""  # its document's type: TXA-2, else the one stored for the document
+    document_types: tuple[str, ...] = ()  # every type that counts for exclude_documents (the parent's too)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +254,7 @@ _COLUMNS = (
     "attempts",
     "next_attempt_at",
     "destination_mrn",
+    "document_types",
 )
 
 
@@ -270,7 +276,15 @@ def _params(copy: NewCopy) -> tuple:
         0,
         created_at,
         _text(copy.destination_mrn, MRN_LEN),
+        _encode_document_types(copy.document_type, copy.document_types),
     )
+
+
+def _encode_document_types(document_type: str, document_types: Sequence[str]) -> str:
+    """delivery.document_types: a JSON list, the copy's own type first ("" when it has
+    none but another type counts), then the other types; "[]" for a copy of no document."""
+    others = [t for t in document_types if t and t != document_type]
+    return json.dumps([document_type, *others] if document_type or others else [])
 
 
 def _pg_enqueue_sql() -> str:
@@ -295,7 +309,7 @@ def _pg_enqueue_sql() -> str:
 
 
 _PG_ENQUEUE = _pg_enqueue_sql()
-_SQLITE_MAX_ROWS = 2000  # 13 parameters a row: under SQLite's 32766-variable limit
+_SQLITE_MAX_ROWS = 2000  # 14 parameters a row: under SQLite's 32766-variable limit
 
 
 @functools.lru_cache(maxsize=64)

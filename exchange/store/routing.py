@@ -105,7 +105,8 @@ def _route_one(a: Applied, config: Config, now: datetime, records, protected, ch
                        control_id=f"{a.message_id}-{i + 1}", now=now)
         out.append(NewCopy(destination=dest.facility, message_id=a.message_id, control_id=copy.control_id,
                            payload=copy.encode(), created_at=now, person_id=a.person,
-                           facility=a.subject[0], mrn=a.subject[1], reason=dest.why, destination_mrn=dest.mrn))
+                           facility=a.subject[0], mrn=a.subject[1], reason=dest.why, destination_mrn=dest.mrn,
+                           document_type=event.document_type, document_types=event.document_types))
     return out
 
 

@@ -548,6 +548,12 @@ class Delivery(Base):
     # checked again just before sending: still that person's.
     destination_mrn: Mapped[str | None] = mapped_column(String(MRN_LEN))
     reason: Mapped[str | None] = mapped_column(String(DELIVERY_REASON_LEN))  # why it was routed
+    # The document types routing checked, as a JSON list: the copy's own (TXA-2, else the type
+    # stored for its document; "" for none) first, then the others that count for
+    # exclude_documents (its parent's); [] for a copy of no document. Checked again, with the
+    # message's type and event and ``reason``, against the configuration the worker runs
+    # when it sends the copy. NULL: queued before 0009 (the worker reads TXA-2 from ``payload``).
+    document_types: Mapped[str | None] = mapped_column(Text)
     control_id: Mapped[str] = mapped_column(String(CONTROL_ID_LEN))  # the copy's MSH-10 (its ACK's MSA-2)
     payload: Mapped[bytes] = mapped_column(LargeBinary)  # the copy exactly as sent (unframed)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())

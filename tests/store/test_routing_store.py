@@ -159,3 +159,42 @@ def test_an_opt_out_follows_its_records_into_another_person(engine, tmp_path):
         reason = conn.execute(text(f"select reason from opt_out_event where person_id = {survivor}"
                                    " order by id desc")).first()[0]
     assert f"person {retired}" in reason
+
+
+def bh_network(tmp_path, *, hhcare="", genhosp='subscribe = ["ADT^A08", "MDM^*"]\n', routes=""):
+    """GENHOSP, OAKNH and HHCARE with deliver_to; HHCARE subscribes to MDM^* (``hhcare``: more keys)."""
+    facilities = "".join(
+        f'\n[[facility]]\ncode = "{code}"\nname = "{code}"\nkind = "{kind}"\nauthority = "{code}"\n'
+        f'deliver_to = "127.0.0.1:{port}"\n{extra}'
+        for code, kind, port, extra in (("GENHOSP", "hospital", 3575, genhosp),
+                                        ("OAKNH", "nursing_home", 3576, ""),
+                                        ("HHCARE", "home_health", 3577, 'subscribe = ["MDM^*"]\n' + hhcare)))
+    (tmp_path / "config").mkdir(exist_ok=True)
+    return load_config(write_config(tmp_path / "config", facilities=facilities + routes))
+
+
+def note(event, txa2, control_id, *, document="PSY-1", parent=""):
+    return (f"MSH|^~\\&|DOC|OAKNH|EX|EX|20261127120000||MDM^{event}^MDM_T02|{control_id}|P|2.5\r"
+            f"EVN|{event}|20261127120000\rPID|1||OA-9^^^OAKNH^MR||HANSON^ELIZABETH^M||19400304|F\r"
+            f"TXA|1|{txa2}|TX|||||||||{document}|{parent}|||AU\rOBX|1|TX|||a note\r").encode()
+
+
+def test_each_copy_records_the_document_types_routing_checked(engine, tmp_path):
+    """What the worker checks again, just before it sends the copy, against the configuration it runs then."""
+    from tests.store.test_index import adt, pid
+
+    config = bh_network(tmp_path)
+    run(engine, config, register("GENHOSP", "GH-9", **ELIZABETH), register("HHCARE", "HH-9", **ELIZABETH))
+    run(engine, config, register("OAKNH", "OA-9", **ELIZABETH))
+    (first,) = run(engine, config, note("T02", "BH", "N1"))
+    (edit,) = run(engine, config, note("T08", "", "N2"))  # TXA-2 empty: the type stored for PSY-1
+    (addendum,) = run(engine, config, note("T02", "DS", "N3", document="PSY-2", parent="PSY-1"))
+    (update,) = run(engine, config, adt("OAKNH", "A08", pid("OA-9", "OAKNH", **ELIZABETH)))  # no document
+    with engine.connect() as conn:
+        stored = dict(conn.execute(text("select m.control_id, d.document_types from delivery d"
+                                        " join message m on m.id = d.message_id where d.destination = 'HHCARE'")).all())
+    assert {first.routed, edit.routed, addendum.routed} == {("GENHOSP", "HHCARE")} and update.routed == ("GENHOSP",)
+    assert stored == {"N1": '["BH"]', "N2": '["BH"]', "N3": '["DS", "BH"]'}
+    with engine.connect() as conn:
+        assert conn.execute(text(f"select document_types from delivery where message_id = {update.message_id}")
+                            ).scalar_one() == "[]"
