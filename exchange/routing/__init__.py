@@ -22,6 +22,9 @@ API
     other configured facility; ``Decision.reason``: one line when nothing goes.
 ``rewrite(message, event=, destination=, facility=, server=, control_id=, now=)`` -> :class:`Copy`
     The destination's copy (``Copy.text``, ``Copy.codec``, ``Copy.encode()``).
+``recheck(event, destination, why, config.facilities, config.routes)`` -> :class:`Reason` | None
+    Just before a queued copy goes out: why the configuration running now
+    would not send it (exchange.store.outbox withholds it then).
 
 What the wiring must call and store (exchange.store.outbox)
 ----------------------------------------------------------
@@ -83,6 +86,7 @@ from exchange.routing.rules import (
     Reason,
     Skipped,
     protection,
+    recheck,
     route,
     subscribed,
 )
@@ -96,6 +100,7 @@ __all__ = [
     "Reason",
     "Skipped",
     "protection",
+    "recheck",
     "rewrite",
     "route",
     "subscribed",

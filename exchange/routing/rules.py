@@ -29,6 +29,13 @@ A late link (a review resolved later, a merge) does not resend history:
 routing is decided once, when an event is applied, from the links as they
 are then. Events that arrive after the link are copied.
 
+A copy that waits in the outbox (its destination was down) meets the
+configuration again before it goes: ``recheck(event, destination, why,
+facilities, routes)`` says why the configuration running now would not send
+it (the facility is gone or has no ``deliver_to``, excludes the document
+type, no longer subscribes to the event, or the rule that added it is gone),
+and the worker withholds it.
+
 Pure: no SQL, no Twisted, no I/O.
 """
 from __future__ import annotations
@@ -55,6 +62,7 @@ __all__ = [
     "Reason",
     "Skipped",
     "protection",
+    "recheck",
     "route",
     "subscribed",
 ]
@@ -81,6 +89,9 @@ class Reason(StrEnum):
     NO_RECORD = "no_record"  # it holds no record of the person (and no rule allows that)
     NOT_SUBSCRIBED = "not_subscribed"  # no subscription and no rule matches
     MERGE_NOT_AT_DESTINATION = "merge_not_at_destination"  # it does not hold both merged sides
+    # recheck only: a copy queued under an earlier configuration
+    NOT_CONFIGURED = "not_configured"  # the facility is no longer configured
+    RULE_REMOVED = "rule_removed"  # the [[route]] that added it is gone, or no longer names the facility
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +268,42 @@ def route(
                 continue
         destinations.append(Destination(code, mrn, why, prior))
     return Decision(tuple(destinations), tuple(skipped))
+
+
+def recheck(
+    event: Event,
+    destination: str,
+    why: str | None,
+    facilities: Sequence[FacilityConfig],
+    routes: Sequence[RouteConfig] = (),
+) -> Reason | None:
+    """Why the configuration running now would not send this queued copy, or None.
+
+    ``event``: the copy's message as routing saw it (type, event, ``document_type`` and
+    ``document_types``); ``why``: the copy's Destination.why (None: not recorded, only
+    the facility and its exclusions are checked). Checks what does not depend on the
+    record model (the outbox checks the opt-out and the links itself): the facility is
+    configured with ``deliver_to``, excludes none of the document types, and still
+    wants the copy for the reason it got it: a copy by subscription needs a
+    ``subscribe`` pattern that matches, a rule's copy the rule under that name, still
+    naming the facility (its other conditions are not checked again).
+    """
+    facility = next((f for f in facilities if f.code == destination), None)
+    if facility is None:
+        return Reason.NOT_CONFIGURED
+    if not facility.deliver_to:
+        return Reason.NO_ENDPOINT
+    document = event.document_type.upper()
+    if any(t.upper() in facility.exclude_documents for t in event.document_types or (document,) if t):
+        return Reason.EXCLUDED_DOCUMENT
+    if why == DEFAULT:
+        if not subscribed(facility, event.message_type.upper(), event.event.upper(), document):
+            return Reason.NOT_SUBSCRIBED
+    elif why is not None:
+        rule = next((r for r in routes if r.name == why), None)
+        if rule is None or not _rule_names(rule, facility):
+            return Reason.RULE_REMOVED
+    return None
 
 
 def _basis(

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from exchange.config import FacilityConfig, RouteConfig, load_config
 from exchange.hl7.header import read_header
 from exchange.mapping.message import Message
-from exchange.routing.rules import DEFAULT, Decision, Destination, Event, Reason, protection, route, subscribed
+from exchange.routing.rules import (DEFAULT, Decision, Destination, Event, Reason, protection, recheck, route,
+                                    subscribed)
 from exchange.routing.rules import LOCAL_EVENTS, MERGES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -338,6 +339,88 @@ def test_privacy_invariants(network, rules, sender, message, document, patient_c
             assert d.why in allowing
         if d.why == DEFAULT:
             assert subscribed(f, ev.message_type, ev.event, ev.document_type)
+
+
+@given(
+    network=networks(),
+    rules=rules_strategy,
+    sender=st.sampled_from(CODES),
+    message=st.sampled_from([("ADT", "A01"), ("ADT", "A08"), ("MDM", "T02"), ("MDM", "T08")]),
+    document=st.sampled_from(["", "DS", "BH"]),
+    parent=st.sampled_from(["", "DS", "BH"]),
+    records=st.dictionaries(st.sampled_from(CODES), st.sampled_from(["M1", "M2"])),
+)
+def test_recheck_under_the_same_configuration_withholds_nothing_routing_sent(
+        network, rules, sender, message, document, parent, records):
+    rules = list({r.name: r for r in reversed(rules)}.values())[::-1]  # names are unique in a config
+    types = tuple(dict.fromkeys(t for t in (document, parent) if t)) if message[0] == "MDM" else ()
+    ev = Event(sender, *message, person="P1", source_mrn="S1", patient_class="I",
+               document_type=document if message[0] == "MDM" else "", document_types=types)
+    for d in route(ev, network, records, rules).destinations:
+        assert recheck(ev, d.facility, d.why, network, rules) is None
+
+
+# -- checking a queued copy again under the configuration running now ------------------
+
+
+def queued_event(message_type="MDM", trigger="T02", document_type="BH", document_types=None) -> Event:
+    if document_types is None:
+        document_types = (document_type,) if document_type else ()
+    return Event("GENHOSP", message_type, trigger, document_type=document_type, document_types=document_types)
+
+
+def test_recheck_a_copy_the_configuration_still_sends():
+    hh = facility("HHCARE", "home_health", subscribe=("MDM^*",))
+    assert recheck(queued_event(), "HHCARE", DEFAULT, [hh]) is None
+    assert recheck(queued_event("ADT", "A08", ""), "HHCARE", None, [hh]) is None  # why unknown: not checked
+
+
+def test_recheck_a_facility_removed_or_without_deliver_to():
+    hh = facility("HHCARE", "home_health")
+    assert recheck(queued_event(), "HHCARE", DEFAULT, [facility("OAKNH")]) is Reason.NOT_CONFIGURED
+    assert recheck(queued_event(), "HHCARE", DEFAULT, []) is Reason.NOT_CONFIGURED
+    assert recheck(queued_event(), "HHCARE", DEFAULT, [replace(hh, deliver_to=None)]) is Reason.NO_ENDPOINT
+
+
+def test_recheck_an_excluded_document_type_whatever_the_route():
+    """The audit's case: five BH notes queued for HHCARE, restarted with exclude_documents = ["BH"]."""
+    hh = facility("HHCARE", "home_health", exclude_documents=("BH",))
+    rule = RouteConfig("notes", messages=("MDM^*",), to_codes=("HHCARE",))
+    assert recheck(queued_event(), "HHCARE", DEFAULT, [hh]) is Reason.EXCLUDED_DOCUMENT
+    assert recheck(queued_event(), "HHCARE", "notes", [hh], [rule]) is Reason.EXCLUDED_DOCUMENT
+    # an edit with TXA-2 empty (the stored type), an addendum of a BH note (the parent's type)
+    edit = queued_event(trigger="T08", document_type="BH")
+    addendum = queued_event(trigger="T02", document_type="DS", document_types=("DS", "BH"))
+    orphan = queued_event(trigger="T08", document_type="", document_types=("BH",))
+    for ev in (edit, addendum, orphan):
+        assert recheck(ev, "HHCARE", DEFAULT, [hh]) is Reason.EXCLUDED_DOCUMENT
+    assert recheck(queued_event(document_type="DS"), "HHCARE", DEFAULT, [hh]) is None
+
+
+def test_recheck_a_subscription_dropped():
+    gh = facility("GENHOSP", subscribe=("ADT^A08", "ADT^A31"))
+    a08 = queued_event("ADT", "A08", "")
+    assert recheck(a08, "GENHOSP", DEFAULT, [gh]) is None
+    assert recheck(a08, "GENHOSP", DEFAULT, [replace(gh, subscribe=("ADT^A31",))]) is Reason.NOT_SUBSCRIBED
+    # a document-type subscription is matched against the copy's own type
+    hh = facility("HHCARE", "home_health", subscribe=("MDM^T02^DS",))
+    assert recheck(queued_event(document_type="DS"), "HHCARE", DEFAULT, [hh]) is None
+    assert recheck(queued_event(document_type="HP"), "HHCARE", DEFAULT, [hh]) is Reason.NOT_SUBSCRIBED
+    # a rule's copy does not need a subscription
+    rule = RouteConfig("admissions", messages=("ADT^A01",), to_codes=("GENHOSP",))
+    assert recheck(queued_event("ADT", "A01", ""), "GENHOSP", "admissions", [gh], [rule]) is None
+
+
+def test_recheck_a_rule_removed_or_no_longer_naming_the_facility():
+    oak = facility("OAKNH", "nursing_home", subscribe=())
+    by_code = RouteConfig("emergency", messages=("ADT^A04",), to_codes=("OAKNH",))
+    by_kind = RouteConfig("emergency", to_kinds=("nursing_home",))
+    ev = queued_event("ADT", "A04", "")
+    assert recheck(ev, "OAKNH", "emergency", [oak], [by_code]) is None
+    assert recheck(ev, "OAKNH", "emergency", [oak], [by_kind]) is None
+    assert recheck(ev, "OAKNH", "emergency", [oak], []) is Reason.RULE_REMOVED
+    assert recheck(ev, "OAKNH", "emergency", [oak], [RouteConfig("other", to_codes=("OAKNH",))]) is Reason.RULE_REMOVED
+    assert recheck(ev, "OAKNH", "emergency", [oak], [replace(by_code, to_codes=("HHCARE",))]) is Reason.RULE_REMOVED
 
 
 # -- reading an event from a message -------------------------------------------------
