@@ -94,6 +94,7 @@ class ExchangeService(Service):
             config.server.database,
             {f.code: f.deliver_to for f in config.facilities if f.deliver_to},
             delivery_settings(config),
+            config=config,  # each copy is checked again against it just before it goes out
             # SQLite has one writer: delivery outcomes ride with the intake's next batch
             record=self.committer.record_outcomes if make_url(config.server.database).get_backend_name() == "sqlite"
             else None,
@@ -106,6 +107,7 @@ class ExchangeService(Service):
             lambda: datetime.now(timezone.utc),
             requeued=self.delivery.requeued,
             trust=Trust.from_config(config),
+            config=config,
         )
         # The workbench's pages at "/": the same thread pool and store functions as the API.
         self.workbench = Workbench(
@@ -115,6 +117,7 @@ class ExchangeService(Service):
             trust=Trust.from_config(config),
             requeued=self.delivery.requeued,
             reactor=reactor,
+            config=config,
         )
         # Reconciliation jobs on their schedules ([server.reconcile]): a thread of their own, each run a child process.
         self.jobs = JobScheduler(config, reactor)

@@ -282,3 +282,23 @@ def api_request(server: "ExchangeProcess", database_url: str, method: str, path:
                                      headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=10) as r:
         return json.load(r)
+
+
+def delivery_config(destinations=("GENHOSP", "OAKNH", "HHCARE"), routes=()):
+    """A running configuration (exchange.config.Config) whose facilities are ``destinations``
+    ({code: deliver_to}, or codes: a placeholder endpoint), each subscribing to the default
+    ADT^* and MDM^*: the copies tests queue by hand (reason "default", ADT or MDM) are
+    still routed under it when the outbox checks them again."""
+    from pathlib import Path
+
+    from exchange.config import Config, FacilityConfig, ServerConfig
+
+    if not isinstance(destinations, dict):
+        destinations = {code: "127.0.0.1:1" for code in destinations}
+    return Config(
+        server=ServerConfig(mllp=("tcp:0:interface=127.0.0.1",), http="tcp:0:interface=127.0.0.1"),
+        facilities=tuple(FacilityConfig(code=code, name=code, kind="hospital", authority=code, deliver_to=endpoint)
+                         for code, endpoint in destinations.items()),
+        path=Path("exchange.toml"),
+        routes=tuple(routes),
+    )

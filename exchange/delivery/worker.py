@@ -4,7 +4,8 @@ Each loop, top to bottom::
 
     hold the destination ....... store.outbox.try_lock_destination   (PostgreSQL advisory lock; SQLite: one node)
     claim ...................... store.outbox.claim_batch            (oldest queued copies that are due,
-                                                                      each checked again: opt-out, links)
+                                                                      each checked again: opt-out, links,
+                                                                      the configuration running now)
     for each copy, in order:
       withheld? ................ recorded so, never sent              (the person opted out since, ...)
       connect (kept open) ...... mllp.client over the endpoint string (tcp / tls, client certificate)
@@ -47,6 +48,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from exchange import metrics
+from exchange.config import Config
 from exchange.delivery.policy import Kind, Settings, backoff, judge
 from exchange.mllp.client import MLLPClientProtocol, ReplyTimeout, client_endpoint
 from exchange.mllp.framing import FramingError
@@ -86,12 +88,14 @@ class DestinationStore:
     PostgreSQL: every statement runs on one connection of its own, the one
     that holds the destination's advisory lock; any error drops it (closed,
     not returned to the pool, so the lock goes with it). SQLite: short
-    transactions on pooled connections (one node: no lock).
+    transactions on pooled connections (one node: no lock). ``config``: the
+    configuration the exchange runs, each claimed copy is checked against.
     """
 
-    def __init__(self, engine: Engine, destination: str) -> None:
+    def __init__(self, engine: Engine, destination: str, config: Config) -> None:
         self.engine = engine
         self.destination = destination
+        self.config = config
         self._postgres = engine.dialect.name == "postgresql"
         self._conn: Connection | None = None
         self._held = False
@@ -121,7 +125,7 @@ class DestinationStore:
 
     def claim(self, now: datetime, limit: int) -> Claim:
         with self._transaction(write=False) as conn:
-            return claim_batch(conn, self.destination, now, limit)
+            return claim_batch(conn, self.destination, now, limit, config=self.config)
 
     def record(self, outcomes: list[Outcome]) -> int:
         with self._transaction(write=True) as conn:
@@ -306,7 +310,7 @@ class DestinationWorker:
         for copy in copies:
             if self._stopping or self._record_error is not None:
                 break
-            if copy.withheld is not None:  # opted out, or relinked, since it was routed: never sent
+            if copy.withheld is not None:  # opted out, relinked or no longer routed here since: never sent
                 metrics.delivery_attempts(self.destination, "withheld").inc()
                 self._record(Withheld(copy.id, copy.withheld))
                 continue
@@ -516,8 +520,10 @@ class DeliveryService(Service):
     """Every destination's worker, their thread pool and engine, and the queue-depth gauge.
 
     ``destinations``: {facility code: client endpoint string} (the facilities
-    with ``deliver_to``). ``wake(codes)`` after a commit that queued copies
-    for them; ``requeued(code)`` after an operator requeued one.
+    with ``deliver_to``); ``config``: the configuration the exchange runs,
+    which every copy is checked against just before it goes out. ``wake(codes)``
+    after a commit that queued copies for them; ``requeued(code)`` after an
+    operator requeued one.
     """
 
     def __init__(
@@ -527,6 +533,7 @@ class DeliveryService(Service):
         destinations: Mapping[str, str],
         settings: Settings = Settings(),
         *,
+        config: Config,
         now: Callable[[], datetime] = utc_now,
         rand: Callable[[], float] = random.random,
         record: Callable[[list], Deferred] | None = None,
@@ -538,6 +545,7 @@ class DeliveryService(Service):
         self.database_url = database_url
         self.record = record
         self.destinations = dict(destinations)
+        self.config = config
         self.settings = settings
         self.now = now
         self.rand = rand
@@ -564,7 +572,7 @@ class DeliveryService(Service):
                 endpoint,
                 reactor=self.reactor,
                 call=self._call,
-                store=DestinationStore(self.engine, code),
+                store=DestinationStore(self.engine, code, self.config),
                 settings=self.settings,
                 now=self.now,
                 rand=self.rand,

@@ -9,13 +9,17 @@ destination answered::
     queued --AA/CA--> delivered
     queued --AE/AR/CE/CR--> failed --retry (operator)--> queued
     queued --no answer, broken connection, wrong MSA-2--> queued (attempts+1, next_attempt_at later)
-    queued --the person opted out, or the destination's record is no longer theirs--> withheld
+    queued --the person opted out, the destination's record is no longer theirs,
+             or the configuration running now would not send it--> withheld
 
 Routing decides who gets a copy when the event is applied; what may change
 before the copy goes out (an opt-out, a technician splitting the
-destination's record off the person) is checked again when the worker
+destination's record off the person, a restart with another configuration:
+the destination removed, excluding the document type, no longer subscribed,
+the rule that added the copy removed) is checked again when the worker
 claims it (``claim_batch``: such a copy comes marked ``withheld``, is
 recorded so and never sent) and when an operator requeues one (``retry``).
+Both take the configuration the exchange runs (``config``).
 
 Rows are never deleted: the delivered ones are the accounting of disclosures
 (who received what about whom, when), listed by ``list_deliveries``.
@@ -50,6 +54,10 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, func, select, tuple_, update
 from sqlalchemy.dialects import postgresql
 
+from exchange.config import Config
+from exchange.hl7.header import read_header
+from exchange.mapping.message import Message
+from exchange.routing.rules import Event, Reason, recheck
 from exchange.store.db import advisory_key, driver_cursor, sqlite_datetime
 from exchange.store.schema import (
     ACK_CODE_LEN,
@@ -102,7 +110,7 @@ class DeliveryState(StrEnum):
     QUEUED = "queued"  # waiting to be sent (or to be sent again at next_attempt_at)
     DELIVERED = "delivered"  # the destination answered AA or CA
     FAILED = "failed"  # the destination answered AE, AR, CE or CR; an operator may requeue it
-    WITHHELD = "withheld"  # not sent: the person opted out, or the destination's record is no longer theirs
+    WITHHELD = "withheld"  # not sent: opted out, the destination's record not theirs, or no longer routed there
 
 
 # -- values -----------------------------------------------------------------------
@@ -287,6 +295,12 @@ def _encode_document_types(document_type: str, document_types: Sequence[str]) ->
     return json.dumps([document_type, *others] if document_type or others else [])
 
 
+def _decode_document_types(stored: str) -> tuple[str, tuple[str, ...]]:
+    """(the copy's own document type, every type that counts) from delivery.document_types."""
+    types = json.loads(stored)
+    return (types[0] if types else ""), tuple(t for t in types if t)
+
+
 def _pg_enqueue_sql() -> str:
     """ONE statement per batch whatever its size: each column bound as one array in
     psycopg's binary format, rows inserted in array order (ascending ids: the
@@ -363,26 +377,43 @@ _HEAD = (
     .order_by(delivery.c.id)
     .limit(bindparam("limit"))
 )
-_COPIES = select(
+# What withheld_copies checks again: the person and the record, the configuration.
+_CHECKED = (
     delivery.c.id,
     delivery.c.destination,
-    delivery.c.control_id,
-    delivery.c.payload,
-    delivery.c.attempts,
-    delivery.c.created_at,
     delivery.c.person_id,
     delivery.c.destination_mrn,
-).where(delivery.c.id.in_(bindparam("ids", expanding=True)))
+    delivery.c.reason,
+    delivery.c.document_types,
+    delivery.c.payload,  # TXA-2 of the copies queued before delivery.document_types
+    message.c.facility.label("sender"),
+    message.c.message_type,
+    message.c.event,
+)
+_WITH_MESSAGE = delivery.join(message, delivery.c.message_id == message.c.id)
+_COPIES = (
+    select(*_CHECKED, delivery.c.control_id, delivery.c.attempts, delivery.c.created_at)
+    .select_from(_WITH_MESSAGE)
+    .where(delivery.c.id.in_(bindparam("ids", expanding=True)))
+)
 
 
 def claim_batch(
-    conn: Connection, destination: str, now: datetime, limit: int = 100, max_bytes: int = CLAIM_MAX_BYTES
+    conn: Connection,
+    destination: str,
+    now: datetime,
+    limit: int = 100,
+    max_bytes: int = CLAIM_MAX_BYTES,
+    *,
+    config: Config,
 ) -> Claim:
     """The destination's oldest queued copies that are due at ``now``, in order.
 
     Stops at the first copy that is not due (FIFO: nothing overtakes it), after
     ``limit`` copies, and once ``max_bytes`` of payload are taken (always at
-    least one copy). Reads only; the caller must be the destination's only
+    least one copy). Each comes with ``withheld`` set when it must not go out
+    any more (``withheld_copies``, under ``config``: the configuration the
+    exchange runs). Reads only; the caller must be the destination's only
     sender (see the module doc).
     """
     rows = conn.execute(_HEAD, {"destination": destination, "limit": limit + 1}).all()
@@ -401,7 +432,7 @@ def claim_batch(
     if not chosen:
         return Claim((), due_at)
     found = {r.id: r for r in conn.execute(_COPIES, {"ids": chosen})}
-    withheld = withheld_copies(conn, list(found.values()))
+    withheld = withheld_copies(conn, list(found.values()), config)
     copies = tuple(
         Pending(r.id, r.destination, r.control_id, bytes(r.payload), r.attempts, r.created_at, withheld.get(r.id))
         for r in (found[i] for i in chosen)
@@ -409,15 +440,30 @@ def claim_batch(
     return Claim(copies, due_at)
 
 
-def withheld_copies(conn: Connection, rows: Sequence[Any]) -> dict[int, str]:
-    """Why each of these copies (rows with ``id``, ``person_id``, ``destination``,
-    ``destination_mrn``) must not go out now, if it must not: its person (followed
-    through merges) opted out, or the destination's record it names now belongs to
-    another person (split off, relinked) or to nobody. Reads only."""
-    rows = [r for r in rows if r.person_id is not None]
+_UNROUTED = {  # why the configuration running now would not send a copy (last_error; no PHI)
+    Reason.NOT_CONFIGURED: "withheld: the destination is no longer configured",
+    Reason.NO_ENDPOINT: "withheld: the destination no longer has a deliver_to",
+    Reason.EXCLUDED_DOCUMENT: "withheld: the destination now excludes this document type",
+    Reason.NOT_SUBSCRIBED: "withheld: the destination no longer subscribes to this event",
+    Reason.RULE_REMOVED: "withheld: the [[route]] that sent it is gone or no longer names the destination",
+}
+
+
+def withheld_copies(conn: Connection, rows: Sequence[Any], config: Config) -> dict[int, str]:
+    """Why each of these copies (rows of ``_CHECKED``) must not go out now, if it must
+    not: the configuration running now would not send it (exchange.routing.recheck:
+    the destination removed or without deliver_to, the document type excluded, the
+    subscription or the rule that sent it gone), its person (followed through merges)
+    opted out, or the destination's record it names now belongs to another person
+    (split off, relinked) or to nobody. Reads only."""
+    out: dict[int, str] = {}
+    for r in rows:
+        why = recheck(_queued_event(r), r.destination, r.reason, config.facilities, config.routes)
+        if why is not None:
+            out[r.id] = _UNROUTED.get(why, f"withheld: {why}")
+    rows = [r for r in rows if r.person_id is not None and r.id not in out]
     owners = _record_owners(conn, {(r.destination, r.destination_mrn) for r in rows if r.destination_mrn is not None})
     persons = _live_persons(conn, {r.person_id for r in rows} | {p for p in owners.values() if p is not None})
-    out: dict[int, str] = {}
     for r in rows:
         person, protected = persons[r.person_id]
         if protected:
@@ -427,6 +473,26 @@ def withheld_copies(conn: Connection, rows: Sequence[Any]) -> dict[int, str]:
             if owner is None or persons[owner][0] != person:
                 out[r.id] = "withheld: the destination's record is no longer linked to this person"
     return out
+
+
+def _queued_event(row: Any) -> Event:
+    """A queued copy's message as routing saw it: type, event and document types."""
+    if row.document_types is not None:
+        document, types = _decode_document_types(row.document_types)
+    else:  # queued before delivery.document_types: the copy's own TXA-2
+        document = _txa2(bytes(row.payload))
+        types = (document,) if document else ()
+    return Event(row.sender or "", (row.message_type or "").upper(), (row.event or "").upper(),
+                 document_type=document, document_types=types)
+
+
+def _txa2(payload: bytes) -> str:
+    """TXA-2.1 of a stored copy, upper case; "" without one."""
+    if b"TXA" not in payload:
+        return ""
+    header = read_header(payload)
+    txa = Message(payload.decode(header.codec, "replace"), header.delimiters, header.codec).first("TXA")
+    return txa.value(2).upper() if txa is not None else ""
 
 
 def _live_persons(conn: Connection, ids: set[int]) -> dict[int, tuple[int | None, bool]]:
@@ -474,9 +540,9 @@ def _record_owners(conn: Connection, keys: set[tuple[str, str]]) -> dict[tuple[s
     return out
 
 
-def claim_next(conn: Connection, destination: str, now: datetime) -> Pending | None:
+def claim_next(conn: Connection, destination: str, now: datetime, *, config: Config) -> Pending | None:
     """The destination's oldest queued copy, if it is due at ``now``."""
-    claim = claim_batch(conn, destination, now, limit=1)
+    claim = claim_batch(conn, destination, now, limit=1, config=config)
     return claim.copies[0] if claim.copies else None
 
 
@@ -699,18 +765,19 @@ def message_deliveries(conn: Connection, message_id: int) -> list[DeliveryView]:
 
 
 def retry(
-    conn: Connection, delivery_id: int, actor: str, now: datetime
+    conn: Connection, delivery_id: int, actor: str, now: datetime, *, config: Config
 ) -> tuple[RetryResult, DeliveryView | None]:
     """An operator requeues a failed copy (failed -> queued, due at ``now``).
 
     Its attempts and last error stay until the next attempt; ``retried_by`` /
     ``retried_at`` say who and when. Being older than the copies queued
     since, it goes out next. NOT_FOUND / NOT_FAILED change nothing, nor does
-    WITHHELD: the copy may not go out any more (``withheld_copies``).
+    WITHHELD: the copy may not go out any more (``withheld_copies`` under
+    ``config``, the configuration the exchange runs).
     """
-    row = conn.execute(select(delivery.c.id, delivery.c.state, delivery.c.person_id, delivery.c.destination,
-                              delivery.c.destination_mrn).where(delivery.c.id == delivery_id)).first()
-    if row is not None and row.state == DeliveryState.FAILED.value and withheld_copies(conn, [row]):
+    row = conn.execute(select(*_CHECKED, delivery.c.state).select_from(_WITH_MESSAGE)
+                       .where(delivery.c.id == delivery_id)).first()
+    if row is not None and row.state == DeliveryState.FAILED.value and withheld_copies(conn, [row], config):
         return RetryResult.WITHHELD, get_delivery(conn, delivery_id)
     changed = conn.execute(
         update(delivery)

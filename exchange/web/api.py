@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from exchange.audit import Action, AuditEvent, Outcome, Resource, record, record_read
+from exchange.config import Config
 from exchange.auth import Permission, Principal, TokenCache, allowed, find_token, hash_token
 from exchange.store.api import MessageSummary, message_summary
 from exchange.store.outbox import DeliveryState, DeliveryView, RetryResult, list_deliveries, retry
@@ -108,10 +109,11 @@ def _deliveries(conn: Connection, state: str | None, facility: str | None, perso
 
 
 def retry_audited(
-    conn: Connection, delivery_id: int, actor: str, now: datetime, event: AuditEvent
+    conn: Connection, delivery_id: int, actor: str, now: datetime, event: AuditEvent, config: Config
 ) -> tuple[RetryResult, DeliveryView | None]:
-    """Requeue a failed copy and write its audit row, one transaction."""
-    result, view = retry(conn, delivery_id, actor, now)
+    """Requeue a failed copy (unless it may not go out any more under ``config``, the
+    configuration the exchange runs) and write its audit row, one transaction."""
+    result, view = retry(conn, delivery_id, actor, now, config=config)
     outcome = {RetryResult.REQUEUED: Outcome.OK, RetryResult.NOT_FOUND: Outcome.NOT_FOUND}.get(result, Outcome.INVALID)
     record(conn, replace(event, facility=view.destination if view else None, outcome=outcome))
     return result, view
@@ -264,15 +266,19 @@ class API:
         *,
         requeued: Callable[[str], None] | None = None,
         trust: Trust | None = None,
+        config: Config,
     ) -> None:
         """``db``: ``read(fn, *args)`` / ``write(fn, *args)`` returning Deferreds
         (``exchange.web.db.Database``); ``now``: the current aware datetime;
         ``requeued(facility)``: told after an operator requeued a copy for
         that destination (wakes its delivery worker); ``trust``: the facility
-        kinds the person's best view prefers (``Trust.from_config(config)``)."""
+        kinds the person's best view prefers (``Trust.from_config(config)``);
+        ``config``: the configuration the exchange runs (a copy it would not
+        send any more is not requeued)."""
         self.db = db
         self.tokens = tokens
         self.now = now
+        self.config = config
         self.requeued = requeued
         if trust is not None:
             self.trust = trust
@@ -615,7 +621,7 @@ class API:
     @app.route("/deliveries/<delivery_id>/retry", methods=["POST"])
     async def retry_delivery(self, request, delivery_id: str) -> bytes:
         """An operator sends a failed copy again: 200 with the delivery (queued), 404,
-        409 when it is not failed. Audited (an operator's decision)."""
+        409 when it is not failed or may not go out any more. Audited (an operator's decision)."""
         try:
             principal = await self._authenticate(request)
             if not digits(delivery_id) or len(delivery_id) > 18:
@@ -634,7 +640,8 @@ class API:
             if not allowed(principal.role, Permission.RETRY_DELIVERY):
                 await self.db.write(record, event)
                 return self._error(request, 403, "this role may not retry deliveries")
-            result, view = await self.db.write(retry_audited, int(delivery_id), principal.name, self.now(), event)
+            result, view = await self.db.write(retry_audited, int(delivery_id), principal.name, self.now(), event,
+                                               self.config)
         except Unauthorized as exc:
             return self._error(request, 401, str(exc))
         except Exception as exc:  # noqa: BLE001
@@ -651,8 +658,9 @@ class API:
             return self._json(
                 request,
                 409,
-                {"error": "this copy may not go out any more: the person has opted out, or the destination's"
-                          " record is no longer linked to them", "delivery": delivery_json(view)},
+                {"error": "this copy may not go out any more: the person has opted out, the destination's"
+                          " record is no longer linked to them, or the configuration no longer sends it there",
+                 "delivery": delivery_json(view)},
             )
         if self.requeued is not None:
             self.requeued(view.destination)

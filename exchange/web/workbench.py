@@ -67,6 +67,7 @@ from exchange.accounts import (
 )
 from exchange.audit import Action, AuditEvent, Outcome, Resource as Audited, record
 from exchange.auth import Permission, allowed
+from exchange.config import Config
 from exchange.store import reviews
 from exchange.store.outbox import DeliveryState, RetryResult, list_deliveries
 from exchange.store.records import record_view
@@ -285,14 +286,17 @@ class Workbench:
         requeued: Callable[[str], None] | None = None,
         pause: Callable[[float], Deferred] | None = None,
         reactor: Any = None,
+        config: Config,
     ) -> None:
         """``db``: ``read``/``write(fn, *args)`` (a transaction) and ``run(fn, *args)`` (no
         connection) returning Deferreds of a call in the database thread pool
         (``exchange.web.db.Database``); ``now``: the current aware datetime; ``policy``: the
         sessions' lifetimes and the lock-out; ``requeued(facility)``: told after an admin
         requeued a copy; ``pause(seconds)``: a Deferred that fires that much later (the answer
-        to a wrong password; default ``reactor``'s clock)."""
+        to a wrong password; default ``reactor``'s clock); ``config``: the configuration the
+        exchange runs (a copy it would not send any more is not requeued)."""
         self.db = db
+        self.config = config
         self.now = now
         self.policy = policy
         self.requeued = requeued
@@ -680,7 +684,7 @@ class Workbench:
         delivery_id = id_in_path(delivery, "delivery")
         session, event = await self._poster(request, Permission.RETRY_DELIVERY, Audited.DELIVERY, delivery,
                                             "/deliveries")
-        result, view = await self.db.write(retry_audited, delivery_id, session.user, self.now(), event)
+        result, view = await self.db.write(retry_audited, delivery_id, session.user, self.now(), event, self.config)
         if result is RetryResult.NOT_FOUND:
             return self._error(request, 404, "Not found", f"There is no delivery {delivery_id}.", session=session,
                                back="/deliveries")
@@ -690,8 +694,9 @@ class Workbench:
                                session=session, back="/deliveries")
         if result is RetryResult.WITHHELD:
             return self._error(request, 409, "Not done",
-                               "This copy may not go out any more: the person has opted out, or the "
-                               "destination's record is no longer linked to them.", session=session,
+                               "This copy may not go out any more: the person has opted out, the "
+                               "destination's record is no longer linked to them, or the configuration "
+                               "no longer sends it there.", session=session,
                                back="/deliveries")
         if self.requeued is not None:
             self.requeued(view.destination)

@@ -16,6 +16,7 @@ from twisted.internet import reactor
 from twisted.logger import LogLevel, LogLevelFilterPredicate, FilteringLogObserver, globalLogBeginner, textFileLogObserver
 
 from exchange.delivery import DeliveryService, Settings
+from tests.support import delivery_config
 
 
 def main() -> None:
@@ -31,11 +32,13 @@ def main() -> None:
     globalLogBeginner.beginLoggingTo(
         [FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])], redirectStandardIO=False
     )
+    destinations = dict(d.split("=", 1) for d in args.dest)
     service = DeliveryService(
         reactor,
         args.database,
-        dict(d.split("=", 1) for d in args.dest),
+        destinations,
         Settings(timeout=args.timeout, retry_initial=args.retry_initial, retry_max=args.retry_max, poll=args.poll),
+        config=delivery_config(destinations),  # every destination subscribes to ADT^* and MDM^*
     )
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

@@ -150,6 +150,33 @@ def test_retry_a_failed_copy(engine) -> None:
     ]
 
 
+def test_a_failed_copy_the_configuration_no_longer_sends_is_not_requeued(engine) -> None:
+    """Found by a black-box audit: a failed copy for a facility no longer configured was requeued."""
+    from dataclasses import replace
+
+    api = Harness(engine)
+    [message_id] = api.store(message("MSG-1"))
+    with write_transaction(engine) as conn:
+        [failed] = enqueue(conn, [copy(message_id, 1, "HHCARE")])
+        mark_failed(conn, failed, at=T0, ack_code="AR", ack=b"", error="AR: not accepted")
+    woken = []
+    api.api.requeued = woken.append
+    running = api.api.config
+    token = api.token("olga", "admin")
+    for facilities in (tuple(f for f in running.facilities if f.code != "HHCARE"),  # HHCARE removed
+                       tuple(replace(f, subscribe=("MDM^*",)) for f in running.facilities)):  # no ADT any more
+        api.api.config = replace(running, facilities=facilities)
+        code, body = post(api, f"/api/deliveries/{failed}/retry", token)
+        assert code == 409 and body["error"] == (
+            "this copy may not go out any more: the person has opted out, the destination's record is no"
+            " longer linked to them, or the configuration no longer sends it there")
+        assert (body["delivery"]["state"], body["delivery"]["retried_by"]) == ("failed", None)
+    assert woken == []
+    api.api.config = running
+    assert post(api, f"/api/deliveries/{failed}/retry", token)[0] == 200
+    assert [(r["facility"], r["outcome"]) for r in api.audit()] == [("HHCARE", "invalid")] * 2 + [("HHCARE", "ok")]
+
+
 def test_the_message_lists_its_deliveries(api: Harness, queued: list[int]) -> None:
     token = api.token("olga", "admin")
     code, body, _ = api.get("/api/messages/GENHOSP/MSG-1", token)

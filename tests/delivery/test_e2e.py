@@ -26,7 +26,7 @@ from exchange.store.messages import insert_messages
 from exchange.store.outbox import NewCopy, enqueue, get_delivery, retry
 from exchange.store.schema import delivery_table
 from tests.delivery.peers import HL7apyPeer, Hl7Peer, free_port
-from tests.support import ExchangeProcess, new_message, write_config
+from tests.support import ExchangeProcess, delivery_config, new_message, write_config
 from tests.test_tls import pki  # noqa: F401 - the test CA, server and facility certificates (a fixture)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -216,7 +216,7 @@ def test_ae_fails_the_copy_with_the_reason_and_an_operator_retry_delivers_it(out
         assert (failed.state, failed.ack_code, failed.last_error, failed.attempts) == ("failed", "AE", "AE: MRN not on file", 1)
         assert peer.received == sent
         with write_transaction(outbox.engine) as conn:
-            retry(conn, failed.id, "ops", datetime.now(timezone.utc))
+            retry(conn, failed.id, "ops", datetime.now(timezone.utc), config=delivery_config({"OAKNH": peer.endpoint}))
         outbox.wait(outbox.all_delivered, "the requeued copy delivered")  # found by the poll (another process)
         assert peer.received == sent + ["D0002"]
         again = outbox.get("D0002")

@@ -36,9 +36,10 @@ from exchange.store.outbox import (
     Withheld,
 )
 from exchange.store.schema import delivery_table
-from tests.support import new_message
+from tests.support import delivery_config, new_message
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+CONFIG = delivery_config()  # OAKNH and HHCARE subscribe to every ADT and MDM event
 
 
 def copy_of(message_id: int, n: int, destination: str = "OAKNH", **kw) -> NewCopy:
@@ -116,33 +117,33 @@ def test_enqueue_a_large_batch_in_order(engine: Engine, message_id: int) -> None
 def test_claim_is_fifo_per_destination_and_stops_at_a_copy_not_due(engine: Engine, message_id: int) -> None:
     queue(engine, [copy_of(message_id, n, destination=("OAKNH", "HHCARE")[n % 2]) for n in range(6)])
     now = T0 + timedelta(seconds=1)
-    claim = run(engine, claim_batch, "OAKNH", now)
+    claim = run(engine, claim_batch, "OAKNH", now, config=CONFIG)
     assert [c.control_id for c in claim.copies] == ["D000000", "D000002", "D000004"]
     assert claim.due_at is None
-    assert run(engine, claim_next, "HHCARE", now).control_id == "D000001"
+    assert run(engine, claim_next, "HHCARE", now, config=CONFIG).control_id == "D000001"
 
     head = claim.copies[0]
     assert run(engine, schedule_retry, head.id, next_attempt_at=now + timedelta(seconds=30), error="timeout")
     # the head waits for its retry and holds back the copies behind it
-    later = run(engine, claim_batch, "OAKNH", now)
+    later = run(engine, claim_batch, "OAKNH", now, config=CONFIG)
     assert later.copies == () and later.due_at == now + timedelta(seconds=30)
-    assert run(engine, claim_next, "OAKNH", now) is None
-    again = run(engine, claim_batch, "OAKNH", now + timedelta(seconds=30))
+    assert run(engine, claim_next, "OAKNH", now, config=CONFIG) is None
+    again = run(engine, claim_batch, "OAKNH", now + timedelta(seconds=30), config=CONFIG)
     assert [c.control_id for c in again.copies] == ["D000000", "D000002", "D000004"]
     assert again.copies[0].attempts == 1
-    assert run(engine, claim_next, "NOBODY", now) is None
+    assert run(engine, claim_next, "NOBODY", now, config=CONFIG) is None
 
 
 def test_claim_limits(engine: Engine, message_id: int) -> None:
     queue(engine, [copy_of(message_id, n, payload=b"x" * 1000) for n in range(10)])
     now = T0 + timedelta(seconds=1)
-    claim = run(engine, claim_batch, "OAKNH", now, limit=4)
+    claim = run(engine, claim_batch, "OAKNH", now, limit=4, config=CONFIG)
     assert len(claim.copies) == 4 and claim.due_at == now  # more is due at once
-    claim = run(engine, claim_batch, "OAKNH", now, max_bytes=2500)
+    claim = run(engine, claim_batch, "OAKNH", now, max_bytes=2500, config=CONFIG)
     assert len(claim.copies) == 2 and claim.due_at == now
-    claim = run(engine, claim_batch, "OAKNH", now, max_bytes=10)
+    claim = run(engine, claim_batch, "OAKNH", now, max_bytes=10, config=CONFIG)
     assert len(claim.copies) == 1  # always at least one
-    empty = run(engine, claim_batch, "HHCARE", now)
+    empty = run(engine, claim_batch, "HHCARE", now, config=CONFIG)
     assert empty.copies == () and empty.due_at is None
 
 
@@ -182,16 +183,16 @@ def test_retry_by_an_operator(engine: Engine, message_id: int) -> None:
     at = T0 + timedelta(seconds=2)
     run(engine, mark_failed, ids[0], at=at, ack_code="AR", ack=b"", error="AR")
     run(engine, mark_delivered, ids[1], at=at, ack_code="AA", ack=b"")
-    result, view = run(engine, retry, ids[0], "ops-alice", at + timedelta(minutes=1))
+    result, view = run(engine, retry, ids[0], "ops-alice", at + timedelta(minutes=1), config=CONFIG)
     assert result is RetryResult.REQUEUED
     assert (view.state, view.retried_by, view.retried_at, view.attempts, view.last_error) == (
         DeliveryState.QUEUED, "ops-alice", at + timedelta(minutes=1), 1, "AR"
     )
-    assert run(engine, retry, ids[0], "ops-alice", at)[0] is RetryResult.NOT_FAILED
-    assert run(engine, retry, ids[1], "ops-alice", at)[0] is RetryResult.NOT_FAILED
-    assert run(engine, retry, 10**9, "ops-alice", at) == (RetryResult.NOT_FOUND, None)
+    assert run(engine, retry, ids[0], "ops-alice", at, config=CONFIG)[0] is RetryResult.NOT_FAILED
+    assert run(engine, retry, ids[1], "ops-alice", at, config=CONFIG)[0] is RetryResult.NOT_FAILED
+    assert run(engine, retry, 10**9, "ops-alice", at, config=CONFIG) == (RetryResult.NOT_FOUND, None)
     # the requeued copy is the oldest: it goes out next, before ids[2]
-    claim = run(engine, claim_batch, "OAKNH", at + timedelta(minutes=1))
+    claim = run(engine, claim_batch, "OAKNH", at + timedelta(minutes=1), config=CONFIG)
     assert [c.id for c in claim.copies] == [ids[0], ids[2]]
 
 
@@ -265,7 +266,7 @@ def test_a_copy_that_may_not_go_out_any_more_is_claimed_withheld(engine: Engine,
                 + [copy_of(message_id, 9, person_id=p, destination_mrn=None)])  # a rule's copy, no record
 
     def claimed():
-        return {c.id: c.withheld for c in run(engine, claim_batch, "OAKNH", T0 + timedelta(minutes=1)).copies}
+        return {c.id: c.withheld for c in run(engine, claim_batch, "OAKNH", T0 + timedelta(minutes=1), config=CONFIG).copies}
 
     assert claimed() == dict.fromkeys(ids)
     # the person merged into another (a technician's merge): followed, still allowed
@@ -290,5 +291,5 @@ def test_a_copy_that_may_not_go_out_any_more_is_claimed_withheld(engine: Engine,
     assert (view.state, view.attempts, view.last_error) == (DeliveryState.WITHHELD, 0,
                                                            "withheld: the person has opted out")
     run(engine, mark_failed, ids[1], at=T0, ack_code="AE", ack=b"", error="AE")
-    result, view = run(engine, retry, ids[1], "ops-alice", T0 + timedelta(minutes=2))
+    result, view = run(engine, retry, ids[1], "ops-alice", T0 + timedelta(minutes=2), config=CONFIG)
     assert (result, view.state) == (RetryResult.WITHHELD, DeliveryState.FAILED)

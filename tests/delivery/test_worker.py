@@ -20,7 +20,7 @@ from exchange.store.db import make_engine, upgrade, write_transaction
 from exchange.store.messages import insert_messages
 from exchange.store.outbox import DeliveryState, NewCopy, enqueue, get_delivery, retry
 from exchange.store.schema import delivery_table
-from tests.support import new_message
+from tests.support import delivery_config, new_message
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
 SETTINGS = Settings(timeout=10.0, retry_initial=1.0, retry_max=8.0, poll=2.0, batch=100)
@@ -87,7 +87,7 @@ class Harness:
         self.clock = Clock()
         self.clock.advance(1)
         self.peers = Peers(self.clock)
-        self.store = DestinationStore(self.engine, "OAKNH")
+        self.store = DestinationStore(self.engine, "OAKNH", delivery_config())
         self.worker = DestinationWorker(
             "OAKNH",
             None,
@@ -177,12 +177,30 @@ def test_a_refusal_fails_the_copy_and_the_queue_moves_on(h: Harness) -> None:
 
     # the operator requeues it: it goes out at once (an urgent wake-up) and is delivered
     with write_transaction(h.engine) as conn:
-        retry(conn, h.ids["D1"], "ops", h.now())
+        retry(conn, h.ids["D1"], "ops", h.now(), config=delivery_config())
     h.worker.wake(urgent=True)
     assert h.peers.all_sent() == ["D1", "D2", "D1"]
     h.peers.reply(ack("D1"))
     d1 = h.state("D1")
     assert (d1.state, d1.attempts, d1.last_error) == (DeliveryState.DELIVERED, 2, None)
+    h.worker.stop()
+
+
+def test_a_copy_the_running_configuration_no_longer_sends_is_withheld_and_the_queue_moves_on(h: Harness) -> None:
+    """The worker checks each copy against the configuration it was started with: a copy routed by a
+    [[route]] that the restart removed is recorded withheld, never sent; the copies behind it go on."""
+    with write_transaction(h.engine) as conn:
+        ids = enqueue(conn, [NewCopy("OAKNH", h.message_id, c, copy_payload(c), h.now(), reason=why)
+                             for c, why in (("D1", "default"), ("D2", "residents' admissions"), ("D3", "default"))])
+    h.ids.update(zip(("D1", "D2", "D3"), ids))
+    h.worker.start()
+    h.peers.reply(ack("D1"))
+    h.peers.reply(ack("D3"))
+    assert h.peers.all_sent() == ["D1", "D3"]
+    assert h.states() == {"D1": "delivered", "D2": "withheld", "D3": "delivered"}
+    d2 = h.state("D2")
+    assert (d2.attempts, d2.last_error) == (0, "withheld: the [[route]] that sent it is gone or no longer names"
+                                                " the destination")
     h.worker.stop()
 
 

@@ -169,8 +169,8 @@ def bh_network(tmp_path, *, hhcare="", genhosp='subscribe = ["ADT^A08", "MDM^*"]
         for code, kind, port, extra in (("GENHOSP", "hospital", 3575, genhosp),
                                         ("OAKNH", "nursing_home", 3576, ""),
                                         ("HHCARE", "home_health", 3577, 'subscribe = ["MDM^*"]\n' + hhcare)))
-    (tmp_path / "config").mkdir(exist_ok=True)
-    return load_config(write_config(tmp_path / "config", facilities=facilities + routes))
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return load_config(write_config(tmp_path, facilities=facilities + routes))
 
 
 def note(event, txa2, control_id, *, document="PSY-1", parent=""):
@@ -198,3 +198,68 @@ def test_each_copy_records_the_document_types_routing_checked(engine, tmp_path):
     with engine.connect() as conn:
         assert conn.execute(text(f"select document_types from delivery where message_id = {update.message_id}")
                             ).scalar_one() == "[]"
+
+
+def test_copies_queued_under_one_configuration_meet_the_next_one_before_they_go(engine, tmp_path):
+    """Found by a black-box audit: BH notes queued for HHCARE while it was down, then a restart with
+    exclude_documents = ["BH"] (and ADT^A08 dropped from GENHOSP's subscribe): all still went out."""
+    from dataclasses import replace
+    from datetime import datetime, timezone
+
+    from exchange.store.outbox import (DeliveryState, RetryResult, Withheld, claim_batch, get_delivery, mark_failed,
+                                       record_outcomes, retry)
+    from tests.store.test_index import adt, pid
+
+    rule = '\n[[route]]\nname = "discharges to home health"\nmessages = ["ADT^A03"]\nto = ["HHCARE"]\n'
+    before = bh_network(tmp_path / "before", routes=rule)
+    after = bh_network(tmp_path / "after", hhcare='exclude_documents = ["BH"]\n', genhosp='subscribe = ["MDM^*"]\n')
+    run(engine, before, register("GENHOSP", "GH-9", **ELIZABETH), register("HHCARE", "HH-9", **ELIZABETH))
+    run(engine, before, register("OAKNH", "OA-9", **ELIZABETH))
+    (n1,) = run(engine, before, note("T02", "BH", "N1"))
+    (n2,) = run(engine, before, note("T08", "", "N2"))  # an edit: TXA-2 empty, the stored type is BH
+    (a08,) = run(engine, before, adt("OAKNH", "A08", pid("OA-9", "OAKNH", **ELIZABETH)))
+    (a03,) = run(engine, before, adt("OAKNH", "A03", pid("OA-9", "OAKNH", **ELIZABETH)))
+    assert (n1.routed, n2.routed, a08.routed, a03.routed) == (("GENHOSP", "HHCARE"),) * 2 + (("GENHOSP",), ("HHCARE",))
+    with engine.connect() as conn:
+        copy = {(m, d): i for i, m, d in conn.execute(text("select id, message_id, destination from delivery"))}
+    with engine.begin() as conn:  # N1's copy for HHCARE as queued before 0009: its TXA-2 is read from the copy
+        conn.execute(text(f"update delivery set document_types = null where id = {copy[n1.message_id, 'HHCARE']}"))
+    now = datetime(2026, 11, 27, 13, 0, tzinfo=timezone.utc)
+    with engine.begin() as conn:  # GENHOSP answered AE to the A08: an operator will want to send it again
+        mark_failed(conn, copy[a08.message_id, "GENHOSP"], at=now, ack_code="AE", ack=b"", error="AE")
+    name = {n1.message_id: "N1", n2.message_id: "N2", a08.message_id: "A08", a03.message_id: "A03"}
+
+    def claim(destination, config):
+        """{message: why withheld (None: to send)} of the destination's queued copies."""
+        with engine.begin() as conn:
+            return {name[int(c.control_id.split("-")[0])]: c.withheld
+                    for c in claim_batch(conn, destination, now, config=config).copies}
+
+    excluded = "withheld: the destination now excludes this document type"
+    # under the configuration they were routed by, everything goes
+    assert claim("HHCARE", before) == {"N1": None, "N2": None, "A03": None}
+    assert claim("GENHOSP", before) == {"N1": None, "N2": None}
+    # after the restart: the BH notes and the rule's copy stay away from HHCARE; GENHOSP gets its notes
+    assert claim("HHCARE", after) == {
+        "N1": excluded, "N2": excluded,
+        "A03": "withheld: the [[route]] that sent it is gone or no longer names the destination"}
+    assert claim("GENHOSP", after) == {"N1": None, "N2": None}
+    # the A08 is no longer subscribed: an operator cannot requeue it (it could under the old configuration)
+    with engine.begin() as conn:
+        result, view = retry(conn, copy[a08.message_id, "GENHOSP"], "ops", now, config=after)
+    assert (result, view.state) == (RetryResult.WITHHELD, DeliveryState.FAILED)
+    # the worker records what it was told to withhold: never sent, never claimed again
+    with engine.begin() as conn:
+        record_outcomes(conn, [Withheld(copy[m, "HHCARE"], excluded) for m in (n1.message_id, n2.message_id)])
+    assert claim("HHCARE", after) == {"A03": "withheld: the [[route]] that sent it is gone or no longer names the destination"}
+    with engine.connect() as conn:
+        view = get_delivery(conn, copy[n1.message_id, "HHCARE"])
+    assert (view.state, view.attempts, view.last_error) == (DeliveryState.WITHHELD, 0, excluded)
+    # GENHOSP removed, or left without deliver_to
+    gone = replace(after, facilities=tuple(f for f in after.facilities if f.code != "GENHOSP"))
+    assert set(claim("GENHOSP", gone).values()) == {"withheld: the destination is no longer configured"}
+    mute = replace(gone, facilities=gone.facilities + (replace(after.facility("GENHOSP"), deliver_to=None),))
+    assert set(claim("GENHOSP", mute).values()) == {"withheld: the destination no longer has a deliver_to"}
+    with engine.begin() as conn:
+        assert retry(conn, copy[a08.message_id, "GENHOSP"], "ops", now, config=gone)[0] is RetryResult.WITHHELD
+        assert retry(conn, copy[a08.message_id, "GENHOSP"], "ops", now, config=before)[0] is RetryResult.REQUEUED

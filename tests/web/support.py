@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
-from tests.support import new_message
+from tests.support import delivery_config, new_message
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
 
@@ -60,7 +60,7 @@ class Harness:
         self.clock = FakeClock()
         self.tokens = TokenCache(self.clock, ttl=30, max_entries=10)
         self.now = T0 + timedelta(hours=1)
-        self.api = API(self.db, self.tokens, lambda: self.now)
+        self.api = API(self.db, self.tokens, lambda: self.now, config=delivery_config())
         self.stub = StubTreq(build_root(lambda: {}, self.api.resource()))
 
     def token(self, name: str, role: str) -> str:

@@ -168,7 +168,7 @@ def test_a_failing_read_answers_500_and_logs_no_identifiers(api: Harness):
         def write(self, fn, *args):
             return fail(RuntimeError("SELECT ... WHERE control_id = 'SECRET-CONTROL-ID'"))
 
-    broken = API(Broken(), api.tokens, lambda: api.now)
+    broken = API(Broken(), api.tokens, lambda: api.now, config=api.api.config)
     api.stub = StubTreq(build_root(lambda: {}, broken.resource()))
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)

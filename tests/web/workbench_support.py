@@ -20,6 +20,7 @@ from exchange.store.db import write_transaction
 from exchange.web.api import API
 from exchange.web.server import build_root
 from exchange.web.workbench import Workbench
+from tests.support import delivery_config
 from tests.web.support import T0, FakeClock, Harness, InlineDatabase, settled
 
 PASSWORD = "correct horse battery staple"
@@ -112,8 +113,8 @@ class WorkbenchHarness(Harness):
         self.now = T0 + timedelta(hours=1)
         self.pauses: list[float] = []
         self.requeued: list[str] = []
-        self.api = API(self.db, self.tokens, lambda: self.now)
-        self.workbench = Workbench(self.db, lambda: self.now, policy=policy, pause=self._pause,
+        self.api = API(self.db, self.tokens, lambda: self.now, config=delivery_config())
+        self.workbench = Workbench(self.db, lambda: self.now, policy=policy, pause=self._pause, config=delivery_config(),
                                    requeued=self.requeued.append)
         self.root = build_root(lambda: {"database": engine.dialect.name}, self.api.resource(),
                                self.workbench.resource())
