@@ -55,7 +55,9 @@ what (the inbound message, its type/event, a document's TXA-12), about whom
 (person, the sender's record, and ``dest.mrn``: the delivery worker checks
 again, just before it sends the copy, that the person has not opted out and
 that this record is still the person's), why (``default`` or the rule's
-name) and when.
+name), when, and the event's document types (with the message's type and
+event and ``why``, checked again by ``recheck`` against the configuration
+the worker runs when it sends the copy).
 ``decision.skipped`` is for metrics and logs (facility and reason only: no PHI).
 
 Decisions
