@@ -254,3 +254,91 @@ def test_a_copy_waiting_for_a_destination_that_was_down_is_withheld_after_an_opt
         for peer in (nursing_home, home_health, hospital):
             if peer is not None:
                 peer.stop()
+
+
+def bh_note(control_id: str, mrn: str, number: int) -> bytes:
+    return ("\r".join([
+        f"MSH|^~\\&|DOC|OAKNH|EXCHANGE|EXCHANGE|20261127130000||MDM^T02^MDM_T02|{control_id}|P|2.5.1",
+        "EVN|T02|20261127130000",
+        f"PID|1||{mrn}^^^OAKNH^MR||HANSON^ELIZABETH^M||19400304|F",
+        f"TXA|1|BH|TX|20261127130000||||||||PSY-{number}|||||AU||AV",
+        "OBX|1|TX|11488-4^Consult note^LN||Synthetic behavioural health note.",
+    ]) + "\r").encode()
+
+
+def test_copies_queued_before_a_restart_meet_the_new_configuration(tmp_path, database_url):
+    """Found by a black-box audit: BH notes queued for HHCARE while it was down, and A08 copies
+    queued for GENHOSP, all went out after a restart with exclude_documents = ["BH"] added to
+    HHCARE and ADT^A08 removed from GENHOSP's subscribe."""
+    from tests.delivery.peers import free_port
+
+    hospital_port, home_health_port = free_port(), free_port()  # both engines are down
+
+    def network(hhcare: str, genhosp: str) -> str:
+        return f"""
+[[facility]]
+code = "GENHOSP"
+name = "General Hospital"
+kind = "hospital"
+authority = "GENHOSP"
+deliver_to = "127.0.0.1:{hospital_port}"
+subscribe = {genhosp}
+
+[[facility]]
+code = "OAKNH"
+name = "Oakwood Nursing Home"
+kind = "nursing_home"
+authority = "OAKNH"
+
+[[facility]]
+code = "HHCARE"
+name = "Sunrise Home Health"
+kind = "home_health"
+authority = "HHCARE"
+deliver_to = "127.0.0.1:{home_health_port}"
+subscribe = ["MDM^*"]
+{hhcare}
+"""
+
+    fast = "retry_initial = 0.2\nretry_max = 0.5\ndelivery_poll = 0.2"
+    config = write_config(tmp_path, facilities=network("", '["ADT^A08", "MDM^*"]'), server_extra=fast)
+    server = ExchangeProcess(config, database_url).start()
+    hospital = home_health = None
+    try:
+        with MLLPConnection(server.address) as conn:
+            for message in (adt("GH-50", "GENHOSP", "A28", "GH-50"), adt("HH-50", "HHCARE", "A28", "HH-50"),
+                            adt("NH-50", "OAKNH", "A28", "OA-50")):
+                assert msa(conn.request(message))[0] == "AA"
+            for n in range(5):
+                assert msa(conn.request(bh_note(f"BH-5{n}", "OA-50", n)))[0] == "AA"
+            assert msa(conn.request(adt("NH-51", "OAKNH", "A08", "OA-50")))[0] == "AA"
+        deliveries = api_request(server, database_url, "GET", "/api/deliveries?state=queued", role="admin")
+        queued = sorted((d["facility"], d["message"]["control_id"]) for d in deliveries["deliveries"])
+        notes = [f"BH-5{n}" for n in range(5)]
+        assert queued == sorted([("GENHOSP", c) for c in notes + ["NH-51"]] + [("HHCARE", c) for c in notes])
+        server.stop()
+
+        config = write_config(tmp_path, facilities=network('exclude_documents = ["BH"]', '["MDM^*"]'),
+                              server_extra=fast)
+        hospital, home_health = Capture(hospital_port), Capture(home_health_port)
+        server = ExchangeProcess(config, database_url).start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            deliveries = api_request(server, database_url, "GET", "/api/deliveries?limit=100", role="admin")
+            if all(d["state"] != "queued" for d in deliveries["deliveries"]):
+                break
+            time.sleep(0.1)
+        outcome = {(d["facility"], d["message"]["control_id"]): (d["state"], d["last_error"])
+                   for d in deliveries["deliveries"]}
+        excluded = ("withheld", "withheld: the destination now excludes this document type")
+        assert outcome == {**{("HHCARE", c): excluded for c in notes},
+                           **{("GENHOSP", c): ("delivered", None) for c in notes},
+                           ("GENHOSP", "NH-51"): ("withheld", "withheld: the destination no longer subscribes to this event")}
+        assert [field(m, "MSH", 8).split("^")[0] for m in hospital.wait_for(5)] == ["MDM"] * 5
+        assert home_health.wait_for(1, timeout=1) == []
+        assert len(hospital.wait_for(6, timeout=1)) == 5
+    finally:
+        server.stop()
+        for peer in (hospital, home_health):
+            if peer is not None:
+                peer.stop()
