@@ -246,3 +246,78 @@ def test_a_record_like_one_of_a_persons_records_but_contradicting_another_is_not
     daughter = rec("HHCARE", "H1", person("Brannigan", "Katherine", birth="19790622", sex="F", **home))
     d = decide(daughter, [mother, mixed], MODEL)
     assert d.action is Action.REVIEW and Reason.CONFLICTING_MEMBER in d.reasons
+
+
+# -- found by a black-box audit of the live exchange: false automatic links ------------------------
+
+
+def review_because(record, candidates, reason):
+    d = decide(record, candidates, MODEL)
+    assert d.action is Action.REVIEW and reason in d.reasons, (d.action, d.reasons, d.score)
+    return d
+
+
+def test_one_ssn_on_two_birth_dates_is_a_family_members_ssn():
+    """A newborn under the mother's SSN, brothers, a son under his father's (same name), spouses."""
+    mother = rec("GENHOSP", "G1", person("Okafor", "Adaeze", birth="19920411", sex="F", ssn="512448811", **HOUSE), "P1")
+    baby = rec("HHCARE", "H1", person("Okafor", "Chioma", birth="20260301", sex="F", ssn="512448811", **HOUSE))
+    review_because(baby, [mother], Reason.SSN_ONLY)
+    father = rec("GENHOSP", "G2", person("Kingsford", "Thomas", birth="19550607", sex="M", ssn="401223344"), "P2")
+    son = rec("OAKNH", "O2", person("Kingsford", "Thomas", birth="19830607", sex="M", ssn="401223344"))
+    review_because(son, [father], Reason.SSN_ONLY)
+    # the same person with a typo in the birth date still links on the SSN
+    typo = rec("OAKNH", "O3", person("Kingsford", "Thomas", birth="19550706", sex="M", ssn="401223344"))
+    assert decide(typo, [father], MODEL).action is Action.LINK
+
+
+def test_twins_with_close_given_names_and_newborns_are_reviewed():
+    kristen = rec("GENHOSP", "G1", person("Lindqvist", "Kristen", birth="20010203", sex="F", **HOUSE), "P1")
+    kirsten = rec("OAKNH", "O1", person("Lindqvist", "Kirsten", birth="20010203", sex="F", **HOUSE))
+    review_because(kirsten, [kristen], Reason.POSSIBLE_TWIN)
+    isabel = rec("GENHOSP", "G2", person("Moreau", "Isabel", birth="20010203", sex="F", **HOUSE), "P2")
+    isabella = rec("OAKNH", "O2", person("Moreau", "Isabella", birth="20010203", sex="F", **HOUSE))
+    review_because(isabella, [isabel], Reason.POSSIBLE_TWIN)
+    a = rec("GENHOSP", "G3", person("Okafor", "Baby Girl", "A", birth="20260301", sex="F", **HOUSE), "P3")
+    b = rec("HHCARE", "H3", person("Okafor", "Baby Girl", "B", birth="20260301", sex="F", **HOUSE))
+    review_because(b, [a], Reason.NEWBORN)
+    c = rec("HHCARE", "H4", person("Okafor", "Babygirl", "B", birth="20260301", sex="F", **HOUSE))
+    review_because(c, [a], Reason.NEWBORN)
+    # a nickname is the same person, not a twin
+    liz = rec("OAKNH", "O5", person("Moreau", "Liz", birth="19700203", sex="F", **HOUSE))
+    assert decide(liz, [rec("GENHOSP", "G5", person("Moreau", "Elizabeth", birth="19700203", sex="F", **HOUSE),
+                            "P5")], MODEL).action is Action.LINK
+
+
+def test_a_common_name_and_a_birthday_in_two_towns_are_two_people():
+    albany = rec("GENHOSP", "G1", person("Smith", "John", birth="19700101", sex="M", street="5 Elm St", city="Albany",
+                                         postcode="12203", phone="518-555-0101"), "P1")
+    tucson = rec("OAKNH", "O1", person("Smith", "John", birth="19700101", sex="M", street="9 Cactus Rd",
+                                       city="Tucson", postcode="85701", phone="520-555-0199"))
+    review_because(tucson, [albany], Reason.NAME_AND_BIRTH_DATE_ONLY)
+    # an uncommon surname (issue 4's married, moved Elizabeth Hanson-Moore) still links
+    hanson = rec("OAKNH", "O2", person("Hanson", "Elizabeth", birth="19500304", sex="F", street="12 Main Street",
+                                       city="Springfield", postcode="62704"), "P2")
+    moved = rec("HHCARE", "H2", person("Hanson-Moore", "Elizabeth", birth="19500304", sex="F", street="40 Oak Ave",
+                                       postcode="62711"))
+    assert decide(moved, [hanson], MODEL).action is Action.LINK
+    # the index's own frequencies decide once the match-model job has measured them
+    rare_here = MODEL.replace(tf={"family": {"smith": 0.0001}}, tf_floor={"family": 0.0001})
+    assert Reason.NAME_AND_BIRTH_DATE_ONLY not in decide(tucson, [albany], rare_here).reasons
+
+
+def test_no_birth_date_and_no_ssn_is_never_enough():
+    brown = rec("GENHOSP", "G1", person("Brown", "James", sex="M", street="1 Oak St", postcode="30301"), "P1")
+    other = rec("OAKNH", "O1", person("Brown", "James", sex="M", street="7 Pine St", postcode="30301"))
+    d = decide(other, [brown], MODEL)
+    assert d.action is not Action.LINK
+
+
+def test_an_update_that_makes_a_linked_record_a_twin_takes_the_link_back():
+    emma = rec("GENHOSP", "G1", person("Castellano", "Emma", birth="20050101", sex="F", **HOUSE), "P1")
+    olivia = rec("OAKNH", "O1", person("Castellano", "Olivia", birth="20050101", sex="F", **HOUSE), "P1")
+    d = decide(olivia, [emma], MODEL)
+    assert d.action is Action.REVIEW and Reason.LINK_LOOKS_WRONG in d.reasons
+    henri_sr = rec("OAKNH", "O2", person("Laurent", "Henri", suffix="SR", birth="19500101", sex="M", **HOUSE), "P2")
+    henri = rec("GENHOSP", "G2", person("Laurent", "Henri", birth="19800101", sex="M", **HOUSE), "P2")
+    d = decide(henri_sr, [henri], MODEL)
+    assert d.action is Action.REVIEW and Reason.LINK_LOOKS_WRONG in d.reasons

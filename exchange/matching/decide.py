@@ -40,6 +40,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from rapidfuzz.distance import JaroWinkler
+
 from exchange.matching.compare import FIELD_NAMES, Level
 from exchange.matching.features import Features
 from exchange.matching.model import Model, Score, score
@@ -65,10 +67,12 @@ class Reason(StrEnum):
     LINK_KEPT = "link_kept"
     LINK_LOOKS_WRONG = "link_looks_wrong"  # the record no longer scores against its own person
     # Above upper, but the evidence has the shape of two people (a review, never a link):
-    POSSIBLE_TWIN = "possible_twin"  # sequential SSNs, the same birth date and phone, given names not the same
-    SSN_ONLY = "ssn_only"  # one SSN, but given name, birth date and sex another person's (a misfiled SSN)
-    NO_BIRTH_DATE = "no_birth_date"  # no birth date on one side, a JR/SR suffix, and no SSN agreeing
-    PARENT_AND_CHILD = "parent_and_child"  # birth dates one digit apart, in the decade: 1950 / 1980, no SSN
+    POSSIBLE_TWIN = "possible_twin"  # the same surname and birth date, given names not the same, no SSN agreeing
+    SSN_ONLY = "ssn_only"  # one SSN, another birth date, and another given name or generation: a relative's SSN
+    NO_BIRTH_DATE = "no_birth_date"  # no birth date on one side, no SSN or phone agreeing: names and places only
+    PARENT_AND_CHILD = "parent_and_child"  # birth dates one digit apart, in the decade: 1950 / 1980
+    NEWBORN = "newborn_placeholder"  # "Baby Girl", "Infant", ...: a newborn's placeholder name (twins look alike)
+    NAME_AND_BIRTH_DATE_ONLY = "name_and_birth_date_only"  # a common surname; no SSN, phone or address agrees, one differs
     CONFLICTING_MEMBER = "conflicting_member"  # another record of that person contradicts this one
 
 
@@ -159,7 +163,7 @@ def decide(
     current = record.person
     own = by_person.get(current, []) if current is not None else []
     if current is not None and (own or manual):
-        return _linked(record, current, own, matches, best, blocked, manual, model, reasons)
+        return _linked(record, current, own, matches, best, blocked, manual, model, reasons, features)
 
     eligible = [p for p in best if p not in blocked]
     eligible.sort(key=lambda p: -best[p])
@@ -197,27 +201,83 @@ _F = {name: i for i, name in enumerate(FIELD_NAMES)}
 _SSN_AGREES = frozenset({Level.EXACT, Level.TRANSPOSED})
 
 
-def _caution(record: Record, members: list[Match], features, model: Model) -> Reason | None:
+def _caution(record: Record, members: list[Match], features, model: Model, *, family_only: bool = False
+             ) -> Reason | None:
     """Why a person scoring at or above ``upper`` must still not be linked automatically:
-    its best record agrees the way two people of one family do, or another of its
-    records contradicts the arriving one (a chain: A like B, B like C, A not C)."""
+    its best record agrees the way two people of one family do (or two strangers sharing a
+    common name and birthday), or another of its records contradicts the arriving one (a
+    chain: A like B, B like C, A not C; not with ``family_only``)."""
     best = members[0].score.levels
     ssn, birth, given = best[_F["ssn"]], best[_F["birth"]], best[_F["given"]]
-    other = features[(members[0].facility, members[0].mrn)]
+    mine, other = record.features, features[(members[0].facility, members[0].mrn)]
+    if _newborn(mine) or _newborn(other):
+        return Reason.NEWBORN
+    years_apart = abs((mine.birth_year or 0) - (other.birth_year or 0)) if mine.birth_year and other.birth_year else 0
+    decades_apart = birth is Level.ONE_DIGIT and years_apart >= 10
     if ssn in _SSN_AGREES:
-        if given is Level.DISAGREE and birth is Level.DISAGREE and best[_F["sex"]] is Level.DISAGREE:
-            return Reason.SSN_ONLY
+        if (birth is Level.DISAGREE or birth is Level.YEAR_ONLY or decades_apart) and best[_F["family"]] in _FAMILY_SAME and (
+                given is Level.DISAGREE and years_apart >= 1 and _unlike(mine.given, other.given)
+                or years_apart >= 15 and best[_F["address"]] not in _ADDRESS_SAME):
+            return Reason.SSN_ONLY  # one SSN on a relative: another given name, or another generation elsewhere
     else:
-        if birth is Level.MISSING and (record.features.suffix or other.suffix):
-            return Reason.NO_BIRTH_DATE
-        if birth is Level.ONE_DIGIT and abs((record.features.birth_year or 0) - (other.birth_year or 0)) >= 10:
+        if birth is Level.MISSING and (ssn is Level.MISSING and best[_F["phone"]] is not Level.EXACT
+                                       or mine.suffix or other.suffix):
+            return Reason.NO_BIRTH_DATE  # names and places only (a shared phone, unless JR/SR says a family)
+        if decades_apart:
             return Reason.PARENT_AND_CHILD
-        if (ssn is Level.ONE_DIGIT and birth is Level.EXACT and given is not Level.EXACT
-                and best[_F["phone"]] is Level.EXACT):
-            return Reason.POSSIBLE_TWIN
-    if any(m.total < model.lower for m in members[1:]):  # would not even be a candidate for review
+        if birth is Level.EXACT and given is not Level.EXACT and (
+                ssn is Level.ONE_DIGIT and best[_F["phone"]] is Level.EXACT  # sequential SSNs, one phone
+                or ssn is Level.MISSING and best[_F["family"]] in _FAMILY_SAME and given in _TWIN_GIVEN):
+            return Reason.POSSIBLE_TWIN  # no SSN tells them apart: twins are named alike
+        if _common_family(mine, model) and not any(best[_F[f]] in agree for f, agree in _CORROBORATE) and any(
+                best[_F[f]] is Level.DISAGREE for f, _ in _CORROBORATE):
+            return Reason.NAME_AND_BIRTH_DATE_ONLY  # two John Smiths born the same day, in two towns
+    if not family_only and any(m.total < model.lower for m in members[1:]):  # not even a candidate for review
         return Reason.CONFLICTING_MEMBER
     return None
+
+
+_FAMILY_SAME = frozenset({Level.EXACT, Level.PART})
+_ADDRESS_SAME = frozenset({Level.EXACT, Level.STREET, Level.SIMILAR})
+_TWIN_GIVEN = frozenset({Level.CLOSE, Level.SIMILAR, Level.DISAGREE})  # not a nickname or an initial: one person
+# Fields that corroborate a name and a birth date (the levels at which they do).
+_CORROBORATE = (
+    ("phone", frozenset({Level.EXACT})),
+    ("address", frozenset({Level.EXACT, Level.STREET, Level.SIMILAR})),
+    ("place", frozenset({Level.EXACT, Level.POSTCODE, Level.CITY})),
+)
+# A newborn's placeholder given name (HL7 sites register "BABY GIRL", "BABYBOY", "INFANT" ...
+# before the parents name the child): twins share it with their birth date and household.
+_NEWBORN_GIVEN = frozenset({"baby", "babygirl", "babyboy", "infant", "newborn", "nb", "bg", "bb", "girl", "boy",
+                            "twin", "female", "male", "unknown", "unk"})
+
+
+# The most frequent US surnames (Census 2010, each at least 0.13 % of people), used until the
+# match-model job has measured the index's own frequencies (Model.tf).
+COMMON_SURNAMES = frozenset("""
+smith johnson williams brown jones garcia miller davis rodriguez martinez hernandez lopez gonzalez wilson
+anderson thomas taylor moore jackson martin lee perez thompson white harris sanchez clark ramirez lewis robinson
+walker young allen king wright scott torres nguyen hill flores green adams nelson baker hall rivera campbell
+mitchell carter roberts
+""".split())
+COMMON_SHARE = 0.0013  # a surname at least this frequent in the index is a common one
+
+
+def _common_family(f: Features, model: Model) -> bool:
+    """Whether two people may well share this surname and a birthday: a frequent surname."""
+    table = model.tf.get("family")
+    if table:  # the index's own frequencies, once the match-model job has run
+        return table.get(f.family, 0.0) >= COMMON_SHARE
+    return f.family in COMMON_SURNAMES
+
+
+def _unlike(a: str, b: str) -> bool:
+    """Two given names of two people, not one name mistyped: another first letter, little alike."""
+    return bool(a and b) and a[0] != b[0] and JaroWinkler.similarity(a, b) < 0.7
+
+
+def _newborn(f: Features) -> bool:
+    return f.given in _NEWBORN_GIVEN or f.given_full.startswith(("babygirl", "babyboy", "twin"))
 
 
 def _group(m: Match) -> object:
@@ -225,7 +285,7 @@ def _group(m: Match) -> object:
     return m.person if m.person is not None else (m.facility, m.mrn)
 
 
-def _linked(record, current, own, matches, best, blocked, manual, model, reasons) -> Decision:
+def _linked(record, current, own, matches, best, blocked, manual, model, reasons, features) -> Decision:
     """Rules 1 and 2: a record that already belongs to a person with other records."""
     own_score = own[0].total if own else None
     others_above = [p for p, s in best.items() if p != current and p not in blocked and s >= model.upper]
@@ -236,6 +296,9 @@ def _linked(record, current, own, matches, best, blocked, manual, model, reasons
         return Decision(Action.KEEP, current, own_score, tuple(own), tuple(reasons + [Reason.MANUAL_KEPT]))
     if looks_wrong:
         return _review(current, own_score, matches, model.lower, reasons + [Reason.LINK_LOOKS_WRONG], own)
+    caution = _caution(record, own, features, model, family_only=True) if own else None
+    if caution is not None:  # an update made the records look like two members of one family
+        return _review(current, own_score, matches, model.lower, reasons + [Reason.LINK_LOOKS_WRONG, caution], own)
     if others_above:
         return _review(current, own_score, matches, model.lower, reasons + [Reason.TWO_PERSONS], own)
     return Decision(Action.KEEP, current, own_score, tuple(own), tuple(reasons + [Reason.LINK_KEPT]))
