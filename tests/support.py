@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+CORPUS_DIR = Path(__file__).resolve().parent / "corpus"  # 99 public HL7 v2 messages, tests/corpus/SOURCES.md
+
 START, END = b"\x0b", b"\x1c\x0d"
 
 DEMO_FACILITIES = """

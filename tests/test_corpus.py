@@ -1,4 +1,4 @@
-"""Every message of ../shared/corpus, its MSH-4 set to a configured
+"""Every message of the corpus (tests/corpus, a copy of ../shared/corpus), its MSH-4 set to a configured
 facility, sent to the running exchange over one MLLP connection: exactly
 one answer each (none for an inbound ACK), the right MSA-2 and the right
 code; and the server keeps serving.
@@ -9,13 +9,13 @@ for every one that is not accepted.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
 from tests.support import ExchangeProcess, MLLPConnection, adt, msa, write_config
+from tests.support import CORPUS_DIR
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+CORPUS = CORPUS_DIR  # tests/corpus: a copy of ../shared/corpus (see its SOURCES.md)
 
 # A = accepted, E = error (AE/CE), R = rejected (AR/CR), N = no answer (an inbound ACK),
 # B = a batch: one batch acknowledgement holding one ACK per message.

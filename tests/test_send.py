@@ -33,13 +33,10 @@ from exchange.send import (
     send_messages,
     split_messages,
 )
+from tests.support import CORPUS_DIR
 
 REPO = Path(__file__).resolve().parent.parent
-CORPUS = REPO.parent / "shared" / "corpus"
-if not CORPUS.is_dir():  # the corpus lives next to the checkout
-    CORPUS = Path("/work/shared/corpus")
-
-needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason="shared HL7 corpus not available")
+CORPUS = CORPUS_DIR  # tests/corpus: a copy of ../shared/corpus (see its SOURCES.md)
 
 BOM = b"\xef\xbb\xbf"
 
@@ -64,7 +61,6 @@ def with_line_ends(message: bytes, end: bytes) -> bytes:
 # -- split_messages ---------------------------------------------------------------
 
 
-@needs_corpus
 @pytest.mark.parametrize("end", [b"\r", b"\n", b"\r\n"])
 def test_corpus_message_with_any_line_end_is_one_message_with_cr(end):
     original = corpus("msfc/ADT-A01-01.hl7")  # LF in its source; CR in the corpus
@@ -73,7 +69,6 @@ def test_corpus_message_with_any_line_end_is_one_message_with_cr(end):
     assert b"\n" not in messages[0]
 
 
-@needs_corpus
 @pytest.mark.parametrize(
     "name, control_id",
     [
@@ -94,7 +89,6 @@ def test_corpus_single_messages(name, control_id):
         assert describe(name, messages[0]).control_id == control_id
 
 
-@needs_corpus
 def test_utf8_bom_is_stripped():
     data = corpus("msfc/ADT01-23.hl7")
     assert data.startswith(BOM)
@@ -103,7 +97,6 @@ def test_utf8_bom_is_stripped():
     assert describe("f", message).control_id == "599102"
 
 
-@needs_corpus
 def test_batch_file_is_sent_whole():
     data = corpus("pyhl7/sample_batch1_two_msgs.hl7")
     (batch,) = split_messages(data)
@@ -114,7 +107,6 @@ def test_batch_file_is_sent_whole():
     assert described.control_id == "abchs20070101123401-1"  # BHS-11
 
 
-@needs_corpus
 @pytest.mark.parametrize(
     "name, count",
     [("pyhl7/sample_file_fhs_bhs.hl7", 1), ("mirth/fhs_bhs_batch_crlf.hl7", 1), ("pyhl7/sample_bad_batch_no_msh.hl7", 1)],
@@ -125,7 +117,6 @@ def test_other_batches_are_one_message(name, count):
     assert describe(name, batch).count == count
 
 
-@needs_corpus
 def test_multi_message_file_mixed_line_ends_and_boms():
     a = corpus("msfc/ADT-A01-01.hl7")
     b = corpus("ipf/msg-01-utf8_a01_v22.hl7")
@@ -153,7 +144,6 @@ def test_segment_starting_with_msh_inside_text_is_not_a_split_only_at_segment_st
     assert split_messages(message) == [message]
 
 
-@needs_corpus
 def test_framed_file():
     a, b = corpus("msfc/ADT-A01-01.hl7"), corpus("ipf/msg-01-utf8_a01_v22.hl7")
     data = encode(a) + b"\n" + encode(with_line_ends(b, b"\r\n")) + b"\r\n"
@@ -525,7 +515,6 @@ def test_end_to_end_all_accepted(server, tmp_path):
     assert server.received == [synthetic("E1"), synthetic("E2"), synthetic("E3")]
 
 
-@needs_corpus
 def test_end_to_end_errors_rejects_batches_and_corpus_files(server, tmp_path):
     mixed = tmp_path / "mixed.hl7"
     mixed.write_bytes(

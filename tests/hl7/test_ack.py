@@ -1,9 +1,7 @@
 """build_ack: field by field, per version and mode; checked back with python-hl7 and hl7apy."""
 from __future__ import annotations
 
-import os
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import hl7
 import pytest
@@ -23,6 +21,7 @@ from exchange.hl7.ack import (
 )
 from exchange.hl7.header import Delimiters, Header, read_header
 from exchange.outcome import ACCEPTED, IGNORED, Outcome, Problem, Verdict, error, rejected
+from tests.support import CORPUS_DIR
 
 NOW = datetime(2024, 3, 5, 14, 7, 9)
 NOW_TEXT = "20240305140709"
@@ -552,11 +551,10 @@ def test_escape_text_leaves_plain_text_alone():
 
 # --- the corpus, through read_header and accept --------------------------------
 
-CORPUS = Path(os.environ.get("EXCHANGE_CORPUS", Path(__file__).resolve().parents[3] / "shared" / "corpus"))
+CORPUS = CORPUS_DIR  # tests/corpus: a copy of ../shared/corpus (see its SOURCES.md)
 CORPUS_FILES = sorted(CORPUS.rglob("*.hl7")) if CORPUS.is_dir() else []
 
 
-@pytest.mark.skipif(not CORPUS_FILES, reason="shared corpus not available")
 @pytest.mark.parametrize("path", CORPUS_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_corpus_message_gets_a_well_formed_ack(path):
     header = read_header(path.read_bytes())

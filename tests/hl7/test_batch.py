@@ -1,9 +1,7 @@
 """Batches in one frame: split_batch on the corpus batches, and the batch acknowledgement."""
 from __future__ import annotations
 
-import os
 from datetime import datetime
-from pathlib import Path
 
 import hl7
 import pytest
@@ -18,11 +16,11 @@ from exchange.hl7.batch import (
 )
 from exchange.hl7.header import DEFAULT_DELIMITERS, Delimiters, read_header
 from exchange.outcome import ACCEPTED, rejected
+from tests.support import CORPUS_DIR
 
-CORPUS = Path(os.environ.get("EXCHANGE_CORPUS", Path(__file__).resolve().parents[3] / "shared" / "corpus"))
+CORPUS = CORPUS_DIR  # tests/corpus: a copy of ../shared/corpus (see its SOURCES.md)
 NOW = datetime(2024, 3, 5, 14, 7, 9)
 
-pytestmark = pytest.mark.skipif(not CORPUS.is_dir(), reason="shared corpus not available")
 
 
 def corpus(name: str) -> bytes:

@@ -1,7 +1,6 @@
 """read_header: the MSH fast path, on synthetic messages and the shared corpus."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -9,8 +8,9 @@ from hypothesis import strategies as st
 
 from exchange.hl7.header import DEFAULT_DELIMITERS, Delimiters, Header, read_header
 from exchange.outcome import Problem
+from tests.support import CORPUS_DIR
 
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
+CORPUS = CORPUS_DIR  # tests/corpus: a copy of ../shared/corpus (see its SOURCES.md)
 CORPUS_FILES = sorted(CORPUS.glob("*/*.hl7"))
 
 ADT = (
@@ -22,10 +22,7 @@ ADT = (
 
 
 def corpus(name: str) -> bytes:
-    path = CORPUS / name
-    if not path.exists():
-        pytest.skip(f"corpus file {name} not available")
-    return path.read_bytes()
+    return (CORPUS / name).read_bytes()
 
 
 def msh(*fields: str, sep: str = "|", enc: str = "^~\\&", rest: str = "") -> bytes:

@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 from exchange.hl7.charset import decode_message
 from exchange.hl7.header import Header, read_header
 from exchange.mapping.events import FacilityContext, Mapped, map_message
 from exchange.mapping.message import Message
 from exchange.mapping.state import MemoryState
+from tests.support import CORPUS_DIR
 
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
-if not CORPUS.exists():  # pragma: no cover - the repo's usual layout is /work/main next to /work/shared
-    CORPUS = Path("/work/shared/corpus")
+CORPUS = CORPUS_DIR  # tests/corpus: a copy of ../shared/corpus (see its SOURCES.md)
 
 _ids = itertools.count(1)
 

@@ -22,6 +22,7 @@ from exchange.hl7.header import Delimiters, read_header
 from exchange.mapping.message import Message, escape, unescape
 from exchange.routing.rewrite import Copy, rewrite
 from exchange.routing.rules import DEFAULT, Destination, Event
+from tests.support import CORPUS_DIR
 
 NOW = datetime(2024, 5, 1, 10, 30, 15, tzinfo=timezone(timedelta(hours=2)))
 SERVER = ServerConfig(mllp=("tcp:2575",), http="tcp:8080")
@@ -438,9 +439,7 @@ def test_copies_validate_with_hl7apy(original, version):
 
 # -- the shared corpus -----------------------------------------------------------------
 
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
-if not CORPUS.exists():  # pragma: no cover - the repo's usual layout is /work/main next to /work/shared
-    CORPUS = Path("/work/shared/corpus")
+CORPUS = CORPUS_DIR  # tests/corpus: a copy of ../shared/corpus (see its SOURCES.md)
 
 
 def corpus_messages() -> list[Path]:
@@ -460,7 +459,6 @@ def hl7apy_verdict(text: str) -> bool:
         return False
 
 
-@pytest.mark.skipif(not CORPUS.exists(), reason="shared corpus not available")
 def test_corpus_copies():
     """Every ADT/MDM message of the corpus: its copy reads back with python-hl7
     and the header reader; where hl7apy validates the original, it validates
