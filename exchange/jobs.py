@@ -264,6 +264,7 @@ class JobScheduler:
         self._child: subprocess.Popen | None = None
         self._stopping = threading.Event()
         self._config_path: str | None = None
+        self._engine = None  # PostgreSQL: the schedule locks' connections (scheduled)
 
     def start(self) -> None:
         from apscheduler.executors.pool import ThreadPoolExecutor
@@ -284,7 +285,7 @@ class JobScheduler:
         for name, schedule in self.config.server.reconcile:
             trigger = _trigger(schedule)
             if trigger is not None:
-                self.scheduler.add_job(self.run, trigger, args=[name], id=name, name=name)
+                self.scheduler.add_job(self.scheduled, trigger, args=[name, _period(schedule)], id=name, name=name)
         self.scheduler.start()
 
     def stop(self) -> None:
@@ -298,6 +299,33 @@ class JobScheduler:
         if self._config_path is not None:
             with contextlib.suppress(OSError):
                 os.unlink(self._config_path)
+        if self._engine is not None:
+            self._engine.dispose()  # a held schedule lock goes with its session
+
+    def scheduled(self, name: str, period: float) -> int | None:
+        """A scheduled run. PostgreSQL, several nodes: every node's timer fires once a period
+        (each at its own phase), and the job must run once: the node that starts it keeps the
+        job's schedule lock for most of the period, so the others skip (and say so)."""
+        if not self.config.server.database.startswith("postgresql"):
+            return self.run(name)
+        from exchange.store.db import make_engine
+
+        if self._engine is None:
+            self._engine = make_engine(self.config.server.database)
+        key = f"exchange reconcile schedule {name}"
+        with self._engine.connect() as conn:
+            if not conn.exec_driver_sql("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).scalar():
+                conn.commit()
+                self.emit("info", f"reconcile {name}: skipped (another node runs it this period)")
+                return None
+            conn.commit()
+            started = time.monotonic()
+            try:
+                return self.run(name)
+            finally:
+                self._stopping.wait(max(0.0, started + period * SCHEDULE_HOLD - time.monotonic()))
+                conn.exec_driver_sql("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+                conn.commit()
 
     def run(self, name: str) -> int | None:
         """One run of a job as a child process (the worker thread); its exit code, None if cut short."""
@@ -333,6 +361,14 @@ class JobScheduler:
 
     def _log(self, level: str, line: str) -> None:
         self.reactor.callFromThread(getattr(log, level), "{line}", line=line)
+
+
+SCHEDULE_HOLD = 0.9  # of a period: how long the node that ran a job keeps the others from running it
+
+
+def _period(schedule: Schedule) -> float:
+    """Seconds between two runs: an interval's; a cron expression's at least a minute apart."""
+    return schedule.seconds if schedule.seconds is not None else 60.0
 
 
 def _trigger(schedule: Schedule):

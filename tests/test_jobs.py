@@ -339,3 +339,27 @@ def test_a_replay_waits_for_a_job_reading_the_model(engine, database_url):
     finally:
         job.dispose()
     assert replay_module.replay(engine, FACILITIES).records == records
+
+
+@pytest.mark.parametrize("database_url", [pytest.param("postgresql", marks=pytest.mark.postgresql)], indirect=True)
+def test_on_postgresql_a_scheduled_job_runs_once_a_period_whatever_the_number_of_nodes(engine, database_url, tmp_path):
+    """Found by a black-box audit: each node ran every scheduled job (the job's lock is held only
+    while a run lasts, and each node's timer fires at its own time)."""
+    import threading
+
+    config = load_config(write_config(tmp_path), database=database_url, environ={})
+    lines: list[tuple[str, str]] = []
+    nodes = [JobScheduler(config, reactor=None, emit=lambda level, line: lines.append((level, line))) for _ in range(2)]
+    results: list = []
+    first = threading.Thread(target=lambda: results.append(nodes[0].scheduled("consistency", 6.0)))
+    first.start()
+    time.sleep(1.0)  # the second node's timer fires a moment later, in the same period
+    assert nodes[1].scheduled("consistency", 6.0) is None
+    first.join()
+    assert results == [0]
+    ran = [line for _, line in lines if line.startswith("reconcile consistency: ok")]
+    skipped = [line for _, line in lines if "skipped (another node runs it this period)" in line]
+    assert len(ran) == 1 and len(skipped) == 1
+    assert nodes[1].scheduled("consistency", 0.1) == 0  # the next period: the lock is free again
+    for node in nodes:
+        node.stop()
