@@ -155,3 +155,34 @@ def test_write_transaction_commits_or_rolls_back(engine: Engine) -> None:
                         assert "locked" in str(exc)
             finally:
                 other.dispose()
+
+
+def test_0010_brings_an_older_databases_data_up_to_what_later_revisions_record(engine: Engine, tmp_path) -> None:
+    """Found by a black-box audit of an upgrade: copies queued before 0007 (no destination MRN)
+    went out after a split; reviews of records merged before merges superseded them stayed open
+    and could not be decided; opt-outs set before 0008 had no history."""
+    from datetime import datetime, timezone
+
+    from exchange.store.reviews import set_opt_out
+    from tests.store.test_index import ELIZABETH, adt, pid, register
+    from tests.store.test_routing_store import network, run
+
+    config = network(tmp_path)
+    run(engine, config, register("OAKNH", "OA-1", **ELIZABETH))
+    run(engine, config, register("GENHOSP", "GH-1", **ELIZABETH), register("GENHOSP", "GH-2", **ELIZABETH))
+    run(engine, config, adt("GENHOSP", "A40", pid("GH-1", "GENHOSP", **ELIZABETH), "MRG|GH-2^^^GENHOSP^MR"))
+    with engine.begin() as conn:
+        person = conn.execute(text("SELECT person_id FROM patient_record WHERE mrn = 'OA-1'")).scalar_one()
+        set_opt_out(conn, person, True, actor="tess", now=datetime(2026, 11, 1, tzinfo=timezone.utc))
+    # as an older exchange left them
+    downgrade(engine, "0009")
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE delivery SET destination_mrn = NULL"))
+        conn.execute(text("UPDATE match_review SET state = 'open' WHERE mrn = 'GH-2'"))
+        conn.execute(text("DELETE FROM opt_out_event"))
+    upgrade(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT destination, destination_mrn FROM delivery")).all() == [("OAKNH", "OA-1")]
+        assert conn.execute(text("SELECT state FROM match_review WHERE mrn = 'GH-2'")).scalars().all() == ["superseded"]
+        events = conn.execute(text("SELECT person_id, protected, by FROM opt_out_event")).all()
+    assert [(p, bool(on), by) for p, on, by in events] == [(person, True, "api tess")]
