@@ -72,7 +72,7 @@ class Reason(StrEnum):
     NO_BIRTH_DATE = "no_birth_date"  # no birth date on one side, no SSN or phone agreeing: names and places only
     PARENT_AND_CHILD = "parent_and_child"  # birth dates one digit apart, in the decade: 1950 / 1980
     NEWBORN = "newborn_placeholder"  # "Baby Girl", "Infant", ...: a newborn's placeholder name (twins look alike)
-    NAME_AND_BIRTH_DATE_ONLY = "name_and_birth_date_only"  # a common surname; no SSN, phone or address agrees, one differs
+    NAME_AND_BIRTH_DATE_ONLY = "name_and_birth_date_only"  # a common surname in another town, nothing else agreeing
     CONFLICTING_MEMBER = "conflicting_member"  # another record of that person contradicts this one
 
 
@@ -229,8 +229,8 @@ def _caution(record: Record, members: list[Match], features, model: Model, *, fa
                 ssn is Level.ONE_DIGIT and best[_F["phone"]] is Level.EXACT  # sequential SSNs, one phone
                 or ssn is Level.MISSING and best[_F["family"]] in _FAMILY_SAME and given in _TWIN_GIVEN):
             return Reason.POSSIBLE_TWIN  # no SSN tells them apart: twins are named alike
-        if _common_family(mine, model) and not any(best[_F[f]] in agree for f, agree in _CORROBORATE) and any(
-                best[_F[f]] is Level.DISAGREE for f, _ in _CORROBORATE):
+        if (_common_family(mine, model) and best[_F["place"]] is Level.DISAGREE
+                and not any(best[_F[f]] in agree for f, agree in _CORROBORATE)):
             return Reason.NAME_AND_BIRTH_DATE_ONLY  # two John Smiths born the same day, in two towns
     if not family_only and any(m.total < model.lower for m in members[1:]):  # not even a candidate for review
         return Reason.CONFLICTING_MEMBER
