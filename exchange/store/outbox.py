@@ -740,8 +740,10 @@ def list_deliveries(
     limit: int = 100,
     *,
     person_id: int | None = None,
+    after: int | None = None,
 ) -> list[DeliveryView]:
-    """Deliveries by state / destination / person, at most ``limit`` (1 to 1000).
+    """Deliveries by state / destination / person, at most ``limit`` (1 to 1000), the next page
+    from ``after`` (the last id of the page before: its ``next``).
 
     Queued ones oldest first (the order they go out); otherwise newest first
     (``state=delivered`` is the accounting of disclosures, latest first).
@@ -751,6 +753,8 @@ def list_deliveries(
     if state is not None:
         state = DeliveryState(state)
         stmt = stmt.where(delivery.c.state == state.value)
+    if after is not None:
+        stmt = stmt.where(delivery.c.id > after if state is DeliveryState.QUEUED else delivery.c.id < after)
     if destination is not None:
         stmt = stmt.where(delivery.c.destination == destination)
     if person_id is not None:

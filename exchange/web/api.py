@@ -104,8 +104,9 @@ DELIVERY_LIST_DEFAULT = 100
 DELIVERY_LIST_MAX = 1000
 
 
-def _deliveries(conn: Connection, state: str | None, facility: str | None, person: int | None, limit: int) -> list:
-    return list_deliveries(conn, state, facility, limit, person_id=person)
+def _deliveries(conn: Connection, state: str | None, facility: str | None, person: int | None, limit: int,
+                after: int | None = None) -> list:
+    return list_deliveries(conn, state, facility, limit, person_id=person, after=after)
 
 
 def retry_audited(
@@ -120,13 +121,14 @@ def retry_audited(
 
 
 def _delivery_query(args: dict) -> tuple[tuple | None, str | None]:
-    """(state, facility, person, limit) from ``?state=&facility=&person=&limit=``, or a reason for 400."""
+    """(state, facility, person, limit, after) from ``?state=&facility=&person=&limit=&after=``, or a
+    reason for 400."""
 
     def one(name: str) -> str | None:
         values = args.get(name.encode())
         return values[-1].decode("utf-8", "replace") if values else None
 
-    state, facility, person, limit = one("state"), one("facility"), one("person"), one("limit")
+    state, facility, person, limit, after = one("state"), one("facility"), one("person"), one("limit"), one("after")
     states = ", ".join(s.value for s in DeliveryState)
     if state is not None and state not in {s.value for s in DeliveryState}:
         return None, f"state must be one of {states}"
@@ -136,7 +138,10 @@ def _delivery_query(args: dict) -> tuple[tuple | None, str | None]:
         return None, "a person id is a number"
     if limit is not None and (not digits(limit) or not 1 <= int(limit) <= DELIVERY_LIST_MAX):
         return None, f"limit must be a number from 1 to {DELIVERY_LIST_MAX}"
-    return (state, facility, int(person) if person else None, int(limit) if limit else DELIVERY_LIST_DEFAULT), None
+    if after is not None and (not digits(after) or len(after) > 18):
+        return None, "after must be a delivery id"
+    return (state, facility, int(person) if person else None, int(limit) if limit else DELIVERY_LIST_DEFAULT,
+            int(after) if after else None), None
 
 
 def read_audited(conn: Connection, read: Callable[..., Any], args: tuple, event: AuditEvent) -> Any:
@@ -596,17 +601,17 @@ class API:
 
     @app.route("/deliveries", methods=["GET"])
     async def get_deliveries(self, request) -> bytes:
-        """``?state=queued|failed|delivered&facility=DEST&person=ID&limit=N`` (all optional):
-        queued ones oldest first, otherwise newest first. Audited like every read."""
+        """``?state=queued|failed|delivered&facility=DEST&person=ID&limit=N&after=ID`` (all optional):
+        queued ones oldest first, otherwise newest first; ``next``: the ``after`` of the next page
+        (None: no more). Audited like every read."""
         try:
             await self._authenticate(request)
             query, problem = _delivery_query(request.args)
             if problem is not None:
                 return self._error(request, 400, problem)
-            state, facility, person, limit = query
-            key = "&".join(
-                f"{name}={value}" for name, value in (("state", state), ("person", person)) if value is not None
-            ) or None
+            state, facility, person, limit, after = query
+            key = "&".join(f"{name}={value}" for name, value in (("state", state), ("person", person), ("after", after))
+                           if value is not None) or None
             code, value = await self._audited_read(
                 request, Permission.READ_DELIVERY, Resource.DELIVERY, facility, key, _deliveries, query
             )
@@ -616,7 +621,8 @@ class API:
             return self._internal(request, "delivery", exc)
         if code == 403:
             return self._error(request, 403, "this role may not read deliveries")
-        return self._json(request, 200, {"deliveries": [delivery_json(d) for d in value]})
+        return self._json(request, 200, {"deliveries": [delivery_json(d) for d in value],
+                                         "next": value[-1].id if len(value) == limit else None})
 
     @app.route("/deliveries/<delivery_id>/retry", methods=["POST"])
     async def retry_delivery(self, request, delivery_id: str) -> bytes:
