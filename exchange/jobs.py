@@ -17,9 +17,11 @@ Jobs (``JOBS``, in the order ``exchange reconcile`` runs them):
                  does not exist or was merged away, merge chains that do not
                  end at a live person, blocking keys of inactive records,
                  active records without stored features (not matchable),
-                 open reviews about records that no longer exist, copies
-                 queued for a facility that is not configured to receive
-                 them. Each problem counts as an error.
+                 open reviews about records that no longer exist, persons
+                 holding both records of an active sticky not-a-match pair
+                 (merged or linked across it; inactive records count too),
+                 copies queued for a facility that is not configured to
+                 receive them. Each problem counts as an error.
 ``match-model``  re-estimates the matching model by EM from the index and
                  stores it (exchange.store.training); too little data keeps
                  the current model (not an error), a degenerate estimate is
@@ -124,6 +126,11 @@ def consistency_findings(conn: Connection, config: Config) -> list[Finding]:
         _found(conn, "open reviews about a record that no longer exists", "review ids",
                "FROM match_review v LEFT JOIN patient_record r ON r.facility = v.facility AND r.mrn = v.mrn "
                "WHERE v.state = :open AND r.id IS NULL", "v.id", {"open": ReviewState.OPEN.value}),
+        _found(conn, "persons holding both records of an active not-a-match pair", "person ids",
+               "FROM (SELECT DISTINCT a.person_id AS id FROM match_pair m "
+               "JOIN patient_record a ON a.facility = m.facility AND a.mrn = m.mrn "
+               "JOIN patient_record b ON b.facility = m.other_facility AND b.mrn = m.other_mrn "
+               "WHERE m.active AND a.person_id = b.person_id) AS s", "s.id"),
     ]
     out.append(_stranded_deliveries(conn, config))
     return out

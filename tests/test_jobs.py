@@ -106,6 +106,26 @@ def test_consistency_finds_each_planted_problem_without_patient_data(engine, tmp
     assert not any(word in text_ for word in ("HANSON", "ELIZABETH", "KOWALCZYK", "1940", "271828182"))
 
 
+def test_consistency_finds_a_person_holding_both_records_of_a_not_a_match_pair(engine, tmp_path):
+    """Found by a black-box audit: an A40 had merged two persons across a technician's "not a
+    match", and the consistency job said ok."""
+    hanson = ("HANSON", "ELIZABETH", "19400304", "F", "12 OAK ST", "SPRINGFIELD", "62701", "2175550100", "271828182")
+    piotr = ("KOWALCZYK", "PIOTR", "19551111", "M", "9 ELM ST", "DENVER", "80201", "3035550199", "")
+    run(engine, [a28("OAKNH", "OA-1", *hanson), a28("GENHOSP", "GH-1", *hanson)])
+    run(engine, [a28("OAKNH", "OA-2", *piotr), a28("GENHOSP", "GH-2", *piotr)])
+    ids = registered(engine)
+    assert ids["OA-1"][1] == ids["GH-1"][1] != ids["OA-2"][1] == ids["GH-2"][1]
+    for (f, m), (of, om), active in ((("OAKNH", "OA-1"), ("GENHOSP", "GH-1"), True),
+                                     (("OAKNH", "OA-2"), ("GENHOSP", "GH-2"), False)):  # an undone one: no problem
+        for a, b in (((f, m), (of, om)), ((of, om), (f, m))):
+            execute(engine, "insert into match_pair (facility, mrn, other_facility, other_mrn, active) "
+                            "values (:f, :m, :of, :om, :a)", f=a[0], m=a[1], of=b[0], om=b[1], a=active)
+    report = consistency(engine, config_at(tmp_path), NOW)
+    lines = dict(line.split(": ", 1) for line in report.lines)
+    assert lines["persons holding both records of an active not-a-match pair"] == f"1 (person ids {ids['OA-1'][1]})"
+    assert report.errors == 1
+
+
 def test_every_job_is_registered_under_its_configured_name():
     from exchange.config import RECONCILE_JOBS
 

@@ -24,7 +24,11 @@ them.
 A facility's own assertions are applied as such: A24 puts the second record
 in the first one's person (link "source"); A37 records a sticky
 not-a-match pair both ways round and, if they share a person, gives the
-second record a person of its own.
+second record a person of its own. A40 brings the retired record's person
+to the survivor's, unless a sticky not-a-match stands between the two
+persons: then nothing moves and a ``merge_conflict`` review of the survivor
+stays open (a re-match does not supersede it) while they share a person
+with a record that pair names.
 
 Automatic changes of a record's person are written to ``link_event`` with
 actor ``exchange`` and the message that caused them; reviews to
@@ -48,7 +52,7 @@ from twisted.logger import Logger
 from exchange.mapping.state import MemoryState
 from exchange.matching.decide import Action, Decision, Reason, Record, decide
 from exchange.matching.features import Features, blocking_keys, decode_features, encode_features, features_of
-from exchange.matching.model import Model, default_model
+from exchange.matching.model import Model, default_model, score
 from exchange.store.consent import carry_opt_outs
 from exchange.store.db import advisory_key, driver_cursor
 from exchange.store.driver import Statement, Writer, select_rows
@@ -70,6 +74,7 @@ ACTOR = "exchange"  # link_event.actor of automatic decisions
 STOP_KEY = 100  # a blocking key with more active records than this finds no candidates
 KEYS_PER_SELECT = 400  # SQLite: keys per compound SELECT (its limit is 500 terms)
 MANUAL_LINKS = frozenset({"manual", "source"})  # links decide() must not break
+MERGE_CONFLICT = "merge_conflict"  # match_review.kind: an A40 a sticky not-a-match stopped from merging persons
 
 
 class ModelCache:
@@ -116,6 +121,7 @@ class Plan:
     reviews: list[dict[str, Any]] = field(default_factory=list)
     superseded: list[Key] = field(default_factory=list)  # open reviews of these records are superseded
     superseded_reviews: list[int] = field(default_factory=list)  # and these open reviews (answered by a merge)
+    kept_reviews: list[int] = field(default_factory=list)  # but not these (a merge conflict that still stands)
     pairs: list[tuple[Key, Key]] = field(default_factory=list)  # new sticky not-a-match pairs (A37)
     moves: list[tuple[Key, int | str]] = field(default_factory=list)  # records outside the batch changing person
     actions: dict[Hashable, list[str]] = field(default_factory=dict)  # message ref -> decisions (for metrics)
@@ -211,12 +217,19 @@ def plan(conn: Connection, state: MemoryState, model: Model) -> Plan:
         if current is not None:
             out.superseded.append(key)
 
+    if out.superseded:
+        out.kept_reviews = _conflicts_standing(conn, out.superseded, known)
     for facility, a, b, linked in source:
         _assert_link(out, state, ids, known, members, (facility, a), (facility, b), linked, refs, placeholders)
     joined: dict[Key, set[Key]] = {}  # survivor -> the records its person gained
+    if merges:
+        involved = {p for f, s, r in merges for p in (known[(f, s)].person if (f, s) in known else ids[(f, s)][1],
+                                                       ids[(f, r)][1])}
+        sticky = _merge_pairs(conn, set().union(*(members.get(p, set()) for p in involved))
+                              | {(f, r) for f, _, r in merges})
     for facility, survivor, retired in merges:
         joined.setdefault((facility, survivor), set()).update(_merge_persons(
-            out, state, ids, stored, known, members, (facility, survivor), (facility, retired), refs))
+            out, state, ids, stored, known, members, (facility, survivor), (facility, retired), refs, sticky, model))
         out.superseded.append((facility, retired))  # its facility has decided what it is
     if joined:
         out.superseded_reviews = _answered_by_merges(conn, joined)
@@ -259,18 +272,77 @@ def _answered_by_merges(conn: Connection, joined: dict[Key, set[Key]]) -> list[i
     return out
 
 
-def _merge_persons(out, state, ids, stored, known, members, survivor: Key, retired: Key, refs) -> set[Key]:
+def _merge_pairs(conn: Connection, keys: set[Key]) -> dict[Key, list[tuple[Key, int | None, int | None]]]:
+    """A batch with merges: the active sticky not-a-match pairs of ``keys`` (the records a merge
+    may move), each with its other record's person as the database holds it and the decision
+    that made the pair (None: an A37)."""
+    out: dict[Key, list[tuple[Key, int | None, int | None]]] = {}
+    for chunk in _chunks(sorted(keys), KEYS_PER_SELECT):
+        for r in conn.execute(
+            select(match_pair_table.c.facility, match_pair_table.c.mrn, match_pair_table.c.other_facility,
+                   match_pair_table.c.other_mrn, match_pair_table.c.decision_id, patient_record_table.c.person_id)
+            .outerjoin(patient_record_table, and_(patient_record_table.c.facility == match_pair_table.c.other_facility,
+                                                  patient_record_table.c.mrn == match_pair_table.c.other_mrn))
+            .where(match_pair_table.c.active,
+                   or_(*(and_(match_pair_table.c.facility == f, match_pair_table.c.mrn == m) for f, m in chunk)))
+        ):
+            out.setdefault((r.facility, r.mrn), []).append(((r.other_facility, r.other_mrn), r.person_id,
+                                                            r.decision_id))
+    return out
+
+
+def _conflicts_standing(conn: Connection, rematched: list[Key], known: dict[Key, _Known]) -> list[int]:
+    """Open ``merge_conflict`` reviews of re-matched records that a re-match must not supersede:
+    the record still shares its person with a candidate (a record marked not a match with one
+    merged into it). One SELECT, in batches that re-match records the index held already."""
+    keys = set(rematched)
+    rows = conn.execute(
+        select(match_review_table.c.id, match_review_table.c.facility, match_review_table.c.mrn,
+               match_review_table.c.detail)
+        .where(match_review_table.c.state == "open", match_review_table.c.kind == MERGE_CONFLICT,
+               match_review_table.c.mrn.in_(sorted({mrn for _, mrn in keys})))
+    )
+    out = []
+    for row in rows:
+        key = (row.facility, row.mrn)
+        if key not in keys or key not in known:
+            continue
+        detail = row.detail if isinstance(row.detail, dict) else {}
+        candidates = {(c.get("facility"), c.get("mrn")) for c in detail.get("candidates") or () if isinstance(c, dict)}
+        if any(c in known and known[c].person == known[key].person for c in candidates):
+            out.append(row.id)
+    return out
+
+
+def _merge_persons(out, state, ids, stored, known, members, survivor: Key, retired: Key, refs, sticky,
+                   model: Model) -> set[Key]:
     """A40 and the legacy merges: the facility says both records are one patient, so the
     retired record's person joins the survivor's: its records move over (link kept), unless
     the survivor's person already holds an active record of that facility (a review then).
+    When a sticky not-a-match (``sticky``: :func:`_merge_pairs`) stands between a record of
+    the retired record's person (the retired one included) and one of the survivor's, the
+    persons conflict: nothing moves, and a ``merge_conflict`` review of the survivor asks
+    about the records of its person that pair names.
     Returns the records now with the survivor's person (the ones there already included)."""
     target = known[survivor].person if survivor in known else ids[survivor][1]
     source = ids[retired][1]
     there = set(members.get(target, set()))
     if source == target:
         return there
-    taken = {k[0] for k in members.get(target, set()) if k in known and k != retired}
     ref = refs.get(survivor)
+
+    def person_now(key: Key, db_person: int | None) -> int | str | None:
+        if key in known:
+            return known[key].person
+        return out.links[key].person if key in out.links else db_person
+
+    conflicts = sorted(((key, other, decision) for key in members.get(source, set()) | {retired}
+                        for other, db_person, decision in sticky.get(key, ()) if person_now(other, db_person) == target),
+                       key=lambda c: (c[0], c[1]))
+    if conflicts:
+        out.reviews.append(_conflict_review(survivor, retired, target, conflicts, known, model, ref))
+        return there
+    taken = {k[0] for k in members.get(target, set()) if k in known and k != retired}
     for key in sorted(members.get(source, set()) | {retired}):
         if key != retired and key[0] in taken:
             out.reviews.append({
@@ -299,6 +371,28 @@ def _merge_persons(out, state, ids, stored, known, members, survivor: Key, retir
         if current is not None:
             current.person = target
     return there
+
+
+def _conflict_review(survivor: Key, retired: Key, person: int | str, conflicts, known, model: Model, ref) -> dict:
+    """The review a merge opens instead of merging persons a sticky not-a-match keeps apart:
+    the survivor against the records of its own person that pair names, scored."""
+    a, b, decision = conflicts[0]
+    who = f"decision {decision}" if decision is not None else "the facility (A37)"
+    reason = (f"merge at {survivor[0]} of {retired[1]} into {survivor[1]}: {a[0]} {a[1]} and {b[0]} {b[1]} are marked "
+              f"not a match by {who}; the persons were not merged")
+    f = known[survivor].features if survivor in known else None
+    candidates = []
+    for other in sorted({b for _, b, _ in conflicts} - {survivor}):
+        g = known[other].features if other in known else None
+        s = score(f, g, model) if f is not None and g is not None else None
+        candidates.append({"facility": other[0], "mrn": other[1], "person": person,
+                           "score": s.total if s else None, "explain": s.explain() if s else {}})
+    candidates.sort(key=lambda c: -(c["score"] if c["score"] is not None else float("-inf")))
+    best = candidates[0]["score"] if candidates else None
+    return {"facility": survivor[0], "mrn": survivor[1], "kind": MERGE_CONFLICT, "person": person, "score": best,
+            "message": ref, "detail": {"record": {"facility": survivor[0], "mrn": survivor[1]},
+                                       "retired": {"facility": retired[0], "mrn": retired[1]},
+                                       "candidates": candidates, "action": "review", "reasons": [reason]}}
 
 
 def saved_links(conn: Connection) -> dict[Key, RecordLink]:
@@ -566,6 +660,9 @@ def write(conn: Connection, plan_: Plan, state: MemoryState, model: Model, now: 
                                 * len(plan_.superseded))
             for key in plan_.superseded:
                 params.extend(key)
+            if plan_.kept_reviews:
+                where = f"({where}) AND id NOT IN ({', '.join(['?' if sqlite else '%s'] * len(plan_.kept_reviews))})"
+                params.extend(plan_.kept_reviews)
             cursor.execute(f"UPDATE match_review SET state = 'superseded' WHERE state = 'open' AND ({where})", params)
         if plan_.superseded_reviews:
             marks = ", ".join(["?" if sqlite else "%s"] * len(plan_.superseded_reviews))

@@ -377,3 +377,68 @@ def test_live_person_follows_merges_and_gives_up_on_a_gone_person_or_a_loop():
     assert [live_person(merged, p) for p in (1, 2, 3, 4, 5, 99)] == [1, 1, 1, None, None, None]
     chain = {p: p + 1 for p in range(MAX_MERGE_HOPS + 1)} | {MAX_MERGE_HOPS + 1: None}
     assert live_person(chain, 1) == MAX_MERGE_HOPS + 1 and live_person(chain, 0) is None  # at most 100 merges
+
+
+EMMA = dict(name="GLUCKSTEIN^EMMA", birth="19950505", address="5 STICKY LN^^GLUETON^IL^51000", phone="555-111-0005")
+OLIVIA = dict(EMMA, name="GLUCKSTEIN^OLIVIA")  # her twin sister
+
+
+def not_a_match_scene(engine) -> dict:
+    """Emma at the hospital, her twin Olivia at the nursing home (a technician said not a match),
+    then a second nursing-home record entered with Emma's details (linked to Emma at once)."""
+    from exchange.store.reviews import decide_review
+
+    run(engine, register("GENHOSP", "NA1", **EMMA))
+    run(engine, register("OAKNH", "NB1", **OLIVIA))
+    [(review,)] = rows(engine, "select id from match_review where mrn = 'NB1' and state = 'open'")
+    with engine.begin() as conn:
+        decide_review(conn, review, "not-a-match", actor="tess", now=NOW)
+    run(engine, register("OAKNH", "NB2", **EMMA))
+    emma, olivia = person(engine, "GENHOSP", "NA1"), person(engine, "OAKNH", "NB1")
+    assert person(engine, "OAKNH", "NB2") == emma != olivia
+    return {"emma": emma, "olivia": olivia}
+
+
+def open_reviews(engine, mrn: str) -> list[tuple]:
+    import json
+
+    return [(kind, [(c["facility"], c["mrn"]) for c in (json.loads(d) if isinstance(d, str) else d)["candidates"]],
+             (json.loads(d) if isinstance(d, str) else d)["reasons"])
+            for kind, d in rows(engine, "select kind, detail from match_review where state = 'open' and mrn = :m "
+                                        "order by id", m=mrn)]
+
+
+def test_an_a40_never_merges_persons_a_technicians_not_a_match_keeps_apart(engine):
+    """Found by a black-box audit: OAKNH's A40 of NB1 into NB2 (linked to Emma) merged Olivia's
+    person into Emma's although a technician had said NB1 is not NA1; the next A08 superseded
+    the review, and Olivia's events went to the hospital as Emma's."""
+    s = not_a_match_scene(engine)
+    assert run(engine, adt("OAKNH", "A40", pid("NB2", "OAKNH", **OLIVIA), "MRG|NB1^^^OAKNH^MR")) == ["AA"]
+    assert person(engine, "OAKNH", "NB1") == s["olivia"] and person(engine, "GENHOSP", "NA1") == s["emma"]
+    assert rows(engine, "select count(*) from link_event where kind = 'merge'") == [(0,)]
+    conflict = [r for r in open_reviews(engine, "NB2") if r[0] == "merge_conflict"]
+    [(_, candidates, [reason])] = conflict
+    assert candidates == [("GENHOSP", "NA1")]
+    assert "OAKNH NB1 and GENHOSP NA1 are marked not a match by decision" in reason and "not merged" in reason
+    # an update that changes what matching reads re-matches NB2: the conflict stands, the review stays open
+    assert run(engine, adt("OAKNH", "A08", pid("NB2", "OAKNH", **EMMA), "PV1|1|O")) == ["AA"]
+    assert [r[0] for r in open_reviews(engine, "NB2")] == ["merge_conflict"]
+    # the technician answers it: NB2 is not Emma either
+    from exchange.store.reviews import decide_review
+
+    [(review,)] = rows(engine, "select id from match_review where kind = 'merge_conflict'")
+    with engine.begin() as conn:
+        decide_review(conn, review, "not-a-match", actor="tess", now=NOW)
+    assert person(engine, "OAKNH", "NB2") != s["emma"]
+
+
+def test_a_merge_conflict_review_goes_when_the_conflict_does(engine):
+    s = not_a_match_scene(engine)
+    run(engine, adt("OAKNH", "A40", pid("NB2", "OAKNH", **OLIVIA), "MRG|NB1^^^OAKNH^MR"))
+    assert "merge_conflict" in [r[0] for r in open_reviews(engine, "NB2")]
+    # NB2 turns out to be someone else altogether: its automatic link to Emma is taken back at once
+    run(engine, adt("OAKNH", "A08", pid("NB2", "OAKNH", name="NAKAMURA^KENJI", birth="19610930", sex="M",
+                                        address="4500 PACIFIC HWY^^SALEM^OR^97301", phone="555-0777"), "PV1|1|O"))
+    assert person(engine, "OAKNH", "NB2") != s["emma"]
+    assert "merge_conflict" not in [r[0] for r in open_reviews(engine, "NB2")]
+
