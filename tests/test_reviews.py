@@ -308,6 +308,32 @@ def test_a_review_of_a_record_its_facility_merged_away_is_not_decided(tx):
     assert record_row(tx, OA).person_id == s["oa_person"]
 
 
+def a40_scene(conn: Connection) -> dict:
+    """OAKNH's Z2 in a duplicate review (candidates its Z1 and the hospital's record), then
+    OAKNH merged Z1 into Z2 (A40): Z1 inactive in Z2's person, Z1's person left empty."""
+    z1, z2, gh = ("OAKNH", "Z1"), ("OAKNH", "Z2"), ("GENHOSP", "Z1")
+    p = add_record(conn, *gh, **HANSON)
+    emptied = add_record(conn, *z1, **{**HANSON, "given": "ELISE"})
+    q = add_record(conn, *z2, **{**HANSON, "given": "ELISE"})
+    review = add_review(conn, z2, [z1, gh], kind="duplicate", suggestion=emptied, reasons=("same_facility",))
+    conn.execute(patient_record.update().where(patient_record.c.facility == "OAKNH", patient_record.c.mrn == "Z1")
+                 .values(active=False, merged_into_mrn="Z2", person_id=q))
+    return {"review": review, "hospital": p, "emptied": emptied, "survivor": q}
+
+
+def test_a_link_to_a_merged_away_candidate_or_an_emptied_person_is_refused(tx):
+    """Found by a black-box audit: a review left open after an A40 was decided, moving the
+    survivor into the person the A40 emptied, away from its retired MRN."""
+    s = a40_scene(tx)
+    assert "holds no active record" in refused(409, decide, tx, s["review"], "link")  # the suggestion
+    assert "holds no active record" in refused(409, decide, tx, s["review"], "link", person_id=s["emptied"])
+    reason = refused(409, decide, tx, s["review"], "link", candidate=("OAKNH", "Z1"))
+    assert "OAKNH Z1 was merged away by its facility (into Z2)" in reason
+    assert person_of(tx, ("OAKNH", "Z2")) == s["survivor"] and tx.execute(select(link_event)).all() == []
+    decide(tx, s["review"], "link", candidate=("GENHOSP", "Z1"))  # a person with an active record: a decision
+    assert person_of(tx, ("OAKNH", "Z2")) == s["hospital"]
+
+
 def test_the_actor_and_reason_are_checked(tx):
     s = hanson_scene(tx)
     assert "reserved" in refused(422, decide, tx, s["review"], "link", actor="exchange")

@@ -222,6 +222,7 @@ def plan(conn: Connection, state: MemoryState, model: Model) -> Plan:
     for facility, a, b, linked in source:
         _assert_link(out, state, ids, known, members, (facility, a), (facility, b), linked, refs, placeholders)
     joined: dict[Key, set[Key]] = {}  # survivor -> the records its person gained
+    retired_into: dict[Key, set[Key]] = {}  # survivor -> the records merged into it
     if merges:
         involved = {p for f, s, r in merges for p in (known[(f, s)].person if (f, s) in known else ids[(f, s)][1],
                                                        ids[(f, r)][1])}
@@ -230,9 +231,10 @@ def plan(conn: Connection, state: MemoryState, model: Model) -> Plan:
     for facility, survivor, retired in merges:
         joined.setdefault((facility, survivor), set()).update(_merge_persons(
             out, state, ids, stored, known, members, (facility, survivor), (facility, retired), refs, sticky, model))
+        retired_into.setdefault((facility, survivor), set()).add((facility, retired))
         out.superseded.append((facility, retired))  # its facility has decided what it is
     if joined:
-        out.superseded_reviews = _answered_by_merges(conn, joined)
+        out.superseded_reviews = _answered_by_merges(conn, joined, retired_into)
     return out
 
 
@@ -255,9 +257,11 @@ def _lock_keys(conn: Connection, keys: set[str]) -> None:
     )
 
 
-def _answered_by_merges(conn: Connection, joined: dict[Key, set[Key]]) -> list[int]:
+def _answered_by_merges(conn: Connection, joined: dict[Key, set[Key]], retired_into: dict[Key, set[Key]]) -> list[int]:
     """Open reviews of survivors whose every candidate has joined the survivor's person
-    through the merge: the facility has answered them (a duplicate it has now merged)."""
+    through the merge, or that name a record merged into the survivor as a candidate: the
+    facility has answered them (a duplicate it has now merged; a decision on it would part
+    the survivor from its retired record)."""
     sql = (select(match_review_table.c.id, match_review_table.c.facility, match_review_table.c.mrn,
                   match_review_table.c.detail)
            .where(match_review_table.c.state == "open",
@@ -267,7 +271,8 @@ def _answered_by_merges(conn: Connection, joined: dict[Key, set[Key]]) -> list[i
         gained = joined.get((row.facility, row.mrn))
         detail = row.detail if isinstance(row.detail, dict) else {}
         candidates = {(c.get("facility"), c.get("mrn")) for c in detail.get("candidates") or () if isinstance(c, dict)}
-        if gained and candidates and candidates <= gained:
+        retired = retired_into.get((row.facility, row.mrn), set())
+        if candidates and ((gained and candidates <= gained) or candidates & retired):
             out.append(row.id)
     return out
 

@@ -161,6 +161,7 @@ _RECORD_COLUMNS = (
     patient_record.c.authority,
     patient_record.c.person_id,
     patient_record.c.active,
+    patient_record.c.merged_into_mrn,
     patient_record.c.link,
     patient_record.c.link_score,
     patient_record.c.updated_at,
@@ -561,6 +562,10 @@ def decide_review(conn: Connection, review_id: int, verdict: Verdict | str, *, a
     to the person it is in already confirms the link (it becomes manual).
     ``not-a-match``: sticky pairs against every candidate; a new person if
     it shares one with any of them.
+
+    Refused (409) when the review's record, or the candidate named, was
+    merged away by its facility (A40), and when the person a link joins
+    holds no active record: the facility's merge has answered it.
     """
     try:
         verdict = Verdict(verdict)
@@ -594,6 +599,9 @@ def decide_review(conn: Connection, review_id: int, verdict: Verdict | str, *, a
             crow = _records_by_key(conn, [tuple(candidate)]).get(tuple(candidate))
             if crow is None:
                 raise _conflict(f"the candidate {candidate[0]} {candidate[1]} no longer exists")
+            if not crow.active:  # an A40: its survivor's person, not the one it was left in
+                raise _conflict(f"the candidate {candidate[0]} {candidate[1]} was merged away by its facility (into "
+                                f"{crow.merged_into_mrn}): link to its survivor's person instead")
             target = crow.person_id
         else:
             suggested = review.person_id if review.person_id is not None else _as_person_id(
@@ -602,6 +610,9 @@ def decide_review(conn: Connection, review_id: int, verdict: Verdict | str, *, a
                 raise _invalid(f"review {review_id} suggests no person: name one (\"person\") or a candidate")
             target = _live_person(conn, suggested)
         members = [r for r in _records_of(conn, [target], lock=True) if r.id != rec.id]
+        if target != rec.person_id and not any(r.active for r in members):
+            raise _conflict(f"person {target} holds no active record (its records were merged away or moved since): "
+                            f"link to a person that does")
         _refuse_joining(conn, [rec], members, force)
         member_keys = {(r.facility, r.mrn) for r in members}
         scores = [c.get("score") for c in cands

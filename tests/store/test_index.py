@@ -442,3 +442,17 @@ def test_a_merge_conflict_review_goes_when_the_conflict_does(engine):
     assert person(engine, "OAKNH", "NB2") != s["emma"]
     assert "merge_conflict" not in [r[0] for r in open_reviews(engine, "NB2")]
 
+
+def test_an_a40_supersedes_a_survivors_review_naming_the_retired_record(engine):
+    """Found by a black-box audit: Z2's duplicate review (candidates Z1, merged into Z2 since, and
+    another facility's record) stayed open; deciding it moved Z2 into the person the A40 emptied."""
+    both = dict(birth="19930101", address="9 STALE ST^^STALEVILLE^IL^50000", phone="555-888-0001")
+    run(engine, register("GENHOSP", "Z1", name="MERRIWEATHER^EMMA", **both))
+    run(engine, register("OAKNH", "Z1", name="MERRIWEATHER^OLIVIA", **both))
+    run(engine, register("OAKNH", "Z2", name="MERRIWEATHER^OLIVIA", ssn="321-54-9876", **both))
+    assert [c for _, c, _ in open_reviews(engine, "Z2")] == [[("OAKNH", "Z1"), ("GENHOSP", "Z1")]]
+    run(engine, adt("OAKNH", "A40", pid("Z2", "OAKNH", name="MERRIWEATHER^OLIVIA", ssn="321-54-9876", **both),
+                    "MRG|Z1^^^OAKNH^MR"))
+    assert person(engine, "OAKNH", "Z1") == person(engine, "OAKNH", "Z2")
+    assert rows(engine, "select mrn, state from match_review where facility = 'OAKNH' order by id") == [
+        ("Z1", "superseded"), ("Z2", "superseded")]

@@ -8,7 +8,7 @@ import json
 from exchange.auth import PERMISSIONS, Permission, Role
 from exchange.store.db import write_transaction
 from exchange.store.reviews import Trust
-from tests.test_reviews import GH, HANSON, HH, OA, add_record, hanson_scene
+from tests.test_reviews import GH, HANSON, HH, OA, a40_scene, add_record, hanson_scene
 from tests.web.support import Harness
 
 
@@ -144,6 +144,18 @@ def test_link_to_a_candidate_and_the_same_facility_guard(api: Harness):
     code, body = post(api, path, {"decision": "link", "candidate": {"facility": GH[0], "mrn": GH[1]},
                                   "force": True}, token)
     assert code == 200 and body["record"]["person"] == s["person"]
+
+
+def test_a_review_an_a40_answered_is_refused_with_the_reason(api: Harness):
+    with write_transaction(api.engine) as conn:
+        s = a40_scene(conn)
+    token = api.token("tess", "technician")
+    path = f"/api/reviews/{s['review']}"
+    code, body = post(api, path, {"decision": "link"}, token)
+    assert code == 409 and f"person {s['emptied']} holds no active record" in body["error"]
+    code, body = post(api, path, {"decision": "link", "candidate": {"facility": "OAKNH", "mrn": "Z1"}}, token)
+    assert code == 409 and "merged away by its facility" in body["error"]
+    assert api.get("/api/records/OAKNH/Z2", token)[1]["person"] == s["survivor"]
 
 
 def test_split_merge_undo_and_history(api: Harness):
