@@ -414,6 +414,25 @@ def test_merge_two_persons(tx):
     assert "merged into person" in refused(409, reviews.merge_persons, tx, keep, merge, actor="tess", now=NOW)
 
 
+def test_a_merge_supersedes_the_reviews_it_answers_and_its_undo_reopens_them(tx):
+    """Found by a black-box audit: a review stayed open after a technician merged its two
+    persons; a stale "not a match" on it then split the record off and left the merge not
+    undoable."""
+    s = hanson_scene(tx)  # the nursing home's record in a review against the hospital's person
+    wrong = add_review(tx, HH, [GH], kind="link_looks_wrong", suggestion=s["person"], reasons=("link_looks_wrong",))
+    merge = reviews.merge_persons(tx, s["person"], s["oa_person"], actor="tom", now=NOW, reason="HIM confirmed")
+    answered = reviews.review_detail(tx, s["review"])
+    assert answered["state"] == "superseded" and answered["decided_by"] == "tom"
+    assert answered["note"] == f"answered by merge decision {merge['id']}"
+    assert reviews.review_detail(tx, wrong)["state"] == "open"  # a question the merge did not answer
+    assert "is superseded by tom, not open" in refused(409, decide, tx, s["review"], "not-a-match")
+    assert person_of(tx, OA) == s["person"] and pairs(tx) == set()
+    undo(tx, merge["id"])
+    assert person_of(tx, OA) == s["oa_person"]
+    reopened = reviews.review_detail(tx, s["review"])
+    assert (reopened["state"], reopened["decided_by"], reopened["note"]) == ("open", None, None)
+
+
 def test_merge_refusals(tx):
     a = add_record(tx, "GENHOSP", "GH-1", **HANSON)
     b = add_record(tx, "GENHOSP", "GH-2", **HANSON)

@@ -24,7 +24,10 @@ every decision can be found, shown and undone:
 ``split``        a record leaves its person for a new one (``manual``), with
                  sticky pairs against every active record it leaves.
 ``merge``        every record of one person moves to the other (``manual``);
-                 ``person.merged_into`` is set.
+                 ``person.merged_into`` is set. The open reviews it answers
+                 (their record and every candidate now in the kept person,
+                 brought together by the merge) are superseded, noted with
+                 the decision; its undo opens them again.
 ``undo``         every record of a decision goes back to its ``from_person``
                  (followed through later merges) and ``from_link``; the
                  decision's pairs are deactivated, its review reopened and
@@ -691,7 +694,8 @@ def opt_out_history(conn: Connection, person_id: int) -> list[dict[str, Any]]:
 
 def merge_persons(conn: Connection, keep: int, merge: int, *, actor: str, now: datetime, reason: str | None = None,
                   force: bool = False) -> dict[str, Any]:
-    """Every record of ``merge`` moves to ``keep`` (link manual); ``merge.merged_into = keep``.
+    """Every record of ``merge`` moves to ``keep`` (link manual); ``merge.merged_into = keep``;
+    the open reviews it answers are superseded (a later decision on one is refused).
     Returns the decision."""
     actor, reason, now = _check_actor(actor), _check_reason(reason), _check_now(now)
     if keep == merge:
@@ -707,14 +711,50 @@ def merge_persons(conn: Connection, keep: int, merge: int, *, actor: str, now: d
     moving = _records_of(conn, [merge], lock=True)
     if not moving:
         raise _invalid(f"person {merge} has no records to merge")
-    _refuse_joining(conn, moving, _records_of(conn, [keep], lock=True), force)
+    staying = _records_of(conn, [keep], lock=True)
+    _refuse_joining(conn, moving, staying, force)
     d = _Decision(conn, Kind.MERGE, actor, now, reason)
     for rec in moving:
         d.event(rec, keep, Link.MANUAL.value, None)
     conn.execute(update(person).where(person.c.id == merge).values(merged_into=keep))
+    answered = _answered_by(moving, staying, _open_reviews_of(conn, [(r.facility, r.mrn) for r in moving + staying]))
+    if answered:
+        conn.execute(update(match_review).where(match_review.c.id.in_(answered),
+                                                match_review.c.state == ReviewState.OPEN.value)
+                     .values(state=ReviewState.SUPERSEDED.value, decided_at=now, decided_by=actor,
+                             note=_answered_note(d.id)))
     out = decision_view(conn, d.id)
     assert out is not None
     out["person"] = keep
+    return out
+
+
+def _answered_note(decision_id: int) -> str:
+    """``match_review.note`` of a review a merge superseded (its undo reopens the review)."""
+    return f"answered by merge decision {decision_id}"
+
+
+def _open_reviews_of(conn: Connection, keys: Sequence[Key]) -> list:
+    if not keys:
+        return []
+    where = or_(*(and_(match_review.c.facility == f, match_review.c.mrn == m) for f, m in dict.fromkeys(keys)))
+    return list(conn.execute(select(match_review.c.id, match_review.c.facility, match_review.c.mrn,
+                                    match_review.c.detail).where(match_review.c.state == ReviewState.OPEN.value, where)))
+
+
+def _answered_by(moving: Sequence[Any], staying: Sequence[Any], open_reviews: Sequence[Any]) -> list[int]:
+    """The open reviews a merge of ``moving`` into the person of ``staying`` answers: the
+    review's record and every candidate are now in that person, and the merge brought them
+    together (some were on each side). A question about records already together (a link
+    that looks wrong) is not answered by it."""
+    moved = {(r.facility, r.mrn) for r in moving}
+    stayed = {(r.facility, r.mrn) for r in staying}
+    out = []
+    for row in open_reviews:
+        cands = {(c["facility"], c["mrn"]) for c in _candidates(row.detail)}
+        involved = {(row.facility, row.mrn)} | cands
+        if cands and involved <= moved | stayed and involved & moved and involved & stayed:
+            out.append(row.id)
     return out
 
 
@@ -787,6 +827,16 @@ def undo_decision(conn: Connection, decision_id: int, *, actor: str, now: dateti
             update(match_review)
             .where(match_review.c.id.in_(sorted(reviews)), match_review.c.state == ReviewState.RESOLVED.value)
             .values(state=ReviewState.OPEN.value, decided_at=None, decided_by=None, decision=None, note=None)
+        )
+    if head.kind == Kind.MERGE:  # the reviews it answered ask again
+        kept = {e.to_person for e in events}
+        keys = {(e.facility, e.mrn) for e in events} | {(r.facility, r.mrn) for r in _records_of(conn, sorted(kept))}
+        conn.execute(
+            update(match_review)
+            .where(match_review.c.state == ReviewState.SUPERSEDED.value,
+                   match_review.c.note == _answered_note(decision_id),
+                   or_(*(and_(match_review.c.facility == f, match_review.c.mrn == m) for f, m in sorted(keys))))
+            .values(state=ReviewState.OPEN.value, decided_at=None, decided_by=None, note=None)
         )
     out = decision_view(conn, d.id)
     assert out is not None

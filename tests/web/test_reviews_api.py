@@ -158,6 +158,19 @@ def test_a_review_an_a40_answered_is_refused_with_the_reason(api: Harness):
     assert api.get("/api/records/OAKNH/Z2", token)[1]["person"] == s["survivor"]
 
 
+def test_a_stale_decision_after_a_merge_is_refused_and_the_merge_stays_undoable(api: Harness):
+    s = scene(api)
+    tom, tess = api.token("tom", "technician"), api.token("tess", "technician")
+    code, merge = post(api, "/api/persons/merge", {"persons": [s["person"], s["oa_person"]]}, tom)
+    assert code == 200
+    code, body = post(api, f"/api/reviews/{s['review']}", {"decision": "not-a-match", "reason": "stale"}, tess)
+    assert code == 409 and "superseded" in body["error"]
+    assert api.get(f"/api/records/{OA[0]}/{OA[1]}", tess)[1]["person"] == s["person"]
+    code, decision, _ = api.get(f"/api/decisions/{merge['id']}", tom)
+    assert decision["undone_by"] is None and decision["undoable"]
+    assert post(api, f"/api/decisions/{merge['id']}/undo", {}, tom)[0] == 200
+
+
 def test_split_merge_undo_and_history(api: Harness):
     s = scene(api)
     token = api.token("tess", "technician")
