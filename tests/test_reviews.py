@@ -512,6 +512,20 @@ def test_undo_follows_a_later_merge_of_the_person_it_returns_to(tx):
     assert person_of(tx, HH) == keeper
 
 
+def test_undo_leaves_no_empty_person_behind(tx):
+    """Found by a black-box audit: undoing a split after its old person was merged away left the
+    split's person with no records and no merged_into."""
+    p = add_record(tx, *GH, **HANSON)
+    add_record(tx, *HH, p, **HANSON)
+    split = reviews.split_record(tx, p, *HH, actor="tess", now=NOW)
+    keeper = add_record(tx, "OAKNH", "OA-K", **HANSON)
+    reviews.merge_persons(tx, keeper, p, actor="tess", now=NOW)
+    undo(tx, split["id"])
+    view = reviews.person_view(tx, split["person"])
+    assert (view["merged_into"], view["records"]) == (keeper, [])
+    assert person_of(tx, HH) == keeper
+
+
 def test_undo_refused_when_the_record_moved_since(tx):
     s = hanson_scene(tx)
     decided = decide(tx, s["review"], "link")

@@ -31,8 +31,10 @@ every decision can be found, shown and undone:
 ``undo``         every record of a decision goes back to its ``from_person``
                  (followed through later merges) and ``from_link``; the
                  decision's pairs are deactivated, its review reopened and
-                 its rows marked ``undone_by``. Refused (409) when a record
-                 has moved since: decide again instead.
+                 its rows marked ``undone_by``. A person it leaves without
+                 records answers ``merged_into`` the person they went back
+                 to. Refused (409) when a record has moved since: decide
+                 again instead.
 
 What the writer reads back: ``patient_record.link`` ``manual`` (never
 broken automatically) and active ``match_pair`` rows (never linked
@@ -811,6 +813,7 @@ def undo_decision(conn: Connection, decision_id: int, *, actor: str, now: dateti
             conn.execute(update(person).where(person.c.id == merged, person.c.merged_into == kept)
                          .values(merged_into=None))
     d = _Decision(conn, Kind.UNDO, actor, now, reason)
+    went: dict[int, set[int]] = {}  # person a record left -> the persons its records went back to
     for e in reversed(events):
         rec = current[(e.facility, e.mrn)]
         if (e.from_person, e.from_link) == (e.to_person, e.to_link):
@@ -819,6 +822,8 @@ def undo_decision(conn: Connection, decision_id: int, *, actor: str, now: dateti
         back = _live_person(conn, e.from_person)
         d.event(rec, back, e.from_link or Link.AUTO.value, _previous_score(conn, (e.facility, e.mrn), e.id, back),
                 review_id=e.review_id)
+        went.setdefault(rec.person_id, set()).add(back)
+    _retire_emptied(conn, went)
     conn.execute(update(link_event).where(link_event.c.id.in_([e.id for e in events])).values(undone_by=d.id))
     conn.execute(update(match_pair).where(match_pair.c.decision_id == decision_id).values(active=False))
     reviews = {e.review_id for e in events if e.review_id is not None}
@@ -842,6 +847,17 @@ def undo_decision(conn: Connection, decision_id: int, *, actor: str, now: dateti
     assert out is not None
     out["undone"] = decision_id
     return out
+
+
+def _retire_emptied(conn: Connection, went: dict[int, set[int]]) -> None:
+    """A person an undo left without records (the one a split made, after a merge took its old
+    person elsewhere) answers ``merged_into`` the person its records went back to, as a merged
+    person does, rather than dangling empty."""
+    for left, dests in sorted(went.items()):
+        if len(dests) != 1 or left in dests or _records_of(conn, [left]):
+            continue
+        conn.execute(update(person).where(person.c.id == left, person.c.merged_into.is_(None))
+                     .values(merged_into=next(iter(dests))))
 
 
 def _event_json(e: Any) -> dict[str, Any]:
