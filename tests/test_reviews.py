@@ -483,8 +483,10 @@ def test_undo_a_not_a_match_deactivates_its_pairs(tx):
     assert record_row(tx, HH).person_id != p
     undo(tx, decided["decision_id"])
     row = record_row(tx, HH)
-    assert (row.person_id, row.link, row.link_score) == (p, "auto", 12.5)
+    rescored = score(_features(tx, HH), _features(tx, GH), default_model()).total  # not the 12.5 it had
+    assert (row.person_id, row.link, row.link_score) == (p, "auto", rescored)
     assert pairs(tx) == set() and len(pairs(tx, active=False)) == 2
+    assert [r["id"] for r in reviews.list_reviews(tx)] == [r]  # its review, reopened: no second one
 
 
 def test_undo_a_split_and_a_merge(tx):
@@ -500,6 +502,31 @@ def test_undo_a_split_and_a_merge(tx):
     undo(tx, merge["id"])
     assert person_of(tx, OA) == q and record_row(tx, OA).link == "auto"
     assert reviews.person_view(tx, q)["merged_into"] is None
+
+
+def test_undo_scores_a_restored_automatic_link_again(tx):
+    """Found by a black-box audit: undoing a split put the record back with its old automatic
+    link and score although its facility had renamed the patient since (a twin)."""
+    p = add_record(tx, *GH, **HANSON)
+    add_record(tx, *HH, p, score_=31.0, **HANSON)
+    split = reviews.split_record(tx, p, *HH, actor="tess", now=NOW)
+    twin = record_dict(mrn=HH[1], authority=HH[0], **{**HANSON, "given": "MARGARET", "ssn": "123-45-6790"})
+    tx.execute(patient_record.update().where(patient_record.c.mrn == HH[1])
+               .values(data=to_json(twin), features=encode_features(features_of(twin))))
+    out = undo(tx, split["id"])
+    row = record_row(tx, HH)
+    now_scores = score(_features(tx, HH), _features(tx, GH), default_model()).total
+    assert (row.person_id, row.link, row.link_score) == (p, "auto", now_scores) and now_scores < 20.0
+    assert [e["score"] for e in out["events"]] == [now_scores]
+    [review] = reviews.list_reviews(tx)
+    assert (review["kind"], review["person"], review["records"]) == (
+        "link_looks_wrong", p, [{"facility": HH[0], "mrn": HH[1]}, {"facility": GH[0], "mrn": GH[1]}])
+    assert f"undo of decision {split['id']}" in review["reasons"][1]
+    # unchanged, it scores as well as it did: no review
+    add_record(tx, "OAKNH", "OA-1", p, **HANSON)
+    again = reviews.split_record(tx, p, "OAKNH", "OA-1", actor="tess", now=NOW)
+    undo(tx, again["id"])
+    assert record_row(tx, ("OAKNH", "OA-1")).link_score > 20.0 and len(reviews.list_reviews(tx)) == 1
 
 
 def test_undo_follows_a_later_merge_of_the_person_it_returns_to(tx):

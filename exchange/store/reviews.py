@@ -33,8 +33,11 @@ every decision can be found, shown and undone:
                  decision's pairs are deactivated, its review reopened and
                  its rows marked ``undone_by``. A person it leaves without
                  records answers ``merged_into`` the person they went back
-                 to. Refused (409) when a record has moved since: decide
-                 again instead.
+                 to. A record back with an automatic link is scored again
+                 against its person (the record may have changed since);
+                 below the upper threshold a ``link_looks_wrong`` review
+                 opens (the link stays: the undo was asked for). Refused
+                 (409) when a record has moved since: decide again instead.
 
 What the writer reads back: ``patient_record.link`` ``manual`` (never
 broken automatically) and active ``match_pair`` rows (never linked
@@ -61,12 +64,16 @@ from sqlalchemy import Connection, and_, false, insert, or_, select, update
 from exchange.config import DEFAULT_TRUST, Config
 from exchange.mapping.values import PersonName, Phone, Timestamp, primary_address
 from exchange.matching.compare import FIELD_NAMES
+from exchange.matching.decide import Reason
+from exchange.matching.features import Features, decode_features
+from exchange.matching.model import Model, default_model, score
 from exchange.store.consent import carry_opt_outs
 from exchange.store.records import from_json
 from exchange.store.schema import (
     ACTOR_LEN,
     MAX_MERGE_HOPS,
     link_event_table as link_event,
+    match_model_table as match_model,
     match_pair_table as match_pair,
     match_review_table as match_review,
     opt_out_event_table as opt_out_event,
@@ -77,6 +84,7 @@ from exchange.store.schema import (
 AUTOMATIC_ACTOR = "exchange"  # link_event.actor of the writer's decisions; no technician may use it
 MAX_REASON_CHARS = 2000
 MAX_PAGE = 1000
+MAX_CANDIDATES = 20  # candidates a review opened here shows (the best ones)
 
 Key = tuple[str, str]  # (facility, mrn)
 
@@ -814,15 +822,19 @@ def undo_decision(conn: Connection, decision_id: int, *, actor: str, now: dateti
                          .values(merged_into=None))
     d = _Decision(conn, Kind.UNDO, actor, now, reason)
     went: dict[int, set[int]] = {}  # person a record left -> the persons its records went back to
+    restored: dict[Key, int] = {}  # records back with an automatic link -> their undo event
     for e in reversed(events):
         rec = current[(e.facility, e.mrn)]
         if (e.from_person, e.from_link) == (e.to_person, e.to_link):
             d.event(rec, rec.person_id, rec.link, rec.link_score, review_id=e.review_id)
             continue
         back = _live_person(conn, e.from_person)
-        d.event(rec, back, e.from_link or Link.AUTO.value, _previous_score(conn, (e.facility, e.mrn), e.id, back),
-                review_id=e.review_id)
+        link = e.from_link or Link.AUTO.value
+        event_id = d.event(rec, back, link, _previous_score(conn, (e.facility, e.mrn), e.id, back),
+                           review_id=e.review_id)
         went.setdefault(rec.person_id, set()).add(back)
+        if link == Link.AUTO:
+            restored[(e.facility, e.mrn)] = event_id
     _retire_emptied(conn, went)
     conn.execute(update(link_event).where(link_event.c.id.in_([e.id for e in events])).values(undone_by=d.id))
     conn.execute(update(match_pair).where(match_pair.c.decision_id == decision_id).values(active=False))
@@ -843,10 +855,73 @@ def undo_decision(conn: Connection, decision_id: int, *, actor: str, now: dateti
                    or_(*(and_(match_review.c.facility == f, match_review.c.mrn == m) for f, m in sorted(keys))))
             .values(state=ReviewState.OPEN.value, decided_at=None, decided_by=None, note=None)
         )
+    if restored:
+        _rescore_restored(conn, restored, decision_id, now)
     out = decision_view(conn, d.id)
     assert out is not None
     out["undone"] = decision_id
     return out
+
+
+def rescored(features: Features, others: Sequence[tuple[str, str, int, Features]], model: Model) -> list[dict[str, Any]]:
+    """A record's features against each of ``others`` ((facility, mrn, person, features)), as a
+    review's candidates: best first, each with its score and explanation."""
+    out = []
+    for facility, mrn, person_id, f in others:
+        s = score(features, f, model)
+        out.append({"facility": facility, "mrn": mrn, "person": person_id, "score": s.total, "explain": s.explain()})
+    out.sort(key=lambda c: (-c["score"], c["facility"], c["mrn"]))
+    return out
+
+
+def _stored_model(conn: Connection) -> Model:
+    """The model the writer uses: the newest ``match_model`` row, else the default."""
+    row = conn.execute(select(match_model.c.model).order_by(match_model.c.id.desc()).limit(1)).first()
+    return Model.from_json(row.model) if row is not None else default_model()
+
+
+def _stored_features(text: str | None) -> Features | None:
+    try:
+        return decode_features(text) if text is not None else None
+    except ValueError:  # stored by another version
+        return None
+
+
+def _rescore_restored(conn: Connection, restored: dict[Key, int], decision_id: int, now: datetime) -> None:
+    """An undo put records back with an automatic link that was scored when it was made; the
+    records may have changed since. Each is scored again against the other active records of
+    its person (its link score and undo event say the new best), and a ``link_looks_wrong``
+    review opens when that is below the upper threshold, unless one is open about it already
+    (the review the undo reopened)."""
+    model = None
+    rows = _records_by_key(conn, list(restored))
+    for key, event_id in sorted(restored.items()):
+        rec = rows[key]
+        members = conn.execute(select(patient_record.c.facility, patient_record.c.mrn, patient_record.c.features)
+                               .where(patient_record.c.person_id == rec.person_id, patient_record.c.active)
+                               .order_by(patient_record.c.id)).all()
+        mine = next((_stored_features(m.features) for m in members if (m.facility, m.mrn) == key), None)
+        others = [(m.facility, m.mrn, rec.person_id, f) for m in members if (m.facility, m.mrn) != key
+                  for f in (_stored_features(m.features),) if f is not None]
+        if mine is None or not others:
+            continue  # nothing to score it against: the score it had stands
+        model = model or _stored_model(conn)
+        candidates = rescored(mine, others, model)
+        best = candidates[0]["score"]
+        conn.execute(update(patient_record).where(patient_record.c.id == rec.id).values(link_score=best))
+        conn.execute(update(link_event).where(link_event.c.id == event_id).values(score=best))
+        if best >= model.upper or _open_reviews_of(conn, [key]):
+            continue
+        reasons = [str(Reason.LINK_LOOKS_WRONG if best < model.lower else Reason.BETWEEN),
+                   f"undo of decision {decision_id} restored an automatic link; the record scores below the upper "
+                   f"threshold against its person now"]
+        conn.execute(insert(match_review).values(
+            state=ReviewState.OPEN.value, kind=str(Reason.LINK_LOOKS_WRONG), facility=key[0], mrn=key[1],
+            person_id=rec.person_id, score=best, created_at=now,
+            detail={"record": {"facility": key[0], "mrn": key[1], "person": rec.person_id},
+                    "candidates": candidates[:MAX_CANDIDATES], "reasons": reasons, "action": "review",
+                    "thresholds": {"upper": model.upper, "lower": model.lower}},
+        ))
 
 
 def _retire_emptied(conn: Connection, went: dict[int, set[int]]) -> None:
