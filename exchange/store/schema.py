@@ -420,7 +420,7 @@ class MatchReview(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     state: Mapped[str] = mapped_column(String(STATE_LEN), index=True)  # open / resolved / superseded
-    kind: Mapped[str] = mapped_column(String(32))  # candidate / duplicate / link_looks_wrong
+    kind: Mapped[str] = mapped_column(String(32))  # candidate / duplicate / link_looks_wrong / merge_conflict
     facility: Mapped[str] = mapped_column(String(FACILITY_LEN))  # the record the review is about
     mrn: Mapped[str] = mapped_column(String(MRN_LEN))
     person_id: Mapped[int | None] = mapped_column(BigInteger)  # the suggested person
