@@ -328,7 +328,8 @@ def _merge_persons(out, state, ids, stored, known, members, survivor: Key, retir
     the retired record's person (the retired one included) and one of the survivor's, the
     persons conflict: nothing moves, and a ``merge_conflict`` review of the survivor asks
     about the records of its person that pair names.
-    Returns the records now with the survivor's person (the ones there already included)."""
+    Returns the records now with the survivor's person (the ones there already included; none
+    after a conflict)."""
     target = known[survivor].person if survivor in known else ids[survivor][1]
     source = ids[retired][1]
     there = set(members.get(target, set()))
@@ -346,7 +347,7 @@ def _merge_persons(out, state, ids, stored, known, members, survivor: Key, retir
                        key=lambda c: (c[0], c[1]))
     if conflicts:
         out.reviews.append(_conflict_review(survivor, retired, target, conflicts, known, model, ref))
-        return there
+        return set()  # nothing joined the survivor's person
     taken = {k[0] for k in members.get(target, set()) if k in known and k != retired}
     for key in sorted(members.get(source, set()) | {retired}):
         if key != retired and key[0] in taken:
