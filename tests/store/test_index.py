@@ -413,7 +413,8 @@ def test_an_a40_never_merges_persons_a_technicians_not_a_match_keeps_apart(engin
     person into Emma's although a technician had said NB1 is not NA1; the next A08 superseded
     the review, and Olivia's events went to the hospital as Emma's."""
     s = not_a_match_scene(engine)
-    assert run(engine, adt("OAKNH", "A40", pid("NB2", "OAKNH", **OLIVIA), "MRG|NB1^^^OAKNH^MR")) == ["AA"]
+    assert run(engine, adt("OAKNH", "A40", pid("NB2", "OAKNH", **EMMA), "MRG|NB1^^^OAKNH^MR")) == ["AA"]
+    assert person(engine, "OAKNH", "NB2") == s["emma"]  # its link is the writer's to keep: matching says Emma
     assert person(engine, "OAKNH", "NB1") == s["olivia"] and person(engine, "GENHOSP", "NA1") == s["emma"]
     assert rows(engine, "select count(*) from link_event where kind = 'merge'") == [(0,)]
     conflict = [r for r in open_reviews(engine, "NB2") if r[0] == "merge_conflict"]
@@ -421,8 +422,10 @@ def test_an_a40_never_merges_persons_a_technicians_not_a_match_keeps_apart(engin
     assert candidates == [("GENHOSP", "NA1")]
     assert "OAKNH NB1 and GENHOSP NA1 are marked not a match by decision" in reason and "not merged" in reason
     # an update that changes what matching reads re-matches NB2: the conflict stands, the review stays open
-    assert run(engine, adt("OAKNH", "A08", pid("NB2", "OAKNH", **EMMA), "PV1|1|O")) == ["AA"]
-    assert [r[0] for r in open_reviews(engine, "NB2")] == ["merge_conflict"]
+    assert run(engine, adt("OAKNH", "A08", pid("NB2", "OAKNH", **{**EMMA, "phone": "555-111-0099"}),
+                           "PV1|1|O")) == ["AA"]
+    assert person(engine, "OAKNH", "NB2") == s["emma"]
+    assert "merge_conflict" in [r[0] for r in open_reviews(engine, "NB2")]
     # the technician answers it: NB2 is not Emma either
     from exchange.store.reviews import decide_review
 
@@ -434,7 +437,7 @@ def test_an_a40_never_merges_persons_a_technicians_not_a_match_keeps_apart(engin
 
 def test_a_merge_conflict_review_goes_when_the_conflict_does(engine):
     s = not_a_match_scene(engine)
-    run(engine, adt("OAKNH", "A40", pid("NB2", "OAKNH", **OLIVIA), "MRG|NB1^^^OAKNH^MR"))
+    run(engine, adt("OAKNH", "A40", pid("NB2", "OAKNH", **EMMA), "MRG|NB1^^^OAKNH^MR"))
     assert "merge_conflict" in [r[0] for r in open_reviews(engine, "NB2")]
     # NB2 turns out to be someone else altogether: its automatic link to Emma is taken back at once
     run(engine, adt("OAKNH", "A08", pid("NB2", "OAKNH", name="NAKAMURA^KENJI", birth="19610930", sex="M",
