@@ -215,7 +215,8 @@ def _caution(record: Record, members: list[Match], features, model: Model, *, fa
     years_apart = abs((mine.birth_year or 0) - (other.birth_year or 0)) if mine.birth_year and other.birth_year else 0
     decades_apart = birth is Level.ONE_DIGIT and years_apart >= 10
     if ssn in _SSN_AGREES:
-        if (birth is Level.DISAGREE or birth is Level.YEAR_ONLY or decades_apart) and best[_F["family"]] in _FAMILY_SAME and (
+        other_birth = birth is Level.DISAGREE or birth is Level.YEAR_ONLY or decades_apart
+        if other_birth and best[_F["family"]] in _FAMILY_SAME and (
                 given is Level.DISAGREE and years_apart >= 1 and _unlike(mine.given, other.given)
                 or years_apart >= 15 and best[_F["address"]] not in _ADDRESS_SAME):
             return Reason.SSN_ONLY  # one SSN on a relative: another given name, or another generation elsewhere
@@ -243,7 +244,7 @@ _TWIN_GIVEN = frozenset({Level.CLOSE, Level.SIMILAR, Level.DISAGREE})  # not a n
 # Fields that corroborate a name and a birth date (the levels at which they do).
 _CORROBORATE = (
     ("phone", frozenset({Level.EXACT})),
-    ("address", frozenset({Level.EXACT, Level.STREET, Level.SIMILAR})),
+    ("address", _ADDRESS_SAME),
     ("place", frozenset({Level.EXACT, Level.POSTCODE, Level.CITY})),
 )
 # A newborn's placeholder given name (HL7 sites register "BABY GIRL", "BABYBOY", "INFANT" ...
