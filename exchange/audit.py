@@ -93,16 +93,20 @@ def record_read(conn: Connection, event: AuditEvent, shown: Any) -> None:
 
 
 def records_named(value: Any) -> set[tuple[str, str]]:
-    """Every (facility, mrn) pair a JSON-shaped answer names: dicts with both keys, at any depth."""
+    """Every (facility, mrn) pair an answer names: dicts with both keys, or value objects with both
+    attributes (a delivery's record), at any depth."""
     out: set[tuple[str, str]] = set()
     todo = [value]
     while todo:
         v = todo.pop()
         if isinstance(v, dict):
             f, m = v.get("facility"), v.get("mrn")
-            if isinstance(f, str) and isinstance(m, str) and m:
-                out.add((f, m))
             todo.extend(v.values())
         elif isinstance(v, (list, tuple)):
             todo.extend(v)
+            continue
+        else:
+            f, m = getattr(v, "facility", None), getattr(v, "mrn", None)
+        if isinstance(f, str) and isinstance(m, str) and m:
+            out.add((f, m))
     return out

@@ -69,6 +69,15 @@ def test_pages_of_the_list_follow_next(api: Harness, queued: list[int]) -> None:
     assert api.get("/api/deliveries?after=x", token)[0] == 400
 
 
+def test_reading_the_accounting_of_disclosures_audits_each_record_it_shows(api: Harness, queued: list[int]) -> None:
+    """Found by a black-box audit: only the list's row was written, so "who saw GENHOSP 100001"
+    missed every read of the disclosures."""
+    token = api.token("olga", "admin")
+    assert api.get("/api/deliveries?state=delivered", token)[0] == 200
+    rows = [(r["resource"], r["facility"], r["key"]) for r in api.audit()]
+    assert rows == [("delivery", None, "state=delivered"), ("record", "GENHOSP", "100001")]
+
+
 def test_list_by_state_facility_and_person(api: Harness, queued: list[int]) -> None:
     token = api.token("olga", "admin")
     code, body, _ = api.get("/api/deliveries?state=queued", token)
@@ -100,7 +109,7 @@ def test_list_by_state_facility_and_person(api: Harness, queued: list[int]) -> N
     assert [d["control_id"] for d in api.get("/api/deliveries", token)[1]["deliveries"]] == ["D4", "D3", "D2", "D1"]
     assert [d["control_id"] for d in api.get("/api/deliveries?limit=1", token)[1]["deliveries"]] == ["D4"]
     # every read is audited, with what was asked for
-    rows = api.audit()
+    rows = [r for r in api.audit() if r["resource"] == "delivery"]  # each list read's own row (records: above)
     assert [(r["actor"], r["action"], r["resource"], r["outcome"]) for r in rows] == [("olga", "read", "delivery", "ok")] * 7
     assert [(r["facility"], r["key"]) for r in rows[:5]] == [
         (None, "state=queued"), (None, "state=delivered"), ("HHCARE", "state=failed"), ("OAKNH", "state=failed"), (None, "person=8")
