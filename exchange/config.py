@@ -896,8 +896,10 @@ def check_database_url(url: str) -> str | None:
         parsed = make_url(url)
     except Exception as e:  # ArgumentError, ValueError: both mean "not a URL"
         return f"not a valid database URL: {e}"
+    database = parsed.database or ""
     if parsed.get_backend_name() == "sqlite" and (
-            parsed.database in (None, "", ":memory:") or "memory" in str(parsed.query.get("mode", ""))):
+            database in ("", ":memory:") or ":memory:" in database or "mode=memory" in database
+            or "memory" in str(parsed.query.get("mode", ""))):
         return "an in-memory SQLite database is lost on exit and not shared with the writer: give a file path"
     return None
 

@@ -407,6 +407,8 @@ def test_not_utf8(tmp_path):
          "server.reconcile.consistency: an interval must be at most 365d"),
         (with_server('database = "sqlite://"'), "server.database: an in-memory SQLite database is lost on exit"),
         (with_server('database = "sqlite:///:memory:"'), "server.database: an in-memory SQLite database"),
+        (with_server('database = "sqlite:///file::memory:?uri=true"'), "server.database: an in-memory SQLite"),
+        (with_server('database = "sqlite:///file:x?mode=memory&uri=true"'), "server.database: an in-memory SQLite"),
         (MINIMAL.replace('"tcp:8080:interface=127.0.0.1"', '"tcp:2575:interface=127.0.0.1"'),
          "server.http: port 2575 is server.mllp's too"),
         (MINIMAL.replace('"tcp:2575:interface=127.0.0.1"', '["tcp:2575", "tcp:2576", "tcp:2575:interface=127.0.0.1"]'),
