@@ -697,13 +697,15 @@ def _map_adt(msg, header, ctx, state, event, warnings) -> list:
         if event == "A08" and current is None:  # a patient update with a placeholder PV1
             return ops
         warnings.append("PV1-19: no visit number, the record's unnumbered encounter is used")
-        if current is not None and current.status in (S.DISCHARGED, S.CANCELLED) and event in NEW_STAY_EVENTS:
-            # without a visit number a closed stay and a new one share the encounter: this is a new stay
-            warnings.append(f"{event}: the unnumbered encounter was closed, a new stay replaces it")
-            current = None
-            patch = _replace(patch, **{f: DELETE for f in patch.__match_args__ if getattr(patch, f) is None})
+    new_stay = (not visit and current is not None and current.status in (S.DISCHARGED, S.CANCELLED)
+                and event in NEW_STAY_EVENTS)
+    if new_stay:  # without a visit number a closed stay and a new one share the encounter
+        warnings.append(f"{event}: the unnumbered encounter was closed, a new stay replaces it")
+        current = None
     at = _event_time(msg, header)
     status, patch = encounter_transition(event, current, patch, at, warnings)
+    if new_stay:  # nothing of the old stay is kept (the admit time comes from the event, as for any admit)
+        patch = _replace(patch, **{f: DELETE for f in patch.__match_args__ if getattr(patch, f) is None})
     ops.append(EncounterEvent(ctx.code, mrn, visit, event, status, patch, at))
     return ops
 

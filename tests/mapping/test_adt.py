@@ -408,6 +408,10 @@ def test_without_a_visit_number_updates_apply_and_a_readmission_is_a_new_stay():
     assert (e.status, e.location, e.discharged_at) == (S.ADMITTED, Location("W7", "7", "7"), None)
     assert e.admitted_at.value == datetime(2024, 2, 1, 9) and e.prior_location is None
     assert any("new stay" in w for w in readmit.warnings)
+    # without PV1-44 the new stay's admit time is the event's, as for any admit (found by a black-box audit)
+    adt(s, "A03", mrn="O11", visit="", loc="W7^7^7")
+    adt(s, "A01", mrn="O11", visit="", loc="W8^8^8")
+    assert enc(s, "O11", "").admitted_at.value == datetime(2024, 1, 1, 12)
     # a patient update with a placeholder PV1 creates no encounter
     adt(s, "A08", mrn="P2", visit="", loc="")
     assert s.record("HOSP", "P2").encounters == {}
