@@ -171,3 +171,31 @@ def test_exchange_send_over_mutual_tls(tls_server, pki, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "TLS-SEND-1\tAA" in done.stdout
+
+
+def _handshake(address, pki, *, ciphers: str | None = None, version=None) -> str:
+    """The cipher a TLS client (genhosp's certificate) gets, or raises ssl.SSLError."""
+    import socket
+
+    context = ssl.create_default_context(cafile=str(pki["ca"]))
+    key, cert = pki["genhosp"]
+    context.load_cert_chain(str(cert), str(key))
+    if version is not None:
+        context.minimum_version = context.maximum_version = version
+    if ciphers is not None:
+        context.set_ciphers(ciphers)
+    with socket.create_connection(address, timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as s:
+            return s.cipher()[0]
+
+
+def test_tls_takes_only_forward_secret_aead_suites(tls_server, pki):
+    """Twisted's default list let a TLS 1.2 client use RSA key exchange and CBC with SHA-1
+    (AES128-SHA), which hospitals' security scanners flag."""
+    # (the test PKI's keys are ECDSA)
+    assert _handshake(tls_server.address, pki, version=ssl.TLSVersion.TLSv1_2,
+                      ciphers="ECDHE-ECDSA-AES128-GCM-SHA256") == "ECDHE-ECDSA-AES128-GCM-SHA256"
+    for weak in ("ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA384", "ECDHE-ECDSA-AES128-SHA256"):
+        with pytest.raises(ssl.SSLError):
+            _handshake(tls_server.address, pki, version=ssl.TLSVersion.TLSv1_2, ciphers=weak)
+    assert _handshake(tls_server.address, pki).startswith("TLS_")  # TLS 1.3 as a client prefers it
