@@ -6,10 +6,31 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
 
-from exchange.store.schema import opt_out_event_table as opt_out_event, person_table as person
+from exchange.store.schema import MAX_MERGE_HOPS, opt_out_event_table as opt_out_event, person_table as person
+
+PERSONS_PER_SELECT = 400  # ids in one IN list (SQLite takes at most 32,766 bound values)
+
+
+def merge_chains(conn: Connection, ids: Iterable[int]) -> dict[int, Any]:
+    """Each person of ``ids`` and every person it was merged into, up to MAX_MERGE_HOPS on, by
+    id: rows with ``merged_into`` and ``protected``. A person that does not exist is absent.
+    The send-time check of a queued copy and ``exchange replay`` follow the chains from these."""
+    rows: dict[int, Any] = {}
+    todo = set(ids)
+    for _ in range(MAX_MERGE_HOPS + 1):
+        if not todo:
+            break
+        ordered = sorted(todo)
+        for i in range(0, len(ordered), PERSONS_PER_SELECT):
+            for r in conn.execute(select(person.c.id, person.c.merged_into, person.c.protected)
+                                  .where(person.c.id.in_(ordered[i:i + PERSONS_PER_SELECT]))):
+                rows[r.id] = r
+        todo = {r.merged_into for r in rows.values() if r.merged_into is not None} - rows.keys()
+    return rows
 
 
 def carry_opt_outs(conn: Connection, moves: Iterable[tuple[int | None, int | None]], now: datetime,

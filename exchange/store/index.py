@@ -53,7 +53,7 @@ from exchange.mapping.state import MemoryState
 from exchange.matching.decide import Action, Decision, Reason, Record, decide
 from exchange.matching.features import Features, blocking_keys, decode_features, encode_features, features_of
 from exchange.matching.model import Model, default_model, score
-from exchange.store.consent import carry_opt_outs
+from exchange.store.consent import carry_opt_outs, merge_chains
 from exchange.store.db import advisory_key, driver_cursor
 from exchange.store.driver import Statement, Writer, select_rows
 from exchange.store.records import RecordLink
@@ -434,22 +434,8 @@ def last_links(conn: Connection, keys: list[Key]) -> dict[Key, LastLink]:
                               .where(link_event_table.c.id.in_(last.scalar_subquery()))):
             if r.to_person is not None:
                 out[(r.facility, r.mrn)] = (r.to_person, r.to_link or "auto", r.score)
-    merged = _merges(conn, {p for p, _, _ in out.values()})
+    merged = {i: r.merged_into for i, r in merge_chains(conn, {p for p, _, _ in out.values()}).items()}
     return {key: LastLink(p, link, score, live_person(merged, p)) for key, (p, link, score) in out.items()}
-
-
-def _merges(conn: Connection, ids: set[int]) -> dict[int, int | None]:
-    """person id -> its merged_into, for ``ids`` and the persons they were merged into (absent: gone)."""
-    out: dict[int, int | None] = {}
-    todo = set(ids)
-    for _ in range(MAX_MERGE_HOPS + 1):
-        if not todo:
-            break
-        for chunk in _chunks(sorted(todo), KEYS_PER_SELECT):
-            out.update((r.id, r.merged_into) for r in conn.execute(
-                select(person_table.c.id, person_table.c.merged_into).where(person_table.c.id.in_(chunk))))
-        todo = {m for m in out.values() if m is not None} - out.keys()
-    return out
 
 
 def live_person(merged: dict[int, int | None], person: int) -> int | None:

@@ -58,6 +58,7 @@ from exchange.config import Config
 from exchange.hl7.header import read_header
 from exchange.mapping.message import Message
 from exchange.routing.rules import Event, Reason, recheck
+from exchange.store.consent import merge_chains
 from exchange.store.db import advisory_key, driver_cursor, sqlite_datetime
 from exchange.store.schema import (
     ACK_CODE_LEN,
@@ -70,7 +71,6 @@ from exchange.store.schema import (
     delivery_table as delivery,
     message_table as message,
     patient_record_table as patient_record,
-    person_table as person,
 )
 
 __all__ = [
@@ -497,15 +497,7 @@ def _txa2(payload: bytes) -> str:
 
 def _live_persons(conn: Connection, ids: set[int]) -> dict[int, tuple[int | None, bool]]:
     """person id -> (the person it was merged into last, or itself; that person's opt-out)."""
-    rows: dict[int, Any] = {}
-    todo = set(ids)
-    for _ in range(MAX_MERGE_HOPS):
-        if not todo:
-            break
-        for r in conn.execute(select(person.c.id, person.c.merged_into, person.c.protected)
-                              .where(person.c.id.in_(sorted(todo)))):
-            rows[r.id] = r
-        todo = {r.merged_into for r in rows.values() if r.merged_into is not None} - rows.keys()
+    rows = merge_chains(conn, ids)
     out: dict[int, tuple[int | None, bool]] = {}
     for start in ids:
         current, hops = start, 0
