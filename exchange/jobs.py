@@ -203,6 +203,15 @@ def match_model(engine: Engine, config: Config, now: datetime) -> Report:
 REPLAYING = "exchange replay is rebuilding the record model: skipped (run it again after the replay)"
 
 
+def _try_lock(conn: Connection, key: str) -> bool:
+    """PostgreSQL: this session's advisory lock on ``key`` (a job's name), if no other session holds it."""
+    return bool(conn.exec_driver_sql("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).scalar())
+
+
+def _unlock(conn: Connection, key: str) -> None:
+    conn.exec_driver_sql("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+
+
 def one_node(name: str, fn: Callable[[Engine, Config, datetime], Report]) -> Callable[[Engine, Config, datetime], Report]:
     """PostgreSQL: every node schedules the jobs; a run starts only where the job's
     session advisory lock can be had, so two nodes never run one job at once (the
@@ -217,7 +226,7 @@ def one_node(name: str, fn: Callable[[Engine, Config, datetime], Report]) -> Cal
             return fn(engine, config, now)
         with engine.connect() as conn:
             key = f"exchange reconcile {name}"
-            if not conn.exec_driver_sql("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).scalar():
+            if not _try_lock(conn, key):
                 return Report(name, ("another node is running it: skipped",), 0, 0.0, "another node is running it")
             try:
                 if not try_share_rebuild(conn):
@@ -228,7 +237,7 @@ def one_node(name: str, fn: Callable[[Engine, Config, datetime], Report]) -> Cal
                 finally:
                     unshare_rebuild(conn)
             finally:
-                conn.exec_driver_sql("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+                _unlock(conn, key)
                 conn.commit()
 
     return run
@@ -321,7 +330,7 @@ class JobScheduler:
             self._engine = make_engine(self.config.server.database)
         key = f"exchange reconcile schedule {name}"
         with self._engine.connect() as conn:
-            if not conn.exec_driver_sql("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).scalar():
+            if not _try_lock(conn, key):
                 conn.commit()
                 self.emit("info", f"reconcile {name}: skipped (another node runs it this period)")
                 return None
@@ -331,7 +340,7 @@ class JobScheduler:
                 return self.run(name)
             finally:
                 self._stopping.wait(max(0.0, started + period * SCHEDULE_HOLD - time.monotonic()))
-                conn.exec_driver_sql("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+                _unlock(conn, key)
                 conn.commit()
 
     def run(self, name: str) -> int | None:
