@@ -1,6 +1,7 @@
 """The audit trail: one ``audit_event`` row per attempt to read (or change)
 patient-related data through the API or the workbench, written in the same
-transaction as the read itself, and one per workbench login and logout.
+transaction as the read itself, one per workbench login and logout, and one
+per API call that showed an unknown or revoked bearer token.
 
 Audit rows are the only place request identifiers (facility, control id,
 MRN, person) are written: the log never gets them.
@@ -22,6 +23,7 @@ class Action(StrEnum):
     DECIDE = "decide"
     LOGIN = "login"  # a workbench login attempt (ok, or forbidden with the name tried)
     LOGOUT = "logout"
+    AUTHENTICATE = "authenticate"  # an API call with an unknown or revoked bearer token (401)
 
 
 class Resource(StrEnum):
@@ -31,6 +33,7 @@ class Resource(StrEnum):
     REVIEW = "review"
     DELIVERY = "delivery"
     SESSION = "session"  # a workbench login session
+    TOKEN = "token"  # an API bearer token (key: the request's method and path)
 
 
 class Outcome(StrEnum):
@@ -38,6 +41,7 @@ class Outcome(StrEnum):
     NOT_FOUND = "not-found"
     FORBIDDEN = "forbidden"
     INVALID = "invalid"  # a bad request (400/422) that still named a resource
+    UNAUTHORIZED = "unauthorized"  # 401: the token is unknown or revoked
 
 
 @dataclass(frozen=True, slots=True)

@@ -137,6 +137,13 @@ def find_token(conn: Connection, token_hash: str) -> Principal | None:
         return None
 
 
+def revoked_token_name(conn: Connection, token_hash: str) -> str | None:
+    """The name of the revoked token with this hash, or None (no such token, or a live one)."""
+    return conn.execute(
+        select(api_token.c.name).where(api_token.c.token_hash == token_hash, api_token.c.revoked_at.is_not(None))
+    ).scalar()
+
+
 # -- cache ------------------------------------------------------------------------
 
 

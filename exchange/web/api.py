@@ -24,7 +24,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from exchange.audit import Action, AuditEvent, Outcome, Resource, record, record_read
 from exchange.config import Config
-from exchange.auth import Permission, Principal, TokenCache, allowed, find_token, hash_token
+from exchange.auth import Permission, Principal, TokenCache, allowed, find_token, hash_token, revoked_token_name
 from exchange.store.api import MessageSummary, message_summary
 from exchange.store.outbox import DeliveryState, DeliveryView, RetryResult, list_deliveries, retry
 from exchange.store import reviews
@@ -167,6 +167,12 @@ def decide_audited(conn: Connection, decide: Callable[..., Any], args: tuple, kw
 def _list_reviews(conn: Connection, state: str | None, limit: int, after: int | None) -> list:
     """The review listing as ``_get`` reads it (a list, never None: an empty page is no 404)."""
     return reviews.list_reviews(conn, state, limit=limit, after=after)
+
+
+def audit_refused_token(conn: Connection, token_hash: str, event: AuditEvent) -> None:
+    """The audit row of a call with an unknown or revoked token: a revoked one is
+    attributed to the name it was issued to (someone whose access was taken away)."""
+    record(conn, replace(event, actor=revoked_token_name(conn, token_hash) or "-"))
 
 
 class Unauthorized(Exception):
@@ -318,6 +324,11 @@ class API:
         if principal is None:
             principal = await self.db.read(find_token, token_hash)
             if principal is None:
+                method = request.method.decode("latin-1")
+                event = AuditEvent(at=self.now(), actor="-", role="-", action=Action.AUTHENTICATE,
+                                   resource=Resource.TOKEN, facility=None, outcome=Outcome.UNAUTHORIZED,
+                                   key=f"{method} {request.path.decode('latin-1')}", remote=remote_host(request))
+                await self.db.write(audit_refused_token, token_hash, event)
                 raise Unauthorized("unknown or revoked token")
             self.tokens.put(token_hash, principal)
         return principal

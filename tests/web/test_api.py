@@ -36,7 +36,14 @@ def test_unknown_and_revoked_tokens_401(api: Harness):
     code, body, headers = api.get(MESSAGE, token)
     assert code == 401 and body == {"error": "unknown or revoked token"}
     assert headers.getRawHeaders("www-authenticate")
-    assert api.audit() == []
+    # A security officer sees both attempts; the revoked one names whom it was issued to.
+    # Nothing was read, so nothing names the message's facility.
+    rows = [(r["actor"], r["role"], r["action"], r["resource"], r["facility"], r["key"], r["outcome"])
+            for r in api.audit()]
+    assert rows == [
+        ("-", "-", "authenticate", "token", None, "GET /api/messages/GENHOSP/MSG-1", "unauthorized"),
+        ("ann", "-", "authenticate", "token", None, "GET /api/messages/GENHOSP/MSG-1", "unauthorized"),
+    ]
 
 
 def test_a_token_works_at_once_and_is_cached_for_a_while(api: Harness):
