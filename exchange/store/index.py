@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, exists, func, insert, or_, select, text
+from sqlalchemy import Connection, and_, delete, exists, func, insert, or_, select, text, update
 from twisted.logger import Logger
 
 from exchange.mapping.state import MemoryState
@@ -686,6 +686,24 @@ def write(conn: Connection, plan_: Plan, state: MemoryState, model: Model, now: 
     # a record that leaves a person who opted out takes the opt-out along (a merge, a new match)
     carry_opt_outs(conn, [(person(e["from_person"]), person(e["to_person"])) for e in plan_.events
                           if e["from_person"] is not None], now)
+    _retire_merged_away(conn, [(person(e["from_person"]), person(e["to_person"])) for e in plan_.events
+                               if e["kind"] == "merge" and e["from_person"] is not None])
+
+
+def _retire_merged_away(conn: Connection, moves: list[tuple[int, int]]) -> None:
+    """A person a facility's merge (A40) emptied answers ``merged_into`` the survivor's person,
+    as a person a technician merged does, rather than dangling empty: whoever kept its id
+    (an API client, a technician) is led to the records. Undoing the merge clears it again."""
+    into: dict[int, set[int]] = {}
+    for source, target in moves:
+        if source != target:
+            into.setdefault(source, set()).add(target)
+    for source, targets in sorted(into.items()):
+        if len(targets) == 1:
+            conn.execute(update(person_table).where(
+                person_table.c.id == source, person_table.c.merged_into.is_(None),
+                ~exists().where(patient_record_table.c.person_id == source),
+            ).values(merged_into=next(iter(targets))))
 
 
 def _pipeline(cursor, sqlite: bool):

@@ -13,6 +13,7 @@ from exchange.hl7.header import read_header
 from exchange.mapping.events import FacilityContext
 from exchange.pipeline import Received, process_batch
 from exchange.store.index import ModelCache
+from exchange.store.reviews import person_view, undo_decision
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
 CODES = ("GENHOSP", "OAKNH", "HHCARE")
@@ -230,12 +231,17 @@ def test_a40_brings_the_retired_records_person_to_the_survivor(engine):
     run(engine, register("GENHOSP", "GH-80", **ELIZABETH))  # linked to the nursing home's record
     run(engine, register("GENHOSP", "GH-81", **ELIZABETH))  # a duplicate registration: a review, its own person
     assert person(engine, "GENHOSP", "GH-80") == person(engine, "OAKNH", "OA-80") != person(engine, "GENHOSP", "GH-81")
+    emptied = person(engine, "GENHOSP", "GH-80")
     merge = adt("GENHOSP", "A40", pid("GH-81", "GENHOSP", **ELIZABETH), "MRG|GH-80^^^GENHOSP^MR")
     assert run(engine, merge) == ["AA"]
     survivor = person(engine, "GENHOSP", "GH-81")
     assert person(engine, "OAKNH", "OA-80") == survivor and person(engine, "GENHOSP", "GH-80") == survivor
     moved = rows(engine, "select facility, mrn, to_person from link_event where kind = 'merge' order by mrn")
     assert moved == [("GENHOSP", "GH-80", survivor), ("OAKNH", "OA-80", survivor)]
+    # whoever kept the emptied person's id is led to the survivor's, as after a technician's merge
+    assert rows(engine, f"select merged_into from person where id = {emptied}") == [(survivor,)]
+    with engine.connect() as conn:
+        assert person_view(conn, emptied)["merged_into"] == survivor
     assert rows(engine, "select active from patient_record where mrn = 'GH-80'") in ([(False,)], [(0,)])
     # the duplicate review of GH-81 (its one candidate GH-80) is answered by the merge
     assert rows(engine, "select mrn, state from match_review") == [("GH-81", "superseded")]
@@ -367,6 +373,23 @@ def test_a40_never_puts_two_records_of_another_facility_in_one_person(engine):
     assert person(engine, "OAKNH", "OB") != person(engine, "OAKNH", "OA")  # not fused without a technician
     reviews = rows(engine, "select facility, mrn, kind, state from match_review order by id")[before:]
     assert reviews == [("OAKNH", "OB", "duplicate", "open")]
+    # OB stayed with Horatio's old person, which is therefore not merged away
+    assert rows(engine, "select merged_into from person p join patient_record r on r.person_id = p.id"
+                        " where r.mrn = 'OB'") == [(None,)]
+
+
+def test_undoing_an_a40_merge_gives_the_emptied_person_its_records_back(engine):
+    run(engine, register("OAKNH", "OA-85", **ELIZABETH), register("GENHOSP", "GH-85", **ELIZABETH))
+    run(engine, register("GENHOSP", "GH-86", **ELIZABETH))  # a duplicate registration: its own person
+    emptied, survivor = person(engine, "GENHOSP", "GH-85"), person(engine, "GENHOSP", "GH-86")
+    assert run(engine, adt("GENHOSP", "A40", pid("GH-86", "GENHOSP", **ELIZABETH), "MRG|GH-85^^^GENHOSP^MR")) == ["AA"]
+    events = rows(engine, "select id from link_event where kind = 'merge' order by id")
+    assert len(events) == 2  # the facility's merge moved two records: one event (undoable) each
+    for (event,) in events:
+        with engine.begin() as conn:
+            undo_decision(conn, event, actor="tess", now=datetime.now(timezone.utc), reason="wrong merge")
+    assert person(engine, "OAKNH", "OA-85") == person(engine, "GENHOSP", "GH-85") == emptied != survivor
+    assert rows(engine, f"select merged_into from person where id = {emptied}") == [(None,)]
 
 
 def test_live_person_follows_merges_and_gives_up_on_a_gone_person_or_a_loop():
