@@ -34,7 +34,7 @@ from exchange.hl7.charset import CharsetError, decode_message
 from exchange.hl7.header import Header
 from exchange.mapping.events import FacilityContext, MappingError, MergePatients, map_message, needs
 from exchange.mapping.message import Message
-from exchange.mapping.state import MemoryState
+from exchange.mapping.state import MemoryState, document_type, document_types
 from exchange.outcome import Outcome, Value, Verdict, error
 from exchange.config import Config
 from exchange.store import index as patient_index
@@ -157,18 +157,18 @@ def encode_ack(header: Header, text: str) -> bytes:
     return text.encode(header.codec, errors="replace")
 
 
-def _document_types(state, facility: str, message) -> tuple[str, str]:
-    """The types the record model holds (after the batch) for an MDM's document and its parent:
-    an edit or a cancel with TXA-2 empty is still the BH note it edits, for routing."""
+def _document_types(state, facility: str, message) -> tuple[str, tuple[str, ...]]:
+    """What the record model holds (after the batch) about an MDM's document (TXA-12) and the
+    parent it names (TXA-13), for routing: the type the document is routed as, and every type
+    of its lineage (an edit, a cancel or a re-typed notice of a BH note is still a BH note)."""
     txa = message.first("TXA")
     if txa is None:
-        return "", ""
-    out = []
-    for n in (12, 13):
-        number = txa.value(n)
-        doc = state.documents.get((facility, number)) if number else None
-        out.append(str(doc["versions"][-1].get("type") or "") if doc and doc["versions"] else "")
-    return out[0], out[1]
+        return "", ()
+    docs = [state.documents.get((facility, number)) for number in (txa.value(12), txa.value(13)) if number]
+    docs = [doc for doc in docs if doc is not None and doc["versions"]]
+    if not docs:
+        return "", ()
+    return document_type(docs[0]), tuple(sorted({t for doc in docs for t in document_types(doc)}))
 
 
 def process_batch(

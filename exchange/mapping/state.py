@@ -290,7 +290,8 @@ class MemoryState:
         if doc is not None:
             self._touch_document(doc)
         if doc is None:
-            doc = {"facility": op.facility, "mrn": op.mrn, "state": DocumentState.CURRENT, "versions": []}
+            doc = {"facility": op.facility, "mrn": op.mrn, "state": DocumentState.CURRENT, "versions": [],
+                   "types": (), "inherited": None}
             self.documents[key] = doc
             doc["versions"].append(_version({}, patch, 1, op.event, ref, fill_only=False))
         elif op.action is DocumentAction.CREATE:
@@ -307,7 +308,23 @@ class MemoryState:
                                             fill_only=False))
         if op.state is not None:
             doc["state"] = op.state
+        self._lineage(doc)
         return (op.number, op.event, doc["versions"][-1]["version"])
+
+    def _lineage(self, doc: dict[str, Any]) -> None:
+        """Keep what routing needs of a document's history: ``types``, every type it and its
+        ancestors (TXA-13) ever had, so that no later notice, edit or addendum re-types a BH
+        note out of a facility's ``exclude_documents``; ``inherited``, the type of the parent
+        it was filed under, for a version that names none of its own."""
+        current = doc["versions"][-1]
+        parent = current.get("parent")
+        parent_doc = self.documents.get((doc["facility"], parent)) if parent else None
+        types = set(doc.get("types", ()))
+        if parent_doc is not None and parent_doc is not doc:
+            types.update(document_types(parent_doc))
+            if not doc.get("inherited"):
+                doc["inherited"] = document_type(parent_doc) or None
+        doc["types"] = tuple(sorted(types | set(document_types(doc))))
 
     def _mark(self, op: MarkDocument, ref) -> tuple:
         doc = self.documents.get((op.facility, op.number))
@@ -470,6 +487,22 @@ class Dirty:
     changed_versions: list[tuple[tuple[str, str], int]] = dataclasses.field(default_factory=list)
     links: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     history: list[tuple[Hashable, str, str, tuple]] = dataclasses.field(default_factory=list)
+
+
+def document_type(doc: dict[str, Any]) -> str:
+    """The type a document is routed as, upper case: its current version's (TXA-2), else the
+    one it inherited from its parent; "" when neither is known."""
+    own = doc["versions"][-1].get("type") if doc["versions"] else None
+    return (own or doc.get("inherited") or "").upper()
+
+
+def document_types(doc: dict[str, Any]) -> tuple[str, ...]:
+    """Every type a document and its ancestors had (see ``MemoryState._lineage``), upper case."""
+    types = set(doc.get("types", ()))
+    current = document_type(doc)
+    if current:
+        types.add(current)
+    return tuple(sorted(types))
 
 
 def _version(base: dict, patch: DocumentPatch, number: int, event: str, ref, fill_only: bool) -> dict:

@@ -13,10 +13,13 @@ The rules, in the order they are checked for each facility:
    concerns two patients (A17 swap)                      -> nobody
 3. the facility is the sender                            -> never its own copy
 4. the facility has no ``deliver_to``                    -> nothing
-5. the document's TXA-2 is in its ``exclude_documents``  -> nothing, rules included
+5. a type of the document is in its ``exclude_documents``: its TXA-2 or any
+   type the document or its ancestors (TXA-13) ever had; or an MDM whose type
+   nobody knows, when the facility excludes any      -> nothing, rules included
 6. default: it holds an active record linked to the person and one of its
-   ``subscribe`` patterns matches TYPE^EVENT (and the TXA-2 document type
-   when the pattern has a third part, ``MDM^T02^DS``)  -> why "default"
+   ``subscribe`` patterns matches TYPE^EVENT (and the document type when the
+   pattern has a third part, ``MDM^T02^DS``: TXA-2, else the type stored for
+   the document, else its parent's)                   -> why "default"
 7. else the first ``[[route]]`` (file order) whose conditions all match and
    whose ``to``/``to_kind`` names the facility; it needs a record of the
    person unless the rule says ``allow_without_record`` -> why = the rule's name
@@ -106,9 +109,10 @@ class Event(Value):
     patient_class: str = ""  # PV1-2, upper case
     document_type: str = ""  # TXA-2.1, upper case
     protected: bool = False  # the person opted out: PD1-12 = Y, or set through the API
-    # Every document type the event touches, upper case: its TXA-2, the stored type of its
-    # document when TXA-2 is empty (an edit, a cancel), its parent's (TXA-13: an addendum to a
-    # BH note is BH too). Any of them in a facility's exclude_documents keeps the copy away.
+    # Every document type the event touches, upper case: its TXA-2 and every type its document
+    # and the document's ancestors (TXA-13) ever had: an addendum to a BH note, its edits and a
+    # notice that re-types it are BH too. Any of them in a facility's exclude_documents keeps
+    # the copy away; an MDM with none at all is withheld from every facility that excludes any.
     document_types: tuple[str, ...] = ()
 
     @classmethod
@@ -121,15 +125,15 @@ class Event(Value):
         source_mrn: str | None,
         protected: bool,
         stored_type: str = "",
-        parent_type: str = "",
+        lineage: tuple[str, ...] = (),
     ) -> Event:
         """The routing view of a message: MSH-4.1, MSH-9, PV1-2 and TXA-2 read
         from it, the rest (what the record model knows) given by the caller:
-        the type the record model holds for the message's document (TXA-12)
-        and for its parent (TXA-13)."""
+        the type the record model routes the message's document (TXA-12) as,
+        and every type of its lineage (``exchange.mapping.state.document_types``)."""
         pv1 = message.first("PV1")
         txa = message.first("TXA")
-        stored = tuple(t.upper() for t in (stored_type, parent_type) if t)
+        stored = tuple(t.upper() for t in lineage if t)
         sent = txa.value(2).upper() if txa is not None else ""
         document = sent or stored_type.upper()
         return cls(
@@ -253,7 +257,7 @@ def route(
         if not facility.deliver_to:
             skipped.append(Skipped(code, Reason.NO_ENDPOINT))
             continue
-        if any(t in facility.exclude_documents for t in event.document_types or (document,) if t):
+        if excluded(facility, event):
             skipped.append(Skipped(code, Reason.EXCLUDED_DOCUMENT))
             continue
         why = _basis(facility, mrn, rules, message_type, trigger, document)
@@ -268,6 +272,18 @@ def route(
                 continue
         destinations.append(Destination(code, mrn, why, prior))
     return Decision(tuple(destinations), tuple(skipped))
+
+
+def excluded(facility: FacilityConfig, event: Event) -> bool:
+    """The facility must not receive the event's document: one of its types (``document_types``:
+    the document's whole lineage) is in its ``exclude_documents``, or it is an MDM whose type
+    nobody knows (TXA-2 empty everywhere), which could be any of them."""
+    if not facility.exclude_documents:
+        return False
+    types = {t.upper() for t in (event.document_type, *event.document_types) if t}
+    if not types:
+        return event.message_type.upper() == "MDM"
+    return not types.isdisjoint(facility.exclude_documents)
 
 
 def recheck(
@@ -294,7 +310,7 @@ def recheck(
     if not facility.deliver_to:
         return Reason.NO_ENDPOINT
     document = event.document_type.upper()
-    if any(t.upper() in facility.exclude_documents for t in event.document_types or (document,) if t):
+    if excluded(facility, event):
         return Reason.EXCLUDED_DOCUMENT
     if why == DEFAULT:
         if not subscribed(facility, event.message_type.upper(), event.event.upper(), document):

@@ -281,6 +281,8 @@ def _document_row(doc: dict, record_id: int) -> dict[str, Any]:
         "availability": _cut(current["availability"], DOCUMENT_CODE_LEN),
         "state": doc["state"].value,
         "version": current["version"],
+        "types": json.dumps([_cut(t, DOCUMENT_CODE_LEN) for t in doc.get("types", ())]),
+        "inherited_type": _cut(doc.get("inherited"), DOCUMENT_CODE_LEN),
     }
 
 
@@ -367,7 +369,7 @@ def load_all(conn: Connection) -> MemoryState:
 _RECORD_COLUMNS = ("id", "person_id", "facility", "mrn", "merged_into_mrn", "link", "features", "data")
 # PostgreSQL: JSON as text, decoded by ``loads`` (psycopg's own json.loads + from_json is slower)
 _PG_RECORD_SELECT = ", ".join(_RECORD_COLUMNS[:-1]) + ", data::text"
-_DOCUMENT_COLUMNS = ("id", "facility", "number", "state", "mrn")
+_DOCUMENT_COLUMNS = ("id", "facility", "number", "state", "types", "inherited_type", "mrn")
 
 
 def _json(value: Any) -> Any:
@@ -432,7 +434,8 @@ def _load(conn: Connection, want_records: set, want_documents: set, visits: set[
                 conditions.append(in_pairs(sqlite, "d.facility, d.number", doc_keys, params))
             if new_ids and whole:
                 conditions.append(in_ids(sqlite, "d.record_id", new_ids, params))
-            select_ = "SELECT d.id, d.facility, d.number, d.state, p.mrn FROM document d JOIN patient_record p ON d.record_id = p.id WHERE "
+            select_ = ("SELECT d.id, d.facility, d.number, d.state, d.types, d.inherited_type, p.mrn"
+                       " FROM document d JOIN patient_record p ON d.record_id = p.id WHERE ")
             # PostgreSQL: UNION ALL, not OR (a seq scan there); duplicates are skipped below
             sql = select_ + (" OR " if sqlite else " UNION ALL " + select_).join(conditions)
             for row in select_rows(conn, _DOCUMENT_COLUMNS, sql, params):
@@ -463,7 +466,8 @@ def _load(conn: Connection, want_records: set, want_documents: set, visits: set[
         ):
             records[by_id[record_id]]["encounters"][visit] = _json(data)
     documents = {
-        key: {"facility": row.facility, "mrn": row.mrn, "state": DocumentState(row.state), "versions": []}
+        key: {"facility": row.facility, "mrn": row.mrn, "state": DocumentState(row.state), "versions": [],
+              "types": tuple(json.loads(row.types)) if row.types else (), "inherited": row.inherited_type}
         for key, row in docs.items()
     }
     doc_by_id = {row.id: key for key, row in docs.items()}
@@ -492,7 +496,8 @@ _RECORD_ROW_COLUMNS = ("facility", "mrn", "authority", "active", "merged_into_mr
                        "given_name", "birth_date", "sex", "postcode", "phone", "ssn")
 _ENCOUNTER_COLUMNS = ("patient_class", "status", "location", "prior_location", "attending", "admitted_at",
                       "discharged_at", "data")
-_DOCUMENT_ROW_COLUMNS = ("record_id", "type", "parent", "completion_status", "availability", "state", "version")
+_DOCUMENT_ROW_COLUMNS = ("record_id", "type", "parent", "completion_status", "availability", "state", "version",
+                         "types", "inherited_type")
 _VERSION_COLUMNS = ("event", "message_id", "content_type", "text", "data", "size", "fields")
 
 

@@ -39,8 +39,8 @@ class Applied:
     person: int | None  # the subject's person after the batch
     retired: Key | None = None  # a merge's retired record
     retired_person: int | None = None
-    document_type: str = ""  # MDM: the type the record model holds for its document (TXA-12) ...
-    parent_type: str = ""  # ... and for its parent (TXA-13)
+    document_type: str = ""  # MDM: the type the record model routes its document (TXA-12) as ...
+    lineage: tuple[str, ...] = ()  # ... and every type it and its ancestors had (mapping.state.document_types)
 
 
 def route_batch(conn: Connection, applied: Sequence[Applied], config: Config, now: datetime) -> list[NewCopy]:
@@ -91,7 +91,7 @@ def _route_one(a: Applied, config: Config, now: datetime, records, protected, ch
         events.append((a.person, state, f"PD1-12 {a.subject[0]}", a.message_id))
     event = Event.read(a.header, a.message, person=None if a.person is None else str(a.person),
                        source_mrn=a.subject[1], protected=state, stored_type=a.document_type,
-                       parent_type=a.parent_type)
+                       lineage=a.lineage)
     mine = _one_per_facility(records.get(a.person, []), a.subject)
     prior = None
     if a.retired is not None and a.retired_person is not None:

@@ -351,6 +351,11 @@ class Document(Base):
     availability: Mapped[str | None] = mapped_column(String(DOCUMENT_CODE_LEN))  # TXA-19
     state: Mapped[str] = mapped_column(String(STATE_LEN))  # exchange.mapping.events.DocumentState
     version: Mapped[int] = mapped_column(Integer)  # number of versions
+    # For routing (exchange.mapping.state.document_types): every type, upper case, the document
+    # and its ancestors ever had, as a JSON list (a re-typed BH note stays BH for exclusions);
+    # and the type of the parent it was filed under, for versions that name none.
+    types: Mapped[str | None] = mapped_column(Text)
+    inherited_type: Mapped[str | None] = mapped_column(String(DOCUMENT_CODE_LEN))
 
     __table_args__ = (UniqueConstraint("facility", "number"),)
 

@@ -66,10 +66,25 @@ def test_discharge_summary_goes_to_home_health():
 
 
 def test_home_health_gets_no_other_documents():
-    for doc in ("HP", "OP", ""):
+    for doc in ("HP", "OP"):
         decision = route(event("MDM", "T02", document_type=doc), NETWORK, EVERYWHERE, DEMO.routes)
         assert where(decision) == {"OAKNH": DEFAULT}, doc
         assert reasons(decision)["HHCARE"] is Reason.NOT_SUBSCRIBED
+
+
+def test_a_document_of_no_known_type_goes_to_no_facility_that_excludes_any():
+    """TXA-2 empty on the message and on everything stored about the document: it could be
+    the BH note the nursing home must not see."""
+    decision = route(event("MDM", "T02", document_type=""), NETWORK, EVERYWHERE, DEMO.routes)
+    assert reasons(decision)["OAKNH"] is Reason.EXCLUDED_DOCUMENT
+    everything = [RouteConfig("all documents", messages=("MDM^*",), to_codes=("OAKNH", "HHCARE"))]
+    open_ = facility("OPEN", subscribe=("MDM^*",))  # excludes nothing: gets it
+    decision = route(event("MDM", "T02", document_type=""), (*NETWORK, open_), {**EVERYWHERE, "OPEN": "X1"},
+                     everything)
+    assert where(decision) == {"OPEN": DEFAULT}
+    assert reasons(decision)["HHCARE"] is Reason.EXCLUDED_DOCUMENT  # it excludes BH too, rules included
+    # an ADT carries no document: exclusions never apply to it
+    assert "OAKNH" in where(route(event("ADT", "A03"), NETWORK, EVERYWHERE, DEMO.routes))
 
 
 def test_opted_out_person_goes_nowhere_rules_included():
@@ -112,12 +127,17 @@ def test_an_edit_or_an_addendum_of_an_excluded_document_is_excluded_too():
     assert route(edit, NETWORK, EVERYWHERE, rules).destinations == ()
     msg, header = mdm("T06", "CN", parent="D0")
     addendum = Event.read(header, msg, person="P1", source_mrn="H100", protected=False, stored_type="CN",
-                          parent_type="BH")
+                          lineage=("BH", "CN"))
     assert (addendum.document_type, addendum.document_types) == ("CN", ("CN", "BH"))
     assert route(addendum, NETWORK, EVERYWHERE, rules).destinations == ()
     plain = Event.read(header, msg, person="P1", source_mrn="H100", protected=False, stored_type="CN",
-                       parent_type="DS")
+                       lineage=("CN", "DS"))
     assert set(where(route(plain, NETWORK, EVERYWHERE, rules))) == {"OAKNH", "HHCARE"}
+    # a notice that re-types the note DS is still the BH note: its lineage says so
+    msg, header = mdm("T03", "DS")
+    retyped = Event.read(header, msg, person="P1", source_mrn="H100", protected=False, stored_type="DS",
+                         lineage=("BH", "DS"))
+    assert retyped.document_type == "DS" and route(retyped, NETWORK, EVERYWHERE, rules).destinations == ()
 
 
 def test_facility_without_a_record_gets_nothing():

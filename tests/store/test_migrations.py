@@ -186,3 +186,28 @@ def test_0010_brings_an_older_databases_data_up_to_what_later_revisions_record(e
         assert conn.execute(text("SELECT state FROM match_review WHERE mrn = 'GH-2'")).scalars().all() == ["superseded"]
         events = conn.execute(text("SELECT person_id, protected, by FROM opt_out_event")).all()
     assert [(p, bool(on), by) for p, on, by in events] == [(person, True, "api tess")]
+
+
+def test_0011_fills_each_documents_lineage_from_its_versions_and_parents(engine: Engine, tmp_path) -> None:
+    """Documents stored before 0011 get the types routing keeps them away by: every version's
+    TXA-2 and every ancestor's, and the parent's type for a version that names none."""
+    from tests.store.test_index import ELIZABETH, register
+    from tests.store.test_routing_store import bh_network, note, run
+
+    config = bh_network(tmp_path)
+    run(engine, config, register("OAKNH", "OA-9", **ELIZABETH))
+    run(engine, config, note("T02", "BH", "M1"), note("T08", "DS", "M2"))  # a BH note re-typed DS
+    run(engine, config, note("T06", "", "M3", document="PSY-1A", parent="PSY-1"))
+    run(engine, config, note("T06", "PN", "M4", document="PSY-1B", parent="PSY-1A"))
+    run(engine, config, note("T02", "", "M5", document="X-1"))
+
+    def lineage():
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT number, types, inherited_type FROM document ORDER BY number")).all()
+
+    kept = lineage()
+    assert kept == [("PSY-1", '["BH", "DS"]', None), ("PSY-1A", '["BH", "DS"]', "DS"),
+                    ("PSY-1B", '["BH", "DS", "PN"]', "DS"), ("X-1", "[]", None)]
+    downgrade(engine, "0010")
+    upgrade(engine)
+    assert lineage() == kept

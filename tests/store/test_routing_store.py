@@ -263,3 +263,44 @@ def test_copies_queued_under_one_configuration_meet_the_next_one_before_they_go(
     with engine.begin() as conn:
         assert retry(conn, copy[a08.message_id, "GENHOSP"], "ops", now, config=gone)[0] is RetryResult.WITHHELD
         assert retry(conn, copy[a08.message_id, "GENHOSP"], "ops", now, config=before)[0] is RetryResult.REQUEUED
+
+
+def test_nothing_of_an_excluded_documents_lineage_reaches_the_site_that_excludes_it(engine, tmp_path):
+    """Found by a black-box audit: an edit, cancel or addendum of an *addendum* of a BH note, a
+    notice re-typing the note DS and a later edit of it, and a document of no type reached a
+    site that excludes BH. Every type a document and its ancestors had counts, for good."""
+    config = bh_network(tmp_path, hhcare='exclude_documents = ["BH"]\n')
+    run(engine, config, register("GENHOSP", "GH-9", **ELIZABETH), register("HHCARE", "HH-9", **ELIZABETH))
+    run(engine, config, register("OAKNH", "OA-9", **ELIZABETH))
+    steps = [
+        note("T02", "BH", "L1"),
+        note("T06", "PN", "L2", document="PSY-1A", parent="PSY-1"),  # an addendum, typed PN
+        note("T08", "PN", "L3", document="PSY-1A"),  # its edit, TXA-13 not repeated
+        note("T06", "PN", "L4", document="PSY-1B", parent="PSY-1A"),  # an addendum of the addendum
+        note("T11", "", "L5", document="PSY-1A"),
+        note("T02", "BH", "L6", document="PSY-6"),
+        note("T03", "DS", "L7", document="PSY-6"),  # a notice that re-types it
+        note("T04", "", "L8", document="PSY-6"),  # ... and an edit that names no type
+        note("T02", "", "L9", document="X-1"),  # no type anywhere: it could be the BH note
+    ]
+    answers = [run(engine, config, raw)[0] for raw in steps]
+    assert [a.ack_code for a in answers] == ["AA"] * len(steps)
+    assert ["HHCARE" in a.routed for a in answers] == [False] * len(steps)
+    assert all("GENHOSP" in a.routed for a in answers)  # it excludes nothing: every one went there
+
+
+def test_a_version_without_a_type_is_routed_as_its_parents_type(engine, tmp_path):
+    """Found by a black-box audit: a site subscribed to discharge summaries (MDM^*^DS) never got
+    the replacement (T10, TXA-2 empty) of one, and kept the replaced summary as current."""
+    config = bh_network(tmp_path, genhosp='subscribe = ["MDM^*^DS"]\n')
+    run(engine, config, register("GENHOSP", "GH-9", **ELIZABETH), register("HHCARE", "HH-9", **ELIZABETH))
+    run(engine, config, register("OAKNH", "OA-9", **ELIZABETH))
+    (summary,) = run(engine, config, note("T02", "DS", "S1", document="D-2"))
+    (replacement,) = run(engine, config, note("T10", "", "S2", document="D-2R", parent="D-2"))
+    (edit,) = run(engine, config, note("T08", "", "S3", document="D-2R"))
+    (other,) = run(engine, config, note("T02", "PN", "S4", document="D-3"))
+    assert summary.routed == replacement.routed == edit.routed == ("GENHOSP", "HHCARE")
+    assert other.routed == ("HHCARE",)
+    with engine.connect() as conn:
+        assert conn.execute(text("select inherited_type, types from document where number = 'D-2R'")).one() == (
+            "DS", '["DS"]')
