@@ -101,6 +101,7 @@ class _Decoded:
     message: Message | None = None  # parsed, for ADT/MDM
     subject: tuple[str, str] | None = None  # once applied: the record it is about (a merge's survivor)
     retired: tuple[str, str] | None = None  # a merge's retired record
+    copied: bool = True  # routed to other facilities (not a resent original: Changes.copied)
 
 
 def decode(index: int, item: Received, parse: bool = True) -> _Decoded:
@@ -138,6 +139,7 @@ def map_and_apply(d: _Decoded, item: Received, ctx: FacilityContext, state: Memo
         return
     state.apply(mapped, pending_ref(d.index))
     d.notes.extend(mapped.warnings)
+    d.copied = mapped.copied
     for op in mapped.operations:
         if isinstance(op, MergePatients):
             d.subject, d.retired = (op.facility, op.survivor_mrn), (op.facility, op.retired_mrn)
@@ -294,6 +296,7 @@ def process_batch(
                         *_document_types(state, d.subject[0], d.message))
                 for i, d in enumerate(decoded)
                 if d.message is not None and d.subject is not None and d.outcome.verdict is Verdict.ACCEPT
+                and d.copied
             ], routing, at)
             for copy in copies:
                 routed.setdefault(copy.message_id, []).append(copy.destination)

@@ -152,6 +152,7 @@ class DocumentView(Value):
     parent: str | None = None
     content: Content | None = None  # the current version's
     event: str = ""  # the event that made the current version
+    stored: DocumentPatch | None = None  # the current version's fields, content included
 
 
 class StateView(Protocol):
@@ -241,6 +242,9 @@ class DocumentEvent(Value):
     action: DocumentAction
     state: DocumentState | None
     patch: DocumentPatch
+    # An original (T01/T02) sent again that adds nothing to what is stored (an engine resending
+    # under a new MSH-10 after an ACK timeout): applied, but nobody gets a second copy to file.
+    resent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +268,11 @@ class Changes(Value):
 
     operations: tuple[Operation, ...]
     warnings: tuple[str, ...] = ()
+
+    @property
+    def copied(self) -> bool:
+        """Whether routing copies the message (not a resent original: see DocumentEvent.resent)."""
+        return not any(isinstance(op, DocumentEvent) and op.resent for op in self.operations)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1045,8 +1054,11 @@ def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
         # a later original (T02 after its T01 notice) says the current status; one that arrives
         # after an edit is late and only fills what the edit left empty
         later = current is not None and current.event in ("T01", "T02")
+        resent = later and _adds_nothing(patch, current.stored)
+        if resent:
+            warnings.append(f"{event}: the document was received before as it is: applied once, not copied again")
         ops.append(DocumentEvent(ctx.code, mrn, number, event, DocumentAction.UPDATE if later else DocumentAction.CREATE,
-                                 DocumentState.CURRENT if current is None else None, patch))
+                                 DocumentState.CURRENT if current is None else None, patch, resent))
     elif event in ("T03", "T04"):
         ops.append(DocumentEvent(ctx.code, mrn, number, event, DocumentAction.UPDATE,
                                  DocumentState.CURRENT if current is None else None, patch))
@@ -1078,6 +1090,13 @@ def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
         ops.append(DocumentEvent(ctx.code, mrn, number, event, DocumentAction.UPDATE,
                                  DocumentState.CANCELLED, patch))
     return ops
+
+
+def _adds_nothing(patch: DocumentPatch, stored: DocumentPatch | None) -> bool:
+    """Every field the patch gives is the stored one already."""
+    if stored is None:
+        return False
+    return all(getattr(stored, name) == value for name, value in patch.fields_set().items() if value != "")
 
 
 def document_patch(txa: Segment, warnings: list[str]) -> DocumentPatch:

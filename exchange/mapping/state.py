@@ -155,6 +155,7 @@ class MemoryState:
             parent=doc["versions"][-1]["parent"],
             content=doc["versions"][-1]["content"],
             event=doc["versions"][-1]["event"],
+            stored=DocumentPatch(number, **{f: doc["versions"][-1].get(f) for f in _DOCUMENT_FIELDS}),
         )
 
     # --- apply -----------------------------------------------------------------

@@ -304,3 +304,22 @@ def test_a_version_without_a_type_is_routed_as_its_parents_type(engine, tmp_path
     with engine.connect() as conn:
         assert conn.execute(text("select inherited_type, types from document where number = 'D-2R'")).one() == (
             "DS", '["DS"]')
+
+
+def test_an_original_sent_again_under_a_new_control_id_is_not_copied_again(engine, tmp_path):
+    """Found by a black-box audit: an engine resending a T02 after an ACK timeout (new MSH-10)
+    got AA, the record model applied it once, but every destination got a second T02 to file."""
+    config = bh_network(tmp_path)
+    run(engine, config, register("GENHOSP", "GH-9", **ELIZABETH), register("HHCARE", "HH-9", **ELIZABETH))
+    run(engine, config, register("OAKNH", "OA-9", **ELIZABETH))
+    (notice,) = run(engine, config, note("T01", "DS", "R0", document="D-5").replace(b"OBX|1|TX|||a note\r", b""))
+    (first,) = run(engine, config, note("T02", "DS", "R1", document="D-5"))  # the content after the notice
+    (again,) = run(engine, config, note("T02", "DS", "R2", document="D-5"))
+    (signed,) = run(engine, config, note("T02", "DS", "R3", document="D-5").replace(b"||AU\r", b"||AU|LA\r"))
+    assert notice.routed == first.routed == ("GENHOSP", "HHCARE")
+    assert again.ack_code == "AA" and again.routed == ()
+    assert signed.ack_code == "AA", signed
+    assert signed.routed == ("GENHOSP", "HHCARE")  # a changed field (TXA-17) is news
+    with engine.connect() as conn:
+        reason = conn.execute(text(f"select reason from message where id = {again.message_id}")).scalar_one()
+    assert "not copied again" in reason
