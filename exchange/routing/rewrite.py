@@ -39,9 +39,12 @@ lazy reader the mapping already built) and answers a :class:`Copy`: the text
   MSH-2 (``\\P\\`` becomes it literally).
 
 The sender's delimiters and escape sequences are kept as they are; the
-values we insert are escaped with them. ``Copy.codec`` is MSH-18's codec, or
-the destination's ``charset`` when MSH-18 is empty; when the text cannot be
-encoded with that default, MSH-18 becomes ``UNICODE UTF-8``.
+values we insert are escaped with them. ``Copy.codec`` is the destination's
+``charset`` whatever the sender's MSH-18 said, and MSH-18 names it (table
+0211's code, ``CHARSET_NAMES``; empty for a charset without one, and in 2.1
+and 2.2, which have no MSH-18); when the text cannot be encoded with it, the
+copy is UTF-8 with MSH-18 ``UNICODE UTF-8``, in every version. Only the
+bytes and MSH-18 change: the text is the same whatever the sender declared.
 
 Pure: no SQL, no Twisted, no I/O. hl7apy's tables are loaded (once per
 version) only for a destination that asks for a version.
@@ -55,17 +58,36 @@ from typing import Any
 
 from exchange.config import FacilityConfig, ServerConfig
 from exchange.hl7.ack import format_timestamp, version_tuple
-from exchange.hl7.charset import codec_for
+from exchange.hl7.charset import canonical_codec
 from exchange.hl7.header import Delimiters
 from exchange.mapping.message import Message, Segment, escape
 from exchange.outcome import Value
 from exchange.routing.rules import MERGES, Destination, Event
 
-__all__ = ["MRN_TYPE", "PERSON_TYPE", "Copy", "rewrite"]
+__all__ = ["CHARSET_NAMES", "MRN_TYPE", "PERSON_TYPE", "UTF8_CHARSET", "Copy", "rewrite"]
 
 MRN_TYPE = "MR"  # CX.5 of the destination's MRN
 PERSON_TYPE = "PI"  # CX.5 of the enterprise person id (table 0203: patient internal identifier)
-UTF8_CHARSET = "UNICODE UTF-8"  # MSH-18 when the destination's default charset cannot carry the text
+UTF8_CHARSET = "UNICODE UTF-8"  # MSH-18 of a copy in UTF-8, in every version (see below)
+
+# MSH-18 of a copy, by the (canonical) Python codec it is encoded with: the
+# table 0211 code. 8859/1..9 and ASCII are in every version we route to (2.3
+# on); UNICODE UTF-8, 8859/15 and the CJK codes came with 2.5. Before 2.5 no
+# code names UTF-8: 2.3-2.4 have only UNICODE (ISO/IEC 10646, no encoding
+# form: HAPI reads it as UTF-8, exchange.hl7.charset as UTF-16) and an empty
+# MSH-18 means ASCII to the standard, so those copies say UNICODE UTF-8 too
+# (the README's Configuration section). A charset table 0211 has no code for
+# (windows-1252, ...) leaves MSH-18 empty: the site's default, as configured;
+# so does a copy in 2.1 or 2.2, which have no MSH-18 (unless it needs UTF-8).
+CHARSET_NAMES = {
+    "ascii": "ASCII",
+    **{f"iso8859-{n}": f"8859/{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 15)},
+    "utf-8": UTF8_CHARSET,
+    "gb18030": "GB 18030-2000",
+    "euc_kr": "KS X 1001",
+    "big5": "BIG-5",
+    "iso2022_jp": "ISO IR87",
+}
 
 # Fields naming the sender's own patient identifiers, dropped unless kept.
 _SOURCE_IDENTIFIERS = {"PID": (2, 4, 18), "MRG": (2, 3, 4)}
@@ -130,10 +152,7 @@ def rewrite(
     if facility.version is not None and facility.version != _component(msh[12], d):
         lines = _to_version(lines, facility.version, event, d)
 
-    text = "\r".join(_join(fields, d) for fields in lines) + "\r"
-    if d.truncation and len(lines[0][2]) == 4:  # the truncation character left MSH-2
-        text = text.replace(f"{d.escape}P{d.escape}", d.truncation)
-    return _encoded(Copy(facility.code, control_id, text, "utf-8"), lines[0], facility, d)
+    return _encoded(lines, facility, control_id, d)
 
 
 # --- segments -------------------------------------------------------------------
@@ -174,6 +193,14 @@ def _join(fields: list[str], d: Delimiters) -> str:
     if fields[0] == "MSH":
         return "MSH" + d.field + d.field.join(fields[2:])
     return d.field.join(fields)
+
+
+def _text(lines: list[list[str]], d: Delimiters) -> str:
+    """The message: segments ending in CR."""
+    text = "\r".join(_join(fields, d) for fields in lines) + "\r"
+    if d.truncation and len(lines[0][2]) == 4:  # the truncation character left MSH-2
+        text = text.replace(f"{d.escape}P{d.escape}", d.truncation)
+    return text
 
 
 def _cx(value: str, authority: str, type_code: str, d: Delimiters) -> str:
@@ -259,18 +286,24 @@ def _trim(fields: list[str]) -> None:
 # --- charset --------------------------------------------------------------------
 
 
-def _encoded(copy: Copy, msh: list[str], facility: FacilityConfig, d: Delimiters) -> Copy:
-    declared = msh[18].split(d.repetition, 1)[0].strip() if len(msh) > 18 else ""
-    codec = (codec_for(declared) if declared else None) or facility.charset
+def _encoded(lines: list[list[str]], facility: FacilityConfig, control_id: str, d: Delimiters) -> Copy:
+    """The copy in the destination's charset with MSH-18 naming it, whatever the
+    sender declared; in UTF-8 (MSH-18 ``UNICODE UTF-8``) when that charset
+    cannot carry the text. Only the bytes and MSH-18 change: the text (escape
+    sequences included) is the same."""
+    msh = lines[0]
+    codec = canonical_codec(facility.charset)
+    named = version_tuple(_component(msh[12], d)) >= (2, 3)  # 2.1 and 2.2 have no MSH-18
+    _set(msh, 18, CHARSET_NAMES.get(codec, "") if named else "")
+    _trim(msh)
+    text = _text(lines, d)
     try:
-        copy.text.encode(codec)
-        return Copy(copy.facility, copy.control_id, copy.text, codec)
-    except (UnicodeEncodeError, LookupError):
-        pass
-    _set(msh, 18, UTF8_CHARSET)
-    first, _, rest = copy.text.partition("\r")
-    text = _join(msh, d) + "\r" + rest
-    return Copy(copy.facility, copy.control_id, text, "utf-8")
+        text.encode(codec)
+    except UnicodeEncodeError:
+        codec = "utf-8"
+        _set(msh, 18, UTF8_CHARSET)
+        text = _text(lines, d)
+    return Copy(facility.code, control_id, text, codec)
 
 
 # --- versions -------------------------------------------------------------------

@@ -5,6 +5,7 @@ structure validation) wherever hl7apy knows the message structure.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -16,11 +17,12 @@ from hl7apy.parser import parse_message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exchange.config import ROUTING_VERSIONS, FacilityConfig, ServerConfig
-from exchange.hl7.charset import decode_message
+from exchange.config import ROUTING_VERSIONS, FacilityConfig, ServerConfig, resolve_charset
+from exchange.hl7.ack import version_tuple
+from exchange.hl7.charset import canonical_codec, codec_for, decode_message
 from exchange.hl7.header import Delimiters, read_header
 from exchange.mapping.message import Message, escape, unescape
-from exchange.routing.rewrite import Copy, rewrite
+from exchange.routing.rewrite import CHARSET_NAMES, Copy, rewrite
 from exchange.routing.rules import DEFAULT, Destination, Event
 from tests.support import CORPUS_DIR
 
@@ -191,7 +193,7 @@ def test_a_latin1_destination_gets_utf8_when_its_charset_cannot_carry_the_text()
     latin = replace(OAKNH, charset="iso8859-1")
     assert copy_of(A01.replace("|UNICODE UTF-8", "")).codec == "utf-8"  # OAKNH's default charset
     plain = copy_of(A01.replace("|UNICODE UTF-8", ""), facility=latin)
-    assert plain.codec == "iso8859-1" and "|UNICODE UTF-8" not in plain.text
+    assert plain.codec == "iso8859-1" and segments(plain)[0].endswith("|8859/1")
     accented = copy_of(A01.replace("|UNICODE UTF-8", "").replace("MAIRE", "MÁIRE"), facility=latin)
     assert accented.codec == "iso8859-1" and accented.encode().decode("latin-1").count("MÁIRE") == 1
     polish = copy_of(A01.replace("|UNICODE UTF-8", "").replace("MAIRE", "ŁUCJA"), facility=latin)
@@ -200,11 +202,58 @@ def test_a_latin1_destination_gets_utf8_when_its_charset_cannot_carry_the_text()
     assert read_header(polish.encode()).codec == "utf-8"
 
 
-def test_declared_charset_is_kept():
-    copy = copy_of(A01.replace("UNICODE UTF-8", "8859/1").replace("MAIRE", "MÁIRE"))
-    assert copy.codec == "iso8859-1"
-    assert segments(copy)[0].endswith("|8859/1")
-    assert copy.encode().decode("latin-1").count("MÁIRE") == 1
+@pytest.mark.parametrize("declared", ["", "8859/1", "UNICODE UTF-8", "ASCII", "8859/1~ISO IR87"])
+def test_the_senders_msh18_never_reaches_a_copy(declared):
+    """Whatever the sender declared, a copy is in the destination's charset and
+    says so; only MSH-18 and the bytes differ from the copy of the same text
+    sent without MSH-18."""
+    text = A01.replace("MAIRE", "MÜLLER \\X41\\")
+    latin, utf8 = replace(OAKNH, charset="iso8859-1", version="2.3"), OAKNH
+    for facility, codec, msh18 in ((latin, "iso8859-1", "8859/1"), (utf8, "utf-8", "UNICODE UTF-8")):
+        copy = copy_of(text.replace("UNICODE UTF-8", declared), facility=facility)
+        assert copy.codec == codec and segments(copy)[0].split("|")[17] == msh18
+        assert copy.text == copy_of(text.replace("|UNICODE UTF-8", ""), facility=facility).text
+        assert "|O\\S\\BRIEN^MÜLLER \\X41\\ \\T\\ ANNE|" in segments(copy)[2]  # the sender's escapes, as sent
+        header = read_header(copy.encode())
+        assert header.codec == codec and decode_message(copy.encode(), header)[0] == copy.text
+    assert b"|O\\S\\BRIEN^M\xdcLLER" in copy_of(text.replace("UNICODE UTF-8", declared), facility=latin).encode()
+    assert "|O\\S\\BRIEN^MÜLLER".encode() in copy_of(text.replace("UNICODE UTF-8", declared), facility=utf8).encode()
+
+
+def test_a_declared_charset_that_does_not_fit_falls_back_to_utf8():
+    text = A01.replace("UNICODE UTF-8", "8859/2").replace("MAIRE", "ŁUCJA")  # fits 8859/2, not 8859/1
+    copy = copy_of(text, facility=replace(OAKNH, charset="iso8859-1"))
+    assert copy.codec == "utf-8" and segments(copy)[0].endswith("|UNICODE UTF-8")
+    copy = copy_of(text, facility=replace(OAKNH, charset="iso8859-2"))
+    assert copy.codec == "iso8859-2" and segments(copy)[0].endswith("|8859/2")
+    assert "ŁUCJA".encode("iso8859-2") in copy.encode()
+
+
+@pytest.mark.parametrize("version", ROUTING_VERSIONS)
+def test_msh18_names_the_charset_in_every_version(version):
+    """MSH-18 holds table 0211's code for the copy's charset. From 2.5 every code we
+    write is in the version's table (hl7apy's copy of it; it has no 2.3 tables, whose
+    0211 is 2.3.1's); before 2.5 only UTF-8 and Latin-9 have none, and are named
+    the 2.5 way (README, Configuration: charset)."""
+    table = None if version == "2.3" else importlib.import_module(f"hl7apy.v{version.replace('.', '_')}.tables")
+    codes = set((table or importlib.import_module("hl7apy.v2_3_1.tables")).TABLES["HL70211"][1])
+    for charset in ("8859/1", "8859/15", "UNICODE UTF-8", "ASCII"):
+        copy = copy_of(A01, facility=replace(OAKNH, charset=resolve_charset(charset), version=version))
+        msh18 = segments(copy)[0].split("|")[17]
+        assert msh18 == charset
+        assert msh18 in codes or (version_tuple(version) < (2, 5) and msh18 in ("UNICODE UTF-8", "8859/15"))
+    assert set(CHARSET_NAMES) == {canonical_codec(codec_for(name)) for name in CHARSET_NAMES.values()}
+
+
+def test_without_a_table_0211_code_or_an_msh18_the_copy_is_in_the_sites_default():
+    copy = copy_of(A01.replace("MAIRE", "MÁIRE"), facility=replace(OAKNH, charset="cp1252"))
+    assert copy.codec == "cp1252" and len(segments(copy)[0].split("|")) == 12  # MSH-13.. trimmed away
+    v22 = A01.replace("|2.5|", "|2.2|").replace("^ADT_A01", "")
+    for facility, codec in ((replace(OAKNH, charset="iso8859-1"), "iso8859-1"), (OAKNH, "utf-8")):
+        copy = copy_of(v22, facility=facility)  # 2.2 has no MSH-18
+        assert copy.codec == codec and len(segments(copy)[0].split("|")) == 12
+    copy = copy_of(v22.replace("MAIRE", "ŁUCJA"), facility=replace(OAKNH, charset="iso8859-1"))
+    assert copy.codec == "utf-8" and segments(copy)[0].endswith("|UNICODE UTF-8")  # the one way to say it
 
 
 # -- merges and several patients --------------------------------------------------------
