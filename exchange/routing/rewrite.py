@@ -14,13 +14,16 @@ lazy reader the mapping already built) and answers a :class:`Copy`: the text
 - PID-3 = the destination's MRN (CX.4 = its authority, CX.5 = ``MR``), then
   the enterprise person id (CX.4 = ``server.person_authority``, CX.5 =
   ``PI``). The sender's other identifiers (its PID-3 repetitions, PID-2,
-  PID-4, PID-18 account number; MRG-2/3/4) are dropped unless the
-  destination has ``keep_source_identifiers`` (then they follow ours,
-  except any of the destination's or the exchange's own authority). A copy
-  with neither an MRN nor a person id keeps the sender's PID-3 (PID-3 is
-  required). Visit numbers (PV1-19) and document numbers (TXA-12) stay:
-  they are the keys the destination needs to follow the encounter and the
-  document.
+  PID-4, PID-18 account number; MRG-1's other repetitions, MRG-2/3/4) are
+  dropped unless the destination has ``keep_source_identifiers``. Then they
+  stay (in PID-3 and MRG-1 after ours), except in every one of those fields
+  the sender's identifiers issued by the destination's authority or
+  ``server.person_authority`` (CX.4.1 or CX.4.2): there the exchange's MRN
+  and person id are the only truth. A copy with neither an MRN nor a person
+  id keeps the sender's PID-3 (PID-3 is required), without those two
+  authorities' identifiers unless nothing else is left. Visit numbers
+  (PV1-19) and document numbers (TXA-12) stay: they are the keys the
+  destination needs to follow the encounter and the document.
 - One patient per copy: when the message has several PID segments (an A40
   with several PID/MRG pairs), the copy keeps the segments before the first
   PID and the group (PID up to the next PID) whose PID-3 holds
@@ -60,7 +63,7 @@ from exchange.config import FacilityConfig, ServerConfig
 from exchange.hl7.ack import format_timestamp, version_tuple
 from exchange.hl7.charset import canonical_codec
 from exchange.hl7.header import Delimiters
-from exchange.mapping.message import Message, Segment, escape
+from exchange.mapping.message import Message, Segment, escape, unescape
 from exchange.outcome import Value
 from exchange.routing.rules import MERGES, Destination, Event
 
@@ -143,9 +146,9 @@ def rewrite(
         if seg.name == "MSH":
             _rewrite_msh(fields, facility, server, control_id, now, d)
         elif seg.name == "PID":
-            _rewrite_pid(fields, event, destination, facility, server, d)
+            _rewrite_pid(fields, event, destination, facility, server, d, message.codec)
         elif seg.name == "MRG":
-            _rewrite_mrg(fields, destination.prior_mrn or destination.mrn, facility, d)
+            _rewrite_mrg(fields, destination.prior_mrn or destination.mrn, facility, server, d, message.codec)
         lines.append(fields)
 
     msh = lines[0]
@@ -209,10 +212,25 @@ def _cx(value: str, authority: str, type_code: str, d: Delimiters) -> str:
     return f"{escape(value, d)}{c}{c}{c}{escape(authority, d)}{c}{type_code}"
 
 
-def _authority(rep: str, d: Delimiters) -> str:
-    """CX.4.1 of a raw repetition."""
-    parts = rep.split(d.component)
-    return parts[3].split(d.subcomponent)[0].strip() if len(parts) > 3 else ""
+def _issued_by(rep: str, authorities: tuple[str, ...], d: Delimiters, codec: str) -> bool:
+    """True when CX.4 of a raw repetition names one of ``authorities``, by its
+    namespace id (CX.4.1) or universal id (CX.4.2), unescaped: the mapping's
+    ``Identifier.issued_by``."""
+    parts = rep.split(d.component, 4)
+    if len(parts) < 4:
+        return False
+    for name in parts[3].split(d.subcomponent, 2)[:2]:
+        if d.escape in name:
+            name = unescape(name, d, codec)
+        if name.strip() in authorities:
+            return True
+    return False
+
+
+def _others(value: str, authorities: tuple[str, ...], d: Delimiters, codec: str) -> str:
+    """A CX field without the repetitions issued by one of ``authorities``."""
+    reps = value.split(d.repetition) if value else []
+    return d.repetition.join(rep for rep in reps if rep and not _issued_by(rep, authorities, d, codec))
 
 
 def _rewrite_msh(
@@ -243,36 +261,47 @@ def _rewrite_pid(
     facility: FacilityConfig,
     server: ServerConfig,
     d: Delimiters,
+    codec: str,
 ) -> None:
+    own = _own_authorities(facility, server)
     ours: list[str] = []
     if destination.mrn is not None:
         ours.append(_cx(destination.mrn, facility.authority, MRN_TYPE, d))
     if event.person is not None:
         ours.append(_cx(event.person, server.person_authority, PERSON_TYPE, d))
-    source = fields[3].split(d.repetition) if len(fields) > 3 and fields[3] else []
-    if not ours:
-        return  # PID-3 is required: the sender's identifiers are all there is
-    if facility.keep_source_identifiers:
-        own = (facility.authority, server.person_authority)
-        ours += [rep for rep in source if rep and _authority(rep, d) not in own]
-    else:
-        for n in _SOURCE_IDENTIFIERS["PID"]:
-            _set(fields, n, "")
+    source = fields[3] if len(fields) > 3 else ""
+    theirs = _others(source, own, d, codec)
+    if not ours:  # PID-3 is required: the sender's identifiers are all there is
+        ours, theirs = [theirs or source], ""
+    if facility.keep_source_identifiers and theirs:
+        ours.append(theirs)
     _set(fields, 3, d.repetition.join(ours))
+    for n in _SOURCE_IDENTIFIERS["PID"]:
+        if n < len(fields):
+            fields[n] = _others(fields[n], own, d, codec) if facility.keep_source_identifiers else ""
     _trim(fields)
 
 
-def _rewrite_mrg(fields: list[str], mrn: str | None, facility: FacilityConfig, d: Delimiters) -> None:
+def _own_authorities(facility: FacilityConfig, server: ServerConfig) -> tuple[str, ...]:
+    """The authorities whose identifiers in a copy only the exchange writes: the
+    destination's (its MRN) and the enterprise person id's."""
+    return tuple(a for a in (facility.authority, server.person_authority) if a)
+
+
+def _rewrite_mrg(
+    fields: list[str], mrn: str | None, facility: FacilityConfig, server: ServerConfig, d: Delimiters, codec: str
+) -> None:
     if mrn is None:
         return
+    own = _own_authorities(facility, server)
     ours = [_cx(mrn, facility.authority, MRN_TYPE, d)]
-    if facility.keep_source_identifiers:
-        source = fields[1].split(d.repetition) if len(fields) > 1 and fields[1] else []
-        ours += [rep for rep in source if rep and _authority(rep, d) != facility.authority]
-    else:
-        for n in _SOURCE_IDENTIFIERS["MRG"]:
-            _set(fields, n, "")
+    theirs = _others(fields[1], own, d, codec) if len(fields) > 1 else ""
+    if facility.keep_source_identifiers and theirs:
+        ours.append(theirs)
     _set(fields, 1, d.repetition.join(ours))
+    for n in _SOURCE_IDENTIFIERS["MRG"]:
+        if n < len(fields):
+            fields[n] = _others(fields[n], own, d, codec) if facility.keep_source_identifiers else ""
     _trim(fields)
 
 

@@ -129,6 +129,71 @@ def test_source_identifiers_of_our_own_authorities_are_never_duplicated():
     assert reps == ["N200^^^OAKNH_AUTH^MR", "P1^^^EXCHANGE^PI", "H100^^^GENHOSP^MR", "123-45-6789^^^SSA^SS"]
 
 
+CLINIC = FacilityConfig(code="CLINIC", name="Clinic", kind="clinic", authority="CLINICAUTH", deliver_to="x:1",
+                        keep_source_identifiers=True)
+TO_CLINIC = Destination("CLINIC", "CL100", DEFAULT)
+# The sender quotes identifiers in the clinic's authority and the exchange's (the audit's PID):
+# PID-2, a PID-3 repetition and PID-4 in CLINICAUTH (one by its universal id, CX.4.2), a person
+# id of ours in PID-3, an account (PID-18) in CLINICAUTH.
+QUOTING = A01.replace(
+    "PID|1|EXT7|H100^^^GENHOSP^MR~123-45-6789^^^SSA^SS|ALT1|",
+    "PID|1|CL998^^^CLINICAUTH|H100^^^GENHOSP^MR~CL999^^^CLINICAUTH^MR~P0^^^EXCHANGE^PI"
+    "|CL997^^^&CLINICAUTH&ISO~ALT1^^^GENHOSP|",
+).replace("|||||||ACC9", "|||||||ACC8^^^CLINICAUTH~ACC9")
+
+
+def test_kept_identifiers_never_include_one_of_our_authorities():
+    """PID-2, PID-4 and PID-18 follow PID-3's rule: an identifier in the destination's
+    authority or the person authority is the exchange's to give; the sender's is dropped."""
+    pid = segments(copy_of(QUOTING, destination=TO_CLINIC, facility=CLINIC))[2].split("|")
+    assert pid[2] == ""
+    assert pid[3] == "CL100^^^CLINICAUTH^MR~P1^^^EXCHANGE^PI~H100^^^GENHOSP^MR"
+    assert pid[4] == "ALT1^^^GENHOSP" and pid[18] == "ACC9"
+    # without keep_source_identifiers: none of the sender's, ours alone
+    pid = segments(copy_of(QUOTING, destination=TO_CLINIC, facility=replace(CLINIC, keep_source_identifiers=False)))[2]
+    assert pid.split("|")[:5] == ["PID", "1", "", "CL100^^^CLINICAUTH^MR~P1^^^EXCHANGE^PI", ""]
+    assert "CLINICAUTH~" not in pid and "ACC9" not in pid
+
+
+def test_our_authorities_are_recognised_escaped():
+    text = QUOTING.replace("|", "_").replace("^ADT_A01", "")  # "_" as MSH-1: OAKNH_AUTH is written OAKNH\F\AUTH
+    text = text.replace("CL998^^^CLINICAUTH", "N9^^^OAKNH\\F\\AUTH")
+    pid = segments(copy_of(text, facility=replace(OAKNH, keep_source_identifiers=True)))[2].split("_")
+    assert pid[2] == ""
+    assert pid[3].startswith("N200^^^OAKNH\\F\\AUTH^MR~P1^^^EXCHANGE^PI~H100^^^GENHOSP^MR~")
+
+
+def test_without_a_record_or_a_person_only_the_senders_own_identifiers_stay():
+    """PID-3 keeps the sender's identifiers (it is required), but not those of our
+    authorities; PID-2/4/18 go unless the destination keeps the sender's identifiers."""
+    nobody = Destination("CLINIC", None, "a rule")
+    pid = segments(copy_of(QUOTING, destination=nobody, facility=replace(CLINIC, keep_source_identifiers=False), person=None))[2]
+    assert pid.split("|")[:5] == ["PID", "1", "", "H100^^^GENHOSP^MR", ""] and "ACC" not in pid
+    pid = segments(copy_of(QUOTING, destination=nobody, facility=CLINIC, person=None))[2].split("|")
+    assert pid[:5] == ["PID", "1", "", "H100^^^GENHOSP^MR", "ALT1^^^GENHOSP"] and pid[18] == "ACC9"
+    only_ours = A01.replace("H100^^^GENHOSP^MR~123-45-6789^^^SSA^SS", "CL999^^^CLINICAUTH^MR")
+    pid = segments(copy_of(only_ours, destination=nobody, facility=CLINIC, person=None))[2].split("|")
+    assert pid[3] == "CL999^^^CLINICAUTH^MR"  # nothing else to put in a required field
+
+
+def test_the_audited_copy():
+    """The audit's case, the whole copy: a sender declaring UNICODE UTF-8 quotes the
+    clinic's identifiers; the clinic reads 2.3 in Latin-1 and keeps source identifiers."""
+    text = QUOTING.replace("O\\S\\BRIEN^MAIRE", "MÜLLER^ANNE")
+    clinic = replace(CLINIC, charset="iso8859-1", version="2.3")
+    copy = copy_of(text, destination=TO_CLINIC, facility=clinic)
+    assert copy.codec == "iso8859-1"
+    assert copy.encode() == "\r".join([
+        "MSH|^~\\&|EXCHANGE|EXCHANGE||CLINIC|20240501103015+0200||ADT^A01|EX1|P|2.3||||||8859/1",
+        "EVN|A01|20240101120000",
+        "PID|1||CL100^^^CLINICAUTH^MR~P1^^^EXCHANGE^PI~H100^^^GENHOSP^MR|ALT1^^^GENHOSP|MÜLLER^ANNE \\T\\ ANNE"
+        "||19400101|F|||1 Main St^^Town^ST^12345|||||||ACC9",
+        "PD1||||||||||||N",
+        "PV1|1|I|W1^101^A|||||||||||||||V123",
+        "",
+    ]).encode("latin-1")
+
+
 def test_keep_z_segments():
     copy = copy_of(A01, facility=replace(OAKNH, keep_z_segments=True))
     assert [s[:3] for s in segments(copy)] == ["MSH", "EVN", "PID", "PD1", "ZPI", "PV1", "ZPV"]
@@ -286,6 +351,13 @@ def test_merge_keeping_source_identifiers():
     facility = replace(OAKNH, keep_source_identifiers=True)
     copy = copy_of(A40, destination=Destination("OAKNH", "N200", DEFAULT, prior_mrn="N201"), facility=facility)
     assert segments(copy)[3] == "MRG|N201^^^OAKNH_AUTH^MR~H999^^^GENHOSP^MR|ALT9|ACC9"
+    # MRG-1..4 follow PID's rule: nothing of the destination's or the person authority from the sender
+    quoting = A40.replace("MRG|H999^^^GENHOSP^MR|ALT9|ACC9",
+                          "MRG|H999^^^GENHOSP^MR~N9^^^OAKNH_AUTH^MR~P0^^^EXCHANGE^PI|ALT9~N8^^^OAKNH_AUTH|ACC9|P0^^^EXCHANGE")
+    copy = copy_of(quoting, destination=Destination("OAKNH", "N200", DEFAULT, prior_mrn="N201"), facility=facility)
+    assert segments(copy)[3] == "MRG|N201^^^OAKNH_AUTH^MR~H999^^^GENHOSP^MR|ALT9|ACC9"
+    copy = copy_of(quoting, destination=Destination("OAKNH", "N200", DEFAULT, prior_mrn="N201"))
+    assert segments(copy)[3] == "MRG|N201^^^OAKNH_AUTH^MR"
 
 
 def test_merge_without_the_destinations_prior_mrn_is_a_bug():
