@@ -187,7 +187,7 @@ class FacilityConfig:
     authority: str  # PID-3.4 assigning authority of its MRNs
     deliver_to: str | None = None  # client endpoint string for routed copies
     subscribe: tuple[str, ...] = DEFAULT_PATTERNS  # TYPE^EVENT patterns, '*' wildcard
-    charset: str = "utf-8"  # Python codec name used when MSH-18 is empty
+    charset: str = "utf-8"  # Python codec: decodes its messages without MSH-18; every copy to it is encoded with it
     tls_subject: str | None = None  # expected client certificate subject (CN)
     tls_fingerprint: str | None = None  # expected SHA-256 of its certificate, 64 lowercase hex
     # -- routed copies (exchange.routing) --
