@@ -441,6 +441,9 @@ def test_merge_refusals(tx):
     assert refused(404, reviews.merge_persons, tx, a, 99999, actor="tess", now=NOW) == "no person 99999"
     assert "has no records" in refused(422, reviews.merge_persons, tx, a, empty, actor="tess", now=NOW)
     assert "two records of one facility" in refused(409, reviews.merge_persons, tx, a, b, actor="tess", now=NOW)
+    # found by a black-box audit: a person a link had emptied took another patient's records, and
+    # its id (sent out in copies as the first patient's) became the second's
+    assert "holds no active record" in refused(409, reviews.merge_persons, tx, empty, a, actor="tess", now=NOW)
     reviews.merge_persons(tx, a, b, actor="tess", now=NOW, force=True)
     assert person_of(tx, ("GENHOSP", "GH-2")) == a
 
@@ -553,6 +556,19 @@ def test_undo_leaves_no_empty_person_behind(tx):
     assert person_of(tx, HH) == keeper
 
 
+def test_undo_never_puts_two_records_of_one_facility_in_one_person(tx):
+    """Found by a black-box audit: a split, a merge of the split's old person into a person
+    holding another record of that facility, then undoing the split joined two patients."""
+    p = add_record(tx, *GH, **HANSON)
+    add_record(tx, *HH, p, **HANSON)
+    split = reviews.split_record(tx, p, *HH, actor="tess", now=NOW)
+    other = add_record(tx, "HHCARE", "HH-OTHER", family="THRUSH", given="PAUL", birth="19300505", sex="M")
+    reviews.merge_persons(tx, other, p, actor="tess", now=NOW)  # GH-44107 joins Paul's person
+    why = refused(409, undo, tx, split["id"])
+    assert "two records of one facility" in why and f"undoing decision {split['id']}" in why
+    assert person_of(tx, HH) == split["person"] and person_of(tx, ("HHCARE", "HH-OTHER")) == other
+
+
 def test_undo_refused_when_the_record_moved_since(tx):
     s = hanson_scene(tx)
     decided = decide(tx, s["review"], "link")
@@ -658,3 +674,20 @@ def test_decisions_commit_in_the_callers_transaction(engine):
     with engine.connect() as conn:
         assert reviews.review_detail(conn, s["review"])["state"] == "open"
         assert conn.execute(select(link_event)).all() == []
+
+
+def test_lifting_an_opt_out_needs_a_reason_and_a_change_that_changes_nothing_is_not_kept(tx):
+    """Found by a black-box audit: a technician lifted a facility's PD1-12 opt-out with one
+    click and no reason; lifting where none was set wrote a "lifted" history row."""
+    p = add_record(tx, *GH, **HANSON)
+    assert reviews.set_opt_out(tx, p, False, actor="tess", now=NOW, reason="checking")["opt_out"] == {
+        "protected": False, "by": None}
+    assert reviews.opt_out_history(tx, p) == []
+    reviews.set_opt_out(tx, p, True, actor="tess", now=NOW, reason="asked at the desk")
+    reviews.set_opt_out(tx, p, True, actor="tess", now=NOW)  # the same again: nothing new to keep
+    for reason in (None, "  "):
+        assert "a reason is required" in refused(422, reviews.set_opt_out, tx, p, False, actor="tom", now=NOW,
+                                                 reason=reason)
+    reviews.set_opt_out(tx, p, False, actor="tom", now=NOW, reason="patient withdrew it by letter 12/3")
+    assert [(h["protected"], h["by"], h["reason"]) for h in reviews.opt_out_history(tx, p)] == [
+        (True, "api tess", "asked at the desk"), (False, "api tom", "patient withdrew it by letter 12/3")]

@@ -526,8 +526,13 @@ def _active_pairs(conn: Connection, keys: Sequence[Key], others: Sequence[Key]) 
             if (r.other_facility, r.other_mrn) in wanted]
 
 
-def _refuse_joining(conn: Connection, moving: Sequence[Any], staying: Sequence[Any], force: bool) -> None:
-    """409 unless ``force``: records of one facility, or a sticky not-a-match, would share a person."""
+FORCE_HINT = 'to join them anyway, force the decision ("force": true; the "even two records" box in the workbench)'
+
+
+def _refuse_joining(conn: Connection, moving: Sequence[Any], staying: Sequence[Any], force: bool,
+                    hint: str = FORCE_HINT) -> None:
+    """409 unless ``force``: records of one facility, or a sticky not-a-match, would share a person.
+    ``hint``: what the technician can do instead."""
     if force:
         return
     staying_active = [r for r in staying if r.active]
@@ -538,14 +543,14 @@ def _refuse_joining(conn: Connection, moving: Sequence[Any], staying: Sequence[A
         if same:
             raise _conflict(
                 f"{m.facility} {m.mrn} and {same[0].facility} {same[0].mrn} are two records of one facility "
-                f"(a duplicate registration the facility merges with A40): give \"force\": true to link them anyway"
+                f"(a duplicate registration the facility merges with A40): {hint}"
             )
     pairs = _active_pairs(conn, [(m.facility, m.mrn) for m in moving], [(r.facility, r.mrn) for r in staying])
     if pairs:
         (a, b, decision) = pairs[0]
         who = f"decision {decision}" if decision is not None else "the facility (A37)"
         raise _conflict(
-            f"{a[0]} {a[1]} and {b[0]} {b[1]} are marked not a match by {who}: undo that or give \"force\": true"
+            f"{a[0]} {a[1]} and {b[0]} {b[1]} are marked not a match by {who}: undo that, or {hint}"
         )
 
 
@@ -687,6 +692,11 @@ def set_opt_out(conn: Connection, person_id: int, protected: bool, *, actor: str
         raise _conflict(f"person {person_id} was merged into person {_live_person(conn, person_id)}:"
                         " set the opt-out there")
     who = f"{via} {actor}"
+    if not protected and not (reason or "").strip():
+        raise _invalid("a reason is required to lift an opt-out (who asked for it, and how)")
+    if (bool(row.protected), row.protected_by) == (protected, who if protected else None) or (
+            not protected and not row.protected):
+        return {"person": person_id, "opt_out": {"protected": bool(row.protected), "by": row.protected_by}}
     conn.execute(person.update().where(person.c.id == person_id)
                  .values(protected=protected, protected_by=who if protected else None))
     conn.execute(opt_out_event.insert().values(person_id=person_id, protected=protected, by=who, reason=reason,
@@ -722,6 +732,10 @@ def merge_persons(conn: Connection, keep: int, merge: int, *, actor: str, now: d
     if not moving:
         raise _invalid(f"person {merge} has no records to merge")
     staying = _records_of(conn, [keep], lock=True)
+    if not any(r.active for r in staying):
+        # its id may have gone out in copies as another patient's: it must not become this one
+        raise _conflict(f"person {keep} holds no active record (its records were merged away or moved since):"
+                        f" merge into a person that does")
     _refuse_joining(conn, moving, staying, force)
     d = _Decision(conn, Kind.MERGE, actor, now, reason)
     for rec in moving:
@@ -777,6 +791,23 @@ def _decision_events(conn: Connection, decision_id: int, *, lock: bool = False) 
     return list(conn.execute(query))
 
 
+def _refuse_going_back(conn: Connection, events: Sequence[Any], current: Mapping[Key, Any],
+                       backs: Mapping[int, int | None], decision_id: int) -> None:
+    """409 when an undo would put two records of one facility, or a sticky not-a-match pair,
+    in one person: the person a record goes back to holds other records now (a merge since)."""
+    going: dict[int, list[Any]] = {}
+    for e in events:
+        back = backs.get(e.id)
+        if back is not None:
+            going.setdefault(back, []).append(current[(e.facility, e.mrn)])
+    for back, moving in sorted(going.items()):
+        keys = {(r.facility, r.mrn) for r in moving}
+        staying = [r for r in _records_of(conn, [back]) if (r.facility, r.mrn) not in keys]
+        _refuse_joining(conn, moving, staying, False,
+                        hint=f"person {back} holds it now, so undoing decision {decision_id} would join them:"
+                             f" decide again instead")
+
+
 def _previous_score(conn: Connection, key: Key, before: int, person_id: int | None) -> float | None:
     """The link score a record had with ``person_id`` before event ``before`` (for undo)."""
     row = conn.execute(
@@ -820,6 +851,11 @@ def undo_decision(conn: Connection, decision_id: int, *, actor: str, now: dateti
         for merged, kept in {(e.from_person, e.to_person) for e in events}:
             conn.execute(update(person).where(person.c.id == merged, person.c.merged_into == kept)
                          .values(merged_into=None))
+    # its own sticky pairs go with it (a split's, a not-a-match's): they keep nothing apart now
+    conn.execute(update(match_pair).where(match_pair.c.decision_id == decision_id).values(active=False))
+    backs = {e.id: _live_person(conn, e.from_person) for e in events
+             if (e.from_person, e.from_link) != (e.to_person, e.to_link)}
+    _refuse_going_back(conn, events, current, backs, decision_id)
     d = _Decision(conn, Kind.UNDO, actor, now, reason)
     went: dict[int, set[int]] = {}  # person a record left -> the persons its records went back to
     restored: dict[Key, int] = {}  # records back with an automatic link -> their undo event
@@ -828,7 +864,7 @@ def undo_decision(conn: Connection, decision_id: int, *, actor: str, now: dateti
         if (e.from_person, e.from_link) == (e.to_person, e.to_link):
             d.event(rec, rec.person_id, rec.link, rec.link_score, review_id=e.review_id)
             continue
-        back = _live_person(conn, e.from_person)
+        back = backs[e.id]
         link = e.from_link or Link.AUTO.value
         event_id = d.event(rec, back, link, _previous_score(conn, (e.facility, e.mrn), e.id, back),
                            review_id=e.review_id)
@@ -837,7 +873,6 @@ def undo_decision(conn: Connection, decision_id: int, *, actor: str, now: dateti
             restored[(e.facility, e.mrn)] = event_id
     _retire_emptied(conn, went)
     conn.execute(update(link_event).where(link_event.c.id.in_([e.id for e in events])).values(undone_by=d.id))
-    conn.execute(update(match_pair).where(match_pair.c.decision_id == decision_id).values(active=False))
     reviews = {e.review_id for e in events if e.review_id is not None}
     if reviews:
         conn.execute(
