@@ -188,11 +188,19 @@ class QueuePage:
     state: str
     states: tuple[str, ...]
     rows: tuple[QueueRow, ...]
-    next_href: str | None  # the next page, when this one is full
+    next_href: str | None  # the next page, when there are more reviews after this one
+    first_href: str | None  # the first page, when this one is not it
 
 
-def queue_page(rows: Sequence[Mapping[str, Any]], state: str, page_size: int) -> QueuePage:
-    """``/reviews``: the reviews of one state (``list_reviews``'s rows), oldest first, a page at a time."""
+def queue_href(state: str, after: int | None = None) -> str:
+    return f"/reviews?state={segment(state)}" + (f"&after={int(after)}" if after is not None else "")
+
+
+def queue_page(rows: Sequence[Mapping[str, Any]], state: str, *, more: bool, after: int | None = None) -> QueuePage:
+    """``/reviews``: the reviews of one state (``list_reviews``'s rows), oldest first, a page at a time.
+
+    ``more``: whether reviews follow the last of ``rows`` (the caller read one more than it shows);
+    ``after``: the id this page starts after (None on the first page)."""
     out = []
     for r in rows:
         record, *candidates = r["records"]
@@ -201,8 +209,9 @@ def queue_page(rows: Sequence[Mapping[str, Any]], state: str, page_size: int) ->
             record=_ref(record), candidates=tuple(_ref(c) for c in candidates),
             reasons=", ".join(r.get("reasons") or ()), created_at=when(r.get("created_at")),
         ))
-    next_href = f"/reviews?state={state}&after={out[-1].id}" if len(out) == page_size and out else None
-    return QueuePage(state=state, states=REVIEW_STATES, rows=tuple(out), next_href=next_href)
+    return QueuePage(state=state, states=REVIEW_STATES, rows=tuple(out),
+                     next_href=queue_href(state, out[-1].id) if more and out else None,
+                     first_href=queue_href(state) if after is not None else None)
 
 
 # -- one review ----------------------------------------------------------------------------

@@ -153,8 +153,11 @@ def _deliveries(conn: Connection, limit: int):
             list_deliveries(conn, DeliveryState.QUEUED, None, limit))
 
 
-def _reviews(conn: Connection, state: str | None, limit: int, after: int | None) -> list:
-    return reviews.list_reviews(conn, state, limit=limit, after=after)
+def _reviews(conn: Connection, state: str | None, limit: int, after: int | None) -> tuple[list, bool]:
+    """A page of the queue and whether more follow it: one more row is read than is shown
+    (and audited), so a full last page offers no "Next page" that leads nowhere."""
+    rows = reviews.list_reviews(conn, state, limit=limit + 1, after=after)
+    return rows[:limit], len(rows) > limit
 
 
 # -- plumbing ----------------------------------------------------------------------------------
@@ -542,12 +545,14 @@ class Workbench:
         after = form_text(request, "after", limit=MAX_ID_DIGITS + 1)
         if after is not None and path_id(after) is None:
             raise FormError("after must be a review id")
-        rows = await self._read(
+        start = int(after) if after else None
+        rows, more = await self._read(
             request, session, Permission.READ_REVIEW, Audited.REVIEW, None,
             f"state={state}" + (f"&after={after}" if after else ""), _reviews,
-            (None if state == "all" else state, PAGE_SIZE, int(after) if after else None), "review",
+            (None if state == "all" else state, PAGE_SIZE, start), "review",
         )
-        return self._render(request, "reviews.html", session=session, page=pages.queue_page(rows, state, PAGE_SIZE))
+        return self._render(request, "reviews.html", session=session,
+                            page=pages.queue_page(rows, state, more=more, after=start))
 
     @app.route("/reviews/<review>", methods=["GET"])
     @handled

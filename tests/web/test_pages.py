@@ -132,11 +132,16 @@ def test_queue_page_pages_through():
     rows = [{"id": i, "state": "open", "kind": "candidate", "score": 12.0, "reasons": ["between_thresholds"],
              "records": [{"facility": "OAKNH", "mrn": f"OA-{i}"}, {"facility": "GENHOSP", "mrn": "GH-1"}],
              "created_at": "2026-11-27T12:00:00Z"} for i in (3, 5)]
-    page = pages.queue_page(rows, "open", 2)
-    assert page.next_href == "/reviews?state=open&after=5"
+    page = pages.queue_page(rows, "open", more=True)
+    assert (page.next_href, page.first_href) == ("/reviews?state=open&after=5", None)
     assert [(r.id, r.href, r.record.mrn, [c.mrn for c in r.candidates], r.score) for r in page.rows] == [
         (3, "/reviews/3", "OA-3", ["GH-1"], "12.00"), (5, "/reviews/5", "OA-5", ["GH-1"], "12.00")]
-    assert pages.queue_page(rows, "open", 3).next_href is None
+    # a full page with nothing after it offers no next page (found by a black-box audit)
+    assert pages.queue_page(rows, "open", more=False).next_href is None
+    later = pages.queue_page(rows, "all", more=False, after=2)
+    assert (later.next_href, later.first_href) == (None, "/reviews?state=all")
+    empty = pages.queue_page([], "open", more=False, after=1000)
+    assert (empty.rows, empty.next_href, empty.first_href) == ((), None, "/reviews?state=open")
 
 
 def best(value, facility="GENHOSP", mrn="GH-1"):

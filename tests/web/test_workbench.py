@@ -373,6 +373,38 @@ def test_bad_input_is_a_400_page_with_the_reason(web):
         assert page.code == 400 and "Bad request" in page.text, path
 
 
+def test_the_queue_pages_by_fifty_with_a_way_back(web):
+    """Found by a black-box audit: with exactly a page of open reviews, "Next page" led to
+    "No open reviews."; a later page had no way back; a page past the end said there were none."""
+    from exchange.web.workbench import PAGE_SIZE
+    from tests.test_reviews import HANSON, HH, add_record, add_review
+
+    wb = web
+    with write_transaction(wb.engine) as conn:
+        first = hanson_scene(conn)["review"]
+        ids = [first] + [add_review(conn, OA, [GH, HH]) for _ in range(PAGE_SIZE - 1)]
+    browser = logged_in(wb)
+    page = browser.get("/reviews?state=open")
+    assert page.text.count('class="review-link"') == PAGE_SIZE
+    assert "Next page" not in page.text and "First page" not in page.text
+    with write_transaction(wb.engine) as conn:
+        add_record(conn, "OAKNH", "OA-LAST", **HANSON)
+        extra = add_review(conn, ("OAKNH", "OA-LAST"), [GH])
+        conn.execute(audit_event_table.delete())
+    page = browser.get("/reviews?state=open")
+    assert page.text.count('class="review-link"') == PAGE_SIZE and f'href="/reviews/{extra}"' not in page.text
+    assert "OA-LAST" not in [a[5] for a in audit(wb)]  # read to know there is more, not shown: not audited
+    assert f'href="/reviews?state=open&amp;after={ids[-1]}" id="next-page"' in page.text
+    second = browser.get(f"/reviews?state=open&after={ids[-1]}")
+    assert second.text.count('class="review-link"') == 1 and f'href="/reviews/{extra}"' in second.text
+    assert 'href="/reviews?state=open" id="first-page"' in second.text and "Next page" not in second.text
+    past = browser.get("/reviews?after=1000")
+    assert past.code == 200 and "No open reviews." not in past.text
+    assert "No more open reviews on this page." in past.text
+    assert 'href="/reviews?state=open" id="first-page"' in past.text
+    assert "No superseded reviews." in browser.get("/reviews?state=superseded").text
+
+
 def test_find_a_person_or_a_record(web):
     wb = web
     browser = logged_in(wb)
