@@ -300,6 +300,8 @@ class Workbench:
         exchange runs (a copy it would not send any more is not requeued)."""
         self.db = db
         self.config = config
+        # The header's record lookup offers the configured facilities (code, name).
+        self.facilities = tuple((f.code, f.name) for f in config.facilities)
         self.now = now
         self.policy = policy
         self.requeued = requeued
@@ -330,7 +332,8 @@ class Workbench:
         request.setResponseCode(code)
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         can_deliveries = session is not None and allowed(session.role, Permission.READ_DELIVERY)
-        return self.templates[template].render(user=session, can_deliveries=can_deliveries, **context).encode()
+        return self.templates[template].render(user=session, can_deliveries=can_deliveries,
+                                               facilities=self.facilities, **context).encode()
 
     def _error(self, request, code: int, title: str, reason: str, *, session: SessionInfo | None = None,
                back: str | None = None) -> bytes:

@@ -412,6 +412,27 @@ def test_find_a_person_or_a_record(web):
     assert browser.get("/records?facility=GENHOSP&mrn=A%2FB").location == "/records/GENHOSP/A%2FB"
 
 
+def test_every_page_offers_a_record_lookup_by_facility_and_mrn(wb):
+    """Found by a black-box audit: /records?facility=F&mrn=M worked but no page led to it."""
+    scene(wb)
+    browser = logged_in(wb)
+    page = browser.get("/reviews")
+    form = re.search(r'<form class="find" method="get" action="/records" id="find-record">(.*?)</form>', page.text,
+                     re.S)[1]
+    assert re.findall(r'<option value="([^"]+)"', form) == ["GENHOSP", "OAKNH", "HHCARE"]  # the configured ones
+    assert re.search(r'<label>Facility <select name="facility"', form)
+    assert re.search(r'<label>MRN <input name="mrn"', form)
+    assert "csrf" not in form  # a GET that only reads
+    found = browser.get("/records?facility=GENHOSP&mrn=GH-44107")
+    assert (found.code, found.location) == (303, "/records/GENHOSP/GH-44107")
+    assert "HANSON" in browser.get(found.location).text
+    missing = browser.get(browser.get("/records?facility=OAKNH&mrn=NOPE").location)
+    assert missing.code == 404 and "No such record" in missing.text
+    assert [a[3:] for a in audit(wb) if a[2] == "read" and a[3] == "record" and a[5] in ("GH-44107", "NOPE")
+            ][-2:] == [("record", "GENHOSP", "GH-44107", "ok"), ("record", "OAKNH", "NOPE", "not-found")]
+    assert 'action="/records"' not in wb.browser().get("/login").text  # only for a login
+
+
 # -- decisions through the forms ---------------------------------------------------------------------
 
 
