@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote, unquote
 
+from exchange.matching.decide import Reason
 from exchange.store.outbox import DeliveryState
 from exchange.store.reviews import UNDOABLE, ReviewState
 
@@ -45,6 +46,52 @@ BEST_LABELS = {
 }
 
 REVIEW_STATES = tuple(s.value for s in ReviewState) + ("all",)
+
+MERGE_CONFLICT = "merge_conflict"  # exchange.store.index.MERGE_CONFLICT: a review's kind, also seen as a reason
+
+# Why the patient index decided as it did (exchange.matching.decide.Reason), as a technician reads it.
+REASON_TEXT: dict[str, str] = {
+    Reason.ABOVE_UPPER: "The best candidate scores at or above the link threshold.",
+    Reason.BETWEEN: "The best candidate scores between the review and the link thresholds: "
+                    "too close to call automatically.",
+    Reason.BELOW_LOWER: "No candidate scores even the review threshold.",
+    Reason.NO_CANDIDATES: "No other record shares a blocking key (name, birth date, SSN or phone) with this one.",
+    Reason.SAME_FACILITY: "A candidate is another record of the same facility: a possible duplicate registration, "
+                          "which is never linked automatically (the facility fixes it with a merge, A40).",
+    Reason.TWO_PERSONS: "Two different persons score at or above the link threshold: it is not clear which one.",
+    Reason.NOT_A_MATCH: "A person was left out because one of its records is marked not a match for this one "
+                        "(by a technician, or by the facility with A37).",
+    Reason.MANUAL_KEPT: "A technician made or confirmed this record's link; it is kept.",
+    Reason.LINK_KEPT: "The record stays with its person.",
+    Reason.LINK_LOOKS_WRONG: "The record's present link looks wrong: since an update it no longer scores "
+                             "like the other records of its person.",
+    Reason.POSSIBLE_TWIN: "Possible twins: the same surname and birth date but another given name, and no SSN "
+                          "that tells them apart (or SSNs one digit apart and one phone).",
+    Reason.SSN_ONLY: "One SSN on two birth dates, with another given name or a generation apart: "
+                     "possibly a relative's SSN.",
+    Reason.NO_BIRTH_DATE: "No birth date on one side and no SSN or phone agreeing (or a JR/SR suffix): "
+                          "only names and places agree.",
+    Reason.PARENT_AND_CHILD: "Possibly a parent and a child: birth dates one digit apart in the decade "
+                             "(like 1950 and 1980) and no SSN agreeing.",
+    Reason.NEWBORN: "A newborn's placeholder name (\"Baby Girl\", \"Infant\"): newborn twins share everything "
+                    "else.",
+    Reason.NAME_AND_BIRTH_DATE_ONLY: "Only a common name and the birth date agree, in another town, with no SSN, "
+                                     "phone or address agreeing: possibly two different people.",
+    Reason.CONFLICTING_MEMBER: "Another record of that person does not even come close to this one "
+                               "(A is like B and B like C, but A is not like C).",
+    MERGE_CONFLICT: "A facility's merge (A40) was stopped: records of the two persons are marked not a match.",
+}
+
+# The rules that hold a record back from a person it scores at or above the link threshold with,
+# the family-safety ones first (the most telling is named when there are several).
+HOLD_BACK = (
+    Reason.NEWBORN, Reason.POSSIBLE_TWIN, Reason.PARENT_AND_CHILD, Reason.SSN_ONLY, Reason.NO_BIRTH_DATE,
+    Reason.NAME_AND_BIRTH_DATE_ONLY, Reason.CONFLICTING_MEMBER, Reason.SAME_FACILITY, Reason.TWO_PERSONS,
+    Reason.LINK_LOOKS_WRONG, MERGE_CONFLICT,
+)
+# Reasons that say where a score fell or what was kept: never why a link was held back.
+NOT_HOLDING = frozenset({Reason.ABOVE_UPPER, Reason.BETWEEN, Reason.BELOW_LOWER, Reason.NO_CANDIDATES,
+                         Reason.MANUAL_KEPT, Reason.LINK_KEPT, Reason.NOT_A_MATCH})
 
 
 # -- links and redirects -------------------------------------------------------------
@@ -156,6 +203,29 @@ def ssn_text(last4: str | None) -> str:
     return f"***-**-{last4}" if last4 else ""
 
 
+@dataclass(frozen=True, slots=True)
+class ReasonLine:
+    code: str  # as stored (an unknown code, or a free-text reason, is shown as it is)
+    text: str
+
+
+def reason_line(code: Any) -> ReasonLine:
+    code = str(code)
+    return ReasonLine(code, REASON_TEXT.get(code, code))
+
+
+def held_back(reasons: Iterable[Any]) -> ReasonLine | None:
+    """Why a review scoring at or above the link threshold is not a link: the most telling
+    hold-back rule among ``reasons``, else the first reason that is not a score's band
+    (a free-text one: a merge's conflict); None when none says so."""
+    codes = [str(r) for r in reasons]
+    for rule in HOLD_BACK:
+        if rule in codes:
+            return reason_line(rule)
+    other = next((c for c in codes if c not in NOT_HOLDING), None)
+    return None if other is None else reason_line(other)
+
+
 # -- the review queue ------------------------------------------------------------------
 
 
@@ -230,7 +300,7 @@ class Side:
     link: str | None
     person_at_review: int | None
     score: str  # a candidate's total against the review's record; "" for the record itself
-    band: str  # where that total falls: link / review / below
+    band: str  # where that total falls: link / held (at or above the link threshold, held back) / review / below
     rules: tuple[str, ...]
 
 
@@ -280,8 +350,9 @@ class ReviewPage:
     score: str
     upper: str
     lower: str
-    band: str
-    reasons: str
+    band: str  # link / held / review / below (see Side.band)
+    held_back: ReasonLine | None  # why a score at or above the link threshold is a review, not a link
+    reasons: tuple[ReasonLine, ...]
     record: Side
     candidates: tuple[Side, ...]
     rows: tuple[FieldRow, ...]
@@ -304,12 +375,17 @@ def band(score: Any, upper: Any, lower: Any) -> str:
     return "link" if score >= upper else "review" if score >= lower else "below"
 
 
-def _side(s: Mapping[str, Any], upper: Any, lower: Any) -> Side:
+def _held(where: str, held: ReasonLine | None) -> str:
+    """A band of a held-back review: at or above the link threshold is ``held``, not ``link``."""
+    return "held" if where == "link" and held is not None else where
+
+
+def _side(s: Mapping[str, Any], upper: Any, lower: Any, held: ReasonLine | None = None) -> Side:
     score = s.get("score")
     return Side(
         facility=s["facility"], mrn=s["mrn"], href=record_href(s["facility"], s["mrn"]), exists=bool(s.get("exists")),
         person=s.get("person"), person_href=person_href(s.get("person")), link=s.get("link"),
-        person_at_review=s.get("person_at_review"), score=number(score), band=band(score, upper, lower),
+        person_at_review=s.get("person_at_review"), score=number(score), band=_held(band(score, upper, lower), held),
         rules=tuple(s.get("rules") or ()),
     )
 
@@ -363,13 +439,16 @@ def review_page(detail: Mapping[str, Any], *, can_decide: bool, can_undo: bool) 
         rows.append(FieldRow(field=entry["field"], label=FIELD_LABELS.get(entry["field"], entry["field"]),
                              record=entry.get("record") or "", cells=cells))
     is_open = detail.get("state") == ReviewState.OPEN
+    reasons = tuple(detail.get("reasons") or ())
+    where = band(detail.get("score"), upper, lower)
+    held = held_back(reasons) if where == "link" else None
     return ReviewPage(
         id=detail["id"], state=detail["state"], is_open=is_open, kind=detail.get("kind") or "",
         created_at=when(detail.get("created_at")), score=number(detail.get("score")), upper=number(upper),
-        lower=number(lower), band=band(detail.get("score"), upper, lower),
-        reasons=", ".join(detail.get("reasons") or ()),
+        lower=number(lower), band=_held(where, held), held_back=held,
+        reasons=tuple(reason_line(r) for r in reasons),
         record=_side(detail["record"], upper, lower),
-        candidates=tuple(_side(c, upper, lower) for c in detail.get("candidates") or ()),
+        candidates=tuple(_side(c, upper, lower, held) for c in detail.get("candidates") or ()),
         rows=tuple(rows),
         any_discounted=any(c.discounted for r in rows for c in r.cells),
         targets=_targets(detail) if is_open else (),

@@ -101,6 +101,44 @@ def test_review_page_sets_the_records_side_by_side_with_levels_and_weights():
     assert page.can_decide
 
 
+def test_every_reason_code_reads_as_a_sentence_and_unknown_ones_as_they_are():
+    from exchange.matching.decide import Reason
+
+    for reason in Reason:
+        line = pages.reason_line(reason)
+        assert line.code == reason.value and line.text != reason.value and line.text.endswith(".")
+    assert pages.reason_line("merge_conflict").text.startswith("A facility's merge")
+    odd = "merge at GENHOSP: the person already holds a record of OAKNH"
+    assert pages.reason_line(odd) == pages.ReasonLine(odd, odd)
+    assert pages.reason_line("new_rule_2027") == pages.ReasonLine("new_rule_2027", "new_rule_2027")
+
+
+TWINS = {**DETAIL, "score": 24.9, "reasons": ["possible_twin"],
+         "candidates": [side("GENHOSP", "GH-1", 1, score=24.9, rules=[]), side("HHCARE", "HH/9", 1, score=6.0)]}
+
+
+def test_a_twins_review_above_the_link_threshold_is_held_back_not_green():
+    """Found by a black-box audit: a twins review showed the bare code and the green "at or above
+    the link threshold" band, which nudges a technician to link twins."""
+    page = pages.review_page(TWINS, can_decide=True, can_undo=True)
+    assert page.band == "held" and page.held_back.code == "possible_twin"
+    assert page.held_back.text.startswith("Possible twins: the same surname and birth date")
+    assert [(r.code, r.text[:14]) for r in page.reasons] == [("possible_twin", "Possible twins")]
+    assert [c.band for c in page.candidates] == ["held", "below"]
+    # the family-safety rule is named first, whatever the order stored
+    both = pages.review_page({**TWINS, "reasons": ["link_looks_wrong", "parent_and_child"]}, can_decide=True,
+                             can_undo=True)
+    assert both.held_back.code == "parent_and_child"
+    # a merge's free-text conflict is the reason itself
+    merge = pages.review_page({**TWINS, "kind": "merge_conflict", "reasons": ["merge at GENHOSP of X into Y: ..."]},
+                              can_decide=True, can_undo=True)
+    assert (merge.band, merge.held_back.text) == ("held", "merge at GENHOSP of X into Y: ...")
+    # between the thresholds nothing is held back; at or above with only a score's reason stays "link"
+    assert pages.review_page(DETAIL, can_decide=True, can_undo=True).held_back is None
+    plain = pages.review_page({**TWINS, "reasons": ["above_upper"]}, can_decide=True, can_undo=True)
+    assert (plain.band, plain.held_back, plain.candidates[0].band) == ("link", None, "link")
+
+
 def test_link_targets_round_trip():
     for t in pages.review_page(DETAIL, can_decide=True, can_undo=True).targets:
         parsed = pages.parse_target(t.value)

@@ -336,6 +336,26 @@ def test_the_review_page_shows_each_fields_level_and_weight_and_the_thresholds(w
     assert 'action="/reviews/1/decide"' in page.text and page.text.count('name="csrf"') >= 3
 
 
+def test_a_twins_review_says_why_it_was_held_back_in_words(web):
+    """Found by a black-box audit: a twins review scoring above the link threshold showed
+    "possible_twin" and a green "at or above the link threshold" band."""
+    from tests.test_reviews import HANSON, add_record, add_review
+
+    wb = web
+    with write_transaction(wb.engine) as conn:
+        add_record(conn, "GENHOSP", "GH-T1", **{**HANSON, "given": "ELIZABETH", "ssn": ""})
+        add_record(conn, "OAKNH", "OA-T2", **{**HANSON, "given": "ELIZA", "ssn": ""})
+        review = add_review(conn, ("OAKNH", "OA-T2"), [("GENHOSP", "GH-T1")], reasons=("possible_twin",))
+    page = logged_in(wb).get(f"/reviews/{review}")
+    score = re.search(r'<dd id="score">(.*?)</dd>', page.text, re.S)[1]
+    assert float(score.split()[0]) >= 20.0  # at or above the link threshold
+    assert "band-link" not in page.text and "at or above the link threshold" not in page.text
+    assert '<span class="band band-held">above the link threshold, held back: Possible twins:' in score
+    reasons = re.search(r'<dd id="reasons">(.*?)</dd>', page.text, re.S)[1]
+    assert "<li>Possible twins: the same surname and birth date" in reasons
+    assert '<code class="code">possible_twin</code>' in reasons
+
+
 def test_security_headers_on_every_workbench_answer(web):
     wb = web
     scene(wb)
