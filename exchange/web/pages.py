@@ -115,10 +115,27 @@ def safe_next(value: str | None, default: str = DEFAULT_PAGE) -> str:
     return value
 
 
-def login_location(uri: str) -> str:
-    """``/login?next=...`` for a request's raw URI (``next`` only when it is a local path)."""
+UNSAVED = "unsaved"  # a query field: the last form was posted without a live session and NOT acted on
+
+
+def login_location(uri: str, *, unsaved: bool = False) -> str:
+    """``/login?next=...`` for a request's raw URI (``next`` only when it is a local path);
+    ``unsaved``: the request was a form the workbench did not act on (the session had expired),
+    which the login page and the page after it say."""
     target = safe_next(uri, default="")
-    return "/login" + (f"?next={quote(target, safe='')}" if target and target != DEFAULT_PAGE else "")
+    query = [f"next={quote(target, safe='')}"] if target and target != DEFAULT_PAGE else []
+    if unsaved:
+        query.append(f"{UNSAVED}=1")
+    return "/login" + ("?" + "&".join(query) if query else "")
+
+
+def with_unsaved(path: str) -> str:
+    """``path`` (a safe local one) marked so that its page says the last decision was not saved."""
+    path, hash_, fragment = path.partition("#")
+    query = path.partition("?")[2]
+    if f"{UNSAVED}=1" not in query.split("&"):
+        path += ("&" if "?" in path else "?") + f"{UNSAVED}=1"
+    return path + hash_ + fragment
 
 
 def segment(value: Any) -> str:

@@ -216,6 +216,12 @@ def _next_field(request) -> str | None:
         return None
 
 
+def _unsaved_field(request) -> bool:
+    """Whether the request carries ``unsaved=1`` (its query, or the login form's body): the
+    last form was posted after the session had expired and was not acted on."""
+    return _fields(request).get(pages.UNSAVED.encode()) == [b"1"]
+
+
 def form_text(request, name: str, *, required: bool = False, limit: int = MAX_FIELD_CHARS) -> str | None:
     """A form (or query) field's last value as text; None when absent (or blank, unless required)."""
     values = _fields(request).get(name.encode())
@@ -333,7 +339,8 @@ class Workbench:
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         can_deliveries = session is not None and allowed(session.role, Permission.READ_DELIVERY)
         return self.templates[template].render(user=session, can_deliveries=can_deliveries,
-                                               facilities=self.facilities, **context).encode()
+                                               facilities=self.facilities, unsaved=_unsaved_field(request),
+                                               **context).encode()
 
     def _error(self, request, code: int, title: str, reason: str, *, session: SessionInfo | None = None,
                back: str | None = None) -> bytes:
@@ -399,8 +406,8 @@ class Workbench:
         """The session of a POST, its CSRF token checked, and its role: 303 to the login page,
         403 for a missing or wrong token, 403 (audited) for a role that may not."""
         session = await self._session(request)
-        if session is None:
-            raise Respond(self._redirect(request, pages.login_location(back)))
+        if session is None:  # e.g. idle too long: say so at the login and on the page after it
+            raise Respond(self._redirect(request, pages.login_location(back, unsaved=True)))
         if not same_token(form_text(request, "csrf", limit=MAX_COOKIE_CHARS), session.csrf):
             raise Respond(self._error(request, 403, "Form expired",
                                       "This form is out of date or did not come from the workbench. "
@@ -460,6 +467,7 @@ class Workbench:
     # -- logging in and out --------------------------------------------------------------------
 
     def _login_form(self, request, code: int, *, next_: str, problem: str | None = None, name: str = "") -> bytes:
+        """The login form (``unsaved`` rides along in it from the query: see ``_unsaved_field``)."""
         token = new_csrf_token()
         self._set_cookie(request, LOGIN_COOKIE, token)
         return self._render(request, "login.html", code, csrf=token, next=next_, problem=problem, name=name,
@@ -471,8 +479,13 @@ class Workbench:
     async def login_page(self, request) -> bytes:
         next_ = pages.safe_next(_next_field(request))
         if await self._session(request) is not None:
-            return self._redirect(request, next_)
+            return self._redirect(request, self._after_login(request, next_))
         return self._login_form(request, 200, next_=next_)
+
+    @staticmethod
+    def _after_login(request, next_: str) -> str:
+        """Where a login goes: ``next_``, marked when the form that sent the user here was not saved."""
+        return pages.with_unsaved(next_) if _unsaved_field(request) else next_
 
     @app.route("/login", methods=["POST"])
     @handled
@@ -501,7 +514,7 @@ class Workbench:
         if result is not None and result.outcome is LoginOutcome.OK:
             self._set_cookie(request, SESSION_COOKIE, token)
             self._clear_cookie(request, LOGIN_COOKIE)
-            return self._redirect(request, next_)
+            return self._redirect(request, self._after_login(request, next_))
         await self.pause(random.uniform(*FAILED_LOGIN_PAUSE))
         return self._login_form(request, 403, next_=next_, name=name if check_name(name) is None else "",
                                 problem="That name and password did not work.")

@@ -36,6 +36,12 @@ def test_login_location_carries_the_page_asked_for():
     assert pages.login_location("/reviews") == "/login"
     assert pages.login_location("//evil.example") == "/login"
     assert pages.safe_next("/reviews/7?x=1") == "/reviews/7?x=1"  # what the login form hands back
+    # a form posted without a live session: the login page and the page after it say it was not saved
+    assert pages.login_location("/reviews/7", unsaved=True) == "/login?next=%2Freviews%2F7&unsaved=1"
+    assert pages.login_location("/reviews", unsaved=True) == "/login?unsaved=1"
+    assert pages.with_unsaved("/reviews/7") == "/reviews/7?unsaved=1"
+    assert pages.with_unsaved("/reviews?state=open") == "/reviews?state=open&unsaved=1"
+    assert pages.with_unsaved("/persons/3?unsaved=1#x") == "/persons/3?unsaved=1#x"
 
 
 def test_links_encode_each_segment():

@@ -86,10 +86,47 @@ def test_posts_without_a_session_go_to_the_login_page(web):
     wb = web
     s = scene(wb)
     page = wb.browser().post(f"/reviews/{s['review']}/decide", {"decision": "link", "target": "suggested"})
-    assert (page.code, page.location) == (303, "/login?next=%2Freviews%2F1")
+    assert (page.code, page.location) == (303, "/login?next=%2Freviews%2F1&unsaved=1")
     with wb.engine.connect() as conn:
         assert person_of(conn, OA) == s["oa_person"]
     assert wb.browser().post("/logout").location == "/login"
+
+
+def test_a_decision_posted_after_the_session_expired_is_not_saved_and_the_pages_say_so(wb):
+    """Found by a black-box audit: a "not a match" typed, the idle time passed, submitted: the
+    technician was sent to the login and back to the review with no word that nothing was saved."""
+    s = scene(wb)
+    browser = logged_in(wb)
+    form = browser.get(f"/reviews/{s['review']}")
+    assert 'id="unsaved"' not in form.text
+    wb.advance(minutes=31)
+    page = browser.post(f"/reviews/{s['review']}/decide",
+                        {"csrf": form.csrf(), "decision": "not-a-match", "reason": "different women, see chart"})
+    assert (page.code, page.location) == (303, f"/login?next=%2Freviews%2F{s['review']}&unsaved=1")
+    login = browser.get(page.location)
+    notice = re.search(r'<p class="problem" role="alert" id="unsaved">(.*?)</p>', login.text, re.S)[1]
+    assert "session had expired" in notice and "decision was not saved" in notice
+    assert "different women" not in login.text  # the form's data is not carried
+    wrong = browser.post("/login", {"csrf": login.csrf(), "name": "tess", "password": "not it", "unsaved": "1",
+                                    "next": f"/reviews/{s['review']}"})
+    assert wrong.code == 403 and 'id="unsaved"' in wrong.text  # still said after a typo
+    done = browser.login("tess", next_=page.location.partition("next=")[2].partition("&")[0])
+    assert done.location == f"/reviews/{s['review']}"  # an ordinary login: no notice
+    browser = wb.browser()
+    login = browser.get(page.location)
+    done = browser.post("/login", {"csrf": login.csrf(), "name": "tess", "password": PASSWORD,
+                                   "next": re.search(r'name="next" value="([^"]*)"', login.text)[1],
+                                   "unsaved": re.search(r'name="unsaved" value="([^"]*)"', login.text)[1]})
+    assert (done.code, done.location) == (303, f"/reviews/{s['review']}?unsaved=1")
+    back = browser.get(done.location)
+    assert back.code == 200 and "decision was not saved" in back.text and "Please decide again." in back.text
+    assert 'action="/reviews/1/decide"' in back.text  # still open: decide again
+    with wb.engine.connect() as conn:
+        assert person_of(conn, OA) == s["oa_person"]
+    assert not [a for a in audit(wb) if a[2] == "decide"]
+    # already logged in again (another tab): the login page still passes the word on
+    again = browser.get(page.location)
+    assert (again.code, again.location) == (303, f"/reviews/{s['review']}?unsaved=1")
 
 
 def test_root_redirects_to_the_queue_and_unknown_pages_are_404(web):
