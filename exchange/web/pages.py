@@ -10,8 +10,9 @@ form -- is decided (and tested) here.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote, unquote
@@ -170,6 +171,63 @@ def when(value: datetime | str | None) -> str:
     if value.tzinfo is None:
         value = value.replace(tzinfo=timezone.utc)
     return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+_DATE = re.compile(r"\d{4}(?:-\d{2}(?:-\d{2})?)?")  # YYYY, YYYY-MM or YYYY-MM-DD: the precision sent
+
+
+def sender_time(value: str | None, facility: str) -> str:
+    """A time a facility sent (``admitted_at``, ``death``: the record model's ISO text with its
+    precision): with an offset, in UTC like every other time of the workbench; without one, as
+    sent and said to be the facility's local time (its zone is not known here); a date (or a
+    month, a year) as it is."""
+    if not value:
+        return ""
+    if _DATE.fullmatch(value):
+        return value
+    try:
+        at = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return value
+    if at.tzinfo is not None:
+        return when(at)
+    shown = at.strftime("%Y-%m-%d %H:%M:%S" if at.second or at.microsecond else "%Y-%m-%d %H:%M")
+    return f"{shown} local time at {facility}"
+
+
+def birth_text(value: str | None) -> str:
+    """A birth date is a date: ``1980-01-02`` (or ``1980-01``, ``1980``: the precision sent), without
+    the time of day some senders add to PID-7."""
+    if not value:
+        return ""
+    m = _DATE.match(value)
+    return m[0] if m and (len(value) == len(m[0]) or value[len(m[0])] in "T ") else value
+
+
+def location_text(value: str | None) -> str:
+    """PV1-3 (point of care^room^bed^facility) readably: ``W2 / 202 / B``; a component left empty
+    before a given one is a dash, so each keeps its place."""
+    if not value:
+        return ""
+    parts = [p.strip() for p in value.split("^")]
+    while parts and not parts[-1]:
+        parts.pop()
+    return " / ".join(p or "–" for p in parts)
+
+
+# HL7 table 0004, patient class (PV1-2)
+PATIENT_CLASSES = {
+    "E": "emergency", "I": "inpatient", "O": "outpatient", "P": "preadmit", "R": "recurring patient",
+    "B": "obstetrics", "C": "commercial account", "N": "not applicable", "U": "unknown",
+}
+
+
+def patient_class_text(code: str | None) -> str:
+    """``I (inpatient)``; a code outside table 0004 as it is."""
+    if not code:
+        return ""
+    meaning = PATIENT_CLASSES.get(code.strip().upper())
+    return f"{code} ({meaning})" if meaning else code
 
 
 def number(value: Any, digits: int = 2) -> str:
@@ -453,8 +511,13 @@ def review_page(detail: Mapping[str, Any], *, can_decide: bool, can_undo: bool) 
                  tone=tone(c.get("level"), c.get("weight")), discounted=bool(c.get("discounted")))
             for c in entry.get("candidates") or ()
         )
+        if entry["field"] == "birth":
+            cells = tuple(replace(c, value=birth_text(c.value)) for c in cells)
+            value = birth_text(entry.get("record"))
+        else:
+            value = entry.get("record") or ""
         rows.append(FieldRow(field=entry["field"], label=FIELD_LABELS.get(entry["field"], entry["field"]),
-                             record=entry.get("record") or "", cells=cells))
+                             record=value, cells=cells))
     is_open = detail.get("state") == ReviewState.OPEN
     reasons = tuple(detail.get("reasons") or ())
     where = band(detail.get("score"), upper, lower)
@@ -553,6 +616,8 @@ def _best_value(name: str, value: Any) -> str:
         return phones_text(value)
     if name == "ssn_last4":
         return ssn_text(value)
+    if name == "birth_date":
+        return birth_text(value)
     return "" if value is None else str(value)
 
 
@@ -603,6 +668,25 @@ def person_page(view: Mapping[str, Any], history: Mapping[str, Any] | None, *, c
 
 
 @dataclass(frozen=True, slots=True)
+class EncounterRow:
+    visit_number: str
+    patient_class: str  # "I (inpatient)"
+    status: str
+    location: str  # "W2 / 202 / B"
+    admitted_at: str
+    discharged_at: str
+
+
+def encounter_row(e: Mapping[str, Any], facility: str) -> EncounterRow:
+    return EncounterRow(
+        visit_number=e.get("visit_number") or "", patient_class=patient_class_text(e.get("class")),
+        status=e.get("status") or "", location=location_text(e.get("location")),
+        admitted_at=sender_time(e.get("admitted_at"), facility),
+        discharged_at=sender_time(e.get("discharged_at"), facility),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class RecordPage:
     facility: str
     authority: str
@@ -619,7 +703,7 @@ class RecordPage:
     addresses: tuple[str, ...]
     phones: tuple[str, ...]
     identifiers: tuple[str, ...]
-    encounters: tuple[Mapping[str, Any], ...]
+    encounters: tuple[EncounterRow, ...]
     documents: tuple[Mapping[str, Any], ...]
 
 
@@ -628,19 +712,19 @@ def record_page(view: Mapping[str, Any]) -> RecordPage:
     facility = view["facility"]
     merged = view.get("merged_into")
     death = view.get("death")
-    deceased = "yes" + (f", {death}" if death else "") if view.get("deceased") or death else ""
+    deceased = "yes" + (f", {sender_time(death, facility)}" if death else "") if view.get("deceased") or death else ""
     return RecordPage(
         facility=facility, authority=view.get("authority") or "", mrn=view["mrn"], person=view.get("person"),
         person_href=person_href(view.get("person")), active=bool(view.get("active")),
         merged_into=RecordRef(facility, merged, record_href(facility, merged)) if merged else None,
         name=name_text(view.get("name")), aliases=tuple(name_text(a) for a in view.get("aliases") or () if a),
-        birth_date=view.get("birth_date") or "", sex=view.get("sex") or "", deceased=deceased,
+        birth_date=birth_text(view.get("birth_date")), sex=view.get("sex") or "", deceased=deceased,
         addresses=tuple(t for t in (address_text(a) for a in view.get("addresses") or ()) if t),
         phones=tuple(p.get("number") or p.get("email") for p in view.get("phones") or ()
                      if p.get("number") or p.get("email")),
         identifiers=tuple(" ".join(x for x in (i.get("value"), i.get("authority"), i.get("type")) if x)
                           for i in view.get("identifiers") or ()),
-        encounters=tuple(view.get("encounters") or ()),
+        encounters=tuple(encounter_row(e, facility) for e in view.get("encounters") or ()),
         documents=tuple(view.get("documents") or ()),
     )
 

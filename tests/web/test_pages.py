@@ -232,6 +232,43 @@ def test_person_page_best_view_records_history_and_what_may_be_undone():
     assert merged.merged_into_href == "/persons/3" and not merged.can_decide
 
 
+@pytest.mark.parametrize("value, expected", [
+    ("2026-11-28T08:30:00+01:00", "2026-11-28 07:30:00 UTC"),  # an offset: converted, like every other time
+    ("2026-11-28T01:30:00-05:00", "2026-11-28 06:30:00 UTC"),
+    ("2026-11-28T01:30:00", "2026-11-28 01:30 local time at GENHOSP"),  # none: as sent, and said so
+    ("2026-11-28T01:30:15.250000", "2026-11-28 01:30:15 local time at GENHOSP"),
+    ("2026-11-28", "2026-11-28"), ("2026-11", "2026-11"), ("2026", "2026"),  # the precision sent
+    ("", ""), (None, ""), ("not a time", "not a time"),
+])
+def test_sender_times(value, expected):
+    assert pages.sender_time(value, "GENHOSP") == expected
+
+
+def test_birth_dates_locations_and_patient_classes():
+    for value, expected in [("1980-01-02", "1980-01-02"), ("1980-01-02T12:30:00", "1980-01-02"),
+                            ("1980-01-02T12:30:00-05:00", "1980-01-02"), ("1980-01", "1980-01"), ("1980", "1980"),
+                            (None, ""), ("19800102", "19800102")]:
+        assert pages.birth_text(value) == expected, value
+    assert pages.location_text("W2^202^B^") == "W2 / 202 / B"
+    assert pages.location_text("^202^^GENHOSP") == "– / 202 / – / GENHOSP"
+    assert pages.location_text("ER") == "ER" and pages.location_text(None) == ""
+    assert [pages.patient_class_text(c) for c in ("I", "O", "E", "P", "R", "B", "Z", None)] == [
+        "I (inpatient)", "O (outpatient)", "E (emergency)", "P (preadmit)", "R (recurring patient)",
+        "B (obstetrics)", "Z", ""]
+
+
+def test_birth_dates_on_the_review_and_person_pages_are_dates():
+    detail = {**DETAIL, "comparison": [{"field": "birth", "record": "1947-03-12T08:00:00", "candidates": [
+        {"value": "1947-03-12", "level": "exact", "weight": 9.0, "discounted": False},
+        {"value": "1947", "level": "year_only", "weight": 1.0, "discounted": False}]}]}
+    [row] = pages.review_page(detail, can_decide=True, can_undo=True).rows
+    assert (row.record, [c.value for c in row.cells]) == ("1947-03-12", ["1947-03-12", "1947"])
+    view = {"person": 1, "merged_into": None, "created_at": None, "opt_out": {}, "records": [],
+            "best": {"birth_date": best("1947-03-12T08:00:00-05:00")}}
+    assert [b.value for b in pages.person_page(view, None, can_decide=False).best if b.label == "Birth date"] == [
+        "1947-03-12"]
+
+
 def test_record_page():
     view = {"facility": "GENHOSP", "authority": "GENHOSP", "mrn": "GH-2", "person": 5, "active": False,
             "merged_into": "GH-1", "name": {"family": "DOE", "given": "JANE", "middle": "", "suffix": "", "prefix": ""},
@@ -243,6 +280,15 @@ def test_record_page():
     assert (page.name, page.aliases, page.person_href, page.deceased) == ("DOE, JANE", ("ROE, JANE",), "/persons/5", "")
     assert page.merged_into.href == "/records/GENHOSP/GH-1" and page.identifiers == ("GH-2 GENHOSP MR",)
     assert page.addresses == ("1 MAIN ST, X",) and page.phones == ("555-0100",)
+    visits = [{"visit_number": "V1", "class": "I", "status": "discharged", "location": "W2^202^B^",
+               "prior_location": None, "admitted_at": "2026-11-28T01:30:00",
+               "discharged_at": "2026-11-28T08:30:00+01:00"}]
+    page = pages.record_page({**view, "birth_date": "1980-01-01T04:00:00", "death": "2026-11-29T10:00:00Z",
+                              "encounters": visits})
+    assert (page.birth_date, page.deceased) == ("1980-01-01", "yes, 2026-11-29 10:00:00 UTC")
+    assert page.encounters == (pages.EncounterRow("V1", "I (inpatient)", "discharged", "W2 / 202 / B",
+                                                  "2026-11-28 01:30 local time at GENHOSP",
+                                                  "2026-11-28 07:30:00 UTC"),)
 
 
 def test_delivery_rows_offer_retry_only_for_failed_copies_and_admins():

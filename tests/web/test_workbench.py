@@ -469,6 +469,55 @@ def test_find_a_person_or_a_record(web):
     assert browser.get("/records?facility=GENHOSP&mrn=A%2FB").location == "/records/GENHOSP/A%2FB"
 
 
+def admit(wb: WorkbenchHarness, control_id: str, *, birth: str, visit: str, patient_class: str, location: str,
+          admitted: str) -> None:
+    """An A01 from GENHOSP mapped, applied and saved as the intake does (tests.web.test_records_api)."""
+    from exchange.hl7.charset import decode_message
+    from exchange.hl7.header import read_header
+    from exchange.mapping.events import Changes, FacilityContext, map_message, needs
+    from exchange.mapping.message import Message
+    from exchange.store import records
+    from tests.web.support import message
+
+    pv1 = [""] * 45
+    pv1[1:4], pv1[19], pv1[44] = ["1", patient_class, location], visit, admitted
+    raw = (f"MSH|^~\\&|ADT|GENHOSP|EXCHANGE|EXCHANGE|20261128100000||ADT^A01^ADT_A01|{control_id}|P|2.5.1\r"
+           f"EVN|A01|20261128100000\r"
+           f"PID|1||GH-7^^^GENHOSP^MR||DOE^JANE||{birth}|F\r"
+           "PV1|" + "|".join(pv1[1:]) + "\r").encode()
+    wb.store(message(control_id))
+    header = read_header(raw)
+    text, codec = decode_message(raw, header)
+    msg = Message(text, header.delimiters, codec)
+    ctx = FacilityContext("GENHOSP", "GENHOSP")
+    with write_transaction(wb.engine) as conn:
+        state = records.load(conn, [needs(msg, ctx)])
+        changes = map_message(msg, header, ctx, state)
+        assert isinstance(changes, Changes), changes
+        message_id = conn.exec_driver_sql(f"SELECT id FROM message WHERE control_id = '{control_id}'").scalar_one()
+        state.apply(changes, message_id)
+        records.save(conn, state)
+
+
+def test_encounter_times_in_utc_or_said_local_and_a_birth_date_as_a_date(wb):
+    """Found by a black-box audit: encounter times were the sender's ISO text with mixed offsets,
+    the birth date carried a time, PV1-3 was W2^202^B^ and the class a bare code."""
+    admit(wb, "ENC-1", birth="198001021230", visit="V1", patient_class="I", location="W2^202^B",
+          admitted="202611280130")
+    admit(wb, "ENC-2", birth="198001021230", visit="V2", patient_class="E", location="ER^^3",
+          admitted="202611280830+0100")
+    page = logged_in(wb).get("/records/GENHOSP/GH-7")
+    assert page.code == 200
+    birth = re.search(r"<dt>Birth date</dt><dd>(.*?)</dd>", page.text)[1]
+    assert birth == "1980-01-02"
+    rows = re.findall(r"<tr><td>(V\d)</td><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td>", page.text)
+    assert rows == [
+        ("V1", "I (inpatient)", "admitted", "W2 / 202 / B", "2026-11-28 01:30 local time at GENHOSP"),
+        ("V2", "E (emergency)", "admitted", "ER / – / 3", "2026-11-28 07:30:00 UTC"),
+    ]
+    assert "T01:30" not in page.text and "+01:00" not in page.text and "W2^202" not in page.text
+
+
 def test_every_page_offers_a_record_lookup_by_facility_and_mrn(wb):
     """Found by a black-box audit: /records?facility=F&mrn=M worked but no page led to it."""
     scene(wb)
