@@ -180,7 +180,7 @@ def cmd_serve(args) -> int:
 
     start_logging(config.server.log_level)
 
-    from exchange.store.db import make_engine, server_warnings, upgrade
+    from exchange.store.db import NodeLockError, hold_single_node, make_engine, server_warnings, upgrade
 
     engine = make_engine(config.server.database)
     try:
@@ -193,6 +193,10 @@ def cmd_serve(args) -> int:
             print(f"exchange: warning: {warning}", file=sys.stderr, flush=True)
     finally:
         engine.dispose()
+    try:
+        node_lock = hold_single_node(config.server.database)  # noqa: F841 - held while the process runs
+    except NodeLockError as exc:
+        raise UsageFailure(str(exc)) from None
 
     from twisted.internet import reactor
 

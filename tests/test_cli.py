@@ -78,6 +78,27 @@ def test_serve_cannot_listen_on_a_busy_port_exits_1(tmp_path):
         first.stop()
 
 
+def test_a_second_serve_on_one_sqlite_database_exits_2_and_the_first_serves_on(tmp_path):
+    """Found by a black-box audit: two nodes on one SQLite file both delivered every copy,
+    old events after new ones. The lock goes with the process, a crash included."""
+    db = f"sqlite:///{tmp_path / 'one.db'}"
+    first = ExchangeProcess(write_config(tmp_path), db).start()
+    try:
+        other = tmp_path / "other"
+        other.mkdir()
+        done = exchange("serve", "--config", str(write_config(other)), "--database", db)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+        assert f"another exchange serve (pid {first.proc.pid})" in done.stderr and "one.db.serve.lock" in done.stderr
+        assert "MLLP listening" not in done.stdout
+        with MLLPConnection(first.address) as conn:
+            assert msa(conn.request(adt("LOCK-1")))[0] == "AA"
+    finally:
+        first.proc.kill()
+        first.proc.wait()
+    second = ExchangeProcess(write_config(tmp_path / "other"), db).start()  # after a kill -9: free again
+    second.stop()
+
+
 def test_serve_refuses_an_interface_that_is_not_an_address_of_this_kind(tmp_path):
     config = write_config(tmp_path, mllp='"tcp:0:interface=999.1.1.1"')
     done = exchange("serve", "--config", str(config))

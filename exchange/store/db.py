@@ -231,3 +231,36 @@ def server_warnings(engine: Engine) -> list[str]:
         return ["PostgreSQL autovacuum is off: dead rows will pile up in the exchange's tables "
                 "(turn it on, or schedule VACUUM (ANALYZE))"]
     return []
+
+
+class NodeLockError(Exception):
+    """Another ``exchange serve`` runs on this SQLite database."""
+
+
+def hold_single_node(url: str) -> int | None:
+    """SQLite has room for one node: an exclusive lock on ``<database>.serve.lock``, held
+    until the process ends (the kernel drops it on any exit, a crash included), keeps a
+    second ``exchange serve`` off the same file, where it would deliver every copy a second
+    time and out of order. Returns the lock's file descriptor (None on PostgreSQL, where the
+    nodes share the work through advisory locks); raises NodeLockError when it is held."""
+    import fcntl
+    import os
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return None
+    path = parsed.database
+    if path.startswith("file:"):  # a URI filename (uri=true)
+        path = path[len("file:"):].split("?", 1)[0]
+    lock = str(Path(path).resolve()) + ".serve.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise NodeLockError(f"another exchange serve (pid {holder}) runs on this database ({lock} is held):"
+                            " on SQLite one node serves; use PostgreSQL for more") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
