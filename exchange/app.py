@@ -1,6 +1,8 @@
 """One place that wires the application: configuration in, services out."""
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from datetime import datetime, timezone
 
@@ -12,7 +14,7 @@ from twisted.logger import Logger
 from exchange.acceptance import AcceptancePolicy, FacilityRule
 from exchange.accounts import Policy
 from exchange.auth import TokenCache
-from exchange.config import Config
+from exchange.config import Config, write_snapshot
 from exchange.delivery import DeliveryService, Settings as DeliverySettings
 from exchange.intake import AckIds, GroupCommitter, Intake
 from exchange.jobs import JobScheduler
@@ -63,9 +65,12 @@ class ExchangeService(Service):
         self.config = config
         self.reactor = reactor
         self.announce = announce
+        # The writer (and each restart of it after a crash) runs with the configuration this
+        # server loaded: a snapshot of the file, removed at stop, never the file as edited since.
+        self.config_snapshot = write_snapshot(config)
         self.writer = WriterProcess(
             reactor,
-            writer_argv(str(config.path), config.server.database),
+            writer_argv(self.config_snapshot or str(config.path), config.server.database),
         )
         self.committer = GroupCommitter(
             self.writer.run,
@@ -132,7 +137,12 @@ class ExchangeService(Service):
         self.delivery.wake(destinations)
 
     def status(self) -> dict:
+        """/healthz: "unavailable" (503) while no writer has run for WRITER_DOWN_UNHEALTHY seconds
+        (it keeps dying: nothing is acknowledged), else "ok"."""
+        down = self.writer.down_since
         return {
+            "status": health(down, self.reactor.seconds()),
+            "writer": {"running": down is None, "restarts": self.writer.restarts},
             "database": make_url(self.config.server.database).get_backend_name(),
             "mllp": self.mllp_addresses,
             "connections": len(self.mllp_factory.connections),
@@ -180,8 +190,21 @@ class ExchangeService(Service):
         yield delivery_stopped  # before the writer stops: on SQLite it records their last outcomes
         yield self.committer.wait_idle()
         yield self.writer.stop()
+        if self.config_snapshot is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.config_snapshot)
         self.api_db.stop()  # joins its threads: the calls in flight finish first
         log.info("exchange stopped cleanly")
+
+
+WRITER_DOWN_UNHEALTHY = 5.0  # seconds without a writer (each restart waits 1 s) before /healthz says 503
+
+
+def health(writer_down_since: float | None, now: float) -> str:
+    """"ok", or "unavailable" once no writer has run for WRITER_DOWN_UNHEALTHY seconds."""
+    if writer_down_since is not None and now - writer_down_since >= WRITER_DOWN_UNHEALTHY:
+        return "unavailable"
+    return "ok"
 
 
 def _describe(port) -> str:

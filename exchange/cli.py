@@ -194,7 +194,7 @@ def cmd_serve(args) -> int:
     finally:
         engine.dispose()
     try:
-        node_lock = hold_single_node(config.server.database)  # noqa: F841 - held while the process runs
+        hold_single_node(config.server.database)  # its descriptor stays open while the process runs
     except NodeLockError as exc:
         raise UsageFailure(str(exc)) from None
 

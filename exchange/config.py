@@ -336,6 +336,21 @@ class Config:
         return None
 
 
+def write_snapshot(config: Config) -> str | None:
+    """A private copy (mode 600, in the temp directory) of the file as this process read it,
+    for the child processes it starts (the writer, the scheduled jobs): they must run with the
+    configuration this server runs, not with whatever the file says when they (re)start. The
+    caller removes it. None for a configuration not read from a file."""
+    import tempfile
+
+    if not config.text:
+        return None
+    fd, name = tempfile.mkstemp(prefix="exchange-config-", suffix=".toml")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(config.text)
+    return name
+
+
 def facility_contexts(config: Config) -> dict[str, FacilityContext]:
     """What the record-model mapping needs of each facility, by its code (MSH-4.1)."""
     authorities = {f.authority for f in config.facilities} | {config.server.person_authority}

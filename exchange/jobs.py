@@ -33,7 +33,6 @@ import contextlib
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -43,7 +42,7 @@ from datetime import datetime
 from sqlalchemy import Connection, Engine, text
 from twisted.logger import Logger
 
-from exchange.config import RECONCILE_JOBS, Config, Schedule
+from exchange.config import RECONCILE_JOBS, Config, Schedule, write_snapshot
 from exchange.store.db import try_share_rebuild, unshare_rebuild
 from exchange.store.outbox import DeliveryState
 from exchange.store.reviews import ReviewState
@@ -288,11 +287,7 @@ class JobScheduler:
 
         # The jobs run with the configuration this server runs, not whatever the file says
         # by then: a copy taken now (private to this user), removed at stop.
-        if self.config.text:
-            fd, name = tempfile.mkstemp(prefix="exchange-config-", suffix=".toml")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.config.text)
-            self._config_path = name
+        self._config_path = write_snapshot(self.config)
 
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=1)},

@@ -63,6 +63,7 @@ class WriterProcess(ProcessProtocol):
         self._stopping = False
         self._stopped: Deferred | None = None
         self.restarts = 0
+        self.down_since: float | None = None  # the reactor's clock when it last ended, while no new one runs
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -78,6 +79,7 @@ class WriterProcess(ProcessProtocol):
 
     def connectionMade(self) -> None:
         self._running = True
+        self.down_since = None
         ready, self._ready = self._ready, []
         for d in ready:
             d.callback(None)
@@ -103,6 +105,8 @@ class WriterProcess(ProcessProtocol):
             return
         if not reason.check(ProcessDone):
             log.error("writer process died ({why}); starting a new one", why=reason.getErrorMessage())
+        if self.down_since is None:
+            self.down_since = self._reactor.seconds()
         self.restarts += 1
         self._reactor.callLater(self._restart_delay, self.start)
 

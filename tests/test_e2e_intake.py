@@ -217,6 +217,9 @@ def test_a_dead_writer_costs_no_acknowledged_message_and_is_replaced(exchange, d
         assert msa(conn.request(adt("W-1")))[0] == "AA"
     children = subprocess.run(["pgrep", "-P", str(exchange.proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(children) == 1, children  # the writer process
+    # Found by a black-box audit: the new writer read the file as edited since (here: broken),
+    # not the configuration the server runs, and crashed in a loop, every message unanswered.
+    exchange.config.write_text("garbage = [\n", encoding="utf-8")
     os.kill(int(children[0]), signal.SIGKILL)
     deadline = time.monotonic() + 30
     while True:  # a new writer takes over; until then frames get no ACK and the connection closes

@@ -71,9 +71,14 @@ class Health(Resource):
         self._status = status
 
     def render_GET(self, request) -> bytes:
+        """200 ``{"status": "ok", ...}``; 503 when the status says otherwise (no writer: nothing
+        would be acknowledged), so that a load balancer or a monitor takes the node out."""
+        body = {"status": "ok", "version": __version__, **self._status()}
+        if body["status"] != "ok":
+            request.setResponseCode(503)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
-        return json.dumps({"status": "ok", "version": __version__, **self._status()}).encode()
+        return json.dumps(body).encode()
 
 
 class Root(Resource):

@@ -64,3 +64,35 @@ def test_over_tls_every_answer_tells_the_browser_to_stay_on_tls():
     plain_protocol, plain = connect()
     plain_protocol.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     assert b"Strict-Transport-Security" not in plain.value()
+
+
+def test_healthz_answers_503_while_the_writer_keeps_dying():
+    """Found by a black-box audit: with the writer dying in a loop (nothing acknowledged),
+    /healthz said 200 ok, so no monitor or load balancer noticed."""
+    from twisted.internet.error import ProcessTerminated
+    from twisted.internet.task import Clock
+    from twisted.python.failure import Failure
+
+    from exchange.app import health
+    from exchange.writer import WriterProcess
+
+    clock = Clock()
+    writer = WriterProcess(clock, ["true"])
+    writer.start = lambda: None  # spawning is not what this is about: only when it ran and ended
+    writer.connectionMade()
+    assert writer.down_since is None and health(writer.down_since, clock.seconds()) == "ok"
+    writer.processEnded(Failure(ProcessTerminated(exitCode=1)))
+    clock.advance(1)
+    assert health(writer.down_since, clock.seconds()) == "ok"  # a restart takes a second
+    writer.processEnded(Failure(ProcessTerminated(exitCode=1)))  # ... and the next one dies too
+    clock.advance(4)
+    assert health(writer.down_since, clock.seconds()) == "unavailable" and writer.restarts == 2
+    writer.connectionMade()
+    assert health(writer.down_since, clock.seconds()) == "ok"
+
+    site = build_site(lambda: {"status": "unavailable", "writer": {"running": False, "restarts": 2}})
+    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 503 ") and b'"status": "unavailable"' in transport.value()
