@@ -51,7 +51,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, select, tuple_, update
+from sqlalchemy import Connection, and_, bindparam, func, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql
 
 from exchange.config import Config
@@ -230,6 +230,9 @@ class RetryResult(StrEnum):
     NOT_FOUND = "not-found"
     NOT_FAILED = "not-failed"  # only failed copies can be requeued
     WITHHELD = "withheld"  # it may not go out any more (the person opted out, ...): not requeued
+    # newer copies about the same patient reached the destination since: sent now, this older event
+    # would land after them (an old A08's demographics after the discharge); not requeued unless forced
+    SUPERSEDED = "superseded"
 
 
 # -- text -------------------------------------------------------------------------
@@ -761,7 +764,7 @@ def message_deliveries(conn: Connection, message_id: int) -> list[DeliveryView]:
 
 
 def retry(
-    conn: Connection, delivery_id: int, actor: str, now: datetime, *, config: Config
+    conn: Connection, delivery_id: int, actor: str, now: datetime, *, config: Config, force: bool = False
 ) -> tuple[RetryResult, DeliveryView | None]:
     """An operator requeues a failed copy (failed -> queued, due at ``now``).
 
@@ -769,12 +772,18 @@ def retry(
     ``retried_at`` say who and when. Being older than the copies queued
     since, it goes out next. NOT_FOUND / NOT_FAILED change nothing, nor does
     WITHHELD: the copy may not go out any more (``withheld_copies`` under
-    ``config``, the configuration the exchange runs).
+    ``config``, the configuration the exchange runs); nor SUPERSEDED, unless
+    ``force``: a newer copy about the same patient (its person, or the same
+    sender's record) reached the destination since, and this one would land
+    after it, older news last.
     """
-    row = conn.execute(select(*_CHECKED, delivery.c.state).select_from(_WITH_MESSAGE)
-                       .where(delivery.c.id == delivery_id)).first()
-    if row is not None and row.state == DeliveryState.FAILED.value and withheld_copies(conn, [row], config):
-        return RetryResult.WITHHELD, get_delivery(conn, delivery_id)
+    row = conn.execute(select(*_CHECKED, delivery.c.state, delivery.c.facility, delivery.c.mrn)
+                       .select_from(_WITH_MESSAGE).where(delivery.c.id == delivery_id)).first()
+    if row is not None and row.state == DeliveryState.FAILED.value:
+        if withheld_copies(conn, [row], config):
+            return RetryResult.WITHHELD, get_delivery(conn, delivery_id)
+        if not force and _delivered_since(conn, row) is not None:
+            return RetryResult.SUPERSEDED, get_delivery(conn, delivery_id)
     changed = conn.execute(
         update(delivery)
         .where(delivery.c.id == delivery_id, delivery.c.state == DeliveryState.FAILED.value)
@@ -789,3 +798,15 @@ def retry(
     if view is None:
         return RetryResult.NOT_FOUND, None
     return (RetryResult.REQUEUED if changed else RetryResult.NOT_FAILED), view
+
+
+def _delivered_since(conn: Connection, row: Any) -> int | None:
+    """The id of a copy queued after ``row`` for its destination, about the same patient (the
+    same person, or the same record of the sender), and delivered; None when there is none."""
+    same_patient = [and_(delivery.c.facility == row.facility, delivery.c.mrn == row.mrn)]
+    if row.person_id is not None:
+        same_patient.append(delivery.c.person_id == row.person_id)
+    return conn.execute(select(delivery.c.id).where(
+        delivery.c.destination == row.destination, delivery.c.id > row.id,
+        delivery.c.state == DeliveryState.DELIVERED.value, or_(*same_patient),
+    ).order_by(delivery.c.id).limit(1)).scalar()

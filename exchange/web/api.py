@@ -110,11 +110,13 @@ def _deliveries(conn: Connection, state: str | None, facility: str | None, perso
 
 
 def retry_audited(
-    conn: Connection, delivery_id: int, actor: str, now: datetime, event: AuditEvent, config: Config
+    conn: Connection, delivery_id: int, actor: str, now: datetime, event: AuditEvent, config: Config,
+    force: bool = False,
 ) -> tuple[RetryResult, DeliveryView | None]:
     """Requeue a failed copy (unless it may not go out any more under ``config``, the
-    configuration the exchange runs) and write its audit row, one transaction."""
-    result, view = retry(conn, delivery_id, actor, now, config=config)
+    configuration the exchange runs, or, not ``force``d, newer copies about the patient
+    reached the destination since) and write its audit row, one transaction."""
+    result, view = retry(conn, delivery_id, actor, now, config=config, force=force)
     outcome = {RetryResult.REQUEUED: Outcome.OK, RetryResult.NOT_FOUND: Outcome.NOT_FOUND}.get(result, Outcome.INVALID)
     record(conn, replace(event, facility=view.destination if view else None, outcome=outcome))
     return result, view
@@ -173,6 +175,10 @@ def audit_refused_token(conn: Connection, token_hash: str, event: AuditEvent) ->
     """The audit row of a call with an unknown or revoked token: a revoked one is
     attributed to the name it was issued to (someone whose access was taken away)."""
     record(conn, replace(event, actor=revoked_token_name(conn, token_hash) or "-"))
+
+
+SUPERSEDED_TEXT = ("newer copies about this patient reached the destination since: sent now, this older event"
+                   " would land after them")
 
 
 class Unauthorized(Exception):
@@ -657,8 +663,14 @@ class API:
             if not allowed(principal.role, Permission.RETRY_DELIVERY):
                 await self.db.write(record, event)
                 return self._error(request, 403, "this role may not retry deliveries")
+            try:
+                body = read_body(request)
+                only(body, "force")
+                force = body_flag(body, "force")
+            except BadRequest as exc:
+                return self._error(request, exc.status, exc.reason)
             result, view = await self.db.write(retry_audited, int(delivery_id), principal.name, self.now(), event,
-                                               self.config)
+                                               self.config, force)
         except Unauthorized as exc:
             return self._error(request, 401, str(exc))
         except Exception as exc:  # noqa: BLE001
@@ -679,6 +691,9 @@ class API:
                           " record is no longer linked to them, or the configuration no longer sends it there",
                  "delivery": delivery_json(view)},
             )
+        if result is RetryResult.SUPERSEDED:
+            return self._json(request, 409, {"error": SUPERSEDED_TEXT + ': give "force": true to send it anyway',
+                                             "delivery": delivery_json(view)})
         if self.requeued is not None:
             self.requeued(view.destination)
         return self._json(request, 200, delivery_json(view))

@@ -73,7 +73,9 @@ from exchange.store.outbox import DeliveryState, RetryResult, list_deliveries
 from exchange.store.records import record_view
 from exchange.store.reviews import DecisionError, Trust
 from exchange.web import pages
-from exchange.web.api import MAX_ID_DIGITS, decide_audited, digits, path_id, read_audited, remote_host, retry_audited
+from exchange.web.api import (
+    MAX_ID_DIGITS, SUPERSEDED_TEXT, decide_audited, digits, path_id, read_audited, remote_host, retry_audited,
+)
 
 log = Logger()
 
@@ -705,7 +707,9 @@ class Workbench:
         delivery_id = id_in_path(delivery, "delivery")
         session, event = await self._poster(request, Permission.RETRY_DELIVERY, Audited.DELIVERY, delivery,
                                             "/deliveries")
-        result, view = await self.db.write(retry_audited, delivery_id, session.user, self.now(), event, self.config)
+        force = form_text(request, "force") == "1"
+        result, view = await self.db.write(retry_audited, delivery_id, session.user, self.now(), event, self.config,
+                                           force)
         if result is RetryResult.NOT_FOUND:
             return self._error(request, 404, "Not found", f"There is no delivery {delivery_id}.", session=session,
                                back="/deliveries")
@@ -719,6 +723,10 @@ class Workbench:
                                "destination's record is no longer linked to them, or the configuration "
                                "no longer sends it there.", session=session,
                                back="/deliveries")
+        if result is RetryResult.SUPERSEDED:
+            return self._error(request, 409, "Not done",
+                               f"{SUPERSEDED_TEXT[0].upper()}{SUPERSEDED_TEXT[1:]}. Tick \"even after newer copies\""
+                               " to send it anyway.", session=session, back="/deliveries")
         if self.requeued is not None:
             self.requeued(view.destination)
         return self._redirect(request, "/deliveries")

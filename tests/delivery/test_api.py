@@ -45,9 +45,10 @@ def queued(api: Harness) -> list[int]:
     return ids
 
 
-def post(api: Harness, path: str, token: str | None) -> tuple[int, dict]:
+def post(api: Harness, path: str, token: str | None, body: dict | None = None) -> tuple[int, dict]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    response = api._result(api.stub.post("http://exchange.test" + path, headers=headers))
+    data = json.dumps(body).encode() if body is not None else None
+    response = api._result(api.stub.post("http://exchange.test" + path, headers=headers, data=data))
     return response.code, json.loads(api._result(response.content()) or b"null")
 
 
@@ -175,6 +176,26 @@ def test_retry_a_failed_copy(engine) -> None:
         ("decide", "OAKNH", str(delivered), "invalid"),
         ("decide", None, "999999", "not-found"),
     ]
+
+
+def test_a_retry_after_newer_copies_about_the_patient_needs_force(engine) -> None:
+    """Found by a black-box audit: an old A08 retried after the admit and the discharge went out
+    landed last, its old demographics over the new."""
+    api = Harness(engine)
+    [message_id] = api.store(message("MSG-1"))
+    with write_transaction(engine) as conn:
+        [failed, newer] = enqueue(conn, [copy(message_id, 1, "OAKNH"), copy(message_id, 2, "OAKNH")])
+        mark_failed(conn, failed, at=T0, ack_code="AE", ack=b"", error="AE: busy")
+        mark_delivered(conn, newer, at=T0, ack_code="AA", ack=b"")
+    token = api.token("olga", "admin")
+    code, body = post(api, f"/api/deliveries/{failed}/retry", token)
+    assert code == 409 and body["error"].startswith("newer copies about this patient reached the destination since")
+    assert body["delivery"]["state"] == "failed" and '"force": true' in body["error"]
+    assert post(api, f"/api/deliveries/{failed}/retry", token, {"force": "yes"}) == (
+        422, {"error": "force must be true or false"})
+    assert post(api, f"/api/deliveries/{failed}/retry", token, {"forse": True})[0] == 422
+    code, body = post(api, f"/api/deliveries/{failed}/retry", token, {"force": True})
+    assert code == 200 and body["state"] == "queued" and body["retried_by"] == "olga"
 
 
 def test_a_failed_copy_the_configuration_no_longer_sends_is_not_requeued(engine) -> None:

@@ -216,7 +216,8 @@ def test_ae_fails_the_copy_with_the_reason_and_an_operator_retry_delivers_it(out
         assert (failed.state, failed.ack_code, failed.last_error, failed.attempts) == ("failed", "AE", "AE: MRN not on file", 1)
         assert peer.received == sent
         with write_transaction(outbox.engine) as conn:
-            retry(conn, failed.id, "ops", datetime.now(timezone.utc), config=delivery_config({"OAKNH": peer.endpoint}))
+            retry(conn, failed.id, "ops", datetime.now(timezone.utc), config=delivery_config({"OAKNH": peer.endpoint}),
+                  force=True)  # D0003 and D0004 went out since
         outbox.wait(outbox.all_delivered, "the requeued copy delivered")  # found by the poll (another process)
         assert peer.received == sent + ["D0002"]
         again = outbox.get("D0002")

@@ -183,7 +183,11 @@ def test_retry_by_an_operator(engine: Engine, message_id: int) -> None:
     at = T0 + timedelta(seconds=2)
     run(engine, mark_failed, ids[0], at=at, ack_code="AR", ack=b"", error="AR")
     run(engine, mark_delivered, ids[1], at=at, ack_code="AA", ack=b"")
+    # found by a black-box audit: the retried copy (an old A08) landed after newer copies about the
+    # same patient (the admit, the discharge); it takes the operator's word that it should
     result, view = run(engine, retry, ids[0], "ops-alice", at + timedelta(minutes=1), config=CONFIG)
+    assert result is RetryResult.SUPERSEDED and view.state is DeliveryState.FAILED and view.retried_by is None
+    result, view = run(engine, retry, ids[0], "ops-alice", at + timedelta(minutes=1), config=CONFIG, force=True)
     assert result is RetryResult.REQUEUED
     assert (view.state, view.retried_by, view.retried_at, view.attempts, view.last_error) == (
         DeliveryState.QUEUED, "ops-alice", at + timedelta(minutes=1), 1, "AR"
@@ -194,6 +198,17 @@ def test_retry_by_an_operator(engine: Engine, message_id: int) -> None:
     # the requeued copy is the oldest: it goes out next, before ids[2]
     claim = run(engine, claim_batch, "OAKNH", at + timedelta(minutes=1), config=CONFIG)
     assert [c.id for c in claim.copies] == [ids[0], ids[2]]
+
+
+def test_a_retry_is_not_held_back_by_newer_copies_about_someone_else_or_elsewhere(engine: Engine,
+                                                                                 message_id: int) -> None:
+    ids = queue(engine, [copy_of(message_id, 0), copy_of(message_id, 1, person_id=8, mrn="OTHER"),
+                         copy_of(message_id, 2, destination="HHCARE")])
+    at = T0 + timedelta(seconds=2)
+    run(engine, mark_failed, ids[0], at=at, ack_code="AE", ack=b"", error="AE")
+    run(engine, mark_delivered, ids[1], at=at, ack_code="AA", ack=b"")  # another patient
+    run(engine, mark_delivered, ids[2], at=at, ack_code="AA", ack=b"")  # another destination
+    assert run(engine, retry, ids[0], "ops-alice", at, config=CONFIG)[0] is RetryResult.REQUEUED
 
 
 def test_listing(engine: Engine, message_id: int) -> None:

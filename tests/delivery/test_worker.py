@@ -175,9 +175,9 @@ def test_a_refusal_fails_the_copy_and_the_queue_moves_on(h: Harness) -> None:
     d1 = h.state("D1")
     assert (d1.state, d1.last_error, d1.ack_code, d1.attempts) == (DeliveryState.FAILED, "AE: Unknown patient", "AE", 1)
 
-    # the operator requeues it: it goes out at once (an urgent wake-up) and is delivered
+    # the operator requeues it, knowing D2 went out since: it goes out at once (an urgent wake-up)
     with write_transaction(h.engine) as conn:
-        retry(conn, h.ids["D1"], "ops", h.now(), config=delivery_config())
+        retry(conn, h.ids["D1"], "ops", h.now(), config=delivery_config(), force=True)
     h.worker.wake(urgent=True)
     assert h.peers.all_sent() == ["D1", "D2", "D1"]
     h.peers.reply(ack("D1"))

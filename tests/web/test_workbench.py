@@ -15,7 +15,7 @@ from twisted.logger import globalLogPublisher
 from exchange.accounts import Policy
 from exchange.store.db import make_engine, upgrade, write_transaction
 from exchange.store.messages import insert_messages
-from exchange.store.outbox import NewCopy, enqueue, mark_failed
+from exchange.store.outbox import NewCopy, enqueue, mark_delivered, mark_failed
 from exchange.store.schema import audit_event_table, workbench_session_table
 from tests.support import new_message
 from tests.test_reviews import GH, OA, hanson_scene, person_of
@@ -699,3 +699,22 @@ def test_a_failure_is_logged_without_patient_data(web, monkeypatch):
 
     text = "\n".join(formatEvent(e) for e in events)
     assert "RuntimeError" in text and "HANSON" not in text and "GH-44107" not in text
+
+
+def test_sending_a_copy_again_after_newer_ones_about_the_patient_takes_the_box(wb):
+    """Found by a black-box audit: an old A08 sent again after the discharge landed last."""
+    with write_transaction(wb.engine) as conn:
+        [message_id] = insert_messages(conn, [new_message("SRC-9")])
+        [failed, newer] = enqueue(conn, [
+            NewCopy("OAKNH", message_id, f"D{n}", b"MSH|^~\\&|X\r", T0, person_id=7, facility="GENHOSP",
+                    mrn="GH-1", reason="default") for n in (1, 2)])
+        mark_failed(conn, failed, at=T0, ack_code="AE", ack=b"", error="AE: busy")
+        mark_delivered(conn, newer, at=T0, ack_code="AA", ack=b"")
+    browser = logged_in(wb, "ops", "admin")
+    page = browser.get("/deliveries")
+    assert 'name="force"' in page.text
+    refused = browser.post(f"/deliveries/{failed}/retry", {"csrf": page.csrf()})
+    assert refused.code == 409 and "Newer copies about this patient reached the destination since" in refused.text
+    assert wb.requeued == []
+    done = browser.post(f"/deliveries/{failed}/retry", {"csrf": page.csrf(), "force": "1"})
+    assert (done.code, done.location) == (303, "/deliveries") and wb.requeued == ["OAKNH"]
