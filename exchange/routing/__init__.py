@@ -36,7 +36,7 @@ In the writer transaction, per applied ADT/MDM message::
     for i, dest in enumerate(decision.destinations):
         copy = rewrite(msg, event=event, destination=dest,
                        facility=config.facility(dest.facility), server=config.server,
-                       control_id=f"{message_id}-{i + 1}", now=now)
+                       control_id=copy_control_id(message_id, i + 1, now), now=now)
         NewCopy(destination=dest.facility, message_id=message_id,
                 control_id=copy.control_id, payload=copy.encode(), created_at=now,
                 person_id=person_id, facility=event.facility, mrn=event.source_mrn,
@@ -45,8 +45,10 @@ In the writer transaction, per applied ADT/MDM message::
     outbox.enqueue(conn, copies)
 
 ``control_id`` must be unique per destination (the delivery matches MSA-2
-against it) and at most 20 characters (MSH-10 is ST(20) before 2.7): the
-inbound message id and the destination's index do. ``records`` are the
+against it), unique across databases (receivers drop control ids they have
+seen), and at most 20 characters (MSH-10 is ST(20) before 2.7): the routing
+time, the inbound message id and the destination's index do
+(``exchange.store.routing.copy_control_id``). ``records`` are the
 person's active records after the message applied, one MRN per facility
 (the caller picks one when a facility holds several); ``prior_records`` (merges
 only) the records of the retired MRN's person taken before the merge.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
 from sqlalchemy import Connection
 from twisted.logger import Logger
@@ -102,12 +102,30 @@ def _route_one(a: Applied, config: Config, now: datetime, records, protected, ch
         facility = config.facility(dest.facility)
         assert facility is not None  # route only names configured facilities
         copy = rewrite(a.message, event=event, destination=dest, facility=facility, server=config.server,
-                       control_id=f"{a.message_id}-{i + 1}", now=now)
+                       control_id=copy_control_id(a.message_id, i + 1, now), now=now)
         out.append(NewCopy(destination=dest.facility, message_id=a.message_id, control_id=copy.control_id,
                            payload=copy.encode(), created_at=now, person_id=a.person,
                            facility=a.subject[0], mrn=a.subject[1], reason=dest.why, destination_mrn=dest.mrn,
                            document_type=event.document_type, document_types=event.document_types))
     return out
+
+
+_EPOCH = datetime(2020, 1, 1, tzinfo=timezone.utc)
+_BASE36 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def copy_control_id(message_id: int, index: int, now: datetime) -> str:
+    """A copy's MSH-10: the routing time (seconds since 2020 in base 36, six characters until
+    2088), the inbound message's row id and the destination's index, ``3HK7QZ-87-2``. The row
+    id alone repeats in another database (a rebuild, a move to PostgreSQL), and a receiver
+    that drops a control id it has seen from EXCHANGE would drop a new patient's copy. At most
+    20 characters (MSH-10 is ST(20) before 2.7) for row ids below 10^10."""
+    seconds = max(0, int((now - _EPOCH).total_seconds()))
+    stamp = ""
+    while seconds:
+        seconds, digit = divmod(seconds, 36)
+        stamp = _BASE36[digit] + stamp
+    return f"{stamp or '0'}-{message_id}-{index}"
 
 
 def _persons(conn: Connection, persons: set[int]):

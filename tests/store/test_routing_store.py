@@ -45,7 +45,10 @@ def test_copies_are_queued_with_who_what_and_why(engine, tmp_path):
         ((destination, control_id, facility, mrn, reason, state, payload),) = conn.execute(text(
             "select destination, control_id, facility, mrn, reason, state, payload from delivery")).all()
     assert (destination, facility, mrn, reason, state) == ("OAKNH", "GENHOSP", "GH-1", "default", "queued")
-    assert control_id == f"{answer.message_id}-1" and b"OA-1^^^OAKNH^MR" in bytes(payload)
+    # the routing time before the row id: another database's row 1 is another control id
+    # (found by a black-box audit: a receiver dropping control ids it had seen dropped a new patient)
+    assert control_id == f"3LRAO0-{answer.message_id}-1" and b"OA-1^^^OAKNH^MR" in bytes(payload)
+    assert f"|{control_id}|" in bytes(payload).decode()
     with engine.connect() as conn:  # the destination's record it names, checked again before it goes
         assert conn.execute(text("select destination_mrn from delivery")).scalar_one() == "OA-1"
 
@@ -232,7 +235,7 @@ def test_copies_queued_under_one_configuration_meet_the_next_one_before_they_go(
     def claim(destination, config):
         """{message: why withheld (None: to send)} of the destination's queued copies."""
         with engine.begin() as conn:
-            return {name[int(c.control_id.split("-")[0])]: c.withheld
+            return {name[int(c.control_id.split("-")[1])]: c.withheld
                     for c in claim_batch(conn, destination, now, config=config).copies}
 
     excluded = "withheld: the destination now excludes this document type"
@@ -323,3 +326,13 @@ def test_an_original_sent_again_under_a_new_control_id_is_not_copied_again(engin
     with engine.connect() as conn:
         reason = conn.execute(text(f"select reason from message where id = {again.message_id}")).scalar_one()
     assert "not copied again" in reason
+
+
+def test_copy_control_ids_fit_msh10_and_differ_between_databases():
+    from datetime import datetime, timedelta, timezone
+
+    from exchange.store.routing import copy_control_id
+
+    at = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+    assert copy_control_id(4, 1, at) != copy_control_id(4, 1, at + timedelta(seconds=1))
+    assert len(copy_control_id(9_999_999_999, 99, datetime(2088, 6, 1, tzinfo=timezone.utc))) == 20
