@@ -54,6 +54,7 @@ version) only for a destination that asks for a version.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -91,6 +92,8 @@ CHARSET_NAMES = {
     "big5": "BIG-5",
     "iso2022_jp": "ISO IR87",
 }
+
+_SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{2}")
 
 # Fields naming the sender's own patient identifiers, dropped unless kept.
 _SOURCE_IDENTIFIERS = {"PID": (2, 4, 18), "MRG": (2, 3, 4)}
@@ -137,6 +140,8 @@ def rewrite(
         raise ValueError("a merge copy needs the destination's MRN of the retired record")
 
     segments = _one_patient(segments, event.source_mrn, d)
+    # a line that is no segment (a sender's stray text between messages) is not HL7 to pass on
+    segments = [s for s in segments if _SEGMENT_ID.fullmatch(s.name)]
     if not facility.keep_z_segments:
         segments = [s for s in segments if not s.name.startswith("Z")]
 

@@ -199,6 +199,15 @@ def test_keep_z_segments():
     assert [s[:3] for s in segments(copy)] == ["MSH", "EVN", "PID", "PD1", "ZPI", "PV1", "ZPV"]
 
 
+def test_a_line_that_is_no_segment_is_not_passed_on():
+    """Found by a black-box audit: stray text between two messages in a sender's file reached a
+    destination as a "segment" of the first one's copy."""
+    stray = A01.replace("PD1|", "garbage between messages\nPD1|").replace("\n", "\r")
+    copy = copy_of(stray, facility=replace(OAKNH, keep_z_segments=True))
+    assert [s[:3] for s in segments(copy)] == ["MSH", "EVN", "PID", "PD1", "ZPI", "PV1", "ZPV"]
+    assert b"garbage" not in copy.encode()
+
+
 def test_without_a_record_only_the_person_id():
     copy = copy_of(A01, destination=Destination("OAKNH", None, "a rule"))
     assert segments(copy)[2].split("|")[3] == "P1^^^EXCHANGE^PI"
