@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", default=DEFAULT_CONFIG, help=f"configuration file (default {DEFAULT_CONFIG})")
+        p.add_argument("--config", default=None,
+                       help=f"configuration file (default {DEFAULT_CONFIG}; read and checked whenever it is there)")
         p.add_argument("--database", default=None, help="SQLAlchemy database URL (overrides the config)")
 
     serve = sub.add_parser("serve", help="run the exchange: MLLP listeners, HTTP endpoint")
@@ -132,14 +133,21 @@ def _load(args):
     from exchange.config import ConfigError, load_config
 
     try:
-        return load_config(args.config, database=args.database)
+        return load_config(args.config or DEFAULT_CONFIG, database=args.database)
     except ConfigError as exc:
         raise UsageFailure(str(exc)) from None
 
 
 def _database_url(args) -> str:
     """For commands that need only the database: --database, then the
-    environment, then the configuration file."""
+    environment, then the configuration file.
+
+    The configuration is read and checked (exit 2 on any problem) whatever
+    supplies the database: always when --config is given, and at the default
+    path when something is there. Only without --config and without a file at
+    the default path does a database from --database or the environment do
+    without one (``exchange db upgrade --database URL`` on a bare machine).
+    """
     from exchange.config import DATABASE_ENV, check_database_url
 
     for url, key in ((args.database, "--database"), (os.environ.get(DATABASE_ENV), DATABASE_ENV)):
@@ -147,6 +155,8 @@ def _database_url(args) -> str:
             reason = check_database_url(url)
             if reason:
                 raise UsageFailure(f"{key}: {reason}")
+            if args.config is not None or os.path.lexists(DEFAULT_CONFIG):
+                _load(args)
             return url
     return _load(args).server.database
 
@@ -450,11 +460,12 @@ def _safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def _migrated_engine(args):
-    """An engine on the command's database, which must be at the newest revision (else exit 2)."""
+def _migrated_engine(args, url: str | None = None):
+    """An engine on the command's database (``url``, else as ``_database_url`` finds it),
+    which must be at the newest revision (else exit 2)."""
     from exchange.store.db import current_revision, head_revision, make_engine
 
-    url = _database_url(args)
+    url = url or _database_url(args)
     try:
         engine = make_engine(url)
         revision, head = current_revision(engine), head_revision()
@@ -646,7 +657,7 @@ def cmd_reconcile(args) -> int:
     if args.job is not None and args.job not in JOBS:
         raise UsageFailure(f"unknown job {args.job!r}: use one of {', '.join(JOBS)}")
     config = _load(args)
-    engine = _migrated_engine(args)
+    engine = _migrated_engine(args, config.server.database)  # the file is read once
     failed = False
     try:
         for name in [args.job] if args.job else list(JOBS):

@@ -3,6 +3,7 @@ migrations, `exchange send` against a running server, the size limit and
 the idle timeout over real sockets."""
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import time
@@ -42,6 +43,102 @@ def test_a_bad_database_url_is_one_line_and_exit_2(argv):
         assert done.stderr.strip().splitlines() == [
             "exchange: --database: must be an SQLAlchemy URL starting with sqlite:// or postgresql"
             " (e.g. sqlite:///var/exchange.db)"]
+
+
+# Every command that reads the database, as a user types it (the database named on the line or in the environment).
+DATABASE_COMMANDS = [
+    ("export", "links"),
+    ("user", "add", "ghost", "--role", "admin"),
+    ("user", "list"),
+    ("user", "disable", "ghost"),
+    ("token", "create", "ops", "--role", "admin"),
+    ("token", "revoke", "ops"),
+    ("reviews", "list"),
+    ("reviews", "show", "1"),
+    ("reviews", "decide", "1", "link", "--actor", "ann"),
+    ("reviews", "undo", "1", "--actor", "ann"),
+    ("db", "upgrade"),
+]
+
+BAD_CONFIGS = {  # what is in the file -> the key and reason the one line names
+    "unknown key": ('colour = "blue"', "server.colour: unknown key"),
+    "wrong type": ('idle_timeout = "soon"', "server.idle_timeout: must be a number of seconds (got a string)"),
+    "missing file": (None, "file not found"),
+}
+
+
+def run_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
+    from exchange import cli
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a long enough password\n"))  # for `user add`
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("source", ["--database", "EXCHANGE_DATABASE_URL"])
+@pytest.mark.parametrize("bad", list(BAD_CONFIGS))
+@pytest.mark.parametrize("argv", DATABASE_COMMANDS, ids=" ".join)
+def test_an_explicit_config_is_checked_whatever_names_the_database(tmp_path, capsys, monkeypatch, argv, bad, source):
+    """Found by a black-box audit: with the database from --database or the environment,
+    `--config` was never read: `user add ghost --role admin --config bad.toml` created the user."""
+    extra, reason = BAD_CONFIGS[bad]
+    config = tmp_path / "cfg" / "exchange.toml"
+    if extra is not None:
+        config.parent.mkdir()
+        write_config(config.parent, server_extra=extra)
+    monkeypatch.chdir(tmp_path)  # no config/exchange.toml here: only the one given counts
+    database = tmp_path / "x.db"
+    monkeypatch.delenv("EXCHANGE_DATABASE_URL", raising=False)
+    if source == "--database":
+        argv = (*argv, "--database", f"sqlite:///{database}")
+    else:
+        monkeypatch.setenv("EXCHANGE_DATABASE_URL", f"sqlite:///{database}")
+    code, out, err = run_cli(capsys, monkeypatch, *argv, "--config", str(config))
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [f"exchange: {config}: {reason}"]
+    assert not database.exists()  # nothing done: no user, no token, no migration
+
+
+def test_without_config_the_database_on_the_line_will_do_if_no_file_is_at_the_default_path(
+        tmp_path, capsys, monkeypatch):
+    """`exchange db upgrade --database URL` on a machine without config/exchange.toml."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EXCHANGE_DATABASE_URL", raising=False)
+    url = f"sqlite:///{tmp_path / 'bare.db'}"
+    assert run_cli(capsys, monkeypatch, "db", "upgrade", "--database", url)[0] == 0
+    assert run_cli(capsys, monkeypatch, "export", "links", "--database", url)[:2] == (
+        0, "facility,authority,mrn,person\n")
+    monkeypatch.setenv("EXCHANGE_DATABASE_URL", url)
+    assert run_cli(capsys, monkeypatch, "user", "list")[0] == 0
+    monkeypatch.delenv("EXCHANGE_DATABASE_URL")
+    code, out, err = run_cli(capsys, monkeypatch, "user", "list")  # no database named anywhere
+    assert code == 2 and err.splitlines() == ["exchange: config/exchange.toml: file not found"]
+
+
+@pytest.mark.parametrize("argv", DATABASE_COMMANDS, ids=" ".join)
+def test_a_file_at_the_default_path_is_checked_even_with_the_database_on_the_line(
+        tmp_path, capsys, monkeypatch, argv):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EXCHANGE_DATABASE_URL", raising=False)
+    (tmp_path / "config").mkdir()
+    write_config(tmp_path / "config", server_extra='colour = "blue"')
+    database = tmp_path / "x.db"
+    code, out, err = run_cli(capsys, monkeypatch, *argv, "--database", f"sqlite:///{database}")
+    assert (code, out) == (2, "")
+    assert err.splitlines() == ["exchange: config/exchange.toml: server.colour: unknown key"]
+    assert not database.exists()
+
+
+def test_a_good_file_at_the_default_path_gives_way_to_the_database_on_the_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EXCHANGE_DATABASE_URL", raising=False)
+    (tmp_path / "config").mkdir()
+    write_config(tmp_path / "config", server_extra=f'database = "sqlite:///{tmp_path / "from-file.db"}"')
+    url = f"sqlite:///{tmp_path / 'on-the-line.db'}"
+    code, out, err = run_cli(capsys, monkeypatch, "db", "upgrade", "--database", url)
+    assert (code, err) == (0, "") and "on-the-line.db" in out
+    assert (tmp_path / "on-the-line.db").exists() and not (tmp_path / "from-file.db").exists()
 
 
 def test_db_upgrade_creates_the_schema(database_url):
