@@ -12,8 +12,19 @@ Files are read and split before connecting. What counts as one message:
   ONE frame, the way batch senders do; the receiver answers with a batch
   acknowledgement holding one ACK (MSH, MSA) per message.
 
-Messages go one at a time, each after the previous one's ACK. For every MSA
-in a reply one line is printed on ``out``::
+Messages go one at a time, each after the previous one's ACK, over one
+connection for as long as the receiver keeps it open. Some receivers hang up
+after each answer (hl7apy's ``MLLPServer`` does): after the first answer on a
+connection the next message waits up to ``HANGUP_WAIT`` seconds to see whether
+the peer closes it, and a connection the peer has closed is replaced by a new
+one before the next message is written (as the exchange's own delivery
+worker does). A message counts as sent once it is written on an open
+connection; a connection lost after that and before its answer is "no reply"
+and sending stops there (the message is not sent again: the peer may have
+taken it). A peer that closes a connection only after several answers is
+not waited for: the message written as it closes is "no reply".
+
+For every MSA in a reply one line is printed on ``out``::
 
     <control id>\\t<MSA-1>\\t<MSA-3>
 
@@ -34,7 +45,8 @@ exit code 0.
 
 Exit codes: 0 when every ACK was AA or CA; 1 when one was not, or when the
 connection failed, was lost or an ACK did not come within ``timeout`` seconds
-(one line on ``err`` says why; messages after that are not sent); 2 when a
+or could not be made again after the peer closed it (one line on ``err`` says
+why; messages after that are not sent); 2 when a
 file cannot be read or holds no message, or ENDPOINT is not an endpoint
 string: :class:`SendUsageError` is raised before anything is sent (the CLI turns it into exit 2 with its one-line
 message).
@@ -42,13 +54,15 @@ message).
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import connectProtocol
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
 from exchange.acceptance import never_answered
@@ -59,6 +73,7 @@ __all__ = [
     "Ack",
     "OutboundMessage",
     "SendUsageError",
+    "SenderProtocol",
     "SplitError",
     "describe",
     "read_acks",
@@ -74,6 +89,8 @@ START_BLOCK = b"\x0b"
 END_BLOCK = b"\x1c"
 CR = b"\r"
 WHITESPACE = b" \t\r\n\x0c"  # not bytes.strip()'s default: that includes 0x0B, the start block
+
+HANGUP_WAIT = 0.1  # seconds: after a connection's first answer, does the peer hang up before the next message?
 
 ACCEPTED_CODES = ("AA", "CA")
 REJECTED_CODES = ("AR", "CR")
@@ -333,23 +350,64 @@ def report_reply(message: OutboundMessage, reply: bytes, tally: Tally, out: Text
     tally.count(ack.code)
 
 
+class SenderProtocol(MLLPClientProtocol):
+    """The MLLP client, also telling whether the peer has closed the connection."""
+
+    def __init__(self, reactor: IReactorTime, **kwargs) -> None:
+        super().__init__(reactor, **kwargs)
+        self.clock = reactor
+        self.closed = False
+        self._hangup_waiters: list[Deferred[bool]] = []
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.closed = True
+        super().connectionLost(reason)
+        waiters, self._hangup_waiters = self._hangup_waiters, []
+        for d in waiters:
+            d.callback(True)
+
+    def hangs_up(self, seconds: float) -> Deferred[bool]:
+        """Fires True once the connection is closed, False if it is still open after ``seconds``."""
+        if self.closed:
+            return succeed(True)
+        d: Deferred[bool] = Deferred(self._hangup_waiters.remove)
+        self._hangup_waiters.append(d)
+        return d.addTimeout(seconds, self.clock, onTimeoutCancel=lambda _result, _timeout: False)
+
+
 @inlineCallbacks
 def send_messages(
-    protocol: MLLPClientProtocol,
+    protocol: SenderProtocol,
     messages: Sequence[OutboundMessage],
     out: TextIO | None = None,
     err: TextIO | None = None,
+    *,
+    reconnect: Callable[[], Deferred[SenderProtocol]] | None = None,
 ):
     """Send over a connected protocol, one at a time; fires with the exit code (0 or 1).
 
-    Closes the connection when done.
+    A connection the peer closed after an answer is replaced by ``reconnect()``
+    (a new connected protocol) before the next message is written; without
+    ``reconnect``, or when it fails, sending stops there and that message is
+    not counted as sent. Closes the connection when done.
     """
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
     tally = Tally()
     failure: str | None = None
+    answers = 0  # on this connection
     try:
-        for message in messages:
+        for number, message in enumerate(messages):
+            if protocol.closed:  # the peer hung up after its answer: nothing of this message was written
+                try:
+                    if reconnect is None:
+                        raise ConnectionError("no new connection may be made")
+                    protocol = yield reconnect()
+                except Exception as e:  # refused, unreachable, timed out
+                    failure = (f"{message.path}: message {message.control_id!r} not sent: the peer closed the"
+                               f" connection and a new one cannot be made: {_reason(e)}")
+                    break
+                answers = 0
             tally.sent += message.count
             if message.is_ack:
                 try:
@@ -369,6 +427,9 @@ def send_messages(
                 break
             report_reply(message, reply, tally, out, err)
             out.flush()
+            answers += 1
+            if answers == 1 and number + 1 < len(messages):
+                yield protocol.hangs_up(HANGUP_WAIT)  # some peers hang up after each answer
     finally:
         protocol.close()
     print(tally.summary(), file=out)
@@ -408,15 +469,18 @@ def send_files(
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
 
-    def connected(protocol: MLLPClientProtocol) -> Deferred[int]:
-        return send_messages(protocol, messages, out, err)
+    def new_connection() -> Deferred[SenderProtocol]:
+        return connectProtocol(target, SenderProtocol(reactor, timeout=timeout))
+
+    def connected(protocol: SenderProtocol) -> Deferred[int]:
+        return send_messages(protocol, messages, out, err, reconnect=new_connection)
 
     def cannot_connect(failure: Failure) -> int:
         print(f"exchange send: cannot connect to {endpoint}: {_reason(failure.value)}", file=err)
         err.flush()
         return 1
 
-    d = connectProtocol(target, MLLPClientProtocol(reactor, timeout=timeout))
+    d = new_connection()
     d.addCallbacks(connected, cannot_connect)
     return d
 

@@ -18,12 +18,16 @@ import threading
 from pathlib import Path
 
 import pytest
+from twisted.internet.defer import fail, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 
-from exchange.mllp.client import MLLPClientProtocol
 from exchange.mllp.framing import encode
 from exchange.send import (
+    HANGUP_WAIT,
     Ack,
+    SenderProtocol,
     SendUsageError,
     SplitError,
     describe,
@@ -263,22 +267,46 @@ def ack_for(message: bytes, code: str, text: str = "") -> bytes:
 
 
 class Peer:
-    """Drives send_messages: answers each frame the protocol writes."""
+    """Drives send_messages: answers each frame the protocol writes.
 
-    def __init__(self, tmp_path, payloads):
+    ``connections`` holds every (protocol, transport) the sender was given, the
+    first one and each new one it asked for after the peer hung up;
+    ``refuse`` makes those new connections fail.
+    """
+
+    def __init__(self, tmp_path, payloads, refuse: bool = False):
         path = tmp_path / "in.hl7"
         path.write_bytes(b"".join(payloads))
         self.messages = read_messages([path])
-        self.protocol = MLLPClientProtocol(MemoryReactorClock(), timeout=10)
-        self.transport = StringTransport()
-        self.protocol.makeConnection(self.transport)
+        self.clock = MemoryReactorClock()
+        self.refuse = refuse
+        self.connections: list[tuple[SenderProtocol, StringTransport]] = []
+        self.protocol, self.transport = self._connect()
         self.out, self.err = io.StringIO(), io.StringIO()
         self.result = []
-        send_messages(self.protocol, self.messages, self.out, self.err).addBoth(self.result.append)
+        send_messages(self.protocol, self.messages, self.out, self.err,
+                      reconnect=self.reconnect).addBoth(self.result.append)
 
-    def answer(self, reply: bytes) -> None:
+    def _connect(self) -> tuple[SenderProtocol, StringTransport]:
+        protocol, transport = SenderProtocol(self.clock, timeout=10), StringTransport()
+        protocol.makeConnection(transport)
+        self.connections.append((protocol, transport))
+        return protocol, transport
+
+    def reconnect(self):
+        if self.refuse:
+            return fail(ConnectionRefusedError("connection refused"))
+        self.protocol, self.transport = self._connect()
+        return succeed(self.protocol)
+
+    def answer(self, reply: bytes, hang_up: bool = False) -> None:
+        """Answer; then hang up, or keep the connection open while the sender looks whether it will."""
         self.transport.clear()
         self.protocol.dataReceived(encode(reply))
+        if hang_up:
+            self.protocol.connectionLost(Failure(ConnectionDone("closed cleanly")))
+        else:
+            self.clock.advance(HANGUP_WAIT)
 
 
 def test_send_messages_prints_a_line_per_ack_and_a_summary(tmp_path):
@@ -386,16 +414,61 @@ def test_batch_reply_without_msa_means_no_errors(tmp_path):
 
 def test_connection_lost_stops_with_exit_1_and_a_reason(tmp_path):
     from twisted.internet.error import ConnectionLost
-    from twisted.python.failure import Failure
 
     m1, m2, m3 = synthetic("C1"), synthetic("C2"), synthetic("C3")
     peer = Peer(tmp_path, [m1, m2, m3])
     peer.answer(ack_for(m1, "AA"))
+    assert peer.transport.value() == encode(m2)  # written on the open connection: C2 is sent
     peer.protocol.connectionLost(Failure(ConnectionLost("peer reset")))
     assert peer.result == [1]
     assert peer.out.getvalue().splitlines() == ["C1\tAA\t", "sent 2, accepted 1, errors 0, rejected 0, no reply 1"]
     (line,) = peer.err.getvalue().splitlines()
     assert line.startswith("exchange send: ") and "'C2'" in line and "ConnectionLost" in line
+    assert len(peer.connections) == 1  # not sent again on a new connection: the peer may have taken it
+
+
+def test_a_peer_that_hangs_up_after_each_answer_gets_each_message_on_a_new_connection(tmp_path):
+    """Found by a black-box audit: against hl7apy's MLLPServer the second message was written
+    on the connection the peer had closed, counted as sent with "no reply", and the rest never went."""
+    m1, m2, m3 = synthetic("C1"), synthetic("C2"), synthetic("C3")
+    peer = Peer(tmp_path, [m1, m2, m3])
+    for message in (m1, m2, m3):
+        assert peer.transport.value() == encode(message)
+        peer.answer(ack_for(message, "AA"), hang_up=True)
+    assert peer.result == [0]
+    assert peer.out.getvalue().splitlines() == ["C1\tAA\t", "C2\tAA\t", "C3\tAA\t",
+                                                "sent 3, accepted 3, errors 0, rejected 0"]
+    assert peer.err.getvalue() == ""
+    assert len(peer.connections) == 3
+
+
+def test_after_a_connections_first_answer_the_sender_looks_whether_the_peer_hangs_up(tmp_path):
+    m1, m2, m3 = synthetic("C1"), synthetic("C2"), synthetic("C3")
+    peer = Peer(tmp_path, [m1, m2, m3])
+    peer.transport.clear()
+    peer.protocol.dataReceived(encode(ack_for(m1, "AA")))
+    assert peer.transport.value() == b""  # not yet: will the peer hang up?
+    peer.clock.advance(HANGUP_WAIT * 0.9)
+    assert peer.transport.value() == b""
+    peer.clock.advance(HANGUP_WAIT * 0.1)
+    assert peer.transport.value() == encode(m2)  # it did not: the same connection
+    peer.transport.clear()
+    peer.protocol.dataReceived(encode(ack_for(m2, "AA")))
+    assert peer.transport.value() == encode(m3)  # at once after a later answer
+    peer.answer(ack_for(m3, "AA"))
+    assert peer.result == [0] and len(peer.connections) == 1
+    assert peer.clock.getDelayedCalls() == []
+
+
+def test_no_new_connection_after_a_hang_up_stops_and_the_message_is_not_counted(tmp_path):
+    m1, m2, m3 = synthetic("C1"), synthetic("C2"), synthetic("C3")
+    peer = Peer(tmp_path, [m1, m2, m3], refuse=True)
+    peer.answer(ack_for(m1, "AA"), hang_up=True)
+    assert peer.result == [1]
+    assert peer.out.getvalue().splitlines() == ["C1\tAA\t", "sent 1, accepted 1, errors 0, rejected 0"]
+    (line,) = peer.err.getvalue().splitlines()
+    assert line.startswith("exchange send: ") and "message 'C2' not sent: the peer closed the connection" in line
+    assert "ConnectionRefusedError" in line
 
 
 def test_timeout_stops_with_exit_1(tmp_path):
@@ -568,3 +641,63 @@ def test_end_to_end_unreadable_file_is_exit_2_without_connecting(server, tmp_pat
     assert done.returncode == 2
     assert done.stderr.strip() == f"exchange send: {tmp_path / 'missing.hl7'}: no such file"
     assert server.received == []
+
+
+# -- end to end against receiving systems written by others (tests/delivery/peers.py) --------
+
+
+def adt_a01(control_id: str, structure: str = "ADT^A01^ADT_A01") -> bytes:
+    """A synthetic ADT^A01 hl7apy's server takes (its handlers are keyed by the whole MSH-9)."""
+    return synthetic(control_id).replace(b"|ADT^A01|", f"|{structure}|".encode())
+
+
+def test_end_to_end_hl7apy_server_hangs_up_after_each_answer_and_gets_every_message(tmp_path):
+    """Found by a black-box audit: `exchange send` against hl7apy's MLLPServer printed one AA,
+    then "ConnectionLost" for the second message, which never reached the server; the third was never sent."""
+    from tests.delivery.peers import HL7apyPeer
+
+    peer = HL7apyPeer().start()
+    try:
+        path = tmp_path / "three.hl7"
+        path.write_bytes(adt_a01("CR0") + adt_a01("CR1") + adt_a01("CR2"))
+        done = run_sender(peer.endpoint, path)
+    finally:
+        peer.stop()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["CR0\tAA\t", "CR1\tAA\t", "CR2\tAA\t", "sent 3, accepted 3, errors 0, rejected 0"]
+    assert done.stderr == ""
+    assert peer.received == ["CR0", "CR1", "CR2"]
+
+
+def test_end_to_end_hl7apy_server_hanging_up_without_an_answer_is_no_reply_and_sending_stops(tmp_path):
+    """hl7apy's server closes the connection without a word on a message type it has no handler for:
+    that message was written on a new, open connection, so it is sent and gets no reply; nothing follows it."""
+    from tests.delivery.peers import HL7apyPeer
+
+    peer = HL7apyPeer().start()
+    try:
+        path = tmp_path / "three.hl7"
+        path.write_bytes(adt_a01("CR0") + adt_a01("CR1", "ADT^A08^ADT_A01") + adt_a01("CR2"))
+        done = run_sender(peer.endpoint, path)
+    finally:
+        peer.stop()
+    assert done.returncode == 1
+    assert done.stdout.splitlines() == ["CR0\tAA\t", "sent 2, accepted 1, errors 0, rejected 0, no reply 1"]
+    (line,) = done.stderr.strip().splitlines()
+    assert "message 'CR1'" in line and "ConnectionLost" in line
+    assert peer.received == ["CR0"]
+
+
+def test_end_to_end_python_hl7_server_keeps_one_connection(tmp_path):
+    from tests.delivery.peers import Hl7Peer
+
+    peer = Hl7Peer().start()
+    try:
+        path = tmp_path / "three.hl7"
+        path.write_bytes(synthetic("P1") + synthetic("P2") + synthetic("P3"))
+        done = run_sender(peer.endpoint, path)
+    finally:
+        peer.stop()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["P1\tAA\t", "P2\tAA\t", "P3\tAA\t", "sent 3, accepted 3, errors 0, rejected 0"]
+    assert peer.received == ["P1", "P2", "P3"] and peer.connections == 1
