@@ -162,14 +162,24 @@ def _database_url(args) -> str:
 
 
 def cmd_db_upgrade(args) -> int:
-    from exchange.store.db import upgrade
+    from exchange.store.db import current_revision, make_engine, upgrade
 
     url = _database_url(args)
+    engine = None
     try:
-        upgrade(url)
+        engine = make_engine(url)
+        before = current_revision(engine)
+        upgrade(engine)
+        after = current_revision(engine)
     except Exception as exc:  # unreachable or unusable; its text may quote the URL's password
         raise UsageFailure(f"cannot open the database {_safe_url(url)} ({type(exc).__name__})") from None
-    print(f"exchange: database is at the newest revision ({_safe_url(url)})")
+    finally:
+        if engine is not None:
+            engine.dispose()
+    if before == after:
+        print(f"exchange: database {_safe_url(url)} is at the newest revision ({after}) already")
+    else:
+        print(f"exchange: database {_safe_url(url)} upgraded from {before or 'empty'} to {after}")
     return 0
 
 

@@ -11,6 +11,7 @@ import time
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
+from exchange.store.db import head_revision
 from tests.support import ExchangeProcess, MLLPConnection, adt, msa, write_config
 
 
@@ -149,7 +150,9 @@ def test_db_upgrade_creates_the_schema(database_url):
         assert {"message", "message_event", "alembic_version"} <= set(inspect(engine).get_table_names())
     finally:
         engine.dispose()
-    assert exchange("db", "upgrade", "--database", database_url).returncode == 0  # idempotent
+    assert f"upgraded from empty to {head_revision()}" in done.stdout
+    again = exchange("db", "upgrade", "--database", database_url)  # idempotent, and says so
+    assert again.returncode == 0 and f"at the newest revision ({head_revision()}) already" in again.stdout
 
 
 def test_serve_cannot_listen_on_a_busy_port_exits_1(tmp_path):
