@@ -424,6 +424,10 @@ def _patient_id(seg: Segment, ctx: FacilityContext, location: str = "PID-3",
     mrn = _choose_mrn(ids, ctx.authority)
     if mrn is None:
         raise _Fail(101, location, f"{location} has no usable patient identifier")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in mrn.value):
+        # an escape such as \X0A\ put a line break in it: no patient identifier has one, and it
+        # would not come back as sent from any copy, export or URL
+        raise _Fail(102, location, f"{location} identifier contains a control character")
     if ctx.foreign_authorities and not mrn.issued_by(ctx.authority) and (
             mrn.authority in ctx.foreign_authorities or mrn.authority_id in ctx.foreign_authorities):
         # another site's MRN (or the exchange's person id) filed as this facility's would make a

@@ -109,6 +109,16 @@ def test_missing_pid3_is_an_error():
     assert isinstance(result, MappingError) and result.problem.location == "PID-3"
 
 
+def test_an_mrn_with_a_control_character_is_refused():
+    """Found by a black-box audit: C\\X0A\\7 made an MRN with a line break, which no copy, export
+    or URL gave back as sent."""
+    for mrn in ("C\\X0A\\7", "C\\X09\\7", "C\\X7F\\7"):
+        result = run(MemoryState(), CTX, synthetic(msh("ADT", "A28"), "EVN|A28", f"PID|1||{mrn}^^^HOSP^MR||Doe^Jane"))
+        assert isinstance(result, MappingError), mrn
+        assert (result.problem.code, result.problem.location) == (102, "PID-3")
+        assert "control character" in result.problem.text
+
+
 def test_a40_two_pairs():
     ctx = FacilityContext("Ntierprise Clinic", "BCBS")
     result = mapped("msfc/ADT-A40-02.hl7", ctx, registered(ctx, "56789", "569"))
