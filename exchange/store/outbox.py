@@ -59,6 +59,7 @@ from exchange.hl7.header import read_header
 from exchange.mapping.message import Message
 from exchange.routing.rules import Event, Reason, recheck
 from exchange.store.consent import merge_chains
+from exchange.store.records import document_lineage
 from exchange.store.db import advisory_key, driver_cursor, sqlite_datetime
 from exchange.store.schema import (
     ACK_CODE_LEN,
@@ -461,7 +462,7 @@ def withheld_copies(conn: Connection, rows: Sequence[Any], config: Config) -> di
     (split off, relinked) or to nobody. Reads only."""
     out: dict[int, str] = {}
     for r in rows:
-        why = recheck(_queued_event(r), r.destination, r.reason, config.facilities, config.routes)
+        why = recheck(_queued_event(conn, r), r.destination, r.reason, config.facilities, config.routes)
         if why is not None:
             out[r.id] = _UNROUTED.get(why, f"withheld: {why}")
     rows = [r for r in rows if r.person_id is not None and r.id not in out]
@@ -478,24 +479,29 @@ def withheld_copies(conn: Connection, rows: Sequence[Any], config: Config) -> di
     return out
 
 
-def _queued_event(row: Any) -> Event:
-    """A queued copy's message as routing saw it: type, event and document types."""
+def _queued_event(conn: Connection, row: Any) -> Event:
+    """A queued copy's message as routing saw it (type, event and document types), with every
+    type its document's stored chain of ancestors has now: a parent re-typed BH while the copy
+    waited keeps it from a site that excludes BH."""
+    txa = _txa(bytes(row.payload))
     if row.document_types is not None:
         document, types = _decode_document_types(row.document_types)
     else:  # queued before delivery.document_types: the copy's own TXA-2
-        document = _txa2(bytes(row.payload))
+        document = txa.value(2).upper() if txa is not None else ""
         types = (document,) if document else ()
+    if txa is not None and row.sender:
+        types = tuple(dict.fromkeys((*types, *sorted(document_lineage(conn, row.sender,
+                                                                      (txa.value(12), txa.value(13)))))))
     return Event(row.sender or "", (row.message_type or "").upper(), (row.event or "").upper(),
                  document_type=document, document_types=types)
 
 
-def _txa2(payload: bytes) -> str:
-    """TXA-2.1 of a stored copy, upper case; "" without one."""
+def _txa(payload: bytes) -> Any:
+    """The TXA segment of a stored copy (its document numbers are the sender's), or None."""
     if b"TXA" not in payload:
-        return ""
+        return None
     header = read_header(payload)
-    txa = Message(payload.decode(header.codec, "replace"), header.delimiters, header.codec).first("TXA")
-    return txa.value(2).upper() if txa is not None else ""
+    return Message(payload.decode(header.codec, "replace"), header.delimiters, header.codec).first("TXA")
 
 
 def _live_persons(conn: Connection, ids: set[int]) -> dict[int, tuple[int | None, bool]]:

@@ -35,7 +35,7 @@ from datetime import date, datetime, timezone
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select, text
 
 from exchange.mapping.events import DocumentState, EncounterStatus, Needs
 from exchange.mapping.state import MemoryState
@@ -197,6 +197,32 @@ def _cut(value: Any, limit: int) -> str | None:
         return None
     text = str(value).replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
     return text[:limit]
+
+
+MAX_DOCUMENT_DEPTH = 100  # parents followed up a document's chain (a longer one, or a loop, is cut)
+
+_LINEAGE_SQL = text(
+    "WITH RECURSIVE chain (number, parent, types, depth) AS ("
+    " SELECT number, parent, types, 0 FROM document WHERE facility = :facility AND number IN :numbers"
+    " UNION ALL SELECT d.number, d.parent, d.types, c.depth + 1 FROM document d JOIN chain c"
+    " ON d.facility = :facility AND d.number = c.parent WHERE c.depth < :depth)"
+    " SELECT types FROM chain"
+).bindparams(bindparam("numbers", expanding=True))
+
+
+def document_lineage(conn: Connection, facility: str, numbers: Iterable[str]) -> set[str]:
+    """Every type (upper case) the facility's documents ``numbers`` and all their ancestors
+    have now, read up the stored parent chain: a parent re-typed BH after its addendum was
+    filed makes the addendum BH too, for routing and for a queued copy's send-time check."""
+    wanted = sorted({n for n in numbers if n})
+    if not wanted:
+        return set()
+    out: set[str] = set()
+    for (types,) in conn.execute(_LINEAGE_SQL, {"facility": facility, "numbers": wanted,
+                                                "depth": MAX_DOCUMENT_DEPTH}):
+        if types:
+            out.update(t for t in json.loads(types) if isinstance(t, str))
+    return out
 
 
 def _record_row(facility: str, mrn: str, rec: dict) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from exchange.mapping.message import Message
 from exchange.routing import Event, protection, rewrite, route
 from exchange.store.db import driver_cursor, sqlite_datetime
 from exchange.store.outbox import NewCopy, enqueue
+from exchange.store.records import document_lineage
 from exchange.store.driver import in_ids, select_rows
 
 log = Logger()
@@ -57,7 +58,7 @@ def route_batch(conn: Connection, applied: Sequence[Applied], config: Config, no
     events: list[tuple] = []  # opt_out_event rows: (person, protected, by, message id)
     for a in applied:
         try:
-            copies.extend(_route_one(a, config, now, records, protected, changed, events))
+            copies.extend(_route_one(conn, a, config, now, records, protected, changed, events))
         except Exception:  # noqa: BLE001 - logged without PHI: the message id only
             log.failure("routing message {message_id} failed; no copies queued for it", message_id=a.message_id)
     if changed:
@@ -76,7 +77,18 @@ def route_batch(conn: Connection, applied: Sequence[Applied], config: Config, no
     return copies
 
 
-def _route_one(a: Applied, config: Config, now: datetime, records, protected, changed, events) -> list[NewCopy]:
+def _lineage(conn: Connection, a: Applied) -> tuple[str, ...]:
+    """The document's types as the batch saw them, and as the stored chain of its ancestors has
+    them now (a parent re-typed after this document was filed under it)."""
+    txa = a.message.first("TXA")
+    if txa is None:
+        return a.lineage
+    stored = document_lineage(conn, a.subject[0], (txa.value(12), txa.value(13)))
+    return tuple(sorted(set(a.lineage) | stored))
+
+
+def _route_one(conn: Connection, a: Applied, config: Config, now: datetime, records, protected, changed,
+               events) -> list[NewCopy]:
     """One message: its opt-out bookkeeping (PD1-12), its destinations, its copies."""
     said = protection(a.message)
     state, by = protected.get(a.person, (False, None)) if a.person is not None else (False, None)
@@ -91,7 +103,7 @@ def _route_one(a: Applied, config: Config, now: datetime, records, protected, ch
         events.append((a.person, state, f"PD1-12 {a.subject[0]}", a.message_id))
     event = Event.read(a.header, a.message, person=None if a.person is None else str(a.person),
                        source_mrn=a.subject[1], protected=state, stored_type=a.document_type,
-                       lineage=a.lineage)
+                       lineage=_lineage(conn, a))
     mine = _one_per_facility(records.get(a.person, []), a.subject)
     prior = None
     if a.retired is not None and a.retired_person is not None:

@@ -336,3 +336,32 @@ def test_copy_control_ids_fit_msh10_and_differ_between_databases():
     at = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
     assert copy_control_id(4, 1, at) != copy_control_id(4, 1, at + timedelta(seconds=1))
     assert len(copy_control_id(9_999_999_999, 99, datetime(2088, 6, 1, tzinfo=timezone.utc))) == 20
+
+
+def test_a_parent_re_typed_after_its_addendum_was_filed_keeps_the_addendums_news_away(engine, tmp_path):
+    """Found by a verification audit: the addendum kept its lineage from the day it was filed,
+    so after its parent was re-typed BH its edits, its own addenda and its cancel still went out;
+    and a copy of it queued while the site was down went out too."""
+    from datetime import datetime, timezone
+
+    from exchange.store.outbox import claim_batch
+
+    config = bh_network(tmp_path, hhcare='exclude_documents = ["BH"]\n')
+    run(engine, config, register("GENHOSP", "GH-9", **ELIZABETH), register("HHCARE", "HH-9", **ELIZABETH))
+    run(engine, config, register("OAKNH", "OA-9", **ELIZABETH))
+    (parent,) = run(engine, config, note("T02", "DS", "Q1", document="P-1"))
+    (child,) = run(engine, config, note("T06", "DS", "Q2", document="C-1", parent="P-1"))
+    assert "HHCARE" in parent.routed and "HHCARE" in child.routed  # DS: it goes, and waits in the queue
+    (retyped,) = run(engine, config, note("T08", "BH", "Q3", document="P-1"))
+    later = [run(engine, config, raw)[0] for raw in (
+        note("T08", "", "Q4", document="C-1"),
+        note("T06", "", "Q5", document="C-2", parent="C-1"),
+        note("T11", "", "Q6", document="C-1"),
+    )]
+    assert "HHCARE" not in retyped.routed and all("HHCARE" not in a.routed for a in later)
+    assert all("GENHOSP" in a.routed for a in later)  # it excludes nothing
+    with engine.begin() as conn:  # the addendum's copy queued before the re-typing is withheld now
+        claim = claim_batch(conn, "HHCARE", datetime.now(timezone.utc), config=config)
+    withheld = {c.control_id.split("-")[1]: c.withheld for c in claim.copies}
+    assert withheld[str(child.message_id)] == "withheld: the destination now excludes this document type"
+    assert withheld[str(parent.message_id)]  # P-1 is BH now: its own first copy waits in vain too
