@@ -808,10 +808,13 @@ def retry(
 
 def _delivered_since(conn: Connection, row: Any) -> int | None:
     """The id of a copy queued after ``row`` for its destination, about the same patient (the
-    same person, or the same record of the sender), and delivered; None when there is none."""
+    same person, the same record of the sender, or the same record of the destination: a merge
+    since changes the first two, not the last), and delivered; None when there is none."""
     same_patient = [and_(delivery.c.facility == row.facility, delivery.c.mrn == row.mrn)]
     if row.person_id is not None:
         same_patient.append(delivery.c.person_id == row.person_id)
+    if row.destination_mrn is not None:
+        same_patient.append(delivery.c.destination_mrn == row.destination_mrn)
     return conn.execute(select(delivery.c.id).where(
         delivery.c.destination == row.destination, delivery.c.id > row.id,
         delivery.c.state == DeliveryState.DELIVERED.value, or_(*same_patient),

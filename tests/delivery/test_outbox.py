@@ -211,6 +211,7 @@ def test_a_retry_is_not_held_back_by_newer_copies_about_someone_else_or_elsewher
     assert run(engine, retry, ids[0], "ops-alice", at, config=CONFIG)[0] is RetryResult.REQUEUED
 
 
+
 def test_listing(engine: Engine, message_id: int) -> None:
     with write_transaction(engine) as conn:
         other = insert_messages(conn, [new_message("SRC-2")])[0]

@@ -365,3 +365,30 @@ def test_a_parent_re_typed_after_its_addendum_was_filed_keeps_the_addendums_news
     withheld = {c.control_id.split("-")[1]: c.withheld for c in claim.copies}
     assert withheld[str(child.message_id)] == "withheld: the destination now excludes this document type"
     assert withheld[str(parent.message_id)]  # P-1 is BH now: its own first copy waits in vain too
+
+
+def test_a_retry_after_the_sender_merged_the_patient_still_sees_the_newer_copy(engine, tmp_path):
+    """Found by a verification audit: after an A40 (another person id, another sender's MRN) the
+    newer copy to the same destination record did not count, and the old A08 went out last."""
+    from datetime import datetime, timezone
+
+    from exchange.store.db import write_transaction
+    from exchange.store.outbox import RetryResult, mark_delivered, mark_failed, retry
+    from tests.store.test_index import adt, pid
+
+    config = network(tmp_path)
+    run(engine, config, register("OAKNH", "OA-3", **ELIZABETH))
+    run(engine, config, register("GENHOSP", "GH-31", **ELIZABETH))  # linked with OA-3
+    run(engine, config, register("GENHOSP", "GH-32", **ELIZABETH))  # a duplicate registration: a review
+    (old,) = run(engine, config, adt("GENHOSP", "A08", pid("GH-31", "GENHOSP", **ELIZABETH)))
+    run(engine, config, adt("GENHOSP", "A40", pid("GH-32", "GENHOSP", **ELIZABETH), "MRG|GH-31^^^GENHOSP^MR"))
+    (new,) = run(engine, config, adt("GENHOSP", "A08", pid("GH-32", "GENHOSP", **ELIZABETH)))
+    assert old.routed == new.routed == ("OAKNH",)
+    with engine.connect() as conn:
+        ids = dict(conn.execute(text("select message_id, id from delivery where destination = 'OAKNH'")).all())
+    now = datetime.now(timezone.utc)
+    with write_transaction(engine) as conn:
+        mark_failed(conn, ids[old.message_id], at=now, ack_code="AE", ack=b"", error="AE: busy")
+        mark_delivered(conn, ids[new.message_id], at=now, ack_code="AA", ack=b"")
+        result, _ = retry(conn, ids[old.message_id], "ops", now, config=config)
+    assert result is RetryResult.SUPERSEDED
