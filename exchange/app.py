@@ -142,7 +142,7 @@ class ExchangeService(Service):
         down = self.writer.down_since
         return {
             "status": health(down, self.reactor.seconds()),
-            "writer": {"running": down is None, "restarts": self.writer.restarts},
+            "writer": {"running": down is None, "restarts": self.writer.restarts},  # running: proved itself
             "database": make_url(self.config.server.database).get_backend_name(),
             "mllp": self.mllp_addresses,
             "connections": len(self.mllp_factory.connections),

@@ -49,6 +49,9 @@ class WriterFailed(Exception):
     """The batch was not committed (the writer rolled back, or died)."""
 
 
+UP_CONFIRM = 2.0  # seconds a restarted writer must live (or answer a batch) to count as running again
+
+
 class WriterProcess(ProcessProtocol):
     """The reactor side: ``run(items) -> Deferred[list[Answer]]``."""
 
@@ -63,7 +66,10 @@ class WriterProcess(ProcessProtocol):
         self._stopping = False
         self._stopped: Deferred | None = None
         self.restarts = 0
-        self.down_since: float | None = None  # the reactor's clock when it last ended, while no new one runs
+        # The reactor's clock when a writer last ended, until a new one has proved itself: it has
+        # answered a batch, or lived UP_CONFIRM seconds (one killed as it starts never does).
+        self.down_since: float | None = None
+        self._confirm = None
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -79,7 +85,8 @@ class WriterProcess(ProcessProtocol):
 
     def connectionMade(self) -> None:
         self._running = True
-        self.down_since = None
+        if self.down_since is not None:
+            self._confirm = self._reactor.callLater(UP_CONFIRM, self._up)
         ready, self._ready = self._ready, []
         for d in ready:
             d.callback(None)
@@ -94,8 +101,14 @@ class WriterProcess(ProcessProtocol):
             self._stopped.callback(None)
         return self._stopped
 
+    def _up(self) -> None:
+        self.down_since, self._confirm = None, None
+
     def processEnded(self, reason) -> None:
         self._running = False
+        if self._confirm is not None and self._confirm.active():
+            self._confirm.cancel()
+        self._confirm = None
         if self._waiting is not None:
             d, self._waiting = self._waiting, None
             d.errback(WriterFailed(f"the writer process ended: {reason.getErrorMessage()}"))
@@ -141,6 +154,10 @@ class WriterProcess(ProcessProtocol):
                 log.error("writer answered a batch nobody asked for")
                 continue
             if kind == "ok":
+                if self.down_since is not None:  # it answered: it works
+                    if self._confirm is not None and self._confirm.active():
+                        self._confirm.cancel()
+                    self._up()
                 d.callback(value)
             else:
                 d.errback(WriterFailed(value))
