@@ -218,16 +218,16 @@ def _cx(value: str, authority: str, type_code: str, d: Delimiters) -> str:
 
 
 def _issued_by(rep: str, authorities: tuple[str, ...], d: Delimiters, codec: str) -> bool:
-    """True when CX.4 of a raw repetition names one of ``authorities``, by its
-    namespace id (CX.4.1) or universal id (CX.4.2), unescaped: the mapping's
-    ``Identifier.issued_by``."""
+    """True when CX.4 of a raw repetition names one of ``authorities`` (case-folded), by
+    its namespace id (CX.4.1) or universal id (CX.4.2), unescaped: the mapping's
+    ``Identifier.issued_by``, but blind to case, so that ``clinic`` is CLINIC's too."""
     parts = rep.split(d.component, 4)
     if len(parts) < 4:
         return False
     for name in parts[3].split(d.subcomponent, 2)[:2]:
         if d.escape in name:
             name = unescape(name, d, codec)
-        if name.strip() in authorities:
+        if name.strip().casefold() in authorities:
             return True
     return False
 
@@ -290,7 +290,7 @@ def _rewrite_pid(
 def _own_authorities(facility: FacilityConfig, server: ServerConfig) -> tuple[str, ...]:
     """The authorities whose identifiers in a copy only the exchange writes: the
     destination's (its MRN) and the enterprise person id's."""
-    return tuple(a for a in (facility.authority, server.person_authority) if a)
+    return tuple(a.casefold() for a in (facility.authority, server.person_authority) if a)
 
 
 def _rewrite_mrg(

@@ -155,6 +155,14 @@ def test_kept_identifiers_never_include_one_of_our_authorities():
     assert "CLINICAUTH~" not in pid and "ACC9" not in pid
 
 
+def test_our_authorities_are_recognised_in_any_case():
+    """Found by a verification audit: clinicauth and exchange in lower case passed through."""
+    lower = QUOTING.replace("CLINICAUTH", "clinicauth").replace("P0^^^EXCHANGE^PI", "P0^^^exchange^PI")
+    pid = segments(copy_of(lower, destination=TO_CLINIC, facility=CLINIC))[2].split("|")
+    assert pid[2] == "" and pid[18] == "ACC9"
+    assert pid[3] == "CL100^^^CLINICAUTH^MR~P1^^^EXCHANGE^PI~H100^^^GENHOSP^MR"
+
+
 def test_our_authorities_are_recognised_escaped():
     text = QUOTING.replace("|", "_").replace("^ADT_A01", "")  # "_" as MSH-1: OAKNH_AUTH is written OAKNH\F\AUTH
     text = text.replace("CL998^^^CLINICAUTH", "N9^^^OAKNH\\F\\AUTH")
