@@ -26,7 +26,11 @@ The rules, in the order they are checked for each facility:
 8. merges (A40 and the legacy A18/A34/A35/A36): a copy only where the merge
    means something to the destination: it holds an active record for the
    survivor's person and a *different* one for the retired record's person
-   (``prior_records``); MRG-1 then becomes that MRN.
+   (``prior_records``, as they were before the merge); MRG-1 then becomes that
+   MRN. The writer (exchange.store.routing) passes the retired record's
+   person after the merge, so no merge is copied: where a destination holds a
+   record of each side the patient index opens a duplicate review instead
+   (README, "Routing").
 
 A late link (a review resolved later, a merge) does not resend history:
 routing is decided once, when an event is applied, from the links as they
