@@ -336,19 +336,51 @@ class Config:
         return None
 
 
+SNAPSHOT_PREFIX = "exchange-config-"
+
+
 def write_snapshot(config: Config) -> str | None:
     """A private copy (mode 600, in the temp directory) of the file as this process read it,
     for the child processes it starts (the writer, the scheduled jobs): they must run with the
     configuration this server runs, not with whatever the file says when they (re)start. The
-    caller removes it. None for a configuration not read from a file."""
+    caller removes it; the name carries this process's id, so that copies left by a process
+    that was killed are removed by the next one. None for a configuration not read from a file."""
     import tempfile
 
     if not config.text:
         return None
-    fd, name = tempfile.mkstemp(prefix="exchange-config-", suffix=".toml")
+    _remove_stale_snapshots(tempfile.gettempdir())
+    fd, name = tempfile.mkstemp(prefix=f"{SNAPSHOT_PREFIX}{os.getpid()}-", suffix=".toml")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(config.text)
     return name
+
+
+def _remove_stale_snapshots(directory: str) -> None:
+    """Remove this user's snapshots whose process is gone (kill -9 leaves them behind)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(SNAPSHOT_PREFIX) and name.endswith(".toml")):
+            continue
+        pid = name[len(SNAPSHOT_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or not ours to ask about)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if os.stat(path).st_uid == os.getuid():
+                os.unlink(path)
+        except OSError:
+            pass
 
 
 def facility_contexts(config: Config) -> dict[str, FacilityContext]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 from pathlib import Path
 
 import pytest
@@ -774,3 +775,31 @@ def test_workbench_errors_name_the_key(tmp_path, table, expected):
 def test_workbench_must_be_a_table(tmp_path):
     text = MINIMAL.replace("[server]\n", 'workbench = "yes"\n[server]\n', 1)
     assert error_of(tmp_path, text).startswith("workbench: must be a table [workbench]")
+
+
+def test_a_snapshot_left_by_a_killed_process_is_removed_by_the_next_one(tmp_path, monkeypatch):
+    """kill -9 of `exchange serve` left its configuration snapshots in the temp directory."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from exchange.config import load_config, write_snapshot
+    from tests.support import write_config
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f"exchange-config-{gone}-abc.toml"
+    stale.write_text("x")
+    alive = tmp_path / f"exchange-config-{os.getpid()}-def.toml"
+    alive.write_text("x")
+    other = tmp_path / "exchange-config-oldstyle.toml"
+    other.write_text("x")
+    config = load_config(write_config(tmp_path))
+    snapshot = write_snapshot(config)
+    try:
+        assert not stale.exists() and alive.exists() and other.exists()
+        assert os.path.basename(snapshot).startswith(f"exchange-config-{os.getpid()}-")
+        assert open(snapshot, encoding="utf-8").read() == config.text
+    finally:
+        os.unlink(snapshot)
