@@ -685,7 +685,7 @@ def test_lifting_an_opt_out_needs_a_reason_and_a_change_that_changes_nothing_is_
     assert reviews.opt_out_history(tx, p) == []
     reviews.set_opt_out(tx, p, True, actor="tess", now=NOW, reason="asked at the desk")
     reviews.set_opt_out(tx, p, True, actor="tess", now=NOW)  # the same again: nothing new to keep
-    for reason in (None, "  "):
+    for reason in (None, "  ", "\u200b", "\u00a0\u3000"):  # a zero-width space says nothing either
         assert "a reason is required" in refused(422, reviews.set_opt_out, tx, p, False, actor="tom", now=NOW,
                                                  reason=reason)
     reviews.set_opt_out(tx, p, False, actor="tom", now=NOW, reason="patient withdrew it by letter 12/3")

@@ -53,6 +53,7 @@ MRN and ``updated_at`` it came from. Only the last four SSN digits are shown.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -692,7 +693,7 @@ def set_opt_out(conn: Connection, person_id: int, protected: bool, *, actor: str
         raise _conflict(f"person {person_id} was merged into person {_live_person(conn, person_id)}:"
                         " set the opt-out there")
     who = f"{via} {actor}"
-    if not protected and not (reason or "").strip():
+    if not protected and not _says_something(reason):
         raise _invalid("a reason is required to lift an opt-out (who asked for it, and how)")
     if (bool(row.protected), row.protected_by) == (protected, who if protected else None) or (
             not protected and not row.protected):
@@ -702,6 +703,11 @@ def set_opt_out(conn: Connection, person_id: int, protected: bool, *, actor: str
     conn.execute(opt_out_event.insert().values(person_id=person_id, protected=protected, by=who, reason=reason,
                                                at=now))
     return {"person": person_id, "opt_out": {"protected": protected, "by": who if protected else None}}
+
+
+def _says_something(text: str | None) -> bool:
+    """At least one visible character: not only spaces, nor format characters (a zero-width space)."""
+    return any(not c.isspace() and unicodedata.category(c) not in ("Cf", "Cc", "Zs") for c in text or "")
 
 
 def opt_out_history(conn: Connection, person_id: int) -> list[dict[str, Any]]:
