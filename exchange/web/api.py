@@ -11,6 +11,7 @@ request's identifiers: the audit table is the only place they go.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import replace
@@ -703,12 +704,21 @@ class API:
         log.error("api: reading a {what} failed: {error}", what=what, error=type(exc).__name__)
         return self._error(request, 500, "internal error")
 
+    async def _audit_a_refused_token(self, request) -> None:
+        """A call to no route still shows its token: an unknown or revoked one is audited
+        (``_authenticate`` writes the row); the answer stays the route's 404 or 405."""
+        if request.getHeader(b"authorization"):
+            with contextlib.suppress(Unauthorized):
+                await self._authenticate(request)
+
     @app.handle_errors(NotFound)
-    def not_found(self, request, failure) -> bytes:
+    async def not_found(self, request, failure) -> bytes:
+        await self._audit_a_refused_token(request)
         return self._error(request, 404, "no such resource")
 
     @app.handle_errors(MethodNotAllowed)
-    def not_allowed(self, request, failure) -> bytes:
+    async def not_allowed(self, request, failure) -> bytes:
+        await self._audit_a_refused_token(request)
         methods = sorted(getattr(failure.value, "valid_methods", None) or ())
         if methods:
             request.setHeader(b"allow", ", ".join(methods).encode())

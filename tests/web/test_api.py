@@ -46,6 +46,22 @@ def test_unknown_and_revoked_tokens_401(api: Harness):
     ]
 
 
+def test_an_unknown_token_on_no_route_is_audited_and_still_a_404_or_405(api: Harness):
+    """Found by a verification audit: a probe with a stolen or made-up token at paths that do
+    not exist left no trace."""
+    assert api.get("/api/nothing/here", "exk_made-up")[0] == 404
+    token = api.token("ann", "admin")
+    response = api._result(api.stub.delete("http://exchange.test/api/persons/1",
+                                           headers={"Authorization": "Bearer exk_made-up"}))
+    assert response.code == 405
+    assert api.get("/api/nothing/here", token)[0] == 404  # a valid token: nothing to record
+    assert api.get("/api/nothing/here")[0] == 404  # no token: nobody to name
+    assert [(r["actor"], r["action"], r["key"], r["outcome"]) for r in api.audit()] == [
+        ("-", "authenticate", "GET /api/nothing/here", "unauthorized"),
+        ("-", "authenticate", "DELETE /api/persons/1", "unauthorized"),
+    ]
+
+
 def test_a_token_works_at_once_and_is_cached_for_a_while(api: Harness):
     api.store(message())
     token = api.token("ann", "admin")
