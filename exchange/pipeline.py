@@ -34,7 +34,7 @@ from exchange.hl7.charset import CharsetError, decode_message
 from exchange.hl7.header import Header
 from exchange.mapping.events import FacilityContext, MappingError, MergePatients, map_message, needs
 from exchange.mapping.message import Message
-from exchange.mapping.state import MemoryState, document_type, document_types
+from exchange.mapping.state import MemoryState, document_type
 from exchange.outcome import Outcome, Value, Verdict, error
 from exchange.config import Config
 from exchange.store import index as patient_index
@@ -159,18 +159,17 @@ def encode_ack(header: Header, text: str) -> bytes:
     return text.encode(header.codec, errors="replace")
 
 
-def _document_types(state, facility: str, message) -> tuple[str, tuple[str, ...]]:
-    """What the record model holds (after the batch) about an MDM's document (TXA-12) and the
-    parent it names (TXA-13), for routing: the type the document is routed as, and every type
-    of its lineage (an edit, a cancel or a re-typed notice of a BH note is still a BH note)."""
+def _document_type(state, facility: str, message) -> str:
+    """The type the record model routes an MDM's document as (after the batch): the current
+    type of its document (TXA-12), else the one it inherited, else the parent's it names
+    (TXA-13): an edit or a cancel with TXA-2 empty is still the note it edits. (Every type of
+    its lineage routing reads from the database, saved by then: exchange.store.routing.)"""
     txa = message.first("TXA")
     if txa is None:
-        return "", ()
+        return ""
     docs = [state.documents.get((facility, number)) for number in (txa.value(12), txa.value(13)) if number]
     docs = [doc for doc in docs if doc is not None and doc["versions"]]
-    if not docs:
-        return "", ()
-    return document_type(docs[0]), tuple(sorted({t for doc in docs for t in document_types(doc)}))
+    return document_type(docs[0]) if docs else ""
 
 
 def process_batch(
@@ -293,7 +292,7 @@ def process_batch(
             copies = route_batch(conn, [
                 Applied(ids[i], items[d.index].header, d.message, d.subject, persons.get(d.subject, (0, None))[1],
                         d.retired, persons.get(d.retired, (0, None))[1] if d.retired else None,
-                        *_document_types(state, d.subject[0], d.message))
+                        _document_type(state, d.subject[0], d.message))
                 for i, d in enumerate(decoded)
                 if d.message is not None and d.subject is not None and d.outcome.verdict is Verdict.ACCEPT
                 and d.copied

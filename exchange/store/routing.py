@@ -40,8 +40,7 @@ class Applied:
     person: int | None  # the subject's person after the batch
     retired: Key | None = None  # a merge's retired record
     retired_person: int | None = None
-    document_type: str = ""  # MDM: the type the record model routes its document (TXA-12) as ...
-    lineage: tuple[str, ...] = ()  # ... and every type it and its ancestors had (mapping.state.document_types)
+    document_type: str = ""  # MDM: the type the record model routes its document (TXA-12) as
 
 
 def route_batch(conn: Connection, applied: Sequence[Applied], config: Config, now: datetime) -> list[NewCopy]:
@@ -78,13 +77,13 @@ def route_batch(conn: Connection, applied: Sequence[Applied], config: Config, no
 
 
 def _lineage(conn: Connection, a: Applied) -> tuple[str, ...]:
-    """The document's types as the batch saw them, and as the stored chain of its ancestors has
-    them now (a parent re-typed after this document was filed under it)."""
+    """Every type the document (TXA-12), the parent it names (TXA-13) and their ancestors have,
+    as the database holds them with this batch saved: a parent re-typed after this document
+    was filed under it counts too."""
     txa = a.message.first("TXA")
     if txa is None:
-        return a.lineage
-    stored = document_lineage(conn, a.subject[0], (txa.value(12), txa.value(13)))
-    return tuple(sorted(set(a.lineage) | stored))
+        return ()
+    return tuple(sorted(document_lineage(conn, a.subject[0], (txa.value(12), txa.value(13)))))
 
 
 def _route_one(conn: Connection, a: Applied, config: Config, now: datetime, records, protected, changed,
