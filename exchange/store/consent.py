@@ -4,13 +4,18 @@ protected too, recorded in ``opt_out_event`` with the reason. Withholding a copy
 undone (the copy is retried); a copy sent cannot."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, exists, insert, select, update
 
-from exchange.store.schema import MAX_MERGE_HOPS, opt_out_event_table as opt_out_event, person_table as person
+from exchange.store.schema import (
+    MAX_MERGE_HOPS,
+    opt_out_event_table as opt_out_event,
+    patient_record_table as patient_record,
+    person_table as person,
+)
 
 PERSONS_PER_SELECT = 400  # ids in one IN list (SQLite takes at most 32,766 bound values)
 
@@ -31,6 +36,20 @@ def merge_chains(conn: Connection, ids: Iterable[int]) -> dict[int, Any]:
                 rows[r.id] = r
         todo = {r.merged_into for r in rows.values() if r.merged_into is not None} - rows.keys()
     return rows
+
+
+def retire_emptied(conn: Connection, went: Mapping[int, set[int | None]]) -> None:
+    """A person records left (``went``: person -> the persons its records went to) and that holds
+    none now answers ``merged_into`` where they all went, as a merged person does, rather than
+    dangling empty: whoever kept its id (an API client, a technician) is led to the records.
+    A person whose records went to several persons, or back to itself, stays as it is."""
+    for left, dests in sorted(went.items()):
+        if len(dests) != 1 or left in dests:
+            continue
+        conn.execute(update(person).where(
+            person.c.id == left, person.c.merged_into.is_(None),
+            ~exists().where(patient_record.c.person_id == left),
+        ).values(merged_into=next(iter(dests))))
 
 
 def carry_opt_outs(conn: Connection, moves: Iterable[tuple[int | None, int | None]], now: datetime,

@@ -46,14 +46,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, exists, func, insert, or_, select, text, update
+from sqlalchemy import Connection, and_, delete, exists, func, insert, or_, select, text
 from twisted.logger import Logger
 
 from exchange.mapping.state import MemoryState
 from exchange.matching.decide import Action, Decision, Reason, Record, decide
 from exchange.matching.features import Features, blocking_keys, decode_features, encode_features, features_of
 from exchange.matching.model import Model, default_model, score
-from exchange.store.consent import carry_opt_outs, merge_chains
+from exchange.store.consent import carry_opt_outs, merge_chains, retire_emptied
 from exchange.store.db import advisory_key, driver_cursor
 from exchange.store.driver import Statement, Writer, select_rows
 from exchange.store.records import RecordLink
@@ -683,27 +683,18 @@ def write(conn: Connection, plan_: Plan, state: MemoryState, model: Model, now: 
             {"facility": x[0], "mrn": x[1], "other_facility": y[0], "other_mrn": y[1], "active": True}
             for a, b in plan_.pairs for x, y in ((a, b), (b, a))
         ])
+    moved = [(e["kind"], person(e["from_person"]), person(e["to_person"])) for e in plan_.events
+             if e["from_person"] is not None]
     # a record that leaves a person who opted out takes the opt-out along (a merge, a new match)
-    carry_opt_outs(conn, [(person(e["from_person"]), person(e["to_person"])) for e in plan_.events
-                          if e["from_person"] is not None], now)
-    _retire_merged_away(conn, [(person(e["from_person"]), person(e["to_person"])) for e in plan_.events
-                               if e["kind"] == "merge" and e["from_person"] is not None])
+    carry_opt_outs(conn, [(a, b) for _, a, b in moved], now)
+    # a person a facility's merge (A40) emptied answers merged_into the survivor's person, as
+    # after a technician's merge; undoing the merge clears it again
+    merged: dict[int, set[int | None]] = {}
+    for kind, a, b in moved:
+        if kind == "merge":
+            merged.setdefault(a, set()).add(b)
+    retire_emptied(conn, merged)
 
-
-def _retire_merged_away(conn: Connection, moves: list[tuple[int, int]]) -> None:
-    """A person a facility's merge (A40) emptied answers ``merged_into`` the survivor's person,
-    as a person a technician merged does, rather than dangling empty: whoever kept its id
-    (an API client, a technician) is led to the records. Undoing the merge clears it again."""
-    into: dict[int, set[int]] = {}
-    for source, target in moves:
-        if source != target:
-            into.setdefault(source, set()).add(target)
-    for source, targets in sorted(into.items()):
-        if len(targets) == 1:
-            conn.execute(update(person_table).where(
-                person_table.c.id == source, person_table.c.merged_into.is_(None),
-                ~exists().where(patient_record_table.c.person_id == source),
-            ).values(merged_into=next(iter(targets))))
 
 
 def _pipeline(cursor, sqlite: bool):

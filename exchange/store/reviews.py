@@ -68,7 +68,7 @@ from exchange.matching.compare import FIELD_NAMES
 from exchange.matching.decide import Reason
 from exchange.matching.features import Features, decode_features
 from exchange.matching.model import Model, default_model, score
-from exchange.store.consent import carry_opt_outs
+from exchange.store.consent import carry_opt_outs, retire_emptied
 from exchange.store.records import from_json
 from exchange.store.schema import (
     ACTOR_LEN,
@@ -877,7 +877,7 @@ def undo_decision(conn: Connection, decision_id: int, *, actor: str, now: dateti
         went.setdefault(rec.person_id, set()).add(back)
         if link == Link.AUTO:
             restored[(e.facility, e.mrn)] = event_id
-    _retire_emptied(conn, went)
+    retire_emptied(conn, went)
     conn.execute(update(link_event).where(link_event.c.id.in_([e.id for e in events])).values(undone_by=d.id))
     reviews = {e.review_id for e in events if e.review_id is not None}
     if reviews:
@@ -963,17 +963,6 @@ def _rescore_restored(conn: Connection, restored: dict[Key, int], decision_id: i
                     "candidates": candidates[:MAX_CANDIDATES], "reasons": reasons, "action": "review",
                     "thresholds": {"upper": model.upper, "lower": model.lower}},
         ))
-
-
-def _retire_emptied(conn: Connection, went: dict[int, set[int]]) -> None:
-    """A person an undo left without records (the one a split made, after a merge took its old
-    person elsewhere) answers ``merged_into`` the person its records went back to, as a merged
-    person does, rather than dangling empty."""
-    for left, dests in sorted(went.items()):
-        if len(dests) != 1 or left in dests or _records_of(conn, [left]):
-            continue
-        conn.execute(update(person).where(person.c.id == left, person.c.merged_into.is_(None))
-                     .values(merged_into=next(iter(dests))))
 
 
 def _event_json(e: Any) -> dict[str, Any]:
