@@ -92,13 +92,23 @@ class ModelCache:
         now = self._clock()
         if now - self._checked >= self._ttl:
             self._checked = now
-            row = conn.execute(
-                select(match_model_table.c.id, match_model_table.c.model).order_by(match_model_table.c.id.desc())
-                .limit(1)
-            ).first()
+            row = _newest_model_row(conn)
             if row is not None and row.id != self._id:
                 self._model, self._id = Model.from_json(row.model), row.id
         return self._model
+
+
+def _newest_model_row(conn: Connection):
+    return conn.execute(
+        select(match_model_table.c.id, match_model_table.c.model).order_by(match_model_table.c.id.desc()).limit(1)
+    ).first()
+
+
+def stored_model(conn: Connection) -> Model:
+    """The model the writer uses now: the newest ``match_model`` row, else the default (read
+    afresh: ``ModelCache`` is the writer's cached view of the same)."""
+    row = _newest_model_row(conn)
+    return Model.from_json(row.model) if row is not None else default_model()
 
 
 @dataclass(slots=True)
@@ -773,7 +783,7 @@ def _candidates(conn: Connection, keys: set[str], own_persons: set[int]):
             key = (facility, mrn)
             by_id[record_id] = key
             members.setdefault(person, set()).add(key)
-            known[key] = _Known(person, _features(features), link)
+            known[key] = _Known(person, stored_features(features), link)
     postings: dict[str, set[Key]] = {}
     for bk, hits in posted.items():
         if len(hits) <= STOP_KEY:
@@ -814,7 +824,9 @@ def _last_refs(history) -> dict[Key, Hashable]:
     return out
 
 
-def _features(text: str | None) -> Features | None:
+def stored_features(text: str | None) -> Features | None:
+    """A record's stored matching features, decoded (cached); None without them or for features
+    stored by another version (recomputed by a re-match or ``exchange replay``)."""
     if text is None:
         return None
     return _decode(text)

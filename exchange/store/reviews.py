@@ -66,15 +66,15 @@ from exchange.config import DEFAULT_TRUST, Config
 from exchange.mapping.values import PersonName, Phone, Timestamp, primary_address
 from exchange.matching.compare import FIELD_NAMES
 from exchange.matching.decide import Reason
-from exchange.matching.features import Features, decode_features
-from exchange.matching.model import Model, default_model, score
+from exchange.matching.features import Features
+from exchange.matching.model import Model, score
 from exchange.store.consent import carry_opt_outs, retire_emptied
+from exchange.store.index import stored_features, stored_model
 from exchange.store.records import from_json
 from exchange.store.schema import (
     ACTOR_LEN,
     MAX_MERGE_HOPS,
     link_event_table as link_event,
-    match_model_table as match_model,
     match_pair_table as match_pair,
     match_review_table as match_review,
     opt_out_event_table as opt_out_event,
@@ -555,6 +555,14 @@ def _refuse_joining(conn: Connection, moving: Sequence[Any], staying: Sequence[A
         )
 
 
+def _refuse_an_emptied_person(person_id: int, records: Sequence[Any], instead: str) -> None:
+    """409 when the person records would join holds no active record: its id may have gone out
+    in copies as another patient's, and it must not become this one."""
+    if not any(r.active for r in records):
+        raise _conflict(f"person {person_id} holds no active record (its records were merged away or moved since):"
+                        f" {instead} a person that does")
+
+
 def _lock_review(conn: Connection, review_id: int):
     row = conn.execute(select(match_review).where(match_review.c.id == review_id).with_for_update()).first()
     if row is None:
@@ -629,9 +637,8 @@ def decide_review(conn: Connection, review_id: int, verdict: Verdict | str, *, a
                 raise _invalid(f"review {review_id} suggests no person: name one (\"person\") or a candidate")
             target = _live_person(conn, suggested)
         members = [r for r in _records_of(conn, [target], lock=True) if r.id != rec.id]
-        if target != rec.person_id and not any(r.active for r in members):
-            raise _conflict(f"person {target} holds no active record (its records were merged away or moved since): "
-                            f"link to a person that does")
+        if target != rec.person_id:
+            _refuse_an_emptied_person(target, members, "link to")
         _refuse_joining(conn, [rec], members, force)
         member_keys = {(r.facility, r.mrn) for r in members}
         scores = [c.get("score") for c in cands
@@ -738,10 +745,7 @@ def merge_persons(conn: Connection, keep: int, merge: int, *, actor: str, now: d
     if not moving:
         raise _invalid(f"person {merge} has no records to merge")
     staying = _records_of(conn, [keep], lock=True)
-    if not any(r.active for r in staying):
-        # its id may have gone out in copies as another patient's: it must not become this one
-        raise _conflict(f"person {keep} holds no active record (its records were merged away or moved since):"
-                        f" merge into a person that does")
+    _refuse_an_emptied_person(keep, staying, "merge into")
     _refuse_joining(conn, moving, staying, force)
     d = _Decision(conn, Kind.MERGE, actor, now, reason)
     for rec in moving:
@@ -915,19 +919,6 @@ def rescored(features: Features, others: Sequence[tuple[str, str, int, Features]
     return out
 
 
-def _stored_model(conn: Connection) -> Model:
-    """The model the writer uses: the newest ``match_model`` row, else the default."""
-    row = conn.execute(select(match_model.c.model).order_by(match_model.c.id.desc()).limit(1)).first()
-    return Model.from_json(row.model) if row is not None else default_model()
-
-
-def _stored_features(text: str | None) -> Features | None:
-    try:
-        return decode_features(text) if text is not None else None
-    except ValueError:  # stored by another version
-        return None
-
-
 def _rescore_restored(conn: Connection, restored: dict[Key, int], decision_id: int, now: datetime) -> None:
     """An undo put records back with an automatic link that was scored when it was made; the
     records may have changed since. Each is scored again against the other active records of
@@ -941,12 +932,12 @@ def _rescore_restored(conn: Connection, restored: dict[Key, int], decision_id: i
         members = conn.execute(select(patient_record.c.facility, patient_record.c.mrn, patient_record.c.features)
                                .where(patient_record.c.person_id == rec.person_id, patient_record.c.active)
                                .order_by(patient_record.c.id)).all()
-        mine = next((_stored_features(m.features) for m in members if (m.facility, m.mrn) == key), None)
+        mine = next((stored_features(m.features) for m in members if (m.facility, m.mrn) == key), None)
         others = [(m.facility, m.mrn, rec.person_id, f) for m in members if (m.facility, m.mrn) != key
-                  for f in (_stored_features(m.features),) if f is not None]
+                  for f in (stored_features(m.features),) if f is not None]
         if mine is None or not others:
             continue  # nothing to score it against: the score it had stands
-        model = model or _stored_model(conn)
+        model = model or stored_model(conn)
         candidates = rescored(mine, others, model)
         best = candidates[0]["score"]
         conn.execute(update(patient_record).where(patient_record.c.id == rec.id).values(link_score=best))
