@@ -137,8 +137,8 @@ class ExchangeService(Service):
         self.delivery.wake(destinations)
 
     def status(self) -> dict:
-        """/healthz: "unavailable" (503) while no writer has run for WRITER_DOWN_UNHEALTHY seconds
-        (it keeps dying: nothing is acknowledged), else "ok"."""
+        """/healthz: "unavailable" (503) after WRITER_DOWN_UNHEALTHY seconds without a working writer
+        (WriterProcess.down_since: it keeps dying, nothing is acknowledged), else "ok"."""
         down = self.writer.down_since
         return {
             "status": health(down, self.reactor.seconds()),
@@ -201,7 +201,8 @@ WRITER_DOWN_UNHEALTHY = 5.0  # seconds without a writer (each restart waits 1 s)
 
 
 def health(writer_down_since: float | None, now: float) -> str:
-    """"ok", or "unavailable" once no writer has run for WRITER_DOWN_UNHEALTHY seconds."""
+    """"ok", or "unavailable" once the writer has been down (``WriterProcess.down_since``) for
+    WRITER_DOWN_UNHEALTHY seconds."""
     if writer_down_since is not None and now - writer_down_since >= WRITER_DOWN_UNHEALTHY:
         return "unavailable"
     return "ok"
