@@ -651,18 +651,23 @@ def adt_a01(control_id: str, structure: str = "ADT^A01^ADT_A01") -> bytes:
     return synthetic(control_id).replace(b"|ADT^A01|", f"|{structure}|".encode())
 
 
-def test_end_to_end_hl7apy_server_hangs_up_after_each_answer_and_gets_every_message(tmp_path):
-    """Found by a black-box audit: `exchange send` against hl7apy's MLLPServer printed one AA,
-    then "ConnectionLost" for the second message, which never reached the server; the third was never sent."""
+def send_to_hl7apy(tmp_path, messages: bytes):
+    """`exchange send` of a file of ``messages`` to hl7apy's MLLP server: (the run, the peer)."""
     from tests.delivery.peers import HL7apyPeer
 
     peer = HL7apyPeer().start()
     try:
         path = tmp_path / "three.hl7"
-        path.write_bytes(adt_a01("CR0") + adt_a01("CR1") + adt_a01("CR2"))
-        done = run_sender(peer.endpoint, path)
+        path.write_bytes(messages)
+        return run_sender(peer.endpoint, path), peer
     finally:
         peer.stop()
+
+
+def test_end_to_end_hl7apy_server_hangs_up_after_each_answer_and_gets_every_message(tmp_path):
+    """Found by a black-box audit: `exchange send` against hl7apy's MLLPServer printed one AA,
+    then "ConnectionLost" for the second message, which never reached the server; the third was never sent."""
+    done, peer = send_to_hl7apy(tmp_path, adt_a01("CR0") + adt_a01("CR1") + adt_a01("CR2"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["CR0\tAA\t", "CR1\tAA\t", "CR2\tAA\t", "sent 3, accepted 3, errors 0, rejected 0"]
     assert done.stderr == ""
@@ -672,15 +677,7 @@ def test_end_to_end_hl7apy_server_hangs_up_after_each_answer_and_gets_every_mess
 def test_end_to_end_hl7apy_server_hanging_up_without_an_answer_is_no_reply_and_sending_stops(tmp_path):
     """hl7apy's server closes the connection without a word on a message type it has no handler for:
     that message was written on a new, open connection, so it is sent and gets no reply; nothing follows it."""
-    from tests.delivery.peers import HL7apyPeer
-
-    peer = HL7apyPeer().start()
-    try:
-        path = tmp_path / "three.hl7"
-        path.write_bytes(adt_a01("CR0") + adt_a01("CR1", "ADT^A08^ADT_A01") + adt_a01("CR2"))
-        done = run_sender(peer.endpoint, path)
-    finally:
-        peer.stop()
+    done, peer = send_to_hl7apy(tmp_path, adt_a01("CR0") + adt_a01("CR1", "ADT^A08^ADT_A01") + adt_a01("CR2"))
     assert done.returncode == 1
     assert done.stdout.splitlines() == ["CR0\tAA\t", "sent 2, accepted 1, errors 0, rejected 0, no reply 1"]
     (line,) = done.stderr.strip().splitlines()

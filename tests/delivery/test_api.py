@@ -145,13 +145,20 @@ def test_who_may_read_and_retry(api: Harness, queued: list[int]) -> None:
     ]
 
 
-def test_retry_a_failed_copy(engine) -> None:
-    api = Harness(engine)
+def failed_then_delivered(engine, api: Harness, destinations: tuple[str, str], error: str) -> tuple[int, int]:
+    """Two copies of one message: the first (to ``destinations[0]``) failed with ``error``, the
+    second (to ``destinations[1]``) delivered."""
     [message_id] = api.store(message("MSG-1"))
     with write_transaction(engine) as conn:
-        [failed, delivered] = enqueue(conn, [copy(message_id, 1, "HHCARE"), copy(message_id, 2, "OAKNH")])
-        mark_failed(conn, failed, at=T0, ack_code="AR", ack=b"", error="AR: not accepted")
+        [failed, delivered] = enqueue(conn, [copy(message_id, n, dest) for n, dest in enumerate(destinations, 1)])
+        mark_failed(conn, failed, at=T0, ack_code=error[:2], ack=b"", error=error)
         mark_delivered(conn, delivered, at=T0, ack_code="AA", ack=b"")
+    return failed, delivered
+
+
+def test_retry_a_failed_copy(engine) -> None:
+    api = Harness(engine)
+    failed, delivered = failed_then_delivered(engine, api, ("HHCARE", "OAKNH"), "AR: not accepted")
     woken = []
     api.api.requeued = woken.append
     token = api.token("olga", "admin")
@@ -182,11 +189,7 @@ def test_a_retry_after_newer_copies_about_the_patient_needs_force(engine) -> Non
     """Found by a black-box audit: an old A08 retried after the admit and the discharge went out
     landed last, its old demographics over the new."""
     api = Harness(engine)
-    [message_id] = api.store(message("MSG-1"))
-    with write_transaction(engine) as conn:
-        [failed, newer] = enqueue(conn, [copy(message_id, 1, "OAKNH"), copy(message_id, 2, "OAKNH")])
-        mark_failed(conn, failed, at=T0, ack_code="AE", ack=b"", error="AE: busy")
-        mark_delivered(conn, newer, at=T0, ack_code="AA", ack=b"")
+    failed, _ = failed_then_delivered(engine, api, ("OAKNH", "OAKNH"), "AE: busy")
     token = api.token("olga", "admin")
     code, body = post(api, f"/api/deliveries/{failed}/retry", token)
     assert code == 409 and body["error"].startswith("newer copies about this patient reached the destination since")

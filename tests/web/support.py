@@ -111,3 +111,30 @@ def settled(stub, d: Deferred):
     if hasattr(results[0], "raiseException"):
         results[0].raiseException()
     return results[0]
+
+
+def apply_hl7(harness, hl7: str, control_id: str) -> None:
+    """Store a message row ``control_id`` and map, apply and save ``hl7`` with it as the
+    reference, the way the intake does (the pure mapping, the record store)."""
+    from exchange.hl7.charset import decode_message
+    from exchange.hl7.header import read_header
+    from exchange.mapping.events import Changes, FacilityContext, map_message, needs
+    from exchange.mapping.message import Message
+    from exchange.store import records
+    from exchange.store.db import write_transaction
+    from sqlalchemy import text as sql
+
+    harness.store(message(control_id))
+    raw = hl7.encode()
+    header = read_header(raw)
+    text, codec = decode_message(raw, header)
+    msg = Message(text, header.delimiters, codec)
+    ctx = FacilityContext("GENHOSP", "GENHOSP")
+    with write_transaction(harness.engine) as conn:
+        state = records.load(conn, [needs(msg, ctx)])
+        changes = map_message(msg, header, ctx, state)
+        assert isinstance(changes, Changes), changes
+        message_id = conn.execute(sql("SELECT id FROM message WHERE control_id = :control_id"),
+                                  {"control_id": control_id}).scalar_one()
+        state.apply(changes, message_id)
+        records.save(conn, state)

@@ -7,13 +7,7 @@ from __future__ import annotations
 import json
 from urllib.parse import quote
 
-from exchange.hl7.charset import decode_message
-from exchange.hl7.header import read_header
-from exchange.mapping.events import Changes, FacilityContext, map_message, needs
-from exchange.mapping.message import Message
-from exchange.store import records
-from exchange.store.db import write_transaction
-from tests.web.support import Harness, message
+from tests.web.support import Harness, apply_hl7
 
 PID = "PID|1||GH-44107^^^GENHOSP^MR~123-45-6789^^^SSA^SS||HANSON^ELIZABETH^A^^^^L||19470312|F|||12 ELM ST^^SPRINGFIELD^IL^62701||555-0100"
 ADMIT = (
@@ -25,19 +19,8 @@ ADMIT = (
 
 def store_record(api: Harness, hl7: str) -> int:
     """Map and apply one message, save it (with its stored message as the reference)."""
-    api.store(message("REC-1"))
-    raw = hl7.encode()
-    header = read_header(raw)
-    text, codec = decode_message(raw, header)
-    msg = Message(text, header.delimiters, codec)
-    ctx = FacilityContext("GENHOSP", "GENHOSP")
-    with write_transaction(api.engine) as conn:
-        state = records.load(conn, [needs(msg, ctx)])
-        changes = map_message(msg, header, ctx, state)
-        assert isinstance(changes, Changes)
-        message_id = conn.exec_driver_sql("SELECT id FROM message WHERE control_id = 'REC-1'").scalar_one()
-        state.apply(changes, message_id)
-        records.save(conn, state)
+    apply_hl7(api, hl7, "REC-1")
+    with api.engine.connect() as conn:
         return conn.exec_driver_sql("SELECT person_id FROM patient_record WHERE mrn = 'GH-44107'").scalar_one()
 
 

@@ -19,7 +19,7 @@ from exchange.store.outbox import NewCopy, enqueue, mark_delivered, mark_failed
 from exchange.store.schema import audit_event_table, workbench_session_table
 from tests.support import new_message
 from tests.test_reviews import GH, OA, hanson_scene, person_of
-from tests.web.support import T0
+from tests.web.support import T0, apply_hl7
 from tests.web.workbench_support import PASSWORD, Browser, WorkbenchHarness
 
 
@@ -471,32 +471,13 @@ def test_find_a_person_or_a_record(web):
 
 def admit(wb: WorkbenchHarness, control_id: str, *, birth: str, visit: str, patient_class: str, location: str,
           admitted: str) -> None:
-    """An A01 from GENHOSP mapped, applied and saved as the intake does (tests.web.test_records_api)."""
-    from exchange.hl7.charset import decode_message
-    from exchange.hl7.header import read_header
-    from exchange.mapping.events import Changes, FacilityContext, map_message, needs
-    from exchange.mapping.message import Message
-    from exchange.store import records
-    from tests.web.support import message
-
+    """An A01 from GENHOSP mapped, applied and saved as the intake does."""
     pv1 = [""] * 45
     pv1[1:4], pv1[19], pv1[44] = ["1", patient_class, location], visit, admitted
-    raw = (f"MSH|^~\\&|ADT|GENHOSP|EXCHANGE|EXCHANGE|20261128100000||ADT^A01^ADT_A01|{control_id}|P|2.5.1\r"
-           f"EVN|A01|20261128100000\r"
-           f"PID|1||GH-7^^^GENHOSP^MR||DOE^JANE||{birth}|F\r"
-           "PV1|" + "|".join(pv1[1:]) + "\r").encode()
-    wb.store(message(control_id))
-    header = read_header(raw)
-    text, codec = decode_message(raw, header)
-    msg = Message(text, header.delimiters, codec)
-    ctx = FacilityContext("GENHOSP", "GENHOSP")
-    with write_transaction(wb.engine) as conn:
-        state = records.load(conn, [needs(msg, ctx)])
-        changes = map_message(msg, header, ctx, state)
-        assert isinstance(changes, Changes), changes
-        message_id = conn.exec_driver_sql(f"SELECT id FROM message WHERE control_id = '{control_id}'").scalar_one()
-        state.apply(changes, message_id)
-        records.save(conn, state)
+    apply_hl7(wb, f"MSH|^~\\&|ADT|GENHOSP|EXCHANGE|EXCHANGE|20261128100000||ADT^A01^ADT_A01|{control_id}|P|2.5.1\r"
+                  f"EVN|A01|20261128100000\r"
+                  f"PID|1||GH-7^^^GENHOSP^MR||DOE^JANE||{birth}|F\r"
+                  "PV1|" + "|".join(pv1[1:]) + "\r", control_id)
 
 
 def test_encounter_times_in_utc_or_said_local_and_a_birth_date_as_a_date(wb):
@@ -638,13 +619,22 @@ def test_split_merge_and_opt_out_from_the_person_page(wb):
 # -- deliveries (admins) -------------------------------------------------------------------------------
 
 
-def test_an_admin_sees_failed_copies_and_sends_one_again(wb):
+def two_copies(wb, control_id: str, error: str, *, second_delivered: bool = False) -> tuple[int, int]:
+    """Two copies about one patient for OAKNH, the first failed with ``error``; the second queued,
+    or delivered."""
     with write_transaction(wb.engine) as conn:
-        [message_id] = insert_messages(conn, [new_message("SRC-1")])
-        [failed, queued] = enqueue(conn, [
+        [message_id] = insert_messages(conn, [new_message(control_id)])
+        [first, second] = enqueue(conn, [
             NewCopy("OAKNH", message_id, f"D{n}", b"MSH|^~\\&|X\r", T0, person_id=7, facility="GENHOSP",
                     mrn="GH-1", reason="default") for n in (1, 2)])
-        mark_failed(conn, failed, at=T0, ack_code="AE", ack=b"", error="AE: unknown patient")
+        mark_failed(conn, first, at=T0, ack_code="AE", ack=b"", error=error)
+        if second_delivered:
+            mark_delivered(conn, second, at=T0, ack_code="AA", ack=b"")
+    return first, second
+
+
+def test_an_admin_sees_failed_copies_and_sends_one_again(wb):
+    failed, queued = two_copies(wb, "SRC-1", "AE: unknown patient")
     browser = logged_in(wb, "ops", "admin")
     page = browser.get("/deliveries")
     assert page.code == 200
@@ -703,13 +693,7 @@ def test_a_failure_is_logged_without_patient_data(web, monkeypatch):
 
 def test_sending_a_copy_again_after_newer_ones_about_the_patient_takes_the_box(wb):
     """Found by a black-box audit: an old A08 sent again after the discharge landed last."""
-    with write_transaction(wb.engine) as conn:
-        [message_id] = insert_messages(conn, [new_message("SRC-9")])
-        [failed, newer] = enqueue(conn, [
-            NewCopy("OAKNH", message_id, f"D{n}", b"MSH|^~\\&|X\r", T0, person_id=7, facility="GENHOSP",
-                    mrn="GH-1", reason="default") for n in (1, 2)])
-        mark_failed(conn, failed, at=T0, ack_code="AE", ack=b"", error="AE: busy")
-        mark_delivered(conn, newer, at=T0, ack_code="AA", ack=b"")
+    failed, _ = two_copies(wb, "SRC-9", "AE: busy", second_delivered=True)
     browser = logged_in(wb, "ops", "admin")
     page = browser.get("/deliveries")
     assert 'name="force"' in page.text
