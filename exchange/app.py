@@ -13,7 +13,7 @@ from twisted.logger import Logger
 
 from exchange.acceptance import AcceptancePolicy, FacilityRule
 from exchange.accounts import Policy
-from exchange.auth import TokenCache
+from exchange.auth import TOKEN_CACHE_TTL, TokenCache
 from exchange.config import Config, write_snapshot
 from exchange.delivery import DeliveryService, Settings as DeliverySettings
 from exchange.intake import AckIds, GroupCommitter, Intake
@@ -108,7 +108,7 @@ class ExchangeService(Service):
         self.api_db = Database(reactor, config.server.database)
         self.api = API(
             self.api_db,
-            TokenCache(reactor.seconds, ttl=30.0, max_entries=1000),
+            TokenCache(reactor.seconds, ttl=TOKEN_CACHE_TTL, max_entries=1000),
             lambda: datetime.now(timezone.utc),
             requeued=self.delivery.requeued,
             trust=Trust.from_config(config),

@@ -146,6 +146,8 @@ def revoked_token_name(conn: Connection, token_hash: str) -> str | None:
 
 # -- cache ------------------------------------------------------------------------
 
+TOKEN_CACHE_TTL = 5.0  # seconds a revoked token may still work on a server that looked it up before
+
 
 class TokenCache:
     """Recent successful token look-ups: hash -> Principal, for ``ttl`` seconds.
@@ -156,7 +158,7 @@ class TokenCache:
     ``clock`` returns seconds (``reactor.seconds`` in the service).
     """
 
-    def __init__(self, clock: Callable[[], float], *, ttl: float = 30.0, max_entries: int = 1000) -> None:
+    def __init__(self, clock: Callable[[], float], *, ttl: float = TOKEN_CACHE_TTL, max_entries: int = 1000) -> None:
         self._clock = clock
         self.ttl = ttl
         self.max_entries = max_entries

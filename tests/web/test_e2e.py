@@ -6,11 +6,13 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
 from sqlalchemy import select
 
+from exchange.auth import TOKEN_CACHE_TTL
 from exchange.store.db import make_engine
 from exchange.store.schema import api_token_table, audit_event_table
 from exchange.web.db import Database
@@ -74,6 +76,12 @@ def test_token_create_then_read_a_message_from_a_running_exchange(database_url, 
         assert get(server.http, "/healthz", None)[0] == 200
 
         assert exchange("token", "revoke", "ops-console", "--database", database_url).returncode == 0
+        # the server looked the token up a moment ago: it stops taking it within TOKEN_CACHE_TTL
+        deadline = time.monotonic() + TOKEN_CACHE_TTL + 2
+        while (code := get(server.http, "/api/messages/GENHOSP/API-E2E-1", token)[0]) == 200:
+            assert time.monotonic() < deadline, "a revoked token still works"
+            time.sleep(0.25)
+        assert code == 401
     finally:
         assert server.terminate() == 0
     output = "".join(server.output)
@@ -85,11 +93,15 @@ def test_token_create_then_read_a_message_from_a_running_exchange(database_url, 
             rows = conn.execute(select(audit_event_table).order_by(audit_event_table.c.id)).mappings().all()
     finally:
         engine.dispose()
-    assert [(r["actor"], r["outcome"], r["key"]) for r in rows] == [
+    seen = [(r["actor"], r["outcome"], r["key"]) for r in rows]
+    assert seen[:3] == [
         ("ops-console", "ok", "API-E2E-1"),
         ("tess", "forbidden", "API-E2E-1"),
         ("ops-console", "not-found", "NOPE"),
     ]
+    # reads while the revoked token was still cached, then the refusal, attributed to whom it was issued
+    assert set(seen[3:-1]) <= {("ops-console", "ok", "API-E2E-1")}
+    assert seen[-1] == ("ops-console", "unauthorized", "GET /api/messages/GENHOSP/API-E2E-1")
     assert all(r["remote"] == "127.0.0.1" and r["at"].tzinfo is not None for r in rows)
 
 
