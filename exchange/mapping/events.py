@@ -346,7 +346,7 @@ def needs(msg: Message, ctx: FacilityContext) -> Needs:
                 number = txa.value(n)
                 if number:
                     documents.add((ctx.code, number))
-        visits = frozenset(_visit_number(pv1) for pv1 in msg.segments("PV1"))  # A17 has two
+        visits = frozenset(visit_number(pv1) for pv1 in msg.segments("PV1"))  # A17 has two
         return Needs(frozenset(records), frozenset(documents), visits, msg.first("MRG") is not None)
     except Exception:  # pragma: no cover - needs() is a hint; map_message reports problems
         return Needs()
@@ -556,7 +556,8 @@ def demographics(pid: Segment, warnings: list[str], ids: list[Identifier] | None
 # --- PV1 ----------------------------------------------------------------------------------------------
 
 
-def _visit_number(pv1: Segment) -> str:
+def visit_number(pv1: Segment) -> str:
+    """The visit a PV1 keys: PV1-19 (visit number), else PV1-50 (alternate visit id); "" for none."""
     return pv1.value(19) or pv1.value(50)
 
 
@@ -703,7 +704,7 @@ def _map_adt(msg, header, ctx, state, event, warnings) -> list:
         if event != "A08":
             warnings.append("PV1: no visit segment, encounter not changed")
         return ops
-    visit = _visit_number(pv1)
+    visit = visit_number(pv1)
     current = rec.encounters.get(visit) if rec is not None else None
     patch = encounter_patch(pv1, warnings)
     if not visit:
@@ -736,7 +737,7 @@ def _map_swap(msg, header, ctx, state, warnings) -> list:
     for pid, pv1 in pairs[:2]:
         mrn, rec, demo = _subject(pid, ctx, state, warnings)
         ops.append(UpsertPatient(ctx.code, mrn, demo))
-        visit = _visit_number(pv1)
+        visit = visit_number(pv1)
         current = rec.encounters.get(visit) if rec is not None else None
         patch = encounter_patch(pv1, warnings)
         if patch.location is None:
@@ -1256,5 +1257,6 @@ __all__ = [
     "encounter_transition",
     "map_message",
     "needs",
+    "visit_number",
 ]
 

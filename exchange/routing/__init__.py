@@ -13,10 +13,12 @@ API
 ``protection(message)`` -> True / False / None
     PD1-12 of the message (None: not given, no change). The record model
     stores it; ``Event.protected`` is the person's state after the event.
-``route(event, config.facilities, records, config.routes, prior_records=)`` -> :class:`Decision`
+``route(event, config.facilities, records, config.routes, prior_records=, told=)`` -> :class:`Decision`
     ``records``: {facility code: MRN} of the person's active records (one
     per facility); ``prior_records``: only for merges (A40, A18, A34-A36),
-    the same for the person the retired MRN was linked to before the merge.
+    the same for the person the retired MRN was linked to before the merge;
+    ``told``: only for cancels (``CANCELS``), the facilities sent a copy
+    about the same visit before.
     ``Decision.destinations``: :class:`Destination` (facility, mrn, why,
     prior_mrn); ``Decision.skipped``: (facility, :class:`Reason`) for every
     other configured facility; ``Decision.reason``: one line when nothing goes.
@@ -41,7 +43,8 @@ In the writer transaction, per applied ADT/MDM message::
                 control_id=copy.control_id, payload=copy.encode(), created_at=now,
                 person_id=person_id, facility=event.facility, mrn=event.source_mrn,
                 reason=dest.why, destination_mrn=dest.mrn,
-                document_type=event.document_type, document_types=event.document_types)
+                document_type=event.document_type, document_types=event.document_types,
+                visit=<PV1-19 of the message, else PV1-50; "" without them>)
     outbox.enqueue(conn, copies)
 
 ``control_id`` must be unique per destination (the delivery matches MSA-2
@@ -72,7 +75,8 @@ Decisions
   both a subscription and a rule reach a facility, ``why`` is ``default``.
 - Events about the sender's own identifiers, accounts and visits (A24, A37,
   A41-A51) and the two-patient A17 are never copied; merges only where the
-  destination holds both sides; a multi-patient message keeps only the
+  destination holds both sides; cancels (A11, A13...) only where something
+  about their visit went before; a multi-patient message keeps only the
   routed patient's PID group.
 - The person id travels in PID-3 as type ``PI`` (patient internal
   identifier, as IHE PIX managers send the enterprise id) under
@@ -83,6 +87,7 @@ Decisions
 """
 from exchange.routing.rewrite import Copy, rewrite
 from exchange.routing.rules import (
+    CANCELS,
     DEFAULT,
     Decision,
     Destination,
@@ -96,6 +101,7 @@ from exchange.routing.rules import (
 )
 
 __all__ = [
+    "CANCELS",
     "DEFAULT",
     "Copy",
     "Decision",

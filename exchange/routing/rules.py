@@ -23,6 +23,9 @@ The rules, in the order they are checked for each facility:
 7. else the first ``[[route]]`` (file order) whose conditions all match and
    whose ``to``/``to_kind`` names the facility; it needs a record of the
    person unless the rule says ``allow_without_record`` -> why = the rule's name
+   A cancel (``CANCELS``: A11, A12, A13...) goes, on either basis, only to a
+   facility that was sent something about its visit before (``told``): to
+   another it would tell of a stay it never heard of, to be refused there
 8. merges (A40 and the legacy A18/A34/A35/A36): a copy only where the merge
    means something to the destination: it holds an active record for the
    survivor's person and a *different* one for the retired record's person
@@ -47,7 +50,7 @@ Pure: no SQL, no Twisted, no I/O.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from fnmatch import fnmatchcase
@@ -60,6 +63,7 @@ from exchange.mapping.message import Message, is_delete
 from exchange.outcome import Value
 
 __all__ = [
+    "CANCELS",
     "DEFAULT",
     "LOCAL_EVENTS",
     "MERGES",
@@ -83,6 +87,10 @@ MERGES = MERGE_EVENTS | LEGACY_MERGE_EVENTS
 # visits (they change nothing another facility holds), or about two patients
 # at once (A17 swaps two inpatients' beds).
 LOCAL_EVENTS = frozenset({"A17", "A24", "A37"} | {f"A{n}" for n in range(41, 52)})
+# Cancels: each takes back an earlier event of the same visit (A11 an admit or visit
+# notification, A12 a transfer, A13 a discharge, A25-A27 pending ones, A32/A33 arriving
+# and departing, A38 a pre-admit, A52/A53 leaves of absence, A55/A62 doctor changes).
+CANCELS = frozenset({"A11", "A12", "A13", "A25", "A26", "A27", "A32", "A33", "A38", "A52", "A53", "A55", "A62"})
 
 
 class Reason(StrEnum):
@@ -96,6 +104,7 @@ class Reason(StrEnum):
     NO_RECORD = "no_record"  # it holds no record of the person (and no rule allows that)
     NOT_SUBSCRIBED = "not_subscribed"  # no subscription and no rule matches
     MERGE_NOT_AT_DESTINATION = "merge_not_at_destination"  # it does not hold both merged sides
+    NOT_TOLD = "not_told"  # a cancel of a visit it was sent nothing about
     # recheck only: a copy queued under an earlier configuration
     NOT_CONFIGURED = "not_configured"  # the facility is no longer configured
     RULE_REMOVED = "rule_removed"  # the [[route]] that added it is gone, or no longer names the facility
@@ -232,6 +241,7 @@ def route(
     routes: Sequence[RouteConfig] = (),
     *,
     prior_records: Mapping[str, str] | None = None,
+    told: Collection[str] | None = None,
 ) -> Decision:
     """Decide the destinations of ``event`` (see the module docstring).
 
@@ -239,6 +249,8 @@ def route(
     facility: the caller picks one when a facility holds several).
     ``prior_records``: for merges only, the records of the person the
     retired MRN was linked to before the merge, {facility code: MRN}.
+    ``told``: for cancels only, the facilities sent a copy about the same visit
+    before (None: not known, every facility counts as told).
     """
     message_type, trigger = event.message_type.upper(), event.event.upper()
     document = event.document_type.upper()
@@ -247,6 +259,7 @@ def route(
     if message_type == "ADT" and trigger in LOCAL_EVENTS:
         return _nobody(facilities, event, Reason.LOCAL_EVENT)
     merge = message_type == "ADT" and trigger in MERGES
+    cancel = message_type == "ADT" and trigger in CANCELS and told is not None
     sender = next((f for f in facilities if f.code == event.facility), None)
     rules = [r for r in routes if _rule_matches(r, event, sender, message_type, trigger, document)]
 
@@ -267,6 +280,9 @@ def route(
         why = _basis(facility, mrn, rules, message_type, trigger, document)
         if isinstance(why, Reason):
             skipped.append(Skipped(code, why))
+            continue
+        if cancel and code not in told:
+            skipped.append(Skipped(code, Reason.NOT_TOLD))
             continue
         prior = None
         if merge:

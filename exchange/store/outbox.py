@@ -69,6 +69,7 @@ from exchange.store.schema import (
     FACILITY_LEN,
     MAX_MERGE_HOPS,
     MRN_LEN,
+    VISIT_LEN,
     delivery_table as delivery,
     message_table as message,
     patient_record_table as patient_record,
@@ -98,6 +99,7 @@ __all__ = [
     "record_outcomes",
     "retry",
     "schedule_retry",
+    "storable",
     "withheld_copies",
     "try_lock_destination",
     "unlock_destination",
@@ -135,6 +137,7 @@ class NewCopy:
     # (exchange.routing.Event): checked again before the copy goes out.
     document_type: str = ""  # its document's type: TXA-2, else the one stored for the document
     document_types: tuple[str, ...] = ()  # every type that counts for exclude_documents (the parent's too)
+    visit: str | None = None  # the sender's visit it is about (PV1-19, else PV1-50; "" for none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +242,7 @@ class RetryResult(StrEnum):
 # -- text -------------------------------------------------------------------------
 
 
-def _text(value: str | None, limit: int | None = None) -> str | None:
+def storable(value: str | None, limit: int | None = None) -> str | None:
     """As both backends store it: no NUL, no lone surrogates, at most ``limit`` characters."""
     if value is None:
         return None
@@ -267,6 +270,7 @@ _COLUMNS = (
     "next_attempt_at",
     "destination_mrn",
     "document_types",
+    "visit",
 )
 
 
@@ -275,20 +279,21 @@ def _params(copy: NewCopy) -> tuple:
     if created_at.tzinfo is None or created_at.utcoffset() is None:
         raise ValueError("naive datetime: the store only takes timezone-aware datetimes")
     return (
-        _text(copy.destination, FACILITY_LEN),
+        storable(copy.destination, FACILITY_LEN),
         copy.message_id,
         copy.person_id,
-        _text(copy.facility, FACILITY_LEN),
-        _text(copy.mrn, MRN_LEN),
-        _text(copy.reason, DELIVERY_REASON_LEN),
-        _text(copy.control_id, CONTROL_ID_LEN),
+        storable(copy.facility, FACILITY_LEN),
+        storable(copy.mrn, MRN_LEN),
+        storable(copy.reason, DELIVERY_REASON_LEN),
+        storable(copy.control_id, CONTROL_ID_LEN),
         copy.payload,
         created_at,
         DeliveryState.QUEUED.value,
         0,
         created_at,
-        _text(copy.destination_mrn, MRN_LEN),
+        storable(copy.destination_mrn, MRN_LEN),
         _encode_document_types(copy.document_type, copy.document_types),
+        storable(copy.visit, VISIT_LEN),
     )
 
 
@@ -592,16 +597,16 @@ def record_outcomes(conn: Connection, outcomes: Sequence[Outcome]) -> int:
     delivered, failed, retries, withheld = [], [], [], []
     for o in outcomes:
         if isinstance(o, Withheld):
-            withheld.append({"_id": o.id, "_error": _text(o.reason, MAX_ERROR_CHARS)})
+            withheld.append({"_id": o.id, "_error": storable(o.reason, MAX_ERROR_CHARS)})
         elif isinstance(o, Delivered):
-            delivered.append({"_id": o.id, "_at": o.at, "_code": _text(o.ack_code, ACK_CODE_LEN), "_ack": o.ack})
+            delivered.append({"_id": o.id, "_at": o.at, "_code": storable(o.ack_code, ACK_CODE_LEN), "_ack": o.ack})
         elif isinstance(o, Failed):
             failed.append(
                 {
                     "_id": o.id,
-                    "_code": _text(o.ack_code, ACK_CODE_LEN),
+                    "_code": storable(o.ack_code, ACK_CODE_LEN),
                     "_ack": o.ack,
-                    "_error": _text(o.error, MAX_ERROR_CHARS),
+                    "_error": storable(o.error, MAX_ERROR_CHARS),
                 }
             )
         else:
@@ -609,8 +614,8 @@ def record_outcomes(conn: Connection, outcomes: Sequence[Outcome]) -> int:
                 {
                     "_id": o.id,
                     "_next": o.next_attempt_at,
-                    "_error": _text(o.error, MAX_ERROR_CHARS),
-                    "_code": _text(o.ack_code, ACK_CODE_LEN),
+                    "_error": storable(o.error, MAX_ERROR_CHARS),
+                    "_code": storable(o.ack_code, ACK_CODE_LEN),
                     "_ack": o.ack,
                 }
             )
@@ -796,7 +801,7 @@ def retry(
         .values(
             state=DeliveryState.QUEUED.value,
             next_attempt_at=now,
-            retried_by=_text(actor, ACTOR_NAME_LEN),
+            retried_by=storable(actor, ACTOR_NAME_LEN),
             retried_at=now,
         )
     ).rowcount

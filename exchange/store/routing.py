@@ -18,12 +18,14 @@ from twisted.logger import Logger
 
 from exchange.config import Config
 from exchange.hl7.header import Header
+from exchange.mapping.events import visit_number
 from exchange.mapping.message import Message
-from exchange.routing import Event, protection, rewrite, route
+from exchange.routing import CANCELS, Event, protection, rewrite, route
 from exchange.store.db import driver_cursor, sqlite_datetime
-from exchange.store.outbox import NewCopy, enqueue
-from exchange.store.records import document_lineage
+from exchange.store.outbox import NewCopy, enqueue, storable
 from exchange.store.driver import in_ids, select_rows
+from exchange.store.records import document_lineage
+from exchange.store.schema import VISIT_LEN
 
 log = Logger()
 Key = tuple[str, str]
@@ -57,7 +59,7 @@ def route_batch(conn: Connection, applied: Sequence[Applied], config: Config, no
     events: list[tuple] = []  # opt_out_event rows: (person, protected, by, message id)
     for a in applied:
         try:
-            copies.extend(_route_one(conn, a, config, now, records, protected, changed, events))
+            copies.extend(_route_one(conn, a, config, now, records, protected, changed, events, copies))
         except Exception:  # noqa: BLE001 - logged without PHI: the message id only
             log.failure("routing message {message_id} failed; no copies queued for it", message_id=a.message_id)
     if changed:
@@ -87,8 +89,9 @@ def _lineage(conn: Connection, a: Applied) -> tuple[str, ...]:
 
 
 def _route_one(conn: Connection, a: Applied, config: Config, now: datetime, records, protected, changed,
-               events) -> list[NewCopy]:
-    """One message: its opt-out bookkeeping (PD1-12), its destinations, its copies."""
+               events, earlier: Sequence[NewCopy]) -> list[NewCopy]:
+    """One message: its opt-out bookkeeping (PD1-12), its destinations, its copies
+    (``earlier``: the batch's copies before it, not in the outbox yet)."""
     said = protection(a.message)
     state, by = protected.get(a.person, (False, None)) if a.person is not None else (False, None)
     if said is True and not state:
@@ -107,7 +110,12 @@ def _route_one(conn: Connection, a: Applied, config: Config, now: datetime, reco
     prior = None
     if a.retired is not None and a.retired_person is not None:
         prior = _one_per_facility(records.get(a.retired_person, []) + [(a.retired, True)], a.retired)
-    decision = route(event, config.facilities, mine, config.routes, prior_records=prior)
+    pv1 = a.message.first("PV1")
+    visit = storable(visit_number(pv1), VISIT_LEN) if pv1 is not None else ""
+    told = None
+    if event.message_type == "ADT" and event.event in CANCELS:
+        told = _told(conn, a.subject, visit, earlier)
+    decision = route(event, config.facilities, mine, config.routes, prior_records=prior, told=told)
     out = []
     for i, dest in enumerate(decision.destinations):
         facility = config.facility(dest.facility)
@@ -117,8 +125,27 @@ def _route_one(conn: Connection, a: Applied, config: Config, now: datetime, reco
         out.append(NewCopy(destination=dest.facility, message_id=a.message_id, control_id=copy.control_id,
                            payload=copy.encode(), created_at=now, person_id=a.person,
                            facility=a.subject[0], mrn=a.subject[1], reason=dest.why, destination_mrn=dest.mrn,
-                           document_type=event.document_type, document_types=event.document_types))
+                           document_type=event.document_type, document_types=event.document_types,
+                           visit=visit))
     return out
+
+
+def _told(conn: Connection, subject: Key, visit: str, earlier: Sequence[NewCopy]) -> set[str]:
+    """The destinations sent a copy about the sender's ``visit`` (of any of its records: a merge
+    moves visits; for "", no visit number, of this record), withheld ones aside, or about this
+    record before the outbox kept visits (0012): what a cancel of that visit may go to."""
+    facility, mrn = subject
+    sqlite = conn.dialect.name == "sqlite"
+    mark = "?" if sqlite else "%s"
+    same_record = f"mrn = {mark} AND (visit IS NULL OR visit = {mark})"
+    rows = select_rows(conn, None, (
+        f"SELECT DISTINCT destination FROM delivery WHERE facility = {mark} AND state <> 'withheld' AND "
+        + (f"({same_record} OR visit = {mark})" if visit else f"({same_record})")
+    ), [facility, mrn, visit, visit] if visit else [facility, mrn, visit])
+    told = {destination for (destination,) in rows}
+    told.update(c.destination for c in earlier if c.facility == facility and c.visit == visit
+                and (visit or c.mrn == mrn))
+    return told
 
 
 _EPOCH = datetime(2020, 1, 1, tzinfo=timezone.utc)

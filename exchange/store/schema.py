@@ -559,6 +559,9 @@ class Delivery(Base):
     # message's type and event and ``reason``, against the configuration the worker runs
     # when it sends the copy. NULL: queued before 0009 (the worker reads TXA-2 from ``payload``).
     document_types: Mapped[str | None] = mapped_column(Text)
+    # The sender's visit the copy is about (PV1-19, else PV1-50; "" for none): a cancel (A11, A13...)
+    # goes only where something about its visit went before. NULL: queued before 0012.
+    visit: Mapped[str | None] = mapped_column(String(VISIT_LEN))
     control_id: Mapped[str] = mapped_column(String(CONTROL_ID_LEN))  # the copy's MSH-10 (its ACK's MSA-2)
     payload: Mapped[bytes] = mapped_column(LargeBinary)  # the copy exactly as sent (unframed)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -578,6 +581,8 @@ class Delivery(Base):
         Index("ix_delivery_destination_state_id", "destination", "state", "id"),
         # The API's listing by state.
         Index("ix_delivery_state_id", "state", "id"),
+        # Routing a cancel: the destinations sent something about the sender's visit.
+        Index("ix_delivery_facility_visit", "facility", "visit"),
     )
 
 

@@ -13,7 +13,7 @@ from exchange.hl7.header import read_header
 from exchange.mapping.message import Message
 from exchange.routing.rules import (DEFAULT, Decision, Destination, Event, Reason, protection, recheck, route,
                                     subscribed)
-from exchange.routing.rules import LOCAL_EVENTS, MERGES
+from exchange.routing.rules import CANCELS, LOCAL_EVENTS, MERGES
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = load_config(REPO / "config" / "exchange.toml", environ={})
@@ -280,6 +280,27 @@ def test_merge_goes_where_the_destination_holds_both_sides():
     assert route(merge, everything, survivor).destinations == ()
     for legacy in ("A18", "A34", "A35", "A36"):
         assert legacy in MERGES
+
+
+@pytest.mark.parametrize("trigger", sorted(CANCELS))
+def test_a_cancel_goes_only_where_something_about_its_visit_went(trigger):
+    """A site that joined the person's care after the admit would get a cancel of a stay it
+    never heard of, and answer AE: a failed copy for an operator, and a disclosure for nothing."""
+    network = [facility("GENHOSP"), facility("OAKNH", "nursing_home"), facility("HHCARE", "home_health")]
+    everyone = RouteConfig("all", to_kinds=("nursing_home", "home_health"), allow_without_record=True)
+    decision = route(event("ADT", trigger), network, EVERYWHERE, [everyone], told={"OAKNH"})
+    assert where(decision) == {"OAKNH": DEFAULT}
+    assert reasons(decision) == {"GENHOSP": Reason.SENDER, "HHCARE": Reason.NOT_TOLD}
+    assert where(route(event("ADT", trigger), network, EVERYWHERE, told=None)) == {"OAKNH": DEFAULT,
+                                                                                  "HHCARE": DEFAULT}
+    # what is not a cancel goes by subscription whatever was sent before
+    assert where(route(event("ADT", "A08"), network, EVERYWHERE, told=set())) == {"OAKNH": DEFAULT,
+                                                                                  "HHCARE": DEFAULT}
+
+
+def test_every_cancel_takes_back_an_event_of_a_visit():
+    assert CANCELS.isdisjoint(LOCAL_EVENTS | MERGES)
+    assert {"A11", "A12", "A13", "A38"} <= CANCELS and "A08" not in CANCELS and "A03" not in CANCELS
 
 
 @pytest.mark.parametrize("trigger", sorted(LOCAL_EVENTS))

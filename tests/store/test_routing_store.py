@@ -392,3 +392,34 @@ def test_a_retry_after_the_sender_merged_the_patient_still_sees_the_newer_copy(e
         mark_delivered(conn, ids[new.message_id], at=now, ack_code="AA", ack=b"")
         result, _ = retry(conn, ids[old.message_id], "ops", now, config=config)
     assert result is RetryResult.SUPERSEDED
+
+
+def test_a_cancel_goes_only_where_something_about_its_visit_went_before(engine, tmp_path):
+    """OAKNH began caring for the patient after the hospital admitted her: the cancel of that
+    admit would tell it of a stay it never heard of (and its system would refuse it)."""
+    from tests.store.test_index import adt, pid
+
+    def visit(event, number, mrn="GH-7"):
+        return adt("GENHOSP", event, pid(mrn, "GENHOSP", **ELIZABETH), f"PV1|1|I|MED^101^A||||||||||||||||{number}")
+
+    def routed(*raws):
+        return [a.routed for a in run(engine, config, *raws)]
+
+    config = network(tmp_path)
+    assert routed(visit("A01", "V1")) == [()]  # nobody else cares for her yet
+    run(engine, config, register("OAKNH", "OA-7", **ELIZABETH))
+    assert routed(visit("A11", "V1")) == [()]
+    assert routed(visit("A01", "V2"), visit("A03", "V2")) == [("OAKNH",), ("OAKNH",)]
+    assert routed(visit("A13", "V2"), visit("A13", "V1")) == [("OAKNH",), ()]
+    # a visit admitted and cancelled in one batch: the admit's copy is not in the outbox yet
+    assert routed(visit("A01", "V3"), visit("A11", "V3")) == [("OAKNH",), ("OAKNH",)]
+    # a withheld copy told the destination nothing
+    assert routed(visit("A01", "V4")) == [("OAKNH",)]
+    with engine.begin() as conn:
+        conn.execute(text("update delivery set state = 'withheld' where visit = 'V4'"))
+    assert routed(visit("A11", "V4")) == [()]
+    # copies queued before the outbox kept visits count for every visit of their record
+    assert routed(visit("A01", "V5")) == [("OAKNH",)]
+    with engine.begin() as conn:
+        conn.execute(text("update delivery set visit = NULL where visit = 'V5'"))
+    assert routed(visit("A11", "V6")) == [("OAKNH",)]
