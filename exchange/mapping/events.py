@@ -76,6 +76,8 @@ from exchange.mapping.values import (
     phone,
     timestamp,
 )
+from exchange.matching.compare import DISAGREE, compare_given
+from exchange.matching.features import features_of
 from exchange.outcome import Problem, Value
 
 # --- vocabulary ------------------------------------------------------------------------
@@ -635,13 +637,21 @@ def _day(ts: Timestamp) -> tuple[int, int, int] | None:
 
 
 def _another_patient(rec: RecordView, demo: Demographics) -> bool:
-    """Whether ``demo`` cannot be the patient of ``rec``: another birth day, or another family and given name."""
+    """Whether ``demo`` cannot be the patient of ``rec``: another birth day, another family and
+    given name, or another given name (not the same, a nickname, an initial or a typo of it, as
+    the patient index compares them): a twin registered under the retired MRN of her sibling
+    has the family name and the birth date of the survivor, and nothing else."""
     born, stored = demo.birth, rec.birth
     if isinstance(born, Timestamp) and isinstance(stored, Timestamp) and _day(born) and _day(stored):
         if _day(born) != _day(stored):
             return True
     name, known = demo.name, rec.name
-    if isinstance(name, PersonName) and isinstance(known, PersonName) and name.family and known.family:
+    if not (isinstance(name, PersonName) and isinstance(known, PersonName)):
+        return False
+    if name.given and known.given and compare_given(features_of({"name": name}),
+                                                    features_of({"name": known})) is DISAGREE:
+        return True
+    if name.family and known.family:
         return (name.family.casefold() != known.family.casefold()
                 and name.given.casefold() != known.given.casefold())
     return False
@@ -892,8 +902,18 @@ def _map_merge(msg, ctx, state, event, warnings) -> list:
             raise _Fail(
                 102, "MRG-1", "MRG-1 assigning authority differs from PID-3: merges are within one facility"
             )
-        ops.append(UpsertPatient(ctx.code, survivor.value, demographics(pid, warnings)))
-        if survivor.value == retired.value:
+        named = state.record(ctx.code, survivor.value)
+        if (named is not None and not named.active and named.merged_into and retired.value != survivor.value
+                and _survivor(state, ctx.code, survivor.value) == retired.value):
+            # the merge that retired PID-3 into MRG-1, reversed by the sender: PID-3 lives again
+            # and MRG-1 is merged into it (MemoryState._merge)
+            warnings.append("PID-3: was merged into MRG-1 before; that merge is reversed")
+            mrn, demo = survivor.value, demographics(pid, warnings)
+        else:  # PID-3 merged away into another record: that survivor takes the merge, as it
+            # takes every later message under PID-3 (AE 205 for another patient's demographics)
+            mrn, _rec, demo = _subject(pid, ctx, state, warnings)
+        ops.append(UpsertPatient(ctx.code, mrn, demo))
+        if mrn == retired.value:
             warnings.append("MRG-1: prior identifier equals PID-3, nothing merged")
             continue
         if state.record(ctx.code, retired.value) is None:
@@ -901,7 +921,7 @@ def _map_merge(msg, ctx, state, event, warnings) -> list:
             # registration under that MRN -- another patient, perhaps -- to the survivor.
             warnings.append("MRG-1: prior identifier is not known here, nothing merged")
             continue
-        ops.append(MergePatients(ctx.code, survivor.value, retired.value, event, legacy))
+        ops.append(MergePatients(ctx.code, mrn, retired.value, event, legacy))
     if legacy:
         warnings.append(f"{event}: legacy merge event treated as A40")
     return ops

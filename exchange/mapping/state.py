@@ -21,7 +21,8 @@ Semantics in one place:
   ``merged_into`` = survivor; its identifiers are kept on the survivor as
   merged identifiers; its encounters move (a visit number the survivor
   already has keeps the survivor's encounter); its documents move; records
-  merged into it earlier now point at the survivor;
+  merged into it earlier now point at the survivor; a survivor that had been
+  merged into the retired record (the sender reverses that merge) is active again;
 * ``ChangeIdentifier``: the record moves to the new MRN with its
   encounters and documents (no tombstone: the old MRN was a typo); unknown
   old MRN: nothing happens;
@@ -221,6 +222,9 @@ class MemoryState:
         f = op.facility
         survivor = self._record(f, op.survivor_mrn)
         retired = self._record(f, op.retired_mrn)
+        if not survivor["active"]:  # a merge into this record's own survivor, reversed: it lives again
+            survivor["active"] = True
+            survivor["merged_into"] = None
         for visit, enc in retired["encounters"].items():
             survivor["encounters"].setdefault(visit, enc)
         retired["encounters"] = {}

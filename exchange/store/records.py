@@ -510,7 +510,9 @@ def _load(conn: Connection, want_records: set, want_documents: set, visits: set[
     state.store_ids = {
         "records": {key: (row.id, row.person_id) for key, row in rows.items()},
         # the patient index's view of each loaded record: how it is linked, its stored features
-        "match": {key: (row.link, row.features) for key, row in rows.items()},
+        # (none for a record merged away: it has no blocking keys, and if a reversed merge
+        # brings it back it must be matched and keyed again)
+        "match": {key: (row.link, row.features if records[key]["active"] else None) for key, row in rows.items()},
         "documents": {key: row.id for key, row in docs.items()},
     }
     return state

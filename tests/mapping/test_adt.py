@@ -306,6 +306,46 @@ def test_merge_moves_visits_and_keeps_retired_answerable():
     assert [i.value for i in ids.values()] == ["NEW"] and s.records[("HOSP", "NEW")]["merged_identifiers"] == ("OLD",)
 
 
+def a40(s, survivor, retired, name="Doe^Jane", birth=""):
+    return run(s, CTX, synthetic(msh("ADT", "A40"), "EVN|A40", f"PID|1||{survivor}^^^HOSP^MR||{name}||{birth}",
+                                 f"MRG|{retired}^^^HOSP^MR"))
+
+
+def test_a_merge_reversed_by_the_sender_brings_the_retired_record_back():
+    """A40 OLD->NEW, then NEW->OLD (the registrar merged the wrong way round): OLD lives again
+    and holds everything; before, both records were left inactive, OLD 'merged into' itself,
+    and the patient's record dropped out of routing and export."""
+    s = MemoryState()
+    adt(s, "A01", mrn="OLD", visit="V-OLD")
+    adt(s, "A01", mrn="NEW", visit="V-NEW")
+    a40(s, "NEW", "OLD")
+    result = a40(s, "OLD", "NEW")
+    assert "PID-3: was merged into MRG-1 before; that merge is reversed" in result.warnings
+    old, new = s.record("HOSP", "OLD"), s.record("HOSP", "NEW")
+    assert old.active and old.merged_into is None and set(old.encounters) == {"V-OLD", "V-NEW"}
+    assert not new.active and new.merged_into == "OLD" and new.encounters == {}
+    adt(s, "A08", mrn="NEW", visit="V-NEW", loc="X^1^1")  # the retired MRN lands on the survivor
+    assert s.record("HOSP", "OLD").encounters["V-NEW"].location.point_of_care == "X"
+
+
+def test_a_merge_into_a_record_merged_away_before_lands_on_its_survivor():
+    s = MemoryState()
+    for mrn in ("A", "B", "C"):
+        adt(s, "A01", mrn=mrn, visit=f"V-{mrn}")
+    a40(s, "C", "B")  # B lives on as C
+    result = a40(s, "B", "A")  # the sender still calls the patient B
+    assert "PID-3: identifier was merged; applied to the surviving record" in result.warnings
+    assert [(m.survivor_mrn, m.retired_mrn) for m in ops_of(result, MergePatients)] == [("C", "A")]
+    a, b, c = (s.record("HOSP", m) for m in "ABC")
+    assert c.active and set(c.encounters) == {"V-A", "V-B", "V-C"}
+    assert (a.active, a.merged_into, b.active, b.merged_into) == (False, "C", False, "C")
+    # another patient's demographics under the retired MRN merge nothing
+    adt(s, "A01", mrn="D", visit="V-D")
+    result = a40(s, "B", "D", name="Quinn^Oscar", birth="20010909")
+    assert isinstance(result, MappingError) and result.problem.code == 205
+    assert s.record("HOSP", "D").active
+
+
 def test_a40_whose_prior_mrn_is_unknown_merges_nothing():
     """A tombstone for an MRN never seen would send a later registration under it -- perhaps
     another patient -- to the survivor, and the survivor's copies to its facilities."""
@@ -347,7 +387,8 @@ def test_a_retired_mrn_reused_for_another_patient_is_refused_not_applied_to_the_
                           "MRG|OLD^^^HOSP^MR"))
     for pid in ("PID|1||OLD^^^HOSP^MR||Quinn^Oscar||20010909|M",  # another name and birth date
                 "PID|1||OLD^^^HOSP^MR||Doe^Jane||19800102|F",  # another birth date
-                "PID|1||OLD^^^HOSP^MR||Quinn^Oscar"):  # another family and given name
+                "PID|1||OLD^^^HOSP^MR||Quinn^Oscar",  # another family and given name
+                "PID|1||OLD^^^HOSP^MR||Doe^Olivia||19800101|F"):  # her twin: another given name
         refused = run(s, CTX, synthetic(msh("ADT", "A04"), "EVN|A04", pid))
         assert isinstance(refused, MappingError), pid
         assert (refused.problem.code, refused.problem.location) == (205, "PID-3")
@@ -355,10 +396,14 @@ def test_a_retired_mrn_reused_for_another_patient_is_refused_not_applied_to_the_
         assert (survivor["name"].family, survivor["birth"].value) == ("Doe", date(1980, 1, 1))
     # the same patient under the retired MRN still lands on the survivor, a married name included
     for pid in ("PID|1||OLD^^^HOSP^MR||Doe^Jane||19800101|F|||1 Main St^^Town",
+                "PID|1||OLD^^^HOSP^MR||Doe^Janie||19800101|F", "PID|1||OLD^^^HOSP^MR||Doe^J||19800101|F",
+                "PID|1||OLD^^^HOSP^MR||Doe^Jnae||19800101|F",  # a nickname, an initial, a typo
                 "PID|1||OLD^^^HOSP^MR||Smith^Jane||19800101|F", "PID|1||OLD^^^HOSP^MR||Smith^Jane||1980"):
         applied = run(s, CTX, synthetic(msh("ADT", "A08"), "EVN|A08", pid))
         assert isinstance(applied, Changes), pid
         assert ops_of(applied, UpsertPatient)[0].mrn == "NEW"
+        if "Smith" not in pid:  # the next one compares with Jane again
+            run(s, CTX, synthetic(msh("ADT", "A08"), "EVN|A08", "PID|1||NEW^^^HOSP^MR||Doe^Jane||19800101|F"))
     assert s.records[("HOSP", "NEW")]["name"].family == "Smith"
 
 

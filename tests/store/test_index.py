@@ -392,6 +392,23 @@ def test_undoing_an_a40_merge_gives_the_emptied_person_its_records_back(engine):
     assert rows(engine, f"select merged_into from person where id = {emptied}") == [(None,)]
 
 
+def test_a_merge_reversed_by_the_sender_leaves_one_active_record_in_the_patients_person(engine):
+    """A40 GH-2 into GH-1, then GH-1 into GH-2: both records had been left inactive, GH-2
+    'merged into' itself, and the patient's hospital record was gone from routing and export."""
+    run(engine, register("OAKNH", "OA-88", **ELIZABETH), register("GENHOSP", "GH-1", **ELIZABETH))
+    run(engine, register("GENHOSP", "GH-2", **ELIZABETH))
+    for survivor, retired in (("GH-1", "GH-2"), ("GH-2", "GH-1")):
+        assert run(engine, adt("GENHOSP", "A40", pid(survivor, "GENHOSP", **ELIZABETH),
+                               f"MRG|{retired}^^^GENHOSP^MR")) == ["AA"]
+    states = rows(engine, "select mrn, active, merged_into_mrn from patient_record where facility = 'GENHOSP'"
+                          " order by mrn")
+    assert [(m, bool(a), into) for m, a, into in states] == [("GH-1", False, "GH-2"), ("GH-2", True, None)]
+    assert person(engine, "GENHOSP", "GH-2") == person(engine, "OAKNH", "OA-88")
+    keyed = rows(engine, "select distinct r.mrn from record_key k join patient_record r on r.id = k.record_id"
+                         " where r.facility = 'GENHOSP'")
+    assert keyed == [("GH-2",)]  # the live record is a candidate again, the retired one is not
+
+
 def test_live_person_follows_merges_and_gives_up_on_a_gone_person_or_a_loop():
     from exchange.store.index import live_person
     from exchange.store.schema import MAX_MERGE_HOPS
