@@ -359,6 +359,7 @@ def _merge_persons(out, state, ids, stored, known, members, survivor: Key, retir
         out.reviews.append(_conflict_review(survivor, retired, target, conflicts, known, model, ref))
         return set()  # nothing joined the survivor's person
     taken = {k[0] for k in members.get(target, set()) if k in known and k != retired}
+    theirs = set(members.get(target, set())) - {retired}  # the survivor's person before the merge
     for key in sorted(members.get(source, set()) | {retired}):
         if key != retired and key[0] in taken:
             out.reviews.append({
@@ -368,6 +369,25 @@ def _merge_persons(out, state, ids, stored, known, members, survivor: Key, retir
             })
             continue
         current = known.get(key)
+        if key != retired and (current is None or current.link not in MANUAL_LINKS):
+            # Linked by the patient index to the retired record's person: the facility's merge
+            # says nothing about this record. It follows only if it matches the survivor's
+            # person as well; else it stays, and a technician is asked (a wrong merge at one
+            # site must not file its survivor's events in another site's other patient).
+            best = _best_score(current.features if current else None, theirs, known, model)
+            if best is None or best < model.upper:
+                out.reviews.append({
+                    "facility": key[0], "mrn": key[1], "kind": "duplicate", "person": target, "score": best,
+                    "message": ref,
+                    "detail": {"record": {"facility": key[0], "mrn": key[1]},
+                               "candidates": [{"facility": survivor[0], "mrn": survivor[1], "person": target,
+                                               "score": best}],
+                               "action": "review",
+                               "reasons": [f"merge at {survivor[0]} of {retired[1]} into {survivor[1]}: this record"
+                                           f" was matched to {retired[1]}'s person and does not match the"
+                                           f" survivor's person well enough to follow it; not moved"]},
+                })
+                continue
         if key == retired:
             link, features = stored.get(retired, ("auto", None))
         else:
@@ -387,6 +407,13 @@ def _merge_persons(out, state, ids, stored, known, members, survivor: Key, retir
         if current is not None:
             current.person = target
     return there
+
+
+def _best_score(f: Features | None, records: set[Key], known, model: Model) -> float | None:
+    """The best score of features ``f`` against ``records`` (those with features); None without any."""
+    scores = [score(f, known[k].features, model).total for k in records
+              if f is not None and k in known and known[k].features is not None]
+    return max(scores) if scores else None
 
 
 def _conflict_review(survivor: Key, retired: Key, person: int | str, conflicts, known, model: Model, ref) -> dict:

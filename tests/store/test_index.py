@@ -409,6 +409,40 @@ def test_a_merge_reversed_by_the_sender_leaves_one_active_record_in_the_patients
     assert keyed == [("GH-2",)]  # the live record is a candidate again, the retired one is not
 
 
+def test_an_a40_of_two_patients_does_not_carry_another_sites_record_to_the_survivor(engine):
+    """Found by a black-box audit: the hospital merged Bob's record into Alice's; home health's
+    Bob, matched to the hospital's Bob, joined Alice's person without a word, and Alice's
+    discharge went to home health filed under Bob's MRN. A record the index matched to the
+    retired side follows the merge only if it matches the survivor's person too."""
+    from exchange.store.reviews import decide_review
+
+    alice = dict(name="ABERNATHY^ALICE", birth="19700203", ssn="301-22-4455")
+    bob = dict(name="ZELLER^ROBERT", birth="19640918", sex="M", address="9 ELM AVE^^RIVERTON^WY^82501",
+               phone="555-0199", ssn="512-77-1234")
+    run(engine, register("GENHOSP", "GA", **alice), register("OAKNH", "OA", **alice))
+    run(engine, register("GENHOSP", "GB", **bob), register("HHCARE", "HB", **bob))
+    bobs = person(engine, "HHCARE", "HB")
+    assert person(engine, "GENHOSP", "GB") == bobs != person(engine, "OAKNH", "OA")
+    assert run(engine, adt("GENHOSP", "A40", pid("GA", "GENHOSP", **alice), "MRG|GB^^^GENHOSP^MR")) == ["AA"]
+    alices = person(engine, "GENHOSP", "GA")
+    assert person(engine, "OAKNH", "OA") == person(engine, "GENHOSP", "GB") == alices
+    assert person(engine, "HHCARE", "HB") == bobs != alices  # not moved ...
+    (review,) = rows(engine, "select id, kind, person_id, state from match_review where mrn = 'HB'")
+    assert review[1:] == ("duplicate", alices, "open")  # ... and a technician is asked
+    with engine.begin() as conn:  # the technician answers: Bob is not Alice
+        decided = decide_review(conn, review[0], "not-a-match", actor="tess", now=NOW)
+    assert decided["state"] == "resolved" and person(engine, "HHCARE", "HB") != alices
+
+    # the usual merge: a duplicate registration at the hospital, matched by home health's record
+    # first; the hospital's own record of her could not join them (one facility, two records)
+    carol = dict(name="CALLOWAY^CAROL", birth="19511111", ssn="402-11-9087")
+    run(engine, register("GENHOSP", "GD", **carol), register("HHCARE", "HD", **carol))
+    run(engine, register("GENHOSP", "GE", **carol))
+    assert person(engine, "HHCARE", "HD") == person(engine, "GENHOSP", "GD") != person(engine, "GENHOSP", "GE")
+    assert run(engine, adt("GENHOSP", "A40", pid("GE", "GENHOSP", **carol), "MRG|GD^^^GENHOSP^MR")) == ["AA"]
+    assert person(engine, "HHCARE", "HD") == person(engine, "GENHOSP", "GE")  # she follows her merge
+
+
 def test_live_person_follows_merges_and_gives_up_on_a_gone_person_or_a_loop():
     from exchange.store.index import live_person
     from exchange.store.schema import MAX_MERGE_HOPS
