@@ -504,7 +504,12 @@ def test_ssl_endpoint_with_real_files(tmp_path):
     assert check_server_endpoint(f"ssl:2576:privateKey={key}:certKey={key}").startswith(
         "cannot load the TLS key and certificate"
     )
-    assert check_server_endpoint(f"ssl:2576:privateKey={key}:certKey={cert}:sslmethod=NOPE") == "unknown sslmethod 'NOPE'"
+    # Twisted's legacy version pin would bypass the TLS 1.2+ / AEAD-only listener (and with
+    # caCertsDir made `serve` exit 1 at start): refused, whatever its value
+    for method in ("NOPE", "SSLv23_METHOD", "TLSv1_2_METHOD"):
+        for extra in ("", f":caCertsDir={cas}"):
+            assert check_server_endpoint(f"ssl:2576:privateKey={key}:certKey={cert}:sslmethod={method}{extra}") == (
+                "sslmethod is not supported: ssl: listeners take TLS 1.2 and newer with forward-secret AEAD suites only")
 
     config = load(
         tmp_path,

@@ -66,9 +66,9 @@ CIPHERS = "ECDH+AESGCM:ECDH+CHACHA20:DH+AESGCM:DH+CHACHA20:!aNULL:!MD5:!DSS"
 def server_endpoint(reactor, description: str):
     """A listening endpoint; ``ssl:`` ones with TLS 1.2 or newer and :data:`CIPHERS`, and with
     ``caCertsDir``/``caCerts`` a client certificate required. (``sslmethod``, Twisted's legacy
-    way to pin a protocol version, leaves the string to ``serverFromString``.)"""
+    way to pin a protocol version, is refused by the configuration check.)"""
     kind, args, kwargs = split_description(description)
-    if kind != "ssl" or "sslmethod" in kwargs:
+    if kind != "ssl":
         return endpoints.serverFromString(reactor, description)
     port = int(args[0] if args else kwargs["port"])
     key_path = kwargs.get("privateKey", "server.pem")
