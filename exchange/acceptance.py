@@ -259,6 +259,7 @@ _ATTRIBUTE_ALIASES = {
     "STATEORPROVINCENAME": "ST",
     "S": "ST",
     "EMAIL": "EMAILADDRESS",
+    "E": "EMAILADDRESS",
 }
 
 
@@ -285,8 +286,30 @@ def normalize_subject(value: str) -> tuple[tuple[str, str], ...]:
         if not sep:
             continue
         name = name.strip().upper()
-        pairs.append((_ATTRIBUTE_ALIASES.get(name, name), val.strip()))
+        pairs.append((_ATTRIBUTE_ALIASES.get(name, name), _unescape(val.strip())))
     return tuple(sorted(pairs))
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _unescape(value: str) -> str:
+    """An RFC 4514 value without its escapes: ``\\,`` is ",", ``\\C3\\A9`` is "é" (UTF-8 bytes)."""
+    if "\\" not in value:
+        return value
+    out, i = bytearray(), 0
+    while i < len(value):
+        c, pair = value[i], value[i + 1:i + 3]
+        if c == "\\" and len(pair) == 2 and set(pair) <= _HEX:
+            out.append(int(pair, 16))
+            i += 3
+        elif c == "\\" and i + 1 < len(value):
+            out.extend(value[i + 1].encode())
+            i += 2
+        else:
+            out.extend(c.encode())
+            i += 1
+    return out.decode("utf-8", "replace")
 
 
 def _split_unescaped(text: str, separators: str) -> list[str]:

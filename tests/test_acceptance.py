@@ -186,6 +186,30 @@ def test_4_bare_cn_rule_matches_the_certificate_cn():
     assert_outcome(outcome, Verdict.REJECT, 103, "MSH-4")
 
 
+def test_4_certificate_subjects_match_the_forms_the_configuration_documents():
+    """Found by a black-box audit: a CN with a comma, bound as the bare CN, and an OpenSSL-printed
+    subject with emailAddress (compared as its OID in hex) each locked their own facility out."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    from exchange.mllp.protocol import subject_text
+
+    cert_subject = subject_text(x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Audit"),
+        x509.NameAttribute(NameOID.COMMON_NAME, "Mercy Hospital, North"),
+        x509.NameAttribute(NameOID.EMAIL_ADDRESS, "it@lab3.example"),
+    ]))
+    peer = PeerIdentity(tls_subject=cert_subject)
+    for bound in ("Mercy Hospital, North", "/O=Audit/CN=Mercy Hospital, North/emailAddress=it@lab3.example",
+                  "CN=Mercy Hospital\\, North,O=Audit,emailAddress=it@lab3.example",
+                  "E=it@lab3.example,CN=Mercy Hospital\\2C North,O=Audit"):
+        policy = AcceptancePolicy(facilities={"MERCY": FacilityRule("MERCY", tls_subject=bound)})
+        assert accept(header(sending_facility_field="MERCY"), policy, peer) == ACCEPTED, bound
+    for other in ("Mercy Hospital", "/O=Audit/CN=Mercy Hospital, North", "CN=Mercy Hospital\\, South,O=Audit"):
+        policy = AcceptancePolicy(facilities={"MERCY": FacilityRule("MERCY", tls_subject=other)})
+        assert_outcome(accept(header(sending_facility_field="MERCY"), policy, peer), Verdict.REJECT, 103, "MSH-4")
+
+
 def test_4_subject_and_fingerprint_must_both_match():
     h = header(sending_facility_field="TLSBOTH")
     good = PeerIdentity(tls_subject="CN=both.example.org", tls_fingerprint=FP_B)
@@ -238,7 +262,8 @@ def test_4_tls_check_comes_before_version():
 def test_normalisers():
     assert normalize_fingerprint(" SHA256:AB:CD ") == "abcd"
     assert normalize_subject("CN = a , O = b") == (("CN", "a"), ("O", "b"))
-    assert normalize_subject("O=Acme\\, Inc,CN=a") == (("CN", "a"), ("O", "Acme\\, Inc"))
+    assert normalize_subject("O=Acme\\, Inc,CN=a") == (("CN", "a"), ("O", "Acme, Inc"))
+    assert normalize_subject("CN=Caf\\C3\\A9 \\+ Bar") == (("CN", "Café + Bar"),)
     assert normalize_subject("CN=a+UID=7") == (("CN", "a"), ("UID", "7"))
     assert normalize_subject("justacn") == (("CN", "justacn"),)
 

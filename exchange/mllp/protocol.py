@@ -272,6 +272,27 @@ def _tls_identity(transport) -> PeerIdentity | None:
     from cryptography.hazmat.primitives import hashes
 
     return PeerIdentity(
-        tls_subject=x509.subject.rfc4514_string(),
+        tls_subject=subject_text(x509.subject),
         tls_fingerprint=x509.fingerprint(hashes.SHA256()).hex(),
     )
+
+
+def subject_text(name) -> str:
+    """A certificate's subject as ``exchange.acceptance.normalize_subject`` reads it: RFC 4514
+    with OpenSSL's attribute names (emailAddress, not its OID in hex as ``rfc4514_string``
+    gives it), each value as it is in the certificate with ``\\ , + ;`` escaped."""
+    parts = []
+    for attribute in name:
+        label = _SUBJECT_NAMES.get(attribute.oid.dotted_string, attribute.oid.dotted_string)
+        value = attribute.value if isinstance(attribute.value, str) else attribute.value.hex()
+        escaped = "".join("\\" + c if c in "\\,+;" else c for c in value)
+        parts.append(f"{label}={escaped}")
+    return ",".join(parts)
+
+
+_SUBJECT_NAMES = {  # OpenSSL's short names of the subject attributes certificates carry
+    "2.5.4.3": "CN", "2.5.4.6": "C", "2.5.4.7": "L", "2.5.4.8": "ST", "2.5.4.10": "O", "2.5.4.11": "OU",
+    "2.5.4.5": "serialNumber", "2.5.4.9": "street", "2.5.4.12": "title", "2.5.4.17": "postalCode",
+    "2.5.4.4": "SN", "2.5.4.42": "GN", "0.9.2342.19200300.100.1.25": "DC", "0.9.2342.19200300.100.1.1": "UID",
+    "1.2.840.113549.1.9.1": "emailAddress",
+}
