@@ -61,9 +61,10 @@ from typing import TextIO
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import connectProtocol
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime, ISSLTransport
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from exchange.acceptance import never_answered
 from exchange.hl7.header import read_header
@@ -350,18 +351,34 @@ def report_reply(message: OutboundMessage, reply: bytes, tally: Tally, out: Text
     tally.count(ack.code)
 
 
+@implementer(IHandshakeListener)
 class SenderProtocol(MLLPClientProtocol):
-    """The MLLP client, also telling whether the peer has closed the connection."""
+    """The MLLP client, also telling whether the peer has closed the connection, and (TLS)
+    when the handshake has completed: only then is the connection open for a message."""
 
     def __init__(self, reactor: IReactorTime, **kwargs) -> None:
         super().__init__(reactor, **kwargs)
         self.clock = reactor
         self.closed = False
         self._hangup_waiters: list[Deferred[bool]] = []
+        self._handshake: Deferred[SenderProtocol] = Deferred()
+
+    def ready(self) -> Deferred[SenderProtocol]:
+        """Fires with this protocol once a message may be written: at once on TCP, after the
+        handshake on TLS; fails when the connection is lost first (a refused certificate)."""
+        if not ISSLTransport.providedBy(self.transport):
+            return succeed(self)
+        return self._handshake
+
+    def handshakeCompleted(self) -> None:
+        if not self._handshake.called:
+            self._handshake.callback(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
         super().connectionLost(reason)
+        if not self._handshake.called:
+            self._handshake.errback(reason)
         waiters, self._hangup_waiters = self._hangup_waiters, []
         for d in waiters:
             d.callback(True)
@@ -470,7 +487,8 @@ def send_files(
     err = err if err is not None else sys.stderr
 
     def new_connection() -> Deferred[SenderProtocol]:
-        return connectProtocol(target, SenderProtocol(reactor, timeout=timeout))
+        return connectProtocol(target, SenderProtocol(reactor, timeout=timeout)).addCallback(
+            lambda protocol: protocol.ready().addTimeout(timeout, reactor))
 
     def connected(protocol: SenderProtocol) -> Deferred[int]:
         return send_messages(protocol, messages, out, err, reconnect=new_connection)

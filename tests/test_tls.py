@@ -173,6 +173,27 @@ def test_exchange_send_over_mutual_tls(tls_server, pki, tmp_path):
     assert "TLS-SEND-1\tAA" in done.stdout
 
 
+def test_exchange_send_to_a_server_it_does_not_trust_sends_nothing(tls_server, pki, tmp_path):
+    """Found by a black-box audit: the refused handshake was counted as a message sent and
+    unanswered ("sent 1, ... no reply 1": the receiver may have it), though nothing went."""
+    other_key, other_ca = _issue("Another CA", None, None, ca=True)
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    _write(trust, "other", other_key, other_ca)
+    (trust / "other.key").unlink()
+    (trust / "other.crt").rename(trust / "other.pem")
+    key, cert = pki["genhosp"]
+    message = tmp_path / "one.hl7"
+    message.write_bytes(adt("TLS-SEND-2", facility="GENHOSP"))
+    host, port = tls_server.address
+    endpoint = f"tls:host=localhost:port={port}:caCertsDir={trust}:certificate={cert}:privateKey={key}"
+    done = subprocess.run([sys.executable, "-m", "exchange.cli", "send", endpoint, str(message)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == ""
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("exchange send: cannot connect to tls:") and "certificate verify failed" in line
+
+
 def _handshake(address, pki, *, ciphers: str | None = None, version=None) -> str:
     """The cipher a TLS client (genhosp's certificate) gets, or raises ssl.SSLError."""
     import socket
