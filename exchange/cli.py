@@ -17,9 +17,18 @@ class UsageFailure(Exception):
     """A one-line reason; the command exits 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line: ``exchange: REASON (see PROG --help)``, exit 2
+    (argparse prints the whole usage block first). Its subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        reason = " ".join(message.split())  # one line, whatever the user typed
+        raise UsageFailure(f"{reason} (see {self.prog} --help)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="exchange", description="Multi-site HL7 v2 medical records exchange")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="exchange", description="Multi-site HL7 v2 medical records exchange")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", default=None,
@@ -35,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each ACK")
 
     db = sub.add_parser("db", help="database administration")
-    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
     upgrade = db_sub.add_parser("upgrade", help="apply migrations (Alembic) up to the newest")
     common(upgrade)
 
@@ -50,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--batch", type=int, default=500, help="messages per batch (default 500)")
 
     token = sub.add_parser("token", help="bearer tokens for the HTTP API")
-    token_sub = token.add_subparsers(dest="token_command", required=True)
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
     create = token_sub.add_parser("create", help="create a token and print it (once) on stdout")
     create.add_argument("name", help="who the token is for (the actor in the audit trail)")
     create.add_argument("--role", required=True, help="technician or admin")
@@ -60,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     common(revoke)
 
     user = sub.add_parser("user", help="workbench logins: add (or --reset), disable, list")
-    user_sub = user.add_subparsers(dest="user_command", required=True)
+    user_sub = user.add_subparsers(dest="user_command", required=True, metavar="COMMAND")
     add = user_sub.add_parser(
         "add",
         help="create a workbench user; the password is read from stdin (one line)",
@@ -79,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     common(listing)
 
     reviews = sub.add_parser("reviews", help="the patient index's review queue: list, show, decide, undo")
-    reviews_sub = reviews.add_subparsers(dest="reviews_command", required=True)
+    reviews_sub = reviews.add_subparsers(dest="reviews_command", required=True, metavar="COMMAND")
     listing = reviews_sub.add_parser("list", help="reviews in a state, oldest first")
     listing.add_argument("--state", default="open", choices=("open", "resolved", "superseded", "all"))
     listing.add_argument("--limit", type=int, default=100, help="at most this many (1 to 1000, default 100)")
@@ -121,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     common(reconcile)
 
     export = sub.add_parser("export", help="export data as CSV on stdout")
-    export_sub = export.add_subparsers(dest="export_command", required=True)
+    export_sub = export.add_subparsers(dest="export_command", required=True, metavar="COMMAND")
     links = export_sub.add_parser(
         "links", help="facility,authority,mrn,person: every active facility record and its person now"
     )
@@ -692,8 +701,12 @@ COMMANDS = {"serve": cmd_serve, "send": cmd_send, "token": cmd_token, "user": cm
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
     try:
+        args, extra = parser.parse_known_args(argv)  # --help prints and exits 0 (SystemExit)
+        if extra:  # named with the subcommand they were given to (argparse names only "exchange")
+            words = [args.command] + [getattr(args, f"{args.command}_command", None) or ""]
+            raise UsageFailure(f"unrecognized arguments: {' '.join(' '.join(extra).split())}"
+                               f" (see exchange {' '.join(w for w in words if w)} --help)")
         if args.command == "db":
             return cmd_db_upgrade(args)
         return COMMANDS[args.command](args)

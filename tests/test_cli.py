@@ -142,6 +142,78 @@ def test_a_good_file_at_the_default_path_gives_way_to_the_database_on_the_line(t
     assert (tmp_path / "on-the-line.db").exists() and not (tmp_path / "from-file.db").exists()
 
 
+# Bad usage as argparse sees it -> the one line: what is wrong, and where the help is.
+USAGE_ERRORS = {
+    ("frobnicate",): "exchange: argument COMMAND: invalid choice: 'frobnicate' (choose from 'serve', 'send', 'db',"
+                     " 'replay', 'token', 'user', 'reviews', 'reconcile', 'export') (see exchange --help)",
+    (): "exchange: the following arguments are required: COMMAND (see exchange --help)",
+    ("send",): "exchange: the following arguments are required: endpoint, FILE (see exchange send --help)",
+    ("db", "downgrade"): "exchange: argument COMMAND: invalid choice: 'downgrade' (choose from 'upgrade')"
+                         " (see exchange db --help)",
+    ("reviews",): "exchange: the following arguments are required: COMMAND (see exchange reviews --help)",
+    ("reviews", "decide", "1", "maybe", "--actor", "x"):
+        "exchange: argument decision: invalid choice: 'maybe' (choose from 'link', 'not-a-match')"
+        " (see exchange reviews decide --help)",
+    ("reviews", "decide", "1", "link"): "exchange: the following arguments are required: --actor"
+                                        " (see exchange reviews decide --help)",
+    ("reviews", "list", "--state", "bogus"):
+        "exchange: argument --state: invalid choice: 'bogus' (choose from 'open', 'resolved', 'superseded', 'all')"
+        " (see exchange reviews list --help)",
+    ("reviews", "undo", "x", "--actor", "a"): "exchange: argument decision: invalid int value: 'x'"
+                                              " (see exchange reviews undo --help)",
+    ("replay", "--batch", "x"): "exchange: argument --batch: invalid int value: 'x' (see exchange replay --help)",
+    ("export", "nothing"): "exchange: argument COMMAND: invalid choice: 'nothing' (choose from 'links')"
+                           " (see exchange export --help)",
+    ("token", "create", "ops"): "exchange: the following arguments are required: --role"
+                                " (see exchange token create --help)",
+    ("user", "add"): "exchange: the following arguments are required: name, --role (see exchange user add --help)",
+    ("serve", "--colour", "blue"): "exchange: unrecognized arguments: --colour blue (see exchange serve --help)",
+    ("user", "list", "extra"): "exchange: unrecognized arguments: extra (see exchange user list --help)",
+    ("reconcile", "--config"): "exchange: argument --config: expected one argument (see exchange reconcile --help)",
+    ("send", "h:1", "a\nb", "--timeout", "x\ny"):
+        "exchange: argument --timeout: invalid float value: 'x\\ny' (see exchange send --help)",
+}
+
+
+@pytest.mark.parametrize("argv", list(USAGE_ERRORS), ids=lambda argv: " ".join(argv) or "(nothing)")
+def test_bad_usage_is_one_line_naming_the_help_and_exit_2(tmp_path, capsys, monkeypatch, argv):
+    """Found by a black-box audit: argparse printed its usage block before the reason (the contract
+    says one line); the command does nothing (no database, no configuration read)."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, monkeypatch, *argv)
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [USAGE_ERRORS[argv]]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_value_with_a_line_break_stays_on_one_line(capsys, monkeypatch):
+    code, out, err = run_cli(capsys, monkeypatch, "reviews", "show", "1\n2")
+    assert code == 2 and err.splitlines() == [
+        "exchange: argument id: invalid int value: '1\\n2' (see exchange reviews show --help)"]
+    code, out, err = run_cli(capsys, monkeypatch, "frobnicate\nusage: x")
+    assert code == 2 and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [(), ("reviews",), ("reviews", "decide"), ("db", "upgrade")], ids=" ".join)
+def test_help_still_prints_the_usage_and_exits_0(capsys, argv):
+    from exchange import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main([*argv, "--help"])
+    out, err = capsys.readouterr()
+    assert stop.value.code == 0 and err == ""
+    assert out.startswith(f"usage: {' '.join(('exchange', *argv))} ")
+
+
+def test_the_installed_command_answers_bad_usage_in_one_line(tmp_path):
+    for argv in (("frobnicate",), ("send",), ("reviews", "decide", "1", "maybe", "--actor", "x")):
+        done = exchange(*argv, cwd=tmp_path)
+        assert (done.returncode, done.stdout) == (2, "")
+        assert done.stderr.splitlines() == [USAGE_ERRORS[argv]]
+    done = exchange("send", "--help", cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.startswith("usage: exchange send ") and done.stderr == ""
+
+
 def test_db_upgrade_creates_the_schema(database_url):
     done = exchange("db", "upgrade", "--database", database_url)
     assert done.returncode == 0, done.stderr
