@@ -3,6 +3,7 @@ stored, what is answered, and dedup within and across batches."""
 from __future__ import annotations
 
 import itertools
+import json
 from datetime import datetime, timezone
 
 from sqlalchemy import text
@@ -153,3 +154,30 @@ def test_without_facilities_nothing_is_mapped(engine):
     (answer,) = run(engine, [received(msg("REC-5", body=b"PID|1\r"))], facilities=None)
     assert answer.ack_code == "AA"
     assert rows(engine, "select count(*) from record_event") == [(0,)]
+
+
+def test_a_visit_keeps_its_attending_and_consulting_doctors_and_the_record_view_shows_them(engine):
+    from exchange.store.records import record_view
+
+    pid = b"PID|1||MRN99^^^GENHOSP^MR||DOE^JOHN||19700101|M\r"
+    admit = msg("REC-6", body=pid + b"PV1|1|I|W2^1^A||||D1^WHO^AL^^^^^^NPI||C1^CON^CY~C2^SUL^SY||||||||||V99\r")
+    (answer,) = run(engine, [received(admit)])
+    assert answer.ack_code == "AA"
+    with engine.connect() as conn:
+        (encounter,) = record_view(conn, "GENHOSP", "MRN99")["encounters"]
+    assert encounter["attending"] == {"id": "D1", "family": "WHO", "given": "AL", "authority": "NPI"}
+    assert [d["id"] for d in encounter["consulting"]] == ["C1", "C2"]
+    # an encounter stored before PV1-9 was kept (no "consulting" in its data) still reads and updates
+    with engine.begin() as conn:
+        data = conn.execute(text("select data from encounter")).scalar_one()
+        stored = json.loads(data) if isinstance(data, str) else data
+        del stored["consulting"]
+        conn.execute(text("update encounter set data = :d"), {"d": json.dumps(stored)})
+    with engine.connect() as conn:
+        assert record_view(conn, "GENHOSP", "MRN99")["encounters"][0]["consulting"] == []
+    update = msg("REC-7", body=pid + b"PV1|1|I|W2^1^B||||||C3^NEW^NA||||||||||V99\r").replace(b"ADT^A01", b"ADT^A08")
+    (answer,) = run(engine, [received(update)])
+    assert answer.ack_code == "AA"
+    with engine.connect() as conn:
+        (encounter,) = record_view(conn, "GENHOSP", "MRN99")["encounters"]
+    assert (encounter["attending"]["id"], [d["id"] for d in encounter["consulting"]]) == ("D1", ["C3"])

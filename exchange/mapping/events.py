@@ -586,6 +586,7 @@ def encounter_patch(pv1: Segment, warnings: list[str]) -> EncounterPatch:
         location=loc(3),
         prior_location=loc(6),
         attending=attending,
+        consulting=_repeating(pv1, 9, doctor),
         admitted_at=_ts(pv1, 44, warnings),
         discharged_at=_ts(pv1, 45, warnings),
     )

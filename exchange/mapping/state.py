@@ -80,7 +80,8 @@ _DEMOGRAPHIC_FIELDS = (
     "death",
     "deceased",
 )
-_ENCOUNTER_FIELDS = ("patient_class", "location", "prior_location", "attending", "admitted_at", "discharged_at")
+_ENCOUNTER_FIELDS = ("patient_class", "location", "prior_location", "attending", "consulting", "admitted_at",
+                     "discharged_at")
 _DOCUMENT_FIELDS = (
     "number_field",
     "type",
@@ -214,8 +215,8 @@ class MemoryState:
         if op.status is not None:
             enc["status"] = op.status
         patch: EncounterPatch = op.patch
-        for f in _ENCOUNTER_FIELDS:
-            enc[f] = _patched(enc[f], getattr(patch, f))
+        for f in _ENCOUNTER_FIELDS:  # (an encounter stored before a field existed lacks it)
+            enc[f] = _patched(enc.get(f), getattr(patch, f))
         return (op.mrn, op.visit_number, op.event)
 
     def _merge(self, op: MergePatients, ref) -> tuple:

@@ -392,6 +392,7 @@ class EncounterPatch(Value):
     location: Location | None | _Delete = None  # PV1-3
     prior_location: Location | None | _Delete = None  # PV1-6
     attending: Doctor | None | _Delete = None  # PV1-7 (first repetition)
+    consulting: tuple[Doctor, ...] | None | _Delete = None  # PV1-9 (every repetition)
     admitted_at: Timestamp | None | _Delete = None  # PV1-44
     discharged_at: Timestamp | None | _Delete = None  # PV1-45
 

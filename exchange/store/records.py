@@ -759,6 +759,12 @@ def _address(a: Address) -> dict[str, str]:
             "postal_code": a.postal_code, "country": a.country, "use": a.use, "county": a.county}
 
 
+def _doctor(d: Doctor | None) -> dict[str, str] | None:
+    if d is None:
+        return None
+    return {"id": d.id, "family": d.name.family, "given": d.name.given, "authority": d.authority}
+
+
 def record_view(conn: Connection, facility: str, mrn: str) -> dict[str, Any] | None:
     """``GET /api/records/{facility}/{mrn}`` as a plain dict; None when unknown."""
     row = conn.execute(
@@ -769,11 +775,15 @@ def record_view(conn: Connection, facility: str, mrn: str) -> dict[str, Any] | N
     rec = _record_from_row(from_json(row.data))
     birth: Timestamp | None = rec["birth"]
     death: Timestamp | None = rec["death"]
-    encounters = [
-        {"visit_number": e.visit_number, "class": e.patient_class, "status": e.status, "location": e.location,
-         "prior_location": e.prior_location, "admitted_at": e.admitted_at, "discharged_at": e.discharged_at}
-        for e in conn.execute(select(encounter).where(encounter.c.record_id == row.id).order_by(encounter.c.id))
-    ]
+    encounters = []
+    for e in conn.execute(select(encounter).where(encounter.c.record_id == row.id).order_by(encounter.c.id)):
+        stored = _json(e.data) if e.data is not None else {}
+        encounters.append({
+            "visit_number": e.visit_number, "class": e.patient_class, "status": e.status, "location": e.location,
+            "prior_location": e.prior_location, "admitted_at": e.admitted_at, "discharged_at": e.discharged_at,
+            "attending": _doctor(stored.get("attending")),
+            "consulting": [_doctor(d) for d in stored.get("consulting") or ()],
+        })
     documents = [
         {"number": r.number, "type": r.type, "parent": r.parent, "completion_status": r.completion_status,
          "availability": r.availability, "state": r.state, "version": r.version,
