@@ -297,18 +297,50 @@ class _Fail(Exception):
 
 # --- event tables --------------------------------------------------------------------------
 
+# A54/A55 change the attending doctor (PV1-7) and take the change back (PV1-7 then names the doctor
+# before it), A61/A62 the same for the consulting doctors (PV1-9): updates of the visit's PV1.
+DOCTOR_EVENTS = frozenset({"A54", "A55", "A61", "A62"})
 ENCOUNTER_EVENTS = frozenset(
-    {"A01", "A02", "A03", "A04", "A05", "A06", "A07", "A08", "A11", "A12", "A13", "A38"}
+    {"A01", "A02", "A03", "A04", "A05", "A06", "A07", "A08", "A11", "A12", "A13", "A38"} | DOCTOR_EVENTS
 )
 PERSON_EVENTS = frozenset({"A28", "A31"})
-# Events that carry a PID whose demographics are kept but whose other meaning is not modelled.
+# Events that carry a PID whose demographics are kept but whose other meaning is not modelled:
+# tracking and pending events, bed status, leaves of absence (A21/A22 and their cancels A52/A53:
+# the record model has no leave status), A48 (PID-4, the alternate patient id, is not kept),
+# A60 (adverse reactions, IAM, are not kept; the copies carry them as sent).
 DEMOGRAPHICS_ONLY_EVENTS = frozenset(
-    {"A09", "A10", "A14", "A15", "A16", "A20", "A21", "A22", "A25", "A26", "A27", "A32", "A33"}
+    {"A09", "A10", "A14", "A15", "A16", "A20", "A21", "A22", "A25", "A26", "A27", "A32", "A33", "A48", "A52", "A53",
+     "A60"}
 )
+_ONLY_DEMOGRAPHICS_BECAUSE = {
+    "A48": "A48: PID-4 (alternate patient ID) is not kept in the record model: only the demographics are applied",
+    "A60": "A60: adverse reactions (IAM) are not kept in the record model: only the demographics are applied",
+}
 MERGE_EVENTS = frozenset({"A40"})
-LEGACY_MERGE_EVENTS = frozenset({"A18", "A34", "A35", "A36", "A39"})  # A39: person-level merge (MRG-1, else MRG-4)
-ACCOUNT_EVENTS = frozenset({"A41", "A44"})  # account merge / move: PID-18 (MRG-3 the prior account)
+# A39 (person-level merge) and A30 (merge person information, before v2.3.1): MRG-1, else MRG-4
+LEGACY_MERGE_EVENTS = frozenset({"A18", "A30", "A34", "A35", "A36", "A39"})
+# account merge / move / change: PID-18 (MRG-3 the prior account); A49 changes the number, as A41 merges it
+ACCOUNT_EVENTS = frozenset({"A41", "A44", "A49"})
 VISIT_MOVE_EVENTS = frozenset({"A42", "A45", "A50", "A51"})  # visit merge / move / renumber (MRG-5, MRG-6)
+# A46 (change patient ID: PID-2, the sender's patient-level id, was MRG-4; "change external ID"
+# in v2.3, kept for backward compatibility since v2.3.1) is read as A47 where MRG-1 names the
+# prior MRN, as the person-level A39 is read as A40; with MRG-1 empty it names no MRN: the PID-2
+# change is not modelled (the record model keys on PID-3), only the demographics are applied.
+IDENTIFIER_CHANGE_EVENTS = frozenset({"A46", "A47"})
+# Accepted and applied as nothing, with the reason as the message's note.
+NO_OP_EVENTS = {
+    "A23": "A23: the sender deleted the visit from its own database (a purge; a visit entered in error is"
+           " cancelled with A11): the exchange keeps its record of the visit, nothing changed",
+}
+# Understood and refused (AE 201), with the reason.
+REFUSED_EVENTS = {
+    "A19": "A19 is a patient query (QRY^A19), not an update: the exchange answers no queries",
+    "A29": "A29 (delete person information) is not applied: no message deletes a record at the exchange"
+           " (its person links and the copies sent of it stay); a records technician takes a record made in"
+           " error out of its person, and a duplicate is merged with A40",
+    **{f"A{n}": f"A{n} is no HL7 event: table 0003 has no A56-A59 (sections 3.3.56-3.3.59 of the standard"
+                f" are the person queries QBP^Q21-Q24, which the exchange does not answer)" for n in range(56, 60)},
+}
 MDM_EVENTS = frozenset({f"T{n:02d}" for n in range(1, 12)})
 MDM_WITH_CONTENT = frozenset({"T02", "T04", "T06", "T08", "T10"})
 
@@ -685,8 +717,20 @@ def _survivor_record(
 def _map_adt(msg, header, ctx, state, event, warnings) -> list:
     if event in MERGE_EVENTS or event in LEGACY_MERGE_EVENTS:
         return _map_merge(msg, ctx, state, event, warnings)
-    if event == "A47":
-        return _map_identifier_change(msg, ctx, state, warnings)
+    if event in IDENTIFIER_CHANGE_EVENTS:
+        if event == "A46" and msg.first("MRG") is not None and not _names_a_prior_mrn(msg):
+            return _map_person_id_change(msg, ctx, state, warnings)
+        ops = _map_identifier_change(msg, ctx, state, warnings)
+        if event == "A46":
+            warnings.append("A46: read as A47 (MRG-1 renamed to PID-3; PID-2 is not modelled)")
+        return ops
+    if event == "A43":
+        return _map_identifier_move(msg, ctx, state, warnings)
+    if event in NO_OP_EVENTS:
+        warnings.append(NO_OP_EVENTS[event])
+        return []
+    if event in REFUSED_EVENTS:
+        raise _Fail(201, "MSH-9.2", REFUSED_EVENTS[event])
     if event in ("A24", "A37"):
         return _map_link(msg, ctx, event, warnings)
     if event == "A17":
@@ -706,7 +750,7 @@ def _map_adt(msg, header, ctx, state, event, warnings) -> list:
     mrn, rec, demo = _subject(pid, ctx, state, warnings)
     ops: list = [UpsertPatient(ctx.code, mrn, demo)]
     if event in DEMOGRAPHICS_ONLY_EVENTS:
-        warnings.append(f"{event}: only the demographics are applied")
+        warnings.append(_ONLY_DEMOGRAPHICS_BECAUSE.get(event) or f"{event}: only the demographics are applied")
     if event not in ENCOUNTER_EVENTS:
         return ops
 
@@ -853,6 +897,11 @@ def encounter_transition(
             return S.CANCELLED, patch
         warnings.append("A38: visit is no longer preadmitted, not cancelled")
         return None, patch
+    if event in DOCTOR_EVENTS:  # an update of the visit (its status unchanged), whose point is PV1-7 or PV1-9
+        field, value = ("PV1-7", patch.attending) if event in ("A54", "A55") else ("PV1-9", patch.consulting)
+        if value is None:
+            warnings.append(f"{event}: {field} is empty, the doctor is not changed")
+        return (_infer_status(patch) if current is None else None), patch
     raise AssertionError(event)  # pragma: no cover - ENCOUNTER_EVENTS is exhaustive
 
 
@@ -1013,6 +1062,50 @@ def _map_identifier_change(msg, ctx, state, warnings) -> list:
         else:
             warnings.append("MRG-1: incorrect identifier equals PID-3, nothing renamed")
         ops.append(UpsertPatient(ctx.code, new.value, demographics(pid, warnings)))
+    return ops
+
+
+def _names_a_prior_mrn(msg: Message) -> bool:
+    """Whether an MRG of the message names a prior patient identifier list (MRG-1)."""
+    return any(mrg.field(1) for mrg in msg.segments("MRG"))
+
+
+def _map_person_id_change(msg, ctx, state, warnings) -> list:
+    """A46 with MRG-1 empty: PID-2 (the sender's patient ID) changed from MRG-4; the records are
+    keyed by PID-3, which did not change: only the demographics are applied."""
+    pid = msg.first("PID")
+    if pid is None:
+        raise _Fail(101, "PID-3", "PID segment with a patient identifier is required")
+    mrn, _rec, demo = _subject(pid, ctx, state, warnings)
+    warnings.append("A46: MRG-1 is empty: the change is of PID-2 (from MRG-4), which the record model does not"
+                    " key on; only the demographics are applied")
+    return [UpsertPatient(ctx.code, mrn, demo)]
+
+
+def _map_identifier_move(msg, ctx, state, warnings) -> list:
+    """A43 (move patient information - patient identifier list): the identifier in PID-3 and
+    MRG-1 (the same one) moves from the sender's patient MRG-4 to its patient PID-2. The
+    exchange keys its records by that identifier and links them to persons by matching, not
+    by PID-2: the record stays as it is, with the demographics of the patient it belongs to now
+    (PID), and the patient index scores it again as after any update."""
+    pairs = _pairs(msg)
+    if not pairs:
+        raise _Fail(101, "PID-3", "PID segment with the identifier moved is required")
+    ops: list = []
+    for pid, mrg in pairs:
+        if mrg is None:
+            raise _Fail(101, "MRG-1", "A43: an MRG segment with the identifier moved (MRG-1) is required")
+        moved = _patient_id(pid, ctx)
+        prior = _identifiers(mrg, 1)
+        if not prior:
+            raise _Fail(101, "MRG-1", "A43: MRG-1, the identifier moved, is required")
+        if not any(ident.value == moved.value and _same_authority(ident, moved, ctx) for ident in prior):
+            raise _Fail(102, "MRG-1", "A43 moves the identifier PID-3 names, so MRG-1 must name it too; to"
+                                      " rename an identifier send A47, to move a visit A45, an account A44")
+        mrn, _rec, demo = _subject(pid, ctx, state, warnings)
+        ops.append(UpsertPatient(ctx.code, mrn, demo))
+    warnings.append("A43: the identifier's move between the sender's patients (MRG-4 to PID-2) is not modelled:"
+                    " its record is updated with the PID and matched again")
     return ops
 
 

@@ -351,6 +351,7 @@ _STRUCTURES = {
     **{("ADT", e): "ADT_A09" for e in ("A09", "A10", "A11")},
     **{("ADT", e): "ADT_A39" for e in ("A40", "A41", "A42")},
     **{("ADT", e): "ADT_A30" for e in ("A34", "A35", "A36", "A46", "A47", "A48", "A49")},
+    ("ADT", "A53"): "ADT_A52", ("ADT", "A55"): "ADT_A54", ("ADT", "A62"): "ADT_A61",
     **{("MDM", e): "MDM_T01" for e in ("T01", "T03", "T05", "T07", "T09", "T11")},
     **{("MDM", e): "MDM_T02" for e in ("T02", "T04", "T06", "T08", "T10")},
 }

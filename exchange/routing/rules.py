@@ -84,8 +84,9 @@ DEFAULT = "default"  # Destination.why of a copy by subscription
 # A35, A36 and A18 are treated as A40).
 MERGES = MERGE_EVENTS | LEGACY_MERGE_EVENTS
 # Local events, never copied: about the sender's own identifiers, accounts and
-# visits (they change nothing another facility holds), or about two patients
-# at once (A17 swaps two inpatients' beds).
+# visits (they change nothing another facility holds: A43 moves an MRN between
+# the sender's own patients), or about two patients at once (A17 swaps two
+# inpatients' beds).
 LOCAL_EVENTS = frozenset({"A17", "A24", "A37"} | {f"A{n}" for n in range(41, 52)})
 # Cancels: each takes back an earlier event of the same visit (A11 an admit or visit
 # notification, A12 a transfer, A13 a discharge, A25-A27 pending ones, A32/A33 arriving

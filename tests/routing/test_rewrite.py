@@ -445,6 +445,15 @@ def test_version_fills_in_the_structure_of_a_two_component_msh9():
     assert validate(a28.text)
 
 
+def test_the_doctor_and_leave_cancels_take_their_events_structure():
+    """A53, A55 and A62 share the structure of the event they cancel (ADT_A52, ADT_A54, ADT_A61)."""
+    for event, structure in (("A52", "ADT_A52"), ("A53", "ADT_A52"), ("A54", "ADT_A54"), ("A55", "ADT_A54"),
+                             ("A61", "ADT_A61"), ("A62", "ADT_A61"), ("A60", "ADT_A60")):
+        text = A01.replace("ADT^A01^ADT_A01", f"ADT^{event}").replace("|2.5|", "|2.4|")
+        copy = copy_of(text, facility=replace(OAKNH, version="2.5"))
+        assert f"|ADT^{event}^{structure}|" in segments(copy)[0], event
+
+
 # -- properties ----------------------------------------------------------------------------
 
 DELIMITERS = [

@@ -278,7 +278,7 @@ def test_merge_goes_where_the_destination_holds_both_sides():
     # no record of the retired side at the destination, or no prior records at all: nothing
     assert route(merge, everything, survivor, prior_records={"GENHOSP": "H999"}).destinations == ()
     assert route(merge, everything, survivor).destinations == ()
-    for legacy in ("A18", "A34", "A35", "A36"):
+    for legacy in ("A18", "A30", "A34", "A35", "A36", "A39"):
         assert legacy in MERGES
 
 

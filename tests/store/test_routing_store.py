@@ -423,3 +423,39 @@ def test_a_cancel_goes_only_where_something_about_its_visit_went_before(engine, 
     with engine.begin() as conn:
         conn.execute(text("update delivery set visit = NULL where visit = 'V5'"))
     assert routed(visit("A11", "V6")) == [("OAKNH",)]
+
+
+def test_the_doctor_and_leave_cancels_are_applied_and_go_only_where_their_visit_went(engine, tmp_path):
+    """A52/A53 (leave of absence), A55 and A62 (doctor changes) were answered AE 201 "not mapped"
+    (found by a black-box audit); applied now, they stay cancels: copied only where something
+    about their visit went before. A23 (the sender's purge) and A43 (an MRN moved between the
+    sender's own patients) go nowhere; A60 (adverse reactions) goes like any update."""
+    from tests.store.test_index import adt, pid
+
+    def visit(event, number, doctors="||"):  # PV1-7 (attending), PV1-8, PV1-9 (consulting)
+        return adt("GENHOSP", event, pid("GH-8", "GENHOSP", **ELIZABETH),
+                   f"PV1|1|I|MED^101^A||||{doctors}||||||||||{number}")
+
+    def answers(*raws):
+        return [(a.ack_code, a.routed) for a in run(engine, config, *raws)]
+
+    config = network(tmp_path)
+    assert answers(visit("A01", "V1")) == [("AA", ())]
+    run(engine, config, register("OAKNH", "OA-8", **ELIZABETH))
+    # OAKNH heard nothing of V1: none of its cancels go there, though each is applied (AA)
+    for event in ("A52", "A53", "A55", "A62"):
+        assert answers(visit(event, "V1")) == [("AA", ())], event
+    assert answers(visit("A54", "V1", "D2^TWO^BO||")) == [("AA", ("OAKNH",))]  # not a cancel
+    assert answers(visit("A55", "V1", "D1^ONE^AL||"), visit("A62", "V1")) == [("AA", ("OAKNH",))] * 2
+    assert answers(visit("A61", "V2", "||C1^CON^CY")) == [("AA", ("OAKNH",))]
+    assert answers(visit("A21", "V2"), visit("A52", "V2"), visit("A53", "V2")) == [("AA", ("OAKNH",))] * 3
+    assert answers(visit("A23", "V2")) == [("AA", ())]
+    a43 = adt("GENHOSP", "A43", pid("GH-8", "GENHOSP", **ELIZABETH), "MRG|GH-8^^^GENHOSP^MR")
+    a60 = adt("GENHOSP", "A60", pid("GH-8", "GENHOSP", **ELIZABETH), "IAM|1|DA|PCN^Penicillin^L|SV|Hives|A")
+    assert answers(a43, a60) == [("AA", ()), ("AA", ("OAKNH",))]
+    from exchange.store.records import record_view
+    with engine.connect() as conn:
+        visits = {e["visit_number"]: e for e in record_view(conn, "GENHOSP", "GH-8")["encounters"]}
+    assert (visits["V1"]["attending"]["id"], visits["V1"]["consulting"]) == ("D1", [])
+    assert visits["V2"]["consulting"] == [{"id": "C1", "family": "CON", "given": "CY", "authority": ""}]
+    assert visits["V1"]["status"] == visits["V2"]["status"] == "admitted"
