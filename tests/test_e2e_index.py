@@ -92,6 +92,15 @@ def test_a24_links_and_a37_unlinks_as_the_facility_says(exchange, database_url):
     assert person_of(exchange, database_url, "GENHOSP", "GH-10") != person_of(exchange, database_url, "GENHOSP", "GH-11")
 
 
+def test_an_a24_naming_a_new_mrn_is_answered_and_applied(exchange, database_url):
+    """Found by a black-box audit: on PostgreSQL no such A24 was ever answered (the connection
+    closed; the sender resending it in order stalled its feed)."""
+    doe = pid("GENHOSP", "GH-20", "DOE^JANE", "19700101")
+    send(exchange, message("GENHOSP", "A28", doe),
+         message("GENHOSP", "A24", doe, pid("GENHOSP", "GH-21", "DOE^JANE", "19700101")))
+    assert person_of(exchange, database_url, "GENHOSP", "GH-21") == person_of(exchange, database_url, "GENHOSP", "GH-20")
+
+
 def test_a40_merges_the_persons_of_the_two_records(exchange, database_url):
     send(exchange,
          message("OAKNH", "A28", pid("OAKNH", "OA-40", **ELIZABETH)),

@@ -136,6 +136,7 @@ class Plan:
     moves: list[tuple[Key, int | str]] = field(default_factory=list)  # records outside the batch changing person
     actions: dict[Hashable, list[str]] = field(default_factory=dict)  # message ref -> decisions (for metrics)
     restored: dict[Key, LastLink] = field(default_factory=dict)  # replay: records placed by their link history
+    replaced: dict[str, int | str] = field(default_factory=dict)  # a placeholder no record kept -> where it went
 
 
 def plan(conn: Connection, state: MemoryState, model: Model) -> Plan:
@@ -230,7 +231,7 @@ def plan(conn: Connection, state: MemoryState, model: Model) -> Plan:
     if out.superseded:
         out.kept_reviews = _conflicts_standing(conn, out.superseded, known)
     for facility, a, b, linked in source:
-        _assert_link(out, state, ids, known, members, (facility, a), (facility, b), linked, refs, placeholders)
+        _assert_link(out, state, ids, stored, known, members, (facility, a), (facility, b), linked, refs, placeholders)
     joined: dict[Key, set[Key]] = {}  # survivor -> the records its person gained
     retired_into: dict[Key, set[Key]] = {}  # survivor -> the records merged into it
     if merges:
@@ -613,7 +614,7 @@ def _apply(out: Plan, key: Key, current: _Known | None, d: Decision, encoded: st
     return person
 
 
-def _assert_link(out, state, ids, known, members, a: Key, b: Key, linked: bool, refs, placeholders) -> None:
+def _assert_link(out, state, ids, stored, known, members, a: Key, b: Key, linked: bool, refs, placeholders) -> None:
     """A24 (linked): ``b`` joins ``a``'s person, link "source". A37: a sticky pair, and ``b``
     gets a person of its own if they shared one."""
     if a not in state.records or b not in state.records:
@@ -626,8 +627,10 @@ def _assert_link(out, state, ids, known, members, a: Key, b: Key, linked: bool, 
             return out.links[key].person
         return ids[key][1]
 
+    # b as the batch left it; one it did not re-match is as stored (its link, its features)
+    saved_link, saved_features = stored.get(b, ("auto", None)) if b not in out.new_records else ("auto", None)
     pa, pb = person_of(a), person_of(b)
-    current = _Known(pb, None, known[b].link if b in known else "auto")
+    current = _Known(pb, None, known[b].link if b in known else saved_link)
     if linked:
         target = pa
     else:
@@ -639,13 +642,27 @@ def _assert_link(out, state, ids, known, members, a: Key, b: Key, linked: bool, 
     features = previous.features if previous else None
     if features is None and b in known and known[b].features is not None:
         features = encode_features(known[b].features)
+    if features is None:
+        features = saved_features  # never wiped: a record without features is nobody's candidate
     out.links[b] = RecordLink(target, "source", None, features)
+    members.get(pb, set()).discard(b)
+    if isinstance(pb, str) and pb != target and not members.get(pb):
+        # b alone held a person this batch was to create (b is new, or a re-match has just taken
+        # it out of its person), and leaves it: that person is never created. b's history goes
+        # from where it was before the batch straight to the facility's person, and whatever
+        # the batch wrote naming the placeholder (a review of b) names that person instead.
+        for i in range(len(out.events) - 1, -1, -1):
+            e = out.events[i]
+            if (e["facility"], e["mrn"]) == b and e["to_person"] == pb:
+                del out.events[i]
+                current = None if e["from_person"] is None else _Known(e["from_person"], None, e["from_link"])
+                break
+        out.replaced[pb] = target
     out.events.append(_event(b, current, target, "source", "source", None,
                              "A24 link asserted by the facility" if linked else "A37 unlink asserted by the facility",
                              refs.get(b)))
-    members.get(pb, set()).discard(b)
     members.setdefault(target, set()).add(b)
-    known[b] = _Known(target, known[b].features if b in known else None, "source")
+    known[b] = _Known(target, known[b].features if b in known else stored_features(saved_features), "source")
 
 
 def _event(key: Key, current: _Known | None, person, kind: str, link: str, score, reason: str, ref) -> dict:
@@ -674,8 +691,22 @@ def write(conn: Connection, plan_: Plan, state: MemoryState, model: Model, now: 
     placeholder_person = {link.person: ids[key][1] for key, link in plan_.links.items()
                           if isinstance(link.person, str) and key in ids}
 
-    def person(p):
-        return placeholder_person.get(p, p) if isinstance(p, str) else p
+    def person(p, strict: bool = True):
+        """A person id for what the plan names: an id, or a placeholder (of a person ``records.save``
+        created, or one no record kept, through where its record went)."""
+        for _ in range(len(plan_.replaced) + 1):
+            if not isinstance(p, str):
+                return p
+            if p in placeholder_person:
+                return placeholder_person[p]
+            p = plan_.replaced.get(p, p)
+        if not strict:
+            return None
+        # never into an integer column (SQLite would store the text; PostgreSQL refuses the batch)
+        raise ValueError(f"patient index: person placeholder {p!r} stands for no person")
+
+    def candidate(c: dict) -> dict:  # review JSON: the candidate's person as the batch left it
+        return {**c, "person": person(c["person"], strict=False)} if isinstance(c.get("person"), str) else c
 
     with driver_cursor(conn, "patient index (exchange.store.index)") as cursor, _pipeline(cursor, sqlite):
         w = Writer(cursor, sqlite, _SQLITE_STATEMENTS if sqlite else _PG_STATEMENTS)
@@ -709,7 +740,8 @@ def write(conn: Connection, plan_: Plan, state: MemoryState, model: Model, now: 
              "person_id": person(r["person"]), "score": r["score"], "message_id": r["message"],
              "created_at": now,
              "detail": {**r["detail"], "thresholds": thresholds,
-                        "record": {**r["detail"]["record"], "person": person(r["person"])}}}
+                        "record": {**r["detail"]["record"], "person": person(r["person"])},
+                        "candidates": [candidate(c) for c in r["detail"]["candidates"]]}}
             for r in plan_.reviews
         ])
         if plan_.moves:

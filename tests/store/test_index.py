@@ -179,6 +179,71 @@ def test_a24_links_two_records_of_a_facility_and_a37_unlinks_them(engine):
     assert len(rows(engine, "select * from match_pair where active")) == 2
 
 
+def persons_named_exist(engine) -> None:
+    """Every person the link history and the reviews name is a person of the database."""
+    persons = {p for (p,) in rows(engine, "select id from person")}
+    named = rows(engine, "select from_person from link_event union select to_person from link_event"
+                         " union select person_id from match_review")
+    assert {p for (p,) in named if p is not None} <= persons
+
+
+def test_an_a24_naming_a_new_mrn_puts_the_new_record_in_the_first_ones_person(engine):
+    """Found by a black-box audit: an A24 whose second PID named an MRN never seen before was
+    never answered on PostgreSQL (DataError: the link history named the person matching had
+    given the new record, which the A24 then took it out of, and so was never created);
+    SQLite stored the placeholder text in link_event."""
+    run(engine, register("GENHOSP", "GH-52", name="KELLER^JO", birth="19700101"))
+    p = person(engine, "GENHOSP", "GH-52")
+    persons = rows(engine, "select count(*) from person")
+    link = adt("GENHOSP", "A24", pid("GH-52", "GENHOSP", name="KELLER^JO", birth="19700101"),
+               pid("GH-53", "GENHOSP", name="KELLER^JO", birth="19700101"))
+    assert run(engine, link) == ["AA"]
+    assert person(engine, "GENHOSP", "GH-53") == p
+    assert rows(engine, "select link from patient_record where mrn = 'GH-53'") == [("source",)]
+    assert rows(engine, "select count(*) from person") == persons  # no person made for it and left empty
+    # its history goes straight into the person the facility named
+    assert rows(engine, "select from_person, to_person, kind from link_event where mrn = 'GH-53'") == [
+        (None, p, "source")]
+    persons_named_exist(engine)
+
+
+def test_an_a24_from_a_record_linked_elsewhere_with_other_details_and_a_new_mrn_is_applied(engine):
+    """Found by a black-box audit (SQLite: TypeError, PostgreSQL: DataError, no ACK either way):
+    the first PID's record, linked to another facility's, arrives with other demographics and no
+    birth date, so it is taken out of that person; the second names a new MRN."""
+    keller = dict(name="KELLER^JO", birth="19700101", ssn="123-45-6789")
+    run(engine, register("HHCARE", "HH-54", **keller))
+    run(engine, register("GENHOSP", "GH-54", **keller))
+    assert person(engine, "HHCARE", "HH-54") == person(engine, "GENHOSP", "GH-54")
+    link = adt("HHCARE", "A24", "PID|1||HH-54^^^HHCARE^MR||X^Y", "PID|2||HH-55^^^HHCARE^MR||X^Y")
+    assert run(engine, link) == ["AA"]
+    first = person(engine, "HHCARE", "HH-54")
+    assert person(engine, "HHCARE", "HH-55") == first != person(engine, "GENHOSP", "GH-54")
+    persons_named_exist(engine)
+    # the review of the first record names the new one as it is now
+    import json
+
+    [(detail,)] = rows(engine, "select detail from match_review where mrn = 'HH-54' and state = 'open'")
+    detail = json.loads(detail) if isinstance(detail, str) else detail
+    assert {(c["mrn"], c["person"]) for c in detail["candidates"]} >= {("HH-55", first)}
+
+
+def test_an_a24_keeps_the_matching_features_of_a_record_it_did_not_change(engine):
+    """Found while fixing the above: the second record, unchanged by the A24, lost its stored
+    features (NULL), so it was nobody's candidate any more."""
+    run(engine, register("GENHOSP", "GH-56", name="DOE^JANE", birth="19700101"))
+    run(engine, register("GENHOSP", "GH-57", **ELIZABETH))
+    before = rows(engine, "select features from patient_record where mrn = 'GH-57'")
+    assert run(engine, adt("GENHOSP", "A24", pid("GH-56", "GENHOSP", name="DOE^JANE", birth="19700101"),
+                           pid("GH-57", "GENHOSP", **ELIZABETH))) == ["AA"]
+    assert person(engine, "GENHOSP", "GH-57") == person(engine, "GENHOSP", "GH-56")
+    assert rows(engine, "select features from patient_record where mrn = 'GH-57'") == before != [(None,)]
+    # and it is found again: a registration elsewhere with its details has it for a candidate
+    run(engine, register("OAKNH", "OA-57", **ELIZABETH))
+    # (a review: the person holds another patient too, by the facility's word)
+    assert [c for _, c, _ in open_reviews(engine, "OA-57")] == [[("GENHOSP", "GH-57")]]
+
+
 def test_a_stored_model_is_used(engine):
     from exchange.matching.model import default_model
 
