@@ -25,7 +25,7 @@ from exchange.acceptance import AcceptancePolicy, PeerIdentity, accept
 from exchange.hl7.batch import build_batch_ack, build_empty_batch_nak, is_batch, split_batch
 from exchange.hl7.header import Header, read_header
 from exchange.outcome import Verdict, rejected
-from exchange.pipeline import Answer, Received
+from exchange.pipeline import Answer, Received, unapplied
 
 log = Logger()
 
@@ -33,6 +33,16 @@ log = Logger()
 # few frames near max_frame_bytes weigh as much as many thousands of ordinary messages.
 MAX_PENDING_BYTES = 64 * 1024 * 1024  # connections pause above this, resume below half
 MAX_BATCH_BYTES = 16 * 1024 * 1024  # one transaction takes at most this much (at least one message)
+
+
+class CommitFailed(Exception):
+    """A batch was not committed. ``bug``: processing it raised (what it asked of the database,
+    or Python) -- not the database failing, nor the writer's process dying. A message that
+    fails so alone too is stored unapplied and answered AE 207 (``GroupCommitter``)."""
+
+    def __init__(self, text: str, *, bug: bool = False) -> None:
+        super().__init__(text)
+        self.bug = bug
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,8 +245,12 @@ class GroupCommitter:
         cannot sink the others, and a message another node committed first
         (the same MSH-4 and MSH-10 sent to two nodes of one PostgreSQL: a
         unique violation here) gets the stored answer on its retry. A message
-        that still fails gets no ACK at all (its Deferred fails and the
-        connection is closed), so the sender keeps it and resends.
+        whose processing still raises (``CommitFailed.bug``: a bug, which would
+        fail it again at every resend and stall its sender's feed) is stored
+        with nothing of it applied and answered AE 207 once that commits. One
+        that still fails otherwise (the database is down, the writer died), or
+        whose AE cannot be stored either, gets no ACK at all (its Deferred
+        fails and the connection is closed), so the sender keeps it and resends.
         Delivery outcomes that rode along are not retried: those copies stay
         queued and go again (same MSH-10).
         """
@@ -269,6 +283,13 @@ class GroupCommitter:
 
         def failed(f):
             metrics.COMMIT_FAILURES.inc()
+            if f.check(CommitFailed) and f.value.bug:
+                log.failure("message could not be applied; storing it unapplied, answered AE 207", f)
+                # TRANSACTION: the message alone, its AE and nothing else (pipeline.unapplied)
+                return self._commit_batch([unapplied(item)]).addCallbacks(done, unanswered)
+            unanswered(f)
+
+        def unanswered(f):
             log.failure("message could not be committed; no ACK sent", f)
             d.errback(f)
 

@@ -17,13 +17,17 @@
       COMMIT
     answer (reactor thread): each ACK written once its batch has committed.
 
+A message whose processing raises (a bug, not the database failing) is tried
+again alone; failing again, it is stored as ``unapplied`` and answered AE 207
+(exchange.intake.GroupCommitter): the ACK still leaves only after that commit.
+
 This module holds the writer's half: ``process_batch`` takes a connection
 whose transaction the caller owns, and returns plain values.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from sqlalchemy import Connection
@@ -68,6 +72,17 @@ class Received(Value):
         if self.decision.verdict is Verdict.ACCEPT:
             return (self.header.facility, self.header.control_id)
         return None
+
+
+NOT_APPLIED = "the exchange could not apply this message (internal error; reported): nothing of it is applied"
+
+
+def unapplied(item: Received) -> Received:
+    """``item`` to be stored and answered AE 207 with nothing of it applied: processing it
+    raised, alone, in two transactions (a bug; ``GroupCommitter``). Not deduplicated, as a
+    rejected message: nothing of it was applied, so a resend (once the bug is fixed) is tried
+    again, while a sender resending it in order would otherwise stall its feed on it."""
+    return replace(item, decision=error(207, "", NOT_APPLIED))
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,8 @@ reactor only pickles a batch down a pipe and reads the answers back.
 Protocol on the child's stdin/stdout: each message is a 4-byte big-endian
 length and a pickle. The parent sends a list of ``Received``; the child
 answers ``("ok", [Answer, ...])`` after the batch's transaction has
-committed, or ``("error", text)`` after it rolled back. One batch at a time
+committed, or ``("error", text, bug)`` after it rolled back (``bug``: its
+processing raised, the database did not fail: ``CommitFailed``). One batch at a time
 (``GroupCommitter`` never has two in flight). The child ignores SIGINT and
 SIGTERM: it exits when its stdin closes, after finishing the batch it has,
 so a shutdown never cuts a commit in half.
@@ -25,6 +26,7 @@ import pickle
 import signal
 import struct
 import sys
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
@@ -34,10 +36,10 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
 from exchange.config import Config
-from exchange.intake import utc_now
+from exchange.intake import CommitFailed, utc_now
 from exchange.mapping.events import FacilityContext
 from exchange.pipeline import AckSettings, Answer, Received, process_batch
-from exchange.store.db import write_transaction
+from exchange.store.db import database_failed, write_transaction
 from exchange.store.index import ModelCache
 from exchange.store.outbox import record_outcomes
 
@@ -45,7 +47,7 @@ log = Logger()
 _LENGTH = struct.Struct(">I")
 
 
-class WriterFailed(Exception):
+class WriterFailed(CommitFailed):
     """The batch was not committed (the writer rolled back, or died)."""
 
 
@@ -147,7 +149,7 @@ class WriterProcess(ProcessProtocol):
             (size,) = _LENGTH.unpack_from(self._buffer)
             if len(self._buffer) < 4 + size:
                 return
-            kind, value = pickle.loads(bytes(self._buffer[4 : 4 + size]))
+            kind, value, *more = pickle.loads(bytes(self._buffer[4 : 4 + size]))
             del self._buffer[: 4 + size]
             d, self._waiting = self._waiting, None
             if d is None:
@@ -160,7 +162,7 @@ class WriterProcess(ProcessProtocol):
                     self._up()
                 d.callback(value)
             else:
-                d.errback(WriterFailed(value))
+                d.errback(WriterFailed(value, bug=bool(more and more[0])))
 
 
 # -- the child ------------------------------------------------------------------
@@ -190,15 +192,18 @@ def serve_batches(run_batch: Callable[[Sequence[Received], Sequence], list[Answe
         try:
             reply = ("ok", run_batch(items, outcomes))
         except Exception as exc:  # rolled back: say so, keep serving
-            # the exception's text may quote the rows (patient data): its type and SQLSTATE only
+            # the exception's text may quote the rows (patient data): its type and SQLSTATE only,
+            # and for a bug where it was raised (the code's lines, not the values)
             code = getattr(getattr(exc, "orig", None), "sqlstate", None)
+            bug = not database_failed(exc)
+            where = "".join(traceback.format_tb(exc.__traceback__)) if bug else ""
             print(
                 f"exchange writer: batch of {len(items)} rolled back: {type(exc).__name__}"
-                + (f" (SQLSTATE {code})" if code else ""),
+                + (f" (SQLSTATE {code})" if code else "") + (f", raised at\n{where}" if where else ""),
                 file=sys.stderr,
                 flush=True,
             )
-            reply = ("error", f"{type(exc).__name__}")
+            reply = ("error", f"{type(exc).__name__}", bug)
         out = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
         stdout.write(_LENGTH.pack(len(out)) + out)
         stdout.flush()

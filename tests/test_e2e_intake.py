@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import textwrap
 import urllib.request
 
 import hl7
@@ -254,3 +256,45 @@ def test_an_aa_means_applied_the_record_answers_as_soon_as_the_ack_arrives(excha
 
 def conn_text(fields: list[str]) -> str:
     return "|".join(fields)
+
+
+BUGGY_WRITER = textwrap.dedent("""
+    # Loaded by every Python process of this test's exchange (PYTHONPATH): the writer's patient
+    # index fails, as a bug would, on any batch holding the record GENHOSP BUG-1.
+    import exchange.store.index as index
+
+    _write = index.write
+
+    def write(conn, plan, state, *args, **kwargs):
+        if ("GENHOSP", "BUG-1") in state.records:
+            raise TypeError("a bug in the patient index")
+        return _write(conn, plan, state, *args, **kwargs)
+
+    index.write = write
+""")
+
+
+def test_a_message_the_exchange_fails_to_apply_is_answered_ae_and_the_feed_goes_on(tmp_path, database_url,
+                                                                                 monkeypatch):
+    """Found by a black-box audit: an A24 the patient index could not write (a bug) rolled back its
+    batch, alone too, and got no ACK; the connection closed, and the sender, resending in order,
+    stalled its whole feed on it. Now it is stored with nothing of it applied and answered AE 207
+    (after that commit), on the same connection, and the next message is applied."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(BUGGY_WRITER)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "inject"), os.environ.get("PYTHONPATH", "")]))
+    proc = ExchangeProcess(write_config(tmp_path), database_url).start()
+    try:
+        with MLLPConnection(proc.address) as conn:
+            assert msa(conn.request(adt("E2E-BUG-0", mrn="OK-0")))[:2] == ["AA", "E2E-BUG-0"]
+            answer = conn.request(adt("E2E-BUG-1", mrn="BUG-1"))
+            assert msa(answer)[:2] == ["AE", "E2E-BUG-1"] and b"207" in answer
+            assert msa(conn.request(adt("E2E-BUG-2", mrn="OK-2")))[:2] == ["AA", "E2E-BUG-2"]
+        proc.expect(r"rolled back: TypeError, raised at")  # the writer reports where (not what: no data)
+        assert stored(database_url, "select control_id, state, ack_code, dedup from message order by id") in (
+            [("E2E-BUG-0", "accepted", "AA", True), ("E2E-BUG-1", "error", "AE", False),
+             ("E2E-BUG-2", "accepted", "AA", True)],
+            [("E2E-BUG-0", "accepted", "AA", 1), ("E2E-BUG-1", "error", "AE", 0), ("E2E-BUG-2", "accepted", "AA", 1)])
+        assert stored(database_url, "select mrn from patient_record order by mrn") == [("OK-0",), ("OK-2",)]
+    finally:
+        proc.stop()

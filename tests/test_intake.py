@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 
 from exchange.acceptance import AcceptancePolicy, FacilityRule
 from exchange.hl7.header import read_header
-from exchange.intake import AckIds, GroupCommitter, Intake, Peer
+from exchange.intake import AckIds, CommitFailed, GroupCommitter, Intake, Peer
 from exchange.outcome import ACCEPTED
 from exchange.pipeline import Answer, Received
 
@@ -183,6 +183,46 @@ def test_a_batch_of_one_that_fails_is_tried_once_more():
     w.fail(3)  # failing twice: no ACK, the connection closes, the sender resends
     (failure,) = again
     assert not isinstance(failure, Answer) and failure.check(RuntimeError)
+
+
+def test_a_message_whose_processing_raises_alone_too_is_stored_unapplied_and_answered():
+    """Found by a black-box audit: an A24 the patient index could not write (a bug) rolled back
+    every batch it was in, alone too, so it was never answered and its sender, resending in
+    order, stalled. A bug fails it the same way at every resend: it is stored with nothing of it
+    applied, answered AE 207 once that commits, and the messages after it go on."""
+    w = Writer()
+    c = GroupCommitter(w)
+    results_of([c.submit(item(0))])
+    got = results_of([c.submit(item(n)) for n in (1, 2, 3)])
+    w.commit(0)
+    bug = CommitFailed("TypeError", bug=True)
+    w.fail(1, bug)  # the batch of three
+    w.commit(2)
+    w.fail(3, bug)  # message 2 alone: the same
+    (stored,) = w.batches[4]  # stored unapplied: an error outcome, answered AE 207, not deduplicated
+    assert stored.header.control_id == "C2" and stored.raw == item(2).raw
+    assert stored.decision.verdict.value == "error" and stored.decision.problem.code == 207
+    assert stored.dedup_key is None
+    assert len(got) == 1  # no ACK before that commit
+    w.commit(4)
+    w.commit(5)
+    assert [g.ack for g in got] == [b"ACK C1", b"ACK C2", b"ACK C3"]
+
+
+def test_a_message_failing_for_the_database_or_unable_to_store_its_ae_gets_no_ack():
+    w = Writer()
+    c = GroupCommitter(w)
+    down = results_of([c.submit(item(0))])
+    w.fail(0, CommitFailed("OperationalError"))
+    w.fail(1, CommitFailed("OperationalError"))  # the database, not the message: the sender resends
+    assert len(w.batches) == 2 and down[0].check(CommitFailed)
+    broken = results_of([c.submit(item(1))])
+    w.fail(2, CommitFailed("TypeError", bug=True))
+    w.fail(3, CommitFailed("TypeError", bug=True))
+    w.fail(4, CommitFailed("OperationalError"))  # its AE could not be stored either
+    assert len(w.batches) == 5 and len(broken) == 1 and broken[0].check(CommitFailed)
+    results_of([c.submit(item(2))])
+    assert len(w.batches) == 6  # the committer goes on
 
 
 def test_wait_idle_fires_after_the_last_commit():

@@ -181,3 +181,19 @@ def test_a_visit_keeps_its_attending_and_consulting_doctors_and_the_record_view_
     with engine.connect() as conn:
         (encounter,) = record_view(conn, "GENHOSP", "MRN99")["encounters"]
     assert (encounter["attending"]["id"], [d["id"] for d in encounter["consulting"]]) == ("D1", ["C3"])
+
+
+def test_a_message_stored_unapplied_is_answered_ae_207_and_a_resend_is_tried_again(engine):
+    """What the intake stores for a message whose processing raised alone twice (a bug): the
+    message and its AE, nothing of it applied, not deduplicated."""
+    from exchange.pipeline import unapplied
+
+    raw = msg("BUG-1", body=b"PID|1||MRN99^^^GENHOSP^MR||DOE^JANE||19800101|F\r")
+    (answer,) = run(engine, [unapplied(received(raw))])
+    assert answer.ack_code == "AE" and not answer.duplicate
+    assert b"MSA|AE|BUG-1" in answer.ack and b"207" in answer.ack
+    assert [(s, bool(d)) for s, d in rows(engine, "select state, dedup from message")] == [("error", False)]
+    assert rows(engine, "select count(*) from patient_record") == [(0,)]
+    (again,) = run(engine, [received(raw)])  # resent once the exchange is fixed: applied
+    assert again.ack_code == "AA" and not again.duplicate
+    assert rows(engine, "select mrn from patient_record") == [("MRN99",)]

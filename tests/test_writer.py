@@ -40,8 +40,26 @@ def test_each_batch_is_answered_after_run_batch_returns_and_errors_keep_it_servi
     assert calls == [["a", "b"], ["boom"], ["c"]]
     ok1, failed, ok2 = replies(stdout.getvalue())
     assert ok1 == ("ok", [Answer(b"ACK", "AA", 0), Answer(b"ACK", "AA", 1)])
-    assert failed == ("error", "RuntimeError")
+    assert failed == ("error", "RuntimeError", True)  # its processing raised: a bug
     assert ok2[0] == "ok"
+
+
+def test_a_batch_the_database_failed_is_no_bug_and_a_bugs_report_holds_no_data(capsys):
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    def run_batch(items, outcomes):
+        if items == ["locked"]:
+            raise OperationalError("INSERT ...", {}, sqlite3.OperationalError("database is locked"))
+        mrn = "MRN-" + str(4711)
+        raise TypeError(f"'<' not supported between {mrn!r} and 3")  # a value a bug's text may quote
+
+    stdout = io.BytesIO()
+    serve_batches(run_batch, io.BytesIO(frame(["locked"]) + frame(["bug"])), stdout)
+    assert replies(stdout.getvalue()) == [("error", "OperationalError", False), ("error", "TypeError", True)]
+    err = capsys.readouterr().err
+    assert "rolled back: TypeError, raised at" in err and "test_writer.py" in err and "MRN-4711" not in err
 
 
 def test_a_truncated_batch_at_eof_is_not_run():

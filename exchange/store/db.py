@@ -32,7 +32,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -135,6 +136,21 @@ def driver_cursor(conn: Connection, statement: str) -> Iterator[Any]:
         raise DBAPIError.instance(statement, None, exc, conn.dialect.loaded_dbapi.Error) from exc
     finally:
         cursor.close()
+
+
+_DATABASE_FAILURES = frozenset({"OperationalError", "InterfaceError"})  # PEP 249's names for them
+
+
+def database_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database failing rather than what a transaction asked of it:
+    unreachable, the connection lost, a lock or serialization conflict, a deadlock, a busy
+    timeout, a full disk (PEP 249's OperationalError and InterfaceError, as SQLAlchemy wraps
+    them or as the driver raised them, and SQLAlchemy's pool timeout). The same transaction
+    may well commit later. Anything else (a DataError, an IntegrityError, a TypeError) came
+    from what the transaction did."""
+    if isinstance(exc, (PoolTimeout, DisconnectionError)) or getattr(exc, "connection_invalidated", False):
+        return True
+    return any(cls.__name__ in _DATABASE_FAILURES for cls in type(exc).__mro__)
 
 
 def advisory_key(text: str) -> int:

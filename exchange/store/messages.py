@@ -88,7 +88,7 @@ class NewMessage:
     ack: bytes | None  # the ACK payload sent, exactly (None: nothing sent)
     reason: str | None  # why not accepted; never PHI
     peer: str  # remote address / TLS subject
-    dedup: bool  # takes part in (facility, control_id) dedup: accepted and error messages
+    dedup: bool  # takes part in (facility, control_id) dedup: accepted and error messages (not unapplied ones)
 
 
 @dataclass(frozen=True, slots=True)

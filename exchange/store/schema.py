@@ -8,7 +8,8 @@ later transitions, every resend).
 Dedup: ``(facility, control_id)`` -- MSH-4.1 and MSH-10 -- is unique among rows
 with ``dedup`` true (accepted and error messages). Rejected and ignored messages
 are stored with ``dedup`` false and never block a later copy: a message rejected
-because the sender's configuration was wrong must be processed when resent.
+because the sender's configuration was wrong must be processed when resent. So is
+a message stored unapplied because processing it raised (``pipeline.unapplied``).
 
 The hot path (``exchange.store.messages``) uses the Core tables below
 (``message_table``, ``message_event_table``); the ORM classes are for
