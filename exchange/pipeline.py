@@ -11,7 +11,7 @@
       map, apply ....... mapping.events.map_message, MemoryState.apply  (pure; AE if it cannot)
       build ACK ........ exchange.hl7.ack.build_ack            (pure)
       store ............ store.messages.insert_messages        (raw, state, ACK)
-      match ............ store.index.plan / write              (new and changed records)
+      match ............ store.index.carry_renames, plan / write  (A47 renames; new and changed records)
       save records ..... store.records.save                    (what the batch changed)
       route ............ store.routing.route_batch             (copies queued in the outbox)
       COMMIT
@@ -294,6 +294,7 @@ def process_batch(
     if state is not None:
         state.rebase_refs({pending_ref(d.index): id_ for d, id_ in zip(decoded, ids)})
         at = now()
+        patient_index.carry_renames(conn, state)  # A47: the index's rows follow the record's new MRN
         if models is None:
             save_records(conn, state, at)
         else:

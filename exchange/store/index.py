@@ -2,6 +2,7 @@
 facility record is matched before the ACK (issue 4).
 
     process_batch: ... map and apply every message of the batch (MemoryState)
+      carry_renames(conn, state) ... A47: reviews, pairs, link history to the new MRN
       plan(conn, state, model) ..... which records to (re)match, their candidates
                                      from record_key (3 SELECTs per batch), and
                                      exchange.matching.decide per record, in order
@@ -12,7 +13,8 @@ facility record is matched before the ACK (issue 4).
 
 A record is (re)matched when it is new, or when what matching reads of it
 (``exchange.matching.features``) changed; an admit or a discharge that does
-not touch the demographics costs nothing here. Candidates are the active
+not touch the demographics costs nothing here, nor does an A47 that only
+renames it. Candidates are the active
 records sharing a blocking key, plus every record of their persons and of
 the record's own person, as the database holds them overlaid with what this
 batch decided before (a batch may hold both records of a new link). The
@@ -46,7 +48,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, exists, func, insert, or_, select, text
+from sqlalchemy import Connection, Text, and_, cast, delete, exists, func, insert, or_, select, text, tuple_
 from twisted.logger import Logger
 
 from exchange.mapping.state import MemoryState
@@ -165,8 +167,8 @@ def plan(conn: Connection, state: MemoryState, model: Model) -> Plan:
             continue
         f = features_of(rec)
         encoded = encode_features(f)
-        if before is not None and encoded == stored_features and before == key:
-            continue  # nothing matching reads has changed
+        if before is not None and encoded == stored_features:
+            continue  # nothing matching reads has changed (an A47 alone: carry_renames moved its reviews)
         todo.append((key, f, encoded))
         if before is not None:
             known[key] = _Known(ids[before][1], f, link)
@@ -183,6 +185,11 @@ def plan(conn: Connection, state: MemoryState, model: Model) -> Plan:
     own = ({p.person for p in known.values() if isinstance(p.person, int)}
            | {ids[k][1] for f, s, r in merges for k in ((f, s), (f, r)) if k in ids})
     postings, members, db_known = _candidates(conn, set().union(*wanted.values()) if wanted else set(), own)
+    renamed = {old: key for key, old in d.changed_records if key != old}
+    if renamed:  # the database holds them under their old MRN until records.save: the batch's names
+        postings = {bk: {renamed.get(k, k) for k in keys} for bk, keys in postings.items()}
+        members = {p: {renamed.get(k, k) for k in keys} for p, keys in members.items()}
+        db_known = {renamed.get(k, k): kn for k, kn in db_known.items()}
     not_a_match = _pairs(conn, [k for k, _, _ in todo])
     for key, k in db_known.items():  # the database's view, unless this batch holds the record
         known.setdefault(key, k)
@@ -247,6 +254,63 @@ def plan(conn: Connection, state: MemoryState, model: Model) -> Plan:
     if joined:
         out.superseded_reviews = _answered_by_merges(conn, joined, retired_into)
     return out
+
+
+def carry_renames(conn: Connection, state: MemoryState) -> list[tuple[Key, Key]]:
+    """A47 (``ChangeIdentifier``): what the patient index keeps under a record's old MRN follows
+    it to the new one, in the batch's transaction, before :func:`plan` reads any of it. Returns
+    the renames, (old key, new key).
+
+    Its reviews, in every state (an undo reopens a resolved one), with the record in their
+    detail; its name among the candidates of the open reviews of other records; its sticky
+    not-a-match pairs, both ways round (else a re-match could link it where a technician said
+    no); and its link history, which undoing a decision about it reads. A decided review of
+    another record keeps naming it by the old MRN among its candidates (what was shown then).
+
+    ``exchange replay`` does not call this: it re-applies the A47 to a model whose index rows
+    name the new MRN already (and a record that took the old MRN since has its own)."""
+    renames = sorted((old, key) for key, old in state.dirty().changed_records if key != old)
+    if not renames:
+        return []
+    new_of = dict(renames)
+    # Two steps, through a name no record has, so that a batch that renames H1 to H2 and H3 to
+    # H1 (or swaps two MRNs) does not pour one record's rows into the other's.
+    steps = [[(old, (old[0], f"~moving~{i}")) for i, (old, _) in enumerate(renames)],
+             [((old[0], f"~moving~{i}"), new) for i, (old, new) in enumerate(renames)]]
+    for step in steps:
+        for (facility, old), (_, new) in step:
+            for table in (match_review_table, link_event_table, match_pair_table):
+                conn.execute(table.update().where(table.c.facility == facility, table.c.mrn == old).values(mrn=new))
+            # the other side of its pairs (stored both ways round: found through its own side's index)
+            others = select(match_pair_table.c.other_facility, match_pair_table.c.other_mrn).where(
+                match_pair_table.c.facility == facility, match_pair_table.c.mrn == new)
+            conn.execute(match_pair_table.update().where(
+                tuple_(match_pair_table.c.facility, match_pair_table.c.mrn).in_(others),
+                match_pair_table.c.other_facility == facility, match_pair_table.c.other_mrn == old,
+            ).values(other_mrn=new))
+
+    def renamed(entry: Any) -> Any:
+        if isinstance(entry, dict) and (entry.get("facility"), entry.get("mrn")) in new_of:
+            return {**entry, "mrn": new_of[(entry["facility"], entry["mrn"])][1]}
+        return entry
+
+    mentions = [json.dumps(mrn, ensure_ascii=escaped) for _, mrn in new_of for escaped in (True, False)]
+    like = [cast(match_review_table.c.detail, Text).contains(m, autoescape=True) for m in sorted(set(mentions))]
+    rows = conn.execute(select(match_review_table.c.id, match_review_table.c.detail).where(or_(
+        tuple_(match_review_table.c.facility, match_review_table.c.mrn).in_(sorted(set(new_of.values()))),
+        and_(match_review_table.c.state == "open", or_(*like)))))
+    for review_id, detail in rows:
+        if not isinstance(detail, dict):
+            continue
+        changed = dict(detail)
+        if "record" in detail:
+            changed["record"] = renamed(detail["record"])
+        if isinstance(detail.get("candidates"), list):
+            changed["candidates"] = [renamed(c) for c in detail["candidates"]]
+        if changed != detail:
+            conn.execute(match_review_table.update().where(match_review_table.c.id == review_id)
+                         .values(detail=changed))
+    return renames
 
 
 _KEY_LOCK_NAMESPACE = 0x45584B59  # "EXKY": pg_advisory_xact_lock(int, int)'s first key (outbox's is "EXCH")

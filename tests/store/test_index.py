@@ -598,3 +598,95 @@ def test_an_a40_supersedes_a_survivors_review_naming_the_retired_record(engine):
     assert person(engine, "OAKNH", "Z1") == person(engine, "OAKNH", "Z2")
     assert rows(engine, "select mrn, state from match_review where facility = 'OAKNH' order by id") == [
         ("Z1", "superseded"), ("Z2", "superseded")]
+
+
+KATHERINE = dict(name="PRYCE^KATHERINE", birth="19800505", address="1 A ST^^AUSTIN^TX^78701", phone="5125550001")
+KATHY = dict(name="PRICE^KATHY", birth="19800505", address="9 B ST^^DALLAS^TX^75201", phone="2145550002")
+
+
+def a47(facility: str, new: str, old: str, **demographics) -> bytes:
+    return adt(facility, "A47", pid(new, facility, **demographics), f"MRG|{old}^^^{facility}^MR")
+
+
+def review_json(engine, review: int) -> dict:
+    import json
+
+    [(detail,)] = rows(engine, f"select detail from match_review where id = {review}")
+    return json.loads(detail) if isinstance(detail, str) else detail
+
+
+def test_an_a47_carries_the_records_reviews_to_its_new_mrn(engine, tmp_path):
+    """Found by a black-box audit: after HHCARE's A47 renamed H1 (an open review: is she GENHOSP's
+    Katherine?) to H9, the review still named H1: deciding it answered 409 "record HHCARE H1 no
+    longer exists", and `exchange reconcile consistency` failed for good."""
+    from exchange.config import load_config
+    from exchange.jobs import consistency_findings
+    from exchange.store.reviews import decide_review
+    from tests.support import write_config
+
+    run(engine, register("GENHOSP", "G1", **KATHERINE))
+    run(engine, register("HHCARE", "H1", **KATHY))
+    [(review,)] = rows(engine, "select id from match_review where mrn = 'H1' and state = 'open'")
+    assert run(engine, a47("HHCARE", "H9", "H1", **KATHY)) == ["AA"]
+    # a rename alone changes nothing matching reads: the review stays open, about H9
+    assert rows(engine, "select id, facility, mrn, state from match_review") == [(review, "HHCARE", "H9", "open")]
+    assert review_json(engine, review)["record"]["mrn"] == "H9"
+    assert {mrn for (mrn,) in rows(engine, "select mrn from link_event where facility = 'HHCARE'")} == {"H9"}
+    with engine.connect() as conn:
+        findings = consistency_findings(conn, load_config(write_config(tmp_path), environ={}))
+    assert [f.line() for f in findings if f.count and f.error] == []
+    with engine.begin() as conn:
+        decide_review(conn, review, "link", actor="tess", now=NOW)
+    assert person(engine, "HHCARE", "H9") == person(engine, "GENHOSP", "G1")
+
+
+def test_an_a47_carries_the_record_among_other_reviews_candidates(engine):
+    run(engine, register("HHCARE", "H2", **KATHY))
+    run(engine, register("GENHOSP", "G2", **KATHERINE))  # its review names HHCARE H2
+    [(review,)] = rows(engine, "select id from match_review where mrn = 'G2' and state = 'open'")
+    assert [(c["facility"], c["mrn"]) for c in review_json(engine, review)["candidates"]] == [("HHCARE", "H2")]
+    assert run(engine, a47("HHCARE", "H8", "H2", **KATHY)) == ["AA"]
+    assert [(c["facility"], c["mrn"]) for c in review_json(engine, review)["candidates"]] == [("HHCARE", "H8")]
+    from exchange.store.reviews import decide_review
+
+    with engine.begin() as conn:
+        decide_review(conn, review, "link", actor="tess", candidate=("HHCARE", "H8"), now=NOW)
+    assert person(engine, "GENHOSP", "G2") == person(engine, "HHCARE", "H8")
+
+
+def test_an_a47_carries_a_technicians_not_a_match_and_the_decision_stays_undoable(engine):
+    """The sticky pairs follow the record (else an update could link it to the very person a
+    technician said it is not), and so does its link history (else the decision cannot be undone)."""
+    from exchange.store.reviews import decide_review, undo_decision
+
+    run(engine, register("GENHOSP", "NA5", **EMMA))
+    run(engine, register("OAKNH", "NB5", **OLIVIA))
+    [(review,)] = rows(engine, "select id from match_review where mrn = 'NB5' and state = 'open'")
+    with engine.begin() as conn:
+        decision = decide_review(conn, review, "not-a-match", actor="tess", now=NOW)["decision_id"]
+    assert run(engine, a47("OAKNH", "NB6", "NB5", **OLIVIA)) == ["AA"]
+    assert sorted(rows(engine, "select facility, mrn, other_facility, other_mrn from match_pair where active")) == [
+        ("GENHOSP", "NA5", "OAKNH", "NB6"), ("OAKNH", "NB6", "GENHOSP", "NA5")]
+    # an update that makes NB6 look like Emma: the technician's word still keeps them apart
+    assert run(engine, adt("OAKNH", "A08", pid("NB6", "OAKNH", **EMMA), "PV1|1|O")) == ["AA"]
+    assert person(engine, "OAKNH", "NB6") != person(engine, "GENHOSP", "NA5")
+    with engine.begin() as conn:
+        undo_decision(conn, decision, actor="tess", now=NOW)
+    assert rows(engine, "select count(*) from match_pair where active") == [(0,)]
+    assert rows(engine, f"select mrn, state from match_review where id = {review}") == [("NB6", "open")]
+
+
+def test_two_renames_in_one_batch_each_take_their_own_reviews(engine):
+    """H1 becomes HX and H2 becomes H1 in one batch: H2's rows must not end up with HX."""
+    other = dict(name="ZIMMER^ROSA", birth="19610707", address="4 C ST^^RENO^NV^89501", phone="7755550004")
+    run(engine, register("GENHOSP", "G3", **KATHERINE))
+    run(engine, register("GENHOSP", "G4", **{**other, "name": "ZIMMERMANN^ROSALIND"}))
+    run(engine, register("HHCARE", "H1", **KATHY))
+    run(engine, register("HHCARE", "H2", **other))
+    reviews = dict(rows(engine, "select mrn, id from match_review where state = 'open' and facility = 'HHCARE'"))
+    assert set(reviews) == {"H1", "H2"}
+    assert run(engine, a47("HHCARE", "HX", "H1", **KATHY), a47("HHCARE", "H1", "H2", **other)) == ["AA", "AA"]
+    assert sorted(rows(engine, "select id, mrn, state from match_review where facility = 'HHCARE'")) == sorted([
+        (reviews["H1"], "HX", "open"), (reviews["H2"], "H1", "open")])
+    assert [c["mrn"] for c in review_json(engine, reviews["H2"])["candidates"]] == ["G4"]
+    assert person(engine, "HHCARE", "HX") != person(engine, "HHCARE", "H1")
