@@ -40,8 +40,6 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from rapidfuzz.distance import JaroWinkler
-
 from exchange.matching.compare import FIELD_NAMES, Level
 from exchange.matching.features import Features
 from exchange.matching.model import Model, Score, score
@@ -67,8 +65,10 @@ class Reason(StrEnum):
     LINK_KEPT = "link_kept"
     LINK_LOOKS_WRONG = "link_looks_wrong"  # the record no longer scores against its own person
     # Above upper, but the evidence has the shape of two people (a review, never a link):
-    POSSIBLE_TWIN = "possible_twin"  # the same surname and birth date, given names not the same, no SSN agreeing
-    SSN_ONLY = "ssn_only"  # one SSN, another birth date, and another given name or generation: a relative's SSN
+    POSSIBLE_TWIN = "possible_twin"  # the same surname and birth date, given or middle names not the same, no SSN
+    # agreeing
+    SSN_ONLY = "ssn_only"  # one SSN on two people: birth dates no typo apart, JR/SR, or another given name with
+    # another birth date or sex (a relative's SSN: an overlay)
     NO_BIRTH_DATE = "no_birth_date"  # no birth date on one side, no SSN or phone agreeing: names and places only
     PARENT_AND_CHILD = "parent_and_child"  # birth dates one digit apart, in the decade: 1950 / 1980
     NEWBORN = "newborn_placeholder"  # "Baby Girl", "Infant", ...: a newborn's placeholder name (twins look alike)
@@ -215,17 +215,25 @@ def _caution(record: Record, members: list[Match], features, model: Model, *, fa
     years_apart = abs((mine.birth_year or 0) - (other.birth_year or 0)) if mine.birth_year and other.birth_year else 0
     decades_apart = birth is Level.ONE_DIGIT and years_apart >= 10
     if ssn in _SSN_AGREES:
-        other_birth = birth is Level.DISAGREE or birth is Level.YEAR_ONLY or decades_apart
-        if other_birth and best[_F["family"]] in _FAMILY_SAME and (
-                given is Level.DISAGREE and years_apart >= 1 and _unlike(mine.given, other.given)
-                or years_apart >= 15 and best[_F["address"]] not in _ADDRESS_SAME):
-            return Reason.SSN_ONLY  # one SSN on a relative: another given name, or another generation elsewhere
+        # A parent's SSN is copied onto a child's record, a guarantor's onto a spouse's (an overlay):
+        # one SSN does not tell relatives apart, and outweighs none of the fields that do. Two people
+        # under one SSN: birth dates that are no typo of each other (not one digit off, swapped or in
+        # the same year), or one digit but a generation apart at another address; JR against SR;
+        # another given name with the birth date not the same; another given name and the other sex.
+        if (birth is Level.DISAGREE or best[_F["suffix"]] is Level.DISAGREE
+                or decades_apart and years_apart >= 15 and best[_F["family"]] in _FAMILY_SAME
+                and best[_F["address"]] not in _ADDRESS_SAME
+                or given is Level.DISAGREE and birth is not Level.EXACT
+                or given in _TWIN_GIVEN and best[_F["sex"]] is Level.DISAGREE):
+            return Reason.SSN_ONLY
     else:
         if birth is Level.MISSING and (ssn is Level.MISSING and best[_F["phone"]] is not Level.EXACT
                                        or mine.suffix or other.suffix):
             return Reason.NO_BIRTH_DATE  # names and places only (a shared phone, unless JR/SR says a family)
         if decades_apart:
             return Reason.PARENT_AND_CHILD
+        if birth is Level.EXACT and best[_F["family"]] in _FAMILY_SAME and best[_F["middle"]] is Level.DISAGREE:
+            return Reason.POSSIBLE_TWIN  # John Paul and John Michael (or John P. and John M.): twins
         if birth is Level.EXACT and given is not Level.EXACT and (
                 ssn is Level.ONE_DIGIT and best[_F["phone"]] is Level.EXACT  # sequential SSNs, one phone
                 or ssn is Level.MISSING and best[_F["family"]] in _FAMILY_SAME and given in _TWIN_GIVEN):
@@ -270,11 +278,6 @@ def _common_family(f: Features, model: Model) -> bool:
     if table:  # the index's own frequencies, once the match-model job has run
         return table.get(f.family, 0.0) >= COMMON_SHARE
     return f.family in COMMON_SURNAMES
-
-
-def _unlike(a: str, b: str) -> bool:
-    """Two given names of two people, not one name mistyped: another first letter, little alike."""
-    return bool(a and b) and a[0] != b[0] and JaroWinkler.similarity(a, b) < 0.7
 
 
 def _newborn(f: Features) -> bool:

@@ -22,9 +22,15 @@ Two corrections to independence make the total safe in a live feed:
   So a household member never reaches the link threshold on shared
   household facts, and the explanation says so. An SSN that agrees exactly
   (or with two adjacent digits swapped) suspends the rule: household
-  members do not share one, and the disagreeing field is then a typo or a
-  replaced value. An SSN one digit off does not suspend it and is itself
-  not counted: twins' SSNs are often issued in sequence.
+  members seldom share one, and the disagreeing field is then most often a
+  typo or a replaced value. Seldom is not never (a parent's SSN copied
+  onto a child's record, a guarantor's onto a spouse's): the score still
+  counts the household then, and ``decide`` reviews the shapes of two
+  people under one SSN (a birth date that is no typo of the other, JR
+  against SR, another given name with another birth date or sex:
+  ``ssn_only``) however high it is. An SSN one digit off does not suspend
+  the rule and is itself not counted: twins' SSNs are often issued in
+  sequence.
 
 A :class:`Model` is a plain value, serialisable to JSON (it is stored in the
 database next to the index and versioned there). :func:`default_model` is
