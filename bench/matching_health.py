@@ -15,7 +15,10 @@ produce, and the people a patient index must keep apart:
 - **hard negatives**: twins (same surname, birth date, address and phone,
   another given name, sequential SSNs), a father and son (same given and
   surname, JR / SR, same address and phone), spouses (same surname, address
-  and phone).
+  and phone); and, unless ``--no-overlays``, shapes a black-box audit found
+  linked: a grown child under a parent's SSN (named after the parent half
+  the time), a brother or sister under the same SSN, and twins of one given
+  name told apart by the middle name (same home, SSNs in sequence).
 
 Every registration is an ADT^A28 (PID-3 MRN, PID-5 name(s), PID-7 birth
 date, PID-8 sex, PID-11 address, PID-13 phone, PID-19 SSN); they arrive in
@@ -296,6 +299,40 @@ class Generator:
         return replace(spouse, family=of.family, maiden=maiden if maiden != of.family else "", street=of.street,
                        city=of.city, state=of.state, zip=of.zip, phone=of.phone, kind="spouse")
 
+    def other_given(self, sex: str, *names: str) -> str:
+        """A given name of ``sex`` that is none of ``names`` nor a nickname of one."""
+        taken = set().union(*(_name_and_nicknames(n) for n in names if n))
+        while True:
+            given = self.pick(self.female if sex == "F" else self.male)
+            if not _name_and_nicknames(given) & taken:
+                return given
+
+    def child_on_parents_ssn(self, number: int, parent: Identity) -> Identity:
+        """A grown child living with a parent, registered under the parent's SSN (the guarantor's, an
+        overlay); named after the parent half the time (no suffix: the clerk typed none)."""
+        sex = parent.sex if self.rng.random() < 0.5 else self.rng.choice("FM")
+        given = parent.given if sex == parent.sex else self.other_given(sex, parent.given)
+        birth = parent.birth + timedelta(days=self.rng.randint(18 * 365, 40 * 365))
+        middle = self.other_given(sex, given, parent.middle) if self.rng.random() < 0.6 else ""
+        return replace(parent, number=number, given=given, middle=middle, sex=sex, birth=birth, maiden="",
+                       suffix="", kind="parent's SSN")
+
+    def sibling_on_one_ssn(self, number: int, of: Identity) -> Identity:
+        """A brother or sister one to eight years younger, both registered under one parent's SSN."""
+        sex = self.rng.choice("FM")
+        given = self.other_given(sex, of.given)
+        birth = of.birth + timedelta(days=self.rng.randint(300, 8 * 365))
+        middle = self.other_given(sex, given) if self.rng.random() < 0.6 else ""
+        return replace(of, number=number, given=given, middle=middle, sex=sex, birth=birth, kind="one SSN")
+
+    def twin_by_middle_name(self, number: int, of: Identity) -> Identity:
+        """A twin of the same given name, told apart by the middle name (John Paul / John Michael); SSNs
+        issued in sequence."""
+        middle = self.other_given(of.sex, of.given, of.middle)
+        ssn = of.ssn[:-1] + str(int(of.ssn[-1]) + 1)
+        self.ssns.add(ssn)
+        return replace(of, number=number, middle=middle, ssn=ssn, kind="middle-name twin")
+
     # -- registrations --
 
     def registration(self, who: Identity, facility: str) -> Registration:
@@ -372,9 +409,19 @@ class Generator:
         return self.rng.sample([f[0] for f in FACILITIES], count)
 
 
-def generate(persons: int, seed: int = 7) -> Population:
+OVERLAY_SHARE = 0.01
+"""Households of each overlay kind (parent's SSN, one SSN, middle-name twins) per generated person."""
+
+
+def generate(persons: int, seed: int = 7, overlays: bool = True) -> Population:
     """``persons`` identities (about 6 % of them in a household with a hard negative), their
-    registrations in a random arrival order, and the truth."""
+    registrations in a random arrival order, and the truth.
+
+    With ``overlays``, 1 % of ``persons`` more households of each of three kinds a black-box audit
+    found linked (two people each, added to the ``persons``): a grown child under a parent's SSN,
+    a brother or sister under the same SSN, twins of one given name told apart by the middle
+    name. They come from a generator of their own and are slotted into the arrival order at
+    random, so the rest of the population is the one generated without them."""
     g = Generator(seed)
     identities: list[Identity] = []
     households: list[tuple[str, Identity, Identity]] = []
@@ -405,6 +452,9 @@ def generate(persons: int, seed: int = 7) -> Population:
             registrations.append(reg)
             by_person[who.number].append(reg)
     g.rng.shuffle(registrations)
+    if overlays:
+        _add_overlays(g, Generator(seed + 7919), round(persons * OVERLAY_SHARE), identities, households,
+                      registrations, by_person)
 
     truth = set()
     for regs in by_person.values():
@@ -417,6 +467,34 @@ def generate(persons: int, seed: int = 7) -> Population:
             for y in by_person[b.number]:
                 pairs[frozenset({(x.facility, x.mrn), (y.facility, y.mrn)})] = kind
     return Population(registrations, truth, set(), pairs, identities)
+
+
+def _add_overlays(g: Generator, x: Generator, count: int, identities, households, registrations, by_person) -> None:
+    """``count`` households of each overlay kind from ``x``, their registrations slotted into the
+    arrival order at random (``x``'s draws only: ``g``'s population and order stay as they were)."""
+    x.ssns = g.ssns  # no SSN of another person by chance
+    x.mrns = Counter({code: 900_000 for code, _, _ in FACILITIES})  # MRNs of their own
+    for _ in range(count):
+        for kind in ("parent's SSN", "one SSN", "middle-name twins"):
+            n = len(identities)
+            if kind == "parent's SSN":
+                first = x.identity(n, born=(1925, 1985))
+                other = x.child_on_parents_ssn(n + 1, first)
+            elif kind == "one SSN":
+                first = replace(x.identity(n, born=(1950, 2008)), maiden="")
+                other = x.sibling_on_one_ssn(n + 1, first)
+            else:
+                first = replace(x.identity(n), maiden="")
+                if not first.middle:
+                    first.middle = x.other_given(first.sex, first.given)
+                other = x.twin_by_middle_name(n + 1, first)
+            identities += [first, other]
+            households.append((kind, first, other))
+            for who in (first, other):
+                for facility in x.facilities():
+                    reg = x.registration(who, facility)
+                    registrations.insert(x.rng.randint(0, len(registrations)), reg)
+                    by_person[who.number].append(reg)
 
 
 def _name_and_nicknames(given: str) -> set[str]:
@@ -679,9 +757,12 @@ def main(argv=None) -> int:
     parser.add_argument("--train-after", type=float, default=0.5, metavar="SHARE",
                         help="run `exchange reconcile match-model` after this share of the messages (default 0.5; "
                              "0: the default model throughout)")
+    parser.add_argument("--no-overlays", action="store_true",
+                        help="without the households of relatives under one SSN and of middle-name twins "
+                             "(the population of the figures before them)")
     args = parser.parse_args(argv)
 
-    pop = generate(args.persons, args.seed)
+    pop = generate(args.persons, args.seed, overlays=not args.no_overlays)
     frames = [a28(reg, n) for n, reg in enumerate(pop.registrations)]
     stream = features_stream(frames)
     records = len(frames)
