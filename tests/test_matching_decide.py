@@ -439,3 +439,18 @@ def test_an_update_that_gives_a_linked_record_a_relatives_birth_date_takes_the_l
         d = decide(rec("OAKNH", "O1", changed, "P1"), [hospital], MODEL)
         assert d.action is Action.REVIEW and d.person == "P1"
         assert Reason.LINK_LOOKS_WRONG in d.reasons and Reason.SSN_ONLY in d.reasons
+
+
+def test_a_person_is_not_joined_by_the_relative_of_any_of_its_records():
+    """A link joins every record of the person: the best one may have left the middle name out, another has it."""
+    home = dict(street="18 Vine St", city="Tulsa", postcode="74103", phone="918-555-0100")
+    paul = rec("GENHOSP", "G1", person("Lindqvist", "John", "Paul", birth="20010420", sex="M", **home), "P1")
+    plain = rec("HHCARE", "H1", person("Lindqvist", "John", birth="20010420", sex="M", **home), "P1")
+    michael = rec("OAKNH", "O1", person("Lindqvist", "John", "Michael", birth="20010420", sex="M", **home))
+    d = review_because(michael, [paul, plain], Reason.POSSIBLE_TWIN)
+    assert d.matches[0].mrn == "H1"  # the best record alone would have linked
+    assert decide(michael, [plain], MODEL).action is Action.LINK
+    # what another record has too little of does not hold a link back (its birth date missing, say)
+    sparse = rec("HHCARE", "H2", person("Lindqvist", "John", "Paul", sex="M", **home), "P1")
+    again = rec("OAKNH", "O2", person("Lindqvist", "John", "Paul", birth="20010420", sex="M", **home))
+    assert decide(again, [paul, sparse], MODEL).action is Action.LINK

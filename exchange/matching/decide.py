@@ -24,8 +24,9 @@ The rules, in order:
    above ``upper`` that already holds a record of this facility: a review.
 5. Two different persons at or above ``upper``: a review.
 6. One person at or above ``upper``: link -- unless its best record agrees the way two
-   people of one family do, or another of its records does not even reach ``lower``
-   against this one (``_caution``): a review. Same-facility records of other
+   people of one family do, another of its records contradicts this one the way a
+   relative's does (one SSN, or disagreeing middle names on one birth date), or another
+   does not even reach ``lower`` against this one (``_caution``): a review. Same-facility records of other
    persons that score at or above ``lower`` come back with the link as
    ``duplicates`` (possible duplicate registrations, to review apart).
 7. Otherwise, any same-facility candidate at or above ``lower``: a review
@@ -205,12 +206,28 @@ def _caution(record: Record, members: list[Match], features, model: Model, *, fa
              ) -> Reason | None:
     """Why a person scoring at or above ``upper`` must still not be linked automatically:
     its best record agrees the way two people of one family do (or two strangers sharing a
-    common name and birthday), or another of its records contradicts the arriving one (a
-    chain: A like B, B like C, A not C; not with ``family_only``)."""
-    best = members[0].score.levels
-    ssn, birth, given = best[_F["ssn"]], best[_F["birth"]], best[_F["given"]]
-    mine, other = record.features, features[(members[0].facility, members[0].mrn)]
-    if _newborn(mine) or _newborn(other):
+    common name and birthday), another of its records contradicts the arriving one the way a
+    relative's does (a link joins the record with every record of the person), or another of
+    its records does not even reach ``lower`` against it (a chain: A like B, B like C, A not C;
+    not with ``family_only``)."""
+    for i, m in enumerate(members):
+        reason = _family_shape(record.features, m, features[(m.facility, m.mrn)], model, best=i == 0)
+        if reason is not None:
+            return reason
+    if not family_only and any(m.total < model.lower for m in members[1:]):  # not even a candidate for review
+        return Reason.CONFLICTING_MEMBER
+    return None
+
+
+def _family_shape(mine: Features, match: Match, other: Features, model: Model, *, best: bool) -> Reason | None:
+    """The shape of two people of one family between the arriving record and one record of the
+    person. Of the person's ``best`` record, also the shapes of too little evidence (a newborn's
+    placeholder name, no birth date, twins named alike, a common name and birthday); of its
+    other records, only what contradicts: a relative under one SSN, a generation apart, middle
+    names that disagree on one birth date."""
+    levels = match.score.levels
+    ssn, birth, given = levels[_F["ssn"]], levels[_F["birth"]], levels[_F["given"]]
+    if best and (_newborn(mine) or _newborn(other)):
         return Reason.NEWBORN
     years_apart = abs((mine.birth_year or 0) - (other.birth_year or 0)) if mine.birth_year and other.birth_year else 0
     decades_apart = birth is Level.ONE_DIGIT and years_apart >= 10
@@ -220,29 +237,29 @@ def _caution(record: Record, members: list[Match], features, model: Model, *, fa
         # under one SSN: birth dates that are no typo of each other (not one digit off, swapped or in
         # the same year), or one digit but a generation apart at another address; JR against SR;
         # another given name with the birth date not the same; another given name and the other sex.
-        if (birth is Level.DISAGREE or best[_F["suffix"]] is Level.DISAGREE
-                or decades_apart and years_apart >= 15 and best[_F["family"]] in _FAMILY_SAME
-                and best[_F["address"]] not in _ADDRESS_SAME
+        if (birth is Level.DISAGREE or levels[_F["suffix"]] is Level.DISAGREE
+                or decades_apart and years_apart >= 15 and levels[_F["family"]] in _FAMILY_SAME
+                and levels[_F["address"]] not in _ADDRESS_SAME
                 or given is Level.DISAGREE and birth is not Level.EXACT
-                or given in _TWIN_GIVEN and best[_F["sex"]] is Level.DISAGREE):
+                or given in _TWIN_GIVEN and levels[_F["sex"]] is Level.DISAGREE):
             return Reason.SSN_ONLY
-    else:
-        if birth is Level.MISSING and (ssn is Level.MISSING and best[_F["phone"]] is not Level.EXACT
-                                       or mine.suffix or other.suffix):
-            return Reason.NO_BIRTH_DATE  # names and places only (a shared phone, unless JR/SR says a family)
-        if decades_apart:
-            return Reason.PARENT_AND_CHILD
-        if birth is Level.EXACT and best[_F["family"]] in _FAMILY_SAME and best[_F["middle"]] is Level.DISAGREE:
-            return Reason.POSSIBLE_TWIN  # John Paul and John Michael (or John P. and John M.): twins
-        if birth is Level.EXACT and given is not Level.EXACT and (
-                ssn is Level.ONE_DIGIT and best[_F["phone"]] is Level.EXACT  # sequential SSNs, one phone
-                or ssn is Level.MISSING and best[_F["family"]] in _FAMILY_SAME and given in _TWIN_GIVEN):
-            return Reason.POSSIBLE_TWIN  # no SSN tells them apart: twins are named alike
-        if (_common_family(mine, model) and best[_F["place"]] is Level.DISAGREE
-                and not any(best[_F[f]] in agree for f, agree in _CORROBORATE)):
-            return Reason.NAME_AND_BIRTH_DATE_ONLY  # two John Smiths born the same day, in two towns
-    if not family_only and any(m.total < model.lower for m in members[1:]):  # not even a candidate for review
-        return Reason.CONFLICTING_MEMBER
+        return None
+    if best and birth is Level.MISSING and (ssn is Level.MISSING and levels[_F["phone"]] is not Level.EXACT
+                                            or mine.suffix or other.suffix):
+        return Reason.NO_BIRTH_DATE  # names and places only (a shared phone, unless JR/SR says a family)
+    if birth is Level.EXACT and levels[_F["family"]] in _FAMILY_SAME and levels[_F["middle"]] is Level.DISAGREE:
+        return Reason.POSSIBLE_TWIN  # John Paul and John Michael (or John P. and John M.): twins
+    if not best:
+        return None
+    if decades_apart:
+        return Reason.PARENT_AND_CHILD
+    if birth is Level.EXACT and given is not Level.EXACT and (
+            ssn is Level.ONE_DIGIT and levels[_F["phone"]] is Level.EXACT  # sequential SSNs, one phone
+            or ssn is Level.MISSING and levels[_F["family"]] in _FAMILY_SAME and given in _TWIN_GIVEN):
+        return Reason.POSSIBLE_TWIN  # no SSN tells them apart: twins are named alike
+    if (_common_family(mine, model) and levels[_F["place"]] is Level.DISAGREE
+            and not any(levels[_F[f]] in agree for f, agree in _CORROBORATE)):
+        return Reason.NAME_AND_BIRTH_DATE_ONLY  # two John Smiths born the same day, in two towns
     return None
 
 
