@@ -66,10 +66,11 @@ REASON_TEXT: dict[str, str] = {
     Reason.LINK_KEPT: "The record stays with its person.",
     Reason.LINK_LOOKS_WRONG: "The record's present link looks wrong: since an update it no longer scores "
                              "like the other records of its person.",
-    Reason.POSSIBLE_TWIN: "Possible twins: the same surname and birth date but another given name, and no SSN "
-                          "that tells them apart (or SSNs one digit apart and one phone).",
-    Reason.SSN_ONLY: "One SSN on two birth dates, with another given name or a generation apart: "
-                     "possibly a relative's SSN.",
+    Reason.POSSIBLE_TWIN: "Possible twins: the same surname and birth date but another given or middle name "
+                          "(John Paul and John Michael), and no SSN that tells them apart (or SSNs one digit "
+                          "apart and one phone).",
+    Reason.SSN_ONLY: "One SSN on two people, possibly a relative's: birth dates further apart than a typo, "
+                     "JR against SR, or another given name with another birth date or sex.",
     Reason.NO_BIRTH_DATE: "No birth date on one side and no SSN or phone agreeing (or a JR/SR suffix): "
                           "only names and places agree.",
     Reason.PARENT_AND_CHILD: "Possibly a parent and a child: birth dates one digit apart in the decade "
