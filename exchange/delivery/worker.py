@@ -9,6 +9,9 @@ Each loop, top to bottom::
     for each copy, in order:
       withheld? ................ recorded so, never sent              (the person opted out since, ...)
       connect (kept open) ...... mllp.client over the endpoint string (tcp / tls, client certificate)
+      checked again ............ store.outbox.send_check             (just before it is written: an opt-out
+                                                                      or a split while the copies ahead of
+                                                                      it were answered withholds it)
       send, wait for one ACK ... MLLPClientProtocol.send              (timeout: the connection is dropped)
       judge the ACK ............ delivery.policy.judge                (MSA-2 must be the copy's MSH-10)
       record the outcome ....... store.outbox.record_outcomes         (in the thread pool, while the next copy goes out)
@@ -19,7 +22,8 @@ Database work runs in a thread pool (``deferToThreadPool``), never on the
 reactor thread; each destination runs its statements one at a time on a
 connection of its own, which on PostgreSQL also holds the destination's
 advisory lock, so a node that lost that connection (and the lock with it)
-finds out at its next statement and stops sending. A slow or dead
+finds out at its next statement and stops sending; the check just before
+each copy runs on a second one, beside the recording of the copy before. A slow or dead
 destination holds up only its own loop: the intake never waits for
 delivery, and the other destinations have loops of their own.
 
@@ -64,6 +68,7 @@ from exchange.store.outbox import (
     claim_batch,
     queue_depths,
     record_outcomes,
+    send_check,
     try_lock_destination,
     unlock_destination,
 )
@@ -83,13 +88,15 @@ def utc_now() -> datetime:
 
 
 class DestinationStore:
-    """One destination's database work, called from the pool one call at a time.
+    """One destination's database work, called from the pool: ``check`` may run beside
+    ``record``, every other call one at a time.
 
-    PostgreSQL: every statement runs on one connection of its own, the one
-    that holds the destination's advisory lock; any error drops it (closed,
-    not returned to the pool, so the lock goes with it). SQLite: short
-    transactions on pooled connections (one node: no lock). ``config``: the
-    configuration the exchange runs, each claimed copy is checked against.
+    PostgreSQL: every statement but the send-time checks runs on one connection
+    of its own, the one that holds the destination's advisory lock; any error
+    drops it (closed, not returned to the pool, so the lock goes with it).
+    SQLite: short transactions on pooled connections (one node: no lock). The
+    send-time checks (``check``) run on a second connection, kept. ``config``:
+    the configuration the exchange runs, each claimed copy is checked against.
     """
 
     def __init__(self, engine: Engine, destination: str, config: Config) -> None:
@@ -98,6 +105,7 @@ class DestinationStore:
         self.config = config
         self._postgres = engine.dialect.name == "postgresql"
         self._conn: Connection | None = None
+        self._reader: Connection | None = None  # the send-time checks' connection (see check)
         self._held = False
 
     @contextmanager
@@ -127,12 +135,40 @@ class DestinationStore:
         with self._transaction(write=False) as conn:
             return claim_batch(conn, self.destination, now, limit, config=self.config)
 
+    def check(self, copy: Pending) -> str | None:
+        """Why a claimed copy must not go out after all (None: send it), just before it does.
+
+        It runs while the outcome of the copy before it is being recorded, on a connection
+        of its own (kept): on PostgreSQL not the lock's, where it would wait for that commit
+        (an fsync, ~3 ms here). The usual copy is one statement without BEGIN or COMMIT
+        (SQLite's autocommit; PostgreSQL's, set on this connection): one round trip."""
+        reader = self._reader
+        if reader is None:
+            reader = self.engine.connect()
+            if self._postgres:
+                reader.execution_options(isolation_level="AUTOCOMMIT")
+            self._reader = reader
+        try:
+            # /* TRANSACTION: none for the usual copy (one read, autocommit); a read
+            #    transaction for the rest (the claim's whole check), ended here. */
+            why = send_check(reader, copy, self.config)
+            if reader.in_transaction():
+                reader.rollback()
+            return why
+        except BaseException:
+            self._reader = None
+            _close(reader, invalidate=True)
+            raise
+
     def record(self, outcomes: list[Outcome]) -> int:
         with self._transaction(write=True) as conn:
             return record_outcomes(conn, outcomes)
 
     def release(self) -> None:
         """Give the destination up (unlock, close)."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            _close(reader)
         conn, self._conn = self._conn, None
         held, self._held = self._held, False
         if conn is None:
@@ -153,6 +189,17 @@ class DestinationStore:
                 conn.invalidate()  # a closed session: PostgreSQL releases its advisory locks
             finally:
                 conn.close()
+
+
+def _close(conn: Connection, invalidate: bool = False) -> None:
+    try:
+        if invalidate:
+            conn.invalidate()
+    finally:
+        try:
+            conn.close()
+        except SQLAlchemyError:
+            pass
 
 
 # -- the reactor side --------------------------------------------------------------------
@@ -307,23 +354,38 @@ class DestinationWorker:
             await self._sleep(min(max(wait, 0.0), self.settings.poll), wakeable=False)
 
     async def _deliver(self, copies: tuple[Pending, ...]) -> None:
-        for copy in copies:
-            if self._stopping or self._record_error is not None:
-                break
-            if copy.withheld is not None:  # opted out, relinked or no longer routed here since: never sent
-                metrics.delivery_attempts(self.destination, "withheld").inc()
-                self._record(Withheld(copy.id, copy.withheld))
-                continue
-            outcome = await self._attempt(copy)
-            if outcome is None:  # abandoned while stopping: stays queued as it was
-                break
-            self._record(outcome)
-            if isinstance(outcome, RetryLater):
-                break  # FIFO: the copies behind it wait for it
-        await self._recorded()
+        # The claim checked every copy; nothing has been awaited since, so the first one sent on
+        # a connection already open goes on that check. Every other copy is checked again just
+        # before it is written: an opt-out or a split made while the copies ahead of it were
+        # answered (up to a whole batch of ACKs) must stop it.
+        checked = True
+        try:
+            for copy in copies:
+                if self._stopping or self._record_error is not None:
+                    break
+                if copy.withheld is not None:  # opted out, relinked or no longer routed here since: never sent
+                    self._record(self._withhold(copy, copy.withheld))
+                    continue
+                outcome = await self._attempt(copy, checked)
+                checked = False
+                if outcome is None:  # abandoned while stopping: stays queued as it was
+                    break
+                self._record(outcome)
+                if isinstance(outcome, RetryLater):
+                    break  # FIFO: the copies behind it wait for it
+        finally:  # a failed check (the database) ends the batch: what was recorded so far stays
+            await self._recorded()
 
-    async def _attempt(self, copy: Pending) -> Outcome | None:
-        """Send one copy and judge the answer; None when abandoned because the exchange stops."""
+    def _withhold(self, copy: Pending, reason: str) -> Withheld:
+        metrics.delivery_attempts(self.destination, "withheld").inc()
+        log.info("delivery to {destination}: {control_id} withheld", destination=self.destination,
+                 control_id=copy.control_id)
+        return Withheld(copy.id, reason)
+
+    async def _attempt(self, copy: Pending, checked: bool = False) -> Outcome | None:
+        """Check one copy again (unless ``checked`` just now and the connection is open), send
+        it and judge the answer; None when abandoned because the exchange stops. A check that
+        fails (the database) raises: the copy stays queued, unsent."""
         self._sending = True
         try:
             reply = None
@@ -334,6 +396,13 @@ class DestinationWorker:
                     if self._stopping:
                         return None
                     return self._retry(copy, "connection", f"cannot connect: {_describe(exc)}")
+                if fresh or not checked:  # time has passed since the copy was last checked
+                    withheld = await self._call(self.store.check, copy)
+                    if withheld is not None:
+                        return self._withhold(copy, withheld)
+                    if self._stopping:
+                        return None
+                    checked = True
                 try:
                     reply = await protocol.send(copy.payload)
                     break
@@ -549,8 +618,9 @@ class DeliveryService(Service):
         self.settings = settings
         self.now = now
         self.rand = rand
-        # each worker has at most one call in flight, plus the depth gauge's
-        self.pool = ThreadPool(1, min(len(self.destinations) + 1, 16), name="exchange-delivery-db")
+        # each worker has at most two calls in flight (an outcome recorded while the next copy is
+        # checked), plus the depth gauge's
+        self.pool = ThreadPool(1, min(2 * len(self.destinations) + 1, 32), name="exchange-delivery-db")
         self.engine: Engine | None = None
         self.workers: dict[str, DestinationWorker] = {}
         self._depths: LoopingCall | None = None
@@ -564,7 +634,7 @@ class DeliveryService(Service):
         if not self.destinations:
             return
         # Creating an engine opens no connection: safe on the reactor thread.
-        self.engine = make_engine(self.database_url, pool_size=len(self.destinations) + 2)
+        self.engine = make_engine(self.database_url, pool_size=2 * len(self.destinations) + 2)
         self.pool.start()
         for code, endpoint in self.destinations.items():
             worker = DestinationWorker(

@@ -18,8 +18,11 @@ destination's record off the person, a restart with another configuration:
 the destination removed, excluding the document type, no longer subscribed,
 the rule that added the copy removed) is checked again when the worker
 claims it (``claim_batch``: such a copy comes marked ``withheld``, is
-recorded so and never sent) and when an operator requeues one (``retry``).
-Both take the configuration the exchange runs (``config``).
+recorded so and never sent), once more just before each copy is written to
+the destination (``send_check``: a batch drains one ACK at a time, and an
+opt-out or a split made meanwhile must stop the rest of it), and when an
+operator requeues one (``retry``). They take the configuration the exchange
+runs (``config``).
 
 Rows are never deleted: the delivered ones are the accounting of disclosures
 (who received what about whom, when), listed by ``list_deliveries``.
@@ -99,6 +102,7 @@ __all__ = [
     "record_outcomes",
     "retry",
     "schedule_retry",
+    "send_check",
     "storable",
     "withheld_copies",
     "try_lock_destination",
@@ -151,6 +155,10 @@ class Pending:
     attempts: int
     created_at: datetime
     withheld: str | None = None  # why it must not go out any more: record it so, do not send it
+    # What send_check looks at again just before the copy is written:
+    person_id: int | None = None  # the person it is about, as routed
+    destination_mrn: str | None = None  # the destination's record it names (PID-3), if any
+    document: bool = False  # a copy of a document: its stored lineage counts for exclude_documents
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,10 +451,55 @@ def claim_batch(
     found = {r.id: r for r in conn.execute(_COPIES, {"ids": chosen})}
     withheld = withheld_copies(conn, list(found.values()), config)
     copies = tuple(
-        Pending(r.id, r.destination, r.control_id, bytes(r.payload), r.attempts, r.created_at, withheld.get(r.id))
+        Pending(r.id, r.destination, r.control_id, bytes(r.payload), r.attempts, r.created_at, withheld.get(r.id),
+                r.person_id, r.destination_mrn, b"TXA" in bytes(r.payload))
         for r in (found[i] for i in chosen)
     )
     return Claim(copies, due_at)
+
+
+# The person a copy is about and the destination's record it names, as they are now: the
+# primary key and the (facility, mrn) unique key. A driver-level statement (the hot path: once
+# per copy sent), in each driver's parameter style.
+_SEND_CHECK = ("SELECT p.merged_into, p.protected, r.person_id, r.active FROM person p"
+               " LEFT JOIN patient_record r ON r.facility = {destination} AND r.mrn = {mrn}"
+               " WHERE p.id = {person}")
+_SEND_CHECK_SQL = {
+    "postgresql": _SEND_CHECK.format(person="%(person)s", destination="%(destination)s", mrn="%(mrn)s"),
+    "sqlite": _SEND_CHECK.format(person=":person", destination=":destination", mrn=":mrn"),
+}
+_OPTED_OUT = "withheld: the person has opted out"
+_NOT_LINKED = "withheld: the destination's record is no longer linked to this person"
+
+
+def send_check(conn: Connection, copy: Pending, config: Config) -> str | None:
+    """Why a claimed copy must not go out after all, checked just before it is written to
+    the destination: what ``claim_batch`` checked may have changed while the copies ahead
+    of it were answered (an opt-out, a technician's split). None: send it.
+
+    One indexed read (the person by id, the destination's record by its key) answers the
+    common case: a person not merged away, and the record still theirs. Anything else (a
+    merge to follow, a record merged away or relinked, a copy of a document, whose stored
+    lineage may have been re-typed) takes the claim's whole check (``withheld_copies``).
+    The configuration is the one the claim was checked against: it does not change while
+    the exchange runs. Reads only; the usual copy with one driver-level statement, which
+    opens no transaction of SQLAlchemy's: a caller on an autocommit connection pays one
+    round trip (the rest begins one, which the caller ends)."""
+    if not copy.document:
+        if copy.person_id is None:
+            return None  # nothing about a person to check; the configuration is as at the claim
+        sql = _SEND_CHECK_SQL[conn.dialect.name]
+        with driver_cursor(conn, sql) as cursor:
+            row = cursor.execute(sql, {"person": copy.person_id, "destination": copy.destination,
+                                       "mrn": copy.destination_mrn}).fetchone()
+        if row is not None and row[0] is None:  # the person, not merged away
+            _, protected, owner, active = row
+            if protected:
+                return _OPTED_OUT
+            if copy.destination_mrn is None or (active and owner == copy.person_id):
+                return None
+    rows = conn.execute(_COPIES, {"ids": [copy.id]}).all()
+    return withheld_copies(conn, rows, config).get(copy.id)
 
 
 _UNROUTED = {  # why the configuration running now would not send a copy (last_error; no PHI)
@@ -476,11 +529,11 @@ def withheld_copies(conn: Connection, rows: Sequence[Any], config: Config) -> di
     for r in rows:
         person, protected = persons[r.person_id]
         if protected:
-            out[r.id] = "withheld: the person has opted out"
+            out[r.id] = _OPTED_OUT
         elif r.destination_mrn is not None:
             owner = owners.get((r.destination, r.destination_mrn))
             if owner is None or persons[owner][0] != person:
-                out[r.id] = "withheld: the destination's record is no longer linked to this person"
+                out[r.id] = _NOT_LINKED
     return out
 
 

@@ -31,6 +31,7 @@ from exchange.store.outbox import (
     record_outcomes,
     retry,
     schedule_retry,
+    send_check,
     try_lock_destination,
     unlock_destination,
     Withheld,
@@ -309,3 +310,47 @@ def test_a_copy_that_may_not_go_out_any_more_is_claimed_withheld(engine: Engine,
     run(engine, mark_failed, ids[1], at=T0, ack_code="AE", ack=b"", error="AE")
     result, view = run(engine, retry, ids[1], "ops-alice", T0 + timedelta(minutes=2), config=CONFIG)
     assert (result, view.state) == (RetryResult.WITHHELD, DeliveryState.FAILED)
+
+
+def test_the_check_before_each_send_says_what_the_claim_would_say_now(engine: Engine, message_id: int) -> None:
+    """send_check (one read for the usual copy, the claim's whole check for the rest) gives each
+    copy claimed earlier the answer a claim made now would give, whatever changed since."""
+    from exchange.store.schema import patient_record_table, person_table
+    from tests.test_reviews import HANSON, add_record, new_person
+
+    with write_transaction(engine) as conn:
+        p = add_record(conn, "GENHOSP", "G1", **HANSON)
+        add_record(conn, "OAKNH", "O1", p, **HANSON)
+        other = new_person(conn)
+    ids = queue(engine, [copy_of(message_id, 0, person_id=p, destination_mrn="O1"),
+                         copy_of(message_id, 1, person_id=p, destination_mrn=None),
+                         copy_of(message_id, 2, person_id=None, destination_mrn=None)])
+    claimed = run(engine, claim_batch, "OAKNH", T0 + timedelta(minutes=1), config=CONFIG).copies
+    assert [c.withheld for c in claimed] == [None] * 3
+
+    def agree() -> dict[int, str | None]:
+        now = {c.id: c.withheld for c in run(engine, claim_batch, "OAKNH", T0 + timedelta(minutes=1),
+                                              config=CONFIG).copies}
+        checked = {c.id: run(engine, send_check, c, CONFIG) for c in claimed}
+        assert checked == now
+        return checked
+
+    assert agree() == dict.fromkeys(ids)
+    with write_transaction(engine) as conn:  # merged into another person: followed, still theirs
+        survivor = new_person(conn)
+        conn.execute(person_table.update().where(person_table.c.id == p).values(merged_into=survivor))
+        conn.execute(patient_record_table.update().values(person_id=survivor))
+    assert agree() == dict.fromkeys(ids)
+    with write_transaction(engine) as conn:  # OAKNH's record merged away into O2, still theirs
+        add_record(conn, "OAKNH", "O2", survivor, **HANSON)
+        conn.execute(patient_record_table.update().where(patient_record_table.c.mrn == "O1")
+                     .values(active=False, merged_into_mrn="O2"))
+    assert agree() == dict.fromkeys(ids)
+    with write_transaction(engine) as conn:  # O2 split off to another person
+        conn.execute(patient_record_table.update().where(patient_record_table.c.mrn == "O2").values(person_id=other))
+    assert agree() == {ids[0]: "withheld: the destination's record is no longer linked to this person",
+                       ids[1]: None, ids[2]: None}
+    with write_transaction(engine) as conn:
+        conn.execute(person_table.update().where(person_table.c.id == survivor).values(protected=True))
+    assert agree() == {ids[0]: "withheld: the person has opted out", ids[1]: "withheld: the person has opted out",
+                       ids[2]: None}

@@ -19,7 +19,7 @@ from exchange.mllp.framing import MLLPDecoder, encode
 from exchange.store.db import make_engine, upgrade, write_transaction
 from exchange.store.messages import insert_messages
 from exchange.store.outbox import DeliveryState, NewCopy, enqueue, get_delivery, retry
-from exchange.store.schema import delivery_table
+from exchange.store.schema import delivery_table, patient_record_table, person_table
 from tests.support import delivery_config, new_message
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
@@ -104,11 +104,11 @@ class Harness:
     def now(self) -> datetime:
         return T0 + timedelta(seconds=self.clock.seconds())
 
-    def enqueue(self, *control_ids: str, wake: bool = True) -> None:
+    def enqueue(self, *control_ids: str, wake: bool = True, **about) -> None:
         with write_transaction(self.engine) as conn:
             ids = enqueue(
                 conn,
-                [NewCopy("OAKNH", self.message_id, c, copy_payload(c), self.now()) for c in control_ids],
+                [NewCopy("OAKNH", self.message_id, c, copy_payload(c), self.now(), **about) for c in control_ids],
             )
         self.ids.update(zip(control_ids, ids))
         if wake:
@@ -360,4 +360,76 @@ def test_outcomes_not_recorded_are_sent_again(h: Harness) -> None:
     h.peers.reply(ack("D1"))
     h.peers.reply(ack("D2"))
     assert h.states() == {"D1": "delivered", "D2": "delivered"}
+    h.worker.stop()
+
+
+@pytest.mark.parametrize("change", ["split", "opt-out"])
+def test_a_split_or_an_opt_out_after_the_claim_stops_the_copies_not_yet_sent(h: Harness, change: str) -> None:
+    """Found by a black-box audit: the worker checked a batch (up to 100 copies) only when it
+    claimed it, so while a backlog drained to a slow destination, copies went out for up to
+    100 ACKs after a technician split the destination's record off the person (filed under
+    that record at OAKNH), or after the patient opted out. Each copy is checked again just
+    before it is written: only the copy in flight at the change still goes."""
+    from tests.test_reviews import HANSON, add_record, new_person
+
+    with write_transaction(h.engine) as conn:
+        person = add_record(conn, "GENHOSP", "G1", **HANSON)
+        add_record(conn, "OAKNH", "O1", person, **HANSON)
+        other = new_person(conn)
+    h.enqueue("D1", "D2", "D3", wake=False, person_id=person, facility="GENHOSP", mrn="G1", destination_mrn="O1")
+    checks = []
+    real_check = h.store.check
+    h.store.check = lambda copy: checks.append(copy.control_id) or real_check(copy)
+    h.worker.start()
+    assert h.peers.all_sent() == ["D1"]  # claimed all three; D1 in flight
+    with write_transaction(h.engine) as conn:
+        if change == "split":  # a technician splits OAKNH's O1 off (a false link)
+            conn.execute(patient_record_table.update().where(patient_record_table.c.mrn == "O1")
+                         .values(person_id=other))
+        else:
+            conn.execute(person_table.update().where(person_table.c.id == person).values(protected=True))
+    h.peers.reply(ack("D1"))
+    assert h.peers.all_sent() == ["D1"]  # D2 and D3 never written to the destination
+    reason = ("withheld: the destination's record is no longer linked to this person" if change == "split"
+              else "withheld: the person has opted out")
+    assert {c: (h.state(c).state, h.state(c).last_error, h.state(c).attempts) for c in ("D2", "D3")} == {
+        "D2": (DeliveryState.WITHHELD, reason, 0), "D3": (DeliveryState.WITHHELD, reason, 0)}
+    assert h.state("D1").state is DeliveryState.DELIVERED
+    assert checks == ["D1", "D2", "D3"]  # D1 too: the claim's check was older than its new connection
+    h.worker.stop()
+
+
+def test_the_copy_after_the_first_is_checked_on_a_kept_connection_and_a_failed_check_sends_nothing(h: Harness) -> None:
+    """The first copy of a claim goes on the claim's check when the connection is open already (no
+    second read); a check the database fails leaves the copy queued and unsent, tried again later."""
+    from tests.test_reviews import HANSON, add_record
+
+    with write_transaction(h.engine) as conn:
+        person = add_record(conn, "GENHOSP", "G1", **HANSON)
+        add_record(conn, "OAKNH", "O1", person, **HANSON)
+    about = dict(person_id=person, facility="GENHOSP", mrn="G1", destination_mrn="O1")
+    h.enqueue("D1", wake=False, **about)
+    checks = []
+    real_check = h.store.check
+
+    def check(copy):
+        checks.append(copy.control_id)
+        if copy.control_id == "D3" and checks.count("D3") == 1:
+            raise RuntimeError("database went away")
+        return real_check(copy)
+
+    h.store.check = check
+    h.worker.start()
+    h.peers.reply(ack("D1"))
+    assert checks == ["D1"]  # a new connection
+    h.enqueue("D2", "D3", **about)
+    assert checks == ["D1"] and h.peers.all_sent() == ["D1", "D2"]  # D2: the claim's check, kept connection
+    h.peers.reply(ack("D2"))
+    assert checks == ["D1", "D3"] and h.peers.all_sent() == ["D1", "D2"]  # D3's check failed: not sent
+    assert (h.state("D3").state, h.state("D3").attempts) == (DeliveryState.QUEUED, 0)
+    assert h.state("D2").state is DeliveryState.DELIVERED and not h.worker.serving
+    h.clock.advance(SETTINGS.poll)
+    assert h.peers.all_sent() == ["D1", "D2", "D3"]
+    h.peers.reply(ack("D3"))
+    assert set(h.states().values()) == {"delivered"}
     h.worker.stop()
