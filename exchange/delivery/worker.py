@@ -8,10 +8,13 @@ Each loop, top to bottom::
                                                                       the configuration running now)
     for each copy, in order:
       withheld? ................ recorded so, never sent              (the person opted out since, ...)
+      superseded? .............. failed again, never sent             (requeued by an operator, not forced,
+                                                                      and a newer copy about the patient
+                                                                      has been delivered since)
       connect (kept open) ...... mllp.client over the endpoint string (tcp / tls, client certificate)
       checked again ............ store.outbox.send_check             (just before it is written: an opt-out
                                                                       or a split while the copies ahead of
-                                                                      it were answered withholds it)
+                                                                      it were answered withholds it, ...)
       send, wait for one ACK ... MLLPClientProtocol.send              (timeout: the connection is dropped)
       judge the ACK ............ delivery.policy.judge                (MSA-2 must be the copy's MSH-10)
       record the outcome ....... store.outbox.record_outcomes         (in the thread pool, while the next copy goes out)
@@ -64,6 +67,7 @@ from exchange.store.outbox import (
     Outcome,
     Pending,
     RetryLater,
+    Superseded,
     Withheld,
     claim_batch,
     queue_depths,
@@ -135,8 +139,8 @@ class DestinationStore:
         with self._transaction(write=False) as conn:
             return claim_batch(conn, self.destination, now, limit, config=self.config)
 
-    def check(self, copy: Pending) -> str | None:
-        """Why a claimed copy must not go out after all (None: send it), just before it does.
+    def check(self, copy: Pending) -> Withheld | Superseded | None:
+        """What to record instead of sending a claimed copy (None: send it), just before it goes.
 
         It runs while the outcome of the copy before it is being recorded, on a connection
         of its own (kept): on PostgreSQL not the lock's, where it would wait for that commit
@@ -151,10 +155,10 @@ class DestinationStore:
         try:
             # /* TRANSACTION: none for the usual copy (one read, autocommit); a read
             #    transaction for the rest (the claim's whole check), ended here. */
-            why = send_check(reader, copy, self.config)
+            instead = send_check(reader, copy, self.config)
             if reader.in_transaction():
                 reader.rollback()
-            return why
+            return instead
         except BaseException:
             self._reader = None
             _close(reader, invalidate=True)
@@ -364,7 +368,10 @@ class DestinationWorker:
                 if self._stopping or self._record_error is not None:
                     break
                 if copy.withheld is not None:  # opted out, relinked or no longer routed here since: never sent
-                    self._record(self._withhold(copy, copy.withheld))
+                    self._record(self._unsent(copy, Withheld(copy.id, copy.withheld)))
+                    continue
+                if copy.superseded:  # requeued, and a newer copy about the patient went since: failed again
+                    self._record(self._unsent(copy, Superseded(copy.id)))
                     continue
                 outcome = await self._attempt(copy, checked)
                 checked = False
@@ -376,11 +383,12 @@ class DestinationWorker:
         finally:  # a failed check (the database) ends the batch: what was recorded so far stays
             await self._recorded()
 
-    def _withhold(self, copy: Pending, reason: str) -> Withheld:
-        metrics.delivery_attempts(self.destination, "withheld").inc()
-        log.info("delivery to {destination}: {control_id} withheld", destination=self.destination,
-                 control_id=copy.control_id)
-        return Withheld(copy.id, reason)
+    def _unsent(self, copy: Pending, outcome: Withheld | Superseded) -> Withheld | Superseded:
+        what = "withheld" if isinstance(outcome, Withheld) else "superseded"
+        metrics.delivery_attempts(self.destination, what).inc()
+        log.info("delivery to {destination}: {control_id} not sent ({what})", destination=self.destination,
+                 control_id=copy.control_id, what=what)
+        return outcome
 
     async def _attempt(self, copy: Pending, checked: bool = False) -> Outcome | None:
         """Check one copy again (unless ``checked`` just now and the connection is open), send
@@ -397,9 +405,9 @@ class DestinationWorker:
                         return None
                     return self._retry(copy, "connection", f"cannot connect: {_describe(exc)}")
                 if fresh or not checked:  # time has passed since the copy was last checked
-                    withheld = await self._call(self.store.check, copy)
-                    if withheld is not None:
-                        return self._withhold(copy, withheld)
+                    instead = await self._call(self.store.check, copy)
+                    if instead is not None:
+                        return self._unsent(copy, instead)
                     if self._stopping:
                         return None
                     checked = True

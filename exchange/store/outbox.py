@@ -8,6 +8,7 @@ destination answered::
 
     queued --AA/CA--> delivered
     queued --AE/AR/CE/CR--> failed --retry (operator)--> queued
+    queued (requeued, not forced) --a newer copy about the patient delivered since--> failed (superseded)
     queued --no answer, broken connection, wrong MSA-2--> queued (attempts+1, next_attempt_at later)
     queued --the person opted out, the destination's record is no longer theirs,
              or the configuration running now would not send it--> withheld
@@ -22,7 +23,11 @@ recorded so and never sent), once more just before each copy is written to
 the destination (``send_check``: a batch drains one ACK at a time, and an
 opt-out or a split made meanwhile must stop the rest of it), and when an
 operator requeues one (``retry``). They take the configuration the exchange
-runs (``config``).
+runs (``config``). A requeued copy is also checked, at the claim and just before
+it is written, for a newer copy about the same patient delivered to the
+destination since (one in flight when the operator requeued it): unless the
+requeue was forced, it is given back, failed, with ``SUPERSEDED`` as its
+error, rather than land after that newer copy.
 
 Rows are never deleted: the delivered ones are the accounting of disclosures
 (who received what about whom, when), listed by ``list_deliveries``.
@@ -87,6 +92,8 @@ __all__ = [
     "NewCopy",
     "Pending",
     "RetryLater",
+    "SUPERSEDED",
+    "Superseded",
     "Withheld",
     "RetryResult",
     "claim_batch",
@@ -159,6 +166,8 @@ class Pending:
     person_id: int | None = None  # the person it is about, as routed
     destination_mrn: str | None = None  # the destination's record it names (PID-3), if any
     document: bool = False  # a copy of a document: its stored lineage counts for exclude_documents
+    requeued: bool = False  # requeued by an operator, not forced: superseded by a newer copy delivered since?
+    superseded: bool = False  # it is (at the claim): give it back, failed, do not send it
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +243,19 @@ class Withheld:
     reason: str  # why it was not sent (last_error)
 
 
-Outcome = Delivered | Failed | RetryLater | Withheld
+@dataclass(frozen=True, slots=True)
+class Superseded:
+    """A requeued copy not sent after all: a newer copy about the patient reached the
+    destination since. Failed again (an operator may force it), ``SUPERSEDED`` as its error."""
+
+    id: int
+
+
+Outcome = Delivered | Failed | RetryLater | Withheld | Superseded
+
+# last_error of a requeued copy given back (no PHI); the API's 409 says the same before a requeue
+SUPERSEDED = ("superseded: newer copies about this patient reached the destination since it was requeued:"
+              " sent now, this older event would land after them; retry with force to send it anyway")
 
 
 class RetryResult(StrEnum):
@@ -409,7 +430,8 @@ _CHECKED = (
 )
 _WITH_MESSAGE = delivery.join(message, delivery.c.message_id == message.c.id)
 _COPIES = (
-    select(*_CHECKED, delivery.c.control_id, delivery.c.attempts, delivery.c.created_at)
+    select(*_CHECKED, delivery.c.control_id, delivery.c.attempts, delivery.c.created_at,
+           delivery.c.facility, delivery.c.mrn, delivery.c.retried_at, delivery.c.retry_forced)
     .select_from(_WITH_MESSAGE)
     .where(delivery.c.id.in_(bindparam("ids", expanding=True)))
 )
@@ -430,8 +452,10 @@ def claim_batch(
     ``limit`` copies, and once ``max_bytes`` of payload are taken (always at
     least one copy). Each comes with ``withheld`` set when it must not go out
     any more (``withheld_copies``, under ``config``: the configuration the
-    exchange runs). Reads only; the caller must be the destination's only
-    sender (see the module doc).
+    exchange runs), and ``superseded`` when an operator requeued it (not
+    forced) and a newer copy about the patient has reached the destination
+    since. Reads only; the caller must be the destination's only sender (see
+    the module doc).
     """
     rows = conn.execute(_HEAD, {"destination": destination, "limit": limit + 1}).all()
     chosen: list[int] = []
@@ -452,10 +476,20 @@ def claim_batch(
     withheld = withheld_copies(conn, list(found.values()), config)
     copies = tuple(
         Pending(r.id, r.destination, r.control_id, bytes(r.payload), r.attempts, r.created_at, withheld.get(r.id),
-                r.person_id, r.destination_mrn, b"TXA" in bytes(r.payload))
+                r.person_id, r.destination_mrn, b"TXA" in bytes(r.payload), _requeued(r),
+                r.id not in withheld and _superseded(conn, r))
         for r in (found[i] for i in chosen)
     )
     return Claim(copies, due_at)
+
+
+def _requeued(row: Any) -> bool:
+    """Requeued by an operator without force: it must not land after a newer copy."""
+    return row.retried_at is not None and not row.retry_forced
+
+
+def _superseded(conn: Connection, row: Any) -> bool:
+    return _requeued(row) and _delivered_since(conn, row) is not None
 
 
 # The person a copy is about and the destination's record it names, as they are now: the
@@ -472,20 +506,22 @@ _OPTED_OUT = "withheld: the person has opted out"
 _NOT_LINKED = "withheld: the destination's record is no longer linked to this person"
 
 
-def send_check(conn: Connection, copy: Pending, config: Config) -> str | None:
-    """Why a claimed copy must not go out after all, checked just before it is written to
-    the destination: what ``claim_batch`` checked may have changed while the copies ahead
-    of it were answered (an opt-out, a technician's split). None: send it.
+def send_check(conn: Connection, copy: Pending, config: Config) -> Withheld | Superseded | None:
+    """What to record instead of sending a claimed copy, checked just before it is written
+    to the destination: what ``claim_batch`` checked may have changed while the copies ahead
+    of it were answered (an opt-out, a technician's split, a newer copy about the patient
+    delivered after an operator requeued this one). None: send it.
 
     One indexed read (the person by id, the destination's record by its key) answers the
     common case: a person not merged away, and the record still theirs. Anything else (a
     merge to follow, a record merged away or relinked, a copy of a document, whose stored
-    lineage may have been re-typed) takes the claim's whole check (``withheld_copies``).
+    lineage may have been re-typed, a requeued copy) takes the claim's whole check
+    (``withheld_copies``, and for a requeued copy, newer copies delivered since).
     The configuration is the one the claim was checked against: it does not change while
     the exchange runs. Reads only; the usual copy with one driver-level statement, which
     opens no transaction of SQLAlchemy's: a caller on an autocommit connection pays one
     round trip (the rest begins one, which the caller ends)."""
-    if not copy.document:
+    if not (copy.document or copy.requeued):
         if copy.person_id is None:
             return None  # nothing about a person to check; the configuration is as at the claim
         sql = _SEND_CHECK_SQL[conn.dialect.name]
@@ -495,11 +531,16 @@ def send_check(conn: Connection, copy: Pending, config: Config) -> str | None:
         if row is not None and row[0] is None:  # the person, not merged away
             _, protected, owner, active = row
             if protected:
-                return _OPTED_OUT
+                return Withheld(copy.id, _OPTED_OUT)
             if copy.destination_mrn is None or (active and owner == copy.person_id):
                 return None
-    rows = conn.execute(_COPIES, {"ids": [copy.id]}).all()
-    return withheld_copies(conn, rows, config).get(copy.id)
+    row = conn.execute(_COPIES, {"ids": [copy.id]}).first()
+    if row is None:
+        return None  # gone (cannot happen: rows are never deleted); recording changes nothing
+    why = withheld_copies(conn, [row], config).get(copy.id)
+    if why is not None:
+        return Withheld(copy.id, why)
+    return Superseded(copy.id) if _superseded(conn, row) else None
 
 
 _UNROUTED = {  # why the configuration running now would not send a copy (last_error; no PHI)
@@ -639,6 +680,7 @@ _RETRY = _update(
     ack=bindparam("_ack"),
 )
 _WITHHELD = _update(state=DeliveryState.WITHHELD.value, next_attempt_at=None, last_error=bindparam("_error"))
+_SUPERSEDED = _update(state=DeliveryState.FAILED.value, next_attempt_at=None, last_error=SUPERSEDED)
 
 
 def record_outcomes(conn: Connection, outcomes: Sequence[Outcome]) -> int:
@@ -647,9 +689,11 @@ def record_outcomes(conn: Connection, outcomes: Sequence[Outcome]) -> int:
     Only queued rows change: an outcome for a copy that is no longer queued
     (recorded already) changes nothing.
     """
-    delivered, failed, retries, withheld = [], [], [], []
+    delivered, failed, retries, withheld, superseded = [], [], [], [], []
     for o in outcomes:
-        if isinstance(o, Withheld):
+        if isinstance(o, Superseded):
+            superseded.append({"_id": o.id})
+        elif isinstance(o, Withheld):
             withheld.append({"_id": o.id, "_error": storable(o.reason, MAX_ERROR_CHARS)})
         elif isinstance(o, Delivered):
             delivered.append({"_id": o.id, "_at": o.at, "_code": storable(o.ack_code, ACK_CODE_LEN), "_ack": o.ack})
@@ -674,7 +718,7 @@ def record_outcomes(conn: Connection, outcomes: Sequence[Outcome]) -> int:
             )
     changed = 0
     for statement, params in ((_DELIVERED, delivered), (_FAILED, failed), (_RETRY, retries),
-                              (_WITHHELD, withheld)):
+                              (_WITHHELD, withheld), (_SUPERSEDED, superseded)):
         if params:
             changed += conn.execute(statement, params).rowcount
     return changed
@@ -839,7 +883,9 @@ def retry(
     ``config``, the configuration the exchange runs); nor SUPERSEDED, unless
     ``force``: a newer copy about the same patient (its person, or the same
     sender's record) reached the destination since, and this one would land
-    after it, older news last.
+    after it, older news last. ``retry_forced`` keeps ``force``: unforced, the
+    worker checks that again just before sending it (a newer copy in flight now
+    may be delivered first) and gives it back failed (``SUPERSEDED``) if so.
     """
     row = conn.execute(select(*_CHECKED, delivery.c.state, delivery.c.facility, delivery.c.mrn)
                        .select_from(_WITH_MESSAGE).where(delivery.c.id == delivery_id)).first()
@@ -856,6 +902,7 @@ def retry(
             next_attempt_at=now,
             retried_by=storable(actor, ACTOR_NAME_LEN),
             retried_at=now,
+            retry_forced=force,
         )
     ).rowcount
     view = get_delivery(conn, delivery_id)

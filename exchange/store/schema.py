@@ -575,6 +575,10 @@ class Delivery(Base):
     ack: Mapped[bytes | None] = mapped_column(LargeBinary)  # the destination's ACK payload, exactly
     retried_by: Mapped[str | None] = mapped_column(String(ACTOR_NAME_LEN))  # the operator who last requeued it
     retried_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The last requeue was forced: sent even after newer copies about the patient reached the
+    # destination. Unforced, the worker checks again just before sending it (a newer copy may
+    # have been in flight at the requeue) and gives it back, failed, rather than land it late.
+    retry_forced: Mapped[bool] = mapped_column(Boolean, server_default=false())
 
     __table_args__ = (
         # The worker's "oldest queued copy of this destination", queue depths, and

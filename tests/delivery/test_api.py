@@ -199,6 +199,42 @@ def test_a_retry_after_newer_copies_about_the_patient_needs_force(engine) -> Non
     assert post(api, f"/api/deliveries/{failed}/retry", token, {"forse": True})[0] == 422
     code, body = post(api, f"/api/deliveries/{failed}/retry", token, {"force": True})
     assert code == 200 and body["state"] == "queued" and body["retried_by"] == "olga"
+    assert forced(engine, failed)  # kept with the requeue: the worker sends it whatever went since
+
+
+def forced(engine, delivery_id: int) -> bool:
+    from sqlalchemy import select
+
+    from exchange.store.schema import delivery_table
+
+    with engine.connect() as conn:
+        return conn.execute(select(delivery_table.c.retry_forced).where(delivery_table.c.id == delivery_id)).scalar()
+
+
+def test_a_retry_the_api_allowed_is_given_back_by_the_worker_if_a_newer_copy_went_first(engine) -> None:
+    """The 409 guard sees newer copies delivered, not one in flight: a retry it allowed is not forced,
+    and the worker gives it back (failed, the same reason in its words) if a newer copy about the
+    patient reaches the destination first (tests/delivery/test_worker.py plays the race)."""
+    from exchange.store.outbox import SUPERSEDED, Superseded, record_outcomes
+
+    api = Harness(engine)
+    [message_id] = api.store(message("MSG-1"))
+    with write_transaction(engine) as conn:
+        [failed, newer] = enqueue(conn, [copy(message_id, 1, "OAKNH"), copy(message_id, 2, "OAKNH")])
+        mark_failed(conn, failed, at=T0, ack_code="AE", ack=b"", error="AE: busy")
+    token = api.token("olga", "admin")
+    code, body = post(api, f"/api/deliveries/{failed}/retry", token)  # the newer copy: queued (in flight)
+    assert code == 200 and body["state"] == "queued" and not forced(engine, failed)
+    with write_transaction(engine) as conn:
+        mark_delivered(conn, newer, at=T0, ack_code="AA", ack=b"")
+        record_outcomes(conn, [Superseded(failed)])  # what the worker records instead of sending it
+    code, body, _ = api.get("/api/deliveries?state=failed", token)
+    [d] = body["deliveries"]
+    assert (d["id"], d["last_error"], d["retried_by"]) == (failed, SUPERSEDED, "olga")
+    assert SUPERSEDED.startswith("superseded: newer copies about this patient reached the destination since")
+    code, body = post(api, f"/api/deliveries/{failed}/retry", token)  # the common case: the API's 409
+    assert code == 409 and body["error"].startswith("newer copies about this patient reached the destination since")
+    assert post(api, f"/api/deliveries/{failed}/retry", token, {"force": True})[0] == 200 and forced(engine, failed)
 
 
 def test_a_failed_copy_the_configuration_no_longer_sends_is_not_requeued(engine) -> None:

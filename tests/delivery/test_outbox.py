@@ -17,6 +17,8 @@ from exchange.store.outbox import (
     NewCopy,
     RetryLater,
     RetryResult,
+    SUPERSEDED,
+    Superseded,
     claim_batch,
     claim_next,
     destinations,
@@ -331,7 +333,7 @@ def test_the_check_before_each_send_says_what_the_claim_would_say_now(engine: En
     def agree() -> dict[int, str | None]:
         now = {c.id: c.withheld for c in run(engine, claim_batch, "OAKNH", T0 + timedelta(minutes=1),
                                               config=CONFIG).copies}
-        checked = {c.id: run(engine, send_check, c, CONFIG) for c in claimed}
+        checked = {c.id: getattr(run(engine, send_check, c, CONFIG), "reason", None) for c in claimed}
         assert checked == now
         return checked
 
@@ -354,3 +356,35 @@ def test_the_check_before_each_send_says_what_the_claim_would_say_now(engine: En
         conn.execute(person_table.update().where(person_table.c.id == survivor).values(protected=True))
     assert agree() == {ids[0]: "withheld: the person has opted out", ids[1]: "withheld: the person has opted out",
                        ids[2]: None}
+
+
+def test_a_requeued_copy_is_given_back_when_a_newer_copy_about_the_patient_was_delivered_since(
+        engine: Engine, message_id: int) -> None:
+    """Found by a black-box audit: the retry's 409 guard only sees newer copies delivered, not one in
+    flight at the requeue; that one was delivered next, and the old A08 after it. The claim (and the
+    check just before sending) look again; the operator's force, kept on the row, still sends it."""
+    ids = queue(engine, [copy_of(message_id, n) for n in range(3)])  # the same patient (person 7, GENHOSP 100001)
+    at = T0 + timedelta(seconds=2)
+    run(engine, mark_failed, ids[0], at=at, ack_code="AE", ack=b"MSA|AE", error="AE: busy")
+    # ids[1] is in flight: nothing newer has been delivered yet, the requeue is allowed
+    assert run(engine, retry, ids[0], "ops-alice", at, config=CONFIG)[0] is RetryResult.REQUEUED
+    claimed = run(engine, claim_batch, "OAKNH", at, config=CONFIG).copies
+    assert [(c.id, c.requeued, c.superseded) for c in claimed] == [
+        (ids[0], True, False), (ids[1], False, False), (ids[2], False, False)]
+    run(engine, mark_delivered, ids[1], at=at, ack_code="AA", ack=b"")  # ... and now it is
+    [again, *_] = run(engine, claim_batch, "OAKNH", at, config=CONFIG).copies
+    assert (again.id, again.superseded) == (ids[0], True)
+    assert run(engine, send_check, claimed[0], CONFIG) == Superseded(ids[0])  # just before sending, too
+    assert run(engine, send_check, claimed[2], CONFIG) is None
+    assert run(engine, record_outcomes, [Superseded(ids[0])]) == 1
+    view = run(engine, get_delivery, ids[0])
+    assert (view.state, view.last_error, view.attempts, view.ack_code, view.retried_by) == (
+        DeliveryState.FAILED, SUPERSEDED, 1, "AE", "ops-alice")
+    # the API's guard answers for it now; forced, the requeue is kept as forced and the copy goes
+    assert run(engine, retry, ids[0], "ops-alice", at, config=CONFIG)[0] is RetryResult.SUPERSEDED
+    assert run(engine, retry, ids[0], "ops-bob", at, config=CONFIG, force=True)[0] is RetryResult.REQUEUED
+    with engine.connect() as conn:
+        assert conn.execute(select(delivery_table.c.retry_forced).where(delivery_table.c.id == ids[0])).scalar()
+    [forced, *_] = run(engine, claim_batch, "OAKNH", at, config=CONFIG).copies
+    assert (forced.id, forced.requeued, forced.superseded) == (ids[0], False, False)
+    assert run(engine, send_check, forced, CONFIG) is None

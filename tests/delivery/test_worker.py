@@ -18,7 +18,7 @@ from exchange.delivery.worker import DeliveryProtocol, DestinationStore, Destina
 from exchange.mllp.framing import MLLPDecoder, encode
 from exchange.store.db import make_engine, upgrade, write_transaction
 from exchange.store.messages import insert_messages
-from exchange.store.outbox import DeliveryState, NewCopy, enqueue, get_delivery, retry
+from exchange.store.outbox import SUPERSEDED, DeliveryState, NewCopy, RetryResult, enqueue, get_delivery, retry
 from exchange.store.schema import delivery_table, patient_record_table, person_table
 from tests.support import delivery_config, new_message
 
@@ -432,4 +432,32 @@ def test_the_copy_after_the_first_is_checked_on_a_kept_connection_and_a_failed_c
     assert h.peers.all_sent() == ["D1", "D2", "D3"]
     h.peers.reply(ack("D3"))
     assert set(h.states().values()) == {"delivered"}
+    h.worker.stop()
+
+
+def test_a_requeued_copy_does_not_land_after_a_newer_copy_that_was_in_flight_at_the_requeue(h: Harness) -> None:
+    """Found by a black-box audit: the retry API's 409 guard counts newer copies delivered, not one in
+    flight; an old A08 requeued while the A01 after it was in flight was delivered after it. The
+    worker gives such a copy back (failed, superseded) instead of sending it; forced, it goes."""
+    about = dict(facility="GENHOSP", mrn="G1")  # one patient: the sender's record
+    h.enqueue("OLD", wake=False, **about)
+    h.worker.start()
+    h.peers.reply(ack("OLD", "AE", "busy"))
+    assert h.state("OLD").state is DeliveryState.FAILED
+    h.enqueue("NEW1", "NEW2", **about)
+    assert h.peers.all_sent() == ["OLD", "NEW1"]  # NEW1 in flight
+    with write_transaction(h.engine) as conn:  # nothing newer delivered yet: the API's guard lets it through
+        assert retry(conn, h.ids["OLD"], "ops", h.now(), config=delivery_config())[0] is RetryResult.REQUEUED
+    h.worker.wake(urgent=True)
+    h.peers.reply(ack("NEW1"))
+    h.peers.reply(ack("NEW2"))
+    assert h.peers.all_sent() == ["OLD", "NEW1", "NEW2"]  # OLD is not sent after them
+    old = h.state("OLD")
+    assert (old.state, old.last_error, old.attempts, old.retried_by) == (DeliveryState.FAILED, SUPERSEDED, 1, "ops")
+    with write_transaction(h.engine) as conn:  # the operator sends it anyway
+        assert retry(conn, h.ids["OLD"], "ops", h.now(), config=delivery_config(), force=True)[0] is RetryResult.REQUEUED
+    h.worker.wake(urgent=True)
+    assert h.peers.all_sent() == ["OLD", "NEW1", "NEW2", "OLD"]
+    h.peers.reply(ack("OLD"))
+    assert h.states() == {"OLD": "delivered", "NEW1": "delivered", "NEW2": "delivered"}
     h.worker.stop()
