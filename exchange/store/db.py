@@ -3,7 +3,8 @@
 ``make_engine(url)`` is the one place engines are created: SQLite gets WAL,
 ``synchronous=FULL``, foreign keys and a busy timeout on every connection, and
 real transactions (see below); PostgreSQL goes through psycopg 3 with
-``pool_pre_ping``. ``upgrade(url_or_engine)`` brings a database to the newest
+``pool_pre_ping`` and TCP keepalives on both ends of every connection (see
+``PG_KEEPALIVES``). ``upgrade(url_or_engine)`` brings a database to the newest
 Alembic revision without any ``alembic.ini`` (``exchange db upgrade`` and the
 tests call it).
 
@@ -42,6 +43,27 @@ SQLITE_BUSY_TIMEOUT_MS = 5000
 # Connection execution option read by the SQLite "begin" hook.
 _SQLITE_BEGIN = "exchange_sqlite_begin"
 
+# A node whose host is lost without a FIN (power loss, a partition) must not keep its
+# PostgreSQL sessions -- and with them the advisory locks on its delivery destinations --
+# for the kernels' default of two hours without keepalives. Both ends probe an idle
+# connection after 10 s, every 5 s, and give up after 3 unanswered probes, or once data
+# sent has gone unacknowledged for 30 s: a dead peer's session ends within about 30 s.
+# The client's side (libpq parameters), unless the URL or connect_args set one:
+PG_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30000,  # ms
+}
+# The server's side, for the session (``options``), unless the options set one:
+PG_SERVER_KEEPALIVES = {
+    "tcp_keepalives_idle": 10,
+    "tcp_keepalives_interval": 5,
+    "tcp_keepalives_count": 3,
+    "tcp_user_timeout": 30000,  # ms
+}
+
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An Engine for a SQLAlchemy URL (``sqlite:///...`` or ``postgresql+psycopg://...``).
@@ -77,8 +99,13 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         # execution is planned with its own parameters; preparing still saves
         # the parse.
         options = connect_args.get("options", parsed.query.get("options", ""))
-        if "plan_cache_mode" not in options:
-            connect_args["options"] = f"{options} -c plan_cache_mode=force_custom_plan".strip()
+        settings = {"plan_cache_mode": "force_custom_plan", **PG_SERVER_KEEPALIVES}
+        added = " ".join(f"-c {name}={value}" for name, value in settings.items() if name not in options)
+        if added:
+            connect_args["options"] = f"{options} {added}".strip()
+        for name, value in PG_KEEPALIVES.items():
+            if name not in parsed.query:
+                connect_args.setdefault(name, value)
         return create_engine(parsed, connect_args=connect_args, **kwargs)
     raise ValueError(f"unsupported database backend {backend!r}: use sqlite or postgresql")
 

@@ -53,3 +53,37 @@ def test_server_warnings_say_when_postgresql_autovacuum_is_off(engine: Engine) -
         assert warnings == []
     else:  # as on this project's CI machine
         assert len(warnings) == 1 and warnings[0].startswith("PostgreSQL autovacuum is off")
+
+
+def test_every_postgresql_connection_has_tcp_keepalives_on_both_ends(engine: Engine) -> None:
+    """Found by a black-box audit: a node whose host was lost without a FIN kept its session, and
+    the advisory locks on its destinations, for the server's default 2 hours of keepalive idle,
+    so no other node took them over. Both ends probe now: a lost peer's session ends in ~30 s."""
+    if engine.dialect.name != "postgresql" or not engine.url.host or engine.url.host.startswith("/"):
+        return  # keepalives are TCP's: over a Unix socket the server shows 0
+    with engine.connect() as conn:
+        shown = {name: conn.execute(text(f"SHOW {name}")).scalar_one()
+                 for name in ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count",
+                              "tcp_user_timeout", "plan_cache_mode")}
+        client = conn.connection.driver_connection.info.get_parameters()
+    assert shown == {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3",
+                     "tcp_user_timeout": "30000", "plan_cache_mode": "force_custom_plan"}
+    assert {k: client.get(k) for k in ("keepalives", "keepalives_idle", "keepalives_interval",
+                                       "keepalives_count", "tcp_user_timeout")} == {
+        "keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "5", "keepalives_count": "3",
+        "tcp_user_timeout": "30000"}
+
+
+def test_keepalives_the_url_sets_are_kept(engine: Engine) -> None:
+    if engine.dialect.name != "postgresql" or not engine.url.host or engine.url.host.startswith("/"):
+        return
+    url = engine.url.update_query_dict({"keepalives_idle": "60", "options": "-c tcp_keepalives_idle=60"})
+    other = make_engine(url.render_as_string(hide_password=False))
+    try:
+        with other.connect() as conn:
+            assert conn.execute(text("SHOW tcp_keepalives_idle")).scalar_one() == "60"
+            assert conn.execute(text("SHOW tcp_keepalives_count")).scalar_one() == "3"  # the others still set
+            client = conn.connection.driver_connection.info.get_parameters()
+            assert (client["keepalives_idle"], client["keepalives_count"]) == ("60", "3")
+    finally:
+        other.dispose()
