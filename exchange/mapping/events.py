@@ -581,10 +581,19 @@ def demographics(pid: Segment, warnings: list[str], ids: list[Identifier] | None
         phones=_repeating(pid, 13, phone),
         business_phones=business,
         account=_scalar(pid, 18),
-        ssn=_scalar(pid, 19),
+        ssn=_ssn(pid, ids),
         death=_ts(pid, 29, warnings),
         deceased=deceased,
     )
+
+
+def _ssn(pid: Segment, ids: tuple[Identifier, ...]) -> str | None | object:
+    """PID-19, else a PID-3 repetition typed SS (CX.5): from v2.7 PID-19 is withdrawn and the
+    SSN travels in PID-3 only, where matching and the family rules must still see it."""
+    ssn = _scalar(pid, 19)
+    if ssn is None:
+        ssn = next((i.value for i in ids if i.type_code.upper() == "SS" and i.value), None)
+    return ssn
 
 
 # --- PV1 ----------------------------------------------------------------------------------------------

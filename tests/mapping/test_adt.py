@@ -102,6 +102,21 @@ def test_a08_applies_patch_semantics():
     assert rec["phones"] is None and rec["addresses"][0].city == "Town" and rec["ssn"] == "123-45-6789"
 
 
+def test_an_ssn_sent_in_pid3_typed_ss_is_the_records_ssn():
+    """From v2.7 PID-19 is withdrawn: the SSN comes as a PID-3 repetition typed SS. Found by a
+    soak audit: matching and the family rules never saw a v2.8 sender's SSN."""
+    state = MemoryState()
+    run(state, CTX, synthetic(msh("ADT", "A28", version="2.8"), "EVN|A28",
+                              "PID|1||7^^^HOSP^MR~599987953^^^SSA^SS||Doe^Jane||19800102|F"))
+    assert state.records[("HOSP", "7")]["ssn"] == "599987953"
+    # PID-19, where given, wins; a PID-3 without an SS repetition changes nothing
+    run(state, CTX, synthetic(msh("ADT", "A08"), "EVN|A08",
+                              "PID|1||7^^^HOSP^MR~111223333^^^SSA^SS||Doe^Jane||19800102|F|||||||||||599-98-7953"))
+    assert state.records[("HOSP", "7")]["ssn"] == "599-98-7953"
+    run(state, CTX, synthetic(msh("ADT", "A08"), "EVN|A08", "PID|1||7^^^HOSP^MR||Doe^Jane||19800102|F"))
+    assert state.records[("HOSP", "7")]["ssn"] == "599-98-7953"
+
+
 def test_missing_pid3_is_an_error():
     result = mapped("nhapi/adt_a04_v27_minimal.hl7")
     assert isinstance(result, MappingError) and result.problem.location == "PID-3" and result.problem.code == 101
