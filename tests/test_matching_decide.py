@@ -217,6 +217,18 @@ def test_twins_with_sequential_ssns_and_near_names_are_not_linked():
     assert d.action is Action.REVIEW and Reason.POSSIBLE_TWIN in d.reasons
 
 
+def test_twins_born_either_side_of_midnight_with_sequential_ssns_are_not_linked():
+    """Found by a soak audit: Kristen (1 September) and Kirsten (31 August) with SSNs ...952 and
+    ...953 and one phone linked as one person, and Kirsten's notes were filed in Kristen's chart."""
+    kristen = rec("GENHOSP", "G1", person("Delacroix", "Kristen", birth="20170901", ssn="599987952", **HOUSE), "P1")
+    kirsten = rec("RIVCLINIC", "C1", person("Delacroix", "Kirsten", birth="20170831", ssn="599987953", **HOUSE))
+    d = decide(kirsten, [kristen], MODEL)
+    assert d.action is Action.REVIEW and Reason.POSSIBLE_TWIN in d.reasons
+    # one person with a typo in the SSN and a birth date a day off (the same given name) still links
+    typo = rec("RIVCLINIC", "C2", person("Delacroix", "Kristen", birth="20170831", ssn="599987953", **HOUSE))
+    assert decide(typo, [kristen], MODEL).action is Action.LINK
+
+
 def test_a_spouses_ssn_on_the_wrong_chart_does_not_link_two_people():
     """PID-19 filled with the guarantor's SSN: given name, birth date and sex all another person's."""
     home = dict(street="1201 Prairie Ave", city="Wichita", postcode="67202", phone="316-555-0789")

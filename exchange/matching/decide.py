@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from datetime import date
 from enum import StrEnum
 
 from exchange.matching.compare import FIELD_NAMES, Level
@@ -253,14 +254,27 @@ def _family_shape(mine: Features, match: Match, other: Features, model: Model, *
         return None
     if decades_apart:
         return Reason.PARENT_AND_CHILD
-    if birth is Level.EXACT and given is not Level.EXACT and (
-            ssn is Level.ONE_DIGIT and levels[_F["phone"]] is Level.EXACT  # sequential SSNs, one phone
-            or ssn is Level.MISSING and levels[_F["family"]] in _FAMILY_SAME and given in _TWIN_GIVEN):
+    if given is not Level.EXACT and (
+            (birth is Level.EXACT or _a_day_apart(mine, other))  # twins born either side of midnight
+            and ssn is Level.ONE_DIGIT and levels[_F["phone"]] is Level.EXACT  # sequential SSNs, one phone
+            or birth is Level.EXACT and ssn is Level.MISSING and levels[_F["family"]] in _FAMILY_SAME
+            and given in _TWIN_GIVEN):
         return Reason.POSSIBLE_TWIN  # no SSN tells them apart: twins are named alike
     if (_common_family(mine, model) and levels[_F["place"]] is Level.DISAGREE
             and not any(levels[_F[f]] in agree for f, agree in _CORROBORATE)):
         return Reason.NAME_AND_BIRTH_DATE_ONLY  # two John Smiths born the same day, in two towns
     return None
+
+
+def _a_day_apart(a: Features, b: Features) -> bool:
+    """Full birth dates one day apart (twins born either side of midnight)."""
+    if None in (a.birth_year, a.birth_month, a.birth_day, b.birth_year, b.birth_month, b.birth_day):
+        return False
+    try:
+        days = (date(a.birth_year, a.birth_month, a.birth_day) - date(b.birth_year, b.birth_month, b.birth_day)).days
+    except ValueError:
+        return False
+    return abs(days) == 1
 
 
 _FAMILY_SAME = frozenset({Level.EXACT, Level.PART})
