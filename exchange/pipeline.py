@@ -42,6 +42,7 @@ from exchange.mapping.state import MemoryState, document_type
 from exchange.outcome import Outcome, Value, Verdict, error
 from exchange.config import Config
 from exchange.store import index as patient_index
+from exchange.store.outbox import carry_renames as carry_renamed_copies
 from exchange.store.routing import Applied, route_batch
 from exchange.store.records import load as load_records
 from exchange.store.records import save as save_records
@@ -294,7 +295,8 @@ def process_batch(
     if state is not None:
         state.rebase_refs({pending_ref(d.index): id_ for d, id_ in zip(decoded, ids)})
         at = now()
-        patient_index.carry_renames(conn, state)  # A47: the index's rows follow the record's new MRN
+        renames = patient_index.carry_renames(conn, state)  # A47: the index's rows follow the new MRN,
+        carry_renamed_copies(conn, renames, {code: ctx.authority for code, ctx in facilities.items()})  # copies too
         if models is None:
             save_records(conn, state, at)
         else:

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -65,6 +65,7 @@ from sqlalchemy.dialects import postgresql
 from exchange.config import Config
 from exchange.hl7.header import read_header
 from exchange.mapping.message import Message
+from exchange.routing.rewrite import renamed_copy
 from exchange.routing.rules import Event, Reason, recheck
 from exchange.store.consent import merge_chains
 from exchange.store.records import document_lineage
@@ -96,6 +97,7 @@ __all__ = [
     "Superseded",
     "Withheld",
     "RetryResult",
+    "carry_renames",
     "claim_batch",
     "claim_next",
     "destinations",
@@ -398,6 +400,33 @@ def enqueue(conn: Connection, copies: Sequence[NewCopy]) -> list[int]:
     if len(ids) != len(rows):  # pragma: no cover - a driver bug
         raise RuntimeError(f"queued {len(rows)} copies, got {len(ids)} ids")
     return ids
+
+
+def carry_renames(conn: Connection, renames: Sequence[tuple[tuple[str, str], tuple[str, str]]],
+                  authorities: Mapping[str, str]) -> int:
+    """A47 renamed these records ((facility, old mrn), (facility, new mrn)), in the batch's
+    transaction: the copies not yet delivered that name the old MRN follow it. A copy waiting
+    for the renaming facility names its new MRN in PID-3 (``authorities``: each facility's
+    PID-3.4) and as ``destination_mrn``, so it goes out -- the record is still the person's --
+    instead of being withheld as naming a record no longer there; a copy of the renamed
+    record's own events keeps the new MRN as the record it is about (``mrn``: the retry and
+    cancel checks read it). Returns the copies rewritten."""
+    rewritten = 0
+    pending = [DeliveryState.QUEUED.value, DeliveryState.FAILED.value]
+    for (facility, old), (_, new) in renames:
+        conn.execute(delivery.update().where(delivery.c.facility == facility, delivery.c.mrn == old)
+                     .values(mrn=storable(new, MRN_LEN)))
+        authority = authorities.get(facility)
+        rows = conn.execute(select(delivery.c.id, delivery.c.payload).where(
+            delivery.c.destination == facility, delivery.c.destination_mrn == old, delivery.c.state.in_(pending)))
+        for copy_id, payload in rows.all():
+            changed = renamed_copy(bytes(payload), old, new, authority) if authority else None
+            if changed is None:  # not a copy rewrite() wrote: the send-time check withholds it
+                continue
+            conn.execute(delivery.update().where(delivery.c.id == copy_id)
+                         .values(payload=changed, destination_mrn=storable(new, MRN_LEN)))
+            rewritten += 1
+    return rewritten
 
 
 def destinations(copies: Iterable[NewCopy]) -> frozenset[str]:

@@ -459,3 +459,29 @@ def test_the_doctor_and_leave_cancels_are_applied_and_go_only_where_their_visit_
     assert (visits["V1"]["attending"]["id"], visits["V1"]["consulting"]) == ("D1", [])
     assert visits["V2"]["consulting"] == [{"id": "C1", "family": "CON", "given": "CY", "authority": ""}]
     assert visits["V1"]["status"] == visits["V2"]["status"] == "admitted"
+
+
+def test_a_copy_waiting_for_a_site_that_renames_its_record_goes_out_under_the_new_mrn(engine, tmp_path):
+    """Found by a soak audit: OAKNH was down while the hospital admitted its resident, then sent
+    an A47 correcting her MRN; the waiting admission was withheld as naming a record no longer
+    there, and OAKNH never heard of the stay. The copy now follows the rename."""
+    from datetime import datetime, timezone
+
+    from exchange.store.outbox import claim_batch
+    from tests.store.test_index import a47, adt, pid
+
+    config = network(tmp_path)
+    run(engine, config, register("OAKNH", "OA-1", **ELIZABETH), register("GENHOSP", "GH-1", **ELIZABETH))
+    (admit,) = run(engine, config, adt("GENHOSP", "A01", pid("GH-1", "GENHOSP", **ELIZABETH),
+                                       "PV1|1|I|MED^101^A||||||||||||||||V9"))
+    assert admit.routed == ("OAKNH",)
+    (renamed,) = run(engine, config, a47("OAKNH", "OA-2", "OA-1", **ELIZABETH))
+    assert renamed.ack_code == "AA"
+    with engine.begin() as conn:  # the registration's copy and the admission's, both waiting
+        copies = claim_batch(conn, "OAKNH", datetime.now(timezone.utc), config=config).copies
+    assert len(copies) == 2 and all(c.withheld is None for c in copies)
+    for copy in copies:
+        payload = bytes(copy.payload).decode()
+        assert "|OA-2^^^OAKNH^MR~" in payload and "OA-1" not in payload
+    with engine.connect() as conn:
+        assert conn.execute(text("select distinct destination_mrn from delivery where destination = 'OAKNH'")).scalar_one() == "OA-2"
