@@ -261,6 +261,34 @@ def test_link_to_a_named_person_or_a_candidates_person(tx):
     assert person_of(tx, ("HHCARE", "HH-3")) == p != q
 
 
+def test_a_link_that_takes_a_record_away_asks_about_the_records_linked_through_it(tx):
+    """Found by a soak audit: the hospital's Donna waited in a review against the clinic's
+    Donsa; the nursing home's Donna was linked to the hospital's meanwhile. The technician linked
+    the hospital's Donna to the clinic's person, and the nursing home's record stayed alone in
+    the old person, in no review: the hospital's next admission never reached the home."""
+    donna = dict(family="HARGROVE", given="DONNA", birth="19580214", sex="F", street="4 LARCH RD",
+                 city="SALEM", postcode="01970", phone="555-0160")
+    clinic = add_record(tx, "HHCARE", "HH-D", **{**donna, "given": "DONSA"})
+    old = add_record(tx, "GENHOSP", "GH-D", **donna)
+    add_record(tx, "OAKNH", "OA-D", old, score_=40.0, **donna)
+    r = add_review(tx, ("GENHOSP", "GH-D"), [("HHCARE", "HH-D")])
+    decision = decide(tx, r, "link", candidate=("HHCARE", "HH-D"))
+    assert person_of(tx, ("GENHOSP", "GH-D")) == clinic and person_of(tx, ("OAKNH", "OA-D")) == old
+    [left] = reviews.list_reviews(tx)
+    assert (left["kind"], left["person"], left["records"][0]) == ("link_looks_wrong", old,
+                                                                  {"facility": "OAKNH", "mrn": "OA-D"})
+    assert {"facility": "GENHOSP", "mrn": "GH-D"} in left["records"]  # the technician can follow it
+    assert f"decision {decision['decision_id']} linked GENHOSP GH-D" in left["reasons"][1]
+    # a record that still scores well against what stays with it is left alone
+    p = add_record(tx, "GENHOSP", "GH-H", **HANSON)
+    add_record(tx, "OAKNH", "OA-H", p, **HANSON)
+    add_record(tx, "HHCARE", "HH-H", p, **HANSON)
+    elsewhere = add_record(tx, "CLINIC", "C-1", family="HANSON", given="BETH", birth="19470312")
+    r2 = add_review(tx, ("HHCARE", "HH-H"), [("CLINIC", "C-1")])
+    decide(tx, r2, "link", person_id=elsewhere, force=True)
+    assert len(reviews.list_reviews(tx)) == 1
+
+
 def test_link_follows_a_merged_suggestion(tx):
     s = hanson_scene(tx)
     keeper = add_record(tx, "GENHOSP", "GH-OTHER", family="Q", given="R")

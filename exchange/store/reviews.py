@@ -644,6 +644,8 @@ def decide_review(conn: Connection, review_id: int, verdict: Verdict | str, *, a
         scores = [c.get("score") for c in cands
                   if (c["facility"], c["mrn"]) in member_keys and isinstance(c.get("score"), (int, float))]
         d.event(rec, target, Link.MANUAL.value, max(scores) if scores else None)
+        if target != rec.person_id:
+            _review_left_behind(conn, key, rec.person_id, target, d.id, now)
     else:
         others = [(c["facility"], c["mrn"]) for c in cands if (c["facility"], c["mrn"]) != key]
         if not others:
@@ -951,6 +953,44 @@ def _rescore_restored(conn: Connection, restored: dict[Key, int], decision_id: i
             state=ReviewState.OPEN.value, kind=str(Reason.LINK_LOOKS_WRONG), facility=key[0], mrn=key[1],
             person_id=rec.person_id, score=best, created_at=now,
             detail={"record": {"facility": key[0], "mrn": key[1], "person": rec.person_id},
+                    "candidates": candidates[:MAX_CANDIDATES], "reasons": reasons, "action": "review",
+                    "thresholds": {"upper": model.upper, "lower": model.lower}},
+        ))
+
+
+def _review_left_behind(conn: Connection, moved: Key, left: int, target: int, decision_id: int | None,
+                        now: datetime) -> None:
+    """A technician's link took ``moved`` out of person ``left``: a record the patient index
+    linked there automatically (perhaps through ``moved``) that does not score above the upper
+    threshold against what stays with it gets a ``link_looks_wrong`` review, its candidates
+    scored against both persons, rather than being left alone without a word."""
+    rows = conn.execute(select(patient_record.c.facility, patient_record.c.mrn, patient_record.c.person_id,
+                               patient_record.c.link, patient_record.c.features)
+                        .where(patient_record.c.person_id.in_([left, target]), patient_record.c.active)
+                        .order_by(patient_record.c.id)).all()
+    model = None
+    for r in rows:
+        key = (r.facility, r.mrn)
+        if r.person_id != left or r.link != "auto" or key == moved or _open_reviews_of(conn, [key]):
+            continue
+        mine = stored_features(r.features)
+        others = [(o.facility, o.mrn, o.person_id, f) for o in rows if (o.facility, o.mrn) != key
+                  for f in (stored_features(o.features),) if f is not None]
+        if mine is None or not others:
+            continue
+        model = model or stored_model(conn)
+        candidates = rescored(mine, others, model)
+        staying = [c["score"] for c in candidates if c["person"] == left]
+        if staying and max(staying) >= model.upper:
+            continue  # it belongs with the records that stay
+        reasons = [str(Reason.LINK_LOOKS_WRONG),
+                   f"decision {decision_id} linked {moved[0]} {moved[1]} to another person; this record, linked "
+                   f"automatically to the person it left, does not score above the upper threshold against what "
+                   f"stays there"]
+        conn.execute(insert(match_review).values(
+            state=ReviewState.OPEN.value, kind=str(Reason.LINK_LOOKS_WRONG), facility=key[0], mrn=key[1],
+            person_id=left, score=max(staying) if staying else None, created_at=now,
+            detail={"record": {"facility": key[0], "mrn": key[1], "person": left},
                     "candidates": candidates[:MAX_CANDIDATES], "reasons": reasons, "action": "review",
                     "thresholds": {"upper": model.upper, "lower": model.lower}},
         ))
