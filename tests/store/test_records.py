@@ -318,7 +318,7 @@ def test_view_shapes(engine: Engine):
         assert person_view(conn, 10**9) is None
         row = conn.execute(select(patient_record_table)).one()
         assert (row.family_name, row.given_name, row.birth_date, row.sex, row.postcode, row.ssn) == (
-            "Doe", "Jane", date(1962, 3, 4), "F", "12345", None)
+            "Doe", "Jane", date(1962, 3, 4), "F", "12345", "999")  # PID-19 empty: PID-3's SS repetition
         idents = {(r.authority, r.value, r.type) for r in conn.execute(select(record_identifier_table))}
         assert idents == {("HOSP", "1", "MR"), ("SSA", "999", "SS")}
 
