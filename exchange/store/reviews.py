@@ -946,16 +946,22 @@ def _rescore_restored(conn: Connection, restored: dict[Key, int], decision_id: i
         conn.execute(update(link_event).where(link_event.c.id == event_id).values(score=best))
         if best >= model.upper or _open_reviews_of(conn, [key]):
             continue
-        reasons = [str(Reason.LINK_LOOKS_WRONG if best < model.lower else Reason.BETWEEN),
-                   f"undo of decision {decision_id} restored an automatic link; the record scores below the upper "
-                   f"threshold against its person now"]
-        conn.execute(insert(match_review).values(
-            state=ReviewState.OPEN.value, kind=str(Reason.LINK_LOOKS_WRONG), facility=key[0], mrn=key[1],
-            person_id=rec.person_id, score=best, created_at=now,
-            detail={"record": {"facility": key[0], "mrn": key[1], "person": rec.person_id},
-                    "candidates": candidates[:MAX_CANDIDATES], "reasons": reasons, "action": "review",
-                    "thresholds": {"upper": model.upper, "lower": model.lower}},
-        ))
+        _link_looks_wrong(conn, key, rec.person_id, best, candidates, model, now, [
+            str(Reason.LINK_LOOKS_WRONG if best < model.lower else Reason.BETWEEN),
+            f"undo of decision {decision_id} restored an automatic link; the record scores below the upper "
+            f"threshold against its person now"])
+
+
+def _link_looks_wrong(conn: Connection, key: Key, person_id: int, best: float | None,
+                      candidates: list[dict[str, Any]], model: Model, now: datetime, reasons: list[str]) -> None:
+    """Open a ``link_looks_wrong`` review of ``key``'s automatic link to ``person_id``."""
+    conn.execute(insert(match_review).values(
+        state=ReviewState.OPEN.value, kind=str(Reason.LINK_LOOKS_WRONG), facility=key[0], mrn=key[1],
+        person_id=person_id, score=best, created_at=now,
+        detail={"record": {"facility": key[0], "mrn": key[1], "person": person_id},
+                "candidates": candidates[:MAX_CANDIDATES], "reasons": reasons, "action": "review",
+                "thresholds": {"upper": model.upper, "lower": model.lower}},
+    ))
 
 
 def _review_left_behind(conn: Connection, moved: Key, left: int, target: int, decision_id: int | None,
@@ -983,17 +989,11 @@ def _review_left_behind(conn: Connection, moved: Key, left: int, target: int, de
         staying = [c["score"] for c in candidates if c["person"] == left]
         if staying and max(staying) >= model.upper:
             continue  # it belongs with the records that stay
-        reasons = [str(Reason.LINK_LOOKS_WRONG),
-                   f"decision {decision_id} linked {moved[0]} {moved[1]} to another person; this record, linked "
-                   f"automatically to the person it left, does not score above the upper threshold against what "
-                   f"stays there"]
-        conn.execute(insert(match_review).values(
-            state=ReviewState.OPEN.value, kind=str(Reason.LINK_LOOKS_WRONG), facility=key[0], mrn=key[1],
-            person_id=left, score=max(staying) if staying else None, created_at=now,
-            detail={"record": {"facility": key[0], "mrn": key[1], "person": left},
-                    "candidates": candidates[:MAX_CANDIDATES], "reasons": reasons, "action": "review",
-                    "thresholds": {"upper": model.upper, "lower": model.lower}},
-        ))
+        _link_looks_wrong(conn, key, left, max(staying) if staying else None, candidates, model, now, [
+            str(Reason.LINK_LOOKS_WRONG),
+            f"decision {decision_id} linked {moved[0]} {moved[1]} to another person; this record, linked "
+            f"automatically to the person it left, does not score above the upper threshold against what "
+            f"stays there"])
 
 
 def _event_json(e: Any) -> dict[str, Any]:
