@@ -414,8 +414,12 @@ def carry_renames(conn: Connection, renames: Sequence[tuple[tuple[str, str], tup
     rewritten = 0
     pending = [DeliveryState.QUEUED.value, DeliveryState.FAILED.value]
     for (facility, old), (_, new) in renames:
-        conn.execute(delivery.update().where(delivery.c.facility == facility, delivery.c.mrn == old)
-                     .values(mrn=storable(new, MRN_LEN)))
+        # the record's copies, found through its person (indexed; copies routed under a person it
+        # left before are not found: they keep the old MRN)
+        person_id = select(patient_record.c.person_id).where(
+            patient_record.c.facility == facility, patient_record.c.mrn == new).scalar_subquery()
+        conn.execute(delivery.update().where(delivery.c.person_id == person_id, delivery.c.facility == facility,
+                                             delivery.c.mrn == old).values(mrn=storable(new, MRN_LEN)))
         authority = authorities.get(facility)
         rows = conn.execute(select(delivery.c.id, delivery.c.payload).where(
             delivery.c.destination == facility, delivery.c.destination_mrn == old, delivery.c.state.in_(pending)))

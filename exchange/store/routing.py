@@ -133,16 +133,15 @@ def _route_one(conn: Connection, a: Applied, config: Config, now: datetime, reco
 def _told(conn: Connection, subject: Key, visit: str, earlier: Sequence[NewCopy]) -> set[str]:
     """The destinations sent a copy about the sender's ``visit`` (of any of its records: a merge
     moves visits; for "", no visit number, of this record), withheld ones aside, or about this
-    record before the outbox kept visits (0012): what a cancel of that visit may go to."""
+    record before the outbox kept visits (0012): what a cancel of that visit may go to. Each
+    part one look-up of ix_delivery_facility_visit (facility, visit, mrn)."""
     facility, mrn = subject
-    sqlite = conn.dialect.name == "sqlite"
-    mark = "?" if sqlite else "%s"
-    same_record = f"mrn = {mark} AND (visit IS NULL OR visit = {mark})"
-    rows = select_rows(conn, None, (
-        f"SELECT DISTINCT destination FROM delivery WHERE facility = {mark} AND state <> 'withheld' AND "
-        + (f"({same_record} OR visit = {mark})" if visit else f"({same_record})")
-    ), [facility, mrn, visit, visit] if visit else [facility, mrn, visit])
-    told = {destination for (destination,) in rows}
+    mark = "?" if conn.dialect.name == "sqlite" else "%s"
+    one = f"SELECT destination FROM delivery WHERE facility = {mark} AND state <> 'withheld' AND "
+    sql = (one + f"visit = {mark}" + (f" AND mrn = {mark}" if not visit else "")
+           + " UNION ALL " + one + f"visit IS NULL AND mrn = {mark}")
+    params = [facility, visit] + ([mrn] if not visit else []) + [facility, mrn]
+    told = {destination for (destination,) in select_rows(conn, None, sql, params)}
     told.update(c.destination for c in earlier if c.facility == facility and c.visit == visit
                 and (visit or c.mrn == mrn))
     return told

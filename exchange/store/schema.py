@@ -586,8 +586,9 @@ class Delivery(Base):
         Index("ix_delivery_destination_state_id", "destination", "state", "id"),
         # The API's listing by state.
         Index("ix_delivery_state_id", "state", "id"),
-        # Routing a cancel: the destinations sent something about the sender's visit.
-        Index("ix_delivery_facility_visit", "facility", "visit"),
+        # Routing a cancel: the destinations sent something about the sender's visit (or, for
+        # copies without a visit number or queued before 0012, about the sender's record).
+        Index("ix_delivery_facility_visit", "facility", "visit", "mrn"),
     )
 
 

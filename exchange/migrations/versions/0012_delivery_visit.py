@@ -25,7 +25,7 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("delivery") as batch:
         batch.add_column(sa.Column("visit", sa.String(length=250), nullable=True))
-    op.create_index("ix_delivery_facility_visit", "delivery", ["facility", "visit"])
+    op.create_index("ix_delivery_facility_visit", "delivery", ["facility", "visit", "mrn"])
 
 
 def downgrade() -> None:
