@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime, ISSLTransport
 from twisted.internet.protocol import connectionDone
@@ -361,24 +361,33 @@ class SenderProtocol(MLLPClientProtocol):
         self.clock = reactor
         self.closed = False
         self._hangup_waiters: list[Deferred[bool]] = []
-        self._handshake: Deferred[SenderProtocol] = Deferred()
+        self._secured = False  # TLS: the handshake has completed
+        self._handshake: Deferred[SenderProtocol] | None = None  # ready()'s, while it waits for that
+        self._lost: Failure | None = None
 
     def ready(self) -> Deferred[SenderProtocol]:
         """Fires with this protocol once a message may be written: at once on TCP, after the
         handshake on TLS; fails when the connection is lost first (a refused certificate)."""
-        if not ISSLTransport.providedBy(self.transport):
+        if self._lost is not None:
+            return fail(self._lost)
+        if self._secured or not ISSLTransport.providedBy(self.transport):
             return succeed(self)
+        self._handshake = Deferred()
         return self._handshake
 
     def handshakeCompleted(self) -> None:
-        if not self._handshake.called:
-            self._handshake.callback(self)
+        self._secured = True
+        d, self._handshake = self._handshake, None
+        if d is not None:
+            d.callback(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
+        self._lost = reason
         super().connectionLost(reason)
-        if not self._handshake.called:
-            self._handshake.errback(reason)
+        d, self._handshake = self._handshake, None
+        if d is not None:  # only a handshake somebody waits for: no failure left unhandled
+            d.errback(reason)
         waiters, self._hangup_waiters = self._hangup_waiters, []
         for d in waiters:
             d.callback(True)

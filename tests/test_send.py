@@ -309,6 +309,50 @@ class Peer:
             self.clock.advance(HANGUP_WAIT)
 
 
+def test_a_connection_is_ready_at_once_over_tcp_and_after_the_handshake_over_tls():
+    """Over TLS a message may go only once the handshake has completed (a receiver whose
+    certificate is refused got nothing, and nothing may count as sent); a connection that is
+    lost leaves no failure nobody handles (a TCP one never waits for a handshake)."""
+    import gc
+
+    from twisted.internet.interfaces import ISSLTransport
+    from twisted.logger import globalLogPublisher
+    from zope.interface import directlyProvides
+
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        tcp = SenderProtocol(MemoryReactorClock(), timeout=10)
+        tcp.makeConnection(StringTransport())
+        assert tcp.ready().result is tcp
+        tcp.connectionLost(Failure(ConnectionDone("closed cleanly")))
+
+        refused, transport = SenderProtocol(MemoryReactorClock(), timeout=10), StringTransport()
+        directlyProvides(transport, ISSLTransport)
+        refused.makeConnection(transport)
+        outcome = []
+        refused.ready().addBoth(outcome.append)
+        assert outcome == []  # waits for the handshake
+        refused.connectionLost(Failure(ConnectionDone("certificate verify failed")))
+        assert isinstance(outcome[0], Failure) and outcome[0].check(ConnectionDone)
+        late = []
+        refused.ready().addErrback(late.append)  # asked after the loss: fails too
+        assert late and late[0].check(ConnectionDone)
+
+        secured, transport = SenderProtocol(MemoryReactorClock(), timeout=10), StringTransport()
+        directlyProvides(transport, ISSLTransport)
+        secured.makeConnection(transport)
+        ready = []
+        secured.ready().addCallback(ready.append)
+        secured.handshakeCompleted()
+        assert ready == [secured] and secured.ready().result is secured
+        del tcp, refused, secured, outcome, late, ready
+        gc.collect()
+    finally:
+        globalLogPublisher.removeObserver(logged)
+    assert not [e for e in logged if e.get("isError") or "Unhandled" in str(e.get("log_format", ""))]
+
+
 def test_send_messages_prints_a_line_per_ack_and_a_summary(tmp_path):
     m1, m2, m3, m4 = synthetic("C1"), synthetic("C2"), synthetic("C3"), synthetic("C4")
     peer = Peer(tmp_path, [m1, m2, m3, m4])
