@@ -427,11 +427,8 @@ def _merge_persons(out, state, ids, stored, known, members, survivor: Key, retir
     theirs = set(members.get(target, set())) - {retired}  # the survivor's person before the merge
     for key in sorted(members.get(source, set()) | {retired}):
         if key != retired and key[0] in taken:
-            out.reviews.append({
-                "facility": key[0], "mrn": key[1], "kind": "duplicate", "person": target, "score": None, "message": ref,
-                "detail": {"record": {"facility": key[0], "mrn": key[1]}, "candidates": [], "action": "review",
-                           "reasons": [f"merge at {survivor[0]}: the person already holds a record of {key[0]}"]},
-            })
+            out.reviews.append(_kept_apart(key, target, ref, None, [], f"merge at {survivor[0]}: the person"
+                                                                         f" already holds a record of {key[0]}"))
             continue
         current = known.get(key)
         if key != retired and (current is None or current.link not in MANUAL_LINKS):
@@ -441,17 +438,12 @@ def _merge_persons(out, state, ids, stored, known, members, survivor: Key, retir
             # site must not file its survivor's events in another site's other patient).
             best = _best_score(current.features if current else None, theirs, known, model)
             if best is None or best < model.upper:
-                out.reviews.append({
-                    "facility": key[0], "mrn": key[1], "kind": "duplicate", "person": target, "score": best,
-                    "message": ref,
-                    "detail": {"record": {"facility": key[0], "mrn": key[1]},
-                               "candidates": [{"facility": survivor[0], "mrn": survivor[1], "person": target,
-                                               "score": best}],
-                               "action": "review",
-                               "reasons": [f"merge at {survivor[0]} of {retired[1]} into {survivor[1]}: this record"
-                                           f" was matched to {retired[1]}'s person and does not match the"
-                                           f" survivor's person well enough to follow it; not moved"]},
-                })
+                out.reviews.append(_kept_apart(
+                    key, target, ref, best,
+                    [{"facility": survivor[0], "mrn": survivor[1], "person": target, "score": best}],
+                    f"merge at {survivor[0]} of {retired[1]} into {survivor[1]}: this record was matched to"
+                    f" {retired[1]}'s person and does not match the survivor's person well enough to follow it;"
+                    f" not moved"))
                 continue
         if key == retired:
             link, features = stored.get(retired, ("auto", None))
@@ -472,6 +464,13 @@ def _merge_persons(out, state, ids, stored, known, members, survivor: Key, retir
         if current is not None:
             current.person = target
     return there
+
+
+def _kept_apart(key: Key, person: int | str, ref, best: float | None, candidates: list[dict], reason: str) -> dict:
+    """The duplicate review of a record a facility's merge did not carry to the survivor's person."""
+    return {"facility": key[0], "mrn": key[1], "kind": "duplicate", "person": person, "score": best, "message": ref,
+            "detail": {"record": {"facility": key[0], "mrn": key[1]}, "candidates": candidates, "action": "review",
+                       "reasons": [reason]}}
 
 
 def _best_score(f: Features | None, records: set[Key], known, model: Model) -> float | None:
@@ -827,7 +826,6 @@ def write(conn: Connection, plan_: Plan, state: MemoryState, model: Model, now: 
         if kind == "merge":
             merged.setdefault(a, set()).add(b)
     retire_emptied(conn, merged)
-
 
 
 def _pipeline(cursor, sqlite: bool):
