@@ -189,10 +189,7 @@ class DestinationStore:
         self._held = False
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
-                conn.invalidate()  # a closed session: PostgreSQL releases its advisory locks
-            finally:
-                conn.close()
+            _close(conn, invalidate=True)  # a closed session: PostgreSQL releases its advisory locks
 
 
 def _close(conn: Connection, invalidate: bool = False) -> None:
