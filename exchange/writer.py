@@ -104,13 +104,17 @@ class WriterProcess(ProcessProtocol):
         return self._stopped
 
     def _up(self) -> None:
-        self.down_since, self._confirm = None, None
+        self._cancel_confirm()
+        self.down_since = None
+
+    def _cancel_confirm(self) -> None:
+        confirm, self._confirm = self._confirm, None
+        if confirm is not None and confirm.active():
+            confirm.cancel()
 
     def processEnded(self, reason) -> None:
         self._running = False
-        if self._confirm is not None and self._confirm.active():
-            self._confirm.cancel()
-        self._confirm = None
+        self._cancel_confirm()
         if self._waiting is not None:
             d, self._waiting = self._waiting, None
             d.errback(WriterFailed(f"the writer process ended: {reason.getErrorMessage()}"))
@@ -157,8 +161,6 @@ class WriterProcess(ProcessProtocol):
                 continue
             if kind == "ok":
                 if self.down_since is not None:  # it answered: it works
-                    if self._confirm is not None and self._confirm.active():
-                        self._confirm.cancel()
                     self._up()
                 d.callback(value)
             else:
