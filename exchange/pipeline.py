@@ -296,7 +296,8 @@ def process_batch(
         state.rebase_refs({pending_ref(d.index): id_ for d, id_ in zip(decoded, ids)})
         at = now()
         renames = patient_index.carry_renames(conn, state)  # A47: the index's rows follow the new MRN,
-        carry_renamed_copies(conn, renames, {code: ctx.authority for code, ctx in facilities.items()})  # copies too
+        if renames:  # and the copies waiting
+            carry_renamed_copies(conn, renames, {code: ctx.authority for code, ctx in facilities.items()})
         if models is None:
             save_records(conn, state, at)
         else:
