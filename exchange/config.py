@@ -124,6 +124,7 @@ _FACILITY_KEYS = (
     "tls_fingerprint",
     "application",
     "exclude_documents",
+    "receive_confidentiality",
     "keep_source_identifiers",
     "keep_z_segments",
     "version",
@@ -193,6 +194,8 @@ class FacilityConfig:
     # -- routed copies (exchange.routing) --
     application: str | None = None  # MSH-5 of its copies (MSH-6 is its code); None: MSH-5 empty
     exclude_documents: tuple[str, ...] = ()  # TXA-2 document types it never receives (upper case)
+    # TXA-18 statuses beyond usual control it may receive (upper case): "R", "V", ... (exchange.routing)
+    receive_confidentiality: tuple[str, ...] = ()
     keep_source_identifiers: bool = False  # keep the sender's PID-2/3/4/18 and MRG-2/3/4 in its copies
     keep_z_segments: bool = False  # keep Z-segments in its copies
     version: str | None = None  # HL7 version its copies are rewritten to (one of ROUTING_VERSIONS)
@@ -687,6 +690,7 @@ class _Reader:
             tls_fingerprint=fingerprint,
             application=self.code(table, "application", f"{prefix}.application"),
             exclude_documents=self.codes(table, "exclude_documents", f"{prefix}.exclude_documents"),
+            receive_confidentiality=self.codes(table, "receive_confidentiality", f"{prefix}.receive_confidentiality"),
             keep_source_identifiers=self.boolean(
                 table, "keep_source_identifiers", f"{prefix}.keep_source_identifiers"
             ),

@@ -555,7 +555,7 @@ def test_routing_keys_default(tmp_path):
     config = load(tmp_path, MINIMAL)
     facility = config.facilities[0]
     assert facility.application is None and facility.version is None
-    assert facility.exclude_documents == ()
+    assert facility.exclude_documents == () and facility.receive_confidentiality == ()
     assert facility.keep_source_identifiers is False and facility.keep_z_segments is False
     assert config.routes == ()
     assert config.server.person_authority == "EXCHANGE"
@@ -567,6 +567,7 @@ def test_routing_facility_keys(tmp_path):
         with_server('person_authority = "EMPI"')
         + """application = "ADT_IN"
 exclude_documents = ["bh", "SUD", "BH"]
+receive_confidentiality = ["r"]
 keep_source_identifiers = true
 keep_z_segments = true
 version = "2.3"
@@ -575,7 +576,7 @@ subscribe = ["ADT^A01", "mdm^t02^ds", "MDM^*^HP"]
     )
     facility = config.facilities[0]
     assert facility.application == "ADT_IN"
-    assert facility.exclude_documents == ("BH", "SUD")
+    assert facility.exclude_documents == ("BH", "SUD") and facility.receive_confidentiality == ("R",)
     assert facility.keep_source_identifiers and facility.keep_z_segments
     assert facility.version == "2.3"
     assert facility.subscribe == ("ADT^A01", "MDM^T02^DS", "MDM^*^HP")
@@ -622,6 +623,7 @@ to_kind = ["nursing_home"]
         (with_facility('application = "A^B"'), "facility[1].application: must be a non-empty code"),
         (with_facility('exclude_documents = "BH"'), "facility[1].exclude_documents: must be a list of codes (got a string)"),
         (with_facility('exclude_documents = ["B H"]'), "facility[1].exclude_documents[1]: must be a non-empty code"),
+        (with_facility('receive_confidentiality = "V"'), "facility[1].receive_confidentiality: must be a list of codes (got a string)"),
         (with_facility('exclude_documents = [1]'), "facility[1].exclude_documents[1]: must be a string (got an integer)"),
         (with_facility('keep_source_identifiers = "yes"'), "facility[1].keep_source_identifiers: must be true or false (got a string)"),
         (with_facility("keep_z_segments = 1"), "facility[1].keep_z_segments: must be true or false (got an integer)"),

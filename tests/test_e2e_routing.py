@@ -101,13 +101,13 @@ def adt(control_id: str, facility: str, event: str, mrn: str, *, pd1: str = "", 
     return ("\r".join(segments) + "\r").encode()
 
 
-def discharge_summary(control_id: str, mrn: str) -> bytes:
+def discharge_summary(control_id: str, mrn: str, *, number: str = "DOC-1", confidentiality: str = "") -> bytes:
     return ("\r".join([
         f"MSH|^~\\&|DOC|GENHOSP|EXCHANGE|EXCHANGE|20261127130000||MDM^T02^MDM_T02|{control_id}|P|2.5.1",
         "EVN|T02|20261127130000",
         f"PID|1||{mrn}^^^GENHOSP^MR||HANSON^ELIZABETH^M||19400304|F",
         "PV1|1|I|W1^101^A||||||||||||||||VDOC1",
-        "TXA|1|DS|TX|20261127130000||||||||DOC-1|||||AU||AV",
+        f"TXA|1|DS|TX|20261127130000||||||||{number}|||||AU|{confidentiality}|AV",
         "OBX|1|TX|18842-5^Discharge summary^LN||Discharged home with home health follow-up.",
     ]) + "\r").encode()
 
@@ -174,6 +174,25 @@ def test_an_opted_out_person_reaches_nobody(network):
         assert msa(conn.request(adt("GH-11", "GENHOSP", "A03", "GH-555", visit="VGH-10")))[0] == "AA"
     assert nursing_home.wait_for(1, timeout=3) == []
     assert home_health.messages == [] and hospital.messages == []
+
+
+def test_a_very_restricted_document_reaches_nobody(network):
+    """TXA-18 V or R: no site of this network is configured to receive restricted documents."""
+    server, nursing_home, home_health, hospital = network
+    with MLLPConnection(server.address) as conn:
+        assert msa(conn.request(adt("NH-30", "OAKNH", "A28", "OA-30")))[0] == "AA"
+        assert msa(conn.request(adt("HH-30", "HHCARE", "A28", "HH-30")))[0] == "AA"
+        assert msa(conn.request(adt("GH-30", "GENHOSP", "A04", "GH-30")))[0] == "AA"
+        for n, status in enumerate(("V", "R", "U")):
+            summary = discharge_summary(f"GH-3{n + 1}", "GH-30", number=f"DOC-{status}", confidentiality=status)
+            assert msa(conn.request(summary))[0] == "AA"
+    (to_home_health,) = home_health.wait_for(1)
+    assert field(to_home_health, "TXA", 12).startswith("DOC-U") and field(to_home_health, "TXA", 18) == "U"
+    documents = [m for m in nursing_home.wait_for(1) if field(m, "MSH", 8).startswith("MDM")]
+    assert [field(m, "TXA", 12).split("^")[0] for m in documents] == ["DOC-U"]
+    time.sleep(0.5)
+    assert not any("DOC-V" in m or "DOC-R" in m for m in nursing_home.messages + home_health.messages
+                   + hospital.messages)
 
 
 def test_hl7apy_server_as_the_receiving_engine(tmp_path, database_url):

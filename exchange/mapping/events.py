@@ -1227,6 +1227,14 @@ def _adds_nothing(patch: DocumentPatch, stored: DocumentPatch | None) -> bool:
     return all(getattr(stored, name) == value for name, value in patch.fields_set().items() if value != "")
 
 
+def confidentiality(txa: Segment | None) -> str:
+    """TXA-18.1, the document's confidentiality status, upper case: "U" (usual control) for the
+    HL7 null, which clears the status; "" when absent."""
+    if txa is None:
+        return ""
+    return "U" if is_delete(txa.field(18)) else txa.value(18).upper()
+
+
 def document_patch(txa: Segment, warnings: list[str]) -> DocumentPatch:
     sub = txa.delimiters.subcomponent
 
@@ -1249,6 +1257,7 @@ def document_patch(txa: Segment, warnings: list[str]) -> DocumentPatch:
         parent=opt(txa.value(13)),
         completion_status=opt(txa.value(17).upper()),
         availability=opt(txa.value(19).upper()),
+        confidentiality=opt(confidentiality(txa)),
         author=first_doctor(9),
         authenticator=first_doctor(22),
         activity_at=ts(4),

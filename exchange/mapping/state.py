@@ -89,6 +89,7 @@ _DOCUMENT_FIELDS = (
     "parent",
     "completion_status",
     "availability",
+    "confidentiality",
     "author",
     "authenticator",
     "activity_at",

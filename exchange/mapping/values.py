@@ -429,6 +429,7 @@ class DocumentPatch(Value):
     parent: str | None = None  # TXA-13.1
     completion_status: str | None = None  # TXA-17
     availability: str | None = None  # TXA-19
+    confidentiality: str | None = None  # TXA-18.1 (table 0272: V very restricted, R restricted, U usual)
     author: Doctor | None = None  # TXA-9 (first repetition)
     authenticator: Doctor | None = None  # TXA-22 (first repetition)
     activity_at: Timestamp | None = None  # TXA-4

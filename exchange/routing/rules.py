@@ -16,6 +16,10 @@ The rules, in the order they are checked for each facility:
 5. a type of the document is in its ``exclude_documents``: its TXA-2 or any
    type the document or its ancestors (TXA-13) ever had; or an MDM whose type
    nobody knows, when the facility excludes any      -> nothing, rules included
+   the document is confidential (TXA-18, the most restricted status the
+   document or any ancestor was last given, V or R or a code routing does not
+   know) and the facility's ``receive_confidentiality`` lacks it -> nothing,
+   rules included
 6. default: it holds an active record linked to the person and one of its
    ``subscribe`` patterns matches TYPE^EVENT (and the document type when the
    pattern has a third part, ``MDM^T02^DS``: TXA-2, else the type stored for
@@ -58,7 +62,7 @@ from fnmatch import fnmatchcase
 from exchange.acceptance import matches
 from exchange.config import FacilityConfig, RouteConfig
 from exchange.hl7.header import Header
-from exchange.mapping.events import LEGACY_MERGE_EVENTS, MERGE_EVENTS
+from exchange.mapping.events import LEGACY_MERGE_EVENTS, MERGE_EVENTS, confidentiality as txa_confidentiality
 from exchange.mapping.message import Message, is_delete
 from exchange.outcome import Value
 
@@ -72,6 +76,8 @@ __all__ = [
     "Event",
     "Reason",
     "Skipped",
+    "USUAL_CONFIDENTIALITY",
+    "confidential",
     "protection",
     "recheck",
     "route",
@@ -102,6 +108,7 @@ class Reason(StrEnum):
     SENDER = "sender"  # the facility sent the event
     NO_ENDPOINT = "no_endpoint"  # the facility has no deliver_to
     EXCLUDED_DOCUMENT = "excluded_document"  # TXA-2 in its exclude_documents
+    CONFIDENTIAL = "confidential"  # TXA-18 restricts the document and it does not receive that status
     NO_RECORD = "no_record"  # it holds no record of the person (and no rule allows that)
     NOT_SUBSCRIBED = "not_subscribed"  # no subscription and no rule matches
     MERGE_NOT_AT_DESTINATION = "merge_not_at_destination"  # it does not hold both merged sides
@@ -128,6 +135,9 @@ class Event(Value):
     # notice that re-types it are BH too. Any of them in a facility's exclude_documents keeps
     # the copy away; an MDM with none at all is withheld from every facility that excludes any.
     document_types: tuple[str, ...] = ()
+    # The TXA-18 codes (upper case) of the message and of its document and ancestors as last
+    # stated: a restricted one keeps the copy from every facility not configured to receive it.
+    confidentiality: tuple[str, ...] = ()
 
     @classmethod
     def read(
@@ -140,11 +150,13 @@ class Event(Value):
         protected: bool,
         stored_type: str = "",
         lineage: tuple[str, ...] = (),
+        confidentiality: Collection[str] = (),
     ) -> Event:
-        """The routing view of a message: MSH-4.1, MSH-9, PV1-2 and TXA-2 read
+        """The routing view of a message: MSH-4.1, MSH-9, PV1-2, TXA-2 and TXA-18 read
         from it, the rest (what the record model knows) given by the caller:
         the type the record model routes the message's document (TXA-12) as,
-        and every type of its lineage (``exchange.mapping.state.document_types``)."""
+        every type of its lineage (``exchange.mapping.state.document_types``) and
+        the confidentiality status its document and their ancestors have."""
         pv1 = message.first("PV1")
         txa = message.first("TXA")
         stored = tuple(t.upper() for t in lineage if t)
@@ -160,6 +172,8 @@ class Event(Value):
             document_type=document,
             protected=protected,
             document_types=tuple(dict.fromkeys(t for t in (document, *stored) if t)),
+            confidentiality=tuple(sorted({c.upper() for c in (txa_confidentiality(txa), *confidentiality)
+                                          if c})),
         )
 
 
@@ -217,6 +231,19 @@ def protection(message: Message) -> bool | None:
     if value == "N":
         return False
     return None
+
+
+# TXA-18 codes of a document any facility may receive: table 0272's "usual control", and the
+# HL7 v3 confidentiality codes below "restricted" (normal, low, moderate). V (very restricted),
+# R (restricted) and every code not known here go only where receive_confidentiality names them.
+USUAL_CONFIDENTIALITY = frozenset({"U", "N", "L", "M"})
+
+
+def confidential(facility: FacilityConfig, event: Event) -> bool:
+    """The facility must not receive the event's document: a confidentiality status of it
+    (``Event.confidentiality``) is restricted and not one the facility receives."""
+    return any(c not in USUAL_CONFIDENTIALITY and c not in facility.receive_confidentiality
+               for c in event.confidentiality)
 
 
 def subscribed(facility: FacilityConfig, message_type: str, event: str, document_type: str = "") -> bool:
@@ -278,6 +305,9 @@ def route(
         if excluded(facility, event):
             skipped.append(Skipped(code, Reason.EXCLUDED_DOCUMENT))
             continue
+        if confidential(facility, event):
+            skipped.append(Skipped(code, Reason.CONFIDENTIAL))
+            continue
         why = _basis(facility, mrn, rules, message_type, trigger, document)
         if isinstance(why, Reason):
             skipped.append(Skipped(code, why))
@@ -317,10 +347,11 @@ def recheck(
     """Why the configuration running now would not send this queued copy, or None.
 
     ``event``: the copy's message as routing saw it (type, event, ``document_type`` and
-    ``document_types``); ``why``: the copy's Destination.why (None: not recorded, only
+    ``document_types``, ``confidentiality``); ``why``: the copy's Destination.why (None: not recorded, only
     the facility and its exclusions are checked). Checks what does not depend on the
     record model (the outbox checks the opt-out and the links itself): the facility is
-    configured with ``deliver_to``, excludes none of the document types, and still
+    configured with ``deliver_to``, excludes none of the document types, receives its
+    confidentiality status, and still
     wants the copy for the reason it got it: a copy by subscription needs a
     ``subscribe`` pattern that matches, a rule's copy the rule under that name, still
     naming the facility (its other conditions are not checked again).
@@ -333,6 +364,8 @@ def recheck(
     document = event.document_type.upper()
     if excluded(facility, event):
         return Reason.EXCLUDED_DOCUMENT
+    if confidential(facility, event):
+        return Reason.CONFIDENTIAL
     if why == DEFAULT:
         if not subscribed(facility, event.message_type.upper(), event.event.upper(), document):
             return Reason.NOT_SUBSCRIBED

@@ -64,11 +64,12 @@ from sqlalchemy.dialects import postgresql
 
 from exchange.config import Config
 from exchange.hl7.header import read_header
+from exchange.mapping.events import confidentiality as txa_confidentiality
 from exchange.mapping.message import Message
 from exchange.routing.rewrite import renamed_copy
 from exchange.routing.rules import Event, Reason, recheck
 from exchange.store.consent import merge_chains
-from exchange.store.records import document_lineage
+from exchange.store.records import Lineage, document_lineage
 from exchange.store.db import advisory_key, driver_cursor, sqlite_datetime
 from exchange.store.schema import (
     ACK_CODE_LEN,
@@ -580,6 +581,7 @@ _UNROUTED = {  # why the configuration running now would not send a copy (last_e
     Reason.NOT_CONFIGURED: "withheld: the destination is no longer configured",
     Reason.NO_ENDPOINT: "withheld: the destination no longer has a deliver_to",
     Reason.EXCLUDED_DOCUMENT: "withheld: the destination now excludes this document type",
+    Reason.CONFIDENTIAL: "withheld: the document is restricted (TXA-18) and the destination does not receive that",
     Reason.NOT_SUBSCRIBED: "withheld: the destination no longer subscribes to this event",
     Reason.RULE_REMOVED: "withheld: the [[route]] that sent it is gone or no longer names the destination",
 }
@@ -588,7 +590,7 @@ _UNROUTED = {  # why the configuration running now would not send a copy (last_e
 def withheld_copies(conn: Connection, rows: Sequence[Any], config: Config) -> dict[int, str]:
     """Why each of these copies (rows of ``_CHECKED``) must not go out now, if it must
     not: the configuration running now would not send it (exchange.routing.recheck:
-    the destination removed or without deliver_to, the document type excluded, the
+    the destination removed or without deliver_to, the document type excluded or restricted, the
     subscription or the rule that sent it gone), its person (followed through merges)
     opted out, or the destination's record it names now belongs to another person
     (split off, relinked) or to nobody. Reads only."""
@@ -612,20 +614,24 @@ def withheld_copies(conn: Connection, rows: Sequence[Any], config: Config) -> di
 
 
 def _queued_event(conn: Connection, row: Any) -> Event:
-    """A queued copy's message as routing saw it (type, event and document types), with every
-    type its document's stored chain of ancestors has now: a parent re-typed BH while the copy
-    waited keeps it from a site that excludes BH."""
+    """A queued copy's message as routing saw it (type, event, document types and its TXA-18),
+    with every type and confidentiality status its document's stored chain of ancestors has
+    now: a parent re-typed BH, or made very restricted, while the copy waited keeps it from a
+    site that excludes BH, or does not receive that status."""
     txa = _txa(bytes(row.payload))
     if row.document_types is not None:
         document, types = _decode_document_types(row.document_types)
     else:  # queued before delivery.document_types: the copy's own TXA-2
         document = txa.value(2).upper() if txa is not None else ""
         types = (document,) if document else ()
-    if txa is not None and row.sender:
-        types = tuple(dict.fromkeys((*types, *sorted(document_lineage(conn, row.sender,
-                                                                      (txa.value(12), txa.value(13)))))))
+    confidentiality: tuple[str, ...] = ()
+    if txa is not None:
+        own = txa_confidentiality(txa)
+        lineage = document_lineage(conn, row.sender, (txa.value(12), txa.value(13))) if row.sender else Lineage()
+        types = tuple(dict.fromkeys((*types, *sorted(lineage.types))))
+        confidentiality = tuple(sorted({own, *lineage.confidentiality} - {""}))
     return Event(row.sender or "", (row.message_type or "").upper(), (row.event or "").upper(),
-                 document_type=document, document_types=types)
+                 document_type=document, document_types=types, confidentiality=confidentiality)
 
 
 def _txa(payload: bytes) -> Any:

@@ -202,27 +202,38 @@ def _cut(value: Any, limit: int) -> str | None:
 MAX_DOCUMENT_DEPTH = 100  # parents followed up a document's chain (a longer one, or a loop, is cut)
 
 _LINEAGE_SQL = text(
-    "WITH RECURSIVE chain (number, parent, types, depth) AS ("
-    " SELECT number, parent, types, 0 FROM document WHERE facility = :facility AND number IN :numbers"
-    " UNION ALL SELECT d.number, d.parent, d.types, c.depth + 1 FROM document d JOIN chain c"
+    "WITH RECURSIVE chain (number, parent, types, confidentiality, depth) AS ("
+    " SELECT number, parent, types, confidentiality, 0 FROM document"
+    " WHERE facility = :facility AND number IN :numbers"
+    " UNION ALL SELECT d.number, d.parent, d.types, d.confidentiality, c.depth + 1 FROM document d JOIN chain c"
     " ON d.facility = :facility AND d.number = c.parent WHERE c.depth < :depth)"
-    " SELECT types FROM chain"
+    " SELECT types, confidentiality FROM chain"
 ).bindparams(bindparam("numbers", expanding=True))
 
 
-def document_lineage(conn: Connection, facility: str, numbers: Iterable[str]) -> set[str]:
-    """Every type (upper case) the facility's documents ``numbers`` and all their ancestors
-    have now, read up the stored parent chain: a parent re-typed BH after its addendum was
-    filed makes the addendum BH too, for routing and for a queued copy's send-time check."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class Lineage:
+    """What routing reads of a document's stored chain of ancestors (TXA-13)."""
+
+    types: frozenset[str] = frozenset()  # every type (upper case) each of them has had
+    confidentiality: frozenset[str] = frozenset()  # the TXA-18 each of them was last given
+
+
+def document_lineage(conn: Connection, facility: str, numbers: Iterable[str]) -> Lineage:
+    """The facility's documents ``numbers`` and all their ancestors as stored now, read up the
+    parent chain: a parent re-typed BH, or made very restricted, after its addendum was filed
+    makes the addendum so too, for routing and for a queued copy's send-time check."""
     wanted = sorted({n for n in numbers if n})
     if not wanted:
-        return set()
-    out: set[str] = set()
-    for (types,) in conn.execute(_LINEAGE_SQL, {"facility": facility, "numbers": wanted,
-                                                "depth": MAX_DOCUMENT_DEPTH}):
-        if types:
-            out.update(t for t in json.loads(types) if isinstance(t, str))
-    return out
+        return Lineage()
+    types: set[str] = set()
+    confidentiality: set[str] = set()
+    for row in conn.execute(_LINEAGE_SQL, {"facility": facility, "numbers": wanted, "depth": MAX_DOCUMENT_DEPTH}):
+        if row.types:
+            types.update(t for t in json.loads(row.types) if isinstance(t, str))
+        if row.confidentiality:
+            confidentiality.add(row.confidentiality)
+    return Lineage(frozenset(types), frozenset(confidentiality))
 
 
 def _record_row(facility: str, mrn: str, rec: dict) -> dict[str, Any]:
@@ -305,6 +316,7 @@ def _document_row(doc: dict, record_id: int) -> dict[str, Any]:
         "parent": _cut(current["parent"], DOCUMENT_NUMBER_LEN),
         "completion_status": _cut(current["completion_status"], DOCUMENT_CODE_LEN),
         "availability": _cut(current["availability"], DOCUMENT_CODE_LEN),
+        "confidentiality": _cut(current.get("confidentiality"), DOCUMENT_CODE_LEN),
         "state": doc["state"].value,
         "version": current["version"],
         "types": json.dumps([_cut(t, DOCUMENT_CODE_LEN) for t in doc.get("types", ())]),
@@ -524,8 +536,8 @@ _RECORD_ROW_COLUMNS = ("facility", "mrn", "authority", "active", "merged_into_mr
                        "given_name", "birth_date", "sex", "postcode", "phone", "ssn")
 _ENCOUNTER_COLUMNS = ("patient_class", "status", "location", "prior_location", "attending", "admitted_at",
                       "discharged_at", "data")
-_DOCUMENT_ROW_COLUMNS = ("record_id", "type", "parent", "completion_status", "availability", "state", "version",
-                         "types", "inherited_type")
+_DOCUMENT_ROW_COLUMNS = ("record_id", "type", "parent", "completion_status", "availability", "confidentiality",
+                         "state", "version", "types", "inherited_type")
 _VERSION_COLUMNS = ("event", "message_id", "content_type", "text", "data", "size", "fields")
 
 

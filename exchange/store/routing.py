@@ -24,7 +24,7 @@ from exchange.routing import CANCELS, Event, protection, rewrite, route
 from exchange.store.db import driver_cursor, sqlite_datetime
 from exchange.store.outbox import NewCopy, enqueue, storable
 from exchange.store.driver import in_ids, select_rows
-from exchange.store.records import document_lineage
+from exchange.store.records import Lineage, document_lineage
 from exchange.store.schema import VISIT_LEN
 
 log = Logger()
@@ -78,14 +78,15 @@ def route_batch(conn: Connection, applied: Sequence[Applied], config: Config, no
     return copies
 
 
-def _lineage(conn: Connection, a: Applied) -> tuple[str, ...]:
-    """Every type the document (TXA-12), the parent it names (TXA-13) and their ancestors have,
-    as the database holds them with this batch saved: a parent re-typed after this document
-    was filed under it counts too."""
+def _lineage(conn: Connection, a: Applied) -> Lineage:
+    """The document (TXA-12), the parent it names (TXA-13) and their ancestors as the database
+    holds them with this batch saved: every type they have had, and the confidentiality status
+    each was last given (a parent re-typed or restricted after this document was filed under it
+    counts too)."""
     txa = a.message.first("TXA")
     if txa is None:
-        return ()
-    return tuple(sorted(document_lineage(conn, a.subject[0], (txa.value(12), txa.value(13)))))
+        return Lineage()
+    return document_lineage(conn, a.subject[0], (txa.value(12), txa.value(13)))
 
 
 def _route_one(conn: Connection, a: Applied, config: Config, now: datetime, records, protected, changed,
@@ -103,9 +104,10 @@ def _route_one(conn: Connection, a: Applied, config: Config, now: datetime, reco
     if a.person is not None and (state, by) != protected.get(a.person, (False, None)):
         protected[a.person] = changed[a.person] = (state, by)
         events.append((a.person, state, f"PD1-12 {a.subject[0]}", a.message_id))
+    lineage = _lineage(conn, a)
     event = Event.read(a.header, a.message, person=None if a.person is None else str(a.person),
                        source_mrn=a.subject[1], protected=state, stored_type=a.document_type,
-                       lineage=_lineage(conn, a))
+                       lineage=tuple(sorted(lineage.types)), confidentiality=lineage.confidentiality)
     mine = _one_per_facility(records.get(a.person, []), a.subject)
     prior = None
     if a.retired is not None and a.retired_person is not None:

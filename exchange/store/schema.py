@@ -350,6 +350,9 @@ class Document(Base):
     parent: Mapped[str | None] = mapped_column(String(DOCUMENT_NUMBER_LEN))  # TXA-13
     completion_status: Mapped[str | None] = mapped_column(String(DOCUMENT_CODE_LEN))  # TXA-17
     availability: Mapped[str | None] = mapped_column(String(DOCUMENT_CODE_LEN))  # TXA-19
+    # TXA-18, upper case, as the sender last stated it (table 0272: V very restricted, R
+    # restricted, U usual control): routing reads it up the chain of parents (exchange.routing).
+    confidentiality: Mapped[str | None] = mapped_column(String(DOCUMENT_CODE_LEN))
     state: Mapped[str] = mapped_column(String(STATE_LEN))  # exchange.mapping.events.DocumentState
     version: Mapped[int] = mapped_column(Integer)  # number of versions
     # For routing (exchange.mapping.state.document_types): every type, upper case, the document

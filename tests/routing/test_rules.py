@@ -110,6 +110,46 @@ def test_excluded_document_type_never_goes_rules_included():
     assert route(event("MDM", "T02", document_type="bh"), NETWORK, EVERYWHERE, rules).destinations == ()
 
 
+def _mdm(trigger, txa18, txa2="DS", parent=""):
+    raw = (f"MSH|^~\\&|DOC|GENHOSP|EX|EX|20261127||MDM^{trigger}|C1|P|2.5\rEVN|{trigger}\r"
+           f"PID|1||H100^^^GENHOSP^MR\rTXA|1|{txa2}|TX|||||||||D1|{parent}|||||{txa18}|AU\r"
+           "OBX|1|TX|||note\r").encode()
+    header = read_header(raw)
+    return Message(raw.decode(), header.delimiters), header
+
+
+def test_a_restricted_document_goes_only_where_its_confidentiality_status_is_received():
+    """TXA-18 (table 0272): V very restricted and R restricted documents, and any status routing
+    does not know, go to no facility unless its receive_confidentiality names the status, rules
+    included; usual control (U, and HL7 v3's N/L/M) goes as any document."""
+    rules = [RouteConfig("all documents", messages=("MDM^*",), to_codes=("OAKNH", "HHCARE"))]
+    network = [facility("GENHOSP"), facility("OAKNH", "nursing_home", receive_confidentiality=("R",)),
+               facility("HHCARE", "home_health", receive_confidentiality=("R", "V"))]
+
+    def sent(txa18, **kw):
+        msg, header = _mdm("T02", txa18)
+        ev = Event.read(header, msg, person="P1", source_mrn="H100", protected=False, **kw)
+        return set(where(route(ev, network, EVERYWHERE, rules))), reasons(route(ev, network, EVERYWHERE, rules))
+
+    assert sent("V") == ({"HHCARE"}, {"GENHOSP": Reason.SENDER, "OAKNH": Reason.CONFIDENTIAL})
+    assert sent("r")[0] == {"OAKNH", "HHCARE"}  # compared in upper case
+    assert sent("XX")[1]["OAKNH"] is Reason.CONFIDENTIAL  # a status routing does not know: fail closed
+    for usual in ("", "U", "N", "L", "M", '""'):
+        assert sent(usual)[0] == {"OAKNH", "HHCARE"}, usual
+    # the status the document (or an ancestor) was last given counts when the message says none
+    assert sent("", confidentiality=("V",))[0] == {"HHCARE"}
+    assert sent("U", confidentiality=("R",))[0] == {"OAKNH", "HHCARE"}
+    assert route(event("MDM", "T02", confidentiality=("V",)), DEMO.facilities, EVERYWHERE, rules).destinations == ()
+
+
+def test_recheck_a_queued_copy_of_a_document_restricted_since():
+    hh = facility("HHCARE", "home_health")
+    assert recheck(queued_event(confidentiality=("V",)), "HHCARE", DEFAULT, [hh]) is Reason.CONFIDENTIAL
+    assert recheck(queued_event(confidentiality=("V",)), "HHCARE", DEFAULT,
+                   [replace(hh, receive_confidentiality=("V",))]) is None
+    assert recheck(queued_event(confidentiality=("U",)), "HHCARE", DEFAULT, [hh]) is None
+
+
 def test_an_edit_or_an_addendum_of_an_excluded_document_is_excluded_too():
     """T08/T11 often leave TXA-2 empty ("no change"): the stored type counts; and an addendum
     (T06) of a BH note is about the same thing, whatever its own TXA-2."""
@@ -404,10 +444,12 @@ def test_recheck_under_the_same_configuration_withholds_nothing_routing_sent(
 # -- checking a queued copy again under the configuration running now ------------------
 
 
-def queued_event(message_type="MDM", trigger="T02", document_type="BH", document_types=None) -> Event:
+def queued_event(message_type="MDM", trigger="T02", document_type="BH", document_types=None,
+                 confidentiality=()) -> Event:
     if document_types is None:
         document_types = (document_type,) if document_type else ()
-    return Event("GENHOSP", message_type, trigger, document_type=document_type, document_types=document_types)
+    return Event("GENHOSP", message_type, trigger, document_type=document_type, document_types=document_types,
+                 confidentiality=confidentiality)
 
 
 def test_recheck_a_copy_the_configuration_still_sends():
@@ -477,7 +519,7 @@ def test_event_read_from_a_message():
     header, msg = read(
         "MSH|^~\\&|APP|GENHOSP|||20240101||MDM^T02^MDM_T02|C1|P|2.5\n"
         "EVN|T02|20240101\nPID|1||H100^^^GENHOSP^MR||DOE^JANE\nPD1||||||||||||Y\n"
-        "PV1|1|i\nTXA|1|ds|TX|||||||||DOC1||||||AU||AV\nOBX|1|TX|||text"
+        "PV1|1|i\nTXA|1|ds|TX|||||||||DOC1|||||AU||AV\nOBX|1|TX|||text"
     )
     ev = Event.read(header, msg, person="P1", source_mrn="H100", protected=bool(protection(msg)))
     assert ev == Event("GENHOSP", "MDM", "T02", "P1", "H100", "I", "DS", True, ("DS",))

@@ -211,3 +211,40 @@ def test_0011_fills_each_documents_lineage_from_its_versions_and_parents(engine:
     downgrade(engine, "0010")
     upgrade(engine)
     assert lineage() == kept
+
+
+def test_0014_fills_each_documents_confidentiality_from_the_messages_that_stated_it(engine: Engine, tmp_path) -> None:
+    """Documents stored before 0014 get the TXA-18 the sender last gave them, from the stored
+    MDMs in the order they arrived, in the document and in its latest version (so a later edit
+    that states none keeps it)."""
+    import json
+
+    from sqlalchemy import JSON, bindparam
+
+    from tests.store.test_index import ELIZABETH, register
+    from tests.store.test_routing_store import bh_network, restricted_note, run
+
+    config = bh_network(tmp_path)
+    run(engine, config, register("OAKNH", "OA-9", **ELIZABETH), register("HHCARE", "HH-9", **ELIZABETH))
+    run(engine, config, restricted_note("T02", "M1", "U"), restricted_note("T03", "M2", "V"),
+        restricted_note("T08", "M3", ""))
+    run(engine, config, restricted_note("T02", "M4", "R", document="D-2"), restricted_note("T03", "M5", '""', document="D-2"))
+    run(engine, config, restricted_note("T02", "M6", "", document="D-3"))
+
+    def statuses():
+        with engine.connect() as conn:
+            return dict(conn.execute(text("SELECT number, confidentiality FROM document")).all())
+
+    kept = statuses()
+    assert kept == {"PSY-1": "V", "D-2": "U", "D-3": None}
+    downgrade(engine, "0013")
+    with engine.begin() as conn:  # versions written before 0014 had no such field
+        for row in conn.execute(text("SELECT id, fields FROM document_version")).all():
+            fields = json.loads(row.fields) if isinstance(row.fields, str) else dict(row.fields)
+            fields.pop("confidentiality", None)
+            conn.execute(text("UPDATE document_version SET fields = :f WHERE id = :id")
+                         .bindparams(bindparam("f", type_=JSON)), {"f": fields, "id": row.id})
+    upgrade(engine)
+    assert statuses() == kept
+    (edit,) = run(engine, config, restricted_note("T08", "M7", ""))
+    assert edit.routed == () and statuses()["PSY-1"] == "V"

@@ -367,6 +367,51 @@ def test_a_parent_re_typed_after_its_addendum_was_filed_keeps_the_addendums_news
     assert withheld[str(parent.message_id)]  # P-1 is BH now: its own first copy waits in vain too
 
 
+def restricted_note(event, control_id, status, *, document="PSY-1", parent="", txa2="PN"):
+    """An MDM of OAKNH's Elizabeth whose TXA-18 (confidentiality status) is ``status``."""
+    return (f"MSH|^~\\&|DOC|OAKNH|EX|EX|20261127120000||MDM^{event}^MDM_T02|{control_id}|P|2.5\r"
+            f"EVN|{event}|20261127120000\rPID|1||OA-9^^^OAKNH^MR||HANSON^ELIZABETH^M||19400304|F\r"
+            f"TXA|1|{txa2}|TX|||||||||{document}|{parent}||||AU|{status}|AV\rOBX|1|TX|||a note\r").encode()
+
+
+def test_a_restricted_document_and_its_lineage_go_only_where_that_status_is_received(engine, tmp_path):
+    """TXA-18 V (very restricted) and R (restricted): the document, its edits and addenda with
+    TXA-18 empty, go to no site that does not receive the status the sender last gave it; a
+    later status change (T03) releases it, the HL7 null clearing the status altogether."""
+    from datetime import datetime, timezone
+
+    from exchange.store.outbox import claim_batch
+
+    config = bh_network(tmp_path, hhcare='receive_confidentiality = ["R"]\n')
+    run(engine, config, register("GENHOSP", "GH-9", **ELIZABETH), register("HHCARE", "HH-9", **ELIZABETH))
+    run(engine, config, register("OAKNH", "OA-9", **ELIZABETH))
+    (plain,) = run(engine, config, restricted_note("T02", "R0", "U", document="NOTE-0"))
+    (very,) = run(engine, config, restricted_note("T02", "R1", "V"))
+    (edit,) = run(engine, config, restricted_note("T08", "R2", ""))
+    (addendum,) = run(engine, config, restricted_note("T06", "R3", "", document="PSY-1A", parent="PSY-1"))
+    assert plain.routed == ("GENHOSP", "HHCARE")
+    assert very.routed == edit.routed == addendum.routed == ()
+    (restricted,) = run(engine, config, restricted_note("T03", "R4", "R"))
+    (addendum_edit,) = run(engine, config, restricted_note("T08", "R5", "", document="PSY-1A"))
+    assert restricted.routed == addendum_edit.routed == ("HHCARE",)
+    (cleared,) = run(engine, config, restricted_note("T03", "R6", '""'))
+    assert cleared.routed == ("GENHOSP", "HHCARE")
+    with engine.connect() as conn:
+        assert dict(conn.execute(text("select number, confidentiality from document")).all()) == {
+            "NOTE-0": "U", "PSY-1": "U", "PSY-1A": None}
+
+    # a copy waiting for its destination when its document is made very restricted stays put
+    (later,) = run(engine, config, restricted_note("T08", "R7", "", document="NOTE-0"))
+    assert "HHCARE" in later.routed
+    run(engine, config, restricted_note("T03", "R8", "V", document="NOTE-0"))
+    with engine.begin() as conn:
+        claim = claim_batch(conn, "HHCARE", datetime.now(timezone.utc), config=config)
+    withheld = {c.control_id.split("-")[1]: c.withheld for c in claim.copies}
+    reason = "withheld: the document is restricted (TXA-18) and the destination does not receive that"
+    assert withheld[str(later.message_id)] == withheld[str(plain.message_id)] == reason
+    assert withheld[str(restricted.message_id)] is None  # R: HHCARE receives it, and PSY-1 is U now
+
+
 def test_a_retry_after_the_sender_merged_the_patient_still_sees_the_newer_copy(engine, tmp_path):
     """Found by a verification audit: after an A40 (another person id, another sender's MRN) the
     newer copy to the same destination record did not count, and the old A08 went out last."""
