@@ -42,6 +42,7 @@ from exchange.mapping.state import MemoryState, document_type
 from exchange.outcome import Outcome, Value, Verdict, error
 from exchange.config import Config
 from exchange.store import index as patient_index
+from exchange.store.outbox import carry_merges as carry_merged_copies
 from exchange.store.outbox import carry_renames as carry_renamed_copies
 from exchange.store.routing import Applied, route_batch
 from exchange.store.records import load as load_records
@@ -164,6 +165,11 @@ def map_and_apply(d: _Decoded, item: Received, ctx: FacilityContext, state: Memo
         if mrn is not None:
             d.subject = (op.facility, mrn)
             break
+
+
+def _authorities(facilities: Mapping[str, FacilityContext]) -> dict[str, str]:
+    """Each facility's PID-3.4 (the authority of its MRNs)."""
+    return {code: ctx.authority for code, ctx in facilities.items()}
 
 
 def pending_ref(index: int) -> tuple[str, int]:
@@ -297,7 +303,10 @@ def process_batch(
         at = now()
         renames = patient_index.carry_renames(conn, state)  # A47: the index's rows follow the new MRN,
         if renames:  # and the copies waiting
-            carry_renamed_copies(conn, renames, {code: ctx.authority for code, ctx in facilities.items()})
+            carry_renamed_copies(conn, renames, _authorities(facilities))
+        merges = state.merges()
+        if merges:  # a facility's own merge: its waiting copies name the survivor
+            carry_merged_copies(conn, merges, _authorities(facilities))
         if models is None:
             save_records(conn, state, at)
         else:

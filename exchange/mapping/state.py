@@ -376,6 +376,11 @@ class MemoryState:
                 if version["message"] in refs:
                     version["message"] = refs[version["message"]]
 
+    def merges(self) -> list[tuple[str, str, str]]:
+        """(facility, survivor MRN, retired MRN) of every merge applied since the last ``mark_clean``."""
+        return [(facility, key[0], key[1]) for _ref, kind, facility, key in self.history[self._clean_history:]
+                if kind == "MergePatients"]
+
     def mark_clean(self) -> None:
         """The current contents become the baseline ``dirty`` compares with.
 

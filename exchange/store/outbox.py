@@ -413,7 +413,6 @@ def carry_renames(conn: Connection, renames: Sequence[tuple[tuple[str, str], tup
     record's own events keeps the new MRN as the record it is about (``mrn``: the retry and
     cancel checks read it). Returns the copies rewritten."""
     rewritten = 0
-    pending = [DeliveryState.QUEUED.value, DeliveryState.FAILED.value]
     for (facility, old), (_, new) in renames:
         # the record's copies, found through its person (indexed; copies routed under a person it
         # left before are not found: they keep the old MRN)
@@ -421,16 +420,35 @@ def carry_renames(conn: Connection, renames: Sequence[tuple[tuple[str, str], tup
             patient_record.c.facility == facility, patient_record.c.mrn == new).scalar_subquery()
         conn.execute(delivery.update().where(delivery.c.person_id == person_id, delivery.c.facility == facility,
                                              delivery.c.mrn == old).values(mrn=storable(new, MRN_LEN)))
-        authority = authorities.get(facility)
-        rows = conn.execute(select(delivery.c.id, delivery.c.payload).where(
-            delivery.c.destination == facility, delivery.c.destination_mrn == old, delivery.c.state.in_(pending)))
-        for copy_id, payload in rows.all():
-            changed = renamed_copy(bytes(payload), old, new, authority) if authority else None
-            if changed is None:  # not a copy rewrite() wrote: the send-time check withholds it
-                continue
-            conn.execute(delivery.update().where(delivery.c.id == copy_id)
-                         .values(payload=changed, destination_mrn=storable(new, MRN_LEN)))
-            rewritten += 1
+        rewritten += _rename_destination(conn, facility, old, new, authorities.get(facility))
+    return rewritten
+
+
+def carry_merges(conn: Connection, merges: Iterable[tuple[str, str, str]], authorities: Mapping[str, str]) -> int:
+    """A facility merged its own record ``retired`` into ``survivor`` (A40 and the legacy merges:
+    (facility, survivor, retired)), in the batch's transaction: the copies waiting for that
+    facility that name the retired MRN name the survivor instead, in PID-3 and as
+    ``destination_mrn`` -- its system has merged them, and a copy under the retired MRN would
+    be refused there or filed in a chart that is no longer used. Whether the copy still goes
+    is the send-time check's: the survivor must belong to the copy's person. Returns the
+    copies rewritten."""
+    return sum(_rename_destination(conn, facility, retired, survivor, authorities.get(facility))
+               for facility, survivor, retired in merges if survivor != retired)
+
+
+def _rename_destination(conn: Connection, facility: str, old: str, new: str, authority: str | None) -> int:
+    """The copies waiting for ``facility`` that name its record ``old`` name ``new``."""
+    pending = [DeliveryState.QUEUED.value, DeliveryState.FAILED.value]
+    rewritten = 0
+    rows = conn.execute(select(delivery.c.id, delivery.c.payload).where(
+        delivery.c.destination == facility, delivery.c.destination_mrn == old, delivery.c.state.in_(pending)))
+    for copy_id, payload in rows.all():
+        changed = renamed_copy(bytes(payload), old, new, authority) if authority else None
+        if changed is None:  # not a copy rewrite() wrote: the send-time check withholds it
+            continue
+        conn.execute(delivery.update().where(delivery.c.id == copy_id)
+                     .values(payload=changed, destination_mrn=storable(new, MRN_LEN)))
+        rewritten += 1
     return rewritten
 
 

@@ -412,6 +412,34 @@ def test_a_restricted_document_and_its_lineage_go_only_where_that_status_is_rece
     assert withheld[str(restricted.message_id)] is None  # R: HHCARE receives it, and PSY-1 is U now
 
 
+def test_a_copy_waiting_for_a_site_that_merges_the_record_it_names_names_the_survivor(engine, tmp_path):
+    """OAKNH merged its duplicate OA-41 into OA-42 (A40) while the hospital's update waited for
+    it: the copy goes out under OA-42 (the MRN its system now files under), not the retired
+    OA-41; a copy for another site is left as it was."""
+    from datetime import datetime, timezone
+
+    from exchange.store.outbox import claim_batch
+    from tests.store.test_index import adt, pid
+
+    config = network(tmp_path)
+    run(engine, config, register("OAKNH", "OA-41", **ELIZABETH), register("HHCARE", "HH-41", **ELIZABETH))
+    run(engine, config, register("GENHOSP", "GH-41", **ELIZABETH))
+    run(engine, config, register("OAKNH", "OA-42", **ELIZABETH))  # a duplicate registration: a review
+    (update,) = run(engine, config, adt("GENHOSP", "A08", pid("GH-41", "GENHOSP", **ELIZABETH)))
+    assert set(update.routed) == {"OAKNH", "HHCARE"}
+    (merge,) = run(engine, config, adt("OAKNH", "A40", pid("OA-42", "OAKNH", **ELIZABETH), "MRG|OA-41^^^OAKNH^MR"))
+    assert merge.ack_code == "AA"
+    with engine.begin() as conn:
+        mrns = dict(conn.execute(text("select destination, destination_mrn from delivery"
+                                      f" where message_id = {update.message_id}")).all())
+        claim = claim_batch(conn, "OAKNH", datetime.now(timezone.utc), config=config)
+    assert mrns == {"OAKNH": "OA-42", "HHCARE": "HH-41"}
+    (copy,) = [c for c in claim.copies if c.control_id.split("-")[1] == str(update.message_id)]
+    assert copy.withheld is None
+    pid3 = next(s for s in copy.payload.split(b"\r") if s.startswith(b"PID|")).split(b"|")[3]
+    assert pid3.split(b"~")[0] == b"OA-42^^^OAKNH^MR" and b"OA-41" not in copy.payload
+
+
 def test_a_retry_after_the_sender_merged_the_patient_still_sees_the_newer_copy(engine, tmp_path):
     """Found by a verification audit: after an A40 (another person id, another sender's MRN) the
     newer copy to the same destination record did not count, and the old A08 went out last."""
