@@ -473,6 +473,8 @@ _CHECKED = (
     delivery.c.destination,
     delivery.c.person_id,
     delivery.c.destination_mrn,
+    delivery.c.facility,  # the sender's record it is about
+    delivery.c.mrn,
     delivery.c.reason,
     delivery.c.document_types,
     delivery.c.payload,  # TXA-2 of the copies queued before delivery.document_types
@@ -556,6 +558,7 @@ _SEND_CHECK_SQL = {
 }
 _OPTED_OUT = "withheld: the person has opted out"
 _NOT_LINKED = "withheld: the destination's record is no longer linked to this person"
+_NOT_ABOUT = "withheld: the record it is about is no longer linked to this person"
 
 
 def send_check(conn: Connection, copy: Pending, config: Config) -> Withheld | Superseded | None:
@@ -610,24 +613,32 @@ def withheld_copies(conn: Connection, rows: Sequence[Any], config: Config) -> di
     not: the configuration running now would not send it (exchange.routing.recheck:
     the destination removed or without deliver_to, the document type excluded or restricted, the
     subscription or the rule that sent it gone), its person (followed through merges)
-    opted out, or the destination's record it names now belongs to another person
-    (split off, relinked) or to nobody. Reads only."""
+    opted out, or the destination's record it names, or the sender's record it is about,
+    now belongs to another person (split off, relinked, an automatic link an update
+    took back) or to nobody. Reads only."""
     out: dict[int, str] = {}
     for r in rows:
         why = recheck(_queued_event(conn, r), r.destination, r.reason, config.facilities, config.routes)
         if why is not None:
             out[r.id] = _UNROUTED.get(why, f"withheld: {why}")
     rows = [r for r in rows if r.person_id is not None and r.id not in out]
-    owners = _record_owners(conn, {(r.destination, r.destination_mrn) for r in rows if r.destination_mrn is not None})
+    owners = _record_owners(conn, {(r.destination, r.destination_mrn) for r in rows if r.destination_mrn is not None}
+                            | {(r.facility, r.mrn) for r in rows if r.facility and r.mrn})
     persons = _live_persons(conn, {r.person_id for r in rows} | {p for p in owners.values() if p is not None})
     for r in rows:
         person, protected = persons[r.person_id]
         if protected:
             out[r.id] = _OPTED_OUT
-        elif r.destination_mrn is not None:
+            continue
+        if r.destination_mrn is not None:
             owner = owners.get((r.destination, r.destination_mrn))
             if owner is None or persons[owner][0] != person:
                 out[r.id] = _NOT_LINKED
+                continue
+        if r.facility and r.mrn and (r.facility, r.mrn) in owners:  # (no record has that MRN now: unknown)
+            owner = owners[(r.facility, r.mrn)]
+            if owner is None or persons[owner][0] != person:
+                out[r.id] = _NOT_ABOUT
     return out
 
 
@@ -675,7 +686,7 @@ def _live_persons(conn: Connection, ids: set[int]) -> dict[int, tuple[int | None
 
 def _record_owners(conn: Connection, keys: set[tuple[str, str]]) -> dict[tuple[str, str], int | None]:
     """(facility, mrn) -> the person of that record (of its survivor, if merged away); None if inactive
-    without a survivor, or unknown."""
+    without a survivor; a key no record ever had is left out."""
     out: dict[tuple[str, str], int | None] = {}
     pending = {key: key for key in keys}  # the key asked -> the record to read for it
     for _ in range(MAX_MERGE_HOPS):
@@ -691,7 +702,7 @@ def _record_owners(conn: Connection, keys: set[tuple[str, str]]) -> dict[tuple[s
             r = found.get(key)
             if r is not None and not r.active and r.merged_into_mrn and (r.facility, r.merged_into_mrn) != key:
                 following[asked] = (r.facility, r.merged_into_mrn)
-            else:
+            elif r is not None or asked != key:  # (a merged-away record's survivor is never unknown)
                 out[asked] = r.person_id if r is not None and r.active else None
         pending = following
     return out

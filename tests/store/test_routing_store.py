@@ -440,6 +440,41 @@ def test_a_copy_waiting_for_a_site_that_merges_the_record_it_names_names_the_sur
     assert pid3.split(b"~")[0] == b"OA-42^^^OAKNH^MR" and b"OA-41" not in copy.payload
 
 
+def test_a_copy_waits_in_vain_once_the_record_it_is_about_leaves_the_person(engine, tmp_path):
+    """Found by the session-9 soak audit: the send-time check asked only whether the
+    destination's record was still the copy's person. The hospital's correction (an A08 that
+    makes GH-61 somebody else: the automatic link is taken back) and a technician's split of
+    the hospital's record both left the nursing home's resident's chart to receive the
+    hospital's admit of another patient once its engine was back."""
+    from datetime import datetime, timezone
+
+    from exchange.store.outbox import claim_batch
+    from exchange.store.reviews import split_record
+    from tests.store.test_index import adt, pid
+
+    config = network(tmp_path)
+    margaret = dict(name="DELACROIX^MARGARET", birth="19400202", ssn="411-22-2333")
+    walter = dict(name="EBERHARDT^WALTER", birth="19881111", sex="M", address="77 PINE RD^^SALEM^OR^97301",
+                  phone="555-111-2222")
+    run(engine, config, register("OAKNH", "OA-61", **margaret), register("OAKNH", "OA-62", **ELIZABETH))
+    run(engine, config, register("GENHOSP", "GH-61", **margaret), register("GENHOSP", "GH-62", **ELIZABETH))
+    (admit,) = run(engine, config, adt("GENHOSP", "A01", pid("GH-61", "GENHOSP", **margaret)))
+    (other,) = run(engine, config, adt("GENHOSP", "A01", pid("GH-62", "GENHOSP", **ELIZABETH)))
+    assert admit.routed == other.routed == ("OAKNH",)
+    (correction,) = run(engine, config, adt("GENHOSP", "A08", pid("GH-61", "GENHOSP", **walter)))
+    assert correction.routed == ()  # GH-61 has a person of its own now
+    now = datetime.now(timezone.utc)
+    with engine.begin() as conn:
+        person = conn.execute(text("select person_id from patient_record where mrn = 'GH-62'")).scalar_one()
+        split_record(conn, person, "GENHOSP", "GH-62", actor="tess", now=now, reason="another patient")
+        copies = claim_batch(conn, "OAKNH", now, config=config).copies
+    withheld = {int(c.control_id.split("-")[1]): c.withheld for c in copies}
+    about = "withheld: the record it is about is no longer linked to this person"
+    # the admits, and the registrations' copies before them
+    assert withheld[admit.message_id] == withheld[other.message_id] == about
+    assert set(withheld.values()) == {about} and len(withheld) == 4
+
+
 def test_a_retry_after_the_sender_merged_the_patient_still_sees_the_newer_copy(engine, tmp_path):
     """Found by a verification audit: after an A40 (another person id, another sender's MRN) the
     newer copy to the same destination record did not count, and the old A08 went out last."""
