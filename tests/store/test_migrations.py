@@ -248,3 +248,31 @@ def test_0014_fills_each_documents_confidentiality_from_the_messages_that_stated
     assert statuses() == kept
     (edit,) = run(engine, config, restricted_note("T08", "M7", ""))
     assert edit.routed == () and statuses()["PSY-1"] == "V"
+
+
+def test_0015_gives_records_an_older_release_left_without_features_their_features_and_keys(engine: Engine,
+                                                                                              tmp_path) -> None:
+    """Found by the session-9 upgrade audit: a technician's split before 11-28 stored no features,
+    and after the upgrade `reconcile consistency` failed until somebody ran `exchange replay`."""
+    from tests.store.test_index import ELIZABETH, register
+    from tests.store.test_routing_store import bh_network, run
+
+    config = bh_network(tmp_path)
+    run(engine, config, register("OAKNH", "OA-9", **ELIZABETH), register("GENHOSP", "GH-9", **ELIZABETH))
+
+    def index():
+        with engine.connect() as conn:
+            return (dict(conn.execute(text("SELECT mrn, features FROM patient_record")).all()),
+                    sorted(conn.execute(text("SELECT k.key, r.mrn FROM record_key k"
+                                             " JOIN patient_record r ON r.id = k.record_id")).all()),
+                    dict(conn.execute(text("SELECT mrn, person_id FROM patient_record")).all()))
+
+    kept = index()
+    assert all(kept[0].values()) and kept[1]
+    downgrade(engine, "0014")
+    with engine.begin() as conn:  # as the older release left GH-9
+        conn.execute(text("DELETE FROM record_key WHERE record_id = (SELECT id FROM patient_record"
+                          " WHERE mrn = 'GH-9')"))
+        conn.execute(text("UPDATE patient_record SET features = NULL WHERE mrn = 'GH-9'"))
+    upgrade(engine)
+    assert index() == kept
