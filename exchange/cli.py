@@ -170,18 +170,31 @@ def _database_url(args) -> str:
     return _load(args).server.database
 
 
+def _upgrade(engine, url: str) -> None:
+    """Migrate the database to the newest revision, or exit 2 with the reason (never the URL's password)."""
+    from exchange.store.db import UpgradeRefused, upgrade
+
+    try:
+        upgrade(engine)
+    except UpgradeRefused as exc:
+        raise UsageFailure(f"database {_safe_url(url)}: {exc}") from None
+    except Exception as exc:  # unreachable or unusable; its text may quote the URL's password
+        raise UsageFailure(f"cannot open the database {_safe_url(url)} ({type(exc).__name__})") from None
+
+
 def cmd_db_upgrade(args) -> int:
-    from exchange.store.db import current_revision, make_engine, upgrade
+    from exchange.store.db import current_revision, make_engine
 
     url = _database_url(args)
     engine = None
     try:
-        engine = make_engine(url)
-        before = current_revision(engine)
-        upgrade(engine)
+        try:
+            engine = make_engine(url)
+            before = current_revision(engine)
+        except Exception as exc:  # unreachable or unusable; its text may quote the URL's password
+            raise UsageFailure(f"cannot open the database {_safe_url(url)} ({type(exc).__name__})") from None
+        _upgrade(engine, url)
         after = current_revision(engine)
-    except Exception as exc:  # unreachable or unusable; its text may quote the URL's password
-        raise UsageFailure(f"cannot open the database {_safe_url(url)} ({type(exc).__name__})") from None
     finally:
         if engine is not None:
             engine.dispose()
@@ -209,15 +222,11 @@ def cmd_serve(args) -> int:
 
     start_logging(config.server.log_level)
 
-    from exchange.store.db import NodeLockError, hold_single_node, make_engine, server_warnings, upgrade
+    from exchange.store.db import NodeLockError, hold_single_node, make_engine, server_warnings
 
     engine = make_engine(config.server.database)
     try:
-        try:
-            upgrade(engine)  # before the reactor runs: never on the reactor thread
-        except Exception as exc:  # unreachable or unusable; its text may quote the URL's password
-            raise UsageFailure(
-                f"cannot open the database {_safe_url(config.server.database)} ({type(exc).__name__})") from None
+        _upgrade(engine, config.server.database)  # before the reactor runs: never on the reactor thread
         for warning in server_warnings(engine):
             print(f"exchange: warning: {warning}", file=sys.stderr, flush=True)
     finally:
@@ -307,14 +316,14 @@ def cmd_token(args) -> int:
     from datetime import datetime, timezone
 
     from exchange.auth import Role, TokenError, create_token, revoke_token
-    from exchange.store.db import make_engine, upgrade, write_transaction
+    from exchange.store.db import make_engine, write_transaction
 
     if args.token_command == "create" and args.role not in {r.value for r in Role}:
         raise UsageFailure(f"unknown role {args.role!r}: use one of {', '.join(r.value for r in Role)}")
     url = _database_url(args)
     engine = make_engine(url)
     try:
-        upgrade(engine)  # a fresh database gets its tables, as `serve` would
+        _upgrade(engine, url)  # a fresh database gets its tables, as `serve` would
         now = datetime.now(timezone.utc)
         # /* TRANSACTION: one api_token row (created or revoked). */
         with write_transaction(engine) as conn:
@@ -359,7 +368,7 @@ def cmd_user(args) -> int:
     """``user add NAME --role R [--reset]`` (password on stdin), ``user disable NAME``, ``user list``."""
     from exchange.accounts import UserError, add_user, check_name, disable_user, find_user, hash_password, list_users
     from exchange.auth import Role
-    from exchange.store.db import make_engine, upgrade, write_transaction
+    from exchange.store.db import make_engine, write_transaction
 
     if args.user_command == "list":
         url = _database_url(args)
@@ -385,10 +394,7 @@ def cmd_user(args) -> int:
     url = _database_url(args)
     engine = make_engine(url)
     try:
-        try:
-            upgrade(engine)  # a fresh database gets its tables, as `serve` would
-        except Exception as exc:  # unreachable or unusable; its text may quote the URL's password
-            raise UsageFailure(f"cannot open the database {_safe_url(url)} ({type(exc).__name__})") from None
+        _upgrade(engine, url)  # a fresh database gets its tables, as `serve` would
         if args.user_command == "add":
             if not args.reset:
                 with engine.connect() as conn:  # say so before asking for a password

@@ -227,6 +227,34 @@ def test_db_upgrade_creates_the_schema(database_url):
     assert again.returncode == 0 and f"at the newest revision ({head_revision()}) already" in again.stdout
 
 
+def test_db_upgrade_and_serve_refuse_a_database_of_another_application_or_a_newer_exchange(database_url, tmp_path):
+    """Found by the session-9 upgrade audit: `db upgrade` installed the exchange's tables into
+    another application's database and said "upgraded from empty"; a database a newer release
+    wrote was refused as "cannot open the database (CommandError)"."""
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE inventory (id integer primary key, item text)"))
+        done = exchange("db", "upgrade", "--database", database_url)
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr.strip().endswith("it holds 1 tables of something else (inventory) and no exchange "
+                                            "revision: use an empty database")
+        assert set(inspect(engine).get_table_names()) == {"inventory"}
+        with engine.begin() as conn:
+            conn.execute(text("DROP TABLE inventory"))
+        assert exchange("db", "upgrade", "--database", database_url).returncode == 0
+        with engine.begin() as conn:  # as a later release would leave it
+            conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+        for argv in (("db", "upgrade", "--database", database_url),
+                     ("serve", "--config", str(write_config(tmp_path)), "--database", database_url)):
+            done = exchange(*argv)
+            assert done.returncode == 2, argv
+            assert f"it is at revision 0099, newer than this exchange (newest {head_revision()})" in done.stderr
+            assert len(done.stderr.splitlines()) == 1
+    finally:
+        engine.dispose()
+
+
 def test_serve_cannot_listen_on_a_busy_port_exits_1(tmp_path):
     first = ExchangeProcess(write_config(tmp_path), f"sqlite:///{tmp_path / 'a.db'}").start()
     try:

@@ -31,7 +31,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -241,9 +241,43 @@ def _run(url_or_engine: str | Engine, fn: Any, revision: str) -> None:
             engine.dispose()
 
 
+class UpgradeRefused(Exception):
+    """The database is not one this exchange may migrate (the reason is one line, no URL)."""
+
+
 def upgrade(url_or_engine: str | Engine, revision: str = "head") -> None:
-    """Migrate the database to ``revision`` (default: the newest). Idempotent."""
+    """Migrate the database to ``revision`` (default: the newest). Idempotent.
+
+    Refuses (:class:`UpgradeRefused`) a database a newer exchange wrote (a revision this code
+    does not know: going back needs that release or a backup) and one that holds another
+    application's tables (none of the exchange's revision table): the exchange's tables are
+    not installed next to them."""
+    engine = make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
+    try:
+        reason = _refusal(engine)
+    finally:
+        if engine is not url_or_engine:
+            engine.dispose()
+    if reason is not None:
+        raise UpgradeRefused(reason)
     _run(url_or_engine, command.upgrade, revision)
+
+
+def _refusal(engine: Engine) -> str | None:
+    current = current_revision(engine)
+    scripts = ScriptDirectory.from_config(alembic_config())
+    if current is None:
+        tables = sorted(set(inspect(engine).get_table_names()) - {"alembic_version"})  # (empty after "base")
+        if tables:
+            return (f"it holds {len(tables)} tables of something else ({', '.join(tables[:3])}"
+                    f"{', ...' if len(tables) > 3 else ''}) and no exchange revision: use an empty database")
+        return None
+    try:
+        scripts.get_revision(current)
+    except Exception:  # noqa: BLE001 - alembic's "no such revision", whatever its class
+        return (f"it is at revision {current}, newer than this exchange (newest {scripts.get_current_head()}):"
+                " run the release that wrote it, or restore a backup taken before it")
+    return None
 
 
 def downgrade(url_or_engine: str | Engine, revision: str) -> None:
