@@ -76,7 +76,7 @@ DEFAULT_TRUST = ("hospital", "nursing_home", "home_health")
 PROCESSING_IDS = ("P", "T", "D")
 # Reconciliation jobs (exchange.jobs) and when `exchange serve` runs them unless
 # [server.reconcile] says otherwise: an interval, a cron expression (local time) or "off".
-RECONCILE_JOBS = ("consistency", "match-model")
+RECONCILE_JOBS = ("consistency", "match-model", "links")
 _INTERVAL_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)")
 _INTERVAL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
@@ -256,6 +256,7 @@ def parse_schedule(text: str) -> Schedule:
 DEFAULT_SCHEDULES = (
     ("consistency", Schedule("1h", seconds=3600.0)),
     ("match-model", Schedule("0 3 * * *", cron="0 3 * * *")),
+    ("links", Schedule("30 3 * * *", cron="30 3 * * *")),
 )
 
 

@@ -26,6 +26,11 @@ Jobs (``JOBS``, in the order ``exchange reconcile`` runs them):
                  stores it (exchange.store.training); too little data keeps
                  the current model (not an error), a degenerate estimate is
                  refused (an error).
+``links``        holds every automatic link up against the rules the index
+                 decides with now (the stored model, this release's family
+                 rules): a link it would not make now gets a ``link_looks_wrong``
+                 review (exchange.store.reviews.recheck_links); each review
+                 opened counts as an error, links already in review do not.
 """
 from __future__ import annotations
 
@@ -199,6 +204,24 @@ def match_model(engine: Engine, config: Config, now: datetime) -> Report:
     return Report("match-model", tuple(report.lines()), report.errors, time.monotonic() - t0)
 
 
+# --- links ---------------------------------------------------------------------------------------------
+
+
+def links(engine: Engine, config: Config, now: datetime) -> Report:
+    from exchange.store.db import write_transaction
+    from exchange.store.reviews import recheck_links
+
+    t0 = time.monotonic()
+    # /* TRANSACTION: the automatic links read and the reviews opened for them, at once. */
+    with write_transaction(engine) as conn:
+        check = recheck_links(conn, now)
+    opened = Finding("automatic links the patient index would not make now (a link_looks_wrong review opened)",
+                     len(check.opened), check.opened[:SHOWN_IDS], "review ids")
+    lines = (f"automatic links checked: {check.checked:,}", opened.line(),
+             f"such links with an open review already: {check.in_review:,}")
+    return Report("links", lines, len(check.opened), time.monotonic() - t0)
+
+
 REPLAYING = "exchange replay is rebuilding the record model: skipped (run it again after the replay)"
 
 
@@ -247,6 +270,8 @@ JOBS: dict[str, Job] = {
                        one_node("consistency", consistency)),
     "match-model": Job("match-model", "re-estimates the matching model (EM) from the index and stores it",
                        one_node("match-model", match_model)),
+    "links": Job("links", "opens a review for every automatic link the patient index would not make now",
+                 one_node("links", links)),
 }
 assert tuple(JOBS) == RECONCILE_JOBS  # exchange.config validates [server.reconcile] against these names
 

@@ -722,7 +722,7 @@ def test_reconcile_defaults_and_values(tmp_path):
     from exchange.config import RECONCILE_JOBS, Schedule
 
     server = load(tmp_path, MINIMAL).server
-    assert [name for name, _ in server.reconcile] == list(RECONCILE_JOBS) == ["consistency", "match-model"]
+    assert [name for name, _ in server.reconcile] == list(RECONCILE_JOBS) == ["consistency", "match-model", "links"]
     assert server.schedule("consistency") == Schedule("1h", seconds=3600.0)
     assert server.schedule("match-model") == Schedule("0 3 * * *", cron="0 3 * * *")
     text = with_server('reconcile.consistency = "90s"\nreconcile.match-model = "off"')
@@ -740,7 +740,7 @@ def test_reconcile_defaults_and_values(tmp_path):
     "text, expected",
     [
         ('reconcile = "1h"', "server.reconcile: must be a table of job = schedule"),
-        ('reconcile.nightly = "1h"', "server.reconcile.nightly: unknown job (known: consistency, match-model)"),
+        ('reconcile.nightly = "1h"', "server.reconcile.nightly: unknown job (known: consistency, match-model, links)"),
         ("reconcile.consistency = 3600", "server.reconcile.consistency: must be a string (got an integer)"),
         ('reconcile.consistency = "hourly"', "server.reconcile.consistency: must be an interval such as"),
         ('reconcile.consistency = "0.5s"', "server.reconcile.consistency: an interval must be at least 1s"),

@@ -126,6 +126,43 @@ def test_consistency_finds_a_person_holding_both_records_of_a_not_a_match_pair(e
     assert report.errors == 1
 
 
+def test_links_opens_a_review_for_each_automatic_link_the_index_would_not_make_now(engine, tmp_path):
+    """Links an older release (or an older model) made and the rules of now refuse -- here twins
+    linked before the family rules -- get a link_looks_wrong review, once; the link stays until
+    a technician decides; sound links and a technician's links are left alone."""
+    from exchange.jobs import links
+
+    run(engine, [
+        a28("OAKNH", "OA-1", "HANSON", "ELIZABETH", "19400304", "F", "12 OAK ST", "SPRINGFIELD", "62701", "2175550100",
+            "271828182"),
+        a28("GENHOSP", "GH-1", "HANSON", "ELIZABETH", "19400304", "F", "12 OAK ST", "SPRINGFIELD", "62701",
+            "2175550100", "271828182"),  # the same woman: linked
+        a28("OAKNH", "OA-2", "BRANNIGAN", "ALICE", "19850601", "F", "7 ASH CT", "SALEM", "97301", "5035550111", ""),
+        a28("GENHOSP", "GH-2", "BRANNIGAN", "BEATRICE", "19850601", "F", "7 ASH CT", "SALEM", "97301", "5035550111",
+            ""),  # her twin sister: kept apart now
+        a28("OAKNH", "OA-3", "BRANNIGAN", "CARA", "19850601", "F", "7 ASH CT", "SALEM", "97301", "5035550111", ""),
+    ])
+    ids = registered(engine)
+    assert ids["OA-1"][1] == ids["GH-1"][1] and len({ids[m][1] for m in ("OA-2", "GH-2", "OA-3")}) == 3
+    # as an older release left them: the twins GH-2 and OA-2 linked automatically, OA-3 by a technician
+    execute(engine, "update patient_record set person_id = :p, link = 'auto' where mrn = 'GH-2'", p=ids["OA-2"][1])
+    execute(engine, "update patient_record set person_id = :p, link = 'manual' where mrn = 'OA-3'", p=ids["OA-2"][1])
+    execute(engine, "delete from match_review")
+
+    report = links(engine, config_at(tmp_path), NOW)
+    with engine.connect() as conn:
+        reviews = conn.execute(text("select id, kind, facility, mrn, person_id, state from match_review")).all()
+    assert [tuple(r)[1:] for r in reviews] == [("link_looks_wrong", "GENHOSP", "GH-2", ids["OA-2"][1], "open")]
+    assert report.errors == 1 and report.lines == (
+        "automatic links checked: 2",
+        f"automatic links the patient index would not make now (a link_looks_wrong review opened): 1"
+        f" (review ids {reviews[0].id})",
+        "such links with an open review already: 0")
+    assert registered(engine)["GH-2"][1] == ids["OA-2"][1]  # the link stays until a technician decides
+    again = links(engine, config_at(tmp_path), NOW)
+    assert again.errors == 0 and again.lines[-1] == "such links with an open review already: 1"
+
+
 def test_every_job_is_registered_under_its_configured_name():
     from exchange.config import RECONCILE_JOBS
 
@@ -161,7 +198,7 @@ def test_reconcile_command_exit_codes_and_reports(engine, database_url, tmp_path
 
     done = reconcile(tmp_path, database_url, "nightly")
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.strip() == "exchange: unknown job 'nightly': use one of consistency, match-model"
+    assert done.stderr.strip() == "exchange: unknown job 'nightly': use one of consistency, match-model, links"
 
 
 def test_reconcile_match_model_stores_a_model_the_next_start_uses(engine, database_url, tmp_path):
@@ -218,10 +255,11 @@ def test_the_scheduler_takes_the_configured_schedules(tmp_path):
         scheduled = {job.id: job.trigger for job in jobs.scheduler.get_jobs()}
         assert scheduled["consistency"].interval.total_seconds() == 90
         assert str(scheduled["match-model"]) == "cron[month='*', day='*', day_of_week='1', hour='4', minute='15']"
+        assert str(scheduled["links"]) == "cron[month='*', day='*', day_of_week='*', hour='3', minute='30']"
     finally:
         jobs.stop()
     assert not jobs.scheduler.running
-    config = config_at(tmp_path, 'reconcile.consistency = "off"\nreconcile.match-model = "off"')
+    config = config_at(tmp_path, 'reconcile.consistency = "off"\nreconcile.match-model = "off"\nreconcile.links = "off"')
     jobs = JobScheduler(config, reactor=None, emit=lambda level, line: None)
     jobs.start()
     assert jobs.scheduler.get_jobs() == []

@@ -60,7 +60,7 @@ from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, and_, false, insert, or_, select, update
+from sqlalchemy import Connection, and_, false, func, insert, or_, select, update
 
 from exchange.config import DEFAULT_TRUST, Config
 from exchange.mapping.values import PersonName, Phone, Timestamp, primary_address
@@ -953,15 +953,15 @@ def _rescore_restored(conn: Connection, restored: dict[Key, int], decision_id: i
 
 
 def _link_looks_wrong(conn: Connection, key: Key, person_id: int, best: float | None,
-                      candidates: list[dict[str, Any]], model: Model, now: datetime, reasons: list[str]) -> None:
-    """Open a ``link_looks_wrong`` review of ``key``'s automatic link to ``person_id``."""
-    conn.execute(insert(match_review).values(
+                      candidates: list[dict[str, Any]], model: Model, now: datetime, reasons: list[str]) -> int:
+    """Open a ``link_looks_wrong`` review of ``key``'s automatic link to ``person_id``; its id."""
+    return conn.execute(insert(match_review).values(
         state=ReviewState.OPEN.value, kind=str(Reason.LINK_LOOKS_WRONG), facility=key[0], mrn=key[1],
         person_id=person_id, score=best, created_at=now,
         detail={"record": {"facility": key[0], "mrn": key[1], "person": person_id},
                 "candidates": candidates[:MAX_CANDIDATES], "reasons": reasons, "action": "review",
                 "thresholds": {"upper": model.upper, "lower": model.lower}},
-    ))
+    )).inserted_primary_key[0]
 
 
 def _review_left_behind(conn: Connection, moved: Key, left: int, target: int, decision_id: int | None,
@@ -1134,3 +1134,60 @@ __all__ = [
     "split_record",
     "undo_decision",
 ]
+
+
+# --- the `links` reconciliation job ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LinkCheck:
+    checked: int  # automatic links read
+    opened: tuple[int, ...]  # reviews opened, ids
+    in_review: int  # links that look wrong but have an open review already
+
+
+def recheck_links(conn: Connection, now: datetime) -> LinkCheck:
+    """Every automatic link held up against the rules the patient index decides with now (the
+    model stored now, the family rules of this release): each record linked automatically to a
+    person is decided again against the records that person held before it (as when it
+    arrived: by record id), and where the decision would not keep the link -- it scores below
+    ``lower``, or the records have the shape of two members of one family -- a
+    ``link_looks_wrong`` review opens (the link stays until a technician decides, as on an
+    update). Links a technician or a facility made are theirs, not checked. In one transaction;
+    the persons are read one at a time, in id order, from a stream."""
+    from exchange.matching.decide import Action, Record, decide
+
+    model = stored_model(conn)
+    several = (select(patient_record.c.person_id).where(patient_record.c.active)
+               .group_by(patient_record.c.person_id).having(func.count() > 1))
+    rows = conn.execute(
+        select(patient_record.c.id, patient_record.c.facility, patient_record.c.mrn, patient_record.c.person_id,
+               patient_record.c.link, patient_record.c.features)
+        .where(patient_record.c.active, patient_record.c.person_id.in_(several))
+        .order_by(patient_record.c.person_id, patient_record.c.id)
+        .execution_options(stream_results=True, yield_per=2000))
+    checked, opened, in_review = 0, [], 0
+    wrong: list[tuple[Key, int, Any]] = []
+    person, earlier = None, []
+    for r in rows:
+        if r.person_id != person:
+            person, earlier = r.person_id, []
+        mine = stored_features(r.features)
+        if mine is None:
+            continue
+        if r.link == "auto" and earlier:
+            checked += 1
+            d = decide(Record(r.facility, r.mrn, str(person), mine), earlier, model)
+            if d.action is Action.REVIEW:
+                wrong.append(((r.facility, r.mrn), person, d))
+        earlier.append(Record(r.facility, r.mrn, str(person), mine))
+    for key, person_id, d in wrong:
+        if _open_reviews_of(conn, [key]):
+            in_review += 1
+            continue
+        candidates = [{"facility": m.facility, "mrn": m.mrn, "person": person_id, "score": m.total,
+                       "explain": m.score.explain()} for m in d.matches]
+        opened.append(_link_looks_wrong(conn, key, person_id, d.score, candidates, model, now, [
+            *(str(reason) for reason in d.reasons),
+            "the links job: this automatic link is one the patient index would not make now"]))
+    return LinkCheck(checked, tuple(opened), in_review)
