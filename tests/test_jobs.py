@@ -153,10 +153,10 @@ def test_links_opens_a_review_for_each_automatic_link_the_index_would_not_make_n
     with engine.connect() as conn:
         reviews = conn.execute(text("select id, kind, facility, mrn, person_id, state from match_review")).all()
     assert [tuple(r)[1:] for r in reviews] == [("link_looks_wrong", "GENHOSP", "GH-2", ids["OA-2"][1], "open")]
-    assert report.errors == 1 and report.lines == (
+    assert report.errors == 0 and report.lines == (  # a technician's work, not an error
         "automatic links checked: 2",
         f"automatic links the patient index would not make now (a link_looks_wrong review opened): 1"
-        f" (review ids {reviews[0].id})",
+        f" (not an error) (review ids {reviews[0].id})",
         "such links with an open review already: 0")
     assert registered(engine)["GH-2"][1] == ids["OA-2"][1]  # the link stays until a technician decides
     again = links(engine, config_at(tmp_path), NOW)
