@@ -349,7 +349,8 @@ def test_oversize_frame_gets_a_nak_with_its_control_id_then_the_connection_close
         with pytest.raises((ConnectionError, OSError)):
             conn.request(adt("BIG-2"))
     with MLLPConnection(server.address) as conn:  # the server itself carries on
-        assert msa(conn.request(adt("BIG-3")))[0] == "AA"
+        answer = msa(conn.request(adt("BIG-3")))
+        assert answer[0] == "AA", answer
     engine = create_engine(server.db)
     with engine.connect() as c:
         state, size, reason = c.execute(text("select state, size, reason from message where control_id = 'BIG-1'")).one()
