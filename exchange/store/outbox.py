@@ -168,6 +168,7 @@ class Pending:
     # What send_check looks at again just before the copy is written:
     person_id: int | None = None  # the person it is about, as routed
     destination_mrn: str | None = None  # the destination's record it names (PID-3), if any
+    record: tuple[str, str] | None = None  # the sender's record it is about (facility, mrn), if known
     document: bool = False  # a copy of a document: its stored lineage counts for exclude_documents
     requeued: bool = False  # requeued by an operator, not forced: superseded by a newer copy delivered since?
     superseded: bool = False  # it is (at the claim): give it back, failed, do not send it
@@ -530,7 +531,8 @@ def claim_batch(
     withheld = withheld_copies(conn, list(found.values()), config)
     copies = tuple(
         Pending(r.id, r.destination, r.control_id, bytes(r.payload), r.attempts, r.created_at, withheld.get(r.id),
-                r.person_id, r.destination_mrn, b"TXA" in bytes(r.payload), _requeued(r),
+                r.person_id, r.destination_mrn, (r.facility, r.mrn) if r.facility and r.mrn else None,
+                b"TXA" in bytes(r.payload), _requeued(r),
                 r.id not in withheld and _superseded(conn, r))
         for r in (found[i] for i in chosen)
     )
@@ -546,15 +548,18 @@ def _superseded(conn: Connection, row: Any) -> bool:
     return _requeued(row) and _delivered_since(conn, row) is not None
 
 
-# The person a copy is about and the destination's record it names, as they are now: the
-# primary key and the (facility, mrn) unique key. A driver-level statement (the hot path: once
-# per copy sent), in each driver's parameter style.
-_SEND_CHECK = ("SELECT p.merged_into, p.protected, r.person_id, r.active FROM person p"
+# The person a copy is about, the destination's record it names and the sender's record it is
+# about, as they are now: the primary key and the (facility, mrn) unique key twice. A
+# driver-level statement (the hot path: once per copy sent), in each driver's parameter style.
+_SEND_CHECK = ("SELECT p.merged_into, p.protected, r.person_id, r.active, s.person_id, s.active FROM person p"
                " LEFT JOIN patient_record r ON r.facility = {destination} AND r.mrn = {mrn}"
+               " LEFT JOIN patient_record s ON s.facility = {facility} AND s.mrn = {record}"
                " WHERE p.id = {person}")
 _SEND_CHECK_SQL = {
-    "postgresql": _SEND_CHECK.format(person="%(person)s", destination="%(destination)s", mrn="%(mrn)s"),
-    "sqlite": _SEND_CHECK.format(person=":person", destination=":destination", mrn=":mrn"),
+    "postgresql": _SEND_CHECK.format(person="%(person)s", destination="%(destination)s", mrn="%(mrn)s",
+                                     facility="%(facility)s", record="%(record)s"),
+    "sqlite": _SEND_CHECK.format(person=":person", destination=":destination", mrn=":mrn", facility=":facility",
+                                 record=":record"),
 }
 _OPTED_OUT = "withheld: the person has opted out"
 _NOT_LINKED = "withheld: the destination's record is no longer linked to this person"
@@ -567,8 +572,9 @@ def send_check(conn: Connection, copy: Pending, config: Config) -> Withheld | Su
     of it were answered (an opt-out, a technician's split, a newer copy about the patient
     delivered after an operator requeued this one). None: send it.
 
-    One indexed read (the person by id, the destination's record by its key) answers the
-    common case: a person not merged away, and the record still theirs. Anything else (a
+    One indexed read (the person by id, the destination's and the sender's records by their
+    keys) answers the common case: a person not merged away, and both records still theirs
+    (a sender's record no longer known counts, as in ``withheld_copies``). Anything else (a
     merge to follow, a record merged away or relinked, a copy of a document, whose stored
     lineage may have been re-typed, a requeued copy) takes the claim's whole check
     (``withheld_copies``, and for a requeued copy, newer copies delivered since).
@@ -580,14 +586,16 @@ def send_check(conn: Connection, copy: Pending, config: Config) -> Withheld | Su
         if copy.person_id is None:
             return None  # nothing about a person to check; the configuration is as at the claim
         sql = _SEND_CHECK_SQL[conn.dialect.name]
+        facility, record = copy.record or (None, None)
         with driver_cursor(conn, sql) as cursor:
             row = cursor.execute(sql, {"person": copy.person_id, "destination": copy.destination,
-                                       "mrn": copy.destination_mrn}).fetchone()
+                                       "mrn": copy.destination_mrn, "facility": facility, "record": record}).fetchone()
         if row is not None and row[0] is None:  # the person, not merged away
-            _, protected, owner, active = row
+            _, protected, owner, active, sender_owner, sender_active = row
             if protected:
                 return Withheld(copy.id, _OPTED_OUT)
-            if copy.destination_mrn is None or (active and owner == copy.person_id):
+            if ((copy.destination_mrn is None or (active and owner == copy.person_id))
+                    and (sender_active is None or (sender_active and sender_owner == copy.person_id))):
                 return None
     row = conn.execute(_COPIES, {"ids": [copy.id]}).first()
     if row is None:

@@ -324,9 +324,9 @@ def test_the_check_before_each_send_says_what_the_claim_would_say_now(engine: En
         p = add_record(conn, "GENHOSP", "G1", **HANSON)
         add_record(conn, "OAKNH", "O1", p, **HANSON)
         other = new_person(conn)
-    ids = queue(engine, [copy_of(message_id, 0, person_id=p, destination_mrn="O1"),
-                         copy_of(message_id, 1, person_id=p, destination_mrn=None),
-                         copy_of(message_id, 2, person_id=None, destination_mrn=None)])
+    ids = queue(engine, [copy_of(message_id, 0, person_id=p, destination_mrn="O1", mrn="G1"),
+                         copy_of(message_id, 1, person_id=p, destination_mrn=None, mrn="G1"),
+                         copy_of(message_id, 2, person_id=None, destination_mrn=None, mrn="G1")])
     claimed = run(engine, claim_batch, "OAKNH", T0 + timedelta(minutes=1), config=CONFIG).copies
     assert [c.withheld for c in claimed] == [None] * 3
 
@@ -352,10 +352,35 @@ def test_the_check_before_each_send_says_what_the_claim_would_say_now(engine: En
         conn.execute(patient_record_table.update().where(patient_record_table.c.mrn == "O2").values(person_id=other))
     assert agree() == {ids[0]: "withheld: the destination's record is no longer linked to this person",
                        ids[1]: None, ids[2]: None}
+    with write_transaction(engine) as conn:  # the sender's G1 split off: what the copies are about is not theirs
+        conn.execute(patient_record_table.update().where(patient_record_table.c.mrn == "G1").values(person_id=other))
+    assert agree() == {ids[0]: "withheld: the destination's record is no longer linked to this person",
+                       ids[1]: "withheld: the record it is about is no longer linked to this person", ids[2]: None}
     with write_transaction(engine) as conn:
         conn.execute(person_table.update().where(person_table.c.id == survivor).values(protected=True))
     assert agree() == {ids[0]: "withheld: the person has opted out", ids[1]: "withheld: the person has opted out",
                        ids[2]: None}
+
+
+def test_the_check_before_each_send_sees_the_senders_record_leave_the_person(engine: Engine, message_id: int) -> None:
+    """The one-read check of the usual copy reads the sender's record too: a split of the
+    hospital's G1 while the copy waited behind others withholds it, as the claim would."""
+    from exchange.store.schema import patient_record_table
+    from tests.test_reviews import HANSON, add_record, new_person
+
+    with write_transaction(engine) as conn:
+        p = add_record(conn, "GENHOSP", "G1", **HANSON)
+        add_record(conn, "OAKNH", "O1", p, **HANSON)
+        other = new_person(conn)
+    ids = queue(engine, [copy_of(message_id, 0, person_id=p, destination_mrn="O1", mrn="G1"),
+                         copy_of(message_id, 1, person_id=p, destination_mrn="O1", mrn="G-UNKNOWN")])
+    claimed = run(engine, claim_batch, "OAKNH", T0 + timedelta(minutes=1), config=CONFIG).copies
+    assert [c.withheld for c in claimed] == [None, None]
+    with write_transaction(engine) as conn:
+        conn.execute(patient_record_table.update().where(patient_record_table.c.mrn == "G1").values(person_id=other))
+    assert run(engine, send_check, claimed[0], CONFIG) == Withheld(
+        ids[0], "withheld: the record it is about is no longer linked to this person")
+    assert run(engine, send_check, claimed[1], CONFIG) is None  # a record no longer known: not checked
 
 
 def test_a_requeued_copy_is_given_back_when_a_newer_copy_about_the_patient_was_delivered_since(
