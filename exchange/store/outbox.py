@@ -573,8 +573,8 @@ def send_check(conn: Connection, copy: Pending, config: Config) -> Withheld | Su
     delivered after an operator requeued this one). None: send it.
 
     One indexed read (the person by id, the destination's and the sender's records by their
-    keys) answers the common case: a person not merged away, and both records still theirs
-    (a sender's record no longer known counts, as in ``withheld_copies``). Anything else (a
+    keys) answers the common case: a person not merged away, and both records still theirs.
+    Anything else (a
     merge to follow, a record merged away or relinked, a copy of a document, whose stored
     lineage may have been re-typed, a requeued copy) takes the claim's whole check
     (``withheld_copies``, and for a requeued copy, newer copies delivered since).
@@ -595,7 +595,7 @@ def send_check(conn: Connection, copy: Pending, config: Config) -> Withheld | Su
             if protected:
                 return Withheld(copy.id, _OPTED_OUT)
             if ((copy.destination_mrn is None or (active and owner == copy.person_id))
-                    and (sender_active is None or (sender_active and sender_owner == copy.person_id))):
+                    and (copy.record is None or (sender_active and sender_owner == copy.person_id))):
                 return None
     row = conn.execute(_COPIES, {"ids": [copy.id]}).first()
     if row is None:
@@ -643,9 +643,11 @@ def withheld_copies(conn: Connection, rows: Sequence[Any], config: Config) -> di
             if owner is None or persons[owner][0] != person:
                 out[r.id] = _NOT_LINKED
                 continue
-        if r.facility and r.mrn and (r.facility, r.mrn) in owners:  # (no record has that MRN now: unknown)
-            owner = owners[(r.facility, r.mrn)]
-            if owner is None or persons[owner][0] != person:
+        if r.facility and r.mrn:
+            # the person of the sender's record now, None if no record has that MRN any more (an
+            # A47 renamed it after it left the copy's person): withheld unless that is the copy's
+            owner = owners.get((r.facility, r.mrn))
+            if (persons[owner][0] if owner is not None else None) != person:
                 out[r.id] = _NOT_ABOUT
     return out
 
@@ -694,7 +696,7 @@ def _live_persons(conn: Connection, ids: set[int]) -> dict[int, tuple[int | None
 
 def _record_owners(conn: Connection, keys: set[tuple[str, str]]) -> dict[tuple[str, str], int | None]:
     """(facility, mrn) -> the person of that record (of its survivor, if merged away); None if inactive
-    without a survivor; a key no record ever had is left out."""
+    without a survivor, or unknown."""
     out: dict[tuple[str, str], int | None] = {}
     pending = {key: key for key in keys}  # the key asked -> the record to read for it
     for _ in range(MAX_MERGE_HOPS):
@@ -710,7 +712,7 @@ def _record_owners(conn: Connection, keys: set[tuple[str, str]]) -> dict[tuple[s
             r = found.get(key)
             if r is not None and not r.active and r.merged_into_mrn and (r.facility, r.merged_into_mrn) != key:
                 following[asked] = (r.facility, r.merged_into_mrn)
-            elif r is not None or asked != key:  # (a merged-away record's survivor is never unknown)
+            else:
                 out[asked] = r.person_id if r is not None and r.active else None
         pending = following
     return out

@@ -475,6 +475,34 @@ def test_a_copy_waits_in_vain_once_the_record_it_is_about_leaves_the_person(engi
     assert set(withheld.values()) == {about} and len(withheld) == 4
 
 
+def test_a_copy_about_a_record_split_off_then_renamed_still_waits_in_vain(engine, tmp_path):
+    """Found by the session-9 verification audit: after the technician's split the hospital
+    renamed GH-71 (A47); the copy's record was then no longer known under its MRN, and the
+    check let the copy through into the resident's chart."""
+    from datetime import datetime, timezone
+
+    from exchange.store.outbox import claim_batch
+    from exchange.store.reviews import split_record
+    from tests.store.test_index import adt, pid
+
+    config = network(tmp_path)
+    run(engine, config, register("OAKNH", "OA-71", **ELIZABETH))
+    run(engine, config, register("GENHOSP", "GH-71", **ELIZABETH))
+    (admit,) = run(engine, config, adt("GENHOSP", "A01", pid("GH-71", "GENHOSP", **ELIZABETH)))
+    assert admit.routed == ("OAKNH",)
+    now = datetime.now(timezone.utc)
+    with engine.begin() as conn:
+        person = conn.execute(text("select person_id from patient_record where mrn = 'GH-71'")).scalar_one()
+        split_record(conn, person, "GENHOSP", "GH-71", actor="tess", now=now, reason="another patient")
+    (rename,) = run(engine, config, adt("GENHOSP", "A47", pid("GH-79", "GENHOSP", **ELIZABETH),
+                                        "MRG|GH-71^^^GENHOSP^MR"))
+    assert rename.ack_code == "AA"
+    with engine.begin() as conn:
+        withheld = {int(c.control_id.split("-")[1]): c.withheld
+                    for c in claim_batch(conn, "OAKNH", now, config=config).copies}
+    assert withheld[admit.message_id] == "withheld: the record it is about is no longer linked to this person"
+
+
 def test_a_retry_after_the_sender_merged_the_patient_still_sees_the_newer_copy(engine, tmp_path):
     """Found by a verification audit: after an A40 (another person id, another sender's MRN) the
     newer copy to the same destination record did not count, and the old A08 went out last."""
