@@ -39,6 +39,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -67,6 +68,7 @@ from exchange.store.outbox import (
     Outcome,
     Pending,
     RetryLater,
+    Rewritten,
     Superseded,
     Withheld,
     claim_batch,
@@ -139,7 +141,7 @@ class DestinationStore:
         with self._transaction(write=False) as conn:
             return claim_batch(conn, self.destination, now, limit, config=self.config)
 
-    def check(self, copy: Pending) -> Withheld | Superseded | None:
+    def check(self, copy: Pending) -> Withheld | Superseded | Rewritten | None:
         """What to record instead of sending a claimed copy (None: send it), just before it goes.
 
         It runs while the outcome of the copy before it is being recorded, on a connection
@@ -403,7 +405,9 @@ class DestinationWorker:
                     return self._retry(copy, "connection", f"cannot connect: {_describe(exc)}")
                 if fresh or not checked:  # time has passed since the copy was last checked
                     instead = await self._call(self.store.check, copy)
-                    if instead is not None:
+                    if isinstance(instead, Rewritten):  # its destination renamed or merged the record since
+                        copy = replace(copy, payload=instead.payload, destination_mrn=instead.destination_mrn)
+                    elif instead is not None:
                         return self._unsent(copy, instead)
                     if self._stopping:
                         return None

@@ -95,6 +95,7 @@ __all__ = [
     "Pending",
     "RetryLater",
     "SUPERSEDED",
+    "Rewritten",
     "Superseded",
     "Withheld",
     "RetryResult",
@@ -256,6 +257,16 @@ class Superseded:
 
 
 Outcome = Delivered | Failed | RetryLater | Withheld | Superseded
+
+
+@dataclass(frozen=True, slots=True)
+class Rewritten:
+    """Not an outcome: the copy was rewritten since it was claimed (its destination renamed or
+    merged the record it names: A47, A40): send this payload, naming ``destination_mrn``."""
+
+    id: int
+    payload: bytes
+    destination_mrn: str | None
 
 # last_error of a requeued copy given back (no PHI); the API's 409 says the same before a requeue
 SUPERSEDED = ("superseded: newer copies about this patient reached the destination since it was requeued:"
@@ -566,11 +577,12 @@ _NOT_LINKED = "withheld: the destination's record is no longer linked to this pe
 _NOT_ABOUT = "withheld: the record it is about is no longer linked to this person"
 
 
-def send_check(conn: Connection, copy: Pending, config: Config) -> Withheld | Superseded | None:
+def send_check(conn: Connection, copy: Pending, config: Config) -> Withheld | Superseded | Rewritten | None:
     """What to record instead of sending a claimed copy, checked just before it is written
     to the destination: what ``claim_batch`` checked may have changed while the copies ahead
     of it were answered (an opt-out, a technician's split, a newer copy about the patient
-    delivered after an operator requeued this one). None: send it.
+    delivered after an operator requeued this one). None: send it; ``Rewritten``: send the
+    copy as the destination's A47 or A40 rewrote it since the claim.
 
     One indexed read (the person by id, the destination's and the sender's records by their
     keys) answers the common case: a person not merged away, and both records still theirs.
@@ -603,7 +615,11 @@ def send_check(conn: Connection, copy: Pending, config: Config) -> Withheld | Su
     why = withheld_copies(conn, [row], config).get(copy.id)
     if why is not None:
         return Withheld(copy.id, why)
-    return Superseded(copy.id) if _superseded(conn, row) else None
+    if _superseded(conn, row):
+        return Superseded(copy.id)
+    if bytes(row.payload) != copy.payload:  # renamed or merged by its destination since the claim
+        return Rewritten(copy.id, bytes(row.payload), row.destination_mrn)
+    return None
 
 
 _UNROUTED = {  # why the configuration running now would not send a copy (last_error; no PHI)

@@ -363,7 +363,7 @@ def test_outcomes_not_recorded_are_sent_again(h: Harness) -> None:
     h.worker.stop()
 
 
-@pytest.mark.parametrize("change", ["split", "opt-out"])
+@pytest.mark.parametrize("change", ["split", "opt-out", "sender split"])
 def test_a_split_or_an_opt_out_after_the_claim_stops_the_copies_not_yet_sent(h: Harness, change: str) -> None:
     """Found by a black-box audit: the worker checked a batch (up to 100 copies) only when it
     claimed it, so while a backlog drained to a slow destination, copies went out for up to
@@ -386,16 +386,46 @@ def test_a_split_or_an_opt_out_after_the_claim_stops_the_copies_not_yet_sent(h: 
         if change == "split":  # a technician splits OAKNH's O1 off (a false link)
             conn.execute(patient_record_table.update().where(patient_record_table.c.mrn == "O1")
                          .values(person_id=other))
+        elif change == "sender split":  # ... or the hospital's G1, the record the copies are about
+            conn.execute(patient_record_table.update().where(patient_record_table.c.mrn == "G1")
+                         .values(person_id=other))
         else:
             conn.execute(person_table.update().where(person_table.c.id == person).values(protected=True))
     h.peers.reply(ack("D1"))
     assert h.peers.all_sent() == ["D1"]  # D2 and D3 never written to the destination
-    reason = ("withheld: the destination's record is no longer linked to this person" if change == "split"
-              else "withheld: the person has opted out")
+    reason = {"split": "withheld: the destination's record is no longer linked to this person",
+              "sender split": "withheld: the record it is about is no longer linked to this person",
+              "opt-out": "withheld: the person has opted out"}[change]
     assert {c: (h.state(c).state, h.state(c).last_error, h.state(c).attempts) for c in ("D2", "D3")} == {
         "D2": (DeliveryState.WITHHELD, reason, 0), "D3": (DeliveryState.WITHHELD, reason, 0)}
     assert h.state("D1").state is DeliveryState.DELIVERED
     assert checks == ["D1", "D2", "D3"]  # D1 too: the claim's check was older than its new connection
+    h.worker.stop()
+
+
+def test_a_copy_its_destination_renamed_after_the_claim_goes_as_rewritten(h: Harness) -> None:
+    """Found by the session-9 two-node audit: OAKNH's A47 (or A40) rewrote the waiting copies in
+    the database while a claimed batch drained, and the worker sent the text it had claimed:
+    69 copies named the MRN the site had just retired."""
+    from exchange.store.outbox import carry_renames
+    from tests.test_reviews import HANSON, add_record
+
+    with write_transaction(h.engine) as conn:
+        person = add_record(conn, "GENHOSP", "G1", **HANSON)
+        add_record(conn, "OAKNH", "N1", person, **HANSON)
+    h.enqueue("D1", "D2", "D3", wake=False, person_id=person, facility="GENHOSP", mrn="G1", destination_mrn="N1")
+    h.worker.start()
+    assert h.peers.all_sent() == ["D1"]  # claimed all three; D1 in flight
+    with write_transaction(h.engine) as conn:  # OAKNH renames N1 to N1X, as the A47's batch does
+        conn.execute(patient_record_table.update().where(patient_record_table.c.mrn == "N1").values(mrn="N1X"))
+        assert carry_renames(conn, [(("OAKNH", "N1"), ("OAKNH", "N1X"))], {"OAKNH": "OAKNH"}) == 3  # D1 too
+    h.peers.reply(ack("D1"))
+    h.peers.reply(ack("D2"))
+    sent = [p for i in range(len(h.peers.connections)) for p in h.peers.sent(i)]
+    assert [p.split(b"\r")[1] for p in sent] == [b"PID|1||N1^^^OAKNH^MR", b"PID|1||N1X^^^OAKNH^MR",
+                                                  b"PID|1||N1X^^^OAKNH^MR"]
+    h.peers.reply(ack("D3"))
+    assert h.states() == {"D1": "delivered", "D2": "delivered", "D3": "delivered"}
     h.worker.stop()
 
 
