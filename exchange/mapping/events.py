@@ -1227,12 +1227,39 @@ def _adds_nothing(patch: DocumentPatch, stored: DocumentPatch | None) -> bool:
     return all(getattr(stored, name) == value for name, value in patch.fields_set().items() if value != "")
 
 
+# TXA-18 codes of a document any facility may receive: table 0272's "usual control", and the
+# HL7 v3 confidentiality codes below "restricted" (normal, low, moderate). V (very restricted),
+# R (restricted) and every code not known here go only where receive_confidentiality names them.
+USUAL_CONFIDENTIALITY = frozenset({"U", "N", "L", "M"})
+UNREADABLE_CONFIDENTIALITY = "?"  # a TXA-18 repetition with text but no code ("^Restricted", "&R")
+_RESTRICTION = {"R": 2, "V": 3}  # a code not known here ranks above both: it could mean anything
+
+
+def restriction(code: str) -> int:
+    """How restricted a TXA-18 code is: 0 none given, 1 usual, 2 R, 3 V, 4 a code not known here."""
+    if not code:
+        return 0
+    return 1 if code in USUAL_CONFIDENTIALITY else _RESTRICTION.get(code, 4)
+
+
+def most_restricted(*codes: str | None) -> str:
+    """The most restricted of the codes ("" when none is given)."""
+    return max((c for c in codes if c), key=restriction, default="")
+
+
 def confidentiality(txa: Segment | None) -> str:
-    """TXA-18.1, the document's confidentiality status, upper case: "U" (usual control) for the
-    HL7 null, which clears the status; "" when absent."""
+    """TXA-18, the document's confidentiality status, upper case: the most restricted code of
+    any repetition (``U~R`` is R), a repetition with text but no code being unreadable (``?``,
+    restricted); "U" (usual control) for the HL7 null, which clears the status; "" when absent."""
     if txa is None:
         return ""
-    return "U" if is_delete(txa.field(18)) else txa.value(18).upper()
+    if is_delete(txa.field(18)):
+        return "U"
+    codes = []
+    for i, repetition in enumerate(txa.repetitions(18), 1):
+        if repetition.strip():
+            codes.append(txa.value(18, 1, 1, i).upper() or UNREADABLE_CONFIDENTIALITY)
+    return most_restricted(*codes)
 
 
 def document_patch(txa: Segment, warnings: list[str]) -> DocumentPatch:

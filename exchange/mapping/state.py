@@ -64,6 +64,7 @@ from exchange.mapping.events import (
     MoveVisit,
     RecordView,
     UpsertPatient,
+    most_restricted,
 )
 from exchange.mapping.values import DELETE, Demographics, DocumentPatch, EncounterPatch
 
@@ -298,7 +299,7 @@ class MemoryState:
             self._touch_document(doc)
         if doc is None:
             doc = {"facility": op.facility, "mrn": op.mrn, "state": DocumentState.CURRENT, "versions": [],
-                   "types": (), "inherited": None}
+                   "types": (), "inherited": None, "confidentiality": None, "inherited_confidentiality": None}
             self.documents[key] = doc
             doc["versions"].append(_version({}, patch, 1, op.event, ref, fill_only=False))
         elif op.action is DocumentAction.CREATE:
@@ -331,7 +332,12 @@ class MemoryState:
             types.update(document_types(parent_doc))
             if not doc.get("inherited"):
                 doc["inherited"] = document_type(parent_doc) or None
+            doc["inherited_confidentiality"] = parent_doc.get("confidentiality") or None
         doc["types"] = tuple(sorted(types | set(document_types(doc))))
+        # ``confidentiality``: the most restricted of its own TXA-18 as last stated and of what its
+        # parent had when it was last read (its own ``confidentiality``, so a whole chain's)
+        doc["confidentiality"] = most_restricted(current.get("confidentiality"),
+                                                 doc.get("inherited_confidentiality")) or None
 
     def _mark(self, op: MarkDocument, ref) -> tuple:
         doc = self.documents.get((op.facility, op.number))

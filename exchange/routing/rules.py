@@ -62,7 +62,8 @@ from fnmatch import fnmatchcase
 from exchange.acceptance import matches
 from exchange.config import FacilityConfig, RouteConfig
 from exchange.hl7.header import Header
-from exchange.mapping.events import LEGACY_MERGE_EVENTS, MERGE_EVENTS, confidentiality as txa_confidentiality
+from exchange.mapping.events import LEGACY_MERGE_EVENTS, MERGE_EVENTS, USUAL_CONFIDENTIALITY
+from exchange.mapping.events import confidentiality as txa_confidentiality
 from exchange.mapping.message import Message, is_delete
 from exchange.outcome import Value
 
@@ -231,12 +232,6 @@ def protection(message: Message) -> bool | None:
     if value == "N":
         return False
     return None
-
-
-# TXA-18 codes of a document any facility may receive: table 0272's "usual control", and the
-# HL7 v3 confidentiality codes below "restricted" (normal, low, moderate). V (very restricted),
-# R (restricted) and every code not known here go only where receive_confidentiality names them.
-USUAL_CONFIDENTIALITY = frozenset({"U", "N", "L", "M"})
 
 
 def confidential(facility: FacilityConfig, event: Event) -> bool:

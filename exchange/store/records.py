@@ -316,7 +316,8 @@ def _document_row(doc: dict, record_id: int) -> dict[str, Any]:
         "parent": _cut(current["parent"], DOCUMENT_NUMBER_LEN),
         "completion_status": _cut(current["completion_status"], DOCUMENT_CODE_LEN),
         "availability": _cut(current["availability"], DOCUMENT_CODE_LEN),
-        "confidentiality": _cut(current.get("confidentiality"), DOCUMENT_CODE_LEN),
+        "confidentiality": _cut(doc.get("confidentiality"), DOCUMENT_CODE_LEN),
+        "inherited_confidentiality": _cut(doc.get("inherited_confidentiality"), DOCUMENT_CODE_LEN),
         "state": doc["state"].value,
         "version": current["version"],
         "types": json.dumps([_cut(t, DOCUMENT_CODE_LEN) for t in doc.get("types", ())]),
@@ -407,7 +408,8 @@ def load_all(conn: Connection) -> MemoryState:
 _RECORD_COLUMNS = ("id", "person_id", "facility", "mrn", "merged_into_mrn", "link", "features", "data")
 # PostgreSQL: JSON as text, decoded by ``loads`` (psycopg's own json.loads + from_json is slower)
 _PG_RECORD_SELECT = ", ".join(_RECORD_COLUMNS[:-1]) + ", data::text"
-_DOCUMENT_COLUMNS = ("id", "facility", "number", "state", "types", "inherited_type", "mrn")
+_DOCUMENT_COLUMNS = ("id", "facility", "number", "state", "types", "inherited_type", "confidentiality",
+                     "inherited_confidentiality", "parent", "mrn")
 
 
 def _json(value: Any) -> Any:
@@ -472,7 +474,8 @@ def _load(conn: Connection, want_records: set, want_documents: set, visits: set[
                 conditions.append(in_pairs(sqlite, "d.facility, d.number", doc_keys, params))
             if new_ids and whole:
                 conditions.append(in_ids(sqlite, "d.record_id", new_ids, params))
-            select_ = ("SELECT d.id, d.facility, d.number, d.state, d.types, d.inherited_type, p.mrn"
+            select_ = ("SELECT d.id, d.facility, d.number, d.state, d.types, d.inherited_type, d.confidentiality,"
+                       " d.inherited_confidentiality, d.parent, p.mrn"
                        " FROM document d JOIN patient_record p ON d.record_id = p.id WHERE ")
             # PostgreSQL: UNION ALL, not OR (a seq scan there); duplicates are skipped below
             sql = select_ + (" OR " if sqlite else " UNION ALL " + select_).join(conditions)
@@ -484,6 +487,8 @@ def _load(conn: Connection, want_records: set, want_documents: set, visits: set[
                     owner = (row.facility, row.mrn)
                     if owner not in rows:
                         pending_records.add(owner)
+                    if row.parent and key in want_documents:  # its parent's status now (one level)
+                        pending_documents.add((row.facility, row.parent))
         pending_records -= queried_records
 
     records = {key: _record_from_row(_json(row.data)) for key, row in rows.items()}
@@ -505,7 +510,8 @@ def _load(conn: Connection, want_records: set, want_documents: set, visits: set[
             records[by_id[record_id]]["encounters"][visit] = _json(data)
     documents = {
         key: {"facility": row.facility, "mrn": row.mrn, "state": DocumentState(row.state), "versions": [],
-              "types": tuple(json.loads(row.types)) if row.types else (), "inherited": row.inherited_type}
+              "types": tuple(json.loads(row.types)) if row.types else (), "inherited": row.inherited_type,
+              "confidentiality": row.confidentiality, "inherited_confidentiality": row.inherited_confidentiality}
         for key, row in docs.items()
     }
     doc_by_id = {row.id: key for key, row in docs.items()}
@@ -537,7 +543,7 @@ _RECORD_ROW_COLUMNS = ("facility", "mrn", "authority", "active", "merged_into_mr
 _ENCOUNTER_COLUMNS = ("patient_class", "status", "location", "prior_location", "attending", "admitted_at",
                       "discharged_at", "data")
 _DOCUMENT_ROW_COLUMNS = ("record_id", "type", "parent", "completion_status", "availability", "confidentiality",
-                         "state", "version", "types", "inherited_type")
+                         "inherited_confidentiality", "state", "version", "types", "inherited_type")
 _VERSION_COLUMNS = ("event", "message_id", "content_type", "text", "data", "size", "fields")
 
 

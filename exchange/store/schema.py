@@ -350,9 +350,12 @@ class Document(Base):
     parent: Mapped[str | None] = mapped_column(String(DOCUMENT_NUMBER_LEN))  # TXA-13
     completion_status: Mapped[str | None] = mapped_column(String(DOCUMENT_CODE_LEN))  # TXA-17
     availability: Mapped[str | None] = mapped_column(String(DOCUMENT_CODE_LEN))  # TXA-19
-    # TXA-18, upper case, as the sender last stated it (table 0272: V very restricted, R
-    # restricted, U usual control): routing reads it up the chain of parents (exchange.routing).
+    # TXA-18, upper case (table 0272: V very restricted, R restricted, U usual control): the most
+    # restricted of its own as the sender last stated it and its parent's when last read
+    # (``inherited_confidentiality``, so a whole chain's); routing also reads it up the chain of
+    # parents as they are now (exchange.routing).
     confidentiality: Mapped[str | None] = mapped_column(String(DOCUMENT_CODE_LEN))
+    inherited_confidentiality: Mapped[str | None] = mapped_column(String(DOCUMENT_CODE_LEN))
     state: Mapped[str] = mapped_column(String(STATE_LEN))  # exchange.mapping.events.DocumentState
     version: Mapped[int] = mapped_column(Integer)  # number of versions
     # For routing (exchange.mapping.state.document_types): every type, upper case, the document

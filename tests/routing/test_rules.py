@@ -134,6 +134,10 @@ def test_a_restricted_document_goes_only_where_its_confidentiality_status_is_rec
     assert sent("V") == ({"HHCARE"}, {"GENHOSP": Reason.SENDER, "OAKNH": Reason.CONFIDENTIAL})
     assert sent("r")[0] == {"OAKNH", "HHCARE"}  # compared in upper case
     assert sent("XX")[1]["OAKNH"] is Reason.CONFIDENTIAL  # a status routing does not know: fail closed
+    # every repetition counts, the most restricted wins; text without a code is unreadable: closed
+    assert sent("U~R")[0] == sent("~R")[0] == {"OAKNH", "HHCARE"}
+    assert sent("~V^very restricted^HL70272")[0] == {"HHCARE"}
+    assert sent("^Restricted^HL70272")[0] == sent("&R")[0] == set()
     for usual in ("", "U", "N", "L", "M", '""'):
         assert sent(usual)[0] == {"OAKNH", "HHCARE"}, usual
     # the status the document (or an ancestor) was last given counts when the message says none

@@ -230,13 +230,15 @@ def test_0014_fills_each_documents_confidentiality_from_the_messages_that_stated
         restricted_note("T08", "M3", ""))
     run(engine, config, restricted_note("T02", "M4", "R", document="D-2"), restricted_note("T03", "M5", '""', document="D-2"))
     run(engine, config, restricted_note("T02", "M6", "", document="D-3"))
+    run(engine, config, restricted_note("T06", "M8", "", document="PSY-1A", parent="PSY-1"))  # under the V note
 
     def statuses():
         with engine.connect() as conn:
-            return dict(conn.execute(text("SELECT number, confidentiality FROM document")).all())
+            return {n: (c, i) for n, c, i in conn.execute(text(
+                "SELECT number, confidentiality, inherited_confidentiality FROM document")).all()}
 
     kept = statuses()
-    assert kept == {"PSY-1": "V", "D-2": "U", "D-3": None}
+    assert kept == {"PSY-1": ("V", None), "D-2": ("U", None), "D-3": (None, None), "PSY-1A": ("V", "V")}
     downgrade(engine, "0013")
     with engine.begin() as conn:  # versions written before 0014 had no such field
         for row in conn.execute(text("SELECT id, fields FROM document_version")).all():
@@ -247,7 +249,7 @@ def test_0014_fills_each_documents_confidentiality_from_the_messages_that_stated
     upgrade(engine)
     assert statuses() == kept
     (edit,) = run(engine, config, restricted_note("T08", "M7", ""))
-    assert edit.routed == () and statuses()["PSY-1"] == "V"
+    assert edit.routed == () and statuses()["PSY-1"] == ("V", None)
 
 
 def test_0015_gives_records_an_older_release_left_without_features_their_features_and_keys(engine: Engine,

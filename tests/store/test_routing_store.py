@@ -397,8 +397,9 @@ def test_a_restricted_document_and_its_lineage_go_only_where_that_status_is_rece
     (cleared,) = run(engine, config, restricted_note("T03", "R6", '""'))
     assert cleared.routed == ("GENHOSP", "HHCARE")
     with engine.connect() as conn:
+        # (the addendum keeps its parent's status as it last read it: R, until it is touched again)
         assert dict(conn.execute(text("select number, confidentiality from document")).all()) == {
-            "NOTE-0": "U", "PSY-1": "U", "PSY-1A": None}
+            "NOTE-0": "U", "PSY-1": "U", "PSY-1A": "R"}
 
     # a copy waiting for its destination when its document is made very restricted stays put
     (later,) = run(engine, config, restricted_note("T08", "R7", "", document="NOTE-0"))
@@ -410,6 +411,24 @@ def test_a_restricted_document_and_its_lineage_go_only_where_that_status_is_rece
     reason = "withheld: the document is restricted (TXA-18) and the destination does not receive that"
     assert withheld[str(later.message_id)] == withheld[str(plain.message_id)] == reason
     assert withheld[str(restricted.message_id)] is None  # R: HHCARE receives it, and PSY-1 is U now
+
+
+def test_a_restricted_documents_replacements_stay_restricted_however_long_the_chain(engine, tmp_path):
+    """Found by the session-9 verification audit: an R care plan replaced (T10) 105 times; the
+    parent chain was read 100 deep, and replacements 102-105 reached a site that does not receive
+    R. Each document keeps the status it inherits from its parent when filed."""
+    config = bh_network(tmp_path)
+    run(engine, config, register("GENHOSP", "GH-9", **ELIZABETH), register("HHCARE", "HH-9", **ELIZABETH))
+    run(engine, config, register("OAKNH", "OA-9", **ELIZABETH))
+    (first,) = run(engine, config, restricted_note("T02", "C0", "R", document="PLAN-0"))
+    routed = [first.routed]
+    for n in range(1, 106):
+        (replaced,) = run(engine, config, restricted_note("T10", f"C{n}", "", document=f"PLAN-{n}",
+                                                          parent=f"PLAN-{n - 1}"))
+        routed.append(replaced.routed)
+    assert set(routed) == {()}
+    (usual,) = run(engine, config, restricted_note("T02", "C999", "U", document="OTHER"))
+    assert usual.routed == ("GENHOSP", "HHCARE")
 
 
 def test_a_copy_waiting_for_a_site_that_merges_the_record_it_names_names_the_survivor(engine, tmp_path):
