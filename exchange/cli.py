@@ -488,14 +488,18 @@ def _safe_url(url: str) -> str:
 def _migrated_engine(args, url: str | None = None):
     """An engine on the command's database (``url``, else as ``_database_url`` finds it),
     which must be at the newest revision (else exit 2)."""
-    from exchange.store.db import current_revision, head_revision, make_engine
+    from exchange.store.db import current_revision, head_revision, make_engine, refusal
 
     url = url or _database_url(args)
     try:
         engine = make_engine(url)
         revision, head = current_revision(engine), head_revision()
+        refused = refusal(engine) if revision != head else None
     except Exception as exc:  # an unreachable or unusable database; its text may quote the URL's password
         raise UsageFailure(f"cannot open the database {_safe_url(url)} ({type(exc).__name__})") from None
+    if refused is not None:  # a newer release's, or another application's: `db upgrade` would not help
+        engine.dispose()
+        raise UsageFailure(f"database {_safe_url(url)}: {refused}")
     if revision != head:
         engine.dispose()
         raise UsageFailure(

@@ -246,7 +246,8 @@ def test_db_upgrade_and_serve_refuse_a_database_of_another_application_or_a_newe
         with engine.begin() as conn:  # as a later release would leave it
             conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
         for argv in (("db", "upgrade", "--database", database_url),
-                     ("serve", "--config", str(write_config(tmp_path)), "--database", database_url)):
+                     ("serve", "--config", str(write_config(tmp_path)), "--database", database_url),
+                     ("export", "links", "--config", str(write_config(tmp_path)), "--database", database_url)):
             done = exchange(*argv)
             assert done.returncode == 2, argv
             assert f"it is at revision 0099, newer than this exchange (newest {head_revision()})" in done.stderr

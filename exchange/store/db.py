@@ -254,7 +254,7 @@ def upgrade(url_or_engine: str | Engine, revision: str = "head") -> None:
     not installed next to them."""
     engine = make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
     try:
-        reason = _refusal(engine)
+        reason = refusal(engine)
     finally:
         if engine is not url_or_engine:
             engine.dispose()
@@ -263,7 +263,8 @@ def upgrade(url_or_engine: str | Engine, revision: str = "head") -> None:
     _run(url_or_engine, command.upgrade, revision)
 
 
-def _refusal(engine: Engine) -> str | None:
+def refusal(engine: Engine) -> str | None:
+    """Why :func:`upgrade` would refuse the database (one line, no URL), or None."""
     current = current_revision(engine)
     scripts = ScriptDirectory.from_config(alembic_config())
     if current is None:
