@@ -586,10 +586,9 @@ def send_check(conn: Connection, copy: Pending, config: Config) -> Withheld | Su
 
     One indexed read (the person by id, the destination's and the sender's records by their
     keys) answers the common case: a person not merged away, and both records still theirs.
-    Anything else (a
-    merge to follow, a record merged away or relinked, a copy of a document, whose stored
-    lineage may have been re-typed, a requeued copy) takes the claim's whole check
-    (``withheld_copies``, and for a requeued copy, newer copies delivered since).
+    Anything else (a merge to follow, a record merged away, renamed or relinked, a copy of a
+    document, whose stored lineage may have been re-typed, a requeued copy) takes the claim's
+    whole check (``withheld_copies``, and for a requeued copy, newer copies delivered since).
     The configuration is the one the claim was checked against: it does not change while
     the exchange runs. Reads only; the usual copy with one driver-level statement, which
     opens no transaction of SQLAlchemy's: a caller on an autocommit connection pays one
