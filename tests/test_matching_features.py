@@ -109,22 +109,10 @@ def test_blocking_keys_are_short_and_shared_by_typical_variants():
     swapped = person("Liz", "Hansen", birth="19510304")
     assert blocking_keys(liz) & blocking_keys(elizabeth)  # nickname + compound surname
     assert blocking_keys(liz) & blocking_keys(swapped)  # family and given swapped
-    keys = blocking_keys(person("Doe", "Jane", birth="19800101", sex="F", ssn="123456780", phone="2175550101",
-                                postcode="1"))
-    assert {"dob:19800101:F", "ssn:123456780", "ph:2175550101"} <= keys
+    keys = blocking_keys(person("Doe", "Jane", birth="19800101", ssn="123456780", phone="2175550101", postcode="1"))
+    assert {"dob:19800101", "ssn:123456780", "ph:2175550101"} <= keys
     assert all(len(k) <= 32 for k in keys)
     assert blocking_keys(Features()) == frozenset()
-
-
-def test_the_birth_date_key_carries_the_sex_and_a_record_of_unknown_sex_has_both():
-    """At a million persons the plain birth-date key brought ~35 records a date, most of the
-    candidates; with the sex, half. A record of unknown sex still meets every record of its
-    birth date; a man and a woman of one birth date meet only through their other keys."""
-    def dob_keys(**kw):
-        return {k for k in blocking_keys(person("Doe", "Jane", birth="19800101", **kw)) if k.startswith("dob:")}
-
-    assert dob_keys(sex="F") == {"dob:19800101:F"} and dob_keys(sex="M") == {"dob:19800101:M"}
-    assert dob_keys() == dob_keys(sex="U") == {"dob:19800101:F", "dob:19800101:M"}
 
 
 @given(

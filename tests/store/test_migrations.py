@@ -278,23 +278,3 @@ def test_0015_gives_records_an_older_release_left_without_features_their_feature
         conn.execute(text("UPDATE patient_record SET features = NULL WHERE mrn = 'GH-9'"))
     upgrade(engine)
     assert index() == kept
-
-
-def test_0016_rewrites_the_birth_date_keys_with_the_sex_and_back(engine: Engine, tmp_path) -> None:
-    from tests.store.test_index import ELIZABETH, register
-    from tests.store.test_routing_store import bh_network, run
-
-    config = bh_network(tmp_path)
-    run(engine, config, register("OAKNH", "OA-9", **ELIZABETH), register("GENHOSP", "GH-9", sex="U", **ELIZABETH))
-
-    def keys():
-        with engine.connect() as conn:
-            return sorted(conn.execute(text("SELECT r.mrn, k.key FROM record_key k JOIN patient_record r"
-                                            " ON r.id = k.record_id WHERE k.key LIKE 'dob:%'")).all())
-
-    kept = keys()
-    assert kept == [("GH-9", "dob:19400304:F"), ("GH-9", "dob:19400304:M"), ("OA-9", "dob:19400304:F")]
-    downgrade(engine, "0015")
-    assert keys() == [("GH-9", "dob:19400304"), ("OA-9", "dob:19400304")]
-    upgrade(engine)
-    assert keys() == kept
