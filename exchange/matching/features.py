@@ -313,7 +313,7 @@ def _birth(birth: Any) -> tuple[int | None, int | None, int | None]:
 KEY_FIELDS: dict[str, tuple[str, ...]] = {
     "ssn": ("ssn",),
     "ph": ("phone",),
-    "dob": ("birth", "sex"),
+    "dob": ("birth",),
     "pb": ("family", "birth"),
     "fg": ("family", "given"),
     "gp": ("given", "place"),
@@ -332,9 +332,7 @@ def blocking_keys(f: Features) -> frozenset[str]:
     stays short (tens of records in a million):
 
     - ``ssn:<digits>`` and ``ph:<phone>``: one field, nearly unique;
-    - ``dob:<yyyymmdd>:<sex>``: about 15 persons per date and sex in a million;
-      a record of unknown sex has the key of each sex, so it meets both (and
-      a man and a woman of one birth date meet through the other keys);
+    - ``dob:<yyyymmdd>``: about 30 persons per date in a million;
     - ``pb:<family code>:<birth year>``: phonetic surname and year (a typo in
       the day, month or given name);
     - ``fg:<code>:<code>``: phonetic family and given names in sorted order
@@ -354,8 +352,7 @@ def blocking_keys(f: Features) -> frozenset[str]:
         keys.add("ph:" + p)
     dob = f.birth_digits
     if dob:
-        for sex in (f.sex,) if f.sex else ("F", "M"):
-            keys.add(f"dob:{dob}:{sex}")
+        keys.add("dob:" + dob)
     families = {f.family_code} if f.family_code else set()
     families.update(phonetic(p) for p in f.family_parts[:3])
     givens = {f.given_code} if f.given_code else set()
