@@ -418,7 +418,7 @@ def enqueue(conn: Connection, copies: Sequence[NewCopy]) -> list[int]:
 def carry_renames(conn: Connection, renames: Sequence[tuple[tuple[str, str], tuple[str, str]]],
                   authorities: Mapping[str, str]) -> int:
     """A47 renamed these records ((facility, old mrn), (facility, new mrn)), in the batch's
-    transaction: the copies not yet delivered that name the old MRN follow it. A copy waiting
+    transaction, before the batch saves them (they are stored under the old MRN): the copies not yet delivered that name the old MRN follow it. A copy waiting
     for the renaming facility names its new MRN in PID-3 (``authorities``: each facility's
     PID-3.4) and as ``destination_mrn``, so it goes out -- the record is still the person's --
     instead of being withheld as naming a record no longer there; a copy of the renamed
@@ -427,9 +427,10 @@ def carry_renames(conn: Connection, renames: Sequence[tuple[tuple[str, str], tup
     rewritten = 0
     for (facility, old), (_, new) in renames:
         # the record's copies, found through its person (indexed; copies routed under a person it
-        # left before are not found: they keep the old MRN)
+        # left before are not found: they keep the old MRN, and the send-time check withholds
+        # them). Called before the batch saves the record: it is still stored under its old MRN.
         person_id = select(patient_record.c.person_id).where(
-            patient_record.c.facility == facility, patient_record.c.mrn == new).scalar_subquery()
+            patient_record.c.facility == facility, patient_record.c.mrn == old).scalar_subquery()
         conn.execute(delivery.update().where(delivery.c.person_id == person_id, delivery.c.facility == facility,
                                              delivery.c.mrn == old).values(mrn=storable(new, MRN_LEN)))
         rewritten += _rename_destination(conn, facility, old, new, authorities.get(facility))

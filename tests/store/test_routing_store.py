@@ -522,6 +522,30 @@ def test_a_copy_about_a_record_split_off_then_renamed_still_waits_in_vain(engine
     assert withheld[admit.message_id] == "withheld: the record it is about is no longer linked to this person"
 
 
+def test_a_senders_rename_keeps_the_copies_about_its_record_going(engine, tmp_path):
+    """Found by the session-9 second verification audit: the copies about a record the sender
+    renames (A47) were to follow it, but the record's person was looked up under the new MRN
+    before the batch had saved it there: they kept the old MRN, and the check withheld them."""
+    from datetime import datetime, timezone
+
+    from exchange.store.outbox import claim_batch
+    from tests.store.test_index import adt, pid
+
+    config = network(tmp_path)
+    run(engine, config, register("OAKNH", "OA-81", **ELIZABETH))
+    run(engine, config, register("GENHOSP", "GH-81", **ELIZABETH))
+    (update,) = run(engine, config, adt("GENHOSP", "A08", pid("GH-81", "GENHOSP", **ELIZABETH)))
+    (rename,) = run(engine, config, adt("GENHOSP", "A47", pid("GH-89", "GENHOSP", **ELIZABETH),
+                                        "MRG|GH-81^^^GENHOSP^MR"))
+    assert update.routed == ("OAKNH",) and rename.ack_code == "AA"
+    with engine.begin() as conn:
+        assert conn.execute(text(f"select mrn from delivery where message_id = {update.message_id}")
+                            ).scalar_one() == "GH-89"
+        withheld = {int(c.control_id.split("-")[1]): c.withheld
+                    for c in claim_batch(conn, "OAKNH", datetime.now(timezone.utc), config=config).copies}
+    assert withheld[update.message_id] is None
+
+
 def test_a_retry_after_the_sender_merged_the_patient_still_sees_the_newer_copy(engine, tmp_path):
     """Found by a verification audit: after an A40 (another person id, another sender's MRN) the
     newer copy to the same destination record did not count, and the old A08 went out last."""
