@@ -1255,10 +1255,14 @@ def confidentiality(txa: Segment | None) -> str:
         return ""
     if is_delete(txa.field(18)):
         return "U"
+    d = txa.delimiters
     codes = []
     for i, repetition in enumerate(txa.repetitions(18), 1):
-        if repetition.strip():
-            codes.append(txa.value(18, 1, 1, i).upper() or UNREADABLE_CONFIDENTIALITY)
+        if not repetition.strip() or is_delete(repetition):
+            continue
+        code = txa.value(18, 1, 1, i).upper()
+        _, _, more = repetition.partition(d.component)[0].partition(d.subcomponent)
+        codes.append(code if code and not more.strip() else UNREADABLE_CONFIDENTIALITY)  # "U&R": unreadable
     return most_restricted(*codes)
 
 

@@ -199,7 +199,10 @@ def _cut(value: Any, limit: int) -> str | None:
     return text[:limit]
 
 
-MAX_DOCUMENT_DEPTH = 100  # parents followed up a document's chain (a longer one, or a loop, is cut)
+# Parents followed up a document's chain (a longer one, or a loop, is cut): a note replaced
+# every day for years is thousands deep, and a change of its root (re-typed BH, made R) must
+# reach its newest version. One index look-up a level, only as deep as the chain goes.
+MAX_DOCUMENT_DEPTH = 10_000
 
 _LINEAGE_SQL = text(
     "WITH RECURSIVE chain (number, parent, types, confidentiality, depth) AS ("

@@ -137,7 +137,8 @@ def test_a_restricted_document_goes_only_where_its_confidentiality_status_is_rec
     # every repetition counts, the most restricted wins; text without a code is unreadable: closed
     assert sent("U~R")[0] == sent("~R")[0] == {"OAKNH", "HHCARE"}
     assert sent("~V^very restricted^HL70272")[0] == {"HHCARE"}
-    assert sent("^Restricted^HL70272")[0] == sent("&R")[0] == set()
+    assert sent("^Restricted^HL70272")[0] == sent("&R")[0] == sent("U&R")[0] == set()
+    assert sent('""~R')[0] == {"OAKNH", "HHCARE"}  # a null repetition says nothing
     for usual in ("", "U", "N", "L", "M", '""'):
         assert sent(usual)[0] == {"OAKNH", "HHCARE"}, usual
     # the status the document (or an ancestor) was last given counts when the message says none

@@ -431,6 +431,28 @@ def test_a_restricted_documents_replacements_stay_restricted_however_long_the_ch
     assert usual.routed == ("GENHOSP", "HHCARE")
 
 
+def test_a_change_at_the_root_of_a_long_chain_reaches_its_newest_replacement(engine, tmp_path):
+    """Found by the session-9 second verification audit: a usual care plan replaced 105 times,
+    then its root made R (T03) or re-typed BH: the 105th's edit and addendum reached sites that
+    do not receive R or exclude BH (the chain was read 100 deep)."""
+    config = bh_network(tmp_path, genhosp='subscribe = ["MDM^*"]\nexclude_documents = ["BH"]\n',
+                        hhcare='receive_confidentiality = ["R"]\n')
+    run(engine, config, register("GENHOSP", "GH-9", **ELIZABETH), register("HHCARE", "HH-9", **ELIZABETH))
+    run(engine, config, register("OAKNH", "OA-9", **ELIZABETH))
+    run(engine, config, restricted_note("T02", "L0", "U", document="PLAN-0"))
+    for n in range(1, 106):
+        run(engine, config, restricted_note("T10", f"L{n}", "", document=f"PLAN-{n}", parent=f"PLAN-{n - 1}"))
+    (edit,) = run(engine, config, restricted_note("T08", "L200", "", document="PLAN-105"))
+    assert edit.routed == ("GENHOSP", "HHCARE")
+    run(engine, config, restricted_note("T03", "L201", "R", document="PLAN-0"))
+    (edit,) = run(engine, config, restricted_note("T08", "L202", "", document="PLAN-105"))
+    (addendum,) = run(engine, config, restricted_note("T06", "L203", "", document="PLAN-105A", parent="PLAN-105"))
+    assert edit.routed == addendum.routed == ("HHCARE",)  # GENHOSP does not receive R; HHCARE does
+    run(engine, config, restricted_note("T08", "L204", "U", document="PLAN-0", txa2="BH"))  # released, re-typed BH
+    (edit,) = run(engine, config, restricted_note("T08", "L205", "", document="PLAN-105"))
+    assert edit.routed == ("HHCARE",)  # GENHOSP excludes BH
+
+
 def test_a_copy_waiting_for_a_site_that_merges_the_record_it_names_names_the_survivor(engine, tmp_path):
     """OAKNH merged its duplicate OA-41 into OA-42 (A40) while the hospital's update waited for
     it: the copy goes out under OA-42 (the MRN its system now files under), not the retired
