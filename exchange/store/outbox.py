@@ -268,6 +268,7 @@ class Rewritten:
     payload: bytes
     destination_mrn: str | None
 
+
 # last_error of a requeued copy given back (no PHI); the API's 409 says the same before a requeue
 SUPERSEDED = ("superseded: newer copies about this patient reached the destination since it was requeued:"
               " sent now, this older event would land after them; retry with force to send it anyway")
@@ -418,11 +419,12 @@ def enqueue(conn: Connection, copies: Sequence[NewCopy]) -> list[int]:
 def carry_renames(conn: Connection, renames: Sequence[tuple[tuple[str, str], tuple[str, str]]],
                   authorities: Mapping[str, str]) -> int:
     """A47 renamed these records ((facility, old mrn), (facility, new mrn)), in the batch's
-    transaction, before the batch saves them (they are stored under the old MRN): the copies not yet delivered that name the old MRN follow it. A copy waiting
-    for the renaming facility names its new MRN in PID-3 (``authorities``: each facility's
-    PID-3.4) and as ``destination_mrn``, so it goes out -- the record is still the person's --
-    instead of being withheld as naming a record no longer there; a copy of the renamed
-    record's own events keeps the new MRN as the record it is about (``mrn``: the retry and
+    transaction, before the batch saves them (they are stored under the old MRN): the copies
+    not yet delivered that name the old MRN follow it. A copy waiting for the renaming
+    facility names its new MRN in PID-3 (``authorities``: each facility's PID-3.4) and as
+    ``destination_mrn``, so it goes out -- the record is still the person's -- instead of
+    being withheld as naming a record no longer there; a copy of the renamed record's own
+    events keeps the new MRN as the record it is about (``mrn``: the send-time, retry and
     cancel checks read it). Returns the copies rewritten."""
     rewritten = 0
     for (facility, old), (_, new) in renames:
@@ -498,7 +500,7 @@ _CHECKED = (
 _WITH_MESSAGE = delivery.join(message, delivery.c.message_id == message.c.id)
 _COPIES = (
     select(*_CHECKED, delivery.c.control_id, delivery.c.attempts, delivery.c.created_at,
-           delivery.c.facility, delivery.c.mrn, delivery.c.retried_at, delivery.c.retry_forced)
+           delivery.c.retried_at, delivery.c.retry_forced)
     .select_from(_WITH_MESSAGE)
     .where(delivery.c.id.in_(bindparam("ids", expanding=True)))
 )
@@ -981,7 +983,7 @@ def retry(
     worker checks that again just before sending it (a newer copy in flight now
     may be delivered first) and gives it back failed (``SUPERSEDED``) if so.
     """
-    row = conn.execute(select(*_CHECKED, delivery.c.state, delivery.c.facility, delivery.c.mrn)
+    row = conn.execute(select(*_CHECKED, delivery.c.state)
                        .select_from(_WITH_MESSAGE).where(delivery.c.id == delivery_id)).first()
     if row is not None and row.state == DeliveryState.FAILED.value:
         if withheld_copies(conn, [row], config):
