@@ -21,7 +21,7 @@ has committed.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -230,19 +230,24 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
-def _run(url_or_engine: str | Engine, fn: Any, revision: str) -> None:
+class UpgradeRefused(Exception):
+    """The database is not one this exchange may migrate (the reason is one line, no URL)."""
+
+
+def _run(url_or_engine: str | Engine, fn: Any, revision: str,
+         check: Callable[[Engine], str | None] | None = None) -> None:
+    """``fn`` to ``revision`` in one transaction; first ``check``: a reason not to (UpgradeRefused)."""
     engine = make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
     try:
+        reason = check(engine) if check is not None else None
+        if reason is not None:
+            raise UpgradeRefused(reason)
         # /* TRANSACTION: the schema change, all revisions to `revision` at once. */
         with engine.begin() as conn:
             fn(alembic_config(conn), revision)
     finally:
         if engine is not url_or_engine:
             engine.dispose()
-
-
-class UpgradeRefused(Exception):
-    """The database is not one this exchange may migrate (the reason is one line, no URL)."""
 
 
 def upgrade(url_or_engine: str | Engine, revision: str = "head") -> None:
@@ -252,15 +257,7 @@ def upgrade(url_or_engine: str | Engine, revision: str = "head") -> None:
     does not know: going back needs that release or a backup) and one that holds another
     application's tables (none of the exchange's revision table): the exchange's tables are
     not installed next to them."""
-    engine = make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
-    try:
-        reason = refusal(engine)
-    finally:
-        if engine is not url_or_engine:
-            engine.dispose()
-    if reason is not None:
-        raise UpgradeRefused(reason)
-    _run(url_or_engine, command.upgrade, revision)
+    _run(url_or_engine, command.upgrade, revision, check=refusal)
 
 
 def refusal(engine: Engine) -> str | None:
