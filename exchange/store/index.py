@@ -52,7 +52,7 @@ from sqlalchemy import Connection, Text, and_, cast, delete, exists, func, inser
 from twisted.logger import Logger
 
 from exchange.mapping.state import MemoryState
-from exchange.matching.decide import Action, Decision, Reason, Record, decide
+from exchange.matching.decide import Action, Decision, Match, Reason, Record, decide
 from exchange.matching.features import Features, blocking_keys, decode_features, encode_features, features_of
 from exchange.matching.model import Model, default_model, score
 from exchange.store.consent import carry_opt_outs, merge_chains, retire_emptied
@@ -734,13 +734,18 @@ def _event(key: Key, current: _Known | None, person, kind: str, link: str, score
             "kind": kind, "score": score, "reason": reason, "message": ref}
 
 
+def review_candidate(m: Match) -> dict:
+    """A scored candidate as a review's detail shows it: the record, its person, the score and why."""
+    return {"facility": m.facility, "mrn": m.mrn, "person": _int_or_none(m.person), "score": m.total,
+            "explain": m.score.explain()}
+
+
 def _review(key: Key, kind: str, d: Decision, matches, person, ref) -> dict:
     return {
         "facility": key[0], "mrn": key[1], "kind": kind, "person": person, "score": d.score, "message": ref,
         "detail": {
             "record": {"facility": key[0], "mrn": key[1]},
-            "candidates": [{"facility": m.facility, "mrn": m.mrn, "person": _int_or_none(m.person), "score": m.total,
-                            "explain": m.score.explain()} for m in matches],
+            "candidates": [review_candidate(m) for m in matches],
             "reasons": [str(r) for r in d.reasons],
             "action": str(d.action),
         },

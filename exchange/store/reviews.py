@@ -65,11 +65,11 @@ from sqlalchemy import Connection, and_, false, func, insert, or_, select, updat
 from exchange.config import DEFAULT_TRUST, Config
 from exchange.mapping.values import PersonName, Phone, Timestamp, primary_address
 from exchange.matching.compare import FIELD_NAMES
-from exchange.matching.decide import Reason
+from exchange.matching.decide import Action, Reason, Record, decide
 from exchange.matching.features import Features
 from exchange.matching.model import Model, score
 from exchange.store.consent import carry_opt_outs, retire_emptied
-from exchange.store.index import stored_features, stored_model
+from exchange.store.index import review_candidate, stored_features, stored_model
 from exchange.store.records import from_json
 from exchange.store.schema import (
     ACTOR_LEN,
@@ -1155,8 +1155,6 @@ def recheck_links(conn: Connection, now: datetime) -> LinkCheck:
     ``link_looks_wrong`` review opens (the link stays until a technician decides, as on an
     update). Links a technician or a facility made are theirs, not checked. In one transaction;
     the persons are read one at a time, in id order, from a stream."""
-    from exchange.matching.decide import Action, Record, decide
-
     model = stored_model(conn)
     several = (select(patient_record.c.person_id).where(patient_record.c.active)
                .group_by(patient_record.c.person_id).having(func.count() > 1))
@@ -1185,8 +1183,7 @@ def recheck_links(conn: Connection, now: datetime) -> LinkCheck:
         if _open_reviews_of(conn, [key]):
             in_review += 1
             continue
-        candidates = [{"facility": m.facility, "mrn": m.mrn, "person": person_id, "score": m.total,
-                       "explain": m.score.explain()} for m in d.matches]
+        candidates = [review_candidate(m) for m in d.matches]
         opened.append(_link_looks_wrong(conn, key, person_id, d.score, candidates, model, now, [
             *(str(reason) for reason in d.reasons),
             "the links job: this automatic link is one the patient index would not make now"]))
