@@ -167,11 +167,6 @@ def map_and_apply(d: _Decoded, item: Received, ctx: FacilityContext, state: Memo
             break
 
 
-def _authorities(facilities: Mapping[str, FacilityContext]) -> dict[str, str]:
-    """Each facility's PID-3.4 (the authority of its MRNs)."""
-    return {code: ctx.authority for code, ctx in facilities.items()}
-
-
 def pending_ref(index: int) -> tuple[str, int]:
     """The reference ``map_and_apply`` applies with until the message has its row id."""
     return ("pending message", index)
@@ -302,11 +297,11 @@ def process_batch(
         state.rebase_refs({pending_ref(d.index): id_ for d, id_ in zip(decoded, ids)})
         at = now()
         renames = patient_index.carry_renames(conn, state)  # A47: the index's rows follow the new MRN,
-        if renames:  # and the copies waiting
-            carry_renamed_copies(conn, renames, _authorities(facilities))
         merges = state.merges()
-        if merges:  # a facility's own merge: its waiting copies name the survivor
-            carry_merged_copies(conn, merges, _authorities(facilities))
+        if renames or merges:  # and the copies waiting; a facility's own merge: they name the survivor
+            authorities = {code: ctx.authority for code, ctx in facilities.items()}
+            carry_renamed_copies(conn, renames, authorities)
+            carry_merged_copies(conn, merges, authorities)
         if models is None:
             save_records(conn, state, at)
         else:

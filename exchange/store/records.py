@@ -219,7 +219,8 @@ class Lineage:
     """What routing reads of a document's stored chain of ancestors (TXA-13)."""
 
     types: frozenset[str] = frozenset()  # every type (upper case) each of them has had
-    confidentiality: frozenset[str] = frozenset()  # the TXA-18 each of them was last given
+    # each one's TXA-18 status: the most restricted of its own as last given and its parent's
+    confidentiality: frozenset[str] = frozenset()
 
 
 def document_lineage(conn: Connection, facility: str, numbers: Iterable[str]) -> Lineage:
