@@ -23,7 +23,7 @@ rolled back:
 
 and prints the median and p99 of plan + write in ms (targets at 1,000,000:
 median <= 2 ms, p99 <= 10 ms), with where the time goes: the candidate
-queries (``_candidates``, ``_pairs``: SQL round trips), scoring and deciding
+queries (``_read``: SQL round trips; on PostgreSQL with the key locks), scoring and deciding
 (``decide``), and ``write``; and the candidates per record. Everything it
 creates is deleted at the end (``--keep`` keeps the database, ``--index URL``
 times against it again)::
@@ -206,12 +206,12 @@ class Parts:
     """Wall time spent in the patient index's steps during one plan (monkeypatched wrappers)."""
 
     def __init__(self) -> None:
-        self.seconds = {"candidates": 0.0, "sticky pairs": 0.0, "decide": 0.0}
+        self.seconds = {"candidates": 0.0, "decide": 0.0}
         self.candidates = 0
         self._saved = {}
 
     def __enter__(self):
-        for name, label in (("_candidates", "candidates"), ("_pairs", "sticky pairs"), ("decide", "decide")):
+        for name, label in (("_read", "candidates"), ("decide", "decide")):
             real = getattr(index, name)
             self._saved[name] = real
 
@@ -271,7 +271,7 @@ def time_matching(engine, regs: list[tuple[str, Registration]], message_id: int,
     """Each registration as a batch of one, rolled back; ``profile`` (a cProfile.Profile) sees plan and write only."""
     models = index.ModelCache()
     totals, plans, writes, saves = [], [], [], []
-    parts_all = {"candidates": [], "sticky pairs": [], "decide": []}
+    parts_all = {"candidates": [], "decide": []}
     candidates, actions = [], {}
     for n, (_, reg) in enumerate(regs):
         raw = a28(reg, n)[0][1:-2]

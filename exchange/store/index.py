@@ -179,18 +179,16 @@ def plan(conn: Connection, state: MemoryState, model: Model) -> Plan:
         return out
 
     wanted = {k: blocking_keys(f) for k, f, _ in todo}
-    if wanted and conn.dialect.name == "postgresql":
-        _lock_keys(conn, set().union(*wanted.values()))
     # a merge reads both persons' records, so it sees which facilities the survivor's person holds already
     own = ({p.person for p in known.values() if isinstance(p.person, int)}
            | {ids[k][1] for f, s, r in merges for k in ((f, s), (f, r)) if k in ids})
-    postings, members, db_known = _candidates(conn, set().union(*wanted.values()) if wanted else set(), own)
+    postings, members, db_known, not_a_match = _read(conn, set().union(*wanted.values()) if wanted else set(), own,
+                                                     [k for k, _, _ in todo])
     renamed = {old: key for key, old in d.changed_records if key != old}
     if renamed:  # the database holds them under their old MRN until records.save: the batch's names
         postings = {bk: {renamed.get(k, k) for k in keys} for bk, keys in postings.items()}
         members = {p: {renamed.get(k, k) for k in keys} for p, keys in members.items()}
         db_known = {renamed.get(k, k): kn for k, kn in db_known.items()}
-    not_a_match = _pairs(conn, [k for k, _, _ in todo])
     for key, k in db_known.items():  # the database's view, unless this batch holds the record
         known.setdefault(key, k)
     for person, keys in list(members.items()):
@@ -316,20 +314,15 @@ def carry_renames(conn: Connection, state: MemoryState) -> list[tuple[Key, Key]]
 _KEY_LOCK_NAMESPACE = 0x45584B59  # "EXKY": pg_advisory_xact_lock(int, int)'s first key (outbox's is "EXCH")
 
 
-def _lock_keys(conn: Connection, keys: set[str]) -> None:
-    """PostgreSQL, several nodes: take a transaction lock on each blocking key the batch will
-    search, in one order (no deadlock between writers), before reading the candidates.
+_LOCK_KEYS = "SELECT pg_advisory_xact_lock(%(ns)s, k) FROM (SELECT unnest(%(keys)s::int[]) AS k ORDER BY 1) AS s"
+"""PostgreSQL, several nodes: a transaction lock on each blocking key the batch will search,
+taken in one order (no deadlock between writers) before the candidates are read.
 
-    Two nodes registering the same new patient at once would otherwise each miss the
-    other's uncommitted record and make two persons, with no review. The second one now
-    waits for the first to commit, then finds its record (read committed: each statement
-    sees what committed before it). A key's lock is its CRC-32: a collision only makes two
-    unrelated keys wait for each other."""
-    locks = sorted({advisory_key(k) for k in keys})
-    conn.exec_driver_sql(
-        "SELECT pg_advisory_xact_lock(%(ns)s, k) FROM (SELECT unnest(%(keys)s::int[]) AS k ORDER BY 1) AS s",
-        {"ns": _KEY_LOCK_NAMESPACE, "keys": locks},
-    )
+Two nodes registering the same new patient at once would otherwise each miss the other's
+uncommitted record and make two persons, with no review. The second one now waits for the
+first to commit, then finds its record (read committed: each statement sees what committed
+before it began, and the read is the statement after the lock). A key's lock is its CRC-32
+(``advisory_key``): a collision only makes two unrelated keys wait for each other."""
 
 
 def _answered_by_merges(conn: Connection, joined: dict[Key, set[Key]], retired_into: dict[Key, set[Key]]) -> list[int]:
@@ -858,82 +851,111 @@ _PG_STATEMENTS = _statements(False)
 # --- reading candidates ---------------------------------------------------------------------------
 
 
-def _candidates(conn: Connection, keys: set[str], own_persons: set[int]):
-    """Postings (blocking key -> record keys), persons' members and the records found.
+def _read(conn: Connection, keys: set[str], own_persons: set[int], subjects: list[Key]):
+    """What the patient index holds for a batch: the postings of ``keys`` (blocking key ->
+    record keys), the persons' members, the records found (each read once, however many keys
+    found it: every active record of the persons the postings lead to and of ``own_persons``),
+    and the active sticky not-a-match pairs of ``subjects``.
 
-    Two queries: the postings of the keys (record ids, from ``record_key``'s primary
-    key alone), then every active record of the persons those records belong to and
-    of ``own_persons`` -- each record read once, however many keys found it.
+    A key shared by more than STOP_KEY records (a nursing home's switchboard number, a test
+    patient's name) tells nothing and would make every message cost more than the last: it
+    finds no candidates. (Only active records have keys: a merged-away record's are deleted.)
+
+    On PostgreSQL the key locks (``_LOCK_KEYS``), the candidates (one statement) and the pairs
+    are sent in one pipeline: the server is waited for once. On SQLite, where a statement costs
+    no round trip, the postings and the records are two SELECTs, then the pairs.
     """
-    sqlite = conn.dialect.name == "sqlite"
+    if conn.dialect.name == "sqlite":
+        rows = _sqlite_candidates(conn, keys, own_persons)
+        pairs = select_rows(conn, None, _pairs_sql(True, subjects), [x for key in subjects for x in key]) \
+            if subjects else []
+    else:
+        rows, pairs = _pg_read(conn, keys, own_persons, subjects)
     posted: dict[str, list[int]] = {}
-    if keys:
-        # One sub-select per key, each stopping after STOP_KEY + 1 postings: a key shared by
-        # more records than that (a nursing home's switchboard number, a test patient's
-        # name) tells nothing and would make every message cost more than the last.
-        # (Only active records have keys: a merged-away record's are deleted.)
-        ordered = sorted(keys)
-        if sqlite:  # a compound SELECT takes at most 500 terms: chunks of KEYS_PER_SELECT
-            one = f"SELECT * FROM (SELECT key, record_id FROM record_key WHERE key = ? LIMIT {STOP_KEY + 1})"
-            rows = []
-            for i in range(0, len(ordered), KEYS_PER_SELECT):
-                chunk = ordered[i:i + KEYS_PER_SELECT]
-                rows += select_rows(conn, None, " UNION ALL ".join([one] * len(chunk)), chunk)
-        else:  # one LATERAL look-up per key: planned once, whatever the number of keys
-            rows = select_rows(conn, None, (
-                "SELECT u.key, p.record_id FROM unnest(%b::text[]) AS u (key) CROSS JOIN LATERAL"
-                f" (SELECT k.record_id FROM record_key k WHERE k.key = u.key LIMIT {STOP_KEY + 1}) AS p"
-            ), [ordered])
-        for bk, record_id in rows:
-            posted.setdefault(bk, []).append(record_id)
-    ids = sorted({i for hits in posted.values() if len(hits) <= STOP_KEY for i in hits})
     by_id: dict[int, Key] = {}
     known: dict[Key, _Known] = {}
     members: dict[int | str, set[Key]] = {}
-    if ids or own_persons:
-        if sqlite:  # json_each: any number of ids in one parameter
-            sql = ("SELECT id, facility, mrn, person_id, link, features FROM patient_record WHERE active AND person_id"
-                   " IN (SELECT person_id FROM patient_record WHERE id IN (SELECT value FROM json_each(?))"
-                   " UNION SELECT value FROM json_each(?))")
-            params: list = [json.dumps(ids), json.dumps(sorted(own_persons))]
-        else:
-            # One index look-up per person (the LATERAL sub-select, kept apart by OFFSET 0):
-            # planned as a join, without statistics (autovacuum off) the table was scanned.
-            sql = ("SELECT r.id, r.facility, r.mrn, r.person_id, r.link, r.features"
-                   " FROM (SELECT person_id FROM patient_record WHERE id = ANY(%b::bigint[])"
-                   " UNION SELECT unnest(%b::bigint[])) AS p (person_id) CROSS JOIN LATERAL"
-                   " (SELECT id, facility, mrn, person_id, link, features FROM patient_record"
-                   " WHERE person_id = p.person_id AND active OFFSET 0) AS r")
-            params = [ids, sorted(own_persons)]
-        for record_id, facility, mrn, person, link, features in select_rows(conn, None, sql, params):
-            key = (facility, mrn)
-            by_id[record_id] = key
-            members.setdefault(person, set()).add(key)
-            known[key] = _Known(person, stored_features(features), link)
+    for bk, record_id, facility, mrn, person, link, features in rows:
+        if bk is not None:
+            posted.setdefault(bk, []).append(record_id)
+            continue
+        key = (facility, mrn)
+        by_id[record_id] = key
+        members.setdefault(person, set()).add(key)
+        known[key] = _Known(person, stored_features(features), link)
     postings: dict[str, set[Key]] = {}
     for bk, hits in posted.items():
         if len(hits) <= STOP_KEY:
             found = {by_id[i] for i in hits if i in by_id}
             if found:
                 postings[bk] = found
-    return postings, members, known
+    not_a_match: dict[Key, set[Key]] = {}
+    for facility, mrn, other_facility, other_mrn in pairs:
+        not_a_match.setdefault((facility, mrn), set()).add((other_facility, other_mrn))
+    return postings, members, known, not_a_match
 
 
-def _pairs(conn: Connection, keys: list[Key]) -> dict[Key, set[Key]]:
-    """Active sticky not-a-match pairs of ``keys``."""
-    if not keys:
-        return {}
-    sqlite = conn.dialect.name == "sqlite"
-    params: list = []
-    where = " OR ".join(["(facility = ? AND mrn = ?)" if sqlite else "(facility = %s AND mrn = %s)"] * len(keys))
-    for key in keys:
-        params.extend(key)
-    out: dict[Key, set[Key]] = {}
-    for facility, mrn, other_facility, other_mrn in select_rows(conn, None, (
-        f"SELECT facility, mrn, other_facility, other_mrn FROM match_pair WHERE active AND ({where})"
-    ), params):
-        out.setdefault((facility, mrn), set()).add((other_facility, other_mrn))
-    return out
+def _sqlite_candidates(conn: Connection, keys: set[str], own_persons: set[int]) -> list[tuple]:
+    """The postings of ``keys`` as (key, record id, None x 5), then the records as (None, id,
+    facility, mrn, person, link, features): one SELECT per KEYS_PER_SELECT keys (a compound
+    SELECT takes at most 500 terms), each key's sub-select stopping after STOP_KEY + 1."""
+    one = f"SELECT *, NULL, NULL, NULL, NULL, NULL FROM (SELECT key, record_id FROM record_key WHERE key = ? " \
+          f"LIMIT {STOP_KEY + 1})"
+    ordered = sorted(keys)
+    rows: list[tuple] = []
+    for i in range(0, len(ordered), KEYS_PER_SELECT):
+        chunk = ordered[i:i + KEYS_PER_SELECT]
+        rows += select_rows(conn, None, " UNION ALL ".join([one] * len(chunk)), chunk)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row[0]] = counts.get(row[0], 0) + 1
+    ids = sorted({row[1] for row in rows if counts[row[0]] <= STOP_KEY})
+    if ids or own_persons:  # json_each: any number of ids in one parameter
+        rows += select_rows(conn, None, (
+            "SELECT NULL, id, facility, mrn, person_id, link, features FROM patient_record WHERE active AND person_id"
+            " IN (SELECT person_id FROM patient_record WHERE id IN (SELECT value FROM json_each(?))"
+            " UNION SELECT value FROM json_each(?))"), [json.dumps(ids), json.dumps(sorted(own_persons))])
+    return rows
+
+
+_PG_CANDIDATES = (
+    "WITH posted AS MATERIALIZED (SELECT u.key, p.record_id FROM unnest(%b::text[]) AS u (key) CROSS JOIN LATERAL"
+    f" (SELECT k.record_id FROM record_key k WHERE k.key = u.key LIMIT {STOP_KEY + 1}) AS p),"
+    " found AS MATERIALIZED (SELECT key, record_id FROM posted WHERE key IN"
+    f" (SELECT key FROM posted GROUP BY key HAVING count(*) <= {STOP_KEY}))"
+    " SELECT key, record_id, NULL::text, NULL::text, NULL::bigint, NULL::text, NULL::text FROM found"
+    " UNION ALL"
+    " SELECT NULL, r.id, r.facility, r.mrn, r.person_id, r.link, r.features"
+    " FROM (SELECT person_id FROM patient_record WHERE id = ANY(ARRAY(SELECT record_id FROM found))"
+    " UNION SELECT unnest(%b::bigint[])) AS s (person_id) CROSS JOIN LATERAL"
+    " (SELECT id, facility, mrn, person_id, link, features FROM patient_record"
+    " WHERE person_id = s.person_id AND active OFFSET 0) AS r"
+)
+"""PostgreSQL: the postings (rows with a key) and the records they lead to (rows without), in
+one statement. One LATERAL look-up per key, stopping after STOP_KEY + 1 postings; one index
+look-up per person (the LATERAL sub-select, kept apart by OFFSET 0: planned as a join, without
+statistics -- autovacuum off -- the table was scanned)."""
+
+
+def _pg_read(conn: Connection, keys: set[str], own_persons: set[int], subjects: list[Key]):
+    with (driver_cursor(conn, "patient index: key locks") as lock,
+          driver_cursor(conn, "patient index: candidates") as candidates,
+          driver_cursor(conn, "patient index: sticky pairs") as pairs,
+          conn.connection.driver_connection.pipeline()):
+        if keys:
+            lock.execute(_LOCK_KEYS, {"ns": _KEY_LOCK_NAMESPACE, "keys": sorted({advisory_key(k) for k in keys})})
+        if keys or own_persons:  # never a generic plan made on a small table (driver.select_rows)
+            candidates.execute(_PG_CANDIDATES, [sorted(keys), sorted(own_persons)], prepare=False)
+        if subjects:
+            pairs.execute(_pairs_sql(False, subjects), [x for key in subjects for x in key], prepare=False)
+        return (candidates.fetchall() if keys or own_persons else [],
+                pairs.fetchall() if subjects else [])
+
+
+def _pairs_sql(sqlite: bool, subjects: list[Key]) -> str:
+    """Active sticky not-a-match pairs of ``subjects`` (their (facility, mrn) as parameters)."""
+    where = " OR ".join(["(facility = ? AND mrn = ?)" if sqlite else "(facility = %s AND mrn = %s)"] * len(subjects))
+    return f"SELECT facility, mrn, other_facility, other_mrn FROM match_pair WHERE active AND ({where})"
 
 
 def _source_assertions(state: MemoryState, d) -> list[tuple[str, str, str, bool]]:
