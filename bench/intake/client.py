@@ -9,7 +9,7 @@ It reads a pickle ``{"warmup": [(frame, control_id), ...], "timed": [...]}``
 and talks to the runner through lines on stdout:
 
     start                    warm-up done, timed run begins
-    progress <done>          every second
+    progress <done>          every second (during the warm-up too)
     mark <pct>               when <pct>% (10, 50, 100) of the timed messages are ACKed
     result <json>            summary, last line
 
@@ -113,15 +113,16 @@ async def heartbeat(run: Run) -> None:
 
 async def pass_over(conns, messages, ack_timeout: float, report: bool,
                     ack_times: bool = False) -> Run:
+    """One pass; a progress line every second either way (the runner takes a silent
+    client for a stuck one: a long warm-up must beat too), marks only with ``report``."""
     run = Run(messages, report, ack_times)
-    beat = asyncio.create_task(heartbeat(run)) if report else None
+    beat = asyncio.create_task(heartbeat(run))
     try:
         async with asyncio.TaskGroup() as group:
             for reader, writer in conns:
                 group.create_task(worker(reader, writer, run, ack_timeout))
     finally:
-        if beat is not None:
-            beat.cancel()
+        beat.cancel()
     return run
 
 
