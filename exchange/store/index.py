@@ -885,10 +885,9 @@ def _read(conn: Connection, keys: set[str], own_persons: set[int], subjects: lis
         known[key] = _Known(person, stored_features(features), link)
     postings: dict[str, set[Key]] = {}
     for bk, hits in posted.items():
-        if len(hits) <= STOP_KEY:
-            found = {by_id[i] for i in hits if i in by_id}
-            if found:
-                postings[bk] = found
+        found = {by_id[i] for i in hits if i in by_id}
+        if found:
+            postings[bk] = found
     not_a_match: dict[Key, set[Key]] = {}
     for facility, mrn, other_facility, other_mrn in pairs:
         not_a_match.setdefault((facility, mrn), set()).add((other_facility, other_mrn))
@@ -896,9 +895,10 @@ def _read(conn: Connection, keys: set[str], own_persons: set[int], subjects: lis
 
 
 def _sqlite_candidates(conn: Connection, keys: set[str], own_persons: set[int]) -> list[tuple]:
-    """The postings of ``keys`` as (key, record id, None x 5), then the records as (None, id,
-    facility, mrn, person, link, features): one SELECT per KEYS_PER_SELECT keys (a compound
-    SELECT takes at most 500 terms), each key's sub-select stopping after STOP_KEY + 1."""
+    """The postings of ``keys`` but the stop keys' as (key, record id, None x 5), then the
+    records as (None, id, facility, mrn, person, link, features): one SELECT per
+    KEYS_PER_SELECT keys (a compound SELECT takes at most 500 terms), each key's sub-select
+    stopping after STOP_KEY + 1."""
     one = f"SELECT *, NULL, NULL, NULL, NULL, NULL FROM (SELECT key, record_id FROM record_key WHERE key = ? " \
           f"LIMIT {STOP_KEY + 1})"
     ordered = sorted(keys)
@@ -909,7 +909,8 @@ def _sqlite_candidates(conn: Connection, keys: set[str], own_persons: set[int]) 
     counts: dict[str, int] = {}
     for row in rows:
         counts[row[0]] = counts.get(row[0], 0) + 1
-    ids = sorted({row[1] for row in rows if counts[row[0]] <= STOP_KEY})
+    rows = [row for row in rows if counts[row[0]] <= STOP_KEY]
+    ids = sorted({row[1] for row in rows})
     if ids or own_persons:  # json_each: any number of ids in one parameter
         rows += select_rows(conn, None, (
             "SELECT NULL, id, facility, mrn, person_id, link, features FROM patient_record WHERE active AND person_id"
@@ -919,15 +920,15 @@ def _sqlite_candidates(conn: Connection, keys: set[str], own_persons: set[int]) 
 
 
 _PG_CANDIDATES = (
-    "WITH posted AS MATERIALIZED (SELECT u.key, p.record_id FROM unnest(%b::text[]) AS u (key) CROSS JOIN LATERAL"
-    f" (SELECT k.record_id FROM record_key k WHERE k.key = u.key LIMIT {STOP_KEY + 1}) AS p),"
+    "WITH posted AS MATERIALIZED (SELECT u.key, p.record_id FROM unnest(%(keys)s::text[]) AS u (key)"
+    " CROSS JOIN LATERAL (SELECT k.record_id FROM record_key k WHERE k.key = u.key LIMIT %(stop)s + 1) AS p),"
     " found AS MATERIALIZED (SELECT key, record_id FROM posted WHERE key IN"
-    f" (SELECT key FROM posted GROUP BY key HAVING count(*) <= {STOP_KEY}))"
+    " (SELECT key FROM posted GROUP BY key HAVING count(*) <= %(stop)s))"
     " SELECT key, record_id, NULL::text, NULL::text, NULL::bigint, NULL::text, NULL::text FROM found"
     " UNION ALL"
     " SELECT NULL, r.id, r.facility, r.mrn, r.person_id, r.link, r.features"
     " FROM (SELECT person_id FROM patient_record WHERE id = ANY(ARRAY(SELECT record_id FROM found))"
-    " UNION SELECT unnest(%b::bigint[])) AS s (person_id) CROSS JOIN LATERAL"
+    " UNION SELECT unnest(%(own)s::bigint[])) AS s (person_id) CROSS JOIN LATERAL"
     " (SELECT id, facility, mrn, person_id, link, features FROM patient_record"
     " WHERE person_id = s.person_id AND active OFFSET 0) AS r"
 )
@@ -945,7 +946,8 @@ def _pg_read(conn: Connection, keys: set[str], own_persons: set[int], subjects: 
         if keys:
             lock.execute(_LOCK_KEYS, {"ns": _KEY_LOCK_NAMESPACE, "keys": sorted({advisory_key(k) for k in keys})})
         if keys or own_persons:  # never a generic plan made on a small table (driver.select_rows)
-            candidates.execute(_PG_CANDIDATES, [sorted(keys), sorted(own_persons)], prepare=False)
+            candidates.execute(_PG_CANDIDATES, {"keys": sorted(keys), "stop": STOP_KEY, "own": sorted(own_persons)},
+                               prepare=False)
         if subjects:
             pairs.execute(_pairs_sql(False, subjects), [x for key in subjects for x in key], prepare=False)
         return (candidates.fetchall() if keys or own_persons else [],

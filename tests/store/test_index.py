@@ -386,7 +386,8 @@ def test_candidates_are_read_through_indexes_on_postgresql_without_statistics(en
         assert postings["dob:7"] == {("OAKNH", "OA-7"), ("OAKNH", "OA-2007"), ("OAKNH", "OA-4007")}
         assert len(known) == 61 and set(members) == {r + d for r in range(1, 21) for d in (0, 2000, 4000)} | {4999}
         with conn.connection.driver_connection.cursor() as cursor:
-            cursor.execute("EXPLAIN " + index._PG_CANDIDATES, [[f"dob:{i}" for i in range(1, 21)], [4999]],
+            cursor.execute("EXPLAIN " + index._PG_CANDIDATES,
+                           {"keys": [f"dob:{i}" for i in range(1, 21)], "stop": index.STOP_KEY, "own": [4999]},
                            prepare=False)
             plan = "\n".join(r[0] for r in cursor.fetchall())
             assert "Seq Scan on patient_record" not in plan and "Seq Scan on record_key" not in plan, plan
