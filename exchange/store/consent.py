@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, exists, insert, select, update
+from sqlalchemy import Connection, exists, insert, select, tuple_, update
 
 from exchange.store.schema import (
     MAX_MERGE_HOPS,
@@ -36,6 +36,43 @@ def merge_chains(conn: Connection, ids: Iterable[int]) -> dict[int, Any]:
                 rows[r.id] = r
         todo = {r.merged_into for r in rows.values() if r.merged_into is not None} - rows.keys()
     return rows
+
+
+def live_persons(conn: Connection, ids: set[int]) -> dict[int, tuple[int | None, bool]]:
+    """person id -> (the person it was merged into last, or itself; that person's opt-out)."""
+    rows = merge_chains(conn, ids)
+    out: dict[int, tuple[int | None, bool]] = {}
+    for start in ids:
+        current, hops = start, 0
+        while current in rows and rows[current].merged_into is not None and hops < MAX_MERGE_HOPS:
+            current, hops = rows[current].merged_into, hops + 1
+        row = rows.get(current)
+        out[start] = (current, bool(row.protected)) if row is not None else (None, False)
+    return out
+
+
+def record_owners(conn: Connection, keys: set[tuple[str, str]]) -> dict[tuple[str, str], int | None]:
+    """(facility, mrn) -> the person of that record (of its survivor, if merged away); None if inactive
+    without a survivor, or unknown."""
+    out: dict[tuple[str, str], int | None] = {}
+    pending = {key: key for key in keys}  # the key asked -> the record to read for it
+    for _ in range(MAX_MERGE_HOPS):
+        if not pending:
+            break
+        wanted = set(pending.values())
+        found = {(r.facility, r.mrn): r for r in conn.execute(
+            select(patient_record.c.facility, patient_record.c.mrn, patient_record.c.person_id,
+                   patient_record.c.active, patient_record.c.merged_into_mrn)
+            .where(tuple_(patient_record.c.facility, patient_record.c.mrn).in_(sorted(wanted))))}
+        following = {}
+        for asked, key in pending.items():
+            r = found.get(key)
+            if r is not None and not r.active and r.merged_into_mrn and (r.facility, r.merged_into_mrn) != key:
+                following[asked] = (r.facility, r.merged_into_mrn)
+            else:
+                out[asked] = r.person_id if r is not None and r.active else None
+        pending = following
+    return out
 
 
 def retire_emptied(conn: Connection, went: Mapping[int, set[int | None]]) -> None:

@@ -59,7 +59,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, func, or_, select, tuple_, update
+from sqlalchemy import Connection, and_, bindparam, func, or_, select, update
 from sqlalchemy.dialects import postgresql
 
 from exchange.config import Config
@@ -68,7 +68,7 @@ from exchange.mapping.events import confidentiality as txa_confidentiality
 from exchange.mapping.message import Message
 from exchange.routing.rewrite import renamed_copy
 from exchange.routing.rules import Event, Reason, recheck
-from exchange.store.consent import merge_chains
+from exchange.store.consent import live_persons, record_owners
 from exchange.store.records import Lineage, document_lineage
 from exchange.store.db import advisory_key, driver_cursor, sqlite_datetime
 from exchange.store.schema import (
@@ -77,7 +77,6 @@ from exchange.store.schema import (
     CONTROL_ID_LEN,
     DELIVERY_REASON_LEN,
     FACILITY_LEN,
-    MAX_MERGE_HOPS,
     MRN_LEN,
     VISIT_LEN,
     delivery_table as delivery,
@@ -648,9 +647,9 @@ def withheld_copies(conn: Connection, rows: Sequence[Any], config: Config) -> di
         if why is not None:
             out[r.id] = _UNROUTED.get(why, f"withheld: {why}")
     rows = [r for r in rows if r.person_id is not None and r.id not in out]
-    owners = _record_owners(conn, {(r.destination, r.destination_mrn) for r in rows if r.destination_mrn is not None}
+    owners = record_owners(conn, {(r.destination, r.destination_mrn) for r in rows if r.destination_mrn is not None}
                             | {(r.facility, r.mrn) for r in rows if r.facility and r.mrn})
-    persons = _live_persons(conn, {r.person_id for r in rows} | {p for p in owners.values() if p is not None})
+    persons = live_persons(conn, {r.person_id for r in rows} | {p for p in owners.values() if p is not None})
     for r in rows:
         person, protected = persons[r.person_id]
         if protected:
@@ -697,43 +696,6 @@ def _txa(payload: bytes) -> Any:
         return None
     header = read_header(payload)
     return Message(payload.decode(header.codec, "replace"), header.delimiters, header.codec).first("TXA")
-
-
-def _live_persons(conn: Connection, ids: set[int]) -> dict[int, tuple[int | None, bool]]:
-    """person id -> (the person it was merged into last, or itself; that person's opt-out)."""
-    rows = merge_chains(conn, ids)
-    out: dict[int, tuple[int | None, bool]] = {}
-    for start in ids:
-        current, hops = start, 0
-        while current in rows and rows[current].merged_into is not None and hops < MAX_MERGE_HOPS:
-            current, hops = rows[current].merged_into, hops + 1
-        row = rows.get(current)
-        out[start] = (current, bool(row.protected)) if row is not None else (None, False)
-    return out
-
-
-def _record_owners(conn: Connection, keys: set[tuple[str, str]]) -> dict[tuple[str, str], int | None]:
-    """(facility, mrn) -> the person of that record (of its survivor, if merged away); None if inactive
-    without a survivor, or unknown."""
-    out: dict[tuple[str, str], int | None] = {}
-    pending = {key: key for key in keys}  # the key asked -> the record to read for it
-    for _ in range(MAX_MERGE_HOPS):
-        if not pending:
-            break
-        wanted = set(pending.values())
-        found = {(r.facility, r.mrn): r for r in conn.execute(
-            select(patient_record.c.facility, patient_record.c.mrn, patient_record.c.person_id,
-                   patient_record.c.active, patient_record.c.merged_into_mrn)
-            .where(tuple_(patient_record.c.facility, patient_record.c.mrn).in_(sorted(wanted))))}
-        following = {}
-        for asked, key in pending.items():
-            r = found.get(key)
-            if r is not None and not r.active and r.merged_into_mrn and (r.facility, r.merged_into_mrn) != key:
-                following[asked] = (r.facility, r.merged_into_mrn)
-            else:
-                out[asked] = r.person_id if r is not None and r.active else None
-        pending = following
-    return out
 
 
 def claim_next(conn: Connection, destination: str, now: datetime, *, config: Config) -> Pending | None:
