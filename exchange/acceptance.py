@@ -91,7 +91,7 @@ class PeerIdentity:
 @dataclass(frozen=True)
 class AcceptancePolicy:
     facilities: Mapping[str, FacilityRule]
-    accept: tuple[str, ...] = ("ADT^*", "MDM^*")
+    accept: tuple[str, ...] = ("ADT^*", "MDM^*", "QBP^Q23")  # config.DEFAULT_ACCEPT
     processing_ids: tuple[str, ...] = ("P",)
     # Derived once: the TLS bindings, normalised, for the per-message checks.
     _bindings: dict[str, _Binding] = field(init=False, repr=False, compare=False, default_factory=dict)

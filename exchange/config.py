@@ -68,6 +68,7 @@ __all__ = [
 DEFAULT_DATABASE = "sqlite:///var/exchange.db"
 DATABASE_ENV = "EXCHANGE_DATABASE_URL"
 DEFAULT_PATTERNS = ("ADT^*", "MDM^*")
+DEFAULT_ACCEPT = (*DEFAULT_PATTERNS, "QBP^Q23")  # and IHE PIX queries (exchange.pix)
 
 FACILITY_KINDS = ("hospital", "nursing_home", "home_health", "clinic", "pharmacy", "lab", "other")
 # The person's best view (exchange.store.reviews): each field's value comes from the
@@ -268,7 +269,7 @@ class ServerConfig:
     http: str  # Twisted server endpoint string of the workbench and API
     database: str = DEFAULT_DATABASE  # SQLAlchemy URL, after the precedence rules
     processing_ids: tuple[str, ...] = ("P",)  # accepted MSH-11.1 values (TOML key processing_id)
-    accept: tuple[str, ...] = DEFAULT_PATTERNS  # accepted TYPE^EVENT patterns
+    accept: tuple[str, ...] = DEFAULT_ACCEPT  # accepted TYPE^EVENT patterns
     max_frame_bytes: int = 16 * 1024 * 1024
     max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES  # 16 MiB: largest MDM document content applied (else AE, OBX-5)
     idle_timeout: float = 300.0  # seconds without bytes before a connection is closed; 0 disables

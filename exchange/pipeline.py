@@ -10,6 +10,7 @@
       load records ..... store.records.load                    (the batch's patients)
       map, apply ....... mapping.events.map_message, MemoryState.apply  (pure; AE if it cannot)
       build ACK ........ exchange.hl7.ack.build_ack            (pure)
+                         a PIX query (QBP^Q23): exchange.pix, answered RSP^K23 from the index
       store ............ store.messages.insert_messages        (raw, state, ACK)
       match ............ store.index.carry_renames, plan / write  (A47 renames; new and changed records)
       save records ..... store.records.save                    (what the batch changed)
@@ -41,7 +42,9 @@ from exchange.mapping.message import Message
 from exchange.mapping.state import MemoryState, document_type
 from exchange.outcome import Outcome, Value, Verdict, error
 from exchange.config import Config
+from exchange import pix
 from exchange.store import index as patient_index
+from exchange.store import pix as pix_store
 from exchange.store.outbox import carry_merges as carry_merged_copies
 from exchange.store.outbox import carry_renames as carry_renamed_copies
 from exchange.store.routing import Applied, route_batch
@@ -106,6 +109,7 @@ class AckSettings:
 
 
 MAPPED_TYPES = frozenset({"ADT", "MDM"})  # MSH-9.1 values the record model applies
+QUERY_TYPES = frozenset({"QBP"})  # parsed too: a PIX query (QBP^Q23) is answered from the patient index
 
 
 @dataclass(slots=True)
@@ -134,7 +138,7 @@ def decode(index: int, item: Received, parse: bool = True) -> _Decoded:
     if codec != item.header.codec or item.header.charset_fallback:
         notes.append(f"MSH-18 empty and the bytes do not fit the facility's charset: decoded as {codec}")
     message = None
-    if parse and item.header.message_type in MAPPED_TYPES:
+    if parse and (item.header.message_type in MAPPED_TYPES or item.header.message_type in QUERY_TYPES):
         message = Message(text, item.header.delimiters, codec)
     return _Decoded(index, item.decision, notes, message)
 
@@ -189,6 +193,28 @@ def _document_type(state, facility: str, message) -> str:
     return document_type(docs[0]) if docs else ""
 
 
+PIX_QUERY = ("QBP", "Q23")  # IHE ITI-9 (exchange.pix)
+
+
+def _answer_pix(conn: Connection, message: Message, item: Received, config: Config, settings: AckSettings,
+                control_id: str, at: datetime) -> tuple[str, Outcome]:
+    """A PIX query's RSP^K23 and its verdict, from the index as committed before this batch
+    (a sender's own earlier messages were answered, so committed, before it sent this one)."""
+    header = item.header
+    query = pix.read_query(message)
+    result = None
+    if isinstance(query, pix.Query):
+        domains = pix.Domains({f.code: f.authority for f in config.facilities}, config.server.person_authority)
+        domain = domains.of(query.authority)
+        found = pix_store.find(conn, domain, query.id) if domain is not None else None
+        result = pix.answer(query, header.facility, found, domains)
+        pix_store.audit_answer(conn, querier=header.facility, query=query, domain=domain, answer=result, at=at,
+                               peer=item.peer)
+    text = pix.response(header, query, result, control_id=control_id, now=at, application=settings.application,
+                        facility=settings.facility)
+    return text, pix.outcome(query, result)
+
+
 def process_batch(
     conn: Connection,
     items: Sequence[Received],
@@ -240,6 +266,7 @@ def process_batch(
     decoded = [decode(index, items[index], facilities is not None) for index in new]
     to_map = [] if facilities is None else [
         d for d in decoded if d.message is not None and d.outcome.verdict is Verdict.ACCEPT
+        and items[d.index].header.message_type in MAPPED_TYPES
     ]
     state = None
     if to_map:
@@ -255,6 +282,11 @@ def process_batch(
         header = item.header
         if outcome.verdict is Verdict.IGNORE:
             ack, code = None, None
+        elif routing is not None and d.message is not None and outcome.verdict is Verdict.ACCEPT \
+                and (header.message_type, header.event) == PIX_QUERY:
+            text, outcome = _answer_pix(conn, d.message, item, routing, settings, new_control_id(), now())
+            d.outcome = outcome
+            ack, code = encode_ack(header, text), ack_code(header, outcome)
         else:
             text = build_ack(
                 header,

@@ -329,11 +329,17 @@ def test_7_missing_message_type_is_an_error():
     assert_outcome(accept(header(message_type="", event=""), POLICY), Verdict.ERROR, 101, "MSH-9")
 
 
-@pytest.mark.parametrize("message_type", ["ORU", "ORM", "SIU", "QBP", "ZDT", "adt"])
+@pytest.mark.parametrize("message_type", ["ORU", "ORM", "SIU", "RSP", "ZDT", "adt"])
 def test_7_unaccepted_type_is_rejected_200(message_type):
     outcome = accept(header(message_type=message_type, event="R01"), POLICY)
     assert_outcome(outcome, Verdict.REJECT, 200, "MSH-9")
     assert outcome.text == f"message type {message_type} is not accepted"
+
+
+def test_7_the_pix_query_is_accepted_other_queries_are_not():
+    assert accept(header(message_type="QBP", event="Q23"), POLICY) == ACCEPTED
+    outcome = accept(header(message_type="QBP", event="Q22"), POLICY)  # PDQ: not answered
+    assert_outcome(outcome, Verdict.REJECT, 201, "MSH-9.2")
 
 
 def test_7_unaccepted_event_of_an_accepted_type_is_rejected_201():
@@ -419,7 +425,7 @@ def test_matches(pattern, message_type, event, expected):
 
 def test_policy_defaults():
     policy = AcceptancePolicy(facilities={})
-    assert policy.accept == ("ADT^*", "MDM^*")
+    assert policy.accept == ("ADT^*", "MDM^*", "QBP^Q23")
     assert policy.processing_ids == ("P",)
     with pytest.raises(dataclasses.FrozenInstanceError):
         policy.accept = ()  # type: ignore[misc]

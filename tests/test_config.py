@@ -135,7 +135,7 @@ def test_minimal_file_gets_the_defaults(tmp_path):
         http="tcp:8080:interface=127.0.0.1",
         database="sqlite:///var/exchange.db",
         processing_ids=("P",),
-        accept=("ADT^*", "MDM^*"),
+        accept=("ADT^*", "MDM^*", "QBP^Q23"),
         max_frame_bytes=16 * 1024 * 1024,
         max_document_bytes=16 * 1024 * 1024,
         idle_timeout=300.0,

@@ -72,7 +72,7 @@ _V2_5 = (2, 5)
 
 _VERSION_PREFIX = re.compile(r"\s*(\d+(?:\.\d+)*)")
 # "PID-3.4" -> segment PID, field 3, component 4 (subcomponent optional)
-_LOCATION = re.compile(r"([A-Z][A-Z0-9]{2})(?:-(\d+)(?:\.(\d+)(?:\.(\d+))?)?)?")
+_LOCATION = re.compile(r"([A-Z][A-Z0-9]{2})(?:-(\d+)(?:\[(\d+)\])?(?:\.(\d+)(?:\.(\d+))?)?)?")
 
 
 @lru_cache(maxsize=256)
@@ -155,12 +155,17 @@ def build_ack(
     now: datetime,
     application: str = "EXCHANGE",
     facility: str = "EXCHANGE",
+    message_type: str | None = None,
+    more_problems: tuple[Problem, ...] = (),
 ) -> str:
     """The ACK for ``header``'s message as text with CR segment ends.
 
     ``control_id`` is the ACK's own fresh MSH-10; ``now`` its MSH-7;
     ``application``/``facility`` fill MSH-3/MSH-4 when the sender left its
-    MSH-5/MSH-6 empty. Raises ValueError for Verdict.IGNORE.
+    MSH-5/MSH-6 empty. Raises ValueError for Verdict.IGNORE. A response that is
+    not an ACK (a query's, ``exchange.pix``) gives its ``message_type`` (MSH-9 as
+    written, components joined with ``^``) and, after the outcome's problem, one
+    ERR more for each of ``more_problems``.
     """
     code = ack_code(header, outcome)  # raises for IGNORE before any work
     d = _ack_delimiters(header)
@@ -178,7 +183,7 @@ def build_ack(
         mirror_field(header.sending_facility_field, d),
         format_timestamp(now),
         "",  # MSH-8 security
-        _message_type(header.event, vt, d),
+        _message_type(header.event, vt, d) if message_type is None else message_type.replace("^", d.component),
         escape_text(control_id, d),
         mirror_field(header.processing_id_field, d) or _DEFAULT_PROCESSING_ID,
         mirror_field(version, d),
@@ -192,12 +197,12 @@ def build_ack(
     segments.append(
         d.field.join(["MSA", code, mirror_field(header.control_id[:MAX_CONTROL_ID], d), escape_text(text, d)]).rstrip(d.field)
     )
-    if outcome.problem is not None:
-        severity = "W" if outcome.verdict is Verdict.ACCEPT else "E"
+    severity = "W" if outcome.verdict is Verdict.ACCEPT else "E"
+    for problem in (outcome.problem, *more_problems) if outcome.problem is not None else more_problems:
         if not vt or vt < _V2_5:
-            segments.append(_err_pre_2_5(outcome.problem, d))
+            segments.append(_err_pre_2_5(problem, d))
         else:
-            segments.append(_err_2_5(outcome.problem, severity, d))
+            segments.append(_err_2_5(problem, severity, d))
     return "\r".join(segments) + "\r"
 
 
@@ -242,17 +247,18 @@ def _message_type(event: str, vt: tuple[int, ...], d: Delimiters) -> str:
     return f"ACK{d.component}{event}{d.component}ACK"
 
 
-def _location(location: str) -> tuple[str, str, str, str]:
-    """(segment, field, component, subcomponent) of "PID-3.4"; empty parts when absent."""
+def _location(location: str) -> tuple[str, str, str, str, str]:
+    """(segment, field, repetition, component, subcomponent) of "PID-3.4" (repetition "") or
+    "QPD-4[2].4"; empty parts when absent."""
     m = _LOCATION.fullmatch(location.strip())
     if m is None:
-        return ("", "", "", "")
-    return (m.group(1), m.group(2) or "", m.group(3) or "", m.group(4) or "")
+        return ("", "", "", "", "")
+    return (m.group(1), m.group(2) or "", m.group(3) or "", m.group(4) or "", m.group(5) or "")
 
 
 def _err_pre_2_5(problem: Problem, d: Delimiters) -> str:
     """ERR-1 as ELD: segment^sequence^field^code&text&HL70357 (v2.1-v2.4)."""
-    segment, field, _, _ = _location(problem.location)
+    segment, field, _, _, _ = _location(problem.location)
     sequence = "1" if segment else ""
     ce = d.subcomponent.join(
         [str(problem.code), escape_text(TABLE_0357.get(problem.code, ""), d), "HL70357"]
@@ -264,16 +270,18 @@ def _err_2_5(problem: Problem, severity: str, d: Delimiters) -> str:
     """ERR-2 location (ERL), ERR-3 code (CWE), ERR-4 severity, ERR-8 user message (v2.5+).
 
     ERL components: segment^sequence^field^repetition^component^subcomponent;
-    a component location ("PID-3.4") names repetition 1.
+    a component location ("PID-3.4") names repetition 1 unless it names another ("QPD-4[2].4").
     """
-    segment, field, component, subcomponent = _location(problem.location)
+    segment, field, repetition, component, subcomponent = _location(problem.location)
     erl: list[str] = []
     if segment:
         erl = [segment, "1"]
         if field:
             erl.append(field)
+            if component or repetition:
+                erl.append(repetition or "1")
             if component:
-                erl += ["1", component]
+                erl.append(component)
                 if subcomponent:
                     erl.append(subcomponent)
     cwe = d.component.join(

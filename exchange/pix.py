@@ -1,0 +1,174 @@
+"""IHE PIX Query (ITI-9): a facility asks for a patient's identifiers in the other domains.
+
+``QBP^Q23^QBP_Q21`` in, ``RSP^K23^RSP_K23`` out, on the same MLLP connection (the response
+is the message's acknowledgement: stored with it, given again to a resend)::
+
+    QPD|IHE PIX Query|<tag>|<id>^^^<authority>|^^^<wanted authority>~...
+    RCP|I
+
+A *domain* is an assigning authority (CX.4: namespace id, or universal id): each
+facility's ``authority``, and ``server.person_authority`` for the enterprise person ids
+the exchange issues (CX.5 ``PI``). The answer, per ITI-9's cases:
+
+- the identifier is known and the person has identifiers in the wanted domains (every
+  domain when QPD-4 is empty), the queried one aside: AA, QAK-2 ``OK``, one PID whose PID-3
+  lists them (``MR`` for a facility's record, ``PI`` for the person), PID-5 an empty name
+  and a second one of type ``S`` (a pseudonym: domains' names disagree);
+- known, none in the wanted domains: AA, QAK-2 ``NF``, no PID;
+- QPD-3's authority, or one of QPD-4's, is no domain: AE, QAK-2 ``AE``, ERR 204 at
+  ``QPD-3.4`` (``QPD-4[n].4``);
+- the identifier is not known: AE, ERR 204 at ``QPD-3.1``.
+
+What the querying facility may learn (the exchange's own rules beyond ITI-9): only about a
+patient it holds an active record of -- to any other facility the identifier is "not known"
+(where else a stranger's patient is cared for is not its business, and an answer would
+confirm the identifier exists); and nothing of a patient who has opted out of sharing (the
+copies' rule): ``NF``. A merged-away MRN or person id answers for whom it was merged into.
+
+Pure: parsing, the rules and the response text; ``exchange.store.pix`` reads the index.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from exchange.hl7.ack import build_ack, escape_text
+from exchange.hl7.header import Header
+from exchange.mapping.message import Message, Segment
+from exchange.outcome import ACCEPTED, Outcome, Problem, Value, error
+
+PERSON = ""  # the domain of the enterprise person ids, in ``Domains`` (facility codes are never empty)
+UNKNOWN_KEY = 204  # HL7 table 0357: unknown key identifier
+
+
+@dataclass(frozen=True, slots=True)
+class Query(Value):
+    """QPD of a PIX query: the tag, the identifier and its authority (HD.1, HD.2), the wanted authorities."""
+
+    tag: str
+    id: str
+    authority: tuple[str, ...]
+    wanted: tuple[tuple[str, ...], ...]  # QPD-4's repetitions' CX.4, in order; () = every other domain
+    qpd: str  # the segment as sent (echoed in the response)
+
+
+@dataclass(frozen=True, slots=True)
+class Found(Value):
+    """The patient the queried identifier names, as the index holds it now."""
+
+    person: int
+    protected: bool  # opted out of sharing
+    records: tuple[tuple[str, str], ...]  # its active records: (facility, mrn)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer(Value):
+    identifiers: tuple[tuple[str, str, str], ...] = ()  # PID-3: (id, authority, type)
+    problems: tuple[Problem, ...] = ()  # AE, one ERR each
+    named: tuple[tuple[str, str], ...] = ()  # the facility records whose MRNs it lists (the audit's)
+
+    @property
+    def status(self) -> str:
+        """QAK-2."""
+        return "AE" if self.problems else "OK" if self.identifiers else "NF"
+
+
+class Domains:
+    """Authority (case-folded) -> facility code, or PERSON; and each facility's authority."""
+
+    def __init__(self, authorities: Mapping[str, str], person_authority: str) -> None:
+        self.authority_of = dict(authorities)  # facility code -> its authority
+        self.person_authority = person_authority
+        self._by_name = {a.casefold(): code for code, a in authorities.items()}
+        self._by_name[person_authority.casefold()] = PERSON
+
+    def of(self, hd: tuple[str, ...]) -> str | None:
+        """The domain CX.4 names, by its namespace id or its universal id; None if no domain."""
+        for name in hd:
+            if name and name.casefold() in self._by_name:
+                return self._by_name[name.casefold()]
+        return None
+
+
+def read_query(message: Message) -> Query | Problem:
+    """The QPD of a QBP^Q23, or why it cannot be answered."""
+    qpd = message.first("QPD")
+    if qpd is None:
+        return Problem(101, "QPD", "the PIX query has no QPD segment")
+    query_id = qpd.value(3)
+    if not query_id:
+        return Problem(101, "QPD-3.1", "the PIX query names no patient identifier (QPD-3.1)")
+    authority = _hd(qpd, 3, 1)
+    if not any(authority):
+        return Problem(101, "QPD-3.4", "the patient identifier has no assigning authority (QPD-3.4)")
+    wanted = tuple(_hd(qpd, 4, n) for n in range(1, len(qpd.repetitions(4)) + 1))
+    return Query(qpd.value(2), query_id, authority, wanted, message.delimiters.field.join(qpd.fields))
+
+
+def _hd(segment: Segment, field: int, repetition: int) -> tuple[str, ...]:
+    """HD.1 and HD.2 of CX.4 (field ``field``, repetition ``repetition``), unescaped."""
+    return tuple(segment.value(field, 4, s, repetition) for s in (1, 2))
+
+
+def domain_problems(query: Query, domains: Domains) -> tuple[Problem, ...]:
+    """ITI-9 cases 4 and 5: QPD-3's or QPD-4's authorities that are no domain."""
+    out = []
+    if domains.of(query.authority) is None:
+        out.append(Problem(UNKNOWN_KEY, "QPD-3.4", "the assigning authority of the patient identifier is unknown"))
+    for n, hd in enumerate(query.wanted, 1):
+        if domains.of(hd) is None:
+            out.append(Problem(UNKNOWN_KEY, f"QPD-4[{n}].4", f"what domains returned: repetition {n} is unknown"))
+    return tuple(out)
+
+
+def answer(query: Query, querier: str, found: Found | None, domains: Domains) -> Answer:
+    """The answer for ``querier`` (its facility code) once the index has looked the identifier up."""
+    problems = domain_problems(query, domains)
+    if problems:
+        return Answer(problems=problems)
+    if found is None or querier not in {facility for facility, _ in found.records}:
+        return Answer(problems=(Problem(UNKNOWN_KEY, "QPD-3.1", "the patient identifier is not known"),))
+    if found.protected:
+        return Answer()
+    queried = domains.of(query.authority)
+    wanted = {domains.of(hd) for hd in query.wanted}
+    ids = [(str(found.person), domains.person_authority, "PI", PERSON)]
+    ids += [(mrn, domains.authority_of[facility], "MR", facility) for facility, mrn in sorted(found.records)
+            if facility in domains.authority_of]
+    given = [(value, authority, kind, domain) for value, authority, kind, domain in ids
+             if (not wanted or domain in wanted) and not (domain == queried and value == query.id)]
+    return Answer(identifiers=tuple((value, authority, kind) for value, authority, kind, _ in given),
+                  named=tuple((domain, value) for value, _, kind, domain in given if kind == "MR"))
+
+
+def outcome(query: Query | Problem, result: Answer | None) -> Outcome:
+    """MSA-1's verdict (AA, or AE with the first problem) of the answer to ``query``."""
+    problems = _problems(query, result)
+    return error(problems[0].code, problems[0].location, problems[0].text) if problems else ACCEPTED
+
+
+def _problems(query: Query | Problem, result: Answer | None) -> tuple[Problem, ...]:
+    return (query,) if isinstance(query, Problem) else result.problems if result else ()
+
+
+def response(header: Header, query: Query | Problem, result: Answer | None, *, control_id: str, now: datetime,
+             application: str, facility: str) -> str:
+    """RSP^K23 as text with CR segment ends: MSH, MSA, ERR..., QAK, QPD (as sent), PID when found.
+    ``query`` a Problem (no readable QPD): AE with its ERR, QAK-2 AE."""
+    problems = _problems(query, result)
+    text = build_ack(header, outcome(query, result), control_id=control_id, now=now, application=application,
+                     facility=facility, message_type="RSP^K23^RSP_K23", more_problems=problems[1:])
+    d = header.delimiters
+    segments = text.rstrip("\r").split("\r")
+    if isinstance(query, Query):
+        segments.append(d.field.join(["QAK", escape_text(query.tag, d), "AE" if problems else result.status]))
+        segments.append(query.qpd)
+        if not problems and result.identifiers:
+            c = d.component
+            pid3 = d.repetition.join(f"{escape_text(value, d)}{c}{c}{c}{escape_text(authority, d)}{c}{kind}"
+                                     for value, authority, kind in result.identifiers)
+            segments.append(d.field.join(["PID", "", "", pid3, "", d.repetition + c * 6 + "S"]))
+    else:
+        segments.append(d.field.join(["QAK", "", "AE"]))
+    return "\r".join(segments) + "\r"

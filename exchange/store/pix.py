@@ -1,0 +1,46 @@
+"""The patient index's side of a PIX query (``exchange.pix``): whom an identifier names now,
+and the audit rows of the answer. In the writer's batch transaction."""
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Connection, select
+
+from exchange import audit
+from exchange.pix import PERSON, Answer, Found, Query
+from exchange.store.consent import live_persons, record_owners
+from exchange.store.schema import patient_record_table as patient_record
+
+ACTOR_ROLE = "facility"  # audit_event.role of a facility's query (the actor is its code)
+
+
+def find(conn: Connection, domain: str, value: str) -> Found | None:
+    """The patient ``value`` names in ``domain`` (a facility code, or PERSON for the enterprise
+    person ids), followed through merges (a retired MRN, a person merged into another); None
+    when it names no record or person with an active record."""
+    if domain == PERSON:
+        if not value.isascii() or not value.isdigit():
+            return None
+        start: int | None = int(value)
+    else:
+        start = record_owners(conn, {(domain, value)}).get((domain, value))
+    if start is None:
+        return None
+    live, protected = live_persons(conn, {start})[start]
+    if live is None:
+        return None
+    records = tuple(sorted((r.facility, r.mrn) for r in conn.execute(
+        select(patient_record.c.facility, patient_record.c.mrn)
+        .where(patient_record.c.person_id == live, patient_record.c.active))))
+    return Found(live, protected, records) if records else None
+
+
+def audit_answer(conn: Connection, *, querier: str, query: Query, domain: str | None, answer: Answer,
+                 at: datetime, peer: str) -> None:
+    """Who asked about whom (``domain``: the queried identifier's, None when unknown), and one
+    row more for each facility record the answer named, as for a read through the API."""
+    resource = audit.Resource.PERSON if domain == PERSON else audit.Resource.RECORD
+    event = audit.AuditEvent(at, querier, ACTOR_ROLE, audit.Action.READ, resource,
+                             None if domain in (None, PERSON) else domain, query.id,
+                             audit.Outcome.NOT_FOUND if answer.problems else audit.Outcome.OK, peer)
+    audit.record_read(conn, event, [{"facility": f, "mrn": m} for f, m in answer.named])
