@@ -286,7 +286,7 @@ def process_batch(
                 and (header.message_type, header.event) == PIX_QUERY:
             text, outcome = _answer_pix(conn, d.message, item, routing, settings, new_control_id(), now())
             d.outcome = outcome
-            ack, code = encode_ack(header, text), ack_code(header, outcome)
+            ack, code = encode_ack(header, text), ack_code(pix.answering(header), outcome)
         else:
             text = build_ack(
                 header,

@@ -30,7 +30,7 @@ Pure: parsing, the rules and the response text; ``exchange.store.pix`` reads the
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from exchange.hl7.ack import build_ack, escape_text
@@ -152,12 +152,18 @@ def _problems(query: Query | Problem, result: Answer | None) -> tuple[Problem, .
     return (query,) if isinstance(query, Problem) else result.problems if result else ()
 
 
+def answering(header: Header) -> Header:
+    """The header a response is built for: MSA-1 is AA or AE, the application's answer, even when the
+    query asked for enhanced acknowledgment mode (MSH-15/16), whose commit codes (CA, CE) it is not."""
+    return replace(header, accept_ack_type="", application_ack_type="")
+
+
 def response(header: Header, query: Query | Problem, result: Answer | None, *, control_id: str, now: datetime,
              application: str, facility: str) -> str:
     """RSP^K23 as text with CR segment ends: MSH, MSA, ERR..., QAK, QPD (as sent), PID when found.
     ``query`` a Problem (no readable QPD): AE with its ERR, QAK-2 AE."""
     problems = _problems(query, result)
-    text = build_ack(header, outcome(query, result), control_id=control_id, now=now, application=application,
+    text = build_ack(answering(header), outcome(query, result), control_id=control_id, now=now, application=application,
                      facility=facility, message_type="RSP^K23^RSP_K23", more_problems=problems[1:])
     d = header.delimiters
     segments = text.rstrip("\r").split("\r")

@@ -172,3 +172,14 @@ def test_before_2_5_the_err_segment_is_the_old_one():
 
 def test_person_is_the_empty_domain_code():
     assert DOMAINS.of(("exchange", "")) == PERSON and DOMAINS.of(("", "")) is None
+
+
+def test_a_query_in_enhanced_mode_gets_the_application_answer_aa_not_a_commit_ca():
+    raw = ("MSH|^~\\&|EHR|OAKNH|EXCHANGE|EXCHANGE|20261128120000||QBP^Q23^QBP_Q21|Q-1|P|2.5|||AL|AL\r"
+           "QPD|IHE PIX Query|T|OA917082^^^OAKNH\rRCP|I\r").encode()
+    header = read_header(raw)
+    assert header.enhanced_mode
+    q = read_query(Message(raw.decode(), header.delimiters))
+    text = response(header, q, answer(q, "OAKNH", ELIZABETH, DOMAINS), control_id="R-1", now=NOW,
+                    application="EXCHANGE", facility="EXCHANGE")
+    assert text.split("\r")[1].startswith("MSA|AA|Q-1")
