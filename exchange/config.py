@@ -481,12 +481,20 @@ class _Reader:
             raise self.fail("workbench", f"must be a table [workbench] (got {_kind(workbench)})")
         parsed = self.facilities(facilities)
         server_config = self.server(server, database, environ)
+        person_authority = server_config.person_authority.casefold()
+        owners: dict[str, str] = {}
         for number, facility in enumerate(parsed, start=1):
-            if server_config.person_authority in (facility.authority, facility.code):
+            if person_authority in (facility.authority.casefold(), facility.code.casefold()):
                 # a routed copy's PID-3 carries the person id under person_authority: a site would
                 # read it as one of its own (or this facility's) MRNs
                 raise self.fail("server.person_authority", f"{server_config.person_authority!r} is also the"
                                 f" authority or code of facility[{number}]: choose one no site uses")
+            other = owners.setdefault(facility.authority.casefold(), facility.code)
+            if other != facility.code:
+                # an MRN names one patient only with its authority: a PIX query, or a copy's PID-3,
+                # could not tell whose MRN it is (authorities are compared without case)
+                raise self.fail(f"facility[{number}].authority", f"{facility.authority!r} is also the authority of"
+                                f" facility {other!r}: each site's MRNs need an authority of their own")
         return Config(
             server=server_config,
             facilities=parsed,

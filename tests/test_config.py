@@ -416,6 +416,11 @@ def test_not_utf8(tmp_path):
          "server.mllp[3]: port 2575 is server.mllp[1]'s too"),
         (with_server('person_authority = "GENHOSP"'),
          "server.person_authority: 'GENHOSP' is also the authority or code of facility[1]"),
+        (with_server('person_authority = "genhosp"'),
+         "server.person_authority: 'genhosp' is also the authority or code of facility[1]"),
+        (MINIMAL + FACILITY_2.replace('authority = "OAKNH"', 'authority = "GenHosp"'),
+         "facility[2].authority: 'GenHosp' is also the authority of facility 'GENHOSP': each site's MRNs need an"
+         " authority of their own"),
     ],
 )
 def test_errors_name_the_key_and_the_reason(tmp_path, text, expected):

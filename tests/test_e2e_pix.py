@@ -9,23 +9,11 @@ import pytest
 from hl7.client import MLLPClient
 from sqlalchemy import create_engine, text
 
-from tests.support import ExchangeProcess, MLLPConnection, api_request, msa, write_config
-from tests.test_e2e_index import ELIZABETH, message, pid
+from tests.support import api_request
+from tests.test_e2e_index import ELIZABETH, exchange, message, pid  # noqa: F401 (exchange: the fixture)
+from tests.test_e2e_index import send as register
 
 _ids = itertools.count(1)
-
-
-@pytest.fixture
-def exchange(tmp_path, database_url):
-    proc = ExchangeProcess(write_config(tmp_path), database_url).start()
-    yield proc
-    proc.stop()
-
-
-def register(exchange, *messages: bytes) -> None:
-    with MLLPConnection(exchange.address) as conn:
-        for m in messages:
-            assert msa(conn.request(m))[0] == "AA"
 
 
 def qbp(facility: str, qpd: str, control: str | None = None) -> str:
