@@ -202,14 +202,14 @@ def _answer_pix(conn: Connection, message: Message, item: Received, config: Conf
     (a sender's own earlier messages were answered, so committed, before it sent this one)."""
     header = item.header
     query = pix.read_query(message)
-    result = None
-    if isinstance(query, pix.Query):
+    domain, result = None, None
+    if query.problem is None:
         domains = pix.Domains({f.code: f.authority for f in config.facilities}, config.server.person_authority)
         domain = domains.of(query.authority)
         found = pix_store.find(conn, domain, query.id) if domain is not None else None
         result = pix.answer(query, header.facility, found, domains)
-        pix_store.audit_answer(conn, querier=header.facility, query=query, domain=domain, answer=result, at=at,
-                               peer=item.peer)
+    pix_store.audit_answer(conn, querier=header.facility, query=query, domain=domain, answer=result, at=at,
+                           peer=item.peer)
     text = pix.response(header, query, result, control_id=control_id, now=at, application=settings.application,
                         facility=settings.facility)
     return text, pix.outcome(query, result)

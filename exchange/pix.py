@@ -30,6 +30,7 @@ Pure: parsing, the rules and the response text; ``exchange.store.pix`` reads the
 from __future__ import annotations
 
 from collections.abc import Mapping
+import functools
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -44,13 +45,15 @@ UNKNOWN_KEY = 204  # HL7 table 0357: unknown key identifier
 
 @dataclass(frozen=True, slots=True)
 class Query(Value):
-    """QPD of a PIX query: the tag, the identifier and its authority (HD.1, HD.2), the wanted authorities."""
+    """QPD of a PIX query: the tag, the identifier and its authority (HD.1, HD.2), the wanted authorities;
+    ``problem`` when it cannot be answered (the tag and the QPD are still echoed)."""
 
     tag: str
     id: str
     authority: tuple[str, ...]
-    wanted: tuple[tuple[str, ...], ...]  # QPD-4's repetitions' CX.4, in order; () = every other domain
-    qpd: str  # the segment as sent (echoed in the response)
+    wanted: tuple[tuple[str, ...], ...]  # QPD-4's repetitions' CX.4, in order (("", "") for an empty one)
+    qpd: str  # the segment as sent (echoed in the response); "" without one
+    problem: Problem | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,40 +87,66 @@ class Domains:
         self._by_name[person_authority.casefold()] = PERSON
 
     def of(self, hd: tuple[str, ...]) -> str | None:
-        """The domain CX.4 names, by its namespace id or its universal id; None if no domain."""
-        for name in hd:
-            if name and name.casefold() in self._by_name:
-                return self._by_name[name.casefold()]
-        return None
+        """The domain CX.4 names by its namespace id or its universal id (the one we know; both,
+        they must agree); None if no domain."""
+        known = {self._by_name[name.casefold()] for name in hd if name and name.casefold() in self._by_name}
+        return known.pop() if len(known) == 1 else None
 
 
-def read_query(message: Message) -> Query | Problem:
-    """The QPD of a QBP^Q23, or why it cannot be answered."""
+MAX_WANTED = 100  # QPD-4 repetitions: a site asks for a few domains
+_PIX_NAMES = frozenset({"ihe pix query", "q23"})  # QPD-1 (CE: identifier, text), in any case
+
+
+def read_query(message: Message) -> Query:
+    """The QPD of a QBP^Q23 (with RCP-1, immediate), and why it cannot be answered if it cannot."""
     qpd = message.first("QPD")
     if qpd is None:
-        return Problem(101, "QPD", "the PIX query has no QPD segment")
+        return Query("", "", (), (), "", Problem(101, "QPD", "the PIX query has no QPD segment"))
+    raw = message.delimiters.field.join(qpd.fields)
+    tag = qpd.value(2)
+    unanswerable = functools.partial(Query, tag, "", (), (), raw)
+    name = {qpd.value(1, 1).casefold(), qpd.value(1, 2).casefold()} - {""}
+    if name and not name & _PIX_NAMES:
+        return unanswerable(Problem(103, "QPD-1", "QPD-1 names another query than the IHE PIX Query"))
+    rcp = message.first("RCP")
+    if rcp is not None and rcp.value(1) not in ("", "I"):
+        return unanswerable(Problem(103, "RCP-1", "only an immediate response is given (RCP-1 I)"))
     query_id = qpd.value(3)
     if not query_id:
-        return Problem(101, "QPD-3.1", "the PIX query names no patient identifier (QPD-3.1)")
-    authority = _hd(qpd, 3, 1)
+        return unanswerable(Problem(101, "QPD-3.1", "the PIX query names no patient identifier (QPD-3.1)"))
+    authority = _hd(qpd, qpd.repetitions(3)[0])
     if not any(authority):
-        return Problem(101, "QPD-3.4", "the patient identifier has no assigning authority (QPD-3.4)")
-    wanted = tuple(_hd(qpd, 4, n) for n in range(1, len(qpd.repetitions(4)) + 1))
-    return Query(qpd.value(2), query_id, authority, wanted, message.delimiters.field.join(qpd.fields))
+        return unanswerable(Problem(101, "QPD-3.4", "the patient identifier has no assigning authority (QPD-3.4)"))
+    reps = qpd.repetitions(4)
+    if len(reps) > MAX_WANTED:
+        return unanswerable(Problem(104, "QPD-4", f"more than {MAX_WANTED} domains asked for"))
+    return Query(tag, query_id, authority, tuple(_hd(qpd, rep) for rep in reps), raw)
 
 
-def _hd(segment: Segment, field: int, repetition: int) -> tuple[str, ...]:
-    """HD.1 and HD.2 of CX.4 (field ``field``, repetition ``repetition``), unescaped."""
-    return tuple(segment.value(field, 4, s, repetition) for s in (1, 2))
+def _hd(segment: Segment, cx: str) -> tuple[str, str]:
+    """HD.1 and HD.2 of CX.4 of one raw CX repetition, unescaped."""
+    d = segment.delimiters
+    components = cx.split(d.component)
+    parts = components[3].split(d.subcomponent) if len(components) > 3 else []
+    return tuple(segment.text(parts[i]).strip() if len(parts) > i else "" for i in (0, 1))  # type: ignore[return-value]
+
+
+def person_id(value: str) -> int | None:
+    """An enterprise person id as the exchange issues them (a positive 64-bit integer), or None."""
+    if not value.isascii() or not value.isdigit():
+        return None
+    number = int(value)
+    return number if 0 < number < 2 ** 63 else None
 
 
 def domain_problems(query: Query, domains: Domains) -> tuple[Problem, ...]:
-    """ITI-9 cases 4 and 5: QPD-3's or QPD-4's authorities that are no domain."""
+    """ITI-9 cases 4 and 5: QPD-3's or QPD-4's authorities that are no domain (an empty
+    repetition of QPD-4 asks for nothing)."""
     out = []
     if domains.of(query.authority) is None:
         out.append(Problem(UNKNOWN_KEY, "QPD-3.4", "the assigning authority of the patient identifier is unknown"))
     for n, hd in enumerate(query.wanted, 1):
-        if domains.of(hd) is None:
+        if any(hd) and domains.of(hd) is None:
             out.append(Problem(UNKNOWN_KEY, f"QPD-4[{n}].4", f"what domains returned: repetition {n} is unknown"))
     return tuple(out)
 
@@ -132,24 +161,25 @@ def answer(query: Query, querier: str, found: Found | None, domains: Domains) ->
     if found.protected:
         return Answer()
     queried = domains.of(query.authority)
-    wanted = {domains.of(hd) for hd in query.wanted}
+    asked = str(person_id(query.id)) if queried == PERSON else query.id  # 0007 is person 7
+    wanted = {domains.of(hd) for hd in query.wanted if any(hd)}
     ids = [(str(found.person), domains.person_authority, "PI", PERSON)]
     ids += [(mrn, domains.authority_of[facility], "MR", facility) for facility, mrn in sorted(found.records)
             if facility in domains.authority_of]
     given = [(value, authority, kind, domain) for value, authority, kind, domain in ids
-             if (not wanted or domain in wanted) and not (domain == queried and value == query.id)]
+             if (not wanted or domain in wanted) and not (domain == queried and value == asked)]
     return Answer(identifiers=tuple((value, authority, kind) for value, authority, kind, _ in given),
                   named=tuple((domain, value) for value, _, kind, domain in given if kind == "MR"))
 
 
-def outcome(query: Query | Problem, result: Answer | None) -> Outcome:
+def outcome(query: Query, result: Answer | None) -> Outcome:
     """MSA-1's verdict (AA, or AE with the first problem) of the answer to ``query``."""
     problems = _problems(query, result)
     return error(problems[0].code, problems[0].location, problems[0].text) if problems else ACCEPTED
 
 
-def _problems(query: Query | Problem, result: Answer | None) -> tuple[Problem, ...]:
-    return (query,) if isinstance(query, Problem) else result.problems if result else ()
+def _problems(query: Query, result: Answer | None) -> tuple[Problem, ...]:
+    return (query.problem,) if query.problem is not None else result.problems if result else ()
 
 
 def answering(header: Header) -> Header:
@@ -158,23 +188,21 @@ def answering(header: Header) -> Header:
     return replace(header, accept_ack_type="", application_ack_type="")
 
 
-def response(header: Header, query: Query | Problem, result: Answer | None, *, control_id: str, now: datetime,
+def response(header: Header, query: Query, result: Answer | None, *, control_id: str, now: datetime,
              application: str, facility: str) -> str:
-    """RSP^K23 as text with CR segment ends: MSH, MSA, ERR..., QAK, QPD (as sent), PID when found.
-    ``query`` a Problem (no readable QPD): AE with its ERR, QAK-2 AE."""
+    """RSP^K23 as text with CR segment ends: MSH, MSA, ERR..., QAK, QPD (as sent), PID when found."""
     problems = _problems(query, result)
-    text = build_ack(answering(header), outcome(query, result), control_id=control_id, now=now, application=application,
-                     facility=facility, message_type="RSP^K23^RSP_K23", more_problems=problems[1:])
+    text = build_ack(answering(header), outcome(query, result), control_id=control_id, now=now,
+                     application=application, facility=facility, message_type="RSP^K23^RSP_K23",
+                     more_problems=problems[1:])
     d = header.delimiters
     segments = text.rstrip("\r").split("\r")
-    if isinstance(query, Query):
-        segments.append(d.field.join(["QAK", escape_text(query.tag, d), "AE" if problems else result.status]))
+    segments.append(d.field.join(["QAK", escape_text(query.tag, d), "AE" if problems else result.status]))
+    if query.qpd:
         segments.append(query.qpd)
-        if not problems and result.identifiers:
-            c = d.component
-            pid3 = d.repetition.join(f"{escape_text(value, d)}{c}{c}{c}{escape_text(authority, d)}{c}{kind}"
-                                     for value, authority, kind in result.identifiers)
-            segments.append(d.field.join(["PID", "", "", pid3, "", d.repetition + c * 6 + "S"]))
-    else:
-        segments.append(d.field.join(["QAK", "", "AE"]))
+    if not problems and result.identifiers:
+        c = d.component
+        pid3 = d.repetition.join(f"{escape_text(value, d)}{c}{c}{c}{escape_text(authority, d)}{c}{kind}"
+                                 for value, authority, kind in result.identifiers)
+        segments.append(d.field.join(["PID", "", "", pid3, "", d.repetition + c * 6 + "S"]))
     return "\r".join(segments) + "\r"

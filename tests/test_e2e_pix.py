@@ -9,11 +9,18 @@ import pytest
 from hl7.client import MLLPClient
 from sqlalchemy import create_engine, text
 
-from tests.support import api_request
-from tests.test_e2e_index import ELIZABETH, exchange, message, pid  # noqa: F401 (exchange: the fixture)
+from tests.support import ExchangeProcess, api_request, write_config
+from tests.test_e2e_index import ELIZABETH, message, pid
 from tests.test_e2e_index import send as register
 
 _ids = itertools.count(1)
+
+
+@pytest.fixture
+def exchange(tmp_path, database_url):
+    proc = ExchangeProcess(write_config(tmp_path), database_url).start()
+    yield proc
+    proc.stop()
 
 
 def qbp(facility: str, qpd: str, control: str | None = None) -> str:
@@ -97,3 +104,9 @@ def test_a_merged_away_mrn_answers_for_its_survivor(exchange, elizabeth):
                      "MRG|GH-DUP^^^GENHOSP^MR"))
     rsp = ask(exchange, "OAKNH", "QPD|IHE PIX Query|Q9|GH-DUP^^^GENHOSP|^^^OAKNH~^^^GENHOSP")
     assert identifiers(rsp) == {"OA917082^^^OAKNH^MR", "GH-44107^^^GENHOSP^MR"}
+
+
+def test_a_person_id_beyond_any_the_exchange_issues_is_not_known(exchange, elizabeth):
+    rsp = ask(exchange, "OAKNH", "QPD|IHE PIX Query|Q10|9223372036854775808^^^EXCHANGE")
+    assert str(rsp.segment("MSH")[9]) == "RSP^K23^RSP_K23" and str(rsp.segment("MSA")[1]) == "AE"
+    assert str(rsp.segment("ERR")[2]) == "QPD^1^3^1^1" and str(rsp.segment("QAK")[1]) == "Q10"

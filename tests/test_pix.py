@@ -11,7 +11,7 @@ from hl7apy.parser import parse_message
 from exchange.hl7.header import read_header
 from exchange.mapping.message import Message
 from exchange.outcome import Problem
-from exchange.pix import PERSON, Answer, Domains, Found, Query, answer, outcome, read_query, response
+from exchange.pix import PERSON, Answer, Domains, Found, Query, answer, outcome, person_id, read_query, response
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
 DOMAINS = Domains({"GENHOSP": "GENHOSP", "OAKNH": "OAKNH", "HHCARE": "2.16.840.1.113883.3.72"}, "EXCHANGE")
@@ -27,7 +27,7 @@ def qbp(qpd: str, version: str = "2.5") -> tuple:
 
 def query(qpd: str) -> Query:
     q = read_query(qbp(qpd)[1])
-    assert isinstance(q, Query)
+    assert q.problem is None, q.problem
     return q
 
 
@@ -38,15 +38,58 @@ def test_reading_qpd():
     assert q.qpd.startswith("QPD|IHE PIX Query|TAG-9|")
 
 
-@pytest.mark.parametrize("qpd, location", [
-    (None, "QPD"),
-    ("QPD|IHE PIX Query|T|", "QPD-3.1"),
-    ("QPD|IHE PIX Query|T|OA917082", "QPD-3.4"),
+@pytest.mark.parametrize("qpd, code, location", [
+    (None, 101, "QPD"),
+    ("QPD|IHE PIX Query|T|", 101, "QPD-3.1"),
+    ("QPD|IHE PIX Query|T|OA917082", 101, "QPD-3.4"),
+    ("QPD|Q22^Find Candidates^HL7|T|OA917082^^^OAKNH", 103, "QPD-1"),  # PDQ's, not ours
+    ("QPD|IHE PIX Query|T|OA917082^^^OAKNH|" + "~".join(["^^^GENHOSP"] * 101), 104, "QPD-4"),
 ])
-def test_a_query_that_names_no_identifier_is_a_problem(qpd, location):
+def test_a_query_that_cannot_be_answered_says_why(qpd, code, location):
     _, message = qbp(qpd or "ZZZ|1")
-    problem = read_query(message)
-    assert isinstance(problem, Problem) and (problem.code, problem.location) == (101, location)
+    problem = read_query(message).problem
+    assert isinstance(problem, Problem) and (problem.code, problem.location) == (code, location)
+
+
+@pytest.mark.parametrize("name", ["", "IHE PIX Query", "Q23^IHE PIX Query^IHE", "ihe pix query"])
+def test_the_query_name_may_be_left_out_or_written_either_way(name):
+    assert query(f"QPD|{name}|T|OA917082^^^OAKNH").id == "OA917082"
+
+
+def test_only_an_immediate_response_is_given():
+    raw = ("MSH|^~\\&|EHR|OAKNH|EXCHANGE|EXCHANGE|20261128120000||QBP^Q23^QBP_Q21|Q-1|P|2.5\r"
+           "QPD|IHE PIX Query|T|OA917082^^^OAKNH\rRCP|D\r")
+    problem = read_query(Message(raw, read_header(raw.encode()).delimiters)).problem
+    assert (problem.code, problem.location) == (103, "RCP-1")
+
+
+def test_a_hundred_wanted_domains_are_read_in_one_pass():
+    q = query("QPD|IHE PIX Query|T|OA917082^^^OAKNH|" + "~".join(["^^^GENHOSP&1.2&ISO"] * 100))
+    assert q.wanted == (("GENHOSP", "1.2"),) * 100
+
+
+def test_empty_repetitions_of_qpd4_ask_for_nothing():
+    a = answer(query("QPD|IHE PIX Query|T|OA917082^^^OAKNH|~~"), "OAKNH", ELIZABETH, DOMAINS)
+    assert a.status == "OK" and len(a.identifiers) == 3
+    a = answer(query("QPD|IHE PIX Query|T|OA917082^^^OAKNH|~^^^GENHOSP"), "OAKNH", ELIZABETH, DOMAINS)
+    assert a.identifiers == (("GH-44107", "GENHOSP", "MR"),)
+
+
+def test_namespace_and_universal_id_must_not_name_two_domains():
+    assert DOMAINS.of(("FOO", "OAKNH")) == "OAKNH"  # the one we know
+    assert DOMAINS.of(("GENHOSP", "OAKNH")) is None
+
+
+@pytest.mark.parametrize("value, expected", [("7", 7), ("0007", 7), ("0", None), ("-1", None), ("+1", None),
+                                             ("9223372036854775807", 2 ** 63 - 1), ("9223372036854775808", None),
+                                             ("1" * 26, None), ("\uff17", None), ("7.0", None)])
+def test_person_ids(value, expected):
+    assert person_id(value) == expected
+
+
+def test_the_queried_person_id_is_left_out_however_it_is_written():
+    a = answer(query("QPD|IHE PIX Query|T|0007^^^EXCHANGE"), "OAKNH", ELIZABETH, DOMAINS)
+    assert ("7", "EXCHANGE", "PI") not in a.identifiers and len(a.identifiers) == 3
 
 
 def test_every_other_identifier_of_the_person_by_default():
@@ -147,13 +190,14 @@ def test_errors_name_their_location_one_err_each():
     assert segments[4] == ["QAK", "TAG-2", "AE"]
 
 
-def test_an_unreadable_query_is_answered_ae():
-    header, message = qbp("QPD|IHE PIX Query|T|")
-    problem = read_query(message)
-    text = response(header, problem, None, control_id="R-1", now=NOW, application="EXCHANGE", facility="EXCHANGE")
+def test_an_unreadable_query_is_answered_ae_with_its_tag_and_qpd():
+    header, message = qbp("QPD|IHE PIX Query|T-5|")
+    q = read_query(message)
+    text = response(header, q, None, control_id="R-1", now=NOW, application="EXCHANGE", facility="EXCHANGE")
     segments = [s.split("|") for s in text.rstrip("\r").split("\r")]
-    assert [s[0] for s in segments] == ["MSH", "MSA", "ERR", "QAK"] and segments[1][1] == "AE"
-    assert outcome(problem, None).problem == problem
+    assert [s[0] for s in segments] == ["MSH", "MSA", "ERR", "QAK", "QPD"] and segments[1][1] == "AE"
+    assert segments[3] == ["QAK", "T-5", "AE"] and "|".join(segments[4]) == "QPD|IHE PIX Query|T-5|"
+    assert outcome(q, None).problem == q.problem
 
 
 def test_values_we_write_are_escaped():

@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import Connection, select
 
 from exchange import audit
-from exchange.pix import PERSON, Answer, Found, Query
+from exchange.pix import PERSON, Answer, Found, Query, person_id
 from exchange.store.consent import live_persons, record_owners
 from exchange.store.schema import patient_record_table as patient_record
 
@@ -19,9 +19,7 @@ def find(conn: Connection, domain: str, value: str) -> Found | None:
     person ids), followed through merges (a retired MRN, a person merged into another); None
     when it names no record or person with an active record."""
     if domain == PERSON:
-        if not value.isascii() or not value.isdigit():
-            return None
-        start: int | None = int(value)
+        start = person_id(value)
     else:
         start = record_owners(conn, {(domain, value)}).get((domain, value))
     if start is None:
@@ -35,12 +33,14 @@ def find(conn: Connection, domain: str, value: str) -> Found | None:
     return Found(live, protected, records) if records else None
 
 
-def audit_answer(conn: Connection, *, querier: str, query: Query, domain: str | None, answer: Answer,
+def audit_answer(conn: Connection, *, querier: str, query: Query, domain: str | None, answer: Answer | None,
                  at: datetime, peer: str) -> None:
-    """Who asked about whom (``domain``: the queried identifier's, None when unknown), and one
-    row more for each facility record the answer named, as for a read through the API."""
+    """Who asked about whom (``domain``: the queried identifier's, None when unknown; ``answer`` None
+    for a query that could not be read), and one row more for each facility record the answer
+    named, as for a read through the API."""
     resource = audit.Resource.PERSON if domain == PERSON else audit.Resource.RECORD
+    found = answer is not None and not answer.problems
     event = audit.AuditEvent(at, querier, ACTOR_ROLE, audit.Action.READ, resource,
-                             None if domain in (None, PERSON) else domain, query.id,
-                             audit.Outcome.NOT_FOUND if answer.problems else audit.Outcome.OK, peer)
-    audit.record_read(conn, event, [{"facility": f, "mrn": m} for f, m in answer.named])
+                             None if domain in (None, PERSON) else domain, query.id or None,
+                             audit.Outcome.OK if found else audit.Outcome.NOT_FOUND, peer)
+    audit.record_read(conn, event, [{"facility": f, "mrn": m} for f, m in (answer.named if found else ())])
