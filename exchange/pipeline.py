@@ -47,6 +47,7 @@ from exchange.store import index as patient_index
 from exchange.store import pix as pix_store
 from exchange.store.outbox import carry_merges as carry_merged_copies
 from exchange.store.outbox import carry_renames as carry_renamed_copies
+from exchange.store.db import hold_links
 from exchange.store.routing import Applied, route_batch
 from exchange.store.records import load as load_records
 from exchange.store.records import save as save_records
@@ -270,6 +271,7 @@ def process_batch(
     ]
     state = None
     if to_map:
+        hold_links(conn, exclusive=False)  # before any record is read: no technician's decision in between
         contexts = [facilities[items[d.index].header.facility] for d in to_map]
         state = load_records(conn, [needs(d.message, ctx) for d, ctx in zip(to_map, contexts)])
         for d, ctx in zip(to_map, contexts):

@@ -210,6 +210,24 @@ def unshare_rebuild(conn: Connection) -> None:
     conn.exec_driver_sql("SELECT pg_advisory_unlock_shared(%s, %s)", REBUILD_LOCK)
 
 
+# PostgreSQL: the links between records and persons. Every writer batch that maps messages shares
+# this advisory lock for its transaction, and a technician's decision (a review decided, a split, a
+# merge of persons, an undo, an opt-out) holds it exclusively: a decision waits for the batches in
+# flight, and batches wait for it, so neither writes links it read before the other committed (a
+# batch's re-match of an A08 wrote back the person a concurrent split had just taken the record
+# from). Writers on several nodes share it among themselves. (SQLite needs none: the API's and the
+# writer's write transactions begin IMMEDIATE, one at a time.)
+LINKS_LOCK = (0x45584C4B, 0)  # "EXLK"
+
+
+def hold_links(conn: Connection, *, exclusive: bool) -> None:
+    """Take the links lock (shared by a writer's batch, ``exclusive`` for a technician's
+    decision) until the transaction ends; nothing on SQLite."""
+    if conn.dialect.name == "postgresql":
+        function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+        conn.exec_driver_sql(f"SELECT {function}(%s, %s)", LINKS_LOCK)
+
+
 def sqlite_datetime(value: datetime) -> str:
     """How SQLAlchemy's SQLite DATETIME (under ``UTCDateTime``) stores a value."""
     return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(" ", "microseconds")

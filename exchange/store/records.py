@@ -390,7 +390,8 @@ def load(conn: Connection, needs_list: Iterable[Needs]) -> MemoryState:
         want_documents |= n.documents
         visits |= n.visits
         whole = whole or n.whole
-    return _load(conn, want_records, want_documents, None if whole else visits, whole=whole, all_versions=False)
+    return _load(conn, want_records, want_documents, None if whole else visits, whole=whole, all_versions=False,
+                 lock=True)
 
 
 def load_all(conn: Connection) -> MemoryState:
@@ -422,7 +423,7 @@ def _json(value: Any) -> Any:
 
 
 def _load(conn: Connection, want_records: set, want_documents: set, visits: set[str] | None = None, *,
-          whole: bool = True, all_versions: bool = True) -> MemoryState:
+          whole: bool = True, all_versions: bool = True, lock: bool = False) -> MemoryState:
     """Records and documents in rounds of one records SELECT and one documents SELECT.
 
     A round selects the wanted records and the records merged into them, and
@@ -433,7 +434,8 @@ def _load(conn: Connection, want_records: set, want_documents: set, visits: set[
 
     Of the records found, the encounters of ``visits`` (None: all of them);
     of the documents, every version or (not ``all_versions``) the current one:
-    the state's semantics read only the last version of a list.
+    the state's semantics read only the last version of a list. ``lock``: on
+    PostgreSQL the records are read FOR UPDATE (a batch that will save them).
     """
     sqlite = conn.dialect.name == "sqlite"
     rows: dict[tuple[str, str], Any] = {}  # record key -> row
@@ -454,7 +456,15 @@ def _load(conn: Connection, want_records: set, want_documents: set, visits: set[
             columns = ", ".join(_RECORD_COLUMNS) if sqlite else _PG_RECORD_SELECT
             if sqlite:  # a MULTI-INDEX OR: one index search per pair
                 sql = f"SELECT {columns} FROM patient_record WHERE {by_key} OR {by_survivor}"
-            else:  # OR over two IN-subqueries is a seq scan on PostgreSQL: two index look-ups instead
+            elif lock:
+                # OR over two IN-subqueries is a seq scan on PostgreSQL: two index look-ups instead.
+                # Locked, in id order, until the batch commits: another node's batch changing one of
+                # them (an A40 moving it to the survivor's person) waits, or is waited for and then
+                # read as it left it -- never written over with what was read before it committed.
+                sql = (f"SELECT {columns} FROM patient_record WHERE id = ANY(ARRAY("
+                       f"SELECT id FROM patient_record WHERE {by_key}"
+                       f" UNION ALL SELECT id FROM patient_record WHERE {by_survivor})) ORDER BY id FOR UPDATE")
+            else:
                 sql = (f"SELECT {columns} FROM patient_record WHERE {by_key}"
                        f" UNION ALL SELECT {columns} FROM patient_record WHERE {by_survivor}")
             found = select_rows(conn, _RECORD_COLUMNS, sql, params)

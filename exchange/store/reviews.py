@@ -69,6 +69,7 @@ from exchange.matching.decide import Action, Reason, Record, decide
 from exchange.matching.features import Features
 from exchange.matching.model import Model, score
 from exchange.store.consent import carry_opt_outs, retire_emptied
+from exchange.store.db import hold_links
 from exchange.store.index import review_candidate, stored_features, stored_model
 from exchange.store.records import from_json
 from exchange.store.schema import (
@@ -594,6 +595,7 @@ def decide_review(conn: Connection, review_id: int, verdict: Verdict | str, *, a
     merged away by its facility (A40), and when the person a link joins
     holds no active record: the facility's merge has answered it.
     """
+    hold_links(conn, exclusive=True)  # no writer batch in flight re-writes what this decides
     try:
         verdict = Verdict(verdict)
     except ValueError:
@@ -666,6 +668,7 @@ def split_record(conn: Connection, person_id: int, facility: str, mrn: str, *, a
                  reason: str | None = None) -> dict[str, Any]:
     """The record (facility, mrn) leaves ``person_id`` for a new person (link manual), with sticky
     not-a-match pairs against every active record it leaves. Returns the decision."""
+    hold_links(conn, exclusive=True)  # no writer batch in flight re-writes what this decides
     actor, reason, now = _check_actor(actor), _check_reason(reason), _check_now(now)
     owner = _person_row(conn, person_id, lock=True)
     if owner is None:
@@ -694,6 +697,7 @@ def set_opt_out(conn: Connection, person_id: int, protected: bool, *, actor: str
     ("workbench"): while set, no copy about the person goes anywhere (exchange.routing). A
     facility's PD1-12 = N never clears an opt-out set here. Every change is kept, which way,
     by whom and why (``opt_out_event``). Returns ``{"person", "opt_out"}``."""
+    hold_links(conn, exclusive=True)  # no writer batch in flight re-writes what this decides
     actor, reason, now = _check_actor(actor), _check_reason(reason), _check_now(now)
     row = _person_row(conn, person_id, lock=True)
     if row is None:
@@ -732,6 +736,7 @@ def merge_persons(conn: Connection, keep: int, merge: int, *, actor: str, now: d
     """Every record of ``merge`` moves to ``keep`` (link manual); ``merge.merged_into = keep``;
     the open reviews it answers are superseded (a later decision on one is refused).
     Returns the decision."""
+    hold_links(conn, exclusive=True)  # no writer batch in flight re-writes what this decides
     actor, reason, now = _check_actor(actor), _check_reason(reason), _check_now(now)
     if keep == merge:
         raise _invalid("a person cannot be merged into itself")
@@ -835,6 +840,7 @@ def undo_decision(conn: Connection, decision_id: int, *, actor: str, now: dateti
                   reason: str | None = None) -> dict[str, Any]:
     """Undo a technician's decision (see the module doc); the undo is a decision of its own
     (kind ``undo``), returned with ``undone`` = the decision it undid."""
+    hold_links(conn, exclusive=True)  # no writer batch in flight re-writes what this decides
     actor, reason, now = _check_actor(actor), _check_reason(reason), _check_now(now)
     events = _decision_events(conn, decision_id, lock=True)
     if not events or events[0].id != decision_id or events[0].decision is not None:

@@ -419,6 +419,98 @@ def test_two_writers_registering_one_new_patient_at_once_make_one_person(engine)
     assert person(engine, "OAKNH", "OA-99") == person(engine, "HHCARE", "HH-99")
 
 
+def test_a_technicians_split_waits_for_the_batch_in_flight_and_is_not_written_over(engine, monkeypatch):
+    """Found by a black-box audit (PostgreSQL, one node or two): a split committed while a batch
+    re-matching the record's A08 was between reading it and saving it was written over -- the
+    record went back to the person it had been split from, its link "auto". A decision now holds
+    the links lock exclusively, which every batch shares: it waits for the batch, then decides on
+    what the batch wrote. (SQLite: both transactions begin IMMEDIATE, one at a time.)"""
+    import threading
+
+    import exchange.store.index as index
+    from exchange.store.db import write_transaction
+    from exchange.store.reviews import split_record
+
+    if engine.dialect.name != "postgresql":
+        return
+    run(engine, register("OAKNH", "OA-77", **ELIZABETH), register("GENHOSP", "GH-77", **ELIZABETH))
+    together = person(engine, "GENHOSP", "GH-77")
+    assert person(engine, "OAKNH", "OA-77") == together
+    paused, resume = threading.Event(), threading.Event()
+    real_plan = index.plan
+
+    def slow_plan(*args, **kwargs):  # the batch has read the record; the technician acts now
+        paused.set()
+        resume.wait(10)
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(index, "plan", slow_plan)
+    update = adt("GENHOSP", "A08", pid("GH-77", "GENHOSP", phone="555-0177", **ELIZABETH))
+    batch = threading.Thread(target=lambda: run(engine, update))
+    batch.start()
+    assert paused.wait(10)
+
+    def split():
+        with write_transaction(engine) as conn:
+            split_record(conn, together, "GENHOSP", "GH-77", actor="technician", now=NOW, reason="not her")
+
+    technician = threading.Thread(target=split)
+    technician.start()
+    technician.join(1.0)
+    waited = technician.is_alive()
+    resume.set()
+    batch.join(10)
+    technician.join(10)
+    assert waited  # for the batch in flight
+    assert person(engine, "GENHOSP", "GH-77") != together
+    assert rows(engine, "select link from patient_record where mrn = 'GH-77'") == [("manual",)]
+    assert rows(engine, "select count(*) from patient_record where mrn = 'GH-77' and data::text like '%0177%'") \
+        == [(1,)]  # and the update is in
+
+
+def test_a_batch_merging_persons_waits_for_another_nodes_batch_holding_a_record_it_moves(engine, monkeypatch):
+    """Found by a black-box audit (two nodes on one PostgreSQL): an A40 merging two persons on one
+    node while an A08 of a record of the retired person was in flight on another left that record
+    in the merged-away person (the A08 saved the person it had read). A batch now reads its records
+    FOR UPDATE: the A40's move of the record waits for the A08's commit, then writes the survivor."""
+    import threading
+
+    import exchange.store.index as index
+
+    if engine.dialect.name != "postgresql":
+        return
+    ann = dict(name="MOVER^ANN", birth="19510505", ssn="", address="3 ASH ST^^SALEM^OR^97301")
+    run(engine, register("GENHOSP", "G1", **ann), register("OAKNH", "O1", **ann))  # one person
+    run(engine, register("GENHOSP", "G2", **ann))  # a duplicate registration: a review, a person of its own
+    retired, survivor = person(engine, "GENHOSP", "G1"), person(engine, "GENHOSP", "G2")
+    assert person(engine, "OAKNH", "O1") == retired != survivor
+    paused, resume = threading.Event(), threading.Event()
+    real_plan = index.plan
+
+    def slow_first_plan(*args, **kwargs):  # only the A08's batch: it has read O1 by now
+        if not paused.is_set():
+            paused.set()
+            resume.wait(10)
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(index, "plan", slow_first_plan)
+    a08 = threading.Thread(target=lambda: run(engine, adt("OAKNH", "A08", pid("O1", "OAKNH", phone="555-0101", **ann))))
+    a08.start()
+    assert paused.wait(10)
+    a40 = threading.Thread(target=lambda: run(engine, adt("GENHOSP", "A40", pid("G2", "GENHOSP", **ann),
+                                                          "MRG|G1^^^GENHOSP^MR")))
+    a40.start()
+    a40.join(1.0)
+    waited = a40.is_alive()
+    resume.set()
+    a08.join(10)
+    a40.join(10)
+    assert waited  # for the A08's record
+    assert person(engine, "OAKNH", "O1") == person(engine, "GENHOSP", "G2") == survivor
+    assert rows(engine, "select count(*) from patient_record r join person p on p.id = r.person_id"
+                        " where r.active and p.merged_into is not null") == [(0,)]
+
+
 def test_a40_never_puts_two_records_of_another_facility_in_one_person(engine):
     """Found by a black-box audit: the survivor's person's members were not read when the
     survivor itself did not change, so the other facility's two records joined one person."""
