@@ -192,7 +192,7 @@ def serve_batches(run_batch: Callable[[Sequence[Received], Sequence], list[Answe
             return
         items, outcomes = pickle.loads(payload)
         try:
-            reply = ("ok", run_batch(items, outcomes))
+            reply = ("ok", _run_with_retries(run_batch, items, outcomes))
         except Exception as exc:  # rolled back: say so, keep serving
             # the exception's text may quote the rows (patient data): its type and SQLSTATE only,
             # and for a bug where it was raised (the code's lines, not the values)
@@ -209,6 +209,25 @@ def serve_batches(run_batch: Callable[[Sequence[Received], Sequence], list[Answe
         out = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
         stdout.write(_LENGTH.pack(len(out)) + out)
         stdout.flush()
+
+
+UNIQUE_VIOLATION = "23505"  # PostgreSQL's SQLSTATE: a row another transaction committed first
+CONFLICT_RETRIES = 3
+
+
+def _run_with_retries(run_batch, items, outcomes):
+    """``run_batch``, again at once when it lost a race for a unique key to another node's
+    transaction (the same MSH-4 and MSH-10, or the same new MRN, through two nodes at once):
+    that one has committed by then, and the batch run again reads it -- the stored answer, the
+    record to update. Not a bug: a message retried alone that lost such a race a second time
+    was answered AE 207 and its event lost. Rolled back each time (``write_transaction``)."""
+    for attempt in range(CONFLICT_RETRIES + 1):
+        try:
+            return run_batch(items, outcomes)
+        except Exception as exc:
+            if attempt == CONFLICT_RETRIES or getattr(getattr(exc, "orig", None), "sqlstate", None) != UNIQUE_VIOLATION:
+                raise
+    raise AssertionError("unreachable")
 
 
 def make_batch_runner(

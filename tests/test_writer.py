@@ -67,3 +67,23 @@ def test_a_truncated_batch_at_eof_is_not_run():
     data = frame(["a"])
     serve_batches(lambda items, outcomes: calls.append(items), io.BytesIO(data[:-3]), io.BytesIO())
     assert calls == []
+
+
+def test_a_batch_that_lost_a_unique_key_race_to_another_node_is_run_again():
+    from sqlalchemy.exc import IntegrityError
+
+    class UniqueViolation(Exception):
+        sqlstate = "23505"
+
+    calls = []
+
+    def run_batch(items, outcomes):
+        calls.append(items)
+        if items == ["raced"] and len(calls) < 3 or items == ["always"]:
+            raise IntegrityError("INSERT ...", {}, UniqueViolation("duplicate key"))
+        return [Answer(b"ACK", "AA", 1)]
+
+    stdout = io.BytesIO()
+    serve_batches(run_batch, io.BytesIO(frame(["raced"]) + frame(["always"])), stdout)
+    assert calls == [["raced"]] * 3 + [["always"]] * 4  # the second: given up after 3 more tries
+    assert replies(stdout.getvalue()) == [("ok", [Answer(b"ACK", "AA", 1)]), ("error", "IntegrityError", True)]
