@@ -110,7 +110,7 @@ class AckSettings:
 
 
 MAPPED_TYPES = frozenset({"ADT", "MDM"})  # MSH-9.1 values the record model applies
-QUERY_TYPES = frozenset({"QBP"})  # parsed too: a PIX query (QBP^Q23) is answered from the patient index
+PARSED_TYPES = MAPPED_TYPES | {"QBP"}  # parsed: a PIX query (QBP^Q23) is answered from the patient index
 
 
 @dataclass(slots=True)
@@ -139,7 +139,7 @@ def decode(index: int, item: Received, parse: bool = True) -> _Decoded:
     if codec != item.header.codec or item.header.charset_fallback:
         notes.append(f"MSH-18 empty and the bytes do not fit the facility's charset: decoded as {codec}")
     message = None
-    if parse and (item.header.message_type in MAPPED_TYPES or item.header.message_type in QUERY_TYPES):
+    if parse and item.header.message_type in PARSED_TYPES:
         message = Message(text, item.header.delimiters, codec)
     return _Decoded(index, item.decision, notes, message)
 

@@ -29,8 +29,8 @@ Pure: parsing, the rules and the response text; ``exchange.store.pix`` reads the
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -127,8 +127,10 @@ def _hd(segment: Segment, cx: str) -> tuple[str, str]:
     """HD.1 and HD.2 of CX.4 of one raw CX repetition, unescaped."""
     d = segment.delimiters
     components = cx.split(d.component)
-    parts = components[3].split(d.subcomponent) if len(components) > 3 else []
-    return tuple(segment.text(parts[i]).strip() if len(parts) > i else "" for i in (0, 1))  # type: ignore[return-value]
+    parts = [segment.text(part).strip() for part in components[3].split(d.subcomponent)[:2]] \
+        if len(components) > 3 else []
+    parts += [""] * (2 - len(parts))
+    return parts[0], parts[1]
 
 
 def person_id(value: str) -> int | None:
