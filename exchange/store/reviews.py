@@ -61,6 +61,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Connection, and_, false, func, insert, or_, select, update
+from sqlalchemy.exc import OperationalError
 
 from exchange.config import DEFAULT_TRUST, Config
 from exchange.mapping.values import PersonName, Phone, Timestamp, primary_address
@@ -126,12 +127,35 @@ UNDOABLE = frozenset({Kind.LINK, Kind.NOT_A_MATCH, Kind.SPLIT, Kind.MERGE})
 
 
 class DecisionError(Exception):
-    """A decision refused before anything was written: ``status`` (404, 409, 422) and a one-line reason."""
+    """A decision refused before anything was written: ``status`` (404, 409, 422; 503 busy) and a one-line
+    reason."""
 
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+DECISION_WAIT_MS = 2000  # PostgreSQL: how long a decision waits for the batches in flight
+
+
+def _hold_links(conn: Connection) -> None:
+    """The links lock, exclusively, for the decision's transaction (``db.hold_links``), waited for
+    at most DECISION_WAIT_MS: batches asking for it queue behind a decision that waits, so a batch
+    that never finishes (its node stopped mid-transaction) must not hold every node's writer up
+    behind the decision for longer than that. Busy: 503, nothing decided, the technician tries
+    again."""
+    if conn.dialect.name != "postgresql":
+        return
+    conn.exec_driver_sql(f"SET LOCAL lock_timeout = {DECISION_WAIT_MS}")
+    try:
+        hold_links(conn, exclusive=True)
+    except OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) == "55P03":
+            raise DecisionError(503, "the patient index is busy (a batch of messages did not finish in"
+                                     f" {DECISION_WAIT_MS / 1000:g} s): nothing was decided; try again") from None
+        raise
+    conn.exec_driver_sql("SET LOCAL lock_timeout = DEFAULT")
 
 
 def _not_found(reason: str) -> DecisionError:
@@ -595,7 +619,7 @@ def decide_review(conn: Connection, review_id: int, verdict: Verdict | str, *, a
     merged away by its facility (A40), and when the person a link joins
     holds no active record: the facility's merge has answered it.
     """
-    hold_links(conn, exclusive=True)  # no writer batch in flight re-writes what this decides
+    _hold_links(conn)  # no writer batch in flight re-writes what this decides
     try:
         verdict = Verdict(verdict)
     except ValueError:
@@ -668,7 +692,7 @@ def split_record(conn: Connection, person_id: int, facility: str, mrn: str, *, a
                  reason: str | None = None) -> dict[str, Any]:
     """The record (facility, mrn) leaves ``person_id`` for a new person (link manual), with sticky
     not-a-match pairs against every active record it leaves. Returns the decision."""
-    hold_links(conn, exclusive=True)  # no writer batch in flight re-writes what this decides
+    _hold_links(conn)  # no writer batch in flight re-writes what this decides
     actor, reason, now = _check_actor(actor), _check_reason(reason), _check_now(now)
     owner = _person_row(conn, person_id, lock=True)
     if owner is None:
@@ -697,7 +721,7 @@ def set_opt_out(conn: Connection, person_id: int, protected: bool, *, actor: str
     ("workbench"): while set, no copy about the person goes anywhere (exchange.routing). A
     facility's PD1-12 = N never clears an opt-out set here. Every change is kept, which way,
     by whom and why (``opt_out_event``). Returns ``{"person", "opt_out"}``."""
-    hold_links(conn, exclusive=True)  # no writer batch in flight re-writes what this decides
+    _hold_links(conn)  # no writer batch in flight re-writes what this decides
     actor, reason, now = _check_actor(actor), _check_reason(reason), _check_now(now)
     row = _person_row(conn, person_id, lock=True)
     if row is None:
@@ -736,7 +760,7 @@ def merge_persons(conn: Connection, keep: int, merge: int, *, actor: str, now: d
     """Every record of ``merge`` moves to ``keep`` (link manual); ``merge.merged_into = keep``;
     the open reviews it answers are superseded (a later decision on one is refused).
     Returns the decision."""
-    hold_links(conn, exclusive=True)  # no writer batch in flight re-writes what this decides
+    _hold_links(conn)  # no writer batch in flight re-writes what this decides
     actor, reason, now = _check_actor(actor), _check_reason(reason), _check_now(now)
     if keep == merge:
         raise _invalid("a person cannot be merged into itself")
@@ -840,7 +864,7 @@ def undo_decision(conn: Connection, decision_id: int, *, actor: str, now: dateti
                   reason: str | None = None) -> dict[str, Any]:
     """Undo a technician's decision (see the module doc); the undo is a decision of its own
     (kind ``undo``), returned with ``undone`` = the decision it undid."""
-    hold_links(conn, exclusive=True)  # no writer batch in flight re-writes what this decides
+    _hold_links(conn)  # no writer batch in flight re-writes what this decides
     actor, reason, now = _check_actor(actor), _check_reason(reason), _check_now(now)
     events = _decision_events(conn, decision_id, lock=True)
     if not events or events[0].id != decision_id or events[0].decision is not None:

@@ -468,6 +468,51 @@ def test_a_technicians_split_waits_for_the_batch_in_flight_and_is_not_written_ov
         == [(1,)]  # and the update is in
 
 
+def test_a_decision_waits_for_a_batch_that_never_finishes_two_seconds_and_the_writers_go_on(engine, monkeypatch):
+    """Found by a verification audit: batches queue behind a decision waiting for the links lock,
+    so one batch stuck mid-transaction (its node stopped) and one decision stalled every node's
+    writer for as long as the stuck batch lasted. A decision now waits at most two seconds, then
+    is refused 503 with nothing decided; the writers go on."""
+    import threading
+    import time
+
+    import exchange.store.reviews as reviews
+    from exchange.store.db import hold_links, write_transaction
+
+    if engine.dialect.name != "postgresql":
+        return
+    monkeypatch.setattr(reviews, "DECISION_WAIT_MS", 500)
+    run(engine, register("OAKNH", "OA-78", **ELIZABETH), register("GENHOSP", "GH-78", **ELIZABETH))
+    together = person(engine, "GENHOSP", "GH-78")
+    stuck = engine.connect()
+    stuck_tx = stuck.begin()
+    hold_links(stuck, exclusive=False)  # a batch whose node stopped mid-transaction
+    outcome: list = []
+
+    def split():
+        try:
+            with write_transaction(engine) as conn:
+                reviews.split_record(conn, together, "GENHOSP", "GH-78", actor="technician", now=NOW)
+        except reviews.DecisionError as exc:
+            outcome.append(exc.status)
+
+    try:
+        technician = threading.Thread(target=split)
+        technician.start()
+        time.sleep(0.2)  # the decision is waiting: a batch arriving now queues behind it...
+        answers: list = []
+        batch = threading.Thread(target=lambda: answers.extend(run(engine, register("HHCARE", "HH-78", **ELIZABETH))))
+        batch.start()
+        batch.join(5)  # ...until the decision gives up, not until the stuck one ends
+        assert answers == ["AA"]
+        technician.join(5)
+        assert outcome == [503]
+    finally:
+        stuck_tx.rollback()
+        stuck.close()
+    assert person(engine, "GENHOSP", "GH-78") == together  # nothing decided
+
+
 def test_a_batch_merging_persons_waits_for_another_nodes_batch_holding_a_record_it_moves(engine, monkeypatch):
     """Found by a black-box audit (two nodes on one PostgreSQL): an A40 merging two persons on one
     node while an A08 of a record of the retired person was in flight on another left that record
