@@ -65,11 +65,20 @@ PG_SERVER_KEEPALIVES = {
 }
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+IDLE_IN_TRANSACTION_MS = 60_000
+"""PostgreSQL: how long the writer's and the API's sessions may sit idle inside a transaction
+before the server ends them. Neither waits on anything but the database inside one; a node
+stopped mid-batch (a paused VM, SIGSTOP) would otherwise hold its locks -- the links lock a
+technician's decision needs, its records -- for as long as it stays stopped."""
+
+
+def make_engine(url: str, *, idle_in_transaction_ms: int | None = None, **kwargs: Any) -> Engine:
     """An Engine for a SQLAlchemy URL (``sqlite:///...`` or ``postgresql+psycopg://...``).
 
     ``postgresql://`` without a driver means psycopg 3 (the only PostgreSQL
-    driver the store supports). Extra keyword arguments go to ``create_engine``.
+    driver the store supports). ``idle_in_transaction_ms``: PostgreSQL's
+    ``idle_in_transaction_session_timeout`` for its sessions (None: the server's).
+    Extra keyword arguments go to ``create_engine``.
     """
     parsed = make_url(url)
     backend = parsed.get_backend_name()
@@ -100,6 +109,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         # the parse.
         options = connect_args.get("options", parsed.query.get("options", ""))
         settings = {"plan_cache_mode": "force_custom_plan", **PG_SERVER_KEEPALIVES}
+        if idle_in_transaction_ms is not None:
+            settings["idle_in_transaction_session_timeout"] = str(idle_in_transaction_ms)
         added = " ".join(f"-c {name}={value}" for name, value in settings.items() if name not in options)
         if added:
             connect_args["options"] = f"{options} {added}".strip()

@@ -87,3 +87,37 @@ def test_keepalives_the_url_sets_are_kept(engine: Engine) -> None:
             assert (client["keepalives_idle"], client["keepalives_count"]) == ("60", "3")
     finally:
         other.dispose()
+
+
+def test_a_session_stopped_inside_a_transaction_is_ended_and_its_locks_go(engine: Engine) -> None:
+    """Found by a verification audit: a node stopped mid-batch (SIGSTOP, a paused VM) held the links
+    lock, and every technician's decision was refused, for as long as it stayed stopped. The
+    writer's and the API's sessions now end after IDLE_IN_TRANSACTION_MS idle inside a transaction."""
+    import time
+
+    from sqlalchemy.exc import DBAPIError
+
+    from exchange.store.db import IDLE_IN_TRANSACTION_MS, LINKS_LOCK, hold_links
+
+    if engine.dialect.name != "postgresql":
+        return
+    assert 10_000 <= IDLE_IN_TRANSACTION_MS <= 300_000  # longer than any batch's Python; shorter than an outage
+    url = engine.url.render_as_string(hide_password=False)
+    stopped = make_engine(url, idle_in_transaction_ms=300)
+    try:
+        with stopped.connect() as conn:
+            conn.begin()
+            hold_links(conn, exclusive=False)
+            time.sleep(1.0)  # the node is stopped
+            with engine.connect() as other:  # the lock is free again
+                got = other.exec_driver_sql("SELECT pg_try_advisory_xact_lock(%s, %s)", LINKS_LOCK).scalar()
+                other.rollback()
+            assert got is True
+            try:
+                conn.exec_driver_sql("SELECT 1")
+                ended = False
+            except DBAPIError:
+                ended = True
+            assert ended  # its batch fails (no ACK was sent), and the sender resends
+    finally:
+        stopped.dispose()
