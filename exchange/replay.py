@@ -65,7 +65,7 @@ from exchange.outcome import ACCEPTED, MessageState, Value, Verdict
 from exchange.pipeline import MAPPED_TYPES, Received, decode, map_and_apply, pending_ref
 from exchange.matching.model import default_model
 from exchange.store import index as patient_index
-from exchange.store.db import lock_rebuild, write_transaction
+from exchange.store.db import LOCK_NOT_AVAILABLE, lock_rebuild, sqlstate, write_transaction
 from exchange.store.records import load as load_records
 from exchange.store.records import save as save_records
 from exchange.store.schema import (
@@ -304,10 +304,7 @@ def _clear(conn: Connection) -> None:
 
 def _is_busy(exc: OperationalError) -> bool:
     """SQLite "database is locked" after its busy timeout; PostgreSQL lock_timeout (55P03)."""
-    orig = exc.orig
-    if getattr(orig, "sqlstate", None) == "55P03":
-        return True
-    return "database is locked" in str(orig)
+    return sqlstate(exc) == LOCK_NOT_AVAILABLE or "database is locked" in str(exc.orig)
 
 
 __all__ = ["DatabaseBusy", "NotApplied", "ReplayReport", "RECORD_MODEL_TABLES", "replay"]

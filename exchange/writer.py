@@ -39,7 +39,7 @@ from exchange.config import Config
 from exchange.intake import CommitFailed, utc_now
 from exchange.mapping.events import FacilityContext
 from exchange.pipeline import AckSettings, Answer, Received, process_batch
-from exchange.store.db import IDLE_IN_TRANSACTION_MS, database_failed, write_transaction
+from exchange.store.db import IDLE_IN_TRANSACTION_MS, UNIQUE_VIOLATION, database_failed, sqlstate, write_transaction
 from exchange.store.index import ModelCache
 from exchange.store.outbox import record_outcomes
 
@@ -196,7 +196,7 @@ def serve_batches(run_batch: Callable[[Sequence[Received], Sequence], list[Answe
         except Exception as exc:  # rolled back: say so, keep serving
             # the exception's text may quote the rows (patient data): its type and SQLSTATE only,
             # and for a bug where it was raised (the code's lines, not the values)
-            code = getattr(getattr(exc, "orig", None), "sqlstate", None)
+            code = sqlstate(exc)
             bug = not database_failed(exc)
             where = "".join(traceback.format_tb(exc.__traceback__)) if bug else ""
             print(
@@ -211,7 +211,6 @@ def serve_batches(run_batch: Callable[[Sequence[Received], Sequence], list[Answe
         stdout.flush()
 
 
-UNIQUE_VIOLATION = "23505"  # PostgreSQL's SQLSTATE: a row another transaction committed first
 CONFLICT_RETRIES = 3
 
 
@@ -225,7 +224,7 @@ def _run_with_retries(run_batch, items, outcomes):
         try:
             return run_batch(items, outcomes)
         except Exception as exc:
-            if attempt == CONFLICT_RETRIES or getattr(getattr(exc, "orig", None), "sqlstate", None) != UNIQUE_VIOLATION:
+            if attempt == CONFLICT_RETRIES or sqlstate(exc) != UNIQUE_VIOLATION:
                 raise
     raise AssertionError("unreachable")
 

@@ -191,6 +191,16 @@ def database_failed(exc: BaseException) -> bool:
     return any(cls.__name__ in _DATABASE_FAILURES for cls in type(exc).__mro__)
 
 
+UNIQUE_VIOLATION = "23505"  # a row another transaction committed first
+LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout ran out
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """PostgreSQL's SQLSTATE of a failed statement (as SQLAlchemy wraps the driver's error, or
+    as the driver raised it); None for anything else, and on SQLite."""
+    return getattr(getattr(exc, "orig", exc), "sqlstate", None)
+
+
 def advisory_key(text: str) -> int:
     """A PostgreSQL advisory-lock key (int4) for ``text``: its CRC-32, signed. The same on
     every node; a collision only makes two unrelated holders wait for each other."""

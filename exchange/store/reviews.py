@@ -70,7 +70,7 @@ from exchange.matching.decide import Action, Reason, Record, decide
 from exchange.matching.features import Features
 from exchange.matching.model import Model, score
 from exchange.store.consent import carry_opt_outs, retire_emptied
-from exchange.store.db import hold_links
+from exchange.store.db import LOCK_NOT_AVAILABLE, hold_links, sqlstate
 from exchange.store.index import review_candidate, stored_features, stored_model
 from exchange.store.records import from_json
 from exchange.store.schema import (
@@ -151,7 +151,7 @@ def _hold_links(conn: Connection) -> None:
     try:
         hold_links(conn, exclusive=True)
     except OperationalError as exc:
-        if getattr(exc.orig, "sqlstate", None) == "55P03":
+        if sqlstate(exc) == LOCK_NOT_AVAILABLE:
             raise DecisionError(503, "the patient index is busy (a batch of messages did not finish in"
                                      f" {DECISION_WAIT_MS / 1000:g} s): nothing was decided; try again") from None
         raise
