@@ -138,11 +138,15 @@ class ExchangeService(Service):
 
     def status(self) -> dict:
         """/healthz: "unavailable" (503) after WRITER_DOWN_UNHEALTHY seconds without a working writer
-        (WriterProcess.down_since: it keeps dying, nothing is acknowledged), else "ok"."""
+        (WriterProcess.down_since: it keeps dying, nothing is acknowledged), "stalled" (503) while
+        one commit has taken COMMIT_STALLED seconds or more (the writer waits on a lock or on a
+        database that stopped answering: nothing is acknowledged meanwhile), else "ok"."""
         down = self.writer.down_since
+        commit = self.committer.commit_seconds()
         return {
-            "status": health(down, self.reactor.seconds()),
-            "writer": {"running": down is None, "restarts": self.writer.restarts},  # running: proved itself
+            "status": health(down, self.reactor.seconds(), commit),
+            # running: proved itself; commit_seconds: how long the commit in flight has taken
+            "writer": {"running": down is None, "restarts": self.writer.restarts, "commit_seconds": round(commit, 1)},
             "database": make_url(self.config.server.database).get_backend_name(),
             "mllp": self.mllp_addresses,
             "connections": len(self.mllp_factory.connections),
@@ -198,13 +202,20 @@ class ExchangeService(Service):
 
 
 WRITER_DOWN_UNHEALTHY = 5.0  # seconds without a writer (each restart waits 1 s) before /healthz says 503
+# Seconds one commit may take before /healthz says 503 "stalled". A busy batch commits in
+# milliseconds, the largest (MAX_BATCH_BYTES of documents) in about a second; a PostgreSQL
+# writer behind a lock held by a node stopped mid-batch waits up to IDLE_IN_TRANSACTION_MS.
+COMMIT_STALLED = 30.0
 
 
-def health(writer_down_since: float | None, now: float) -> str:
-    """"ok", or "unavailable" once the writer has been down (``WriterProcess.down_since``) for
-    WRITER_DOWN_UNHEALTHY seconds."""
+def health(writer_down_since: float | None, now: float, commit_seconds: float = 0.0) -> str:
+    """"unavailable" once the writer has been down (``WriterProcess.down_since``) for
+    WRITER_DOWN_UNHEALTHY seconds, "stalled" while the commit in flight has taken COMMIT_STALLED
+    seconds or more, else "ok"."""
     if writer_down_since is not None and now - writer_down_since >= WRITER_DOWN_UNHEALTHY:
         return "unavailable"
+    if commit_seconds >= COMMIT_STALLED:
+        return "stalled"
     return "ok"
 
 

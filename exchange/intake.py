@@ -139,10 +139,17 @@ class GroupCommitter:
         self._gather = gather if clock is not None else 0.0
         self._expect = 1  # pending, plus one for each connection just answered with none pending
         self._timer = None
+        self._now = clock.seconds if clock is not None else time.monotonic
+        self._commit_since: float | None = None  # when the commit in flight started (None: none is)
 
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    def commit_seconds(self) -> float:
+        """How long the commit in flight has been running (0.0 when none is): a writer
+        waiting on a lock, or on a database that stopped answering, shows here first."""
+        return 0.0 if self._commit_since is None else max(0.0, self._now() - self._commit_since)
 
     @property
     def overloaded(self) -> bool:
@@ -210,6 +217,7 @@ class GroupCommitter:
         self._busy = True
         items = [item for item, _ in batch]
         started = time.perf_counter()
+        self._commit_since = self._now()
         if side:
             d = self._commit_batch(items, [o for outcomes, _ in side for o in outcomes])
         else:
@@ -272,6 +280,7 @@ class GroupCommitter:
             return
         (item, d), rest = singles[0], singles[1:]
         started = time.perf_counter()
+        self._commit_since = self._now()
         run = self._commit_batch([item])
 
         def done(answers):
@@ -298,6 +307,7 @@ class GroupCommitter:
 
     def _next(self) -> None:
         self._busy = False
+        self._commit_since = None
         metrics.PENDING.set(len(self._pending))
         if self._pending or self._side:
             self._start_or_gather()

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import textwrap
+import time
 import urllib.request
 
 import hl7
@@ -185,6 +186,37 @@ def test_healthz_and_metrics(exchange):
     assert 'exchange_messages_received_total{facility="GENHOSP"}' in metrics
     assert "exchange_commit_batch_size_bucket" in metrics
     assert 'exchange_match_decisions_total{action="new"}' in metrics  # MET-1's patient: a new person
+
+
+def healthz(exchange) -> dict:
+    host, port = exchange.http
+    with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=10) as r:
+        return json.load(r)
+
+
+def test_healthz_shows_a_commit_waiting_on_a_lock(exchange, database_url):
+    """A writer behind a lock it cannot get acknowledges nothing; /healthz shows how long the
+    commit in flight has waited (and answers 503 "stalled" past app.COMMIT_STALLED)."""
+    assert healthz(exchange)["writer"]["commit_seconds"] == 0.0
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as locker, MLLPConnection(exchange.address) as conn:
+            if engine.dialect.name == "sqlite":
+                locker.exec_driver_sql("BEGIN IMMEDIATE")  # the one write lock (the writer waits busy_timeout)
+            else:
+                locker.execute(text("BEGIN"))
+                locker.execute(text("LOCK TABLE message IN EXCLUSIVE MODE"))  # reads pass, inserts wait
+            conn.send(adt("LOCKED-1"))
+            deadline = time.monotonic() + 10
+            while (body := healthz(exchange))["writer"]["commit_seconds"] < 1.0:
+                assert time.monotonic() < deadline, body
+                time.sleep(0.1)
+            assert body["status"] == "ok" and conn.expect_silence(0.1)  # no ACK before the commit
+            locker.rollback()
+            assert msa(conn.read_frame())[:2] == ["AA", "LOCKED-1"]
+    finally:
+        engine.dispose()
+    assert healthz(exchange)["writer"]["commit_seconds"] == 0.0
 
 
 def test_sigterm_finishes_in_flight_work_and_exits_cleanly(exchange, database_url):

@@ -337,3 +337,26 @@ def test_delivery_outcomes_ride_with_the_next_transaction():
     assert len(alone) == 1 and alone[0].check(RuntimeError)  # the worker sends those copies again
     idle = results_of([c.wait_idle()])
     assert idle == [None]
+
+
+def test_commit_seconds_tells_how_long_the_commit_in_flight_has_taken():
+    """What /healthz reports (and turns into 503 "stalled"): a writer waiting on a lock held by a
+    stopped node acknowledges nothing, and nothing else said so."""
+    w, clock = Writer(), Clock()
+    c = GroupCommitter(w, clock=clock, gather=0.002)
+    assert c.commit_seconds() == 0.0
+    results_of([c.submit(item(1))])
+    clock.advance(12.5)
+    assert c.commit_seconds() == 12.5
+    w.commit()
+    assert c.commit_seconds() == 0.0
+    results_of([c.submit(item(2)), c.submit(item(3))])
+    clock.advance(1)
+    w.fail()  # retried one by one: each single's own commit is timed
+    clock.advance(3)
+    assert c.commit_seconds() == 3
+    w.commit()
+    clock.advance(4)
+    assert c.commit_seconds() == 4
+    w.commit()
+    assert c.commit_seconds() == 0.0

@@ -96,6 +96,10 @@ def test_healthz_answers_503_while_the_writer_keeps_dying():
     clock.advance(0.2)
     assert health(writer.down_since, clock.seconds()) == "ok"
 
+    # A writer that runs but whose commit does not end (a lock held by a stopped node).
+    assert health(None, clock.seconds(), commit_seconds=29.9) == "ok"
+    assert health(None, clock.seconds(), commit_seconds=30.0) == "stalled"
+
     site = build_site(lambda: {"status": "unavailable", "writer": {"running": False, "restarts": 2}})
     protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
     transport = StringTransport()
