@@ -17,6 +17,7 @@ from exchange.auth import TOKEN_CACHE_TTL, TokenCache
 from exchange.config import Config, write_snapshot
 from exchange.delivery import DeliveryService, Settings as DeliverySettings
 from exchange.intake import AckIds, GroupCommitter, Intake
+from exchange import metrics
 from exchange.jobs import JobScheduler
 from exchange.store.reviews import Trust
 from exchange.mllp.protocol import MLLPServerFactory
@@ -80,6 +81,7 @@ class ExchangeService(Service):
             clock=reactor,
             gather=config.server.batch_gather,
         )
+        metrics.COMMIT_IN_FLIGHT.set_function(self.committer.commit_seconds)
         charsets = {f.code: f.charset for f in config.facilities}
         self.intake = Intake(
             self.committer,

@@ -21,6 +21,10 @@ COMMIT_SECONDS = Histogram(
     "Time to store and commit one batch",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
 )
+COMMIT_IN_FLIGHT = Gauge(
+    "exchange_commit_in_flight_seconds",
+    "How long the commit in flight has taken (0 when none is; /healthz says stalled from 30 s)",
+)
 COMMIT_FAILURES = Counter(
     "exchange_commit_failures_total", "Messages that could not be committed (no ACK sent)"
 )

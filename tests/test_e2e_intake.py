@@ -212,6 +212,11 @@ def test_healthz_shows_a_commit_waiting_on_a_lock(exchange, database_url):
                 assert time.monotonic() < deadline, body
                 time.sleep(0.1)
             assert body["status"] == "ok" and conn.expect_silence(0.1)  # no ACK before the commit
+            host, port = exchange.http
+            with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
+                gauge = [line for line in r.read().decode().splitlines()
+                         if line.startswith("exchange_commit_in_flight_seconds ")]
+            assert len(gauge) == 1 and float(gauge[0].split()[1]) >= 1.0
             locker.rollback()
             assert msa(conn.read_frame())[:2] == ["AA", "LOCKED-1"]
     finally:
