@@ -199,8 +199,8 @@ PIX_QUERY = ("QBP", "Q23")  # IHE ITI-9 (exchange.pix)
 
 def _answer_pix(conn: Connection, message: Message, item: Received, config: Config, settings: AckSettings,
                 control_id: str, at: datetime) -> tuple[str, Outcome]:
-    """A PIX query's RSP^K23 and its verdict, from the index as committed before this batch
-    (a sender's own earlier messages were answered, so committed, before it sent this one)."""
+    """A PIX query's RSP^K23 and its verdict, from the index as the messages before it left it
+    (``process_batch`` begins a part of the batch at each query)."""
     header = item.header
     query = pix.read_query(message)
     domain, result = None, None
@@ -227,7 +227,35 @@ def process_batch(
     routing: Config | None = None,
     settings: AckSettings = AckSettings(),
 ) -> list[Answer]:
-    """Store a batch of messages, apply them to the record model, decide each answer.
+    """Store a batch of messages, apply them to the record model, decide each answer
+    (``_process``), in parts that each begin at a PIX query: a query is answered from the
+    index as the messages before it left it, those of its own batch too (a sender pipelining
+    an opt-out and then a query, or sending both in one BHS batch, was answered from the index
+    as it was before the opt-out). One transaction all the same."""
+    options = dict(new_control_id=new_control_id, now=now, facilities=facilities, models=models,
+                   routing=routing, settings=settings)
+    starts = [i for i, item in enumerate(items)
+              if i and routing is not None and (item.header.message_type, item.header.event) == PIX_QUERY]
+    if not starts:
+        return _process(conn, items, **options)
+    answers: list[Answer] = []
+    for start, end in zip([0, *starts], [*starts, len(items)]):
+        answers.extend(_process(conn, items[start:end], **options))
+    return answers
+
+
+def _process(
+    conn: Connection,
+    items: Sequence[Received],
+    *,
+    new_control_id: Callable[[], str],
+    now: Callable[[], datetime],
+    facilities: Mapping[str, FacilityContext] | None,
+    models: patient_index.ModelCache | None,
+    routing: Config | None,
+    settings: AckSettings,
+) -> list[Answer]:
+    """Store messages, apply them to the record model, decide each answer.
 
     TRANSACTION (owned by the caller): one row per new message with its raw
     bytes, its state and the exact ACK to be sent; one history row each;
