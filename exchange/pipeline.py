@@ -198,7 +198,7 @@ PIX_QUERY = ("QBP", "Q23")  # IHE ITI-9 (exchange.pix)
 
 
 def _answer_pix(conn: Connection, message: Message, item: Received, config: Config, settings: AckSettings,
-                control_id: str, at: datetime) -> tuple[str, Outcome]:
+                control_id: str, at: datetime) -> tuple[bytes, Outcome]:
     """A PIX query's RSP^K23 and its verdict, from the index as the messages before it left it
     (``process_batch`` begins a part of the batch at each query)."""
     header = item.header
@@ -211,9 +211,10 @@ def _answer_pix(conn: Connection, message: Message, item: Received, config: Conf
         result = pix.answer(query, header.facility, found, domains)
     pix_store.audit_answer(conn, querier=header.facility, query=query, domain=domain, answer=result, at=at,
                            peer=item.peer)
+    header = pix.response_header(header, result)
     text = pix.response(header, query, result, control_id=control_id, now=at, application=settings.application,
                         facility=settings.facility)
-    return text, pix.outcome(query, result)
+    return encode_ack(header, text), pix.outcome(query, result)
 
 
 def process_batch(
@@ -314,9 +315,9 @@ def _process(
             ack, code = None, None
         elif routing is not None and d.message is not None and outcome.verdict is Verdict.ACCEPT \
                 and (header.message_type, header.event) == PIX_QUERY:
-            text, outcome = _answer_pix(conn, d.message, item, routing, settings, new_control_id(), now())
+            ack, outcome = _answer_pix(conn, d.message, item, routing, settings, new_control_id(), now())
             d.outcome = outcome
-            ack, code = encode_ack(header, text), ack_code(pix.answering(header), outcome)
+            code = ack_code(pix.answering(header), outcome)
         else:
             text = build_ack(
                 header,

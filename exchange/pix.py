@@ -16,7 +16,7 @@ the exchange issues (CX.5 ``PI``). The answer, per ITI-9's cases:
   and a second one of type ``S`` (a pseudonym: domains' names disagree);
 - known, none in the wanted domains: AA, QAK-2 ``NF``, no PID;
 - QPD-3's authority, or one of QPD-4's, is no domain: AE, QAK-2 ``AE``, ERR 204 at
-  ``QPD-3.4`` (``QPD-4[n].4``);
+  ``QPD-3.4`` (``QPD-4[n]``);
 - the identifier is not known: AE, ERR 204 at ``QPD-3.1``.
 
 What the querying facility may learn (the exchange's own rules beyond ITI-9): only about a
@@ -34,7 +34,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from exchange.hl7.ack import build_ack, escape_text
+from exchange.hl7.ack import build_ack, escape_text, mirror_field
+from exchange.hl7.charset import UTF8_CHARSET
 from exchange.hl7.header import Header
 from exchange.mapping.message import Message, Segment
 from exchange.outcome import ACCEPTED, Outcome, Problem, Value, error
@@ -103,7 +104,7 @@ def read_query(message: Message) -> Query:
     if qpd is None:
         return Query("", "", (), (), "", Problem(101, "QPD", "the PIX query has no QPD segment"))
     raw = message.delimiters.field.join(qpd.fields)
-    tag = qpd.value(2)
+    tag = qpd.fields[2] if len(qpd.fields) > 2 else ""  # QAK-1 echoes QPD-2 as sent (escapes, spaces and all)
     unanswerable = functools.partial(Query, tag, "", (), (), raw)
     name = {qpd.value(1, 1).casefold(), qpd.value(1, 2).casefold()} - {""}
     if name and not name & _PIX_NAMES:
@@ -149,7 +150,8 @@ def domain_problems(query: Query, domains: Domains) -> tuple[Problem, ...]:
         out.append(Problem(UNKNOWN_KEY, "QPD-3.4", "the assigning authority of the patient identifier is unknown"))
     for n, hd in enumerate(query.wanted, 1):
         if any(hd) and domains.of(hd) is None:
-            out.append(Problem(UNKNOWN_KEY, f"QPD-4[{n}].4", f"what domains returned: repetition {n} is unknown"))
+            # ITI-9 case 5: ERR-2 QPD^1^4^n, the repetition (no component, unlike case 4's QPD-3.4)
+            out.append(Problem(UNKNOWN_KEY, f"QPD-4[{n}]", f"what domains returned: repetition {n} is unknown"))
     return tuple(out)
 
 
@@ -190,6 +192,21 @@ def answering(header: Header) -> Header:
     return replace(header, accept_ack_type="", application_ack_type="")
 
 
+def response_header(header: Header, result: Answer | None) -> Header:
+    """The header the response is written for (MSH-18 and the bytes' charset): the query's, or
+    UTF-8 with MSH-18 ``UNICODE UTF-8`` when an identifier of the answer cannot be written in the
+    query's charset (a copy's rule: never a ``?`` in place of a character of an identifier)."""
+    if result is None or not result.identifiers:
+        return header
+    try:
+        for value, authority, _ in result.identifiers:
+            value.encode(header.codec)
+            authority.encode(header.codec)
+    except UnicodeEncodeError:
+        return replace(header, charset_field=UTF8_CHARSET, codec="utf-8")
+    return header
+
+
 def response(header: Header, query: Query, result: Answer | None, *, control_id: str, now: datetime,
              application: str, facility: str) -> str:
     """RSP^K23 as text with CR segment ends: MSH, MSA, ERR..., QAK, QPD (as sent), PID when found."""
@@ -199,7 +216,7 @@ def response(header: Header, query: Query, result: Answer | None, *, control_id:
                      more_problems=problems[1:])
     d = header.delimiters
     segments = text.rstrip("\r").split("\r")
-    segments.append(d.field.join(["QAK", escape_text(query.tag, d), "AE" if problems else result.status]))
+    segments.append(d.field.join(["QAK", mirror_field(query.tag, d), "AE" if problems else result.status]))
     if query.qpd:
         segments.append(query.qpd)
     if not problems and result.identifiers:

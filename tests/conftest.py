@@ -11,9 +11,11 @@ Deselect them with ``-m "not postgresql"``.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timezone
 
 import pytest
 from hypothesis import settings as hypothesis_settings
@@ -22,7 +24,16 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
+from exchange.acceptance import accept
+from exchange.app import acceptance_policy
+from exchange.config import facility_contexts, load_config
+from exchange.hl7.header import read_header
+from exchange.pipeline import Received
 from exchange.store.db import make_engine, upgrade
+from exchange.writer import make_batch_runner
+from tests.support import write_config
+
+BATCH_NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)  # the clock of ``batch``
 
 DEFAULT_TEST_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -87,3 +98,20 @@ def engine(database_url: str) -> Iterator[Engine]:
         yield eng
     finally:
         eng.dispose()
+
+
+@pytest.fixture
+def batch(tmp_path, engine):
+    """The writer's batch runner on the test configuration (tests/support.write_config), on
+    ``engine``: ``batch(raw, ...)`` runs the messages as one batch and returns their answers."""
+    config = load_config(write_config(tmp_path), database=engine.url.render_as_string(hide_password=False))
+    ids = itertools.count(1)
+    runner = make_batch_runner(engine, facilities=facility_contexts(config), routing=config,
+                               new_control_id=lambda: f"W{next(ids)}", now=lambda: BATCH_NOW)
+    policy = acceptance_policy(config)
+
+    def item(raw: bytes) -> Received:
+        header = read_header(raw)
+        return Received(raw, header, accept(header, policy), BATCH_NOW, "127.0.0.1:5000")
+
+    return lambda *raws: runner([item(raw) for raw in raws])

@@ -82,7 +82,7 @@ def test_unknown_identifiers_and_strangers_patients_are_answered_ae_204(exchange
         assert str(rsp.segment("ERR")[2]) == "QPD^1^3^1^1" and str(rsp.segment("ERR")[3][0][0]) == "204"
         assert not [s for s in rsp if str(s[0]) == "PID"]
     rsp = ask(exchange, "OAKNH", "QPD|IHE PIX Query|Q6|OA917082^^^OAKNH|^^^GENHOSP~^^^NOWHERE")
-    assert str(rsp.segment("ERR")[2]) == "QPD^1^4^2^4"
+    assert str(rsp.segment("ERR")[2]) == "QPD^1^4^2"
 
 
 def test_a_resent_query_gets_its_first_answer_and_an_opt_out_hides_the_other_sites(exchange, database_url,

@@ -2,6 +2,7 @@
 the RSP^K23 text, checked against hl7apy's v2.5 structure of RSP_K23."""
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import pytest
@@ -126,7 +127,7 @@ def test_known_but_nothing_in_the_wanted_domains_is_nf():
 def test_unknown_domains_are_each_an_error_204():
     a = answer(query("QPD|IHE PIX Query|T|X1^^^NOWHERE|^^^GENHOSP~^^^ELSEWHERE"), "OAKNH", ELIZABETH, DOMAINS)
     assert a.status == "AE"
-    assert [(p.code, p.location) for p in a.problems] == [(204, "QPD-3.4"), (204, "QPD-4[2].4")]
+    assert [(p.code, p.location) for p in a.problems] == [(204, "QPD-3.4"), (204, "QPD-4[2]")]
 
 
 def test_an_unknown_identifier_is_an_error_204():
@@ -186,7 +187,7 @@ def test_errors_name_their_location_one_err_each():
     assert [s[0] for s in segments] == ["MSH", "MSA", "ERR", "ERR", "QAK", "QPD"]
     assert segments[1][1] == "AE"
     assert segments[2][2] == "QPD^1^3^1^4" and segments[2][3].startswith("204^")
-    assert segments[3][2] == "QPD^1^4^2^4" and segments[3][3].startswith("204^")
+    assert segments[3][2] == "QPD^1^4^2" and segments[3][3].startswith("204^")
     assert segments[4] == ["QAK", "TAG-2", "AE"]
 
 
@@ -227,3 +228,26 @@ def test_a_query_in_enhanced_mode_gets_the_application_answer_aa_not_a_commit_ca
     text = response(header, q, answer(q, "OAKNH", ELIZABETH, DOMAINS), control_id="R-1", now=NOW,
                     application="EXCHANGE", facility="EXCHANGE")
     assert text.split("\r")[1].startswith("MSA|AA|Q-1")
+
+
+@pytest.mark.parametrize("tag", ["  TE3  ", "TE4^SUB", "T\\S\\5", ""])
+def test_qak_1_echoes_qpd_2_as_sent(tag):
+    qpd = f"QPD|IHE PIX Query|{tag}|OA917082^^^OAKNH"
+    segments = rsp(qpd, answer(query(qpd), "OAKNH", ELIZABETH, DOMAINS))
+    assert "|".join(segments[2][:2]) == f"QAK|{tag}" and "|".join(segments[3]) == qpd
+
+
+def test_an_identifier_the_querys_charset_cannot_carry_turns_the_answer_to_utf_8():
+    """Found by an audit: an MRN with an Ø, asked for in ASCII, came back with a '?' in its place."""
+    from exchange.pix import response_header
+    header, message = qbp("QPD|IHE PIX Query|T|OA917082^^^OAKNH")
+    header = replace(header, charset_field="ASCII", codec="ascii")
+    found = Found(7, False, (("GENHOSP", "GØ-44107"), ("OAKNH", "OA917082")))
+    result = answer(read_query(message), "OAKNH", found, DOMAINS)
+    chosen = response_header(header, result)
+    assert (chosen.charset_field, chosen.codec) == ("UNICODE UTF-8", "utf-8")
+    text = response(chosen, read_query(message), result, control_id="R-1", now=NOW, application="EXCHANGE",
+                    facility="EXCHANGE")
+    assert text.split("\r")[0].split("|")[17] == "UNICODE UTF-8" and "GØ-44107^^^GENHOSP^MR" in text
+    plain = answer(read_query(message), "OAKNH", ELIZABETH, DOMAINS)
+    assert response_header(header, plain) is header  # what ASCII carries stays ASCII

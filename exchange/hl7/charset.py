@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # header.py imports this module; avoid the cycle at run time
     from exchange.hl7.header import Header
 
 UTF8_BOM = b"\xef\xbb\xbf"
+UTF8_CHARSET = "UNICODE UTF-8"  # MSH-18 of what the exchange writes in UTF-8 when the asked charset cannot carry it
 
 # HL7 table 0211 (plus "UTF-8", which senders write for "UNICODE UTF-8").
 # Keys are upper case with single spaces; see _normalise().

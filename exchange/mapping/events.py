@@ -451,6 +451,13 @@ def _choose_mrn(identifiers: list[Identifier], authority: str) -> Identifier | N
     return identifiers[0]
 
 
+def _no_control_character(value: str, location: str, what: str) -> None:
+    """An escape such as \\X0A\\ (or \\X00\\) put a control character in an identifier: none has
+    one, it would not come back as sent from any copy, export or URL, and PostgreSQL keeps no NUL."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise _Fail(102, location, f"{location} {what} contains a control character")
+
+
 def _patient_id(seg: Segment, ctx: FacilityContext, location: str = "PID-3",
                 ids: list[Identifier] | None = None) -> Identifier:
     if ids is None:
@@ -458,10 +465,7 @@ def _patient_id(seg: Segment, ctx: FacilityContext, location: str = "PID-3",
     mrn = _choose_mrn(ids, ctx.authority)
     if mrn is None:
         raise _Fail(101, location, f"{location} has no usable patient identifier")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in mrn.value):
-        # an escape such as \X0A\ put a line break in it: no patient identifier has one, and it
-        # would not come back as sent from any copy, export or URL
-        raise _Fail(102, location, f"{location} identifier contains a control character")
+    _no_control_character(mrn.value, location, "identifier")
     if ctx.foreign_authorities and not mrn.issued_by(ctx.authority) and (
             mrn.authority in ctx.foreign_authorities or mrn.authority_id in ctx.foreign_authorities):
         # another site's MRN (or the exchange's person id) filed as this facility's would make a
@@ -597,6 +601,12 @@ def _ssn(pid: Segment, ids: tuple[Identifier, ...]) -> str | None | object:
 
 
 # --- PV1 ----------------------------------------------------------------------------------------------
+
+
+def _visit(pv1: Segment) -> str:
+    visit = visit_number(pv1)
+    _no_control_character(visit, "PV1-19", "visit number")
+    return visit
 
 
 def visit_number(pv1: Segment) -> str:
@@ -768,7 +778,7 @@ def _map_adt(msg, header, ctx, state, event, warnings) -> list:
         if event != "A08":
             warnings.append("PV1: no visit segment, encounter not changed")
         return ops
-    visit = visit_number(pv1)
+    visit = _visit(pv1)
     current = rec.encounters.get(visit) if rec is not None else None
     patch = encounter_patch(pv1, warnings)
     if not visit:
@@ -801,7 +811,7 @@ def _map_swap(msg, header, ctx, state, warnings) -> list:
     for pid, pv1 in pairs[:2]:
         mrn, rec, demo = _subject(pid, ctx, state, warnings)
         ops.append(UpsertPatient(ctx.code, mrn, demo))
-        visit = visit_number(pv1)
+        visit = _visit(pv1)
         current = rec.encounters.get(visit) if rec is not None else None
         patch = encounter_patch(pv1, warnings)
         if patch.location is None:
@@ -1034,6 +1044,8 @@ def _map_visit_move(msg, ctx, state, event, warnings) -> list:
             raise _Fail(101, where[0], f"{where[0]}: the prior visit number is required")
         if not new:
             raise _Fail(101, where[1], f"{where[1]}: the new visit number is required")
+        _no_control_character(old, where[0], "visit number")
+        _no_control_character(new, where[1], "visit number")
         source = mrn
         if event == "A45":
             source = _survivor(state, ctx.code, _prior_id(mrg, _patient_id(pid, ctx), ctx).value)
@@ -1149,6 +1161,9 @@ def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
     patch = document_patch(txa, warnings)
     if not patch.number:
         raise _Fail(101, "TXA-12", "TXA-12 unique document number is required")
+    _no_control_character(patch.number, "TXA-12", "document number")
+    if patch.parent:
+        _no_control_character(patch.parent, "TXA-13", "parent document number")
     pid = msg.first("PID")
     if pid is None:
         raise _Fail(101, "PID-3", "PID segment with a patient identifier is required")

@@ -62,7 +62,7 @@ from typing import Any
 
 from exchange.config import FacilityConfig, ServerConfig
 from exchange.hl7.ack import format_timestamp, version_tuple
-from exchange.hl7.charset import canonical_codec, decode_message
+from exchange.hl7.charset import UTF8_CHARSET, canonical_codec, decode_message
 from exchange.hl7.header import Delimiters, read_header
 from exchange.mapping.message import Message, Segment, escape, unescape
 from exchange.outcome import Value
@@ -72,7 +72,6 @@ __all__ = ["CHARSET_NAMES", "MRN_TYPE", "PERSON_TYPE", "UTF8_CHARSET", "Copy", "
 
 MRN_TYPE = "MR"  # CX.5 of the destination's MRN
 PERSON_TYPE = "PI"  # CX.5 of the enterprise person id (table 0203: patient internal identifier)
-UTF8_CHARSET = "UNICODE UTF-8"  # MSH-18 of a copy in UTF-8, in every version (see below)
 
 # MSH-18 of a copy, by the (canonical) Python codec it is encoded with: the
 # table 0211 code. 8859/1..9 and ASCII are in every version we route to (2.3

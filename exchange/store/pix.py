@@ -18,6 +18,8 @@ def find(conn: Connection, domain: str, value: str) -> Found | None:
     """The patient ``value`` names in ``domain`` (a facility code, or PERSON for the enterprise
     person ids), followed through merges (a retired MRN, a person merged into another); None
     when it names no record or person with an active record."""
+    if "\x00" in value:  # (an escaped \X00\) names nothing, and PostgreSQL refuses it as a parameter
+        return None
     if domain == PERSON:
         start = person_id(value)
     else:
@@ -40,7 +42,10 @@ def audit_answer(conn: Connection, *, querier: str, query: Query, domain: str | 
     named, as for a read through the API."""
     resource = audit.Resource.PERSON if domain == PERSON else audit.Resource.RECORD
     found = answer is not None and not answer.problems
+    key = query.id.replace("\x00", "\\X00\\")  # as sent (PostgreSQL keeps no NUL)
+    if domain == PERSON and person_id(key) is not None:
+        key = str(person_id(key))  # person 7, asked for as 0007: "who looked up person 7" finds it
     event = audit.AuditEvent(at, querier, ACTOR_ROLE, audit.Action.READ, resource,
-                             None if domain in (None, PERSON) else domain, query.id or None,
+                             None if domain in (None, PERSON) else domain, key or None,
                              audit.Outcome.OK if found else audit.Outcome.NOT_FOUND, peer)
     audit.record_read(conn, event, [{"facility": f, "mrn": m} for f, m in (answer.named if found else ())])

@@ -390,8 +390,16 @@ def load(conn: Connection, needs_list: Iterable[Needs]) -> MemoryState:
         want_documents |= n.documents
         visits |= n.visits
         whole = whole or n.whole
+    # A key with a NUL (an escaped \X00\) names nothing stored (the mapping refuses it, AE 102),
+    # and PostgreSQL refuses the NUL in a parameter: the whole batch failed on it.
+    want_records, want_documents = _without_nul(want_records), _without_nul(want_documents)
+    visits = {v for v in visits if "\x00" not in v}
     return _load(conn, want_records, want_documents, None if whole else visits, whole=whole, all_versions=False,
                  lock=True)
+
+
+def _without_nul(keys: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    return {k for k in keys if "\x00" not in k[0] and "\x00" not in k[1]}
 
 
 def load_all(conn: Connection) -> MemoryState:
