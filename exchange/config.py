@@ -918,10 +918,12 @@ class _Reader:
         elif environ.get(DATABASE_ENV):
             url, key = environ[DATABASE_ENV], DATABASE_ENV
         else:
+            # Required: a server that quietly made a database of its own (relative to wherever it
+            # was started) would acknowledge messages no other node, job or operator ever sees.
             url = self.string(table, "database", "server.database")
             key = "server.database"
             if url is None:
-                return DEFAULT_DATABASE
+                raise self.fail(key, f"missing required key (or give --database, or set {DATABASE_ENV})")
         reason = check_database_url(url)
         if reason:
             raise self.fail(key, reason)

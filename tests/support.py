@@ -40,12 +40,16 @@ authority = "HHCARE"
 """
 
 
-def write_config(directory: Path, *, mllp='"tcp:0:interface=127.0.0.1"', server_extra="", facilities=DEMO_FACILITIES) -> Path:
+def write_config(directory: Path, *, mllp='"tcp:0:interface=127.0.0.1"', server_extra="", facilities=DEMO_FACILITIES,
+                 database: str | None = None) -> Path:
+    """A configuration file in ``directory`` (its database: a SQLite file there unless given)."""
     path = directory / "exchange.toml"
+    database = database or f"sqlite:///{directory / 'exchange.db'}"
     path.write_text(
         f"""[server]
 mllp = {mllp}
 http = "tcp:0:interface=127.0.0.1"
+database = "{database}"
 {server_extra}
 {facilities}"""
     )

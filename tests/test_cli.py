@@ -135,7 +135,7 @@ def test_a_good_file_at_the_default_path_gives_way_to_the_database_on_the_line(t
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("EXCHANGE_DATABASE_URL", raising=False)
     (tmp_path / "config").mkdir()
-    write_config(tmp_path / "config", server_extra=f'database = "sqlite:///{tmp_path / "from-file.db"}"')
+    write_config(tmp_path / "config", database=f"sqlite:///{tmp_path / 'from-file.db'}")
     url = f"sqlite:///{tmp_path / 'on-the-line.db'}"
     code, out, err = run_cli(capsys, monkeypatch, "db", "upgrade", "--database", url)
     assert (code, err) == (0, "") and "on-the-line.db" in out

@@ -26,6 +26,7 @@ MINIMAL = """\
 [server]
 mllp = "tcp:2575:interface=127.0.0.1"
 http = "tcp:8080:interface=127.0.0.1"
+database = "sqlite:///var/exchange.db"
 
 [[facility]]
 code = "GENHOSP"
@@ -64,6 +65,8 @@ def error_of(tmp_path: Path, text: str, **kwargs) -> str:
 
 
 def with_server(extra: str) -> str:
+    if extra.startswith("database ="):  # in place of MINIMAL's
+        return MINIMAL.replace('database = "sqlite:///var/exchange.db"', extra, 1)
     return MINIMAL.replace("[server]\n", "[server]\n" + extra + "\n", 1)
 
 
@@ -266,6 +269,16 @@ def test_database_argument_beats_environment_beats_file(tmp_path):
     assert load(tmp_path, MINIMAL, environ={"EXCHANGE_DATABASE_URL": ""}).server.database == "sqlite:///var/exchange.db"
 
 
+def test_a_file_without_server_database_needs_the_flag_or_the_environment(tmp_path):
+    """Found by a contract audit: such a file started a server on sqlite:///var/exchange.db
+    relative to wherever it was started (a node on a stray database of its own)."""
+    text = MINIMAL.replace('database = "sqlite:///var/exchange.db"\n', "")
+    assert error_of(tmp_path, text).startswith("server.database: missing required key")
+    assert error_of(tmp_path, text, environ={"EXCHANGE_DATABASE_URL": ""}).startswith("server.database: missing")
+    assert load(tmp_path, text, environ={"EXCHANGE_DATABASE_URL": "sqlite:///e.db"}).server.database == "sqlite:///e.db"
+    assert load(tmp_path, text, database="sqlite:///f.db").server.database == "sqlite:///f.db"
+
+
 def test_database_default_reads_the_real_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("EXCHANGE_DATABASE_URL", "sqlite:////tmp/env.db")
     assert load_config(write(tmp_path, MINIMAL)).server.database == "sqlite:////tmp/env.db"
@@ -318,7 +331,7 @@ def test_unreadable_file(tmp_path, monkeypatch):
 def test_toml_syntax_error_names_the_line(tmp_path):
     message = error_of(tmp_path, MINIMAL + "\nthis is not toml\n")
     assert message.startswith("TOML syntax error: ")
-    assert "(at line 11, column 6)" in message  # MINIMAL is 9 lines, then a blank one
+    assert "(at line 12, column 6)" in message  # MINIMAL is 10 lines, then a blank one
 
 
 def test_not_utf8(tmp_path):
@@ -339,6 +352,8 @@ def test_not_utf8(tmp_path):
         # missing required keys
         (MINIMAL.replace('mllp = "tcp:2575:interface=127.0.0.1"\n', ""), "server.mllp: missing required key"),
         (MINIMAL.replace('http = "tcp:8080:interface=127.0.0.1"\n', ""), "server.http: missing required key"),
+        (MINIMAL.replace('database = "sqlite:///var/exchange.db"\n', ""),
+         "server.database: missing required key (or give --database, or set EXCHANGE_DATABASE_URL)"),
         (MINIMAL.replace('code = "GENHOSP"\n', ""), "facility[1].code: missing required key"),
         (MINIMAL.replace('name = "General Hospital"\n', ""), "facility[1].name: missing required key"),
         (MINIMAL.replace('kind = "hospital"\n', ""), "facility[1].kind: missing required key"),

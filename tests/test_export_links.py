@@ -35,7 +35,7 @@ def test_export_links_of_an_empty_index_is_the_header(engine, database_url):
 
 
 def test_export_links_reads_the_database_from_the_config(tmp_path, engine, database_url):
-    config = write_config(tmp_path, server_extra=f'database = "{database_url}"')
+    config = write_config(tmp_path, database=database_url)
     done = exchange("export", "links", "--config", str(config), env={"PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert done.stdout == "facility,authority,mrn,person\n"
