@@ -126,6 +126,19 @@ def test_accepted_adt_is_applied_to_the_record_model_in_the_same_transaction(eng
     assert [e["visit_number"] for e in view["encounters"]] == ["V77"]
     assert view["encounters"][0]["status"] == "admitted"
     assert {m for (m,) in events} == {answer.message_id}  # which message changed what
+    assert view["birth_time"] is None
+
+
+def test_a_birth_date_with_a_time_of_birth_is_still_an_iso_date(engine):
+    """Found by a contract audit: PID-7 19400229120000 showed as "birth_date": "1940-02-29T12:00:00"."""
+    from exchange.store.records import record_view
+
+    body = b"PID|1||MRN78^^^GENHOSP^MR||DOE^JANE||194002291200-0500|F\r"
+    (answer,) = run(engine, [received(msg("REC-2", body=body))])
+    assert answer.ack_code == "AA"
+    with engine.connect() as conn:
+        view = record_view(conn, "GENHOSP", "MRN78")
+    assert (view["birth_date"], view["birth_time"]) == ("1940-02-29", "1940-02-29T12:00:00-05:00")
 
 
 def test_a_message_that_cannot_be_applied_gets_ae_is_stored_and_changes_nothing(engine):

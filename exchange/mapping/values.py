@@ -87,6 +87,16 @@ class Timestamp(Value):
             return f"{self.value.year:04d}-{self.value.month:02d}"
         return self.value.isoformat()
 
+    def date_isoformat(self) -> str:
+        """The date alone, as precise as sent (a birth date: PID-7 may carry the time of birth)."""
+        if self.precision in _DATE_PRECISIONS:
+            return self.isoformat()
+        return self.value.date().isoformat()
+
+    @property
+    def has_time(self) -> bool:
+        return self.precision not in _DATE_PRECISIONS
+
 
 _ISO_DATE = re.compile(r"^(\d{4})-(\d{2})(?:-(\d{2}))?(?:[T ](\d{2})(?::?(\d{2})(?::?(\d{2}))?)?)?")
 _OFFSET = re.compile(r"([+-])(\d{2})(\d{2})?$")

@@ -847,7 +847,8 @@ def record_view(conn: Connection, facility: str, mrn: str) -> dict[str, Any] | N
         "merged_into": row.merged_into_mrn,
         "name": _name(rec["name"]),
         "aliases": [_name(a) for a in rec["aliases"] or ()],
-        "birth_date": birth.isoformat() if birth else None,
+        "birth_date": birth.date_isoformat() if birth else None,  # ISO date (PID-7 may carry a time:
+        "birth_time": birth.isoformat() if birth and birth.has_time else None,  # that is here)
         "sex": rec["sex"],
         "address": _address(primary) if primary else None,
         "addresses": [_address(a) for a in rec["addresses"] or ()],

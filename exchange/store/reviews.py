@@ -299,7 +299,7 @@ def _sex(sex: Any) -> str | None:
 
 
 def _birth(birth: Any) -> str | None:
-    return birth.isoformat() if isinstance(birth, Timestamp) else None
+    return birth.date_isoformat() if isinstance(birth, Timestamp) else None
 
 
 DEMOGRAPHIC_FIELDS = ("name", "birth_date", "sex", "address", "phones", "ssn_last4")
