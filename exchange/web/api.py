@@ -11,7 +11,6 @@ request's identifiers: the audit table is the only place they go.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import replace
@@ -704,21 +703,25 @@ class API:
         log.error("api: reading a {what} failed: {error}", what=what, error=type(exc).__name__)
         return self._error(request, 500, "internal error")
 
-    async def _audit_a_refused_token(self, request) -> None:
-        """A call to no route still shows its token: an unknown or revoked one is audited
-        (``_authenticate`` writes the row); the answer stays the route's 404 or 405."""
-        if request.getHeader(b"authorization"):
-            with contextlib.suppress(Unauthorized):
-                await self._authenticate(request)
+    async def _unauthenticated(self, request) -> bytes | None:
+        """A call to no route (or with a method its route does not take) is answered 401 without a
+        valid token, as every other: the caller learns nothing of which paths exist. An unknown or
+        revoked token is audited (``_authenticate`` writes the row). None: the token is good."""
+        try:
+            await self._authenticate(request)
+        except Unauthorized as exc:
+            return self._error(request, 401, str(exc))
+        return None
 
     @app.handle_errors(NotFound)
     async def not_found(self, request, failure) -> bytes:
-        await self._audit_a_refused_token(request)
-        return self._error(request, 404, "no such resource")
+        return await self._unauthenticated(request) or self._error(request, 404, "no such resource")
 
     @app.handle_errors(MethodNotAllowed)
     async def not_allowed(self, request, failure) -> bytes:
-        await self._audit_a_refused_token(request)
+        refused = await self._unauthenticated(request)
+        if refused is not None:
+            return refused
         methods = sorted(getattr(failure.value, "valid_methods", None) or ())
         if methods:
             request.setHeader(b"allow", ", ".join(methods).encode())

@@ -46,16 +46,20 @@ def test_unknown_and_revoked_tokens_401(api: Harness):
     ]
 
 
-def test_an_unknown_token_on_no_route_is_audited_and_still_a_404_or_405(api: Harness):
+def test_no_route_without_a_valid_token_is_a_401_and_an_unknown_token_is_audited(api: Harness):
     """Found by a verification audit: a probe with a stolen or made-up token at paths that do
-    not exist left no trace."""
-    assert api.get("/api/nothing/here", "exk_made-up")[0] == 404
+    not exist left no trace. Found by a contract audit: without a token, a path that does not
+    exist answered 404 and one that does 401 (which paths exist, told to anyone)."""
+    assert api.get("/api/nothing/here", "exk_made-up")[0] == 401
     token = api.token("ann", "admin")
     response = api._result(api.stub.delete("http://exchange.test/api/persons/1",
                                            headers={"Authorization": "Bearer exk_made-up"}))
-    assert response.code == 405
+    assert response.code == 401
     assert api.get("/api/nothing/here", token)[0] == 404  # a valid token: nothing to record
-    assert api.get("/api/nothing/here")[0] == 404  # no token: nobody to name
+    response = api._result(api.stub.delete("http://exchange.test/api/persons/1",
+                                           headers={"Authorization": f"Bearer {token}"}))
+    assert response.code == 405
+    assert api.get("/api/nothing/here")[0] == 401  # no token: nobody to name
     assert [(r["actor"], r["action"], r["key"], r["outcome"]) for r in api.audit()] == [
         ("-", "authenticate", "GET /api/nothing/here", "unauthorized"),
         ("-", "authenticate", "DELETE /api/persons/1", "unauthorized"),
