@@ -491,6 +491,8 @@ def _migrated_engine(args, url: str | None = None):
     from exchange.store.db import current_revision, head_revision, make_engine, refusal
 
     url = url or _database_url(args)
+    if _missing_sqlite_file(url):  # connecting would leave an empty file behind
+        raise UsageFailure(f"database {_safe_url(url)}: no such file: run `exchange db upgrade` first")
     try:
         engine = make_engine(url)
         revision, head = current_revision(engine), head_revision()
@@ -506,6 +508,15 @@ def _migrated_engine(args, url: str | None = None):
             f"database {_safe_url(url)} is at revision {revision or 'none'}, not {head}: run `exchange db upgrade` first"
         )
     return engine
+
+
+def _missing_sqlite_file(url: str) -> bool:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    path = parsed.database or ""
+    return (parsed.get_backend_name() == "sqlite" and bool(path) and not path.startswith("file:")
+            and path != ":memory:" and not os.path.exists(path))
 
 
 def _cli_audit(conn, args, action: str, resource: str, key: str | None, outcome: str) -> None:

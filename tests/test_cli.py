@@ -117,6 +117,18 @@ def test_without_config_the_database_on_the_line_will_do_if_no_file_is_at_the_de
     assert code == 2 and err.splitlines() == ["exchange: config/exchange.toml: file not found"]
 
 
+def test_a_command_that_needs_a_migrated_database_leaves_no_empty_sqlite_file(tmp_path, capsys, monkeypatch):
+    """Found by a contract audit: `export links` on a database file that did not exist refused
+    (exit 2), and left an empty file behind."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EXCHANGE_DATABASE_URL", raising=False)
+    database = tmp_path / "never.db"
+    code, out, err = run_cli(capsys, monkeypatch, "export", "links", "--database", f"sqlite:///{database}")
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [f"exchange: database sqlite:///{database}: no such file: run `exchange db upgrade` first"]
+    assert not database.exists()
+
+
 @pytest.mark.parametrize("argv", DATABASE_COMMANDS, ids=" ".join)
 def test_a_file_at_the_default_path_is_checked_even_with_the_database_on_the_line(
         tmp_path, capsys, monkeypatch, argv):
