@@ -8,7 +8,8 @@ from datetime import datetime, timezone
 
 from sqlalchemy.engine import make_url
 from twisted.application.service import Service
-from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from exchange.acceptance import AcceptancePolicy, FacilityRule
@@ -19,6 +20,7 @@ from exchange.delivery import DeliveryService, Settings as DeliverySettings
 from exchange.intake import AckIds, GroupCommitter, Intake
 from exchange import metrics
 from exchange.jobs import JobScheduler
+from exchange.store.db import IDLE_IN_TRANSACTION_MS, end_stale_sessions
 from exchange.store.reviews import Trust
 from exchange.mllp.protocol import MLLPServerFactory
 from exchange.mllp.tls import server_endpoint
@@ -128,6 +130,11 @@ class ExchangeService(Service):
         )
         # Reconciliation jobs on their schedules ([server.reconcile]): a thread of their own, each run a child process.
         self.jobs = JobScheduler(config, reactor)
+        # PostgreSQL: now and then, end the sessions a stopped node left holding locks (any node's).
+        self.stale_sessions: LoopingCall | None = None
+        if make_url(config.server.database).get_backend_name() == "postgresql":
+            self.stale_sessions = LoopingCall(self._end_stale_sessions)
+            self.stale_sessions.clock = reactor
         self.started_at = time.monotonic()
         self.ports: list = []
         self.mllp_addresses: list[str] = []
@@ -137,6 +144,25 @@ class ExchangeService(Service):
         """Call after each committed batch that queued copies, with their destination
         codes: their delivery workers look at the outbox at once."""
         self.delivery.wake(destinations)
+
+    def _end_stale_sessions(self) -> Deferred:
+        """``db.end_stale_sessions`` in the API's thread pool: a delivery loop may be silent for a
+        connect and an answer (``delivery_timeout`` each) and a poll, then ``STALE_SESSION``."""
+        s = self.config.server
+        idle = STALE_SESSION + 2 * s.delivery_timeout + s.delivery_poll
+        d = self.api_db.write(end_stale_sessions, stale=STALE_SESSION, idle=idle)
+
+        def ended(roles: list[str]) -> None:
+            for role in roles:
+                metrics.STALE_SESSIONS_ENDED.labels(role).inc()
+            if roles:
+                log.warn("ended {count} database session(s) of a stopped node, silent while holding locks: {roles}",
+                         count=len(roles), roles=", ".join(sorted(roles)))
+
+        def failed(f) -> None:  # e.g. a role that may not end the other nodes' sessions
+            log.warn("could not look for stale database sessions: {error}", error=f.type.__name__)
+
+        return d.addCallbacks(ended, failed)
 
     def status(self) -> dict:
         """/healthz: "unavailable" (503) after WRITER_DOWN_UNHEALTHY seconds without a working writer
@@ -185,10 +211,14 @@ class ExchangeService(Service):
             "exchange user add NAME --role admin)"
         )
         self.jobs.start()
+        if self.stale_sessions is not None:
+            self.stale_sessions.start(STALE_SESSION_CHECK, now=False)
 
     @inlineCallbacks
     def stopService(self):
         super().stopService()
+        if self.stale_sessions is not None and self.stale_sessions.running:
+            self.stale_sessions.stop()
         self.jobs.stop()  # returns at once; a run in progress is terminated
         delivery_stopped = self.delivery.stopService()
         yield DeferredList([d for d in (p.stopListening() for p in self.ports) if d is not None])
@@ -203,6 +233,8 @@ class ExchangeService(Service):
         log.info("exchange stopped cleanly")
 
 
+STALE_SESSION = IDLE_IN_TRANSACTION_MS / 1000  # seconds a session inside a transaction may wait for its client
+STALE_SESSION_CHECK = 15.0  # seconds between two looks for them
 WRITER_DOWN_UNHEALTHY = 5.0  # seconds without a writer (each restart waits 1 s) before /healthz says 503
 # Seconds one commit may take before /healthz says 503 "stalled". A busy batch commits in
 # milliseconds, the largest (MAX_BATCH_BYTES of documents) in about a second; a PostgreSQL

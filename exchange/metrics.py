@@ -25,6 +25,11 @@ COMMIT_IN_FLIGHT = Gauge(
     "exchange_commit_in_flight_seconds",
     "How long the commit in flight has taken (0 when none is; /healthz says stalled from 30 s)",
 )
+STALE_SESSIONS_ENDED = Counter(
+    "exchange_stale_sessions_ended_total",
+    "PostgreSQL sessions of a stopped node, silent while holding locks, that this node ended",
+    ["role"],
+)
 COMMIT_FAILURES = Counter(
     "exchange_commit_failures_total", "Messages that could not be committed (no ACK sent)"
 )

@@ -39,7 +39,8 @@ from exchange.config import Config
 from exchange.intake import CommitFailed, utc_now
 from exchange.mapping.events import FacilityContext
 from exchange.pipeline import AckSettings, Answer, Received, process_batch
-from exchange.store.db import IDLE_IN_TRANSACTION_MS, UNIQUE_VIOLATION, database_failed, sqlstate, write_transaction
+from exchange.store.db import (IDLE_IN_TRANSACTION_MS, UNIQUE_VIOLATION, WRITER_SESSION, database_failed, sqlstate,
+                               write_transaction)
 from exchange.store.index import ModelCache
 from exchange.store.outbox import record_outcomes
 
@@ -283,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config = load_config(args.config, database=args.database)
     start_logging(config.server.log_level)  # to stderr: stdout is the pipe to the parent
-    engine = make_engine(config.server.database, pool_pre_ping=False, idle_in_transaction_ms=IDLE_IN_TRANSACTION_MS)
+    engine = make_engine(config.server.database, pool_pre_ping=False, idle_in_transaction_ms=IDLE_IN_TRANSACTION_MS,
+                         application_name=WRITER_SESSION)
     settings = AckSettings(config.server.application, config.server.facility_name)
     run_batch = make_batch_runner(engine, facilities=facility_contexts(config), routing=config,
                                   new_control_id=AckIds(tag="W"), settings=settings)

@@ -60,7 +60,7 @@ from exchange.config import Config
 from exchange.delivery.policy import Kind, Settings, backoff, judge
 from exchange.mllp.client import MLLPClientProtocol, ReplyTimeout, client_endpoint
 from exchange.mllp.framing import FramingError
-from exchange.store.db import make_engine, write_transaction
+from exchange.store.db import DELIVERY_SESSION, make_engine, write_transaction
 from exchange.store.outbox import (
     Claim,
     Delivered,
@@ -643,7 +643,8 @@ class DeliveryService(Service):
         if not self.destinations:
             return
         # Creating an engine opens no connection: safe on the reactor thread.
-        self.engine = make_engine(self.database_url, pool_size=2 * len(self.destinations) + 2)
+        self.engine = make_engine(self.database_url, pool_size=2 * len(self.destinations) + 2,
+                                  application_name=DELIVERY_SESSION)
         self.pool.start()
         for code, endpoint in self.destinations.items():
             worker = DestinationWorker(

@@ -20,6 +20,8 @@ has committed.
 """
 from __future__ import annotations
 
+import os
+import socket
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -69,15 +71,32 @@ IDLE_IN_TRANSACTION_MS = 60_000
 """PostgreSQL: how long the writer's and the API's sessions may sit idle inside a transaction
 before the server ends them. Neither waits on anything but the database inside one; a node
 stopped mid-batch (a paused VM, SIGSTOP) would otherwise hold its locks -- the links lock a
-technician's decision needs, its records -- for as long as it stays stopped."""
+technician's decision needs, its records -- for as long as it stays stopped. It does not end a
+session stopped in the middle of a pipeline (PostgreSQL counts that one active, waiting for the
+client's next message): ``end_stale_sessions`` does."""
+
+# The roles in the PostgreSQL application_name of a node's sessions, "exchange ROLE HOST:PID"
+# (``session_name``): the sessions ``end_stale_sessions`` may end (pg_stat_activity).
+WRITER_SESSION = "writer"
+API_SESSION = "api"
+DELIVERY_SESSION = "delivery"
 
 
-def make_engine(url: str, *, idle_in_transaction_ms: int | None = None, **kwargs: Any) -> Engine:
+def session_name(role: str) -> str:
+    """``exchange ROLE HOST:PID``: which process of which node a session is (at most 63 bytes,
+    PostgreSQL's limit; the process's id last, kept)."""
+    suffix = f":{os.getpid()}"
+    return f"exchange {role} {socket.gethostname()}"[: 63 - len(suffix)] + suffix
+
+
+def make_engine(url: str, *, idle_in_transaction_ms: int | None = None, application_name: str | None = None,
+                **kwargs: Any) -> Engine:
     """An Engine for a SQLAlchemy URL (``sqlite:///...`` or ``postgresql+psycopg://...``).
 
     ``postgresql://`` without a driver means psycopg 3 (the only PostgreSQL
     driver the store supports). ``idle_in_transaction_ms``: PostgreSQL's
-    ``idle_in_transaction_session_timeout`` for its sessions (None: the server's).
+    ``idle_in_transaction_session_timeout`` for its sessions (None: the server's);
+    ``application_name``: its sessions' role on the server (WRITER_SESSION, ...; ``session_name``).
     Extra keyword arguments go to ``create_engine``.
     """
     parsed = make_url(url)
@@ -117,6 +136,8 @@ def make_engine(url: str, *, idle_in_transaction_ms: int | None = None, **kwargs
         for name, value in PG_KEEPALIVES.items():
             if name not in parsed.query:
                 connect_args.setdefault(name, value)
+        if application_name is not None:
+            connect_args["application_name"] = session_name(application_name)
         return create_engine(parsed, connect_args=connect_args, **kwargs)
     raise ValueError(f"unsupported database backend {backend!r}: use sqlite or postgresql")
 
@@ -193,6 +214,51 @@ def database_failed(exc: BaseException) -> bool:
 
 UNIQUE_VIOLATION = "23505"  # a row another transaction committed first
 LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout ran out
+
+
+_STALE_SESSIONS = f"""
+WITH ours AS (
+  SELECT pid, application_name, state, state_change, wait_event, split_part(application_name, ' ', 2) AS role
+    FROM pg_stat_activity
+   WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name LIKE 'exchange %% %%'
+), stale AS (
+  SELECT pid, application_name, role FROM ours
+   WHERE wait_event = 'ClientRead' AND (
+         role IN ('{WRITER_SESSION}', '{API_SESSION}', '{DELIVERY_SESSION}') AND state <> 'idle'
+         AND state_change < now() - make_interval(secs => %(stale)s)
+      OR role = '{DELIVERY_SESSION}' AND state = 'idle' AND state_change < now() - make_interval(secs => %(idle)s)
+         AND EXISTS (SELECT FROM pg_locks l WHERE l.pid = ours.pid AND l.locktype = 'advisory'))
+), doomed AS (
+  SELECT pid, role FROM stale
+   UNION
+  SELECT o.pid, o.role FROM ours o JOIN stale s ON o.application_name = s.application_name
+   WHERE s.role = '{DELIVERY_SESSION}'
+)
+SELECT role, pg_terminate_backend(pid) FROM doomed
+"""
+
+
+def end_stale_sessions(conn: Connection, *, stale: float, idle: float) -> list[str]:
+    """PostgreSQL: end the sessions of exchange nodes whose client went silent holding locks
+    (a paused VM, SIGSTOP: the kernel still answers keepalives) -- the roles of those ended.
+    Every node runs this now and then, so a stopped node's locks go without it.
+
+    - A writer's, the API's or a delivery loop's session inside a transaction, waiting ``stale``
+      seconds for its client's next message, whether PostgreSQL counts it idle in the transaction
+      or (stopped in the middle of a pipeline) still active, which its
+      idle_in_transaction_session_timeout never ends: the links lock, its key locks and records
+      held, every node's writer and every decision waited as long as it stayed stopped.
+    - A delivery loop's session outside a transaction holding a destination's advisory lock,
+      silent ``idle`` seconds (a running loop speaks at every poll, and after every answer of the
+      destination): no other node took the destination over while it stayed stopped.
+
+    With a delivery session, every delivery session of its process (``session_name``) ends: the
+    one a copy is checked on just before it is sent too, so that, resumed, the process sends
+    nothing more (its check fails) while another node serves its destinations. A session of a
+    running node is never silent that long: its client does nothing but database work inside a
+    transaction. Jobs, replays and commands are not touched."""
+    rows = conn.exec_driver_sql(_STALE_SESSIONS, {"stale": stale, "idle": idle}).all()
+    return [role for role, ended in rows if ended]
 
 
 def sqlstate(exc: BaseException) -> str | None:

@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from exchange.store.db import IDLE_IN_TRANSACTION_MS, make_engine, write_transaction
+from exchange.store.db import API_SESSION, IDLE_IN_TRANSACTION_MS, make_engine, write_transaction
 
 T = TypeVar("T")
 
@@ -36,7 +36,8 @@ class Database:
 
     def start(self) -> None:
         # Creating an engine opens no connection: safe on the reactor thread.
-        self.engine = make_engine(self.url, pool_size=self.pool.max, idle_in_transaction_ms=IDLE_IN_TRANSACTION_MS)
+        self.engine = make_engine(self.url, pool_size=self.pool.max, idle_in_transaction_ms=IDLE_IN_TRANSACTION_MS,
+                                  application_name=API_SESSION)
         self.pool.start()
 
     def stop(self) -> None:

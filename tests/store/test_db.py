@@ -1,6 +1,7 @@
 """The engines make_engine builds: what every session on them can rely on."""
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import Engine, text
 
 from exchange.store.db import make_engine
@@ -121,3 +122,71 @@ def test_a_session_stopped_inside_a_transaction_is_ended_and_its_locks_go(engine
             assert ended  # its batch fails (no ACK was sent), and the sender resends
     finally:
         stopped.dispose()
+
+
+def test_sessions_a_stopped_node_left_holding_locks_are_ended_and_no_other(engine: Engine) -> None:
+    """Found by a verification audit: a node stopped in the middle of a pipeline (PostgreSQL counts
+    that session active, waiting for the client: no idle_in_transaction timeout) held the links
+    lock and its key locks for as long as it stayed stopped -- every node's writer and every
+    decision waited -- and a stopped node's delivery sessions kept their destinations from the
+    other nodes. ``end_stale_sessions`` (every node runs it) ends them, and every delivery session
+    of a process one of them belonged to; a running node's sessions, jobs and the other processes'
+    idle pooled connections are left alone."""
+    import time
+
+    import psycopg
+
+    from exchange.store.db import (API_SESSION, DELIVERY_SESSION, LINKS_LOCK, WRITER_SESSION, end_stale_sessions,
+                                   session_name)
+
+    if engine.dialect.name != "postgresql":
+        return
+    dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    def session(name: str) -> psycopg.Connection:
+        return psycopg.connect(dsn, application_name=name, autocommit=True)
+
+    stuck_pipeline = session(session_name(WRITER_SESSION))  # stopped between two statements of a pipeline
+    stuck_pipeline.execute("BEGIN")
+    stuck_pipeline.pgconn.enter_pipeline_mode()
+    stuck_pipeline.pgconn.send_query_params(b"SELECT pg_advisory_xact_lock_shared(%d, %d)" % LINKS_LOCK, None)
+    stuck_pipeline.pgconn.send_flush_request()
+    stuck_pipeline.pgconn.flush()
+    stuck_api = session(session_name(API_SESSION))  # stopped idle in a transaction
+    stuck_api.execute("BEGIN")
+    stuck_api.execute("SELECT 1")
+    stuck_delivery = session(session_name(DELIVERY_SESSION))  # holds a destination, stopped
+    stuck_delivery.execute("SELECT pg_try_advisory_lock(1, 2)")
+    its_reader = session(session_name(DELIVERY_SESSION))  # where its copies are checked before they go
+    spared = {
+        "a job's long transaction": session("exchange job links"),
+        "another node's pooled delivery connection": session("exchange delivery otherhost:1"),
+        "a writer busy on the server": session("exchange writer otherhost:2"),
+    }
+    spared["a job's long transaction"].execute("BEGIN")
+    spared["a job's long transaction"].execute("SELECT 1")
+    spared["a writer busy on the server"].pgconn.send_query(b"SELECT pg_sleep(4)")
+    try:
+        time.sleep(1.5)
+        with engine.connect() as conn:
+            ended = end_stale_sessions(conn, stale=1.0, idle=1.0)
+            conn.commit()
+        assert sorted(ended) == sorted([WRITER_SESSION, API_SESSION, DELIVERY_SESSION, DELIVERY_SESSION])
+        with engine.connect() as other:  # the locks are free
+            assert other.exec_driver_sql("SELECT pg_try_advisory_xact_lock(%s, %s)", LINKS_LOCK).scalar()
+            assert other.exec_driver_sql("SELECT pg_try_advisory_xact_lock(1, 2)").scalar()
+            other.rollback()
+        for conn in (stuck_api, stuck_delivery, its_reader):
+            with pytest.raises(psycopg.OperationalError):
+                conn.execute("SELECT 1")
+        for what, conn in spared.items():
+            if what == "a writer busy on the server":
+                while conn.pgconn.is_busy():
+                    conn.pgconn.consume_input()
+                    time.sleep(0.05)
+                assert conn.pgconn.get_result().status == psycopg.pq.ExecStatus.TUPLES_OK, what
+            else:
+                assert conn.execute("SELECT 1").fetchone() == (1,), what
+    finally:
+        for conn in (stuck_pipeline, stuck_api, stuck_delivery, its_reader, *spared.values()):
+            conn.close()
