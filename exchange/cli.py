@@ -737,6 +737,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # interrupted (Ctrl-C): no traceback
         print("exchange: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (`exchange export links | head`): no traceback
+        # Python flushes stdout once more at exit: point it at /dev/null so that fails quietly too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

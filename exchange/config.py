@@ -935,7 +935,7 @@ class _Reader:
         """Check a Twisted server endpoint string without listening."""
         reason = check_server_endpoint(description)
         if reason:
-            raise self.fail(key, f"{reason} (got {description!r})")
+            raise self.fail(key, f"{reason} in {description!r}")
 
 
 def _listening_port(description: str) -> tuple[str, str] | None:

@@ -4,6 +4,7 @@ the idle timeout over real sockets."""
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import time
@@ -469,3 +470,18 @@ def test_send_passes_an_ack_on_without_waiting_and_the_exchange_records_it_unans
         state, ack_sent = c.execute(text("select state, ack from message where control_id = 'ACK-9'")).one()
     engine.dispose()
     assert state == "ignored" and ack_sent is None
+
+
+def test_output_cut_short_by_its_reader_ends_without_a_traceback(tmp_path):
+    """Found by a contract audit: `exchange reconcile | head -2` printed a BrokenPipeError traceback."""
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    assert exchange("db", "upgrade", "--database", url).returncode == 0
+    config = write_config(tmp_path, database=url)
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before the first line
+    try:
+        done = subprocess.run([sys.executable, "-m", "exchange.cli", "reconcile", "--config", str(config)],
+                              stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(writer)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr

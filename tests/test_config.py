@@ -477,7 +477,7 @@ def test_check_server_endpoint(description, expected):
 
 def test_bad_endpoint_in_the_file_names_the_key(tmp_path):
     message = error_of(tmp_path, MINIMAL.replace('"tcp:8080:interface=127.0.0.1"', '"tpc:8080"'))
-    assert message == "server.http: endpoint type must be one of tcp, tcp6, ssl, unix (got 'tpc') (got 'tpc:8080')"
+    assert message == "server.http: endpoint type must be one of tcp, tcp6, ssl, unix (got 'tpc') in 'tpc:8080'"
     message = error_of(tmp_path, MINIMAL.replace('"tcp:2575:interface=127.0.0.1"', '["tcp:2575", "ssl:2576"]'))
     assert message.startswith("server.mllp[2]: ssl endpoint needs privateKey=FILE")
 
