@@ -805,6 +805,12 @@ def _doctor(d: Doctor | None) -> dict[str, str] | None:
     return {"id": d.id, "family": d.name.family, "given": d.name.given, "authority": d.authority}
 
 
+def _pl_text(stored: str | None) -> str | None:
+    """A location as PV1-3 writes it: point of care^room^bed^facility without the empty
+    components at its end ("ICU^1^A", not the stored "ICU^1^A^")."""
+    return stored.rstrip("^") or None if stored is not None else None
+
+
 def record_view(conn: Connection, facility: str, mrn: str) -> dict[str, Any] | None:
     """``GET /api/records/{facility}/{mrn}`` as a plain dict; None when unknown."""
     row = conn.execute(
@@ -819,8 +825,9 @@ def record_view(conn: Connection, facility: str, mrn: str) -> dict[str, Any] | N
     for e in conn.execute(select(encounter).where(encounter.c.record_id == row.id).order_by(encounter.c.id)):
         stored = _json(e.data) if e.data is not None else {}
         encounters.append({
-            "visit_number": e.visit_number, "class": e.patient_class, "status": e.status, "location": e.location,
-            "prior_location": e.prior_location, "admitted_at": e.admitted_at, "discharged_at": e.discharged_at,
+            "visit_number": e.visit_number, "class": e.patient_class, "status": e.status,
+            "location": _pl_text(e.location), "prior_location": _pl_text(e.prior_location),
+            "admitted_at": e.admitted_at, "discharged_at": e.discharged_at,
             "attending": _doctor(stored.get("attending")),
             "consulting": [_doctor(d) for d in stored.get("consulting") or ()],
         })

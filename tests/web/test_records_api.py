@@ -37,6 +37,7 @@ def test_a_technician_reads_a_record_with_the_contract_fields(api: Harness):
     [encounter] = body["encounters"]
     assert {"visit_number", "class", "status", "location", "admitted_at", "discharged_at"} <= encounter.keys()
     assert (encounter["visit_number"], encounter["status"]) == ("V1001", "admitted")
+    assert encounter["location"] == "W1^101^A"  # as PV1-3 says it (stored "W1^101^A^": a contract audit)
     # a social security number in PID-3 is shown by its last four digits, as everywhere else
     assert [(i["value"], i["type"]) for i in body["identifiers"]] == [("GH-44107", "MR"), ("***-**-6789", "SS")]
     assert "123-45" not in json.dumps(body)
