@@ -12,13 +12,13 @@ from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from exchange import metrics
 from exchange.acceptance import AcceptancePolicy, FacilityRule
 from exchange.accounts import Policy
 from exchange.auth import TOKEN_CACHE_TTL, TokenCache
 from exchange.config import Config, write_snapshot
 from exchange.delivery import DeliveryService, Settings as DeliverySettings
 from exchange.intake import AckIds, GroupCommitter, Intake
-from exchange import metrics
 from exchange.jobs import JobScheduler
 from exchange.store.db import IDLE_IN_TRANSACTION_MS, end_stale_sessions
 from exchange.store.reviews import Trust
