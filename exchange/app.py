@@ -132,6 +132,7 @@ class ExchangeService(Service):
         self.jobs = JobScheduler(config, reactor)
         # PostgreSQL: now and then, end the sessions a stopped node left holding locks (any node's).
         self.stale_sessions: LoopingCall | None = None
+        self._stale_sessions_failed = False
         if make_url(config.server.database).get_backend_name() == "postgresql":
             self.stale_sessions = LoopingCall(self._end_stale_sessions)
             self.stale_sessions.clock = reactor
@@ -159,8 +160,10 @@ class ExchangeService(Service):
                 log.warn("ended {count} database session(s) of a stopped node, silent while holding locks: {roles}",
                          count=len(roles), roles=", ".join(sorted(roles)))
 
-        def failed(f) -> None:  # e.g. a role that may not end the other nodes' sessions
-            log.warn("could not look for stale database sessions: {error}", error=f.type.__name__)
+        def failed(f) -> None:  # e.g. a role that may not end the other nodes' sessions: said once
+            if not self._stale_sessions_failed:
+                log.warn("could not look for stale database sessions: {error} (said once)", error=f.type.__name__)
+            self._stale_sessions_failed = True
 
         return d.addCallbacks(ended, failed)
 
