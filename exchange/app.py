@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from datetime import datetime, timezone
 
 from sqlalchemy.engine import make_url
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -20,7 +21,7 @@ from exchange.config import Config, write_snapshot
 from exchange.delivery import DeliveryService, Settings as DeliverySettings
 from exchange.intake import AckIds, GroupCommitter, Intake
 from exchange.jobs import JobScheduler
-from exchange.store.db import IDLE_IN_TRANSACTION_MS, end_stale_sessions
+from exchange.store.db import end_stale_sessions
 from exchange.store.reviews import Trust
 from exchange.mllp.protocol import MLLPServerFactory
 from exchange.mllp.tls import server_endpoint
@@ -148,10 +149,12 @@ class ExchangeService(Service):
 
     def _end_stale_sessions(self) -> Deferred:
         """``db.end_stale_sessions`` in the API's thread pool: a delivery loop may be silent for a
-        connect and an answer (``delivery_timeout`` each) and a poll, then ``STALE_SESSION``."""
+        connect and an answer (``delivery_timeout`` each) and a poll, then ``stale_session``.
+        Whatever fails is logged: the LoopingCall goes on."""
         s = self.config.server
-        idle = STALE_SESSION + 2 * s.delivery_timeout + s.delivery_poll
-        d = self.api_db.write(end_stale_sessions, stale=STALE_SESSION, idle=idle)
+        look = functools.partial(end_stale_sessions, stale=s.stale_session,
+                                 idle=s.stale_session + 2 * s.delivery_timeout + s.delivery_poll)
+        d = maybeDeferred(self.api_db.write, look)
 
         def ended(roles: list[str]) -> None:
             for role in roles:
@@ -215,7 +218,7 @@ class ExchangeService(Service):
         )
         self.jobs.start()
         if self.stale_sessions is not None:
-            self.stale_sessions.start(STALE_SESSION_CHECK, now=False)
+            self.stale_sessions.start(min(STALE_SESSION_CHECK, self.config.server.stale_session / 4), now=False)
 
     @inlineCallbacks
     def stopService(self):
@@ -236,8 +239,7 @@ class ExchangeService(Service):
         log.info("exchange stopped cleanly")
 
 
-STALE_SESSION = IDLE_IN_TRANSACTION_MS / 1000  # seconds a session inside a transaction may wait for its client
-STALE_SESSION_CHECK = 15.0  # seconds between two looks for them
+STALE_SESSION_CHECK = 15.0  # seconds between two looks for stale sessions (at most a quarter of server.stale_session)
 WRITER_DOWN_UNHEALTHY = 5.0  # seconds without a writer (each restart waits 1 s) before /healthz says 503
 # Seconds one commit may take before /healthz says 503 "stalled". A busy batch commits in
 # milliseconds, the largest (MAX_BATCH_BYTES of documents) in about a second; a PostgreSQL

@@ -109,6 +109,7 @@ _SERVER_KEYS = (
     "retry_initial",
     "retry_max",
     "delivery_poll",
+    "stale_session",
     "person_authority",
     "trust",
     "reconcile",
@@ -284,6 +285,10 @@ class ServerConfig:
     retry_initial: float = 1.0  # seconds before the first retry of a copy not delivered
     retry_max: float = 300.0  # longest wait between retries (the wait doubles up to it, with jitter)
     delivery_poll: float = 2.0  # seconds between looks at the outbox without a wake-up (other nodes' copies, lock take-over)
+    # PostgreSQL: seconds a node's session may wait for its client inside a transaction before any
+    # node ends it (a stopped node's locks); a delivery session holding a destination, outside one,
+    # this + 2 x delivery_timeout + delivery_poll (db.end_stale_sessions)
+    stale_session: float = 60.0
     person_authority: str = "EXCHANGE"  # CX.4 of the enterprise person id in routed copies' PID-3 (type PI)
     trust: tuple[str, ...] = DEFAULT_TRUST  # facility kinds, most trusted first (the person's best view)
     reconcile: tuple[tuple[str, Schedule], ...] = DEFAULT_SCHEDULES  # (job, when), every job of RECONCILE_JOBS
@@ -575,6 +580,7 @@ class _Reader:
             max_pending=self.integer(table, "max_pending", "server.max_pending", defaults.max_pending, minimum=1),
             log_level=log_level.lower(),
             **self.delivery(table, defaults),
+            stale_session=self.seconds(table, "stale_session", "server.stale_session", defaults.stale_session),
             person_authority=self.code(table, "person_authority", "server.person_authority")
             or defaults.person_authority,
             trust=self.trust(table, defaults.trust),

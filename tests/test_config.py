@@ -706,6 +706,7 @@ def test_delivery_defaults_and_values(tmp_path):
     server = load(tmp_path, text).server
     assert (server.delivery_timeout, server.retry_initial, server.retry_max, server.delivery_poll) == (5.0, 0.5, 60.0, 1.5)
     assert load(tmp_path, with_server("retry_initial = 7\nretry_max = 7")).server.retry_max == 7.0
+    assert (server.stale_session, load(tmp_path, with_server("stale_session = 30")).server.stale_session) == (60.0, 30.0)
 
 
 @pytest.mark.parametrize(
@@ -716,6 +717,7 @@ def test_delivery_defaults_and_values(tmp_path):
         (with_server('retry_max = "5m"'), "server.retry_max: must be a number of seconds (got a string)"),
         (with_server("delivery_poll = true"), "server.delivery_poll: must be a number of seconds (got a boolean)"),
         (with_server("delivery_poll = inf"), "server.delivery_poll: must be a positive number of seconds (got inf)"),
+        (with_server("stale_session = 0"), "server.stale_session: must be a positive number of seconds (got 0)"),
         (with_server("retry_initial = 10\nretry_max = 5"), "server.retry_max: must be at least server.retry_initial (10) (got 5)"),
         (with_server("retry_max = 0.5"), "server.retry_max: must be at least server.retry_initial (1) (got 0.5)"),
         (with_facility('deliver_to = "bogus:x"'), "facility[1].deliver_to: bad endpoint 'bogus:x': Unknown endpoint type"),

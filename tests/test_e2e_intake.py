@@ -224,6 +224,40 @@ def test_healthz_shows_a_commit_waiting_on_a_lock(exchange, database_url):
     assert healthz(exchange)["writer"]["commit_seconds"] == 0.0
 
 
+def test_a_stopped_nodes_session_holding_the_links_lock_is_ended_by_this_node(tmp_path, database_url):
+    """Found by the multi-node audits: a node stopped in the middle of a pipeline (PostgreSQL
+    counts it active, waiting for the client: no idle timeout ends it) held the links lock, and
+    every node's intake waited as long as it stayed stopped; then the look for such sessions
+    died at its first run (a TypeError), and no test ran it through `exchange serve`."""
+    import psycopg
+
+    from exchange.store.db import LINKS_LOCK
+
+    if not database_url.startswith("postgresql"):
+        return  # one node on SQLite: nothing to look for
+    node = ExchangeProcess(write_config(tmp_path, server_extra="stale_session = 2"), database_url).start()
+    dsn = database_url.replace("postgresql+psycopg://", "postgresql://")
+    stopped = psycopg.connect(dsn, application_name="exchange writer elsewhere:1", autocommit=True)
+    try:
+        stopped.execute("BEGIN")
+        pg = stopped.pgconn  # the other node stops between two statements of a pipeline
+        pg.enter_pipeline_mode()
+        pg.send_query_params(b"SELECT pg_advisory_xact_lock(%d, %d)" % LINKS_LOCK, None)
+        pg.send_flush_request()
+        pg.flush()
+        started = time.monotonic()
+        with MLLPConnection(node.address) as conn:
+            assert msa(conn.request(adt("AFTER-STALE")))[:2] == ["AA", "AFTER-STALE"]
+        assert 2.0 <= time.monotonic() - started < 20
+        host, port = node.http
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
+            assert 'exchange_stale_sessions_ended_total{role="writer"} 1.0' in r.read().decode()
+        node.expect(r"ended 1 database session\(s\) of a stopped node", timeout=10)
+    finally:
+        stopped.close()
+        node.stop()
+
+
 def test_sigterm_finishes_in_flight_work_and_exits_cleanly(exchange, database_url):
     conns = [MLLPConnection(exchange.address) for _ in range(4)]
     for i, c in enumerate(conns):
