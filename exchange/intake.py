@@ -267,11 +267,13 @@ class GroupCommitter:
         if not batch:
             self._next()
             return
-        log.failure(
-            "group commit of {count} messages failed; retrying one by one",
-            failure,
-            count=len(batch),
-        )
+        if failure.check(CommitFailed) and not failure.value.bug:
+            # the database failed (a lost connection, a node's session ended, a lock timeout): no bug,
+            # no traceback to read (the writer's own log has the type and SQLSTATE)
+            log.warn("group commit of {count} messages failed ({error}); retrying one by one",
+                     count=len(batch), error=str(failure.value))
+        else:
+            log.failure("group commit of {count} messages failed; retrying one by one", failure, count=len(batch))
         self._run_singles(list(batch))
 
     def _run_singles(self, singles) -> None:

@@ -360,3 +360,22 @@ def test_commit_seconds_tells_how_long_the_commit_in_flight_has_taken():
     assert c.commit_seconds() == 4
     w.commit()
     assert c.commit_seconds() == 0.0
+
+
+def test_a_batch_the_database_failed_is_a_warning_without_a_traceback_and_a_bug_is_critical():
+    """Found by a verification audit: a node resumed after its stale session was ended logged the
+    retry of its batch at critical level with a traceback, as if it were a bug."""
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for exc in (CommitFailed("OperationalError"), CommitFailed("TypeError", bug=True)):
+            w = Writer()
+            c = GroupCommitter(w)
+            results_of([c.submit(item(1))])
+            w.fail(exc=exc)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    retries = [e for e in events if "retrying one by one" in e.get("log_format", "")]
+    assert [(e["log_level"], "log_failure" in e) for e in retries] == [(LogLevel.warn, False), (LogLevel.critical, True)]
