@@ -854,8 +854,9 @@ def record_view(conn: Connection, facility: str, mrn: str) -> dict[str, Any] | N
         "merged_into": row.merged_into_mrn,
         "name": _name(rec["name"]),
         "aliases": [_name(a) for a in rec["aliases"] or ()],
-        "birth_date": birth.date_isoformat() if birth else None,  # ISO date (PID-7 may carry a time:
-        "birth_time": birth.isoformat() if birth and birth.has_time else None,  # that is here)
+        # an ISO date as precise as sent; PID-7 may carry the time of birth: that is birth_time
+        "birth_date": birth.date_isoformat() if birth else None,
+        "birth_time": birth.isoformat() if birth and birth.has_time else None,
         "sex": rec["sex"],
         "address": _address(primary) if primary else None,
         "addresses": [_address(a) for a in rec["addresses"] or ()],
