@@ -249,10 +249,10 @@ def test_a_stopped_nodes_session_holding_the_links_lock_is_ended_by_this_node(tm
         with MLLPConnection(node.address) as conn:
             assert msa(conn.request(adt("AFTER-STALE")))[:2] == ["AA", "AFTER-STALE"]
         assert 2.0 <= time.monotonic() - started < 20
+        node.expect(r"ended 1 database session\(s\) of a stopped node", timeout=10)  # counted by then
         host, port = node.http
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
             assert 'exchange_stale_sessions_ended_total{role="writer"} 1.0' in r.read().decode()
-        node.expect(r"ended 1 database session\(s\) of a stopped node", timeout=10)
     finally:
         stopped.close()
         node.stop()
