@@ -224,6 +224,10 @@ def accept(header: Header, policy: AcceptancePolicy, peer: PeerIdentity | None =
         return error(101, "MSH-10", "message control id (MSH-10) is missing")
     if len(header.control_id) > MAX_CONTROL_ID:  # it could not be told apart from another one
         return error(102, "MSH-10", f"message control id (MSH-10) is longer than {MAX_CONTROL_ID} characters")
+    if any(c == "\x00" or "\ud800" <= c <= "\udfff" for c in header.control_id):
+        # stored, it would read as another id (a NUL becomes U+FFFD in the database): that message's
+        # answer, and nothing of this one applied (found by an audit)
+        return error(102, "MSH-10", "message control id (MSH-10) contains a NUL or an unencodable character")
 
     # 9. Anything else read_header found (e.g. an unknown MSH-18 charset).
     if problem is not None:

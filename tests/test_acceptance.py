@@ -379,6 +379,14 @@ def test_8_an_over_long_control_id_is_an_error():
     assert_outcome(accept(header(control_id="C" * 200), POLICY), Verdict.ERROR, 102, "MSH-10")
 
 
+@pytest.mark.parametrize("control_id", ["W1-A\x00B", "W1-A\udcffB"])
+def test_8_a_control_id_that_would_be_stored_as_another_is_an_error(control_id):
+    """Found by an audit: MSH-10 W1-A<NUL>B was stored as W1-A\uFFFDB, so a later message with
+    that id got the first one's ACK and was never applied."""
+    assert_outcome(accept(header(control_id=control_id), POLICY), Verdict.ERROR, 102, "MSH-10")
+    assert accept(header(control_id="W1-A\ufffdB"), POLICY) == ACCEPTED
+
+
 def test_8_type_is_checked_before_control_id():
     assert_outcome(accept(header(control_id="", message_type="ORU"), POLICY), Verdict.REJECT, 200, "MSH-9")
 
