@@ -174,13 +174,17 @@ class ExchangeService(Service):
         """/healthz: "unavailable" (503) after WRITER_DOWN_UNHEALTHY seconds without a working writer
         (WriterProcess.down_since: it keeps dying, nothing is acknowledged), "stalled" (503) while
         one commit has taken COMMIT_STALLED seconds or more (the writer waits on a lock or on a
-        database that stopped answering: nothing is acknowledged meanwhile), else "ok"."""
+        database that stopped answering: nothing is acknowledged meanwhile), "failing" (503) for
+        UNANSWERED_FAILING seconds after a message could not be committed unless one has been since
+        (a SQLite database another process holds locked: each commit gives up after 5 s), else "ok"."""
         down = self.writer.down_since
-        commit = self.committer.commit_seconds()
+        commit, unanswered = self.committer.commit_seconds(), self.committer.unanswered_seconds()
         return {
-            "status": health(down, self.reactor.seconds(), commit),
-            # running: proved itself; commit_seconds: how long the commit in flight has taken
-            "writer": {"running": down is None, "restarts": self.writer.restarts, "commit_seconds": round(commit, 1)},
+            "status": health(down, self.reactor.seconds(), commit, unanswered),
+            # running: proved itself; commit_seconds: how long the commit in flight has taken;
+            # unanswered_seconds: since a message last got no ACK, none committed since (else null)
+            "writer": {"running": down is None, "restarts": self.writer.restarts, "commit_seconds": round(commit, 1),
+                       "unanswered_seconds": None if unanswered is None else round(unanswered, 1)},
             "database": make_url(self.config.server.database).get_backend_name(),
             "mllp": self.mllp_addresses,
             "connections": len(self.mllp_factory.connections),
@@ -245,16 +249,24 @@ WRITER_DOWN_UNHEALTHY = 5.0  # seconds without a writer (each restart waits 1 s)
 # milliseconds, the largest (MAX_BATCH_BYTES of documents) in about a second; a PostgreSQL
 # writer behind a lock held by a node stopped mid-batch waits up to IDLE_IN_TRANSACTION_MS.
 COMMIT_STALLED = 30.0
+# Seconds /healthz says 503 "failing" after a message could not be committed (no ACK sent), unless
+# one has committed since. Senders resend unanswered messages within seconds, so a database that
+# keeps failing keeps it there; one failure and no traffic after it is forgotten.
+UNANSWERED_FAILING = 30.0
 
 
-def health(writer_down_since: float | None, now: float, commit_seconds: float = 0.0) -> str:
+def health(writer_down_since: float | None, now: float, commit_seconds: float = 0.0,
+           unanswered_seconds: float | None = None) -> str:
     """"unavailable" once the writer has been down (``WriterProcess.down_since``) for
     WRITER_DOWN_UNHEALTHY seconds, "stalled" while the commit in flight has taken COMMIT_STALLED
-    seconds or more, else "ok"."""
+    seconds or more, "failing" within UNANSWERED_FAILING seconds of a message that could not be
+    committed (``GroupCommitter.unanswered_seconds``; None: one has committed since), else "ok"."""
     if writer_down_since is not None and now - writer_down_since >= WRITER_DOWN_UNHEALTHY:
         return "unavailable"
     if commit_seconds >= COMMIT_STALLED:
         return "stalled"
+    if unanswered_seconds is not None and unanswered_seconds < UNANSWERED_FAILING:
+        return "failing"
     return "ok"
 
 

@@ -141,6 +141,7 @@ class GroupCommitter:
         self._timer = None
         self._now = clock.seconds if clock is not None else time.monotonic
         self._commit_since: float | None = None  # when the commit in flight started (None: none is)
+        self._unanswered_at: float | None = None  # when a message last went unanswered (None: one committed since)
 
     @property
     def pending(self) -> int:
@@ -150,6 +151,12 @@ class GroupCommitter:
         """How long the commit in flight has been running (0.0 when none is): a writer
         waiting on a lock, or on a database that stopped answering, shows here first."""
         return 0.0 if self._commit_since is None else max(0.0, self._now() - self._commit_since)
+
+    def unanswered_seconds(self) -> float | None:
+        """Seconds since a message last could not be committed, so got no ACK (the database
+        failing, the writer dying), or None when a batch has committed since: a database locked
+        or gone shows here, while each commit gives up after seconds (SQLite's busy timeout)."""
+        return None if self._unanswered_at is None else max(0.0, self._now() - self._unanswered_at)
 
     @property
     def overloaded(self) -> bool:
@@ -231,6 +238,7 @@ class GroupCommitter:
         d.addErrback(lambda f: log.failure("group commit bookkeeping failed", f))
 
     def _committed(self, answers: list[Answer], batch, started: float, side=()) -> None:
+        self._unanswered_at = None
         metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(batch))
         waiting = {item.peer for item, _ in self._pending}
@@ -286,6 +294,7 @@ class GroupCommitter:
         run = self._commit_batch([item])
 
         def done(answers):
+            self._unanswered_at = None
             metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
             _count(answers[0])
             d.callback(answers[0])
@@ -301,6 +310,7 @@ class GroupCommitter:
             unanswered(f)
 
         def unanswered(f):
+            self._unanswered_at = self._now()
             log.failure("message could not be committed; no ACK sent", f)
             d.errback(f)
 

@@ -8,6 +8,7 @@ import json
 import os
 import textwrap
 import time
+import urllib.error
 import urllib.request
 
 import hl7
@@ -222,6 +223,35 @@ def test_healthz_shows_a_commit_waiting_on_a_lock(exchange, database_url):
     finally:
         engine.dispose()
     assert healthz(exchange)["writer"]["commit_seconds"] == 0.0
+
+
+def test_healthz_says_failing_while_messages_go_unanswered(exchange, database_url):
+    """Found by an audit: a SQLite database another process held locked answered nothing for
+    40 s, each commit giving up after the busy timeout (5 s), while /healthz said ok."""
+    if not database_url.startswith("sqlite"):
+        return  # PostgreSQL waits on the lock: "stalled" (above)
+    host, port = exchange.http
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as locker:
+            locker.exec_driver_sql("BEGIN IMMEDIATE")
+            with MLLPConnection(exchange.address) as conn:
+                conn.send(adt("LOCKED-OUT"))
+                with pytest.raises((ConnectionError, OSError)):
+                    conn.read_frame()  # no ACK: the sender keeps the message
+            try:
+                urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=10)
+                raise AssertionError("200 while messages went unanswered")
+            except urllib.error.HTTPError as exc:
+                body = json.load(exc)
+                assert exc.code == 503 and body["status"] == "failing" and body["writer"]["unanswered_seconds"] >= 0
+            locker.rollback()
+        with MLLPConnection(exchange.address) as conn:
+            assert msa(conn.request(adt("LOCKED-OUT")))[:2] == ["AA", "LOCKED-OUT"]  # the resend
+        body = healthz(exchange)
+        assert body["status"] == "ok" and body["writer"]["unanswered_seconds"] is None
+    finally:
+        engine.dispose()
 
 
 def test_a_stopped_nodes_session_holding_the_links_lock_is_ended_by_this_node(tmp_path, database_url):

@@ -379,3 +379,20 @@ def test_a_batch_the_database_failed_is_a_warning_without_a_traceback_and_a_bug_
         globalLogPublisher.removeObserver(events.append)
     retries = [e for e in events if "retrying one by one" in e.get("log_format", "")]
     assert [(e["log_level"], "log_failure" in e) for e in retries] == [(LogLevel.warn, False), (LogLevel.critical, True)]
+
+
+def test_unanswered_seconds_tell_since_when_messages_go_unanswered_until_one_commits():
+    """What /healthz turns into 503 "failing": found by an audit, a SQLite database another process
+    held locked for 40 s answered nothing, each commit giving up after 5 s, while /healthz said ok."""
+    w, clock = Writer(), Clock()
+    c = GroupCommitter(w, clock=clock)
+    assert c.unanswered_seconds() is None
+    got = results_of([c.submit(item(1))])
+    w.fail()  # the batch, then the message alone: no ACK
+    w.fail()
+    assert len(got) == 1 and got[0].check(RuntimeError)
+    clock.advance(4)
+    assert c.unanswered_seconds() == 4
+    results_of([c.submit(item(2))])
+    w.commit()
+    assert c.unanswered_seconds() is None

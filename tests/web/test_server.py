@@ -99,6 +99,10 @@ def test_healthz_answers_503_while_the_writer_keeps_dying():
     # A writer that runs but whose commit does not end (a lock held by a stopped node).
     assert health(None, clock.seconds(), commit_seconds=29.9) == "ok"
     assert health(None, clock.seconds(), commit_seconds=30.0) == "stalled"
+    # messages that went unanswered (the database failing), none committed since
+    assert health(None, clock.seconds(), unanswered_seconds=0.0) == "failing"
+    assert health(None, clock.seconds(), unanswered_seconds=29.9) == "failing"
+    assert health(None, clock.seconds(), unanswered_seconds=30.0) == "ok"  # forgotten without traffic
 
     site = build_site(lambda: {"status": "unavailable", "writer": {"running": False, "restarts": 2}})
     protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
