@@ -31,7 +31,7 @@ from exchange.hl7.header import read_header
 from exchange.pipeline import Received
 from exchange.store.db import make_engine, upgrade
 from exchange.writer import make_batch_runner
-from tests.support import write_config
+from tests.support import ExchangeProcess, write_config
 
 BATCH_NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)  # the clock of ``batch``
 
@@ -115,3 +115,11 @@ def batch(tmp_path, engine):
         return Received(raw, header, accept(header, policy), BATCH_NOW, "127.0.0.1:5000")
 
     return lambda *raws: runner([item(raw) for raw in raws])
+
+
+@pytest.fixture
+def exchange(tmp_path, database_url):
+    """`exchange serve` as a process on the test configuration and ``database_url`` (the e2e tests)."""
+    proc = ExchangeProcess(write_config(tmp_path), database_url).start()
+    yield proc
+    proc.stop()

@@ -5,18 +5,9 @@ from __future__ import annotations
 
 import itertools
 
-import pytest
-
-from tests.support import ExchangeProcess, MLLPConnection, api_request, msa, write_config
+from tests.support import MLLPConnection, api_request, msa
 
 _ids = itertools.count(1)
-
-
-@pytest.fixture
-def exchange(tmp_path, database_url):
-    proc = ExchangeProcess(write_config(tmp_path), database_url).start()
-    yield proc
-    proc.stop()
 
 
 def pid(facility: str, mrn: str, name: str, birth: str, sex: str = "F", ssn: str = "",

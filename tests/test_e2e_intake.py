@@ -20,13 +20,6 @@ from sqlalchemy import create_engine, text
 from tests.support import ExchangeProcess, MLLPConnection, adt, api_request, msa, write_config
 
 
-@pytest.fixture
-def exchange(tmp_path, database_url):
-    proc = ExchangeProcess(write_config(tmp_path), database_url).start()
-    yield proc
-    proc.stop()
-
-
 def stored(database_url: str, sql: str, **params):
     engine = create_engine(database_url)
     try:

@@ -9,18 +9,11 @@ import pytest
 from hl7.client import MLLPClient
 from sqlalchemy import create_engine, text
 
-from tests.support import ExchangeProcess, api_request, write_config
+from tests.support import api_request
 from tests.test_e2e_index import ELIZABETH, message, pid
 from tests.test_e2e_index import send as register
 
 _ids = itertools.count(1)
-
-
-@pytest.fixture
-def exchange(tmp_path, database_url):
-    proc = ExchangeProcess(write_config(tmp_path), database_url).start()
-    yield proc
-    proc.stop()
 
 
 def qbp(facility: str, qpd: str, control: str | None = None) -> str:

@@ -6,11 +6,11 @@ import hl7
 from sqlalchemy import text
 
 from tests.test_e2e_index import ELIZABETH, message, pid
+from tests.test_e2e_pix import qbp
 
 
-def query(control: str, qpd: str = "QPD|IHE PIX Query|Q-1|OA917082^^^OAKNH", facility: str = "OAKNH") -> bytes:
-    return (f"MSH|^~\\&|EHR|{facility}|EXCHANGE|EXCHANGE|20261128120000||QBP^Q23^QBP_Q21|{control}|P|2.5\r"
-            f"{qpd}\rRCP|I\r").encode()
+def query(control: str, qpd: str = "QPD|IHE PIX Query|Q-1|OA917082^^^OAKNH") -> bytes:
+    return qbp("OAKNH", qpd, control).encode()
 
 
 def test_a_pix_query_is_answered_after_the_messages_before_it_in_its_batch(batch):
