@@ -6,7 +6,8 @@ import json
 from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
-from prometheus_client.twisted import MetricsResource
+from prometheus_client import REGISTRY
+from prometheus_client.exposition import choose_encoder
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
@@ -81,6 +82,21 @@ class Health(Resource):
         return json.dumps(body).encode()
 
 
+class Metrics(Resource):
+    """``/metrics``: the registry in the text format the scraper's Accept asks for (Prometheus
+    or OpenMetrics). GET, and HEAD as Twisted answers it (the GET's headers, no body);
+    prometheus_client's own resource answered HEAD 405. Rendered on the reactor: a few
+    hundred lines of text from counters in memory, no I/O."""
+
+    isLeaf = True
+
+    def render_GET(self, request) -> bytes:
+        encoder, content_type = choose_encoder((request.getHeader(b"accept") or b"").decode("latin-1"))
+        request.setHeader(b"content-type", content_type.encode())
+        request.setHeader(b"cache-control", b"no-store")
+        return encoder(REGISTRY)
+
+
 class Root(Resource):
     """``/healthz``, ``/metrics`` and ``/api`` as children; every other path (``/`` too)
     goes whole to ``fallback`` (the workbench), or is a 404 without one."""
@@ -101,7 +117,7 @@ def build_root(status: Callable[[], dict], api: IResource | None = None,
                workbench: IResource | None = None) -> Resource:
     root = Root(workbench)
     root.putChild(b"healthz", Health(status))
-    root.putChild(b"metrics", MetricsResource())
+    root.putChild(b"metrics", Metrics())
     if api is not None:
         root.putChild(b"api", api)
     return root

@@ -110,3 +110,20 @@ def test_healthz_answers_503_while_the_writer_keeps_dying():
     protocol.makeConnection(transport)
     protocol.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     assert transport.value().startswith(b"HTTP/1.1 503 ") and b'"status": "unavailable"' in transport.value()
+
+
+def test_metrics_answer_get_and_head():
+    """HEAD /metrics was a 405 (prometheus_client's resource) while HEAD /healthz was a 200."""
+    protocol, transport = connect()
+    protocol.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"text/plain; version=0.0.4" in head
+    assert b"# TYPE exchange_messages_received_total counter" in body
+    protocol, transport = connect()
+    protocol.dataReceived(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"text/plain" in head and body == b""
+    protocol, transport = connect()
+    protocol.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text; version=1.0.0\r\n\r\n")
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert b"application/openmetrics-text" in head and body.rstrip().endswith(b"# EOF")
