@@ -20,6 +20,7 @@ from typing import Any
 from klein import Klein
 from sqlalchemy import Connection
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from exchange.audit import Action, AuditEvent, Outcome, Resource, record, record_read
@@ -417,6 +418,8 @@ class API:
     @app.route("/persons/<person>", methods=["GET"])
     async def get_person(self, request, person: str) -> bytes:
         """The person, its records (link, score) and its best view; ``merged_into`` once merged away."""
+        if person == "merge":  # POST /persons/merge's path, which this route's pattern also matches
+            return await self.not_allowed(request, Failure(MethodNotAllowed(valid_methods=["POST"])))
         if path_id(person) is None:
             return await self._bad_path(request, "a person id is a number")
         return await self._get(

@@ -179,6 +179,15 @@ def test_post_to_a_read_only_resource_405(api: Harness):
     assert response.code == 405 and "GET" in response.headers.getRawHeaders("allow")[0]
 
 
+def test_get_of_the_merge_path_is_a_405_naming_post(api: Harness):
+    """GET /api/persons/merge read as the person "merge" (400 "a person id is a number")."""
+    token = api.token("ann", "admin")
+    response = api._result(api.stub.get("http://exchange.test/api/persons/merge",
+                                        headers={"Authorization": f"Bearer {token}"}))
+    assert response.code == 405 and response.headers.getRawHeaders("allow") == ["POST"]
+    assert api.get("/api/persons/merge")[0] == 401
+
+
 def test_healthz_needs_no_token(api: Harness):
     code, body, _ = api.get("/healthz")
     assert code == 200 and body["status"] == "ok"
