@@ -163,6 +163,38 @@ def test_links_opens_a_review_for_each_automatic_link_the_index_would_not_make_n
     assert again.errors == 0 and again.lines[-1] == "such links with an open review already: 1"
 
 
+
+def test_links_opens_no_review_for_a_link_a_technician_changed_while_it_read(engine, tmp_path, monkeypatch):
+    """The job reads every link without the links lock (seconds at a million persons), then
+    takes it and decides each link it found again as it is now: a technician's split made in
+    between leaves no stale link_looks_wrong review (whose "link" would have offered to undo it)."""
+    from exchange.jobs import links
+    from exchange.store import reviews
+
+    run(engine, [
+        a28("OAKNH", "OA-2", "BRANNIGAN", "ALICE", "19850601", "F", "7 ASH CT", "SALEM", "97301", "5035550111", ""),
+        a28("GENHOSP", "GH-2", "BRANNIGAN", "BEATRICE", "19850601", "F", "7 ASH CT", "SALEM", "97301", "5035550111",
+            ""),
+    ])
+    ids = registered(engine)
+    execute(engine, "update patient_record set person_id = :p, link = 'auto' where mrn = 'GH-2'", p=ids["OA-2"][1])
+    execute(engine, "delete from match_review")
+    real = reviews.hold_links
+
+    def split_first(conn, *, exclusive):
+        if not exclusive:  # the job, about to open its reviews: the technician was quicker
+            reviews.split_record(conn, ids["OA-2"][1], "GENHOSP", "GH-2", actor="tech", now=NOW)
+        real(conn, exclusive=exclusive)
+
+    monkeypatch.setattr(reviews, "hold_links", split_first)
+    report = links(engine, config_at(tmp_path), NOW)
+    with engine.connect() as conn:
+        assert conn.execute(text("select count(*) from match_review")).scalar() == 0
+    assert report.lines[:2] == (
+        "automatic links checked: 1",
+        "automatic links the patient index would not make now (a link_looks_wrong review opened): 0")
+    assert registered(engine)["GH-2"][1] != ids["OA-2"][1]
+
 def test_every_job_is_registered_under_its_configured_name():
     from exchange.config import RECONCILE_JOBS
 

@@ -66,7 +66,7 @@ from sqlalchemy.exc import OperationalError
 from exchange.config import DEFAULT_TRUST, Config
 from exchange.mapping.values import PersonName, Phone, Timestamp, primary_address
 from exchange.matching.compare import FIELD_NAMES
-from exchange.matching.decide import Action, Reason, Record, decide
+from exchange.matching.decide import Action, Decision, Reason, Record, decide
 from exchange.matching.features import Features
 from exchange.matching.model import Model, score
 from exchange.store.consent import carry_opt_outs, retire_emptied
@@ -1184,32 +1184,45 @@ def recheck_links(conn: Connection, now: datetime) -> LinkCheck:
     ``lower``, or the records have the shape of two members of one family -- a
     ``link_looks_wrong`` review opens (the link stays until a technician decides, as on an
     update). Links a technician or a facility made are theirs, not checked. In one transaction;
-    the persons are read one at a time, in id order, from a stream."""
+    the persons are read one at a time, in id order, from a stream, without the links lock
+    (the read takes seconds at a million persons: technicians' decisions are not held up that
+    long). Then, with the lock shared (on PostgreSQL; a decision in flight is waited for and
+    none starts), each link found is decided again as it is now before its review opens: a
+    technician's split or link made while the stream was read leaves no stale review."""
     model = stored_model(conn)
     several = (select(patient_record.c.person_id).where(patient_record.c.active)
                .group_by(patient_record.c.person_id).having(func.count() > 1))
     rows = conn.execute(
-        select(patient_record.c.id, patient_record.c.facility, patient_record.c.mrn, patient_record.c.person_id,
-               patient_record.c.link, patient_record.c.features)
-        .where(patient_record.c.active, patient_record.c.person_id.in_(several))
+        select(*_LINK_COLUMNS).where(patient_record.c.active, patient_record.c.person_id.in_(several))
         .order_by(patient_record.c.person_id, patient_record.c.id)
         .execution_options(stream_results=True, yield_per=2000))
-    checked, opened, in_review = 0, [], 0
-    wrong: list[tuple[Key, int, Any]] = []
+    checked, found = 0, []
     person, earlier = None, []
     for r in rows:
         if r.person_id != person:
             person, earlier = r.person_id, []
-        mine = stored_features(r.features)
+        mine = _as_record(r)
         if mine is None:
             continue
         if r.link == "auto" and earlier:
             checked += 1
-            d = decide(Record(r.facility, r.mrn, str(person), mine), earlier, model)
-            if d.action is Action.REVIEW:
-                wrong.append(((r.facility, r.mrn), person, d))
-        earlier.append(Record(r.facility, r.mrn, str(person), mine))
-    for key, person_id, d in wrong:
+            if _looks_wrong(mine, earlier, model) is not None:
+                found.append((r.id, person))
+        earlier.append(mine)
+    hold_links(conn, exclusive=False)
+    opened, in_review = [], 0
+    for record_id, person_id in found:
+        now_rows = conn.execute(select(*_LINK_COLUMNS).where(
+            patient_record.c.person_id == person_id, patient_record.c.active,
+            patient_record.c.id <= record_id).order_by(patient_record.c.id)).all()
+        if not now_rows or now_rows[-1].id != record_id or now_rows[-1].link != "auto":
+            continue  # split off, relinked or merged away while the stream was read
+        mine = _as_record(now_rows[-1])
+        earlier = [r for r in map(_as_record, now_rows[:-1]) if r is not None]
+        d = _looks_wrong(mine, earlier, model) if mine is not None else None
+        if d is None:  # its person changed meanwhile: the link holds now
+            continue
+        key = mine.key
         if _open_reviews_of(conn, [key]):
             in_review += 1
             continue
@@ -1218,3 +1231,20 @@ def recheck_links(conn: Connection, now: datetime) -> LinkCheck:
             *(str(reason) for reason in d.reasons),
             "the links job: this automatic link is one the patient index would not make now"]))
     return LinkCheck(checked, tuple(opened), in_review)
+
+
+_LINK_COLUMNS = (patient_record.c.id, patient_record.c.facility, patient_record.c.mrn, patient_record.c.person_id,
+                 patient_record.c.link, patient_record.c.features)
+
+
+def _as_record(r: Any) -> Record | None:
+    """A row of ``_LINK_COLUMNS`` as matching sees it (None: no features stored)."""
+    features = stored_features(r.features)
+    return None if features is None else Record(r.facility, r.mrn, str(r.person_id), features)
+
+
+def _looks_wrong(record: Record, earlier: list[Record], model: Model) -> Decision | None:
+    """The decision on an automatically linked ``record`` against its person's ``earlier``
+    records, if the index would not make that link now (a review), else None."""
+    d = decide(record, earlier, model) if earlier else None
+    return d if d is not None and d.action is Action.REVIEW else None
