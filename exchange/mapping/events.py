@@ -69,6 +69,7 @@ from exchange.mapping.values import (
     Precision,
     Timestamp,
     address,
+    at_precision,
     doctor,
     identifier,
     location,
@@ -520,6 +521,8 @@ def _ts(seg: Segment, n: int, warnings: list[str]) -> Timestamp | None | object:
     ts = timestamp(text)
     if ts is None:
         warnings.append(f"{seg.name}-{n}: unparseable timestamp ignored")
+    elif seg.delimiters.component in raw:  # TS.2: "19800101^Y" is the year 1980
+        ts = at_precision(ts, seg.value(n, 2))
     return ts
 
 

@@ -124,6 +124,32 @@ def timestamp(text: str) -> Timestamp | None:
     return Timestamp(value, precision, text.strip())
 
 
+# TS.2, the degree of precision (v2.1-2.5; deprecated from 2.3, gone with DTM in 2.6): how much of
+# TS.1 the sender knows. "19800101^Y" is a birth in 1980, not on 1 January.
+DEGREE_OF_PRECISION = {"Y": Precision.YEAR, "L": Precision.MONTH, "D": Precision.DAY, "H": Precision.HOUR,
+                       "M": Precision.MINUTE, "S": Precision.SECOND}
+_FINER = {p: i for i, p in enumerate(Precision)}
+
+
+def at_precision(ts: Timestamp, degree: str) -> Timestamp:
+    """``ts`` cut to TS.2's ``degree`` of precision when that is coarser than its digits (an
+    unknown or empty degree changes nothing)."""
+    wanted = DEGREE_OF_PRECISION.get(degree.strip().upper())
+    if wanted is None or _FINER[wanted] >= _FINER[ts.precision]:
+        return ts
+    v = ts.value
+    if wanted in _DATE_PRECISIONS:
+        day = v.date() if isinstance(v, datetime) else v
+        if wanted is not Precision.DAY:
+            day = day.replace(month=1 if wanted is Precision.YEAR else day.month, day=1)
+        return Timestamp(day, wanted, ts.text)
+    assert isinstance(v, datetime)
+    v = v.replace(microsecond=0)
+    if wanted is not Precision.SECOND:
+        v = v.replace(second=0, minute=0 if wanted is Precision.HOUR else v.minute)
+    return Timestamp(v, wanted, ts.text)
+
+
 _TZ_CACHE: dict[str, timezone | None] = {}
 
 

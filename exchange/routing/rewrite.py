@@ -35,7 +35,9 @@ lazy reader the mapping already built) and answers a :class:`Copy`: the text
 - ``version``: MSH-12 becomes that version; with hl7apy's tables for it,
   segments the message structure does not have are dropped (or, when the
   structure is unknown, segments the version does not have), and fields,
-  components and subcomponents beyond what the version defines are cut.
+  components and subcomponents beyond what the version defines are cut; a
+  TS's degree of precision (TS.2, gone with DTM in 2.6) cuts TS.1 instead
+  (``19800101^Y`` goes to 2.8 as ``1980``).
   Withdrawn fields (2.7 on: EVN-1, PID-2, PID-4, ...) are emptied; EVN-1 is
   filled from MSH-9.2 for versions that require it. MSH-9.3 is filled in
   (2.3.1 on) or removed (2.3). Below 2.7 the truncation character leaves
@@ -478,11 +480,31 @@ def _cut_segment(fields: list[str], name: str, version: str, d: Delimiters) -> l
     return fields
 
 
+# TS.2, the degree of precision (before 2.6): the digits of TS.1 the sender vouches for.
+_DEGREE_DIGITS = {"Y": 4, "L": 6, "D": 8, "H": 10, "M": 12, "S": 14}
+_DTM_DIGITS = re.compile(r"\d+")
+
+
+def _dtm(value: str, separator: str) -> str:
+    """A TS (``TS.1`` + ``separator`` + ``TS.2``) as the DTM of 2.6 on, which has no TS.2: TS.1
+    cut to the degree of precision the sender gave (``19800101^Y`` is 1980: as ``19800101``
+    alone it would read as 1 January); an offset stays after a time, not after a date."""
+    ts, _, rest = value.partition(separator)
+    digits = _DEGREE_DIGITS.get(rest.partition(separator)[0].strip().upper())
+    leading = _DTM_DIGITS.match(ts)
+    if digits is None or leading is None or leading.end() <= digits:
+        return ts
+    offset = ts[leading.end():].lstrip(".0123456789")
+    return ts[:digits] + (offset if digits > 8 else "")
+
+
 def _cut_value(value: str, ref: Any, d: Delimiters) -> str:
     kind, children = ref[0], ref[1]
     if kind == "leaf":
         if ref[2] == "varies":  # OBX-5 and friends: the type is in the data
             return value
+        if ref[2] == "DTM" and d.component in value:  # a TS of an older version
+            return _dtm(value, d.component).split(d.subcomponent, 1)[0]
         return value.split(d.component, 1)[0].split(d.subcomponent, 1)[0]
     components = value.split(d.component)[: len(children)]
     out = []
@@ -490,6 +512,8 @@ def _cut_value(value: str, ref: Any, d: Delimiters) -> str:
         cref = child[1]
         if cref[2] == "WD":  # a component withdrawn in this version (2.8: XTN.1)
             out.append("")
+        elif cref[0] == "leaf" and cref[2] == "DTM" and d.subcomponent in component:
+            out.append(_dtm(component, d.subcomponent))
         elif cref[0] == "leaf":
             out.append(component if cref[2] == "varies" else component.split(d.subcomponent, 1)[0])
         else:

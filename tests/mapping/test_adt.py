@@ -102,6 +102,24 @@ def test_a08_applies_patch_semantics():
     assert rec["phones"] is None and rec["addresses"][0].city == "Town" and rec["ssn"] == "123-45-6789"
 
 
+def test_a_ts_degree_of_precision_is_how_much_of_the_date_is_known():
+    """Found by a time audit: a v2.3 PID-7 "19800101^Y" (born in 1980) was stored as
+    1980-01-01, a full birth date, and linked a stranger born on New Year's Day."""
+    state = MemoryState()
+    for mrn, pid7, pv1_44 in (("Y", "19800101^Y", "202401011230^H"), ("L", "19800315^L", ""),
+                              ("D", "198003152330-0500^D", ""), ("none", "19800315^", "")):
+        run(state, CTX, synthetic(msh("ADT", "A01", version="2.3"), "EVN|A01",
+                                  f"PID|1||{mrn}^^^HOSP^MR||Doe^Jane||{pid7}|F",
+                                  "PV1|1|I" + "|" * 17 + "V1" + "|" * 25 + pv1_44))
+    records = state.records
+    assert (records[("HOSP", "Y")]["birth"].precision, records[("HOSP", "Y")]["birth"].isoformat()) == \
+        (Precision.YEAR, "1980")
+    assert records[("HOSP", "L")]["birth"].isoformat() == "1980-03"
+    assert records[("HOSP", "D")]["birth"].isoformat() == "1980-03-15"  # the sender's day, no time invented
+    assert records[("HOSP", "none")]["birth"].isoformat() == "1980-03-15"
+    admitted = enc(state, "Y").admitted_at
+    assert admitted.precision is Precision.HOUR and admitted.value == datetime(2024, 1, 1, 12)
+
 def test_an_ssn_sent_in_pid3_typed_ss_is_the_records_ssn():
     """From v2.7 PID-19 is withdrawn: the SSN comes as a PID-3 repetition typed SS. Found by a
     soak audit: matching and the family rules never saw a v2.8 sender's SSN."""

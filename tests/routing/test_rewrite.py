@@ -430,6 +430,27 @@ def test_version_23_drops_what_it_does_not_have():
     assert validate(copy.text)
 
 
+@pytest.mark.parametrize("version, birth, admitted", [
+    ("2.8", "1980", "2024010112-0500"),  # DTM: TS.1 cut to the degree TS.2 gave
+    ("2.6", "1980", "2024010112-0500"),
+    ("2.5", "19800101^Y", "202401011230-0500^H"),  # TS still has TS.2: as sent
+])
+def test_a_degree_of_precision_survives_the_version(version, birth, admitted):
+    """Found by a time audit: a v2.3 PID-7 "19800101^Y" (born in 1980) went to a v2.8 site as
+    "19800101", a full and wrong birth date (DTM has no degree of precision)."""
+    text = (A01.replace("|2.5|", "|2.3|").replace("|19400101|", "|19800101^Y|")
+            .replace("ADT^A01^ADT_A01", "ADT^A01"))
+    assert "^Y|" in text
+    pv1 = next(s for s in text.split("\n") if s.startswith("PV1"))
+    fields = pv1.split("|") + [""] * 46
+    fields[44] = "202401011230-0500^H"
+    text = text.replace(pv1, "|".join(fields[:46]))
+    copy = copy_of(text, facility=replace(OAKNH, version=version))
+    pid = next(s for s in segments(copy) if s.startswith("PID")).split("|")
+    assert pid[7] == birth
+    assert next(s for s in segments(copy) if s.startswith("PV1")).split("|")[44] == admitted
+    assert validate(copy.text)
+
 def test_same_version_is_left_alone():
     original = copy_of(A01_28)
     assert copy_of(A01_28, facility=replace(OAKNH, version="2.8")).text == original.text
