@@ -200,6 +200,7 @@ class EncounterEvent(Value):
     status: EncounterStatus | None
     patch: EncounterPatch
     at: Timestamp | None = None
+    late: bool = False  # news older than the visit's state (an admit or transfer after its discharge): not copied
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,8 +275,11 @@ class Changes(Value):
 
     @property
     def copied(self) -> bool:
-        """Whether routing copies the message (not a resent original: see DocumentEvent.resent)."""
-        return not any(isinstance(op, DocumentEvent) and op.resent for op in self.operations)
+        """Whether routing copies the message: not a resent original (DocumentEvent.resent), not
+        an admit or transfer that arrived after its visit's discharge (EncounterEvent.late: at the
+        sites that had the discharge, it would open the stay again)."""
+        return not any(isinstance(op, DocumentEvent) and op.resent or isinstance(op, EncounterEvent) and op.late
+                       for op in self.operations)
 
 
 @dataclass(frozen=True, slots=True)
@@ -794,10 +798,10 @@ def _map_adt(msg, header, ctx, state, event, warnings) -> list:
         warnings.append(f"{event}: the unnumbered encounter was closed, a new stay replaces it")
         current = None
     at = _event_time(msg, header)
-    status, patch = encounter_transition(event, current, patch, at, warnings)
+    status, patch, late = encounter_transition(event, current, patch, at, warnings)
     if new_stay:  # nothing of the old stay is kept (the admit time comes from the event, as for any admit)
         patch = _replace(patch, **{f: DELETE for f in patch.__match_args__ if getattr(patch, f) is None})
-    ops.append(EncounterEvent(ctx.code, mrn, visit, event, status, patch, at))
+    ops.append(EncounterEvent(ctx.code, mrn, visit, event, status, patch, at, late))
     return ops
 
 
@@ -852,13 +856,23 @@ def encounter_transition(
     patch: EncounterPatch,
     at: Timestamp | None,
     warnings: list[str],
-) -> tuple[EncounterStatus | None, EncounterPatch]:
-    """The status an ADT event leaves an encounter in, and the patch to apply.
+) -> tuple[EncounterStatus | None, EncounterPatch, bool]:
+    """The status an ADT event leaves an encounter in, the patch to apply, and whether the
+    event is late: older news than the visit's state, not copied to other sites.
 
     Out-of-order events keep information: a discharge for an unknown visit
     creates it discharged with its times; an admit (A01) for a discharged
-    visit keeps it discharged and only fills the admit time.
+    visit keeps it discharged and only fills the admit time (late); a transfer
+    (A02) of a closed visit changes no location (late).
     """
+    status, patch = _transition(event, current, patch, at, warnings)
+    late = (event in ("A01", "A02") and status is None and current is not None
+            and current.status in (S.DISCHARGED, S.CANCELLED))
+    return status, patch, late
+
+
+def _transition(event: str, current: EncounterView | None, patch: EncounterPatch, at: Timestamp | None,
+                warnings: list[str]) -> tuple[EncounterStatus | None, EncounterPatch]:
     cur = current.status if current is not None else None
     closed = cur in (S.DISCHARGED, S.CANCELLED)
 
@@ -866,12 +880,12 @@ def encounter_transition(
         if patch.admitted_at is None and at is not None:
             patch = _replace(patch, admitted_at=at)
         if cur == S.DISCHARGED:
-            warnings.append("A01: visit already discharged, kept discharged")
+            warnings.append("A01: visit already discharged, kept discharged; not copied (late)")
             return None, _replace(patch, location=None, prior_location=None, discharged_at=None)
         return S.ADMITTED, patch
     if event == "A02":
         if closed:
-            warnings.append("A02: visit is closed, location not changed")
+            warnings.append("A02: visit is closed, location not changed; not copied (late)")
             return None, _replace(patch, location=None, prior_location=None)
         if patch.prior_location is None and current is not None and current.location is not None:
             patch = _replace(patch, prior_location=current.location)

@@ -626,6 +626,27 @@ def test_a_cancel_goes_only_where_something_about_its_visit_went_before(engine, 
     assert routed(visit("A11", "V6")) == [("OAKNH",)]
 
 
+def test_an_admit_or_transfer_arriving_after_the_discharge_is_not_copied(engine, tmp_path):
+    """Found by a time audit: the late A01 kept the visit discharged at the exchange, but its copy
+    went to every site after the A03's, where it would open the stay again."""
+    from tests.store.test_index import adt, pid
+
+    def visit(event, number, location="MED^101^A"):
+        return adt("GENHOSP", event, pid("GH-7", "GENHOSP", **ELIZABETH), f"PV1|1|I|{location}||||||||||||||||{number}")
+
+    config = network(tmp_path)
+    run(engine, config, register("OAKNH", "OA-7", **ELIZABETH))
+    answers = run(engine, config, visit("A01", "V1"), visit("A03", "V1"), visit("A01", "V1"),
+                  visit("A02", "V1", "SURG^2^B"), visit("A08", "V1"))
+    assert [a.routed for a in answers] == [("OAKNH",), ("OAKNH",), (), (), ("OAKNH",)]
+    with engine.connect() as conn:
+        reasons = [r for (r,) in conn.execute(text("select reason from message order by id")).all()]
+    assert "A01: visit already discharged, kept discharged; not copied (late)" in reasons[-3]
+    assert "A02: visit is closed, location not changed; not copied (late)" in reasons[-2]
+    # a cancelled visit's transfer is late too; its admit starts it again
+    answers = run(engine, config, visit("A11", "V1"), visit("A02", "V1", "SURG^2^B"), visit("A01", "V1"))
+    assert [a.routed for a in answers] == [("OAKNH",), (), ("OAKNH",)]
+
 def test_the_doctor_and_leave_cancels_are_applied_and_go_only_where_their_visit_went(engine, tmp_path):
     """A52/A53 (leave of absence), A55 and A62 (doctor changes) were answered AE 201 "not mapped"
     (found by a black-box audit); applied now, they stay cancels: copied only where something
