@@ -247,7 +247,8 @@ class DocumentEvent(Value):
     state: DocumentState | None
     patch: DocumentPatch
     # An original (T01/T02) sent again that adds nothing to what is stored (an engine resending
-    # under a new MSH-10 after an ACK timeout): applied, but nobody gets a second copy to file.
+    # under a new MSH-10 after an ACK timeout), or a notice (T01) arriving after the document:
+    # applied, but not copied (nobody gets a second copy to file, or older news).
     resent: bool = False
 
 
@@ -1212,13 +1213,18 @@ def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
             raise _Fail(205, "TXA-12", "TXA-12 names a document that exists already with other content:"
                                        " an edit is T03/T04 or T07/T08")
         # a later original (T02 after its T01 notice) says the current status; one that arrives
-        # after an edit is late and only fills what the edit left empty
-        later = current is not None and current.event in ("T01", "T02")
+        # after an edit is late and only fills what the edit left empty, and so is a notice (T01)
+        # after the document itself: its status (IP, UN) is older news, not copied
+        later = current is not None and current.event in ("T01", "T02") and not (event == "T01" and current.event == "T02")
         resent = later and _adds_nothing(patch, current.stored)
+        late = current is not None and not later and event == "T01"
         if resent:
             warnings.append(f"{event}: the document was received before as it is: applied once, not copied again")
+        elif late:
+            warnings.append("T01: a notice of a document received since; only what is empty is filled; not copied"
+                            " (late)")
         ops.append(DocumentEvent(ctx.code, mrn, number, event, DocumentAction.UPDATE if later else DocumentAction.CREATE,
-                                 DocumentState.CURRENT if current is None else None, patch, resent))
+                                 DocumentState.CURRENT if current is None else None, patch, resent or late))
     elif event in ("T03", "T04"):
         ops.append(DocumentEvent(ctx.code, mrn, number, event, DocumentAction.UPDATE,
                                  DocumentState.CURRENT if current is None else None, patch))

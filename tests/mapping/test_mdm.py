@@ -288,3 +288,19 @@ def test_a_t02_after_its_t01_notice_carries_the_current_status():
     mdm(s, "T08", "D8", text="edited", status="LA")
     mdm(s, "T02", "D8", text="edited", status="AU", availability="AV")
     assert s.documents[("HOSP", "D8")]["versions"][-1]["completion_status"] == "LA"
+
+
+def test_a_notice_arriving_after_its_document_is_late_and_not_copied():
+    """Found by a time audit: a T01 notice (IP/UN) arriving after its T02 (AU/AV) made an
+    authenticated note unavailable again, here and at every site it was copied to."""
+    s = MemoryState()
+    mdm(s, "T02", "D9", text="the note", status="AU", availability="AV")
+    late = mdm(s, "T01", "D9", text="", status="IP", availability="UN")
+    assert isinstance(late, Changes) and not late.copied
+    assert any("(late)" in w for w in late.warnings)
+    v = s.documents[("HOSP", "D9")]["versions"][-1]
+    assert (v["completion_status"], v["availability"], v["content"].text) == ("AU", "AV", "the note")
+    again = mdm(s, "T01", "D10", text="", status="IP", availability="UN")  # a notice first: copied
+    assert isinstance(again, Changes) and again.copied
+    later = mdm(s, "T01", "D10", text="", status="IP", availability="AV")  # a second notice says the status now
+    assert later.copied and s.documents[("HOSP", "D10")]["versions"][-1]["availability"] == "AV"
