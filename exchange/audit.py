@@ -8,6 +8,8 @@ MRN, person) are written: the log never gets them.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
@@ -89,11 +91,16 @@ def record_read(conn: Connection, event: AuditEvent, shown: Any) -> None:
     candidates, a list's rows -- so "who saw this patient" is answered by facility and MRN
     whatever page showed them."""
     rows = [_row(event)]
-    if event.outcome is Outcome.OK:
+    if event.outcome is Outcome.OK or isinstance(shown, Named):
         subject = (event.facility, event.key) if event.resource is Resource.RECORD else None
         rows.extend(_row(replace(event, resource=Resource.RECORD, facility=f, key=m))
                     for f, m in sorted(records_named(shown)) if (f, m) != subject)
     conn.execute(insert(audit_event), rows)
+
+
+class Named(tuple):
+    """The (facility, mrn) keys a refusal names in its reason (a decision refused because two
+    records are of one facility, say): audited with the refusal, as a read's answer is."""
 
 
 def records_named(value: Any) -> set[tuple[str, str]]:
@@ -103,6 +110,9 @@ def records_named(value: Any) -> set[tuple[str, str]]:
     todo = [value]
     while todo:
         v = todo.pop()
+        if isinstance(v, Named):
+            out.update((f, m) for f, m in v if isinstance(f, str) and isinstance(m, str) and m)
+            continue
         if isinstance(v, dict):
             f, m = v.get("facility"), v.get("mrn")
             todo.extend(v.values())
@@ -111,6 +121,11 @@ def records_named(value: Any) -> set[tuple[str, str]]:
             continue
         else:
             f, m = getattr(v, "facility", None), getattr(v, "mrn", None)
+            if dataclasses.is_dataclass(v) and not isinstance(v, type):  # a message's deliveries, ...
+                todo.extend(getattr(v, field.name) for field in dataclasses.fields(v))
+            destination, theirs = getattr(v, "destination", None), getattr(v, "destination_mrn", None)
+            if isinstance(destination, str) and isinstance(theirs, str) and theirs:
+                out.add((destination, theirs))  # a copy: the destination's record, which its answer may quote
         if isinstance(f, str) and isinstance(m, str) and m:
             out.add((f, m))
     return out

@@ -210,6 +210,7 @@ class DeliveryView:
     reason: str | None
     retried_by: str | None
     retried_at: datetime | None
+    destination_mrn: str | None = None  # the destination's own record it names (its ACK's text may quote it)
 
 
 # Outcomes of one attempt, recorded by ``record_outcomes``.
@@ -879,6 +880,7 @@ _VIEW_COLUMNS = (
     delivery.c.reason,
     delivery.c.retried_by,
     delivery.c.retried_at,
+    delivery.c.destination_mrn,
 )
 _VIEW = select(*_VIEW_COLUMNS).select_from(delivery.join(message, delivery.c.message_id == message.c.id))
 

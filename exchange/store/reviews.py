@@ -130,10 +130,11 @@ class DecisionError(Exception):
     """A decision refused before anything was written: ``status`` (404, 409, 422; 503 busy) and a one-line
     reason."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, records: Sequence[Key] = ()) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.records = tuple(records)  # the (facility, mrn) the reason names: audited with the refusal
 
 
 DECISION_WAIT_MS = 2000  # PostgreSQL: how long a decision waits for the batches in flight
@@ -158,16 +159,16 @@ def _hold_links(conn: Connection) -> None:
     conn.exec_driver_sql("SET LOCAL lock_timeout = DEFAULT")
 
 
-def _not_found(reason: str) -> DecisionError:
-    return DecisionError(404, reason)
+def _not_found(reason: str, *records: Key) -> DecisionError:
+    return DecisionError(404, reason, records)
 
 
-def _conflict(reason: str) -> DecisionError:
-    return DecisionError(409, reason)
+def _conflict(reason: str, *records: Key) -> DecisionError:
+    return DecisionError(409, reason, records)
 
 
-def _invalid(reason: str) -> DecisionError:
-    return DecisionError(422, reason)
+def _invalid(reason: str, *records: Key) -> DecisionError:
+    return DecisionError(422, reason, records)
 
 
 # --- trust (survivorship) ----------------------------------------------------------------
@@ -569,15 +570,14 @@ def _refuse_joining(conn: Connection, moving: Sequence[Any], staying: Sequence[A
         if same:
             raise _conflict(
                 f"{m.facility} {m.mrn} and {same[0].facility} {same[0].mrn} are two records of one facility "
-                f"(a duplicate registration the facility merges with A40): {hint}"
-            )
+                f"(a duplicate registration the facility merges with A40): {hint}",
+                (m.facility, m.mrn), (same[0].facility, same[0].mrn))
     pairs = _active_pairs(conn, [(m.facility, m.mrn) for m in moving], [(r.facility, r.mrn) for r in staying])
     if pairs:
         (a, b, decision) = pairs[0]
         who = f"decision {decision}" if decision is not None else "the facility (A37)"
         raise _conflict(
-            f"{a[0]} {a[1]} and {b[0]} {b[1]} are marked not a match by {who}: undo that, or {hint}"
-        )
+            f"{a[0]} {a[1]} and {b[0]} {b[1]} are marked not a match by {who}: undo that, or {hint}", a, b)
 
 
 def _refuse_an_emptied_person(person_id: int, records: Sequence[Any], instead: str) -> None:
@@ -634,9 +634,10 @@ def decide_review(conn: Connection, review_id: int, verdict: Verdict | str, *, a
     key = (review.facility, review.mrn)
     rec = _records_by_key(conn, [key], lock=True).get(key)
     if rec is None:
-        raise _conflict(f"the review's record {key[0]} {key[1]} no longer exists")
+        raise _conflict(f"the review's record {key[0]} {key[1]} no longer exists", key)
     if not rec.active:  # its facility merged it away: the survivor's person is where it belongs
-        raise _conflict(f"the review's record {key[0]} {key[1]} was merged away by its facility: nothing to decide")
+        raise _conflict(f"the review's record {key[0]} {key[1]} was merged away by its facility: nothing to decide",
+                        key)
     d = _Decision(conn, Kind(verdict.value), actor, now, reason, review_id)
 
     if verdict is Verdict.LINK:
@@ -648,13 +649,15 @@ def decide_review(conn: Connection, review_id: int, verdict: Verdict | str, *, a
             target = _live_person(conn, person_id)
         elif candidate is not None:
             if tuple(candidate) not in {(c["facility"], c["mrn"]) for c in cands}:
-                raise _invalid(f"{candidate[0]} {candidate[1]} is not a candidate of review {review_id}")
+                raise _invalid(f"{candidate[0]} {candidate[1]} is not a candidate of review {review_id}",
+                               tuple(candidate))
             crow = _records_by_key(conn, [tuple(candidate)]).get(tuple(candidate))
             if crow is None:
-                raise _conflict(f"the candidate {candidate[0]} {candidate[1]} no longer exists")
+                raise _conflict(f"the candidate {candidate[0]} {candidate[1]} no longer exists", tuple(candidate))
             if not crow.active:  # an A40: its survivor's person, not the one it was left in
                 raise _conflict(f"the candidate {candidate[0]} {candidate[1]} was merged away by its facility (into "
-                                f"{crow.merged_into_mrn}): link to its survivor's person instead")
+                                f"{crow.merged_into_mrn}): link to its survivor's person instead",
+                                tuple(candidate), (crow.facility, crow.merged_into_mrn))
             target = crow.person_id
         else:
             suggested = review.person_id if review.person_id is not None else _as_person_id(
@@ -699,12 +702,13 @@ def split_record(conn: Connection, person_id: int, facility: str, mrn: str, *, a
         raise _not_found(f"no person {person_id}")
     rec = _records_by_key(conn, [(facility, mrn)], lock=True).get((facility, mrn))
     if rec is None:
-        raise _not_found(f"no record {facility} {mrn}")
+        raise _not_found(f"no record {facility} {mrn}", (facility, mrn))
     if rec.person_id != person_id:
-        raise _conflict(f"{facility} {mrn} belongs to person {rec.person_id}, not {person_id}")
+        raise _conflict(f"{facility} {mrn} belongs to person {rec.person_id}, not {person_id}", (facility, mrn))
     staying = [r for r in _records_of(conn, [person_id], lock=True) if r.id != rec.id and r.active]
     if not staying:
-        raise _invalid(f"{facility} {mrn} is the only active record of person {person_id}: nothing to split it from")
+        raise _invalid(f"{facility} {mrn} is the only active record of person {person_id}: nothing to split it from",
+                       (facility, mrn))
     d = _Decision(conn, Kind.SPLIT, actor, now, reason)
     new = d.new_person()
     d.event(rec, new, Link.MANUAL.value, None)
@@ -882,7 +886,7 @@ def undo_decision(conn: Connection, decision_id: int, *, actor: str, now: dateti
     for e in events:
         rec = current.get((e.facility, e.mrn))
         if rec is None:
-            raise _conflict(f"{e.facility} {e.mrn} no longer exists")
+            raise _conflict(f"{e.facility} {e.mrn} no longer exists", (e.facility, e.mrn))
         moved = (e.from_person, e.from_link) != (e.to_person, e.to_link)
         if moved and (rec.person_id, rec.link) != (e.to_person, e.to_link):
             raise _conflict(

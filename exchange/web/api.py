@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from exchange.audit import Action, AuditEvent, Outcome, Resource, record, record_read
+from exchange.audit import Action, AuditEvent, Named, Outcome, Resource, record, record_read, records_named
 from exchange.config import Config
 from exchange.auth import Permission, Principal, TokenCache, allowed, find_token, hash_token, revoked_token_name
 from exchange.store.api import MessageSummary, message_summary
@@ -119,7 +119,9 @@ def retry_audited(
     reached the destination since) and write its audit row, one transaction."""
     result, view = retry(conn, delivery_id, actor, now, config=config, force=force)
     outcome = {RetryResult.REQUEUED: Outcome.OK, RetryResult.NOT_FOUND: Outcome.NOT_FOUND}.get(result, Outcome.INVALID)
-    record(conn, replace(event, facility=view.destination if view else None, outcome=outcome))
+    # the answer shows the copy (its record, the destination's quoted in last_error), refused or not
+    record_read(conn, replace(event, facility=view.destination if view else None, outcome=outcome),
+                Named(records_named(view)) if view is not None else None)
     return result, view
 
 
@@ -154,16 +156,22 @@ def read_audited(conn: Connection, read: Callable[..., Any], args: tuple, event:
     return value
 
 
-def decide_audited(conn: Connection, decide: Callable[..., Any], args: tuple, kwargs: dict, event: AuditEvent) -> Any:
-    """``decide(conn, *args, **kwargs)`` and its audit row, one transaction. A refused decision
-    (``DecisionError``) is rolled back to a savepoint, audited, and returned as a value."""
+def decide_audited(conn: Connection, decide: Callable[..., Any], args: tuple, kwargs: dict, event: AuditEvent,
+                   answered: bool = True) -> Any:
+    """``decide(conn, *args, **kwargs)`` and its audit rows, one transaction: the decision's, and,
+    when the caller is ``answered`` with the value (the API; the workbench redirects to a page
+    audited as it is read), one per facility record it shows (a review's record and candidates, a
+    split's or a merge's events), as for a read. A refused decision (``DecisionError``) is
+    rolled back to a savepoint and audited with the records its reason names; it is returned
+    as a value."""
     try:
         with conn.begin_nested():
             value = decide(conn, *args, **kwargs)
     except DecisionError as exc:
-        record(conn, replace(event, outcome=Outcome.NOT_FOUND if exc.status == 404 else Outcome.INVALID))
+        record_read(conn, replace(event, outcome=Outcome.NOT_FOUND if exc.status == 404 else Outcome.INVALID),
+                    Named(exc.records))
         return exc
-    record(conn, replace(event, outcome=Outcome.OK))
+    record_read(conn, replace(event, outcome=Outcome.OK), value if answered else None)
     return value
 
 
@@ -423,7 +431,7 @@ class API:
         if path_id(person) is None:
             return await self._bad_path(request, "a person id is a number")
         return await self._get(
-            request, Permission.READ_PERSON, Resource.PERSON, None, person, reviews.person_view,
+            request, Permission.READ_PERSON, Resource.PERSON, None, str(int(person)), reviews.person_view,
             (int(person), self.trust), dict,
         )
 
@@ -470,7 +478,8 @@ class API:
         if path_id(review) is None:
             return await self._bad_path(request, "a review id is a number")
         return await self._get(
-            request, Permission.READ_REVIEW, Resource.REVIEW, None, review, reviews.review_detail, (int(review),), dict
+            request, Permission.READ_REVIEW, Resource.REVIEW, None, str(int(review)), reviews.review_detail,
+            (int(review),), dict
         )
 
     @app.route("/reviews/<review>", methods=["POST"])
@@ -499,7 +508,7 @@ class API:
                       "reason": body_text(body, "reason"), "force": body_flag(body, "force")}
             return reviews.decide_review, (review_id, verdict), kwargs, None
 
-        return await self._decide(request, Permission.DECIDE_REVIEW, Resource.REVIEW, review, parse)
+        return await self._decide(request, Permission.DECIDE_REVIEW, Resource.REVIEW, str(review_id), parse)
 
     @app.route("/persons/<person>/split", methods=["POST"])
     async def split_person(self, request, person: str) -> bytes:
@@ -514,7 +523,7 @@ class API:
             facility, mrn = body_text(body, "facility", required=True), body_text(body, "mrn", required=True)
             return reviews.split_record, (person_id, facility, mrn), {"reason": body_text(body, "reason")}, None
 
-        return await self._decide(request, Permission.DECIDE_PERSON, Resource.PERSON, person, parse)
+        return await self._decide(request, Permission.DECIDE_PERSON, Resource.PERSON, str(person_id), parse)
 
     @app.route("/persons/<person>/opt-out", methods=["POST"])
     async def opt_out(self, request, person: str) -> bytes:
@@ -531,7 +540,7 @@ class API:
             return (reviews.set_opt_out, (person_id, body_flag(body, "protected")),
                     {"reason": body_text(body, "reason")}, None)
 
-        return await self._decide(request, Permission.DECIDE_PERSON, Resource.PERSON, person, parse)
+        return await self._decide(request, Permission.DECIDE_PERSON, Resource.PERSON, str(person_id), parse)
 
     @app.route("/persons/merge", methods=["POST"])
     async def merge_persons(self, request) -> bytes:
@@ -559,7 +568,8 @@ class API:
             only(body, "reason")
             return reviews.undo_decision, (decision_id,), {"reason": body_text(body, "reason")}, None
 
-        return await self._decide(request, Permission.DECIDE_PERSON, Resource.PERSON, f"decision/{decision}", parse)
+        return await self._decide(request, Permission.DECIDE_PERSON, Resource.PERSON, f"decision/{decision_id}",
+                                  parse)
 
     @app.route("/decisions/<decision>", methods=["GET"])
     async def get_decision(self, request, decision: str) -> bytes:
@@ -567,7 +577,7 @@ class API:
         if path_id(decision) is None:
             return await self._bad_path(request, "a decision id is a number")
         return await self._get(
-            request, Permission.READ_PERSON, Resource.PERSON, None, f"decision/{decision}", reviews.decision_view,
+            request, Permission.READ_PERSON, Resource.PERSON, None, f"decision/{int(decision)}", reviews.decision_view,
             (int(decision),), dict, what="decision",
         )
 
@@ -577,7 +587,7 @@ class API:
         if path_id(person) is None:
             return await self._bad_path(request, "a person id is a number")
         return await self._get(
-            request, Permission.READ_PERSON, Resource.PERSON, None, person, reviews.person_history,
+            request, Permission.READ_PERSON, Resource.PERSON, None, str(int(person)), reviews.person_history,
             (int(person),), dict,
         )
 
@@ -659,7 +669,7 @@ class API:
                 action=Action.DECIDE,  # to send it again
                 resource=Resource.DELIVERY,
                 facility=None,
-                key=delivery_id,
+                key=str(int(delivery_id)),  # audited as its number: "0007" as "7"
                 outcome=Outcome.FORBIDDEN,
                 remote=remote_host(request),
             )

@@ -459,7 +459,7 @@ class Workbench:
         if key_of is not None:
             event = replace(event, key=key_of(args))
         kwargs = {**kwargs, "actor": session.user, "now": self.now()}
-        value = await self.db.write(decide_audited, fn, args, kwargs, event)
+        value = await self.db.write(decide_audited, fn, args, kwargs, event, False)
         if isinstance(value, DecisionError):
             titles = {404: "Not found", 409: "Not done", 422: "Not done"}
             return self._error(request, value.status, titles.get(value.status, "Not done"), value.reason,
@@ -577,7 +577,7 @@ class Workbench:
     async def review(self, request, review: str) -> bytes:
         session = await self._viewer(request)
         review_id = id_in_path(review, "review")
-        detail = await self._read(request, session, Permission.READ_REVIEW, Audited.REVIEW, None, review,
+        detail = await self._read(request, session, Permission.READ_REVIEW, Audited.REVIEW, None, str(review_id),
                                   reviews.review_detail, (review_id,), "review")
         page = pages.review_page(detail, can_decide=allowed(session.role, Permission.DECIDE_REVIEW),
                                  can_undo=allowed(session.role, Permission.DECIDE_PERSON))
@@ -603,7 +603,7 @@ class Workbench:
                     kwargs["person_id"] = form_id(request, "person")
             return (review_id, verdict), kwargs
 
-        return await self._decision(request, Permission.DECIDE_REVIEW, Audited.REVIEW, review,
+        return await self._decision(request, Permission.DECIDE_REVIEW, Audited.REVIEW, str(review_id),
                                     f"/reviews/{review_id}", reviews.decide_review, parse)
 
     @app.route("/persons", methods=["GET"])
@@ -617,7 +617,7 @@ class Workbench:
     async def person(self, request, person: str) -> bytes:
         session = await self._viewer(request)
         person_id = id_in_path(person, "person")
-        view, history = await self._read(request, session, Permission.READ_PERSON, Audited.PERSON, None, person,
+        view, history = await self._read(request, session, Permission.READ_PERSON, Audited.PERSON, None, str(person_id),
                                          _person, (person_id, self.trust), "person")
         page = pages.person_page(view, history, can_decide=allowed(session.role, Permission.DECIDE_PERSON))
         return self._render(request, "person.html", session=session, page=page, back=f"/persons/{page.id}")
@@ -632,7 +632,7 @@ class Workbench:
             mrn = form_text(request, "mrn", required=True, limit=400)
             return (person_id, facility, mrn), {"reason": form_reason(request)}
 
-        return await self._decision(request, Permission.DECIDE_PERSON, Audited.PERSON, person,
+        return await self._decision(request, Permission.DECIDE_PERSON, Audited.PERSON, str(person_id),
                                     f"/persons/{person_id}", reviews.split_record, parse)
 
     @app.route("/persons/<person>/merge", methods=["POST"])
@@ -658,7 +658,7 @@ class Workbench:
                 raise FormError("protected is true or false")
             return (person_id, protected == "true"), {"reason": form_reason(request), "via": "workbench"}
 
-        return await self._decision(request, Permission.DECIDE_PERSON, Audited.PERSON, person,
+        return await self._decision(request, Permission.DECIDE_PERSON, Audited.PERSON, str(person_id),
                                     f"/persons/{person_id}", reviews.set_opt_out, parse)
 
     @app.route("/decisions/<decision>/undo", methods=["POST"])
@@ -705,7 +705,7 @@ class Workbench:
     @handled
     async def retry(self, request, delivery: str) -> bytes:
         delivery_id = id_in_path(delivery, "delivery")
-        session, event = await self._poster(request, Permission.RETRY_DELIVERY, Audited.DELIVERY, delivery,
+        session, event = await self._poster(request, Permission.RETRY_DELIVERY, Audited.DELIVERY, str(delivery_id),
                                             "/deliveries")
         force = form_text(request, "force") == "1"
         result, view = await self.db.write(retry_audited, delivery_id, session.user, self.now(), event, self.config,

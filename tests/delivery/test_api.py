@@ -177,11 +177,13 @@ def test_retry_a_failed_copy(engine) -> None:
     assert post(api, "/api/deliveries/abc/retry", token) == (400, {"error": "a delivery id is a number"})
     assert api.get(f"/api/deliveries/{failed}/retry", token)[0] == 405
     assert woken == ["HHCARE"]
-    assert [(r["action"], r["facility"], r["key"], r["outcome"]) for r in api.audit()] == [
-        ("decide", "HHCARE", str(failed), "ok"),
-        ("decide", "HHCARE", str(failed), "invalid"),
-        ("decide", "OAKNH", str(delivered), "invalid"),
-        ("decide", None, "999999", "not-found"),
+    # each answer showed the copy, and with it the record it is about (found by a privacy audit:
+    # only the decision's row was written)
+    assert [(r["resource"], r["facility"], r["key"], r["outcome"]) for r in api.audit()] == [
+        ("delivery", "HHCARE", str(failed), "ok"), ("record", "GENHOSP", "100001", "ok"),
+        ("delivery", "HHCARE", str(failed), "invalid"), ("record", "GENHOSP", "100001", "invalid"),
+        ("delivery", "OAKNH", str(delivered), "invalid"), ("record", "GENHOSP", "100001", "invalid"),
+        ("delivery", None, "999999", "not-found"),
     ]
 
 
@@ -261,7 +263,8 @@ def test_a_failed_copy_the_configuration_no_longer_sends_is_not_requeued(engine)
     assert woken == []
     api.api.config = running
     assert post(api, f"/api/deliveries/{failed}/retry", token)[0] == 200
-    assert [(r["facility"], r["outcome"]) for r in api.audit()] == [("HHCARE", "invalid")] * 2 + [("HHCARE", "ok")]
+    assert [(r["facility"], r["outcome"]) for r in api.audit() if r["resource"] == "delivery"] == \
+        [("HHCARE", "invalid")] * 2 + [("HHCARE", "ok")]
 
 
 def test_the_message_lists_its_deliveries(api: Harness, queued: list[int]) -> None:
@@ -275,3 +278,18 @@ def test_the_message_lists_its_deliveries(api: Harness, queued: list[int]) -> No
         {"facility": "HHCARE", "state": "queued", "attempts": 0, "last_error": None, "control_id": "D4"},
     ]
     assert body["deliveries"][0]["delivered_at"] == "2026-11-27T12:00:05.123456Z"
+
+
+def test_a_message_read_audits_the_records_its_copies_name(api: Harness) -> None:
+    """Found by a privacy audit: a destination's NAK quoting the copy's PID showed through
+    /api/messages as last_error, and the audit named no record at all."""
+    from dataclasses import replace
+
+    [message_id] = api.store(message("MSG-1"))
+    with write_transaction(api.engine) as conn:
+        [failed] = enqueue(conn, [replace(copy(message_id, 1, "HHCARE"), destination_mrn="HH-77")])
+        mark_failed(conn, failed, at=T0, ack_code="AE", ack=b"MSA|AE|D1", error="AE: HH-77 DOE^JANE rejected")
+    token = api.token("olga", "admin")
+    assert api.get("/api/messages/GENHOSP/MSG-1", token)[0] == 200
+    assert [(r["resource"], r["facility"], r["key"]) for r in api.audit()] == [
+        ("message", "GENHOSP", "MSG-1"), ("record", "GENHOSP", "100001"), ("record", "HHCARE", "HH-77")]

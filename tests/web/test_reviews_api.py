@@ -84,11 +84,14 @@ def test_link_decision_changes_the_links_at_once_and_is_audited(api: Harness):
     assert {"id", "records", "score", "reasons", "state"} <= body.keys()
     assert body["state"] == "resolved" and body["decision"] == "link" and body["decided_by"] == "tess"
     assert body["note"] == "same woman" and isinstance(body["decision_id"], int)
+    # the answer shows the review's records as its GET does: audited alike (found by a privacy audit)
+    assert audit(api)[:4] == [("tess", "decide", "review", str(s["review"]), "ok"),
+                              ("tess", "decide", "record", "GH-44107", "ok"), ("tess", "decide", "record", "HH-3391", "ok"),
+                              ("tess", "decide", "record", "OA917082", "ok")]
     code, person, _ = api.get(f"/api/persons/{s['person']}", token)
     assert ("OAKNH", "OA917082", "manual") in {(r["facility"], r["mrn"], r["link"]) for r in person["records"]}
     code, record, _ = api.get("/api/records/OAKNH/OA917082", token)
     assert record["person"] == s["person"]
-    assert ("tess", "decide", "review", str(s["review"]), "ok") in audit(api)
 
     code, body = post(api, f"/api/reviews/{s['review']}", {"decision": "not-a-match"}, token)
     assert code == 409 and "resolved by tess" in body["error"]
@@ -258,3 +261,15 @@ def test_admins_decide_too(api: Harness):
     assert code == 200
     assert api.get(f"/api/reviews/{s['review']}", token)[1]["state"] == "open"
     assert api.get(f"/api/records/{OA[0]}/{OA[1]}", token)[1]["person"] == s["oa_person"]
+
+
+def test_ids_in_paths_are_audited_as_numbers(api: Harness):
+    """Found by a privacy audit: /api/persons/003 was audited under "003", which a search for
+    person 3 misses (the README promises "0007" audited as "7")."""
+    s = scene(api)
+    token = api.token("tess", "technician")
+    person, review = s["person"], s["review"]
+    for path in (f"/api/persons/00{person}", f"/api/persons/00{person}/history", f"/api/reviews/000{review}"):
+        assert api.get(path, token)[0] == 200, path
+    assert [(a[2], a[3]) for a in audit(api) if a[2] in ("person", "review")] == [
+        ("person", str(person)), ("person", str(person)), ("review", str(review))]

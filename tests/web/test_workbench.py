@@ -611,6 +611,8 @@ def test_split_merge_and_opt_out_from_the_person_page(wb):
     decisions = [(a[3], a[5], a[6]) for a in audit(wb) if a[2] == "decide"]
     assert decisions == [
         ("person", str(person), "ok"), ("person", f"{person}<-{split_off}", "invalid"),
+        # the refusal's page named the two records of the not-a-match pair
+        ("record", "GH-44107", "invalid"), ("record", "HH-3391", "invalid"),
         ("person", f"{person}<-{split_off}", "ok"), ("person", str(person), "ok"),
         ("person", str(person), "invalid"), ("person", None, "invalid"),
     ]
