@@ -172,8 +172,10 @@ def _segments_to_message(frame: bytes) -> bytes:
 
 
 def _preview(data: bytes) -> str:
-    text = data[:40].decode("utf-8", "replace")
-    return repr(text + ("..." if len(data) > 40 else ""))
+    """What the bytes are, without what they say (a patient's segment is PHI, and error lines
+    end up in the logs of the scripts that run this): their length and first three bytes (a
+    segment's name)."""
+    return f"{len(data)} bytes beginning {data[:3].decode('ascii', 'replace')!r}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,11 +344,14 @@ def report_reply(message: OutboundMessage, reply: bytes, tally: Tally, out: Text
             tally.count(ack.code)
         return
     ack = acks[0]
-    if ack.control_id != message.control_id:
-        print(
-            f"exchange send: warning: the ACK for {message.control_id!r} acknowledges {ack.control_id!r} (MSA-2)",
-            file=err,
-        )
+    if ack.control_id.strip() != message.control_id.strip():
+        # the answer to another message says nothing of this one: not counted as accepted
+        print(_line(message.control_id, ack.code, "the reply acknowledges another message (MSA-2 is not this"
+                                                  " message's MSH-10)"), file=out)
+        shown = ack.control_id if len(ack.control_id) <= 40 else ack.control_id[:40] + "..."
+        print(f"exchange send: the ACK for {message.control_id!r} acknowledges {shown!r} (MSA-2)", file=err)
+        tally.errors += 1
+        return
     print(_line(message.control_id, ack.code, ack.text), file=out)
     tally.count(ack.code)
 

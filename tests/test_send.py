@@ -176,6 +176,13 @@ def test_split_errors(data, reason):
         split_messages(data)
 
 
+def test_a_split_error_does_not_quote_the_text():
+    """Found by a privacy audit: the error line quoted the patient's segment."""
+    with pytest.raises(SplitError) as error:
+        split_messages(b"PID|1||998877665^^^GENHOSP||ZZLEAKSMITH^JOHN\rMSH|^~\\&|x\r")
+    assert str(error.value) == "text before the first MSH segment: 44 bytes beginning 'PID'"
+
+
 @pytest.mark.parametrize("data", [b"", b"\n\r\n  \n", BOM, BOM + b"\r\n"])
 def test_nothing_in_the_file(data):
     assert split_messages(data) == []
@@ -426,11 +433,16 @@ def test_reply_without_msa_is_an_error(tmp_path):
     assert peer.out.getvalue().splitlines() == ["C1\t\tno MSA segment in the reply", "sent 1, accepted 0, errors 1, rejected 0"]
 
 
-def test_mismatched_msa2_is_warned_about(tmp_path):
+def test_an_ack_of_another_message_is_not_counted_as_accepted(tmp_path):
+    """Found by a privacy audit: an AA whose MSA-2 named another message counted as accepted
+    (exit 0) with only a warning."""
     m1 = synthetic("C1")
     peer = Peer(tmp_path, [m1])
     peer.answer(ack_for(synthetic("OTHER"), "AA"))
-    assert peer.result == [0]
+    assert peer.result == [1]
+    assert peer.out.getvalue().splitlines() == [
+        "C1\tAA\tthe reply acknowledges another message (MSA-2 is not this message's MSH-10)",
+        "sent 1, accepted 0, errors 1, rejected 0"]
     assert "acknowledges 'OTHER'" in peer.err.getvalue()
 
 
