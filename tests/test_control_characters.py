@@ -60,3 +60,26 @@ def test_a_nul_in_any_field_is_answered_as_on_sqlite(batch):
     assert {name for name, (code, errors) in codes.items() if code == "AE" and "102" in errors} == KEYS
     assert codes["A01 MSH-4"][0] == "AR"  # no such facility
     assert sum(code == "AA" for code, _ in codes.values()) > 0.8 * len(codes)
+
+
+def test_keys_longer_than_the_store_keeps_are_refused_on_both_databases(batch):
+    """Found by a privacy audit: on PostgreSQL a 900-character MRN was kept cut to 199, and a
+    second patient whose MRN began with the same 199 characters was refused AE 207 (internal)."""
+    long_a, long_b = "A" * 199 + "1", "A" * 199 + "2"
+    a40 = (f"MSH|^~\\&|APP|OAKNH|EXCHANGE|EXCHANGE|20261127120000||ADT^A40^ADT_A39|M1|P|2.5\r"
+           f"EVN|A40|20261127120000\rPID|1||OA917082^^^OAKNH^MR||HANSON^ELIZABETH\rMRG|{long_b}^^^OAKNH^MR\r")
+    cases = {
+        ("PID-3", "identifier", 199): A01.replace("OA917082^^^OAKNH^MR", f"{long_a}^^^OAKNH^MR"),
+        ("PV1-19", "visit number", 250): A01.replace("|V100|", f"|{'V' * 251}|"),
+        ("TXA-12", "document number", 427): MDM.replace("|DOC1|", f"|{'D' * 428}|"),
+        ("TXA-13", "parent document number", 427): MDM.replace("|PAR0|", f"|{'P' * 428}|"),
+        ("MRG-1", "prior identifier", 199): a40,
+    }
+    raws = [raw.replace("CTRL", f"LONG{n}").encode() for n, raw in enumerate(cases.values())]
+    answers = batch(message("OAKNH", "A28", pid("OAKNH", "OA917082", **ELIZABETH)), *raws)[1:]
+    for (location, what, limit), answer in zip(cases, answers):
+        ack = hl7.parse(answer.ack.decode())
+        assert answer.ack_code == "AE" and str(ack.segment("ERR")[3][0][0]) == "102", location
+        assert str(ack.segment("MSA")[3]) == f"{location} {what} is longer than {limit} characters"
+    fits = A01.replace("OA917082^^^OAKNH^MR", f"{'A' * 199}^^^OAKNH^MR").replace("CTRL", "FITS").encode()
+    assert batch(fits)[0].ack_code == "AA"

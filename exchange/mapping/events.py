@@ -57,6 +57,9 @@ from typing import Protocol
 from exchange.hl7.header import Header
 from exchange.mapping.message import Message, Segment, is_delete
 from exchange.mapping.values import (
+    MAX_DOCUMENT_NUMBER,
+    MAX_MRN,
+    MAX_VISIT,
     DELETE,
     SEX_CODES,
     Content,
@@ -457,11 +460,14 @@ def _choose_mrn(identifiers: list[Identifier], authority: str) -> Identifier | N
     return identifiers[0]
 
 
-def _no_control_character(value: str, location: str, what: str) -> None:
+def _no_control_character(value: str, location: str, what: str, limit: int) -> None:
     """An escape such as \\X0A\\ (or \\X00\\) put a control character in an identifier: none has
-    one, it would not come back as sent from any copy, export or URL, and PostgreSQL keeps no NUL."""
+    one, it would not come back as sent from any copy, export or URL, and PostgreSQL keeps no NUL.
+    Nor is one longer than ``limit``: kept cut, two identifiers would become one."""
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
         raise _Fail(102, location, f"{location} {what} contains a control character")
+    if len(value) > limit:
+        raise _Fail(102, location, f"{location} {what} is longer than {limit} characters")
 
 
 def _patient_id(seg: Segment, ctx: FacilityContext, location: str = "PID-3",
@@ -471,7 +477,7 @@ def _patient_id(seg: Segment, ctx: FacilityContext, location: str = "PID-3",
     mrn = _choose_mrn(ids, ctx.authority)
     if mrn is None:
         raise _Fail(101, location, f"{location} has no usable patient identifier")
-    _no_control_character(mrn.value, location, "identifier")
+    _no_control_character(mrn.value, location, "identifier", MAX_MRN)
     if ctx.foreign_authorities and not mrn.issued_by(ctx.authority) and (
             mrn.authority in ctx.foreign_authorities or mrn.authority_id in ctx.foreign_authorities):
         # another site's MRN (or the exchange's person id) filed as this facility's would make a
@@ -613,7 +619,7 @@ def _ssn(pid: Segment, ids: tuple[Identifier, ...]) -> str | None | object:
 
 def _visit(pv1: Segment) -> str:
     visit = visit_number(pv1)
-    _no_control_character(visit, "PV1-19", "visit number")
+    _no_control_character(visit, "PV1-19", "visit number", MAX_VISIT)
     return visit
 
 
@@ -965,12 +971,11 @@ def _prior_id(mrg: Segment, current: Identifier, ctx: FacilityContext) -> Identi
     """MRG-1: the repetition with PID-3's authority, else the facility's MRN rule (MRG-4, the
     prior patient id of an A39, when MRG-1 is empty)."""
     ids = _identifiers(mrg, 1) or _identifiers(mrg, 4)
-    for ident in ids:
-        if _same_authority(ident, current, ctx):
-            return ident
-    chosen = _choose_mrn(ids, ctx.authority)
+    chosen = next((ident for ident in ids if _same_authority(ident, current, ctx)), None) or _choose_mrn(
+        ids, ctx.authority)
     if chosen is None:
         raise _Fail(101, "MRG-1", "MRG-1 has no usable prior identifier")
+    _no_control_character(chosen.value, "MRG-1", "prior identifier", MAX_MRN)
     return chosen
 
 
@@ -1062,8 +1067,8 @@ def _map_visit_move(msg, ctx, state, event, warnings) -> list:
             raise _Fail(101, where[0], f"{where[0]}: the prior visit number is required")
         if not new:
             raise _Fail(101, where[1], f"{where[1]}: the new visit number is required")
-        _no_control_character(old, where[0], "visit number")
-        _no_control_character(new, where[1], "visit number")
+        _no_control_character(old, where[0], "visit number", MAX_VISIT)
+        _no_control_character(new, where[1], "visit number", MAX_VISIT)
         source = mrn
         if event == "A45":
             source = _survivor(state, ctx.code, _prior_id(mrg, _patient_id(pid, ctx), ctx).value)
@@ -1179,9 +1184,9 @@ def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
     patch = document_patch(txa, warnings)
     if not patch.number:
         raise _Fail(101, "TXA-12", "TXA-12 unique document number is required")
-    _no_control_character(patch.number, "TXA-12", "document number")
+    _no_control_character(patch.number, "TXA-12", "document number", MAX_DOCUMENT_NUMBER)
     if patch.parent:
-        _no_control_character(patch.parent, "TXA-13", "parent document number")
+        _no_control_character(patch.parent, "TXA-13", "parent document number", MAX_DOCUMENT_NUMBER)
     pid = msg.first("PID")
     if pid is None:
         raise _Fail(101, "PID-3", "PID segment with a patient identifier is required")

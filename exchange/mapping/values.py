@@ -18,6 +18,13 @@ from enum import Enum, StrEnum
 
 from exchange.outcome import Value
 
+# The longest keys the record model keeps (the store's columns are this wide): an MRN (CX.1), a
+# visit number (PV1-19, CX) and a document number (TXA-12, EI). A longer one is refused (AE 102):
+# cut, two would become one.
+MAX_MRN = 199
+MAX_VISIT = 250
+MAX_DOCUMENT_NUMBER = 427
+
 # --- "no change" vs "delete" ---------------------------------------------------
 
 

@@ -44,6 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from exchange.hl7.header import MAX_CONTROL_ID
+from exchange.mapping.values import MAX_DOCUMENT_NUMBER, MAX_MRN, MAX_VISIT
 
 # Fixed before the first revision: every constraint and index gets a
 # predictable name, so later migrations can drop or alter it on both backends.
@@ -228,7 +229,7 @@ audit_event_table = AuditEvent.__table__
 # serialised by exchange.store.records.to_json); the plain columns next to it
 # are derived from them for searching and for the API views.
 
-MRN_LEN = 199  # CX.1
+MRN_LEN = MAX_MRN  # CX.1: longer ones are refused (exchange.mapping)
 AUTHORITY_LEN = 227  # CX.4 (HD)
 ID_TYPE_LEN = 16  # CX.5
 NAME_LEN = 194  # XPN.1 / XPN.2
@@ -236,11 +237,11 @@ SEX_LEN = 16  # PID-8
 POSTCODE_LEN = 32  # XAD.5
 PHONE_LEN = 64  # XTN.1
 SSN_LEN = 32  # PID-19
-VISIT_LEN = 250  # PV1-19 (CX)
+VISIT_LEN = MAX_VISIT  # PV1-19 (CX): longer ones are refused
 PATIENT_CLASS_LEN = 16  # PV1-2
 LOCATION_LEN = 400  # PL as "point of care^room^bed^facility"
 TS_LEN = 40  # an HL7 timestamp as ISO text with its precision
-DOCUMENT_NUMBER_LEN = 427  # TXA-12.1 (EI)
+DOCUMENT_NUMBER_LEN = MAX_DOCUMENT_NUMBER  # TXA-12.1 (EI): longer ones are refused
 DOCUMENT_CODE_LEN = 250  # TXA-2, TXA-17, TXA-19
 CONTENT_TYPE_LEN = 255
 EVENT_LEN = 16  # trigger event or operation kind
