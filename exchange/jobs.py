@@ -341,7 +341,19 @@ class JobScheduler:
     def scheduled(self, name: str, period: float) -> int | None:
         """A scheduled run. PostgreSQL, several nodes: every node's timer fires once a period
         (each at its own phase), and the job must run once: the node that starts it keeps the
-        job's schedule lock for most of the period, so the others skip (and say so)."""
+        job's schedule lock for most of the period, so the others skip (and say so). A failure
+        (the database gone while the lock is taken) is logged as its type alone: APScheduler
+        would log its traceback, whose text quotes SQL and its parameters."""
+        try:
+            return self._scheduled(name, period)
+        except Exception as exc:  # noqa: BLE001 - the next period tries again
+            self.emit("error", f"reconcile {name}: not run ({type(exc).__name__})")
+            if self._engine is not None:
+                self._engine.dispose()
+                self._engine = None
+            return None
+
+    def _scheduled(self, name: str, period: float) -> int | None:
         if not self.config.server.database.startswith("postgresql"):
             return self.run(name)
         from exchange.store.db import make_engine

@@ -279,6 +279,18 @@ def test_scheduled_runs_use_the_configuration_the_server_runs(engine, database_u
     assert not os.path.exists(snapshot)
 
 
+def test_a_scheduled_run_that_cannot_start_logs_its_failure_without_its_text(tmp_path):
+    """Found by a privacy audit: a database error while the schedule lock was taken went to
+    APScheduler, which logged its traceback, SQL and parameters included."""
+    config = load_config(write_config(tmp_path), database="postgresql+psycopg://postgres@127.0.0.1:1/none",
+                         environ={})
+    lines: list[tuple[str, str]] = []
+    jobs = JobScheduler(config, reactor=None, emit=lambda level, line: lines.append((level, line)))
+    assert jobs.scheduled("links", 60.0) is None
+    assert lines == [("error", "reconcile links: not run (OperationalError)")]
+    jobs.stop()
+
+
 def test_the_scheduler_takes_the_configured_schedules(tmp_path):
     config = config_at(tmp_path, 'reconcile.consistency = "90s"\nreconcile.match-model = "15 4 * * 1"')
     jobs = JobScheduler(config, reactor=None, emit=lambda level, line: None)
