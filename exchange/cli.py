@@ -519,12 +519,13 @@ def _missing_sqlite_file(url: str) -> bool:
             and path != ":memory:" and not os.path.exists(path))
 
 
-def _cli_audit(conn, args, action: str, resource: str, key: str | None, outcome: str) -> None:
-    """An audit row for a command that reads or changes patient data (role "cli")."""
+def _cli_audit(conn, args, action: str, resource: str, key: str | None, outcome: str, shown=None) -> None:
+    """An audit row for a command that reads or changes patient data (role "cli"), and one
+    (resource ``record``) per facility record ``shown`` names, as the API writes."""
     import getpass
     from datetime import datetime, timezone
 
-    from exchange.audit import AuditEvent, record
+    from exchange.audit import AuditEvent, Outcome, record_read
 
     actor = getattr(args, "actor", None)
     if not actor:
@@ -532,8 +533,9 @@ def _cli_audit(conn, args, action: str, resource: str, key: str | None, outcome:
             actor = getpass.getuser()
         except Exception:  # noqa: BLE001 - no login name (containers): still audited
             actor = "unknown"
-    record(conn, AuditEvent(at=datetime.now(timezone.utc), actor=actor[:64], role="cli", action=action,
-                            resource=resource, facility=None, key=key, outcome=outcome, remote=None))
+    record_read(conn, AuditEvent(at=datetime.now(timezone.utc), actor=actor[:64], role="cli", action=action,
+                                 resource=resource, facility=None, key=key, outcome=Outcome(outcome), remote=None),
+                shown)
 
 
 def _cell(value, width: int) -> str:
@@ -610,14 +612,14 @@ def cmd_reviews(args) -> int:
             with write_transaction(engine) as conn:
                 rows = reviews.list_reviews(conn, None if args.state == "all" else args.state, limit=args.limit,
                                             after=args.after)
-                _cli_audit(conn, args, "read", "review", f"state={args.state}", "ok")
+                _cli_audit(conn, args, "read", "review", f"state={args.state}", "ok", rows)
             print(json.dumps(rows, indent=2) if args.json else "\n".join(_review_table(rows)), flush=True)
             return 0
         if args.reviews_command == "show":
             # /* TRANSACTION: a read of one review and its audit row. */
             with write_transaction(engine) as conn:
                 detail = reviews.review_detail(conn, args.id)
-                _cli_audit(conn, args, "read", "review", str(args.id), "ok" if detail else "not-found")
+                _cli_audit(conn, args, "read", "review", str(args.id), "ok" if detail else "not-found", detail)
             if detail is None:
                 print(f"exchange: no review {args.id}", file=sys.stderr)
                 return 1
@@ -633,10 +635,10 @@ def cmd_reviews(args) -> int:
                         candidate=tuple(args.candidate) if args.candidate else None, reason=args.reason,
                         force=args.force,
                     )
-                    _cli_audit(conn, args, "decide", "review", str(args.id), "ok")
+                    _cli_audit(conn, args, "decide", "review", str(args.id), "ok", result)
                 else:
                     result = reviews.undo_decision(conn, args.decision, actor=args.actor, now=now, reason=args.reason)
-                    _cli_audit(conn, args, "decide", "person", f"decision/{args.decision}", "ok")
+                    _cli_audit(conn, args, "decide", "person", f"decision/{args.decision}", "ok", result)
         except reviews.DecisionError as exc:
             if exc.status == 422:
                 raise UsageFailure(exc.reason) from None

@@ -70,6 +70,10 @@ def test_list_show_decide_and_undo(engine, database_url):
     assert ("tess", "cli", "read", "review", "state=open", "ok") in audit
     assert ("tess", "cli", "decide", "review", str(s["review"]), "ok") in audit
     assert ("tom", "cli", "decide", "person", f"decision/{decision}", "ok") in audit
+    # what each printed names its records, as the API's answers do (found by a privacy audit)
+    show = next(i for i, row in enumerate(audit) if row[2:] == ("read", "review", str(s["review"]), "ok"))
+    assert {row[3:5] for row in audit[show + 1:show + 4]} == {
+        ("record", "OA917082"), ("record", "GH-44107"), ("record", "HH-3391")}
 
 
 def test_decide_not_a_match_and_exit_codes(engine, database_url):
