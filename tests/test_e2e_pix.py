@@ -65,6 +65,9 @@ def test_a_facility_gets_its_patients_identifiers_at_the_other_sites(exchange, d
     assert ("OAKNH", "facility", "record", "OAKNH", "OA917082", "ok") in rows
     assert ("OAKNH", "facility", "record", "HHCARE", "HH-3391", "ok") in rows
     assert ("HHCARE", "facility", "person", None, str(elizabeth), "ok") in rows
+    # Q1 gave the enterprise id too: a person row (found by a privacy audit), only for Q1
+    assert [r for r in rows if r[0] == "OAKNH" and r[2] == "person"] == [
+        ("OAKNH", "facility", "person", None, str(elizabeth), "ok")]
 
 
 def test_unknown_identifiers_and_strangers_patients_are_answered_ae_204(exchange, elizabeth):

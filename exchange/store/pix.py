@@ -2,6 +2,7 @@
 and the audit rows of the answer. In the writer's batch transaction."""
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 
 from sqlalchemy import Connection, select
@@ -49,3 +50,7 @@ def audit_answer(conn: Connection, *, querier: str, query: Query, domain: str | 
                              None if domain in (None, PERSON) else domain, key or None,
                              audit.Outcome.OK if found else audit.Outcome.NOT_FOUND, peer)
     audit.record_read(conn, event, [{"facility": f, "mrn": m} for f, m in (answer.named if found else ())])
+    if found and domain != PERSON:  # the enterprise person id it gave: a row of its own, as a person read
+        for value, _, kind in answer.identifiers:
+            if kind == "PI":
+                audit.record(conn, replace(event, resource=audit.Resource.PERSON, facility=None, key=value))
