@@ -146,6 +146,7 @@ class RecordView(Value):
     encounters: Mapping[str, EncounterView] = field(default_factory=dict)
     name: PersonName | None = None  # the stored legal name and birth date (see _another_patient)
     birth: Timestamp | None = None
+    last_message: str | None = None  # UpsertPatient.digest of the last message applied to it
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +193,11 @@ class UpsertPatient(Value):
     facility: str
     mrn: str
     demographics: Demographics
+    # The message's body (Message.body_digest) when it is about this patient alone, kept with the
+    # record; ``resent``: the same as the last one applied to it (an engine resending under a new
+    # MSH-10): applied again (it changes nothing), not copied again.
+    digest: str = ""
+    resent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,8 +288,8 @@ class Changes(Value):
         """Whether routing copies the message: not a resent original (DocumentEvent.resent), not
         an admit or transfer that arrived after its visit's discharge (EncounterEvent.late: at the
         sites that had the discharge, it would open the stay again)."""
-        return not any(isinstance(op, DocumentEvent) and op.resent or isinstance(op, EncounterEvent) and op.late
-                       for op in self.operations)
+        return not any(isinstance(op, (DocumentEvent, UpsertPatient)) and op.resent
+                       or isinstance(op, EncounterEvent) and op.late for op in self.operations)
 
 
 @dataclass(frozen=True, slots=True)
@@ -781,7 +787,12 @@ def _map_adt(msg, header, ctx, state, event, warnings) -> list:
     if pid is None:
         raise _Fail(101, "PID-3", "PID segment with a patient identifier is required")
     mrn, rec, demo = _subject(pid, ctx, state, warnings)
-    ops: list = [UpsertPatient(ctx.code, mrn, demo)]
+    digest = msg.body_digest(f"ADT^{event}")
+    resent = rec is not None and rec.last_message == digest
+    if resent:
+        warnings.append(f"{event}: the same message was applied to this record last (an engine's resend under"
+                        " a new MSH-10): applied once, not copied again")
+    ops: list = [UpsertPatient(ctx.code, mrn, demo, digest, resent)]
     if event in DEMOGRAPHICS_ONLY_EVENTS:
         warnings.append(_ONLY_DEMOGRAPHICS_BECAUSE.get(event) or f"{event}: only the demographics are applied")
     if event not in ENCOUNTER_EVENTS:

@@ -14,6 +14,7 @@ Pure: no Twisted, no SQLAlchemy.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field as _dc_field
 
@@ -100,6 +101,12 @@ class Message:
     def names(self) -> list[str]:
         """Segment names in order (cheap: no field is split)."""
         return [ln[:3] for ln in self._lines]
+
+    def body_digest(self, kind: str) -> str:
+        """A digest of every segment after MSH, with ``kind`` (MSH-9): two messages with the same
+        one say the same thing, whatever their MSH-7 and MSH-10 (an engine's resend)."""
+        text = kind + "\r" + "\r".join(self._lines[1:])
+        return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
     def all(self) -> list[Segment]:
         return [self._segment(i) for i in range(len(self._lines))]

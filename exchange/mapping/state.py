@@ -144,6 +144,7 @@ class MemoryState:
             },
             name=rec["name"],
             birth=rec["birth"],
+            last_message=rec.get("last_message"),
         )
 
     def document(self, facility: str, number: str) -> DocumentView | None:
@@ -206,6 +207,7 @@ class MemoryState:
             home = tuple(p for p in stored if not p.business) if home is None else () if home is DELETE else home
             work = tuple(p for p in stored if p.business) if work is None else () if work is DELETE else work
             rec["phones"] = home + work or None
+        rec["last_message"] = op.digest or None
         return (op.mrn,)
 
     def _encounter(self, op: EncounterEvent, ref) -> tuple:

@@ -647,6 +647,30 @@ def test_an_admit_or_transfer_arriving_after_the_discharge_is_not_copied(engine,
     answers = run(engine, config, visit("A11", "V1"), visit("A02", "V1", "SURG^2^B"), visit("A01", "V1"))
     assert [a.routed for a in answers] == [("OAKNH",), (), ("OAKNH",)]
 
+def test_an_adt_message_resent_under_a_new_control_id_is_applied_once_and_not_copied_again(engine, tmp_path):
+    """Found by a time audit: an engine's resend of an A01 (or A03) under a new MSH-10 gave every
+    other site a second admit (and discharge); MDM originals had the rule already."""
+    from tests.store.test_index import adt, pid
+
+    def visit(event, location="MED^101^A", address="12 OAK ST^^SPRINGFIELD^IL^62701"):
+        return adt("GENHOSP", event, pid("GH-7", "GENHOSP", **{**ELIZABETH, "address": address}),
+                   f"PV1|1|I|{location}||||||||||||||||V1")
+
+    config = network(tmp_path)
+    run(engine, config, register("OAKNH", "OA-7", **ELIZABETH))
+    elm = "9 ELM ST^^SPRINGFIELD^IL^62701"
+    answers = run(engine, config, visit("A01"), visit("A01"), visit("A08", address=elm), visit("A08"),
+                  visit("A08", address=elm), visit("A03"), visit("A03"))
+    # the second A01 and A03 are resends; x after y is news again (the address went back)
+    assert [a.routed for a in answers] == [("OAKNH",), (), ("OAKNH",), ("OAKNH",), ("OAKNH",), ("OAKNH",), ()]
+    assert {a.ack_code for a in answers} == {"AA"}
+    with engine.connect() as conn:
+        reasons = [r for (r,) in conn.execute(text("select reason from message order by id")).all()][-7:]
+    assert "A01: the same message was applied to this record last" in reasons[1]
+    assert reasons[0] is None or "same message" not in reasons[0]
+    # in a batch of its own too, as an engine resends after an ACK timeout
+    assert [a.routed for a in run(engine, config, visit("A03"))] == [()]
+
 def test_the_doctor_and_leave_cancels_are_applied_and_go_only_where_their_visit_went(engine, tmp_path):
     """A52/A53 (leave of absence), A55 and A62 (doctor changes) were answered AE 201 "not mapped"
     (found by a black-box audit); applied now, they stay cancels: copied only where something
