@@ -881,12 +881,17 @@ def encounter_transition(
     Out-of-order events keep information: a discharge for an unknown visit
     creates it discharged with its times; an admit (A01) for a discharged
     visit keeps it discharged and only fills the admit time (late); a transfer
-    (A02) of a closed visit changes no location (late).
+    (A02), a class change (A06, A07) of a closed visit and a discharge (A03) of a
+    cancelled one change nothing of it (late).
     """
     status, patch = _transition(event, current, patch, at, warnings)
-    late = (event in ("A01", "A02") and status is None and current is not None
+    late = (event in _LATE_AFTER_CLOSE and status is None and current is not None
             and current.status in (S.DISCHARGED, S.CANCELLED))
     return status, patch, late
+
+
+# Events that, for a visit discharged or cancelled already, are older news (not applied, not copied).
+_LATE_AFTER_CLOSE = frozenset({"A01", "A02", "A03", "A06", "A07"})
 
 
 def _transition(event: str, current: EncounterView | None, patch: EncounterPatch, at: Timestamp | None,
@@ -904,11 +909,14 @@ def _transition(event: str, current: EncounterView | None, patch: EncounterPatch
     if event == "A02":
         if closed:
             warnings.append("A02: visit is closed, location not changed; not copied (late)")
-            return None, _replace(patch, location=None, prior_location=None)
+            return None, EncounterPatch()
         if patch.prior_location is None and current is not None and current.location is not None:
             patch = _replace(patch, prior_location=current.location)
         return S.ADMITTED, patch
     if event == "A03":
+        if cur == S.CANCELLED:
+            warnings.append("A03: visit was cancelled, kept cancelled; not copied (late)")
+            return None, EncounterPatch()
         if patch.discharged_at is None and at is not None:
             patch = _replace(patch, discharged_at=at)
         return S.DISCHARGED, patch
@@ -923,8 +931,9 @@ def _transition(event: str, current: EncounterView | None, patch: EncounterPatch
     if event in ("A06", "A07"):
         if patch.patient_class is None:
             patch = _replace(patch, patient_class="I" if event == "A06" else "O")
-        if cur == S.DISCHARGED:
-            return None, patch
+        if closed:
+            warnings.append(f"{event}: visit is closed, class not changed; not copied (late)")
+            return None, EncounterPatch()
         return (S.ADMITTED if event == "A06" else S.REGISTERED), patch
     if event == "A08":
         return (_infer_status(patch) if current is None else None), patch

@@ -313,6 +313,29 @@ def test_discharge_before_admit_keeps_both():
     assert e.location == Location("W2", "2", "B")
 
 
+def test_older_news_of_a_closed_visit_changes_nothing_and_is_not_copied():
+    """Found by a time audit: a late A03 after the cancel (A11) made the visit discharged, a late
+    A06 after it made it admitted again, and their copies went to every site."""
+    s = MemoryState()
+    adt(s, "A01", cls="I", loc="W1^1^A")
+    adt(s, "A11")
+    cancelled = enc(s)
+    for event in ("A03", "A06", "A07", "A02"):
+        late = adt(s, event, cls="O" if event == "A07" else "I", loc="W9^9^Z", discharge="20240105100000")
+        assert isinstance(late, Changes) and not late.copied, event
+        assert any("(late)" in w for w in late.warnings), event
+        e = enc(s)
+        assert (e.status, e.discharged_at, e.location, e.patient_class) == (S.CANCELLED, None, cancelled.location,
+                                                                            "I"), event
+    s = MemoryState()
+    adt(s, "A04", cls="O")
+    adt(s, "A03", cls="O", discharge="20240105100000")
+    late = adt(s, "A06", cls="")
+    assert not late.copied and (enc(s).status, enc(s).patient_class) == (S.DISCHARGED, "O")
+    again = adt(s, "A03", discharge="20240105110000")  # a discharge corrected: applied and copied
+    assert again.copied and enc(s).discharged_at.value == datetime(2024, 1, 5, 11)
+
+
 def test_discharge_without_time_uses_event_time():
     s = MemoryState()
     adt(s, "A03")
