@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 the work failed, 2 bad usage or configuration
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -205,6 +206,24 @@ def cmd_db_upgrade(args) -> int:
     return 0
 
 
+MIN_OPEN_FILES = 256  # serve's own descriptors, its writer's pipes, and connections to spare
+
+
+def _enough_descriptors() -> None:
+    """The soft open-file limit raised to the hard one (each connection is a descriptor), and a
+    clear refusal when even that is too low: below about 128, starting the writer process
+    fails in Twisted's posix_spawn with nothing but "Bad file descriptor"."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft != resource.RLIM_INFINITY and soft < MIN_OPEN_FILES:
+        raise UsageFailure(f"the open-file limit is {soft} (ulimit -n): serve needs at least {MIN_OPEN_FILES}")
+
+
 def cmd_serve(args) -> int:
     # A stop signal while the exchange is still starting (imports, migrations) is
     # remembered and honoured once the reactor runs: the default SIGINT handler
@@ -218,6 +237,7 @@ def cmd_serve(args) -> int:
     signal.signal(signal.SIGINT, remember)
     signal.signal(signal.SIGTERM, remember)
     config = _load(args)
+    _enough_descriptors()
     from exchange.logs import start_logging
 
     start_logging(config.server.log_level)

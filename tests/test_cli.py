@@ -320,6 +320,20 @@ def test_serve_refuses_an_interface_that_is_not_an_address_of_this_kind(tmp_path
     assert "server.mllp" in done.stderr and "interface must be an IPv4 address" in done.stderr
 
 
+def test_serve_under_a_low_open_file_limit_says_so(tmp_path):
+    """Found by a failure audit: under `ulimit -n 128` serve said "cannot start: [Errno 9] Bad file
+    descriptor" (Twisted's posix_spawn of the writer) and exited 1."""
+    import resource
+
+    def limit(n):
+        return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+    config = write_config(tmp_path)
+    done = exchange("serve", "--config", str(config), preexec_fn=limit(128))
+    assert done.returncode == 2
+    assert done.stderr.strip() == "exchange: the open-file limit is 128 (ulimit -n): serve needs at least 256"
+
+
 @pytest.mark.parametrize("command", [("serve",), ("db", "upgrade")])
 def test_an_unreachable_database_is_one_line_and_exit_2(tmp_path, command):
     """Found by a black-box audit: 118 lines of traceback (the URL's password could be among them)."""
