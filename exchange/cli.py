@@ -18,6 +18,10 @@ class UsageFailure(Exception):
     """A one-line reason; the command exits 2."""
 
 
+class WorkFailure(Exception):
+    """A one-line reason; the command exits 1 (the work failed, not its usage)."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line: ``exchange: REASON (see PROG --help)``, exit 2
     (argparse prints the whole usage block first). Its subcommands' parsers are of this class too."""
@@ -173,13 +177,15 @@ def _database_url(args) -> str:
 
 def _upgrade(engine, url: str) -> None:
     """Migrate the database to the newest revision, or exit 2 with the reason (never the URL's password)."""
-    from exchange.store.db import UpgradeRefused, upgrade
+    from exchange.store.db import UpgradeRefused, disk_full, upgrade
 
     try:
         upgrade(engine)
     except UpgradeRefused as exc:
         raise UsageFailure(f"database {_safe_url(url)}: {exc}") from None
     except Exception as exc:  # unreachable or unusable; its text may quote the URL's password
+        if disk_full(exc):  # every revision in one transaction: the database is as it was
+            raise WorkFailure(f"database {_safe_url(url)}: the disk is full: the upgrade was rolled back") from None
         raise UsageFailure(f"cannot open the database {_safe_url(url)} ({type(exc).__name__})") from None
 
 
@@ -756,6 +762,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageFailure as exc:
         print(f"exchange: {exc}", file=sys.stderr)
         return 2
+    except WorkFailure as exc:
+        print(f"exchange: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # interrupted (Ctrl-C): no traceback
         print("exchange: interrupted", file=sys.stderr)
         return 130

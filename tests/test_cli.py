@@ -320,6 +320,30 @@ def test_serve_refuses_an_interface_that_is_not_an_address_of_this_kind(tmp_path
     assert "server.mllp" in done.stderr and "interface must be an IPv4 address" in done.stderr
 
 
+def test_db_upgrade_on_a_full_disk_says_so_and_exits_1(tmp_path, capsys, monkeypatch):
+    """Found by a failure audit: "cannot open the database ... (OperationalError)", exit 2, sent the
+    operator after a wrong path or permission; the upgrade had rolled back."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from exchange.store import db
+
+    full = sqlite3.connect(":memory:")
+    full.execute("PRAGMA max_page_count = 1")
+    with pytest.raises(sqlite3.OperationalError) as error:
+        full.executescript("create table a (x); create table b (y); insert into b values (randomblob(9000))")
+
+    def upgrade(engine):
+        raise OperationalError("ALTER TABLE ...", {}, error.value)
+
+    monkeypatch.setattr(db, "upgrade", upgrade)
+    url = f"sqlite:///{tmp_path / 'full.db'}"
+    code, out, err = run_cli(capsys, monkeypatch, "db", "upgrade", "--database", url,
+                             "--config", str(write_config(tmp_path)))
+    assert (code, err) == (1, f"exchange: database {url}: the disk is full: the upgrade was rolled back\n")
+
+
 def test_serve_under_a_low_open_file_limit_says_so(tmp_path):
     """Found by a failure audit: under `ulimit -n 128` serve said "cannot start: [Errno 9] Bad file
     descriptor" (Twisted's posix_spawn of the writer) and exited 1."""

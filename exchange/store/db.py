@@ -267,6 +267,14 @@ def sqlstate(exc: BaseException) -> str | None:
     return getattr(getattr(exc, "orig", exc), "sqlstate", None)
 
 
+def disk_full(exc: BaseException) -> bool:
+    """Whether a failed statement failed for want of disk space: SQLite's SQLITE_FULL ("database
+    or disk is full"), PostgreSQL's disk_full (53100)."""
+    orig = getattr(exc, "orig", exc)
+    return sqlstate(exc) == "53100" or getattr(orig, "sqlite_errorname", None) == "SQLITE_FULL" or (
+        "database or disk is full" in str(orig))
+
+
 def advisory_key(text: str) -> int:
     """A PostgreSQL advisory-lock key (int4) for ``text``: its CRC-32, signed. The same on
     every node; a collision only makes two unrelated holders wait for each other."""
