@@ -179,13 +179,16 @@ class ExchangeService(Service):
         (a SQLite database another process holds locked: each commit gives up after 5 s), else "ok"."""
         down = self.writer.down_since
         commit, unanswered = self.committer.commit_seconds(), self.committer.unanswered_seconds()
+        free = disk_free_bytes(self.config.server.database)
+        short = free is not None and free < self.config.server.max_frame_bytes
         return {
-            "status": health(down, self.reactor.seconds(), commit, unanswered),
+            "status": health(down, self.reactor.seconds(), commit, unanswered, short),
             # running: proved itself; commit_seconds: how long the commit in flight has taken;
             # unanswered_seconds: since a message last got no ACK, none committed since (else null)
             "writer": {"running": down is None, "restarts": self.writer.restarts, "commit_seconds": round(commit, 1),
                        "unanswered_seconds": None if unanswered is None else round(unanswered, 1)},
             "database": make_url(self.config.server.database).get_backend_name(),
+            "disk_free_bytes": free,  # SQLite: room left beside the database file (null on PostgreSQL)
             "mllp": self.mllp_addresses,
             "connections": len(self.mllp_factory.connections),
             "pending": self.committer.pending,
@@ -256,18 +259,35 @@ UNANSWERED_FAILING = 30.0
 
 
 def health(writer_down_since: float | None, now: float, commit_seconds: float = 0.0,
-           unanswered_seconds: float | None = None) -> str:
+           unanswered_seconds: float | None = None, disk_short: bool = False) -> str:
     """"unavailable" once the writer has been down (``WriterProcess.down_since``) for
     WRITER_DOWN_UNHEALTHY seconds, "stalled" while the commit in flight has taken COMMIT_STALLED
-    seconds or more, "failing" within UNANSWERED_FAILING seconds of a message that could not be
-    committed (``GroupCommitter.unanswered_seconds``; None: one has committed since), else "ok"."""
+    seconds or more, "disk_full" while the SQLite database's disk has less room than the
+    largest message accepted (``disk_short``), "failing" within UNANSWERED_FAILING seconds of
+    a message that could not be committed (``GroupCommitter.unanswered_seconds``; None: one has
+    committed since), else "ok"."""
     if writer_down_since is not None and now - writer_down_since >= WRITER_DOWN_UNHEALTHY:
         return "unavailable"
     if commit_seconds >= COMMIT_STALLED:
         return "stalled"
+    if disk_short:
+        return "disk_full"
     if unanswered_seconds is not None and unanswered_seconds < UNANSWERED_FAILING:
         return "failing"
     return "ok"
+
+
+def disk_free_bytes(url: str) -> int | None:
+    """Bytes free to this user on the file system of a SQLite database file (None on PostgreSQL,
+    whose disk is its server's, or when it cannot be told): one statvfs, microseconds."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(parsed.database)))
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def _describe(port) -> str:

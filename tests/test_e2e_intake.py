@@ -174,12 +174,33 @@ def test_healthz_and_metrics(exchange):
         assert r.status == 200
         body = json.load(r)
     assert body["status"] == "ok"
+    if body["database"] == "sqlite":  # room beside the database file; a PostgreSQL server's is its own
+        assert isinstance(body["disk_free_bytes"], int) and body["disk_free_bytes"] > 16 * 1024 * 1024
+    else:
+        assert body["disk_free_bytes"] is None
     with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
         metrics = r.read().decode()
     assert 'exchange_acks_total{code="AA"}' in metrics
     assert 'exchange_messages_received_total{facility="GENHOSP"}' in metrics
     assert "exchange_commit_batch_size_bucket" in metrics
     assert 'exchange_match_decisions_total{action="new"}' in metrics  # MET-1's patient: a new person
+
+
+def test_healthz_says_disk_full_while_the_next_message_may_not_fit(tmp_path):
+    """Found by a failure audit: with the SQLite disk full, /healthz went back to ok 30 s after
+    the last failed commit if nothing more arrived. A node with less room than the largest
+    message it accepts says so (here: a max_frame_bytes no disk has)."""
+    config = write_config(tmp_path, server_extra=f"max_frame_bytes = {2 ** 60}")
+    proc = ExchangeProcess(config, f"sqlite:///{tmp_path / 'full.db'}").start()
+    try:
+        host, port = proc.http
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=10)
+        assert answer.value.code == 503
+        body = json.load(answer.value)
+        assert body["status"] == "disk_full" and 0 < body["disk_free_bytes"] < 2 ** 60
+    finally:
+        proc.stop()
 
 
 def healthz(exchange) -> dict:

@@ -103,6 +103,17 @@ def test_healthz_answers_503_while_the_writer_keeps_dying():
     assert health(None, clock.seconds(), unanswered_seconds=0.0) == "failing"
     assert health(None, clock.seconds(), unanswered_seconds=29.9) == "failing"
     assert health(None, clock.seconds(), unanswered_seconds=30.0) == "ok"  # forgotten without traffic
+    # found by a failure audit: 30 s after the last failed commit, a full disk said ok
+    assert health(None, clock.seconds(), disk_short=True) == "disk_full"
+
+
+def test_the_room_on_a_sqlite_databases_disk_is_measured(tmp_path):
+    from exchange.app import disk_free_bytes
+
+    assert disk_free_bytes(f"sqlite:///{tmp_path / 'x.db'}") > 0
+    assert disk_free_bytes("sqlite:///:memory:") is None
+    assert disk_free_bytes("postgresql+psycopg://postgres@127.0.0.1/x") is None
+    assert disk_free_bytes(f"sqlite:///{tmp_path / 'no' / 'such' / 'x.db'}") is None
 
     site = build_site(lambda: {"status": "unavailable", "writer": {"running": False, "restarts": 2}})
     protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
