@@ -34,13 +34,13 @@ from datetime import datetime
 from sqlalchemy import Connection
 from twisted.logger import Logger
 
-from exchange.hl7.ack import ack_code, build_ack
+from exchange.hl7.ack import ack_code, build_ack, version_tuple
 from exchange.hl7.charset import CharsetError, decode_message
 from exchange.hl7.header import Header
-from exchange.mapping.events import FacilityContext, MappingError, MergePatients, map_message, needs
+from exchange.mapping.events import FacilityContext, MappingError, MergePatients, data_problems, map_message, needs
 from exchange.mapping.message import Message
 from exchange.mapping.state import MemoryState, document_type
-from exchange.outcome import Outcome, Value, Verdict, error
+from exchange.outcome import Outcome, Problem, Value, Verdict, error
 from exchange.config import Config
 from exchange import pix
 from exchange.store import index as patient_index
@@ -217,6 +217,14 @@ def _answer_pix(conn: Connection, message: Message, item: Received, config: Conf
     return encode_ack(header, text), pix.outcome(query, result)
 
 
+def _warned(header: Header, outcome: Outcome, notes: list[str]) -> tuple[Problem, ...]:
+    """An accepted message's fields that could not be read (``data_problems``): ERR segments of
+    severity W in its AA, from v2.5 (before it, ERR has no severity and would read as an error)."""
+    if outcome.verdict is not Verdict.ACCEPT or not notes or version_tuple(header.version) < (2, 5):
+        return ()
+    return data_problems(notes)
+
+
 def process_batch(
     conn: Connection,
     items: Sequence[Received],
@@ -326,6 +334,7 @@ def _process(
                 now=now(),
                 application=settings.application,
                 facility=settings.facility,
+                more_problems=_warned(header, outcome, d.notes),
             )
             ack, code = encode_ack(header, text), ack_code(header, outcome)
         reason = "; ".join(x for x in (outcome.text, item.note, *d.notes) if x) or None

@@ -53,6 +53,21 @@ def test_accepted_message_is_stored_with_its_ack(engine):
     assert (state, bool(dedup), message_type, event, version) == ("accepted", True, "ADT", "A01", "2.5")
 
 
+def test_a_field_that_cannot_be_read_is_a_warning_in_the_aa_from_v25(engine):
+    """Found by a time audit: a PID-7 of 20231301 was answered a bare AA (the birth date left out),
+    so the sender never learned; the reason was only an operator's to read."""
+    pid = ["PID", "1", "", "1^^^GENHOSP^MR", "", "DOE^JANE", "", "20231301", "F"] + [""] * 21 + ["XX"]
+    bad = ("|".join(pid) + "\r").encode()
+    answers = run(engine, [received(msg("W-1", body=bad)),
+                           received(msg("W-2", body=bad).replace(b"|2.5", b"|2.4"))])
+    v25, v24 = (a.ack.decode().split("\r") for a in answers)
+    assert [a.ack_code for a in answers] == ["AA", "AA"]
+    assert v25[1] == "MSA|AA|W-1" and sorted(s for s in v25 if s.startswith("ERR")) == [
+        "ERR||PID^1^30|102^Data type error^HL70357|W||||PID-30: death indicator is not Y or N, ignored",
+        "ERR||PID^1^7|102^Data type error^HL70357|W||||PID-7: unparseable timestamp ignored"]
+    assert v24[1] == "MSA|AA|W-2" and not [s for s in v24 if s.startswith("ERR")]
+
+
 def test_a_resend_in_the_same_batch_is_applied_once(engine):
     first, second = run(engine, [received(msg("P-2")), received(msg("P-2"))])
     assert second.duplicate and second.ack == first.ack and second.message_id == first.message_id

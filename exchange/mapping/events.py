@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -541,6 +542,16 @@ def _ts(seg: Segment, n: int, warnings: list[str]) -> Timestamp | None | object:
     elif seg.delimiters.component in raw:  # TS.2: "19800101^Y" is the year 1980
         ts = at_precision(ts, seg.value(n, 2))
     return ts
+
+
+_DATA_WARNING = re.compile(r"([A-Z][A-Z0-9]{2}-\d+): (unparseable timestamp ignored|.+ is not .+, ignored)")
+
+
+def data_problems(warnings: list[str] | tuple[str, ...]) -> tuple[Problem, ...]:
+    """The warnings about a field whose value could not be read (the message applied without
+    it: an unparseable birth date, say), as problems (102, data type error) for the ACK's ERR
+    segments of severity W: the sender learns of them, not only the exchange's operators."""
+    return tuple(Problem(102, m[1], w) for w in warnings if (m := _DATA_WARNING.fullmatch(w)))
 
 
 def demographics(pid: Segment, warnings: list[str], ids: list[Identifier] | None = None) -> Demographics:
