@@ -8,9 +8,7 @@ MRN, person) are written: the log never gets them.
 """
 from __future__ import annotations
 
-import dataclasses
-
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -121,8 +119,8 @@ def records_named(value: Any) -> set[tuple[str, str]]:
             continue
         else:
             f, m = getattr(v, "facility", None), getattr(v, "mrn", None)
-            if dataclasses.is_dataclass(v) and not isinstance(v, type):  # a message's deliveries, ...
-                todo.extend(getattr(v, field.name) for field in dataclasses.fields(v))
+            if is_dataclass(v) and not isinstance(v, type):  # a message's deliveries, ...
+                todo.extend(getattr(v, field.name) for field in fields(v))
             destination, theirs = getattr(v, "destination", None), getattr(v, "destination_mrn", None)
             if isinstance(destination, str) and isinstance(theirs, str) and theirs:
                 out.add((destination, theirs))  # a copy: the destination's record, which its answer may quote

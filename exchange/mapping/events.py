@@ -210,7 +210,7 @@ class EncounterEvent(Value):
     status: EncounterStatus | None
     patch: EncounterPatch
     at: Timestamp | None = None
-    late: bool = False  # news older than the visit's state (an admit or transfer after its discharge): not copied
+    late: bool = False  # older news than the visit's state (encounter_transition): not copied
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,9 +286,9 @@ class Changes(Value):
 
     @property
     def copied(self) -> bool:
-        """Whether routing copies the message: not a resent original (DocumentEvent.resent), not
-        an admit or transfer that arrived after its visit's discharge (EncounterEvent.late: at the
-        sites that had the discharge, it would open the stay again)."""
+        """Whether routing copies the message: not a resend of what was applied last
+        (DocumentEvent.resent, UpsertPatient.resent), not older news than its visit's state
+        (EncounterEvent.late: at the sites that had the discharge, it would open the stay again)."""
         return not any(isinstance(op, (DocumentEvent, UpsertPatient)) and op.resent
                        or isinstance(op, EncounterEvent) and op.late for op in self.operations)
 
@@ -467,7 +467,7 @@ def _choose_mrn(identifiers: list[Identifier], authority: str) -> Identifier | N
     return identifiers[0]
 
 
-def _no_control_character(value: str, location: str, what: str, limit: int) -> None:
+def _usable_key(value: str, location: str, what: str, limit: int) -> None:
     """An escape such as \\X0A\\ (or \\X00\\) put a control character in an identifier: none has
     one, it would not come back as sent from any copy, export or URL, and PostgreSQL keeps no NUL.
     Nor is one longer than ``limit``: kept cut, two identifiers would become one."""
@@ -484,7 +484,7 @@ def _patient_id(seg: Segment, ctx: FacilityContext, location: str = "PID-3",
     mrn = _choose_mrn(ids, ctx.authority)
     if mrn is None:
         raise _Fail(101, location, f"{location} has no usable patient identifier")
-    _no_control_character(mrn.value, location, "identifier", MAX_MRN)
+    _usable_key(mrn.value, location, "identifier", MAX_MRN)
     if ctx.foreign_authorities and not mrn.issued_by(ctx.authority) and (
             mrn.authority in ctx.foreign_authorities or mrn.authority_id in ctx.foreign_authorities):
         # another site's MRN (or the exchange's person id) filed as this facility's would make a
@@ -636,7 +636,7 @@ def _ssn(pid: Segment, ids: tuple[Identifier, ...]) -> str | None | object:
 
 def _visit(pv1: Segment) -> str:
     visit = visit_number(pv1)
-    _no_control_character(visit, "PV1-19", "visit number", MAX_VISIT)
+    _usable_key(visit, "PV1-19", "visit number", MAX_VISIT)
     return visit
 
 
@@ -1006,7 +1006,7 @@ def _prior_id(mrg: Segment, current: Identifier, ctx: FacilityContext) -> Identi
         ids, ctx.authority)
     if chosen is None:
         raise _Fail(101, "MRG-1", "MRG-1 has no usable prior identifier")
-    _no_control_character(chosen.value, "MRG-1", "prior identifier", MAX_MRN)
+    _usable_key(chosen.value, "MRG-1", "prior identifier", MAX_MRN)
     return chosen
 
 
@@ -1098,8 +1098,8 @@ def _map_visit_move(msg, ctx, state, event, warnings) -> list:
             raise _Fail(101, where[0], f"{where[0]}: the prior visit number is required")
         if not new:
             raise _Fail(101, where[1], f"{where[1]}: the new visit number is required")
-        _no_control_character(old, where[0], "visit number", MAX_VISIT)
-        _no_control_character(new, where[1], "visit number", MAX_VISIT)
+        _usable_key(old, where[0], "visit number", MAX_VISIT)
+        _usable_key(new, where[1], "visit number", MAX_VISIT)
         source = mrn
         if event == "A45":
             source = _survivor(state, ctx.code, _prior_id(mrg, _patient_id(pid, ctx), ctx).value)
@@ -1215,9 +1215,9 @@ def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
     patch = document_patch(txa, warnings)
     if not patch.number:
         raise _Fail(101, "TXA-12", "TXA-12 unique document number is required")
-    _no_control_character(patch.number, "TXA-12", "document number", MAX_DOCUMENT_NUMBER)
+    _usable_key(patch.number, "TXA-12", "document number", MAX_DOCUMENT_NUMBER)
     if patch.parent:
-        _no_control_character(patch.parent, "TXA-13", "parent document number", MAX_DOCUMENT_NUMBER)
+        _usable_key(patch.parent, "TXA-13", "parent document number", MAX_DOCUMENT_NUMBER)
     pid = msg.first("PID")
     if pid is None:
         raise _Fail(101, "PID-3", "PID segment with a patient identifier is required")
@@ -1251,7 +1251,8 @@ def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
         # a later original (T02 after its T01 notice) says the current status; one that arrives
         # after an edit is late and only fills what the edit left empty, and so is a notice (T01)
         # after the document itself: its status (IP, UN) is older news, not copied
-        later = current is not None and current.event in ("T01", "T02") and not (event == "T01" and current.event == "T02")
+        later = (current is not None and current.event in ("T01", "T02")
+                 and not (event == "T01" and current.event == "T02"))
         resent = later and _adds_nothing(patch, current.stored)
         late = current is not None and not later and event == "T01"
         if resent:
