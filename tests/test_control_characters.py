@@ -83,3 +83,24 @@ def test_keys_longer_than_the_store_keeps_are_refused_on_both_databases(batch):
         assert str(ack.segment("MSA")[3]) == f"{location} {what} is longer than {limit} characters"
     fits = A01.replace("OA917082^^^OAKNH^MR", f"{'A' * 199}^^^OAKNH^MR").replace("CTRL", "FITS").encode()
     assert batch(fits)[0].ack_code == "AA"
+
+
+
+def test_a_problem_in_a_second_pid_mrg_or_pv1_names_that_segment(batch):
+    """Found by a verification audit: the second patient's bad field of an A24 or A17 was reported
+    in ERR-2 as the first PID's (PID^1^3), and a too-long PV1-50 as PV1-19."""
+    def msg(event, *segments, control):
+        return ("\r".join([f"MSH|^~\\&|APP|OAKNH|EXCHANGE|EXCHANGE|20261127120000||ADT^{event}|{control}|P|2.5",
+                           f"EVN|{event}|20261127120000", *segments]) + "\r").encode()
+
+    long_mrn = "M" * 200
+    a24 = msg("A24", "PID|1||OA1^^^OAKNH^MR||DOE^JANE", f"PID|2||{long_mrn}^^^OAKNH^MR||DOE^JOHN", control="L1")
+    a17 = msg("A17", "PID|1||OA1^^^OAKNH^MR||DOE^JANE||19700101", "PV1|1|I|W1^1^A||||||||||||||||V1",
+              "PID|2||OA2^^^OAKNH^MR||DOE^JOHN||1970130X", "PV1|1|I|W2^2^B||||||||||||||||V2", control="L2")
+    a01 = msg("A01", "PID|1||OA3^^^OAKNH^MR||DOE^JIM", "PV1|1|I|W1^1^A" + "|" * 47 + "V" * 251, control="L3")
+    answers = batch(a24, a17, a01)
+    errs = [[s for s in a.ack.decode().split("\r") if s.startswith("ERR")] for a in answers]
+    assert answers[0].ack_code == "AE" and errs[0][0].startswith("ERR||PID^2^3|102^")
+    assert answers[1].ack_code == "AA" and errs[1] == [
+        "ERR||PID^2^7|102^Data type error^HL70357|W||||PID(2)-7: unparseable timestamp ignored"]
+    assert answers[2].ack_code == "AE" and errs[2][0].startswith("ERR||PV1^1^50|102^")

@@ -72,7 +72,7 @@ _V2_5 = (2, 5)
 
 _VERSION_PREFIX = re.compile(r"\s*(\d+(?:\.\d+)*)")
 # "PID-3.4" -> segment PID, field 3, component 4 (subcomponent optional)
-_LOCATION = re.compile(r"([A-Z][A-Z0-9]{2})(?:-(\d+)(?:\[(\d+)\])?(?:\.(\d+)(?:\.(\d+))?)?)?")
+_LOCATION = re.compile(r"([A-Z][A-Z0-9]{2})(?:\((\d+)\))?(?:-(\d+)(?:\[(\d+)\])?(?:\.(\d+)(?:\.(\d+))?)?)?")
 
 
 @lru_cache(maxsize=256)
@@ -247,19 +247,18 @@ def _message_type(event: str, vt: tuple[int, ...], d: Delimiters) -> str:
     return f"ACK{d.component}{event}{d.component}ACK"
 
 
-def _location(location: str) -> tuple[str, str, str, str, str]:
-    """(segment, field, repetition, component, subcomponent) of "PID-3.4" (repetition "") or
-    "QPD-4[2].4"; empty parts when absent."""
+def _location(location: str) -> tuple[str, str, str, str, str, str]:
+    """(segment, its sequence, field, repetition, component, subcomponent) of "PID-3.4" (sequence
+    "1", repetition ""), "PID(2)-3" (the second PID) or "QPD-4[2].4"; empty parts when absent."""
     m = _LOCATION.fullmatch(location.strip())
     if m is None:
-        return ("", "", "", "", "")
-    return (m.group(1), m.group(2) or "", m.group(3) or "", m.group(4) or "", m.group(5) or "")
+        return ("", "", "", "", "", "")
+    return (m.group(1), m.group(2) or "1", m.group(3) or "", m.group(4) or "", m.group(5) or "", m.group(6) or "")
 
 
 def _err_pre_2_5(problem: Problem, d: Delimiters) -> str:
     """ERR-1 as ELD: segment^sequence^field^code&text&HL70357 (v2.1-v2.4)."""
-    segment, field, _, _, _ = _location(problem.location)
-    sequence = "1" if segment else ""
+    segment, sequence, field, _, _, _ = _location(problem.location)
     ce = d.subcomponent.join(
         [str(problem.code), escape_text(TABLE_0357.get(problem.code, ""), d), "HL70357"]
     )
@@ -272,10 +271,10 @@ def _err_2_5(problem: Problem, severity: str, d: Delimiters) -> str:
     ERL components: segment^sequence^field^repetition^component^subcomponent;
     a component location ("PID-3.4") names repetition 1 unless it names another ("QPD-4[2].4").
     """
-    segment, field, repetition, component, subcomponent = _location(problem.location)
+    segment, sequence, field, repetition, component, subcomponent = _location(problem.location)
     erl: list[str] = []
     if segment:
-        erl = [segment, "1"]
+        erl = [segment, sequence]
         if field:
             erl.append(field)
             if component or repetition:

@@ -477,10 +477,12 @@ def _usable_key(value: str, location: str, what: str, limit: int) -> None:
         raise _Fail(102, location, f"{location} {what} is longer than {limit} characters")
 
 
-def _patient_id(seg: Segment, ctx: FacilityContext, location: str = "PID-3",
+def _patient_id(seg: Segment, ctx: FacilityContext, location: str | None = None,
                 ids: list[Identifier] | None = None) -> Identifier:
+    n = 3 if seg.name == "PID" else 1
+    location = location or seg.where(n)  # "PID-3", or "PID(2)-3" for an A17's second patient
     if ids is None:
-        ids = _identifiers(seg, 3 if seg.name == "PID" else 1)
+        ids = _identifiers(seg, n)
     mrn = _choose_mrn(ids, ctx.authority)
     if mrn is None:
         raise _Fail(101, location, f"{location} has no usable patient identifier")
@@ -538,13 +540,13 @@ def _ts(seg: Segment, n: int, warnings: list[str]) -> Timestamp | None | object:
         return None
     ts = timestamp(text)
     if ts is None:
-        warnings.append(f"{seg.name}-{n}: unparseable timestamp ignored")
+        warnings.append(f"{seg.where(n)}: unparseable timestamp ignored")
     elif seg.delimiters.component in raw:  # TS.2: "19800101^Y" is the year 1980
         ts = at_precision(ts, seg.value(n, 2))
     return ts
 
 
-_DATA_WARNING = re.compile(r"([A-Z][A-Z0-9]{2}-\d+): (unparseable timestamp ignored|.+ is not .+, ignored)")
+_DATA_WARNING = re.compile(r"([A-Z][A-Z0-9]{2}(?:\(\d+\))?-\d+): (unparseable timestamp ignored|.+ is not .+, ignored)")
 
 
 def data_problems(warnings: list[str] | tuple[str, ...]) -> tuple[Problem, ...]:
@@ -602,7 +604,7 @@ def demographics(pid: Segment, warnings: list[str], ids: list[Identifier] | None
         d = deceased.upper()
         deceased = True if d == "Y" else False if d == "N" else None
         if deceased is None:
-            warnings.append("PID-30: death indicator is not Y or N, ignored")
+            warnings.append(f"{pid.where(30)}: death indicator is not Y or N, ignored")
 
     return Demographics(
         identifiers=ids or None,
@@ -636,7 +638,7 @@ def _ssn(pid: Segment, ids: tuple[Identifier, ...]) -> str | None | object:
 
 def _visit(pv1: Segment) -> str:
     visit = visit_number(pv1)
-    _usable_key(visit, "PV1-19", "visit number", MAX_VISIT)
+    _usable_key(visit, pv1.where(19 if pv1.value(19) or not visit else 50), "visit number", MAX_VISIT)
     return visit
 
 
@@ -1006,7 +1008,7 @@ def _prior_id(mrg: Segment, current: Identifier, ctx: FacilityContext) -> Identi
         ids, ctx.authority)
     if chosen is None:
         raise _Fail(101, "MRG-1", "MRG-1 has no usable prior identifier")
-    _usable_key(chosen.value, "MRG-1", "prior identifier", MAX_MRN)
+    _usable_key(chosen.value, mrg.where(1), "prior identifier", MAX_MRN)
     return chosen
 
 
@@ -1091,9 +1093,9 @@ def _map_visit_move(msg, ctx, state, event, warnings) -> list:
         if pv1 is None:
             raise _Fail(101, "PV1", f"{event}: the PV1 with the new visit number is required")
         if event == "A51":
-            old, new, where = mrg.value(6), pv1.value(50), ("MRG-6", "PV1-50")
+            old, new, where = mrg.value(6), pv1.value(50), (mrg.where(6), pv1.where(50))
         else:
-            old, new, where = mrg.value(5), pv1.value(19), ("MRG-5", "PV1-19")
+            old, new, where = mrg.value(5), pv1.value(19), (mrg.where(5), pv1.where(19))
         if not old:
             raise _Fail(101, where[0], f"{where[0]}: the prior visit number is required")
         if not new:

@@ -94,7 +94,10 @@ class Message:
     def _segment(self, index: int) -> Segment:
         seg = self._cache.get(index)
         if seg is None:
-            seg = Segment.parse(self._lines[index], self.delimiters, self.codec)
+            line = self._lines[index]
+            same = self._indices(line.partition(self.delimiters.field)[0])
+            occurrence = same.index(index) + 1 if same and same[0] != index else 1
+            seg = Segment.parse(line, self.delimiters, self.codec, occurrence)
             self._cache[index] = seg
         return seg
 
@@ -168,15 +171,23 @@ class Segment:
     plain: bool = _dc_field(default=False, compare=False, repr=False)
     # Per-segment memo of values read from it (readers share them: needs() and map_message()).
     memo: dict = _dc_field(default_factory=dict, compare=False, repr=False)
+    # Which segment of its name in its message (1: the first PID, 2: the second of an A17, ...).
+    occurrence: int = _dc_field(default=1, compare=False, repr=False)
+
+    def where(self, n: int) -> str:
+        """Field ``n`` of this segment as a problem's location: "PID-3", or "PID(2)-3" for the
+        second PID of its message (ERR-2's set ID)."""
+        return f"{self.name}-{n}" if self.occurrence == 1 else f"{self.name}({self.occurrence})-{n}"
 
     @classmethod
-    def parse(cls, line: str, delimiters: Delimiters = DEFAULT_DELIMITERS, codec: str = "utf-8") -> Segment:
+    def parse(cls, line: str, delimiters: Delimiters = DEFAULT_DELIMITERS, codec: str = "utf-8",
+              occurrence: int = 1) -> Segment:
         sep = delimiters.field
         parts = line.split(sep)
         name = parts[0].strip()
         if name == "MSH" or name == "BHS" or name == "FHS":
             parts.insert(1, sep)  # MSH-1 is the separator itself
-        return cls(name, tuple(parts), delimiters, codec, delimiters.escape not in line)
+        return cls(name, tuple(parts), delimiters, codec, delimiters.escape not in line, occurrence=occurrence)
 
     def __len__(self) -> int:
         """Number of the last field present."""

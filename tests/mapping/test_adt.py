@@ -561,7 +561,7 @@ def test_an_identifier_of_another_facilitys_authority_is_not_taken_as_this_facil
     s = MemoryState()
     link = run(s, ctx, synthetic(msh("ADT", "A24", facility="GENHOSP"), "EVN|A24",
                                  "PID|1||G1^^^GENHOSP^MR||Doe^Jane", "PID|1||SL2^^^OAKNH^MR||Doe^Jane"))
-    assert isinstance(link, MappingError) and (link.problem.code, link.problem.location) == (102, "PID-3")
+    assert isinstance(link, MappingError) and (link.problem.code, link.problem.location) == (102, "PID(2)-3")
     assert s.records == {}
     person_id_only = run(s, ctx, synthetic(msh("ADT", "A08", facility="GENHOSP"), "EVN|A08",
                                            "PID|1||7^^^EXCHANGE^PI||Doe^Jane"))
