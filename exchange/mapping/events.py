@@ -893,9 +893,11 @@ def encounter_transition(
 
     Out-of-order events keep information: a discharge for an unknown visit
     creates it discharged with its times; an admit (A01) for a discharged
-    visit keeps it discharged and only fills the admit time (late); a transfer
-    (A02), a class change (A06, A07) of a closed visit and a discharge (A03) of a
-    cancelled one change nothing of it (late).
+    visit keeps it discharged and only fills an admit time it lacks (late); a
+    registration (A04, A05) of a discharged visit, a transfer (A02) or a class
+    change (A06, A07) of a closed one and a discharge (A03) of a cancelled one
+    change nothing of it (late). A04, A05 and A01 after a cancel (A11) start
+    the visit again.
     """
     status, patch = _transition(event, current, patch, at, warnings)
     late = (event in _LATE_AFTER_CLOSE and status is None and current is not None
@@ -904,7 +906,7 @@ def encounter_transition(
 
 
 # Events that, for a visit discharged or cancelled already, are older news (not applied, not copied).
-_LATE_AFTER_CLOSE = frozenset({"A01", "A02", "A03", "A06", "A07"})
+_LATE_AFTER_CLOSE = frozenset({"A01", "A02", "A03", "A04", "A05", "A06", "A07"})
 
 
 def _transition(event: str, current: EncounterView | None, patch: EncounterPatch, at: Timestamp | None,
@@ -915,9 +917,9 @@ def _transition(event: str, current: EncounterView | None, patch: EncounterPatch
     if event == "A01":
         if patch.admitted_at is None and at is not None:
             patch = _replace(patch, admitted_at=at)
-        if cur == S.DISCHARGED:
+        if cur == S.DISCHARGED:  # only an admit time it lacks: older news changes nothing stored
             warnings.append("A01: visit already discharged, kept discharged; not copied (late)")
-            return None, _replace(patch, location=None, prior_location=None, discharged_at=None)
+            return None, EncounterPatch(admitted_at=patch.admitted_at if current.admitted_at is None else None)
         return S.ADMITTED, patch
     if event == "A02":
         if closed:
@@ -933,6 +935,9 @@ def _transition(event: str, current: EncounterView | None, patch: EncounterPatch
         if patch.discharged_at is None and at is not None:
             patch = _replace(patch, discharged_at=at)
         return S.DISCHARGED, patch
+    if event in ("A04", "A05") and cur == S.DISCHARGED:  # registered again after its end: older news
+        warnings.append(f"{event}: visit already discharged, kept discharged; not copied (late)")
+        return None, EncounterPatch()
     if event == "A04":
         if cur in (None, S.PREADMITTED, S.CANCELLED):
             return S.REGISTERED, patch

@@ -334,6 +334,25 @@ def test_older_news_of_a_closed_visit_changes_nothing_and_is_not_copied():
     assert not late.copied and (enc(s).status, enc(s).patient_class) == (S.DISCHARGED, "O")
     again = adt(s, "A03", discharge="20240105110000")  # a discharge corrected: applied and copied
     assert again.copied and enc(s).discharged_at.value == datetime(2024, 1, 5, 11)
+    # found by a verification audit: an A04 or A05 after the discharge went out (and changed the
+    # class), and a late A01 replaced the admit time stored
+    before = enc(s)
+    for event in ("A04", "A05"):
+        late = adt(s, event, cls="E" if before.patient_class != "E" else "O")
+        assert not late.copied and enc(s) == before, event
+    s = MemoryState()
+    adt(s, "A01", admit="20240102080000")
+    adt(s, "A03")
+    late = adt(s, "A01", admit="20240102090000", loc="W9^9^Z")
+    assert not late.copied and enc(s).admitted_at.value == datetime(2024, 1, 2, 8)
+    s = MemoryState()
+    adt(s, "A03", discharge="20240105100000")  # the discharge first: the late admit fills its time
+    adt(s, "A01", admit="20240102090000")
+    assert enc(s).admitted_at.value == datetime(2024, 1, 2, 9)
+    s = MemoryState()
+    adt(s, "A01")
+    adt(s, "A11")
+    assert adt(s, "A04", cls="O").copied and enc(s).status is S.REGISTERED  # a cancelled visit starts again
 
 
 def test_discharge_without_time_uses_event_time():
