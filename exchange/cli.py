@@ -626,6 +626,7 @@ def _review_sheet(d: dict) -> list[str]:
 def cmd_reviews(args) -> int:
     import json
 
+    from exchange.audit import Named
     from exchange.store import reviews
     from exchange.store.db import write_transaction
 
@@ -652,20 +653,25 @@ def cmd_reviews(args) -> int:
             print(json.dumps(detail, indent=2) if args.json else "\n".join(_review_sheet(detail)), flush=True)
             return 0
         now = _now()
+        deciding = args.reviews_command == "decide"
+        resource, key = ("review", str(args.id)) if deciding else ("person", f"decision/{args.decision}")
         try:
             # /* TRANSACTION: the decision (records moved, link events, sticky pairs, the review) and its audit row. */
             with write_transaction(engine) as conn:
-                if args.reviews_command == "decide":
+                if deciding:
                     result = reviews.decide_review(
                         conn, args.id, args.decision, actor=args.actor, now=now, person_id=args.person,
                         candidate=tuple(args.candidate) if args.candidate else None, reason=args.reason,
                         force=args.force,
                     )
-                    _cli_audit(conn, args, "decide", "review", str(args.id), "ok", result)
                 else:
                     result = reviews.undo_decision(conn, args.decision, actor=args.actor, now=now, reason=args.reason)
-                    _cli_audit(conn, args, "decide", "person", f"decision/{args.decision}", "ok", result)
+                _cli_audit(conn, args, "decide", resource, key, "ok", result)
         except reviews.DecisionError as exc:
+            # /* TRANSACTION: the refusal's audit row, with the records its reason names (as the API's). */
+            with write_transaction(engine) as conn:
+                _cli_audit(conn, args, "decide", resource, key, "not-found" if exc.status == 404 else "invalid",
+                           Named(exc.records))
             if exc.status == 422:
                 raise UsageFailure(exc.reason) from None
             print(f"exchange: {exc.reason}", file=sys.stderr)

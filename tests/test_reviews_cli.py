@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from exchange.store.db import write_transaction
 from exchange.store.reviews import review_detail
@@ -96,3 +96,12 @@ def test_decide_not_a_match_and_exit_codes(engine, database_url):
     body = json.loads(done.stdout)
     assert body["state"] == "resolved" and body["decision"] == "not-a-match"
     assert person_of(engine, OA) == s["oa_person"]
+    # found by a verification audit: a refusal printed records and wrote no audit row
+    with engine.connect() as conn:
+        before = conn.execute(select(func.count()).select_from(audit_event_table)).scalar()
+    done = exchange("reviews", "decide", str(s["review"]), "link", "--actor", "tom", *db)
+    assert done.returncode == 1 and "resolved by tess" in done.stderr
+    with engine.connect() as conn:
+        rows = [(r.actor, r.action, r.resource, r.key, r.outcome) for r in conn.execute(
+            select(audit_event_table).order_by(audit_event_table.c.id).offset(before))]
+    assert rows == [("tom", "decide", "review", str(s["review"]), "invalid")]
