@@ -736,6 +736,8 @@ class API:
         if refused is not None:
             return refused
         methods = sorted(getattr(failure.value, "valid_methods", None) or ())
+        if request.path.rstrip(b"/").endswith(b"/persons/merge"):  # its GET is a 405 too (get_person)
+            methods = ["POST"]
         if methods:
             request.setHeader(b"allow", ", ".join(methods).encode())
         return self._error(request, 405, "method not allowed")

@@ -185,6 +185,9 @@ def test_get_of_the_merge_path_is_a_405_naming_post(api: Harness):
     response = api._result(api.stub.get("http://exchange.test/api/persons/merge",
                                         headers={"Authorization": f"Bearer {token}"}))
     assert response.code == 405 and response.headers.getRawHeaders("allow") == ["POST"]
+    response = api._result(api.stub.delete("http://exchange.test/api/persons/merge",
+                                           headers={"Authorization": f"Bearer {token}"}))
+    assert response.code == 405 and response.headers.getRawHeaders("allow") == ["POST"]
     assert api.get("/api/persons/merge")[0] == 401
 
 
