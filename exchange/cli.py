@@ -176,17 +176,32 @@ def _database_url(args) -> str:
 
 
 def _upgrade(engine, url: str) -> None:
-    """Migrate the database to the newest revision, or exit 2 with the reason (never the URL's password)."""
-    from exchange.store.db import UpgradeRefused, disk_full, upgrade
+    """Migrate the database to the newest revision; exit 2 when it cannot be opened or must not
+    be upgraded, 1 when the upgrade itself failed (a full disk: rolled back, every revision
+    is one transaction). The reasons never quote the URL's password or the data."""
+    from exchange.store.db import UpgradeRefused, current_revision, disk_full, sqlstate, upgrade
 
+    try:
+        current_revision(engine)
+    except Exception as exc:  # unreachable or unusable; its text may quote the URL's password
+        raise UsageFailure(f"cannot open the database {_safe_url(url)} ({type(exc).__name__})") from None
     try:
         upgrade(engine)
     except UpgradeRefused as exc:
         raise UsageFailure(f"database {_safe_url(url)}: {exc}") from None
-    except Exception as exc:  # unreachable or unusable; its text may quote the URL's password
-        if disk_full(exc):  # every revision in one transaction: the database is as it was
-            raise WorkFailure(f"database {_safe_url(url)}: the disk is full: the upgrade was rolled back") from None
-        raise UsageFailure(f"cannot open the database {_safe_url(url)} ({type(exc).__name__})") from None
+    except Exception as exc:
+        why = "the disk is full" if disk_full(exc) else _sqlite_reason(exc) or (
+            f"{type(exc).__name__}" + (f", SQLSTATE {sqlstate(exc)}" if sqlstate(exc) else ""))
+        raise WorkFailure(f"database {_safe_url(url)}: the upgrade failed and was rolled back: {why}") from None
+
+
+def _sqlite_reason(exc: BaseException) -> str | None:
+    """SQLite's own words for a failure ("disk I/O error", "database is locked"): fixed texts,
+    never a value of the data; None for any other database."""
+    import sqlite3
+
+    orig = getattr(exc, "orig", exc)
+    return str(orig) if isinstance(orig, sqlite3.Error) and str(orig) else None
 
 
 def cmd_db_upgrade(args) -> int:

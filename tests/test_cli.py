@@ -341,7 +341,15 @@ def test_db_upgrade_on_a_full_disk_says_so_and_exits_1(tmp_path, capsys, monkeyp
     url = f"sqlite:///{tmp_path / 'full.db'}"
     code, out, err = run_cli(capsys, monkeypatch, "db", "upgrade", "--database", url,
                              "--config", str(write_config(tmp_path)))
-    assert (code, err) == (1, f"exchange: database {url}: the disk is full: the upgrade was rolled back\n")
+    assert (code, err) == (1, f"exchange: database {url}: the upgrade failed and was rolled back: the disk is full\n")
+
+    def io_error(engine):  # a file-size limit (ulimit -f), a failing disk: SQLite's own words
+        raise OperationalError("ALTER TABLE ...", {}, sqlite3.OperationalError("disk I/O error"))
+
+    monkeypatch.setattr(db, "upgrade", io_error)
+    code, out, err = run_cli(capsys, monkeypatch, "db", "upgrade", "--database", url,
+                             "--config", str(write_config(tmp_path)))
+    assert (code, err) == (1, f"exchange: database {url}: the upgrade failed and was rolled back: disk I/O error\n")
 
 
 def test_serve_under_a_low_open_file_limit_says_so(tmp_path):
