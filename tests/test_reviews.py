@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, insert, select, update
 
 from exchange.mapping.values import Address, Identifier, PersonName, Phone, timestamp
 from exchange.matching.features import encode_features, features_of
@@ -692,6 +692,18 @@ def test_decisions_commit_in_the_callers_transaction(engine):
     with engine.connect() as conn:
         assert reviews.review_detail(conn, s["review"])["state"] == "open"
         assert conn.execute(select(link_event)).all() == []
+
+
+def test_an_opt_out_on_a_person_whose_records_have_moved_is_refused(tx):
+    """Found by a workbench audit: a technician set the opt-out on a person page read before another
+    technician linked its only record elsewhere: 'protected', while the patient's copies went on."""
+    p = add_record(tx, *GH, **HANSON)
+    q = add_record(tx, *OA, **HANSON)
+    tx.execute(update(patient_record).where(patient_record.c.person_id == p).values(person_id=q))
+    assert "holds no active record" in refused(409, reviews.set_opt_out, tx, p, True, actor="tess", now=NOW,
+                                               reason="asked at the desk")
+    assert reviews.opt_out_history(tx, p) == []
+    reviews.set_opt_out(tx, q, True, actor="tess", now=NOW, reason="asked at the desk")  # where the records are
 
 
 def test_lifting_an_opt_out_needs_a_reason_and_a_change_that_changes_nothing_is_not_kept(tx):

@@ -733,6 +733,11 @@ def set_opt_out(conn: Connection, person_id: int, protected: bool, *, actor: str
     if row.merged_into is not None:  # it holds no records: an opt-out here would protect no one
         raise _conflict(f"person {person_id} was merged into person {_live_person(conn, person_id)}:"
                         " set the opt-out there")
+    if protected and not any(r.active for r in _records_of(conn, [person_id])):
+        # a page read before a technician moved its records (or a person a split emptied): the
+        # opt-out would be kept where no copy is ever about, and the patient's copies would go on
+        raise _conflict(f"person {person_id} holds no active record (its records were moved or merged since):"
+                        " set the opt-out on the person that holds them")
     who = f"{via} {actor}"
     if not protected and not _says_something(reason):
         raise _invalid("a reason is required to lift an opt-out (who asked for it, and how)")
