@@ -896,8 +896,7 @@ def undo_decision(conn: Connection, decision_id: int, *, actor: str, now: dateti
         if moved and (rec.person_id, rec.link) != (e.to_person, e.to_link):
             raise _conflict(
                 f"{e.facility} {e.mrn} has moved since decision {decision_id} (now person {rec.person_id}, "
-                f"link {rec.link}): decide again instead"
-            )
+                f"link {rec.link}): decide again instead", (e.facility, e.mrn))
     if head.kind == Kind.MERGE:  # first, so that the records' way back is not followed into the keeper
         for merged, kept in {(e.from_person, e.to_person) for e in events}:
             conn.execute(update(person).where(person.c.id == merged, person.c.merged_into == kept)

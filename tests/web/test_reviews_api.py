@@ -190,6 +190,11 @@ def test_split_merge_undo_and_history(api: Harness):
     assert code == 200 and merge["person"] == s["person"]
     code, merged, _ = api.get(f"/api/persons/{new}", token)
     assert merged["merged_into"] == s["person"] and merged["records"] == []
+    # the split cannot be undone now: its refusal names the record that moved, and the audit does too
+    code, body = post(api, f"/api/decisions/{split['id']}/undo", {}, token)
+    assert code == 409 and f"{HH[0]} {HH[1]} has moved since" in body["error"]
+    assert audit(api)[-2:] == [("tess", "decide", "person", f"decision/{split['id']}", "invalid"),
+                               ("tess", "decide", "record", HH[1], "invalid")]
     code, undone = post(api, f"/api/decisions/{merge['id']}/undo", {"reason": "oops"}, token)
     assert code == 200 and undone["undone"] == merge["id"] and undone["kind"] == "undo"
     assert api.get(f"/api/records/{HH[0]}/{HH[1]}", token)[1]["person"] == new
