@@ -83,6 +83,10 @@ def test_keys_longer_than_the_store_keeps_are_refused_on_both_databases(batch):
         assert str(ack.segment("MSA")[3]) == f"{location} {what} is longer than {limit} characters"
     fits = A01.replace("OA917082^^^OAKNH^MR", f"{'A' * 199}^^^OAKNH^MR").replace("CTRL", "FITS").encode()
     assert batch(fits)[0].ack_code == "AA"
+    # found by a workbench audit: a record whose MRN is ".." could not be opened (the browser resolves it)
+    for n, dots in enumerate((".", "..")):
+        answer = batch(A01.replace("OA917082^^^OAKNH^MR", f"{dots}^^^OAKNH^MR").replace("CTRL", f"DOTS{n}").encode())[0]
+        assert answer.ack_code == "AE" and b"PID-3 identifier cannot be '.' or '..'" in answer.ack
 
 
 

@@ -475,6 +475,8 @@ def _usable_key(value: str, location: str, what: str, limit: int) -> None:
         raise _Fail(102, location, f"{location} {what} contains a control character")
     if len(value) > limit:
         raise _Fail(102, location, f"{location} {what} is longer than {limit} characters")
+    if value in (".", ".."):  # a record's address ends in its MRN: browsers and clients resolve these away
+        raise _Fail(102, location, f"{location} {what} cannot be '.' or '..'")
 
 
 def _patient_id(seg: Segment, ctx: FacilityContext, location: str | None = None,
