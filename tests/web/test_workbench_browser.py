@@ -162,3 +162,38 @@ def test_a_technician_links_a_review_in_the_browser(chrome, database_url, tmp_pa
         ("read", "review", str(review_id), "ok"),
         ("logout", "session", None, "ok"),
     ]
+
+
+def test_a_very_long_value_wraps_instead_of_widening_the_page(chrome, database_url, tmp_path):
+    """Found by a workbench audit: a 3,000-character name made the record and person pages about
+    27,000 pixels wide, the source column and the Split buttons far off screen."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as until
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chrome
+    driver.execute_cdp_cmd("Network.clearBrowserCookies", {})
+    wait = WebDriverWait(driver, 20)
+    added = exchange_cli("user", "add", "tom", "--role", "technician", "--database", database_url,
+                         stdin=PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    server = ExchangeProcess(write_config(tmp_path), database_url).start()
+    try:
+        host, port = server.http
+        base = f"http://{host}:{port}"
+        with MLLPConnection(server.address) as mllp:
+            assert msa(mllp.request(a0x("L1", "GENHOSP", "GH-LONG", "X" * 3000 + "^ELIZABETH||19470312|F")))[0] == "AA"
+        person = api_request(server, database_url, "GET", "/api/records/GENHOSP/GH-LONG")["person"]
+        driver.get(f"{base}/login?next=%2Frecords%2FGENHOSP%2FGH-LONG")
+        driver.find_element(By.ID, "name").send_keys("tom")
+        driver.find_element(By.ID, "password").send_keys(PASSWORD)
+        driver.find_element(By.ID, "login").click()
+        wait.until(until.url_to_be(f"{base}/records/GENHOSP/GH-LONG"))
+        for path in ("/records/GENHOSP/GH-LONG", f"/persons/{person}"):
+            driver.get(base + path)
+            assert "XXXXXXXX" in driver.page_source
+            wide, view = driver.execute_script(
+                "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+            assert wide <= view + 2, (path, wide, view)
+    finally:
+        assert server.terminate() == 0
