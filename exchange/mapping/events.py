@@ -199,6 +199,7 @@ class UpsertPatient(Value):
     # MSH-10): applied again (it changes nothing), not copied again.
     digest: str = ""
     resent: bool = False
+    late: bool = False  # an event of a visit closed already (a leave of absence after the discharge): not copied
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +291,7 @@ class Changes(Value):
         (DocumentEvent.resent, UpsertPatient.resent), not older news than its visit's state
         (EncounterEvent.late: at the sites that had the discharge, it would open the stay again)."""
         return not any(isinstance(op, (DocumentEvent, UpsertPatient)) and op.resent
-                       or isinstance(op, EncounterEvent) and op.late for op in self.operations)
+                       or isinstance(op, (EncounterEvent, UpsertPatient)) and op.late for op in self.operations)
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +333,10 @@ _ONLY_DEMOGRAPHICS_BECAUSE = {
     "A48": "A48: PID-4 (alternate patient ID) is not kept in the record model: only the demographics are applied",
     "A60": "A60: adverse reactions (IAM) are not kept in the record model: only the demographics are applied",
 }
+# Of those, the events of a visit (tracking, pending events, leaves of absence and their cancels):
+# for a visit discharged or cancelled already they are older news, not copied.
+VISIT_BOUND_EVENTS = frozenset({"A09", "A10", "A14", "A15", "A16", "A21", "A22", "A25", "A26", "A27", "A32", "A33",
+                                "A52", "A53"})
 MERGE_EVENTS = frozenset({"A40"})
 # A39 (person-level merge) and A30 (merge person information, before v2.3.1): MRG-1, else MRG-4
 LEGACY_MERGE_EVENTS = frozenset({"A18", "A30", "A34", "A35", "A36", "A39"})
@@ -807,13 +812,19 @@ def _map_adt(msg, header, ctx, state, event, warnings) -> list:
     if resent:
         warnings.append(f"{event}: the same message was applied to this record last (an engine's resend under"
                         " a new MSH-10): applied once, not copied again")
-    ops: list = [UpsertPatient(ctx.code, mrn, demo, digest, resent)]
     if event in DEMOGRAPHICS_ONLY_EVENTS:
         warnings.append(_ONLY_DEMOGRAPHICS_BECAUSE.get(event) or f"{event}: only the demographics are applied")
+    pv1 = msg.first("PV1")
+    late = False
+    if event in VISIT_BOUND_EVENTS and pv1 is not None and rec is not None:
+        visit = rec.encounters.get(visit_number(pv1))
+        if visit is not None and visit.status in (S.DISCHARGED, S.CANCELLED):
+            warnings.append(f"{event}: the visit is {visit.status.value} already; {LATE}")
+            late = True
+    ops: list = [UpsertPatient(ctx.code, mrn, demo, digest, resent, late)]
     if event not in ENCOUNTER_EVENTS:
         return ops
 
-    pv1 = msg.first("PV1")
     if pv1 is None:
         if event != "A08":
             warnings.append("PV1: no visit segment, encounter not changed")
@@ -898,17 +909,17 @@ def encounter_transition(
     visit keeps it discharged and only fills an admit time it lacks (late); a
     registration (A04, A05) of a discharged visit, a transfer (A02) or a class
     change (A06, A07) of a closed one and a discharge (A03) of a cancelled one
-    change nothing of it (late). A04, A05 and A01 after a cancel (A11) start
-    the visit again.
+    change nothing of it (late), nor does a cancel of a transfer (A12) of a
+    closed visit, a cancel of a discharge (A13) of a cancelled one, or a cancel
+    of a pre-admission (A38) of a visit no longer pre-admitted. A04, A05 and A01
+    after a cancel (A11) start the visit again.
     """
+    said = len(warnings)
     status, patch = _transition(event, current, patch, at, warnings)
-    late = (event in _LATE_AFTER_CLOSE and status is None and current is not None
-            and current.status in (S.DISCHARGED, S.CANCELLED))
-    return status, patch, late
+    return status, patch, any(w.endswith(LATE) for w in warnings[said:])
 
 
-# Events that, for a visit discharged or cancelled already, are older news (not applied, not copied).
-_LATE_AFTER_CLOSE = frozenset({"A01", "A02", "A03", "A04", "A05", "A06", "A07"})
+LATE = "not copied (late)"  # how a late event's reason ends (``_transition`` says it of each)
 
 
 def _transition(event: str, current: EncounterView | None, patch: EncounterPatch, at: Timestamp | None,
@@ -920,25 +931,25 @@ def _transition(event: str, current: EncounterView | None, patch: EncounterPatch
         if patch.admitted_at is None and at is not None:
             patch = _replace(patch, admitted_at=at)
         if cur == S.DISCHARGED:  # only an admit time it lacks: older news changes nothing stored
-            warnings.append("A01: visit already discharged, kept discharged; not copied (late)")
+            warnings.append(f"A01: visit already discharged, kept discharged; {LATE}")
             return None, EncounterPatch(admitted_at=patch.admitted_at if current.admitted_at is None else None)
         return S.ADMITTED, patch
     if event == "A02":
         if closed:
-            warnings.append("A02: visit is closed, location not changed; not copied (late)")
+            warnings.append(f"A02: visit is closed, location not changed; {LATE}")
             return None, EncounterPatch()
         if patch.prior_location is None and current is not None and current.location is not None:
             patch = _replace(patch, prior_location=current.location)
         return S.ADMITTED, patch
     if event == "A03":
         if cur == S.CANCELLED:
-            warnings.append("A03: visit was cancelled, kept cancelled; not copied (late)")
+            warnings.append(f"A03: visit was cancelled, kept cancelled; {LATE}")
             return None, EncounterPatch()
         if patch.discharged_at is None and at is not None:
             patch = _replace(patch, discharged_at=at)
         return S.DISCHARGED, patch
     if event in ("A04", "A05") and cur == S.DISCHARGED:  # registered again after its end: older news
-        warnings.append(f"{event}: visit already discharged, kept discharged; not copied (late)")
+        warnings.append(f"{event}: visit already discharged, kept discharged; {LATE}")
         return None, EncounterPatch()
     if event == "A04":
         if cur in (None, S.PREADMITTED, S.CANCELLED):
@@ -952,7 +963,7 @@ def _transition(event: str, current: EncounterView | None, patch: EncounterPatch
         if patch.patient_class is None:
             patch = _replace(patch, patient_class="I" if event == "A06" else "O")
         if closed:
-            warnings.append(f"{event}: visit is closed, class not changed; not copied (late)")
+            warnings.append(f"{event}: visit is closed, class not changed; {LATE}")
             return None, EncounterPatch()
         return (S.ADMITTED if event == "A06" else S.REGISTERED), patch
     if event == "A08":
@@ -960,6 +971,9 @@ def _transition(event: str, current: EncounterView | None, patch: EncounterPatch
     if event == "A11":
         return S.CANCELLED, patch
     if event == "A12":
+        if closed:
+            warnings.append(f"A12: visit is closed, location not changed; {LATE}")
+            return None, EncounterPatch()
         back = patch.location
         if back is None and current is not None:
             back = current.prior_location
@@ -969,6 +983,9 @@ def _transition(event: str, current: EncounterView | None, patch: EncounterPatch
             patch, location=back, prior_location=DELETE
         )
     if event == "A13":
+        if cur == S.CANCELLED:
+            warnings.append(f"A13: visit was cancelled, kept cancelled; {LATE}")
+            return None, EncounterPatch()
         patch = _replace(patch, discharged_at=DELETE)
         if cur in (None, S.DISCHARGED):  # back to what it was before the discharge
             cls = patch.patient_class if isinstance(patch.patient_class, str) else (
@@ -978,8 +995,8 @@ def _transition(event: str, current: EncounterView | None, patch: EncounterPatch
     if event == "A38":
         if cur in (None, S.PREADMITTED):
             return S.CANCELLED, patch
-        warnings.append("A38: visit is no longer preadmitted, not cancelled")
-        return None, patch
+        warnings.append(f"A38: visit is no longer preadmitted, not cancelled; {LATE}")
+        return None, EncounterPatch()
     if event in DOCTOR_EVENTS:  # an update of the visit (its status unchanged), whose point is PV1-7 or PV1-9
         field, value = ("PV1-7", patch.attending) if event in ("A54", "A55") else ("PV1-9", patch.consulting)
         if value is None:

@@ -355,6 +355,32 @@ def test_older_news_of_a_closed_visit_changes_nothing_and_is_not_copied():
     assert adt(s, "A04", cls="O").copied and enc(s).status is S.REGISTERED  # a cancelled visit starts again
 
 
+def test_cancels_and_visit_events_of_a_closed_visit_are_late_too():
+    """Found by a second verification audit: an A12 after the discharge put the visit back in its
+    old bed, an A13 of a cancelled visit, an A38 of an admitted one and a leave of absence after the
+    discharge were copied to every site."""
+    s = MemoryState()
+    adt(s, "A01", loc="W1^1^A")
+    adt(s, "A02", loc="W2^2^B")
+    assert adt(s, "A21").copied  # a leave of absence of an open visit goes out
+    adt(s, "A03")
+    closed = enc(s)
+    for event in ("A12", "A38", "A21", "A22", "A52", "A16", "A25"):
+        late = adt(s, event, loc="W9^9^Z")
+        assert isinstance(late, Changes) and not late.copied and late.warnings[-1].endswith("not copied (late)"), event
+        assert enc(s) == closed, event
+    s = MemoryState()
+    adt(s, "A01")
+    adt(s, "A11")
+    cancelled = enc(s)
+    for event in ("A13", "A38"):
+        late = adt(s, event)
+        assert not late.copied and enc(s) == cancelled, event
+    s = MemoryState()
+    adt(s, "A01")
+    assert not adt(s, "A38").copied and enc(s).status is S.ADMITTED  # the pre-admission was admitted since
+
+
 def test_discharge_without_time_uses_event_time():
     s = MemoryState()
     adt(s, "A03")
