@@ -236,14 +236,14 @@ def _family_shape(mine: Features, match: Match, other: Features, model: Model, *
         # A parent's SSN is copied onto a child's record, a guarantor's onto a spouse's (an overlay):
         # one SSN does not tell relatives apart, and outweighs none of the fields that do. Two people
         # under one SSN: birth dates that are no typo of each other (not one digit off, swapped or in
-        # the same year), or one digit but a generation apart at another address (at one address, a
-        # typo of the decade is likelier than a father and son born on the same day of the year); JR
-        # against SR; another given name with the birth date not the same; another given name and
+        # the same year), or one digit but a generation apart (MARY ANN 1950 and MARY ANN 1980 at one
+        # home under the mother's SSN: a typo of the decade or the daughter, nothing tells; a review);
+        # JR against SR; another given name with the birth date not the same; another given name and
         # the other sex; another middle name (THOMAS E and THOMAS M, ELIZABETH A and MARGARET B);
         # and, born the same day, another given name: twins under their parent's SSN.
         family = levels[_F["family"]] in _FAMILY_SAME
         if (birth is Level.DISAGREE or levels[_F["suffix"]] is Level.DISAGREE
-                or decades_apart and years_apart >= 15 and family and levels[_F["address"]] not in _ADDRESS_SAME
+                or decades_apart and years_apart >= 15 and family
                 or given is Level.DISAGREE and birth is not Level.EXACT
                 or given in _TWIN_GIVEN and levels[_F["sex"]] is Level.DISAGREE
                 or family and levels[_F["middle"]] is Level.DISAGREE):
