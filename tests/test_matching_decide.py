@@ -491,3 +491,47 @@ def test_a_person_is_not_joined_by_the_relative_of_any_of_its_records():
     sparse = rec("HHCARE", "H2", person("Lindqvist", "John", "Paul", sex="M", **home), "P1")
     again = rec("OAKNH", "O2", person("Lindqvist", "John", "Paul", birth="20010420", sex="M", **home))
     assert decide(again, [paul, sparse], MODEL).action is Action.LINK
+
+
+def test_family_and_stranger_shapes_a_false_link_audit_found():
+    """Found by a false-link audit of the live exchange: each pair was linked automatically, and each
+    one's admissions and notes were copied to the other's sites."""
+    home = dict(street="12 Elm St", city="Springfield", postcode="62701", phone="217-555-1234")
+    # twins named alike, each with an SSN of their own (or sequential ones, their own phones)
+    kristen = rec("GENHOSP", "G1", person("Olsen", "Kristen", birth="19900512", sex="F", ssn="401223344", **home), "P1")
+    kirsten = rec("OAKNH", "O1", person("Olsen", "Kirsten", birth="19900512", sex="F", ssn="517880921", **home))
+    review_because(kirsten, [kristen], Reason.POSSIBLE_TWIN)
+    sequential = rec("OAKNH", "O2", person("Olsen", "Kirsten", birth="19900512", sex="F", ssn="401223345",
+                                           street="12 Elm St", city="Springfield", postcode="62701",
+                                           phone="217-555-9876"))
+    review_because(sequential, [kristen], Reason.POSSIBLE_TWIN)
+    # siblings ten months apart, named alike
+    maria = rec("GENHOSP", "G3", person("Lopez", "Maria", birth="20010115", sex="F", **home), "P3")
+    review_because(rec("OAKNH", "O3", person("Lopez", "Mariah", birth="20011115", sex="F", **home)), [maria],
+                   Reason.POSSIBLE_TWIN)
+    # two John Smiths born the same day in one town, each with his own SSN, address and phone
+    smith = rec("GENHOSP", "G4", person("Smith", "John", birth="19800101", sex="M", ssn="321654987",
+                                        street="400 Oak Ave", city="Springfield", postcode="62701",
+                                        phone="217-555-9001"), "P4")
+    other = rec("OAKNH", "O4", person("Smith", "John", birth="19800101", sex="M", ssn="456123789",
+                                      street="77 Pine Rd", city="Springfield", postcode="62704", phone="217-555-8002"))
+    review_because(other, [smith], Reason.NAME_AND_BIRTH_DATE_ONLY)
+    # newborn twins without a given name yet, or an unusual placeholder
+    nguyen = rec("GENHOSP", "G5", person("Nguyen", "", birth="20261120", sex="F", **home), "P5")
+    review_because(rec("OAKNH", "O5", person("Nguyen", "", birth="20261120", sex="F", **home)), [nguyen],
+                   Reason.NEWBORN)
+    infant = rec("GENHOSP", "G6", person("Nguyen", "Infantgirl", birth="20261120", sex="F", **home), "P6")
+    review_because(rec("OAKNH", "O6", person("Nguyen", "Infantgirl", birth="20261120", sex="F", **home)), [infant],
+                   Reason.NEWBORN)
+
+
+def test_a_generation_apart_from_any_record_of_the_person_is_parent_and_child():
+    """Found by a false-link audit: the father was linked through his son's record that had no birth
+    date (the person's best record for him); the son's other record, born 30 years later, said nothing."""
+    home = dict(street="5 Birch Ln", city="Dover", postcode="19901", phone="302-555-0100")
+    son_old_address = rec("GENHOSP", "G1", person("Farley", "James", birth="19850610", sex="M",
+                                                  street="9 Old Rd", city="Dover", postcode="19901"), "P1")
+    son_no_birth = rec("OAKNH", "O1", person("Farley", "James", sex="M", **home), "P1")
+    father = rec("HHCARE", "H1", person("Farley", "James", birth="19550610", sex="M", **home))
+    d = decide(father, [son_no_birth, son_old_address], MODEL)
+    assert d.action is Action.REVIEW and Reason.PARENT_AND_CHILD in d.reasons, (d.action, d.reasons)

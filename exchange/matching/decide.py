@@ -254,21 +254,24 @@ def _family_shape(mine: Features, match: Match, other: Features, model: Model, *
     if best and birth is Level.MISSING and (ssn is Level.MISSING and levels[_F["phone"]] is not Level.EXACT
                                             or mine.suffix or other.suffix):
         return Reason.NO_BIRTH_DATE  # names and places only (a shared phone, unless JR/SR says a family)
-    if birth is Level.EXACT and levels[_F["family"]] in _FAMILY_SAME and levels[_F["middle"]] is Level.DISAGREE:
+    family = levels[_F["family"]] in _FAMILY_SAME
+    if birth is Level.EXACT and family and levels[_F["middle"]] is Level.DISAGREE:
         return Reason.POSSIBLE_TWIN  # John Paul and John Michael (or John P. and John M.): twins
+    if decades_apart:
+        return Reason.PARENT_AND_CHILD  # of any record of the person: a link joins them all
     if not best:
         return None
-    if decades_apart:
-        return Reason.PARENT_AND_CHILD
+    if best and birth is Level.EXACT and family and (not mine.given or not other.given):
+        return Reason.NEWBORN  # no given name yet, one birth date, one family: a newborn (twins look alike)
     if given is not Level.EXACT and (
             (birth is Level.EXACT or _a_day_apart(mine, other))  # twins born either side of midnight
-            and ssn is Level.ONE_DIGIT and levels[_F["phone"]] is Level.EXACT  # sequential SSNs, one phone
-            or birth is Level.EXACT and ssn is Level.MISSING and levels[_F["family"]] in _FAMILY_SAME
-            and given in _TWIN_GIVEN):
-        return Reason.POSSIBLE_TWIN  # no SSN tells them apart: twins are named alike
-    if (_common_family(mine, model) and levels[_F["place"]] is Level.DISAGREE
-            and not any(levels[_F[f]] in agree for f, agree in _CORROBORATE)):
-        return Reason.NAME_AND_BIRTH_DATE_ONLY  # two John Smiths born the same day, in two towns
+            and ssn is Level.ONE_DIGIT  # sequential SSNs
+            or birth is Level.EXACT and ssn in (Level.MISSING, Level.DISAGREE) and family and given in _TWIN_GIVEN
+            or birth is Level.ONE_DIGIT and family and given in _TWIN_GIVEN):  # siblings months apart
+        return Reason.POSSIBLE_TWIN  # no SSN tells them apart (or theirs do): twins are named alike
+    if (levels[_F["place"]] is Level.DISAGREE and _common_family(mine, model) or ssn is Level.DISAGREE) and not any(
+            levels[_F[f]] in agree for f, agree in _CORROBORATE if f != "place" or ssn is not Level.DISAGREE):
+        return Reason.NAME_AND_BIRTH_DATE_ONLY  # two John Smiths born the same day, in two towns or two SSNs
     return None
 
 
@@ -318,7 +321,7 @@ def _common_family(f: Features, model: Model) -> bool:
 
 
 def _newborn(f: Features) -> bool:
-    return f.given in _NEWBORN_GIVEN or f.given_full.startswith(("babygirl", "babyboy", "twin"))
+    return f.given in _NEWBORN_GIVEN or f.given_full.startswith(("babygirl", "babyboy", "twin", "infant", "newborn"))
 
 
 def _group(m: Match) -> object:
