@@ -183,6 +183,10 @@ def test_a_very_long_value_wraps_instead_of_widening_the_page(chrome, database_u
         base = f"http://{host}:{port}"
         with MLLPConnection(server.address) as mllp:
             assert msa(mllp.request(a0x("L1", "GENHOSP", "GH-LONG", "X" * 3000 + "^ELIZABETH||19470312|F")))[0] == "AA"
+            note = (f"MSH|^~\\&|APP|GENHOSP|EX|EX|20261127120000||MDM^T02^MDM_T02|L2|P|2.5\r"
+                    f"EVN|T02|20261127120000\rPID|1||GH-LONG^^^GENHOSP^MR||{'X' * 3000}^ELIZABETH\r"
+                    f"TXA|1|{'T' * 200}|TX|||||||||{'D' * 400}||||AU||AV\rOBX|1|TX|||{'Y' * 5000}\r")
+            assert msa(mllp.request(note.encode()))[0] == "AA"
         person = api_request(server, database_url, "GET", "/api/records/GENHOSP/GH-LONG")["person"]
         driver.get(f"{base}/login?next=%2Frecords%2FGENHOSP%2FGH-LONG")
         driver.find_element(By.ID, "name").send_keys("tom")
