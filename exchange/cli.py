@@ -184,7 +184,7 @@ def _upgrade(engine, url: str) -> None:
     try:
         current_revision(engine)
     except Exception as exc:  # unreachable or unusable; its text may quote the URL's password
-        raise UsageFailure(f"cannot open the database {_safe_url(url)} ({type(exc).__name__})") from None
+        raise _cannot_open(url, exc) from None
     try:
         upgrade(engine)
     except UpgradeRefused as exc:
@@ -193,6 +193,19 @@ def _upgrade(engine, url: str) -> None:
         why = "the disk is full" if disk_full(exc) else _sqlite_reason(exc) or (
             f"{type(exc).__name__}" + (f", SQLSTATE {sqlstate(exc)}" if sqlstate(exc) else ""))
         raise WorkFailure(f"database {_safe_url(url)}: the upgrade failed and was rolled back: {why}") from None
+
+
+def _cannot_open(url: str, exc: BaseException) -> Exception:
+    """Why the database cannot be opened, as the exception to raise: a full disk (exit 1: the
+    work failed), else exit 2 with the error's type, and SQLite's own words when it said some
+    ("unable to open database file"); never a PostgreSQL error's text (it may quote the URL)."""
+    from exchange.store.db import disk_full
+
+    if disk_full(exc):
+        return WorkFailure(f"database {_safe_url(url)}: the disk is full: it cannot be opened or created")
+    said = _sqlite_reason(exc)
+    return UsageFailure(f"cannot open the database {_safe_url(url)} ({type(exc).__name__}"
+                        f"{': ' + said if said else ''})")
 
 
 def _sqlite_reason(exc: BaseException) -> str | None:
@@ -208,15 +221,20 @@ def cmd_db_upgrade(args) -> int:
     from exchange.store.db import current_revision, make_engine
 
     url = _database_url(args)
+    created = _missing_sqlite_file(url)  # a file this command makes: not left behind empty if it fails
     engine = None
     try:
         try:
             engine = make_engine(url)
             before = current_revision(engine)
         except Exception as exc:  # unreachable or unusable; its text may quote the URL's password
-            raise UsageFailure(f"cannot open the database {_safe_url(url)} ({type(exc).__name__})") from None
+            raise _cannot_open(url, exc) from None
         _upgrade(engine, url)
         after = current_revision(engine)
+    except (UsageFailure, WorkFailure):
+        if created:
+            _remove_if_empty(url)
+        raise
     finally:
         if engine is not None:
             engine.dispose()
@@ -539,7 +557,7 @@ def _migrated_engine(args, url: str | None = None):
         revision, head = current_revision(engine), head_revision()
         refused = refusal(engine) if revision != head else None
     except Exception as exc:  # an unreachable or unusable database; its text may quote the URL's password
-        raise UsageFailure(f"cannot open the database {_safe_url(url)} ({type(exc).__name__})") from None
+        raise _cannot_open(url, exc) from None
     if refused is not None:  # a newer release's, or another application's: `db upgrade` would not help
         engine.dispose()
         raise UsageFailure(f"database {_safe_url(url)}: {refused}")
@@ -558,6 +576,18 @@ def _missing_sqlite_file(url: str) -> bool:
     path = parsed.database or ""
     return (parsed.get_backend_name() == "sqlite" and bool(path) and not path.startswith("file:")
             and path != ":memory:" and not os.path.exists(path))
+
+
+def _remove_if_empty(url: str) -> None:
+    """The SQLite file (and its -wal/-shm) a failed first open created, while it holds nothing."""
+    from sqlalchemy.engine import make_url
+
+    path = make_url(url).database or ""
+    with contextlib.suppress(OSError):
+        if os.path.getsize(path) == 0:
+            for leftover in (path, path + "-wal", path + "-shm", path + "-journal"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(leftover)
 
 
 def _cli_audit(conn, args, action: str, resource: str, key: str | None, outcome: str, shown=None) -> None:

@@ -351,6 +351,20 @@ def test_db_upgrade_on_a_full_disk_says_so_and_exits_1(tmp_path, capsys, monkeyp
                              "--config", str(write_config(tmp_path)))
     assert (code, err) == (1, f"exchange: database {url}: the upgrade failed and was rolled back: disk I/O error\n")
 
+    # a disk full already when the database is first created: said so, and no empty file left behind
+    fresh = tmp_path / "fresh.db"
+
+    def full_at_open(engine):
+        open(fresh, "wb").close()  # what SQLite leaves: an empty file
+        raise OperationalError("PRAGMA ...", {}, error.value)
+
+    monkeypatch.setattr(db, "current_revision", full_at_open)
+    code, out, err = run_cli(capsys, monkeypatch, "db", "upgrade", "--database", f"sqlite:///{fresh}",
+                             "--config", str(write_config(tmp_path)))
+    assert (code, err) == (1, f"exchange: database sqlite:///{fresh}: the disk is full: it cannot be opened or"
+                              " created\n")
+    assert not fresh.exists()
+
 
 def test_serve_under_a_low_open_file_limit_says_so(tmp_path):
     """Found by a failure audit: under `ulimit -n 128` serve said "cannot start: [Errno 9] Bad file
@@ -364,6 +378,14 @@ def test_serve_under_a_low_open_file_limit_says_so(tmp_path):
     done = exchange("serve", "--config", str(config), preexec_fn=limit(128))
     assert done.returncode == 2
     assert done.stderr.strip() == "exchange: the open-file limit is 128 (ulimit -n): serve needs at least 256"
+
+
+def test_a_sqlite_file_that_cannot_be_opened_says_sqlites_reason(tmp_path):
+    (tmp_path / "a-directory.db").mkdir()
+    url = f"sqlite:///{tmp_path / 'a-directory.db'}"  # a directory where the file should be
+    done = exchange("db", "upgrade", "--database", url, "--config", str(write_config(tmp_path)))
+    assert done.returncode == 2
+    assert done.stderr == f"exchange: cannot open the database {url} (OperationalError: unable to open database file)\n"
 
 
 @pytest.mark.parametrize("command", [("serve",), ("db", "upgrade")])
