@@ -92,6 +92,10 @@ def test_identifiers_phones_addresses():
     assert (f.number, f.street, f.city, f.postcode) == ("12", "pinkertoncct", "begaflats", "62704")
     assert f.sex == "F"
     assert person("Doe", "Jane", ssn="000-00-0000").ssn == ""
+    # numbers the SSA never issues, typed for "unknown" and shared by strangers
+    for filler in ("999-00-0000", "999990000", "666-12-3456", "000-12-3456", "123-00-4567", "123-45-0000"):
+        assert person("Doe", "Jane", ssn=filler).ssn == "", filler
+    assert person("Doe", "Jane", ssn="912-70-1234").ssn == "912701234"  # an ITIN is a person's own number
     assert person("Doe", "Jane", sex="U").sex == ""
     assert split_street("ginganastreet") == ("", "ginganast")  # a street word typed onto the name
     assert split_street("12a Weston St") == ("12a", "westonst")

@@ -131,9 +131,13 @@ def normalise_phone(text: str | None) -> str:
 
 
 def normalise_ssn(text: str | None) -> str:
-    """Digits of an SSN; '' for fewer than 4 digits or an obvious filler (all one digit, 123456789)."""
+    """Digits of an SSN; '' for fewer than 4 digits, an obvious filler (all one digit, 123456789)
+    or a number the SSA never issues (area 000 or 666, group 00, serial 0000: 999-00-0000 and the
+    like are what registration clerks type for "unknown", and strangers share them)."""
     d = digits(text)
     if len(d) < 4 or len(set(d)) == 1 or d in ("123456789", "987654321"):
+        return ""
+    if len(d) == 9 and (d[:3] in ("000", "666") or d[3:5] == "00" or d[5:] == "0000"):
         return ""
     return d
 
