@@ -534,4 +534,50 @@ def test_a_generation_apart_from_any_record_of_the_person_is_parent_and_child():
     son_no_birth = rec("OAKNH", "O1", person("Farley", "James", sex="M", **home), "P1")
     father = rec("HHCARE", "H1", person("Farley", "James", birth="19550610", sex="M", **home))
     d = decide(father, [son_no_birth, son_old_address], MODEL)
+    assert d.action is Action.REVIEW and {Reason.PARENT_AND_CHILD, Reason.NO_BIRTH_DATE} & set(d.reasons), d.reasons
+    # a best record with a birth date of its own, the son's other record born a generation after
+    son_typo = rec("OAKNH", "O2", person("Farley", "James", birth="19550601", sex="M", **home), "P2")
+    son = rec("GENHOSP", "G2", person("Farley", "James", birth="19850610", sex="M", street="9 Old Rd", city="Dover",
+                                      postcode="19901"), "P2")
+    d = decide(father, [son_typo, son], MODEL)
     assert d.action is Action.REVIEW and Reason.PARENT_AND_CHILD in d.reasons, (d.action, d.reasons)
+
+
+def test_more_shapes_a_second_false_link_audit_found():
+    """Found by a second false-link audit: each was linked automatically."""
+    home = dict(street="102 Poplar St", city="Peoria", postcode="60102", phone="217-555-0102")
+    # newborn twins, neither named yet, under their mother's SSN
+    a = rec("GENHOSP", "G1", person("Achterberg", "", birth="20261105", sex="F", ssn="521334455", **home), "P1")
+    review_because(rec("OAKNH", "O1", person("Achterberg", "", birth="20261105", sex="F", ssn="521334455", **home)),
+                   [a], Reason.NEWBORN)
+    # placeholders of other sites
+    for placeholder in ("Bebe", "RN", "Inf", "Boya", "Girl B", "BB1"):
+        b = rec("GENHOSP", "G2", person("Bjornstad", placeholder, birth="20261105", sex="F", **home), "P2")
+        review_because(rec("OAKNH", "O2", person("Bjornstad", placeholder, birth="20261105", sex="F", **home)), [b],
+                       Reason.NEWBORN)
+    # a son's record without a birth date, at his father's home and phone
+    erik = rec("GENHOSP", "G3", person("Rasmussen", "Erik", birth="19550505", sex="M", **home), "P3")
+    review_because(rec("OAKNH", "O3", person("Rasmussen", "Erik", sex="M", **home)), [erik], Reason.NO_BIRTH_DATE)
+    # two John Smiths born the same day in one town, another street and phone, an SSN on one side
+    smith = rec("GENHOSP", "G4", person("Smith", "John", birth="19751113", sex="M", ssn="521334470",
+                                        street="1 Main St", city="Peoria", postcode="60102", phone="217-555-0001"),
+                "P4")
+    review_because(rec("OAKNH", "O4", person("Smith", "John", birth="19751113", sex="M", street="9 Elm St",
+                                             city="Peoria", postcode="60102", phone="217-555-0999")), [smith],
+                   Reason.NAME_AND_BIRTH_DATE_ONLY)
+    # "Boyd" is a name, not a placeholder: the same man links
+    boyd = rec("GENHOSP", "G5", person("Tanner", "Boyd", birth="19700101", sex="M", ssn="521334471", **home), "P5")
+    assert decide(rec("OAKNH", "O5", person("Tanner", "Boyd", birth="19700101", sex="M", ssn="521334471", **home)),
+                  [boyd], MODEL).action is Action.LINK
+
+
+def test_placeholder_ssns_strangers_share_are_no_ssn():
+    from tests.test_matching_features import person as features
+
+    for filler in ("000000001", "999999998", "078-05-1120", "1234", "4321", "999-00-0000"):
+        assert features("Garcia", "Jose", ssn=filler).ssn == "", filler
+    garcia = rec("GENHOSP", "G1", person("Garcia", "Jose", birth="19850310", sex="M", ssn="999999998",
+                                         street="1 Oak St", city="Chicago", postcode="60608"), "P1")
+    ramos = rec("OAKNH", "O1", person("Ramos", "Jose", birth="19850720", sex="M", ssn="999999998",
+                                      street="7 Elm St", city="Chicago", postcode="60608"))
+    assert decide(ramos, [garcia], MODEL).action is not Action.LINK

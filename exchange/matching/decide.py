@@ -37,6 +37,7 @@ A person's score is the best score of any of its records.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import date
@@ -230,6 +231,8 @@ def _family_shape(mine: Features, match: Match, other: Features, model: Model, *
     ssn, birth, given = levels[_F["ssn"]], levels[_F["birth"]], levels[_F["given"]]
     if best and (_newborn(mine) or _newborn(other)):
         return Reason.NEWBORN
+    if best and birth is Level.EXACT and levels[_F["family"]] in _FAMILY_SAME and not mine.given and not other.given:
+        return Reason.NEWBORN  # no given names yet, one birth date, one family: newborns (twins look alike)
     years_apart = abs((mine.birth_year or 0) - (other.birth_year or 0)) if mine.birth_year and other.birth_year else 0
     decades_apart = birth is Level.ONE_DIGIT and years_apart >= 10
     if ssn in _SSN_AGREES:
@@ -251,9 +254,8 @@ def _family_shape(mine: Features, match: Match, other: Features, model: Model, *
         if family and given is Level.DISAGREE and birth is Level.EXACT:
             return Reason.POSSIBLE_TWIN  # twins under their parent's SSN, named apart
         return None
-    if best and birth is Level.MISSING and (ssn is Level.MISSING and levels[_F["phone"]] is not Level.EXACT
-                                            or mine.suffix or other.suffix):
-        return Reason.NO_BIRTH_DATE  # names and places only (a shared phone, unless JR/SR says a family)
+    if best and birth is Level.MISSING:
+        return Reason.NO_BIRTH_DATE  # names and places only (a phone is the household's: a son's, a father's)
     family = levels[_F["family"]] in _FAMILY_SAME
     if birth is Level.EXACT and family and levels[_F["middle"]] is Level.DISAGREE:
         return Reason.POSSIBLE_TWIN  # John Paul and John Michael (or John P. and John M.): twins
@@ -261,17 +263,17 @@ def _family_shape(mine: Features, match: Match, other: Features, model: Model, *
         return Reason.PARENT_AND_CHILD  # of any record of the person: a link joins them all
     if not best:
         return None
-    if best and birth is Level.EXACT and family and (not mine.given or not other.given):
-        return Reason.NEWBORN  # no given name yet, one birth date, one family: a newborn (twins look alike)
-    if given is not Level.EXACT and (
-            (birth is Level.EXACT or _a_day_apart(mine, other))  # twins born either side of midnight
-            and ssn is Level.ONE_DIGIT  # sequential SSNs
-            or birth is Level.EXACT and ssn in (Level.MISSING, Level.DISAGREE) and family and given in _TWIN_GIVEN
-            or birth is Level.ONE_DIGIT and family and given in _TWIN_GIVEN):  # siblings months apart
-        return Reason.POSSIBLE_TWIN  # no SSN tells them apart (or theirs do): twins are named alike
-    if (levels[_F["place"]] is Level.DISAGREE and _common_family(mine, model) or ssn is Level.DISAGREE) and not any(
-            levels[_F[f]] in agree for f, agree in _CORROBORATE if f != "place" or ssn is not Level.DISAGREE):
-        return Reason.NAME_AND_BIRTH_DATE_ONLY  # two John Smiths born the same day, in two towns or two SSNs
+    named_apart = given in _TWIN_GIVEN  # not the same name, a nickname or an initial of it
+    if (given is not Level.EXACT and ssn is Level.ONE_DIGIT  # sequential SSNs
+            and (birth is Level.EXACT or _a_day_apart(mine, other))  # twins born either side of midnight
+            or family and (birth is Level.EXACT and ssn in (Level.MISSING, Level.DISAGREE) and named_apart
+                           or birth is Level.ONE_DIGIT and named_apart)):  # siblings months apart
+        return Reason.POSSIBLE_TWIN  # no SSN tells them apart (or each has her own): twins are named alike
+    if family and birth is Level.EXACT and not (mine.given and other.given):
+        return Reason.NEWBORN  # one of them not named yet: a newborn, or her twin
+    if (_common_family(mine, model) or ssn is Level.DISAGREE) and not any(
+            levels[_F[f]] in agree for f, agree in _CORROBORATE if f != "place"):
+        return Reason.NAME_AND_BIRTH_DATE_ONLY  # two John Smiths born the same day (in one town, too), or two SSNs
     return None
 
 
@@ -298,7 +300,7 @@ _CORROBORATE = (
 # A newborn's placeholder given name (HL7 sites register "BABY GIRL", "BABYBOY", "INFANT" ...
 # before the parents name the child): twins share it with their birth date and household.
 _NEWBORN_GIVEN = frozenset({"baby", "babygirl", "babyboy", "infant", "newborn", "nb", "bg", "bb", "girl", "boy",
-                            "twin", "female", "male", "unknown", "unk"})
+                            "twin", "female", "male", "unknown", "unk", "inf", "rn", "bebe"})
 
 
 # The most frequent US surnames (Census 2010, each at least 0.13 % of people), used until the
@@ -321,7 +323,12 @@ def _common_family(f: Features, model: Model) -> bool:
 
 
 def _newborn(f: Features) -> bool:
-    return f.given in _NEWBORN_GIVEN or f.given_full.startswith(("babygirl", "babyboy", "twin", "infant", "newborn"))
+    return (f.given in _NEWBORN_GIVEN or f.given_full.startswith(("babygirl", "babyboy", "twin", "infant", "newborn"))
+            or _NEWBORN_FULL.fullmatch(f.given_full) is not None)
+
+
+# "BOYA", "GIRL B", "BB1", "TWIN 2", "INF": a placeholder and the letter or number telling twins apart
+_NEWBORN_FULL = re.compile(r"(baby|boy|girl|bb|bg|nb|rn|inf|bebe|twin|female|male)(?:[abc]|[1-4]|one|two)?")
 
 
 def _group(m: Match) -> object:

@@ -135,11 +135,17 @@ def normalise_ssn(text: str | None) -> str:
     or a number the SSA never issues (area 000 or 666, group 00, serial 0000: 999-00-0000 and the
     like are what registration clerks type for "unknown", and strangers share them)."""
     d = digits(text)
-    if len(d) < 4 or len(set(d)) == 1 or d in ("123456789", "987654321"):
+    if len(d) < 4 or len(set(d)) == 1 or d in "0123456789" or d in "9876543210" or d in _SSN_FILLERS:
+        return ""
+    if max(d.count(c) for c in set(d)) >= len(d) - 1:  # 999999998, 000000001: one digit but one
         return ""
     if len(d) == 9 and (d[:3] in ("000", "666") or d[3:5] == "00" or d[5:] == "0000"):
         return ""
     return d
+
+
+# SSNs everyone uses: the one printed in the 1938 Woolworth wallet insert, and the SSA's own sample.
+_SSN_FILLERS = frozenset({"078051120"})
 
 
 def normalise_postcode(text: str | None) -> str:
