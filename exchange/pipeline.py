@@ -387,10 +387,9 @@ def _process(
             copies = route_batch(conn, [
                 Applied(ids[i], items[d.index].header, d.message, d.subject, persons.get(d.subject, (0, None))[1],
                         d.retired, persons.get(d.retired, (0, None))[1] if d.retired else None,
-                        _document_type(state, d.subject[0], d.message))
+                        _document_type(state, d.subject[0], d.message), d.copied)
                 for i, d in enumerate(decoded)
                 if d.message is not None and d.subject is not None and d.outcome.verdict is Verdict.ACCEPT
-                and d.copied
             ], routing, at)
             for copy in copies:
                 routed.setdefault(copy.message_id, []).append(copy.destination)

@@ -43,6 +43,7 @@ class Applied:
     retired: Key | None = None  # a merge's retired record
     retired_person: int | None = None
     document_type: str = ""  # MDM: the type the record model routes its document (TXA-12) as
+    copied: bool = True  # False: a resend or a late event (Changes.copied): its PD1-12 counts, no copy goes
 
 
 def route_batch(conn: Connection, applied: Sequence[Applied], config: Config, now: datetime) -> list[NewCopy]:
@@ -104,6 +105,8 @@ def _route_one(conn: Connection, a: Applied, config: Config, now: datetime, reco
     if a.person is not None and (state, by) != protected.get(a.person, (False, None)):
         protected[a.person] = changed[a.person] = (state, by)
         events.append((a.person, state, f"PD1-12 {a.subject[0]}", a.message_id))
+    if not a.copied:
+        return []
     lineage = _lineage(conn, a)
     event = Event.read(a.header, a.message, person=None if a.person is None else str(a.person),
                        source_mrn=a.subject[1], protected=state, stored_type=a.document_type,

@@ -671,6 +671,25 @@ def test_an_adt_message_resent_under_a_new_control_id_is_applied_once_and_not_co
     # in a batch of its own too, as an engine resends after an ACK timeout
     assert [a.routed for a in run(engine, config, visit("A03"))] == [()]
 
+def test_an_opt_out_a_late_event_carries_is_kept(engine, tmp_path):
+    """Found by a third verification audit: a late A21 (not copied) with PD1-12 = Y was answered
+    AA and its opt-out dropped: the patient's next admission went to every site."""
+    from tests.store.test_index import adt, pid
+
+    def visit(event, number, *extra):
+        return adt("GENHOSP", event, pid("GH-7", "GENHOSP", **ELIZABETH), *extra,
+                   f"PV1|1|I|MED^101^A||||||||||||||||{number}")
+
+    config = network(tmp_path)
+    run(engine, config, register("OAKNH", "OA-7", **ELIZABETH))
+    run(engine, config, visit("A01", "V1"), visit("A03", "V1"))
+    (late,) = run(engine, config, visit("A21", "V1", "PD1||||||||||||Y"))
+    assert late.routed == ()
+    with engine.connect() as conn:
+        assert conn.execute(text("select protected, protected_by from person p join patient_record r"
+                                 " on r.person_id = p.id where r.mrn = 'GH-7'")).one() == (True, "PD1-12 GENHOSP")
+    assert [a.routed for a in run(engine, config, visit("A01", "V2"))] == [()]  # withheld: opted out
+
 def test_the_doctor_and_leave_cancels_are_applied_and_go_only_where_their_visit_went(engine, tmp_path):
     """A52/A53 (leave of absence), A55 and A62 (doctor changes) were answered AE 201 "not mapped"
     (found by a black-box audit); applied now, they stay cancels: copied only where something
