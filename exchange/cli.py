@@ -179,33 +179,45 @@ def _upgrade(engine, url: str) -> None:
     """Migrate the database to the newest revision; exit 2 when it cannot be opened or must not
     be upgraded, 1 when the upgrade itself failed (a full disk: rolled back, every revision
     is one transaction). The reasons never quote the URL's password or the data."""
-    from exchange.store.db import UpgradeRefused, current_revision, disk_full, sqlstate, upgrade
+    from exchange.store.db import UpgradeRefused, current_revision, sqlstate, upgrade
 
-    try:
-        current_revision(engine)
-    except Exception as exc:  # unreachable or unusable; its text may quote the URL's password
-        raise _cannot_open(url, exc) from None
-    try:
-        upgrade(engine)
-    except UpgradeRefused as exc:
-        raise UsageFailure(f"database {_safe_url(url)}: {exc}") from None
-    except Exception as exc:
-        why = "the disk is full" if disk_full(exc) else _sqlite_reason(exc) or (
-            f"{type(exc).__name__}" + (f", SQLSTATE {sqlstate(exc)}" if sqlstate(exc) else ""))
-        raise WorkFailure(f"database {_safe_url(url)}: the upgrade failed and was rolled back: {why}") from None
+    with _no_leftover(url):
+        try:
+            current_revision(engine)
+        except Exception as exc:  # unreachable or unusable; its text may quote the URL's password
+            raise _cannot_open(url, exc) from None
+        try:
+            upgrade(engine)
+        except UpgradeRefused as exc:
+            raise UsageFailure(f"database {_safe_url(url)}: {exc}") from None
+        except Exception as exc:
+            why = "the disk is full" if _disk_full(url, exc) else _sqlite_reason(exc) or (
+                f"{type(exc).__name__}" + (f", SQLSTATE {sqlstate(exc)}" if sqlstate(exc) else ""))
+            raise WorkFailure(f"database {_safe_url(url)}: the upgrade failed and was rolled back: {why}") from None
 
 
 def _cannot_open(url: str, exc: BaseException) -> Exception:
     """Why the database cannot be opened, as the exception to raise: a full disk (exit 1: the
     work failed), else exit 2 with the error's type, and SQLite's own words when it said some
     ("unable to open database file"); never a PostgreSQL error's text (it may quote the URL)."""
-    from exchange.store.db import disk_full
-
-    if disk_full(exc):
+    if _disk_full(url, exc):
         return WorkFailure(f"database {_safe_url(url)}: the disk is full: it cannot be opened or created")
     said = _sqlite_reason(exc)
     return UsageFailure(f"cannot open the database {_safe_url(url)} ({type(exc).__name__}"
                         f"{': ' + said if said else ''})")
+
+
+def _disk_full(url: str, exc: BaseException) -> bool:
+    """Whether a database error comes of a full disk: said so (SQLITE_FULL, PostgreSQL's 53100),
+    or, from SQLite, any I/O error with less than a MiB left beside the file (its WAL and shared
+    memory files could not be written: SQLite says "disk I/O error" then)."""
+    from exchange.app import disk_free_bytes
+    from exchange.store.db import disk_full
+
+    if disk_full(exc):
+        return True
+    free = disk_free_bytes(url) if _sqlite_reason(exc) else None
+    return free is not None and free < 1024 * 1024
 
 
 def _sqlite_reason(exc: BaseException) -> str | None:
@@ -221,20 +233,16 @@ def cmd_db_upgrade(args) -> int:
     from exchange.store.db import current_revision, make_engine
 
     url = _database_url(args)
-    created = _missing_sqlite_file(url)  # a file this command makes: not left behind empty if it fails
     engine = None
     try:
-        try:
-            engine = make_engine(url)
-            before = current_revision(engine)
-        except Exception as exc:  # unreachable or unusable; its text may quote the URL's password
-            raise _cannot_open(url, exc) from None
-        _upgrade(engine, url)
-        after = current_revision(engine)
-    except (UsageFailure, WorkFailure):
-        if created:
-            _remove_if_empty(url)
-        raise
+        with _no_leftover(url):
+            try:
+                engine = make_engine(url)
+                before = current_revision(engine)
+            except Exception as exc:  # unreachable or unusable; its text may quote the URL's password
+                raise _cannot_open(url, exc) from None
+            _upgrade(engine, url)
+            after = current_revision(engine)
     finally:
         if engine is not None:
             engine.dispose()
@@ -430,13 +438,10 @@ def cmd_user(args) -> int:
     from exchange.store.db import make_engine, write_transaction
 
     if args.user_command == "list":
-        url = _database_url(args)
-        engine = make_engine(url)
+        engine = _migrated_engine(args)
         try:
             with engine.connect() as conn:
                 users = list_users(conn, _now())
-        except Exception as exc:  # unreachable, or not migrated; its text may quote the URL's password
-            raise UsageFailure(f"cannot read the workbench users from {_safe_url(url)} ({type(exc).__name__})") from None
         finally:
             engine.dispose()
         print("name\trole\tstate\tcreated\tsessions", flush=True)
@@ -493,9 +498,14 @@ def cmd_replay(args) -> int:
         raise UsageFailure(f"--batch must be at least 1 (got {args.batch})")
     config = _load(args)
     url = config.server.database
+    if _missing_sqlite_file(url):  # connecting would leave an empty file behind
+        raise UsageFailure(f"database {_safe_url(url)}: no such file: run `exchange db upgrade` first")
     engine = make_engine(url)
     try:
-        revision, head = current_revision(engine), head_revision()
+        try:
+            revision, head = current_revision(engine), head_revision()
+        except Exception as exc:  # an unreachable or unusable database; its text may quote the URL's password
+            raise _cannot_open(url, exc) from None
         if revision != head:
             raise UsageFailure(
                 f"database {_safe_url(url)} is at revision {revision or 'none'}, not {head}: run `exchange db upgrade` first"
@@ -578,16 +588,22 @@ def _missing_sqlite_file(url: str) -> bool:
             and path != ":memory:" and not os.path.exists(path))
 
 
-def _remove_if_empty(url: str) -> None:
-    """The SQLite file (and its -wal/-shm) a failed first open created, while it holds nothing."""
+@contextlib.contextmanager
+def _no_leftover(url: str):
+    """A SQLite file that did not exist before, removed again (with its -wal and -shm) when the
+    command fails: a full disk, an unusable directory leave no empty database behind."""
     from sqlalchemy.engine import make_url
 
-    path = make_url(url).database or ""
-    with contextlib.suppress(OSError):
-        if os.path.getsize(path) == 0:
+    created = _missing_sqlite_file(url)
+    try:
+        yield
+    except (UsageFailure, WorkFailure):
+        if created:
+            path = make_url(url).database or ""
             for leftover in (path, path + "-wal", path + "-shm", path + "-journal"):
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):
                     os.remove(leftover)
+        raise
 
 
 def _cli_audit(conn, args, action: str, resource: str, key: str | None, outcome: str, shown=None) -> None:

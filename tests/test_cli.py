@@ -383,9 +383,14 @@ def test_serve_under_a_low_open_file_limit_says_so(tmp_path):
 def test_a_sqlite_file_that_cannot_be_opened_says_sqlites_reason(tmp_path):
     (tmp_path / "a-directory.db").mkdir()
     url = f"sqlite:///{tmp_path / 'a-directory.db'}"  # a directory where the file should be
-    done = exchange("db", "upgrade", "--database", url, "--config", str(write_config(tmp_path)))
-    assert done.returncode == 2
-    assert done.stderr == f"exchange: cannot open the database {url} (OperationalError: unable to open database file)\n"
+    for command in (("db", "upgrade"), ("replay",), ("user", "list")):  # replay printed a traceback
+        done = exchange(*command, "--database", url, "--config", str(write_config(tmp_path)))
+        assert done.returncode == 2, command
+        assert done.stderr == (f"exchange: cannot open the database {url} (OperationalError: unable to open database"
+                               " file)\n"), command
+    done = exchange("replay", "--database", f"sqlite:///{tmp_path / 'none.db'}", "--config",
+                    str(write_config(tmp_path)))
+    assert done.returncode == 2 and "no such file" in done.stderr and not (tmp_path / "none.db").exists()
 
 
 @pytest.mark.parametrize("command", [("serve",), ("db", "upgrade")])

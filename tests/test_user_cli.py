@@ -158,5 +158,12 @@ def test_list_shows_each_user_state_and_open_sessions_never_a_hash(database_url,
 def test_list_on_an_unreachable_database_is_one_line_and_exit_2(capsys, monkeypatch):
     code, out, err = run(capsys, monkeypatch, "user", "list", "--database",
                          "postgresql+psycopg://nobody:secret@127.0.0.1:1/none")
-    assert code == 2 and out == "" and "cannot read the workbench users" in one_line(err)
+    assert code == 2 and out == "" and "cannot open the database" in one_line(err)
     assert "secret" not in err
+
+
+def test_list_on_a_missing_sqlite_file_creates_none(capsys, monkeypatch, tmp_path):
+    """Found by a verification audit: `user list` made an empty 4 KB database where none was."""
+    url = f"sqlite:///{tmp_path / 'none.db'}"
+    code, out, err = run(capsys, monkeypatch, "user", "list", "--database", url)
+    assert code == 2 and "no such file" in one_line(err) and not (tmp_path / "none.db").exists()
