@@ -209,14 +209,17 @@ def _cannot_open(url: str, exc: BaseException) -> Exception:
 
 def _disk_full(url: str, exc: BaseException) -> bool:
     """Whether a database error comes of a full disk: said so (SQLITE_FULL, PostgreSQL's 53100),
-    or, from SQLite, any I/O error with less than a MiB left beside the file (its WAL and shared
-    memory files could not be written: SQLite says "disk I/O error" then)."""
+    or, from SQLite, an I/O error with less than a MiB left beside the file (its WAL and shared
+    memory files could not be written: SQLite says "disk I/O error" then); no other error."""
     from exchange.app import disk_free_bytes
     from exchange.store.db import disk_full
 
     if disk_full(exc):
         return True
-    free = disk_free_bytes(url) if _sqlite_reason(exc) else None
+    orig = getattr(exc, "orig", exc)
+    io_error = (getattr(orig, "sqlite_errorname", "") or "").startswith("SQLITE_IOERR") or (
+        _sqlite_reason(exc) == "disk I/O error")
+    free = disk_free_bytes(url) if io_error else None  # not "file is not a database", "readonly"
     return free is not None and free < 1024 * 1024
 
 

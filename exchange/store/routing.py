@@ -25,7 +25,7 @@ from exchange.store.db import driver_cursor, sqlite_datetime
 from exchange.store.outbox import NewCopy, enqueue, storable
 from exchange.store.driver import in_ids, select_rows
 from exchange.store.records import Lineage, document_lineage
-from exchange.store.schema import VISIT_LEN
+from exchange.store.schema import ACTOR_LEN, VISIT_LEN
 
 log = Logger()
 Key = tuple[str, str]
@@ -79,6 +79,14 @@ def route_batch(conn: Connection, applied: Sequence[Applied], config: Config, no
     return copies
 
 
+_PD1 = "PD1-12 "  # person.protected_by of an opt-out facilities set: "PD1-12 GENHOSP, OAKNH"
+
+
+def _pd1_setters(by: str | None) -> list[str]:
+    """The facilities whose PD1-12 = Y an opt-out stands on (none: the API's or the workbench's)."""
+    return by[len(_PD1):].split(", ") if by and by.startswith(_PD1) else []
+
+
 def _lineage(conn: Connection, a: Applied) -> Lineage:
     """The document (TXA-12), the parent it names (TXA-13) and their ancestors as the database
     holds them with this batch saved: every type they have had, and the confidentiality status
@@ -96,15 +104,20 @@ def _route_one(conn: Connection, a: Applied, config: Config, now: datetime, reco
     (``earlier``: the batch's copies before it, not in the outbox yet)."""
     said = protection(a.message)
     state, by = protected.get(a.person, (False, None)) if a.person is not None else (False, None)
+    me = a.subject[0]
+    setters = _pd1_setters(by) if state else []
     if said is True and not state:
-        state, by = True, f"PD1-12 {a.subject[0]}"
-    elif said is False and state and by == f"PD1-12 {a.subject[0]}":
+        state, by = True, _PD1 + me
+    elif said is True and setters and me not in setters and len(by) + len(me) + 2 <= ACTOR_LEN:
+        by = _PD1 + ", ".join([*setters, me])  # each facility's Y stands until that facility's N
+    elif said is False and me in setters:
         # a facility clears what it set itself: never a patient's own request, nor another
         # facility's (many systems send PD1-12 = N by default)
-        state, by = False, None
+        rest = [f for f in setters if f != me]
+        state, by = (True, _PD1 + ", ".join(rest)) if rest else (False, None)
     if a.person is not None and (state, by) != protected.get(a.person, (False, None)):
         protected[a.person] = changed[a.person] = (state, by)
-        events.append((a.person, state, f"PD1-12 {a.subject[0]}", a.message_id))
+        events.append((a.person, said is True, _PD1 + me, a.message_id))
     if not a.copied:
         return []
     lineage = _lineage(conn, a)

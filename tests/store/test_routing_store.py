@@ -77,6 +77,18 @@ def test_a_facility_lifts_only_the_opt_out_it_set_and_every_change_is_kept(engin
         events = conn.execute(text("select protected, by, message_id from opt_out_event order by id")).all()
     assert [(bool(p), by, m) for p, by, m in events] == [(True, "PD1-12 OAKNH", said.message_id),
                                                          (False, "PD1-12 OAKNH", lifted.message_id)]
+    # found by a final audit: the patient asked both sites; one site's N lifted the other's Y too
+    (first,) = run(engine, config, update("OAKNH", "OA-5", "Y"))
+    (second,) = run(engine, config, update("GENHOSP", "GH-5", "Y"))
+    with engine.connect() as conn:
+        assert tuple(opt_out(conn)) in ((True, "PD1-12 OAKNH, GENHOSP"), (1, "PD1-12 OAKNH, GENHOSP"))
+    run(engine, config, update("OAKNH", "OA-5", "N"))
+    with engine.connect() as conn:
+        assert tuple(opt_out(conn)) in ((True, "PD1-12 GENHOSP"), (1, "PD1-12 GENHOSP"))
+    assert [a.routed for a in run(engine, config, update("OAKNH", "OA-5", ""))] == [()]  # still withheld
+    run(engine, config, update("GENHOSP", "GH-5", "N"))
+    with engine.connect() as conn:
+        assert tuple(opt_out(conn)) in ((False, None), (0, None))
 
 
 def test_a_routing_bug_leaves_the_message_applied_and_acknowledged(engine, tmp_path, monkeypatch):
