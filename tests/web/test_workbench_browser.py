@@ -70,22 +70,27 @@ def exchange_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedPr
                           text=True, timeout=60)
 
 
+def start(chrome, database_url: str, tmp_path, user: str) -> tuple[ExchangeProcess, str]:
+    """A fresh browser (no cookies), a technician ``user`` made with `exchange user add`, and
+    `exchange serve` running: (the server, its workbench's base URL)."""
+    chrome.execute_cdp_cmd("Network.clearBrowserCookies", {})
+    added = exchange_cli("user", "add", user, "--role", "technician", "--database", database_url,
+                         stdin=PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    server = ExchangeProcess(write_config(tmp_path), database_url).start()
+    host, port = server.http
+    return server, f"http://{host}:{port}"
+
+
 def test_a_technician_links_a_review_in_the_browser(chrome, database_url, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as until
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver = chrome
-    driver.execute_cdp_cmd("Network.clearBrowserCookies", {})
     wait = WebDriverWait(driver, 20)
-
-    added = exchange_cli("user", "add", "tess", "--role", "technician", "--database", database_url,
-                         stdin=PASSWORD + "\n")
-    assert added.returncode == 0, added.stderr
-    server = ExchangeProcess(write_config(tmp_path), database_url).start()
+    server, base = start(chrome, database_url, tmp_path, "tess")
     try:
-        host, port = server.http
-        base = f"http://{host}:{port}"
         server.expect(rf"workbench: {re.escape(base)}/ .*exchange user add NAME --role admin")
         with MLLPConnection(server.address) as mllp:
             assert msa(mllp.request(a0x("W1", "GENHOSP", "GH-1", HANSON)))[0] == "AA"
@@ -172,15 +177,9 @@ def test_a_very_long_value_wraps_instead_of_widening_the_page(chrome, database_u
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver = chrome
-    driver.execute_cdp_cmd("Network.clearBrowserCookies", {})
     wait = WebDriverWait(driver, 20)
-    added = exchange_cli("user", "add", "tom", "--role", "technician", "--database", database_url,
-                         stdin=PASSWORD + "\n")
-    assert added.returncode == 0, added.stderr
-    server = ExchangeProcess(write_config(tmp_path), database_url).start()
+    server, base = start(chrome, database_url, tmp_path, "tom")
     try:
-        host, port = server.http
-        base = f"http://{host}:{port}"
         with MLLPConnection(server.address) as mllp:
             assert msa(mllp.request(a0x("L1", "GENHOSP", "GH-LONG", "X" * 3000 + "^ELIZABETH||19470312|F")))[0] == "AA"
             note = (f"MSH|^~\\&|APP|GENHOSP|EX|EX|20261127120000||MDM^T02^MDM_T02|L2|P|2.5\r"
