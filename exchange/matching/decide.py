@@ -229,9 +229,10 @@ def _family_shape(mine: Features, match: Match, other: Features, model: Model, *
     names that disagree on one birth date."""
     levels = match.score.levels
     ssn, birth, given = levels[_F["ssn"]], levels[_F["birth"]], levels[_F["given"]]
+    family = levels[_F["family"]] in _FAMILY_SAME
     if best and (_newborn(mine) or _newborn(other)):
         return Reason.NEWBORN
-    if best and birth is Level.EXACT and levels[_F["family"]] in _FAMILY_SAME and not mine.given and not other.given:
+    if best and birth is Level.EXACT and family and not mine.given and not other.given:
         return Reason.NEWBORN  # no given names yet, one birth date, one family: newborns (twins look alike)
     years_apart = abs((mine.birth_year or 0) - (other.birth_year or 0)) if mine.birth_year and other.birth_year else 0
     decades_apart = birth is Level.ONE_DIGIT and years_apart >= 10
@@ -244,7 +245,6 @@ def _family_shape(mine: Features, match: Match, other: Features, model: Model, *
         # JR against SR; another given name with the birth date not the same; another given name and
         # the other sex; another middle name (THOMAS E and THOMAS M, ELIZABETH A and MARGARET B);
         # and, born the same day, another given name: twins under their parent's SSN.
-        family = levels[_F["family"]] in _FAMILY_SAME
         if (birth is Level.DISAGREE or levels[_F["suffix"]] is Level.DISAGREE
                 or decades_apart and years_apart >= 15 and family
                 or given is Level.DISAGREE and birth is not Level.EXACT
@@ -256,7 +256,6 @@ def _family_shape(mine: Features, match: Match, other: Features, model: Model, *
         return None
     if best and birth is Level.MISSING:
         return Reason.NO_BIRTH_DATE  # names and places only (a phone is the household's: a son's, a father's)
-    family = levels[_F["family"]] in _FAMILY_SAME
     if birth is Level.EXACT and family and levels[_F["middle"]] is Level.DISAGREE:
         return Reason.POSSIBLE_TWIN  # John Paul and John Michael (or John P. and John M.): twins
     if decades_apart:
@@ -272,7 +271,7 @@ def _family_shape(mine: Features, match: Match, other: Features, model: Model, *
     if family and birth is Level.EXACT and not (mine.given and other.given):
         return Reason.NEWBORN  # one of them not named yet: a newborn, or her twin
     if (_common_family(mine, model) or ssn is Level.DISAGREE) and not any(
-            levels[_F[f]] in agree for f, agree in _CORROBORATE if f != "place"):
+            levels[_F[f]] in agree for f, agree in _CORROBORATE):
         return Reason.NAME_AND_BIRTH_DATE_ONLY  # two John Smiths born the same day (in one town, too), or two SSNs
     return None
 
@@ -295,7 +294,6 @@ _TWIN_GIVEN = frozenset({Level.CLOSE, Level.SIMILAR, Level.DISAGREE})  # not a n
 _CORROBORATE = (
     ("phone", frozenset({Level.EXACT})),
     ("address", _ADDRESS_SAME),
-    ("place", frozenset({Level.EXACT, Level.POSTCODE, Level.CITY})),
 )
 # A newborn's placeholder given name (HL7 sites register "BABY GIRL", "BABYBOY", "INFANT" ...
 # before the parents name the child): twins share it with their birth date and household.
