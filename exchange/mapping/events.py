@@ -914,12 +914,25 @@ def encounter_transition(
     of a pre-admission (A38) of a visit no longer pre-admitted. A04, A05 and A01
     after a cancel (A11) start the visit again.
     """
-    said = len(warnings)
-    status, patch = _transition(event, current, patch, at, warnings)
-    return status, patch, any(w.endswith(LATE) for w in warnings[said:])
+    try:
+        status, patch = _transition(event, current, patch, at, warnings)
+    except _Late as late:
+        warnings.append(f"{late.why}; {LATE}")
+        return None, late.patch, True
+    return status, patch, False
 
 
-LATE = "not copied (late)"  # how a late event's reason ends (``_transition`` says it of each)
+LATE = "not copied (late)"  # how a late event's reason ends
+
+
+class _Late(Exception):
+    """Raised by ``_transition`` for older news than the visit's state: ``why`` (the reason's
+    start), and the patch it still applies (nothing, or an admit time the visit lacks)."""
+
+    def __init__(self, why: str, patch: EncounterPatch | None = None) -> None:
+        super().__init__(why)
+        self.why = why
+        self.patch = patch if patch is not None else EncounterPatch()
 
 
 def _transition(event: str, current: EncounterView | None, patch: EncounterPatch, at: Timestamp | None,
@@ -931,26 +944,23 @@ def _transition(event: str, current: EncounterView | None, patch: EncounterPatch
         if patch.admitted_at is None and at is not None:
             patch = _replace(patch, admitted_at=at)
         if cur == S.DISCHARGED:  # only an admit time it lacks: older news changes nothing stored
-            warnings.append(f"A01: visit already discharged, kept discharged; {LATE}")
-            return None, EncounterPatch(admitted_at=patch.admitted_at if current.admitted_at is None else None)
+            raise _Late("A01: visit already discharged, kept discharged",
+                        EncounterPatch(admitted_at=patch.admitted_at if current.admitted_at is None else None))
         return S.ADMITTED, patch
     if event == "A02":
         if closed:
-            warnings.append(f"A02: visit is closed, location not changed; {LATE}")
-            return None, EncounterPatch()
+            raise _Late("A02: visit is closed, location not changed")
         if patch.prior_location is None and current is not None and current.location is not None:
             patch = _replace(patch, prior_location=current.location)
         return S.ADMITTED, patch
     if event == "A03":
         if cur == S.CANCELLED:
-            warnings.append(f"A03: visit was cancelled, kept cancelled; {LATE}")
-            return None, EncounterPatch()
+            raise _Late("A03: visit was cancelled, kept cancelled")
         if patch.discharged_at is None and at is not None:
             patch = _replace(patch, discharged_at=at)
         return S.DISCHARGED, patch
     if event in ("A04", "A05") and cur == S.DISCHARGED:  # registered again after its end: older news
-        warnings.append(f"{event}: visit already discharged, kept discharged; {LATE}")
-        return None, EncounterPatch()
+        raise _Late(f"{event}: visit already discharged, kept discharged")
     if event == "A04":
         if cur in (None, S.PREADMITTED, S.CANCELLED):
             return S.REGISTERED, patch
@@ -963,8 +973,7 @@ def _transition(event: str, current: EncounterView | None, patch: EncounterPatch
         if patch.patient_class is None:
             patch = _replace(patch, patient_class="I" if event == "A06" else "O")
         if closed:
-            warnings.append(f"{event}: visit is closed, class not changed; {LATE}")
-            return None, EncounterPatch()
+            raise _Late(f"{event}: visit is closed, class not changed")
         return (S.ADMITTED if event == "A06" else S.REGISTERED), patch
     if event == "A08":
         return (_infer_status(patch) if current is None else None), patch
@@ -972,8 +981,7 @@ def _transition(event: str, current: EncounterView | None, patch: EncounterPatch
         return S.CANCELLED, patch
     if event == "A12":
         if closed:
-            warnings.append(f"A12: visit is closed, location not changed; {LATE}")
-            return None, EncounterPatch()
+            raise _Late("A12: visit is closed, location not changed")
         back = patch.location
         if back is None and current is not None:
             back = current.prior_location
@@ -984,8 +992,7 @@ def _transition(event: str, current: EncounterView | None, patch: EncounterPatch
         )
     if event == "A13":
         if cur == S.CANCELLED:
-            warnings.append(f"A13: visit was cancelled, kept cancelled; {LATE}")
-            return None, EncounterPatch()
+            raise _Late("A13: visit was cancelled, kept cancelled")
         patch = _replace(patch, discharged_at=DELETE)
         if cur in (None, S.DISCHARGED):  # back to what it was before the discharge
             cls = patch.patient_class if isinstance(patch.patient_class, str) else (
@@ -995,8 +1002,7 @@ def _transition(event: str, current: EncounterView | None, patch: EncounterPatch
     if event == "A38":
         if cur in (None, S.PREADMITTED):
             return S.CANCELLED, patch
-        warnings.append(f"A38: visit is no longer preadmitted, not cancelled; {LATE}")
-        return None, EncounterPatch()
+        raise _Late("A38: visit is no longer preadmitted, not cancelled")
     if event in DOCTOR_EVENTS:  # an update of the visit (its status unchanged), whose point is PV1-7 or PV1-9
         field, value = ("PV1-7", patch.attending) if event in ("A54", "A55") else ("PV1-9", patch.consulting)
         if value is None:
@@ -1284,8 +1290,7 @@ def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
         if resent:
             warnings.append(f"{event}: the document was received before as it is: applied once, not copied again")
         elif late:
-            warnings.append("T01: a notice of a document received since; only what is empty is filled; not copied"
-                            " (late)")
+            warnings.append(f"T01: a notice of a document received since; only what is empty is filled; {LATE}")
         ops.append(DocumentEvent(ctx.code, mrn, number, event, DocumentAction.UPDATE if later else DocumentAction.CREATE,
                                  DocumentState.CURRENT if current is None else None, patch, resent or late))
     elif event in ("T03", "T04"):
