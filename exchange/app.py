@@ -21,7 +21,7 @@ from exchange.config import Config, write_snapshot
 from exchange.delivery import DeliveryService, Settings as DeliverySettings
 from exchange.intake import AckIds, GroupCommitter, Intake
 from exchange.jobs import JobScheduler
-from exchange.store.db import end_stale_sessions
+from exchange.store.db import disk_free_bytes, end_stale_sessions
 from exchange.store.reviews import Trust
 from exchange.mllp.protocol import MLLPServerFactory
 from exchange.mllp.tls import server_endpoint
@@ -275,19 +275,6 @@ def health(writer_down_since: float | None, now: float, commit_seconds: float = 
     if unanswered_seconds is not None and unanswered_seconds < UNANSWERED_FAILING:
         return "failing"
     return "ok"
-
-
-def disk_free_bytes(url: str) -> int | None:
-    """Bytes free to this user on the file system of a SQLite database file (None on PostgreSQL,
-    whose disk is its server's, or when it cannot be told): one statvfs, microseconds."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
-        return None
-    try:
-        st = os.statvfs(os.path.dirname(os.path.abspath(parsed.database)))
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
 
 
 def _describe(port) -> str:

@@ -179,7 +179,7 @@ def _upgrade(engine, url: str) -> None:
     """Migrate the database to the newest revision; exit 2 when it cannot be opened or must not
     be upgraded, 1 when the upgrade itself failed (a full disk: rolled back, every revision
     is one transaction). The reasons never quote the URL's password or the data."""
-    from exchange.store.db import UpgradeRefused, current_revision, sqlstate, upgrade
+    from exchange.store.db import UpgradeRefused, current_revision, disk_full, sqlstate, upgrade
 
     with _no_leftover(url):
         try:
@@ -191,7 +191,7 @@ def _upgrade(engine, url: str) -> None:
         except UpgradeRefused as exc:
             raise UsageFailure(f"database {_safe_url(url)}: {exc}") from None
         except Exception as exc:
-            why = "the disk is full" if _disk_full(url, exc) else _sqlite_reason(exc) or (
+            why = "the disk is full" if disk_full(exc, url) else _sqlite_reason(exc) or (
                 f"{type(exc).__name__}" + (f", SQLSTATE {sqlstate(exc)}" if sqlstate(exc) else ""))
             raise WorkFailure(f"database {_safe_url(url)}: the upgrade failed and was rolled back: {why}") from None
 
@@ -200,27 +200,13 @@ def _cannot_open(url: str, exc: BaseException) -> Exception:
     """Why the database cannot be opened, as the exception to raise: a full disk (exit 1: the
     work failed), else exit 2 with the error's type, and SQLite's own words when it said some
     ("unable to open database file"); never a PostgreSQL error's text (it may quote the URL)."""
-    if _disk_full(url, exc):
+    from exchange.store.db import disk_full
+
+    if disk_full(exc, url):
         return WorkFailure(f"database {_safe_url(url)}: the disk is full: it cannot be opened or created")
     said = _sqlite_reason(exc)
     return UsageFailure(f"cannot open the database {_safe_url(url)} ({type(exc).__name__}"
                         f"{': ' + said if said else ''})")
-
-
-def _disk_full(url: str, exc: BaseException) -> bool:
-    """Whether a database error comes of a full disk: said so (SQLITE_FULL, PostgreSQL's 53100),
-    or, from SQLite, an I/O error with less than a MiB left beside the file (its WAL and shared
-    memory files could not be written: SQLite says "disk I/O error" then); no other error."""
-    from exchange.app import disk_free_bytes
-    from exchange.store.db import disk_full
-
-    if disk_full(exc):
-        return True
-    orig = getattr(exc, "orig", exc)
-    io_error = (getattr(orig, "sqlite_errorname", "") or "").startswith("SQLITE_IOERR") or (
-        _sqlite_reason(exc) == "disk I/O error")
-    free = disk_free_bytes(url) if io_error else None  # not "file is not a database", "readonly"
-    return free is not None and free < 1024 * 1024
 
 
 def _sqlite_reason(exc: BaseException) -> str | None:

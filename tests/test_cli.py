@@ -366,15 +366,11 @@ def test_db_upgrade_on_a_full_disk_says_so_and_exits_1(tmp_path, capsys, monkeyp
     assert not fresh.exists()
 
     # found by a final audit: with little room left, any SQLite error read as a full disk
-    import exchange.app
-
-    monkeypatch.setattr(exchange.app, "disk_free_bytes", lambda url: 1000)
-    from exchange.cli import _disk_full
-
-    assert _disk_full(url, OperationalError("x", {}, sqlite3.OperationalError("disk I/O error")))
-    assert not _disk_full(url, OperationalError("x", {}, sqlite3.DatabaseError("file is not a database")))
-    assert not _disk_full(url, OperationalError("x", {}, sqlite3.OperationalError("attempt to write a readonly"
-                                                                                  " database")))
+    monkeypatch.setattr(db, "disk_free_bytes", lambda url: 1000)
+    assert db.disk_full(OperationalError("x", {}, sqlite3.OperationalError("disk I/O error")), url)
+    assert not db.disk_full(OperationalError("x", {}, sqlite3.DatabaseError("file is not a database")), url)
+    assert not db.disk_full(OperationalError("x", {}, sqlite3.OperationalError("attempt to write a readonly"
+                                                                               " database")), url)
 
 
 def test_serve_under_a_low_open_file_limit_says_so(tmp_path):

@@ -267,12 +267,32 @@ def sqlstate(exc: BaseException) -> str | None:
     return getattr(getattr(exc, "orig", exc), "sqlstate", None)
 
 
-def disk_full(exc: BaseException) -> bool:
+def disk_full(exc: BaseException, url: str | None = None) -> bool:
     """Whether a failed statement failed for want of disk space: SQLite's SQLITE_FULL ("database
-    or disk is full"), PostgreSQL's disk_full (53100)."""
+    or disk is full"), PostgreSQL's disk_full (53100); or, given the SQLite ``url``, an I/O error
+    with less than a MiB left beside its file (its WAL and shared-memory files could not be
+    written: SQLite says "disk I/O error" then). No other error ("file is not a database")."""
     orig = getattr(exc, "orig", exc)
-    return sqlstate(exc) == "53100" or getattr(orig, "sqlite_errorname", None) == "SQLITE_FULL" or (
-        "database or disk is full" in str(orig))
+    if sqlstate(exc) == "53100" or getattr(orig, "sqlite_errorname", None) == "SQLITE_FULL" or (
+            "database or disk is full" in str(orig)):
+        return True
+    io_error = (getattr(orig, "sqlite_errorname", "") or "").startswith("SQLITE_IOERR") or (
+        str(orig) == "disk I/O error")
+    free = disk_free_bytes(url) if io_error and url else None
+    return free is not None and free < 1024 * 1024
+
+
+def disk_free_bytes(url: str) -> int | None:
+    """Bytes free to this user on the file system of a SQLite database file (None on PostgreSQL,
+    whose disk is its server's, or when it cannot be told): one statvfs, microseconds."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(parsed.database)))
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def advisory_key(text: str) -> int:

@@ -108,7 +108,7 @@ def test_healthz_answers_503_while_the_writer_keeps_dying():
 
 
 def test_the_room_on_a_sqlite_databases_disk_is_measured(tmp_path):
-    from exchange.app import disk_free_bytes
+    from exchange.store.db import disk_free_bytes
 
     assert disk_free_bytes(f"sqlite:///{tmp_path / 'x.db'}") > 0
     assert disk_free_bytes("sqlite:///:memory:") is None
