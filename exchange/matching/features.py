@@ -131,20 +131,21 @@ def normalise_phone(text: str | None) -> str:
 
 
 def normalise_ssn(text: str | None) -> str:
-    """Digits of an SSN; '' for fewer than 4 digits, an obvious filler (all one digit, 123456789)
-    or a number the SSA never issues (area 000 or 666, group 00, serial 0000: 999-00-0000 and the
-    like are what registration clerks type for "unknown", and strangers share them)."""
+    """Digits of an SSN; '' for fewer than 4 digits, an obvious filler (one digit repeated, or all
+    but one; a run such as 123456789 or 1234; 078-05-1120) or a number the SSA never issues (area
+    000 or 666, group 00, serial 0000: 999-00-0000 and the like are what registration clerks type
+    for "unknown", and strangers share them)."""
     d = digits(text)
-    if len(d) < 4 or len(set(d)) == 1 or d in "0123456789" or d in "9876543210" or d in _SSN_FILLERS:
+    if len(d) < 4 or d in "0123456789" or d in "9876543210" or d in _SSN_FILLERS:
         return ""
-    if max(d.count(c) for c in set(d)) >= len(d) - 1:  # 999999998, 000000001: one digit but one
+    if max(d.count(c) for c in set(d)) >= len(d) - 1:  # 999999999, and 999999998 or 000000001
         return ""
     if len(d) == 9 and (d[:3] in ("000", "666") or d[3:5] == "00" or d[5:] == "0000"):
         return ""
     return d
 
 
-# SSNs everyone uses: the one printed in the 1938 Woolworth wallet insert, and the SSA's own sample.
+# An SSN thousands have used: the one printed in the 1938 Woolworth wallet insert.
 _SSN_FILLERS = frozenset({"078051120"})
 
 
