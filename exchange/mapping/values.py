@@ -136,6 +136,7 @@ def timestamp(text: str) -> Timestamp | None:
 DEGREE_OF_PRECISION = {"Y": Precision.YEAR, "L": Precision.MONTH, "D": Precision.DAY, "H": Precision.HOUR,
                        "M": Precision.MINUTE, "S": Precision.SECOND}
 _FINER = {p: i for i, p in enumerate(Precision)}
+DIGITS = {precision: n for n, precision in _PRECISION_BY_DIGITS.items()}  # of YYYYMMDDHHMMSS each precision has
 
 
 def at_precision(ts: Timestamp, degree: str) -> Timestamp:

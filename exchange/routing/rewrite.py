@@ -67,6 +67,7 @@ from exchange.hl7.ack import format_timestamp, version_tuple
 from exchange.hl7.charset import UTF8_CHARSET, canonical_codec, decode_message
 from exchange.hl7.header import Delimiters, read_header
 from exchange.mapping.message import Message, Segment, escape, unescape
+from exchange.mapping.values import DEGREE_OF_PRECISION, DIGITS
 from exchange.outcome import Value
 from exchange.routing.rules import MERGES, Destination, Event
 
@@ -480,8 +481,6 @@ def _cut_segment(fields: list[str], name: str, version: str, d: Delimiters) -> l
     return fields
 
 
-# TS.2, the degree of precision (before 2.6): the digits of TS.1 the sender vouches for.
-_DEGREE_DIGITS = {"Y": 4, "L": 6, "D": 8, "H": 10, "M": 12, "S": 14}
 _DTM_DIGITS = re.compile(r"\d+")
 
 
@@ -490,7 +489,8 @@ def _dtm(value: str, separator: str) -> str:
     cut to the degree of precision the sender gave (``19800101^Y`` is 1980: as ``19800101``
     alone it would read as 1 January); an offset stays after a time, not after a date."""
     ts, _, rest = value.partition(separator)
-    digits = _DEGREE_DIGITS.get(rest.partition(separator)[0].strip().upper())
+    degree = DEGREE_OF_PRECISION.get(rest.partition(separator)[0].strip().upper())
+    digits = DIGITS[degree] if degree is not None else None  # of TS.1, the sender vouches for
     leading = _DTM_DIGITS.match(ts)
     if digits is None or leading is None or leading.end() <= digits:
         return ts
