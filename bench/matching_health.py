@@ -333,6 +333,18 @@ class Generator:
         self.ssns.add(ssn)
         return replace(of, number=number, middle=middle, ssn=ssn, kind="middle-name twin")
 
+    def co_resident(self, number: int, of: Identity) -> Identity:
+        """Another resident of one care home (or a step-sibling, an in-law): another surname, the
+        same given name and sex, born the same year on another day, at the same address and phone;
+        an SSN of her own, or none."""
+        while True:
+            other = self.identity(number, sex=of.sex, born=(of.birth.year, of.birth.year))
+            if other.family != of.family and other.birth != of.birth:
+                break
+        return replace(other, given=of.given, middle=self.other_given(of.sex, of.given) if of.middle else "",
+                       street=of.street, city=of.city, state=of.state, zip=of.zip, phone=of.phone, maiden="",
+                       kind="co-resident")
+
     # -- registrations --
 
     def registration(self, who: Identity, facility: str) -> Registration:
@@ -455,6 +467,8 @@ def generate(persons: int, seed: int = 7, overlays: bool = True) -> Population:
     if overlays:
         _add_overlays(g, Generator(seed + 7919), round(persons * OVERLAY_SHARE), identities, households,
                       registrations, by_person)
+        _add_overlays(g, Generator(seed + 104729), round(persons * OVERLAY_SHARE), identities, households,
+                      registrations, by_person, kinds=("co-residents",))
 
     truth = set()
     for regs in by_person.values():
@@ -469,15 +483,19 @@ def generate(persons: int, seed: int = 7, overlays: bool = True) -> Population:
     return Population(registrations, truth, set(), pairs, identities)
 
 
-def _add_overlays(g: Generator, x: Generator, count: int, identities, households, registrations, by_person) -> None:
+def _add_overlays(g: Generator, x: Generator, count: int, identities, households, registrations, by_person,
+                  kinds=("parent's SSN", "one SSN", "middle-name twins")) -> None:
     """``count`` households of each overlay kind from ``x``, their registrations slotted into the
     arrival order at random (``x``'s draws only: ``g``'s population and order stay as they were)."""
     x.ssns = g.ssns  # no SSN of another person by chance
-    x.mrns = Counter({code: 900_000 for code, _, _ in FACILITIES})  # MRNs of their own
+    x.mrns = Counter({code: 900_000 + 100_000 * (kinds == ("co-residents",)) for code, _, _ in FACILITIES})
     for _ in range(count):
-        for kind in ("parent's SSN", "one SSN", "middle-name twins"):
+        for kind in kinds:
             n = len(identities)
-            if kind == "parent's SSN":
+            if kind == "co-residents":  # the third matching audit's: two Marys of one care home
+                first = replace(x.identity(n, born=(1925, 2010)), maiden="")
+                other = x.co_resident(n + 1, first)
+            elif kind == "parent's SSN":
                 first = x.identity(n, born=(1925, 1985))
                 other = x.child_on_parents_ssn(n + 1, first)
             elif kind == "one SSN":

@@ -56,6 +56,7 @@ from exchange.store.messages import (
     find_prior,
     insert_messages,
     record_resent,
+    update_answer,
 )
 
 log = Logger()
@@ -225,6 +226,19 @@ def _warned(header: Header, outcome: Outcome, notes: list[str]) -> tuple[Problem
     return data_problems(notes)
 
 
+def _ack(header: Header, outcome: Outcome, notes: list[str], settings: AckSettings, control_id: str, at: datetime,
+         more: Sequence[Problem] = ()) -> tuple[bytes, str]:
+    """An answer's ACK (bytes) and its code: the outcome, and ERR segments of severity W for
+    what could not be read (``_warned``) and ``more``."""
+    text = build_ack(header, outcome, control_id=control_id, now=at, application=settings.application,
+                     facility=settings.facility, more_problems=(*_warned(header, outcome, notes), *more))
+    return encode_ack(header, text), ack_code(header, outcome)
+
+
+def _reason(outcome: Outcome, item: Received, notes: list[str]) -> str | None:
+    return "; ".join(x for x in (outcome.text, item.note, *notes) if x) or None
+
+
 def process_batch(
     conn: Connection,
     items: Sequence[Received],
@@ -327,17 +341,8 @@ def _process(
             d.outcome = outcome
             code = ack_code(pix.answering(header), outcome)
         else:
-            text = build_ack(
-                header,
-                outcome,
-                control_id=new_control_id(),
-                now=now(),
-                application=settings.application,
-                facility=settings.facility,
-                more_problems=_warned(header, outcome, d.notes),
-            )
-            ack, code = encode_ack(header, text), ack_code(header, outcome)
-        reason = "; ".join(x for x in (outcome.text, item.note, *d.notes) if x) or None
+            ack, code = _ack(header, outcome, d.notes, settings, new_control_id(), now())
+        reason = _reason(outcome, item, d.notes)
         rows.append(
             NewMessage(
                 raw=item.raw,
@@ -382,6 +387,16 @@ def _process(
             save_records(conn, state, at, links=plan.links)
             patient_index.write(conn, plan, state, model, at)
             matched = plan.actions
+            if plan.told:  # what the index did not do of a message, in its answer too (a merge held back)
+                for i, d in enumerate(decoded):
+                    problems = plan.told.get(ids[i])
+                    if problems and rows[i].ack is not None:
+                        header = items[d.index].header
+                        d.notes.extend(p.text for p in problems)
+                        ack, _ = _ack(header, d.outcome, d.notes, settings, new_control_id(), now(),
+                                      problems if version_tuple(header.version) >= (2, 5) else ())
+                        rows[i] = replace(rows[i], ack=ack, reason=_reason(d.outcome, items[d.index], d.notes))
+                        update_answer(conn, ids[i], ack, rows[i].reason)
         if routing is not None:
             persons = state.store_ids["records"]
             copies = route_batch(conn, [

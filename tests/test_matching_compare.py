@@ -103,8 +103,11 @@ def test_middle_and_suffix_levels():
         ("19500304", "19500305", L.ONE_DIGIT),
         ("19500304", "19510304", L.ONE_DIGIT),
         ("19501203", "19501230", L.ONE_DIGIT),  # two adjacent digits swapped
-        ("19501203", "19501231", L.YEAR_ONLY),  # two digits wrong
-        ("19501203", "19500921", L.YEAR_ONLY),
+        ("19501203", "19501231", L.OTHER_DAY),  # two digits wrong
+        ("19501203", "19500921", L.OTHER_DAY),
+        ("19500831", "19500901", L.ONE_DIGIT),  # a day apart (a birth at midnight)
+        ("19491231", "19500101", L.ONE_DIGIT),
+        ("19500831", "19500902", L.OTHER_DAY),
         ("1950", "19500921", L.YEAR_ONLY),
         ("195009", "19500921", L.YEAR_ONLY),
         ("195008", "19500921", L.DISAGREE),

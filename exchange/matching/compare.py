@@ -12,6 +12,7 @@ value is neither for nor against a match.
 """
 from __future__ import annotations
 
+from datetime import date
 from enum import StrEnum
 
 from rapidfuzz.distance import OSA, Hamming, JaroWinkler
@@ -34,8 +35,9 @@ class Level(StrEnum):
     INITIAL = "initial"  # one side is an initial of the other
     SWAPPED = "swapped"  # birth date with day and month swapped
     TRANSPOSED = "transposed"  # two adjacent digits swapped
-    ONE_DIGIT = "one_digit"  # one digit different (or two adjacent swapped, for dates)
-    YEAR_ONLY = "year_only"  # birth year agrees, month/day do not (or are not known)
+    ONE_DIGIT = "one_digit"  # one digit different (or two adjacent swapped, or a day apart, for dates)
+    YEAR_ONLY = "year_only"  # birth year agrees, month/day not known on one side
+    OTHER_DAY = "other_day"  # full birth dates of one year, further apart than a typo
     STREET = "street"  # same street, house number differs or missing
     POSTCODE = "postcode"  # postcode agrees, city does not (or is missing)
     CITY = "city"  # city agrees, postcode does not (or is missing)
@@ -50,7 +52,7 @@ FIELDS: dict[str, tuple[Level, ...]] = {
     "given": (L.EXACT, L.NICKNAME, L.CLOSE, L.SIMILAR, L.INITIAL, L.DISAGREE),
     "middle": (L.EXACT, L.INITIAL, L.DISAGREE),
     "suffix": (L.EXACT, L.DISAGREE),
-    "birth": (L.EXACT, L.SWAPPED, L.ONE_DIGIT, L.YEAR_ONLY, L.DISAGREE),
+    "birth": (L.EXACT, L.SWAPPED, L.ONE_DIGIT, L.YEAR_ONLY, L.OTHER_DAY, L.DISAGREE),
     "ssn": (L.EXACT, L.TRANSPOSED, L.ONE_DIGIT, L.DISAGREE),
     "address": (L.EXACT, L.STREET, L.SIMILAR, L.DISAGREE),
     "place": (L.EXACT, L.POSTCODE, L.CITY, L.DISAGREE),
@@ -66,6 +68,7 @@ FIELD_NAMES: tuple[str, ...] = tuple(FIELDS)
 EXACT, PART, NICKNAME, CLOSE, SIMILAR = L.EXACT, L.PART, L.NICKNAME, L.CLOSE, L.SIMILAR
 INITIAL, SWAPPED, TRANSPOSED, ONE_DIGIT, YEAR_ONLY = L.INITIAL, L.SWAPPED, L.TRANSPOSED, L.ONE_DIGIT, L.YEAR_ONLY
 STREET, POSTCODE, CITY, DISAGREE, MISSING = L.STREET, L.POSTCODE, L.CITY, L.DISAGREE, L.MISSING
+OTHER_DAY = L.OTHER_DAY
 
 
 CLOSE_JW = 0.92
@@ -115,6 +118,8 @@ def compare_given(a: Features, b: Features) -> Level:
         return MISSING
     if ga == gb or a.given_full == b.given_full:
         return EXACT
+    if len(a.middle) > 1 and a.middle in b.given_canon or len(b.middle) > 1 and b.middle in a.given_canon:
+        return NICKNAME  # the name one goes by is the other's middle name (MARIA GUADALUPE / LUPE, J PAUL / PAUL)
     if len(ga) == 1 or len(gb) == 1:
         return INITIAL if ga[0] == gb[0] else DISAGREE
     if a.given_canon and b.given_canon and any(name in b.given_canon for name in a.given_canon):
@@ -185,9 +190,10 @@ def _digit_typo(a: str, b: str) -> Level | None:
 
 
 def compare_birth(a: Features, b: Features) -> Level:
-    """exact / day-month swapped / one digit off (or two adjacent swapped) / year only / disagree.
+    """exact / day-month swapped / one digit off (or two adjacent swapped) / year only / other day / disagree.
 
-    A date known only to the year or month agrees at most as YEAR_ONLY.
+    A date known only to the year or month agrees at most as YEAR_ONLY; two full dates of
+    one year further apart than a typo are OTHER_DAY (two people, or a date entered wrong).
     """
     if a.birth_year is None or b.birth_year is None:
         return MISSING
@@ -202,11 +208,22 @@ def compare_birth(a: Features, b: Features) -> Level:
         return EXACT
     if a.birth_year == b.birth_year and a.birth_month == b.birth_day and a.birth_day == b.birth_month:
         return SWAPPED
-    if _digit_typo(da, db) is not None:
+    if _digit_typo(da, db) is not None or a_day_apart(a, b):
         return ONE_DIGIT
     if a.birth_year == b.birth_year:
-        return YEAR_ONLY
+        return OTHER_DAY
     return DISAGREE
+
+
+def a_day_apart(a: Features, b: Features) -> bool:
+    """Full birth dates one day apart (a birth at midnight, a time converted to another zone)."""
+    if a.birth_day is None or b.birth_day is None or abs(a.birth_year - b.birth_year) > 1:
+        return False  # (cheap first: most candidates are born in other years)
+    try:
+        days = (date(a.birth_year, a.birth_month, a.birth_day) - date(b.birth_year, b.birth_month, b.birth_day)).days
+    except (TypeError, ValueError):
+        return False
+    return abs(days) == 1
 
 
 def compare_ssn(a: Features, b: Features) -> Level:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from datetime import date
 from enum import StrEnum
 
-from exchange.matching.compare import FIELD_NAMES, Level
+from exchange.matching.compare import FIELD_NAMES, Level, a_day_apart
 from exchange.matching.features import Features
 from exchange.matching.model import Model, Score, score
 from exchange.outcome import Value
@@ -141,14 +141,17 @@ def decide(
     *,
     not_a_match: Collection[tuple[str, str]] = (),
     manual: bool = False,
+    today: date | None = None,
 ) -> Decision:
     """Decide one record against its candidates (see the module doc for the rules).
 
     ``not_a_match``: keys (facility, mrn) of records a technician or an A37
     said are not this record. ``manual``: the record's current link was made
     or confirmed by a technician, or asserted by its facility (A24).
+    ``today``: the day ages are counted to (default: the clock's).
     Candidates equal to the record itself are ignored.
     """
+    minors_since = (today or date.today()).year - MINOR_YEARS
     candidates = [c for c in candidates if c.key != record.key]
     features = {c.key: c.features for c in candidates}
     matches = [Match(c.facility, c.mrn, c.person, score(record.features, c.features, model)) for c in candidates]
@@ -166,7 +169,7 @@ def decide(
     current = record.person
     own = by_person.get(current, []) if current is not None else []
     if current is not None and (own or manual):
-        return _linked(record, current, own, matches, best, blocked, manual, model, reasons, features)
+        return _linked(record, current, own, matches, best, blocked, manual, model, reasons, features, minors_since)
 
     eligible = [p for p in best if p not in blocked]
     eligible.sort(key=lambda p: -best[p])
@@ -184,7 +187,7 @@ def decide(
             return _review(person, top_score, matches, lower, reasons + [Reason.SAME_FACILITY])
         if len(above) >= 2:
             return _review(person, top_score, matches, lower, reasons + [Reason.TWO_PERSONS])
-        caution = _caution(record, by_person[top], features, model)
+        caution = _caution(record, by_person[top], features, model, minors_since)
         if caution is not None:
             return _review(person, top_score, matches, lower, reasons + [caution])
         # Weaker same-facility look-alikes (other persons, below upper) do not stop the
@@ -195,8 +198,9 @@ def decide(
         return Decision(Action.LINK, person, top_score, tuple(by_person[top]), tuple(reasons), tuple(same_facility))
     if same_facility:
         return _review(person, top_score, matches, lower, reasons + [Reason.SAME_FACILITY])
-    if top_score >= lower:
-        return _review(person, top_score, matches, lower, reasons + [Reason.BETWEEN])
+    if top_score >= lower:  # and the technician is told the shape of two people, if the pair has one
+        caution = _caution(record, by_person[top], features, model, minors_since)
+        return _review(person, top_score, matches, lower, reasons + [Reason.BETWEEN] + ([caution] if caution else []))
     return _new(current, matches, reasons + [Reason.BELOW_LOWER])
 
 
@@ -204,8 +208,8 @@ _F = {name: i for i, name in enumerate(FIELD_NAMES)}
 _SSN_AGREES = frozenset({Level.EXACT, Level.TRANSPOSED})
 
 
-def _caution(record: Record, members: list[Match], features, model: Model, *, family_only: bool = False
-             ) -> Reason | None:
+def _caution(record: Record, members: list[Match], features, model: Model, minors_since: int, *,
+             family_only: bool = False) -> Reason | None:
     """Why a person scoring at or above ``upper`` must still not be linked automatically:
     its best record agrees the way two people of one family do (or two strangers sharing a
     common name and birthday), another of its records contradicts the arriving one the way a
@@ -213,7 +217,7 @@ def _caution(record: Record, members: list[Match], features, model: Model, *, fa
     its records does not even reach ``lower`` against it (a chain: A like B, B like C, A not C;
     not with ``family_only``)."""
     for i, m in enumerate(members):
-        reason = _family_shape(record.features, m, features[(m.facility, m.mrn)], model, best=i == 0)
+        reason = _family_shape(record.features, m, features[(m.facility, m.mrn)], model, minors_since, best=i == 0)
         if reason is not None:
             return reason
     if not family_only and any(m.total < model.lower for m in members[1:]):  # not even a candidate for review
@@ -221,19 +225,24 @@ def _caution(record: Record, members: list[Match], features, model: Model, *, fa
     return None
 
 
-def _family_shape(mine: Features, match: Match, other: Features, model: Model, *, best: bool) -> Reason | None:
+def _family_shape(mine: Features, match: Match, other: Features, model: Model, minors_since: int, *,
+                  best: bool) -> Reason | None:
     """The shape of two people of one family between the arriving record and one record of the
     person. Of the person's ``best`` record, also the shapes of too little evidence (a newborn's
     placeholder name, no birth date, twins named alike, a common name and birthday); of its
     other records, only what contradicts: a relative under one SSN, a generation apart, middle
-    names that disagree on one birth date."""
+    names that disagree on one birth date. ``minors_since``: the birth year from which a person
+    is a child today."""
     levels = match.score.levels
     ssn, birth, given = levels[_F["ssn"]], levels[_F["birth"]], levels[_F["given"]]
     family = levels[_F["family"]] in _FAMILY_SAME
     if best and (_newborn(mine) or _newborn(other)):
         return Reason.NEWBORN
-    if best and birth is Level.EXACT and family and not mine.given and not other.given:
-        return Reason.NEWBORN  # no given names yet, one birth date, one family: newborns (twins look alike)
+    if (best and birth is Level.EXACT and family and not mine.given and not other.given
+            and (mine.birth_year or 0) > minors_since):
+        # no given names yet, one birth date, one family: newborns (twins look alike). An adult's
+        # records without a given name are a registration's gap, not a child's placeholder.
+        return Reason.NEWBORN
     years_apart = abs((mine.birth_year or 0) - (other.birth_year or 0)) if mine.birth_year and other.birth_year else 0
     decades_apart = birth is Level.ONE_DIGIT and years_apart >= 10
     if ssn in _SSN_AGREES:
@@ -264,7 +273,7 @@ def _family_shape(mine: Features, match: Match, other: Features, model: Model, *
         return None
     named_apart = given in _TWIN_GIVEN  # not the same name, a nickname or an initial of it
     if (given is not Level.EXACT and ssn is Level.ONE_DIGIT  # sequential SSNs
-            and (birth is Level.EXACT or _a_day_apart(mine, other))  # twins born either side of midnight
+            and (birth is Level.EXACT or a_day_apart(mine, other))  # twins born either side of midnight
             or family and (birth is Level.EXACT and ssn in (Level.MISSING, Level.DISAGREE) and named_apart
                            or birth is Level.ONE_DIGIT and named_apart)):  # siblings months apart
         return Reason.POSSIBLE_TWIN  # no SSN tells them apart (or each has her own): twins are named alike
@@ -276,17 +285,7 @@ def _family_shape(mine: Features, match: Match, other: Features, model: Model, *
     return None
 
 
-def _a_day_apart(a: Features, b: Features) -> bool:
-    """Full birth dates one day apart (twins born either side of midnight)."""
-    if None in (a.birth_year, a.birth_month, a.birth_day, b.birth_year, b.birth_month, b.birth_day):
-        return False
-    try:
-        days = (date(a.birth_year, a.birth_month, a.birth_day) - date(b.birth_year, b.birth_month, b.birth_day)).days
-    except ValueError:
-        return False
-    return abs(days) == 1
-
-
+MINOR_YEARS = 18  # born fewer years ago than this: a child (unnamed twins are children)
 _FAMILY_SAME = frozenset({Level.EXACT, Level.PART})
 _ADDRESS_SAME = frozenset({Level.EXACT, Level.STREET, Level.SIMILAR})
 _TWIN_GIVEN = frozenset({Level.CLOSE, Level.SIMILAR, Level.DISAGREE})  # not a nickname or an initial: one person
@@ -325,8 +324,11 @@ def _newborn(f: Features) -> bool:
             or _NEWBORN_FULL.fullmatch(f.given_full) is not None)
 
 
-# "BOYA", "GIRL B", "BB1", "TWIN 2", "INF": a placeholder and the letter or number telling twins apart
-_NEWBORN_FULL = re.compile(r"(baby|boy|girl|bb|bg|nb|rn|inf|bebe|twin|female|male)(?:[abc]|[1-4]|one|two)?")
+# "BOYA", "GIRL B", "BB1", "TWIN 2", "INF": a placeholder and the letter or number telling twins apart;
+# "JUDYS GIRL A", "MARIA'S BABY BOY": the mother's name, the sex and the letter (the Joint Commission's
+# convention for newborns, multiple births above all)
+_NEWBORN_FULL = re.compile(r"(?:(baby|boy|girl|bb|bg|nb|rn|inf|bebe|twin|female|male)|[a-z]+s(?:baby)?(?:girl|boy))"
+                           r"(?:[abc]|[1-4]|one|two)?")
 
 
 def _group(m: Match) -> object:
@@ -334,7 +336,8 @@ def _group(m: Match) -> object:
     return m.person if m.person is not None else (m.facility, m.mrn)
 
 
-def _linked(record, current, own, matches, best, blocked, manual, model, reasons, features) -> Decision:
+def _linked(record, current, own, matches, best, blocked, manual, model, reasons, features, minors_since
+            ) -> Decision:
     """Rules 1 and 2: a record that already belongs to a person with other records."""
     own_score = own[0].total if own else None
     others_above = [p for p, s in best.items() if p != current and p not in blocked and s >= model.upper]
@@ -345,7 +348,7 @@ def _linked(record, current, own, matches, best, blocked, manual, model, reasons
         return Decision(Action.KEEP, current, own_score, tuple(own), tuple(reasons + [Reason.MANUAL_KEPT]))
     if looks_wrong:
         return _review(current, own_score, matches, model.lower, reasons + [Reason.LINK_LOOKS_WRONG], own)
-    caution = _caution(record, own, features, model, family_only=True) if own else None
+    caution = _caution(record, own, features, model, minors_since, family_only=True) if own else None
     if caution is not None:  # an update made the records look like two members of one family
         return _review(current, own_score, matches, model.lower, reasons + [Reason.LINK_LOOKS_WRONG, caution], own)
     if others_above:

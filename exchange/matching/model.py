@@ -60,15 +60,28 @@ TF_CLAMP = 5.0
 HOUSEHOLD_FIELDS = frozenset({"family", "address", "place", "phone"})
 INDIVIDUAL_FIELDS: dict[str, frozenset[Level]] = {
     "given": frozenset({L.DISAGREE, L.SIMILAR, L.INITIAL}),
-    "birth": frozenset({L.DISAGREE}),
+    "middle": frozenset({L.DISAGREE}),
+    "birth": frozenset({L.DISAGREE, L.OTHER_DAY}),
     "suffix": frozenset({L.DISAGREE}),
     "sex": frozenset({L.DISAGREE}),
 }
 """Fields that tell household members apart, and the levels at which they do: any of
 these drops the positive weights of HOUSEHOLD_FIELDS. A given name merely similar
-(Aiden / Aidan, Jack / Jake) or reduced to an initial counts: twins' names often are."""
+(Aiden / Aidan, Jack / Jake) or reduced to an initial counts: twins' names often are;
+so do another middle name (Mary Ann / Mary Louise) and a birth date of the same year on
+another day (two residents of one care home born in 1932: a typo changes one digit)."""
+OTHER_SURNAME_FIELDS: dict[str, frozenset[Level]] = {
+    "given": frozenset({L.CLOSE}),
+    "birth": frozenset({L.ONE_DIGIT}),
+    "ssn": frozenset({L.DISAGREE}),
+}
+"""With the surnames disagreeing (an in-law, a step-child, another resident of the care home
+or shelter: a married name alone is one person), these tell the two apart too: a second
+difference, each a typo's on its own, or two SSNs."""
 _INDIVIDUAL_INDEX = tuple((name, FIELD_NAMES.index(name), levels) for name, levels in INDIVIDUAL_FIELDS.items())
 _SSN_INDEX = FIELD_NAMES.index("ssn")
+_FAMILY_INDEX = FIELD_NAMES.index("family")
+_OTHER_SURNAME_INDEX = tuple((name, FIELD_NAMES.index(name), levels) for name, levels in OTHER_SURNAME_FIELDS.items())
 _ADDRESS_INDEX = FIELD_NAMES.index("address")
 _MOVE_INDEX = tuple(FIELD_NAMES.index(name) for name in ("address", "place", "phone"))
 _HOUSEHOLD_INDEX = tuple((name, i) for i, name in enumerate(FIELD_NAMES) if name in HOUSEHOLD_FIELDS)
@@ -161,9 +174,11 @@ class Model:
         data = json.loads(text)
         if data.get("version") != 1:
             raise ValueError(f"unknown model version {data.get('version')!r}")
+        # a level newer than the stored model (other_day, 11-29) gets the default model's m and u
         return cls(
             probabilities={
-                f: {Level(lv): (float(m), float(u)) for lv, (m, u) in levels.items()}
+                f: {**_DEFAULT_PROBABILITIES.get(f, {}),
+                    **{Level(lv): (float(m), float(u)) for lv, (m, u) in levels.items()}}
                 for f, levels in data["probabilities"].items()
             },
             upper=float(data["upper"]),
@@ -191,7 +206,7 @@ _DEFAULT_PROBABILITIES: dict[str, dict[Level, tuple[float, float]]] = {
     "middle": {L.EXACT: (0.80, 0.02), L.INITIAL: (0.15, 0.08), L.DISAGREE: (0.05, 0.90)},
     "suffix": {L.EXACT: (0.97, 0.5), L.DISAGREE: (0.002, 0.5)},
     "birth": {L.EXACT: (0.90, 0.0001), L.SWAPPED: (0.01, 0.00001), L.ONE_DIGIT: (0.05, 0.002),
-              L.YEAR_ONLY: (0.02, 0.012), L.DISAGREE: (0.02, 0.9859)},
+              L.YEAR_ONLY: (0.004, 0.0024), L.OTHER_DAY: (0.016, 0.0096), L.DISAGREE: (0.02, 0.9859)},
     "ssn": {L.EXACT: (0.92, 1e-6), L.TRANSPOSED: (0.02, 1e-6), L.ONE_DIGIT: (0.03, 1e-5),
             L.DISAGREE: (0.03, 0.999989)},
     "address": {L.EXACT: (0.75, 0.0005), L.STREET: (0.05, 0.002), L.SIMILAR: (0.03, 0.01),
@@ -340,6 +355,8 @@ def _score(levels: tuple[Level, ...], model: Model, a: Features | None, b: Featu
     ssn = levels[_SSN_INDEX]
     if ssn is not _EXACT and ssn is not _TRANSPOSED:
         telling = tuple(name for name, i, tells in _INDIVIDUAL_INDEX if levels[i] in tells)
+        if not telling and levels[_FAMILY_INDEX] is _DISAGREE:
+            telling = tuple(name for name, i, tells in _OTHER_SURNAME_INDEX if levels[i] in tells)
         if telling:
             shared = _HOUSEHOLD_INDEX if ssn is not _ONE_DIGIT else _HOUSEHOLD_AND_SSN_INDEX  # siblings' SSNs
             discounted = tuple(n for n, i in shared if weights[i] > 0)  # are often issued in sequence

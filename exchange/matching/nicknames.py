@@ -1,4 +1,4 @@
-"""English given-name nicknames (``nicknames.csv`` beside this module).
+"""English and Spanish given-name nicknames (``nicknames.csv`` beside this module).
 
 "Liz" and "Elizabeth" are the same name to a registration clerk but far
 apart to Jaro-Winkler, so given names are also compared by the formal names

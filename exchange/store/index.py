@@ -55,6 +55,7 @@ from exchange.mapping.state import MemoryState
 from exchange.matching.decide import Action, Decision, Match, Reason, Record, decide
 from exchange.matching.features import Features, blocking_keys, decode_features, encode_features, features_of
 from exchange.matching.model import Model, default_model, score
+from exchange.outcome import Problem
 from exchange.store.consent import carry_opt_outs, merge_chains, retire_emptied
 from exchange.store.db import advisory_key, driver_cursor
 from exchange.store.driver import Statement, Writer, select_rows
@@ -139,6 +140,7 @@ class Plan:
     actions: dict[Hashable, list[str]] = field(default_factory=dict)  # message ref -> decisions (for metrics)
     restored: dict[Key, LastLink] = field(default_factory=dict)  # replay: records placed by their link history
     replaced: dict[str, int | str] = field(default_factory=dict)  # a placeholder no record kept -> where it went
+    told: dict[Hashable, list[Problem]] = field(default_factory=dict)  # message ref -> what its sender is told
 
 
 def plan(conn: Connection, state: MemoryState, model: Model) -> Plan:
@@ -415,6 +417,7 @@ def _merge_persons(out, state, ids, stored, known, members, survivor: Key, retir
                        key=lambda c: (c[0], c[1]))
     if conflicts:
         out.reviews.append(_conflict_review(survivor, retired, target, conflicts, known, model, ref))
+        out.told.setdefault(ref, []).append(MERGE_HELD)
         return set()  # nothing joined the survivor's person
     taken = {k[0] for k in members.get(target, set()) if k in known and k != retired}
     theirs = set(members.get(target, set())) - {retired}  # the survivor's person before the merge
@@ -471,6 +474,11 @@ def _best_score(f: Features | None, records: set[Key], known, model: Model) -> f
     scores = [score(f, known[k].features, model).total for k in records
               if f is not None and k in known and known[k].features is not None]
     return max(scores) if scores else None
+
+
+MERGE_HELD = Problem(0, "MRG-1", "the record is merged, its enterprise person is not: a 'not a match' decision"
+                                 " keeps the two persons apart until a technician reviews it (merge_conflict)")
+"""What the sender of a merge the index held back is told (no identifier: the answer's reason)."""
 
 
 def _conflict_review(survivor: Key, retired: Key, person: int | str, conflicts, known, model: Model, ref) -> dict:

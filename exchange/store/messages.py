@@ -410,6 +410,12 @@ def record_resent(conn: Connection, items: Sequence[tuple[int, datetime, str]]) 
     )
 
 
+def update_answer(conn: Connection, message_id: int, ack: bytes | None, reason: str | None) -> None:
+    """A stored message's answer and reason, changed before its batch commits (nothing has been
+    sent: the patient index held back part of what it asked, ``pipeline.process_batch``)."""
+    conn.execute(message.update().where(message.c.id == message_id).values(ack=ack, reason=_clean_opt(reason)))
+
+
 # -- reads (API, tests) -------------------------------------------------------------
 
 

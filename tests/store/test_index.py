@@ -685,7 +685,17 @@ def test_an_a40_never_merges_persons_a_technicians_not_a_match_keeps_apart(engin
     person into Emma's although a technician had said NB1 is not NA1; the next A08 superseded
     the review, and Olivia's events went to the hospital as Emma's."""
     s = not_a_match_scene(engine)
-    assert run(engine, adt("OAKNH", "A40", pid("NB2", "OAKNH", **EMMA), "MRG|NB1^^^OAKNH^MR")) == ["AA"]
+    merge = adt("OAKNH", "A40", pid("NB2", "OAKNH", **EMMA), "MRG|NB1^^^OAKNH^MR")
+    assert run(engine, merge) == ["AA"]
+    # the sender is told its merge was held back at the persons (a third matching audit: a bare AA),
+    # in the answer it gets again on a resend too, and in the message's reason
+    control = read_header(merge).control_id
+    [(ack, reason)] = rows(engine, "select ack, reason from message where control_id = :c", c=control)
+    err = [seg for seg in ack.decode().split("\r") if seg.startswith("ERR")]
+    assert len(err) == 1 and "MRG^1^1" in err[0] and "|W|" in err[0] and "not a match" in err[0], err
+    assert "enterprise person is not" in reason and "NB1" not in reason
+    assert run(engine, merge) == ["AA"] and rows(engine, "select ack from message where control_id = :c",
+                                               c=control) == [(ack,)]
     assert person(engine, "OAKNH", "NB2") == s["emma"]  # its link is the writer's to keep: matching says Emma
     assert person(engine, "OAKNH", "NB1") == s["olivia"] and person(engine, "GENHOSP", "NA1") == s["emma"]
     assert rows(engine, "select count(*) from link_event where kind = 'merge'") == [(0,)]
