@@ -711,7 +711,7 @@ def test_lifting_an_opt_out_needs_a_reason_and_a_change_that_changes_nothing_is_
     click and no reason; lifting where none was set wrote a "lifted" history row."""
     p = add_record(tx, *GH, **HANSON)
     assert reviews.set_opt_out(tx, p, False, actor="tess", now=NOW, reason="checking")["opt_out"] == {
-        "protected": False, "by": None}
+        "protected": False, "by": None, "holds": []}
     assert reviews.opt_out_history(tx, p) == []
     reviews.set_opt_out(tx, p, True, actor="tess", now=NOW, reason="asked at the desk")
     reviews.set_opt_out(tx, p, True, actor="tess", now=NOW)  # the same again: nothing new to keep

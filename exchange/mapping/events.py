@@ -428,6 +428,8 @@ def map_message(msg: Message, header: Header, ctx: FacilityContext, state: State
             return MappingError(Problem(200, "MSH-9.1", f"message type {kind[:10]!r} is not mapped"))
     except _Fail as fail:
         return fail.error
+    if protection_unreadable(msg):
+        warnings.append(PD1_12_READ_AS_Y)
     return Changes(tuple(ops), tuple(warnings))
 
 
@@ -553,7 +555,33 @@ def _ts(seg: Segment, n: int, warnings: list[str]) -> Timestamp | None | object:
     return ts
 
 
-_DATA_WARNING = re.compile(r"([A-Z][A-Z0-9]{2}(?:\(\d+\))?-\d+): (unparseable timestamp ignored|.+ is not .+, ignored)")
+_DATA_WARNING = re.compile(
+    r"([A-Z][A-Z0-9]{2}(?:\(\d+\))?-\d+): (unparseable timestamp ignored|.+ is not .+, (?:ignored|read as .+))")
+
+
+def protection(message: Message) -> bool | None:
+    """PD1-12 (protection indicator, table 0136) of a message: True for Y, False for N or the
+    HL7 null ``""``, None when PD1 or the field is absent (no change). Any other value is read
+    as Y (``protection_unreadable`` says so): an opt-out the sender meant must not fail open."""
+    pd1 = message.first("PD1")
+    if pd1 is None:
+        return None
+    raw = pd1.field(12)
+    if not raw:
+        return None
+    if is_delete(raw):
+        return False
+    return pd1.value(12).strip().upper() != "N"
+
+
+def protection_unreadable(message: Message) -> bool:
+    """PD1-12 holds something other than Y, N or the HL7 null (read as Y: ``protection``)."""
+    pd1 = message.first("PD1")
+    raw = pd1.field(12) if pd1 is not None else ""
+    return bool(raw) and not is_delete(raw) and pd1.value(12).strip().upper() not in ("Y", "N")
+
+
+PD1_12_READ_AS_Y = "PD1-12: the protection indicator is not Y or N, read as Y (no copies go)"
 
 
 def data_problems(warnings: list[str] | tuple[str, ...]) -> tuple[Problem, ...]:

@@ -64,7 +64,8 @@ from exchange.config import FacilityConfig, RouteConfig
 from exchange.hl7.header import Header
 from exchange.mapping.events import LEGACY_MERGE_EVENTS, MERGE_EVENTS, USUAL_CONFIDENTIALITY
 from exchange.mapping.events import confidentiality as txa_confidentiality
-from exchange.mapping.message import Message, is_delete
+from exchange.mapping.events import protection
+from exchange.mapping.message import Message
 from exchange.outcome import Value
 
 __all__ = [
@@ -213,25 +214,6 @@ class Decision(Value):
             return "a local event of the sender (never copied)"
         parts = [f"{s.facility}: {s.reason}" for s in self.skipped if s.reason is not Reason.SENDER]
         return "no destination" + (f" ({'; '.join(parts)})" if parts else "")
-
-
-def protection(message: Message) -> bool | None:
-    """PD1-12 (protection indicator) of a message: True for Y, False for N or
-    the HL7 null ``""``, None when PD1 or the field is absent (no change)."""
-    pd1 = message.first("PD1")
-    if pd1 is None:
-        return None
-    raw = pd1.field(12)
-    if not raw:
-        return None
-    if is_delete(raw):
-        return False
-    value = pd1.value(12).upper()
-    if value == "Y":
-        return True
-    if value == "N":
-        return False
-    return None
 
 
 def confidential(facility: FacilityConfig, event: Event) -> bool:

@@ -1,10 +1,19 @@
-"""A person's opt-out follows its records: when records of a protected person join
-another person (a merge, a link, a split, an automatic match), that person becomes
-protected too, recorded in ``opt_out_event`` with the reason. Withholding a copy can be
-undone (the copy is retried); a copy sent cannot."""
+"""A person's opt-out and the holds it stands on.
+
+An opt-out stands on one or more holds: a facility's PD1-12 = Y (``PD1-12 GENHOSP``: that
+facility's N takes it away, no one else's), a technician's or admin's (``api NAME``,
+``workbench NAME``). The person is protected while any hold stands; the records office
+lifts them all at once (the patient asked it). ``person.protected_by`` keeps the holds as
+a JSON list, in the order they were set.
+
+An opt-out follows its records: when records of a protected person join another person
+(a merge, a link, a split, an automatic match), that person takes its holds too, recorded
+in ``opt_out_event`` with the reason. Withholding a copy can be undone (the copy is
+retried); a copy sent cannot."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +25,33 @@ from exchange.store.schema import (
     patient_record_table as patient_record,
     person_table as person,
 )
+
+PD1 = "PD1-12 "  # a facility's hold: "PD1-12 GENHOSP"
+
+
+def holds_of(protected: bool, stored: str | None) -> tuple[str, ...]:
+    """The holds a person's opt-out stands on, from ``person.protected`` and ``protected_by``
+    (a value that is no JSON list of text is one hold: nothing set is ever lost)."""
+    if not protected:
+        return ()
+    try:
+        holds = json.loads(stored) if stored else None
+    except ValueError:
+        holds = None
+    if isinstance(holds, list) and holds and all(isinstance(h, str) for h in holds):
+        return tuple(holds)
+    return (stored or "opt-out",)
+
+
+def stored_holds(holds: Sequence[str]) -> str | None:
+    """``person.protected_by`` for ``holds`` (None: not protected)."""
+    return json.dumps(list(holds)) if holds else None
+
+
+def shown(holds: Sequence[str]) -> str | None:
+    """The holds as one line (the API's ``opt_out.by``): "PD1-12 OAKNH, api tess"."""
+    return ", ".join(holds) or None
+
 
 PERSONS_PER_SELECT = 400  # ids in one IN list (SQLite takes at most 32,766 bound values)
 
@@ -91,30 +127,37 @@ def retire_emptied(conn: Connection, went: Mapping[int, set[int | None]]) -> Non
 
 def carry_opt_outs(conn: Connection, moves: Iterable[tuple[int | None, int | None]], now: datetime,
                    message_id: int | None = None) -> list[int]:
-    """For each (from person, to person) of records that moved: protect the target when the
-    source is protected. Returns the persons newly protected."""
+    """For each (from person, to person) of records that moved: the target takes the holds of a
+    protected source it lacks (every facility's Y, every technician's: each stands until its own
+    lifting). Returns the persons whose holds changed."""
     pairs = {(a, b) for a, b in moves if a is not None and b is not None and a != b}
     if not pairs:
         return []
     sources = {a for a, _ in pairs}
-    protected = {r.id: r.protected_by for r in conn.execute(
+    protected = {r.id: holds_of(True, r.protected_by) for r in conn.execute(
         select(person.c.id, person.c.protected_by).where(person.c.id.in_(sorted(sources)), person.c.protected))}
-    if not protected:
-        return []
-    targets: dict[int, tuple[int, str | None]] = {}
-    for a, b in sorted(pairs):
-        if a in protected and b not in protected:
-            targets.setdefault(b, (a, protected[a]))
+    targets = sorted({b for a, b in pairs if a in protected})
     if not targets:
         return []
-    already = {r.id for r in conn.execute(select(person.c.id).where(person.c.id.in_(sorted(targets)), person.c.protected))}
+    holds = {r.id: holds_of(r.protected, r.protected_by) for r in conn.execute(
+        select(person.c.id, person.c.protected, person.c.protected_by).where(person.c.id.in_(targets)))}
     out = []
-    for target, (source, by) in sorted(targets.items()):
-        if target in already:
+    for target in targets:
+        if target not in holds:
             continue
-        conn.execute(update(person).where(person.c.id == target).values(protected=True, protected_by=by))
-        conn.execute(insert(opt_out_event).values(
-            person_id=target, protected=True, by=by or "exchange", message_id=message_id, at=now,
-            reason=f"records of person {source}, which had opted out, joined this person"))
+        now_holds, came = list(holds[target]), []
+        for source in sorted(a for a, b in pairs if b == target and a in protected):
+            added = [h for h in protected[source] if h not in now_holds]
+            if added:
+                now_holds += added
+                came.append((source, added))
+        if not came:
+            continue
+        conn.execute(update(person).where(person.c.id == target)
+                     .values(protected=True, protected_by=stored_holds(now_holds)))
+        conn.execute(insert(opt_out_event), [
+            {"person_id": target, "protected": True, "by": shown(added), "message_id": message_id, "at": now,
+             "reason": f"records of person {source}, which had opted out, joined this person"}
+            for source, added in came])
         out.append(target)
     return out

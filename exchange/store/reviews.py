@@ -69,7 +69,7 @@ from exchange.matching.compare import FIELD_NAMES
 from exchange.matching.decide import Action, Decision, Reason, Record, decide
 from exchange.matching.features import Features
 from exchange.matching.model import Model, score
-from exchange.store.consent import carry_opt_outs, retire_emptied
+from exchange.store.consent import carry_opt_outs, holds_of, retire_emptied, shown, stored_holds
 from exchange.store.db import LOCK_NOT_AVAILABLE, hold_links, sqlstate
 from exchange.store.index import review_candidate, stored_features, stored_model
 from exchange.store.records import from_json
@@ -741,14 +741,22 @@ def set_opt_out(conn: Connection, person_id: int, protected: bool, *, actor: str
     who = f"{via} {actor}"
     if not protected and not _says_something(reason):
         raise _invalid("a reason is required to lift an opt-out (who asked for it, and how)")
-    if (bool(row.protected), row.protected_by) == (protected, who if protected else None) or (
-            not protected and not row.protected):
-        return {"person": person_id, "opt_out": {"protected": bool(row.protected), "by": row.protected_by}}
-    conn.execute(person.update().where(person.c.id == person_id)
-                 .values(protected=protected, protected_by=who if protected else None))
-    conn.execute(opt_out_event.insert().values(person_id=person_id, protected=protected, by=who, reason=reason,
-                                               at=now))
-    return {"person": person_id, "opt_out": {"protected": protected, "by": who if protected else None}}
+    holds = holds_of(bool(row.protected), row.protected_by)
+    # setting adds this technician's hold beside any other (a facility's Y, a colleague's);
+    # lifting takes every hold away: the patient asked the records office
+    after = ((*holds, who) if who not in holds else holds) if protected else ()
+    if after != holds:
+        conn.execute(person.update().where(person.c.id == person_id)
+                     .values(protected=bool(after), protected_by=stored_holds(after)))
+        conn.execute(opt_out_event.insert().values(person_id=person_id, protected=protected, by=who, reason=reason,
+                                                   at=now))
+    return {"person": person_id, "opt_out": opt_out_view(after)}
+
+
+def opt_out_view(holds: Sequence[str]) -> dict[str, Any]:
+    """A person's opt-out as the API shows it: set or not, the holds it stands on, as a list and
+    in one line (``by``)."""
+    return {"protected": bool(holds), "by": shown(holds), "holds": list(holds)}
 
 
 def _says_something(text: str | None) -> bool:
@@ -1088,7 +1096,7 @@ def person_view(conn: Connection, person_id: int, trust: Trust = Trust()) -> dic
         "person": person_id,
         "merged_into": _live_person(conn, row.merged_into) if row.merged_into is not None else None,
         "created_at": _iso(row.created_at),
-        "opt_out": {"protected": bool(row.protected), "by": row.protected_by,
+        "opt_out": {**opt_out_view(holds_of(bool(row.protected), row.protected_by)),
                     "history": opt_out_history(conn, person_id)},
         "records": records,
         "best": best_view([(r, demographics(r.data)) for r in rows if r.active], trust),

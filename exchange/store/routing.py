@@ -21,11 +21,12 @@ from exchange.hl7.header import Header
 from exchange.mapping.events import visit_number
 from exchange.mapping.message import Message
 from exchange.routing import CANCELS, Event, protection, rewrite, route
+from exchange.store.consent import PD1, holds_of, stored_holds
 from exchange.store.db import driver_cursor, sqlite_datetime
 from exchange.store.outbox import NewCopy, enqueue, storable
 from exchange.store.driver import in_ids, select_rows
 from exchange.store.records import Lineage, document_lineage
-from exchange.store.schema import ACTOR_LEN, VISIT_LEN
+from exchange.store.schema import VISIT_LEN
 
 log = Logger()
 Key = tuple[str, str]
@@ -56,7 +57,7 @@ def route_batch(conn: Connection, applied: Sequence[Applied], config: Config, no
         a.retired_person for a in applied if a.retired_person is not None}
     records, protected = _persons(conn, persons)
     copies: list[NewCopy] = []
-    changed: dict[int, tuple[bool, str | None]] = {}
+    changed: dict[int, tuple[str, ...]] = {}  # person -> its opt-out's holds after the batch
     events: list[tuple] = []  # opt_out_event rows: (person, protected, by, message id)
     for a in applied:
         try:
@@ -68,7 +69,7 @@ def route_batch(conn: Connection, applied: Sequence[Applied], config: Config, no
         with driver_cursor(conn, "person opt-out (exchange.store.routing)") as cursor:
             sql = ("UPDATE person SET protected = ?, protected_by = ? WHERE id = ?" if sqlite
                    else "UPDATE person SET protected = %s, protected_by = %s WHERE id = %s")
-            cursor.executemany(sql, [(state, by, person) for person, (state, by) in changed.items()])
+            cursor.executemany(sql, [(bool(holds), stored_holds(holds), person) for person, holds in changed.items()])
             mark = "?" if sqlite else "%s"
             cursor.executemany(
                 f"INSERT INTO opt_out_event (person_id, protected, by, message_id, at) VALUES ({', '.join([mark] * 5)})",
@@ -77,14 +78,6 @@ def route_batch(conn: Connection, applied: Sequence[Applied], config: Config, no
     if copies:
         enqueue(conn, copies)
     return copies
-
-
-_PD1 = "PD1-12 "  # person.protected_by of an opt-out facilities set: "PD1-12 GENHOSP, OAKNH"
-
-
-def _pd1_setters(by: str | None) -> list[str]:
-    """The facilities whose PD1-12 = Y an opt-out stands on (none: the API's or the workbench's)."""
-    return by[len(_PD1):].split(", ") if by and by.startswith(_PD1) else []
 
 
 def _lineage(conn: Connection, a: Applied) -> Lineage:
@@ -103,21 +96,18 @@ def _route_one(conn: Connection, a: Applied, config: Config, now: datetime, reco
     """One message: its opt-out bookkeeping (PD1-12), its destinations, its copies
     (``earlier``: the batch's copies before it, not in the outbox yet)."""
     said = protection(a.message)
-    state, by = protected.get(a.person, (False, None)) if a.person is not None else (False, None)
-    me = a.subject[0]
-    setters = _pd1_setters(by) if state else []
-    if said is True and not state:
-        state, by = True, _PD1 + me
-    elif said is True and setters and me not in setters and len(by) + len(me) + 2 <= ACTOR_LEN:
-        by = _PD1 + ", ".join([*setters, me])  # each facility's Y stands until that facility's N
-    elif said is False and me in setters:
+    holds = protected.get(a.person, ()) if a.person is not None else ()
+    hold = PD1 + a.subject[0]
+    if said is True and hold not in holds:  # each facility's Y stands until that facility's N
+        holds = (*holds, hold)
+    elif said is False and hold in holds:
         # a facility clears what it set itself: never a patient's own request, nor another
         # facility's (many systems send PD1-12 = N by default)
-        rest = [f for f in setters if f != me]
-        state, by = (True, _PD1 + ", ".join(rest)) if rest else (False, None)
-    if a.person is not None and (state, by) != protected.get(a.person, (False, None)):
-        protected[a.person] = changed[a.person] = (state, by)
-        events.append((a.person, said is True, _PD1 + me, a.message_id))
+        holds = tuple(h for h in holds if h != hold)
+    if a.person is not None and holds != protected.get(a.person, ()):
+        protected[a.person] = changed[a.person] = holds
+        events.append((a.person, said is True, hold, a.message_id))
+    state = bool(holds)
     if not a.copied:
         return []
     lineage = _lineage(conn, a)
@@ -184,9 +174,9 @@ def copy_control_id(message_id: int, index: int, now: datetime) -> str:
 
 
 def _persons(conn: Connection, persons: set[int]):
-    """Each person's records ((facility, mrn), active) and opt-out (protected, by)."""
+    """Each person's records ((facility, mrn), active) and the holds of its opt-out."""
     records: dict[int, list[tuple[Key, bool]]] = {}
-    protected: dict[int, tuple[bool, str | None]] = {}
+    protected: dict[int, tuple[str, ...]] = {}
     if not persons:
         return records, protected
     sqlite = conn.dialect.name == "sqlite"
@@ -197,7 +187,7 @@ def _persons(conn: Connection, persons: set[int]):
         "SELECT p.id, p.protected, p.protected_by, r.facility, r.mrn, r.active FROM person p"
         f" LEFT JOIN patient_record r ON r.person_id = p.id WHERE {where} ORDER BY r.id"
     ), params):
-        protected[person] = (bool(state), by)
+        protected[person] = holds_of(bool(state), by)
         if facility is not None:
             records.setdefault(person, []).append(((facility, mrn), bool(active)))
     return records, protected

@@ -249,6 +249,9 @@ RECORD_EVENT_KIND_LEN = 32
 LINK_LEN = 16  # how a record is linked to its person: auto / manual / source
 MATCH_KEY_LEN = 64  # a blocking key (exchange.matching.features.blocking_keys)
 ACTOR_LEN = 128  # who decided: a token name, or "exchange" for automatic decisions
+# Text of any length that an older revision declared VARCHAR(128): SQLite keeps any length in
+# it (and cannot alter a column without rebuilding its table), PostgreSQL needed migration 0016.
+LONG_TEXT = Text().with_variant(String(ACTOR_LEN), "sqlite")
 MAX_MERGE_HOPS = 100  # person.merged_into chains are followed at most this far (longer: a loop)
 
 
@@ -260,10 +263,11 @@ class Person(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     merged_into: Mapped[int | None] = mapped_column(BigInteger)  # a technician merged it into that person
-    # Opt-out: no copy about this person goes anywhere. Set by a facility's PD1-12 = Y
-    # ("PD1-12 <facility>") or through the API ("api <token name>").
+    # Opt-out: no copy about this person goes anywhere. The holds it stands on, a JSON list
+    # (exchange.store.consent): a facility's PD1-12 = Y ("PD1-12 <facility>"), a technician's
+    # ("api <token name>", "workbench <user>").
     protected: Mapped[bool] = mapped_column(Boolean, server_default=false())
-    protected_by: Mapped[str | None] = mapped_column(String(ACTOR_LEN))
+    protected_by: Mapped[str | None] = mapped_column(LONG_TEXT)
 
 
 class PatientRecord(Base):
@@ -501,7 +505,7 @@ class OptOutEvent(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     person_id: Mapped[int] = mapped_column(BigInteger, index=True)  # no FK: replay renumbers persons
     protected: Mapped[bool] = mapped_column(Boolean)  # set (true) or lifted (false)
-    by: Mapped[str] = mapped_column(String(ACTOR_LEN))  # "api NAME", "workbench NAME", "PD1-12 FACILITY"
+    by: Mapped[str] = mapped_column(LONG_TEXT)  # "api NAME", "workbench NAME", "PD1-12 FACILITY" (holds carried: several)
     reason: Mapped[str | None] = mapped_column(Text)
     message_id: Mapped[int | None] = mapped_column(BigInteger)  # PD1-12: the message that said it
     at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -14,6 +14,7 @@ from exchange.mapping.message import Message
 from exchange.routing.rules import (DEFAULT, Decision, Destination, Event, Reason, protection, recheck, route,
                                     subscribed)
 from exchange.routing.rules import CANCELS, LOCAL_EVENTS, MERGES
+from exchange.mapping.events import protection_unreadable
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = load_config(REPO / "config" / "exchange.toml", environ={})
@@ -533,7 +534,9 @@ def test_event_read_from_a_message():
 @pytest.mark.parametrize(
     "pd1, expected",
     [(None, None), ("PD1|1", None), ("PD1||||||||||||Y", True), ("PD1||||||||||||y", True),
-     ("PD1||||||||||||N", False), ('PD1||||||||||||""', False), ("PD1||||||||||||X", None)],
+     ("PD1||||||||||||N", False), ('PD1||||||||||||""', False), ("PD1||||||||||||Y^Yes^HL70136", True),
+     # anything else is read as Y, and the sender told (a W ERR): an opt-out must not fail open
+     ("PD1||||||||||||X", True), ("PD1||||||||||||YES", True), ("PD1||||||||||||1", True)],
 )
 def test_protection_indicator(pd1, expected):
     lines = ["MSH|^~\\&|APP|GENHOSP|||20240101||ADT^A08|C1|P|2.5", "EVN|A08|20240101", "PID|1||H100"]
@@ -541,3 +544,4 @@ def test_protection_indicator(pd1, expected):
         lines.append(pd1)
     _, msg = read("\n".join(lines))
     assert protection(msg) is expected
+    assert protection_unreadable(msg) is (pd1 is not None and pd1.startswith("PD1|||||||||||") and pd1[15:] in ("X", "YES", "1"))

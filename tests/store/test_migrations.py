@@ -2,6 +2,8 @@
 engine settings and write transactions -- on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
+import json
+
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, func, inspect, select, text
@@ -278,3 +280,35 @@ def test_0015_gives_records_an_older_release_left_without_features_their_feature
         conn.execute(text("UPDATE patient_record SET features = NULL WHERE mrn = 'GH-9'"))
     upgrade(engine)
     assert index() == kept
+
+
+def test_0016_keeps_every_hold_an_older_release_wrote_and_takes_any_number_after(engine: Engine) -> None:
+    """An older release kept one string of at most 128 characters: the facilities whose PD1-12 =
+    Y stood ("PD1-12 GENHOSP, OAKNH") or one technician ("api tess"). Each is a hold of its own
+    after the upgrade; downgrading writes them back the way the older release read them."""
+    from exchange.store.consent import holds_of
+
+    downgrade(engine, "0015")
+    now = "2026-11-29 10:00:00+00:00" if engine.dialect.name == "postgresql" else "2026-11-29 10:00:00.000000"
+    with engine.begin() as conn:
+        for id_, protected, by in ((1, True, "PD1-12 GENHOSP, OAKNH"), (2, True, "api tess"), (3, False, None)):
+            conn.execute(text("INSERT INTO person (id, created_at, protected, protected_by)"
+                              " VALUES (:id, :at, :p, :by)"), {"id": id_, "at": now, "p": protected, "by": by})
+    upgrade(engine)
+
+    def holds():
+        with engine.connect() as conn:
+            return {r.id: holds_of(bool(r.protected), r.protected_by) for r in conn.execute(
+                text("SELECT id, protected, protected_by FROM person ORDER BY id"))}
+
+    assert holds() == {1: ("PD1-12 GENHOSP", "PD1-12 OAKNH"), 2: ("api tess",), 3: ()}
+    many = json.dumps([f"PD1-12 ST_ELIZABETH_REGIONAL_MEDCTR_{c}" for c in "ABCDE"] + ["api tess"])
+    with engine.begin() as conn:  # more than 128 characters of holds, on PostgreSQL too
+        conn.execute(text("UPDATE person SET protected_by = :by WHERE id = 2"), {"by": many})
+    assert len(holds()[2]) == 6
+    downgrade(engine, "0015")
+    with engine.connect() as conn:
+        assert dict(conn.execute(text("SELECT id, protected_by FROM person WHERE id = 1")).all()) == {
+            1: "PD1-12 GENHOSP, OAKNH"}
+        assert conn.execute(text("SELECT protected_by FROM person WHERE id = 2")).scalar_one() == "api tess"
+    upgrade(engine)

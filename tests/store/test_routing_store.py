@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import text
 
 from exchange.config import load_config
+from exchange.store.consent import holds_of
 from tests.store.test_index import ELIZABETH, FACILITIES, register
 from tests.support import write_config
 
@@ -61,8 +62,8 @@ def test_a_facility_lifts_only_the_opt_out_it_set_and_every_change_is_kept(engin
         return adt(facility, "A08", pid(mrn, facility, **ELIZABETH), f"PD1||||||||||||{protect}")
 
     def opt_out(conn):
-        return conn.execute(text("select protected, protected_by from person p join patient_record r"
-                                 " on r.person_id = p.id where r.mrn = 'GH-5'")).one()
+        return holds_of(*conn.execute(text("select protected, protected_by from person p join patient_record r"
+                                           " on r.person_id = p.id where r.mrn = 'GH-5'")).one())
 
     config = network(tmp_path)
     run(engine, config, register("OAKNH", "OA-5", **ELIZABETH))
@@ -70,10 +71,10 @@ def test_a_facility_lifts_only_the_opt_out_it_set_and_every_change_is_kept(engin
     (said,) = run(engine, config, update("OAKNH", "OA-5", "Y"))
     (other,) = run(engine, config, update("GENHOSP", "GH-5", "N"))
     with engine.connect() as conn:
-        assert tuple(opt_out(conn)) in ((True, "PD1-12 OAKNH"), (1, "PD1-12 OAKNH"))
+        assert opt_out(conn) == ("PD1-12 OAKNH",)
     (lifted,) = run(engine, config, update("OAKNH", "OA-5", "N"))
     with engine.connect() as conn:
-        assert tuple(opt_out(conn)) in ((False, None), (0, None))
+        assert opt_out(conn) == ()
         events = conn.execute(text("select protected, by, message_id from opt_out_event order by id")).all()
     assert [(bool(p), by, m) for p, by, m in events] == [(True, "PD1-12 OAKNH", said.message_id),
                                                          (False, "PD1-12 OAKNH", lifted.message_id)]
@@ -81,14 +82,76 @@ def test_a_facility_lifts_only_the_opt_out_it_set_and_every_change_is_kept(engin
     (first,) = run(engine, config, update("OAKNH", "OA-5", "Y"))
     (second,) = run(engine, config, update("GENHOSP", "GH-5", "Y"))
     with engine.connect() as conn:
-        assert tuple(opt_out(conn)) in ((True, "PD1-12 OAKNH, GENHOSP"), (1, "PD1-12 OAKNH, GENHOSP"))
+        assert opt_out(conn) == ("PD1-12 OAKNH", "PD1-12 GENHOSP")
     run(engine, config, update("OAKNH", "OA-5", "N"))
     with engine.connect() as conn:
-        assert tuple(opt_out(conn)) in ((True, "PD1-12 GENHOSP"), (1, "PD1-12 GENHOSP"))
+        assert opt_out(conn) == ("PD1-12 GENHOSP",)
     assert [a.routed for a in run(engine, config, update("OAKNH", "OA-5", ""))] == [()]  # still withheld
     run(engine, config, update("GENHOSP", "GH-5", "N"))
     with engine.connect() as conn:
-        assert tuple(opt_out(conn)) in ((False, None), (0, None))
+        assert opt_out(conn) == ()
+
+
+
+def test_every_hold_of_an_opt_out_stands_until_its_own_lifting(engine, tmp_path):
+    """Found by an audit of the opt-out: one string kept who set it, so a merge of two opted-out
+    persons kept only one facility's Y (the other's patient then went out after the first's N),
+    a technician's opt-out and a facility's Y replaced each other, and a fifth facility's Y did
+    not fit. Each hold is kept now: a facility's N takes away its own, the records office lifts
+    all (the patient asked it)."""
+    from datetime import datetime, timezone
+
+    from exchange.store.reviews import merge_persons, set_opt_out
+    from tests.store.test_index import adt, person, pid
+
+    now = datetime(2026, 11, 29, tzinfo=timezone.utc)
+
+    def update(facility, mrn, protect):
+        return adt(facility, "A08", pid(mrn, facility, **ELIZABETH), f"PD1||||||||||||{protect}")
+
+    def holds(mrn):
+        with engine.connect() as conn:
+            return holds_of(*conn.execute(text("select protected, protected_by from person p join patient_record r"
+                                               " on r.person_id = p.id where r.mrn = :m"), {"m": mrn}).one())
+
+    config = network(tmp_path)
+    run(engine, config, register("GENHOSP", "GH-1", **ELIZABETH), register("OAKNH", "OA-1", **ELIZABETH))
+    run(engine, config, update("OAKNH", "OA-1", "Y"))
+    # the hospital's duplicate chart, opted out there: a person of its own (one facility: a review)
+    run(engine, config, adt("GENHOSP", "A04", pid("GH-2", "GENHOSP", **ELIZABETH), "PD1||||||||||||Y"))
+    assert holds("GH-2") == ("PD1-12 GENHOSP",) and person(engine, "GENHOSP", "GH-2") != person(
+        engine, "GENHOSP", "GH-1")
+    # the hospital merges its duplicate: the survivor's person takes both facilities' holds
+    (merged,) = run(engine, config, adt("GENHOSP", "A40", pid("GH-2", "GENHOSP", **ELIZABETH),
+                                        "MRG|GH-1^^^GENHOSP^MR"))
+    assert merged.ack_code == "AA"
+    assert set(holds("GH-2")) == {"PD1-12 GENHOSP", "PD1-12 OAKNH"} and holds("OA-1") == holds("GH-2")
+    run(engine, config, update("GENHOSP", "GH-2", "N"))
+    assert holds("OA-1") == ("PD1-12 OAKNH",)
+    assert [a.routed for a in run(engine, config, update("OAKNH", "OA-1", ""))] == [()]  # OAKNH never said N
+    # a technician's opt-out beside a facility's: the facility's N leaves the technician's standing
+    with engine.begin() as conn:
+        view = set_opt_out(conn, person(engine, "OAKNH", "OA-1"), True, actor="tess", now=now, reason="asked")
+    assert view["opt_out"] == {"protected": True, "by": "PD1-12 OAKNH, api tess", "holds": ["PD1-12 OAKNH",
+                                                                                           "api tess"]}
+    run(engine, config, update("OAKNH", "OA-1", "N"))
+    assert holds("OA-1") == ("api tess",)
+    run(engine, config, update("GENHOSP", "GH-2", "Y"))  # ... and a facility's Y after a technician's
+    assert holds("OA-1") == ("api tess", "PD1-12 GENHOSP")
+    # a technician's merge of two opted-out persons keeps every hold of both
+    run(engine, config, register("HHCARE", "HH-9", name="QUILLFEATHER^OTTOLINE", birth="19220202",
+                                 address="1 ELM ST^^SALEM^OR^97301"))
+    run(engine, config, adt("HHCARE", "A08", pid("HH-9", "HHCARE", name="QUILLFEATHER^OTTOLINE", birth="19220202",
+                                                 address="1 ELM ST^^SALEM^OR^97301"), "PD1||||||||||||Y"))
+    with engine.begin() as conn:
+        merge_persons(conn, person(engine, "HHCARE", "HH-9"), person(engine, "OAKNH", "OA-1"), actor="tess",
+                      now=now, force=True)
+    assert set(holds("OA-1")) == {"PD1-12 HHCARE", "api tess", "PD1-12 GENHOSP"}
+    # the records office lifts every hold at once (with a reason), and says so in the history
+    with engine.begin() as conn:
+        view = set_opt_out(conn, person(engine, "OAKNH", "OA-1"), False, actor="tom", now=now,
+                           reason="patient withdrew it in writing")
+    assert view["opt_out"] == {"protected": False, "by": None, "holds": []} and holds("HH-9") == ()
 
 
 def test_a_routing_bug_leaves_the_message_applied_and_acknowledged(engine, tmp_path, monkeypatch):
@@ -152,8 +215,8 @@ def test_an_opt_out_follows_its_records_into_another_person(engine, tmp_path):
         set_opt_out(conn, gone, True, actor="tess", now=now, reason="patient asked")
         merge_persons(conn, keep, gone, actor="tess", now=now, force=True)
     with engine.begin() as conn:
-        assert tuple(conn.execute(text(f"select protected, protected_by from person where id = {keep}")).one()) in (
-            (True, "api tess"), (1, "api tess"))
+        assert holds_of(*conn.execute(text(f"select protected, protected_by from person where id = {keep}")).one()
+                        ) == ("api tess",)
         with pytest.raises(DecisionError) as refused:
             set_opt_out(conn, gone, False, actor="tess", now=now)
         assert refused.value.status == 409 and f"merged into person {keep}" in str(refused.value)
@@ -698,8 +761,8 @@ def test_an_opt_out_a_late_event_carries_is_kept(engine, tmp_path):
     (late,) = run(engine, config, visit("A21", "V1", "PD1||||||||||||Y"))
     assert late.routed == ()
     with engine.connect() as conn:
-        assert conn.execute(text("select protected, protected_by from person p join patient_record r"
-                                 " on r.person_id = p.id where r.mrn = 'GH-7'")).one() == (True, "PD1-12 GENHOSP")
+        assert holds_of(*conn.execute(text("select protected, protected_by from person p join patient_record r"
+                                           " on r.person_id = p.id where r.mrn = 'GH-7'")).one()) == ("PD1-12 GENHOSP",)
     assert [a.routed for a in run(engine, config, visit("A01", "V2"))] == [()]  # withheld: opted out
 
 def test_the_doctor_and_leave_cancels_are_applied_and_go_only_where_their_visit_went(engine, tmp_path):

@@ -1,0 +1,70 @@
+"""Opt-out: the holds an opt-out stands on, each kept (``person.protected_by`` a JSON list of
+text, no length cap; ``opt_out_event.by`` text). Before, one string of at most 128 characters
+held either the facilities whose PD1-12 = Y set it ("PD1-12 GENHOSP, OAKNH") or the one
+technician who did ("api tess"): a merge kept only one person's, a technician's set replaced
+a facility's, and a fifth facility's Y did not fit.
+
+Revision ID: 0016
+Revises: 0015
+Create Date: 2026-11-29
+
+Written against exchange/store/schema.py (types spelled without model imports);
+tests/store/test_migrations.py compares them on SQLite and PostgreSQL. Downgrade writes the
+holds back as the older release read them: the facilities' ("PD1-12 GENHOSP, OAKNH"), else
+the first technician's.
+"""
+import json
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+# revision identifiers, used by Alembic.
+revision: str = "0016"
+down_revision: str | Sequence[str] | None = "0015"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+PD1 = "PD1-12 "
+
+
+def _holds(by: str | None) -> list[str]:
+    """The holds an older release's ``protected_by`` names."""
+    if not by:
+        return ["opt-out"]  # protected, by no one named (never written by a release, but kept set)
+    if by.startswith(PD1):
+        return [PD1 + code for code in by[len(PD1):].split(", ") if code]
+    return [by]
+
+
+def _alter(table: str, column: str, type_, existing, nullable: bool) -> None:
+    """PostgreSQL only: SQLite keeps text of any length in a VARCHAR(128) (the models say so), and
+    altering a column there rebuilds the table, which person's foreign keys forbid."""
+    if op.get_bind().dialect.name != "sqlite":
+        op.alter_column(table, column, type_=type_, existing_type=existing, existing_nullable=nullable)
+
+
+def upgrade() -> None:
+    conn = op.get_bind()
+    _alter("person", "protected_by", sa.Text(), sa.String(128), True)
+    _alter("opt_out_event", "by", sa.Text(), sa.String(128), False)
+    rows = conn.execute(sa.text("SELECT id, protected_by FROM person WHERE protected")).all()
+    if rows:
+        conn.execute(sa.text("UPDATE person SET protected_by = :by WHERE id = :id"),
+                     [{"id": r.id, "by": json.dumps(_holds(r.protected_by))} for r in rows])
+
+
+def downgrade() -> None:
+    conn = op.get_bind()
+    rows = conn.execute(sa.text("SELECT id, protected_by FROM person WHERE protected")).all()
+    for r in rows:
+        try:
+            holds = json.loads(r.protected_by)
+        except (TypeError, ValueError):
+            continue
+        pd1 = [h[len(PD1):] for h in holds if h.startswith(PD1)]
+        older = PD1 + ", ".join(pd1) if len(pd1) == len(holds) else next(h for h in holds if not h.startswith(PD1))
+        conn.execute(sa.text("UPDATE person SET protected_by = :by WHERE id = :id"), {"id": r.id, "by": older[:128]})
+    conn.execute(sa.text("UPDATE opt_out_event SET by = substr(by, 1, 128) WHERE length(by) > 128"))
+    _alter("opt_out_event", "by", sa.String(128), sa.Text(), False)
+    _alter("person", "protected_by", sa.String(128), sa.Text(), True)
