@@ -66,6 +66,11 @@ def test_a_field_that_cannot_be_read_is_a_warning_in_the_aa_from_v25(engine):
         "ERR||PID^1^30|102^Data type error^HL70357|W||||PID-30: death indicator is not Y or N, ignored",
         "ERR||PID^1^7|102^Data type error^HL70357|W||||PID-7: unparseable timestamp ignored"]
     assert v24[1] == "MSA|AA|W-2" and not [s for s in v24 if s.startswith("ERR")]
+    # an event time that cannot be read (the admit time then comes from MSH-7): said too
+    (when,) = run(engine, [received(msg("W-4", body=b"EVN|A01|2026113299\rPID|1||3^^^GENHOSP^MR||DOE^JANE\r"
+                                                      b"PV1|1|I|W1^1^A||||||||||||||||V4\r"))])
+    assert [s for s in when.ack.decode().split("\r") if s.startswith("ERR")] == [
+        "ERR||EVN^1^2|102^Data type error^HL70357|W||||EVN-2: unparseable timestamp ignored"]
     # a protection indicator neither Y nor N is read as Y (an opt-out must not fail open), and said
     (odd,) = run(engine, [received(msg("W-3", body=b"PID|1||2^^^GENHOSP^MR||DOE^JANE||19800101|F\rPD1||||||||||||YES\r"))])
     assert [s for s in odd.ack.decode().split("\r") if s.startswith("ERR")] == [

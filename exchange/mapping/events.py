@@ -199,7 +199,9 @@ class UpsertPatient(Value):
     # MSH-10): applied again (it changes nothing), not copied again.
     digest: str = ""
     resent: bool = False
-    late: bool = False  # an event of a visit closed already (a leave of absence after the discharge): not copied
+    # an event older than the visit's state (a leave of absence after the discharge, an A02 after
+    # the A03): not copied, and it fills only what the record lacks (its demographics are as old)
+    late: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,11 +476,16 @@ def _choose_mrn(identifiers: list[Identifier], authority: str) -> Identifier | N
     return identifiers[0]
 
 
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators (each a line break to
+# str.splitlines, a CSV reader or a terminal)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def _usable_key(value: str, location: str, what: str, limit: int) -> None:
     """An escape such as \\X0A\\ (or \\X00\\) put a control character in an identifier: none has
     one, it would not come back as sent from any copy, export or URL, and PostgreSQL keeps no NUL.
     Nor is one longer than ``limit``: kept cut, two identifiers would become one."""
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+    if _CONTROL.search(value):
         raise _Fail(102, location, f"{location} {what} contains a control character")
     if len(value) > limit:
         raise _Fail(102, location, f"{location} {what} is longer than {limit} characters")
@@ -711,15 +718,15 @@ def encounter_patch(pv1: Segment, warnings: list[str]) -> EncounterPatch:
     )
 
 
-def _event_time(msg: Message, header: Header) -> Timestamp | None:
-    """EVN-6 (event occurred), else EVN-2 (recorded), else MSH-7."""
+def _event_time(msg: Message, warnings: list[str]) -> Timestamp | None:
+    """EVN-6 (event occurred), else EVN-2 (recorded), else MSH-7; a time read on the way that
+    cannot be read is a warning (the sender learns why its admit time is another)."""
     evn = msg.first("EVN")
-    if evn is not None:
-        for n in (6, 2):
-            ts = timestamp(evn.value(n))
-            if ts is not None:
-                return ts
-    return timestamp(header.timestamp)
+    for seg, n in ((evn, 6), (evn, 2), (msg.first("MSH"), 7)):
+        ts = _ts(seg, n, warnings) if seg is not None else None
+        if isinstance(ts, Timestamp):
+            return ts
+    return None
 
 
 def _survivor(state: StateView, facility: str, mrn: str) -> str:
@@ -869,8 +876,10 @@ def _map_adt(msg, header, ctx, state, event, warnings) -> list:
     if new_stay:  # without a visit number a closed stay and a new one share the encounter
         warnings.append(f"{event}: the unnumbered encounter was closed, a new stay replaces it")
         current = None
-    at = _event_time(msg, header)
+    at = _event_time(msg, warnings)
     status, patch, late = encounter_transition(event, current, patch, at, warnings)
+    if late:  # as old as the visit's news: the record's demographics are newer (it fills only gaps)
+        ops[0] = _replace(ops[0], late=True)
     if new_stay:  # nothing of the old stay is kept (the admit time comes from the event, as for any admit)
         patch = _replace(patch, **{f: DELETE for f in patch.__match_args__ if getattr(patch, f) is None})
     ops.append(EncounterEvent(ctx.code, mrn, visit, event, status, patch, at, late))
@@ -886,7 +895,7 @@ def _map_swap(msg, header, ctx, state, warnings) -> list:
     if len(pairs) < 2 or any(pv1 is None for _, pv1 in pairs[:2]):
         raise _Fail(101, "PV1", "A17 needs two PID segments each followed by its PV1")
     ops: list = []
-    at = _event_time(msg, header)
+    at = _event_time(msg, warnings)
     for pid, pv1 in pairs[:2]:
         mrn, rec, demo = _subject(pid, ctx, state, warnings)
         ops.append(UpsertPatient(ctx.code, mrn, demo))
