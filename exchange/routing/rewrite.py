@@ -392,10 +392,11 @@ def _library(version: str) -> Any:
     return hl7apy.load_library(version)
 
 
-def _structure_segments(version: str, structure: str, present: frozenset[str]) -> frozenset[str]:
-    """Segments the structure can hold, given the segments the message has: those
-    at its top level, and those of a group only when the segment that opens the
-    group is present (a ROL of 2.3's ADT_A01 exists only inside PR1's group)."""
+@lru_cache(maxsize=256)
+def _structure_map(version: str, structure: str) -> tuple[frozenset[str], tuple[tuple[str, frozenset[str]], ...]]:
+    """The segments at the structure's top level, and each group (nested ones too) as (the
+    segment that opens it, every segment it holds)."""
+    groups: list[tuple[str, frozenset[str]]] = []
 
     def walk(children: Any) -> set[str]:
         names: set[str] = set()
@@ -406,11 +407,39 @@ def _structure_segments(version: str, structure: str, present: frozenset[str]) -
             first = ref[1][0]
             while first[3] == "GRP":  # a group opened by a group
                 first = first[1][1][0]
-            if first[0] in present:
-                names |= walk(ref[1])
+            members = walk(ref[1])
+            groups.append((first[0], frozenset(members)))
+            names |= members
         return names
 
-    return frozenset(walk(_library(version).MESSAGES[structure][1]))
+    children = _library(version).MESSAGES[structure][1]
+    top = frozenset(name for name, _ref, _cardinality, kind in children if kind != "GRP")
+    walk(children)
+    return top, tuple(groups)
+
+
+def _placed(names: list[str], version: str, structure: str) -> list[bool]:
+    """For each segment of the message, whether the structure has a place for it: one of its
+    top-level segments or a group's opening segment anywhere (an engine's order is kept), any
+    other segment of a group only inside it: after the group's opening segment, with nothing
+    between but the group's own segments (a ROL of 2.3's ADT_A01 after a PR1, not after PD1)."""
+    top, groups = _structure_map(version, structure)
+    placed = []
+    for i, name in enumerate(names):
+        if name in top:
+            placed.append(True)
+            continue
+        mine = [(opener, members) for opener, members in groups if name in members]
+        ok = any(name == opener for opener, _ in mine)  # it opens a group of its own here
+        for before in reversed(names[:i] if not ok else ()):
+            if any(before == opener for opener, _ in mine):
+                ok = True
+                break
+            if before.startswith("Z") or any(before in members for _, members in mine):
+                continue
+            break
+        placed.append(ok)
+    return placed
 
 
 def _structure(version: str, message_type: str, event: str, sent: str) -> str | None:
@@ -434,14 +463,13 @@ def _to_version(lines: list[list[str]], version: str, event: Event, d: Delimiter
         msh[9] = d.component.join(msh9)
     if d.truncation and version_tuple(version) < (2, 7):
         msh[2] = msh[2][:4]
-    present = frozenset(fields[0].strip() for fields in lines)
-    allowed = _structure_segments(version, structure, present) if structure else frozenset(lib.SEGMENTS)
+    names = [fields[0].strip() for fields in lines]
+    placed = _placed(names, version, structure) if structure else [True] * len(names)
     out = []
-    for fields in lines:
-        name = fields[0].strip()
+    for fields, name, fits in zip(lines, names, placed):
         if name.startswith("Z"):
             out.append(fields)  # kept only by keep_z_segments; the version knows nothing of them
-        elif name in allowed and name in lib.SEGMENTS:
+        elif fits and name in lib.SEGMENTS:
             fields = _cut_segment(fields, name, version, d)
             if name == "EVN" and (len(fields) < 2 or not fields[1]) and 1 in _segment_fields(version, "EVN")[1]:
                 _set(fields, 1, trigger)  # EVN-1 withdrawn in 2.7, required before
@@ -498,6 +526,12 @@ def _dtm(value: str, separator: str) -> str:
     return ts[:digits] + (offset if digits > 8 else "")
 
 
+# Components withdrawn in 2.7 whose value the standard moved (1-based): XTN.1 telephone number to
+# XTN.12 unformatted telephone number, XON.3 id number to XON.10 organization identifier, the
+# degree of XCN.7 and XPN.6 to the professional suffix (XCN.21, XPN.14)
+_MOVED = {"XTN": {1: 12}, "XON": {3: 10}, "XCN": {7: 21}, "XPN": {6: 14}}
+
+
 def _cut_value(value: str, ref: Any, d: Delimiters) -> str:
     kind, children = ref[0], ref[1]
     if kind == "leaf":
@@ -507,6 +541,12 @@ def _cut_value(value: str, ref: Any, d: Delimiters) -> str:
             return _dtm(value, d.component).split(d.subcomponent, 1)[0]
         return value.split(d.component, 1)[0].split(d.subcomponent, 1)[0]
     components = value.split(d.component)[: len(children)]
+    moves = _MOVED.get(ref[2], {})
+    if moves:  # a withdrawn component's value goes where the version keeps it, if that is empty
+        components += [""] * (len(children) - len(components))
+        for was, now in moves.items():
+            if now <= len(children) and components[was - 1] and not components[now - 1] and children[was - 1][1][2] == "WD":
+                components[now - 1], components[was - 1] = components[was - 1], ""
     out = []
     for component, child in zip(components, children):
         cref = child[1]

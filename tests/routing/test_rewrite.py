@@ -430,6 +430,54 @@ def test_version_23_drops_what_it_does_not_have():
     assert validate(copy.text)
 
 
+def test_a_component_withdrawn_in_a_newer_version_moves_where_the_standard_keeps_it():
+    """Found by an audit of the copies: a 2.3 sender's phones travel in XTN.1, withdrawn in 2.7;
+    the 2.8 copy emptied them (an A08 could blank the receiving site's numbers). XTN.1 goes to
+    XTN.12, XON.3 to XON.10, a degree (XCN.7, XPN.6) to the professional suffix."""
+    text = "\n".join([
+        "MSH|^~\\&|OAKSYS|GENHOSP|EXCH|EXCH|20261129091000||ADT^A08|U1a|P|2.3",
+        "EVN|A08|20261129091000",
+        "PID|1||H100^^^GENHOSP^MR||SMITHERS^WAYLON^J^^^MD||19520314|M|||12 ELM ST^^SPRINGFIELD^IL^62701^USA^H"
+        "||(217)555-0142~(217)555-7777^ORN^CP|(217)555-9999^WPN^PH",
+        "PD1|||GOOD CLINIC^^12345",
+        "NK1|1|SMITHERS^MAUDE|SPO|12 ELM ST^^SPRINGFIELD^IL^62701|(217)555-0001",
+        "PV1|1|I|N1^101^A||||9999^NURSE^NANCY^^^^RN||||||||||||NV555",
+    ])
+    copy = segments(copy_of(text, facility=replace(OAKNH, version="2.8")))
+    pid = next(s for s in copy if s.startswith("PID")).split("|")
+    assert pid[13] == "^^^^^^^^^^^(217)555-0142~^ORN^CP^^^^^^^^^(217)555-7777"
+    assert pid[14] == "^WPN^PH^^^^^^^^^(217)555-9999"
+    assert pid[5] == "SMITHERS^WAYLON^J^^^^^^^^^^^MD"
+    assert next(s for s in copy if s.startswith("PD1")).split("|")[3] == "GOOD CLINIC^^^^^^^^^12345"
+    assert next(s for s in copy if s.startswith("NK1")).split("|")[5] == "^^^^^^^^^^^(217)555-0001"
+    assert next(s for s in copy if s.startswith("PV1")).split("|")[7] == "9999^NURSE^NANCY" + "^" * 18 + "RN"
+    # a version that still has them keeps them where they were
+    same = segments(copy_of(text, facility=replace(OAKNH, version="2.5")))
+    assert next(s for s in same if s.startswith("PID")).split("|")[13].startswith("(217)555-0142~")
+
+
+def test_a_segment_of_a_group_goes_to_an_older_version_only_inside_that_group():
+    """Found by an audit of the copies: 2.3's ADT_A01 has ROL only in the procedure group (after a
+    PR1); the primary care provider's ROL after PD1 went to a 2.3 site, which a strict engine
+    rejects (or files as a procedure's participant). The surgeon's ROL after the PR1 stays."""
+    text = "\n".join([
+        "MSH|^~\\&|ENGINE|GENHOSP|EXCH|EXCH|20261129130000||ADT^A01^ADT_A01|V4|P|2.5",
+        "EVN|A01|20261129130000",
+        "PID|1||H100^^^GENHOSP^MR||SMITHERS^WAYLON^J||19520314|M",
+        "PD1|||GOOD CLINIC^^12345",
+        "ROL|1|AD|PP^Primary care^HL70443|777^JONES^AMY",
+        "PV1|1|I|W7^703^A||||1234^WELBY^MARCUS||||||||||||V703",
+        "PR1|1|I10P|0JH60DZ^Pacemaker^I10P|Pacemaker insertion|20261129|P",
+        "ROL|2|AD|SURG^Surgeon^HL70443|888^CUTTER^SAM",
+    ])
+    assert validate(text.replace("\n", "\r"))
+    copy = copy_of(text, facility=replace(OAKNH, version="2.3"))
+    assert [s[:5] for s in segments(copy)] == ["MSH|^", "EVN|A", "PID|1", "PD1||", "PV1|1", "PR1|1", "ROL|2"]
+    assert validate(copy.text)
+    kept = copy_of(text, facility=replace(OAKNH, version="2.5"))  # 2.5 has ROL after PD1: kept
+    assert [s[:5] for s in segments(kept)].count("ROL|1") == 1 and validate(kept.text)
+
+
 @pytest.mark.parametrize("version, birth, admitted", [
     ("2.8", "1980", "2024010112-0500"),  # DTM: TS.1 cut to the degree TS.2 gave
     ("2.6", "1980", "2024010112-0500"),
