@@ -66,8 +66,8 @@ def backoff(attempts: int, initial: float, maximum: float, rand: float) -> float
     return ceiling / 2 + ceiling / 2 * min(max(rand, 0.0), 1.0)
 
 
-def judge(reply: bytes, control_id: str) -> Verdict:
-    """What a destination's reply says about the copy whose MSH-10 is ``control_id``."""
+def _read(reply: bytes) -> tuple[list[str], str, str, list[str] | None]:
+    """A reply's segments, field separator, encoding characters and MSA fields (None: no MSA)."""
     if reply.startswith(_BOM):
         reply = reply[len(_BOM):]
     text = reply.decode("utf-8", "replace")  # the delimiters are ASCII whatever the charset
@@ -75,9 +75,22 @@ def judge(reply: bytes, control_id: str) -> Verdict:
     encoding = text[4:8].split(separator, 1)[0] if text.startswith("MSH") else "^~\\&"
     segments = [s for s in text.replace("\r\n", "\r").replace("\n", "\r").split("\r") if s]
     msa = next((s.split(separator) for s in segments if s.startswith("MSA" + separator)), None)
+    if msa is not None:
+        msa += [""] * (4 - len(msa))
+    return segments, separator, encoding, msa
+
+
+def acknowledges(reply: bytes) -> str | None:
+    """The control id a reply acknowledges (its MSA-2), or None without an MSA."""
+    msa = _read(reply)[3]
+    return msa[2].strip() if msa is not None else None
+
+
+def judge(reply: bytes, control_id: str) -> Verdict:
+    """What a destination's reply says about the copy whose MSH-10 is ``control_id``."""
+    segments, separator, encoding, msa = _read(reply)
     if msa is None:
         return Verdict(Kind.PROTOCOL, None, "the reply has no MSA segment")
-    msa += [""] * (4 - len(msa))
     code, acknowledged = msa[1].strip().upper(), msa[2].strip()
     if acknowledged != control_id:  # an answer to something else: no code of the copy's (it was not accepted)
         said = f" (MSA-1 {_quote(code)})" if code else ""

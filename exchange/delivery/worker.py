@@ -37,6 +37,7 @@ same MSH-10, by whichever node serves the destination next.
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
@@ -57,7 +58,7 @@ from twisted.python.threadpool import ThreadPool
 
 from exchange import metrics
 from exchange.config import Config
-from exchange.delivery.policy import Kind, Settings, backoff, judge
+from exchange.delivery.policy import Kind, Settings, acknowledges, backoff, judge
 from exchange.mllp.client import MLLPClientProtocol, ReplyTimeout, client_endpoint
 from exchange.mllp.framing import FramingError
 from exchange.store.db import DELIVERY_SESSION, make_engine, write_transaction
@@ -208,6 +209,9 @@ def _close(conn: Connection, invalidate: bool = False) -> None:
 # -- the reactor side --------------------------------------------------------------------
 
 
+ANSWERS_REMEMBERED = 64  # per connection: the control ids answered last
+
+
 class DeliveryProtocol(MLLPClientProtocol):
     """The MLLP client, knowing whether its connection is still up."""
 
@@ -271,6 +275,9 @@ class DestinationWorker:
         self._call = call
         self._connect = connect or self._connect_endpoint
         self._protocol: DeliveryProtocol | None = None
+        # the copies this connection's peer has answered: an answer it repeats (or an application
+        # ACK after its commit ACK) is no answer to the copy in flight, and is skipped
+        self._answered: deque[str] = deque(maxlen=ANSWERS_REMEMBERED)
         self._connecting: Deferred | None = None
         self._held = False
         self._stopping = False
@@ -412,8 +419,10 @@ class DestinationWorker:
                     if self._stopping:
                         return None
                     checked = True
+                if fresh:
+                    self._answered.clear()
                 try:
-                    reply = await protocol.send(copy.payload)
+                    reply = await protocol.send(copy.payload, stale=self._stale_for(copy.control_id))
                     break
                 except ReplyTimeout:
                     self._drop_connection()  # dropped already by the protocol: a late answer is never read
@@ -439,8 +448,19 @@ class DestinationWorker:
                 self._grace.cancel()
             self._grace = None
 
+    def _stale_for(self, control_id: str) -> Callable[[bytes], bool]:
+        answered = self._answered
+
+        def stale(reply: bytes) -> bool:
+            acked = acknowledges(reply)
+            return acked is not None and acked != control_id and acked in answered
+
+        return stale
+
     def _judge(self, copy: Pending, reply: bytes) -> Outcome:
         verdict = judge(reply, copy.control_id)
+        if verdict.kind is not Kind.PROTOCOL:
+            self._answered.append(copy.control_id)
         at = self.now()
         if verdict.kind is Kind.DELIVERED:
             metrics.delivery_attempts(self.destination, "delivered").inc()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from collections.abc import Callable
 
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, fail
@@ -54,6 +55,9 @@ DEFAULT_MAX_QUEUED = 1000
 
 _HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.%]+)\]|(?P<host>[^:=\[\]\s]+)):(?P<port>\d{1,5})")
 _ENDPOINT_TYPES = {"tcp", "tcp6", "ssl", "tls", "unix"}
+
+
+Stale = Callable[[bytes], bool]
 
 
 class ReplyTimeout(TimeoutError):
@@ -88,8 +92,10 @@ class MLLPClientProtocol(Protocol):
         self.timeout = timeout or None
         self.max_queued = max_queued
         self._decoder = MLLPDecoder(max_frame_bytes)
-        self._queue: deque[tuple[bytes, Deferred, bool]] = deque()  # (payload, its Deferred, reply expected)
+        # (payload, its Deferred, reply expected, which reply frames are stale)
+        self._queue: deque[tuple[bytes, Deferred, bool, Stale | None]] = deque()
         self._in_flight: Deferred[bytes] | None = None
+        self._stale: Stale | None = None  # the in-flight send's
         self._timer: IDelayedCall | None = None
         self._connected = False
         self._lost: Failure | None = None  # why the connection went away, once it has
@@ -101,22 +107,24 @@ class MLLPClientProtocol(Protocol):
         """Sends not yet answered: the one in flight plus the queued ones."""
         return len(self._queue) + (self._in_flight is not None)
 
-    def send(self, payload: bytes) -> Deferred[bytes]:
-        """Send one message; the Deferred fires with the reply frame's payload."""
-        return self._enqueue(payload, True)
+    def send(self, payload: bytes, stale: Stale | None = None) -> Deferred[bytes]:
+        """Send one message; the Deferred fires with the reply frame's payload. A frame for
+        which ``stale`` says True (an answer the peer repeats to an earlier message, or its
+        application ACK after a commit ACK) is dropped, and the reply is still waited for."""
+        return self._enqueue(payload, True, stale)
 
     def post(self, payload: bytes) -> Deferred[None]:
         """Send one message that gets no reply -- an ACK: HL7 never acknowledges one --
         in its turn after the sends before it; fires once it is written."""
         return self._enqueue(payload, False)
 
-    def _enqueue(self, payload: bytes, reply: bool) -> Deferred:
+    def _enqueue(self, payload: bytes, reply: bool, stale: Stale | None = None) -> Deferred:
         if self._lost is not None:
             return fail(ConnectionLost(f"not connected: {self._lost.getErrorMessage()}"))
         if len(self._queue) >= self.max_queued:
             return fail(QueueFull(f"{len(self._queue)} sends already waiting"))
         d: Deferred = Deferred(self._cancel)
-        self._queue.append((payload, d, reply))
+        self._queue.append((payload, d, reply, stale))
         self._next()
         return d
 
@@ -151,7 +159,7 @@ class MLLPClientProtocol(Protocol):
         if self._in_flight is not None:
             waiting.append(self._in_flight)
             self._in_flight = None
-        waiting.extend(d for _, d, _ in self._queue)
+        waiting.extend(item[1] for item in self._queue)
         self._queue.clear()
         for d in waiting:
             d.errback(Failure(error))
@@ -161,12 +169,12 @@ class MLLPClientProtocol(Protocol):
     def _next(self) -> None:
         """Write queued payloads while nothing is in flight (a post waits for no reply)."""
         while self._in_flight is None and self._queue and self._connected:
-            payload, d, reply = self._queue.popleft()
+            payload, d, reply, stale = self._queue.popleft()
             if not reply:
                 self.transport.write(encode(payload))
                 d.callback(None)  # (its callbacks may send more: they queue behind the rest)
                 continue
-            self._in_flight = d
+            self._in_flight, self._stale = d, stale
             if self.timeout is not None:
                 self._timer = self._clock.callLater(self.timeout, self._timed_out)
             self.transport.write(encode(payload))
@@ -176,7 +184,10 @@ class MLLPClientProtocol(Protocol):
         if d is None:
             log.warn("MLLP client: unsolicited reply frame ({size} bytes) ignored", size=len(frame))
             return
-        self._in_flight = None
+        if self._stale is not None and self._stale(frame):
+            log.info("MLLP client: a stale reply frame ({size} bytes) ignored", size=len(frame))
+            return
+        self._in_flight = self._stale = None
         self._stop_timer()
         self._next()  # queued sends keep their order even if d's callbacks send more
         d.callback(frame)

@@ -229,6 +229,28 @@ def test_a_wrong_msa2_drops_the_connection_and_the_copy_goes_again(h: Harness) -
     h.worker.stop()
 
 
+def test_an_answer_the_peer_repeats_is_skipped_and_the_copy_in_flight_still_waits_for_its_own(h: Harness) -> None:
+    """Found by an audit of the copies: a receiver that sends its AA twice (or an engine that
+    sends a commit ACK and then its application ACK) had each next copy take the stale answer,
+    drop the connection and go again: every copy delivered twice."""
+    h.enqueue("D1", "D2", "D3", wake=False)
+    h.worker.start()
+    protocol, transport = h.peers.current
+    h.peers.reply(ack("D1", "CA"))
+    h.peers.reply(ack("D1"))  # D1 answered again, while D2 is in flight: not D2's answer
+    assert not transport.disconnected and h.peers.all_sent() == ["D1", "D2"]
+    h.peers.reply(ack("D2"))
+    h.peers.reply(ack("D2"))
+    h.peers.reply(ack("D3"))
+    assert h.states() == {"D1": "delivered", "D2": "delivered", "D3": "delivered"}
+    assert [h.state(c).attempts for c in ("D1", "D2", "D3")] == [1, 1, 1] and len(h.peers.connections) == 1
+    # an answer to a copy this connection never sent is still no answer: dropped, sent again
+    h.enqueue("D4")
+    h.peers.reply(ack("D9"))
+    assert transport.disconnected and h.state("D4").attempts == 1
+    h.worker.stop()
+
+
 def test_no_answer_times_out_drops_the_connection_and_backs_off(h: Harness) -> None:
     h.enqueue("D1", "D2", wake=False)
     h.worker.start()

@@ -293,3 +293,19 @@ def test_connect_connects_a_protocol_with_the_reactor_as_clock():
 def test_connect_with_a_bad_description_fails_the_deferred():
     result = Result(connect(MemoryReactorClock(), "nonsense"))
     assert result.failure.check(ValueError)
+
+
+def test_a_reply_the_sender_calls_stale_is_skipped_and_the_send_waits_on_within_its_timeout():
+    protocol, transport, clock = connected(timeout=10.0)
+    result = Result(protocol.send(MSG2, stale=lambda frame: b"MSA|AA|C1" in frame))
+    clock.advance(6)
+    protocol.dataReceived(encode(ACK1))  # the answer to C1 again: not C2's
+    assert not result.fired and not transport.disconnecting
+    protocol.dataReceived(encode(ACK2))
+    assert result.value == ACK2
+    # the timeout still counts from the send: a stream of stale frames never keeps it waiting
+    late = Result(protocol.send(MSG3, stale=lambda frame: True))
+    clock.advance(9)
+    protocol.dataReceived(encode(ACK1))
+    clock.advance(1)
+    assert late.failure is not None and late.failure.check(ReplyTimeout) and transport.disconnecting
