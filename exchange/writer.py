@@ -39,8 +39,8 @@ from exchange.config import Config
 from exchange.intake import CommitFailed, utc_now
 from exchange.mapping.events import FacilityContext
 from exchange.pipeline import AckSettings, Answer, Received, process_batch
-from exchange.store.db import (IDLE_IN_TRANSACTION_MS, UNIQUE_VIOLATION, WRITER_SESSION, database_failed, sqlstate,
-                               write_transaction)
+from exchange.store.db import (DEADLOCK_DETECTED, IDLE_IN_TRANSACTION_MS, UNIQUE_VIOLATION, WRITER_SESSION,
+                               database_failed, sqlstate, write_transaction)
 from exchange.store.index import ModelCache
 from exchange.store.outbox import record_outcomes
 
@@ -219,13 +219,13 @@ def _run_with_retries(run_batch, items, outcomes):
     """``run_batch``, again at once when it lost a race for a unique key to another node's
     transaction (the same MSH-4 and MSH-10, or the same new MRN, through two nodes at once):
     that one has committed by then, and the batch run again reads it -- the stored answer, the
-    record to update. Not a bug: a message retried alone that lost such a race a second time
+    record to update; or when PostgreSQL ended it to break a deadlock with another node's. Not a bug: a message retried alone that lost such a race a second time
     was answered AE 207 and its event lost. Rolled back each time (``write_transaction``)."""
     for attempt in range(CONFLICT_RETRIES + 1):
         try:
             return run_batch(items, outcomes)
         except Exception as exc:
-            if attempt == CONFLICT_RETRIES or sqlstate(exc) != UNIQUE_VIOLATION:
+            if attempt == CONFLICT_RETRIES or sqlstate(exc) not in (UNIQUE_VIOLATION, DEADLOCK_DETECTED):
                 raise
     raise AssertionError("unreachable")
 

@@ -200,7 +200,7 @@ class UpsertPatient(Value):
     digest: str = ""
     resent: bool = False
     # an event older than the visit's state (a leave of absence after the discharge, an A02 after
-    # the A03): not copied, and it fills only what the record lacks (its demographics are as old)
+    # the A03): not copied, and its demographics, as old, change nothing of the record
     late: bool = False
 
 
@@ -476,9 +476,11 @@ def _choose_mrn(identifiers: list[Identifier], authority: str) -> Identifier | N
     return identifiers[0]
 
 
-# C0 and C1 controls, DEL, and the Unicode line and paragraph separators (each a line break to
-# str.splitlines, a CSV reader or a terminal)
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# C0 and C1 controls, DEL, the Unicode line and paragraph separators (each a line break to
+# str.splitlines, a CSV reader or a terminal), and the invisible format characters (a soft
+# hyphen, zero-width spaces and joiners, direction marks and overrides, the BOM): "ID\u200b1"
+# looks exactly like "ID1" and would be another patient's record
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\xad\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]")
 
 
 def _usable_key(value: str, location: str, what: str, limit: int) -> None:
@@ -566,26 +568,34 @@ _DATA_WARNING = re.compile(
     r"([A-Z][A-Z0-9]{2}(?:\(\d+\))?-\d+): (unparseable timestamp ignored|.+ is not .+, (?:ignored|read as .+))")
 
 
+def _protection(message: Message) -> tuple[bool | None, bool]:
+    """PD1-12 as (what it says, whether it says it plainly): Y or N (first components, each
+    repetition the same, no subcomponents: ``Y^Yes^HL70136`` is Y), the HL7 null ``""`` (N),
+    absent (None); anything else is Y, not plainly."""
+    pd1 = message.first("PD1")
+    raw = pd1.field(12) if pd1 is not None else ""
+    if not raw:
+        return None, True
+    if is_delete(raw):
+        return False, True
+    firsts = [rep.split(pd1.delimiters.component, 1)[0] for rep in pd1.repetitions(12)]
+    said = {pd1.text(first).strip().upper() for first in firsts if first}
+    if len(said) == 1 and said <= {"Y", "N"} and not any(pd1.delimiters.subcomponent in f for f in firsts):
+        return said == {"Y"}, True
+    return True, False
+
+
 def protection(message: Message) -> bool | None:
     """PD1-12 (protection indicator, table 0136) of a message: True for Y, False for N or the
-    HL7 null ``""``, None when PD1 or the field is absent (no change). Any other value is read
-    as Y (``protection_unreadable`` says so): an opt-out the sender meant must not fail open."""
-    pd1 = message.first("PD1")
-    if pd1 is None:
-        return None
-    raw = pd1.field(12)
-    if not raw:
-        return None
-    if is_delete(raw):
-        return False
-    return pd1.value(12).strip().upper() != "N"
+    HL7 null ``""``, None when PD1 or the field is absent (no change). Anything else (another
+    code, Y and N repeated, a subcomponent) is read as Y (``protection_unreadable`` says so): an
+    opt-out the sender meant must not fail open."""
+    return _protection(message)[0]
 
 
 def protection_unreadable(message: Message) -> bool:
     """PD1-12 holds something other than Y, N or the HL7 null (read as Y: ``protection``)."""
-    pd1 = message.first("PD1")
-    raw = pd1.field(12) if pd1 is not None else ""
-    return bool(raw) and not is_delete(raw) and pd1.value(12).strip().upper() not in ("Y", "N")
+    return not _protection(message)[1]
 
 
 PD1_12_READ_AS_Y = "PD1-12: the protection indicator is not Y or N, read as Y (no copies go)"
@@ -878,7 +888,7 @@ def _map_adt(msg, header, ctx, state, event, warnings) -> list:
         current = None
     at = _event_time(msg, warnings)
     status, patch, late = encounter_transition(event, current, patch, at, warnings)
-    if late:  # as old as the visit's news: the record's demographics are newer (it fills only gaps)
+    if late:  # as old as the visit's news: the record's demographics are newer
         ops[0] = _replace(ops[0], late=True)
     if new_stay:  # nothing of the old stay is kept (the admit time comes from the event, as for any admit)
         patch = _replace(patch, **{f: DELETE for f in patch.__match_args__ if getattr(patch, f) is None})

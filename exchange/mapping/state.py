@@ -99,12 +99,6 @@ _DOCUMENT_FIELDS = (
 )
 
 
-def _phones(home, work):
-    """PID-13 and PID-14 as one tuple of phones (None: neither said anything)."""
-    found = tuple(p for side in (home, work) if side not in (None, DELETE) for p in side)
-    return found or None
-
-
 def _patched(old, new):
     if new is None:
         return old
@@ -199,13 +193,8 @@ class MemoryState:
         rec = self._record(op.facility, op.mrn)
         d: Demographics = op.demographics
         ids = rec["identifiers"]
-        if op.late:  # older news than the record: it fills only what the record lacks
-            for ident in d.identifiers or ():
-                ids.setdefault(ident.key, ident)
-            for f in _DEMOGRAPHIC_FIELDS:
-                if rec[f] is None and getattr(d, f) is not DELETE:
-                    rec[f] = _patched(None, getattr(d, f) if f != "phones" else _phones(d.phones, d.business_phones))
-            rec["last_message"] = op.digest or None
+        if op.late:  # older news than the record: its demographics are too (a field the record
+            rec["last_message"] = op.digest or None  # lacks may be one the sender deleted since)
             return (op.mrn,)
         for authority in d.removed_authorities:
             for key in [k for k, i in ids.items() if i.issued_by(authority)]:

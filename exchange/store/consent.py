@@ -43,6 +43,16 @@ def holds_of(protected: bool, stored: str | None) -> tuple[str, ...]:
     return (stored or "opt-out",)
 
 
+def lock_persons(conn: Connection, ids: Iterable[int]) -> None:
+    """PostgreSQL: the persons' rows locked until the transaction ends, in id order (two nodes
+    locking overlapping persons wait for each other rather than deadlock): whoever changes
+    their holds next reads them after the other's commit."""
+    ordered = sorted(set(ids))
+    for i in range(0, len(ordered), PERSONS_PER_SELECT):
+        conn.execute(select(person.c.id).where(person.c.id.in_(ordered[i:i + PERSONS_PER_SELECT]))
+                     .order_by(person.c.id).with_for_update())
+
+
 def stored_holds(holds: Sequence[str]) -> str | None:
     """``person.protected_by`` for ``holds`` (None: not protected)."""
     return json.dumps(list(holds)) if holds else None
@@ -72,6 +82,20 @@ def merge_chains(conn: Connection, ids: Iterable[int]) -> dict[int, Any]:
                 rows[r.id] = r
         todo = {r.merged_into for r in rows.values() if r.merged_into is not None} - rows.keys()
     return rows
+
+
+def merged_persons(conn: Connection, person_id: int) -> list[int]:
+    """``person_id`` and every person merged into it, directly or through others (a technician's
+    merge, or a facility's A40 that emptied it): whose copies are this patient's disclosures."""
+    found, frontier = {person_id}, [person_id]
+    for _ in range(MAX_MERGE_HOPS):
+        if not frontier:
+            break
+        merged = {r.id for i in range(0, len(frontier), PERSONS_PER_SELECT) for r in conn.execute(
+            select(person.c.id).where(person.c.merged_into.in_(frontier[i:i + PERSONS_PER_SELECT])))}
+        frontier = sorted(merged - found)
+        found |= merged
+    return sorted(found)
 
 
 def live_persons(conn: Connection, ids: set[int]) -> dict[int, tuple[int | None, bool]]:
@@ -139,6 +163,8 @@ def carry_opt_outs(conn: Connection, moves: Iterable[tuple[int | None, int | Non
     targets = sorted({b for a, b in pairs if a in protected})
     if not targets:
         return []
+    if conn.dialect.name != "sqlite":  # another node's batch may change their holds meanwhile
+        lock_persons(conn, targets)
     holds = {r.id: holds_of(r.protected, r.protected_by) for r in conn.execute(
         select(person.c.id, person.c.protected, person.c.protected_by).where(person.c.id.in_(targets)))}
     out = []

@@ -213,6 +213,7 @@ def database_failed(exc: BaseException) -> bool:
 
 
 UNIQUE_VIOLATION = "23505"  # a row another transaction committed first
+DEADLOCK_DETECTED = "40P01"  # PostgreSQL ended the transaction to break a deadlock with another
 LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout ran out
 
 

@@ -68,7 +68,7 @@ from exchange.mapping.events import confidentiality as txa_confidentiality
 from exchange.mapping.message import Message
 from exchange.routing.rewrite import renamed_copy
 from exchange.routing.rules import Event, Reason, recheck
-from exchange.store.consent import live_persons, record_owners
+from exchange.store.consent import live_persons, merged_persons, record_owners
 from exchange.store.records import Lineage, document_lineage
 from exchange.store.db import advisory_key, driver_cursor, sqlite_datetime
 from exchange.store.schema import (
@@ -909,7 +909,8 @@ def list_deliveries(
     from ``after`` (the last id of the page before: its ``next``).
 
     Queued ones oldest first (the order they go out); otherwise newest first
-    (``state=delivered`` is the accounting of disclosures, latest first).
+    (``state=delivered`` is the accounting of disclosures, latest first). A person's are
+    also those of every person merged into it (``consent.merged_persons``).
     """
     limit = max(1, min(limit, LIST_LIMIT_MAX))
     stmt = _VIEW
@@ -920,8 +921,8 @@ def list_deliveries(
         stmt = stmt.where(delivery.c.id > after if state is DeliveryState.QUEUED else delivery.c.id < after)
     if destination is not None:
         stmt = stmt.where(delivery.c.destination == destination)
-    if person_id is not None:
-        stmt = stmt.where(delivery.c.person_id == person_id)
+    if person_id is not None:  # the patient's, under the persons merged into this one too
+        stmt = stmt.where(delivery.c.person_id.in_(merged_persons(conn, person_id)))
     stmt = stmt.order_by(delivery.c.id if state is DeliveryState.QUEUED else delivery.c.id.desc())
     return [_view(row) for row in conn.execute(stmt.limit(limit))]
 

@@ -21,7 +21,7 @@ from exchange.hl7.header import Header
 from exchange.mapping.events import visit_number
 from exchange.mapping.message import Message
 from exchange.routing import CANCELS, Event, protection, rewrite, route
-from exchange.store.consent import PD1, holds_of, stored_holds
+from exchange.store.consent import PD1, holds_of, lock_persons, stored_holds
 from exchange.store.db import driver_cursor, sqlite_datetime
 from exchange.store.outbox import NewCopy, enqueue, storable
 from exchange.store.driver import in_ids, select_rows
@@ -56,6 +56,11 @@ def route_batch(conn: Connection, applied: Sequence[Applied], config: Config, no
     persons = {a.person for a in applied if a.person is not None} | {
         a.retired_person for a in applied if a.retired_person is not None}
     records, protected = _persons(conn, persons)
+    if conn.dialect.name != "sqlite" and _changes_holds(applied, protected):
+        # another node's batch may change the same person's holds (another facility's PD1-12):
+        # each writes the whole list, so the persons are locked and read again first
+        lock_persons(conn, {a.person for a in applied if a.person is not None})
+        records, protected = _persons(conn, persons)
     copies: list[NewCopy] = []
     changed: dict[int, tuple[str, ...]] = {}  # person -> its opt-out's holds after the batch
     events: list[tuple] = []  # opt_out_event rows: (person, protected, by, message id)
@@ -78,6 +83,15 @@ def route_batch(conn: Connection, applied: Sequence[Applied], config: Config, no
     if copies:
         enqueue(conn, copies)
     return copies
+
+
+def _changes_holds(applied: Sequence[Applied], protected: dict[int, tuple[str, ...]]) -> bool:
+    """Whether a PD1-12 of the batch adds or takes away a hold (as the persons were read)."""
+    for a in applied:
+        said = protection(a.message) if a.person is not None else None
+        if said is not None and ((PD1 + a.subject[0]) in protected.get(a.person, ())) is not said:
+            return True
+    return False
 
 
 def _lineage(conn: Connection, a: Applied) -> Lineage:

@@ -262,7 +262,9 @@ class Person(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    merged_into: Mapped[int | None] = mapped_column(BigInteger)  # a technician merged it into that person
+    # a technician merged it into that person (or an A40 emptied it): indexed, for the persons
+    # merged into one (a patient's accounting of disclosures)
+    merged_into: Mapped[int | None] = mapped_column(BigInteger, index=True)
     # Opt-out: no copy about this person goes anywhere. The holds it stands on, a JSON list
     # (exchange.store.consent): a facility's PD1-12 = Y ("PD1-12 <facility>"), a technician's
     # ("api <token name>", "workbench <user>").

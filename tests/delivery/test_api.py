@@ -9,6 +9,7 @@ import pytest
 
 from exchange.store.db import write_transaction
 from exchange.store.outbox import NewCopy, enqueue, mark_delivered, mark_failed
+from exchange.store.schema import person_table
 from tests.web.support import T0, Harness, message
 
 
@@ -108,10 +109,18 @@ def test_list_by_state_facility_and_person(api: Harness, queued: list[int]) -> N
     assert api.get("/api/deliveries?state=failed&facility=OAKNH", token)[1] == {"deliveries": [], "next": None}
     assert [d["control_id"] for d in api.get("/api/deliveries?person=8", token)[1]["deliveries"]] == ["D4"]
     assert [d["control_id"] for d in api.get("/api/deliveries", token)[1]["deliveries"]] == ["D4", "D3", "D2", "D1"]
+    # person 7 merged into 8 (an A40 emptied it), and 8 into 9: the patient's disclosures are 9's too
+    # (found by a soak audit: listed only under the merged-away person)
+    with write_transaction(api.engine) as conn:
+        for person, into in ((9, None), (8, 9), (7, 8)):
+            conn.execute(person_table.insert().values(id=person, created_at=T0, merged_into=into))
+    assert [d["control_id"] for d in api.get("/api/deliveries?person=9", token)[1]["deliveries"]] == ["D4", "D2", "D1"]
+    assert [d["control_id"] for d in api.get("/api/deliveries?person=8", token)[1]["deliveries"]] == ["D4", "D2", "D1"]
+    assert [d["control_id"] for d in api.get("/api/deliveries?person=7", token)[1]["deliveries"]] == ["D2", "D1"]
     assert [d["control_id"] for d in api.get("/api/deliveries?limit=1", token)[1]["deliveries"]] == ["D4"]
     # every read is audited, with what was asked for
     rows = [r for r in api.audit() if r["resource"] == "delivery"]  # each list read's own row (records: above)
-    assert [(r["actor"], r["action"], r["resource"], r["outcome"]) for r in rows] == [("olga", "read", "delivery", "ok")] * 7
+    assert [(r["actor"], r["action"], r["resource"], r["outcome"]) for r in rows] == [("olga", "read", "delivery", "ok")] * 10
     assert [(r["facility"], r["key"]) for r in rows[:5]] == [
         (None, "state=queued"), (None, "state=delivered"), ("HHCARE", "state=failed"), ("OAKNH", "state=failed"), (None, "person=8")
     ]

@@ -536,7 +536,10 @@ def test_event_read_from_a_message():
     [(None, None), ("PD1|1", None), ("PD1||||||||||||Y", True), ("PD1||||||||||||y", True),
      ("PD1||||||||||||N", False), ('PD1||||||||||||""', False), ("PD1||||||||||||Y^Yes^HL70136", True),
      # anything else is read as Y, and the sender told (a W ERR): an opt-out must not fail open
-     ("PD1||||||||||||X", True), ("PD1||||||||||||YES", True), ("PD1||||||||||||1", True)],
+     ("PD1||||||||||||X", True), ("PD1||||||||||||YES", True), ("PD1||||||||||||1", True),
+     # Y and N repeated, or N with a subcomponent (a verification audit: read as N, silently)
+     ("PD1||||||||||||N~Y", True), ("PD1||||||||||||Y~N", True), ("PD1||||||||||||N&Y", True),
+     ("PD1||||||||||||N~N", False), ("PD1||||||||||||\\X59\\", True)],
 )
 def test_protection_indicator(pd1, expected):
     lines = ["MSH|^~\\&|APP|GENHOSP|||20240101||ADT^A08|C1|P|2.5", "EVN|A08|20240101", "PID|1||H100"]
@@ -544,4 +547,5 @@ def test_protection_indicator(pd1, expected):
         lines.append(pd1)
     _, msg = read("\n".join(lines))
     assert protection(msg) is expected
-    assert protection_unreadable(msg) is (pd1 is not None and pd1.startswith("PD1|||||||||||") and pd1[15:] in ("X", "YES", "1"))
+    assert protection_unreadable(msg) is (pd1 is not None and pd1.startswith("PD1|||||||||||")
+                                          and pd1[15:] in ("X", "YES", "1", "N~Y", "Y~N", "N&Y"))

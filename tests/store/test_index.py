@@ -684,9 +684,17 @@ def test_an_a40_never_merges_persons_a_technicians_not_a_match_keeps_apart(engin
     """Found by a black-box audit: OAKNH's A40 of NB1 into NB2 (linked to Emma) merged Olivia's
     person into Emma's although a technician had said NB1 is not NA1; the next A08 superseded
     the review, and Olivia's events went to the hospital as Emma's."""
+    from exchange.store.consent import holds_of
+    from exchange.store.reviews import set_opt_out
+
     s = not_a_match_scene(engine)
+    with engine.begin() as conn:  # NB1's patient opted out (found by a verification audit: left behind)
+        set_opt_out(conn, s["olivia"], True, actor="tess", now=NOW, reason="asked at the desk")
     merge = adt("OAKNH", "A40", pid("NB2", "OAKNH", **EMMA), "MRG|NB1^^^OAKNH^MR")
     assert run(engine, merge) == ["AA"]
+    # NB1 lives on as NB2, in Emma's person: the opt-out goes with it though the persons do not merge
+    assert holds_of(*rows(engine, "select protected, protected_by from person where id = :p", p=s["emma"])[0]) == (
+        "api tess",)
     # the sender is told its merge was held back at the persons (a third matching audit: a bare AA),
     # in the answer it gets again on a resend too, and in the message's reason
     control = read_header(merge).control_id

@@ -291,9 +291,14 @@ def test_0016_keeps_every_hold_an_older_release_wrote_and_takes_any_number_after
     downgrade(engine, "0015")
     now = "2026-11-29 10:00:00+00:00" if engine.dialect.name == "postgresql" else "2026-11-29 10:00:00.000000"
     with engine.begin() as conn:
-        for id_, protected, by in ((1, True, "PD1-12 GENHOSP, OAKNH"), (2, True, "api tess"), (3, False, None)):
-            conn.execute(text("INSERT INTO person (id, created_at, protected, protected_by)"
-                              " VALUES (:id, :at, :p, :by)"), {"id": id_, "at": now, "p": protected, "by": by})
+        for id_, protected, by, into in ((1, True, "PD1-12 GENHOSP, OAKNH", None), (2, True, "api tess", None),
+                                         (3, False, None, None),
+                                         # an older release's merge of 5 into 4 kept 4's setter alone
+                                         (4, True, "PD1-12 GENHOSP", None), (5, True, "api tess", 4),
+                                         (6, True, "PD1-12 HHCARE", 5)):
+            conn.execute(text("INSERT INTO person (id, created_at, protected, protected_by, merged_into)"
+                              " VALUES (:id, :at, :p, :by, :into)"),
+                         {"id": id_, "at": now, "p": protected, "by": by, "into": into})
     upgrade(engine)
 
     def holds():
@@ -301,7 +306,11 @@ def test_0016_keeps_every_hold_an_older_release_wrote_and_takes_any_number_after
             return {r.id: holds_of(bool(r.protected), r.protected_by) for r in conn.execute(
                 text("SELECT id, protected, protected_by FROM person ORDER BY id"))}
 
-    assert holds() == {1: ("PD1-12 GENHOSP", "PD1-12 OAKNH"), 2: ("api tess",), 3: ()}
+    assert {k: v for k, v in holds().items() if k <= 4} == {
+        1: ("PD1-12 GENHOSP", "PD1-12 OAKNH"), 2: ("api tess",), 3: (), 4: ("PD1-12 GENHOSP", "api tess", "PD1-12 HHCARE")}
+    with engine.connect() as conn:  # each fold is in the person's opt-out history
+        assert conn.execute(text("SELECT person_id, by FROM opt_out_event ORDER BY id")).all() == [
+            (4, "api tess"), (4, "PD1-12 HHCARE")]
     many = json.dumps([f"PD1-12 ST_ELIZABETH_REGIONAL_MEDCTR_{c}" for c in "ABCDE"] + ["api tess"])
     with engine.begin() as conn:  # more than 128 characters of holds, on PostgreSQL too
         conn.execute(text("UPDATE person SET protected_by = :by WHERE id = 2"), {"by": many})

@@ -154,6 +154,52 @@ def test_every_hold_of_an_opt_out_stands_until_its_own_lifting(engine, tmp_path)
     assert view["opt_out"] == {"protected": False, "by": None, "holds": []} and holds("HH-9") == ()
 
 
+
+def test_two_nodes_changing_one_persons_holds_at_once_keep_both_changes(engine, tmp_path, monkeypatch):
+    """Found by a verification audit (two nodes on one PostgreSQL): GENHOSP's N through one node
+    and OAKNH's Y through the other at once; each batch wrote the list of holds it had read, and
+    19 of 30 patients ended with none (OAKNH's Y lost: its patient's next event went out). A
+    batch that changes a person's holds now locks the person and reads them again first."""
+    import threading
+
+    import exchange.store.routing as routing
+    from tests.store.test_index import adt, pid
+
+    if engine.dialect.name != "postgresql":
+        return
+
+    def update(facility, mrn, protect):
+        return adt(facility, "A08", pid(mrn, facility, **ELIZABETH), f"PD1||||||||||||{protect}")
+
+    config = network(tmp_path)
+    run(engine, config, register("GENHOSP", "GH-1", **ELIZABETH), register("OAKNH", "OA-1", **ELIZABETH))
+    run(engine, config, update("GENHOSP", "GH-1", "Y"))
+    paused, resume = threading.Event(), threading.Event()
+    real = routing._route_one
+
+    def slow_first(*args, **kwargs):  # the N's batch, once it has read (and locked) the person
+        if not paused.is_set():
+            paused.set()
+            resume.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(routing, "_route_one", slow_first)
+    lift = threading.Thread(target=lambda: run(engine, config, update("GENHOSP", "GH-1", "N")))
+    lift.start()
+    assert paused.wait(10)
+    hold = threading.Thread(target=lambda: run(engine, config, update("OAKNH", "OA-1", "Y")))
+    hold.start()
+    hold.join(1.0)
+    waited = hold.is_alive()
+    resume.set()
+    lift.join(10)
+    hold.join(10)
+    assert waited
+    with engine.connect() as conn:
+        assert holds_of(*conn.execute(text("select protected, protected_by from person p join patient_record r"
+                                           " on r.person_id = p.id where r.mrn = 'OA-1'")).one()) == ("PD1-12 OAKNH",)
+
+
 def test_a_routing_bug_leaves_the_message_applied_and_acknowledged(engine, tmp_path, monkeypatch):
     import exchange.store.routing as routing
 

@@ -2,7 +2,9 @@
 text, no length cap; ``opt_out_event.by`` text). Before, one string of at most 128 characters
 held either the facilities whose PD1-12 = Y set it ("PD1-12 GENHOSP, OAKNH") or the one
 technician who did ("api tess"): a merge kept only one person's, a technician's set replaced
-a facility's, and a fifth facility's Y did not fit.
+a facility's, and a fifth facility's Y did not fit. The holds a merge dropped are folded into
+the person that holds the merged person's records now. And ``person.merged_into`` is indexed
+(the persons merged into one: a patient's accounting of disclosures).
 
 Revision ID: 0016
 Revises: 0015
@@ -15,6 +17,7 @@ the first technician's.
 """
 import json
 from collections.abc import Sequence
+from datetime import datetime, timezone
 
 import sqlalchemy as sa
 from alembic import op
@@ -46,16 +49,56 @@ def _alter(table: str, column: str, type_, existing, nullable: bool) -> None:
 
 def upgrade() -> None:
     conn = op.get_bind()
+    op.create_index("ix_person_merged_into", "person", ["merged_into"])
     _alter("person", "protected_by", sa.Text(), sa.String(128), True)
     _alter("opt_out_event", "by", sa.Text(), sa.String(128), False)
     rows = conn.execute(sa.text("SELECT id, protected_by FROM person WHERE protected")).all()
     if rows:
         conn.execute(sa.text("UPDATE person SET protected_by = :by WHERE id = :id"),
                      [{"id": r.id, "by": json.dumps(_holds(r.protected_by))} for r in rows])
+    _fold_merged_holds(conn)
+
+
+MAX_MERGE_HOPS = 100  # exchange.store.schema.MAX_MERGE_HOPS
+
+
+def _fold_merged_holds(conn) -> None:
+    """A protected person merged into another whose holds an older release did not carry over
+    (it kept the survivor's alone): the person that holds its records now takes them, with a
+    line in its opt-out history."""
+    persons = {r.id: r for r in conn.execute(sa.text(
+        "SELECT id, merged_into, protected, protected_by FROM person WHERE protected OR merged_into IS NOT NULL"))}
+    holds = {pid: json.loads(r.protected_by) if r.protected and r.protected_by else [] for pid, r in persons.items()}
+    added: dict[int, list[tuple[int, list[str]]]] = {}
+    for pid, r in sorted(persons.items()):
+        if not r.protected or r.merged_into is None:
+            continue
+        live, hops = r.merged_into, 0
+        while live in persons and persons[live].merged_into is not None and hops < MAX_MERGE_HOPS:
+            live, hops = persons[live].merged_into, hops + 1
+        target = holds.setdefault(live, [])
+        missing = [h for h in holds[pid] if h not in target]
+        if missing:
+            target += missing
+            added.setdefault(live, []).append((pid, missing))
+    if not added:
+        return
+    events = sa.table("opt_out_event", sa.column("person_id"), sa.column("protected"), sa.column("by"),
+                      sa.column("reason"), sa.column("at", sa.DateTime(timezone=True)))
+    now = datetime.now(timezone.utc)
+    at = now.replace(tzinfo=None) if conn.dialect.name == "sqlite" else now  # as UTCDateTime stores it
+    for live, came in sorted(added.items()):
+        conn.execute(sa.text("UPDATE person SET protected = :p, protected_by = :by WHERE id = :id"),
+                     {"p": True, "by": json.dumps(holds[live]), "id": live})
+        conn.execute(events.insert(), [
+            {"person_id": live, "protected": True, "by": ", ".join(missing), "at": at,
+             "reason": f"upgrade: person {source}, merged into this person, had opted out (a release before"
+                       " 0016 dropped its holds at the merge)"} for source, missing in came])
 
 
 def downgrade() -> None:
     conn = op.get_bind()
+    op.drop_index("ix_person_merged_into", table_name="person")
     rows = conn.execute(sa.text("SELECT id, protected_by FROM person WHERE protected")).all()
     for r in rows:
         try:
