@@ -18,6 +18,7 @@ from enum import StrEnum
 from rapidfuzz.distance import OSA, Hamming, JaroWinkler
 
 from exchange.matching.features import Features
+from exchange.matching.nicknames import canonical_given_names
 
 _jw = JaroWinkler.similarity
 _hamming = Hamming.distance
@@ -158,11 +159,14 @@ def compare_names(a: Features, b: Features) -> tuple[Level, Level]:
 
 
 def compare_middle(a: Features, b: Features) -> Level:
-    if not a.middle or not b.middle:
+    """exact (or a typo) / initial (an initial, an abbreviation -- ELIZ for ELIZABETH -- or a
+    nickname of the other) / disagree."""
+    ma, mb = a.middle, b.middle
+    if not ma or not mb:
         return MISSING
-    if a.middle == b.middle or _jw(a.middle, b.middle) >= CLOSE_JW and min(len(a.middle), len(b.middle)) > 1:
+    if ma == mb or _jw(ma, mb) >= CLOSE_JW and min(len(ma), len(mb)) > 1:
         return EXACT
-    if (len(a.middle) == 1 or len(b.middle) == 1) and a.middle[0] == b.middle[0]:
+    if ma.startswith(mb) or mb.startswith(ma) or set(canonical_given_names(ma)) & set(canonical_given_names(mb)):
         return INITIAL
     return DISAGREE
 

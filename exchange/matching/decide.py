@@ -238,8 +238,9 @@ def _family_shape(mine: Features, match: Match, other: Features, model: Model, m
     family = levels[_F["family"]] in _FAMILY_SAME
     if best and (_newborn(mine) or _newborn(other)):
         return Reason.NEWBORN
-    if (best and birth is Level.EXACT and family and not mine.given and not other.given
-            and (mine.birth_year or 0) > minors_since):
+    born_together = birth is Level.EXACT or a_day_apart(mine, other)  # (either side of midnight)
+    child = (mine.birth_year or 0) > minors_since
+    if best and born_together and family and not mine.given and not other.given and child:
         # no given names yet, one birth date, one family: newborns (twins look alike). An adult's
         # records without a given name are a registration's gap, not a child's placeholder.
         return Reason.NEWBORN
@@ -257,6 +258,7 @@ def _family_shape(mine: Features, match: Match, other: Features, model: Model, m
         if (birth is Level.DISAGREE or levels[_F["suffix"]] is Level.DISAGREE
                 or decades_apart and years_apart >= 15 and family
                 or given is Level.DISAGREE and birth is not Level.EXACT
+                or given in _TWIN_GIVEN and birth is Level.OTHER_DAY  # Maria, Mariah: ten months apart
                 or given in _TWIN_GIVEN and levels[_F["sex"]] is Level.DISAGREE
                 or family and levels[_F["middle"]] is Level.DISAGREE):
             return Reason.SSN_ONLY
@@ -277,7 +279,7 @@ def _family_shape(mine: Features, match: Match, other: Features, model: Model, m
             or family and (birth is Level.EXACT and ssn in (Level.MISSING, Level.DISAGREE) and named_apart
                            or birth is Level.ONE_DIGIT and named_apart)):  # siblings months apart
         return Reason.POSSIBLE_TWIN  # no SSN tells them apart (or each has her own): twins are named alike
-    if family and birth is Level.EXACT and not (mine.given and other.given):
+    if family and born_together and not (mine.given and other.given) and child:
         return Reason.NEWBORN  # one of them not named yet: a newborn, or her twin
     if (_common_family(mine, model) or ssn is Level.DISAGREE) and not any(
             levels[_F[f]] in agree for f, agree in _CORROBORATE):

@@ -60,28 +60,30 @@ TF_CLAMP = 5.0
 HOUSEHOLD_FIELDS = frozenset({"family", "address", "place", "phone"})
 INDIVIDUAL_FIELDS: dict[str, frozenset[Level]] = {
     "given": frozenset({L.DISAGREE, L.SIMILAR, L.INITIAL}),
-    "middle": frozenset({L.DISAGREE}),
-    "birth": frozenset({L.DISAGREE, L.OTHER_DAY}),
+    "birth": frozenset({L.DISAGREE}),
     "suffix": frozenset({L.DISAGREE}),
     "sex": frozenset({L.DISAGREE}),
 }
 """Fields that tell household members apart, and the levels at which they do: any of
 these drops the positive weights of HOUSEHOLD_FIELDS. A given name merely similar
-(Aiden / Aidan, Jack / Jake) or reduced to an initial counts: twins' names often are;
-so do another middle name (Mary Ann / Mary Louise) and a birth date of the same year on
-another day (two residents of one care home born in 1932: a typo changes one digit)."""
-OTHER_SURNAME_FIELDS: dict[str, frozenset[Level]] = {
+(Aiden / Aidan, Jack / Jake) or reduced to an initial counts: twins' names often are."""
+PAIRED_FIELDS: dict[str, frozenset[Level]] = {
+    "birth": frozenset({L.OTHER_DAY}),
+    "family": frozenset({L.CLOSE, L.SIMILAR, L.DISAGREE}),
     "given": frozenset({L.CLOSE}),
-    "birth": frozenset({L.ONE_DIGIT}),
+    "middle": frozenset({L.DISAGREE}),
     "ssn": frozenset({L.DISAGREE}),
 }
-"""With the surnames disagreeing (an in-law, a step-child, another resident of the care home
-or shelter: a married name alone is one person), these tell the two apart too: a second
-difference, each a typo's on its own, or two SSNs."""
+"""Differences that each one person has now and then (a birth date entered as another day of
+the year, a married name or a typo of the surname, a typo of the given name, a middle name
+left as another, an SSN typed wrong) but that two by two tell two people of one home apart:
+the birth date another day of the year with any other of them (sisters Maria and Mariah ten
+months apart, two residents of one care home born in 1932, in-laws with SSNs of their own);
+another surname with two SSNs or another middle name (Mary Ann Kowalski and Mary Louise
+O'Brien). A married name with a typo of the given name stays one person."""
 _INDIVIDUAL_INDEX = tuple((name, FIELD_NAMES.index(name), levels) for name, levels in INDIVIDUAL_FIELDS.items())
 _SSN_INDEX = FIELD_NAMES.index("ssn")
-_FAMILY_INDEX = FIELD_NAMES.index("family")
-_OTHER_SURNAME_INDEX = tuple((name, FIELD_NAMES.index(name), levels) for name, levels in OTHER_SURNAME_FIELDS.items())
+_PAIRED_INDEX = tuple((name, FIELD_NAMES.index(name), levels) for name, levels in PAIRED_FIELDS.items())
 _ADDRESS_INDEX = FIELD_NAMES.index("address")
 _MOVE_INDEX = tuple(FIELD_NAMES.index(name) for name in ("address", "place", "phone"))
 _HOUSEHOLD_INDEX = tuple((name, i) for i, name in enumerate(FIELD_NAMES) if name in HOUSEHOLD_FIELDS)
@@ -355,8 +357,8 @@ def _score(levels: tuple[Level, ...], model: Model, a: Features | None, b: Featu
     ssn = levels[_SSN_INDEX]
     if ssn is not _EXACT and ssn is not _TRANSPOSED:
         telling = tuple(name for name, i, tells in _INDIVIDUAL_INDEX if levels[i] in tells)
-        if not telling and levels[_FAMILY_INDEX] is _DISAGREE:
-            telling = tuple(name for name, i, tells in _OTHER_SURNAME_INDEX if levels[i] in tells)
+        if not telling:
+            telling = _paired(levels)
         if telling:
             shared = _HOUSEHOLD_INDEX if ssn is not _ONE_DIGIT else _HOUSEHOLD_AND_SSN_INDEX  # siblings' SSNs
             discounted = tuple(n for n, i in shared if weights[i] > 0)  # are often issued in sequence
@@ -365,6 +367,16 @@ def _score(levels: tuple[Level, ...], model: Model, a: Features | None, b: Featu
                     weights[i] = 0.0
     return Score(sum(weights), levels, tuple(weights), adjustments, discounted, moved if len(moved) > 1 else (),
                  telling)
+
+
+def _paired(levels: tuple[Level, ...]) -> tuple[str, ...]:
+    """The PAIRED_FIELDS differences of a pair when two of them tell two people apart, else ()."""
+    found = tuple(name for name, i, tells in _PAIRED_INDEX if levels[i] in tells)
+    if len(found) < 2:
+        return ()
+    if "birth" in found or "family" in found and ("ssn" in found or "middle" in found):
+        return found
+    return ()
 
 
 # --- term frequencies ----------------------------------------------------------------
