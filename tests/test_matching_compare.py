@@ -208,3 +208,11 @@ def test_comparators_are_symmetric_and_never_raise_on_arbitrary_values(a, b):
     vector = compare(a, b)
     assert vector == compare(b, a)
     assert len(vector) == len(FIELD_NAMES)
+
+
+def test_an_abbreviated_middle_name_or_a_nickname_of_it_is_no_other_middle_name():
+    """A fourth matching audit: ELIZ against ELIZABETH (or WM against WILLIAM) read as another middle
+    name, which with a typo in the birth date split one person."""
+    for one, other in (("Elizabeth", "Eliz"), ("William", "Wm"), ("Margaret", "Peggy"), ("James", "J")):
+        assert both(compare_middle, person("D", "Mary", one), person("D", "Mary", other)) is L.INITIAL, other
+    assert both(compare_middle, person("D", "Mary", "Ann"), person("D", "Mary", "Louise")) is L.DISAGREE

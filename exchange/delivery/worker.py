@@ -453,7 +453,14 @@ class DestinationWorker:
 
         def stale(reply: bytes) -> bool:
             acked = acknowledges(reply)
-            return acked is not None and acked != control_id and acked in answered
+            if acked is None or acked == control_id or acked not in answered:
+                return False
+            late = judge(reply, acked)
+            if late.kind is Kind.FAILED:  # a commit ACK (CA) the copy counted as delivered, then a refusal
+                log.warn("delivery to {destination}: {acked} was answered {code} after it was delivered (the"
+                         " exchange asks for no application ACK); it stays delivered", destination=self.destination,
+                         acked=acked, code=late.code)
+            return True
 
         return stale
 

@@ -77,6 +77,10 @@ class Reason(StrEnum):
     NEWBORN = "newborn_placeholder"  # "Baby Girl", "Infant", ...: a newborn's placeholder name (twins look alike)
     NAME_AND_BIRTH_DATE_ONLY = "name_and_birth_date_only"  # a common surname in another town, nothing else agreeing
     CONFLICTING_MEMBER = "conflicting_member"  # another record of that person contradicts this one
+    # the home (address, phone) would link them, but their own details tell two people of one
+    # home apart (two residents of one care home of one first name) or fit a second error of one
+    # person's (a married name with a typo in the birth date): a technician tells
+    SHARED_HOME = "shared_home"
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +205,10 @@ def decide(
     if top_score >= lower:  # and the technician is told the shape of two people, if the pair has one
         caution = _caution(record, by_person[top], features, model, minors_since)
         return _review(person, top_score, matches, lower, reasons + [Reason.BETWEEN] + ([caution] if caution else []))
+    kept = [m for m in matches if m.score.paired_before is not None and m.score.paired_before >= upper
+            and _group(m) not in blocked]
+    if kept:  # the household rule kept a link from happening on small differences: not silently
+        return _review(kept[0].person, kept[0].total, matches, lower, reasons + [Reason.SHARED_HOME], kept)
     return _new(current, matches, reasons + [Reason.BELOW_LOWER])
 
 
@@ -267,8 +275,9 @@ def _family_shape(mine: Features, match: Match, other: Features, model: Model, m
         return None
     if best and birth is Level.MISSING:
         return Reason.NO_BIRTH_DATE  # names and places only (a phone is the household's: a son's, a father's)
-    if birth is Level.EXACT and family and levels[_F["middle"]] is Level.DISAGREE:
-        return Reason.POSSIBLE_TWIN  # John Paul and John Michael (or John P. and John M.): twins
+    if birth in _TYPO_APART and family and levels[_F["middle"]] is Level.DISAGREE:
+        return Reason.POSSIBLE_TWIN  # John Paul and John Michael (or John P. and John M.), born either side of
+        # midnight too: twins
     if decades_apart:
         return Reason.PARENT_AND_CHILD  # of any record of the person: a link joins them all
     if not best:
@@ -284,11 +293,16 @@ def _family_shape(mine: Features, match: Match, other: Features, model: Model, m
     if (_common_family(mine, model) or ssn is Level.DISAGREE) and not any(
             levels[_F[f]] in agree for f, agree in _CORROBORATE):
         return Reason.NAME_AND_BIRTH_DATE_ONLY  # two John Smiths born the same day (in one town, too), or two SSNs
+    if (levels[_F["family"]] in _OTHER_SURNAME and birth in _TYPO_APART and birth is not Level.EXACT
+            and any(levels[_F[f]] in agree for f, agree in _CORROBORATE)):
+        return Reason.SHARED_HOME  # Dorothy Kowalczyk and Dorothy Halverson, born ten days apart at one care home
     return None
 
 
 MINOR_YEARS = 18  # born fewer years ago than this: a child (unnamed twins are children)
 _FAMILY_SAME = frozenset({Level.EXACT, Level.PART})
+_OTHER_SURNAME = frozenset({Level.CLOSE, Level.SIMILAR, Level.DISAGREE})  # not the same, nor a part or alias
+_TYPO_APART = frozenset({Level.EXACT, Level.ONE_DIGIT, Level.SWAPPED})  # birth dates (a day apart is one digit)
 _ADDRESS_SAME = frozenset({Level.EXACT, Level.STREET, Level.SIMILAR})
 _TWIN_GIVEN = frozenset({Level.CLOSE, Level.SIMILAR, Level.DISAGREE})  # not a nickname or an initial: one person
 # Fields that corroborate a name and a birth date (the levels at which they do).

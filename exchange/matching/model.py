@@ -262,6 +262,9 @@ class Score(Value):
     discounted: tuple[str, ...] = ()  # fields whose positive weight was not counted (household rule)
     moved: tuple[int, ...] = ()  # indexes of the move fields that disagreed together (move rule), or ()
     telling: tuple[str, ...] = ()  # individual fields that disagreed with no shared SSN (household rule), or ()
+    # the total before the household rule, when differences that one person has now and then
+    # (PAIRED_FIELDS) told the two apart: a pair it kept from a link is a review (decide), or None
+    paired_before: float | None = None
 
     @property
     def rules(self) -> tuple[str, ...]:
@@ -354,11 +357,13 @@ def _score(levels: tuple[Level, ...], model: Model, a: Features | None, b: Featu
                 weights[i] = 0.0
     telling: tuple[str, ...] = ()
     discounted: tuple[str, ...] = ()
+    before = None
     ssn = levels[_SSN_INDEX]
     if ssn is not _EXACT and ssn is not _TRANSPOSED:
         telling = tuple(name for name, i, tells in _INDIVIDUAL_INDEX if levels[i] in tells)
         if not telling:
             telling = _paired(levels)
+            before = sum(weights) if telling else None
         if telling:
             shared = _HOUSEHOLD_INDEX if ssn is not _ONE_DIGIT else _HOUSEHOLD_AND_SSN_INDEX  # siblings' SSNs
             discounted = tuple(n for n, i in shared if weights[i] > 0)  # are often issued in sequence
@@ -366,7 +371,7 @@ def _score(levels: tuple[Level, ...], model: Model, a: Features | None, b: Featu
                 if weights[i] > 0:
                     weights[i] = 0.0
     return Score(sum(weights), levels, tuple(weights), adjustments, discounted, moved if len(moved) > 1 else (),
-                 telling)
+                 telling, before)
 
 
 def _paired(levels: tuple[Level, ...]) -> tuple[str, ...]:

@@ -150,16 +150,21 @@ def retire_emptied(conn: Connection, went: Mapping[int, set[int | None]]) -> Non
 
 
 def carry_opt_outs(conn: Connection, moves: Iterable[tuple[int | None, int | None]], now: datetime,
-                   message_id: int | None = None) -> list[int]:
+                   message_id: int | None = None, *, record_of: str | None = None) -> list[int]:
     """For each (from person, to person) of records that moved: the target takes the holds of a
     protected source it lacks (every facility's Y, every technician's: each stands until its own
-    lifting). Returns the persons whose holds changed."""
+    lifting). With ``record_of`` (a facility's merge held back at the persons: one record of that
+    facility lives on in the target), only that facility's PD1-12 hold and the technicians' go:
+    another facility's stays where its N can reach it. Returns the persons whose holds changed."""
     pairs = {(a, b) for a, b in moves if a is not None and b is not None and a != b}
     if not pairs:
         return []
     sources = {a for a, _ in pairs}
     protected = {r.id: holds_of(True, r.protected_by) for r in conn.execute(
         select(person.c.id, person.c.protected_by).where(person.c.id.in_(sorted(sources)), person.c.protected))}
+    if record_of is not None:
+        protected = {p: kept for p, hs in protected.items()
+                     if (kept := tuple(h for h in hs if not h.startswith(PD1) or h == PD1 + record_of))}
     targets = sorted({b for a, b in pairs if a in protected})
     if not targets:
         return []
@@ -181,9 +186,12 @@ def carry_opt_outs(conn: Connection, moves: Iterable[tuple[int | None, int | Non
             continue
         conn.execute(update(person).where(person.c.id == target)
                      .values(protected=True, protected_by=stored_holds(now_holds)))
+        why = ("a merge at {facility} that did not merge the persons retired a record of person {source}, which"
+               " had opted out, into this person's" if record_of is not None
+               else "records of person {source}, which had opted out, joined this person")
         conn.execute(insert(opt_out_event), [
             {"person_id": target, "protected": True, "by": shown(added), "message_id": message_id, "at": now,
-             "reason": f"records of person {source}, which had opted out, joined this person"}
+             "reason": why.format(facility=record_of, source=source)}
             for source, added in came])
         out.append(target)
     return out

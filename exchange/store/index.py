@@ -141,9 +141,9 @@ class Plan:
     restored: dict[Key, LastLink] = field(default_factory=dict)  # replay: records placed by their link history
     replaced: dict[str, int | str] = field(default_factory=dict)  # a placeholder no record kept -> where it went
     told: dict[Hashable, list[Problem]] = field(default_factory=dict)  # message ref -> what its sender is told
-    # (from person, to person): opt-outs that follow a record without the persons merging (a merge
-    # held back: the retired record lives on as the survivor, in the survivor's person)
-    opt_outs: list[tuple[int | str, int | str]] = field(default_factory=list)
+    # (from person, to person, facility): opt-outs that follow a record of the facility without the
+    # persons merging (its merge held back: the retired record lives on as the survivor)
+    opt_outs: list[tuple[int | str, int | str, str]] = field(default_factory=list)
 
 
 def plan(conn: Connection, state: MemoryState, model: Model) -> Plan:
@@ -421,7 +421,7 @@ def _merge_persons(out, state, ids, stored, known, members, survivor: Key, retir
     if conflicts:
         out.reviews.append(_conflict_review(survivor, retired, target, conflicts, known, model, ref))
         out.told.setdefault(ref, []).append(MERGE_HELD)
-        out.opt_outs.append((source, target))  # the patient's opt-out goes with the survivor all the same
+        out.opt_outs.append((source, target, survivor[0]))  # the patient's opt-out goes with the survivor
         return set()  # nothing joined the survivor's person
     taken = {k[0] for k in members.get(target, set()) if k in known and k != retired}
     theirs = set(members.get(target, set())) - {retired}  # the survivor's person before the merge
@@ -828,7 +828,9 @@ def write(conn: Connection, plan_: Plan, state: MemoryState, model: Model, now: 
     moved = [(e["kind"], person(e["from_person"]), person(e["to_person"])) for e in plan_.events
              if e["from_person"] is not None]
     # a record that leaves a person who opted out takes the opt-out along (a merge, a new match)
-    carry_opt_outs(conn, [(a, b) for _, a, b in moved] + [(person(a), person(b)) for a, b in plan_.opt_outs], now)
+    carry_opt_outs(conn, [(a, b) for _, a, b in moved], now)
+    for a, b, facility in plan_.opt_outs:
+        carry_opt_outs(conn, [(person(a), person(b))], now, record_of=facility)
     # a person a facility's merge (A40) emptied answers merged_into the survivor's person, as
     # after a technician's merge; undoing the merge clears it again
     merged: dict[int, set[int | None]] = {}

@@ -81,6 +81,9 @@ REASON_TEXT: dict[str, str] = {
                                      "phone or address agreeing: possibly two different people.",
     Reason.CONFLICTING_MEMBER: "Another record of that person does not even come close to this one "
                                "(A is like B and B like C, but A is not like C).",
+    Reason.SHARED_HOME: "The home (address, phone) would link them, but their own details differ the way two "
+                        "people of one home do (another surname with a birth date a typo apart, or two such "
+                        "differences): a married woman with a typo, or two residents of one care home.",
     MERGE_CONFLICT: "A facility's merge (A40) was stopped: records of the two persons are marked not a match.",
 }
 
@@ -88,8 +91,8 @@ REASON_TEXT: dict[str, str] = {
 # the family-safety ones first (the most telling is named when there are several).
 HOLD_BACK = (
     Reason.NEWBORN, Reason.POSSIBLE_TWIN, Reason.PARENT_AND_CHILD, Reason.SSN_ONLY, Reason.NO_BIRTH_DATE,
-    Reason.NAME_AND_BIRTH_DATE_ONLY, Reason.CONFLICTING_MEMBER, Reason.SAME_FACILITY, Reason.TWO_PERSONS,
-    Reason.LINK_LOOKS_WRONG, MERGE_CONFLICT,
+    Reason.NAME_AND_BIRTH_DATE_ONLY, Reason.SHARED_HOME, Reason.CONFLICTING_MEMBER, Reason.SAME_FACILITY,
+    Reason.TWO_PERSONS, Reason.LINK_LOOKS_WRONG, MERGE_CONFLICT,
 )
 # Reasons that say where a score fell or what was kept: never why a link was held back.
 NOT_HOLDING = frozenset({Reason.ABOVE_UPPER, Reason.BETWEEN, Reason.BELOW_LOWER, Reason.NO_CANDIDATES,

@@ -237,7 +237,7 @@ def test_an_answer_the_peer_repeats_is_skipped_and_the_copy_in_flight_still_wait
     h.worker.start()
     protocol, transport = h.peers.current
     h.peers.reply(ack("D1", "CA"))
-    h.peers.reply(ack("D1"))  # D1 answered again, while D2 is in flight: not D2's answer
+    h.peers.reply(ack("D1", "AE", "no such ward"))  # its application ACK, while D2 is in flight: not D2's
     assert not transport.disconnected and h.peers.all_sent() == ["D1", "D2"]
     h.peers.reply(ack("D2"))
     h.peers.reply(ack("D2"))

@@ -841,3 +841,21 @@ def test_two_renames_in_one_batch_each_take_their_own_reviews(engine):
         (reviews["H1"], "HX", "open"), (reviews["H2"], "H1", "open")])
     assert [c["mrn"] for c in review_json(engine, reviews["H2"])["candidates"]] == ["G4"]
     assert person(engine, "HHCARE", "HX") != person(engine, "HHCARE", "H1")
+
+
+def test_a_merge_held_back_at_the_persons_carries_only_its_facilitys_hold_and_the_technicians(engine):
+    """A verification audit: the held-back A40 gave the survivor's person another facility's PD1-12
+    hold, which that facility's N could never reach (it holds no record there)."""
+    import json
+
+    from exchange.store.consent import carry_opt_outs, holds_of
+
+    with engine.begin() as conn:
+        for id_, holds in ((901, ["PD1-12 HHCARE", "api tess", "PD1-12 GENHOSP"]), (902, [])):
+            conn.execute(text("insert into person (id, created_at, protected, protected_by) values (:i, :t, :p, :b)"),
+                         {"i": id_, "t": NOW, "p": bool(holds), "b": json.dumps(holds) if holds else None})
+        assert carry_opt_outs(conn, [(901, 902)], NOW, record_of="GENHOSP") == [902]
+    assert holds_of(*rows(engine, "select protected, protected_by from person where id = 902")[0]) == (
+        "api tess", "PD1-12 GENHOSP")
+    [(reason,)] = rows(engine, "select reason from opt_out_event where person_id = 902")
+    assert "a merge at GENHOSP that did not merge the persons" in reason

@@ -295,10 +295,16 @@ def test_0016_keeps_every_hold_an_older_release_wrote_and_takes_any_number_after
                                          (3, False, None, None),
                                          # an older release's merge of 5 into 4 kept 4's setter alone
                                          (4, True, "PD1-12 GENHOSP", None), (5, True, "api tess", 4),
-                                         (6, True, "PD1-12 HHCARE", 5)):
+                                         (6, True, "PD1-12 HHCARE", 5),
+                                         # ... but 8's opt-out was lifted after 7's last change (a verification
+                                         # audit: the upgrade brought a lifted hold back)
+                                         (7, True, "PD1-12 OAKNH", 8), (8, False, None, None)):
             conn.execute(text("INSERT INTO person (id, created_at, protected, protected_by, merged_into)"
                               " VALUES (:id, :at, :p, :by, :into)"),
                          {"id": id_, "at": now, "p": protected, "by": by, "into": into})
+        for person_id, protected, by in ((7, True, "PD1-12 OAKNH"), (8, False, "api tom")):
+            conn.execute(text("INSERT INTO opt_out_event (person_id, protected, by, at) VALUES (:p, :s, :by, :at)"),
+                         {"p": person_id, "s": protected, "by": by, "at": now})
     upgrade(engine)
 
     def holds():
@@ -306,10 +312,11 @@ def test_0016_keeps_every_hold_an_older_release_wrote_and_takes_any_number_after
             return {r.id: holds_of(bool(r.protected), r.protected_by) for r in conn.execute(
                 text("SELECT id, protected, protected_by FROM person ORDER BY id"))}
 
-    assert {k: v for k, v in holds().items() if k <= 4} == {
-        1: ("PD1-12 GENHOSP", "PD1-12 OAKNH"), 2: ("api tess",), 3: (), 4: ("PD1-12 GENHOSP", "api tess", "PD1-12 HHCARE")}
+    assert {k: v for k, v in holds().items() if k <= 4 or k == 8} == {
+        1: ("PD1-12 GENHOSP", "PD1-12 OAKNH"), 2: ("api tess",), 3: (), 4: ("PD1-12 GENHOSP", "api tess", "PD1-12 HHCARE"),
+        8: ()}
     with engine.connect() as conn:  # each fold is in the person's opt-out history
-        assert conn.execute(text("SELECT person_id, by FROM opt_out_event ORDER BY id")).all() == [
+        assert conn.execute(text("SELECT person_id, by FROM opt_out_event WHERE id > 2 ORDER BY id")).all() == [
             (4, "api tess"), (4, "PD1-12 HHCARE")]
     many = json.dumps([f"PD1-12 ST_ELIZABETH_REGIONAL_MEDCTR_{c}" for c in "ABCDE"] + ["api tess"])
     with engine.begin() as conn:  # more than 128 characters of holds, on PostgreSQL too

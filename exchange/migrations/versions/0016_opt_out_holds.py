@@ -65,10 +65,17 @@ MAX_MERGE_HOPS = 100  # exchange.store.schema.MAX_MERGE_HOPS
 def _fold_merged_holds(conn) -> None:
     """A protected person merged into another whose holds an older release did not carry over
     (it kept the survivor's alone): the person that holds its records now takes them, with a
-    line in its opt-out history."""
+    line in its opt-out history -- unless that person's opt-out was lifted after the merged
+    person's last change (lifted for the patient: by the records office, or by the facility's N
+    after the merge carried it)."""
     persons = {r.id: r for r in conn.execute(sa.text(
         "SELECT id, merged_into, protected, protected_by FROM person WHERE protected OR merged_into IS NOT NULL"))}
     holds = {pid: json.loads(r.protected_by) if r.protected and r.protected_by else [] for pid, r in persons.items()}
+    # each person's last opt-out change, and its last lifting: a hold lifted at the survivor after the
+    # merged person's last change was lifted for the patient (the records office, the facility's N)
+    last = dict(conn.execute(sa.text("SELECT person_id, max(id) FROM opt_out_event GROUP BY person_id")).all())
+    lifted = dict(conn.execute(sa.text(
+        "SELECT person_id, max(id) FROM opt_out_event WHERE NOT protected GROUP BY person_id")).all())
     added: dict[int, list[tuple[int, list[str]]]] = {}
     for pid, r in sorted(persons.items()):
         if not r.protected or r.merged_into is None:
@@ -76,6 +83,8 @@ def _fold_merged_holds(conn) -> None:
         live, hops = r.merged_into, 0
         while live in persons and persons[live].merged_into is not None and hops < MAX_MERGE_HOPS:
             live, hops = persons[live].merged_into, hops + 1
+        if lifted.get(live, 0) > last.get(pid, 0):
+            continue
         target = holds.setdefault(live, [])
         missing = [h for h in holds[pid] if h not in target]
         if missing:
