@@ -59,7 +59,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, func, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, func, or_, select, union_all, update
 from sqlalchemy.dialects import postgresql
 
 from exchange.config import Config
@@ -909,8 +909,8 @@ def list_deliveries(
     from ``after`` (the last id of the page before: its ``next``).
 
     Queued ones oldest first (the order they go out); otherwise newest first
-    (``state=delivered`` is the accounting of disclosures, latest first). A person's are
-    also those of every person merged into it (``consent.merged_persons``).
+    (``state=delivered`` is the accounting of disclosures, latest first). A person's are the
+    copies about its patient (``_about_person``).
     """
     limit = max(1, min(limit, LIST_LIMIT_MAX))
     stmt = _VIEW
@@ -921,10 +921,25 @@ def list_deliveries(
         stmt = stmt.where(delivery.c.id > after if state is DeliveryState.QUEUED else delivery.c.id < after)
     if destination is not None:
         stmt = stmt.where(delivery.c.destination == destination)
-    if person_id is not None:  # the patient's, under the persons merged into this one too
-        stmt = stmt.where(delivery.c.person_id.in_(merged_persons(conn, person_id)))
+    if person_id is not None:
+        stmt = stmt.where(delivery.c.id.in_(_about_person(conn, person_id)))
     stmt = stmt.order_by(delivery.c.id if state is DeliveryState.QUEUED else delivery.c.id.desc())
     return [_view(row) for row in conn.execute(stmt.limit(limit))]
+
+
+def _about_person(conn: Connection, person_id: int):
+    """The ids of the copies about a person's patient, as its records stand now: a copy about
+    a sender's record that is one of the person's records (or of a person merged into it), and a
+    copy recorded under the person (or one merged into it) whose sender's record no longer goes by
+    that MRN (renamed). A copy about a record split off to another person is that person's, not
+    this one's: a wrongly linked patient's disclosures follow the patient, and are never listed as
+    another patient's."""
+    persons = merged_persons(conn, person_id)
+    same_record = and_(patient_record.c.facility == delivery.c.facility, patient_record.c.mrn == delivery.c.mrn)
+    by_record = select(delivery.c.id).join(patient_record, same_record).where(patient_record.c.person_id.in_(persons))
+    by_person = select(delivery.c.id).where(delivery.c.person_id.in_(persons),
+                                            ~select(patient_record.c.id).where(same_record).exists())
+    return union_all(by_record, by_person)
 
 
 def message_deliveries(conn: Connection, message_id: int) -> list[DeliveryView]:

@@ -602,6 +602,8 @@ class Delivery(Base):
         # Routing a cancel: the destinations sent something about the sender's visit (or, for
         # copies without a visit number or queued before 0012, about the sender's record).
         Index("ix_delivery_facility_visit", "facility", "visit", "mrn"),
+        # A patient's accounting of disclosures: the copies about each of the person's records.
+        Index("ix_delivery_facility_mrn", "facility", "mrn"),
     )
 
 

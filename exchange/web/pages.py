@@ -19,6 +19,7 @@ from urllib.parse import quote, unquote
 
 from exchange.matching.decide import Reason
 from exchange.store.outbox import DeliveryState
+from exchange.store.consent import PD1
 from exchange.store.reviews import UNDOABLE, ReviewState
 
 DEFAULT_PAGE = "/reviews"
@@ -51,6 +52,18 @@ REVIEW_STATES = tuple(s.value for s in ReviewState) + ("all",)
 MERGE_CONFLICT = "merge_conflict"  # exchange.store.index.MERGE_CONFLICT: a review's kind, also seen as a reason
 
 # Why the patient index decided as it did (exchange.matching.decide.Reason), as a technician reads it.
+# Direction controls and invisible characters: "\u202eNOSREDNA\u202c" shows as ANDERSON, "JOHN\u200b" as
+# JOHN. Every value the workbench shows has them as visible marks (``visible``, the templates' finalize).
+_INVISIBLE = re.compile("[\u00ad\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
+
+
+def visible(value: Any) -> Any:
+    """A value as the page shows it: each invisible character as a visible mark (<U+202E>)."""
+    if type(value) is str and _INVISIBLE.search(value):  # (not Markup: the templates' own HTML)
+        return _INVISIBLE.sub(lambda m: f"<U+{ord(m.group()):04X}>", value)
+    return value
+
+
 REASON_TEXT: dict[str, str] = {
     Reason.ABOVE_UPPER: "The best candidate scores at or above the link threshold.",
     Reason.BETWEEN: "The best candidate scores between the review and the link thresholds: "
@@ -604,6 +617,7 @@ class PersonPage:
     created_at: str
     protected: bool
     protected_by: str | None
+    office_hold: bool  # a technician's or admin's hold stands (the records office's: no facility's N lifts it)
     opt_out_history: tuple[OptOutRow, ...]
     best: tuple[BestRow, ...]
     records: tuple[PersonRecord, ...]
@@ -660,6 +674,7 @@ def person_page(view: Mapping[str, Any], history: Mapping[str, Any] | None, *, c
         id=view["person"], merged_into=merged_into, merged_into_href=person_href(merged_into),
         created_at=when(view.get("created_at")), protected=bool(opt_out.get("protected")),
         protected_by=opt_out.get("by"),
+        office_hold=any(not h.startswith(PD1) for h in opt_out.get("holds") or ()),
         opt_out_history=tuple(OptOutRow(when(e.get("at")), "set" if e.get("protected") else "lifted",
                                         e.get("by") or "", e.get("reason") or "")
                               for e in opt_out.get("history") or ()),

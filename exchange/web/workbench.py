@@ -323,7 +323,7 @@ class Workbench:
         self.hashing = DeferredSemaphore(2)  # at most two scrypt checks at once: the pool also serves reads
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True, undefined=jinja2.StrictUndefined,
-            trim_blocks=True, lstrip_blocks=True,
+            trim_blocks=True, lstrip_blocks=True, finalize=pages.visible,
         )
         self.env.filters["seg"] = pages.segment
         # Read once, here: no file I/O on the reactor thread while serving.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -302,3 +303,32 @@ def test_a_message_read_audits_the_records_its_copies_name(api: Harness) -> None
     assert api.get("/api/messages/GENHOSP/MSG-1", token)[0] == 200
     assert [(r["resource"], r["facility"], r["key"]) for r in api.audit()] == [
         ("message", "GENHOSP", "MSG-1"), ("record", "GENHOSP", "100001"), ("record", "HHCARE", "HH-77")]
+
+
+def test_a_patients_disclosures_follow_the_patients_records_not_a_wrong_link(api: Harness) -> None:
+    """A privacy audit: HH-11, wrongly linked to another patient's person, was split off; the copies
+    of its registration stayed listed under the other patient (another patient's disclosure in his
+    accounting) and the split-off patient's own accounting was empty."""
+    from sqlalchemy import text
+
+    from tests.test_reviews import add_record
+
+    token = api.token("olga", "admin")
+    [message_id] = api.store(message("MSG-9"))
+    with write_transaction(api.engine) as conn:
+        wrong = add_record(conn, "GENHOSP", "GH-11")
+        add_record(conn, "HHCARE", "HH-11", wrong)
+        ids = enqueue(conn, [
+            replace(copy(message_id, 91, "OAKNH", wrong), facility="HHCARE", mrn="HH-11"),
+            replace(copy(message_id, 92, "OAKNH", wrong), facility="GENHOSP", mrn="GH-11"),
+            replace(copy(message_id, 93, "OAKNH", wrong), facility="GENHOSP", mrn="GH-OLD")])  # renamed since
+        for id_ in ids:
+            mark_delivered(conn, id_, at=T0, ack_code="AA", ack=b"")
+        own = add_record(conn, "CLINIC", "C-1")  # the split: HH-11 goes to a person of its own
+        conn.execute(text("update patient_record set person_id = :p where mrn = 'HH-11'"), {"p": own})
+
+    def listed(person: int) -> list[str]:
+        return [d["control_id"] for d in api.get(f"/api/deliveries?state=delivered&person={person}", token)[1][
+            "deliveries"]]
+
+    assert listed(own) == ["D91"] and listed(wrong) == ["D93", "D92"]

@@ -420,6 +420,13 @@ def test_patient_data_is_escaped(web):
     assert page.code == 200
     assert "<script>alert(1)" not in page.text and "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
     assert 'href="/records/GENHOSP/%3Cb%3EX"' in browser.get(f"/persons/{person}").text
+    # a direction override or an invisible character shows as a mark (a privacy audit: "\u202eNOSREDNA\u202c"
+    # showed as ANDERSON beside ANDERSON, scored as another surname)
+    with write_transaction(wb.engine) as conn:
+        other = add_record(conn, "GENHOSP", "RLO-1", family="\u202eNOSREDNA\u202c", given="JO\u200bHN")
+    shown = browser.get(f"/persons/{other}").text
+    assert "&lt;U+202E&gt;NOSREDNA&lt;U+202C&gt;" in shown and "JO&lt;U+200B&gt;HN" in shown
+    assert "\u202e" not in shown and "\u200b" not in shown
 
 
 def test_bad_input_is_a_400_page_with_the_reason(web):
@@ -616,6 +623,30 @@ def test_split_merge_and_opt_out_from_the_person_page(wb):
         ("person", f"{person}<-{split_off}", "ok"), ("person", str(person), "ok"),
         ("person", str(person), "invalid"), ("person", None, "invalid"),
     ]
+
+
+def test_the_records_office_adds_its_own_opt_out_beside_a_facilitys(wb):
+    """A privacy audit: a person a facility's PD1-12 Y protected offered only "Lift": the patient's
+    own request at the records office could not be recorded, and the facility's N later let every
+    copy go."""
+    from sqlalchemy import text
+
+    s = scene(wb)
+    person = s["person"]
+    with write_transaction(wb.engine) as conn:
+        conn.execute(text("update person set protected = :t, protected_by = :by where id = :p"),
+                     {"t": True, "by": '["PD1-12 GENHOSP"]', "p": person})
+    browser = logged_in(wb)
+    page = browser.get(f"/persons/{person}")
+    forms = re.findall(r'<form method="post" action="/persons/\d+/opt-out">(.*?)</form>', page.text, re.S)
+    assert len(forms) == 2 and 'value="true"' in forms[0] and "Add the records office" in forms[0]
+    assert 'value="false"' in forms[1] and "Lift the opt-out" in forms[1]
+    assert browser.post(f"/persons/{person}/opt-out", {"csrf": page.csrf(), "protected": "true",
+                                                       "reason": "asked by phone"}).code == 303
+    page = browser.get(f"/persons/{person}")
+    assert "PD1-12 GENHOSP, workbench tess" in page.text
+    forms = re.findall(r'<form method="post" action="/persons/\d+/opt-out">(.*?)</form>', page.text, re.S)
+    assert len(forms) == 1 and "Lift the opt-out" in forms[0]  # the office's hold stands: nothing more to add
 
 
 # -- deliveries (admins) -------------------------------------------------------------------------------

@@ -198,5 +198,11 @@ def test_a_very_long_value_wraps_instead_of_widening_the_page(chrome, database_u
             wide, view = driver.execute_script(
                 "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
             assert wide <= view + 2, (path, wide, view)
+        # ... and the short columns beside it keep their width (a privacy audit: "G/E/N/H/O/S/P" one
+        # letter a line)
+        narrowest = driver.execute_script(
+            "return Math.min(...Array.from(document.querySelectorAll('table.best tbody th, table.best td:last-child'))"
+            ".map(e => e.getBoundingClientRect().width))")
+        assert narrowest > 60, narrowest
     finally:
         assert server.terminate() == 0

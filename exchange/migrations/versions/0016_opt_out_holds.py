@@ -3,8 +3,9 @@ text, no length cap; ``opt_out_event.by`` text). Before, one string of at most 1
 held either the facilities whose PD1-12 = Y set it ("PD1-12 GENHOSP, OAKNH") or the one
 technician who did ("api tess"): a merge kept only one person's, a technician's set replaced
 a facility's, and a fifth facility's Y did not fit. The holds a merge dropped are folded into
-the person that holds the merged person's records now. And ``person.merged_into`` is indexed
-(the persons merged into one: a patient's accounting of disclosures).
+the person that holds the merged person's records now. And ``person.merged_into`` and
+``delivery (facility, mrn)`` are indexed: a patient's accounting of disclosures reads the
+persons merged into one and the copies about each of its records.
 
 Revision ID: 0016
 Revises: 0015
@@ -50,6 +51,7 @@ def _alter(table: str, column: str, type_, existing, nullable: bool) -> None:
 def upgrade() -> None:
     conn = op.get_bind()
     op.create_index("ix_person_merged_into", "person", ["merged_into"])
+    op.create_index("ix_delivery_facility_mrn", "delivery", ["facility", "mrn"])
     _alter("person", "protected_by", sa.Text(), sa.String(128), True)
     _alter("opt_out_event", "by", sa.Text(), sa.String(128), False)
     rows = conn.execute(sa.text("SELECT id, protected_by FROM person WHERE protected")).all()
@@ -108,6 +110,7 @@ def _fold_merged_holds(conn) -> None:
 def downgrade() -> None:
     conn = op.get_bind()
     op.drop_index("ix_person_merged_into", table_name="person")
+    op.drop_index("ix_delivery_facility_mrn", table_name="delivery")
     rows = conn.execute(sa.text("SELECT id, protected_by FROM person WHERE protected")).all()
     for r in rows:
         try:
