@@ -535,6 +535,23 @@ def test_undo_a_split_and_a_merge(tx):
     assert reviews.person_view(tx, q)["merged_into"] is None
 
 
+def test_undoing_a_wrong_merge_takes_the_opt_out_it_brought_back_with_the_records(tx):
+    """A privacy audit: a merge carried the other patient's opt-out to the innocent person; after
+    the undo it stayed there, attributed to a technician who never set it, and that patient's
+    events were routed nowhere."""
+    innocent = add_record(tx, *HH, **HANSON)
+    reviews.set_opt_out(tx, innocent, True, actor="olga", now=NOW, reason="her own request")
+    other = add_record(tx, *OA, **HANSON)
+    reviews.set_opt_out(tx, other, True, actor="tess", now=NOW, reason="asked at the desk")
+    merge = reviews.merge_persons(tx, innocent, other, actor="tom", now=NOW, force=True)
+    assert reviews.person_view(tx, innocent)["opt_out"]["holds"] == ["api olga", "api tess"]
+    undo(tx, merge["id"])
+    assert reviews.person_view(tx, innocent)["opt_out"]["holds"] == ["api olga"]  # her own stays
+    assert reviews.person_view(tx, other)["opt_out"]["holds"][0] == "api tess"
+    last = reviews.opt_out_history(tx, innocent)[-1]
+    assert (last["protected"], last["by"]) == (True, "api tess") and f"undo of decision {merge['id']}" in last["reason"]
+
+
 def test_undo_scores_a_restored_automatic_link_again(tx):
     """Found by a black-box audit: undoing a split put the record back with its old automatic
     link and score although its facility had renamed the patient since (a twin)."""

@@ -149,6 +149,41 @@ def retire_emptied(conn: Connection, went: Mapping[int, set[int | None]]) -> Non
         ).values(merged_into=next(iter(dests))))
 
 
+CARRIED = "records of person {source}, which had opted out, joined this person"  # opt_out_event.reason
+
+
+def take_back_carried(conn: Connection, back: Mapping[int, set[int]], since: datetime, now: datetime,
+                      decision: int) -> None:
+    """An undone decision sent records back (``back``: the person they leave -> the persons they
+    went back to): each person they leave gives up the holds they brought along at or after
+    ``since`` (its opt_out_event rows ``CARRIED`` from those persons) that the person they went
+    back to holds -- the patient's opt-out goes back with the patient, and an innocent person the
+    wrong merge protected is not left protected by another patient's request."""
+    for left, sources in sorted(back.items()):
+        row = conn.execute(select(person.c.protected, person.c.protected_by).where(person.c.id == left)
+                           .with_for_update()).first()
+        holds = holds_of(bool(row.protected), row.protected_by) if row is not None else ()
+        if not holds:
+            continue
+        theirs = {h for p in sources if (r := conn.execute(select(person.c.protected, person.c.protected_by)
+                                                              .where(person.c.id == p)).first()) is not None
+                  for h in holds_of(bool(r.protected), r.protected_by)}
+        carried = [e.by for e in conn.execute(
+            select(opt_out_event.c.by, opt_out_event.c.reason).where(
+                opt_out_event.c.person_id == left, opt_out_event.c.protected, opt_out_event.c.at >= since))
+            if e.reason in {CARRIED.format(source=p) for p in sources}]
+        taken = [h for h in holds if h in theirs and any(f", {h}, " in f", {by}, " for by in carried)]
+        if not taken:
+            continue
+        kept = tuple(h for h in holds if h not in taken)
+        conn.execute(update(person).where(person.c.id == left)
+                     .values(protected=bool(kept), protected_by=stored_holds(kept)))
+        conn.execute(insert(opt_out_event).values(
+            person_id=left, protected=bool(kept), by=shown(taken), at=now,
+            reason=f"the undo of decision {decision} took the records back to person"
+                   f" {', '.join(map(str, sorted(sources)))}, and their opt-out with them"))
+
+
 def carry_opt_outs(conn: Connection, moves: Iterable[tuple[int | None, int | None]], now: datetime,
                    message_id: int | None = None, *, record_of: str | None = None) -> list[int]:
     """For each (from person, to person) of records that moved: the target takes the holds of a
@@ -187,8 +222,7 @@ def carry_opt_outs(conn: Connection, moves: Iterable[tuple[int | None, int | Non
         conn.execute(update(person).where(person.c.id == target)
                      .values(protected=True, protected_by=stored_holds(now_holds)))
         why = ("a merge at {facility} that did not merge the persons retired a record of person {source}, which"
-               " had opted out, into this person's" if record_of is not None
-               else "records of person {source}, which had opted out, joined this person")
+               " had opted out, into this person's" if record_of is not None else CARRIED)
         conn.execute(insert(opt_out_event), [
             {"person_id": target, "protected": True, "by": shown(added), "message_id": message_id, "at": now,
              "reason": why.format(facility=record_of, source=source)}
