@@ -26,6 +26,7 @@ from exchange.store.schema import (
     person_table as person,
 )
 
+PERSONS_PER_SELECT = 400  # ids in one IN list (SQLite takes at most 32,766 bound values)
 PD1 = "PD1-12 "  # a facility's hold: "PD1-12 GENHOSP"
 
 
@@ -53,6 +54,15 @@ def lock_persons(conn: Connection, ids: Iterable[int]) -> None:
                      .order_by(person.c.id).with_for_update())
 
 
+def person_holds(conn: Connection, ids: Iterable[int]) -> dict[int, tuple[str, ...]]:
+    """The holds of each person of ``ids`` that exists (() when not protected)."""
+    ordered = sorted(set(ids))
+    return {r.id: holds_of(bool(r.protected), r.protected_by)
+            for i in range(0, len(ordered), PERSONS_PER_SELECT)
+            for r in conn.execute(select(person.c.id, person.c.protected, person.c.protected_by)
+                                  .where(person.c.id.in_(ordered[i:i + PERSONS_PER_SELECT])))}
+
+
 def stored_holds(holds: Sequence[str]) -> str | None:
     """``person.protected_by`` for ``holds`` (None: not protected)."""
     return json.dumps(list(holds)) if holds else None
@@ -61,9 +71,6 @@ def stored_holds(holds: Sequence[str]) -> str | None:
 def shown(holds: Sequence[str]) -> str | None:
     """The holds as one line (the API's ``opt_out.by``): "PD1-12 OAKNH, api tess"."""
     return ", ".join(holds) or None
-
-
-PERSONS_PER_SELECT = 400  # ids in one IN list (SQLite takes at most 32,766 bound values)
 
 
 def merge_chains(conn: Connection, ids: Iterable[int]) -> dict[int, Any]:
@@ -160,14 +167,10 @@ def take_back_carried(conn: Connection, back: Mapping[int, set[int]], since: dat
     back to holds -- the patient's opt-out goes back with the patient, and an innocent person the
     wrong merge protected is not left protected by another patient's request."""
     for left, sources in sorted(back.items()):
-        row = conn.execute(select(person.c.protected, person.c.protected_by).where(person.c.id == left)
-                           .with_for_update()).first()
-        holds = holds_of(bool(row.protected), row.protected_by) if row is not None else ()
+        holds = person_holds(conn, [left]).get(left, ())
         if not holds:
             continue
-        theirs = {h for p in sources if (r := conn.execute(select(person.c.protected, person.c.protected_by)
-                                                              .where(person.c.id == p)).first()) is not None
-                  for h in holds_of(bool(r.protected), r.protected_by)}
+        theirs = {h for hs in person_holds(conn, sources).values() for h in hs}
         carried = [e.by for e in conn.execute(
             select(opt_out_event.c.by, opt_out_event.c.reason).where(
                 opt_out_event.c.person_id == left, opt_out_event.c.protected, opt_out_event.c.at >= since))
@@ -205,8 +208,7 @@ def carry_opt_outs(conn: Connection, moves: Iterable[tuple[int | None, int | Non
         return []
     if conn.dialect.name != "sqlite":  # another node's batch may change their holds meanwhile
         lock_persons(conn, targets)
-    holds = {r.id: holds_of(r.protected, r.protected_by) for r in conn.execute(
-        select(person.c.id, person.c.protected, person.c.protected_by).where(person.c.id.in_(targets)))}
+    holds = person_holds(conn, targets)
     out = []
     for target in targets:
         if target not in holds:
