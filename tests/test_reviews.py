@@ -552,6 +552,36 @@ def test_undoing_a_wrong_merge_takes_the_opt_out_it_brought_back_with_the_record
     assert (last["protected"], last["by"]) == (True, "api tess") and f"undo of decision {merge['id']}" in last["reason"]
 
 
+def test_an_undo_does_not_bring_back_a_hold_lifted_while_the_records_were_merged(tx):
+    """A last verification audit: merged, the patient asked the records office to lift the
+    opt-out (or the facility said N about its record); the undo gave the records back to their
+    person with the old hold, and nothing in its history said why."""
+    kept = add_record(tx, *GH, **HANSON)
+    away = add_record(tx, *OA, **HANSON)
+    reviews.set_opt_out(tx, away, True, actor="tess", now=NOW, reason="asked")
+    merge = reviews.merge_persons(tx, kept, away, actor="tom", now=NOW, force=True)
+    reviews.set_opt_out(tx, kept, False, actor="olga", now=NOW, reason="the patient asks to share with all")
+    undo(tx, merge["id"])
+    assert reviews.person_view(tx, away)["opt_out"]["holds"] == []
+    last = reviews.opt_out_history(tx, away)[-1]
+    assert (last["protected"], last["by"]) == (False, "api tess") and "without what was lifted" in last["reason"]
+    # ... nor one its facility lifted (PD1-12 N about its record, while merged)
+    from sqlalchemy import text
+
+    kept, away = add_record(tx, *HH, **HANSON), add_record(tx, "CLINIC", "C-9", **HANSON)
+    tx.execute(text("update person set protected = :t, protected_by = :b where id = :p"),
+               {"t": True, "b": '["PD1-12 CLINIC"]', "p": away})
+    merge = reviews.merge_persons(tx, kept, away, actor="tom", now=NOW, force=True)
+    assert reviews.person_view(tx, kept)["opt_out"]["holds"] == ["PD1-12 CLINIC"]
+    tx.execute(text("update person set protected = :f, protected_by = null where id = :p"), {"f": False, "p": kept})
+    from exchange.store.schema import opt_out_event_table
+
+    tx.execute(insert(opt_out_event_table).values(person_id=kept, protected=False, by="PD1-12 CLINIC", at=NOW))
+    # (as routing writes CLINIC's N)
+    undo(tx, merge["id"])
+    assert reviews.person_view(tx, away)["opt_out"]["holds"] == []
+
+
 def test_undo_scores_a_restored_automatic_link_again(tx):
     """Found by a black-box audit: undoing a split put the record back with its old automatic
     link and score although its facility had renamed the patient since (a twin)."""

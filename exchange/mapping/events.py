@@ -58,6 +58,7 @@ from typing import Protocol
 from exchange.hl7.header import Header
 from exchange.mapping.message import Message, Segment, is_delete
 from exchange.mapping.values import (
+    INVISIBLE,
     MAX_DOCUMENT_NUMBER,
     MAX_MRN,
     MAX_VISIT,
@@ -477,10 +478,9 @@ def _choose_mrn(identifiers: list[Identifier], authority: str) -> Identifier | N
 
 
 # C0 and C1 controls, DEL, the Unicode line and paragraph separators (each a line break to
-# str.splitlines, a CSV reader or a terminal), and the invisible format characters (a soft
-# hyphen, zero-width spaces and joiners, direction marks and overrides, the BOM): "ID\u200b1"
-# looks exactly like "ID1" and would be another patient's record
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\xad\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]")
+# str.splitlines, a CSV reader or a terminal), and the characters that show as nothing
+# (values.INVISIBLE): "ID\u200b1" looks exactly like "ID1" and would be another patient's record
+_CONTROL = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{INVISIBLE}]")
 
 
 def _usable_key(value: str, location: str, what: str, limit: int) -> None:

@@ -18,6 +18,14 @@ from enum import Enum, StrEnum
 
 from exchange.outcome import Value
 
+# Characters that show as nothing (Unicode's default-ignorable code points: a soft hyphen,
+# zero-width spaces and joiners, direction marks and overrides, Hangul fillers, variation
+# selectors, tags, the BOM), as a regular-expression class: "ID\u200b1" looks like "ID1",
+# "\u202eNOSREDNA\u202c" like ANDERSON. No identifier takes one (mapping.events); the
+# workbench shows each as a mark (web.pages).
+INVISIBLE = ("\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
+             "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\U000e0000-\U000e0fff")
+
 # The longest keys the record model keeps (the store's columns are this wide): an MRN (CX.1), a
 # visit number (PV1-19, CX) and a document number (TXA-12, EI). A longer one is refused (AE 102):
 # cut, two would become one.

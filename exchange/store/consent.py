@@ -159,32 +159,50 @@ def retire_emptied(conn: Connection, went: Mapping[int, set[int | None]]) -> Non
 CARRIED = "records of person {source}, which had opted out, joined this person"  # opt_out_event.reason
 
 
-def take_back_carried(conn: Connection, back: Mapping[int, set[int]], since: datetime, now: datetime,
-                      decision: int) -> None:
+def settle_undone_holds(conn: Connection, back: Mapping[int, set[int]], since: datetime, now: datetime,
+                        decision: int) -> None:
     """An undone decision sent records back (``back``: the person they leave -> the persons they
-    went back to): each person they leave gives up the holds they brought along at or after
-    ``since`` (its opt_out_event rows ``CARRIED`` from those persons) that the person they went
-    back to holds -- the patient's opt-out goes back with the patient, and an innocent person the
-    wrong merge protected is not left protected by another patient's request."""
+    went back to, the ones the decision had emptied). The holds go with the records, as their
+    history since the decision (``since``) says: the person they leave gives up the holds they
+    brought along (its opt_out_event rows ``CARRIED`` from those persons) that the person they go
+    back to holds -- an innocent person a wrong merge protected is not left protected by another
+    patient's request; and the person they go back to gives up what was lifted from them while
+    they were away -- a facility's N about its hold, the records office's lifting of every hold
+    they had brought (a lifted opt-out does not come back with an undo)."""
     for left, sources in sorted(back.items()):
-        holds = person_holds(conn, [left]).get(left, ())
-        if not holds:
-            continue
-        theirs = {h for hs in person_holds(conn, sources).values() for h in hs}
-        carried = [e.by for e in conn.execute(
-            select(opt_out_event.c.by, opt_out_event.c.reason).where(
-                opt_out_event.c.person_id == left, opt_out_event.c.protected, opt_out_event.c.at >= since))
-            if e.reason in {CARRIED.format(source=p) for p in sources}]
-        taken = [h for h in holds if h in theirs and any(f", {h}, " in f", {by}, " for by in carried)]
-        if not taken:
-            continue
-        kept = tuple(h for h in holds if h not in taken)
-        conn.execute(update(person).where(person.c.id == left)
-                     .values(protected=bool(kept), protected_by=stored_holds(kept)))
-        conn.execute(insert(opt_out_event).values(
-            person_id=left, protected=bool(kept), by=shown(taken), at=now,
-            reason=f"the undo of decision {decision} took the records back to person"
-                   f" {', '.join(map(str, sorted(sources)))}, and their opt-out with them"))
+        events = conn.execute(select(opt_out_event.c.protected, opt_out_event.c.by, opt_out_event.c.reason)
+                              .where(opt_out_event.c.person_id == left, opt_out_event.c.at >= since)
+                              .order_by(opt_out_event.c.id)).all()
+        came = {p: [e.by for e in events if e.protected and e.reason == CARRIED.format(source=p)] for p in sources}
+        lifted = [e.by for e in events if not e.protected]
+        everything = any(not by.startswith(PD1) for by in lifted)  # a technician's lifting: every hold
+        theirs = person_holds(conn, [left, *sources])
+        mine = theirs.pop(left, ())
+        taken = [h for h in mine if any(h in hs for hs in theirs.values())
+                 and any(_names(by, h) for bys in came.values() for by in bys)]
+        _set_holds(conn, left, mine, taken, now, f"the undo of decision {decision} took the records back to person"
+                   f" {', '.join(map(str, sorted(sources)))}, and their opt-out with them")
+        for source, holds in sorted(theirs.items()):
+            gone = [h for h in holds if (h in lifted or everything) and any(_names(by, h) for by in came[source])]
+            _set_holds(conn, source, holds, gone, now, f"the undo of decision {decision} brought the records back"
+                       f" without what was lifted from them while they were with person {left}")
+
+
+def _names(by: str, hold: str) -> bool:
+    """Whether an opt_out_event's ``by`` (holds in one line: ``shown``) names ``hold``."""
+    return f", {hold}, " in f", {by}, "
+
+
+def _set_holds(conn: Connection, person_id: int, holds: Sequence[str], gone: Sequence[str], now: datetime,
+               reason: str) -> None:
+    """The person's holds without ``gone`` (none: nothing changes), with a line in its history."""
+    if not gone:
+        return
+    kept = tuple(h for h in holds if h not in gone)
+    conn.execute(update(person).where(person.c.id == person_id)
+                 .values(protected=bool(kept), protected_by=stored_holds(kept)))
+    conn.execute(insert(opt_out_event).values(person_id=person_id, protected=bool(kept), by=shown(gone), at=now,
+                                              reason=reason))
 
 
 def carry_opt_outs(conn: Connection, moves: Iterable[tuple[int | None, int | None]], now: datetime,

@@ -59,7 +59,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, func, or_, select, union_all, update
+from sqlalchemy import Connection, and_, bindparam, func, or_, select, tuple_, union_all, update
 from sqlalchemy.dialects import postgresql
 
 from exchange.config import Config
@@ -77,6 +77,7 @@ from exchange.store.schema import (
     CONTROL_ID_LEN,
     DELIVERY_REASON_LEN,
     FACILITY_LEN,
+    MAX_MERGE_HOPS,
     MRN_LEN,
     VISIT_LEN,
     delivery_table as delivery,
@@ -929,17 +930,41 @@ def list_deliveries(
 
 def _about_person(conn: Connection, person_id: int):
     """The ids of the copies about a person's patient, as its records stand now: a copy about
-    a sender's record that is one of the person's records (or of a person merged into it), and a
-    copy recorded under the person (or one merged into it) whose sender's record no longer goes by
-    that MRN (renamed). A copy about a record split off to another person is that person's, not
-    this one's: a wrongly linked patient's disclosures follow the patient, and are never listed as
-    another patient's."""
+    one of the patient's records (``_patients_records``), and a copy recorded under the person
+    (or one merged into it) whose sender's record no longer goes by that MRN (renamed). A copy
+    about a record split off to another person is that person's, not this one's: a wrongly linked
+    patient's disclosures follow the patient, and are never listed as another patient's."""
     persons = merged_persons(conn, person_id)
+    keys = sorted(_patients_records(conn, persons))
     same_record = and_(patient_record.c.facility == delivery.c.facility, patient_record.c.mrn == delivery.c.mrn)
-    by_record = select(delivery.c.id).join(patient_record, same_record).where(patient_record.c.person_id.in_(persons))
     by_person = select(delivery.c.id).where(delivery.c.person_id.in_(persons),
                                             ~select(patient_record.c.id).where(same_record).exists())
+    if not keys:
+        return by_person
+    by_record = select(delivery.c.id).where(tuple_(delivery.c.facility, delivery.c.mrn).in_(keys))
     return union_all(by_record, by_person)
+
+
+def _patients_records(conn: Connection, persons: list[int]) -> set[tuple[str, str]]:
+    """The records of the patient ``persons`` hold now: their records, and the records a facility
+    merged into one of them (A40), wherever the merged-away record's person was left -- but not a
+    merged-away record whose survivor has since gone to another person (split off)."""
+    rows = conn.execute(select(patient_record.c.facility, patient_record.c.mrn, patient_record.c.active)
+                        .where(patient_record.c.person_id.in_(persons))).all()
+    keys = {(r.facility, r.mrn) for r in rows}
+    frontier = {(r.facility, r.mrn) for r in rows if r.active}
+    for _ in range(MAX_MERGE_HOPS):  # the records merged into those, and into those in turn
+        if not frontier:
+            break
+        found = {(r.facility, r.mrn) for r in conn.execute(
+            select(patient_record.c.facility, patient_record.c.mrn)
+            .where(~patient_record.c.active,
+                   tuple_(patient_record.c.facility, patient_record.c.merged_into_mrn).in_(sorted(frontier))))}
+        frontier = found - keys
+        keys |= found
+    owners = record_owners(conn, keys)  # the person of each record's survivor (None: no survivor)
+    mine = {(r.facility, r.mrn) for r in rows}
+    return {k for k in keys if owners.get(k) in persons or owners.get(k) is None and k in mine}
 
 
 def message_deliveries(conn: Connection, message_id: int) -> list[DeliveryView]:

@@ -69,7 +69,7 @@ from exchange.matching.compare import FIELD_NAMES
 from exchange.matching.decide import Action, Decision, Reason, Record, decide
 from exchange.matching.features import Features
 from exchange.matching.model import Model, score
-from exchange.store.consent import carry_opt_outs, holds_of, retire_emptied, shown, stored_holds, take_back_carried
+from exchange.store.consent import carry_opt_outs, holds_of, retire_emptied, settle_undone_holds, shown, stored_holds
 from exchange.store.db import LOCK_NOT_AVAILABLE, hold_links, sqlstate
 from exchange.store.index import review_candidate, stored_features, stored_model
 from exchange.store.records import from_json
@@ -929,7 +929,7 @@ def undo_decision(conn: Connection, decision_id: int, *, actor: str, now: dateti
         went.setdefault(rec.person_id, set()).add(back)
         if link == Link.AUTO:
             restored[(e.facility, e.mrn)] = event_id
-    take_back_carried(conn, went, head.at, now, decision_id)
+    settle_undone_holds(conn, went, head.at, now, decision_id)
     retire_emptied(conn, went)
     conn.execute(update(link_event).where(link_event.c.id.in_([e.id for e in events])).values(undone_by=d.id))
     reviews = {e.review_id for e in events if e.review_id is not None}

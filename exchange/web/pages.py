@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote, unquote
 
+from exchange.mapping.values import INVISIBLE
 from exchange.matching.decide import Reason
 from exchange.store.outbox import DeliveryState
 from exchange.store.consent import PD1
@@ -54,7 +55,7 @@ MERGE_CONFLICT = "merge_conflict"  # exchange.store.index.MERGE_CONFLICT: a revi
 # Why the patient index decided as it did (exchange.matching.decide.Reason), as a technician reads it.
 # Direction controls and invisible characters: "\u202eNOSREDNA\u202c" shows as ANDERSON, "JOHN\u200b" as
 # JOHN. Every value the workbench shows has them as visible marks (``visible``, the templates' finalize).
-_INVISIBLE = re.compile("[\u00ad\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
+_INVISIBLE = re.compile(f"[{INVISIBLE}]")
 
 
 def visible(value: Any) -> Any:

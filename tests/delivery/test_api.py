@@ -332,3 +332,15 @@ def test_a_patients_disclosures_follow_the_patients_records_not_a_wrong_link(api
             "deliveries"]]
 
     assert listed(own) == ["D91"] and listed(wrong) == ["D93", "D92"]
+    # a record GENHOSP merged into GH-11 (A40) follows its survivor, wherever its own person was left
+    # (a last verification audit: after a split of the survivor, listed under the person it left)
+    with write_transaction(api.engine) as conn:
+        left = add_record(conn, "GENHOSP", "GH-12", active=False)
+        conn.execute(text("update patient_record set merged_into_mrn = 'GH-11' where mrn = 'GH-12'"))
+        [merged_copy] = enqueue(conn, [replace(copy(message_id, 94, "OAKNH", left), facility="GENHOSP", mrn="GH-12")])
+        mark_delivered(conn, merged_copy, at=T0, ack_code="AA", ack=b"")
+    assert listed(wrong) == ["D94", "D93", "D92"] and listed(left) == []
+    with write_transaction(api.engine) as conn:
+        split = add_record(conn, "CLINIC", "C-2")
+        conn.execute(text("update patient_record set person_id = :p where mrn = 'GH-11'"), {"p": split})
+    assert listed(split) == ["D94", "D92"] and listed(wrong) == ["D93"]

@@ -148,7 +148,7 @@ def test_an_mrn_with_a_control_character_is_refused():
     # ... and the C1 controls (NEL, \XC285\ in UTF-8) and Unicode's line separator (a later audit)
     for mrn in ("C\\X0A\\7", "C\\X09\\7", "C\\X7F\\7", "C\u00857", "C\u20287", "C\u009f7",
                 # invisible: a look-alike of C7 (a verification audit)
-                "C\u200b7", "C\ufeff7", "C\u202e7", "C\u00ad7"):
+                "C\u200b7", "C\ufeff7", "C\u202e7", "C\u00ad7", "C\u034f7", "C\u31647", "C\U000e00417", "C\ufe0f7"):
         result = run(MemoryState(), CTX, synthetic(msh("ADT", "A28"), "EVN|A28", f"PID|1||{mrn}^^^HOSP^MR||Doe^Jane"))
         assert isinstance(result, MappingError), mrn
         assert (result.problem.code, result.problem.location) == (102, "PID-3")
