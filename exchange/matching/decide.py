@@ -293,7 +293,7 @@ def _family_shape(mine: Features, match: Match, other: Features, model: Model, m
     if (_common_family(mine, model) or ssn is Level.DISAGREE) and not any(
             levels[_F[f]] in agree for f, agree in _CORROBORATE):
         return Reason.NAME_AND_BIRTH_DATE_ONLY  # two John Smiths born the same day (in one town, too), or two SSNs
-    if (levels[_F["family"]] in _OTHER_SURNAME and birth in _TYPO_APART and birth is not Level.EXACT
+    if (levels[_F["family"]] in _OTHER_SURNAME and birth in (Level.ONE_DIGIT, Level.SWAPPED)
             and any(levels[_F[f]] in agree for f, agree in _CORROBORATE)):
         return Reason.SHARED_HOME  # Dorothy Kowalczyk and Dorothy Halverson, born ten days apart at one care home
     return None
