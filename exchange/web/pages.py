@@ -762,6 +762,7 @@ class DeliveryRow:
     control_id: str
     created_at: str
     next_attempt_at: str
+    delivered_at: str
     message: str  # the inbound message: facility, control id, type
     person: int | None
     person_href: str | None
@@ -780,6 +781,7 @@ def delivery_rows(views: Iterable[Any], *, can_retry: bool) -> tuple[DeliveryRow
             id=d.id, destination=d.destination, state=d.state.value, attempts=d.attempts,
             last_error=d.last_error or "", control_id=d.control_id, created_at=when(d.created_at),
             next_attempt_at=when(d.next_attempt_at) if d.state is DeliveryState.QUEUED else "",
+            delivered_at=when(d.delivered_at),
             message=" ".join(x for x in (d.message_facility, d.message_control_id, kind) if x),
             person=d.person_id, person_href=person_href(d.person_id),
             record=RecordRef(d.facility, d.mrn, record_href(d.facility, d.mrn)) if d.facility and d.mrn else None,

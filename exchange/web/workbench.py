@@ -89,6 +89,7 @@ MAX_COOKIE_CHARS = 100
 MAX_FIELD_CHARS = 4000  # form fields (reasons are at most reviews.MAX_REASON_CHARS)
 PAGE_SIZE = 50  # reviews a page
 DELIVERIES_SHOWN = 200  # failed and queued copies each
+DISCLOSURES_SHOWN = 1000  # a person's delivered copies on its accounting page (the API pages through more)
 FAILED_LOGIN_PAUSE = (0.5, 1.0)  # seconds, drawn between: a wrong password is answered this much later
 
 SECURITY_HEADERS = (
@@ -101,7 +102,7 @@ SECURITY_HEADERS = (
 )
 
 TEMPLATE_NAMES = ("login.html", "reviews.html", "review.html", "person.html", "record.html", "deliveries.html",
-                  "error.html")
+                  "disclosures.html", "error.html")
 
 
 class Respond(Exception):
@@ -153,6 +154,13 @@ def _person(conn: Connection, person_id: int, trust: Trust):
 def _deliveries(conn: Connection, limit: int):
     return (list_deliveries(conn, DeliveryState.FAILED, None, limit),
             list_deliveries(conn, DeliveryState.QUEUED, None, limit))
+
+
+def _disclosures(conn: Connection, person_id: int, limit: int):
+    """A person's accounting of disclosures (its delivered copies, newest first), None if no such person."""
+    if reviews.person_view(conn, person_id) is None:
+        return None
+    return list_deliveries(conn, DeliveryState.DELIVERED, None, limit, person_id=person_id)
 
 
 def _reviews(conn: Connection, state: str | None, limit: int, after: int | None) -> tuple[list, bool]:
@@ -620,7 +628,19 @@ class Workbench:
         view, history = await self._read(request, session, Permission.READ_PERSON, Audited.PERSON, None, str(person_id),
                                          _person, (person_id, self.trust), "person")
         page = pages.person_page(view, history, can_decide=allowed(session.role, Permission.DECIDE_PERSON))
-        return self._render(request, "person.html", session=session, page=page, back=f"/persons/{page.id}")
+        return self._render(request, "person.html", session=session, page=page, back=f"/persons/{page.id}",
+                            can_account=allowed(session.role, Permission.READ_DELIVERY))
+
+    @app.route("/persons/<person>/disclosures", methods=["GET"])
+    @handled
+    async def disclosures(self, request, person: str) -> bytes:
+        session = await self._viewer(request)
+        person_id = id_in_path(person, "person")
+        rows = await self._read(request, session, Permission.READ_DELIVERY, Audited.DELIVERY, None,
+                                f"state=delivered&person={person_id}", _disclosures, (person_id, DISCLOSURES_SHOWN),
+                                "person")
+        return self._render(request, "disclosures.html", session=session, person=person_id,
+                            rows=pages.delivery_rows(rows, can_retry=False), shown=DISCLOSURES_SHOWN)
 
     @app.route("/persons/<person>/split", methods=["POST"])
     @handled

@@ -687,6 +687,31 @@ def test_an_admin_sees_failed_copies_and_sends_one_again(wb):
         ("decide", "delivery", "not-found")]
 
 
+def test_an_admin_prints_a_patients_accounting_of_disclosures(wb):
+    """A privacy audit: "who received what about this patient, when" needed an API token and JSON."""
+    s = scene(wb)
+    person = s["person"]
+    with write_transaction(wb.engine) as conn:
+        [message_id] = insert_messages(conn, [new_message("SRC-9")])
+        [sent, _queued] = enqueue(conn, [
+            NewCopy(dest, message_id, f"X{n}", b"MSH|^~\\&|X\r", T0, person_id=person, facility="GENHOSP",
+                    mrn="GH-44107", reason="default") for n, dest in enumerate(("OAKNH", "HHCARE"))])
+        mark_delivered(conn, sent, at=T0, ack_code="AA", ack=b"")
+    admin = logged_in(wb, "ops", "admin")
+    shown = admin.get(f"/persons/{person}")
+    assert f'href="/persons/{person}/disclosures"' in shown.text
+    page = admin.get(f"/persons/{person}/disclosures")
+    assert page.code == 200
+    table = re.search(r'<table class="deliveries" id="disclosures">(.*?)</table>', page.text, re.S)[1]
+    assert "OAKNH" in table and "X0" in table and "GENHOSP GH-44107" in table and "HHCARE" not in table
+    assert [(a[2], a[3], a[5], a[6]) for a in audit(wb) if a[0] == "ops" and a[3] in ("delivery", "record")][-2:] == [
+        ("read", "delivery", f"state=delivered&person={person}", "ok"), ("read", "record", "GH-44107", "ok")]
+    assert admin.get("/persons/999999/disclosures").code == 404
+    technician = logged_in(wb)
+    assert 'href="/persons/' + str(person) + '/disclosures"' not in technician.get(f"/persons/{person}").text
+    assert technician.get(f"/persons/{person}/disclosures").code == 403
+
+
 # -- the neighbours and the log ----------------------------------------------------------------------------
 
 
