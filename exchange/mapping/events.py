@@ -424,9 +424,9 @@ def map_message(msg: Message, header: Header, ctx: FacilityContext, state: State
                                                 " BHS batch header: send one message per frame, or a batch"))
     try:
         if kind == "ADT":
-            ops = _map_adt(msg, header, ctx, state, event, warnings)
+            ops = _map_adt(msg, ctx, state, event, warnings)
         elif kind == "MDM":
-            ops = _map_mdm(msg, header, ctx, state, event, warnings)
+            ops = _map_mdm(msg, ctx, state, event, warnings)
         else:
             return MappingError(Problem(200, "MSH-9.1", f"message type {kind[:10]!r} is not mapped"))
     except _Fail as fail:
@@ -818,7 +818,7 @@ def _survivor_record(
 # --- ADT -------------------------------------------------------------------------------------------------
 
 
-def _map_adt(msg, header, ctx, state, event, warnings) -> list:
+def _map_adt(msg, ctx, state, event, warnings) -> list:
     if event in MERGE_EVENTS or event in LEGACY_MERGE_EVENTS:
         return _map_merge(msg, ctx, state, event, warnings)
     if event in IDENTIFIER_CHANGE_EVENTS:
@@ -838,7 +838,7 @@ def _map_adt(msg, header, ctx, state, event, warnings) -> list:
     if event in ("A24", "A37"):
         return _map_link(msg, ctx, event, warnings)
     if event == "A17":
-        return _map_swap(msg, header, ctx, state, warnings)
+        return _map_swap(msg, ctx, state, warnings)
     if event in ACCOUNT_EVENTS:
         return _map_account(msg, ctx, state, event, warnings)
     if event in VISIT_MOVE_EVENTS:
@@ -899,7 +899,7 @@ def _map_adt(msg, header, ctx, state, event, warnings) -> list:
 NEW_STAY_EVENTS = frozenset({"A01", "A04", "A05"})
 
 
-def _map_swap(msg, header, ctx, state, warnings) -> list:
+def _map_swap(msg, ctx, state, warnings) -> list:
     """A17: two inpatients swap beds; each PID's PV1-3 is that patient's new location."""
     pairs = _pairs(msg, "PV1")
     if len(pairs) < 2 or any(pv1 is None for _, pv1 in pairs[:2]):
@@ -1283,7 +1283,7 @@ def _map_link(msg, ctx, event, warnings) -> list:
 # --- MDM ---------------------------------------------------------------------------------------------------
 
 
-def _map_mdm(msg, header, ctx, state, event, warnings) -> list:
+def _map_mdm(msg, ctx, state, event, warnings) -> list:
     if event not in MDM_EVENTS:
         if not event:
             raise _Fail(101, "MSH-9.2", "no trigger event: MSH-9.2 and EVN-1 are empty")
