@@ -218,20 +218,22 @@ def _answer_pix(conn: Connection, message: Message, item: Received, config: Conf
     return encode_ack(header, text), pix.outcome(query, result)
 
 
-def _warned(header: Header, outcome: Outcome, notes: list[str]) -> tuple[Problem, ...]:
-    """An accepted message's fields that could not be read (``data_problems``): ERR segments of
-    severity W in its AA, from v2.5 (before it, ERR has no severity and would read as an error)."""
-    if outcome.verdict is not Verdict.ACCEPT or not notes or version_tuple(header.version) < (2, 5):
+def _warned(header: Header, outcome: Outcome, notes: list[str], more: Sequence[Problem] = ()
+            ) -> tuple[Problem, ...]:
+    """An accepted message's fields that could not be read (``data_problems``), and ``more``:
+    ERR segments of severity W in its AA, from v2.5 (before it, ERR has no severity and would
+    read as an error)."""
+    if outcome.verdict is not Verdict.ACCEPT or not (notes or more) or version_tuple(header.version) < (2, 5):
         return ()
-    return data_problems(notes)
+    return (*data_problems(notes), *more)
 
 
 def _ack(header: Header, outcome: Outcome, notes: list[str], settings: AckSettings, control_id: str, at: datetime,
          more: Sequence[Problem] = ()) -> tuple[bytes, str]:
     """An answer's ACK (bytes) and its code: the outcome, and ERR segments of severity W for
-    what could not be read (``_warned``) and ``more``."""
+    what could not be read and ``more`` (``_warned``)."""
     text = build_ack(header, outcome, control_id=control_id, now=at, application=settings.application,
-                     facility=settings.facility, more_problems=(*_warned(header, outcome, notes), *more))
+                     facility=settings.facility, more_problems=_warned(header, outcome, notes, more))
     return encode_ack(header, text), ack_code(header, outcome)
 
 
@@ -393,8 +395,7 @@ def _process(
                     if problems and rows[i].ack is not None:
                         header = items[d.index].header
                         d.notes.extend(p.text for p in problems)
-                        ack, _ = _ack(header, d.outcome, d.notes, settings, new_control_id(), now(),
-                                      problems if version_tuple(header.version) >= (2, 5) else ())
+                        ack, _ = _ack(header, d.outcome, d.notes, settings, new_control_id(), now(), problems)
                         rows[i] = replace(rows[i], ack=ack, reason=_reason(d.outcome, items[d.index], d.notes))
                         update_answer(conn, ids[i], ack, rows[i].reason)
         if routing is not None:
