@@ -219,8 +219,9 @@ def _run_with_retries(run_batch, items, outcomes):
     """``run_batch``, again at once when it lost a race for a unique key to another node's
     transaction (the same MSH-4 and MSH-10, or the same new MRN, through two nodes at once):
     that one has committed by then, and the batch run again reads it -- the stored answer, the
-    record to update; or when PostgreSQL ended it to break a deadlock with another node's. Not a bug: a message retried alone that lost such a race a second time
-    was answered AE 207 and its event lost. Rolled back each time (``write_transaction``)."""
+    record to update; or when PostgreSQL ended it to break a deadlock with another node's. Not
+    a bug: a message retried alone that lost such a race a second time was answered AE 207 and
+    its event lost. Rolled back each time (``write_transaction``)."""
     for attempt in range(CONFLICT_RETRIES + 1):
         try:
             return run_batch(items, outcomes)

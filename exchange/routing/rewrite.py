@@ -544,9 +544,10 @@ def _cut_value(value: str, ref: Any, d: Delimiters) -> str:
     moves = _MOVED.get(ref[2], {})
     if moves:  # a withdrawn component's value goes where the version keeps it, if that is empty
         components += [""] * (len(children) - len(components))
-        for was, now in moves.items():
-            if now <= len(children) and components[was - 1] and not components[now - 1] and children[was - 1][1][2] == "WD":
-                components[now - 1], components[was - 1] = components[was - 1], ""
+        for was, to in moves.items():
+            withdrawn = children[was - 1][1][2] == "WD"
+            if withdrawn and to <= len(children) and components[was - 1] and not components[to - 1]:
+                components[to - 1], components[was - 1] = components[was - 1], ""
     out = []
     for component, child in zip(components, children):
         cref = child[1]

@@ -507,7 +507,8 @@ class OptOutEvent(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     person_id: Mapped[int] = mapped_column(BigInteger, index=True)  # no FK: replay renumbers persons
     protected: Mapped[bool] = mapped_column(Boolean)  # set (true) or lifted (false)
-    by: Mapped[str] = mapped_column(LONG_TEXT)  # "api NAME", "workbench NAME", "PD1-12 FACILITY" (holds carried: several)
+    # "api NAME", "workbench NAME", "PD1-12 FACILITY" (holds carried along: several, in one line)
+    by: Mapped[str] = mapped_column(LONG_TEXT)
     reason: Mapped[str | None] = mapped_column(Text)
     message_id: Mapped[int | None] = mapped_column(BigInteger)  # PD1-12: the message that said it
     at: Mapped[datetime] = mapped_column(UTCDateTime())
