@@ -166,7 +166,10 @@ def compare_middle(a: Features, b: Features) -> Level:
         return MISSING
     if ma == mb or _jw(ma, mb) >= CLOSE_JW and min(len(ma), len(mb)) > 1:
         return EXACT
-    if ma.startswith(mb) or mb.startswith(ma) or set(canonical_given_names(ma)) & set(canonical_given_names(mb)):
+    if ma.startswith(mb) or mb.startswith(ma):
+        return INITIAL
+    canon_b = canonical_given_names(mb)
+    if any(name in canon_b for name in canonical_given_names(ma)):  # as compare_given reads nicknames
         return INITIAL
     return DISAGREE
 
