@@ -468,7 +468,7 @@ def generate(persons: int, seed: int = 7, overlays: bool = True) -> Population:
         _add_overlays(g, Generator(seed + 7919), round(persons * OVERLAY_SHARE), identities, households,
                       registrations, by_person)
         _add_overlays(g, Generator(seed + 104729), round(persons * OVERLAY_SHARE), identities, households,
-                      registrations, by_person, kinds=("co-residents",))
+                      registrations, by_person, kinds=("co-residents",), mrns_from=1_000_000)
 
     truth = set()
     for regs in by_person.values():
@@ -484,11 +484,11 @@ def generate(persons: int, seed: int = 7, overlays: bool = True) -> Population:
 
 
 def _add_overlays(g: Generator, x: Generator, count: int, identities, households, registrations, by_person,
-                  kinds=("parent's SSN", "one SSN", "middle-name twins")) -> None:
+                  kinds=("parent's SSN", "one SSN", "middle-name twins"), mrns_from: int = 900_000) -> None:
     """``count`` households of each overlay kind from ``x``, their registrations slotted into the
     arrival order at random (``x``'s draws only: ``g``'s population and order stay as they were)."""
     x.ssns = g.ssns  # no SSN of another person by chance
-    x.mrns = Counter({code: 900_000 + 100_000 * (kinds == ("co-residents",)) for code, _, _ in FACILITIES})
+    x.mrns = Counter({code: mrns_from for code, _, _ in FACILITIES})  # MRNs of their own
     for _ in range(count):
         for kind in kinds:
             n = len(identities)
